@@ -1,0 +1,225 @@
+"""The prompt catalog: load, validate, hash, and render the prompt P.
+
+A catalog is a YAML file (a list of entries, or a mapping with a `prompts` list)
+or a JSONL file (one entry per line). Every problem is reported before any model
+loads, as one line naming the file, the entry and the field.
+
+`shots` holds the prompt's demonstration turns. It is either one dialogue (a
+list of turns) or several (a list of such lists); each dialogue starts with a
+`user` turn (the task), alternates, and ends with the agent's `assistant` turn.
+Environment observations are `user` turns, as in AgentBench.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from genpi import InputError
+from genpi.engines import Message
+
+ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+FIELDS = {"id", "system", "shots", "input_examples", "actions", "max_turns", "environment"}
+DEFAULT_MAX_TURNS = 5
+
+
+class CatalogError(InputError):
+    """A catalog problem, worded as `FILE: entry N (id X): field F: what is wrong`."""
+
+
+@dataclass(frozen=True)
+class PromptEntry:
+    id: str
+    system: str
+    shots: list[list[Message]]  # shot dialogues, each a list of turns
+    input_examples: list[str]
+    valid_action: str | None = None  # regex every agent turn must match
+    final_action: str | None = None  # regex a final agent turn matches
+    max_turns: int = DEFAULT_MAX_TURNS
+    environment: str = ""
+    explicit_input_examples: bool = field(default=False, compare=False)
+
+    def messages(self) -> list[Message]:
+        """The prompt P as chat messages: the system turn, then every shot turn."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [dict(turn) for dialogue in self.shots for turn in dialogue]
+
+    @property
+    def sha256(self) -> str:
+        return prompt_sha256(self.messages())
+
+    @property
+    def gold_turns(self) -> float:
+        """Average number of agent turns in the shot dialogues."""
+        if not self.shots:
+            return 0.0
+        return sum(sum(t["role"] == "assistant" for t in d) for d in self.shots) / len(self.shots)
+
+    def to_json(self) -> dict:
+        """The catalog form of this entry (loads back to an equal entry)."""
+        entry = {"id": self.id, "system": self.system, "shots": self.shots, "max_turns": self.max_turns}
+        if self.explicit_input_examples:
+            entry["input_examples"] = self.input_examples
+        actions = {k: v for k, v in (("valid", self.valid_action), ("final", self.final_action)) if v}
+        if actions:
+            entry["actions"] = actions
+        if self.environment:
+            entry["environment"] = self.environment
+        return entry
+
+
+def prompt_sha256(messages: list[Message]) -> str:
+    canonical = json.dumps(
+        [{"role": m["role"], "content": m["content"]} for m in messages],
+        ensure_ascii=False,
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def render_prompt_text(entry: PromptEntry) -> str:
+    """P as plain text, for models that read it inside a message (reasons, PG examples)."""
+    return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in entry.messages())
+
+
+def load_catalog(path: str | Path) -> list[PromptEntry]:
+    path = Path(path)
+    if not path.exists():
+        raise CatalogError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".jsonl", ".ndjson"):
+        raw = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                raw.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise CatalogError(f"{path}: line {lineno}: not valid JSON: {e.msg}") from None
+    elif path.suffix in (".yaml", ".yml"):
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise CatalogError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        if isinstance(raw, dict) and set(raw) == {"prompts"}:
+            raw = raw["prompts"]
+    else:
+        raise CatalogError(f"{path}: unknown catalog format {path.suffix!r}: expected .yaml, .yml or .jsonl")
+    if not isinstance(raw, list) or not raw:
+        raise CatalogError(f"{path}: expected a non-empty list of prompt entries")
+    entries = [_parse_entry(path, i, item) for i, item in enumerate(raw, 1)]
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries, 1):
+        if entry.id in seen:
+            raise CatalogError(f"{path}: entry {i} (id {entry.id!r}): field 'id': duplicate of entry {seen[entry.id]}")
+        seen[entry.id] = i
+    return entries
+
+
+def _parse_entry(path: Path, index: int, item: object) -> PromptEntry:
+    where = f"{path}: entry {index}"
+
+    def fail(field_name: str, problem: str) -> CatalogError:
+        return CatalogError(f"{where}: field {field_name!r}: {problem}")
+
+    if not isinstance(item, dict):
+        raise CatalogError(f"{where}: expected a mapping of fields, got {type(item).__name__}")
+    unknown = sorted(set(item) - FIELDS)
+    if unknown:
+        raise fail(unknown[0], f"unknown field (known: {', '.join(sorted(FIELDS))})")
+    prompt_id = item.get("id")
+    if not isinstance(prompt_id, str) or not ID_PATTERN.fullmatch(prompt_id):
+        raise fail("id", f"must match [a-z0-9][a-z0-9._-]*, got {prompt_id!r}")
+    where = f"{where} (id {prompt_id!r})"
+
+    system = item.get("system", "")
+    if system is None:
+        system = ""
+    if not isinstance(system, str):
+        raise fail("system", "must be a string")
+
+    shots = item.get("shots", [])
+    if not isinstance(shots, list):
+        raise fail("shots", "must be a list of turns or a list of dialogues")
+    if shots and all(isinstance(t, dict) for t in shots):
+        shots = [shots]
+    dialogues: list[list[Message]] = []
+    for d, dialogue in enumerate(shots):
+        if not isinstance(dialogue, list) or not dialogue:
+            raise fail(f"shots[{d}]", "must be a non-empty list of {role, content} turns")
+        turns = []
+        for t, turn in enumerate(dialogue):
+            name = f"shots[{d}][{t}]" if len(shots) > 1 else f"shots[{t}]"
+            if not isinstance(turn, dict) or set(turn) != {"role", "content"}:
+                raise fail(name, "must be a mapping with exactly the keys role and content")
+            if turn["role"] not in ("user", "assistant"):
+                raise fail(f"{name}.role", f"must be 'user' or 'assistant', got {turn['role']!r}")
+            if not isinstance(turn["content"], str) or not turn["content"].strip():
+                raise fail(f"{name}.content", "must be a non-empty string")
+            expected = "user" if t % 2 == 0 else "assistant"
+            if turn["role"] != expected:
+                raise fail(f"{name}.role", f"wrong role order: expected {expected!r} (dialogues alternate, starting with user)")
+            turns.append({"role": turn["role"], "content": turn["content"]})
+        if turns[-1]["role"] != "assistant":
+            raise fail(f"shots[{d}]", "a shot dialogue must end with the agent's assistant turn")
+        dialogues.append(turns)
+    if not system.strip() and not dialogues:
+        raise fail("system", "empty prompt: give a system text, shots, or both")
+
+    explicit = "input_examples" in item
+    examples = item.get("input_examples")
+    if explicit:
+        if not isinstance(examples, list) or not examples or not all(isinstance(e, str) and e.strip() for e in examples):
+            raise fail("input_examples", "must be a non-empty list of non-empty strings")
+    else:
+        examples = [d[0]["content"] for d in dialogues]
+        if not examples:
+            raise fail("input_examples", "needed when the prompt has no shots (they supply the default examples)")
+
+    actions = item.get("actions") or {}
+    if not isinstance(actions, dict) or set(actions) - {"valid", "final"}:
+        raise fail("actions", "must be a mapping with optional keys valid and final")
+    for key in ("valid", "final"):
+        pattern = actions.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, str):
+            raise fail(f"actions.{key}", "must be a regular expression string")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise fail(f"actions.{key}", f"bad regular expression: {e}") from None
+
+    max_turns = item.get("max_turns", DEFAULT_MAX_TURNS)
+    if not isinstance(max_turns, int) or isinstance(max_turns, bool) or not 1 <= max_turns <= 100:
+        raise fail("max_turns", f"must be an integer from 1 to 100, got {max_turns!r}")
+
+    environment = item.get("environment", "") or ""
+    if not isinstance(environment, str):
+        raise fail("environment", "must be a string")
+
+    return PromptEntry(
+        id=prompt_id,
+        system=system,
+        shots=dialogues,
+        input_examples=list(examples),
+        valid_action=actions.get("valid"),
+        final_action=actions.get("final"),
+        max_turns=max_turns,
+        environment=environment,
+        explicit_input_examples=explicit,
+    )
+
+
+def entry_from_json(data: dict) -> PromptEntry:
+    """Rebuild an entry from `PromptEntry.to_json()` (as stored in a run manifest)."""
+    return _parse_entry(Path("<manifest>"), 1, data)
+

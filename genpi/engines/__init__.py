@@ -1,0 +1,88 @@
+"""LLM engines behind one small interface: batched chat completion.
+
+Every engine takes a list of `ChatRequest`s and returns one `Completion` per
+request, in order. A request that cannot be served (too long for the context,
+an error inside the engine) comes back with `error` set instead of raising, so
+one bad dialogue never takes its batch down with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Message = dict[str, str]  # {"role": ..., "content": ...}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class ChatRequest:
+    messages: list[Message]
+    sampling: Sampling = field(default_factory=Sampling)
+    seed: int = 0
+    # How many leading messages form a fixed prefix shared by many requests
+    # (the prompt P). Engines without automatic prefix caching reuse its KV cache.
+    prefix_messages: int = 0
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""  # "stop" | "length" | "error"
+    error: str | None = None  # set when the request failed; starts with "context_length:" for over-long prompts
+
+
+CONTEXT_LENGTH_ERROR = "context_length"
+
+
+class Engine(Protocol):
+    model_name: str
+
+    def generate(self, requests: list[ChatRequest]) -> list[Completion]: ...
+
+    def count_tokens(self, messages: list[Message]) -> int: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What an engine actor loads and how much of the cluster it takes."""
+
+    kind: str = "transformers"  # transformers | vllm
+    model: str = "smollm2"  # a local path, or "smollm2" for the bundled SmolLM2-135M-Instruct
+    max_batch: int = 32
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1  # vllm only
+    gpu_memory_utilization: float = 0.85  # vllm only
+    num_cpus: float = 1
+    num_gpus: float = 0
+
+
+def make_engine(config: EngineConfig) -> Engine:
+    from genpi.models import resolve_model
+
+    path = resolve_model(config.model)
+    if config.kind == "transformers":
+        from genpi.engines.hf import TransformersEngine
+
+        return TransformersEngine(path, max_batch=config.max_batch, dtype=config.dtype, max_model_len=config.max_model_len)
+    if config.kind == "vllm":
+        from genpi.engines.vllm import VLLMEngine
+
+        return VLLMEngine(
+            path,
+            tensor_parallel_size=config.tensor_parallel_size,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+        )
+    raise ValueError(f"unknown engine kind {config.kind!r}: expected 'transformers' or 'vllm'")

@@ -1,0 +1,169 @@
+"""The transformers engine: the embedded default, for one CPU machine.
+
+Requests are grouped by sampling settings and by their fixed prefix (the prompt
+P, marked by `ChatRequest.prefix_messages`), then generated in batches with
+`model.generate`. The prefix of a group is prefilled once and its KV cache kept
+(LRU), so a long prompt costs one prefill per engine, not one per dialogue.
+A batch is laid out as `prefix | left padding | suffix`: the cached prefix
+keeps positions 0..P-1 for every row, and generate derives the suffix positions
+from the attention mask.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Message, Sampling
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TransformersEngine:
+    def __init__(
+        self,
+        path: str,
+        max_batch: int = 32,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        prefix_cache_size: int = 8,
+        device: str | None = None,
+    ):
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype == "auto":  # bf16 matmuls are slow on most CPUs
+            torch_dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        else:
+            torch_dtype = DTYPES[dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
+        self.model_name = Path(path).name
+        self.max_batch = max_batch
+        self.max_model_len = max_model_len or self.model.config.max_position_embeddings
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
+        self.prefix_cache_size = prefix_cache_size
+        self._prefixes: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()
+        self.prefix_hits = 0
+        self.prefix_misses = 0
+
+    def encode(self, messages: list[Message], generation_prompt: bool = True) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        return len(self.encode(messages))
+
+    def generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        results: list[Completion | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        encoded: dict[int, list[int]] = {}
+        for i, request in enumerate(requests):
+            ids = self.encode(request.messages)
+            limit = self.max_model_len
+            if len(ids) + request.sampling.max_tokens > limit:
+                results[i] = _failed(
+                    f"{CONTEXT_LENGTH_ERROR}: {len(ids)} prompt tokens + {request.sampling.max_tokens} max tokens > {limit}"
+                )
+                continue
+            encoded[i] = ids
+            prefix = self._prefix_ids(request, ids)
+            groups.setdefault((request.sampling, prefix), []).append(i)
+        for (sampling, prefix), members in groups.items():
+            for start in range(0, len(members), self.max_batch):
+                chunk = members[start : start + self.max_batch]
+                try:
+                    outputs = self._generate_batch([encoded[i] for i in chunk], prefix, sampling, requests[chunk[0]].seed)
+                except Exception as batch_error:  # retry one by one so one bad request fails alone
+                    outputs = []
+                    for i in chunk:
+                        try:
+                            outputs += self._generate_batch([encoded[i]], prefix, sampling, requests[i].seed)
+                        except Exception as e:
+                            outputs.append(_failed(f"engine: {type(e).__name__}: {e}" if len(chunk) > 1 else f"engine: {batch_error}"))
+                for i, completion in zip(chunk, outputs):
+                    results[i] = completion
+        return results  # type: ignore[return-value]
+
+    def _prefix_ids(self, request: ChatRequest, ids: list[int]) -> tuple[int, ...]:
+        if request.prefix_messages <= 0:
+            return ()
+        prefix = self.encode(request.messages[: request.prefix_messages], generation_prompt=False)
+        n = 0  # templates may render a prefix differently alone; keep only the common tokens
+        for a, b in zip(prefix, ids):
+            if a != b:
+                break
+            n += 1
+        return tuple(ids[: min(n, len(ids) - 1)])  # leave at least one token to feed generate
+
+    def _prefix_cache(self, prefix: tuple[int, ...]) -> DynamicCache:
+        cache = self._prefixes.get(prefix)
+        if cache is not None:
+            self._prefixes.move_to_end(prefix)
+            self.prefix_hits += 1
+            return cache
+        self.prefix_misses += 1
+        with torch.no_grad():
+            cache = self.model(
+                input_ids=torch.tensor([prefix], device=self.device), past_key_values=DynamicCache(), use_cache=True
+            ).past_key_values
+        self._prefixes[prefix] = cache
+        if len(self._prefixes) > self.prefix_cache_size:
+            self._prefixes.popitem(last=False)
+        return cache
+
+    @torch.no_grad()
+    def _generate_batch(
+        self, rows: list[list[int]], prefix: tuple[int, ...], sampling: Sampling, seed: int
+    ) -> list[Completion]:
+        n_prefix = len(prefix)
+        suffixes = [ids[n_prefix:] for ids in rows]
+        width = max(len(s) for s in suffixes)
+        input_ids = [list(prefix) + [self.pad_id] * (width - len(s)) + s for s in suffixes]
+        mask = [[1] * n_prefix + [0] * (width - len(s)) + [1] * len(s) for s in suffixes]
+        kwargs = {}
+        if n_prefix:
+            cache = copy.deepcopy(self._prefix_cache(prefix))
+            cache.batch_repeat_interleave(len(rows))
+            kwargs["past_key_values"] = cache
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        if sampling.temperature > 0:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        torch.manual_seed(seed)  # one seed per batch: sampled batches are reproducible as a whole
+        output = self.model.generate(
+            input_ids=torch.tensor(input_ids, device=self.device),
+            attention_mask=torch.tensor(mask, device=self.device),
+            max_new_tokens=sampling.max_tokens,
+            pad_token_id=self.pad_id,
+            **kwargs,
+        )
+        completions = []
+        for row, ids in zip(output[:, n_prefix + width :].tolist(), rows):
+            completions.append(self._completion(row, len(ids), sampling))
+        return completions
+
+    def _completion(self, generated: list[int], prompt_tokens: int, sampling: Sampling) -> Completion:
+        finish = "length"
+        kept = generated
+        for k, token in enumerate(generated):
+            if token in self.eos_ids:
+                kept, finish = generated[:k], "stop"
+                break
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        for stop in sampling.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        n_tokens = len(kept) + (finish == "stop" and len(kept) < len(generated))
+        return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=n_tokens, finish_reason=finish)
+
+
+def _failed(error: str) -> Completion:
+    return Completion(finish_reason="error", error=error)

@@ -1,0 +1,75 @@
+"""Engines hosted in Ray actors, batching the calls of many dialogues in flight.
+
+Each dialogue awaits one `generate` call at a time; the actor gathers whatever
+calls are pending and hands them to its engine as one batch, so dozens of
+dialogues share every forward pass. Actors are created with unlimited restarts
+and task retries: when an actor's process dies (killed, out of memory), Ray
+starts a new one and re-sends the calls that were in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import ray
+
+from genpi.engines import ChatRequest, Completion, EngineConfig, make_engine
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class EngineActor:
+    def __init__(self, config: EngineConfig):
+        if config.kind == "transformers":
+            import torch
+
+            torch.set_num_threads(max(1, int(config.num_cpus)))
+        self.config = config
+        self.engine = make_engine(config)
+        self.pending: list[tuple[ChatRequest, asyncio.Future]] = []
+        self.wakeup: asyncio.Event | None = None
+
+    def describe(self) -> dict:
+        return {"model_name": self.engine.model_name, "pid": os.getpid()}
+
+    async def generate(self, request: ChatRequest) -> Completion:
+        if self.wakeup is None:
+            self.wakeup = asyncio.Event()
+            asyncio.get_running_loop().create_task(self._batch_loop())
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((request, future))
+        self.wakeup.set()
+        return await future
+
+    async def _batch_loop(self) -> None:
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            await asyncio.sleep(0.01)  # let the calls of a wave of dialogues arrive together
+            batch, self.pending = self.pending, []
+            try:
+                results = await asyncio.to_thread(self.engine.generate, [request for request, _ in batch])
+            except Exception as e:  # engines report per-request errors; this is a safety net
+                results = [Completion(finish_reason="error", error=f"engine: {type(e).__name__}: {e}")] * len(batch)
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+            if self.pending:
+                self.wakeup.set()
+
+
+class ActorEngine:
+    """An `AsyncEngine` (genpi.synth.pipeline) backed by an engine actor."""
+
+    def __init__(self, handle, model_name: str):
+        self.handle = handle
+        self.model_name = model_name
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        return await self.handle.generate.remote(request)
+
+
+def start_engine(config: EngineConfig) -> tuple[object, ActorEngine]:
+    handle = EngineActor.options(num_cpus=config.num_cpus, num_gpus=config.num_gpus).remote(config)
+    info = ray.get(handle.describe.remote())
+    return handle, ActorEngine(handle, info["model_name"])

@@ -1,0 +1,285 @@
+"""What GenPI synthesizes from a prompt alone, one dialogue at a time.
+
+1. pseudo user inputs: the generator writes new inputs after 5 random demonstrations;
+2. self role-play: the target model plays the agent *with* P (the teacher) and, with
+   the shots' roles swapped and an environment instruction, the environment;
+3. the student's AS-IS answer: the target model *without* P;
+4. the reason: the generator explains why AS-IS should become the teacher's TO-BE.
+
+Engines are reached through `AsyncEngine`, so the same code runs against Ray
+actors (genpi.synth.run) or an engine in this process (tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+from genpi.catalog import PromptEntry, render_prompt_text
+from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Message, Sampling
+from genpi.synth.store import DIALOGUE_COLUMNS
+
+END = "<<END>>"  # the environment's termination marker
+
+INPUT_INSTRUCTION = (
+    "You write realistic user inputs for an AI application. You are shown example inputs that the "
+    "application receives. Write ONE new input of the same kind, format and length, about a different "
+    "concrete case. Reply with the new input only, with no preamble and no explanation."
+)
+
+ENVIRONMENT_INSTRUCTION = (
+    "You are the environment in a role-play with an AI agent. You play the side that the user plays in the "
+    "example conversations: the agent sends you its actions and you reply with exactly what the environment "
+    "would return (command output, a web page, an observation), in the same format as the examples. Never "
+    "solve the task for the agent and never speak as the agent. When the agent takes its final action "
+    f"(gives its final answer or completes the task), reply with {END} and nothing else."
+)
+
+REASON_INSTRUCTION = (
+    "An AI model answered an input twice: once without the prompt below (AS-IS) and once with it (TO-BE). "
+    "In about 5 sentences, explain what in the prompt makes the TO-BE output the right one and what the "
+    "AS-IS output must change to match it (format, actions, constraints, style). Write only the explanation."
+)
+
+
+@dataclass(frozen=True)
+class SynthSettings:
+    """The method's settings; what a run's manifest records and a resumed run must repeat."""
+
+    samples: int = 1000  # pseudo inputs (dialogues) per prompt
+    heldout: float = 0.1  # share of dialogues kept out of training
+    seed: int = 0
+    demos_per_call: int = 5
+    input_temperature: float = 1.0
+    input_top_p: float = 0.9
+    input_rounds: int = 6  # generator rounds to reach `samples` distinct inputs
+    reason_temperature: float = 0.7
+    reason_top_p: float = 0.9
+    max_input_tokens: int = 256
+    max_agent_tokens: int = 384
+    max_environment_tokens: int = 384
+    max_student_tokens: int = 384
+    max_reason_tokens: int = 256
+    retries: int = 2  # extra tries for an engine error that is not a context overflow
+
+
+class AsyncEngine(Protocol):
+    model_name: str
+
+    async def complete(self, request: ChatRequest) -> Completion: ...
+
+
+class DialogueError(RuntimeError):
+    pass
+
+
+def stable_seed(*parts: object) -> int:
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def input_request(entry: PromptEntry, seed: int, settings: SynthSettings) -> ChatRequest:
+    rng = random.Random(seed)
+    demos = rng.sample(entry.input_examples, min(settings.demos_per_call, len(entry.input_examples)))
+    shown = "\n\n".join(f"### Example {i}\n{demo}" for i, demo in enumerate(demos, 1))
+    return ChatRequest(
+        messages=[
+            {"role": "system", "content": INPUT_INSTRUCTION},
+            {"role": "user", "content": f"{shown}\n\n### New input"},
+        ],
+        sampling=Sampling(settings.input_temperature, settings.input_top_p, settings.max_input_tokens),
+        seed=seed,
+        prefix_messages=1,
+    )
+
+
+async def generate_inputs(entry: PromptEntry, generator: AsyncEngine, settings: SynthSettings) -> tuple[list[str], list[str]]:
+    """Up to `settings.samples` distinct pseudo inputs; also the errors met on the way."""
+    seen = {_normalize(e) for e in entry.input_examples}
+    inputs: list[str] = []
+    errors: list[str] = []
+    for round_ in range(settings.input_rounds):
+        missing = settings.samples - len(inputs)
+        if missing <= 0:
+            break
+        asks = missing + max(2, missing // 4)  # a few spare for duplicates
+        seeds = [stable_seed(settings.seed, entry.id, "input", round_, k) for k in range(asks)]
+        results = await asyncio.gather(*(generator.complete(input_request(entry, s, settings)) for s in seeds))
+        for result in results:
+            if result.error:
+                errors.append(result.error)
+                continue
+            text = result.text.strip()
+            key = _normalize(text)
+            if text and key not in seen and len(inputs) < settings.samples:
+                seen.add(key)
+                inputs.append(text)
+    return inputs, errors
+
+
+def heldout_ids(prompt_id: str, n: int, settings: SynthSettings) -> set[int]:
+    count = round(n * settings.heldout)
+    if settings.heldout > 0 and n >= 2:
+        count = max(count, 1)
+    return set(random.Random(stable_seed(settings.seed, prompt_id, "split")).sample(range(n), count))
+
+
+def environment_messages(entry: PromptEntry) -> list[Message]:
+    """The environment persona: an instruction, then the shots with roles swapped and the end marked."""
+    system = ENVIRONMENT_INSTRUCTION
+    if entry.environment:
+        system += "\n\n" + entry.environment
+    if entry.system:
+        system += "\n\nFor reference, the agent works under these instructions:\n" + entry.system
+    messages = [{"role": "system", "content": system}]
+    swap = {"user": "assistant", "assistant": "user"}
+    for dialogue in entry.shots:
+        messages += [{"role": swap[t["role"]], "content": t["content"]} for t in dialogue]
+        messages.append({"role": "assistant", "content": END})
+    return messages
+
+
+async def _call(engine: AsyncEngine, request: ChatRequest, settings: SynthSettings, what: str) -> Completion:
+    """One engine call, retried on errors that a retry can fix; a context overflow is returned as is."""
+    for attempt in range(settings.retries + 1):
+        result = await engine.complete(request)
+        if result.error is None or result.error.startswith(CONTEXT_LENGTH_ERROR):
+            return result
+    raise DialogueError(f"{what}: {result.error}")
+
+
+def reason_request(entry: PromptEntry, x: str, as_is: str, to_be: str, seed: int, settings: SynthSettings) -> ChatRequest:
+    return ChatRequest(
+        messages=[
+            {"role": "system", "content": f"{REASON_INSTRUCTION}\n\n# The prompt\n{render_prompt_text(entry)}"},
+            {"role": "user", "content": f"# Input\n{x}\n\n# AS-IS output\n{as_is}\n\n# TO-BE output\n{to_be}\n\n# Why"},
+        ],
+        sampling=Sampling(settings.reason_temperature, settings.reason_top_p, settings.max_reason_tokens),
+        seed=seed,
+        prefix_messages=1,
+    )
+
+
+async def synthesize_dialogue(
+    entry: PromptEntry,
+    sample: dict,
+    target: AsyncEngine,
+    generator: AsyncEngine,
+    settings: SynthSettings,
+) -> dict:
+    """One dialogue row (store.DIALOGUE_SCHEMA). Failures become a row with `error` set."""
+    row = dict.fromkeys(DIALOGUE_COLUMNS)
+    row.update(
+        prompt_id=entry.id,
+        prompt_sha256=entry.sha256,
+        sample_id=sample["sample_id"],
+        seed=sample["seed"],
+        split=sample["split"],
+        input=sample["input"],
+        turns=[],
+        generator_model=generator.model_name,
+        target_model=target.model_name,
+        prompt_tokens=0,
+        agent_tokens=0,
+        environment_tokens=0,
+        student_tokens=0,
+        reason_tokens=0,
+        n_turns=0,
+        terminated=False,
+        hit_max_turns=False,
+        truncated=False,
+    )
+    try:
+        await _role_play(entry, row, target, settings)
+        student = await _call(
+            target,
+            ChatRequest([{"role": "user", "content": row["input"]}], Sampling(max_tokens=settings.max_student_tokens)),
+            settings,
+            "student",
+        )
+        if student.error:
+            raise DialogueError(f"student: {student.error}")
+        row["student_output"] = student.text.strip()
+        row["prompt_tokens"] += student.prompt_tokens
+        row["student_tokens"] = student.completion_tokens
+        to_be = row["turns"][0]["content"]
+        reason = await _call(
+            generator,
+            reason_request(entry, row["input"], row["student_output"], to_be, row["seed"], settings),
+            settings,
+            "reason",
+        )
+        if reason.error:
+            raise DialogueError(f"reason: {reason.error}")
+        row["reason"] = reason.text.strip()
+        row["prompt_tokens"] += reason.prompt_tokens
+        row["reason_tokens"] = reason.completion_tokens
+    except DialogueError as e:
+        row["error"] = str(e)
+    except Exception as e:  # a bug or a dead actor: record it on the row, never lose the sample
+        row["error"] = f"internal: {type(e).__name__}: {e}"
+    return row
+
+
+async def _role_play(entry: PromptEntry, row: dict, target: AsyncEngine, settings: SynthSettings) -> None:
+    prompt = entry.messages()
+    agent = prompt + [{"role": "user", "content": row["input"]}]
+    env_prefix = environment_messages(entry)
+    env = env_prefix + [{"role": "assistant", "content": row["input"]}]
+    turns = row["turns"]
+    for turn in range(entry.max_turns):
+        reply = await _call(
+            target,
+            ChatRequest(agent, Sampling(max_tokens=settings.max_agent_tokens), row["seed"], prefix_messages=len(prompt)),
+            settings,
+            f"agent turn {turn + 1}",
+        )
+        if reply.error:  # context overflow
+            if turn == 0:
+                raise DialogueError(f"agent turn 1: {reply.error}")
+            row["truncated"] = True
+            break
+        action = reply.text.strip()
+        row["prompt_tokens"] += reply.prompt_tokens
+        row["agent_tokens"] += reply.completion_tokens
+        turns.append({"role": "assistant", "content": action})
+        agent = agent + [turns[-1]]
+        if entry.final_action and re.search(entry.final_action, action):
+            row["terminated"] = True  # the environment would end it here anyway
+            break
+        if turn == entry.max_turns - 1:
+            row["hit_max_turns"] = True
+            break
+        env = env + [{"role": "user", "content": action}]
+        observation = await _call(
+            target,
+            ChatRequest(
+                env, Sampling(max_tokens=settings.max_environment_tokens), row["seed"], prefix_messages=len(env_prefix)
+            ),
+            settings,
+            f"environment turn {turn + 1}",
+        )
+        if observation.error:
+            row["truncated"] = True
+            break
+        row["prompt_tokens"] += observation.prompt_tokens
+        row["environment_tokens"] += observation.completion_tokens
+        text = observation.text.strip()
+        if END in text:
+            row["terminated"] = True
+            break
+        turns.append({"role": "user", "content": text})
+        agent = agent + [turns[-1]]
+        env = env + [{"role": "assistant", "content": text}]
+    row["n_turns"] = sum(t["role"] == "assistant" for t in turns)
+    last = next(t["content"] for t in reversed(turns) if t["role"] == "assistant")
+    row["final_action"] = last
+    row["final_action_valid"] = bool(re.search(entry.valid_action, last)) if entry.valid_action else None

@@ -1,0 +1,105 @@
+"""The dialogue-row contract and the files of a synthesis run.
+
+    OUT/manifest.json                            catalog, models, settings, finished shards
+    OUT/inputs/ID.parquet                        pseudo user inputs of a prompt (sample_id, seed, split, input)
+    OUT/dialogues/prompt_id=ID/part-NNNNN.parquet  one row per dialogue (DIALOGUE_SCHEMA)
+
+Every file appears only when complete: it is written under a temporary name
+and renamed into place, so a run killed at any point leaves either the old file
+or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TURN = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+DIALOGUE_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt_sha256", pa.string()),
+        ("sample_id", pa.int64()),
+        ("seed", pa.int64()),
+        ("split", pa.string()),  # train | heldout
+        ("input", pa.string()),
+        ("turns", pa.list_(TURN)),  # agent turns "assistant", environment turns "user"; starts with the agent
+        ("student_output", pa.string()),  # the target model's answer to `input` without the prompt (AS-IS)
+        ("reason", pa.string()),  # why AS-IS should become the teacher's first turn (TO-BE), given the prompt
+        ("n_turns", pa.int32()),  # agent turns
+        ("terminated", pa.bool_()),  # the environment ended the episode (or the agent took a final action)
+        ("hit_max_turns", pa.bool_()),
+        ("truncated", pa.bool_()),  # stopped early because the dialogue outgrew the model's context
+        ("final_action", pa.string()),  # the last agent turn
+        ("final_action_valid", pa.bool_()),  # it matches actions.valid; null when the catalog gives none
+        ("generator_model", pa.string()),
+        ("target_model", pa.string()),
+        ("prompt_tokens", pa.int64()),  # all prompt tokens processed for this dialogue
+        ("agent_tokens", pa.int64()),  # generated tokens, per producer
+        ("environment_tokens", pa.int64()),
+        ("student_tokens", pa.int64()),
+        ("reason_tokens", pa.int64()),
+        ("error", pa.string()),  # null for a good dialogue; the reason a failed one failed
+    ]
+)
+DIALOGUE_COLUMNS = tuple(DIALOGUE_SCHEMA.names)
+
+INPUT_SCHEMA = pa.schema(
+    [("sample_id", pa.int64()), ("seed", pa.int64()), ("split", pa.string()), ("input", pa.string())]
+)
+
+
+def dialogues_glob(out: str | Path) -> str:
+    return str(Path(out) / "dialogues" / "**" / "*.parquet")
+
+
+def shard_path(out: str | Path, prompt_id: str, shard: int) -> Path:
+    return Path(out) / "dialogues" / f"prompt_id={prompt_id}" / f"part-{shard:05d}.parquet"
+
+
+def inputs_path(out: str | Path, prompt_id: str) -> Path:
+    return Path(out) / "inputs" / f"{prompt_id}.parquet"
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_table(path: Path, rows: list[dict], schema: pa.Schema) -> None:
+    table = pa.Table.from_pylist(rows, schema=schema)
+    _atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def read_rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def write_manifest(out: str | Path, manifest: dict) -> None:
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+    _atomic(Path(out) / "manifest.json", write)
+
+
+def read_manifest(out: str | Path) -> dict | None:
+    path = Path(out) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def remove_stale_temporaries(out: str | Path) -> None:
+    """Temporary files left by a killed run: never visible to readers, safe to drop."""
+    for tmp in Path(out).rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
