@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 
 import ray
 
@@ -69,7 +70,9 @@ class ActorEngine:
         return await self.handle.generate.remote(request)
 
 
-def start_engine(config: EngineConfig) -> tuple[object, ActorEngine]:
-    handle = EngineActor.options(num_cpus=config.num_cpus, num_gpus=config.num_gpus).remote(config)
+def start_engine(config: EngineConfig, name: str) -> tuple[object, ActorEngine]:
+    """An engine actor, named (with a unique suffix) so that `ray list actors` tells which is which."""
+    name = f"genpi-{name}-{uuid.uuid4().hex[:8]}"
+    handle = EngineActor.options(name=name, num_cpus=config.num_cpus, num_gpus=config.num_gpus).remote(config)
     info = ray.get(handle.describe.remote())
     return handle, ActorEngine(handle, info["model_name"])

@@ -242,10 +242,14 @@ def synthesize(
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
     shared = generator == target and options.target_replicas == 1
-    target_actors = [start_engine(target) for _ in range(options.target_replicas)]
-    generator_actor = target_actors[0] if shared else start_engine(generator)
+    target_actors = [start_engine(target, f"target-{i}") for i in range(options.target_replicas)]
+    generator_actor = target_actors[0] if shared else start_engine(generator, "generator")
     run = Synthesis(out, entries, manifest, settings, options)
-    asyncio.run(run.run(generator_actor[1], [engine for _, engine in target_actors]))
+    try:
+        asyncio.run(run.run(generator_actor[1], [engine for _, engine in target_actors]))
+    finally:
+        for handle, _ in {id(a[0]): a for a in [*target_actors, generator_actor]}.values():
+            ray.kill(handle)  # free the CPUs/GPUs now, for whatever this driver does next
     return run.manifest
 
 
