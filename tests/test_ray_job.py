@@ -6,8 +6,9 @@ the job's cluster, and the engine actors run on its node.
 
 Isolation from any other Ray on the machine (another test's `ray.init()`, another
 session's cluster):
-- every port is chosen free up front and the head listens on 127.0.0.1 only; its
-  temp dir (sockets, logs, unpacked packages) is a private folder under /tmp;
+- every port is chosen free up front (Ray's defaults, 6379, 8265, 10001, 52365,
+  would collide) and the dashboard listens on 127.0.0.1 only; the head's temp dir
+  (sockets, logs, unpacked packages) is a private folder under /tmp;
 - the cluster gets its own random auth token through RAY_AUTH_MODE/RAY_AUTH_TOKEN
   (Ray >= 2.60 turns token auth on by default); ~/.ray/auth_token is neither read
   nor written;
@@ -144,7 +145,7 @@ def ray_head():
     log = temp / "ray-start.log"
     command = [
         RAY, "start", "--head", "--block", "--disable-usage-stats", "--temp-dir", str(temp),
-        "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+        "--port", str(gcs),  # no --node-ip-address 127.0.0.1: Ray swaps loopback for the machine's IP anyway
         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
         "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
         "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),

@@ -20,7 +20,7 @@ from genpi.engines import ChatRequest, Completion, EngineConfig, make_engine
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class EngineActor:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, record: bool = False):
         if config.kind == "transformers":
             import torch
 
@@ -29,6 +29,10 @@ class EngineActor:
         self.engine = make_engine(config)
         self.pending: list[tuple[ChatRequest, asyncio.Future]] = []
         self.wakeup: asyncio.Event | None = None
+        self.batches: list[list[ChatRequest]] | None = [] if record else None  # for benchmarks: replay what was served
+
+    def recorded(self) -> list[list[ChatRequest]] | None:
+        return self.batches
 
     def describe(self) -> dict:
         return {"model_name": self.engine.model_name, "pid": os.getpid()}
@@ -48,6 +52,8 @@ class EngineActor:
             self.wakeup.clear()
             await asyncio.sleep(0.01)  # let the calls of a wave of dialogues arrive together
             batch, self.pending = self.pending, []
+            if self.batches is not None:
+                self.batches.append([request for request, _ in batch])
             try:
                 results = await asyncio.to_thread(self.engine.generate, [request for request, _ in batch])
             except Exception as e:  # engines report per-request errors; this is a safety net
@@ -70,9 +76,9 @@ class ActorEngine:
         return await self.handle.generate.remote(request)
 
 
-def start_engine(config: EngineConfig, name: str) -> tuple[object, ActorEngine]:
+def start_engine(config: EngineConfig, name: str, record: bool = False) -> tuple[object, ActorEngine]:
     """An engine actor, named (with a unique suffix) so that `ray list actors` tells which is which."""
     name = f"genpi-{name}-{uuid.uuid4().hex[:8]}"
-    handle = EngineActor.options(name=name, num_cpus=config.num_cpus, num_gpus=config.num_gpus).remote(config)
+    handle = EngineActor.options(name=name, num_cpus=config.num_cpus, num_gpus=config.num_gpus).remote(config, record)
     info = ray.get(handle.describe.remote())
     return handle, ActorEngine(handle, info["model_name"])

@@ -219,10 +219,16 @@ def synthesize(
     generator: EngineConfig = EngineConfig(),
     target: EngineConfig = EngineConfig(),
     options: RunOptions = RunOptions(),
+    prompts: list[str] | None = None,
 ) -> dict:
-    """Run (or resume) a synthesis; returns the final manifest."""
+    """Run (or resume) a synthesis of the catalog's prompts (or of those named); returns the final manifest."""
     catalog, out = Path(catalog), Path(out)
     entries = load_catalog(catalog)  # every catalog problem surfaces before any model loads
+    if prompts:
+        unknown = sorted(set(prompts) - {e.id for e in entries})
+        if unknown:
+            raise InputError(f"--prompts: {', '.join(unknown)} not in {catalog} (it has {', '.join(e.id for e in entries)})")
+        entries = [e for e in entries if e.id in prompts]
     if settings.samples < 1:
         raise InputError(f"--samples must be at least 1, got {settings.samples}")
     if options.shard_size < 1:
@@ -279,6 +285,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m genpi.synth", description=__doc__.splitlines()[0])
     p.add_argument("catalog", help="prompt catalog (.yaml or .jsonl)")
     p.add_argument("--out", required=True, help="run folder: dialogues/, inputs/, manifest.json")
+    p.add_argument("--prompts", default=None, help="comma-separated prompt ids to run (default: all)")
     d = SynthSettings()
     p.add_argument("--samples", type=int, default=d.samples, help="dialogues per prompt (default %(default)s)")
     p.add_argument("--heldout", type=float, default=d.heldout, help="held-out share (default %(default)s)")
@@ -324,16 +331,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         manifest = synthesize(
-            args.catalog, args.out, settings, engine_config(args, "generator"), engine_config(args, "target"), options
+            args.catalog,
+            args.out,
+            settings,
+            engine_config(args, "generator"),
+            engine_config(args, "target"),
+            options,
+            prompts=args.prompts.split(",") if args.prompts else None,
         )
     except InputError as e:
         print(f"genpi: error: {e}", file=sys.stderr)
         return 2
-    rows = sum(s["rows"] for p in manifest["prompts"].values() for s in p["shards"].values())
-    failed = sum(s["failed"] for p in manifest["prompts"].values() for s in p["shards"].values())
+    shards = [s for p in manifest["prompts"].values() for s in p["shards"].values()]
+    rows, failed = sum(s["rows"] for s in shards), sum(s["failed"] for s in shards)
     print(f"{rows} dialogues in {args.out} ({failed} failed)", file=sys.stderr)
-    if not args.no_stats:
+    if rows and not args.no_stats:
         from genpi.synth.stats import format_stats, quality_stats
 
         print(format_stats(quality_stats(args.out)))
-    return 0
+    return 0 if rows else 1

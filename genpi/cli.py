@@ -1,0 +1,84 @@
+"""The `genpi` command: one small handler per subcommand.
+
+    genpi synth CATALOG --out OUT ...   synthesize dialogues (all flags go to genpi.synth.run)
+    genpi stats OUT [--json]            quality statistics per prompt
+    genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`
+
+Bad input (InputError) prints `genpi: error: MESSAGE` on one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from genpi import InputError, __version__
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from genpi.synth.run import main as synth_main  # heavy imports (Ray, engines) only when needed
+
+    return synth_main(args.rest)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from genpi.synth.stats import format_stats, quality_stats
+
+    stats = quality_stats(args.out)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from genpi.synth.stats import format_rows, run_sql
+
+    columns, rows = run_sql(args.out, args.query)
+    if args.json:
+        print(json.dumps([dict(zip(columns, row)) for row in rows], indent=2, default=str))
+    else:
+        print(format_rows(columns, rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genpi", description="Generative Prompt Internalization")
+    parser.add_argument("--version", action="version", version=f"genpi {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "synth",
+        help="synthesize dialogues for a prompt catalog (genpi synth --help for its flags)",
+        add_help=False,  # --help goes through to the synth parser
+    )
+    p.set_defaults(handler=cmd_synth, passthrough=True)
+
+    p = sub.add_parser("stats", help="quality statistics of a synthesis run, per prompt")
+    p.add_argument("out", metavar="OUT", help="synthesis run folder")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(handler=cmd_stats)
+
+    p = sub.add_parser("sql", help="run one read-only SELECT over the view `dialogues` of a run")
+    p.add_argument("out", metavar="OUT", help="synthesis run folder")
+    p.add_argument("query", metavar="QUERY", help="e.g. \"SELECT prompt_id, count(*) FROM dialogues GROUP BY ALL\"")
+    p.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
+    p.set_defaults(handler=cmd_sql)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    try:
+        return args.handler(args)
+    except InputError as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"genpi: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

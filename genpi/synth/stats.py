@@ -1,0 +1,256 @@
+"""Quality statistics and ad-hoc SQL over a synthesis run's dialogue shards (DuckDB).
+
+    open_dialogues(OUT)     in-memory DuckDB connection with a view `dialogues` over every shard
+    quality_stats(OUT)      one dict per prompt: the paper's quality figures, counts, lengths
+    format_stats(stats)     those as a fixed-width table (plus the commonest errors)
+    run_sql(OUT, QUERY)     one read-only SELECT over `dialogues` -> (columns, rows)
+    format_rows(cols, rows) a fixed-width table of a query result
+
+The shards are hive partitioned (`prompt_id=ID/`) and also hold a `prompt_id`
+column. DuckDB (2.0) with `hive_partitioning = true` yields a single `prompt_id`
+column whose value comes from the path and whose type comes from the file
+(VARCHAR), so ids such as `007` stay strings; `hive_types` pins it anyway.
+
+A connection is sandboxed once its view exists: file access is limited to OUT
+and the configuration is locked, so a query can read the run but nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from genpi import InputError
+from genpi.catalog import entry_from_json
+from genpi.synth.store import dialogues_glob, read_manifest
+
+TOP_ERRORS = 3
+MAX_CELL = 60
+
+# Per-prompt figures over the dialogue rows; percentages are over good (error-free) rows.
+_STATS_SQL = """
+WITH d AS (SELECT *, error IS NULL AS good FROM dialogues),
+per_prompt AS (
+    SELECT
+        prompt_id,
+        count(*) AS rows,
+        count(*) FILTER (WHERE NOT good) AS failed,
+        count(*) FILTER (WHERE good AND split = 'train') AS train,
+        count(*) FILTER (WHERE good AND split = 'heldout') AS heldout,
+        round(avg(n_turns) FILTER (WHERE good), 2) AS avg_turns,
+        round(avg(CASE WHEN hit_max_turns THEN 100.0 ELSE 0.0 END) FILTER (WHERE good), 1) AS pct_hit_max_turns,
+        round(avg(CASE WHEN terminated THEN 0.0 ELSE 100.0 END) FILTER (WHERE good), 1) AS pct_no_termination,
+        round(avg(CASE WHEN final_action_valid THEN 0.0 ELSE 100.0 END)
+              FILTER (WHERE good AND final_action_valid IS NOT NULL), 1) AS pct_invalid_final_action,
+        round(avg(CASE WHEN truncated THEN 100.0 ELSE 0.0 END) FILTER (WHERE good), 1) AS pct_truncated,
+        round(avg(length(input)) FILTER (WHERE good), 1) AS mean_input_chars,
+        round(sum(list_sum(list_transform(list_filter(turns, lambda t: t.role = 'assistant'),
+                                          lambda t: length(t.content)))) FILTER (WHERE good)
+              / nullif(sum(len(list_filter(turns, lambda t: t.role = 'assistant'))) FILTER (WHERE good), 0), 1)
+            AS mean_agent_turn_chars,
+        round(avg(length(student_output)) FILTER (WHERE good), 1) AS mean_student_chars,
+        round(avg(length(reason)) FILTER (WHERE good), 1) AS mean_reason_chars,
+        round(1 - count(DISTINCT input) FILTER (WHERE good)
+                  / nullif(count(*) FILTER (WHERE good), 0), 3) AS duplicate_input_rate,
+        CAST(sum(coalesce(agent_tokens, 0) + coalesce(environment_tokens, 0)
+                 + coalesce(student_tokens, 0) + coalesce(reason_tokens, 0)) AS BIGINT) AS generated_tokens
+    FROM d
+    GROUP BY prompt_id
+)
+SELECT * FROM per_prompt ORDER BY prompt_id
+"""
+
+_ERRORS_SQL = f"""
+SELECT prompt_id, error, count(*) AS n
+FROM dialogues
+WHERE error IS NOT NULL
+GROUP BY prompt_id, error
+QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY n DESC, error) <= {TOP_ERRORS}
+ORDER BY prompt_id, n DESC, error
+"""
+
+_ZERO_COUNTS = {"rows": 0, "failed": 0, "train": 0, "heldout": 0, "generated_tokens": 0}
+
+
+def open_dialogues(out: str | Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the view `dialogues` over all shards of OUT."""
+    out = Path(out)
+    if not out.is_dir():
+        raise InputError(f"{out}: no such run folder (run genpi synth first)")
+    root = out.resolve()
+    if not any((root / "dialogues").glob("prompt_id=*/*.parquet")):
+        raise InputError(f"{out}: no dialogue shards yet (run genpi synth first)")
+    con = duckdb.connect(":memory:")
+    try:
+        glob = dialogues_glob(root).replace("'", "''")
+        con.execute(
+            "CREATE VIEW dialogues AS SELECT * FROM read_parquet("
+            f"'{glob}', hive_partitioning = true, hive_types = {{'prompt_id': VARCHAR}})"
+        )
+        con.execute("SET allowed_directories = ?", [[str(root) + "/"]])
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        con.execute("SELECT * FROM dialogues LIMIT 0")  # unreadable shards fail here, not in a caller
+    except duckdb.Error as e:
+        con.close()
+        raise InputError(f"{out}: cannot read the dialogue shards: {_first_line(e)}") from None
+    return con
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _manifest_prompts(out: str | Path) -> dict[str, dict]:
+    """gold_turns / max_turns / samples per prompt id from OUT/manifest.json ({} without one)."""
+    manifest = read_manifest(out)
+    if not manifest:
+        return {}
+    catalog = (manifest.get("catalog") or {}).get("prompts") or {}
+    info = {}
+    for prompt_id, record in (manifest.get("prompts") or {}).items():
+        gold, max_turns = record.get("gold_turns"), record.get("max_turns")
+        if (gold is None or max_turns is None) and prompt_id in catalog:
+            entry = entry_from_json(catalog[prompt_id])
+            gold = entry.gold_turns if gold is None else gold
+            max_turns = entry.max_turns if max_turns is None else max_turns
+        info[prompt_id] = {
+            "gold_turns": None if gold is None else round(float(gold), 2),
+            "max_turns": max_turns,
+            "samples": record.get("samples"),
+        }
+    return info
+
+
+def quality_stats(out: str | Path) -> list[dict]:
+    """One dict per prompt (those with rows, plus those the manifest lists), sorted by prompt id.
+
+    Keys: prompt_id, gold_turns, max_turns, samples (from the manifest; None without one),
+    rows, failed, train, heldout, avg_turns, pct_hit_max_turns, pct_no_termination,
+    pct_invalid_final_action, pct_truncated, mean_input_chars, mean_agent_turn_chars,
+    mean_student_chars, mean_reason_chars, duplicate_input_rate, generated_tokens, top_errors.
+    Percentages (0-100, 1 decimal) and means are over good rows; counts of tokens over all rows.
+    """
+    con = open_dialogues(out)
+    try:
+        result = con.execute(_STATS_SQL)
+        columns = [c[0] for c in result.description]
+        by_id = {row[0]: dict(zip(columns, row)) for row in result.fetchall()}
+        errors: dict[str, list[dict]] = {}
+        for prompt_id, error, n in con.execute(_ERRORS_SQL).fetchall():
+            errors.setdefault(prompt_id, []).append({"error": error, "count": n})
+    finally:
+        con.close()
+    manifest = _manifest_prompts(out)
+    stats = []
+    for prompt_id in sorted(set(by_id) | set(manifest)):
+        row = by_id.get(prompt_id) or {c: _ZERO_COUNTS.get(c) for c in columns}
+        info = manifest.get(prompt_id, {})
+        stats.append(
+            {
+                "prompt_id": prompt_id,
+                "gold_turns": info.get("gold_turns"),
+                "max_turns": info.get("max_turns"),
+                "samples": info.get("samples"),
+                **{c: row[c] for c in columns if c != "prompt_id"},
+                "top_errors": errors.get(prompt_id, []),
+            }
+        )
+    return stats
+
+
+# (header, key, format) in display order: the paper's quality figures first.
+_STATS_COLUMNS = [
+    ("prompt", "prompt_id", "{}"),
+    ("gold turns", "gold_turns", "{:.2f}"),
+    ("avg turns", "avg_turns", "{:.2f}"),
+    ("max", "max_turns", "{}"),
+    ("% max turns", "pct_hit_max_turns", "{:.1f}"),
+    ("% no term", "pct_no_termination", "{:.1f}"),
+    ("% invalid final", "pct_invalid_final_action", "{:.1f}"),
+    ("rows", "rows", "{}"),
+    ("failed", "failed", "{}"),
+    ("train", "train", "{}"),
+    ("heldout", "heldout", "{}"),
+    ("dup input", "duplicate_input_rate", "{:.3f}"),
+    ("% trunc", "pct_truncated", "{:.1f}"),
+    ("input ch", "mean_input_chars", "{:.0f}"),
+    ("agent turn ch", "mean_agent_turn_chars", "{:.0f}"),
+    ("student ch", "mean_student_chars", "{:.0f}"),
+    ("reason ch", "mean_reason_chars", "{:.0f}"),
+    ("gen tokens", "generated_tokens", "{}"),
+]
+
+
+def format_stats(stats: list[dict]) -> str:
+    """A fixed-width table, one line per prompt; then the commonest error reasons per prompt."""
+    if not stats:
+        return "no prompts"
+    headers = [h for h, _, _ in _STATS_COLUMNS]
+    body = [
+        ["-" if s.get(key) is None else fmt.format(s[key]) for _, key, fmt in _STATS_COLUMNS] for s in stats
+    ]
+    lines = [_table(headers, body, numeric=[i > 0 for i in range(len(headers))])]
+    failing = [s for s in stats if s.get("top_errors")]
+    if failing:
+        lines.append("")
+        lines.append(f"most common errors (top {TOP_ERRORS} per prompt):")
+        for s in failing:
+            lines.append(f"  {s['prompt_id']} ({s['failed']} failed):")
+            for e in s["top_errors"]:
+                lines.append(f"    {e['count']:>6}  {_cell(e['error'], 100)}")
+    return "\n".join(lines)
+
+
+def run_sql(out: str | Path, query: str) -> tuple[list[str], list[tuple]]:
+    """Run one read-only SELECT over the view `dialogues`; InputError for anything else or a bad query."""
+    con = open_dialogues(out)
+    try:
+        try:
+            statements = con.extract_statements(query)
+        except duckdb.Error as e:
+            raise InputError(f"bad query: {_first_line(e)}") from None
+        if not statements:
+            raise InputError("empty query: give one SELECT statement over the view `dialogues`")
+        if len(statements) > 1:
+            raise InputError(f"expected one SELECT statement, got {len(statements)} statements")
+        kind = statements[0].type
+        if kind != duckdb.StatementType.SELECT:
+            raise InputError(f"only a SELECT statement is allowed, got {kind.name}")
+        try:
+            result = con.execute(statements[0])
+            columns = [c[0] for c in result.description]
+            rows = result.fetchall()
+        except duckdb.Error as e:
+            raise InputError(f"query failed: {_first_line(e)}") from None
+    finally:
+        con.close()
+    return columns, rows
+
+
+def _cell(value: object, width: int = MAX_CELL) -> str:
+    text = "NULL" if value is None else str(value)
+    text = text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(headers: list[str], body: list[list[str]], numeric: list[bool]) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def format_rows(columns: list[str], rows: list[tuple]) -> str:
+    """A query result as a fixed-width table (cells cut to ~60 characters) with a row count."""
+    numeric = [
+        bool(rows) and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) for r in rows if r[i] is not None)
+        for i in range(len(columns))
+    ]
+    body = [[_cell(v) for v in row] for row in rows]
+    count = f"({len(rows)} row{'' if len(rows) == 1 else 's'})"
+    return _table([_cell(c) for c in columns], body, numeric) + "\n" + count

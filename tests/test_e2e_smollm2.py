@@ -1,0 +1,40 @@
+"""End to end with the bundled SmolLM2-135M-Instruct: the user's commands, on one example prompt."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import EXAMPLES, REPO
+from genpi.catalog import load_catalog
+
+
+def genpi(*args, timeout=900):
+    env = dict(os.environ, RAY_ADDRESS="local")
+    return subprocess.run([sys.executable, "-m", "genpi.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_synth_then_stats_and_sql_with_the_bundled_model(tmp_path):
+    out = tmp_path / "out"
+    synth = genpi("synth", str(EXAMPLES), "--out", str(out), "--prompts", "web-select", "--samples", "3",
+                  "--shard-size", "2", "--max-new-tokens", "40", "--no-progress")  # fmt: skip
+    assert synth.returncode == 0, synth.stderr[-3000:]
+    assert "web-select" in synth.stdout and "3 dialogues" in synth.stderr  # the quality table is printed
+
+    stats = genpi("stats", str(out), "--json")
+    assert stats.returncode == 0, stats.stderr
+    [row] = json.loads(stats.stdout)
+    assert row["prompt_id"] == "web-select" and row["rows"] == 3 and row["failed"] == 0
+    assert row["gold_turns"] == 1 and row["avg_turns"] == 1  # a single-turn prompt
+
+    query = "SELECT sample_id, prompt_sha256, input, turns, student_output, reason, target_model FROM dialogues ORDER BY sample_id"
+    sql = genpi("sql", str(out), query, "--json")
+    assert sql.returncode == 0, sql.stderr
+    rows = json.loads(sql.stdout)
+    [entry] = [e for e in load_catalog(EXAMPLES) if e.id == "web-select"]
+    assert [r["sample_id"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["prompt_sha256"] == entry.sha256 and r["target_model"] == "SmolLM2-135M-Instruct"
+        assert r["input"].strip() and r["input"] not in entry.input_examples
+        assert r["turns"][0]["role"] == "assistant" and r["turns"][0]["content"].strip()
+        assert r["student_output"].strip() and r["reason"].strip()
