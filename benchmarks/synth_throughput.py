@@ -59,7 +59,8 @@ def pipeline_vs_raw(model: str, path: str, args, out: Path) -> dict:
     start = time.perf_counter()
     asyncio.run(run.run(engine, [engine]))
     pipeline_s = time.perf_counter() - start
-    batches = ray.get(handle.recorded.remote())
+    served = ray.get(handle.served.remote())
+    batches = served["batches"]
     ray.shutdown()
 
     raw = TransformersEngine(path)
@@ -76,6 +77,7 @@ def pipeline_vs_raw(model: str, path: str, args, out: Path) -> dict:
         "replayed_tokens": tokens,
         "pipeline_s": pipeline_s,
         "raw_s": raw_s,
+        "actor_busy_s": served["busy_s"],
         "pipeline_tok_s": tokens / pipeline_s,
         "raw_tok_s": tokens / raw_s,
         "ratio": (tokens / pipeline_s) / (tokens / raw_s),

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
@@ -21,18 +23,22 @@ from genpi.engines import ChatRequest, Completion, EngineConfig, make_engine
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class EngineActor:
     def __init__(self, config: EngineConfig, record: bool = False):
+        # One thread runs the engine, always the same: torch's OpenMP pool is per thread.
+        self.executor = ThreadPoolExecutor(max_workers=1)
         if config.kind == "transformers":
             import torch
 
-            torch.set_num_threads(max(1, int(config.num_cpus)))
+            threads = max(1, int(config.num_cpus))
+            self.executor.submit(torch.set_num_threads, threads).result()
         self.config = config
         self.engine = make_engine(config)
         self.pending: list[tuple[ChatRequest, asyncio.Future]] = []
         self.wakeup: asyncio.Event | None = None
+        self.busy_s = 0.0  # time spent inside the engine
         self.batches: list[list[ChatRequest]] | None = [] if record else None  # for benchmarks: replay what was served
 
-    def recorded(self) -> list[list[ChatRequest]] | None:
-        return self.batches
+    def served(self) -> dict:
+        return {"busy_s": self.busy_s, "batches": self.batches}
 
     def describe(self) -> dict:
         return {"model_name": self.engine.model_name, "pid": os.getpid()}
@@ -54,10 +60,14 @@ class EngineActor:
             batch, self.pending = self.pending, []
             if self.batches is not None:
                 self.batches.append([request for request, _ in batch])
+            started = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self.engine.generate, [request for request, _ in batch])
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.engine.generate, [request for request, _ in batch]
+                )
             except Exception as e:  # engines report per-request errors; this is a safety net
                 results = [Completion(finish_reason="error", error=f"engine: {type(e).__name__}: {e}")] * len(batch)
+            self.busy_s += time.perf_counter() - started
             for (_, future), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)
