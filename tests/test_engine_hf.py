@@ -71,7 +71,9 @@ def test_over_long_request_fails_alone(tiny_model):
     long = ChatRequest([{"role": "user", "content": "word " * 400}], Sampling(max_tokens=8))
     short = ChatRequest([{"role": "user", "content": "hello"}], Sampling(max_tokens=8))
     fits_barely = ChatRequest([{"role": "user", "content": "hello"}], Sampling(max_tokens=250))
-    results = engine.generate([short, long, fits_barely, short])
+    malformed = ChatRequest([{"role": "user", "content": None}], Sampling(max_tokens=8))
+    results = engine.generate([short, long, fits_barely, malformed, short])
     assert results[1].error.startswith("context_length:") and results[1].finish_reason == "error"
     assert results[2].error.startswith("context_length:")
-    assert results[0].error is None and results[0].text and results[0].text == results[3].text
+    assert results[3].error.startswith("engine: ")
+    assert results[0].error is None and results[0].text and results[0].text == results[4].text

@@ -115,16 +115,31 @@ def test_single_turn_prompt():
     assert row["n_turns"] == 1 and row["terminated"] and "environment" not in engine.requests
 
 
+def overflow(prompt_tokens, max_tokens=384, limit=1024):
+    error = f"context_length: {prompt_tokens} prompt tokens + {max_tokens} max tokens > {limit}"
+    return Completion(finish_reason="error", error=error)
+
+
 def test_overflow_truncates_later_turns_and_fails_the_first():
-    overflow = Completion(finish_reason="error", error="context_length: 900 prompt tokens + 384 max tokens > 1024")
-    engine = Scripted(agent=["Act: compute(1)", overflow], environment=["Result: 1"], student=["x"], reason=["y"])
+    engine = Scripted(agent=["Act: compute(1)", overflow(1020)], environment=["Result: 1"], student=["x"], reason=["y"])
     row = run(CALC, engine)
     assert row["error"] is None and row["truncated"] and row["n_turns"] == 1 and not row["terminated"]
 
-    engine = Scripted(agent=[overflow])
+    engine = Scripted(agent=[overflow(1020)])
     row = run(CALC, engine)
     assert row["error"].startswith("agent turn 1: context_length") and row["turns"] == []
     assert row["sample_id"] == 3 and row["input"] == SAMPLE["input"]
+
+
+def test_overflow_is_retried_with_the_room_left():
+    engine = Scripted(agent=[overflow(900), "Act: answer(8)"], student=["x"], reason=["y"])
+    row = run(CALC, engine)
+    assert row["error"] is None and row["turns"][0]["content"] == "Act: answer(8)"
+    assert [r.sampling.max_tokens for r in engine.requests["agent"]] == [384, 124]
+
+    engine = Scripted(agent=[overflow(900), overflow(1015, 124)])  # the room shrank below what is worth asking
+    row = run(CALC, engine)
+    assert row["error"].startswith("agent turn 1: context_length") and len(engine.requests["agent"]) == 2
 
 
 def test_engine_errors_are_retried_then_recorded():

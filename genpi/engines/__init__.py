@@ -40,6 +40,10 @@ class Completion:
     finish_reason: str = ""  # "stop" | "length" | "error"
     error: str | None = None  # set when the request failed; starts with "context_length:" for over-long prompts
 
+    @classmethod
+    def failure(cls, error: str) -> "Completion":
+        return cls(finish_reason="error", error=error)
+
 
 CONTEXT_LENGTH_ERROR = "context_length"
 

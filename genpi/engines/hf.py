@@ -63,28 +63,32 @@ class TransformersEngine:
         groups: dict[tuple, list[int]] = {}
         encoded: dict[int, list[int]] = {}
         for i, request in enumerate(requests):
-            ids = self.encode(request.messages)
+            try:
+                ids = self.encode(request.messages)
+                prefix = self._prefix_ids(request, ids)
+            except Exception as e:  # a malformed request
+                results[i] = Completion.failure(f"engine: {type(e).__name__}: {e}")
+                continue
             limit = self.max_model_len
             if len(ids) + request.sampling.max_tokens > limit:
-                results[i] = _failed(
+                results[i] = Completion.failure(
                     f"{CONTEXT_LENGTH_ERROR}: {len(ids)} prompt tokens + {request.sampling.max_tokens} max tokens > {limit}"
                 )
                 continue
             encoded[i] = ids
-            prefix = self._prefix_ids(request, ids)
             groups.setdefault((request.sampling, prefix), []).append(i)
         for (sampling, prefix), members in groups.items():
             for start in range(0, len(members), self.max_batch):
                 chunk = members[start : start + self.max_batch]
                 try:
                     outputs = self._generate_batch([encoded[i] for i in chunk], prefix, sampling, requests[chunk[0]].seed)
-                except Exception as batch_error:  # retry one by one so one bad request fails alone
+                except Exception:  # retry one by one so one bad request fails alone
                     outputs = []
                     for i in chunk:
                         try:
                             outputs += self._generate_batch([encoded[i]], prefix, sampling, requests[i].seed)
                         except Exception as e:
-                            outputs.append(_failed(f"engine: {type(e).__name__}: {e}" if len(chunk) > 1 else f"engine: {batch_error}"))
+                            outputs.append(Completion.failure(f"engine: {type(e).__name__}: {e}"))
                 for i, completion in zip(chunk, outputs):
                     results[i] = completion
         return results  # type: ignore[return-value]
@@ -163,7 +167,3 @@ class TransformersEngine:
                 text, finish = text[:cut], "stop"
         n_tokens = len(kept) + (finish == "stop" and len(kept) < len(generated))
         return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=n_tokens, finish_reason=finish)
-
-
-def _failed(error: str) -> Completion:
-    return Completion(finish_reason="error", error=error)

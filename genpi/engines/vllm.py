@@ -79,10 +79,10 @@ class VLLMEngine:
             try:
                 n, params = self.count_tokens(request.messages), self._params(request)
             except Exception as e:  # a malformed request or invalid sampling settings
-                results[i] = _failed(f"engine: {type(e).__name__}: {e}")
+                results[i] = Completion.failure(f"engine: {type(e).__name__}: {e}")
                 continue
             if n + params.max_tokens > self.max_model_len:
-                results[i] = _failed(
+                results[i] = Completion.failure(
                     f"{CONTEXT_LENGTH_ERROR}: {n} prompt tokens + {params.max_tokens} max tokens > {self.max_model_len}"
                 )
             else:
@@ -96,7 +96,7 @@ class VLLMEngine:
                     try:
                         outputs += self._chat([requests[i].messages], [params])
                     except Exception as e:
-                        outputs.append(_failed(f"engine: {type(e).__name__}: {e}"))
+                        outputs.append(Completion.failure(f"engine: {type(e).__name__}: {e}"))
             for (i, _), completion in zip(todo, outputs):
                 results[i] = completion
         return results  # type: ignore[return-value]
@@ -123,10 +123,6 @@ class VLLMEngine:
                 )
             )
         return completions
-
-
-def _failed(error: str) -> Completion:
-    return Completion(finish_reason="error", error=error)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,7 +66,7 @@ class EngineActor:
                     self.executor, self.engine.generate, [request for request, _ in batch]
                 )
             except Exception as e:  # engines report per-request errors; this is a safety net
-                results = [Completion(finish_reason="error", error=f"engine: {type(e).__name__}: {e}")] * len(batch)
+                results = [Completion.failure(f"engine: {type(e).__name__}: {e}")] * len(batch)
             self.busy_s += time.perf_counter() - started
             for (_, future), result in zip(batch, results):
                 if not future.done():

@@ -13,6 +13,7 @@ actors (genpi.synth.run) or an engine in this process (tests).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import random
 import re
@@ -147,12 +148,25 @@ def environment_messages(entry: PromptEntry) -> list[Message]:
     return messages
 
 
+CONTEXT_NUMBERS = re.compile(r"(\d+) prompt tokens \+ (\d+) max tokens > (\d+)")
+MIN_ROOM = 16  # fewer free tokens than this and a shortened answer is not worth having
+
+
 async def _call(engine: AsyncEngine, request: ChatRequest, settings: SynthSettings, what: str) -> Completion:
-    """One engine call, retried on errors that a retry can fix; a context overflow is returned as is."""
+    """One engine call, retried where that can help: engine errors, and a context overflow that a
+    smaller `max_tokens` avoids. An overflow that cannot be avoided is returned for the caller to handle."""
     for attempt in range(settings.retries + 1):
         result = await engine.complete(request)
-        if result.error is None or result.error.startswith(CONTEXT_LENGTH_ERROR):
+        if result.error is None:
             return result
+        if result.error.startswith(CONTEXT_LENGTH_ERROR):
+            numbers = CONTEXT_NUMBERS.search(result.error)
+            room = int(numbers[3]) - int(numbers[1]) if numbers else 0
+            if room < MIN_ROOM or room >= request.sampling.max_tokens:
+                return result
+            request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, max_tokens=room))
+    if result.error.startswith(CONTEXT_LENGTH_ERROR):
+        return result
     raise DialogueError(f"{what}: {result.error}")
 
 
