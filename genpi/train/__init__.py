@@ -1,0 +1,1 @@
+"""Training: example builders, losses (GenPI and baselines), QLoRA, per-prompt training."""
