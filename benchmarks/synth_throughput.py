@@ -73,7 +73,7 @@ def pipeline_vs_raw(model: str, path: str, args, out: Path) -> dict:
         "dialogues": len(entries) * args.samples,
         "engine_calls": sum(map(len, batches)),
         "batches": len(batches),
-        "pipeline_tokens": run.tokens,
+        "pipeline_tokens": run.generated_tokens,
         "replayed_tokens": tokens,
         "pipeline_s": pipeline_s,
         "raw_s": raw_s,

@@ -81,9 +81,12 @@ class ActorEngine:
     def __init__(self, handle, model_name: str):
         self.handle = handle
         self.model_name = model_name
+        self.generated_tokens = 0  # for progress: tokens/s as they come, not per finished dialogue
 
     async def complete(self, request: ChatRequest) -> Completion:
-        return await self.handle.generate.remote(request)
+        result = await self.handle.generate.remote(request)
+        self.generated_tokens += result.completion_tokens
+        return result
 
 
 def start_engine(config: EngineConfig, name: str, record: bool = False) -> tuple[object, ActorEngine]:

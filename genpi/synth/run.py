@@ -96,13 +96,14 @@ class Synthesis:
         self.manifest = manifest
         self.settings = settings
         self.options = options
-        self.tokens = 0
+        self.engines: list = []
         self.failed = 0
         self.bar = None
 
     async def run(self, generator: AsyncEngine, targets: list[AsyncEngine]) -> None:
         from tqdm import tqdm
 
+        self.engines = list({id(e): e for e in [generator, *targets]}.values())
         prompts = self.manifest["prompts"]
         total = sum(prompts[e.id]["inputs"] or self.settings.samples for e in self.entries)
         done = sum(s["rows"] for e in self.entries for s in prompts[e.id]["shards"].values())
@@ -111,6 +112,10 @@ class Synthesis:
         limits = [asyncio.Semaphore(self.options.shards_in_flight) for _ in targets]
         await asyncio.gather(*(self.run_prompt(e, generator, targets, limits, i) for i, e in enumerate(self.entries)))
         self.bar.close()
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(e.generated_tokens for e in self.engines)
 
     def pending_shards(self, entry: PromptEntry) -> list[tuple[int, list[int]]]:
         """(shard, sample ids) still to do; empty until the prompt's inputs exist."""
@@ -189,10 +194,9 @@ class Synthesis:
 
     async def dialogue(self, entry, sample, target, generator) -> dict:
         row = await synthesize_dialogue(entry, sample, target, generator, self.settings)
-        self.tokens += sum(row[k] or 0 for k in ("agent_tokens", "environment_tokens", "student_tokens", "reason_tokens"))
         self.failed += row["error"] is not None
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        self.bar.set_postfix(tok_s=f"{self.tokens / elapsed:.1f}", failed=self.failed, refresh=False)
+        self.bar.set_postfix(tok_s=f"{self.generated_tokens / elapsed:.1f}", failed=self.failed, refresh=False)
         self.bar.update(1)
         return row
 

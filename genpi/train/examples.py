@@ -50,8 +50,12 @@ class Example:
         return sum(label != IGNORE for label in self.labels)
 
 
-def build_sft(row: dict, tokenizer, max_length: int) -> Example:
+def build_sft(row: dict, tokenizer, max_length: int, prompt: list[dict] = (), first_turn_only: bool = False) -> Example:
     """The teacher's dialogue without the prompt P; loss on agent turns only.
+
+    `prompt` (the messages of P) puts P first, carrying no loss: the teacher's view, for
+    the `prepend` and `kld` methods. `first_turn_only` keeps the first agent turn alone
+    (single-turn sequence-level distillation, `seqkd`).
 
     Messages: [user: input, assistant: turn1, user: obs1, assistant: turn2, ...]
     (environment turns after the last agent turn are dropped: they carry no loss).
@@ -67,16 +71,17 @@ def build_sft(row: dict, tokenizer, max_length: int) -> Example:
     before it); if input + turn1 still does not fit, turn1 is cut from its end.
     ValueError when not one token of turn1 fits after the input.
     """
-    turns = list(row["turns"])
+    turns = list(row["turns"])[:1] if first_turn_only else list(row["turns"])
     while turns and turns[-1]["role"] != "assistant":
         turns.pop()
     if not turns or turns[0]["role"] != "assistant":
         raise ValueError("SFT example: the row has no agent turn (turns must start with the agent)")
     messages = [{"role": "user", "content": row["input"]}] + [{"role": t["role"], "content": t["content"]} for t in turns]
     agent = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    fixed = [(m["role"], [(m["content"], False)]) for m in prompt]
     full = None
     for last in reversed(agent):  # keep turns up to this agent turn
-        ids, labels = _encode(tokenizer, [_pieces(m) for m in messages[: last + 1]])
+        ids, labels = _encode(tokenizer, fixed + [_pieces(m) for m in messages[: last + 1]])
         full = full if full is not None else len(ids)
         if len(ids) <= max_length:
             return Example(ids, labels, full - len(ids), "sft")

@@ -1,0 +1,169 @@
+"""Losses for GenPI and its baselines, as plain functions over tensors.
+
+A batch is a dict with `input_ids`, `attention_mask` and `labels` ([B, T] each);
+`labels` holds the token id where a token is scored and -100 where it is not. As in
+Hugging Face causal LMs the logits at position t predict the token at t + 1, so the
+labels are shifted by one: position t is a *prediction position* when
+`labels[:, t + 1] != -100` (`prediction_mask`).
+
+- `token_loss`: summed cross-entropy and token count, so callers average correctly.
+- `joint_loss`: GenPI's L = L_SFT + λ·L_PG, each term a per-token mean over its own data.
+- `kld_loss` / `teacher_logits`: the KLD baseline, KL(teacher with prompt || student
+  without) on the response tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+LossSum = tuple[torch.Tensor, int]
+
+
+def prediction_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True at positions whose logits predict a labelled token (t where labels[t+1] != -100)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE
+    return mask
+
+
+def count_tokens(batch: dict) -> int:
+    """Labelled (scored) tokens in a batch, after the one-token shift; no forward pass needed."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def token_loss(model, batch: dict) -> LossSum:
+    """(summed next-token cross-entropy over the labelled tokens, number of those tokens).
+
+    The sum is a scalar tensor (float32) that carries gradients; the count is an int.
+    Only the LM-head rows at prediction positions are computed when the model supports
+    `logits_to_keep` (the union over the batch), which saves the vocabulary projection
+    for the unscored prompt/context tokens.
+    """
+    labels = batch["labels"]
+    mask = prediction_mask(labels)  # [B, T]
+    n_tokens = int(mask.sum())
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    keep = None
+    if n_tokens and _accepts_logits_to_keep(model):
+        keep = mask.any(dim=0).nonzero().squeeze(-1)  # [K] positions, ascending
+        kwargs["logits_to_keep"] = keep
+    logits = model(**kwargs).logits  # [B, T or K, V]
+    if keep is not None:
+        targets = labels[:, keep + 1]  # label of the next token for each kept position
+    else:
+        logits = logits[:, :-1]
+        targets = labels[:, 1:]
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return loss_sum, n_tokens
+
+
+def _mean(term: LossSum | None, n_total: int | None) -> torch.Tensor | float:
+    if term is None:
+        return 0.0
+    loss_sum, n = term
+    denom = n_total if n_total is not None else n
+    return loss_sum / max(int(denom), 1)
+
+
+def joint_loss(
+    sft: LossSum | None,
+    pg: LossSum | None,
+    lam: float,
+    *,
+    sft_tokens: int | None = None,
+    pg_tokens: int | None = None,
+) -> torch.Tensor:
+    """GenPI's L = L_SFT + λ·L_PG.
+
+    `sft` and `pg` are `(loss_sum, n_tokens)` pairs from `token_loss` on the SFT batch
+    (agent turns labelled) and on the PG batch (prompt P and reason r labelled).
+    L_SFT = sft_sum / N_SFT and L_PG = pg_sum / N_PG: each term is the mean
+    cross-entropy per labelled token of its *own* examples, so λ weighs the two tasks
+    and not their token counts. N defaults to the count in the pair; with gradient
+    accumulation pass the totals of the whole optimizer step (`count_tokens` over all
+    its micro-batches) as `sft_tokens` / `pg_tokens`, and the micro-batch losses then
+    sum to exactly the full-batch L. A missing term (None) or an empty one counts 0.
+    """
+    total = _mean(sft, sft_tokens) + lam * _mean(pg, pg_tokens)
+    if not torch.is_tensor(total):
+        total = torch.tensor(float(total))
+    return total
+
+
+def kld_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_mask: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Mean over response tokens of KL(teacher || student), token by token.
+
+    The teacher saw the prompt P plus the conversation, the student the conversation
+    only, so the same response tokens sit at different positions. `student_mask` [B, Ts]
+    and `teacher_mask` [B, Tt] are bool masks of the *prediction positions* of the
+    response tokens (`prediction_mask(labels)` of each side); they select the tokens in
+    order (row by row, left to right) and must select the same number in every row
+    (ValueError otherwise). Both distributions are softmax(logits / temperature); the
+    result is not multiplied by temperature**2 (scale it yourself if you want the
+    Hinton convention). Teacher logits are treated as constants.
+    """
+    if student_logits.size(-1) != teacher_logits.size(-1):
+        raise ValueError(f"vocabulary sizes differ: {student_logits.size(-1)} vs {teacher_logits.size(-1)}")
+    if student_mask.shape != student_logits.shape[:2] or teacher_mask.shape != teacher_logits.shape[:2]:
+        raise ValueError("masks must have the [batch, positions] shape of their logits")
+    s_rows, t_rows = student_mask.sum(dim=-1), teacher_mask.sum(dim=-1)
+    if student_mask.size(0) != teacher_mask.size(0) or not torch.equal(s_rows, t_rows):
+        raise ValueError(
+            f"student and teacher masks select different numbers of tokens: {s_rows.tolist()} vs {t_rows.tolist()}"
+        )
+    n = int(s_rows.sum())
+    if n == 0:
+        return student_logits.sum() * 0.0
+    s = student_logits[student_mask.bool()].float() / temperature  # [N, V]
+    t = teacher_logits[teacher_mask.bool()].detach().float() / temperature
+    log_p_s = F.log_softmax(s, dim=-1)
+    log_p_t = F.log_softmax(t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)  # [N]
+    return kl.mean()
+
+
+@torch.no_grad()
+def teacher_logits(peft_model, batch: dict) -> torch.Tensor:
+    """Logits of the base model (adapter disabled) for `batch`, without gradients.
+
+    The teacher is the same base the student trains on: with QLoRA that is the 4-bit
+    base, not the original full-precision model.
+    """
+    with peft_model.disable_adapter():
+        out = peft_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    return out.logits
+
+
+__all__ = [
+    "IGNORE",
+    "count_tokens",
+    "joint_loss",
+    "kld_loss",
+    "prediction_mask",
+    "teacher_logits",
+    "token_loss",
+]

@@ -1,0 +1,233 @@
+"""QLoRA: a 4-bit NF4 base model plus LoRA on all linear layers; saving and loading adapters.
+
+Facts checked on this machine (torch 2.13 CPU, transformers 5.23, peft 0.21, bitsandbytes 0.50.2):
+
+- bitsandbytes 0.50's CPU backend quantizes to NF4 with double quantization and runs
+  4-bit forward *and* backward through LoRA on CPU; no `device_map` is needed there
+  (the weights stay on the CPU). On a GPU the model is placed on the current CUDA device.
+- Compute dtype: float32 on CPU (bfloat16 is no faster here and less exact); bfloat16 is
+  the usual choice on GPUs. The compute dtype follows `dtype` unless given.
+- `peft.prepare_model_for_kbit_training` freezes the base, upcasts fp16/bf16 non-4-bit
+  parameters (norms, embeddings) to fp32 and, by default, turns on gradient
+  checkpointing. Only the checkpointing costs anything (about 5-30 % slower steps); it
+  buys memory, which a CPU run with a small model does not need, so `add_lora` calls it
+  with `gradient_checkpointing=False` unless asked. The upcast is a no-op for fp32 bases.
+- 4-bit steps are slower than plain fp32 LoRA on CPU (the weights are dequantized on
+  every forward and backward), roughly 0.6-0.7x; QLoRA is for memory, not speed, here.
+
+vLLM 0.32's LoRA loader (`vllm/lora/peft_helper.py`, `lora_model.py`, `worker_manager.py`):
+
+- adapter_config.json must have `r`, `lora_alpha` and `target_modules` (a list or a
+  string); unknown keys are ignored.
+- Rejected: `modules_to_save` other than None / ["classifier", "score"], `bias` other
+  than "none", `use_dora`, `lora_bias`, `init_lora_weights` set to a string that alters
+  the base (pissa, olora, corda, loftq ...), `layer_replication`, aLoRA, BD-LoRA, QALoRA.
+- `r` (and any `rank_pattern` value) must not exceed the server's `--max-lora-rank`
+  (default 16; allowed 1, 8, 16, 32, 64, 128, 256, 320, 512). `rank_pattern`,
+  `alpha_pattern` and `use_rslora` are honoured.
+- `target_modules` in the config does not select anything: the tensor names in
+  adapter_model.safetensors are the source of truth. Names may start with
+  `base_model.model.` (PEFT's form, stripped by vLLM) and must end in
+  `lora_A.weight` / `lora_B.weight`; the last module-name component must be a module
+  the model supports (for Llama: q/k/v/o_proj, gate/up/down_proj, which vLLM packs into
+  qkv_proj / gate_up_proj itself, plus embed_tokens / lm_head), else loading fails.
+  We still write the explicit names rather than "all-linear".
+- Tensors are cast to the server's `--lora-dtype` (auto = model dtype) on load, so the
+  saved dtype (float32 here) does not matter. `layers_to_transform` is not read, but
+  PEFT then simply saves fewer tensors, which vLLM accepts; we leave it unset.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# Rank values vLLM's --max-lora-rank accepts (vllm/config/lora.py, MaxLoRARanks).
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# init_lora_weights strings vLLM accepts (they only set initial weights).
+_VLLM_OK_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters (GenPI: rank 16, alpha 32, all linear layers but the LM head)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quant_config(compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_base(
+    path: str | Path,
+    quantize: bool = True,
+    dtype: torch.dtype = torch.float32,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    device_map=None,
+):
+    """The base causal LM at `path`, 4-bit NF4 with double quantization when `quantize`.
+
+    `dtype` is the dtype of the parameters that stay unquantized (embeddings, norms,
+    LM head) and, unless `compute_dtype` is given, the 4-bit compute dtype. On CPU no
+    device map is used; with CUDA the model goes to the current device.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype}
+    if device_map is None and torch.cuda.is_available():
+        device_map = {"": torch.cuda.current_device()}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if quantize:
+        kwargs["quantization_config"] = _quant_config(compute_dtype or dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return model
+
+
+def is_quantized(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def linear_module_names(model) -> list[str]:
+    """Suffixes of all linear layers except the LM head (what "all-linear" means in PEFT)."""
+    import bitsandbytes as bnb
+
+    out_emb = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if module is out_emb:
+            continue
+        if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            names.add(name.rsplit(".", 1)[-1])
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def add_lora(model, settings: LoraSettings | None = None, *, gradient_checkpointing: bool = False):
+    """Wrap `model` in a trainable PeftModel with LoRA per `settings`.
+
+    A k-bit base is first prepared with `prepare_model_for_kbit_training` (freeze, upcast
+    half-precision non-4-bit parameters to fp32); gradient checkpointing only if asked.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    settings = settings or LoraSettings()
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    targets = settings.target_modules
+    if targets == "all-linear":
+        targets = linear_module_names(model)  # explicit names: what vLLM and PEFT both read
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(targets),
+        bias="none",
+        modules_to_save=None,
+        use_dora=False,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def trainable_share(model) -> tuple[int, int, float]:
+    """(trainable, all, trainable / all) parameters of a PeftModel; 4-bit weights counted unpacked."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return trainable, total, trainable / total
+
+
+def vllm_problems(config: dict, max_lora_rank: int = 512) -> list[str]:
+    """What in an adapter_config.json vLLM 0.32 would reject (empty list: fine)."""
+    problems = []
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            problems.append(f"missing {key}")
+    ranks = [config.get("r", 0), *(config.get("rank_pattern") or {}).values()]
+    if max(ranks) > max_lora_rank or min(ranks) <= 0:
+        problems.append(f"rank {max(ranks)} outside 1..{max_lora_rank}")
+    if config.get("modules_to_save") and any(m not in ("classifier", "score") for m in config["modules_to_save"]):
+        problems.append(f"modules_to_save={config['modules_to_save']}")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r}")
+    for flag in ("use_dora", "lora_bias", "use_qalora"):
+        if config.get(flag):
+            problems.append(f"{flag}=true")
+    for key in ("layer_replication", "alora_invocation_tokens", "use_bdlora"):
+        if config.get(key):
+            problems.append(f"{key} set")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _VLLM_OK_INITS:
+        problems.append(f"init_lora_weights={init!r}")
+    if isinstance(config.get("target_modules"), str):
+        problems.append("target_modules is a pattern, not explicit names")
+    return problems
+
+
+def save_adapter(model, folder: str | Path, *, base_model: str | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors for PEFT and vLLM.
+
+    Raises ValueError if the config holds anything vLLM's LoRA loader rejects.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.peft_config[model.active_adapter]
+    if base_model is not None:
+        config.base_model_name_or_path = str(base_model)
+    model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+    path = folder / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    problems = vllm_problems(saved)
+    if problems:
+        raise ValueError(f"adapter in {folder} would not load in vLLM: {'; '.join(problems)}")
+    if not saved["target_modules"] or isinstance(saved["target_modules"], str):
+        raise ValueError(f"adapter in {folder}: target_modules must be explicit names")
+    # Sorted names make the file reproducible (PEFT writes a set in arbitrary order).
+    saved["target_modules"] = sorted(saved["target_modules"])
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def load_adapter(base_path: str | Path, folder: str | Path, quantize: bool = False, dtype: torch.dtype = torch.float32):
+    """A PeftModel (eval mode, frozen) of the base at `base_path` with the adapter in `folder`."""
+    from peft import PeftModel
+
+    base = load_base(base_path, quantize=quantize, dtype=dtype)
+    model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+    model.eval()
+    return model
+
+
+__all__ = [
+    "LoraSettings",
+    "VLLM_MAX_LORA_RANKS",
+    "add_lora",
+    "is_quantized",
+    "linear_module_names",
+    "load_adapter",
+    "load_base",
+    "save_adapter",
+    "trainable_share",
+    "vllm_problems",
+]

@@ -1,0 +1,212 @@
+"""Losses: token_loss, joint_loss, kld_loss, teacher_logits (tiny random Llama, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genpi.train.losses import (
+    IGNORE,
+    count_tokens,
+    joint_loss,
+    kld_loss,
+    prediction_mask,
+    teacher_logits,
+    token_loss,
+)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    m.eval()
+    return m
+
+
+def make_batch(seed: int, rows: int = 2, length: int = 12, pad_last: int = 3) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 1000, (rows, length), generator=g)
+    attn = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :4] = IGNORE  # unscored context
+    labels[0, 7] = IGNORE  # a hole in the middle
+    if rows > 1 and pad_last:
+        attn[-1, -pad_last:] = 0  # right padding
+        labels[-1, -pad_last:] = IGNORE
+        ids[-1, -pad_last:] = 0
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def hand_loss(model, batch) -> tuple[torch.Tensor, int]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    total, n = torch.zeros(()), 0
+    rows, length = batch["labels"].shape
+    for b in range(rows):
+        for t in range(length - 1):
+            target = batch["labels"][b, t + 1]
+            if target != IGNORE:
+                total = total + F.cross_entropy(logits[b, t][None], target[None], reduction="sum")
+                n += 1
+    return total, n
+
+
+class NoKeep(torch.nn.Module):
+    """A model whose forward has no logits_to_keep: exercises the full-logits path."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_token_loss_matches_hand_computation(model):
+    batch = make_batch(0)
+    expected, n = hand_loss(model, batch)
+    got, got_n = token_loss(model, batch)
+    assert got_n == n == count_tokens(batch) == 2 * 8 - 1 - 3
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4)
+    full, full_n = token_loss(NoKeep(model), batch)
+    assert full_n == n
+    assert torch.allclose(full, expected, rtol=1e-5, atol=1e-4)
+    # HF's own mean loss with labels agrees too.
+    hf = model(**batch).loss
+    assert torch.allclose(got / got_n, hf, rtol=1e-5, atol=1e-5)
+
+
+def test_token_loss_has_gradients(model):
+    batch = make_batch(1)
+    loss, _ = token_loss(model, batch)
+    loss.backward()
+    grad = model.get_input_embeddings().weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_joint_loss_is_sft_plus_lambda_pg(model):
+    sft_batch, pg_batch = make_batch(2), make_batch(3, rows=3, length=16)
+    lam = 0.3
+    sft, pg = token_loss(model, sft_batch), token_loss(model, pg_batch)
+    l_sft = model(**sft_batch).loss  # per-token mean over the SFT examples
+    l_pg = model(**pg_batch).loss
+    assert torch.allclose(joint_loss(sft, pg, lam), l_sft + lam * l_pg, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(joint_loss(sft, None, lam), l_sft, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(joint_loss(None, pg, lam), lam * l_pg, rtol=1e-5, atol=1e-5)
+
+    # Gradient accumulation: micro-batches normalized by the step's totals sum to the full L.
+    halves = [{k: v[i : i + 1] for k, v in sft_batch.items()} for i in range(2)]
+    n_sft = sum(count_tokens(h) for h in halves)
+    n_pg = count_tokens(pg_batch)
+    parts = [joint_loss(token_loss(model, h), None, lam, sft_tokens=n_sft) for h in halves]
+    parts.append(joint_loss(None, pg, lam, pg_tokens=n_pg))
+    assert torch.allclose(sum(parts), l_sft + lam * l_pg, rtol=1e-5, atol=1e-5)
+
+
+def hand_kld(s_logits, t_logits, s_mask, t_mask, temperature):
+    terms = []
+    s_rows = [s_logits[b][s_mask[b]] for b in range(s_logits.size(0))]
+    t_rows = [t_logits[b][t_mask[b]] for b in range(t_logits.size(0))]
+    for s_row, t_row in zip(s_rows, t_rows):
+        for s, t in zip(s_row, t_row):
+            p = torch.softmax(t / temperature, -1)
+            q = torch.softmax(s / temperature, -1)
+            terms.append((p * (p.log() - q.log())).sum())
+    return torch.stack(terms).mean()
+
+
+def test_kld_loss_values():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 9, 50, generator=g)
+    student = torch.randn(2, 6, 50, generator=g)
+    t_mask = torch.zeros(2, 9, dtype=torch.bool)
+    s_mask = torch.zeros(2, 6, dtype=torch.bool)
+    t_mask[0, 4:8], s_mask[0, 1:5] = True, True
+    t_mask[1, 6:8], s_mask[1, 2:4] = True, True
+
+    # Identical distributions at the aligned positions: 0.
+    same = student.clone()
+    same[s_mask] = teacher[t_mask]
+    assert kld_loss(same, teacher, s_mask, t_mask).abs() < 1e-6
+    # Otherwise positive, and equal to the hand computation, at any temperature.
+    for temp in (1.0, 2.0):
+        got = kld_loss(student, teacher, s_mask, t_mask, temperature=temp)
+        assert got > 0
+        assert torch.allclose(got, hand_kld(student, teacher, s_mask, t_mask, temp), rtol=1e-5, atol=1e-6)
+    # F.kl_div agrees (input: student log-probs, target: teacher log-probs).
+    ref = F.kl_div(
+        F.log_softmax(student[s_mask], -1), F.log_softmax(teacher[t_mask], -1), log_target=True, reduction="none"
+    ).sum(-1).mean()
+    assert torch.allclose(kld_loss(student, teacher, s_mask, t_mask), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_kld_loss_rejects_unaligned_masks():
+    teacher, student = torch.randn(2, 9, 50), torch.randn(2, 6, 50)
+    t_mask = torch.zeros(2, 9, dtype=torch.bool)
+    s_mask = torch.zeros(2, 6, dtype=torch.bool)
+    t_mask[:, 4:7], s_mask[:, 1:3] = True, True
+    with pytest.raises(ValueError, match="different numbers"):
+        kld_loss(student, teacher, s_mask, t_mask)
+    # Same total but split differently across rows is also refused.
+    t_mask[:] = False
+    t_mask[0, 1:4], t_mask[1, 1] = True, True
+    s_mask[:] = False
+    s_mask[0, 1:3], s_mask[1, 1:3] = True, True
+    with pytest.raises(ValueError, match="different numbers"):
+        kld_loss(student, teacher, s_mask, t_mask)
+
+
+def test_kld_teacher_and_student_score_the_same_tokens(tiny_model):
+    from genpi.train.qlora import LoraSettings, add_lora, load_base
+
+    peft_model = add_lora(load_base(tiny_model, quantize=False), LoraSettings(dropout=0.0))
+    peft_model.eval()
+    g = torch.Generator().manual_seed(4)
+    prefix = torch.randint(5, 1000, (7,), generator=g)  # the prompt P, seen by the teacher only
+    convs = [torch.randint(5, 1000, (n,), generator=g) for n in (5, 3)]  # conversation context
+    responses = [torch.randint(5, 1000, (n,), generator=g) for n in (4, 6)]  # scored agent turns
+
+    def batch(with_prefix: bool) -> dict:
+        rows = []
+        for conv, resp in zip(convs, responses):
+            ids = torch.cat([prefix, conv, resp]) if with_prefix else torch.cat([conv, resp])
+            labels = torch.full_like(ids, IGNORE)
+            labels[-len(resp) :] = resp
+            rows.append((ids, labels))
+        width = max(len(ids) for ids, _ in rows)
+        out = {k: torch.zeros(len(rows), width, dtype=torch.long) for k in ("input_ids", "attention_mask")}
+        out["labels"] = torch.full((len(rows), width), IGNORE)
+        for i, (ids, labels) in enumerate(rows):
+            out["input_ids"][i, : len(ids)] = ids
+            out["attention_mask"][i, : len(ids)] = 1
+            out["labels"][i, : len(ids)] = labels
+        return out
+
+    teacher_batch, student_batch = batch(True), batch(False)
+    t_mask, s_mask = prediction_mask(teacher_batch["labels"]), prediction_mask(student_batch["labels"])
+    # The token each selected position predicts, from both sides, in order.
+    t_targets = teacher_batch["input_ids"].roll(-1, dims=1)[t_mask]
+    s_targets = student_batch["input_ids"].roll(-1, dims=1)[s_mask]
+    assert torch.equal(t_targets, s_targets)
+    assert torch.equal(s_targets, torch.cat(responses))
+
+    t_logits = teacher_logits(peft_model, teacher_batch)
+    assert not t_logits.requires_grad
+    # LoRA starts as the identity (B = 0): the student on the teacher's own input matches exactly.
+    same = peft_model(input_ids=teacher_batch["input_ids"], attention_mask=teacher_batch["attention_mask"]).logits
+    assert kld_loss(same, t_logits, t_mask, t_mask) < 1e-6
+    # Perturb the adapter: the teacher (adapter disabled) stays the base, the student moves.
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert torch.allclose(teacher_logits(peft_model, teacher_batch), t_logits)
+    s_logits = peft_model(input_ids=student_batch["input_ids"], attention_mask=student_batch["attention_mask"]).logits
+    loss = kld_loss(s_logits, t_logits, s_mask, t_mask)
+    assert loss > 0 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)

@@ -1,0 +1,58 @@
+"""One prompt's training loop on the tiny Llama: every method runs, and learning happens."""
+
+import dataclasses
+
+import pytest
+
+from conftest import REPO
+from genpi.catalog import load_catalog
+from genpi.train.qlora import LoraSettings
+from genpi.train.recipe import METHODS, TrainSettings, train_adapter
+
+CALC, _ = load_catalog(REPO / "tests" / "data" / "tiny.yaml")
+
+
+def row(i):
+    a, b = i % 7 + 1, i % 5 + 2
+    return {
+        "input": f"What is {a} plus {b}?",
+        "turns": [
+            {"role": "assistant", "content": f"Act: compute({a}+{b})"},
+            {"role": "user", "content": f"Result: {a + b}"},
+            {"role": "assistant", "content": f"Act: answer({a + b})"},
+        ],
+        "student_output": f"The answer is {a + b}.",
+        "reason": "The prompt asks for compute and answer actions instead of prose.",
+    }
+
+
+TRAIN = [row(i) for i in range(8)]
+HELDOUT = [row(i) for i in range(8, 10)]
+FAST = TrainSettings(epochs=4, lr=1e-2, batch_size=4, micro_batch=2, max_length=512, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+
+
+def test_genpi_qlora_lowers_the_training_and_heldout_loss(tiny_trainable_model):
+    steps = []
+    model, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, FAST, progress=lambda *a: steps.append(a))
+    assert metrics["steps"] == 8 and [s[0] for s in steps] == list(range(1, 9))
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert metrics["heldout_loss"] < metrics["heldout_loss_before"]
+    assert metrics["data_skipped"] == 0 and metrics["train_examples"] == 8
+    base = model.get_base_model()
+    assert base.is_loaded_in_4bit
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "genpi"])
+def test_every_baseline_trains(tiny_trainable_model, method):
+    settings = dataclasses.replace(FAST, method=method, epochs=1, quantize=False)
+    model, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings)
+    assert metrics["steps"] == 2 and metrics["train_loss_first"] > 0
+    assert metrics["heldout_loss"] != metrics["heldout_loss_before"]  # the adapter changed the student
+
+
+def test_bad_method_and_no_usable_rows(tiny_trainable_model):
+    with pytest.raises(ValueError, match="unknown method 'distill'"):
+        TrainSettings(method="distill")
+    no_agent = [dict(row(0), turns=[])]
+    with pytest.raises(ValueError, match="no usable train rows"):
+        train_adapter(tiny_trainable_model, CALC, no_agent, [], dataclasses.replace(FAST, epochs=1))
