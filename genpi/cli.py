@@ -1,6 +1,7 @@
 """The `genpi` command: one small handler per subcommand.
 
     genpi synth CATALOG --out OUT ...   synthesize dialogues (all flags go to genpi.synth.run)
+    genpi train DATA --catalog C --out A  train one adapter per prompt (flags go to genpi.train.run)
     genpi stats OUT [--json]            quality statistics per prompt
     genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`
 
@@ -20,6 +21,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from genpi.synth.run import main as synth_main  # heavy imports (Ray, engines) only when needed
 
     return synth_main(args.rest)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from genpi.train.run import main as train_main
+
+    return train_main(args.rest)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -52,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,  # --help goes through to the synth parser
     )
     p.set_defaults(handler=cmd_synth, passthrough=True)
+
+    p = sub.add_parser("train", help="train one adapter per prompt (genpi train --help for its flags)", add_help=False)
+    p.set_defaults(handler=cmd_train, passthrough=True)
 
     p = sub.add_parser("stats", help="quality statistics of a synthesis run, per prompt")
     p.add_argument("out", metavar="OUT", help="synthesis run folder")

@@ -1,0 +1,177 @@
+"""`python -m genpi.train DATA --catalog CATALOG --out ADAPTERS`: one adapter per prompt, on Ray.
+
+One Ray task per (prompt, λ) trains an adapter into `ADAPTERS/.trials/ID/lam=λ/`;
+when a prompt's trials are done, the one with the lowest held-out loss becomes
+`ADAPTERS/ID/` (PEFT files plus genpi.json, renamed into place). A prompt whose
+adapter already exists for the same data, method and settings is skipped, so a
+rerun does only what is missing. The trial folders must be on storage that the
+driver can read (the local disk on one machine, a shared volume on a cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from genpi import InputError, __version__
+from genpi.catalog import PromptEntry, load_catalog
+from genpi.train.adapters import AdapterManifest, read_adapter_manifest, write_adapter
+from genpi.train.qlora import LoraSettings
+from genpi.train.recipe import METHODS, TrainSettings
+
+REQUIRED_COLUMNS = {"prompt_id", "prompt_sha256", "sample_id", "split", "input", "turns", "student_output", "reason", "error"}
+NO_LAMBDA = {"sft", "prepend", "kld", "seqkd", "seqkd+kld"}
+
+
+def read_rows(data: str | Path, entry: PromptEntry) -> tuple[list[dict], list[dict]]:
+    """The prompt's good dialogue rows, (train, heldout); clear errors for unusable data."""
+    from genpi.synth.stats import open_dialogues
+
+    con = open_dialogues(data)
+    columns = {row[0] for row in con.execute("DESCRIBE dialogues").fetchall()}
+    missing = sorted(REQUIRED_COLUMNS - columns)
+    if missing:
+        raise InputError(f"{data}: dialogue shards lack the columns {', '.join(missing)}")
+    cursor = con.execute("SELECT * FROM dialogues WHERE prompt_id = ? AND error IS NULL ORDER BY sample_id", [entry.id])
+    names = [d[0] for d in cursor.description]
+    rows = [dict(zip(names, values)) for values in cursor.fetchall()]
+    stale = {r["prompt_sha256"] for r in rows} - {entry.sha256}
+    if stale:
+        raise InputError(f"{data}: dialogues of {entry.id!r} were synthesized from another version of the prompt; resynthesize")
+    return [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "heldout"]
+
+
+def fingerprint(train: list[dict], heldout: list[dict], settings: TrainSettings, base: str) -> str:
+    """What an adapter depends on: its data, its settings (λ aside: it is chosen) and its base."""
+    digest = hashlib.sha256()
+    for row in train + heldout:
+        digest.update(json.dumps([row["sample_id"], row["split"], row["input"], row["turns"], row["student_output"], row["reason"]], sort_keys=True, default=str).encode())
+    digest.update(json.dumps({**dataclasses.asdict(settings), "lam": None, "base": base}, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def fit_trial(base: str, entry_json: dict, train: list[dict], heldout: list[dict], settings: TrainSettings, folder: str) -> dict:
+    """A Ray task: train one adapter and save its PEFT files to `folder`; returns its metrics."""
+    from genpi.catalog import entry_from_json
+    from genpi.train.qlora import save_adapter
+    from genpi.train.recipe import train_adapter
+
+    model, metrics = train_adapter(base, entry_from_json(entry_json), train, heldout, settings)
+    save_adapter(model, folder)
+    return metrics
+
+
+def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambdas: list[float], num_cpus: float = 1, num_gpus: float = 0, progress: bool = True) -> dict:
+    """Train (or skip) every prompt of the catalog; returns {prompt_id: outcome}."""
+    import ray
+    from tqdm import tqdm
+
+    from genpi.models import resolve_model
+
+    entries = load_catalog(catalog)
+    out = Path(out)
+    base_path = resolve_model(base)
+    outcomes, plans = {}, []
+    for entry in entries:  # read and check every prompt's data before any training starts
+        train, heldout = read_rows(data, entry)
+        if not train:
+            outcomes[entry.id] = {"status": "skipped", "reason": "no train rows"}
+            continue
+        data_print = fingerprint(train, heldout, settings, base)
+        done = read_adapter_manifest(out / entry.id)
+        if done and done.data_fingerprint == data_print and done.prompt_sha256 == entry.sha256:
+            outcomes[entry.id] = {"status": "up to date", "lam": done.lam}
+            continue
+        plans.append((entry, train, heldout, data_print))
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False, configure_logging=False)
+    task = ray.remote(fit_trial).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
+    trials = {}
+    for entry, train, heldout, _ in plans:
+        for lam in (lambdas if settings.method == "genpi" else [None]):
+            folder = out / ".trials" / entry.id / f"lam={lam}"
+            trial_settings = dataclasses.replace(settings, lam=lam if lam is not None else settings.lam)
+            ref = task.remote(base_path, entry.to_json(), train, heldout, trial_settings, str(folder))
+            trials[ref] = (entry.id, lam, folder)
+    results: dict[str, list] = {}
+    bar = tqdm(total=len(trials), unit="trial", desc="adapters", disable=not progress, file=sys.stderr)
+    pending = list(trials)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        prompt_id, lam, folder = trials[ready[0]]
+        try:
+            results.setdefault(prompt_id, []).append((lam, folder, ray.get(ready[0]), None))
+        except Exception as e:  # one failed trial is recorded; the other prompts go on
+            results.setdefault(prompt_id, []).append((lam, folder, None, f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+        bar.update(1)
+    bar.close()
+    for entry, train, heldout, data_print in plans:
+        tried = results.get(entry.id, [])
+        good = [t for t in tried if t[2] is not None]
+        if not good:
+            outcomes[entry.id] = {"status": "failed", "errors": [t[3] for t in tried]}
+            continue
+        best = min(good, key=lambda t: (t[2]["heldout_loss"] if t[2]["heldout_loss"] is not None else t[2]["train_loss_last"]))
+        lam, folder, metrics, _ = best
+        manifest = AdapterManifest(
+            prompt_id=entry.id,
+            prompt_sha256=entry.sha256,
+            base_model=base,
+            method=settings.method,
+            lam=lam,
+            lora={**settings.lora.to_dict(), "quantize_4bit": settings.quantize},
+            data_fingerprint=data_print,
+            train_metrics={k: v for k, v in metrics.items() if k != "heldout_loss"},
+            eval_metrics={"heldout_loss": metrics["heldout_loss"], "trials": {str(t[0]): (t[2] or {}).get("heldout_loss", t[3]) for t in tried}},
+            genpi_version=__version__,
+        )
+        write_adapter(out / entry.id, manifest, lambda tmp, src=folder: shutil.copytree(src, tmp, dirs_exist_ok=True))
+        shutil.rmtree(out / ".trials" / entry.id, ignore_errors=True)
+        outcomes[entry.id] = {"status": "trained", "lam": lam, "heldout_loss": metrics["heldout_loss"]}
+    return outcomes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m genpi.train", description=__doc__.splitlines()[0])
+    p.add_argument("data", help="synthesis run folder (genpi synth --out)")
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--out", required=True, help="adapters folder: ADAPTERS/ID/")
+    p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2'")
+    p.add_argument("--method", default="genpi", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--lambdas", default="0.3,0.5,0.7", help="λ values to try per prompt (genpi)")
+    d = TrainSettings()
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--micro-batch", type=int, default=d.micro_batch)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--rank", type=int, default=LoraSettings.r)
+    p.add_argument("--alpha", type=int, default=LoraSettings.alpha)
+    p.add_argument("--no-4bit", action="store_true", help="plain LoRA on an unquantized base")
+    p.add_argument("--cpus-per-trial", type=float, default=1)
+    p.add_argument("--gpus-per-trial", type=float, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        if args.method not in METHODS:
+            raise InputError(f"--method: unknown method {args.method!r}: expected one of {', '.join(METHODS)}")
+        try:
+            lambdas = [float(x) for x in args.lambdas.split(",")]
+        except ValueError:
+            raise InputError(f"--lambdas: expected numbers separated by commas, got {args.lambdas!r}") from None
+        settings = TrainSettings(
+            method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, micro_batch=args.micro_batch,
+            max_length=args.max_length, quantize=not args.no_4bit, lora=LoraSettings(r=args.rank, alpha=args.alpha),
+        )  # fmt: skip
+        outcomes = train_catalog(args.data, args.catalog, args.out, args.base, settings, lambdas,
+                                 args.cpus_per_trial, args.gpus_per_trial, not args.no_progress)  # fmt: skip
+    except InputError as e:
+        print(f"genpi: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(outcomes, indent=2))
+    return 1 if any(o["status"] == "failed" for o in outcomes.values()) else 0

@@ -1,0 +1,87 @@
+"""`genpi train` over a catalog on Ray: λ chosen per prompt, adapters written whole, reruns skip, stale refused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from genpi.catalog import load_catalog
+from genpi.synth import store
+from genpi.train.adapters import StaleAdapterError, check_adapter, read_adapter_manifest
+from test_recipe import row
+
+CATALOG = REPO / "tests" / "data" / "tiny.yaml"
+CALC, GREET = load_catalog(CATALOG)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A synthesis folder written by hand: calc has dialogues, greet has none."""
+    out = tmp_path_factory.mktemp("data")
+    rows = []
+    for i in range(10):
+        r = dict.fromkeys(store.DIALOGUE_COLUMNS)
+        r.update(row(i), prompt_id="calc", prompt_sha256=CALC.sha256, sample_id=i, seed=i, split="heldout" if i >= 8 else "train")
+        rows.append(r)
+    store.write_table(store.shard_path(out, "calc", 0), rows, store.DIALOGUE_SCHEMA)
+    return out
+
+
+def train(data, adapters, *extra, catalog=CATALOG):
+    command = [sys.executable, "-m", "genpi.cli", "train", str(data), "--catalog", str(catalog), "--out", str(adapters),
+               "--epochs", "1", "--batch-size", "4", "--micro-batch", "2", "--max-length", "512", "--rank", "4",
+               "--lr", "1e-2", "--no-progress", *extra]  # fmt: skip
+    return subprocess.run(command, cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"), capture_output=True, text=True, timeout=600)
+
+
+def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(data, tiny_trainable_model, tmp_path):
+    adapters = tmp_path / "adapters"
+    result = train(data, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7")
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout)
+    assert outcomes["greet"] == {"status": "skipped", "reason": "no train rows"}
+    assert outcomes["calc"]["status"] == "trained"
+
+    manifest = check_adapter(adapters / "calc", CALC)
+    trials = manifest.eval_metrics["trials"]
+    assert set(trials) == {"0.3", "0.7"} and manifest.lam == float(min(trials, key=trials.get))
+    assert manifest.method == "genpi" and manifest.lora["r"] == 4 and manifest.lora["quantize_4bit"]
+    assert manifest.train_metrics["train_examples"] == 8 and manifest.eval_metrics["heldout_loss"] == min(trials.values())
+    assert not (adapters / ".trials" / "calc").exists()
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_trainable_model), str(adapters / "calc"))
+
+    before = (adapters / "calc" / "genpi.json").stat().st_mtime_ns
+    again = train(data, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7")
+    assert again.returncode == 0 and json.loads(again.stdout)["calc"]["status"] == "up to date"
+    assert (adapters / "calc" / "genpi.json").stat().st_mtime_ns == before
+
+    changed = tmp_path / "changed.yaml"
+    entries = yaml.safe_load(CATALOG.read_text())
+    entries[0]["system"] += " Be brief."
+    changed.write_text(yaml.safe_dump(entries))
+    [new_calc, _] = load_catalog(changed)
+    with pytest.raises(StaleAdapterError, match="stale adapter"):
+        check_adapter(adapters / "calc", new_calc)
+    stale_data = train(data, adapters, "--base", tiny_trainable_model, catalog=changed)
+    assert stale_data.returncode == 2 and "another version of the prompt" in stale_data.stderr
+
+
+def test_bad_input_exits_2(data, tmp_path):
+    unknown = train(data, tmp_path / "a", "--method", "distill")
+    assert unknown.returncode == 2 and "unknown method 'distill'" in unknown.stderr
+    empty = train(tmp_path, tmp_path / "a")
+    assert empty.returncode == 2 and "no dialogue shards" in empty.stderr
+    bad = tmp_path / "bad"
+    store.write_table(store.shard_path(bad, "calc", 0), [{"prompt_id": "calc", "input": "x"}],
+                      store.pa.schema([("prompt_id", store.pa.string()), ("input", store.pa.string())]))  # fmt: skip
+    missing = train(bad, tmp_path / "a")
+    assert missing.returncode == 2 and "lack the columns" in missing.stderr
+    assert read_adapter_manifest(tmp_path / "a" / "calc") is None
