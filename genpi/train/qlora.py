@@ -5,15 +5,19 @@ Facts checked on this machine (torch 2.13 CPU, transformers 5.23, peft 0.21, bit
 - bitsandbytes 0.50's CPU backend quantizes to NF4 with double quantization and runs
   4-bit forward *and* backward through LoRA on CPU; no `device_map` is needed there
   (the weights stay on the CPU). On a GPU the model is placed on the current CUDA device.
-- Compute dtype: float32 on CPU (bfloat16 is no faster here and less exact); bfloat16 is
-  the usual choice on GPUs. The compute dtype follows `dtype` unless given.
+- Compute dtype: float32 on CPU (bfloat16 compute is about 2x slower on this AVX2 CPU,
+  which has no AVX512-BF16, and less exact); bfloat16 is the usual choice on GPUs. The
+  compute dtype follows `dtype` unless given.
 - `peft.prepare_model_for_kbit_training` freezes the base, upcasts fp16/bf16 non-4-bit
   parameters (norms, embeddings) to fp32 and, by default, turns on gradient
-  checkpointing. Only the checkpointing costs anything (about 5-30 % slower steps); it
-  buys memory, which a CPU run with a small model does not need, so `add_lora` calls it
-  with `gradient_checkpointing=False` unless asked. The upcast is a no-op for fp32 bases.
-- 4-bit steps are slower than plain fp32 LoRA on CPU (the weights are dequantized on
-  every forward and backward), roughly 0.6-0.7x; QLoRA is for memory, not speed, here.
+  checkpointing. Freezing and upcasting cost nothing (the upcast is a no-op for an fp32
+  base). Checkpointing trades compute for memory (SmolLM2-135M, 4x256 tokens: peak RSS
+  6.5 -> 2.3 GB); a small model on CPU does not need it, so `add_lora` leaves it off
+  unless asked. It only acts in train mode, which `add_lora` sets.
+- Speed on 2 shared CPU cores, one AdamW step on 4x256 tokens (noisy: other work ran):
+  SmolLM2-135M plain LoRA ~60-65 s, 4-bit ~50-80 s (same within the noise), 4-bit with
+  bfloat16 compute ~130 s; the tiny test Llama ~250-360 vs ~220 tokens/s. QLoRA buys
+  memory, not speed, here.
 
 vLLM 0.32's LoRA loader (`vllm/lora/peft_helper.py`, `lora_model.py`, `worker_manager.py`):
 
@@ -31,10 +35,13 @@ vLLM 0.32's LoRA loader (`vllm/lora/peft_helper.py`, `lora_model.py`, `worker_ma
   `lora_A.weight` / `lora_B.weight`; the last module-name component must be a module
   the model supports (for Llama: q/k/v/o_proj, gate/up/down_proj, which vLLM packs into
   qkv_proj / gate_up_proj itself, plus embed_tokens / lm_head), else loading fails.
-  We still write the explicit names rather than "all-linear".
+  We still write the explicit names rather than "all-linear" (genpi's own rule, also
+  what older tools expect).
 - Tensors are cast to the server's `--lora-dtype` (auto = model dtype) on load, so the
   saved dtype (float32 here) does not matter. `layers_to_transform` is not read, but
   PEFT then simply saves fewer tensors, which vLLM accepts; we leave it unset.
+- Checked: vLLM's own `PEFTHelper.validate_legal` and `LoRAModel.from_local_checkpoint`
+  accept an adapter written by `save_adapter` (tests/test_qlora.py runs them).
 """
 
 from __future__ import annotations
@@ -149,7 +156,9 @@ def add_lora(model, settings: LoraSettings | None = None, *, gradient_checkpoint
         use_dora=False,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    model.train()  # dropout and gradient checkpointing act only in train mode
+    return model
 
 
 def trainable_share(model) -> tuple[int, int, float]:
