@@ -22,7 +22,6 @@ from pathlib import Path
 import duckdb
 
 from genpi import InputError
-from genpi.catalog import entry_from_json
 from genpi.synth.store import dialogues_glob, read_manifest
 
 TOP_ERRORS = 3
@@ -105,23 +104,15 @@ def _first_line(e: BaseException) -> str:
 
 def _manifest_prompts(out: str | Path) -> dict[str, dict]:
     """gold_turns / max_turns / samples per prompt id from OUT/manifest.json ({} without one)."""
-    manifest = read_manifest(out)
-    if not manifest:
-        return {}
-    catalog = (manifest.get("catalog") or {}).get("prompts") or {}
-    info = {}
-    for prompt_id, record in (manifest.get("prompts") or {}).items():
-        gold, max_turns = record.get("gold_turns"), record.get("max_turns")
-        if (gold is None or max_turns is None) and prompt_id in catalog:
-            entry = entry_from_json(catalog[prompt_id])
-            gold = entry.gold_turns if gold is None else gold
-            max_turns = entry.max_turns if max_turns is None else max_turns
-        info[prompt_id] = {
-            "gold_turns": None if gold is None else round(float(gold), 2),
-            "max_turns": max_turns,
+    manifest = read_manifest(out) or {}
+    return {
+        prompt_id: {
+            "gold_turns": None if record.get("gold_turns") is None else round(float(record["gold_turns"]), 2),
+            "max_turns": record.get("max_turns"),
             "samples": record.get("samples"),
         }
-    return info
+        for prompt_id, record in (manifest.get("prompts") or {}).items()
+    }
 
 
 def quality_stats(out: str | Path) -> list[dict]:

@@ -128,8 +128,14 @@ def step_loss(model, step: list[RowExamples], settings: TrainSettings, pad_id: i
             n = predicted_tokens([r.student for r in chunk])
             loss = kld_loss(student_out, teacher_out, prediction_mask(student["labels"]), prediction_mask(teacher["labels"]))
             loss = loss * n / max(n_student, 1)  # per-token mean over the whole step
-            if settings.method == "seqkd+kld":
-                loss = loss + joint_loss(token_loss(model, student), None, 0.0, sft_tokens=n_student)
+            if settings.method == "seqkd+kld":  # cross-entropy from the same student logits: no second forward
+                ce = torch.nn.functional.cross_entropy(
+                    student_out[:, :-1].reshape(-1, student_out.size(-1)).float(),
+                    student["labels"][:, 1:].reshape(-1),
+                    ignore_index=IGNORE,
+                    reduction="sum",
+                )
+                loss = loss + ce / max(n_student, 1)
             loss.backward()
             total += loss.item()
         return total
