@@ -126,6 +126,12 @@ def test_cli_rejects_bad_catalog_with_status_2_and_writes_nothing(tmp_path):
     assert len(lines) == 1 and "field 'actions.valid'" in lines[0] and "entry 1" in lines[0]
     assert not out.exists()
 
+    result = subprocess.run(
+        [sys.executable, "-m", "genpi.synth", str(write(tmp_path, [GOOD])), "--out", str(out), "--max-turns", "0"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--max-turns must be at least 1" in result.stderr and not out.exists()
+
 
 def test_example_catalog_is_valid_and_long():
     from transformers import AutoTokenizer

@@ -108,6 +108,10 @@ def test_environment_termination_marker_and_max_turns():
     assert row["hit_max_turns"] and not row["terminated"] and row["n_turns"] == 3
     assert row["final_action"] == "I give up" and row["final_action_valid"] is False
 
+    engine = Scripted(agent=["Act: compute(1)", "Act: compute(2)"], environment=["Result: 1"], student=["x"], reason=["y"])
+    row = run(CALC, engine, SynthSettings(max_turns=2))  # the run's cap is below the catalog's 3
+    assert row["hit_max_turns"] and row["n_turns"] == 2 and not engine.replies["agent"]
+
 
 def test_single_turn_prompt():
     engine = Scripted(agent=["Answer: hello"], student=["Hi! How can I help?"], reason=["z"])

@@ -66,6 +66,10 @@ class SynthSettings:
     max_student_tokens: int = 384
     max_reason_tokens: int = 256
     retries: int = 2  # extra tries for an engine error that is not a context overflow
+    max_turns: int | None = None  # caps every prompt's own max_turns (quick runs); None keeps the catalog's
+
+    def turn_limit(self, entry: PromptEntry) -> int:
+        return min(entry.max_turns, self.max_turns) if self.max_turns else entry.max_turns
 
 
 class AsyncEngine(Protocol):
@@ -249,7 +253,8 @@ async def _role_play(entry: PromptEntry, row: dict, target: AsyncEngine, setting
     env_prefix = environment_messages(entry)
     env = env_prefix + [{"role": "assistant", "content": row["input"]}]
     turns = row["turns"]
-    for turn in range(entry.max_turns):
+    limit = settings.turn_limit(entry)
+    for turn in range(limit):
         reply = await _call(
             target,
             ChatRequest(agent, Sampling(max_tokens=settings.max_agent_tokens), row["seed"], prefix_messages=len(prompt)),
@@ -269,7 +274,7 @@ async def _role_play(entry: PromptEntry, row: dict, target: AsyncEngine, setting
         if entry.final_action and re.search(entry.final_action, action):
             row["terminated"] = True  # the environment would end it here anyway
             break
-        if turn == entry.max_turns - 1:
+        if turn == limit - 1:
             row["hit_max_turns"] = True
             break
         env = env + [{"role": "user", "content": action}]

@@ -57,7 +57,7 @@ def new_manifest(catalog: Path, entries: list[PromptEntry], generator: EngineCon
             e.id: {
                 "prompt_sha256": e.sha256,
                 "gold_turns": e.gold_turns,
-                "max_turns": e.max_turns,
+                "max_turns": settings.turn_limit(e),
                 "samples": settings.samples,
                 "inputs": None,
                 "input_errors": [],
@@ -235,6 +235,8 @@ def synthesize(
         entries = [e for e in entries if e.id in prompts]
     if settings.samples < 1:
         raise InputError(f"--samples must be at least 1, got {settings.samples}")
+    if settings.max_turns is not None and settings.max_turns < 1:
+        raise InputError(f"--max-turns must be at least 1, got {settings.max_turns}")
     if options.shard_size < 1:
         raise InputError(f"--shard-size must be at least 1, got {options.shard_size}")
     manifest = new_manifest(catalog, entries, generator, target, settings, options.shard_size)
@@ -295,6 +297,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heldout", type=float, default=d.heldout, help="held-out share (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-new-tokens", type=int, default=d.max_agent_tokens, help="per generated text: input, turn, answer, reason")
+    p.add_argument("--max-turns", type=int, default=None, help="cap on every prompt's max_turns (default: the catalog's)")
     p.add_argument("--shard-size", type=int, default=RunOptions.shard_size)
     p.add_argument("--shards-in-flight", type=int, default=RunOptions.shards_in_flight, help="per target replica")
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
@@ -326,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         max_environment_tokens=args.max_new_tokens,
         max_student_tokens=args.max_new_tokens,
         max_reason_tokens=args.max_new_tokens,
+        max_turns=args.max_turns,
     )
     options = RunOptions(
         shard_size=args.shard_size,
