@@ -12,7 +12,7 @@ from conftest import REPO
 from genpi.catalog import load_catalog
 from genpi.synth import store
 from genpi.train.adapters import StaleAdapterError, check_adapter, read_adapter_manifest
-from test_recipe import row
+from test_recipe import row, write_calc_dialogues
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 CALC, GREET = load_catalog(CATALOG)
@@ -20,28 +20,23 @@ CALC, GREET = load_catalog(CATALOG)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """A synthesis folder written by hand: calc has dialogues, greet has none."""
-    out = tmp_path_factory.mktemp("data")
-    rows = []
-    for i in range(10):
-        r = dict.fromkeys(store.DIALOGUE_COLUMNS)
-        r.update(row(i), prompt_id="calc", prompt_sha256=CALC.sha256, sample_id=i, seed=i, split="heldout" if i >= 8 else "train")
-        rows.append(r)
-    store.write_table(store.shard_path(out, "calc", 0), rows, store.DIALOGUE_SCHEMA)
-    return out
+    """calc has 8 train and 2 held-out dialogues, greet has none."""
+    return write_calc_dialogues(tmp_path_factory.mktemp("data"), 10, heldout_from=8)
 
 
-def train(data, adapters, *extra, catalog=CATALOG):
+def train(data, adapters, *extra, catalog=CATALOG, progress=False):
     command = [sys.executable, "-m", "genpi.cli", "train", str(data), "--catalog", str(catalog), "--out", str(adapters),
                "--epochs", "1", "--batch-size", "4", "--micro-batch", "2", "--max-length", "512", "--rank", "4",
-               "--lr", "1e-2", "--no-progress", *extra]  # fmt: skip
+               "--lr", "1e-2", *([] if progress else ["--no-progress"]), *extra]  # fmt: skip
     return subprocess.run(command, cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"), capture_output=True, text=True, timeout=600)
 
 
 def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(data, tiny_trainable_model, tmp_path):
     adapters = tmp_path / "adapters"
-    result = train(data, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7")
+    result = train(data, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7", progress=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "adapters: 100%" in result.stderr and "2/2" in result.stderr
+    assert "steps: 100%" in result.stderr and "4/4" in result.stderr  # 2 trials × 2 steps, reported while training
     outcomes = json.loads(result.stdout)
     assert outcomes["greet"] == {"status": "skipped", "reason": "no train rows"}
     assert outcomes["calc"]["status"] == "trained"

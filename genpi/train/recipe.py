@@ -46,6 +46,7 @@ class TrainSettings:
     micro_batch: int = 4  # examples per forward pass
     max_length: int = 2048
     quantize: bool = True
+    gradient_checkpointing: bool = False  # less memory for more compute (long PG examples, big models)
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
     seed: int = 0
 
@@ -174,7 +175,7 @@ def train_adapter(base: str, entry: PromptEntry, train_rows: list[dict], heldout
     if not rows:
         raise ValueError(f"prompt {entry.id!r}: no usable train rows ({report['rows']} rows, {report['skipped']} skipped)")
     heldout = [build_sft(r, tokenizer, settings.max_length) for r in heldout_rows]
-    model = add_lora(load_base(base, quantize=settings.quantize), settings.lora)
+    model = add_lora(load_base(base, quantize=settings.quantize), settings.lora, gradient_checkpointing=settings.gradient_checkpointing)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     steps_per_epoch = math.ceil(len(rows) / settings.batch_size)

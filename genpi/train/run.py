@@ -47,21 +47,26 @@ def read_rows(data: str | Path, entry: PromptEntry) -> tuple[list[dict], list[di
 
 
 def fingerprint(train: list[dict], heldout: list[dict], settings: TrainSettings, base: str) -> str:
-    """What an adapter depends on: its data, its settings (λ aside: it is chosen) and its base."""
+    """What an adapter depends on: its data, its settings and its base (not λ, which is chosen, nor checkpointing)."""
     digest = hashlib.sha256()
     for row in train + heldout:
         digest.update(json.dumps([row["sample_id"], row["split"], row["input"], row["turns"], row["student_output"], row["reason"]], sort_keys=True, default=str).encode())
-    digest.update(json.dumps({**dataclasses.asdict(settings), "lam": None, "base": base}, sort_keys=True, default=str).encode())
+    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("lam", "gradient_checkpointing")}
+    digest.update(json.dumps({**fields, "lam": None, "base": base}, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
-def fit_trial(base: str, entry_json: dict, train: list[dict], heldout: list[dict], settings: TrainSettings, folder: str) -> dict:
-    """A Ray task: train one adapter and save its PEFT files to `folder`; returns its metrics."""
+def fit_trial(base: str, entry_json: dict, train: list[dict], heldout: list[dict], settings: TrainSettings, folder: str, steps=None) -> dict:
+    """A Ray task: train one adapter and save its PEFT files to `folder`; returns its metrics.
+
+    `steps`, a ray.util.queue.Queue, receives (folder, step, steps, loss) after every optimizer step.
+    """
     from genpi.catalog import entry_from_json
     from genpi.train.qlora import save_adapter
     from genpi.train.recipe import train_adapter
 
-    model, metrics = train_adapter(base, entry_from_json(entry_json), train, heldout, settings)
+    report = (lambda step, total, loss: steps.put_nowait((folder, step, total, loss))) if steps is not None else None
+    model, metrics = train_adapter(base, entry_from_json(entry_json), train, heldout, settings, progress=report)
     save_adapter(model, folder)
     return metrics
 
@@ -69,6 +74,7 @@ def fit_trial(base: str, entry_json: dict, train: list[dict], heldout: list[dict
 def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambdas: list[float], num_cpus: float = 1, num_gpus: float = 0, progress: bool = True) -> dict:
     """Train (or skip) every prompt of the catalog; returns {prompt_id: outcome}."""
     import ray
+    from ray.util.queue import Queue
     from tqdm import tqdm
 
     from genpi.models import resolve_model
@@ -91,24 +97,34 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
     task = ray.remote(fit_trial).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
+    steps = Queue(actor_options={"num_cpus": 0}) if progress and plans else None  # 0 CPUs: never holds up a trial
     trials = {}
     for entry, train, heldout, _ in plans:
         for lam in (lambdas if settings.method == "genpi" else [None]):
             folder = out / ".trials" / entry.id / f"lam={lam}"
             trial_settings = dataclasses.replace(settings, lam=lam if lam is not None else settings.lam)
-            ref = task.remote(base_path, entry.to_json(), train, heldout, trial_settings, str(folder))
+            ref = task.remote(base_path, entry.to_json(), train, heldout, trial_settings, str(folder), steps)
             trials[ref] = (entry.id, lam, folder)
     results: dict[str, list] = {}
     bar = tqdm(total=len(trials), unit="trial", desc="adapters", disable=not progress, file=sys.stderr)
+    step_bar = tqdm(total=0, unit="step", desc="steps", disable=not progress, file=sys.stderr)
+    done_steps, total_steps = {}, {}
     pending = list(trials)
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        prompt_id, lam, folder = trials[ready[0]]
-        try:
-            results.setdefault(prompt_id, []).append((lam, folder, ray.get(ready[0]), None))
-        except Exception as e:  # one failed trial is recorded; the other prompts go on
-            results.setdefault(prompt_id, []).append((lam, folder, None, f"{type(e).__name__}: {str(e).splitlines()[0]}"))
-        bar.update(1)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+        while steps is not None and not steps.empty():
+            folder, step, total, loss = steps.get_nowait()
+            done_steps[folder], total_steps[folder] = step, total
+            step_bar.total, step_bar.n = sum(total_steps.values()), sum(done_steps.values())
+            step_bar.set_postfix(loss=f"{loss:.3f}")  # redraws the bar
+        for ref in ready:
+            prompt_id, lam, folder = trials[ref]
+            try:
+                results.setdefault(prompt_id, []).append((lam, folder, ray.get(ref), None))
+            except Exception as e:  # one failed trial is recorded; the other prompts go on
+                results.setdefault(prompt_id, []).append((lam, folder, None, f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+            bar.update(1)
+    step_bar.close()
     bar.close()
     for entry, train, heldout, data_print in plans:
         tried = results.get(entry.id, [])
@@ -153,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=LoraSettings.r)
     p.add_argument("--alpha", type=int, default=LoraSettings.alpha)
     p.add_argument("--no-4bit", action="store_true", help="plain LoRA on an unquantized base")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, more compute")
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--gpus-per-trial", type=float, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -166,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--lambdas: expected numbers separated by commas, got {args.lambdas!r}") from None
         settings = TrainSettings(
             method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, micro_batch=args.micro_batch,
-            max_length=args.max_length, quantize=not args.no_4bit, lora=LoraSettings(r=args.rank, alpha=args.alpha),
+            max_length=args.max_length, quantize=not args.no_4bit, gradient_checkpointing=args.gradient_checkpointing, lora=LoraSettings(r=args.rank, alpha=args.alpha),
         )  # fmt: skip
         outcomes = train_catalog(args.data, args.catalog, args.out, args.base, settings, lambdas,
                                  args.cpus_per_trial, args.gpus_per_trial, not args.no_progress)  # fmt: skip
