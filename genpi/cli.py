@@ -2,6 +2,7 @@
 
     genpi synth CATALOG --out OUT ...   synthesize dialogues (all flags go to genpi.synth.run)
     genpi train DATA --catalog C --out A  train one adapter per prompt (flags go to genpi.train.run)
+    genpi eval DATA --catalog C --adapters A  action-format rate without P: base vs adapter vs base with P
     genpi stats OUT [--json]            quality statistics per prompt
     genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`
 
@@ -27,6 +28,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from genpi.train.run import main as train_main
 
     return train_main(args.rest)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from genpi.eval.fidelity import main as eval_main
+
+    return eval_main(args.rest)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -62,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one adapter per prompt (genpi train --help for its flags)", add_help=False)
     p.set_defaults(handler=cmd_train, passthrough=True)
+
+    p = sub.add_parser("eval", help="score adapters on held-out inputs (genpi eval --help for its flags)", add_help=False)
+    p.set_defaults(handler=cmd_eval, passthrough=True)
 
     p = sub.add_parser("stats", help="quality statistics of a synthesis run, per prompt")
     p.add_argument("out", metavar="OUT", help="synthesis run folder")

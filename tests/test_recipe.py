@@ -26,6 +26,19 @@ def row(i):
     }
 
 
+def write_calc_dialogues(out, n: int, heldout_from: int):
+    """A synthesis folder written by hand: n calc dialogue rows, held out from sample `heldout_from` on."""
+    from genpi.synth import store
+
+    rows = []
+    for i in range(n):
+        r = dict.fromkeys(store.DIALOGUE_COLUMNS)
+        r.update(row(i), prompt_id="calc", prompt_sha256=CALC.sha256, sample_id=i, seed=i, split="heldout" if i >= heldout_from else "train")
+        rows.append(r)
+    store.write_table(store.shard_path(out, "calc", 0), rows, store.DIALOGUE_SCHEMA)
+    return out
+
+
 TRAIN = [row(i) for i in range(8)]
 HELDOUT = [row(i) for i in range(8, 10)]
 FAST = TrainSettings(epochs=4, lr=1e-2, batch_size=4, micro_batch=2, max_length=512, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
@@ -56,3 +69,12 @@ def test_bad_method_and_no_usable_rows(tiny_trainable_model):
     no_agent = [dict(row(0), turns=[])]
     with pytest.raises(ValueError, match="no usable train rows"):
         train_adapter(tiny_trainable_model, CALC, no_agent, [], dataclasses.replace(FAST, epochs=1))
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_trainable_model):
+    plain = dataclasses.replace(FAST, epochs=1, quantize=False)
+    _, expected = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, plain)
+    model, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, dataclasses.replace(plain, gradient_checkpointing=True))
+    assert model.get_base_model().is_activation_checkpointing
+    for key in ("train_loss_first", "train_loss_last", "heldout_loss"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-4), key

@@ -68,6 +68,19 @@ def read_adapter_manifest(folder: str | Path) -> AdapterManifest | None:
     return AdapterManifest(**json.loads(path.read_text()))
 
 
+def record_eval(folder: str | Path, metrics: dict) -> AdapterManifest:
+    """Merge evaluation metrics into a finished adapter's genpi.json (replaced whole, never half-written)."""
+    manifest = read_adapter_manifest(folder)
+    if manifest is None:
+        raise InputError(f"{folder}: not a finished genpi adapter (no {MANIFEST})")
+    manifest.eval_metrics = {**manifest.eval_metrics, **metrics}
+    path = Path(folder) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(manifest), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return manifest
+
+
 def check_adapter(folder: str | Path, entry: PromptEntry) -> AdapterManifest:
     """The adapter's manifest, if it was trained for exactly this prompt; a clear refusal otherwise."""
     manifest = read_adapter_manifest(folder)
