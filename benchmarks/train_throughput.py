@@ -64,7 +64,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = resolve_model(args.base)
     entries = {e.id: e for e in load_catalog(CATALOG)}
-    settings = TrainSettings(epochs=1, batch_size=args.rows, micro_batch=2, max_length=args.max_length, lora=LoraSettings())
+    # micro-batch 1: two trials side by side must fit in memory (a ~1,800-token PG example pair peaks near 19 GB)
+    settings = TrainSettings(epochs=1, batch_size=args.rows, micro_batch=1, max_length=args.max_length, lora=LoraSettings())
 
     entry = entries["os-shell"]
     rows = shot_rows(entry, args.rows)
