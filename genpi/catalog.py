@@ -88,7 +88,8 @@ def render_prompt_text(entry: PromptEntry) -> str:
     return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in entry.messages())
 
 
-def load_catalog(path: str | Path) -> list[PromptEntry]:
+def load_catalog(path: str | Path, only: list[str] | None = None) -> list[PromptEntry]:
+    """The catalog's entries, validated; `only` keeps the named ones (the CLIs' --prompts)."""
     path = Path(path)
     if not path.exists():
         raise CatalogError(f"{path}: no such file")
@@ -121,6 +122,11 @@ def load_catalog(path: str | Path) -> list[PromptEntry]:
         if entry.id in seen:
             raise CatalogError(f"{path}: entry {i} (id {entry.id!r}): field 'id': duplicate of entry {seen[entry.id]}")
         seen[entry.id] = i
+    if only:
+        unknown = sorted(set(only) - set(seen))
+        if unknown:
+            raise InputError(f"--prompts: {', '.join(unknown)} not in {path} (it has {', '.join(seen)})")
+        entries = [e for e in entries if e.id in only]
     return entries
 
 

@@ -101,12 +101,7 @@ def evaluate_catalog(data, catalog, adapters, base: str = "smollm2", prompts: li
     from genpi.synth.store import read_manifest
     from genpi.train.adapters import check_adapter, record_eval
 
-    entries = load_catalog(catalog)
-    if prompts:
-        unknown = sorted(set(prompts) - {e.id for e in entries})
-        if unknown:
-            raise InputError(f"--prompts: {', '.join(unknown)} not in {catalog}")
-        entries = [e for e in entries if e.id in prompts]
+    entries = load_catalog(catalog, prompts)
     if max_tokens is None:  # as long as the teacher's turns were allowed to be
         manifest = read_manifest(data) or {}
         max_tokens = manifest.get("settings", {}).get("max_agent_tokens", 256)

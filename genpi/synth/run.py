@@ -227,12 +227,7 @@ def synthesize(
 ) -> dict:
     """Run (or resume) a synthesis of the catalog's prompts (or of those named); returns the final manifest."""
     catalog, out = Path(catalog), Path(out)
-    entries = load_catalog(catalog)  # every catalog problem surfaces before any model loads
-    if prompts:
-        unknown = sorted(set(prompts) - {e.id for e in entries})
-        if unknown:
-            raise InputError(f"--prompts: {', '.join(unknown)} not in {catalog} (it has {', '.join(e.id for e in entries)})")
-        entries = [e for e in entries if e.id in prompts]
+    entries = load_catalog(catalog, prompts)  # every catalog problem surfaces before any model loads
     if settings.samples < 1:
         raise InputError(f"--samples must be at least 1, got {settings.samples}")
     if settings.max_turns is not None and settings.max_turns < 1:

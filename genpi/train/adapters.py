@@ -47,7 +47,7 @@ def write_adapter(folder: str | Path, manifest: AdapterManifest, save: Callable[
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         save(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(dataclasses.asdict(manifest), indent=2, sort_keys=True))
+        (tmp / MANIFEST).write_text(_manifest_json(manifest))
         if folder.exists():  # replaced by a newer training of the same prompt
             old = folder.with_name(f".{folder.name}-old-{os.getpid()}")
             os.rename(folder, old)
@@ -60,6 +60,10 @@ def write_adapter(folder: str | Path, manifest: AdapterManifest, save: Callable[
     return folder
 
 
+def _manifest_json(manifest: AdapterManifest) -> str:
+    return json.dumps(dataclasses.asdict(manifest), indent=2, sort_keys=True)
+
+
 def read_adapter_manifest(folder: str | Path) -> AdapterManifest | None:
     """The manifest of a complete adapter folder, or None if there is none."""
     path = Path(folder) / MANIFEST
@@ -68,24 +72,27 @@ def read_adapter_manifest(folder: str | Path) -> AdapterManifest | None:
     return AdapterManifest(**json.loads(path.read_text()))
 
 
-def record_eval(folder: str | Path, metrics: dict) -> AdapterManifest:
-    """Merge evaluation metrics into a finished adapter's genpi.json (replaced whole, never half-written)."""
+def _finished_manifest(folder: str | Path) -> AdapterManifest:
     manifest = read_adapter_manifest(folder)
     if manifest is None:
         raise InputError(f"{folder}: not a finished genpi adapter (no {MANIFEST})")
+    return manifest
+
+
+def record_eval(folder: str | Path, metrics: dict) -> AdapterManifest:
+    """Merge evaluation metrics into a finished adapter's genpi.json (replaced whole, never half-written)."""
+    manifest = _finished_manifest(folder)
     manifest.eval_metrics = {**manifest.eval_metrics, **metrics}
     path = Path(folder) / MANIFEST
     tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(manifest), indent=2, sort_keys=True))
+    tmp.write_text(_manifest_json(manifest))
     os.replace(tmp, path)
     return manifest
 
 
 def check_adapter(folder: str | Path, entry: PromptEntry) -> AdapterManifest:
     """The adapter's manifest, if it was trained for exactly this prompt; a clear refusal otherwise."""
-    manifest = read_adapter_manifest(folder)
-    if manifest is None:
-        raise InputError(f"{folder}: not a finished genpi adapter (no {MANIFEST})")
+    manifest = _finished_manifest(folder)
     if manifest.prompt_id != entry.id or manifest.prompt_sha256 != entry.sha256:
         raise StaleAdapterError(
             f"{folder}: stale adapter: trained for prompt {manifest.prompt_id!r} sha256 {manifest.prompt_sha256[:12]}…, "
