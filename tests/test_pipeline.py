@@ -8,6 +8,7 @@ from genpi.engines import ChatRequest, Completion
 from genpi.synth.pipeline import (
     END,
     ENVIRONMENT_INSTRUCTION,
+    INPUT_ASK,
     INPUT_INSTRUCTION,
     REASON_INSTRUCTION,
     SynthSettings,
@@ -172,7 +173,11 @@ def test_inputs_are_distinct_and_use_five_demonstrations():
     # case/space duplicates and copies of the catalog's examples are dropped
     assert inputs == ["What is 1 plus 1?", "What is 2 plus 2?", "Q0", "Q1"]
     first = generator.requests["input"][0]
-    assert first.messages[1]["content"].count("### Example") == 5
+    # the five demonstrations are the generator's own earlier replies, each answering the same ask
+    assert [m["role"] for m in first.messages] == ["system"] + ["user", "assistant"] * 5 + ["user"]
+    demos = [m["content"] for m in first.messages if m["role"] == "assistant"]
+    assert len(set(demos)) == 5 and set(demos) <= set(CALC.input_examples)
+    assert {m["content"] for m in first.messages if m["role"] == "user"} == {INPUT_ASK}
     assert first.sampling.temperature == 1.0 and first.sampling.top_p == 0.9
     assert errors == []
 

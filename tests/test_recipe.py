@@ -26,14 +26,17 @@ def row(i):
     }
 
 
-def write_calc_dialogues(out, n: int, heldout_from: int):
-    """A synthesis folder written by hand: n calc dialogue rows, held out from sample `heldout_from` on."""
+def write_calc_dialogues(out, n: int, heldout_from: int, off_format: frozenset[int] = frozenset()):
+    """A synthesis folder written by hand: n calc dialogue rows, held out from sample `heldout_from` on;
+    in the samples `off_format` the agent's last turn is prose, outside the action space."""
     from genpi.synth import store
 
     rows = []
     for i in range(n):
         r = dict.fromkeys(store.DIALOGUE_COLUMNS)
         r.update(row(i), prompt_id="calc", prompt_sha256=CALC.sha256, sample_id=i, seed=i, split="heldout" if i >= heldout_from else "train")
+        if i in off_format:
+            r["turns"] = r["turns"][:2] + [{"role": "assistant", "content": "The answer is probably right."}]
         rows.append(r)
     store.write_table(store.shard_path(out, "calc", 0), rows, store.DIALOGUE_SCHEMA)
     return out

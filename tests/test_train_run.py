@@ -69,6 +69,22 @@ def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(data, tiny_t
     assert stale_data.returncode == 2 and "another version of the prompt" in stale_data.stderr
 
 
+def test_valid_only_trains_on_dialogues_in_the_action_space(tiny_trainable_model, tmp_path):
+    data = write_calc_dialogues(tmp_path / "data", 10, heldout_from=8, off_format=frozenset({1, 4, 6}))
+    result = train(data, tmp_path / "adapters", "--base", tiny_trainable_model, "--lambdas", "0.5", "--valid-only")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["calc"]["rows_outside_action_space_dropped"] == 3
+    metrics = check_adapter(tmp_path / "adapters" / "calc", CALC).train_metrics
+    assert metrics["train_examples"] == 5 and metrics["rows_outside_action_space_dropped"] == 3
+
+    entries = yaml.safe_load(CATALOG.read_text())
+    del entries[0]["actions"]
+    no_regex = tmp_path / "no-regex.yaml"
+    no_regex.write_text(yaml.safe_dump(entries))
+    refused = train(data, tmp_path / "other", "--base", tiny_trainable_model, "--valid-only", catalog=no_regex)
+    assert refused.returncode == 2 and "'calc' has no actions.valid regex" in refused.stderr
+
+
 def test_bad_input_exits_2(data, tmp_path):
     unknown = train(data, tmp_path / "a", "--method", "distill")
     assert unknown.returncode == 2 and "unknown method 'distill'" in unknown.stderr

@@ -27,10 +27,11 @@ from genpi.synth.store import DIALOGUE_COLUMNS
 END = "<<END>>"  # the environment's termination marker
 
 INPUT_INSTRUCTION = (
-    "You write realistic user inputs for an AI application. You are shown example inputs that the "
-    "application receives. Write ONE new input of the same kind, format and length, about a different "
-    "concrete case. Reply with the new input only, with no preamble and no explanation."
+    "You write realistic user inputs for an AI application. Each time you are asked, write ONE new input of "
+    "the same kind, format and length as your earlier ones, about a different concrete case. Reply with the "
+    "input only, with no preamble and no explanation."
 )
+INPUT_ASK = "Write one new input, about a different concrete case."
 
 ENVIRONMENT_INSTRUCTION = (
     "You are the environment in a role-play with an AI agent. You play the side that the user plays in the "
@@ -92,14 +93,17 @@ def _normalize(text: str) -> str:
 
 
 def input_request(entry: PromptEntry, seed: int, settings: SynthSettings) -> ChatRequest:
+    """The demonstrations as the generator's own earlier replies: a small generator then writes one
+    input as its next reply, where a list of examples in one message drew meta-text ("### Example 6",
+    "Here is a new input: ...") from SmolLM2 in most calls."""
     rng = random.Random(seed)
     demos = rng.sample(entry.input_examples, min(settings.demos_per_call, len(entry.input_examples)))
-    shown = "\n\n".join(f"### Example {i}\n{demo}" for i, demo in enumerate(demos, 1))
+    messages = [{"role": "system", "content": INPUT_INSTRUCTION}]
+    for demo in demos:
+        messages += [{"role": "user", "content": INPUT_ASK}, {"role": "assistant", "content": demo}]
+    messages.append({"role": "user", "content": INPUT_ASK})
     return ChatRequest(
-        messages=[
-            {"role": "system", "content": INPUT_INSTRUCTION},
-            {"role": "user", "content": f"{shown}\n\n### New input"},
-        ],
+        messages=messages,
         sampling=Sampling(settings.input_temperature, settings.input_top_p, settings.max_input_tokens),
         seed=seed,
         prefix_messages=1,

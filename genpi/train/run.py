@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -46,6 +47,12 @@ def read_rows(data: str | Path, entry: PromptEntry) -> tuple[list[dict], list[di
     return [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "heldout"]
 
 
+def in_action_space(row: dict, entry: PromptEntry) -> bool:
+    """Every agent turn matches the prompt's `actions.valid`, tested as synthesis and eval test it."""
+    valid = re.compile(entry.valid_action)
+    return all(valid.search(t["content"].strip()) for t in row["turns"] if t["role"] == "assistant")
+
+
 def fingerprint(train: list[dict], heldout: list[dict], settings: TrainSettings, base: str) -> str:
     """What an adapter depends on: its data, its settings and its base (not λ, which is chosen, nor checkpointing)."""
     digest = hashlib.sha256()
@@ -71,8 +78,13 @@ def fit_trial(base: str, entry_json: dict, train: list[dict], heldout: list[dict
     return metrics
 
 
-def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambdas: list[float], num_cpus: float = 1, num_gpus: float = 0, progress: bool = True) -> dict:
-    """Train (or skip) every prompt of the catalog; returns {prompt_id: outcome}."""
+def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambdas: list[float], num_cpus: float = 1, num_gpus: float = 0,
+                  progress: bool = True, valid_only: bool = False) -> dict:  # fmt: skip
+    """Train (or skip) every prompt of the catalog; returns {prompt_id: outcome}.
+
+    `valid_only` trains only on dialogues whose agent turns all lie in the prompt's action space: a
+    small teacher breaks the format often, and its broken turns teach the adapter the same.
+    """
     import ray
     from ray.util.queue import Queue
     from tqdm import tqdm
@@ -85,21 +97,28 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
     outcomes, plans = {}, []
     for entry in entries:  # read and check every prompt's data before any training starts
         train, heldout = read_rows(data, entry)
+        dropped = None
+        if valid_only:
+            if not entry.valid_action:
+                raise InputError(f"--valid-only: prompt {entry.id!r} has no actions.valid regex to filter by")
+            kept = [r for r in train if in_action_space(r, entry)]
+            train, dropped = kept, len(train) - len(kept)
         if not train:
-            outcomes[entry.id] = {"status": "skipped", "reason": "no train rows"}
+            reason = "no train rows" + (f" in the action space ({dropped} dropped)" if dropped else "")
+            outcomes[entry.id] = {"status": "skipped", "reason": reason}
             continue
         data_print = fingerprint(train, heldout, settings, base)
         done = read_adapter_manifest(out / entry.id)
         if done and done.data_fingerprint == data_print and done.prompt_sha256 == entry.sha256:
             outcomes[entry.id] = {"status": "up to date", "lam": done.lam}
             continue
-        plans.append((entry, train, heldout, data_print))
+        plans.append((entry, train, heldout, data_print, dropped))
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
     task = ray.remote(fit_trial).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
     steps = Queue(actor_options={"num_cpus": 0}) if progress and plans else None  # 0 CPUs: never holds up a trial
     trials = {}
-    for entry, train, heldout, _ in plans:
+    for entry, train, heldout, _, _ in plans:
         for lam in (lambdas if settings.method == "genpi" else [None]):
             folder = out / ".trials" / entry.id / f"lam={lam}"
             trial_settings = dataclasses.replace(settings, lam=lam if lam is not None else settings.lam)
@@ -126,7 +145,7 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
             bar.update(1)
     step_bar.close()
     bar.close()
-    for entry, train, heldout, data_print in plans:
+    for entry, train, heldout, data_print, dropped in plans:
         tried = results.get(entry.id, [])
         good = [t for t in tried if t[2] is not None]
         if not good:
@@ -142,13 +161,15 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
             lam=lam,
             lora={**settings.lora.to_dict(), "quantize_4bit": settings.quantize},
             data_fingerprint=data_print,
-            train_metrics={k: v for k, v in metrics.items() if k != "heldout_loss"},
+            train_metrics={**{k: v for k, v in metrics.items() if k != "heldout_loss"}, "rows_outside_action_space_dropped": dropped},
             eval_metrics={"heldout_loss": metrics["heldout_loss"], "trials": {str(t[0]): (t[2] or {}).get("heldout_loss", t[3]) for t in tried}},
             genpi_version=__version__,
         )
         write_adapter(out / entry.id, manifest, lambda tmp, src=folder: shutil.copytree(src, tmp, dirs_exist_ok=True))
         shutil.rmtree(out / ".trials" / entry.id, ignore_errors=True)
         outcomes[entry.id] = {"status": "trained", "lam": lam, "heldout_loss": metrics["heldout_loss"]}
+        if dropped is not None:
+            outcomes[entry.id]["rows_outside_action_space_dropped"] = dropped
     return outcomes
 
 
@@ -170,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=int, default=LoraSettings.alpha)
     p.add_argument("--no-4bit", action="store_true", help="plain LoRA on an unquantized base")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, more compute")
+    p.add_argument("--valid-only", action="store_true", help="train only on dialogues whose agent turns all match actions.valid")
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--gpus-per-trial", type=float, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -186,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             max_length=args.max_length, quantize=not args.no_4bit, gradient_checkpointing=args.gradient_checkpointing, lora=LoraSettings(r=args.rank, alpha=args.alpha),
         )  # fmt: skip
         outcomes = train_catalog(args.data, args.catalog, args.out, args.base, settings, lambdas,
-                                 args.cpus_per_trial, args.gpus_per_trial, not args.no_progress)  # fmt: skip
+                                 args.cpus_per_trial, args.gpus_per_trial, not args.no_progress, args.valid_only)  # fmt: skip
     except InputError as e:
         print(f"genpi: error: {e}", file=sys.stderr)
         return 2
