@@ -49,6 +49,10 @@ class PromptEntry:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + [dict(turn) for dialogue in self.shots for turn in dialogue]
 
+    def in_action_space(self, reply: str) -> bool:
+        """The reply matches `actions.valid` (searched in the stripped reply, so it may be followed by more text)."""
+        return bool(re.search(self.valid_action, reply.strip()))
+
     @property
     def sha256(self) -> str:
         return prompt_sha256(self.messages())

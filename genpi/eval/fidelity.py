@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -56,8 +55,7 @@ def first_replies(engine, entry: PromptEntry, inputs: list[str], with_prompt: bo
 
 
 def score(entry: PromptEntry, replies: list[Completion]) -> dict:
-    valid = re.compile(entry.valid_action)
-    hits = [r.error is None and bool(valid.search(r.text.strip())) for r in replies]
+    hits = [r.error is None and entry.in_action_space(r.text) for r in replies]
     return {
         "format_rate": sum(hits) / len(hits),
         "errors": sum(r.error is not None for r in replies),

@@ -305,4 +305,4 @@ async def _role_play(entry: PromptEntry, row: dict, target: AsyncEngine, setting
     row["n_turns"] = sum(t["role"] == "assistant" for t in turns)
     last = next(t["content"] for t in reversed(turns) if t["role"] == "assistant")
     row["final_action"] = last
-    row["final_action_valid"] = bool(re.search(entry.valid_action, last)) if entry.valid_action else None
+    row["final_action_valid"] = entry.in_action_space(last) if entry.valid_action else None

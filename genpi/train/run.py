@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -45,12 +44,6 @@ def read_rows(data: str | Path, entry: PromptEntry) -> tuple[list[dict], list[di
     if stale:
         raise InputError(f"{data}: dialogues of {entry.id!r} were synthesized from another version of the prompt; resynthesize")
     return [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "heldout"]
-
-
-def in_action_space(row: dict, entry: PromptEntry) -> bool:
-    """Every agent turn matches the prompt's `actions.valid`, tested as synthesis and eval test it."""
-    valid = re.compile(entry.valid_action)
-    return all(valid.search(t["content"].strip()) for t in row["turns"] if t["role"] == "assistant")
 
 
 def fingerprint(train: list[dict], heldout: list[dict], settings: TrainSettings, base: str) -> str:
@@ -101,7 +94,7 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
         if valid_only:
             if not entry.valid_action:
                 raise InputError(f"--valid-only: prompt {entry.id!r} has no actions.valid regex to filter by")
-            kept = [r for r in train if in_action_space(r, entry)]
+            kept = [r for r in train if all(entry.in_action_space(t["content"]) for t in r["turns"] if t["role"] == "assistant")]
             train, dropped = kept, len(train) - len(kept)
         if not train:
             reason = "no train rows" + (f" in the action space ({dropped} dropped)" if dropped else "")
