@@ -20,6 +20,7 @@ class Sampling:
     top_p: float = 1.0
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
+    logprobs: int = 0  # k > 0: return the top-k log-probabilities of every generated token
 
 
 @dataclass
@@ -39,6 +40,16 @@ class Completion:
     completion_tokens: int = 0
     finish_reason: str = ""  # "stop" | "length" | "error"
     error: str | None = None  # set when the request failed; starts with "context_length:" for over-long prompts
+    # With Sampling.logprobs = k: the generated token ids (as kept in `text`, end-of-turn excluded) and, per
+    # token, the k most likely token ids and their log-probabilities (log-softmax of the unscaled logits).
+    token_ids: list[int] | None = None
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+
+    @property
+    def cut(self) -> bool:
+        """The text was cut by the token limit (finish reason "length")."""
+        return self.finish_reason == "length"
 
     @classmethod
     def failure(cls, error: str) -> "Completion":

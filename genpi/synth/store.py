@@ -19,6 +19,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TURN = pa.struct([("role", pa.string()), ("content", pa.string())])
+# The teacher's top-k log-probabilities over one agent turn, for logit-level distillation (topk-kl):
+# `token_ids` are the generated tokens of the turn's text; per token, the k most likely ids and their logprobs.
+TOPK_TURN = pa.struct(
+    [
+        ("token_ids", pa.list_(pa.int32())),
+        ("topk_ids", pa.list_(pa.list_(pa.int32()))),
+        ("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
+    ]
+)
+TERMINATED_BY = ("environment", "final_action", "max_turns", "truncated", "error")
 
 DIALOGUE_SCHEMA = pa.schema(
     [
@@ -29,14 +39,19 @@ DIALOGUE_SCHEMA = pa.schema(
         ("split", pa.string()),  # train | heldout
         ("input", pa.string()),
         ("turns", pa.list_(TURN)),  # agent turns "assistant", environment turns "user"; starts with the agent
+        ("turn_cut", pa.list_(pa.bool_())),  # per turn: its text was cut by the token limit
         ("student_output", pa.string()),  # the target model's answer to `input` without the prompt (AS-IS)
         ("reason", pa.string()),  # why AS-IS should become the teacher's first turn (TO-BE), given the prompt
+        ("student_output_cut", pa.bool_()),
+        ("reason_cut", pa.bool_()),
         ("n_turns", pa.int32()),  # agent turns
-        ("terminated", pa.bool_()),  # the environment ended the episode (or the agent took a final action)
-        ("hit_max_turns", pa.bool_()),
+        ("terminated", pa.bool_()),  # the environment emitted its end marker (asked once more after the last turn)
+        ("terminated_by", pa.string()),  # how the dialogue ended: one of TERMINATED_BY
+        ("hit_max_turns", pa.bool_()),  # reached the turn limit without a final action
         ("truncated", pa.bool_()),  # stopped early because the dialogue outgrew the model's context
         ("final_action", pa.string()),  # the last agent turn
-        ("final_action_valid", pa.bool_()),  # it matches actions.valid; null when the catalog gives none
+        ("final_action_valid", pa.bool_()),  # it matches actions.final (actions.valid without one); null without either
+        ("teacher_topk", pa.list_(TOPK_TURN)),  # one per agent turn; null when not recorded (--teacher-topk 0)
         ("generator_model", pa.string()),
         ("target_model", pa.string()),
         ("prompt_tokens", pa.int64()),  # all prompt tokens processed for this dialogue
