@@ -3,11 +3,12 @@
 import asyncio
 import dataclasses
 
-from genpi.catalog import load_catalog
+from genpi.catalog import load_catalog, render_prompt_text
 from genpi.engines import ChatRequest, Completion
 from genpi.synth.pipeline import (
     END,
     ENVIRONMENT_INSTRUCTION,
+    ENVIRONMENT_OPEN,
     INPUT_ASK,
     INPUT_INSTRUCTION,
     REASON_INSTRUCTION,
@@ -15,6 +16,7 @@ from genpi.synth.pipeline import (
     environment_messages,
     generate_inputs,
     heldout_ids,
+    is_retryable,
     synthesize_dialogue,
 )
 from conftest import REPO
@@ -24,7 +26,8 @@ SAMPLE = {"sample_id": 3, "seed": 11, "split": "train", "input": "What is 4 plus
 
 
 class Scripted:
-    """Answers by the persona a request is for; each persona's replies are consumed in order."""
+    """Answers by the persona a request is for; each persona's replies are consumed in order. Asked for
+    top-k log-probabilities, it makes some up (one entry per word of the reply)."""
 
     model_name = "scripted"
 
@@ -47,19 +50,29 @@ class Scripted:
         persona = self.persona(request)
         self.requests.setdefault(persona, []).append(request)
         reply = self.replies[persona].pop(0)
-        if isinstance(reply, Completion):
-            return reply
-        return Completion(text=reply, prompt_tokens=10, completion_tokens=len(reply.split()), finish_reason="stop")
+        if not isinstance(reply, Completion):
+            reply = Completion(text=reply, prompt_tokens=10, completion_tokens=len(reply.split()), finish_reason="stop")
+        k = request.sampling.logprobs
+        if k and reply.error is None:
+            n = len(reply.text.split())
+            reply = dataclasses.replace(
+                reply, token_ids=list(range(n)), topk_ids=[[i] * k for i in range(n)], topk_logprobs=[[-0.5] * k] * n
+            )
+        return reply
 
 
 def run(entry, engine, settings=SynthSettings()):
     return asyncio.run(synthesize_dialogue(entry, SAMPLE, engine, engine, settings))
 
 
+def outcome(row):
+    return row["terminated_by"], row["terminated"], row["hit_max_turns"], row["truncated"]
+
+
 def test_role_play_until_final_action():
     engine = Scripted(
         agent=["Act: compute(4+4)", "Act: answer(8)"],
-        environment=["Result: 8"],
+        environment=["Result: 8", END],
         student=["It is eight."],
         reason=["Because the prompt asks for actions."],
     )
@@ -70,10 +83,12 @@ def test_role_play_until_final_action():
         {"role": "user", "content": "Result: 8"},
         {"role": "assistant", "content": "Act: answer(8)"},
     ]
-    assert (row["n_turns"], row["terminated"], row["hit_max_turns"], row["truncated"]) == (2, True, False, False)
+    assert row["turn_cut"] == [False, False, False]
+    assert row["student_output_cut"] is False and row["reason_cut"] is False
+    assert outcome(row) == ("final_action", True, False, False) and row["n_turns"] == 2
     assert row["final_action"] == "Act: answer(8)" and row["final_action_valid"] is True
     assert row["student_output"] == "It is eight." and row["reason"].startswith("Because")
-    assert row["prompt_tokens"] == 50 and row["agent_tokens"] == 4 and row["environment_tokens"] == 2
+    assert row["prompt_tokens"] == 60 and row["agent_tokens"] == 4 and row["environment_tokens"] == 3
     # the teacher sees P then the input; P is marked as the cacheable prefix
     first = engine.requests["agent"][0]
     assert first.messages[: len(CALC.messages())] == CALC.messages()
@@ -81,10 +96,13 @@ def test_role_play_until_final_action():
     assert first.prefix_messages == len(CALC.messages()) and first.sampling.temperature == 0
     # the environment sees the task as its own first line and the agent's action as the user's
     env = engine.requests["environment"][0]
-    assert env.messages[-2:] == [
+    assert env.messages[-3:] == [
+        {"role": "user", "content": ENVIRONMENT_OPEN},
         {"role": "assistant", "content": SAMPLE["input"]},
         {"role": "user", "content": "Act: compute(4+4)"},
     ]
+    # after the final action the environment is asked once more: its END is measured, not assumed
+    assert engine.requests["environment"][1].messages[-1] == {"role": "user", "content": "Act: answer(8)"}
     # the student gets the input alone; the reason compares AS-IS with the first teacher turn
     assert engine.requests["student"][0].messages == [{"role": "user", "content": SAMPLE["input"]}]
     reason = engine.requests["reason"][0]
@@ -93,31 +111,43 @@ def test_role_play_until_final_action():
     assert "Act: compute" in reason.messages[0]["content"]  # P is shown to the generator
 
 
+def test_final_action_without_the_environment_ending_it_is_no_termination():
+    engine = Scripted(agent=["Act: answer(8)"], environment=["Result: ok"], student=["x"], reason=["y"])
+    row = run(CALC, engine)
+    assert outcome(row) == ("final_action", False, False, False)
+    assert [t["role"] for t in row["turns"]] == ["assistant"]  # the last ask's reply is not a turn
+
+
 def test_environment_termination_marker_and_max_turns():
     no_final = dataclasses.replace(CALC, final_action=None)
     engine = Scripted(agent=["Act: compute(1)"], environment=[f"{END}"], student=["x"], reason=["y"])
     row = run(no_final, engine)
-    assert row["terminated"] and row["n_turns"] == 1 and not row["hit_max_turns"]
+    assert outcome(row) == ("environment", True, False, False) and row["n_turns"] == 1
+    assert row["final_action_valid"] is True  # no actions.final: actions.valid decides
 
     engine = Scripted(
         agent=["Act: compute(1)", "Act: compute(2)", "I give up"],
-        environment=["Result: 1", "Result: 2"],
+        environment=["Result: 1", "Result: 2", "Result: 3"],
         student=["x"],
         reason=["y"],
     )
     row = run(CALC, engine)
-    assert row["hit_max_turns"] and not row["terminated"] and row["n_turns"] == 3
+    assert outcome(row) == ("max_turns", False, True, False) and row["n_turns"] == 3
     assert row["final_action"] == "I give up" and row["final_action_valid"] is False
+    assert len(engine.requests["environment"]) == 3  # asked once more after the last allowed turn
 
-    engine = Scripted(agent=["Act: compute(1)", "Act: compute(2)"], environment=["Result: 1"], student=["x"], reason=["y"])
+    # the limit reached, but the environment ends it on the last ask: max turns *and* terminated
+    engine = Scripted(agent=["Act: compute(1)", "Act: compute(2)"], environment=["Result: 1", END], student=["x"], reason=["y"])
     row = run(CALC, engine, SynthSettings(max_turns=2))  # the run's cap is below the catalog's 3
-    assert row["hit_max_turns"] and row["n_turns"] == 2 and not engine.replies["agent"]
+    assert outcome(row) == ("max_turns", True, True, False) and row["n_turns"] == 2 and not engine.replies["agent"]
+    # a valid action that is not a final one is not a valid final action
+    assert row["final_action"] == "Act: compute(2)" and row["final_action_valid"] is False
 
 
 def test_single_turn_prompt():
-    engine = Scripted(agent=["Answer: hello"], student=["Hi! How can I help?"], reason=["z"])
+    engine = Scripted(agent=["Answer: hello"], environment=[END], student=["Hi! How can I help?"], reason=["z"])
     row = run(GREET, engine)
-    assert row["n_turns"] == 1 and row["terminated"] and "environment" not in engine.requests
+    assert row["n_turns"] == 1 and outcome(row) == ("final_action", True, False, False)
 
 
 def overflow(prompt_tokens, max_tokens=384, limit=1024):
@@ -128,16 +158,21 @@ def overflow(prompt_tokens, max_tokens=384, limit=1024):
 def test_overflow_truncates_later_turns_and_fails_the_first():
     engine = Scripted(agent=["Act: compute(1)", overflow(1020)], environment=["Result: 1"], student=["x"], reason=["y"])
     row = run(CALC, engine)
-    assert row["error"] is None and row["truncated"] and row["n_turns"] == 1 and not row["terminated"]
+    assert row["error"] is None and row["n_turns"] == 1 and outcome(row) == ("truncated", False, False, True)
+
+    # the environment's last ask overflows after a final action: the dialogue ended, termination unmeasured
+    engine = Scripted(agent=["Act: answer(8)"], environment=[overflow(1020)], student=["x"], reason=["y"])
+    row = run(CALC, engine)
+    assert row["error"] is None and outcome(row) == ("final_action", False, False, False)
 
     engine = Scripted(agent=[overflow(1020)])
     row = run(CALC, engine)
     assert row["error"].startswith("agent turn 1: context_length") and row["turns"] == []
-    assert row["sample_id"] == 3 and row["input"] == SAMPLE["input"]
+    assert row["sample_id"] == 3 and row["input"] == SAMPLE["input"] and row["terminated_by"] == "error"
 
 
 def test_overflow_is_retried_with_the_room_left():
-    engine = Scripted(agent=[overflow(900), "Act: answer(8)"], student=["x"], reason=["y"])
+    engine = Scripted(agent=[overflow(900), "Act: answer(8)"], environment=[END], student=["x"], reason=["y"])
     row = run(CALC, engine)
     assert row["error"] is None and row["turns"][0]["content"] == "Act: answer(8)"
     assert [r.sampling.max_tokens for r in engine.requests["agent"]] == [384, 124]
@@ -149,13 +184,13 @@ def test_overflow_is_retried_with_the_room_left():
 
 def test_engine_errors_are_retried_then_recorded():
     broken = Completion(finish_reason="error", error="engine: RuntimeError: boom")
-    engine = Scripted(agent=[broken, "Answer: hello"], student=["x"], reason=["y"])
+    engine = Scripted(agent=[broken, "Answer: hello"], environment=[END], student=["x"], reason=["y"])
     row = run(GREET, engine)
     assert row["error"] is None and row["n_turns"] == 1
 
-    engine = Scripted(agent=["Answer: hello"], student=["x"], reason=[broken] * 3)
+    engine = Scripted(agent=["Answer: hello"], environment=[END], student=["x"], reason=[broken] * 3)
     row = run(GREET, engine)
-    assert row["error"] == "reason: engine: RuntimeError: boom"
+    assert row["error"] == "reason: engine: RuntimeError: boom" and is_retryable(row["error"])
     assert row["turns"] and row["student_output"] == "x"  # what was done stays on the row
 
     class Crashing(Scripted):
@@ -163,13 +198,49 @@ def test_engine_errors_are_retried_then_recorded():
             raise ConnectionError("actor gone")
 
     row = run(GREET, Crashing())
-    assert row["error"] == "internal: ConnectionError: actor gone"
+    assert row["error"] == "internal: ConnectionError: actor gone" and is_retryable(row["error"])
+    assert not is_retryable(run(CALC, Scripted(agent=[overflow(1020)]))["error"])  # final: a rerun meets it again
+
+
+def test_cut_texts_are_flagged():
+    def cut(text):
+        return Completion(text=text, prompt_tokens=10, completion_tokens=3, finish_reason="length")
+
+    engine = Scripted(
+        agent=[cut("Act: compute(1+"), "Act: answer(8)"],
+        environment=[cut("Result: 12345"), END],
+        student=[cut("It is")],
+        reason=["fine"],
+    )
+    row = run(CALC, engine)
+    assert row["turn_cut"] == [True, True, False]
+    assert row["student_output_cut"] is True and row["reason_cut"] is False
+
+
+def test_teacher_topk_is_stored_per_agent_turn():
+    engine = Scripted(agent=["Act: compute(4+4)", "Act: answer(8)"], environment=["Result: 8", END], student=["x"], reason=["y"])
+    row = run(CALC, engine, SynthSettings(teacher_topk=3))
+    assert [r.sampling.logprobs for r in engine.requests["agent"]] == [3, 3]
+    assert {r.sampling.logprobs for r in engine.requests["environment"] + engine.requests["student"]} == {0}
+    assert row["teacher_topk"] == [
+        {"token_ids": [0, 1], "topk_ids": [[0] * 3, [1] * 3], "topk_logprobs": [[-0.5] * 3] * 2},
+        {"token_ids": [0, 1], "topk_ids": [[0] * 3, [1] * 3], "topk_logprobs": [[-0.5] * 3] * 2},
+    ]
+    row = run(CALC, Scripted(agent=["Act: answer(8)"], environment=[END], student=["x"], reason=["y"]), SynthSettings(teacher_topk=0))
+    assert row["teacher_topk"] is None
+
+    class NoTopk(Scripted):  # an engine that ignores the request is a failure, not a silent gap
+        async def complete(self, request):
+            return dataclasses.replace(await super().complete(request), topk_ids=None)
+
+    row = run(CALC, NoTopk(agent=["Act: answer(8)"]))
+    assert row["error"] == "agent turn 1: the engine returned no top-k log-probabilities"
 
 
 def test_inputs_are_distinct_and_use_five_demonstrations():
     generator = Scripted(input=["What is 1 plus 1?", "what is 1 plus  1?", "What is 7 times 6?", " What is 2 plus 2? "] + [f"Q{i}" for i in range(20)])
     settings = SynthSettings(samples=4)
-    inputs, errors = asyncio.run(generate_inputs(CALC, generator, settings))
+    inputs, errors, cut = asyncio.run(generate_inputs(CALC, generator, settings))
     # case/space duplicates and copies of the catalog's examples are dropped
     assert inputs == ["What is 1 plus 1?", "What is 2 plus 2?", "Q0", "Q1"]
     first = generator.requests["input"][0]
@@ -179,14 +250,68 @@ def test_inputs_are_distinct_and_use_five_demonstrations():
     assert len(set(demos)) == 5 and set(demos) <= set(CALC.input_examples)
     assert {m["content"] for m in first.messages if m["role"] == "user"} == {INPUT_ASK}
     assert first.sampling.temperature == 1.0 and first.sampling.top_p == 0.9
-    assert errors == []
+    assert errors == [] and cut == 0
+
+
+def test_inputs_generator_sees_the_prompt_over_asks_and_drops_cut_inputs():
+    cut = Completion(text="What is 3 times", prompt_tokens=10, completion_tokens=4, finish_reason="length")
+    replies = ["A?", cut, "A?", "B?", "C?", "D?", "E?", "F?", "G?", "H?", "I?", "J?"]
+    generator = Scripted(input=replies)
+    inputs, errors, n_cut = asyncio.run(generate_inputs(CALC, generator, SynthSettings(samples=3)))
+    # one round asks 2 x 3 = 6 and keeps the first 3 distinct of them, in ask order; the cut one is dropped
+    assert inputs == ["A?", "B?", "C?"] and n_cut == 1 and len(generator.requests["input"]) == 6
+    assert render_prompt_text(CALC) in generator.requests["input"][0].messages[0]["content"]
+
+    # too few distinct in the first round: the next asks 2 x the missing ones
+    generator = Scripted(input=["A?"] * 6 + ["B?", "C?", "D?", "E?"])
+    inputs, _, _ = asyncio.run(generate_inputs(CALC, generator, SynthSettings(samples=3)))
+    assert inputs == ["A?", "B?", "C?"] and len(generator.requests["input"]) == 10
+
+
+STRICT_TEMPLATE = (  # Mistral's rule: after an optional system message, user and assistant alternate from user
+    "{%- if messages[0]['role'] == 'system' %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}"
+    "{{- '[' + message['role'] + '] ' + message['content'] + '\\n' }}"
+    "{%- endfor %}"
+)
+
+
+def test_every_request_renders_with_a_template_that_requires_alternating_roles():
+    from transformers import AutoTokenizer
+
+    from genpi.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    tokenizer.chat_template = STRICT_TEMPLATE
+
+    class Strict(Scripted):
+        async def complete(self, request):
+            tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+            return await super().complete(request)
+
+    engine = Strict(
+        agent=["Act: compute(4+4)", "Act: compute(8)", "Act: answer(8)"],
+        environment=["Result: 8", "Result: 8", END],
+        student=["x"],
+        reason=["y"],
+        input=[f"Q{i}?" for i in range(4)],
+    )
+    row = run(CALC, engine)
+    assert row["error"] is None and row["n_turns"] == 3 and len(engine.requests["environment"]) == 3
+    asyncio.run(generate_inputs(CALC, engine, SynthSettings(samples=2)))
+    two_shots = dataclasses.replace(CALC, shots=CALC.shots * 2)
+    tokenizer.apply_chat_template(environment_messages(two_shots), tokenize=False)
 
 
 def test_environment_persona_swaps_roles_and_marks_the_end():
     messages = environment_messages(CALC)
     assert messages[0]["role"] == "system" and CALC.system in messages[0]["content"]
-    assert [m["role"] for m in messages[1:]] == ["assistant", "user", "assistant", "user", "assistant"]
-    assert messages[-1]["content"] == END and messages[1]["content"] == "What is 2 plus 3?"
+    assert [m["role"] for m in messages[1:]] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert messages[1]["content"] == ENVIRONMENT_OPEN and messages[2]["content"] == "What is 2 plus 3?"
+    assert messages[-1]["content"] == END
 
 
 def test_heldout_split_is_stable_and_sized():

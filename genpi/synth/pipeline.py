@@ -1,6 +1,6 @@
 """What GenPI synthesizes from a prompt alone, one dialogue at a time.
 
-1. pseudo user inputs: the generator writes new inputs after 5 random demonstrations;
+1. pseudo user inputs: the generator, shown P, writes new inputs after 5 random demonstrations;
 2. self role-play: the target model plays the agent *with* P (the teacher) and, with
    the shots' roles swapped and an environment instruction, the environment;
 3. the student's AS-IS answer: the target model *without* P;
@@ -32,6 +32,7 @@ INPUT_INSTRUCTION = (
     "input only, with no preamble and no explanation."
 )
 INPUT_ASK = "Write one new input, about a different concrete case."
+INPUT_OVER_ASK = 2  # ask for 2N inputs, keep the first N distinct (the paper's reference asks 2,000 for 1,000)
 
 ENVIRONMENT_INSTRUCTION = (
     "You are the environment in a role-play with an AI agent. You play the side that the user plays in the "
@@ -40,6 +41,10 @@ ENVIRONMENT_INSTRUCTION = (
     "solve the task for the agent and never speak as the agent. When the agent takes its final action "
     f"(gives its final answer or completes the task), reply with {END} and nothing else."
 )
+# The user turn that opens each episode of the environment persona: its shots and the live dialogue start
+# with the environment's own line (the task), and chat templates such as Mistral's and Gemma's require the
+# first turn after the system message to be the user's and roles to alternate.
+ENVIRONMENT_OPEN = "A new episode starts. Give the task."
 
 REASON_INSTRUCTION = (
     "An AI model answered an input twice: once without the prompt below (AS-IS) and once with it (TO-BE). "
@@ -58,7 +63,7 @@ class SynthSettings:
     demos_per_call: int = 5
     input_temperature: float = 1.0
     input_top_p: float = 0.9
-    input_rounds: int = 6  # generator rounds to reach `samples` distinct inputs
+    input_rounds: int = 3  # generator rounds (each asks INPUT_OVER_ASK x the inputs missing)
     reason_temperature: float = 0.7
     reason_top_p: float = 0.9
     max_input_tokens: int = 256
@@ -68,6 +73,7 @@ class SynthSettings:
     max_reason_tokens: int = 256
     retries: int = 2  # extra tries for an engine error that is not a context overflow
     max_turns: int | None = None  # caps every prompt's own max_turns (quick runs); None keeps the catalog's
+    teacher_topk: int = 20  # k > 0: store the teacher's top-k log-probabilities of every agent turn
 
     def turn_limit(self, entry: PromptEntry) -> int:
         return min(entry.max_turns, self.max_turns) if self.max_turns else entry.max_turns
@@ -92,13 +98,32 @@ def _normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def instruction_texts() -> dict[str, str]:
+    """The synthesis instructions, for a run's fingerprint: a resumed run must use the same texts."""
+    return {
+        "input": INPUT_INSTRUCTION,
+        "input_ask": INPUT_ASK,
+        "environment": ENVIRONMENT_INSTRUCTION,
+        "environment_open": ENVIRONMENT_OPEN,
+        "reason": REASON_INSTRUCTION,
+        "end": END,
+    }
+
+
+def is_retryable(error: str) -> bool:
+    """An engine or internal failure, which a rerun may not meet again; a context overflow is final."""
+    return f"{CONTEXT_LENGTH_ERROR}:" not in error
+
+
 def input_request(entry: PromptEntry, seed: int, settings: SynthSettings) -> ChatRequest:
-    """The demonstrations as the generator's own earlier replies: a small generator then writes one
-    input as its next reply, where a list of examples in one message drew meta-text ("### Example 6",
-    "Here is a new input: ...") from SmolLM2 in most calls."""
+    """P in the system message (the paper generates inputs from the prompt), then the demonstrations as
+    the generator's own earlier replies: a small generator then writes one input as its next reply, where
+    a list of examples in one message drew meta-text ("### Example 6", "Here is a new input: ...") from
+    SmolLM2 in most calls."""
     rng = random.Random(seed)
     demos = rng.sample(entry.input_examples, min(settings.demos_per_call, len(entry.input_examples)))
-    messages = [{"role": "system", "content": INPUT_INSTRUCTION}]
+    system = f"{INPUT_INSTRUCTION}\n\n# The prompt of the application\n{render_prompt_text(entry)}"
+    messages = [{"role": "system", "content": system}]
     for demo in demos:
         messages += [{"role": "user", "content": INPUT_ASK}, {"role": "assistant", "content": demo}]
     messages.append({"role": "user", "content": INPUT_ASK})
@@ -110,28 +135,35 @@ def input_request(entry: PromptEntry, seed: int, settings: SynthSettings) -> Cha
     )
 
 
-async def generate_inputs(entry: PromptEntry, generator: AsyncEngine, settings: SynthSettings) -> tuple[list[str], list[str]]:
-    """Up to `settings.samples` distinct pseudo inputs; also the errors met on the way."""
+async def generate_inputs(entry: PromptEntry, generator: AsyncEngine, settings: SynthSettings) -> tuple[list[str], list[str], int]:
+    """Up to `settings.samples` distinct pseudo inputs: each round asks INPUT_OVER_ASK times the inputs
+    still missing and keeps the first distinct ones in ask order (deterministic). Inputs cut by the token
+    limit are not kept. Also returns the errors met on the way and the number of cut inputs dropped."""
     seen = {_normalize(e) for e in entry.input_examples}
     inputs: list[str] = []
     errors: list[str] = []
-    for round_ in range(settings.input_rounds):
+    cut = 0
+    asked = 0
+    for _ in range(settings.input_rounds):
         missing = settings.samples - len(inputs)
         if missing <= 0:
             break
-        asks = missing + max(2, missing // 4)  # a few spare for duplicates
-        seeds = [stable_seed(settings.seed, entry.id, "input", round_, k) for k in range(asks)]
+        seeds = [stable_seed(settings.seed, entry.id, "input", asked + k) for k in range(INPUT_OVER_ASK * missing)]
+        asked += len(seeds)
         results = await asyncio.gather(*(generator.complete(input_request(entry, s, settings)) for s in seeds))
         for result in results:
             if result.error:
                 errors.append(result.error)
+                continue
+            if result.cut:
+                cut += 1
                 continue
             text = result.text.strip()
             key = _normalize(text)
             if text and key not in seen and len(inputs) < settings.samples:
                 seen.add(key)
                 inputs.append(text)
-    return inputs, errors
+    return inputs, errors, cut
 
 
 def heldout_ids(prompt_id: str, n: int, settings: SynthSettings) -> set[int]:
@@ -142,7 +174,10 @@ def heldout_ids(prompt_id: str, n: int, settings: SynthSettings) -> set[int]:
 
 
 def environment_messages(entry: PromptEntry) -> list[Message]:
-    """The environment persona: an instruction, then the shots with roles swapped and the end marked."""
+    """The environment persona: an instruction, then the shots with roles swapped and the end marked.
+    Each episode opens with ENVIRONMENT_OPEN so that roles alternate from a user turn on; merging the end
+    marker into the next task instead would teach the persona to follow END with more text, and would
+    change the cached prefix's last message for every live dialogue."""
     system = ENVIRONMENT_INSTRUCTION
     if entry.environment:
         system += "\n\n" + entry.environment
@@ -151,6 +186,7 @@ def environment_messages(entry: PromptEntry) -> list[Message]:
     messages = [{"role": "system", "content": system}]
     swap = {"user": "assistant", "assistant": "user"}
     for dialogue in entry.shots:
+        messages.append({"role": "user", "content": ENVIRONMENT_OPEN})
         messages += [{"role": swap[t["role"]], "content": t["content"]} for t in dialogue]
         messages.append({"role": "assistant", "content": END})
     return messages
@@ -207,6 +243,8 @@ async def synthesize_dialogue(
         split=sample["split"],
         input=sample["input"],
         turns=[],
+        turn_cut=[],
+        teacher_topk=[] if settings.teacher_topk > 0 else None,
         generator_model=generator.model_name,
         target_model=target.model_name,
         prompt_tokens=0,
@@ -230,6 +268,7 @@ async def synthesize_dialogue(
         if student.error:
             raise DialogueError(f"student: {student.error}")
         row["student_output"] = student.text.strip()
+        row["student_output_cut"] = student.cut
         row["prompt_tokens"] += student.prompt_tokens
         row["student_tokens"] = student.completion_tokens
         to_be = row["turns"][0]["content"]
@@ -242,67 +281,79 @@ async def synthesize_dialogue(
         if reason.error:
             raise DialogueError(f"reason: {reason.error}")
         row["reason"] = reason.text.strip()
+        row["reason_cut"] = reason.cut
         row["prompt_tokens"] += reason.prompt_tokens
         row["reason_tokens"] = reason.completion_tokens
     except DialogueError as e:
         row["error"] = str(e)
     except Exception as e:  # a bug or a dead actor: record it on the row, never lose the sample
         row["error"] = f"internal: {type(e).__name__}: {e}"
+    if row["error"] is not None:
+        row["terminated_by"] = "error"
     return row
 
 
+def _is_final(entry: PromptEntry, action: str) -> bool:
+    return bool(entry.final_action and re.search(entry.final_action, action.strip()))
+
+
 async def _role_play(entry: PromptEntry, row: dict, target: AsyncEngine, settings: SynthSettings) -> None:
+    """The agent (with P) and the environment take turns until the environment ends the dialogue, the
+    agent takes its final action, or the turn limit is reached. After a final action or the last allowed
+    turn the environment is asked once more, so that `terminated` (it emitted END) is measured."""
     prompt = entry.messages()
     agent = prompt + [{"role": "user", "content": row["input"]}]
     env_prefix = environment_messages(entry)
-    env = env_prefix + [{"role": "assistant", "content": row["input"]}]
+    env = env_prefix + [{"role": "user", "content": ENVIRONMENT_OPEN}, {"role": "assistant", "content": row["input"]}]
     turns = row["turns"]
     limit = settings.turn_limit(entry)
+    agent_sampling = Sampling(max_tokens=settings.max_agent_tokens, logprobs=settings.teacher_topk)
+    env_sampling = Sampling(max_tokens=settings.max_environment_tokens)
     for turn in range(limit):
-        reply = await _call(
-            target,
-            ChatRequest(agent, Sampling(max_tokens=settings.max_agent_tokens), row["seed"], prefix_messages=len(prompt)),
-            settings,
-            f"agent turn {turn + 1}",
-        )
+        reply = await _call(target, ChatRequest(agent, agent_sampling, row["seed"], prefix_messages=len(prompt)), settings, f"agent turn {turn + 1}")
         if reply.error:  # context overflow
             if turn == 0:
                 raise DialogueError(f"agent turn 1: {reply.error}")
             row["truncated"] = True
+            row["terminated_by"] = "truncated"
             break
         action = reply.text.strip()
         row["prompt_tokens"] += reply.prompt_tokens
         row["agent_tokens"] += reply.completion_tokens
         turns.append({"role": "assistant", "content": action})
+        row["turn_cut"].append(reply.cut)
+        if row["teacher_topk"] is not None:
+            if reply.topk_ids is None:
+                raise DialogueError(f"agent turn {turn + 1}: the engine returned no top-k log-probabilities")
+            row["teacher_topk"].append(
+                {"token_ids": reply.token_ids, "topk_ids": reply.topk_ids, "topk_logprobs": reply.topk_logprobs}
+            )
         agent = agent + [turns[-1]]
-        if entry.final_action and re.search(entry.final_action, action):
-            row["terminated"] = True  # the environment would end it here anyway
-            break
-        if turn == limit - 1:
-            row["hit_max_turns"] = True
-            break
+        ended_by = "final_action" if _is_final(entry, action) else "max_turns" if turn == limit - 1 else None
         env = env + [{"role": "user", "content": action}]
         observation = await _call(
-            target,
-            ChatRequest(
-                env, Sampling(max_tokens=settings.max_environment_tokens), row["seed"], prefix_messages=len(env_prefix)
-            ),
-            settings,
-            f"environment turn {turn + 1}",
+            target, ChatRequest(env, env_sampling, row["seed"], prefix_messages=len(env_prefix)), settings, f"environment turn {turn + 1}"
         )
-        if observation.error:
-            row["truncated"] = True
+        if observation.error:  # context overflow: after a final action or the last turn, only unmeasured
+            row["truncated"] = ended_by is None
+            row["terminated_by"] = ended_by or "truncated"
             break
         row["prompt_tokens"] += observation.prompt_tokens
         row["environment_tokens"] += observation.completion_tokens
         text = observation.text.strip()
-        if END in text:
-            row["terminated"] = True
+        row["terminated"] = END in text
+        if ended_by or row["terminated"]:  # the last ask only measures termination: its reply is not a turn
+            row["terminated_by"] = ended_by or "environment"
             break
         turns.append({"role": "user", "content": text})
+        row["turn_cut"].append(observation.cut)
         agent = agent + [turns[-1]]
         env = env + [{"role": "assistant", "content": text}]
     row["n_turns"] = sum(t["role"] == "assistant" for t in turns)
+    row["hit_max_turns"] = row["terminated_by"] == "max_turns"
     last = next(t["content"] for t in reversed(turns) if t["role"] == "assistant")
     row["final_action"] = last
-    row["final_action_valid"] = entry.in_action_space(last) if entry.valid_action else None
+    if entry.final_action:
+        row["final_action_valid"] = _is_final(entry, last)
+    elif entry.valid_action:
+        row["final_action_valid"] = entry.in_action_space(last)

@@ -5,7 +5,11 @@ or the cluster this process was submitted to), generates each prompt's pseudo
 inputs, then runs the dialogues of many shards concurrently and writes every
 finished shard as one Parquet file. `OUT/manifest.json` records the catalog,
 models, settings and finished shards, so the same command, rerun after a crash
-or a kill, does only the work that is missing.
+or a kill, does only the work that is missing: shards not written, and the
+samples of written shards that met an engine or internal failure.
+
+OUT must be a path on a filesystem that the driver can write (on a cluster, a
+shared one); `OUT/synth.lock` keeps two runs from writing the same OUT at once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -28,11 +34,15 @@ from genpi.synth.pipeline import (
     SynthSettings,
     generate_inputs,
     heldout_ids,
+    instruction_texts,
+    is_retryable,
     stable_seed,
     synthesize_dialogue,
 )
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+LOCK = "synth.lock"
+URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://, gs://, ... (also as pathlib collapses them: s3:/)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +53,17 @@ class RunOptions:
     shards_in_flight: int = 4  # per target replica
     target_replicas: int = 1
     progress: bool = True
+    dashboard: bool = False  # start the Ray dashboard with a local Ray (its processes slow a small machine)
 
 
 def new_manifest(catalog: Path, entries: list[PromptEntry], generator: EngineConfig, target: EngineConfig, settings: SynthSettings, shard_size: int) -> dict:
     return {
         "version": MANIFEST_VERSION,
         "catalog": {"path": str(catalog), "prompts": {e.id: e.to_json() for e in entries}},
-        "generator": {"kind": generator.kind, "model": generator.model},
-        "target": {"kind": target.kind, "model": target.model},
+        "generator": engine_fingerprint(generator),
+        "target": engine_fingerprint(target),
         "settings": dataclasses.asdict(settings),
+        "instructions": instruction_texts(),
         "shard_size": shard_size,
         "prompts": {
             e.id: {
@@ -68,9 +80,15 @@ def new_manifest(catalog: Path, entries: list[PromptEntry], generator: EngineCon
     }
 
 
+def engine_fingerprint(config: EngineConfig) -> dict:
+    """What of an engine changes its outputs (not where it runs or how much it batches)."""
+    keys = ("kind", "model", "dtype", "max_model_len", "tensor_parallel_size")
+    return {k: getattr(config, k) for k in keys}
+
+
 def reconcile_manifest(old: dict, new: dict, out: Path) -> dict:
     """The manifest to continue with: the old one when the run is the same, else a clear refusal."""
-    for key in ("generator", "target", "settings", "shard_size"):
+    for key in ("version", "generator", "target", "settings", "instructions", "shard_size"):
         if old.get(key) != new[key]:
             raise InputError(
                 f"{out} holds a run with a different {key} ({json.dumps(old.get(key))}); "
@@ -89,6 +107,75 @@ def reconcile_manifest(old: dict, new: dict, out: Path) -> dict:
     return old
 
 
+def acquire_lock(out: Path) -> Path:
+    """OUT/synth.lock, created atomically and holding host, pid and start time; a lock whose process is
+    gone (same host, pid not running) is from a killed run and is taken over. InputError while another
+    run holds it. (Two runs taking over the same stale lock at the same instant may both succeed.)"""
+    path = out / LOCK
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except FileNotFoundError:  # released meanwhile
+                continue
+            except ValueError:  # a run killed between creating and writing it: take it over
+                holder = {}
+            if holder and not (holder.get("host") == me["host"] and not _pid_alive(holder.get("pid"))):
+                raise InputError(
+                    f"{out} is in use by another synthesis run (host {holder.get('host')}, pid {holder.get('pid')}, "
+                    f"started {holder.get('started')}); wait for it to finish, or remove {path} if that run is gone"
+                ) from None
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return path
+    raise InputError(f"{path}: could not take the run lock")
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True  # another user's process, or a lock we cannot read: assume held
+    return True
+
+
+def release_lock(path: Path) -> None:
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (FileNotFoundError, ValueError):
+        pass
+
+
+def check_out(out: str | Path) -> Path:
+    """OUT as a local path; refuses object-store URIs, warns about a relative OUT in a submitted Ray job."""
+    if URI.match(str(out)):
+        raise InputError(
+            f"--out {out}: object-store URIs are not supported; give a path on a filesystem the driver can write "
+            "(on a cluster, a shared filesystem mounted at the same path on the head node)"
+        )
+    out = Path(out)
+    # Ray sets this variable for the driver of a `ray job submit` job, whose working dir is deleted after the job.
+    if not out.is_absolute() and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        print(
+            f"genpi: warning: --out {out} is relative and this runs as a Ray job: it lands in the job's working "
+            "directory, which Ray deletes when the job ends; give an absolute path on a shared filesystem",
+            file=sys.stderr,
+        )
+    return out
+
+
+def retryable_count(rows: list[dict]) -> int:
+    return sum(r["error"] is not None and is_retryable(r["error"]) for r in rows)
+
+
 class Synthesis:
     def __init__(self, out: Path, entries: list[PromptEntry], manifest: dict, settings: SynthSettings, options: RunOptions):
         self.out = out
@@ -104,12 +191,17 @@ class Synthesis:
         from tqdm import tqdm
 
         self.engines = list({id(e): e for e in [generator, *targets]}.values())
+        self.forget_missing_shards()
         prompts = self.manifest["prompts"]
         total = sum(prompts[e.id]["inputs"] or self.settings.samples for e in self.entries)
-        done = sum(s["rows"] for e in self.entries for s in prompts[e.id]["shards"].values())
+        done = sum(s["rows"] - s.get("retryable", 0) for e in self.entries for s in prompts[e.id]["shards"].values())
         self.started = time.monotonic()
         self.bar = tqdm(total=total, initial=done, unit="dlg", desc="dialogues", disable=not self.options.progress, file=sys.stderr)
         limits = [asyncio.Semaphore(self.options.shards_in_flight) for _ in targets]
+        # One prompt's inputs at a time, in catalog order: the first prompt's dialogues start on the targets
+        # while the generator writes the next prompt's inputs, where generating every prompt's inputs at once
+        # would keep the targets idle until all of them were done.
+        self.input_slot = asyncio.Semaphore(1)
         await asyncio.gather(*(self.run_prompt(e, generator, targets, limits, i) for i, e in enumerate(self.entries)))
         self.bar.close()
 
@@ -117,25 +209,41 @@ class Synthesis:
     def generated_tokens(self) -> int:
         return sum(e.generated_tokens for e in self.engines)
 
+    def forget_missing_shards(self) -> None:
+        """Shards the manifest lists but whose files are gone (deleted, or lost with a disk) are redone."""
+        for entry in self.entries:
+            shards = self.manifest["prompts"][entry.id]["shards"]
+            folder = store.shard_path(self.out, entry.id, 0).parent
+            for name in [n for n in shards if not (folder / n).exists()]:
+                self.log(f"{entry.id}: shard {name} is listed in the manifest but missing; it will be redone")
+                del shards[name]
+        self.save_manifest()
+
     def pending_shards(self, entry: PromptEntry) -> list[tuple[int, list[int]]]:
-        """(shard, sample ids) still to do; empty until the prompt's inputs exist."""
+        """(shard, sample ids) still to do, including shards with retryable failures; empty until the
+        prompt's inputs exist."""
         n = self.manifest["prompts"][entry.id]["inputs"]
         if n is None:
             return []
         size = self.manifest["shard_size"]
         done = self.manifest["prompts"][entry.id]["shards"]
-        return [
-            (k, list(range(start, min(start + size, n))))
-            for k, start in enumerate(range(0, n, size))
-            if store.shard_path(self.out, entry.id, k).name not in done
-        ]
+        pending = []
+        for k, start in enumerate(range(0, n, size)):
+            record = done.get(store.shard_path(self.out, entry.id, k).name)
+            if record is None or record.get("retryable", 0) > 0:
+                pending.append((k, list(range(start, min(start + size, n)))))
+        return pending
 
     async def ensure_inputs(self, entry: PromptEntry, generator: AsyncEngine) -> list[dict]:
         path = store.inputs_path(self.out, entry.id)
         record = self.manifest["prompts"][entry.id]
         if record["inputs"] is not None and path.exists():
             return store.read_rows(path)
-        texts, errors = await generate_inputs(entry, generator, self.settings)
+        # New inputs: any shard of this prompt was made from other inputs and must go.
+        for shard in (self.out / "dialogues" / f"prompt_id={entry.id}").glob("*.parquet"):
+            shard.unlink()
+        record["shards"] = {}
+        texts, errors, cut = await generate_inputs(entry, generator, self.settings)
         heldout = heldout_ids(entry.id, len(texts), self.settings)
         samples = [
             {
@@ -149,18 +257,21 @@ class Synthesis:
         store.write_table(path, samples, store.INPUT_SCHEMA)
         record["inputs"] = len(samples)
         record["input_errors"] = errors[:20]
+        record["inputs_cut"] = cut
         self.save_manifest()
         if len(samples) < self.settings.samples:
             self.log(
                 f"{entry.id}: only {len(samples)} distinct inputs of {self.settings.samples} requested "
-                f"after {self.settings.input_rounds} generator rounds ({len(errors)} generator errors)"
+                f"after {self.settings.input_rounds} generator rounds ({len(errors)} generator errors, "
+                f"{cut} inputs cut by the token limit)"
             )
             self.bar.total -= self.settings.samples - len(samples)
             self.bar.refresh()
         return samples
 
     async def run_prompt(self, entry, generator, targets, limits, offset: int) -> None:
-        samples = await self.ensure_inputs(entry, generator)
+        async with self.input_slot:
+            samples = await self.ensure_inputs(entry, generator)
         self.adopt_orphan_shards(entry)
         jobs = []
         for k, sample_ids in self.pending_shards(entry):
@@ -170,9 +281,10 @@ class Synthesis:
 
     def adopt_orphan_shards(self, entry: PromptEntry) -> None:
         """A shard renamed into place just before a kill, but not yet in the manifest, is finished work."""
+        listed = self.manifest["prompts"][entry.id]["shards"]
         for k, sample_ids in self.pending_shards(entry):
             path = store.shard_path(self.out, entry.id, k)
-            if not path.exists():
+            if path.name in listed or not path.exists():
                 continue
             try:
                 rows = store.read_rows(path)
@@ -181,14 +293,21 @@ class Synthesis:
                 continue
             if [r["sample_id"] for r in rows] == sample_ids and all(r["prompt_sha256"] == entry.sha256 for r in rows):
                 self.record_shard(entry, path, rows)
-                self.bar.update(len(rows))
+                self.bar.update(len(rows) - retryable_count(rows))
             else:
                 path.unlink()
 
     async def run_shard(self, entry, k, samples, target, generator, limit) -> None:
+        """Synthesize a shard's samples, or on a rerun only those that met a retryable failure; the shard
+        is rewritten whole (atomically), every sample once, in sample order."""
         async with limit:
-            rows = await asyncio.gather(*(self.dialogue(entry, s, target, generator) for s in samples))
             path = store.shard_path(self.out, entry.id, k)
+            kept = {}
+            if path.name in self.manifest["prompts"][entry.id]["shards"]:
+                kept = {r["sample_id"]: r for r in store.read_rows(path) if not retryable_count([r])}
+            todo = [s for s in samples if s["sample_id"] not in kept]
+            fresh = await asyncio.gather(*(self.dialogue(entry, s, target, generator) for s in todo))
+            rows = sorted([*kept.values(), *fresh], key=lambda r: r["sample_id"])
             store.write_table(path, rows, store.DIALOGUE_SCHEMA)
             self.record_shard(entry, path, rows)
 
@@ -204,6 +323,7 @@ class Synthesis:
         self.manifest["prompts"][entry.id]["shards"][path.name] = {
             "rows": len(rows),
             "failed": sum(r["error"] is not None for r in rows),
+            "retryable": retryable_count(rows),  # engine/internal failures: the shard is not finished
             "first_sample": rows[0]["sample_id"],
             "last_sample": rows[-1]["sample_id"],
         }
@@ -226,19 +346,29 @@ def synthesize(
     prompts: list[str] | None = None,
 ) -> dict:
     """Run (or resume) a synthesis of the catalog's prompts (or of those named); returns the final manifest."""
-    catalog, out = Path(catalog), Path(out)
+    catalog, out = Path(catalog), check_out(out)
     entries = load_catalog(catalog, prompts)  # every catalog problem surfaces before any model loads
     if settings.samples < 1:
         raise InputError(f"--samples must be at least 1, got {settings.samples}")
     if settings.max_turns is not None and settings.max_turns < 1:
         raise InputError(f"--max-turns must be at least 1, got {settings.max_turns}")
+    if settings.teacher_topk < 0:
+        raise InputError(f"--teacher-topk must be 0 (off) or more, got {settings.teacher_topk}")
     if options.shard_size < 1:
         raise InputError(f"--shard-size must be at least 1, got {options.shard_size}")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(out)
+    try:
+        return _synthesize(catalog, out, entries, settings, generator, target, options)
+    finally:
+        release_lock(lock)
+
+
+def _synthesize(catalog, out, entries, settings, generator, target, options) -> dict:
     manifest = new_manifest(catalog, entries, generator, target, settings, options.shard_size)
     old = store.read_manifest(out)
     if old is not None:
         manifest = reconcile_manifest(old, manifest, out)
-    out.mkdir(parents=True, exist_ok=True)
     store.remove_stale_temporaries(out)
     store.write_manifest(out, manifest)
 
@@ -247,7 +377,8 @@ def synthesize(
     from genpi.synth.actors import start_engine
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=False, configure_logging=False)
+        # log_to_driver: errors logged inside engine actors reach this driver's stderr.
+        ray.init(log_to_driver=True, configure_logging=False, include_dashboard=options.dashboard)
     shared = generator == target and options.target_replicas == 1
     target_actors = [start_engine(target, f"target-{i}") for i in range(options.target_replicas)]
     generator_actor = target_actors[0] if shared else start_engine(generator, "generator")
@@ -307,6 +438,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--teacher-topk", type=int, default=d.teacher_topk, help="store the teacher's top-k logprobs per agent token (0: off; default %(default)s)")
+    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local Ray")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-stats", action="store_true", help="skip the quality table at the end")
     return p.parse_args(argv)
@@ -325,12 +458,14 @@ def main(argv: list[str] | None = None) -> int:
         max_student_tokens=args.max_new_tokens,
         max_reason_tokens=args.max_new_tokens,
         max_turns=args.max_turns,
+        teacher_topk=args.teacher_topk,
     )
     options = RunOptions(
         shard_size=args.shard_size,
         shards_in_flight=args.shards_in_flight,
         target_replicas=args.target_replicas,
         progress=not args.no_progress,
+        dashboard=args.dashboard,
     )
     try:
         manifest = synthesize(
@@ -347,9 +482,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shards = [s for p in manifest["prompts"].values() for s in p["shards"].values()]
     rows, failed = sum(s["rows"] for s in shards), sum(s["failed"] for s in shards)
+    retryable = sum(s.get("retryable", 0) for s in shards)
     print(f"{rows} dialogues in {args.out} ({failed} failed)", file=sys.stderr)
+    if retryable:
+        print(
+            f"genpi: {retryable} dialogues met engine or internal failures; rerun the same command to redo them",
+            file=sys.stderr,
+        )
     if rows and not args.no_stats:
         from genpi.synth.stats import format_stats, quality_stats
 
         print(format_stats(quality_stats(args.out)))
-    return 0 if rows else 1
+    return 0 if rows and not retryable else 1
