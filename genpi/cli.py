@@ -47,7 +47,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     from genpi.synth.stats import format_rows, run_sql
 
-    columns, rows = run_sql(args.out, args.query)
+    columns, rows = run_sql(args.out, args.query, args.memory_limit, args.threads, args.timeout)
     if args.json:
         print(json.dumps([dict(zip(columns, row)) for row in rows], indent=2, default=str))
     else:
@@ -56,6 +56,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from genpi.synth.stats import MEMORY_LIMIT, THREADS, TIMEOUT_S
+
     parser = argparse.ArgumentParser(prog="genpi", description="Generative Prompt Internalization")
     parser.add_argument("--version", action="version", version=f"genpi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -82,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="synthesis run folder")
     p.add_argument("query", metavar="QUERY", help="e.g. \"SELECT prompt_id, count(*) FROM dialogues GROUP BY ALL\"")
     p.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
+    p.add_argument("--memory-limit", default=MEMORY_LIMIT, help="DuckDB memory limit (default %(default)s)")
+    p.add_argument("--threads", type=int, default=THREADS, help="DuckDB threads (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds before the query is stopped (default %(default)s)")
     p.set_defaults(handler=cmd_sql)
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -63,28 +64,31 @@ def row(prompt_id, sample_id, split, input, turns=None, error=None, tokens=(0, 0
     return base
 
 
+# `terminated` is measured (the environment is asked once more after the last turn), so "% no termination"
+# is not "% max turns + % truncated": alpha 2 hit the limit yet the environment ended it on the last ask.
 ALPHA = [
-    row("alpha", 0, "train", "list files", ["ls", "a b", "exit"], terminated=True, final_action_valid=True,
-        student_output="student one", reason="because", tokens=(5, 3, 4, 6)),
-    row("alpha", 1, "train", "list files", ["ls -l"], terminated=True, final_action_valid=False,
-        student_output="s2", reason="r2", tokens=(1, 0, 1, 1)),
-    row("alpha", 2, "heldout", "count lines", ["wc", "x", "wc -l", "y", "cat"], terminated=False, hit_max_turns=True,
-        final_action_valid=True, student_output="abc", reason="abcd", tokens=(2, 2, 2, 2)),
+    row("alpha", 0, "train", "list files", ["ls", "a b", "exit"], terminated=True, terminated_by="environment",
+        final_action_valid=True, student_output="student one", reason="because", tokens=(5, 3, 4, 6)),
+    row("alpha", 1, "train", "list files", ["ls -l"], terminated=True, terminated_by="final_action",
+        final_action_valid=False, student_output="s2", reason="r2", tokens=(1, 0, 1, 1)),
+    row("alpha", 2, "heldout", "count lines", ["wc", "x", "wc -l", "y", "cat"], terminated=True, hit_max_turns=True,
+        terminated_by="max_turns", final_action_valid=True, student_output="abc", reason="abcd", tokens=(2, 2, 2, 2)),
     # failed rows: outcome columns null
-    row("alpha", 3, "train", "huge", error="agent turn 1: context overflow", tokens=(7, 0, 0, 0)),
-    row("alpha", 4, "heldout", "huge 2", error="agent turn 1: context overflow", tokens=(None, None, None, None)),
+    row("alpha", 3, "train", "huge", error="agent turn 1: context overflow", terminated_by="error", tokens=(7, 0, 0, 0)),
+    row("alpha", 4, "heldout", "huge 2", error="agent turn 1: context overflow", terminated_by="error",
+        tokens=(None, None, None, None)),
 ]
 
 BETA = [
-    row("beta.v2", 0, "train", "q1", ["hello!!"], terminated=True, final_action_valid=None,
+    row("beta.v2", 0, "train", "q1", ["hello!!"], terminated=True, terminated_by="environment", final_action_valid=None,
         student_output="x", reason="yy", tokens=(1, 1, 1, 1)),
-    row("beta.v2", 1, "heldout", "q2", ["hi"], terminated=False, truncated=True, final_action_valid=None,
-        student_output="xy", reason="y", tokens=(2, 0, 1, 1)),
+    row("beta.v2", 1, "heldout", "q2", ["hi"], terminated=False, truncated=True, terminated_by="truncated",
+        final_action_valid=None, student_output="xy", reason="y", tokens=(2, 0, 1, 1)),
     row("beta.v2", 2, "train", "q3", ["abc", "o", "defg"], terminated=False, hit_max_turns=True,
-        final_action_valid=None, student_output="xyz", reason="yyy", tokens=(10, 5, 1, 1)),
-    row("beta.v2", 3, "train", "q4", error="reason: timeout", tokens=(3, None, None, None)),
-    row("beta.v2", 4, "train", "q5", error="student: boom"),
-    row("beta.v2", 5, "heldout", "q6", error="reason: timeout"),
+        terminated_by="max_turns", final_action_valid=None, student_output="xyz", reason="yyy", tokens=(10, 5, 1, 1)),
+    row("beta.v2", 3, "train", "q4", error="reason: timeout", terminated_by="error", tokens=(3, None, None, None)),
+    row("beta.v2", 4, "train", "q5", error="student: boom", terminated_by="error"),
+    row("beta.v2", 5, "heldout", "q6", error="reason: timeout", terminated_by="error"),
 ]
 
 EXPECTED = {
@@ -99,9 +103,10 @@ EXPECTED = {
         "heldout": 1,
         "avg_turns": 2.0,
         "pct_hit_max_turns": 33.3,
-        "pct_no_termination": 33.3,
+        "pct_no_termination": 0.0,
         "pct_invalid_final_action": 33.3,
         "pct_truncated": 0.0,
+        "terminated_by": {"environment": 1, "final_action": 1, "max_turns": 1, "truncated": 0, "error": 2},
         "mean_input_chars": 10.3,  # (10 + 10 + 11) / 3
         "mean_agent_turn_chars": 3.5,  # (2 + 4 + 5 + 2 + 5 + 3) / 6
         "mean_student_chars": 5.3,
@@ -124,6 +129,7 @@ EXPECTED = {
         "pct_no_termination": 66.7,
         "pct_invalid_final_action": None,  # the catalog gives no action space
         "pct_truncated": 33.3,
+        "terminated_by": {"environment": 1, "final_action": 0, "max_turns": 1, "truncated": 1, "error": 3},
         "mean_input_chars": 2.0,
         "mean_agent_turn_chars": 4.0,  # (7 + 2 + 3 + 4) / 4
         "mean_student_chars": 2.0,
@@ -146,6 +152,7 @@ EXPECTED = {
         "pct_no_termination": None,
         "pct_invalid_final_action": None,
         "pct_truncated": None,
+        "terminated_by": {"environment": 0, "final_action": 0, "max_turns": 0, "truncated": 0, "error": 0},
         "mean_input_chars": None,
         "mean_agent_turn_chars": None,
         "mean_student_chars": None,
@@ -232,6 +239,7 @@ def test_format_stats(run):
         assert figure in alpha
     beta = next(line for line in lines if line.startswith("beta.v2 "))
     assert "66.7" in beta and "1.33" in beta
+    assert "ended env/final/max/trunc/err" in header and "1/1/1/0/2" in alpha and "1/0/1/1/3" in beta
     assert any(line.startswith("gamma ") for line in lines)
     assert len({len(line) for line in lines[:5]}) <= 2  # fixed width (trailing blanks stripped)
     errors = text[text.index("most common errors"):]
@@ -254,6 +262,31 @@ def test_sql(run, capsys):
     assert main(["sql", str(run), "SELECT input, turns FROM dialogues WHERE sample_id = 2 AND prompt_id = 'alpha'"]) == 0
     text = capsys.readouterr().out
     assert "count lines" in text and "(1 row)" in text
+
+
+def test_sql_with_glob_characters_in_out(run, tmp_path):
+    odd = tmp_path / "runs [1] *?"
+    run.rename(odd)
+    assert run_sql(odd, "SELECT count(*) FROM dialogues") == (["count_star()"], [(11,)])
+    assert [s["rows"] for s in quality_stats(odd)] == [5, 6, 0]
+
+
+def test_sql_limits_are_set_and_locked(run, capsys):
+    con = open_dialogues(run, memory_limit="300MB", threads=1)
+    try:
+        assert con.execute("SELECT current_setting('threads')").fetchone() == (1,)
+        assert "286" in con.execute("SELECT current_setting('memory_limit')").fetchone()[0]  # 300 MB in MiB
+        with pytest.raises(Exception, match="lock"):
+            con.execute("SET threads = 2")
+    finally:
+        con.close()
+    slow = "SELECT sum(hash(i)) FROM range(100000000000) t(i)"
+    started = time.monotonic()
+    assert main(["sql", str(run), slow, "--timeout", "0.5", "--threads", "1"]) == 2
+    assert time.monotonic() - started < 30
+    assert "time limit of 0.5 s" in capsys.readouterr().err
+    assert main(["sql", str(run), "SELECT 1", "--memory-limit", "lots"]) == 2
+    assert "memory" in capsys.readouterr().err
 
 
 def test_format_rows_truncates_and_counts():

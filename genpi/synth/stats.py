@@ -1,10 +1,18 @@
 """Quality statistics and ad-hoc SQL over a synthesis run's dialogue shards (DuckDB).
 
     open_dialogues(OUT)     in-memory DuckDB connection with a view `dialogues` over every shard
-    quality_stats(OUT)      one dict per prompt: the paper's quality figures, counts, lengths
+    quality_stats(OUT)      one dict per prompt: the paper's quality figures (Table 4), counts, lengths
     format_stats(stats)     those as a fixed-width table (plus the commonest errors)
     run_sql(OUT, QUERY)     one read-only SELECT over `dialogues` -> (columns, rows)
     format_rows(cols, rows) a fixed-width table of a query result
+
+Table 4's figures, as the paper defines them, from the row columns of store.DIALOGUE_SCHEMA:
+    % max turns             hit_max_turns: the turn limit reached without a final action
+    % no termination        not terminated: the environment never emitted its end marker, not even when
+                            asked once more after the final action or the last allowed turn
+    % invalid final action  not final_action_valid: the last agent turn does not match actions.final
+                            (actions.valid where the catalog gives no final); prompts with neither: null
+and `terminated_by` counts how the dialogues ended (store.TERMINATED_BY; failed rows are "error").
 
 The shards are hive partitioned (`prompt_id=ID/`) and also hold a `prompt_id`
 column. DuckDB (2.0) with `hive_partitioning = true` yields a single `prompt_id`
@@ -17,12 +25,13 @@ and the configuration is locked, so a query can read the run but nothing else.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import duckdb
 
 from genpi import InputError
-from genpi.synth.store import dialogues_glob, read_manifest
+from genpi.synth.store import TERMINATED_BY, read_manifest
 
 TOP_ERRORS = 3
 MAX_CELL = 60
@@ -43,6 +52,7 @@ per_prompt AS (
         round(avg(CASE WHEN final_action_valid THEN 0.0 ELSE 100.0 END)
               FILTER (WHERE good AND final_action_valid IS NOT NULL), 1) AS pct_invalid_final_action,
         round(avg(CASE WHEN truncated THEN 100.0 ELSE 0.0 END) FILTER (WHERE good), 1) AS pct_truncated,
+        {by_columns},
         round(avg(length(input)) FILTER (WHERE good), 1) AS mean_input_chars,
         round(sum(list_sum(list_transform(list_filter(turns, lambda t: t.role = 'assistant'),
                                           lambda t: length(t.content)))) FILTER (WHERE good)
@@ -58,7 +68,7 @@ per_prompt AS (
     GROUP BY prompt_id
 )
 SELECT * FROM per_prompt ORDER BY prompt_id
-"""
+""".format(by_columns=",\n        ".join(f"count(*) FILTER (WHERE terminated_by = '{t}') AS by_{t}" for t in TERMINATED_BY))
 
 _ERRORS_SQL = f"""
 SELECT prompt_id, error, count(*) AS n
@@ -69,23 +79,36 @@ QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY n DESC, error) <= {TO
 ORDER BY prompt_id, n DESC, error
 """
 
-_ZERO_COUNTS = {"rows": 0, "failed": 0, "train": 0, "heldout": 0, "generated_tokens": 0}
+_ZERO_COUNTS = {"rows": 0, "failed": 0, "train": 0, "heldout": 0, "generated_tokens": 0} | {
+    f"by_{t}": 0 for t in TERMINATED_BY
+}
+
+# Defaults of `genpi sql`: a query over a large run must not take the machine's memory, cores or time.
+MEMORY_LIMIT = "4GB"
+THREADS = 2
+TIMEOUT_S = 300.0
 
 
-def open_dialogues(out: str | Path) -> duckdb.DuckDBPyConnection:
+def open_dialogues(out: str | Path, memory_limit: str = MEMORY_LIMIT, threads: int = THREADS) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the view `dialogues` over all shards of OUT."""
     out = Path(out)
     if not out.is_dir():
         raise InputError(f"{out}: no such run folder (run genpi synth first)")
     root = out.resolve()
-    if not any((root / "dialogues").glob("prompt_id=*/*.parquet")):
+    # The shards as a list of files, not a glob: OUT itself may hold glob characters ([, *, ?).
+    files = sorted(str(f) for f in (root / "dialogues").glob("prompt_id=*/*.parquet"))
+    if not files:
         raise InputError(f"{out}: no dialogue shards yet (run genpi synth first)")
-    con = duckdb.connect(":memory:")
     try:
-        glob = dialogues_glob(root).replace("'", "''")
+        # Limits go in before the configuration is locked below.
+        con = duckdb.connect(":memory:", config={"memory_limit": memory_limit, "threads": threads})
+    except duckdb.Error as e:
+        raise InputError(f"bad DuckDB limits (memory {memory_limit!r}, threads {threads}): {_first_line(e)}") from None
+    try:
+        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         con.execute(
             "CREATE VIEW dialogues AS SELECT * FROM read_parquet("
-            f"'{glob}', hive_partitioning = true, hive_types = {{'prompt_id': VARCHAR}})"
+            f"[{listed}], hive_partitioning = true, hive_types = {{'prompt_id': VARCHAR}})"
         )
         con.execute("SET allowed_directories = ?", [[str(root) + "/"]])
         con.execute("SET enable_external_access = false")
@@ -120,7 +143,8 @@ def quality_stats(out: str | Path) -> list[dict]:
 
     Keys: prompt_id, gold_turns, max_turns, samples (from the manifest; None without one),
     rows, failed, train, heldout, avg_turns, pct_hit_max_turns, pct_no_termination,
-    pct_invalid_final_action, pct_truncated, mean_input_chars, mean_agent_turn_chars,
+    pct_invalid_final_action, pct_truncated, terminated_by ({reason: count} for every
+    store.TERMINATED_BY, over all rows), mean_input_chars, mean_agent_turn_chars,
     mean_student_chars, mean_reason_chars, duplicate_input_rate, generated_tokens, top_errors.
     Percentages (0-100, 1 decimal) and means are over good rows; counts of tokens over all rows.
     """
@@ -145,7 +169,8 @@ def quality_stats(out: str | Path) -> list[dict]:
                 "gold_turns": info.get("gold_turns"),
                 "max_turns": info.get("max_turns"),
                 "samples": info.get("samples"),
-                **{c: row[c] for c in columns if c != "prompt_id"},
+                **{c: row[c] for c in columns if c != "prompt_id" and not c.startswith("by_")},
+                "terminated_by": {t: row[f"by_{t}"] for t in TERMINATED_BY},
                 "top_errors": errors.get(prompt_id, []),
             }
         )
@@ -161,6 +186,7 @@ _STATS_COLUMNS = [
     ("% max turns", "pct_hit_max_turns", "{:.1f}"),
     ("% no term", "pct_no_termination", "{:.1f}"),
     ("% invalid final", "pct_invalid_final_action", "{:.1f}"),
+    ("ended env/final/max/trunc/err", "terminated_by", None),
     ("rows", "rows", "{}"),
     ("failed", "failed", "{}"),
     ("train", "train", "{}"),
@@ -180,9 +206,7 @@ def format_stats(stats: list[dict]) -> str:
     if not stats:
         return "no prompts"
     headers = [h for h, _, _ in _STATS_COLUMNS]
-    body = [
-        ["-" if s.get(key) is None else fmt.format(s[key]) for _, key, fmt in _STATS_COLUMNS] for s in stats
-    ]
+    body = [[_stat_cell(s.get(key), fmt) for _, key, fmt in _STATS_COLUMNS] for s in stats]
     lines = [_table(headers, body, numeric=[i > 0 for i in range(len(headers))])]
     failing = [s for s in stats if s.get("top_errors")]
     if failing:
@@ -195,9 +219,22 @@ def format_stats(stats: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_sql(out: str | Path, query: str) -> tuple[list[str], list[tuple]]:
-    """Run one read-only SELECT over the view `dialogues`; InputError for anything else or a bad query."""
-    con = open_dialogues(out)
+def _stat_cell(value, fmt: str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):  # terminated_by counts
+        return "/".join(str(value[t]) for t in TERMINATED_BY)
+    return fmt.format(value)
+
+
+def run_sql(
+    out: str | Path, query: str, memory_limit: str = MEMORY_LIMIT, threads: int = THREADS, timeout: float = TIMEOUT_S
+) -> tuple[list[str], list[tuple]]:
+    """Run one read-only SELECT over the view `dialogues`; InputError for anything else, a bad query, or
+    one that runs longer than `timeout` seconds."""
+    con = open_dialogues(out, memory_limit, threads)
+    timer = threading.Timer(timeout, con.interrupt)
+    timer.daemon = True
     try:
         try:
             statements = con.extract_statements(query)
@@ -210,13 +247,17 @@ def run_sql(out: str | Path, query: str) -> tuple[list[str], list[tuple]]:
         kind = statements[0].type
         if kind != duckdb.StatementType.SELECT:
             raise InputError(f"only a SELECT statement is allowed, got {kind.name}")
+        timer.start()
         try:
             result = con.execute(statements[0])
             columns = [c[0] for c in result.description]
             rows = result.fetchall()
+        except duckdb.InterruptException:
+            raise InputError(f"query stopped after the time limit of {timeout:g} s (--timeout)") from None
         except duckdb.Error as e:
             raise InputError(f"query failed: {_first_line(e)}") from None
     finally:
+        timer.cancel()
         con.close()
     return columns, rows
 

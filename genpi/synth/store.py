@@ -69,10 +69,6 @@ INPUT_SCHEMA = pa.schema(
 )
 
 
-def dialogues_glob(out: str | Path) -> str:
-    return str(Path(out) / "dialogues" / "**" / "*.parquet")
-
-
 def shard_path(out: str | Path, prompt_id: str, shard: int) -> Path:
     return Path(out) / "dialogues" / f"prompt_id={prompt_id}" / f"part-{shard:05d}.parquet"
 
