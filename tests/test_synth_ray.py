@@ -20,9 +20,11 @@ from genpi.synth.pipeline import SynthSettings
 from genpi.synth.run import RunOptions, synthesize
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
+# teacher_topk=0: the top-k path is covered in test_pipeline with an engine that returns top-k
 SETTINGS = SynthSettings(
-    samples=6, max_input_tokens=12, max_agent_tokens=12, max_environment_tokens=12, max_student_tokens=12, max_reason_tokens=12
-)
+    samples=6, max_input_tokens=12, max_agent_tokens=12, max_environment_tokens=12, max_student_tokens=12, max_reason_tokens=12,
+    teacher_topk=0,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,8 @@ def test_synthesis_writes_each_sample_once_and_resumes_without_redoing(local_ray
         assert r["student_output"] is not None and r["reason"] is not None
         assert r["target_model"] == r["generator_model"] == os.path.basename(tiny_model)
         assert r["agent_tokens"] > 0 and r["prompt_tokens"] > 0
+        assert r["terminated_by"] in store.TERMINATED_BY and len(r["turn_cut"]) == len(r["turns"])
+        assert r["student_output_cut"] is not None and r["reason_cut"] is not None
     assert {r["split"] for r in rows} == {"train", "heldout"}
     assert sum(r["split"] == "heldout" for r in rows) == 2  # 10% of 6, at least one per prompt
     assert manifest["prompts"]["calc"]["prompt_sha256"] == rows[0]["prompt_sha256"] or rows[0]["prompt_id"] != "calc"
@@ -121,7 +125,7 @@ def synth_command(out, tiny_model):
     return [
         sys.executable, "-m", "genpi.synth", str(CATALOG), "--out", str(out), "--generator", tiny_model,
         "--target", tiny_model, "--samples", "8", "--shard-size", "2", "--shards-in-flight", "1",
-        "--max-new-tokens", "12", "--no-stats", "--no-progress",
+        "--max-new-tokens", "12", "--teacher-topk", "0", "--no-stats", "--no-progress",
     ]  # fmt: skip
 
 

@@ -1,0 +1,240 @@
+"""The synthesis run's bookkeeping without Ray: the run lock, --out checks, the resume fingerprint, and
+reruns that redo missing shards and retryable failures (Synthesis driven by an in-process fake engine)."""
+
+import asyncio
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from genpi import InputError
+from genpi.catalog import load_catalog
+from genpi.engines import ChatRequest, Completion, EngineConfig
+from genpi.synth import pipeline, store
+from genpi.synth.pipeline import END, SynthSettings
+from genpi.synth.run import (
+    LOCK,
+    RunOptions,
+    Synthesis,
+    acquire_lock,
+    check_out,
+    main,
+    new_manifest,
+    reconcile_manifest,
+    release_lock,
+)
+
+CATALOG = REPO / "tests" / "data" / "tiny.yaml"
+ENTRIES = load_catalog(CATALOG)
+SETTINGS = SynthSettings(samples=5, teacher_topk=0)
+OPTIONS = RunOptions(shard_size=2, progress=False)
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def write_lock(out, pid, host=None):
+    out.mkdir(parents=True, exist_ok=True)
+    holder = {"host": host or socket.gethostname(), "pid": pid, "started": "2026-01-01T00:00:00"}
+    (out / LOCK).write_text(json.dumps(holder))
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_lock(out, holder.pid)
+        assert main([str(CATALOG), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "in use by another synthesis run" in err and f"pid {holder.pid}" in err and socket.gethostname() in err
+        assert json.loads((out / LOCK).read_text())["pid"] == holder.pid  # the holder's lock is left alone
+        write_lock(out, 1, host="some-other-host")  # another host's pid cannot be checked: held
+        with pytest.raises(InputError, match="some-other-host"):
+            acquire_lock(out)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_from_a_killed_run_is_taken_over_and_released(tmp_path):
+    out = tmp_path / "out"
+    write_lock(out, dead_pid())
+    lock = acquire_lock(out)
+    held = json.loads(lock.read_text())
+    assert held["pid"] == os.getpid() and held["host"] == socket.gethostname() and held["started"]
+    with pytest.raises(InputError, match=f"pid {os.getpid()}"):  # held by a live process (this one)
+        acquire_lock(out)
+    release_lock(lock)
+    assert not lock.exists()
+    (out / LOCK).write_text("")  # a run killed between creating the lock and writing it
+    release_lock(acquire_lock(out))
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/run", "gs://bucket/run", "hdfs://nn/run"])
+def test_an_object_store_out_is_refused(tmp_path, capsys, monkeypatch, uri):
+    monkeypatch.chdir(tmp_path)
+    assert main([str(CATALOG), "--out", uri, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genpi: error: --out") and "shared filesystem" in err
+    assert list(tmp_path.iterdir()) == []  # no local folder named after the scheme
+
+
+def test_a_relative_out_in_a_submitted_ray_job_is_warned_about(tmp_path, capsys, monkeypatch):
+    assert check_out("rel/out").as_posix() == "rel/out"
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray sets for a job's driver
+    check_out("rel/out")
+    assert "relative" in capsys.readouterr().err
+    check_out(tmp_path / "abs")
+    assert capsys.readouterr().err == ""
+
+
+def manifest_for(settings=SETTINGS, engine=EngineConfig()):
+    return new_manifest(CATALOG, ENTRIES, engine, engine, settings, OPTIONS.shard_size)
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (lambda m: manifest_for(engine=EngineConfig(dtype="float16")), "generator"),
+        (lambda m: manifest_for(engine=EngineConfig(max_model_len=2048)), "generator"),
+        (lambda m: manifest_for(engine=EngineConfig(tensor_parallel_size=2)), "generator"),
+        (lambda m: manifest_for(dataclasses.replace(SETTINGS, teacher_topk=5)), "settings"),
+        (lambda m: (m.setattr(pipeline, "REASON_INSTRUCTION", "Explain."), manifest_for())[1], "instructions"),
+        (lambda m: (m.setattr(pipeline, "END", "<<STOP>>"), manifest_for())[1], "instructions"),
+    ],
+)
+def test_the_resume_fingerprint_refuses_a_changed_run(tmp_path, monkeypatch, change, key):
+    old = manifest_for()
+    assert reconcile_manifest(json.loads(json.dumps(old)), manifest_for(), tmp_path) == old
+    with pytest.raises(InputError, match=f"different {key}"):
+        reconcile_manifest(old, change(monkeypatch), tmp_path)
+
+
+class Fake:
+    """A deterministic engine for every persona; `broken` inputs fail as an engine error would."""
+
+    model_name = "fake"
+
+    def __init__(self, broken=()):
+        self.broken = set(broken)
+        self.generated_tokens = 0
+        self.agent_inputs: list[str] = []
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        system = request.messages[0]["content"] if request.messages[0]["role"] == "system" else ""
+        if system.startswith(pipeline.INPUT_INSTRUCTION):
+            return Completion(text=f"task {request.seed}", finish_reason="stop")
+        if system.startswith(pipeline.ENVIRONMENT_INSTRUCTION):
+            return Completion(text=END, finish_reason="stop")
+        if system.startswith(pipeline.REASON_INSTRUCTION):
+            return Completion(text="because", finish_reason="stop")
+        task = request.messages[-1]["content"]
+        if not system:  # the student
+            return Completion(text="hi", finish_reason="stop")
+        self.agent_inputs.append(task)
+        if task in self.broken:
+            return Completion.failure("engine: RuntimeError: device lost")
+        return Completion(text="Act: answer(1)" if "calc" in system else "Answer: hello", finish_reason="stop")
+
+
+def synth(out, engine):
+    """What genpi.synth.run.synthesize does around its engines, with `engine` in place of the actors."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = manifest_for()
+    old = store.read_manifest(out)
+    if old is not None:
+        manifest = reconcile_manifest(old, manifest, out)
+    run = Synthesis(out, ENTRIES, manifest, SETTINGS, OPTIONS)
+    asyncio.run(run.run(engine, [engine]))
+    return run.manifest
+
+
+def rows_of(out, prompt_id):
+    folder = store.shard_path(out, prompt_id, 0).parent
+    return [r for path in sorted(folder.glob("*.parquet")) for r in store.read_rows(path)]
+
+
+def test_a_shard_with_engine_failures_is_redone_on_rerun_every_sample_once(tmp_path):
+    out = tmp_path / "out"
+    synth(out, Fake())
+    inputs = {r["sample_id"]: r["input"] for r in rows_of(out, "greet")}
+    # a fresh folder with the same inputs, where two samples of shard 1 meet an engine failure
+    out = tmp_path / "out2"
+    manifest = synth(out, Fake(broken={inputs[2], inputs[3]}))
+    shard = manifest["prompts"]["greet"]["shards"]["part-00001.parquet"]
+    assert (shard["failed"], shard["retryable"]) == (2, 2)
+    before = {p.name: p.stat().st_mtime_ns for p in store.shard_path(out, "greet", 0).parent.glob("*.parquet")}
+
+    engine = Fake()
+    manifest = synth(out, engine)
+    assert sorted(engine.agent_inputs) == sorted([inputs[2], inputs[3]])  # only the failed samples redone
+    rows = rows_of(out, "greet")
+    assert [r["sample_id"] for r in rows] == list(range(5)) and all(r["error"] is None for r in rows)
+    assert manifest["prompts"]["greet"]["shards"]["part-00001.parquet"]["retryable"] == 0
+    after = {p.name: p.stat().st_mtime_ns for p in store.shard_path(out, "greet", 0).parent.glob("*.parquet")}
+    assert after["part-00000.parquet"] == before["part-00000.parquet"]  # finished shards untouched
+    assert after["part-00001.parquet"] != before["part-00001.parquet"]
+
+
+def test_a_context_overflow_is_final_and_not_redone(tmp_path):
+    class Overflow(Fake):
+        async def complete(self, request):
+            if request.messages[-1]["content"] == "task-overflow":
+                return Completion.failure("context_length: 2000 prompt tokens + 384 max tokens > 2048")
+            return await super().complete(request)
+
+    out = tmp_path / "out"
+    synth(out, Fake())
+    inputs = store.read_rows(store.inputs_path(out, "greet"))
+    inputs[0]["input"] = "task-overflow"
+    store.write_table(store.inputs_path(out, "greet"), inputs, store.INPUT_SCHEMA)
+    for path in store.shard_path(out, "greet", 0).parent.glob("*.parquet"):
+        path.unlink()
+    manifest = synth(out, Overflow())
+    shard = manifest["prompts"]["greet"]["shards"]["part-00000.parquet"]
+    assert (shard["failed"], shard["retryable"]) == (1, 0)
+    engine = Overflow()
+    synth(out, engine)
+    assert engine.agent_inputs == []  # nothing left to do
+
+
+def test_a_listed_shard_whose_file_is_missing_is_redone(tmp_path):
+    out = tmp_path / "out"
+    synth(out, Fake())
+    store.shard_path(out, "calc", 1).unlink()
+    engine = Fake()
+    manifest = synth(out, engine)
+    assert len(engine.agent_inputs) == 2  # the two samples of the lost shard
+    assert [r["sample_id"] for r in rows_of(out, "calc")] == list(range(5))
+    assert "part-00001.parquet" in manifest["prompts"]["calc"]["shards"]
+
+
+def test_one_prompts_inputs_at_a_time_and_its_dialogues_start_before_the_next_prompts_inputs(tmp_path):
+    events = []
+
+    class Recording(Fake):
+        async def complete(self, request):
+            system = request.messages[0]["content"]
+            kind = "input" if system.startswith(pipeline.INPUT_INSTRUCTION) else "other"
+            prompt = "calc" if "calculator" in system else "greet"
+            events.append(("start", kind, prompt))
+            await asyncio.sleep(0.01 if kind == "input" else 0)  # a generator call takes a while
+            events.append(("done", kind, prompt))
+            return await super().complete(request)
+
+    synth(tmp_path / "out", Recording())
+    calc_inputs_done = max(i for i, e in enumerate(events) if e == ("done", "input", "calc"))
+    greet_inputs_start = min(i for i, e in enumerate(events) if e == ("start", "input", "greet"))
+    greet_inputs_done = max(i for i, e in enumerate(events) if e == ("done", "input", "greet"))
+    assert calc_inputs_done < greet_inputs_start  # calc's inputs first, not behind or mixed with greet's
+    calc_dialogues_start = min(i for i, e in enumerate(events) if e == ("start", "other", "calc"))
+    assert calc_dialogues_start < greet_inputs_done  # calc's dialogues run while greet's inputs are written
