@@ -46,3 +46,21 @@ def tiny_model(tmp_path_factory) -> str:
 def tiny_trainable_model(tmp_path_factory) -> str:
     """The usual small init: losses start near log(vocab) and fall fast."""
     return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-trainable"), initializer_range=0.02))
+
+
+@pytest.fixture(scope="session")
+def tiny_finishing_model(tmp_path_factory) -> str:
+    """A tiny random Llama that ends about half of its replies within a dozen tokens. A random model almost
+    never emits EOS (SmolLM2's EOS is its pad token, whose embedding starts at zero), and synthesis drops
+    pseudo inputs cut by the token limit, so a synthesis run needs a model that stops."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-finishing"))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    eos = AutoTokenizer.from_pretrained(folder).eos_token_id
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # tied embeddings: this row is EOS's output logit weights (and its input embedding)
+        model.lm_head.weight[eos] = torch.randn(model.config.hidden_size, generator=generator) * 1.5
+    model.save_pretrained(folder)
+    return str(folder)

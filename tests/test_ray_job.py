@@ -173,7 +173,7 @@ def ray_head():
     assert not killed, f"processes of the head outlived `ray start` and needed SIGKILL: {killed}"
 
 
-def test_ray_job_submit_runs_the_synthesis_on_the_cluster(ray_head, tiny_model):
+def test_ray_job_submit_runs_the_synthesis_on_the_cluster(ray_head, tiny_finishing_model):
     head = ray_head
     # Token auth is really on: without the token, or with another one, the job API refuses.
     assert head.api("/api/jobs/", token=None)[0] == 401
@@ -184,7 +184,7 @@ def test_ray_job_submit_runs_the_synthesis_on_the_cluster(ray_head, tiny_model):
     submit = [
         "job", "submit", "--address", head.url, "--working-dir", str(REPO), "--submission-id", submission,
         "--", "python", "-m", "genpi.synth", str(CATALOG), "--out", str(out),
-        "--generator", tiny_model, "--target", tiny_model,
+        "--generator", tiny_finishing_model, "--target", tiny_finishing_model,
         "--samples", "3", "--shard-size", "2", "--max-new-tokens", "8", "--no-stats",
     ]  # fmt: skip
     started = time.monotonic()

@@ -55,9 +55,9 @@ def assert_every_sample_once(out, samples_per_prompt):
     return rows, manifest
 
 
-def test_synthesis_writes_each_sample_once_and_resumes_without_redoing(local_ray, tiny_model, tmp_path):
+def test_synthesis_writes_each_sample_once_and_resumes_without_redoing(local_ray, tiny_finishing_model, tmp_path):
     out = tmp_path / "out"
-    engine = EngineConfig(model=tiny_model, num_cpus=1)
+    engine = EngineConfig(model=tiny_finishing_model, num_cpus=1)
     manifest = synthesize(CATALOG, out, SETTINGS, engine, engine, RunOptions(shard_size=4, progress=False))
     rows, on_disk = assert_every_sample_once(out, 6)
     assert manifest == on_disk
@@ -65,14 +65,14 @@ def test_synthesis_writes_each_sample_once_and_resumes_without_redoing(local_ray
     for r in rows:
         assert r["turns"][0]["role"] == "assistant" and r["n_turns"] >= 1
         assert r["student_output"] is not None and r["reason"] is not None
-        assert r["target_model"] == r["generator_model"] == os.path.basename(tiny_model)
+        assert r["target_model"] == r["generator_model"] == os.path.basename(tiny_finishing_model)
         assert r["agent_tokens"] > 0 and r["prompt_tokens"] > 0
         assert r["terminated_by"] in store.TERMINATED_BY and len(r["turn_cut"]) == len(r["turns"])
         assert r["student_output_cut"] is not None and r["reason_cut"] is not None
     assert {r["split"] for r in rows} == {"train", "heldout"}
     assert sum(r["split"] == "heldout" for r in rows) == 2  # 10% of 6, at least one per prompt
     assert manifest["prompts"]["calc"]["prompt_sha256"] == rows[0]["prompt_sha256"] or rows[0]["prompt_id"] != "calc"
-    assert manifest["settings"]["samples"] == 6 and manifest["target"]["model"] == tiny_model
+    assert manifest["settings"]["samples"] == 6 and manifest["target"]["model"] == tiny_finishing_model
 
     before = {p: p.stat().st_mtime_ns for p in (out / "dialogues").rglob("*.parquet")}
     synthesize(CATALOG, out, SETTINGS, engine, engine, RunOptions(shard_size=4, progress=False))
@@ -86,9 +86,9 @@ def test_synthesis_writes_each_sample_once_and_resumes_without_redoing(local_ray
         synthesize(CATALOG, out, SETTINGS, engine, other, RunOptions(shard_size=4, progress=False))
 
 
-def test_an_engine_actor_killed_mid_run_is_restarted_and_nothing_is_lost(local_ray, tiny_model, tmp_path):
+def test_an_engine_actor_killed_mid_run_is_restarted_and_nothing_is_lost(local_ray, tiny_finishing_model, tmp_path):
     out = tmp_path / "out"
-    engine = EngineConfig(model=tiny_model, num_cpus=1)
+    engine = EngineConfig(model=tiny_finishing_model, num_cpus=1)
     settings = SynthSettings(**{**SETTINGS.__dict__, "samples": 8})
     result = {}
 
@@ -121,10 +121,10 @@ def test_an_engine_actor_killed_mid_run_is_restarted_and_nothing_is_lost(local_r
     assert restarted_pid != pid
 
 
-def synth_command(out, tiny_model):
+def synth_command(out, tiny_finishing_model):
     return [
-        sys.executable, "-m", "genpi.synth", str(CATALOG), "--out", str(out), "--generator", tiny_model,
-        "--target", tiny_model, "--samples", "8", "--shard-size", "2", "--shards-in-flight", "1",
+        sys.executable, "-m", "genpi.synth", str(CATALOG), "--out", str(out), "--generator", tiny_finishing_model,
+        "--target", tiny_finishing_model, "--samples", "8", "--shard-size", "2", "--shards-in-flight", "1",
         "--max-new-tokens", "12", "--teacher-topk", "0", "--no-stats", "--no-progress",
     ]  # fmt: skip
 
@@ -141,7 +141,7 @@ def wait_for(predicate, process, timeout=300):
 
 
 @pytest.mark.parametrize("kill_when", ["inputs written", "first shard recorded"])
-def test_sigkill_at_any_point_then_rerun_finishes_every_sample_exactly_once(tiny_model, tmp_path, kill_when):
+def test_sigkill_at_any_point_then_rerun_finishes_every_sample_exactly_once(tiny_finishing_model, tmp_path, kill_when):
     out = tmp_path / "out"
     env = dict(os.environ, RAY_ADDRESS="local")  # a private Ray per run, whatever else runs here
 
@@ -153,7 +153,7 @@ def test_sigkill_at_any_point_then_rerun_finishes_every_sample_exactly_once(tiny
             return any(p["inputs"] is not None for p in manifest["prompts"].values())
         return any(p["shards"] for p in manifest["prompts"].values())
 
-    first = subprocess.Popen(synth_command(out, tiny_model), cwd=REPO, env=env, start_new_session=True,
+    first = subprocess.Popen(synth_command(out, tiny_finishing_model), cwd=REPO, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
         assert wait_for(progressed, first), first.stderr.read().decode()[-3000:] if first.poll() is not None else "timed out"
@@ -166,7 +166,7 @@ def test_sigkill_at_any_point_then_rerun_finishes_every_sample_exactly_once(tiny
     finished_before = sum(len(p["shards"]) for p in store.read_manifest(out)["prompts"].values())
     assert finished_before < 8
 
-    second = subprocess.run(synth_command(out, tiny_model), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(synth_command(out, tiny_finishing_model), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert_every_sample_once(out, 8)
     for path, mtime in survivors.items():  # finished shards were kept, not redone

@@ -238,3 +238,23 @@ def test_one_prompts_inputs_at_a_time_and_its_dialogues_start_before_the_next_pr
     assert calc_inputs_done < greet_inputs_start  # calc's inputs first, not behind or mixed with greet's
     calc_dialogues_start = min(i for i, e in enumerate(events) if e == ("start", "other", "calc"))
     assert calc_dialogues_start < greet_inputs_done  # calc's dialogues run while greet's inputs are written
+
+
+@pytest.mark.parametrize("dashboard", [False, True])
+def test_a_local_ray_starts_without_the_dashboard_unless_asked_and_forwards_actor_logs(tmp_path, monkeypatch, dashboard):
+    import ray
+
+    from genpi.synth.run import synthesize
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(RuntimeError, match="stop here"):
+        synthesize(CATALOG, tmp_path / "out", SETTINGS, options=dataclasses.replace(OPTIONS, dashboard=dashboard))
+    assert calls[0]["include_dashboard"] is dashboard and calls[0]["log_to_driver"] is True
+    assert not (tmp_path / "out" / LOCK).exists()  # released on the way out

@@ -135,7 +135,9 @@ def input_request(entry: PromptEntry, seed: int, settings: SynthSettings) -> Cha
     )
 
 
-async def generate_inputs(entry: PromptEntry, generator: AsyncEngine, settings: SynthSettings) -> tuple[list[str], list[str], int]:
+async def generate_inputs(
+    entry: PromptEntry, generator: AsyncEngine, settings: SynthSettings
+) -> tuple[list[str], list[str], int]:
     """Up to `settings.samples` distinct pseudo inputs: each round asks INPUT_OVER_ASK times the inputs
     still missing and keeps the first distinct ones in ask order (deterministic). Inputs cut by the token
     limit are not kept. Also returns the errors met on the way and the number of cut inputs dropped."""
@@ -310,7 +312,8 @@ async def _role_play(entry: PromptEntry, row: dict, target: AsyncEngine, setting
     agent_sampling = Sampling(max_tokens=settings.max_agent_tokens, logprobs=settings.teacher_topk)
     env_sampling = Sampling(max_tokens=settings.max_environment_tokens)
     for turn in range(limit):
-        reply = await _call(target, ChatRequest(agent, agent_sampling, row["seed"], prefix_messages=len(prompt)), settings, f"agent turn {turn + 1}")
+        request = ChatRequest(agent, agent_sampling, row["seed"], prefix_messages=len(prompt))
+        reply = await _call(target, request, settings, f"agent turn {turn + 1}")
         if reply.error:  # context overflow
             if turn == 0:
                 raise DialogueError(f"agent turn 1: {reply.error}")
@@ -331,9 +334,8 @@ async def _role_play(entry: PromptEntry, row: dict, target: AsyncEngine, setting
         agent = agent + [turns[-1]]
         ended_by = "final_action" if _is_final(entry, action) else "max_turns" if turn == limit - 1 else None
         env = env + [{"role": "user", "content": action}]
-        observation = await _call(
-            target, ChatRequest(env, env_sampling, row["seed"], prefix_messages=len(env_prefix)), settings, f"environment turn {turn + 1}"
-        )
+        request = ChatRequest(env, env_sampling, row["seed"], prefix_messages=len(env_prefix))
+        observation = await _call(target, request, settings, f"environment turn {turn + 1}")
         if observation.error:  # context overflow: after a final action or the last turn, only unmeasured
             row["truncated"] = ended_by is None
             row["terminated_by"] = ended_by or "truncated"

@@ -73,6 +73,7 @@ def new_manifest(catalog: Path, entries: list[PromptEntry], generator: EngineCon
                 "samples": settings.samples,
                 "inputs": None,
                 "input_errors": [],
+                "inputs_cut": None,  # generated inputs dropped because the token limit cut them
                 "shards": {},
             }
             for e in entries
