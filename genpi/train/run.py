@@ -163,7 +163,7 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
         if not good:
             outcomes[entry.id] = {"status": "failed", "errors": [t[3] for t in tried]}
             continue
-        if len(tried) > 1 and any(t[2]["heldout_loss"] is None for t in good):  # every held-out row was unusable
+        if len(good) > 1 and any(t[2]["heldout_loss"] is None for t in good):  # every held-out row was unusable
             outcomes[entry.id] = {"status": "failed", "errors": ["no held-out loss to choose λ by (every held-out row was skipped)"]}
             continue
         lam, folder, metrics, _ = min(good, key=lambda t: t[2]["heldout_loss"] if t[2]["heldout_loss"] is not None else 0.0)
