@@ -87,22 +87,27 @@ def test_token_loss_has_gradients(model):
     model.zero_grad(set_to_none=True)
 
 
-def test_joint_loss_is_sft_plus_lambda_pg(model):
+def test_joint_loss_convex_and_additive_forms(model):
     sft_batch, pg_batch = make_batch(2), make_batch(3, rows=3, length=16)
     lam = 0.3
     sft, pg = token_loss(model, sft_batch), token_loss(model, pg_batch)
     l_sft = model(**sft_batch).loss  # per-token mean over the SFT examples
     l_pg = model(**pg_batch).loss
-    assert torch.allclose(joint_loss(sft, pg, lam), l_sft + lam * l_pg, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(joint_loss(sft, None, lam), l_sft, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(joint_loss(None, pg, lam), lam * l_pg, rtol=1e-5, atol=1e-5)
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5)  # noqa: E731
+    # the authors' scripts (the default): (1 − λ)·L_SFT + λ·L_PG; the paper: L_SFT + λ·L_PG
+    assert close(joint_loss(sft, pg, lam), (1 - lam) * l_sft + lam * l_pg)
+    assert close(joint_loss(sft, pg, lam, form="additive"), l_sft + lam * l_pg)
+    assert close(joint_loss(sft, None, lam), (1 - lam) * l_sft) and close(joint_loss(sft, None, lam, form="additive"), l_sft)
+    assert close(joint_loss(None, pg, lam), lam * l_pg) and close(joint_loss(None, pg, lam, form="additive"), lam * l_pg)
+    with pytest.raises(ValueError, match="unknown loss form 'mean'"):
+        joint_loss(sft, pg, lam, form="mean")
 
     # Gradient accumulation: micro-batches normalized by the step's totals sum to the full L.
     halves = [{k: v[i : i + 1] for k, v in sft_batch.items()} for i in range(2)]
     n_sft = sum(count_tokens(h) for h in halves)
     n_pg = count_tokens(pg_batch)
-    parts = [joint_loss(token_loss(model, h), None, lam, sft_tokens=n_sft) for h in halves]
-    parts.append(joint_loss(None, pg, lam, pg_tokens=n_pg))
+    parts = [joint_loss(token_loss(model, h), None, lam, sft_tokens=n_sft, form="additive") for h in halves]
+    parts.append(joint_loss(None, pg, lam, pg_tokens=n_pg, form="additive"))
     assert torch.allclose(sum(parts), l_sft + lam * l_pg, rtol=1e-5, atol=1e-5)
 
 

@@ -1,13 +1,16 @@
 """One prompt's training loop on the tiny Llama: every method runs, and learning happens."""
 
 import dataclasses
+import math
+import random
 
 import pytest
+import torch
 
 from conftest import REPO
 from genpi.catalog import load_catalog
-from genpi.train.qlora import LoraSettings
-from genpi.train.recipe import METHODS, TrainSettings, train_adapter
+from genpi.train.qlora import LoraSettings, add_lora, load_base
+from genpi.train.recipe import METHODS, TrainSettings, build_examples, heldout_loss, make_optimizer, optimizer_step, step_loss, train_adapter
 
 CALC, _ = load_catalog(REPO / "tests" / "data" / "tiny.yaml")
 
@@ -81,3 +84,129 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_trainable_model)
     assert model.get_base_model().is_activation_checkpointing
     for key in ("train_loss_first", "train_loss_last", "heldout_loss"):
         assert metrics[key] == pytest.approx(expected[key], rel=1e-4), key
+
+
+class ReachedTheModel(Exception):
+    """Raised by the pre-hook once the inputs were checked: nothing runs on the meta device."""
+
+
+def meta_model(path: str):
+    """The tiny Llama with LoRA on the `meta` device; every module checks, before it runs, that
+    every tensor it is given sits on the model's device, then stops the forward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    model = add_lora(model, LoraSettings(r=4, alpha=8))
+
+    def check(module, args, kwargs):
+        tensors = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t)]
+        wrong = {str(t.device) for t in tensors if t.device != model.device}
+        assert tensors and not wrong, f"{type(module).__name__} got tensors on {wrong}, the model is on {model.device}"
+        raise ReachedTheModel
+
+    for module in model.modules():
+        module.register_forward_pre_hook(check, with_kwargs=True)
+    return model
+
+
+def on_the_model_device(run):
+    """`run()` stopped at the model with every input on the model's (meta) device. token_loss reads
+    the labels (token count, positions to keep) before the forward; on meta that read fails, which
+    shows the batch was made there: a CPU batch would pass it and fail the pre-hook's check."""
+    with pytest.raises(Exception) as stopped:
+        run()
+    assert stopped.type is ReachedTheModel or "cannot be called on meta tensors" in str(stopped.value), stopped.value
+    return stopped.type
+
+
+@pytest.mark.parametrize("method", ["genpi", "kld"])  # kld reaches the model through the teacher's logits first
+def test_every_batch_is_made_on_the_model_device(tiny_trainable_model, method):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_trainable_model)
+    settings = dataclasses.replace(FAST, method=method)
+    rows, _ = build_examples(TRAIN[:2], CALC, tokenizer, settings, random.Random(0))
+    model = meta_model(tiny_trainable_model)
+    stopped = on_the_model_device(lambda: step_loss(model, rows, settings, tokenizer.pad_token_id))
+    assert stopped is ReachedTheModel or method != "kld"  # the teacher's forward comes first and reads nothing
+    on_the_model_device(lambda: heldout_loss(model, [r.student for r in rows], tokenizer.pad_token_id, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_qlora_step_and_heldout_loss_on_cuda(tiny_trainable_model):
+    settings = dataclasses.replace(FAST, epochs=1)  # defaults: bf16, gradient checkpointing on CUDA
+    model, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN[:4], HELDOUT, settings)
+    assert metrics["steps"] == 1 and math.isfinite(metrics["heldout_loss"]) and math.isfinite(metrics["train_loss_first"])
+    assert metrics["effective"] == {"device": "cuda:0", "dtype": "bfloat16", "compute_dtype_4bit": "bfloat16",
+                                    "gradient_checkpointing": True, "optimizer": "paged_adamw_32bit"}  # fmt: skip
+    assert model.get_base_model().is_loaded_in_4bit
+
+
+def test_cpu_defaults_are_recorded(tiny_trainable_model):
+    _, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN[:4], [], dataclasses.replace(FAST, epochs=1, quantize=False))
+    assert metrics["effective"] == {"device": "cpu", "dtype": "float32", "compute_dtype_4bit": None,
+                                    "gradient_checkpointing": False, "optimizer": "adamw_torch"}  # fmt: skip
+    assert metrics["heldout_loss"] is None and metrics["heldout_examples"] == 0
+
+
+def test_heldout_rows_too_long_are_cut_and_counted_not_fatal(tiny_trainable_model):
+    long_input = dict(row(8), input="What is " + "one plus " * 400 + "two?")  # the input alone exceeds max_length
+    long_dialogue = dict(row(9), turns=row(9)["turns"] * 30)  # trailing turns are cut
+    settings = dataclasses.replace(FAST, epochs=1, quantize=False)
+    _, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN[:4], [long_input, long_dialogue, row(10)], settings)
+    assert metrics["heldout_examples"] == 2 and metrics["heldout_data_skipped"] == 1
+    assert metrics["heldout_data_truncated_examples"] == 1 and metrics["heldout_data_truncated_tokens"] > 0
+    assert math.isfinite(metrics["heldout_loss"])
+
+
+def test_loss_form_weighs_the_sft_term(tiny_trainable_model):
+    """convex: (1 − λ)·L_SFT + λ·L_PG; additive: L_SFT + λ·L_PG; they differ by λ·L_SFT."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_trainable_model)
+    model = add_lora(load_base(tiny_trainable_model, quantize=False), FAST.lora)
+    lam, totals = 0.3, {}
+    for method, form in (("genpi", "convex"), ("genpi", "additive"), ("sft", "convex")):
+        settings = dataclasses.replace(FAST, method=method, lam=lam, loss_form=form)
+        rows, _ = build_examples(TRAIN[:4], CALC, tokenizer, settings, random.Random(0))
+        totals[method, form] = step_loss(model, rows, settings, tokenizer.pad_token_id)
+    assert totals["genpi", "additive"] - totals["genpi", "convex"] == pytest.approx(lam * totals["sft", "convex"], rel=1e-4)
+    with pytest.raises(ValueError, match="unknown loss form 'mean'"):
+        TrainSettings(loss_form="mean")
+
+
+def lr_and_clipped_norms(path, settings, steps):
+    """Runs `steps` optimizer steps on one row each: (lr used by every step, gradient norm the
+    optimizer saw, gradient norm before clipping) per step."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = add_lora(load_base(path, quantize=False), settings.lora)
+    rows, _ = build_examples(TRAIN, CALC, tokenizer, settings, random.Random(0))
+    optimizer, scheduler, _ = make_optimizer(model, settings, steps)
+    assert all(group["weight_decay"] == settings.weight_decay for group in optimizer.param_groups)
+    seen, before = [], []
+
+    def check(optimizer, args, kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        seen.append((optimizer.param_groups[0]["lr"], float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))))
+
+    optimizer.register_step_pre_hook(check)
+    for k in range(steps):
+        step_loss(model, rows[k % len(rows) : k % len(rows) + 1], settings, tokenizer.pad_token_id)
+        before.append(optimizer_step(model, optimizer, scheduler, settings))
+    return [lr for lr, _ in seen], [norm for _, norm in seen], before
+
+
+def test_warmup_cosine_schedule_and_gradient_clipping_are_applied(tiny_trainable_model):
+    settings = dataclasses.replace(FAST, lr=1e-3, warmup_ratio=0.15, max_grad_norm=1e-3, micro_batch=1)  # ceil(0.15 · 10) = 2 warmup steps
+    lrs, seen, before = lr_and_clipped_norms(tiny_trainable_model, settings, 10)
+    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 8)) for k in range(2, 10)]
+    assert lrs == pytest.approx([0.0, 0.5e-3, *cosine])
+    assert all(b > 1e-3 for b in before) and all(s <= 1e-3 * 1.001 for s in seen)  # clipped to the max norm
+
+    constant = dataclasses.replace(settings, schedule="constant", warmup_ratio=0.5, max_grad_norm=0.0)
+    lrs, seen, before = lr_and_clipped_norms(tiny_trainable_model, constant, 4)
+    assert lrs == pytest.approx([0.0, 0.5e-3, 1e-3, 1e-3])
+    assert seen == pytest.approx(before, rel=1e-5)  # 0: no clipping

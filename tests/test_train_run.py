@@ -1,5 +1,6 @@
 """`genpi train` over a catalog on Ray: λ chosen per prompt, adapters written whole, reruns skip, stale refused."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,9 +10,12 @@ import pytest
 import yaml
 
 from conftest import REPO
+from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.synth import store
 from genpi.train.adapters import StaleAdapterError, check_adapter, read_adapter_manifest
+from genpi.train.recipe import TrainSettings
+from genpi.train.run import fingerprint, train_catalog
 from test_recipe import row, write_calc_dialogues
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
@@ -46,6 +50,12 @@ def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(data, tiny_t
     assert set(trials) == {"0.3", "0.7"} and manifest.lam == float(min(trials, key=trials.get))
     assert manifest.method == "genpi" and manifest.lora["r"] == 4 and manifest.lora["quantize_4bit"]
     assert manifest.train_metrics["train_examples"] == 8 and manifest.eval_metrics["heldout_loss"] == min(trials.values())
+    recorded = manifest.settings  # every setting, the λ values tried, and what "auto" became on this CPU
+    assert recorded["lambdas"] == [0.3, 0.7] and recorded["lam"] == manifest.lam and recorded["loss_form"] == "convex"
+    assert recorded["schedule"] == "cosine" and recorded["warmup_ratio"] == 0.03 and recorded["max_grad_norm"] == 1.0
+    assert recorded["lr"] == 1e-2 and recorded["micro_batch"] == 2 and recorded["quantize"] and recorded["dtype"] == "auto"
+    assert recorded["effective"] == {"device": "cpu", "dtype": "float32", "compute_dtype_4bit": "float32",
+                                     "gradient_checkpointing": False, "optimizer": "adamw_torch"}  # fmt: skip
     assert not (adapters / ".trials" / "calc").exists()
 
     from peft import PeftModel
@@ -96,3 +106,34 @@ def test_bad_input_exits_2(data, tmp_path):
     missing = train(bad, tmp_path / "a")
     assert missing.returncode == 2 and "lack the columns" in missing.stderr
     assert read_adapter_manifest(tmp_path / "a" / "calc") is None
+
+
+def test_fingerprint_covers_every_setting_and_the_lambdas():
+    train, heldout = [dict(row(i), sample_id=i, split="train") for i in range(2)], []
+    base = fingerprint(train, heldout, TrainSettings(), [0.3, 0.5], "smollm2")
+    assert fingerprint(train, heldout, TrainSettings(), [0.3, 0.5], "smollm2") == base
+    assert fingerprint(train, heldout, TrainSettings(), [0.3, 0.7], "smollm2") != base
+    for change in ({"loss_form": "additive"}, {"lr": 2e-4}, {"schedule": "constant"}, {"max_grad_norm": 0.5}, {"warmup_ratio": 0.1},
+                   {"weight_decay": 0.01}, {"epochs": 3}, {"batch_size": 16}, {"micro_batch": 4}, {"dtype": "bfloat16"}, {"quantize": False}):  # fmt: skip
+        assert fingerprint(train, heldout, dataclasses.replace(TrainSettings(), **change), [0.3, 0.5], "smollm2") != base, change
+    sft = TrainSettings(method="sft")  # no λ to choose: the λ values tried do not matter
+    assert fingerprint(train, heldout, sft, [0.3], "smollm2") == fingerprint(train, heldout, sft, [0.5, 0.7], "smollm2")
+
+
+def test_lambda_choice_without_heldout_rows_is_refused(tmp_path):
+    data = write_calc_dialogues(tmp_path / "data", 8, heldout_from=8)
+    refused = train(data, tmp_path / "adapters", "--lambdas", "0.3,0.7")
+    assert refused.returncode == 2 and "no held-out dialogues to choose λ" in refused.stderr and "--heldout" in refused.stderr
+    assert not (tmp_path / "adapters").exists()
+
+
+def test_no_gpus_per_trial_on_a_cluster_with_gpus_is_refused(data, tiny_trainable_model, tmp_path):
+    import ray
+
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)  # a GPU only in name
+    try:
+        with pytest.raises(InputError, match="--gpus-per-trial 0 on a Ray cluster with 1 GPUs"):
+            train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, TrainSettings(), [0.5], num_gpus=0, progress=False)
+    finally:
+        ray.shutdown()
+    assert not (tmp_path / "adapters").exists()

@@ -38,6 +38,9 @@ class AdapterManifest:
     train_metrics: dict = dataclasses.field(default_factory=dict)
     eval_metrics: dict = dataclasses.field(default_factory=dict)
     genpi_version: str = ""
+    # every training setting (TrainSettings whole), the λ values tried, and under "effective" what
+    # "auto" settings became where it trained (device, dtypes, gradient checkpointing, optimizer)
+    settings: dict = dataclasses.field(default_factory=dict)
 
 
 def write_adapter(folder: str | Path, manifest: AdapterManifest, save: Callable[[Path], None]) -> Path:

@@ -7,7 +7,8 @@ labels are shifted by one: position t is a *prediction position* when
 `labels[:, t + 1] != -100` (`prediction_mask`).
 
 - `token_loss`: summed cross-entropy and token count, so callers average correctly.
-- `joint_loss`: GenPI's L = L_SFT + λ·L_PG, each term a per-token mean over its own data.
+- `joint_loss`: GenPI's L = (1 − λ)·L_SFT + λ·L_PG (or L_SFT + λ·L_PG), each term a per-token
+  mean over its own data.
 - `kld_loss` / `teacher_logits`: the KLD baseline, KL(teacher with prompt || student
   without) on the response tokens.
 """
@@ -83,6 +84,9 @@ def _mean(term: LossSum | None, n_total: int | None) -> torch.Tensor | float:
     return loss_sum / max(int(denom), 1)
 
 
+LOSS_FORMS = ("convex", "additive")
+
+
 def joint_loss(
     sft: LossSum | None,
     pg: LossSum | None,
@@ -90,8 +94,10 @@ def joint_loss(
     *,
     sft_tokens: int | None = None,
     pg_tokens: int | None = None,
+    form: str = "convex",
 ) -> torch.Tensor:
-    """GenPI's L = L_SFT + λ·L_PG.
+    """GenPI's joint loss: (1 − λ)·L_SFT + λ·L_PG (`form="convex"`, the authors' training
+    scripts) or L_SFT + λ·L_PG (`form="additive"`, the paper's formula).
 
     `sft` and `pg` are `(loss_sum, n_tokens)` pairs from `token_loss` on the SFT batch
     (agent turns labelled) and on the PG batch (prompt P and reason r labelled).
@@ -102,7 +108,10 @@ def joint_loss(
     its micro-batches) as `sft_tokens` / `pg_tokens`, and the micro-batch losses then
     sum to exactly the full-batch L. A missing term (None) or an empty one counts 0.
     """
-    total = _mean(sft, sft_tokens) + lam * _mean(pg, pg_tokens)
+    if form not in LOSS_FORMS:
+        raise ValueError(f"unknown loss form {form!r}: expected one of {', '.join(LOSS_FORMS)}")
+    sft_weight = 1.0 - lam if form == "convex" else 1.0
+    total = sft_weight * _mean(sft, sft_tokens) + lam * _mean(pg, pg_tokens)
     if not torch.is_tensor(total):
         total = torch.tensor(float(total))
     return total
@@ -160,6 +169,7 @@ def teacher_logits(peft_model, batch: dict) -> torch.Tensor:
 
 __all__ = [
     "IGNORE",
+    "LOSS_FORMS",
     "count_tokens",
     "joint_loss",
     "kld_loss",

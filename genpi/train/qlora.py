@@ -5,15 +5,18 @@ Facts checked on this machine (torch 2.13 CPU, transformers 5.23, peft 0.21, bit
 - bitsandbytes 0.50's CPU backend quantizes to NF4 with double quantization and runs
   4-bit forward *and* backward through LoRA on CPU; no `device_map` is needed there
   (the weights stay on the CPU). On a GPU the model is placed on the current CUDA device.
-- Compute dtype: float32 on CPU (bfloat16 compute is about 2x slower on this AVX2 CPU,
-  which has no AVX512-BF16, and less exact); bfloat16 is the usual choice on GPUs. The
-  compute dtype follows `dtype` unless given.
+- Dtype (`default_dtype`): float32 on CPU (bfloat16 compute is about 2x slower on this
+  AVX2 CPU, which has no AVX512-BF16, and less exact); bfloat16 on CUDA, as the reference
+  trains. The 4-bit compute dtype follows `dtype` unless given.
 - `peft.prepare_model_for_kbit_training` freezes the base, upcasts fp16/bf16 non-4-bit
   parameters (norms, embeddings) to fp32 and, by default, turns on gradient
   checkpointing. Freezing and upcasting cost nothing (the upcast is a no-op for an fp32
   base). Checkpointing trades compute for memory (SmolLM2-135M, 4x256 tokens: peak RSS
   6.5 -> 2.3 GB); a small model on CPU does not need it, so `add_lora` leaves it off
-  unless asked. It only acts in train mode, which `add_lora` sets.
+  unless asked (the training recipe turns it on with CUDA). `add_lora` turns it on with
+  transformers 5's `activation_checkpointing_enable` (non-reentrant), not through PEFT,
+  which still calls the deprecated `gradient_checkpointing_enable`. It only acts in train
+  mode, which `add_lora` sets.
 - Speed on 2 shared CPU cores, one AdamW step on 4x256 tokens (noisy: other work ran):
   SmolLM2-135M plain LoRA ~60-65 s, 4-bit ~50-80 s (same within the noise), 4-bit with
   bfloat16 compute ~130 s; the tiny test Llama ~250-360 vs ~220 tokens/s. QLoRA buys
@@ -82,22 +85,30 @@ def _quant_config(compute_dtype: torch.dtype):
     )
 
 
+def default_dtype() -> torch.dtype:
+    """bfloat16 where CUDA is, float32 on CPU (faster and more exact there)."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
 def load_base(
     path: str | Path,
     quantize: bool = True,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     *,
     compute_dtype: torch.dtype | None = None,
     device_map=None,
 ):
     """The base causal LM at `path`, 4-bit NF4 with double quantization when `quantize`.
 
-    `dtype` is the dtype of the parameters that stay unquantized (embeddings, norms,
-    LM head) and, unless `compute_dtype` is given, the 4-bit compute dtype. On CPU no
-    device map is used; with CUDA the model goes to the current device.
+    `dtype` (default: `default_dtype()`) is the dtype of the parameters that stay
+    unquantized (embeddings, norms, LM head) and, unless `compute_dtype` is given, the
+    4-bit compute dtype. On CPU no device map is used; with CUDA the model goes to the
+    current device, and the caller puts its inputs there (`model.device`): a device map
+    of one device adds no hooks that move them.
     """
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or default_dtype()
     kwargs: dict = {"dtype": dtype}
     if device_map is None and torch.cuda.is_available():
         device_map = {"": torch.cuda.current_device()}
@@ -139,10 +150,9 @@ def add_lora(model, settings: LoraSettings | None = None, *, gradient_checkpoint
 
     settings = settings or LoraSettings()
     if is_quantized(model):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable()  # also makes the embeddings' output require grads
     targets = settings.target_modules
     if targets == "all-linear":
         targets = linear_module_names(model)  # explicit names: what vLLM and PEFT both read
@@ -218,7 +228,7 @@ def save_adapter(model, folder: str | Path, *, base_model: str | None = None) ->
     return folder
 
 
-def load_adapter(base_path: str | Path, folder: str | Path, quantize: bool = False, dtype: torch.dtype = torch.float32):
+def load_adapter(base_path: str | Path, folder: str | Path, quantize: bool = False, dtype: torch.dtype | None = None):
     """A PeftModel (eval mode, frozen) of the base at `base_path` with the adapter in `folder`."""
     from peft import PeftModel
 
@@ -232,6 +242,7 @@ __all__ = [
     "LoraSettings",
     "VLLM_MAX_LORA_RANKS",
     "add_lora",
+    "default_dtype",
     "is_quantized",
     "linear_module_names",
     "load_adapter",

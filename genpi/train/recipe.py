@@ -3,7 +3,8 @@
     train_adapter(base, entry, train_rows, heldout_rows, settings) -> (PeftModel, metrics)
 
 Methods (`TrainSettings.method`):
-- genpi:     L = L_SFT + λ·L_PG (SFT on the multi-turn dialogue without P; PG: x, y_s, y_t → P, r)
+- genpi:     L = (1 − λ)·L_SFT + λ·L_PG, or L_SFT + λ·L_PG with `loss_form="additive"` (SFT on the
+             multi-turn dialogue without P; PG: x, y_s, y_t → P, r)
 - sft:       L_SFT only
 - prepend:   L_SFT, with P prepended to an example with probability `prepend_p`
 - kld:       token KL(teacher || student) on the agent turns; the teacher is the same base with the
@@ -15,6 +16,11 @@ Methods (`TrainSettings.method`):
 A step takes `batch_size` dialogue rows (gradient accumulation over micro-batches of
 examples of similar length, padded, never packed); each loss term is a per-token mean
 over the whole step, so accumulation gives the same gradient as one big batch.
+
+Optimisation as in the authors' scripts: AdamW without weight decay (bitsandbytes' paged
+32-bit AdamW on CUDA), a linear warmup over the first 3% of the steps then a cosine decay,
+gradients clipped to norm 1.0. Every batch is made on the model's device (`collate`): a
+model placed on one GPU by `device_map` gets no hooks that would move its inputs.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ import torch
 
 from genpi.catalog import PromptEntry
 from genpi.train.examples import IGNORE, Example, build_pg, build_sft
-from genpi.train.losses import joint_loss, kld_loss, prediction_mask, teacher_logits, token_loss
-from genpi.train.qlora import LoraSettings, add_lora, load_base
+from genpi.train.losses import LOSS_FORMS, joint_loss, kld_loss, prediction_mask, teacher_logits, token_loss
+from genpi.train.qlora import LoraSettings, add_lora, default_dtype, load_base
 
 METHODS = ("genpi", "sft", "prepend", "kld", "seqkd", "seqkd+kld")
+SCHEDULES = ("cosine", "constant")  # after a linear warmup
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,16 +51,28 @@ class TrainSettings:
     epochs: int = 10
     lr: float = 1e-4
     batch_size: int = 32  # dialogue rows per optimizer step
-    micro_batch: int = 4  # examples per forward pass
+    micro_batch: int = 2  # examples per forward pass (the reference: 2 × 16 accumulation)
     max_length: int = 2048
     quantize: bool = True
-    gradient_checkpointing: bool = False  # less memory for more compute (long PG examples, big models)
+    gradient_checkpointing: bool | None = None  # less memory for more compute; None: on with CUDA
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
     seed: int = 0
+    # the reference's optimisation and precision (the authors' training scripts)
+    loss_form: str = "convex"  # (1 − λ)·L_SFT + λ·L_PG; "additive": L_SFT + λ·L_PG, as the paper writes it
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.03  # share of the steps with a linear warmup from 0
+    max_grad_norm: float = 1.0  # 0: no clipping (the reference: 1.0 for OS, 0.5 otherwise)
+    weight_decay: float = 0.0
+    dtype: str = "auto"  # unquantized weights and 4-bit compute; auto: bfloat16 with CUDA, float32 on CPU
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: expected one of {', '.join(METHODS)}")
+        for name, value, allowed in (("loss form", self.loss_form, LOSS_FORMS), ("schedule", self.schedule, SCHEDULES), ("dtype", self.dtype, DTYPES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(allowed)}")
+        if not 0.0 <= self.warmup_ratio <= 1.0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ValueError(f"warmup_ratio must lie in [0, 1], max_grad_norm and weight_decay must be >= 0; got {self.warmup_ratio}, {self.max_grad_norm}, {self.weight_decay}")
 
 
 @dataclasses.dataclass
@@ -93,13 +113,14 @@ def build_examples(rows: list[dict], entry: PromptEntry, tokenizer, settings: Tr
     return out, report
 
 
-def collate(examples: list[Example], pad_id: int) -> dict:
+def collate(examples: list[Example], pad_id: int, device) -> dict:
+    """A padded batch, made on `device` (the model's: nothing moves it there later)."""
     width = max(len(e.input_ids) for e in examples)
-    pad = lambda values, fill: [v + [fill] * (width - len(v)) for v in values]  # noqa: E731
+    pad = lambda values, fill: torch.tensor([v + [fill] * (width - len(v)) for v in values], device=device)  # noqa: E731
     return {
-        "input_ids": torch.tensor(pad([e.input_ids for e in examples], pad_id)),
-        "attention_mask": torch.tensor(pad([[1] * len(e.input_ids) for e in examples], 0)),
-        "labels": torch.tensor(pad([e.labels for e in examples], IGNORE)),
+        "input_ids": pad([e.input_ids for e in examples], pad_id),
+        "attention_mask": pad([[1] * len(e.input_ids) for e in examples], 0),
+        "labels": pad([e.labels for e in examples], IGNORE),
     }
 
 
@@ -118,12 +139,13 @@ def step_loss(model, step: list[RowExamples], settings: TrainSettings, pad_id: i
     students = [r.student for r in step]
     pgs = [r.pg for r in step if r.pg is not None]
     n_student, n_pg = predicted_tokens(students), predicted_tokens(pgs)
+    lam = settings.lam if settings.method == "genpi" else 0.0  # λ weighs the terms of the joint loss only
     total = 0.0
     if settings.method.endswith("kld"):
         pairs = sorted(step, key=lambda r: len(r.teacher.input_ids))
         for i in range(0, len(pairs), settings.micro_batch):
             chunk = pairs[i : i + settings.micro_batch]
-            student, teacher = collate([r.student for r in chunk], pad_id), collate([r.teacher for r in chunk], pad_id)
+            student, teacher = collate([r.student for r in chunk], pad_id, model.device), collate([r.teacher for r in chunk], pad_id, model.device)
             teacher_out = teacher_logits(model, teacher)
             student_out = model(input_ids=student["input_ids"], attention_mask=student["attention_mask"]).logits
             n = predicted_tokens([r.student for r in chunk])
@@ -141,11 +163,11 @@ def step_loss(model, step: list[RowExamples], settings: TrainSettings, pad_id: i
             total += loss.item()
         return total
     for chunk in micro_batches(students, settings.micro_batch):
-        loss = joint_loss(token_loss(model, collate(chunk, pad_id)), None, 0.0, sft_tokens=n_student)
+        loss = joint_loss(token_loss(model, collate(chunk, pad_id, model.device)), None, lam, sft_tokens=n_student, form=settings.loss_form)
         loss.backward()
         total += loss.item()
     for chunk in micro_batches(pgs, settings.micro_batch):
-        loss = joint_loss(None, token_loss(model, collate(chunk, pad_id)), settings.lam, pg_tokens=n_pg)
+        loss = joint_loss(None, token_loss(model, collate(chunk, pad_id, model.device)), lam, pg_tokens=n_pg, form=settings.loss_form)
         loss.backward()
         total += loss.item()
     return total
@@ -153,18 +175,57 @@ def step_loss(model, step: list[RowExamples], settings: TrainSettings, pad_id: i
 
 @torch.no_grad()
 def heldout_loss(model, examples: list[Example], pad_id: int, micro_batch: int) -> float | None:
-    """Mean SFT loss per agent token on held-out dialogues, without P: what the adapter must learn."""
+    """Mean SFT loss per agent token on held-out dialogues, without P: what the adapter must learn.
+    Measured in eval mode (no dropout), so the values before and after training compare."""
     if not examples:
         return None
-    loss_sum, n = 0.0, 0
+    training, loss_sum, n = model.training, 0.0, 0
+    model.eval()
     for chunk in micro_batches(examples, micro_batch):
-        s, k = token_loss(model, collate(chunk, pad_id))
+        s, k = token_loss(model, collate(chunk, pad_id, model.device))
         loss_sum, n = loss_sum + float(s), n + k
+    model.train(training)
     return loss_sum / max(n, 1)
 
 
+def make_optimizer(model, settings: TrainSettings, steps: int):
+    """(optimizer, scheduler, optimizer name): AdamW, paged 32-bit (bitsandbytes) when the LoRA
+    weights are on CUDA, as the reference; a linear warmup over ceil(warmup_ratio · steps)
+    steps (as transformers' Trainer counts them), then a cosine decay to 0 or a constant lr."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params[0].is_cuda:  # paged: optimizer state spills to host memory under memory pressure
+        import bitsandbytes as bnb
+
+        optimizer, name = bnb.optim.PagedAdamW32bit(params, lr=settings.lr, weight_decay=settings.weight_decay), "paged_adamw_32bit"
+    else:
+        optimizer, name = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay), "adamw_torch"
+    warmup = math.ceil(steps * settings.warmup_ratio)
+    if settings.schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+    return optimizer, scheduler, name
+
+
+def optimizer_step(model, optimizer, scheduler, settings: TrainSettings) -> float:
+    """Clip the gradients to `max_grad_norm` (0: no clipping), step, advance the schedule;
+    returns the gradient norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm or math.inf)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 def train_adapter(base: str, entry: PromptEntry, train_rows: list[dict], heldout_rows: list[dict], settings: TrainSettings, progress=None):
-    """Fit one adapter; returns (PeftModel, metrics). `progress(step, steps, loss)` is called after each step."""
+    """Fit one adapter; returns (PeftModel, metrics). `progress(step, steps, loss)` is called after each step.
+
+    `metrics["effective"]` holds what "auto" settings became on this machine: device, dtypes,
+    gradient checkpointing, optimizer.
+    """
     from transformers import AutoTokenizer
 
     rng = random.Random(settings.seed)
@@ -174,19 +235,21 @@ def train_adapter(base: str, entry: PromptEntry, train_rows: list[dict], heldout
     rows, report = build_examples(train_rows, entry, tokenizer, settings, rng)
     if not rows:
         raise ValueError(f"prompt {entry.id!r}: no usable train rows ({report['rows']} rows, {report['skipped']} skipped)")
-    heldout = [build_sft(r, tokenizer, settings.max_length) for r in heldout_rows]
-    model = add_lora(load_base(base, quantize=settings.quantize), settings.lora, gradient_checkpointing=settings.gradient_checkpointing)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    # held-out rows are cut and counted as train rows are (SFT view, no P); one too long never fails the trial
+    held, heldout_report = build_examples(heldout_rows, entry, tokenizer, dataclasses.replace(settings, method="sft"), rng)
+    heldout = [r.student for r in held]
+    dtype = default_dtype() if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    checkpointing = torch.cuda.is_available() if settings.gradient_checkpointing is None else settings.gradient_checkpointing
+    model = add_lora(load_base(base, quantize=settings.quantize, dtype=dtype), settings.lora, gradient_checkpointing=checkpointing)
     steps_per_epoch = math.ceil(len(rows) / settings.batch_size)
-    steps, losses, started = steps_per_epoch * settings.epochs, [], time.perf_counter()
+    steps, losses, norms, started = steps_per_epoch * settings.epochs, [], [], time.perf_counter()
+    optimizer, scheduler, optimizer_name = make_optimizer(model, settings, steps)
     initial = heldout_loss(model, heldout, pad_id, settings.micro_batch)
     for epoch in range(settings.epochs):
         rng.shuffle(rows)
         for k in range(steps_per_epoch):
             loss = step_loss(model, rows[k * settings.batch_size : (k + 1) * settings.batch_size], settings, pad_id)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            norms.append(optimizer_step(model, optimizer, scheduler, settings))
             losses.append(loss)
             if progress:
                 progress(len(losses), steps, loss)
@@ -194,6 +257,8 @@ def train_adapter(base: str, entry: PromptEntry, train_rows: list[dict], heldout
     metrics = {
         "train_loss_first": losses[0],
         "train_loss_last": losses[-1],
+        "grad_norm_first": norms[0],  # before clipping
+        "grad_norm_last": norms[-1],
         "steps": steps,
         "train_examples": len(rows),
         "heldout_examples": len(heldout),
@@ -201,5 +266,13 @@ def train_adapter(base: str, entry: PromptEntry, train_rows: list[dict], heldout
         "heldout_loss": heldout_loss(model, heldout, pad_id, settings.micro_batch),
         "seconds": time.perf_counter() - started,
         **{f"data_{k}": v for k, v in report.items()},
+        **{f"heldout_data_{k}": v for k, v in heldout_report.items()},
+        "effective": {
+            "device": str(model.device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "compute_dtype_4bit": str(dtype).removeprefix("torch.") if settings.quantize else None,
+            "gradient_checkpointing": model.get_base_model().is_activation_checkpointing,
+            "optimizer": optimizer_name,
+        },
     }
     return model, metrics

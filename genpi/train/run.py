@@ -3,7 +3,7 @@
 One Ray task per (prompt, λ) trains an adapter into `ADAPTERS/.trials/ID/lam=λ/`;
 when a prompt's trials are done, the one with the lowest held-out loss becomes
 `ADAPTERS/ID/` (PEFT files plus genpi.json, renamed into place). A prompt whose
-adapter already exists for the same data, method and settings is skipped, so a
+adapter already exists for the same data, settings and λ values is skipped, so a
 rerun does only what is missing. The trial folders must be on storage that the
 driver can read (the local disk on one machine, a shared volume on a cluster).
 """
@@ -22,7 +22,8 @@ from genpi import InputError, __version__
 from genpi.catalog import PromptEntry, load_catalog
 from genpi.train.adapters import AdapterManifest, read_adapter_manifest, write_adapter
 from genpi.train.qlora import LoraSettings
-from genpi.train.recipe import METHODS, TrainSettings
+from genpi.train.losses import LOSS_FORMS
+from genpi.train.recipe import DTYPES, METHODS, SCHEDULES, TrainSettings
 
 REQUIRED_COLUMNS = {"prompt_id", "prompt_sha256", "sample_id", "split", "input", "turns", "student_output", "reason", "error"}
 NO_LAMBDA = {"sft", "prepend", "kld", "seqkd", "seqkd+kld"}
@@ -46,13 +47,17 @@ def read_rows(data: str | Path, entry: PromptEntry) -> tuple[list[dict], list[di
     return [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "heldout"]
 
 
-def fingerprint(train: list[dict], heldout: list[dict], settings: TrainSettings, base: str) -> str:
-    """What an adapter depends on: its data, its settings and its base (not λ, which is chosen, nor checkpointing)."""
+def recorded_settings(settings: TrainSettings, lambdas: list[float]) -> dict:
+    """Every training setting, whole, and the λ values tried (methods with a λ to choose)."""
+    return {**dataclasses.asdict(settings), "lambdas": None if settings.method in NO_LAMBDA else list(lambdas)}
+
+
+def fingerprint(train: list[dict], heldout: list[dict], settings: TrainSettings, lambdas: list[float], base: str) -> str:
+    """What an adapter depends on: its data, every training setting, the λ values tried and its base."""
     digest = hashlib.sha256()
     for row in train + heldout:
         digest.update(json.dumps([row["sample_id"], row["split"], row["input"], row["turns"], row["student_output"], row["reason"]], sort_keys=True, default=str).encode())
-    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("lam", "gradient_checkpointing")}
-    digest.update(json.dumps({**fields, "lam": None, "base": base}, sort_keys=True, default=str).encode())
+    digest.update(json.dumps({**recorded_settings(settings, lambdas), "base": base}, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -71,9 +76,13 @@ def fit_trial(base: str, entry_json: dict, train: list[dict], heldout: list[dict
     return metrics
 
 
-def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambdas: list[float], num_cpus: float = 1, num_gpus: float = 0,
-                  progress: bool = True, valid_only: bool = False) -> dict:  # fmt: skip
+def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambdas: list[float], num_cpus: float = 1,
+                  num_gpus: float | None = None, progress: bool = True, valid_only: bool = False) -> dict:  # fmt: skip
     """Train (or skip) every prompt of the catalog; returns {prompt_id: outcome}.
+
+    `num_gpus` per trial defaults to 1 when the Ray cluster has GPUs, else 0; 0 on a cluster
+    with GPUs is refused (InputError): Ray hides the GPUs from a task that asks for none, so
+    every trial would train on the CPU.
 
     `valid_only` trains only on dialogues whose agent turns all lie in the prompt's action space: a
     small teacher breaks the format often, and its broken turns teach the adapter the same.
@@ -100,7 +109,10 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
             reason = "no train rows" + (f" in the action space ({dropped} dropped)" if dropped else "")
             outcomes[entry.id] = {"status": "skipped", "reason": reason}
             continue
-        data_print = fingerprint(train, heldout, settings, base)
+        if settings.method not in NO_LAMBDA and len(lambdas) > 1 and not heldout:
+            raise InputError(f"prompt {entry.id!r} has no held-out dialogues to choose λ among {lambdas} by their held-out loss: "
+                             "synthesize with --heldout > 0, or pass one λ (--lambdas 0.3)")  # fmt: skip
+        data_print = fingerprint(train, heldout, settings, lambdas, base)
         done = read_adapter_manifest(out / entry.id)
         if done and done.data_fingerprint == data_print and done.prompt_sha256 == entry.sha256:
             outcomes[entry.id] = {"status": "up to date", "lam": done.lam}
@@ -108,14 +120,21 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
         plans.append((entry, train, heldout, data_print, dropped))
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    if num_gpus is None:
+        num_gpus = 1 if cluster_gpus else 0
+    elif num_gpus == 0 and cluster_gpus and plans:
+        raise InputError(f"--gpus-per-trial 0 on a Ray cluster with {cluster_gpus:g} GPUs: Ray hides the GPUs from tasks that "
+                         "ask for none, so every trial would train on the CPU; leave --gpus-per-trial out (1 per trial) or set it > 0")  # fmt: skip
     task = ray.remote(fit_trial).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
     steps = Queue(actor_options={"num_cpus": 0}) if progress and plans else None  # 0 CPUs: never holds up a trial
     trials = {}
     for entry, train, heldout, _, _ in plans:
+        rows = ray.put(train), ray.put(heldout)  # once per prompt, shared by its λ trials
         for lam in (lambdas if settings.method == "genpi" else [None]):
             folder = out / ".trials" / entry.id / f"lam={lam}"
             trial_settings = dataclasses.replace(settings, lam=lam if lam is not None else settings.lam)
-            ref = task.remote(base_path, entry.to_json(), train, heldout, trial_settings, str(folder), steps)
+            ref = task.remote(base_path, entry.to_json(), *rows, trial_settings, str(folder), steps)
             trials[ref] = (entry.id, lam, folder)
     results: dict[str, list] = {}
     bar = tqdm(total=len(trials), unit="trial", desc="adapters", disable=not progress, file=sys.stderr)
@@ -144,8 +163,10 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
         if not good:
             outcomes[entry.id] = {"status": "failed", "errors": [t[3] for t in tried]}
             continue
-        best = min(good, key=lambda t: (t[2]["heldout_loss"] if t[2]["heldout_loss"] is not None else t[2]["train_loss_last"]))
-        lam, folder, metrics, _ = best
+        if len(good) > 1 and any(t[2]["heldout_loss"] is None for t in good):  # every held-out row was unusable
+            outcomes[entry.id] = {"status": "failed", "errors": ["no held-out loss to choose λ by (every held-out row was skipped)"]}
+            continue
+        lam, folder, metrics, _ = min(good, key=lambda t: t[2]["heldout_loss"] if t[2]["heldout_loss"] is not None else 0.0)
         manifest = AdapterManifest(
             prompt_id=entry.id,
             prompt_sha256=entry.sha256,
@@ -154,7 +175,8 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
             lam=lam,
             lora={**settings.lora.to_dict(), "quantize_4bit": settings.quantize},
             data_fingerprint=data_print,
-            train_metrics={**{k: v for k, v in metrics.items() if k != "heldout_loss"}, "rows_outside_action_space_dropped": dropped},
+            settings={**recorded_settings(settings, lambdas), "lam": lam, "effective": metrics["effective"]},
+            train_metrics={**{k: v for k, v in metrics.items() if k not in ("heldout_loss", "effective")}, "rows_outside_action_space_dropped": dropped},
             eval_metrics={"heldout_loss": metrics["heldout_loss"], "trials": {str(t[0]): (t[2] or {}).get("heldout_loss", t[3]) for t in tried}},
             genpi_version=__version__,
         )
@@ -183,10 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=LoraSettings.r)
     p.add_argument("--alpha", type=int, default=LoraSettings.alpha)
     p.add_argument("--no-4bit", action="store_true", help="plain LoRA on an unquantized base")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, more compute")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations: less memory, more compute (default: on with CUDA)")
+    p.add_argument("--loss-form", default=d.loss_form, choices=LOSS_FORMS, help="convex: (1-λ)·L_SFT + λ·L_PG (the authors' scripts); additive: L_SFT + λ·L_PG (the paper)")
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="learning rate after the linear warmup")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of the steps with a linear warmup")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: none; the reference: 1.0 for OS, 0.5 otherwise)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="unquantized weights and 4-bit compute (auto: bfloat16 with CUDA, float32 on CPU)")
     p.add_argument("--valid-only", action="store_true", help="train only on dialogues whose agent turns all match actions.valid")
     p.add_argument("--cpus-per-trial", type=float, default=1)
-    p.add_argument("--gpus-per-trial", type=float, default=0)
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 if the Ray cluster has GPUs, else 0")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -199,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = TrainSettings(
             method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, micro_batch=args.micro_batch,
             max_length=args.max_length, quantize=not args.no_4bit, gradient_checkpointing=args.gradient_checkpointing, lora=LoraSettings(r=args.rank, alpha=args.alpha),
+            loss_form=args.loss_form, schedule=args.schedule, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+            weight_decay=args.weight_decay, dtype=args.dtype,
         )  # fmt: skip
         outcomes = train_catalog(args.data, args.catalog, args.out, args.base, settings, lambdas,
                                  args.cpus_per_trial, args.gpus_per_trial, not args.no_progress, args.valid_only)  # fmt: skip
