@@ -60,10 +60,21 @@ def test_genpi_qlora_lowers_the_training_and_heldout_loss(tiny_trainable_model):
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "genpi"])
 def test_every_baseline_trains(tiny_trainable_model, method):
+    from transformers import AutoTokenizer
+
+    from genpi.train.examples import build_sft
+
     settings = dataclasses.replace(FAST, method=method, epochs=1, quantize=False)
-    model, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings)
+    train = TRAIN
+    if "topk" in method:  # a teacher top-k that puts 0.6 on the token itself: the student's own tokens
+        tok = AutoTokenizer.from_pretrained(tiny_trainable_model)
+        turns = lambda r: [[e.input_ids[p] for p in t] for e in [build_sft(r, tok, 512)] for t in e.agent_tokens]  # noqa: E731
+        topk = lambda ids: {"token_ids": ids, "topk_ids": [[t, 0] for t in ids], "topk_logprobs": [[-0.5, -3.0]] * len(ids)}  # noqa: E731
+        train = [dict(r, teacher_topk=[topk(ids) for ids in turns(r)]) for r in TRAIN]
+    model, metrics = train_adapter(tiny_trainable_model, CALC, train, HELDOUT, settings)
     assert metrics["steps"] == 2 and metrics["train_loss_first"] > 0
     assert metrics["heldout_loss"] != metrics["heldout_loss_before"]  # the adapter changed the student
+    assert metrics.get("data_topk_unaligned_turns", 0) == 0
 
 
 def test_bad_method_and_no_usable_rows(tiny_trainable_model):
