@@ -11,7 +11,7 @@ from genpi.train import run
 from genpi.train.examples import IGNORE, PG_VARIANTS, align_topk, build_sft, loss_spans
 from genpi.train.losses import kld_loss, prediction_mask, response_logits, teacher_logits
 from genpi.train.qlora import LoraSettings, add_lora, load_base
-from genpi.train.recipe import build_examples, collate, draw_students, micro_batches, step_loss
+from genpi.train.recipe import build_examples, collate, draw_students, micro_batches, step_loss, topk_targets
 from test_recipe import CALC, FAST, row
 
 PAD = 0
@@ -133,9 +133,10 @@ def test_topk_alignment_tolerates_edges_and_counts_failures(tokenizer):
                    topk_logprobs=[[0.0]] + topk[0]["topk_logprobs"])  # fmt: skip
     unrelated = dict(topk[1], token_ids=[5, 6, 7])
     assert align_topk(ex, [shifted, unrelated], k=2) == 1
-    assert sorted(ex.topk) == first  # every content token of turn 1, none of turn 2, no end-of-turn marker
-    assert all(ex.topk[p] == ([ex.input_ids[p], ex.input_ids[p] + 1], [math.log(0.7), math.log(0.2)]) for p in first)
-    assert not set(second) & set(ex.topk)
+    assert ex.topk_positions == first  # every content token of turn 1, none of turn 2, no end-of-turn marker
+    assert ex.topk_ids.tolist() == [[ex.input_ids[p], ex.input_ids[p] + 1] for p in first]
+    assert torch.allclose(ex.topk_logprobs, torch.tensor([[math.log(0.7), math.log(0.2)]] * len(first)))
+    assert not set(second) & set(ex.topk_positions)
 
 
 def test_topk_rows_without_teacher_topk_are_counted_or_refused(tokenizer):
@@ -162,12 +163,15 @@ def test_topk_kl_lowers_the_kl_to_the_teacher(tiny_model, tokenizer):
                                       "topk_ids": top.indices.tolist(), "topk_logprobs": top.values.tolist()})  # fmt: skip
     rows, report = build_examples(data, CALC, tokenizer, s)
     assert report["skipped"] == 0 and report["topk_unaligned_turns"] == 0
-    assert all(sorted(r.student.topk) == sum(r.student.agent_tokens, []) for r in rows)
+    assert all(r.student.topk_positions == sum(r.student.agent_tokens, []) for r in rows)
 
     student_batch, teacher_batch = collate([r.student for r in rows], PAD), collate(teachers, PAD)
     targets = teacher_logits(model, teacher_batch)
-    content = torch.tensor([p in r.student.topk for r in rows for p in range(1, len(r.student.labels)) if r.student.labels[p] != IGNORE])
-    assert content.sum() == sum(len(r.student.topk) for r in rows) and targets.size(0) == content.numel()
+    soft = [set(r.student.topk_positions) for r in rows]
+    content = torch.tensor([p in have for r, have in zip(rows, soft) for p in range(1, len(r.student.labels)) if r.student.labels[p] != IGNORE])
+    assert content.sum() == sum(map(len, soft)) and targets.size(0) == content.numel()
+    index, ids, _ = topk_targets([r.student for r in rows], "cpu")  # the rows of response_logits that get the soft loss
+    assert torch.equal(index, content.nonzero().squeeze(1)) and ids.shape == (len(index), s.topk_k)
 
     def kl() -> float:
         with torch.no_grad():

@@ -16,9 +16,12 @@ never generates (generation stops at `<|im_end|>`), so it carries no loss.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
+
+import torch
 
 from genpi.catalog import PromptEntry, render_prompt_text
 
@@ -46,7 +49,11 @@ class Example:
     truncated_tokens: int = 0  # tokens cut: to fit max_length, and from turns longer than max_turn_tokens
     kind: str = "sft"  # "sft" | "pg"
     agent_tokens: list[list[int]] = field(default_factory=list)  # sft: per agent turn kept, its labelled content positions
-    topk: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # position → teacher's (top-k ids, log-probs)
+    # topk-kl: the labelled tokens that have the teacher's top-k (ascending positions), and per token the
+    # teacher's top-k ids and log-probabilities ([len(topk_positions), k]; padded with id 0, log-prob -inf)
+    topk_positions: list[int] = field(default_factory=list)
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
 
     @property
     def loss_token_count(self) -> int:
@@ -189,16 +196,22 @@ def align_topk(example: Example, teacher_topk: list[dict], k: int) -> int:
     cut by max_turn_tokens or max_length). Tokens left without a teacher top-k (end-of-turn
     markers, unaligned turns) keep their hard label.
     """
-    unaligned = 0
+    unaligned = max(0, len(example.agent_tokens) - len(teacher_topk))  # turns without a stored top-k
+    found, ids, logprobs = [], [], []
     for positions, teacher in zip(example.agent_tokens, teacher_topk):
         ours = [example.input_ids[p] for p in positions]
-        theirs = list(teacher["token_ids"] or [])
+        theirs = list(teacher["token_ids"] or []) if teacher else []
         a, b, n = SequenceMatcher(None, ours, theirs, autojunk=False).find_longest_match(0, len(ours), 0, len(theirs))
         if not ours or n == 0 or a > 1 or len(ours) - (a + n) > 1:
             unaligned += 1
             continue
-        for m in range(n):
-            example.topk[positions[a + m]] = (list(teacher["topk_ids"][b + m][:k]), list(teacher["topk_logprobs"][b + m][:k]))
+        found += positions[a : a + n]
+        ids += [list(row[:k]) for row in teacher["topk_ids"][b : b + n]]
+        logprobs += [list(row[:k]) for row in teacher["topk_logprobs"][b : b + n]]
+    width = max(map(len, ids), default=0)
+    example.topk_positions = found
+    example.topk_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids], dtype=torch.int32).reshape(-1, width)
+    example.topk_logprobs = torch.tensor([row + [-math.inf] * (width - len(row)) for row in logprobs]).reshape(-1, width)
     return unaligned
 
 

@@ -162,23 +162,20 @@ def draw_students(step: list[RowExamples], settings: TrainSettings) -> list[Exam
 
 
 def topk_targets(examples: list[Example], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For the batch of `examples`: the indices among its `response_logits` rows that have a teacher
-    top-k, and those [M, k] ids and log-probabilities (padded with log-probability -inf), on `device`."""
-    index, ids, logprobs, row = [], [], [], 0
+    """For the batch of `examples`: which of its `response_logits` rows have a teacher top-k, and
+    their [M, k] top-k ids and log-probabilities, on `device` (the batch's)."""
+    index, ids, logprobs, offset = [], [], [], 0
     for e in examples:
-        for p in range(1, len(e.labels)):  # the labelled tokens in the order of prediction_mask
-            if e.labels[p] == IGNORE:
-                continue
-            if p in e.topk:
-                index.append(row)
-                ids.append(e.topk[p][0])
-                logprobs.append(e.topk[p][1])
-            row += 1
-    k = max((len(i) for i in ids), default=1)
-    ids = [i + [0] * (k - len(i)) for i in ids]
-    logprobs = [lp + [-math.inf] * (k - len(lp)) for lp in logprobs]
-    as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=device).reshape(-1, k)  # noqa: E731
-    return torch.tensor(index, dtype=torch.long, device=device), as_tensor(ids, torch.long), as_tensor(logprobs, torch.float32)
+        row_of = {p: i for i, p in enumerate(p for p in range(1, len(e.labels)) if e.labels[p] != IGNORE)}
+        index += [offset + row_of[p] for p in e.topk_positions]
+        offset += len(row_of)
+        if e.topk_positions:
+            ids.append(e.topk_ids)
+            logprobs.append(e.topk_logprobs)
+    k = max((t.size(1) for t in ids), default=1)
+    ids = torch.cat([F.pad(t, (0, k - t.size(1))) for t in ids]) if ids else torch.zeros(0, k, dtype=torch.int32)
+    logprobs = torch.cat([F.pad(t, (0, k - t.size(1)), value=-math.inf) for t in logprobs]) if logprobs else torch.zeros(0, k)
+    return torch.tensor(index, dtype=torch.long, device=device), ids.to(device), logprobs.to(device)
 
 
 def step_loss(model, step: list[RowExamples], settings: TrainSettings, pad_id: int) -> float:
