@@ -137,6 +137,9 @@ def test_topk_alignment_tolerates_edges_and_counts_failures(tokenizer):
     assert ex.topk_ids.tolist() == [[ex.input_ids[p], ex.input_ids[p] + 1] for p in first]
     assert torch.allclose(ex.topk_logprobs, torch.tensor([[math.log(0.7), math.log(0.2)]] * len(first)))
     assert not set(second) & set(ex.topk_positions)
+    none = build_sft(row(2), tokenizer, 4096)
+    assert align_topk(none, [unrelated], k=2) == 2  # turn 2 has no stored top-k at all
+    assert none.topk_positions == [] and none.topk_ids.shape == (0, 0)
 
 
 def test_topk_rows_without_teacher_topk_are_counted_or_refused(tokenizer):

@@ -210,8 +210,8 @@ def align_topk(example: Example, teacher_topk: list[dict], k: int) -> int:
         logprobs += [list(row[:k]) for row in teacher["topk_logprobs"][b : b + n]]
     width = max(map(len, ids), default=0)
     example.topk_positions = found
-    example.topk_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids], dtype=torch.int32).reshape(-1, width)
-    example.topk_logprobs = torch.tensor([row + [-math.inf] * (width - len(row)) for row in logprobs]).reshape(-1, width)
+    example.topk_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids], dtype=torch.int32).reshape(len(ids), width)
+    example.topk_logprobs = torch.tensor([row + [-math.inf] * (width - len(row)) for row in logprobs]).reshape(len(ids), width)
     return unaligned
 
 
