@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ def shot_rows(entry, n: int) -> list[dict]:
 def tokens_per_second(base: str, entry, rows, settings: TrainSettings) -> float:
     from transformers import AutoTokenizer
 
-    examples, _ = build_examples(rows, entry, AutoTokenizer.from_pretrained(base), settings, random.Random(0))
+    examples, _ = build_examples(rows, entry, AutoTokenizer.from_pretrained(base), settings)
     tokens = sum(len(e.input_ids) for r in examples for e in (r.student, r.pg) if e is not None) * settings.epochs
     _, metrics = train_adapter(base, entry, rows, [], settings)
     return tokens / metrics["seconds"]

@@ -77,3 +77,28 @@ def test_over_long_request_fails_alone(tiny_model):
     assert results[2].error.startswith("context_length:")
     assert results[3].error.startswith("engine: ")
     assert results[0].error is None and results[0].text and results[0].text == results[4].text
+
+
+def test_topk_logprobs_match_a_teacher_forced_forward(tiny_model):
+    """The top-k of every generated token equals a direct forward pass over prompt + generated tokens."""
+    import torch
+
+    from genpi.engines import ChatRequest, Sampling
+    from genpi.engines.hf import TransformersEngine
+
+    engine = TransformersEngine(tiny_model, dtype="float32")
+    prompt = [{"role": "system", "content": "You are terse."}]
+    requests = [
+        ChatRequest(prompt + [{"role": "user", "content": text}], Sampling(max_tokens=6, logprobs=5), prefix_messages=1)
+        for text in ("hello", "a much longer question about shells and files")
+    ]
+    for request, completion in zip(requests, engine.generate(requests)):
+        assert completion.token_ids and len(completion.topk_ids) == len(completion.token_ids)
+        ids = engine.encode(request.messages)
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([ids + completion.token_ids])).logits[0].log_softmax(-1)
+        for step, token in enumerate(completion.token_ids):
+            values, indices = logits[len(ids) + step - 1].topk(5)
+            assert completion.topk_ids[step][0] == token  # greedy: the chosen token is the most likely
+            assert completion.topk_ids[step] == indices.tolist()
+            assert torch.allclose(torch.tensor(completion.topk_logprobs[step]), values, atol=1e-4)

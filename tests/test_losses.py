@@ -1,6 +1,8 @@
-"""Losses: token_loss, joint_loss, kld_loss, teacher_logits (tiny random Llama, CPU)."""
+"""Losses: token_loss, joint_loss, response_logits, kld_loss, teacher_logits, topk_loss (tiny random Llama, CPU)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -12,8 +14,11 @@ from genpi.train.losses import (
     joint_loss,
     kld_loss,
     prediction_mask,
+    response_logits,
+    response_targets,
     teacher_logits,
     token_loss,
+    topk_loss,
 )
 
 
@@ -111,57 +116,89 @@ def test_joint_loss_convex_and_additive_forms(model):
     assert torch.allclose(sum(parts), l_sft + lam * l_pg, rtol=1e-5, atol=1e-5)
 
 
-def hand_kld(s_logits, t_logits, s_mask, t_mask, temperature):
+def hand_kld(s_logits, t_logits, temperature):
     terms = []
-    s_rows = [s_logits[b][s_mask[b]] for b in range(s_logits.size(0))]
-    t_rows = [t_logits[b][t_mask[b]] for b in range(t_logits.size(0))]
-    for s_row, t_row in zip(s_rows, t_rows):
-        for s, t in zip(s_row, t_row):
-            p = torch.softmax(t / temperature, -1)
-            q = torch.softmax(s / temperature, -1)
-            terms.append((p * (p.log() - q.log())).sum())
+    for s, t in zip(s_logits, t_logits):
+        p = torch.softmax(t / temperature, -1)
+        q = torch.softmax(s / temperature, -1)
+        terms.append((p * (p.log() - q.log())).sum())
     return torch.stack(terms).mean()
 
 
 def test_kld_loss_values():
     g = torch.Generator().manual_seed(0)
-    teacher = torch.randn(2, 9, 50, generator=g)
-    student = torch.randn(2, 6, 50, generator=g)
-    t_mask = torch.zeros(2, 9, dtype=torch.bool)
-    s_mask = torch.zeros(2, 6, dtype=torch.bool)
-    t_mask[0, 4:8], s_mask[0, 1:5] = True, True
-    t_mask[1, 6:8], s_mask[1, 2:4] = True, True
-
-    # Identical distributions at the aligned positions: 0.
-    same = student.clone()
-    same[s_mask] = teacher[t_mask]
-    assert kld_loss(same, teacher, s_mask, t_mask).abs() < 1e-6
+    teacher = torch.randn(6, 50, generator=g)
+    student = torch.randn(6, 50, generator=g)
+    # Identical distributions: 0.
+    assert kld_loss(teacher.clone(), teacher).abs() < 1e-6
     # Otherwise positive, and equal to the hand computation, at any temperature.
     for temp in (1.0, 2.0):
-        got = kld_loss(student, teacher, s_mask, t_mask, temperature=temp)
+        got = kld_loss(student, teacher, temperature=temp)
         assert got > 0
-        assert torch.allclose(got, hand_kld(student, teacher, s_mask, t_mask, temp), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(got, hand_kld(student, teacher, temp), rtol=1e-5, atol=1e-6)
     # F.kl_div agrees (input: student log-probs, target: teacher log-probs).
-    ref = F.kl_div(
-        F.log_softmax(student[s_mask], -1), F.log_softmax(teacher[t_mask], -1), log_target=True, reduction="none"
-    ).sum(-1).mean()
-    assert torch.allclose(kld_loss(student, teacher, s_mask, t_mask), ref, rtol=1e-5, atol=1e-6)
+    ref = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1).mean()
+    assert torch.allclose(kld_loss(student, teacher), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_kld_loss_rejects_unaligned_masks():
-    teacher, student = torch.randn(2, 9, 50), torch.randn(2, 6, 50)
-    t_mask = torch.zeros(2, 9, dtype=torch.bool)
-    s_mask = torch.zeros(2, 6, dtype=torch.bool)
-    t_mask[:, 4:7], s_mask[:, 1:3] = True, True
-    with pytest.raises(ValueError, match="different numbers"):
-        kld_loss(student, teacher, s_mask, t_mask)
-    # Same total but split differently across rows is also refused.
-    t_mask[:] = False
-    t_mask[0, 1:4], t_mask[1, 1] = True, True
-    s_mask[:] = False
-    s_mask[0, 1:3], s_mask[1, 1:3] = True, True
-    with pytest.raises(ValueError, match="different numbers"):
-        kld_loss(student, teacher, s_mask, t_mask)
+def test_kld_loss_rejects_unaligned_tokens():
+    with pytest.raises(ValueError, match="differ in shape"):
+        kld_loss(torch.randn(4, 50), torch.randn(5, 50))
+
+
+def test_topk_loss_matches_hand_computation():
+    # 2 positions, vocabulary 4, k = 2; the teacher's top-2 are not renormalized (mass 0.9 and 0.7).
+    student = torch.tensor([[1.0, 0.0, -1.0, 2.0], [0.5, 0.5, 0.0, -0.5]], requires_grad=True)
+    ids = torch.tensor([[3, 0], [1, 2]])
+    logprobs = torch.tensor([[0.6, 0.3], [0.4, 0.3]]).log()
+    z0 = math.log(sum(math.exp(x) for x in (1.0, 0.0, -1.0, 2.0)))
+    z1 = math.log(sum(math.exp(x) for x in (0.5, 0.5, 0.0, -0.5)))
+    hand = -(0.6 * (2.0 - z0) + 0.3 * (1.0 - z0) + 0.4 * (0.5 - z1) + 0.3 * (0.0 - z1))
+    got = topk_loss(student, ids, logprobs)
+    assert got.item() == pytest.approx(hand, rel=1e-6)
+    got.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    # A padded entry (log-probability -inf) weighs nothing.
+    padded = topk_loss(student, torch.tensor([[3, 0, 0], [1, 2, 0]]), torch.cat([logprobs, torch.full((2, 1), -math.inf)], 1))
+    assert padded.item() == pytest.approx(hand, rel=1e-6)
+
+
+def response_batch(with_prefix: bool, seed: int = 4) -> dict:
+    """Two rows of context + scored response, right-padded; with_prefix puts a prompt P (7 tokens) first."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(5, 1000, (7,), generator=g)  # the prompt P, seen by the teacher only
+    convs = [torch.randint(5, 1000, (n,), generator=g) for n in (5, 3)]  # conversation context
+    responses = [torch.randint(5, 1000, (n,), generator=g) for n in (4, 6)]  # scored agent turns
+    rows = []
+    for conv, resp in zip(convs, responses):
+        ids = torch.cat([prefix, conv, resp]) if with_prefix else torch.cat([conv, resp])
+        labels = torch.full_like(ids, IGNORE)
+        labels[-len(resp) :] = resp
+        rows.append((ids, labels))
+    width = max(len(ids) for ids, _ in rows)
+    out = {k: torch.zeros(len(rows), width, dtype=torch.long) for k in ("input_ids", "attention_mask")}
+    out["labels"] = torch.full((len(rows), width), IGNORE)
+    for i, (ids, labels) in enumerate(rows):
+        out["input_ids"][i, : len(ids)] = ids
+        out["attention_mask"][i, : len(ids)] = 1
+        out["labels"][i, : len(ids)] = labels
+    out["responses"] = torch.cat(responses)
+    return out
+
+
+def test_response_logits_are_the_full_logits_at_response_positions(model):
+    batch = response_batch(False)
+    rows = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape[:-1].numel()))
+    try:
+        got = response_logits(model, batch)
+    finally:
+        handle.remove()
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = prediction_mask(batch["labels"])
+    assert got.shape == (10, full.size(-1)) and rows == [10]  # the head ran on the 10 response positions only
+    assert torch.allclose(got, full[mask], atol=1e-5)
+    assert torch.equal(response_targets(batch), batch["responses"])
 
 
 def test_kld_teacher_and_student_score_the_same_tokens(tiny_model):
@@ -169,48 +206,20 @@ def test_kld_teacher_and_student_score_the_same_tokens(tiny_model):
 
     peft_model = add_lora(load_base(tiny_model, quantize=False), LoraSettings(dropout=0.0))
     peft_model.eval()
-    g = torch.Generator().manual_seed(4)
-    prefix = torch.randint(5, 1000, (7,), generator=g)  # the prompt P, seen by the teacher only
-    convs = [torch.randint(5, 1000, (n,), generator=g) for n in (5, 3)]  # conversation context
-    responses = [torch.randint(5, 1000, (n,), generator=g) for n in (4, 6)]  # scored agent turns
-
-    def batch(with_prefix: bool) -> dict:
-        rows = []
-        for conv, resp in zip(convs, responses):
-            ids = torch.cat([prefix, conv, resp]) if with_prefix else torch.cat([conv, resp])
-            labels = torch.full_like(ids, IGNORE)
-            labels[-len(resp) :] = resp
-            rows.append((ids, labels))
-        width = max(len(ids) for ids, _ in rows)
-        out = {k: torch.zeros(len(rows), width, dtype=torch.long) for k in ("input_ids", "attention_mask")}
-        out["labels"] = torch.full((len(rows), width), IGNORE)
-        for i, (ids, labels) in enumerate(rows):
-            out["input_ids"][i, : len(ids)] = ids
-            out["attention_mask"][i, : len(ids)] = 1
-            out["labels"][i, : len(ids)] = labels
-        return out
-
-    teacher_batch, student_batch = batch(True), batch(False)
-    t_mask, s_mask = prediction_mask(teacher_batch["labels"]), prediction_mask(student_batch["labels"])
-    # The token each selected position predicts, from both sides, in order.
-    t_targets = teacher_batch["input_ids"].roll(-1, dims=1)[t_mask]
-    s_targets = student_batch["input_ids"].roll(-1, dims=1)[s_mask]
-    assert torch.equal(t_targets, s_targets)
-    assert torch.equal(s_targets, torch.cat(responses))
+    teacher_batch, student_batch = response_batch(True), response_batch(False)
+    assert torch.equal(response_targets(teacher_batch), response_targets(student_batch))
 
     t_logits = teacher_logits(peft_model, teacher_batch)
-    assert not t_logits.requires_grad
+    assert not t_logits.requires_grad and t_logits.size(0) == 10
     # LoRA starts as the identity (B = 0): the student on the teacher's own input matches exactly.
-    same = peft_model(input_ids=teacher_batch["input_ids"], attention_mask=teacher_batch["attention_mask"]).logits
-    assert kld_loss(same, t_logits, t_mask, t_mask) < 1e-6
+    assert kld_loss(response_logits(peft_model, teacher_batch), t_logits) < 1e-6
     # Perturb the adapter: the teacher (adapter disabled) stays the base, the student moves.
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     assert torch.allclose(teacher_logits(peft_model, teacher_batch), t_logits)
-    s_logits = peft_model(input_ids=student_batch["input_ids"], attention_mask=student_batch["attention_mask"]).logits
-    loss = kld_loss(s_logits, t_logits, s_mask, t_mask)
+    loss = kld_loss(response_logits(peft_model, student_batch), t_logits)
     assert loss > 0 and torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for n, p in peft_model.named_parameters() if p.requires_grad]

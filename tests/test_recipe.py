@@ -63,10 +63,21 @@ def test_genpi_qlora_lowers_the_training_and_heldout_loss(tiny_trainable_model):
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "genpi"])
 def test_every_baseline_trains(tiny_trainable_model, method):
+    from transformers import AutoTokenizer
+
+    from genpi.train.examples import build_sft
+
     settings = dataclasses.replace(FAST, method=method, epochs=1, quantize=False)
-    model, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings)
+    train = TRAIN
+    if "topk" in method:  # a teacher top-k that puts 0.6 on the token itself: the student's own tokens
+        tok = AutoTokenizer.from_pretrained(tiny_trainable_model)
+        turns = lambda r: [[e.input_ids[p] for p in t] for e in [build_sft(r, tok, 512)] for t in e.agent_tokens]  # noqa: E731
+        topk = lambda ids: {"token_ids": ids, "topk_ids": [[t, 0] for t in ids], "topk_logprobs": [[-0.5, -3.0]] * len(ids)}  # noqa: E731
+        train = [dict(r, teacher_topk=[topk(ids) for ids in turns(r)]) for r in TRAIN]
+    model, metrics = train_adapter(tiny_trainable_model, CALC, train, HELDOUT, settings)
     assert metrics["steps"] == 2 and metrics["train_loss_first"] > 0
     assert metrics["heldout_loss"] != metrics["heldout_loss_before"]  # the adapter changed the student
+    assert metrics.get("data_topk_unaligned_turns", 0) == 0
 
 
 def test_bad_method_and_no_usable_rows(tiny_trainable_model):
@@ -126,7 +137,7 @@ def test_every_batch_is_made_on_the_model_device(tiny_trainable_model, method):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_trainable_model)
     settings = dataclasses.replace(FAST, method=method)
-    rows, _ = build_examples(TRAIN[:2], CALC, tokenizer, settings, random.Random(0))
+    rows, _ = build_examples(TRAIN[:2], CALC, tokenizer, settings)
     model = meta_model(tiny_trainable_model)
     stopped = on_the_model_device(lambda: step_loss(model, rows, settings, tokenizer.pad_token_id))
     assert stopped is ReachedTheModel or method != "kld"  # the teacher's forward comes first and reads nothing
@@ -169,7 +180,7 @@ def test_loss_form_weighs_the_sft_term(tiny_trainable_model):
     lam, totals = 0.3, {}
     for method, form in (("genpi", "convex"), ("genpi", "additive"), ("sft", "convex")):
         settings = dataclasses.replace(FAST, method=method, lam=lam, loss_form=form)
-        rows, _ = build_examples(TRAIN[:4], CALC, tokenizer, settings, random.Random(0))
+        rows, _ = build_examples(TRAIN[:4], CALC, tokenizer, settings)
         totals[method, form] = step_loss(model, rows, settings, tokenizer.pad_token_id)
     assert totals["genpi", "additive"] - totals["genpi", "convex"] == pytest.approx(lam * totals["sft", "convex"], rel=1e-4)
     with pytest.raises(ValueError, match="unknown loss form 'mean'"):
@@ -183,7 +194,7 @@ def lr_and_clipped_norms(path, settings, steps):
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = add_lora(load_base(path, quantize=False), settings.lora)
-    rows, _ = build_examples(TRAIN, CALC, tokenizer, settings, random.Random(0))
+    rows, _ = build_examples(TRAIN, CALC, tokenizer, settings)
     optimizer, scheduler, _ = make_optimizer(model, settings, steps)
     assert all(group["weight_decay"] == settings.weight_decay for group in optimizer.param_groups)
     seen, before = [], []

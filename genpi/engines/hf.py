@@ -138,13 +138,15 @@ class TransformersEngine:
         if n_prefix:
             cache = copy.deepcopy(self._prefix_cache(prefix))
             cache.batch_repeat_interleave(len(rows))
-            kwargs["past_key_values"] = cache
+            kwargs["cache"] = cache  # transformers >= 5.24: `past_key_values` in generate is deprecated
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         if sampling.temperature > 0:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if sampling.logprobs:  # raw logits (before temperature / top-p), for the teacher's top-k
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         torch.manual_seed(seed)  # one seed per batch: sampled batches are reproducible as a whole
         output = self.model.generate(
             input_ids=torch.tensor(input_ids, device=self.device),
@@ -153,9 +155,18 @@ class TransformersEngine:
             pad_token_id=self.pad_id,
             **kwargs,
         )
+        sequences = output.sequences if sampling.logprobs else output
+        topk = None
+        if sampling.logprobs:  # [B, steps, k] each, on the CPU: only k values per token leave the device
+            values, indices = torch.stack(output.logits, dim=1).float().log_softmax(-1).topk(sampling.logprobs, dim=-1)
+            topk = indices.cpu().tolist(), values.cpu().tolist()
         completions = []
-        for row, ids in zip(output[:, n_prefix + width :].tolist(), rows):
-            completions.append(self._completion(row, len(ids), sampling))
+        for b, (row, ids) in enumerate(zip(sequences[:, n_prefix + width :].tolist(), rows)):
+            completion = self._completion(row, len(ids), sampling)
+            if topk is not None:
+                n = len(completion.token_ids)
+                completion.topk_ids, completion.topk_logprobs = topk[0][b][:n], topk[1][b][:n]
+            completions.append(completion)
         return completions
 
     def _completion(self, generated: list[int], prompt_tokens: int, sampling: Sampling) -> Completion:
@@ -171,4 +182,9 @@ class TransformersEngine:
             if cut >= 0:
                 text, finish = text[:cut], "stop"
         n_tokens = len(kept) + (finish == "stop" and len(kept) < len(generated))
-        return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=n_tokens, finish_reason=finish)
+        completion = Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=n_tokens, finish_reason=finish)
+        if sampling.logprobs:  # the tokens of `text`: after a stop string, those up to it
+            while kept and not text.startswith(self.tokenizer.decode(kept, skip_special_tokens=True)):
+                kept = kept[:-1]
+            completion.token_ids = list(kept)
+        return completion

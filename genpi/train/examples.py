@@ -16,8 +16,12 @@ never generates (generation stops at `<|im_end|>`), so it carries no loss.
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+
+import torch
 
 from genpi.catalog import PromptEntry, render_prompt_text
 
@@ -42,20 +46,26 @@ _TASKS = {"prompt": "the prompt P that makes a model give the TO-BE output inste
 class Example:
     input_ids: list[int]
     labels: list[int]  # input_ids where the token carries loss, IGNORE elsewhere
-    truncated_tokens: int = 0  # tokens cut to fit max_length
+    truncated_tokens: int = 0  # tokens cut: to fit max_length, and from turns longer than max_turn_tokens
     kind: str = "sft"  # "sft" | "pg"
+    agent_tokens: list[list[int]] = field(default_factory=list)  # sft: per agent turn kept, its labelled content positions
+    # topk-kl: the labelled tokens that have the teacher's top-k (ascending positions), and per token the
+    # teacher's top-k ids and log-probabilities ([len(topk_positions), k]; padded with id 0, log-prob -inf)
+    topk_positions: list[int] = field(default_factory=list)
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
 
     @property
     def loss_token_count(self) -> int:
         return sum(label != IGNORE for label in self.labels)
 
 
-def build_sft(row: dict, tokenizer, max_length: int, prompt: list[dict] = (), first_turn_only: bool = False) -> Example:
+def build_sft(row: dict, tokenizer, max_length: int, prompt: list[dict] = (), max_turn_tokens: int | None = None) -> Example:
     """The teacher's dialogue without the prompt P; loss on agent turns only.
 
     `prompt` (the messages of P) puts P first, carrying no loss: the teacher's view, for
-    the `prepend` and `kld` methods. `first_turn_only` keeps the first agent turn alone
-    (single-turn sequence-level distillation, `seqkd`).
+    the `prepend` and `kld` methods. Each agent turn's content is first cut to
+    `max_turn_tokens` tokens (the reference's per-turn cap; the cut counts as truncated).
 
     Messages: [user: input, assistant: turn1, user: obs1, assistant: turn2, ...]
     (environment turns after the last agent turn are dropped: they carry no loss).
@@ -71,27 +81,33 @@ def build_sft(row: dict, tokenizer, max_length: int, prompt: list[dict] = (), fi
     before it); if input + turn1 still does not fit, turn1 is cut from its end.
     ValueError when not one token of turn1 fits after the input.
     """
-    turns = list(row["turns"])[:1] if first_turn_only else list(row["turns"])
+    turns = list(row["turns"])
     while turns and turns[-1]["role"] != "assistant":
         turns.pop()
     if not turns or turns[0]["role"] != "assistant":
         raise ValueError("SFT example: the row has no agent turn (turns must start with the agent)")
-    messages = [{"role": "user", "content": row["input"]}] + [{"role": t["role"], "content": t["content"]} for t in turns]
+    messages, capped = [{"role": "user", "content": row["input"]}], 0
+    for t in turns:
+        content, cut = _cap(t["content"], tokenizer, max_turn_tokens) if t["role"] == "assistant" else (t["content"], 0)
+        messages.append({"role": t["role"], "content": content})
+        capped += cut
     agent = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     fixed = [(m["role"], [(m["content"], False)]) for m in prompt]
     full = None
     for last in reversed(agent):  # keep turns up to this agent turn
-        ids, labels = _encode(tokenizer, fixed + [_pieces(m) for m in messages[: last + 1]])
+        ids, labels, owner = _encode(tokenizer, fixed + [_pieces(m) for m in messages[: last + 1]])
         full = full if full is not None else len(ids)
         if len(ids) <= max_length:
-            return Example(ids, labels, full - len(ids), "sft")
-    ids, labels = ids[:max_length], labels[:max_length]
-    if all(label == IGNORE for label in labels):
-        raise ValueError(f"SFT example: the input alone does not fit in max_length={max_length}")
-    return Example(ids, labels, full - len(ids), "sft")
+            break
+    else:
+        ids, labels, owner = ids[:max_length], labels[:max_length], owner[:max_length]
+        if all(label == IGNORE for label in labels):
+            raise ValueError(f"SFT example: the input alone does not fit in max_length={max_length}")
+    turn_tokens = [[p for p, k in enumerate(owner) if k == len(fixed) + i] for i in agent if i <= last]
+    return Example(ids, labels, full - len(ids) + capped, "sft", turn_tokens)
 
 
-def build_pg(row: dict, entry: PromptEntry, tokenizer, max_length: int, variant: str = "full") -> Example:
+def build_pg(row: dict, entry: PromptEntry, tokenizer, max_length: int, variant: str = "full", max_turn_tokens: int | None = None) -> Example:
     """Prompt generation: from x, y_s and y_t, generate P and/or the reason r.
 
     Two messages; only P, r and the assistant end-of-turn carry loss (not headers):
@@ -104,7 +120,8 @@ def build_pg(row: dict, entry: PromptEntry, tokenizer, max_length: int, variant:
                    no_reason, r_to_p: ### Prompt\\n[{P}<|im_end|>]
                    no_prompt, p_to_r: ### Reason\\n[{r}<|im_end|>]
 
-    P is `render_prompt_text(entry)`, y_t the teacher's first agent turn.
+    P is `render_prompt_text(entry)`, y_t the teacher's first agent turn; y_s and y_t are
+    first cut to `max_turn_tokens` tokens each, as agent turns are in `build_sft`.
     Too long: the reason is shortened first (kept to at least one token where it
     is the only target), then y_s and y_t (the longer first), then x, each from
     its end. P is never shortened: ValueError when it cannot fit.
@@ -118,6 +135,10 @@ def build_pg(row: dict, entry: PromptEntry, tokenizer, max_length: int, variant:
     if missing:
         columns = {"input": "input", "as_is": "student_output", "to_be": "turns[0]", "reason": "reason"}
         raise ValueError(f"PG example: the row has no {' or '.join(columns[n] for n in missing)}")
+    capped = 0
+    for n in ("as_is", "to_be"):
+        fields[n], cut = _cap(fields[n], tokenizer, max_turn_tokens)
+        capped += cut
 
     def encode() -> tuple[list[int], list[int]]:
         task = " then ".join(_TASKS[t] for t in targets)
@@ -127,7 +148,7 @@ def build_pg(row: dict, entry: PromptEntry, tokenizer, max_length: int, variant:
         reply: list[tuple[str, bool]] = []
         for n in targets:
             reply += [(("\n\n" if reply else "") + _HEADERS[n] + "\n", False), (fields[n], True)]
-        return _encode(tokenizer, [("user", [("\n\n".join(user), False)]), ("assistant", reply)])
+        return _encode(tokenizer, [("user", [("\n\n".join(user), False)]), ("assistant", reply)])[:2]
 
     ids, labels = encode()
     full = len(ids)
@@ -151,7 +172,47 @@ def build_pg(row: dict, entry: PromptEntry, tokenizer, max_length: int, variant:
         what = "the prompt P" if "prompt" in given + targets else "the example"
         raise ValueError(f"PG example ({variant}): {what} does not fit in max_length={max_length} "
                          f"even with the reason, outputs and input cut ({len(ids)} tokens left)")
-    return Example(ids, labels, full - len(ids), "pg")
+    return Example(ids, labels, full - len(ids) + capped, "pg")
+
+
+def cut_to_labels(example: Example, n: int) -> Example:
+    """The example up to and including its n-th labelled token (the rest counts as truncated)."""
+    positions = [p for p, label in enumerate(example.labels) if label != IGNORE]
+    if n >= len(positions):
+        return example
+    end = positions[n - 1] + 1 if n else 0
+    turns = [[p for p in turn if p < end] for turn in example.agent_tokens]
+    return Example(example.input_ids[:end], example.labels[:end], example.truncated_tokens + len(example.input_ids) - end,
+                   example.kind, [t for t in turns if t])  # fmt: skip
+
+
+def align_topk(example: Example, teacher_topk: list[dict], k: int) -> int:
+    """Attach the teacher's top-k to the labelled tokens of each agent turn; returns how many turns did not align.
+
+    `teacher_topk[i]` holds the token ids the engine generated for agent turn i and, per token, its
+    top-k ids and log-probabilities. The stored text was stripped and re-tokenized here, so the two
+    token sequences can differ at their edges: the longest common run is used when it covers the
+    turn's labelled content tokens but for at most one token at each end (a prefix, for a turn
+    cut by max_turn_tokens or max_length). Tokens left without a teacher top-k (end-of-turn
+    markers, unaligned turns) keep their hard label.
+    """
+    unaligned = max(0, len(example.agent_tokens) - len(teacher_topk))  # turns without a stored top-k
+    found, ids, logprobs = [], [], []
+    for positions, teacher in zip(example.agent_tokens, teacher_topk):
+        ours = [example.input_ids[p] for p in positions]
+        theirs = list(teacher["token_ids"] or []) if teacher else []
+        a, b, n = SequenceMatcher(None, ours, theirs, autojunk=False).find_longest_match(0, len(ours), 0, len(theirs))
+        if not ours or n == 0 or a > 1 or len(ours) - (a + n) > 1:
+            unaligned += 1
+            continue
+        found += positions[a : a + n]
+        ids += [list(row[:k]) for row in teacher["topk_ids"][b : b + n]]
+        logprobs += [list(row[:k]) for row in teacher["topk_logprobs"][b : b + n]]
+    width = max(map(len, ids), default=0)
+    example.topk_positions = found
+    example.topk_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids], dtype=torch.int32).reshape(len(ids), width)
+    example.topk_logprobs = torch.tensor([row + [-math.inf] * (width - len(row)) for row in logprobs]).reshape(len(ids), width)
+    return unaligned
 
 
 def loss_spans(example: Example, tokenizer) -> list[str]:
@@ -176,18 +237,31 @@ def _pieces(message: dict) -> tuple[str, list[tuple[str, bool]]]:
     return message["role"], [(message["content"], message["role"] == "assistant")]
 
 
+def _cap(text: str, tokenizer, max_tokens: int | None) -> tuple[str, int]:
+    """`text` cut to its first `max_tokens` tokens, and how many tokens were cut."""
+    if max_tokens is None:
+        return text, 0
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text, 0
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=False, clean_up_tokenization_spaces=False), len(ids) - max_tokens
+
+
 def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _encode(tokenizer, chat: list[tuple[str, list[tuple[str, bool]]]]) -> tuple[list[int], list[int]]:
+def _encode(tokenizer, chat: list[tuple[str, list[tuple[str, bool]]]]) -> tuple[list[int], list[int], list[int]]:
     """Render (role, [(text, labelled), ...]) messages; label the marked pieces of
-    assistant messages plus each labelled assistant turn's end-of-turn marker."""
+    assistant messages plus each labelled assistant turn's end-of-turn marker.
+    Returns (ids, labels, owner): owner[t] is the index in `chat` of the message whose
+    labelled content token t is, -1 for other tokens (end-of-turn markers included)."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("example builders need a fast tokenizer (offset mapping)")
     messages = [{"role": role, "content": "".join(text for text, _ in pieces)} for role, pieces in chat]
     text = _render(tokenizer, messages)
     mask = bytearray(len(text))
+    owner = [-1] * len(text)
     cursor = 0
     for k, (role, pieces) in enumerate(chat):
         if role != "assistant" or not any(labelled for _, labelled in pieces):
@@ -208,6 +282,7 @@ def _encode(tokenizer, chat: list[tuple[str, list[tuple[str, bool]]]]) -> tuple[
             if labelled:
                 a, b = max(start, offset), min(end, offset + len(text_piece))
                 mask[a:b] = b"\x01" * max(0, b - a)
+                owner[a:b] = [k] * max(0, b - a)
             offset += len(text_piece)
         upto = _render(tokenizer, messages[: k + 1])
         tail = upto[upto.rfind(content) + len(content) :]
@@ -216,5 +291,6 @@ def _encode(tokenizer, chat: list[tuple[str, list[tuple[str, bool]]]]) -> tuple[
         cursor = end + len(eot)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    labels = [t if any(mask[s : max(e, s + 1)]) else IGNORE for t, (s, e) in zip(ids, enc["offset_mapping"])]
-    return ids, labels
+    spans = [(s, max(e, s + 1)) for s, e in enc["offset_mapping"]]
+    labels = [t if any(mask[s:e]) else IGNORE for t, (s, e) in zip(ids, spans)]
+    return ids, labels, [max(owner[s:e], default=-1) for s, e in spans]

@@ -9,8 +9,11 @@ labels are shifted by one: position t is a *prediction position* when
 - `token_loss`: summed cross-entropy and token count, so callers average correctly.
 - `joint_loss`: GenPI's L = (1 − λ)·L_SFT + λ·L_PG (or L_SFT + λ·L_PG), each term a per-token
   mean over its own data.
+- `response_logits`: the logits of the response positions only ([N, V]).
 - `kld_loss` / `teacher_logits`: the KLD baseline, KL(teacher with prompt || student
   without) on the response tokens.
+- `topk_loss`: top-k context distillation, the student's cross-entropy against the
+  teacher's stored top-k probabilities.
 """
 
 from __future__ import annotations
@@ -117,54 +120,65 @@ def joint_loss(
     return total
 
 
-def kld_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    student_mask: torch.Tensor,
-    teacher_mask: torch.Tensor,
-    temperature: float = 1.0,
-) -> torch.Tensor:
+def response_logits(model, batch: dict) -> torch.Tensor:
+    """[N, V] logits at the prediction positions of `batch` (row by row, left to right) only.
+
+    The vocabulary projection runs on the N response positions' hidden states, not on all
+    B×T of them, so a 128k vocabulary does not hold the whole sequence's logits. For heads
+    that compute logits = lm_head(last hidden state) (Llama, Mistral, Qwen, SmolLM, ...).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if any(getattr(base.config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        raise ValueError(f"{type(base).__name__} transforms its logits after the head: response_logits would be wrong")
+    out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    return base.get_output_embeddings()(out.last_hidden_state[prediction_mask(batch["labels"])])
+
+
+def response_targets(batch: dict) -> torch.Tensor:
+    """[N] the labelled tokens that `response_logits` predicts, in the same order."""
+    return batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE]
+
+
+def kld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Mean over response tokens of KL(teacher || student), token by token.
 
     The teacher saw the prompt P plus the conversation, the student the conversation
-    only, so the same response tokens sit at different positions. `student_mask` [B, Ts]
-    and `teacher_mask` [B, Tt] are bool masks of the *prediction positions* of the
-    response tokens (`prediction_mask(labels)` of each side); they select the tokens in
-    order (row by row, left to right) and must select the same number in every row
-    (ValueError otherwise). Both distributions are softmax(logits / temperature); the
-    result is not multiplied by temperature**2 (scale it yourself if you want the
-    Hinton convention). Teacher logits are treated as constants.
+    only: both [N, V] tensors hold the logits of the same N response tokens in the same
+    order (`response_logits` of each view). Both distributions are
+    softmax(logits / temperature); the result is not multiplied by temperature**2 (scale it
+    yourself if you want the Hinton convention). Teacher logits are treated as constants.
     """
-    if student_logits.size(-1) != teacher_logits.size(-1):
-        raise ValueError(f"vocabulary sizes differ: {student_logits.size(-1)} vs {teacher_logits.size(-1)}")
-    if student_mask.shape != student_logits.shape[:2] or teacher_mask.shape != teacher_logits.shape[:2]:
-        raise ValueError("masks must have the [batch, positions] shape of their logits")
-    s_rows, t_rows = student_mask.sum(dim=-1), teacher_mask.sum(dim=-1)
-    if student_mask.size(0) != teacher_mask.size(0) or not torch.equal(s_rows, t_rows):
-        raise ValueError(
-            f"student and teacher masks select different numbers of tokens: {s_rows.tolist()} vs {t_rows.tolist()}"
-        )
-    n = int(s_rows.sum())
-    if n == 0:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
+    if student_logits.size(0) == 0:
         return student_logits.sum() * 0.0
-    s = student_logits[student_mask.bool()].float() / temperature  # [N, V]
-    t = teacher_logits[teacher_mask.bool()].detach().float() / temperature
-    log_p_s = F.log_softmax(s, dim=-1)
-    log_p_t = F.log_softmax(t, dim=-1)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)  # [N]
     return kl.mean()
 
 
+def topk_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the student against the teacher's top-k: −Σ_pos Σ_j p_teacher(j)·log p_student(j).
+
+    `student_logits` [M, V] (no P in the context), `topk_ids` / `topk_logprobs` [M, k] the
+    teacher's k most likely tokens at the same positions and their log-probabilities (with P,
+    at T=1). Not renormalized: the teacher mass outside its top k carries no loss. A padded
+    entry has log-probability -inf (weight 0).
+    """
+    log_p_s = F.log_softmax(student_logits.float(), dim=-1).gather(-1, topk_ids.long())
+    return -(topk_logprobs.float().exp() * log_p_s).sum()
+
+
 @torch.no_grad()
 def teacher_logits(peft_model, batch: dict) -> torch.Tensor:
-    """Logits of the base model (adapter disabled) for `batch`, without gradients.
+    """`response_logits` of the base model (adapter disabled) for `batch`, without gradients.
 
     The teacher is the same base the student trains on: with QLoRA that is the 4-bit
     base, not the original full-precision model.
     """
     with peft_model.disable_adapter():
-        out = peft_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    return out.logits
+        return response_logits(peft_model, batch)
 
 
 __all__ = [
@@ -174,6 +188,9 @@ __all__ = [
     "joint_loss",
     "kld_loss",
     "prediction_mask",
+    "response_logits",
+    "response_targets",
     "teacher_logits",
     "token_loss",
+    "topk_loss",
 ]

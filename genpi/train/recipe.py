@@ -6,12 +6,19 @@ Methods (`TrainSettings.method`):
 - genpi:     L = (1 − λ)·L_SFT + λ·L_PG, or L_SFT + λ·L_PG with `loss_form="additive"` (SFT on the
              multi-turn dialogue without P; PG: x, y_s, y_t → P, r)
 - sft:       L_SFT only
-- prepend:   L_SFT, with P prepended to an example with probability `prepend_p`
+- pg:        L_PG only (the paper's "w/o L_SFT" ablation)
+- prepend:   L_SFT, with P in front of a row's dialogue with probability `prepend_ratio`, drawn
+             anew at every step (so every epoch)
 - kld:       token KL(teacher || student) on the agent turns; the teacher is the same base with the
              adapter disabled and P present, the student has the adapter and no P
-- seqkd:     SFT on the teacher's first turn alone (single-turn sequence-level distillation); LoRA,
-             not full fine-tuning, so every method yields the same adapter format
-- seqkd+kld: seqkd's loss plus kld's, on the first turn
+- seqkd:     sequence-level distillation: SFT on the teacher's agent turns, all of them. The
+             dialogues are the teacher's own generations, so this is L_SFT under the paper's name;
+             LoRA, not full fine-tuning, so every method yields the same adapter format
+- seqkd+kld: seqkd's loss plus kld's
+- topk-kl:   top-k context distillation: on every agent token, the student's (no P) cross-entropy
+             against the teacher's (with P) top-k probabilities stored at synthesis
+             (`teacher_topk`); hard labels where no top-k aligns (end-of-turn markers)
+- genpi+topk-kl: topk-kl's loss in place of L_SFT, plus λ·L_PG
 
 A step takes `batch_size` dialogue rows (gradient accumulation over micro-batches of
 examples of similar length, padded, never packed); each loss term is a per-token mean
@@ -31,13 +38,18 @@ import random
 import time
 
 import torch
+import torch.nn.functional as F
 
 from genpi.catalog import PromptEntry
-from genpi.train.examples import IGNORE, Example, build_pg, build_sft
-from genpi.train.losses import LOSS_FORMS, joint_loss, kld_loss, prediction_mask, teacher_logits, token_loss
+from genpi.train.examples import IGNORE, PG_VARIANTS, Example, align_topk, build_pg, build_sft, cut_to_labels
+from genpi.train.losses import LOSS_FORMS, joint_loss, kld_loss, response_logits, response_targets, teacher_logits, token_loss, topk_loss
 from genpi.train.qlora import LoraSettings, add_lora, default_dtype, load_base
 
-METHODS = ("genpi", "sft", "prepend", "kld", "seqkd", "seqkd+kld")
+METHODS = ("genpi", "sft", "pg", "prepend", "kld", "seqkd", "seqkd+kld", "topk-kl", "genpi+topk-kl")
+JOINT_METHODS = ("genpi", "genpi+topk-kl")  # L_SFT-like term + λ·L_PG: the methods that choose λ
+_PG_METHODS = JOINT_METHODS + ("pg",)
+_KLD_METHODS = ("kld", "seqkd+kld")
+_TOPK_METHODS = ("topk-kl", "genpi+topk-kl")
 SCHEDULES = ("cosine", "constant")  # after a linear warmup
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -47,7 +59,6 @@ class TrainSettings:
     method: str = "genpi"
     lam: float = 0.5
     pg_variant: str = "full"
-    prepend_p: float = 1.0
     epochs: int = 10
     lr: float = 1e-4
     batch_size: int = 32  # dialogue rows per optimizer step
@@ -64,6 +75,10 @@ class TrainSettings:
     max_grad_norm: float = 1.0  # 0: no clipping (the reference: 1.0 for OS, 0.5 otherwise)
     weight_decay: float = 0.0
     dtype: str = "auto"  # unquantized weights and 4-bit compute; auto: bfloat16 with CUDA, float32 on CPU
+    # baselines and ablations
+    prepend_ratio: float = 0.5  # prepend: the share of rows that carry P, drawn at every step
+    topk_k: int = 20  # topk-kl: teacher log-probabilities used per token (at most as many as stored)
+    max_turn_tokens: int = 512  # each agent turn (and y_s, y_t in PG) is cut to this many tokens, as in the reference
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -73,44 +88,68 @@ class TrainSettings:
                 raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(allowed)}")
         if not 0.0 <= self.warmup_ratio <= 1.0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ValueError(f"warmup_ratio must lie in [0, 1], max_grad_norm and weight_decay must be >= 0; got {self.warmup_ratio}, {self.max_grad_norm}, {self.weight_decay}")
+        if self.pg_variant not in PG_VARIANTS:
+            raise ValueError(f"unknown PG variant {self.pg_variant!r}: expected one of {', '.join(PG_VARIANTS)}")
+        if not 0.0 <= self.prepend_ratio <= 1.0:
+            raise ValueError(f"prepend_ratio must lie in [0, 1], got {self.prepend_ratio}")
+        if self.topk_k < 1 or self.max_turn_tokens < 1:
+            raise ValueError(f"topk_k and max_turn_tokens must be positive, got {self.topk_k} and {self.max_turn_tokens}")
 
 
 @dataclasses.dataclass
 class RowExamples:
-    """What one dialogue row trains: a student example, and per method a PG or a teacher example."""
+    """What one dialogue row trains, per method: the student's dialogue (no P), a PG example,
+    the teacher's view of the same agent tokens (kld), the dialogue with P in front (prepend)."""
 
-    student: Example
+    student: Example | None = None
     pg: Example | None = None
-    teacher: Example | None = None  # the same agent tokens with P in front (kld)
+    teacher: Example | None = None
+    with_p: Example | None = None
 
 
-def build_examples(rows: list[dict], entry: PromptEntry, tokenizer, settings: TrainSettings, rng: random.Random) -> tuple[list[RowExamples], dict]:
+def build_examples(rows: list[dict], entry: PromptEntry, tokenizer, settings: TrainSettings) -> tuple[list[RowExamples], dict]:
     """Examples for every usable row, and counts of what was cut or skipped (never silently)."""
-    prompt = entry.messages()
-    first_only = settings.method.startswith("seqkd")
-    out, report = [], {"rows": len(rows), "skipped": 0, "skip_reasons": {}, "truncated_examples": 0, "truncated_tokens": 0}
+    prompt, method, cap = entry.messages(), settings.method, settings.max_turn_tokens
+    out = []
+    report = {"rows": len(rows), "skipped": 0, "skip_reasons": {}, "truncated_examples": 0, "truncated_tokens": 0}
+    if method in _TOPK_METHODS:
+        report["topk_unaligned_turns"] = 0
+        if not any(row.get("teacher_topk") for row in rows):
+            raise ValueError(f"method {method}: no row has the teacher's top-k log-probabilities; synthesize with --teacher-topk K")
     for row in rows:
         try:
-            with_p = settings.method == "prepend" and rng.random() < settings.prepend_p
-            student = build_sft(row, tokenizer, settings.max_length, prompt if with_p else (), first_only)
-            made = RowExamples(student)
-            if settings.method == "genpi":
-                made.pg = build_pg(row, entry, tokenizer, settings.max_length, settings.pg_variant)
-            if settings.method.endswith("kld"):
-                made.teacher = build_sft(row, tokenizer, settings.max_length, prompt, first_only)
-                if made.teacher.loss_token_count != student.loss_token_count:
-                    raise ValueError("teacher and student examples were cut differently (P too long for max_length)")
+            made = RowExamples()
+            if method != "pg":
+                made.student = build_sft(row, tokenizer, settings.max_length, max_turn_tokens=cap)
+            if method in _PG_METHODS:
+                made.pg = build_pg(row, entry, tokenizer, settings.max_length, settings.pg_variant, cap)
+            if method == "prepend":
+                made.with_p = build_sft(row, tokenizer, settings.max_length, prompt, cap)
+            if method in _KLD_METHODS:
+                # P makes the teacher's view longer, so it may keep fewer agent tokens: the student keeps the same ones
+                made.teacher = build_sft(row, tokenizer, settings.max_length, prompt, cap)
+                made.student = cut_to_labels(made.student, made.teacher.loss_token_count)
+                if _labelled(made.student) != _labelled(made.teacher):
+                    raise ValueError("KLD example: the views with and without P label different tokens")
+            if method in _TOPK_METHODS:
+                if not row.get("teacher_topk"):
+                    raise ValueError("top-k example: the row has no teacher_topk")
+                report["topk_unaligned_turns"] += align_topk(made.student, row["teacher_topk"], settings.topk_k)
         except ValueError as e:
             report["skipped"] += 1
             reason = str(e).split(":")[0]
             report["skip_reasons"][reason] = report["skip_reasons"].get(reason, 0) + 1
             continue
-        for example in (made.student, made.pg, made.teacher):
+        for example in (made.student, made.pg, made.teacher, made.with_p):
             if example is not None and example.truncated_tokens:
                 report["truncated_examples"] += 1
                 report["truncated_tokens"] += example.truncated_tokens
         out.append(made)
     return out, report
+
+
+def _labelled(example: Example) -> list[int]:
+    return [label for label in example.labels if label != IGNORE]
 
 
 def collate(examples: list[Example], pad_id: int, device) -> dict:
@@ -134,42 +173,77 @@ def predicted_tokens(examples: list[Example]) -> int:
     return sum(e.loss_token_count for e in examples)
 
 
+def draw_students(step: list[RowExamples], settings: TrainSettings) -> list[Example]:
+    """The student examples of a step; for `prepend`, each row carries P with probability
+    `prepend_ratio`, drawn here at every step (torch's generator: reproducible from the seed)."""
+    if settings.method != "prepend":
+        return [r.student for r in step if r.student is not None]
+    draws = torch.rand(len(step)) < settings.prepend_ratio
+    return [r.with_p if with_p else r.student for r, with_p in zip(step, draws.tolist())]
+
+
+def topk_targets(examples: list[Example], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the batch of `examples`: which of its `response_logits` rows have a teacher top-k, and
+    their [M, k] top-k ids and log-probabilities, on `device` (the batch's)."""
+    index, ids, logprobs, offset = [], [], [], 0
+    for e in examples:
+        row_of = {p: i for i, p in enumerate(p for p in range(1, len(e.labels)) if e.labels[p] != IGNORE)}
+        index += [offset + row_of[p] for p in e.topk_positions]
+        offset += len(row_of)
+        if e.topk_positions:
+            ids.append(e.topk_ids)
+            logprobs.append(e.topk_logprobs)
+    k = max((t.size(1) for t in ids), default=1)
+    ids = torch.cat([F.pad(t, (0, k - t.size(1))) for t in ids]) if ids else torch.zeros(0, k, dtype=torch.int32)
+    logprobs = torch.cat([F.pad(t, (0, k - t.size(1)), value=-math.inf) for t in logprobs]) if logprobs else torch.zeros(0, k)
+    return torch.tensor(index, dtype=torch.long, device=device), ids.to(device), logprobs.to(device)
+
+
 def step_loss(model, step: list[RowExamples], settings: TrainSettings, pad_id: int) -> float:
-    """Forward and backward over one optimizer step's rows; returns the step's loss."""
-    students = [r.student for r in step]
-    pgs = [r.pg for r in step if r.pg is not None]
+    """Forward and backward over one optimizer step's rows; returns the step's loss.
+
+    Every tensor is made on the device the collated batches are on; nothing is moved here.
+    """
+    method = settings.method
+    batch = lambda examples: collate(examples, pad_id, model.device)  # noqa: E731
+    students, pgs = draw_students(step, settings), [r.pg for r in step if r.pg is not None]
     n_student, n_pg = predicted_tokens(students), predicted_tokens(pgs)
-    lam = settings.lam if settings.method == "genpi" else 0.0  # λ weighs the terms of the joint loss only
+    # λ weighs L_PG only in the joint methods; alone, each term keeps weight 1 in either loss form
+    lam = settings.lam if method in JOINT_METHODS else float(method == "pg")
     total = 0.0
-    if settings.method.endswith("kld"):
+
+    def backward(sft=None, pg=None):
+        nonlocal total
+        loss = joint_loss(sft, pg, lam, sft_tokens=n_student, pg_tokens=n_pg, form=settings.loss_form)
+        loss.backward()
+        total += loss.item()
+
+    if method in _KLD_METHODS:
         pairs = sorted(step, key=lambda r: len(r.teacher.input_ids))
         for i in range(0, len(pairs), settings.micro_batch):
             chunk = pairs[i : i + settings.micro_batch]
-            student, teacher = collate([r.student for r in chunk], pad_id, model.device), collate([r.teacher for r in chunk], pad_id, model.device)
-            teacher_out = teacher_logits(model, teacher)
-            student_out = model(input_ids=student["input_ids"], attention_mask=student["attention_mask"]).logits
-            n = predicted_tokens([r.student for r in chunk])
-            loss = kld_loss(student_out, teacher_out, prediction_mask(student["labels"]), prediction_mask(teacher["labels"]))
-            loss = loss * n / max(n_student, 1)  # per-token mean over the whole step
-            if settings.method == "seqkd+kld":  # cross-entropy from the same student logits: no second forward
-                ce = torch.nn.functional.cross_entropy(
-                    student_out[:, :-1].reshape(-1, student_out.size(-1)).float(),
-                    student["labels"][:, 1:].reshape(-1),
-                    ignore_index=IGNORE,
-                    reduction="sum",
-                )
-                loss = loss + ce / max(n_student, 1)
-            loss.backward()
-            total += loss.item()
-        return total
-    for chunk in micro_batches(students, settings.micro_batch):
-        loss = joint_loss(token_loss(model, collate(chunk, pad_id, model.device)), None, lam, sft_tokens=n_student, form=settings.loss_form)
-        loss.backward()
-        total += loss.item()
+            student, teacher = batch([r.student for r in chunk]), batch([r.teacher for r in chunk])
+            s_logits = response_logits(model, student)
+            n = s_logits.size(0)
+            loss_sum = kld_loss(s_logits, teacher_logits(model, teacher)) * n
+            if method == "seqkd+kld":  # cross-entropy from the same student logits: no second forward
+                loss_sum = loss_sum + F.cross_entropy(s_logits.float(), response_targets(student), reduction="sum")
+            backward(sft=(loss_sum, n))
+    elif method in _TOPK_METHODS:
+        for chunk in micro_batches(students, settings.micro_batch):
+            b = batch(chunk)
+            logits, targets = response_logits(model, b), response_targets(b)
+            soft, topk_ids, topk_logprobs = topk_targets(chunk, targets.device)
+            hard = torch.ones_like(targets, dtype=torch.bool)
+            hard[soft] = False
+            loss_sum = topk_loss(logits[soft], topk_ids, topk_logprobs)
+            loss_sum = loss_sum + F.cross_entropy(logits[hard].float(), targets[hard], reduction="sum")
+            backward(sft=(loss_sum, targets.numel()))
+    else:
+        for chunk in micro_batches(students, settings.micro_batch):
+            backward(sft=token_loss(model, batch(chunk)))
     for chunk in micro_batches(pgs, settings.micro_batch):
-        loss = joint_loss(None, token_loss(model, collate(chunk, pad_id, model.device)), lam, pg_tokens=n_pg, form=settings.loss_form)
-        loss.backward()
-        total += loss.item()
+        backward(pg=token_loss(model, batch(chunk)))
     return total
 
 
@@ -232,11 +306,11 @@ def train_adapter(base: str, entry: PromptEntry, train_rows: list[dict], heldout
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows, report = build_examples(train_rows, entry, tokenizer, settings, rng)
+    rows, report = build_examples(train_rows, entry, tokenizer, settings)
     if not rows:
         raise ValueError(f"prompt {entry.id!r}: no usable train rows ({report['rows']} rows, {report['skipped']} skipped)")
     # held-out rows are cut and counted as train rows are (SFT view, no P); one too long never fails the trial
-    held, heldout_report = build_examples(heldout_rows, entry, tokenizer, dataclasses.replace(settings, method="sft"), rng)
+    held, heldout_report = build_examples(heldout_rows, entry, tokenizer, dataclasses.replace(settings, method="sft"))
     heldout = [r.student for r in held]
     dtype = default_dtype() if settings.dtype == "auto" else getattr(torch, settings.dtype)
     checkpointing = torch.cuda.is_available() if settings.gradient_checkpointing is None else settings.gradient_checkpointing

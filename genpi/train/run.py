@@ -22,11 +22,12 @@ from genpi import InputError, __version__
 from genpi.catalog import PromptEntry, load_catalog
 from genpi.train.adapters import AdapterManifest, read_adapter_manifest, write_adapter
 from genpi.train.qlora import LoraSettings
+from genpi.train.examples import PG_VARIANTS
 from genpi.train.losses import LOSS_FORMS
-from genpi.train.recipe import DTYPES, METHODS, SCHEDULES, TrainSettings
+from genpi.train.recipe import DTYPES, JOINT_METHODS, METHODS, SCHEDULES, TrainSettings
 
 REQUIRED_COLUMNS = {"prompt_id", "prompt_sha256", "sample_id", "split", "input", "turns", "student_output", "reason", "error"}
-NO_LAMBDA = {"sft", "prepend", "kld", "seqkd", "seqkd+kld"}
+NO_LAMBDA = set(METHODS) - set(JOINT_METHODS)  # methods with one loss term: no λ to choose
 
 
 def read_rows(data: str | Path, entry: PromptEntry) -> tuple[list[dict], list[dict]]:
@@ -131,7 +132,7 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
     trials = {}
     for entry, train, heldout, _, _ in plans:
         rows = ray.put(train), ray.put(heldout)  # once per prompt, shared by its λ trials
-        for lam in (lambdas if settings.method == "genpi" else [None]):
+        for lam in ([None] if settings.method in NO_LAMBDA else lambdas):
             folder = out / ".trials" / entry.id / f"lam={lam}"
             trial_settings = dataclasses.replace(settings, lam=lam if lam is not None else settings.lam)
             ref = task.remote(base_path, entry.to_json(), *rows, trial_settings, str(folder), steps)
@@ -195,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="adapters folder: ADAPTERS/ID/")
     p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2'")
     p.add_argument("--method", default="genpi", help=f"one of {', '.join(METHODS)}")
-    p.add_argument("--lambdas", default="0.3,0.5,0.7", help="λ values to try per prompt (genpi)")
+    p.add_argument("--lambdas", default="0.3,0.5,0.7", help=f"λ values to try per prompt ({', '.join(JOINT_METHODS)})")
     d = TrainSettings()
+    p.add_argument("--pg-variant", default=d.pg_variant, choices=PG_VARIANTS, help="what prompt generation produces from what (ablations)")
+    p.add_argument("--prepend-ratio", type=float, default=d.prepend_ratio, help="prepend: share of rows that carry P, redrawn every step")
+    p.add_argument("--topk-k", type=int, default=d.topk_k, help="topk-kl: teacher log-probabilities used per token")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -224,12 +228,16 @@ def main(argv: list[str] | None = None) -> int:
             lambdas = [float(x) for x in args.lambdas.split(",")]
         except ValueError:
             raise InputError(f"--lambdas: expected numbers separated by commas, got {args.lambdas!r}") from None
-        settings = TrainSettings(
-            method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, micro_batch=args.micro_batch,
-            max_length=args.max_length, quantize=not args.no_4bit, gradient_checkpointing=args.gradient_checkpointing, lora=LoraSettings(r=args.rank, alpha=args.alpha),
-            loss_form=args.loss_form, schedule=args.schedule, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
-            weight_decay=args.weight_decay, dtype=args.dtype,
-        )  # fmt: skip
+        try:
+            settings = TrainSettings(
+                method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, micro_batch=args.micro_batch,
+                max_length=args.max_length, quantize=not args.no_4bit, gradient_checkpointing=args.gradient_checkpointing, lora=LoraSettings(r=args.rank, alpha=args.alpha),
+                loss_form=args.loss_form, schedule=args.schedule, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+                weight_decay=args.weight_decay, dtype=args.dtype,
+                pg_variant=args.pg_variant, prepend_ratio=args.prepend_ratio, topk_k=args.topk_k,
+            )  # fmt: skip
+        except ValueError as e:  # a setting out of range (--prepend-ratio, --topk-k, --warmup-ratio ...)
+            raise InputError(str(e)) from None
         outcomes = train_catalog(args.data, args.catalog, args.out, args.base, settings, lambdas,
                                  args.cpus_per_trial, args.gpus_per_trial, not args.no_progress, args.valid_only)  # fmt: skip
     except InputError as e:
