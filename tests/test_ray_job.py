@@ -185,7 +185,7 @@ def test_ray_job_submit_runs_the_synthesis_on_the_cluster(ray_head, tiny_finishi
         "job", "submit", "--address", head.url, "--working-dir", str(REPO), "--submission-id", submission,
         "--", "python", "-m", "genpi.synth", str(CATALOG), "--out", str(out),
         "--generator", tiny_finishing_model, "--target", tiny_finishing_model,
-        "--samples", "3", "--shard-size", "2", "--max-new-tokens", "8", "--no-stats",
+        "--samples", "3", "--shard-size", "2", "--max-new-tokens", "24", "--no-stats",
     ]  # fmt: skip
     started = time.monotonic()
     try:
