@@ -25,7 +25,7 @@ def test_synth_then_stats_and_sql_with_the_bundled_model(tmp_path):
     assert stats.returncode == 0, stats.stderr
     [row] = json.loads(stats.stdout)
     assert row["prompt_id"] == "web-select" and row["rows"] == 3 and row["failed"] == 0
-    assert row["gold_turns"] == 1 and row["avg_turns"] == 1  # a single-turn prompt
+    assert row["gold_turns"] == 1 and 1 <= row["avg_turns"] <= row["max_turns"] == 2  # single-step web: the paper allows 2 turns
 
     query = "SELECT sample_id, prompt_sha256, input, turns, student_output, reason, target_model FROM dialogues ORDER BY sample_id"
     sql = genpi("sql", str(out), query, "--json")

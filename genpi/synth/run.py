@@ -423,7 +423,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=d.samples, help="dialogues per prompt (default %(default)s)")
     p.add_argument("--heldout", type=float, default=d.heldout, help="held-out share (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_agent_tokens, help="per generated text: input, turn, answer, reason")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_agent_tokens, help="per generated turn, answer and reason")
+    p.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens,
+                   help="per pseudo input (default %(default)s): inputs cut by it are dropped, so it stays generous")
     p.add_argument("--max-turns", type=int, default=None, help="cap on every prompt's max_turns (default: the catalog's)")
     p.add_argument("--shard-size", type=int, default=RunOptions.shard_size)
     p.add_argument("--shards-in-flight", type=int, default=RunOptions.shards_in_flight, help="per target replica")
@@ -453,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         samples=args.samples,
         heldout=args.heldout,
         seed=args.seed,
-        max_input_tokens=args.max_new_tokens,
+        max_input_tokens=args.max_input_tokens,
         max_agent_tokens=args.max_new_tokens,
         max_environment_tokens=args.max_new_tokens,
         max_student_tokens=args.max_new_tokens,
