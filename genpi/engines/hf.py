@@ -157,9 +157,9 @@ class TransformersEngine:
         )
         sequences = output.sequences if sampling.logprobs else output
         topk = None
-        if sampling.logprobs:  # [B, steps, k] each, on the CPU: only k values per token leave the device
-            values, indices = torch.stack(output.logits, dim=1).float().log_softmax(-1).topk(sampling.logprobs, dim=-1)
-            topk = indices.cpu().tolist(), values.cpu().tolist()
+        if sampling.logprobs:  # top-k step by step: never a [B, steps, vocabulary] copy; only k per token leave the device
+            steps = [step.float().log_softmax(-1).topk(sampling.logprobs, dim=-1) for step in output.logits]
+            topk = torch.stack([i for _, i in steps], 1).cpu().tolist(), torch.stack([v for v, _ in steps], 1).cpu().tolist()
         completions = []
         for b, (row, ids) in enumerate(zip(sequences[:, n_prefix + width :].tolist(), rows)):
             completion = self._completion(row, len(ids), sampling)
@@ -184,7 +184,7 @@ class TransformersEngine:
         n_tokens = len(kept) + (finish == "stop" and len(kept) < len(generated))
         completion = Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=n_tokens, finish_reason=finish)
         if sampling.logprobs:  # the tokens of `text`: after a stop string, those up to it
-            while kept and not text.startswith(self.tokenizer.decode(kept, skip_special_tokens=True)):
+            while kept and finish == "stop" and not text.startswith(self.tokenizer.decode(kept, skip_special_tokens=True)):
                 kept = kept[:-1]
             completion.token_ids = list(kept)
         return completion
