@@ -54,7 +54,7 @@ def pipeline_vs_raw(model: str, path: str, args, out: Path) -> dict:
     config = EngineConfig(model=model, num_cpus=args.threads)
     manifest = new_manifest(CATALOG, entries, config, config, settings, options.shard_size)
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
-    handle, engine = start_engine(config, "target-0", record=True)
+    handle, engine = start_engine(config, "target-0", options.engine_restarts, options.call_timeout_s, record=True)
     run = Synthesis(out, entries, manifest, settings, options)
     start = time.perf_counter()
     asyncio.run(run.run(engine, [engine]))

@@ -8,9 +8,11 @@ which takes minutes on a small CPU.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,6 +43,8 @@ REQUESTS = {
     "sampled": HAIKU,
     "sampled_again": HAIKU,
     "invalid": {**CAPITAL, "temperature": 1.0, "top_p": 0.0},  # SamplingParams rejects top_p=0
+    "topk": {**CAPITAL, "logprobs": 5},
+    "topk_stop": {**COUNT, "max_tokens": 40, "stop": ["5"], "logprobs": 5},
 }
 
 
@@ -125,37 +129,93 @@ def test_greedy_matches_transformers(run, model_path):
     assert completions["too_long"]["error"].startswith(f"{CONTEXT_LENGTH_ERROR}: {n} prompt tokens ")
 
 
+def test_top_k_logprobs_are_the_raw_distribution_of_the_kept_tokens(run, model_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    completions, _ = run
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    c = completions["topk"]
+    assert c["text"] == completions["capital"]["text"]  # asking for logprobs changes nothing else
+    assert tokenizer.decode(c["token_ids"], skip_special_tokens=True) == c["text"]
+    assert len(c["token_ids"]) == len(c["topk_ids"]) == len(c["topk_logprobs"]) and all(len(r) == 5 for r in c["topk_ids"])
+    assert [row[0] for row in c["topk_ids"]] == c["token_ids"]  # greedy: the chosen token ranks first
+    encoded = tokenizer.apply_chat_template(REQUESTS["topk"]["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = torch.cat([encoded["input_ids"], torch.tensor([c["token_ids"]])], 1)
+    with torch.no_grad():
+        logits = model(ids).logits[0, encoded["input_ids"].shape[1] - 1 : -1]
+    top = logits.log_softmax(-1).topk(5, dim=-1)
+    assert torch.allclose(torch.tensor(c["topk_logprobs"]), top.values, atol=2e-3)
+    assert [row[:2] for row in c["topk_ids"]] == top.indices[:, :2].tolist()
+    cut = completions["topk_stop"]  # cut by a stop string: the tokens up to it only
+    assert cut["text"] and "5" not in cut["text"] and cut["text"].startswith(tokenizer.decode(cut["token_ids"], skip_special_tokens=True))
+    assert 0 < len(cut["token_ids"]) < cut["completion_tokens"] and len(cut["topk_ids"]) == len(cut["token_ids"])
+
+
 def test_stats_line(run):
     completions, stats = run
     assert stats["completion_tokens"] == sum(c["completion_tokens"] for c in completions.values())
     assert stats["seconds"] > 0 and stats["tokens_per_s"] > 0
 
 
-class FakeLLM:
-    """Stands in for vllm.LLM: a batch holding a "poison" message raises."""
+class FakeAsyncLLM:
+    """Stands in for vllm's AsyncLLM: replies "ok" (two tokens, then end-of-turn) after `delay` seconds per request;
+    a "poison" message raises; a "dead" one raises like a dead engine core."""
 
-    def __init__(self):
-        self.batches = []
+    def __init__(self, eos: int):
+        self.eos, self.prompts, self.finished = eos, [], []
 
-    def chat(self, conversations, params, use_tqdm=True):
-        self.batches.append(len(conversations))
-        if any("poison" in m["content"] for c in conversations for m in c):
+    async def generate(self, prompt, params, request_id):
+        self.prompts.append(prompt["prompt_token_ids"])
+        text = self.decode(prompt["prompt_token_ids"])
+        if "poison" in text:
             raise RuntimeError("poisoned")
-        out = SimpleNamespace(text="ok", token_ids=[5, 6], finish_reason="stop")
-        return [SimpleNamespace(prompt_token_ids=[1, 2, 3], outputs=[out]) for _ in conversations]
+        if "dead" in text:
+            raise type("EngineDeadError", (Exception,), {})("EngineCore encountered an issue.")
+        await asyncio.sleep(1.0 if "slow" in text else 0.0)
+        self.finished.append("slow" if "slow" in text else "fast")
+        # per token: top-3 by rank, and the sampled token (rank 7) listed first, as vLLM adds it
+        steps = [{99: Logprob(-5.0, 7), 5: Logprob(-0.1, 1), 8: Logprob(-2.5, 2), 9: Logprob(-3.0, 3)}] * 3
+        out = SimpleNamespace(text="ok", token_ids=[5, 6, self.eos], finish_reason="stop", logprobs=steps)
+        yield SimpleNamespace(outputs=[out])
 
 
-def test_a_failing_batch_is_retried_request_by_request(model_path):
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int
+
+
+def fake_engine(model_path) -> VLLMEngine:
     from transformers import AutoTokenizer
 
     engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM in this venv: fake what __init__ builds
-    engine.llm, engine.max_model_len = FakeLLM(), 512
     engine.tokenizer = AutoTokenizer.from_pretrained(model_path)
-    engine._sampling_params = SimpleNamespace
-    texts = ["hello", "poison", "tell me about it " * 200, "bye"]
-    results = engine.generate([ChatRequest(chat(t), Sampling(max_tokens=24)) for t in texts])
-    assert engine.llm.batches == [3, 1, 1, 1]  # the over-long request is never sent
-    assert [r.error is None for r in results] == [True, False, False, True]
-    assert results[1].error == "engine: RuntimeError: poisoned" and results[1].finish_reason == "error"
-    assert results[2].error.startswith(f"{CONTEXT_LENGTH_ERROR}: ")
-    assert results[0].text == "ok" and results[0].prompt_tokens == 3 and results[0].completion_tokens == 2
+    engine.llm, engine.max_model_len = FakeAsyncLLM(engine.tokenizer.eos_token_id), 512
+    engine.llm.decode = engine.tokenizer.decode
+    engine.special_ids = set(engine.tokenizer.all_special_ids)
+    kinds = SimpleNamespace(RequestOutputKind=SimpleNamespace(FINAL_ONLY=2))
+    engine._vllm = SimpleNamespace(SamplingParams=SimpleNamespace, TokensPrompt=dict, sampling_params=kinds)
+    engine._loop = None
+    return engine
+
+
+def test_each_request_is_sent_alone_and_bad_ones_fail_alone(model_path):
+    engine = fake_engine(model_path)
+    texts = ["slow one", "hello", "poison", "tell me about it " * 200, "bye"]
+    results = engine.generate([ChatRequest(chat(t), Sampling(max_tokens=24, logprobs=3)) for t in texts])
+    assert len(engine.llm.prompts) == 4  # the over-long request is never sent; each prompt tokenized once, here
+    assert engine.llm.finished == ["fast", "fast", "slow"]  # no request waits for the slowest of its wave
+    assert [r.error is None for r in results] == [True, True, False, False, True]
+    assert results[2].error == "engine: RuntimeError: poisoned" and results[2].finish_reason == "error"
+    assert results[3].error.startswith(f"{CONTEXT_LENGTH_ERROR}: ") and "+ 24 max tokens > 512" in results[3].error
+    ok = results[1]
+    assert ok.text == "ok" and ok.completion_tokens == 3 and ok.finish_reason == "stop"
+    assert ok.token_ids == [5, 6]  # the end-of-turn token dropped
+    assert ok.topk_ids == [[5, 8, 9]] * 2 and ok.topk_logprobs == [[-0.1, -2.5, -3.0]] * 2  # by rank, the sampled one left out
+
+
+def test_a_dead_engine_core_is_reported_by_name(model_path):
+    [result] = fake_engine(model_path).generate([ChatRequest(chat("dead"), Sampling(max_tokens=8))])
+    assert result.error.startswith("engine: EngineDeadError: ")  # what the actor reads to restart

@@ -59,6 +59,14 @@ class Completion:
 CONTEXT_LENGTH_ERROR = "context_length"
 
 
+def text_token_ids(tokenizer, generated: list[int], text: str) -> list[int]:
+    """The generated tokens that make up `text`: those before a stop string (or end-of-turn token) cut it."""
+    kept = list(generated)
+    while kept and not text.startswith(tokenizer.decode(kept, skip_special_tokens=True)):
+        kept.pop()
+    return kept
+
+
 class Engine(Protocol):
     model_name: str
 
@@ -77,7 +85,8 @@ class EngineConfig:
     dtype: str = "auto"
     max_model_len: int | None = None
     tensor_parallel_size: int = 1  # vllm only
-    gpu_memory_utilization: float = 0.85  # vllm only
+    gpu_memory_utilization: float = 0.9  # vllm only: the share of each GPU's memory this engine may take
+    max_logprobs: int = 20  # vllm only: the largest Sampling.logprobs a request may ask for
     num_cpus: float = 1
     num_gpus: float = 0
 
@@ -99,5 +108,6 @@ def make_engine(config: EngineConfig) -> Engine:
             dtype=config.dtype,
             max_model_len=config.max_model_len,
             gpu_memory_utilization=config.gpu_memory_utilization,
+            max_logprobs=config.max_logprobs,
         )
     raise ValueError(f"unknown engine kind {config.kind!r}: expected 'transformers' or 'vllm'")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Message, Sampling
+from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Message, Sampling, text_token_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -118,8 +118,8 @@ class TransformersEngine:
         self.prefix_misses += 1
         with torch.no_grad():
             cache = self.model(
-                input_ids=torch.tensor([prefix], device=self.device), past_key_values=DynamicCache(), use_cache=True
-            ).past_key_values
+                input_ids=torch.tensor([prefix], device=self.device), cache=DynamicCache(), use_cache=True
+            ).cache
         self._prefixes[prefix] = cache
         if len(self._prefixes) > self.prefix_cache_size:
             self._prefixes.popitem(last=False)
@@ -183,8 +183,6 @@ class TransformersEngine:
                 text, finish = text[:cut], "stop"
         n_tokens = len(kept) + (finish == "stop" and len(kept) < len(generated))
         completion = Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=n_tokens, finish_reason=finish)
-        if sampling.logprobs:  # the tokens of `text`: after a stop string, those up to it
-            while kept and finish == "stop" and not text.startswith(self.tokenizer.decode(kept, skip_special_tokens=True)):
-                kept = kept[:-1]
-            completion.token_ids = list(kept)
+        if sampling.logprobs:
+            completion.token_ids = text_token_ids(self.tokenizer, kept, text) if finish == "stop" else list(kept)
         return completion

@@ -1,29 +1,33 @@
-"""The vLLM engine: continuous batching with automatic prefix caching.
+"""The vLLM engine: vLLM's async engine, continuous batching, automatic prefix caching.
 
-vLLM is imported only when an engine is built, so this module imports without
-it. vLLM does its own batching and reuses shared prefixes (the prompt P) by
-itself, so `ChatRequest.prefix_messages` needs no handling here. It spawns
-processes: scripts that build an engine need an `if __name__ == "__main__":`
+Every request goes to vLLM's scheduler as it arrives (`complete`), so a dialogue's
+next step never waits for the slowest generation of a wave, and the prompt is
+rendered and tokenized once, here. vLLM reuses shared prefixes (the prompt P)
+by itself, so `ChatRequest.prefix_messages` needs no handling. vLLM is imported
+only when an engine is built, so this module imports without it; it spawns
+processes, so scripts that build an engine need an `if __name__ == "__main__":`
 guard.
 
 Also a small CLI, for running vLLM from its own virtualenv:
     python -m genpi.engines.vllm --model PATH --requests IN.jsonl --out OUT.jsonl
 reads one request per line ({"messages", "temperature", "top_p", "max_tokens",
-"stop", "seed"}), writes one Completion per line, and prints a last line with
-the generation time (model load excluded) and throughput.
+"stop", "seed", "logprobs"}), writes one Completion per line, and prints a last
+line with the generation time (model load excluded) and throughput.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
-from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Message, Sampling
+from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Message, Sampling, text_token_ids
 
 
 class VLLMEngine:
@@ -33,13 +37,15 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         dtype: str = "auto",
         max_model_len: int | None = None,
-        gpu_memory_utilization: float = 0.85,
+        gpu_memory_utilization: float = 0.9,
         seed: int = 0,
         enforce_eager: bool = False,
         cpu_kv_cache_gib: float = 2.0,
+        max_logprobs: int = 20,
     ):
         import vllm
         from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs = {}
         if not current_platform.is_cpu():
@@ -52,7 +58,7 @@ class VLLMEngine:
                 # reserves (and startup fails unless that much is free): size the KV cache
                 # instead. VLLM_CPU_KVCACHE_SPACE (GiB), when set, wins.
                 kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
-        self.llm = vllm.LLM(
+        args = vllm.AsyncEngineArgs(
             model=path,
             tensor_parallel_size=tensor_parallel_size,
             dtype=dtype,
@@ -60,69 +66,88 @@ class VLLMEngine:
             seed=seed,
             enable_prefix_caching=True,
             enforce_eager=enforce_eager,
+            max_logprobs=max_logprobs,  # top-k log-probabilities come from the raw logits (logprobs_mode's default)
+            disable_log_stats=True,
             **kwargs,
         )
-        self._sampling_params = vllm.SamplingParams
+        self.llm = AsyncLLM.from_engine_args(args)
+        self._vllm = vllm
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.model_config.max_model_len
+        self.special_ids = set(self.tokenizer.all_special_ids)
         self.model_name = Path(path).name
+        self._loop: asyncio.AbstractEventLoop | None = None  # for the synchronous `generate`
 
-    def count_tokens(self, messages: list[Message]) -> int:
+    def encode(self, messages: list[Message]) -> list[int]:
         # As LLM.chat does: render the template, then encode without adding special tokens.
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        return len(self.encode(messages))
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        try:
+            ids, params = self.encode(request.messages), self._params(request)
+        except Exception as e:  # a malformed request or invalid sampling settings
+            return Completion.failure(f"engine: {type(e).__name__}: {e}")
+        if len(ids) + params.max_tokens > self.max_model_len:  # vLLM would only check the prompt, then cut the reply
+            return Completion.failure(
+                f"{CONTEXT_LENGTH_ERROR}: {len(ids)} prompt tokens + {params.max_tokens} max tokens > {self.max_model_len}"
+            )
+        final = None
+        try:
+            prompt = self._vllm.TokensPrompt(prompt_token_ids=ids)
+            async for output in self.llm.generate(prompt, params, request_id=uuid.uuid4().hex):
+                final = output
+        except Exception as e:  # EngineDeadError included: the actor reads it and restarts
+            if "longer than the maximum model length" in str(e):
+                return Completion.failure(f"{CONTEXT_LENGTH_ERROR}: {e}")
+            return Completion.failure(f"engine: {type(e).__name__}: {e}")
+        return self._completion(final.outputs[0], len(ids), request.sampling)
 
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
-        results: list[Completion | None] = [None] * len(requests)
-        todo = []  # (index, SamplingParams) of the requests to send
-        for i, request in enumerate(requests):
-            try:
-                n, params = self.count_tokens(request.messages), self._params(request)
-            except Exception as e:  # a malformed request or invalid sampling settings
-                results[i] = Completion.failure(f"engine: {type(e).__name__}: {e}")
-                continue
-            if n + params.max_tokens > self.max_model_len:
-                results[i] = Completion.failure(
-                    f"{CONTEXT_LENGTH_ERROR}: {n} prompt tokens + {params.max_tokens} max tokens > {self.max_model_len}"
-                )
-            else:
-                todo.append((i, params))
-        if todo:
-            try:
-                outputs = self._chat([requests[i].messages for i, _ in todo], [p for _, p in todo])
-            except Exception:  # retry one by one so one bad request fails alone
-                outputs = []
-                for i, params in todo:
-                    try:
-                        outputs += self._chat([requests[i].messages], [params])
-                    except Exception as e:
-                        outputs.append(Completion.failure(f"engine: {type(e).__name__}: {e}"))
-            for (i, _), completion in zip(todo, outputs):
-                results[i] = completion
-        return results  # type: ignore[return-value]
+        """All requests at once, from synchronous code (the CLI, benchmarks); one event loop for the engine's life."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(self._gather(requests))
+
+    async def _gather(self, requests: list[ChatRequest]) -> list[Completion]:
+        return list(await asyncio.gather(*(self.complete(r) for r in requests)))
 
     def _params(self, request: ChatRequest):
         s = request.sampling
-        stop = list(s.stop) or None
-        return self._sampling_params(
-            temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, stop=stop, seed=request.seed
+        return self._vllm.SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=s.max_tokens,
+            stop=list(s.stop) or None,
+            seed=request.seed,
+            logprobs=s.logprobs or None,
+            output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
         )
 
-    def _chat(self, conversations: list[list[Message]], params: list) -> list[Completion]:
-        # vLLM copies the params of each request it adds, so a retry can reuse them.
-        outputs = self.llm.chat(conversations, params, use_tqdm=False)
-        completions = []
-        for output in outputs:
-            out = output.outputs[0]
-            completions.append(
-                Completion(
-                    text=out.text,
-                    prompt_tokens=len(output.prompt_token_ids or ()),
-                    completion_tokens=len(out.token_ids),
-                    finish_reason="length" if out.finish_reason == "length" else "stop",
-                )
-            )
-        return completions
+    def _completion(self, out, prompt_tokens: int, sampling: Sampling) -> Completion:
+        finish = "length" if out.finish_reason == "length" else "stop"
+        completion = Completion(
+            text=out.text, prompt_tokens=prompt_tokens, completion_tokens=len(out.token_ids), finish_reason=finish
+        )
+        if sampling.logprobs:
+            kept = list(out.token_ids)
+            if finish == "stop":  # drop the end-of-turn token, or the tokens that held a stop string
+                while kept and kept[-1] in self.special_ids:
+                    kept.pop()
+                kept = text_token_ids(self.tokenizer, kept, out.text)
+            completion.token_ids = kept
+            ranked = [sorted(step.items(), key=lambda item: item[1].rank)[: sampling.logprobs] for step in out.logprobs[: len(kept)]]
+            completion.topk_ids = [[token for token, _ in step] for step in ranked]
+            completion.topk_logprobs = [[logprob.logprob for _, logprob in step] for step in ranked]
+        return completion
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+        if self._loop is not None:
+            self._loop.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                 top_p=r.get("top_p", 1.0),
                 max_tokens=r.get("max_tokens", 256),
                 stop=tuple(r.get("stop") or ()),
+                logprobs=r.get("logprobs", 0),
             )
             requests.append(ChatRequest(messages=r["messages"], sampling=sampling, seed=r.get("seed", 0)))
     engine = VLLMEngine(
@@ -158,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     completions = engine.generate(requests)
     seconds = time.perf_counter() - start
+    engine.shutdown()
     with open(args.out, "w") as f:
         for completion in completions:
             f.write(json.dumps(dataclasses.asdict(completion)) + "\n")

@@ -1,28 +1,41 @@
 """Engines hosted in Ray actors, batching the calls of many dialogues in flight.
 
-Each dialogue awaits one `generate` call at a time; the actor gathers whatever
-calls are pending and hands them to its engine as one batch, so dozens of
-dialogues share every forward pass. Actors are created with unlimited restarts
-and task retries: when an actor's process dies (killed, out of memory), Ray
-starts a new one and re-sends the calls that were in flight.
+Each dialogue awaits one `generate` call at a time. An engine with its own
+async scheduler (vLLM's continuous batching) gets every call as it arrives;
+otherwise the actor gathers whatever calls are pending and hands them to its
+engine as one batch, so dozens of dialogues share every forward pass.
+
+A dead engine (vLLM's engine-dead error, a broken CUDA context, the same
+failure over and over) ends its actor's process, so Ray starts a fresh one and
+re-sends the calls that were in flight; restarts and retries are bounded, and
+every call has a timeout, so a broken engine ends in recorded failures (which a
+rerun redoes), never in a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
-from genpi.engines import ChatRequest, Completion, EngineConfig, make_engine
+from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, EngineConfig, make_engine
+
+# Errors after which an engine never recovers in-process.
+FATAL_ENGINE_ERRORS = (
+    "EngineDeadError", "CUDA error", "illegal memory access", "device-side assert", "CUBLAS_STATUS", "CUDNN_STATUS",
+    "NCCL error",
+)  # fmt: skip
+DEAD_AFTER_IDENTICAL_FAILURES = 8  # the same engine error this many calls in a row: treat as dead
 
 
-@ray.remote(max_restarts=-1, max_task_retries=-1)
+@ray.remote
 class EngineActor:
-    def __init__(self, config: EngineConfig, record: bool = False):
+    def __init__(self, config: EngineConfig, record: bool = False, build=make_engine):
         # One thread runs the engine, always the same: torch's OpenMP pool is per thread.
         self.executor = ThreadPoolExecutor(max_workers=1)
         if config.kind == "transformers":
@@ -31,11 +44,13 @@ class EngineActor:
             threads = max(1, int(config.num_cpus))
             self.executor.submit(torch.set_num_threads, threads).result()
         self.config = config
-        self.engine = make_engine(config)
+        self.engine = build(config)
+        self.direct = callable(getattr(self.engine, "complete", None))  # schedules requests itself
         self.pending: list[tuple[ChatRequest, asyncio.Future]] = []
         self.wakeup: asyncio.Event | None = None
         self.busy_s = 0.0  # time spent inside the engine
         self.batches: list[list[ChatRequest]] | None = [] if record else None  # for benchmarks: replay what was served
+        self.last_failure, self.repeated_failures = "", 0
 
     def served(self) -> dict:
         return {"busy_s": self.busy_s, "batches": self.batches}
@@ -44,6 +59,13 @@ class EngineActor:
         return {"model_name": self.engine.model_name, "pid": os.getpid()}
 
     async def generate(self, request: ChatRequest) -> Completion:
+        if self.direct:
+            try:
+                result = await self.engine.complete(request)
+            except Exception as e:  # engines report per-request errors; this is a safety net
+                result = Completion.failure(f"engine: {type(e).__name__}: {e}")
+            self._exit_if_dead([result])
+            return result
         if self.wakeup is None:
             self.wakeup = asyncio.Event()
             asyncio.get_running_loop().create_task(self._batch_loop())
@@ -66,7 +88,11 @@ class EngineActor:
                     self.executor, self.engine.generate, [request for request, _ in batch]
                 )
             except Exception as e:  # engines report per-request errors; this is a safety net
-                results = [Completion.failure(f"engine: {type(e).__name__}: {e}")] * len(batch)
+                results = [Completion.failure(f"engine: {type(e).__name__}: {e}")]
+                self._exit_if_dead(results)
+                results *= len(batch)
+            else:
+                self._exit_if_dead(results)
             self.busy_s += time.perf_counter() - started
             for (_, future), result in zip(batch, results):
                 if not future.done():
@@ -74,24 +100,51 @@ class EngineActor:
             if self.pending:
                 self.wakeup.set()
 
+    def _exit_if_dead(self, results: list[Completion]) -> None:
+        """End the process when the engine cannot recover: Ray restarts the actor and re-sends the calls in flight
+        (their answers are never sent from here)."""
+        for result in results:
+            if result.error is None:
+                self.last_failure, self.repeated_failures = "", 0
+            elif not result.error.startswith(f"{CONTEXT_LENGTH_ERROR}:"):  # a too-long prompt says nothing of the engine
+                same = result.error == self.last_failure
+                self.last_failure, self.repeated_failures = result.error, self.repeated_failures + 1 if same else 1
+                fatal = any(marker in result.error for marker in FATAL_ENGINE_ERRORS)
+                if fatal or self.repeated_failures >= DEAD_AFTER_IDENTICAL_FAILURES:
+                    why = "fatal error" if fatal else f"the same error {self.repeated_failures} times in a row"
+                    print(f"genpi: engine {self.config.model} (pid {os.getpid()}) is dead ({why}: {result.error[:500]}); "
+                          "exiting so that Ray restarts it", file=sys.stderr, flush=True)  # fmt: skip
+                    os._exit(1)
+
 
 class ActorEngine:
     """An `AsyncEngine` (genpi.synth.pipeline) backed by an engine actor."""
 
-    def __init__(self, handle, model_name: str):
+    def __init__(self, handle, model_name: str, timeout_s: float):
         self.handle = handle
         self.model_name = model_name
+        self.timeout_s = timeout_s
         self.generated_tokens = 0  # for progress: tokens/s as they come, not per finished dialogue
 
     async def complete(self, request: ChatRequest) -> Completion:
-        result = await self.handle.generate.remote(request)
+        ref = self.handle.generate.remote(request)
+        try:
+            result = await asyncio.wait_for(ref, self.timeout_s)
+        except asyncio.TimeoutError:
+            ray.cancel(ref)
+            result = Completion.failure(f"engine: {self.model_name} gave no answer within {self.timeout_s:g} s")
+        except ray.exceptions.RayError as e:  # the actor died for good (restarts used up), or the call raised
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            result = Completion.failure(f"engine: {type(e).__name__}: {first_line}"[:1000])
         self.generated_tokens += result.completion_tokens
         return result
 
 
-def start_engine(config: EngineConfig, name: str, record: bool = False) -> tuple[object, ActorEngine]:
+def start_engine(config: EngineConfig, name: str, restarts: int, timeout_s: float, record: bool = False) -> tuple[object, ActorEngine]:
     """An engine actor, named (with a unique suffix) so that `ray list actors` tells which is which."""
     name = f"genpi-{name}-{uuid.uuid4().hex[:8]}"
-    handle = EngineActor.options(name=name, num_cpus=config.num_cpus, num_gpus=config.num_gpus).remote(config, record)
+    handle = EngineActor.options(
+        name=name, num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_restarts=restarts, max_task_retries=restarts
+    ).remote(config, record)
     info = ray.get(handle.describe.remote())
-    return handle, ActorEngine(handle, info["model_name"])
+    return handle, ActorEngine(handle, info["model_name"], timeout_s)

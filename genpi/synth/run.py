@@ -54,6 +54,8 @@ class RunOptions:
     target_replicas: int = 1
     progress: bool = True
     dashboard: bool = False  # start the Ray dashboard with a local Ray (its processes slow a small machine)
+    engine_restarts: int = 3  # per engine actor, over the run
+    call_timeout_s: float = 1800.0  # per engine call: it queues behind others and may wait through a restart (model load)
 
 
 def new_manifest(catalog: Path, entries: list[PromptEntry], generator: EngineConfig, target: EngineConfig, settings: SynthSettings, shard_size: int) -> dict:
@@ -357,6 +359,15 @@ def synthesize(
         raise InputError(f"--teacher-topk must be 0 (off) or more, got {settings.teacher_topk}")
     if options.shard_size < 1:
         raise InputError(f"--shard-size must be at least 1, got {options.shard_size}")
+    if options.engine_restarts < 0 or options.call_timeout_s <= 0:
+        raise InputError(f"--engine-restarts must be 0 or more and --call-timeout above 0, got {options.engine_restarts} "
+                         f"and {options.call_timeout_s:g}")  # fmt: skip
+    for role, config in (("generator", generator), ("target", target)):
+        if config.kind == "vllm" and settings.teacher_topk > config.max_logprobs:
+            raise InputError(f"--teacher-topk {settings.teacher_topk} is above the {role} engine's max_logprobs "
+                             f"({config.max_logprobs})")  # fmt: skip
+        if config.kind == "vllm" and config.num_gpus and not 0 < config.gpu_memory_utilization <= 1:
+            raise InputError(f"--{role}-gpu-memory-utilization must be in (0, 1], got {config.gpu_memory_utilization}")
     out.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(out)
     try:
@@ -381,8 +392,9 @@ def _synthesize(catalog, out, entries, settings, generator, target, options) -> 
         # log_to_driver: errors logged inside engine actors reach this driver's stderr.
         ray.init(log_to_driver=True, configure_logging=False, include_dashboard=options.dashboard)
     shared = generator == target and options.target_replicas == 1
-    target_actors = [start_engine(target, f"target-{i}") for i in range(options.target_replicas)]
-    generator_actor = target_actors[0] if shared else start_engine(generator, "generator")
+    actor_options = {"restarts": options.engine_restarts, "timeout_s": options.call_timeout_s}
+    target_actors = [start_engine(target, f"target-{i}", **actor_options) for i in range(options.target_replicas)]
+    generator_actor = target_actors[0] if shared else start_engine(generator, "generator", **actor_options)
     run = Synthesis(out, entries, manifest, settings, options)
     try:
         asyncio.run(run.run(generator_actor[1], [engine for _, engine in target_actors]))
@@ -402,6 +414,10 @@ def engine_config(args, role: str) -> EngineConfig:
     gpus = get("gpus")
     if gpus is None:
         gpus = tp if kind == "vllm" else 0
+    # An actor given a share of a GPU (--target-gpus 0.5) must keep vLLM to that share of its memory.
+    memory = get("gpu_memory_utilization")
+    if memory is None:
+        memory = round(EngineConfig.gpu_memory_utilization * min(1.0, gpus / tp), 4) if gpus else EngineConfig.gpu_memory_utilization
     return EngineConfig(
         kind=kind,
         model=getattr(args, role),
@@ -409,6 +425,8 @@ def engine_config(args, role: str) -> EngineConfig:
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         tensor_parallel_size=tp,
+        gpu_memory_utilization=memory,
+        max_logprobs=max(EngineConfig.max_logprobs, args.teacher_topk),
         num_cpus=cpus,
         num_gpus=gpus,
     )
@@ -437,12 +455,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{role}-tp", type=int, default=1, help="tensor-parallel size (vllm)")
         p.add_argument(f"--{role}-gpus", type=float, default=None, help="GPUs per actor (default: tp for vllm, else 0)")
         p.add_argument(f"--{role}-cpus", type=float, default=None, help="CPUs per actor")
+        p.add_argument(f"--{role}-gpu-memory-utilization", type=float, default=None,
+                       help=f"vllm: share of each GPU's memory (default: {EngineConfig.gpu_memory_utilization} x the actor's GPU share)")  # fmt: skip
     p.add_argument("--target-replicas", type=int, default=1, help="target engine actors")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--teacher-topk", type=int, default=d.teacher_topk, help="store the teacher's top-k logprobs per agent token (0: off; default %(default)s)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local Ray")
+    p.add_argument("--engine-restarts", type=int, default=RunOptions.engine_restarts,
+                   help="times Ray may restart a dead engine actor over the run (default %(default)s)")  # fmt: skip
+    p.add_argument("--call-timeout", type=float, default=RunOptions.call_timeout_s,
+                   help="seconds an engine call may take, queueing included (default %(default)s)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-stats", action="store_true", help="skip the quality table at the end")
     return p.parse_args(argv)
@@ -469,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         target_replicas=args.target_replicas,
         progress=not args.no_progress,
         dashboard=args.dashboard,
+        engine_restarts=args.engine_restarts,
+        call_timeout_s=args.call_timeout,
     )
     try:
         manifest = synthesize(
