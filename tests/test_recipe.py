@@ -51,9 +51,12 @@ FAST = TrainSettings(epochs=4, lr=1e-2, batch_size=4, micro_batch=2, max_length=
 
 
 def test_genpi_qlora_lowers_the_training_and_heldout_loss(tiny_trainable_model):
-    steps = []
-    model, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, FAST, progress=lambda *a: steps.append(a))
-    assert metrics["steps"] == 8 and [s[0] for s in steps] == list(range(1, 9))
+    reports = []
+    model, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, FAST, report=lambda m, state: reports.append((m, state)))
+    assert metrics["steps"] == 8 and [m["step"] for m, _ in reports] == list(range(1, 9))
+    # a checkpoint and the held-out loss at the end of every epoch (2 steps each), nowhere else
+    assert [m["step"] for m, state in reports if state is not None] == [2, 4, 6, 8]
+    assert [m.get("heldout_loss") for m, _ in reports][1::2] == metrics["heldout_loss_per_epoch"] and len(metrics["heldout_loss_per_epoch"]) == 4
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
     assert metrics["heldout_loss"] < metrics["heldout_loss_before"]
     assert metrics["data_skipped"] == 0 and metrics["train_examples"] == 8
@@ -221,3 +224,24 @@ def test_warmup_cosine_schedule_and_gradient_clipping_are_applied(tiny_trainable
     lrs, seen, before = lr_and_clipped_norms(tiny_trainable_model, constant, 4)
     assert lrs == pytest.approx([0.0, 0.5e-3, 1e-3, 1e-3])
     assert seen == pytest.approx(before, rel=1e-5)  # 0: no clipping
+
+
+@pytest.mark.parametrize("method", ["genpi", "prepend"])  # prepend draws from torch's generator at every step
+def test_a_run_resumed_from_any_checkpoint_ends_with_the_same_adapter(tiny_trainable_model, method):
+    import copy
+
+    settings = dataclasses.replace(FAST, method=method, epochs=2, batch_size=2, quantize=False, lora=LoraSettings(r=4, alpha=8, dropout=0.1))
+    states = []
+    keep = lambda metrics, state: states.append((metrics["step"], copy.deepcopy(state))) if state is not None else None  # noqa: E731
+    whole, whole_metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings, report=keep, checkpoint_steps=3)
+    expected = {n: p.detach().clone() for n, p in whole.named_parameters() if p.requires_grad}
+    assert [step for step, _ in states] == [3, 4, 6, 8]  # every 3 steps and at each epoch's end (4 steps)
+    for step, state in states[:2]:  # mid-epoch and at an epoch's end
+        later = []
+        resumed, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings, resume=state,
+                                         report=lambda m, s: later.append(m["step"]))  # fmt: skip
+        assert later == list(range(step + 1, 9))  # no step done twice
+        for name, p in resumed.named_parameters():
+            if p.requires_grad:
+                assert torch.equal(p, expected[name]), (step, name)
+        assert metrics["heldout_loss"] == whole_metrics["heldout_loss"] and metrics["train_loss_first"] == whole_metrics["train_loss_first"]

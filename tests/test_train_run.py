@@ -56,7 +56,7 @@ def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(data, tiny_t
     assert recorded["lr"] == 1e-2 and recorded["micro_batch"] == 2 and recorded["quantize"] and recorded["dtype"] == "auto"
     assert recorded["effective"] == {"device": "cpu", "dtype": "float32", "compute_dtype_4bit": "float32",
                                      "gradient_checkpointing": False, "optimizer": "adamw_torch"}  # fmt: skip
-    assert not (adapters / ".trials" / "calc").exists()
+    assert [p.suffix for p in (adapters / ".tune").iterdir()] == [".log"]  # the experiment is gone, its log stays
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

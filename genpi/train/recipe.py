@@ -294,11 +294,24 @@ def optimizer_step(model, optimizer, scheduler, settings: TrainSettings) -> floa
     return float(norm)
 
 
-def train_adapter(base: str, entry: PromptEntry, train_rows: list[dict], heldout_rows: list[dict], settings: TrainSettings, progress=None):
-    """Fit one adapter; returns (PeftModel, metrics). `progress(step, steps, loss)` is called after each step.
+def train_adapter(
+    base: str,
+    entry: PromptEntry,
+    train_rows: list[dict],
+    heldout_rows: list[dict],
+    settings: TrainSettings,
+    report=None,
+    checkpoint_steps: int = 0,
+    resume: dict | None = None,
+):
+    """Fit one adapter; returns (PeftModel, metrics).
 
-    `metrics["effective"]` holds what "auto" settings became on this machine: device, dtypes,
-    gradient checkpointing, optimizer.
+    `report(metrics, state)` is called after every optimizer step with the step, the step count, the
+    loss and the epochs done; at the end of every epoch (and every `checkpoint_steps` steps) `state`
+    holds all a resumed run needs to continue exactly: the LoRA weights, the optimizer and scheduler
+    state, the random generators and the epoch's data order, and the epoch-end metrics add the
+    held-out loss. `resume`, such a state, continues from it: the same steps on the same rows as an
+    uninterrupted run. `metrics["effective"]` holds what "auto" settings became on this machine.
     """
     from transformers import AutoTokenizer
 
@@ -306,9 +319,9 @@ def train_adapter(base: str, entry: PromptEntry, train_rows: list[dict], heldout
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows, report = build_examples(train_rows, entry, tokenizer, settings)
+    rows, report_data = build_examples(train_rows, entry, tokenizer, settings)
     if not rows:
-        raise ValueError(f"prompt {entry.id!r}: no usable train rows ({report['rows']} rows, {report['skipped']} skipped)")
+        raise ValueError(f"prompt {entry.id!r}: no usable train rows ({report_data['rows']} rows, {report_data['skipped']} skipped)")
     # held-out rows are cut and counted as train rows are (SFT view, no P); one too long never fails the trial
     held, heldout_report = build_examples(heldout_rows, entry, tokenizer, dataclasses.replace(settings, method="sft"))
     heldout = [r.student for r in held]
@@ -316,30 +329,71 @@ def train_adapter(base: str, entry: PromptEntry, train_rows: list[dict], heldout
     checkpointing = torch.cuda.is_available() if settings.gradient_checkpointing is None else settings.gradient_checkpointing
     model = add_lora(load_base(base, quantize=settings.quantize, dtype=dtype), settings.lora, gradient_checkpointing=checkpointing)
     steps_per_epoch = math.ceil(len(rows) / settings.batch_size)
-    steps, losses, norms, started = steps_per_epoch * settings.epochs, [], [], time.perf_counter()
+    steps = steps_per_epoch * settings.epochs
     optimizer, scheduler, optimizer_name = make_optimizer(model, settings, steps)
-    initial = heldout_loss(model, heldout, pad_id, settings.micro_batch)
-    for epoch in range(settings.epochs):
-        rng.shuffle(rows)
-        for k in range(steps_per_epoch):
-            loss = step_loss(model, rows[k * settings.batch_size : (k + 1) * settings.batch_size], settings, pad_id)
-            norms.append(optimizer_step(model, optimizer, scheduler, settings))
-            losses.append(loss)
-            if progress:
-                progress(len(losses), steps, loss)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if resume is None:
+        run = {"epoch": 0, "step_in_epoch": 0, "order": None, "losses": [], "norms": [], "heldout_losses": [], "seconds": 0.0,
+               "heldout_loss_before": heldout_loss(model, heldout, pad_id, settings.micro_batch)}  # fmt: skip
+    else:
+        run = {k: v for k, v in resume.items() if k not in ("lora", "optimizer", "scheduler", "rng", "torch_rng", "cuda_rng")}
+        with torch.no_grad():
+            for name, value in resume["lora"].items():
+                trainable[name].copy_(value)
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        rng.setstate(resume["rng"])
+        torch.set_rng_state(resume["torch_rng"])
+        if resume["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+
+    def state() -> dict:
+        return {
+            **run,
+            "lora": {name: p.detach().cpu().clone() for name, p in trainable.items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    started = time.perf_counter() - run["seconds"]
+    while run["epoch"] < settings.epochs:
+        if run["order"] is None:  # a new epoch: its order is drawn once and kept in checkpoints
+            run["order"] = list(range(len(rows)))
+            rng.shuffle(run["order"])
+        epoch_rows, epoch = [rows[i] for i in run["order"]], run["epoch"]
+        while run["epoch"] == epoch:
+            k = run["step_in_epoch"]
+            loss = step_loss(model, epoch_rows[k * settings.batch_size : (k + 1) * settings.batch_size], settings, pad_id)
+            run["norms"].append(optimizer_step(model, optimizer, scheduler, settings))
+            run["losses"].append(loss)
+            run["step_in_epoch"] += 1
+            step = len(run["losses"])
+            metrics = {"step": step, "steps": steps, "loss": loss, "epoch": run["epoch"] + run["step_in_epoch"] / steps_per_epoch}
+            if run["step_in_epoch"] == steps_per_epoch:  # the epoch is done: its held-out loss, then a checkpoint
+                run["epoch"], run["step_in_epoch"], run["order"] = run["epoch"] + 1, 0, None
+                run["heldout_losses"].append(heldout_loss(model, heldout, pad_id, settings.micro_batch))
+                metrics.update(epoch=run["epoch"], heldout_loss=run["heldout_losses"][-1])
+            run["seconds"] = time.perf_counter() - started
+            checkpoint = run["step_in_epoch"] == 0 or (checkpoint_steps and step % checkpoint_steps == 0)
+            if report:
+                report(metrics, state() if checkpoint else None)
     model.eval()
     metrics = {
-        "train_loss_first": losses[0],
-        "train_loss_last": losses[-1],
-        "grad_norm_first": norms[0],  # before clipping
-        "grad_norm_last": norms[-1],
+        "train_loss_first": run["losses"][0],
+        "train_loss_last": run["losses"][-1],
+        "grad_norm_first": run["norms"][0],  # before clipping
+        "grad_norm_last": run["norms"][-1],
         "steps": steps,
         "train_examples": len(rows),
         "heldout_examples": len(heldout),
-        "heldout_loss_before": initial,
-        "heldout_loss": heldout_loss(model, heldout, pad_id, settings.micro_batch),
+        "heldout_loss_before": run["heldout_loss_before"],
+        "heldout_loss": run["heldout_losses"][-1],
+        "heldout_loss_per_epoch": run["heldout_losses"],
         "seconds": time.perf_counter() - started,
-        **{f"data_{k}": v for k, v in report.items()},
+        **{f"data_{k}": v for k, v in report_data.items()},
         **{f"heldout_data_{k}": v for k, v in heldout_report.items()},
         "effective": {
             "device": str(model.device),

@@ -1,22 +1,35 @@
-"""`python -m genpi.train DATA --catalog CATALOG --out ADAPTERS`: one adapter per prompt, on Ray.
+"""`python -m genpi.train DATA --catalog CATALOG --out ADAPTERS`: one adapter per prompt, as one Ray Tune experiment.
 
-One Ray task per (prompt, λ) trains an adapter into `ADAPTERS/.trials/ID/lam=λ/`;
-when a prompt's trials are done, the one with the lowest held-out loss becomes
-`ADAPTERS/ID/` (PEFT files plus genpi.json, renamed into place). A prompt whose
-adapter already exists for the same data, settings and λ values is skipped, so a
-rerun does only what is missing. The trial folders must be on storage that the
-driver can read (the local disk on one machine, a shared volume on a cluster).
+The trials are prompts × λ (a grid; prompts alone for the methods without a λ). Each
+trial reports every step through Ray's reporting API and checkpoints (LoRA weights,
+optimizer and scheduler state, random generators, the epoch's data order) at the end
+of every epoch and every --checkpoint-steps steps, into the experiment's storage
+(`--storage`, default ADAPTERS/.tune: a shared folder on a cluster). A failed trial is
+retried from its last checkpoint (--max-failures); a rerun of the same command after a
+kill restores the experiment and resumes every unfinished trial where it stopped.
+When the experiment ends, each prompt's best finished trial by held-out loss becomes
+`ADAPTERS/ID/` (PEFT files plus genpi.json, renamed into place). `--early-stop` stops a
+λ whose held-out loss falls behind the prompt's other λ trials (ASHA, per prompt). A
+prompt whose adapter already exists for the same data, settings and λ values is
+skipped, so a rerun does only what is missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 import sys
+import tempfile
 from pathlib import Path
+
+from ray.tune import Callback
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+from tqdm import tqdm
 
 from genpi import InputError, __version__
 from genpi.catalog import PromptEntry, load_catalog
@@ -62,23 +75,9 @@ def fingerprint(train: list[dict], heldout: list[dict], settings: TrainSettings,
     return digest.hexdigest()
 
 
-def fit_trial(base: str, entry_json: dict, train: list[dict], heldout: list[dict], settings: TrainSettings, folder: str, steps=None) -> dict:
-    """A Ray task: train one adapter and save its PEFT files to `folder`; returns its metrics.
-
-    `steps`, a ray.util.queue.Queue, receives (folder, step, steps, loss) after every optimizer step.
-    """
-    from genpi.catalog import entry_from_json
-    from genpi.train.qlora import save_adapter
-    from genpi.train.recipe import train_adapter
-
-    report = (lambda step, total, loss: steps.put_nowait((folder, step, total, loss))) if steps is not None else None
-    model, metrics = train_adapter(base, entry_from_json(entry_json), train, heldout, settings, progress=report)
-    save_adapter(model, folder)
-    return metrics
-
-
 def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambdas: list[float], num_cpus: float = 1,
-                  num_gpus: float | None = None, progress: bool = True, valid_only: bool = False) -> dict:  # fmt: skip
+                  num_gpus: float | None = None, progress: bool = True, valid_only: bool = False, storage: str | None = None,
+                  checkpoint_steps: int = 0, max_failures: int = 2, early_stop: bool = False) -> dict:  # fmt: skip
     """Train (or skip) every prompt of the catalog; returns {prompt_id: outcome}.
 
     `num_gpus` per trial defaults to 1 when the Ray cluster has GPUs, else 0; 0 on a cluster
@@ -89,13 +88,13 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
     small teacher breaks the format often, and its broken turns teach the adapter the same.
     """
     import ray
-    from ray.util.queue import Queue
-    from tqdm import tqdm
 
     from genpi.models import resolve_model
 
+    if checkpoint_steps < 0 or max_failures < 0:
+        raise InputError(f"--checkpoint-steps and --max-failures must be 0 or more, got {checkpoint_steps} and {max_failures}")
     entries = load_catalog(catalog)
-    out = Path(out)
+    out = Path(out).absolute()
     base_path = resolve_model(base)
     outcomes, plans = {}, []
     for entry in entries:  # read and check every prompt's data before any training starts
@@ -113,80 +112,247 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
         if settings.method not in NO_LAMBDA and len(lambdas) > 1 and not heldout:
             raise InputError(f"prompt {entry.id!r} has no held-out dialogues to choose λ among {lambdas} by their held-out loss: "
                              "synthesize with --heldout > 0, or pass one λ (--lambdas 0.3)")  # fmt: skip
+        if early_stop and not heldout:
+            raise InputError(f"--early-stop: prompt {entry.id!r} has no held-out dialogues to compare its trials by")
         data_print = fingerprint(train, heldout, settings, lambdas, base)
         done = read_adapter_manifest(out / entry.id)
         if done and done.data_fingerprint == data_print and done.prompt_sha256 == entry.sha256:
             outcomes[entry.id] = {"status": "up to date", "lam": done.lam}
             continue
         plans.append((entry, train, heldout, data_print, dropped))
+    if not plans:
+        return outcomes
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     if num_gpus is None:
         num_gpus = 1 if cluster_gpus else 0
-    elif num_gpus == 0 and cluster_gpus and plans:
+    elif num_gpus == 0 and cluster_gpus:
         raise InputError(f"--gpus-per-trial 0 on a Ray cluster with {cluster_gpus:g} GPUs: Ray hides the GPUs from tasks that "
                          "ask for none, so every trial would train on the CPU; leave --gpus-per-trial out (1 per trial) or set it > 0")  # fmt: skip
-    task = ray.remote(fit_trial).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
-    steps = Queue(actor_options={"num_cpus": 0}) if progress and plans else None  # 0 CPUs: never holds up a trial
-    trials = {}
-    for entry, train, heldout, _, _ in plans:
-        rows = ray.put(train), ray.put(heldout)  # once per prompt, shared by its λ trials
-        for lam in ([None] if settings.method in NO_LAMBDA else lambdas):
-            folder = out / ".trials" / entry.id / f"lam={lam}"
-            trial_settings = dataclasses.replace(settings, lam=lam if lam is not None else settings.lam)
-            ref = task.remote(base_path, entry.to_json(), *rows, trial_settings, str(folder), steps)
-            trials[ref] = (entry.id, lam, folder)
-    results: dict[str, list] = {}
-    bar = tqdm(total=len(trials), unit="trial", desc="adapters", disable=not progress, file=sys.stderr)
-    step_bar = tqdm(total=0, unit="step", desc="steps", disable=not progress, file=sys.stderr)
-    done_steps, total_steps = {}, {}
-    pending = list(trials)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-        while steps is not None and not steps.empty():
-            folder, step, total, loss = steps.get_nowait()
-            done_steps[folder], total_steps[folder] = step, total
-            step_bar.total, step_bar.n = sum(total_steps.values()), sum(done_steps.values())
-            step_bar.set_postfix(loss=f"{loss:.3f}")  # redraws the bar
-        for ref in ready:
-            prompt_id, lam, folder = trials[ref]
-            try:
-                results.setdefault(prompt_id, []).append((lam, folder, ray.get(ref), None))
-            except Exception as e:  # one failed trial is recorded; the other prompts go on
-                results.setdefault(prompt_id, []).append((lam, folder, None, f"{type(e).__name__}: {str(e).splitlines()[0]}"))
-            bar.update(1)
-    step_bar.close()
-    bar.close()
+    results, experiment = run_experiment(plans, base_path, settings, lambdas, out, storage, num_cpus, num_gpus, progress,
+                                         checkpoint_steps, max_failures, early_stop)  # fmt: skip
     for entry, train, heldout, data_print, dropped in plans:
-        tried = results.get(entry.id, [])
-        good = [t for t in tried if t[2] is not None]
-        if not good:
-            outcomes[entry.id] = {"status": "failed", "errors": [t[3] for t in tried]}
-            continue
-        if len(good) > 1 and any(t[2]["heldout_loss"] is None for t in good):  # every held-out row was unusable
-            outcomes[entry.id] = {"status": "failed", "errors": ["no held-out loss to choose λ by (every held-out row was skipped)"]}
-            continue
-        lam, folder, metrics, _ = min(good, key=lambda t: t[2]["heldout_loss"] if t[2]["heldout_loss"] is not None else 0.0)
-        manifest = AdapterManifest(
-            prompt_id=entry.id,
-            prompt_sha256=entry.sha256,
-            base_model=base,
-            method=settings.method,
-            lam=lam,
-            lora={**settings.lora.to_dict(), "quantize_4bit": settings.quantize},
-            data_fingerprint=data_print,
-            settings={**recorded_settings(settings, lambdas), "lam": lam, "effective": metrics["effective"]},
-            train_metrics={**{k: v for k, v in metrics.items() if k not in ("heldout_loss", "effective")}, "rows_outside_action_space_dropped": dropped},
-            eval_metrics={"heldout_loss": metrics["heldout_loss"], "trials": {str(t[0]): (t[2] or {}).get("heldout_loss", t[3]) for t in tried}},
-            genpi_version=__version__,
-        )
-        write_adapter(out / entry.id, manifest, lambda tmp, src=folder: shutil.copytree(src, tmp, dirs_exist_ok=True))
-        shutil.rmtree(out / ".trials" / entry.id, ignore_errors=True)
-        outcomes[entry.id] = {"status": "trained", "lam": lam, "heldout_loss": metrics["heldout_loss"]}
-        if dropped is not None:
-            outcomes[entry.id]["rows_outside_action_space_dropped"] = dropped
+        outcomes[entry.id] = write_best(entry, results.get(entry.id, []), out, base, settings, lambdas, data_print, dropped)
+    if all(outcomes[entry.id]["status"] == "trained" for entry, *_ in plans):
+        shutil.rmtree(experiment)  # every adapter is written; a failed trial's checkpoints and error files stay for a look
     return outcomes
+
+
+def run_experiment(plans, base_path, settings, lambdas, out, storage, num_cpus, num_gpus, progress, checkpoint_steps,
+                   max_failures, early_stop) -> tuple[dict[str, list], Path]:  # fmt: skip
+    """Run (or resume) the Tune experiment over the plans' trials; returns ({prompt_id: [ray.tune.Result]}, its folder)."""
+    import ray
+    from ray import tune
+
+    storage = Path(storage).absolute() if storage else out / ".tune"
+    # The same command (same data, settings, λ values, trials) finds and resumes its own experiment.
+    name = "train-" + hashlib.sha256(json.dumps([[e.id, p] for e, _, _, p, _ in plans] + [checkpoint_steps, early_stop]).encode()).hexdigest()[:16]
+    storage.mkdir(parents=True, exist_ok=True)
+    log = storage / f"{name}.log"
+    for logger_name in ("ray.tune", "ray.train", "ray.air"):  # Tune's own output goes to a file, not the terminal
+        logger = logging.getLogger(logger_name)
+        logger.handlers = [logging.FileHandler(log)]
+        logger.propagate = False
+    trials = [{"prompt_id": e.id, "lam": lam} for e, *_ in plans for lam in ([None] if settings.method in NO_LAMBDA else lambdas)]
+    rows = {e.id: ray.put((train, heldout)) for e, train, heldout, _, _ in plans}  # once per prompt, shared by its λ trials
+    trainable = tune.with_resources(
+        tune.with_parameters(fit_trial, base=base_path, entries={e.id: e.to_json() for e, *_ in plans}, rows=rows,
+                             settings=settings, checkpoint_steps=checkpoint_steps),  # fmt: skip
+        {"cpu": num_cpus, "gpu": num_gpus},
+    )
+    bars = Progress(len(trials), progress)
+    path = storage / name
+    if tune.Tuner.can_restore(path):
+        print(f"genpi: resuming the training experiment in {path}", file=sys.stderr)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(
+                scheduler=PerPromptASHA(settings.epochs) if early_stop else None, trial_dirname_creator=trial_folder_name
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(storage),
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[bars],
+                verbose=0,
+            ),
+        )
+    try:
+        with open(log, "a") as log_file, contextlib.redirect_stdout(log_file):  # Tune prints tables even when silent
+            grid = tuner.fit()
+    finally:
+        bars.close()
+    results: dict[str, list] = {}
+    for result in grid:
+        results.setdefault(result.config["trial"]["prompt_id"], []).append(result)
+    return results, path
+
+
+def write_best(entry, tried: list, out: Path, base: str, settings, lambdas, data_print, dropped) -> dict:
+    """Write the prompt's best finished trial as ADAPTERS/ID/; returns the prompt's outcome."""
+    finished = [r for r in tried if r.error is None and r.metrics.get("finished")]
+    errors = [f"λ={r.config['trial']['lam']}: {type(r.error).__name__}: {str(r.error).strip().splitlines()[-1]}" for r in tried if r.error is not None]
+    stopped = [r.config["trial"]["lam"] for r in tried if r.error is None and not r.metrics.get("finished")]
+    if not finished:
+        return {"status": "failed", "errors": errors or ["no trial finished"]}
+    if len(finished) > 1 and any(r.metrics["heldout_loss"] is None for r in finished):  # every held-out row was unusable
+        return {"status": "failed", "errors": ["no held-out loss to choose λ by (every held-out row was skipped)"]}
+    best = min(finished, key=lambda r: r.metrics["heldout_loss"] if r.metrics["heldout_loss"] is not None else 0.0)
+    lam, metrics = best.config["trial"]["lam"], best.metrics
+    kept = ("train_loss_first", "train_loss_last", "grad_norm_first", "grad_norm_last", "steps", "train_examples", "heldout_examples",
+            "heldout_loss_before", "heldout_loss_per_epoch", "seconds", "resumed_from_step")  # fmt: skip
+    manifest = AdapterManifest(
+        prompt_id=entry.id,
+        prompt_sha256=entry.sha256,
+        base_model=base,
+        method=settings.method,
+        lam=lam,
+        lora={**settings.lora.to_dict(), "quantize_4bit": settings.quantize},
+        data_fingerprint=data_print,
+        settings={**recorded_settings(settings, lambdas), "lam": lam, "effective": metrics["effective"]},
+        train_metrics={**{k: metrics[k] for k in kept if k in metrics}, **{k: v for k, v in metrics.items() if k.startswith(("data_", "heldout_data_"))},
+                       "rows_outside_action_space_dropped": dropped},  # fmt: skip
+        eval_metrics={"heldout_loss": metrics["heldout_loss"],
+                      "trials": {str(r.config["trial"]["lam"]): r.metrics.get("heldout_loss") for r in tried}},  # fmt: skip
+        genpi_version=__version__,
+    )
+    with best.checkpoint.as_directory() as folder:
+        write_adapter(out / entry.id, manifest, lambda tmp: shutil.copytree(Path(folder) / "adapter", tmp, dirs_exist_ok=True))
+    outcome = {"status": "trained", "lam": lam, "heldout_loss": metrics["heldout_loss"]}
+    if dropped is not None:
+        outcome["rows_outside_action_space_dropped"] = dropped
+    if errors:
+        outcome["errors"] = errors
+    if stopped:  # stopped early by ASHA: the steps they did not run are what early stopping saved
+        outcome["early_stopped"] = {"lams": stopped, "steps_run": sum(r.metrics.get("step", 0) for r in tried),
+                                    "steps_of_full_sweep": metrics["steps"] * len(tried)}  # fmt: skip
+    return outcome
+
+
+def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: TrainSettings, checkpoint_steps: int) -> None:
+    """A Tune function trainable: one (prompt, λ) trial, resumed from its last checkpoint when there is one.
+
+    `rows` maps prompt ids to object refs of (train, heldout): each prompt's rows were put in the object
+    store once, and a trial fetches only its own prompt's. The last report carries `finished` and a
+    checkpoint holding the adapter (`adapter/`) beside the training state.
+    """
+    import ray
+    import torch
+    from ray import tune
+
+    from genpi.catalog import entry_from_json
+    from genpi.train.qlora import save_adapter
+    from genpi.train.recipe import train_adapter
+
+    prompt_id, lam = config["trial"]["prompt_id"], config["trial"]["lam"]
+    train, heldout = ray.get(rows[prompt_id])
+    resume, checkpoint = None, tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / "state.pt", weights_only=False)
+    resumed_from = len(resume["losses"]) if resume else None
+    last_state = [resume]
+
+    def report(metrics: dict, state: dict | None, **files) -> None:
+        metrics = {**metrics, "prompt_id": prompt_id, "lam": lam, "resumed_from_step": resumed_from}
+        if state is None:
+            tune.report(metrics)
+            return
+        last_state[0] = state
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / "state.pt")
+            for name, save in files.items():
+                save(Path(folder) / name)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    trial_settings = dataclasses.replace(settings, lam=lam if lam is not None else settings.lam)
+    model, metrics = train_adapter(base, entry_from_json(entries[prompt_id]), train, heldout, trial_settings, report, checkpoint_steps, resume)
+    report({**metrics, "finished": True}, last_state[0], adapter=lambda folder: save_adapter(model, folder))
+
+
+def trial_folder_name(trial) -> str:
+    return f"{trial.config['trial']['prompt_id']}-lam={trial.config['trial']['lam']}-{trial.trial_id}"
+
+
+class PerPromptASHA(FIFOScheduler):
+    """ASHA among each prompt's λ trials only: held-out losses of different prompts do not compare."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs, self.by_prompt = epochs, {}
+
+    def _asha(self, trial) -> AsyncHyperBandScheduler:
+        prompt_id = trial.config["trial"]["prompt_id"]
+        if prompt_id not in self.by_prompt:
+            self.by_prompt[prompt_id] = AsyncHyperBandScheduler(
+                time_attr="epoch", metric="heldout_loss", mode="min", max_t=self.epochs, grace_period=1, reduction_factor=3
+            )
+        return self.by_prompt[prompt_id]
+
+    def on_trial_add(self, tune_controller, trial):
+        self._asha(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        asha = self._asha(trial)
+        if trial.trial_id not in asha._trial_info:  # a trial restored with the experiment
+            asha.on_trial_add(tune_controller, trial)
+        return asha.on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        if trial.trial_id in self._asha(trial)._trial_info:
+            self._asha(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._asha(trial)._trial_info.pop(trial.trial_id, None)
+
+
+class Progress(Callback):
+    """One bar for trials and one for steps (with the loss): Tune's own tables stay off."""
+
+    def __init__(self, trials: int, enabled: bool):
+        self.trials, self.enabled = trials, enabled
+        self.bars = None
+        self.steps, self.totals, self.ended, self.announced = {}, {}, set(), set()
+
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment: no open bars
+        return {**self.__dict__, "bars": None}
+
+    def _bars(self):
+        if self.bars is None:
+            self.bars = (tqdm(total=self.trials, unit="trial", desc="adapters", disable=not self.enabled, file=sys.stderr),
+                         tqdm(total=0, unit="step", desc="steps", disable=not self.enabled, file=sys.stderr))  # fmt: skip
+        return self.bars
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        trials_bar, steps_bar = self._bars()
+        if result.get("resumed_from_step") and trial.trial_id not in self.announced:
+            self.announced.add(trial.trial_id)
+            steps_bar.write(f"genpi: {result['prompt_id']} λ={result['lam']}: resumed from the checkpoint at step "
+                            f"{result['resumed_from_step']} of {result['steps']}", file=sys.stderr)  # fmt: skip
+        if "step" in result:
+            self.steps[trial.trial_id], self.totals[trial.trial_id] = result["step"], result["steps"]
+            steps_bar.total, steps_bar.n = sum(self.totals.values()), sum(self.steps.values())
+            steps_bar.set_postfix(loss=f"{result['loss']:.3f}")  # redraws the bar
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial)
+
+    def _ended(self, trial):
+        if trial.trial_id not in self.ended:
+            self.ended.add(trial.trial_id)
+            self._bars()[0].update(1)
+
+    def close(self):
+        for bar in self.bars or ():
+            bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--valid-only", action="store_true", help="train only on dialogues whose agent turns all match actions.valid")
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 if the Ray cluster has GPUs, else 0")
+    p.add_argument("--storage", default=None, help="where the trials checkpoint (default: ADAPTERS/.tune; a shared folder on a cluster)")
+    p.add_argument("--checkpoint-steps", type=int, default=0, help="also checkpoint every N steps (always: at every epoch's end)")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, each from its last checkpoint")
+    p.add_argument("--early-stop", action="store_true", help="stop a λ whose held-out loss falls behind the prompt's others (ASHA)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -239,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # a setting out of range (--prepend-ratio, --topk-k, --warmup-ratio ...)
             raise InputError(str(e)) from None
         outcomes = train_catalog(args.data, args.catalog, args.out, args.base, settings, lambdas,
-                                 args.cpus_per_trial, args.gpus_per_trial, not args.no_progress, args.valid_only)  # fmt: skip
+                                 args.cpus_per_trial, args.gpus_per_trial, not args.no_progress, args.valid_only,
+                                 args.storage, args.checkpoint_steps, args.max_failures, args.early_stop)  # fmt: skip
     except InputError as e:
         print(f"genpi: error: {e}", file=sys.stderr)
         return 2
