@@ -226,11 +226,12 @@ def test_warmup_cosine_schedule_and_gradient_clipping_are_applied(tiny_trainable
     assert seen == pytest.approx(before, rel=1e-5)  # 0: no clipping
 
 
-@pytest.mark.parametrize("method", ["genpi", "prepend"])  # prepend draws from torch's generator at every step
-def test_a_run_resumed_from_any_checkpoint_ends_with_the_same_adapter(tiny_trainable_model, method):
+# prepend draws from torch's generator at every step; 4-bit: bitsandbytes computes differently after a first inference pass
+@pytest.mark.parametrize("method, quantize", [("genpi", True), ("prepend", False)])
+def test_a_run_resumed_from_any_checkpoint_ends_with_the_same_adapter(tiny_trainable_model, method, quantize):
     import copy
 
-    settings = dataclasses.replace(FAST, method=method, epochs=2, batch_size=2, quantize=False, lora=LoraSettings(r=4, alpha=8, dropout=0.1))
+    settings = dataclasses.replace(FAST, method=method, epochs=2, batch_size=2, quantize=quantize, lora=LoraSettings(r=4, alpha=8, dropout=0.1))
     states = []
     keep = lambda metrics, state: states.append((metrics["step"], copy.deepcopy(state))) if state is not None else None  # noqa: E731
     whole, whole_metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings, report=keep, checkpoint_steps=3)

@@ -332,9 +332,12 @@ def train_adapter(
     steps = steps_per_epoch * settings.epochs
     optimizer, scheduler, optimizer_name = make_optimizer(model, settings, steps)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    # Also on resume: a 4-bit model's first inference pass changes how bitsandbytes computes later ones (measured on
+    # CPU), so a resumed run matches an uninterrupted one bit for bit only if it makes that pass too.
+    before = heldout_loss(model, heldout, pad_id, settings.micro_batch)
     if resume is None:
         run = {"epoch": 0, "step_in_epoch": 0, "order": None, "losses": [], "norms": [], "heldout_losses": [], "seconds": 0.0,
-               "heldout_loss_before": heldout_loss(model, heldout, pad_id, settings.micro_batch)}  # fmt: skip
+               "heldout_loss_before": before}  # fmt: skip
     else:
         run = {k: v for k, v in resume.items() if k not in ("lora", "optimizer", "scheduler", "rng", "torch_rng", "cuda_rng")}
         with torch.no_grad():

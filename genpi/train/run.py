@@ -123,7 +123,7 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
     if not plans:
         return outcomes
     if not ray.is_initialized():
-        ray.init(log_to_driver=False, configure_logging=False)
+        ray.init(log_to_driver=False, configure_logging=False, include_dashboard=False)
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     if num_gpus is None:
         num_gpus = 1 if cluster_gpus else 0
@@ -290,7 +290,8 @@ class PerPromptASHA(FIFOScheduler):
         prompt_id = trial.config["trial"]["prompt_id"]
         if prompt_id not in self.by_prompt:
             self.by_prompt[prompt_id] = AsyncHyperBandScheduler(
-                time_attr="epoch", metric="heldout_loss", mode="min", max_t=self.epochs, grace_period=1, reduction_factor=3
+                time_attr="epoch", metric="heldout_loss", mode="min", max_t=self.epochs, grace_period=1, reduction_factor=3,
+                stop_last_trials=False,  # a trial at its last epoch still reports its adapter
             )
         return self.by_prompt[prompt_id]
 

@@ -1,0 +1,143 @@
+"""`genpi train` as a Ray Tune experiment: a killed run resumes exactly, a killed trial is retried from its checkpoint,
+a failing prompt fails alone, ASHA stops a λ that falls behind, and each prompt's rows are put in the object store once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from genpi.catalog import load_catalog
+from genpi.synth import store
+from genpi.train.adapters import check_adapter
+from genpi.train.recipe import TrainSettings
+from test_recipe import row, write_calc_dialogues
+
+CATALOG = REPO / "tests" / "data" / "tiny.yaml"
+CALC, GREET = load_catalog(CATALOG)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_calc_dialogues(tmp_path_factory.mktemp("data"), 10, heldout_from=8)
+
+
+def command(data, adapters, model, *extra):
+    return [sys.executable, "-m", "genpi.cli", "train", str(data), "--catalog", str(CATALOG), "--out", str(adapters),
+            "--base", model, "--batch-size", "4", "--micro-batch", "2", "--max-length", "512", "--rank", "4", "--lr", "1e-2",
+            "--no-progress", *extra]  # fmt: skip
+
+
+def run(data, adapters, model, *extra):
+    done = subprocess.run(command(data, adapters, model, *extra), cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return done
+
+
+def start(data, adapters, model, *extra):
+    return subprocess.Popen(command(data, adapters, model, *extra), cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+
+
+def wait_for_checkpoint(adapters, process, timeout=300):
+    """Until the experiment's saved state lists a trial checkpoint (Tune saves it within seconds of the checkpoint)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any("checkpoint_0" in p.read_text() for p in (adapters / ".tune").glob("train-*/experiment_state-*.json")):
+            return
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+    raise AssertionError("no checkpoint appeared")
+
+
+def weights(folder):
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_with_the_same_adapter(data, tiny_trainable_model, tmp_path):
+    extra = ("--epochs", "8", "--lambdas", "0.5")
+    process = start(data, tmp_path / "killed", tiny_trainable_model, *extra)
+    wait_for_checkpoint(tmp_path / "killed", process)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and its local Ray: nothing gets to clean up
+    process.wait()
+    assert not (tmp_path / "killed" / "calc").exists()
+
+    resumed = run(data, tmp_path / "killed", tiny_trainable_model, *extra)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the training experiment" in resumed.stderr
+    step = check_adapter(tmp_path / "killed" / "calc", CALC).train_metrics["resumed_from_step"]
+    assert step and step % 2 == 0 and 2 <= step < 16  # from an epoch's end (2 steps each): finished epochs are not redone
+    assert f"resumed from the checkpoint at step {step} of 16" in resumed.stderr
+
+    whole = run(data, tmp_path / "whole", tiny_trainable_model, *extra)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert check_adapter(tmp_path / "whole" / "calc", CALC).train_metrics["resumed_from_step"] is None
+    expected, got = weights(tmp_path / "whole" / "calc"), weights(tmp_path / "killed" / "calc")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)  # bit for bit
+
+
+def trial_pids():
+    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in listing.splitlines() if "ray::ImplicitFunc" in line]
+
+
+def test_a_killed_trial_is_retried_from_its_checkpoint_and_a_failing_prompt_fails_alone(tiny_trainable_model, tmp_path):
+    data = write_calc_dialogues(tmp_path / "data", 10, heldout_from=8)
+    greetings = []  # greet's rows have no agent turn to learn: its trial raises every time it runs
+    for i in range(4):
+        r = dict.fromkeys(store.DIALOGUE_COLUMNS)
+        r.update(row(i), prompt_id="greet", prompt_sha256=GREET.sha256, sample_id=i, seed=i, split="train", turns=[])
+        greetings.append(r)
+    store.write_table(store.shard_path(data, "greet", 0), greetings, store.DIALOGUE_SCHEMA)
+    process = start(data, tmp_path / "adapters", tiny_trainable_model, "--epochs", "8", "--lambdas", "0.5", "--cpus-per-trial", "2")
+    wait_for_checkpoint(tmp_path / "adapters", process)
+    [pid] = trial_pids()  # 2 CPUs per trial on a 2-CPU Ray: one trial at a time; greet's failed in seconds
+    os.kill(pid, signal.SIGKILL)  # a preempted or OOM-killed trial
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 1, err[-3000:]  # a prompt failed
+    outcomes = json.loads(out)
+    assert outcomes["greet"]["status"] == "failed" and "no usable train rows" in outcomes["greet"]["errors"][0]
+    assert outcomes["calc"]["status"] == "trained"
+    assert check_adapter(tmp_path / "adapters" / "calc", CALC).train_metrics["resumed_from_step"] >= 2
+    assert "resumed from the checkpoint at step" in err
+    assert not (tmp_path / "adapters" / "greet").exists()
+    assert list((tmp_path / "adapters" / ".tune").glob("train-*/greet-*/error.txt"))  # the failed trial's record stays
+
+
+def test_early_stop_stops_the_lambda_that_falls_behind(data, tiny_trainable_model, tmp_path):
+    # additive form, no clipping, a high learning rate: λ = 50 weighs prompt generation so much that the held-out
+    # dialogue loss runs away
+    result = run(data, tmp_path / "adapters", tiny_trainable_model, "--epochs", "6", "--lambdas", "0.1,0.2,50", "--early-stop",
+                 "--loss-form", "additive", "--max-grad-norm", "0", "--lr", "3e-2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    calc = json.loads(result.stdout)["calc"]
+    assert calc["status"] == "trained" and calc["lam"] != 50
+    stopped = calc["early_stopped"]
+    assert 50.0 in stopped["lams"] and stopped["steps_run"] < stopped["steps_of_full_sweep"] == 3 * 12
+    trials = check_adapter(tmp_path / "adapters" / "calc", CALC).eval_metrics["trials"]
+    assert trials["50.0"] > max(v for k, v in trials.items() if k != "50.0")  # behind on held-out loss where it stopped
+
+
+def test_each_prompts_rows_go_to_the_object_store_once(data, tiny_trainable_model, tmp_path, monkeypatch):
+    import ray
+
+    from genpi.train.run import train_catalog
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        puts = []
+        real_put = ray.put
+        monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(value) or real_put(value, **kw))
+        settings = TrainSettings(epochs=1, batch_size=4, micro_batch=2, max_length=512, lr=1e-2)
+        outcomes = train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, settings, [0.3, 0.5, 0.7], progress=False)
+    finally:
+        ray.shutdown()
+    assert outcomes["calc"]["status"] == "trained" and len(check_adapter(tmp_path / "adapters" / "calc", CALC).eval_metrics["trials"]) == 3
+    row_puts = [p for p in puts if isinstance(p, tuple) and len(p) == 2 and all(isinstance(x, list) for x in p)]
+    assert len(row_puts) == 1 and [len(x) for x in row_puts[0]] == [8, 2]  # calc's rows, once for its 3 λ trials
