@@ -233,7 +233,7 @@ def test_a_run_resumed_from_any_checkpoint_ends_with_the_same_adapter(tiny_train
 
     settings = dataclasses.replace(FAST, method=method, epochs=2, batch_size=2, quantize=quantize, lora=LoraSettings(r=4, alpha=8, dropout=0.1))
     states = []
-    keep = lambda metrics, state: states.append((metrics["step"], copy.deepcopy(state))) if state is not None else None  # noqa: E731
+    keep = lambda metrics, state: states.append((metrics["step"], copy.deepcopy(state()))) if state is not None else None  # noqa: E731
     whole, whole_metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings, report=keep, checkpoint_steps=3)
     expected = {n: p.detach().clone() for n, p in whole.named_parameters() if p.requires_grad}
     assert [step for step, _ in states] == [3, 4, 6, 8]  # every 3 steps and at each epoch's end (4 steps)

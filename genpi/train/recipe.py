@@ -307,10 +307,10 @@ def train_adapter(
     """Fit one adapter; returns (PeftModel, metrics).
 
     `report(metrics, state)` is called after every optimizer step with the step, the step count, the
-    loss and the epochs done; at the end of every epoch (and every `checkpoint_steps` steps) `state`
-    holds all a resumed run needs to continue exactly: the LoRA weights, the optimizer and scheduler
-    state, the random generators and the epoch's data order, and the epoch-end metrics add the
-    held-out loss. `resume`, such a state, continues from it: the same steps on the same rows as an
+    loss and the epochs done; at the end of every epoch (and every `checkpoint_steps` steps) `state()`
+    returns all a resumed run needs to continue exactly: the LoRA weights, the optimizer and scheduler
+    state, the random generators and the epoch's data order (elsewhere `state` is None), and the
+    epoch-end metrics add the held-out loss. `resume`, such a state, continues from it: the same steps on the same rows as an
     uninterrupted run. `metrics["effective"]` holds what "auto" settings became on this machine.
     """
     from transformers import AutoTokenizer
@@ -382,7 +382,7 @@ def train_adapter(
             run["seconds"] = time.perf_counter() - started
             checkpoint = run["step_in_epoch"] == 0 or (checkpoint_steps and step % checkpoint_steps == 0)
             if report:
-                report(metrics, state() if checkpoint else None)
+                report(metrics, state if checkpoint else None)
     model.eval()
     metrics = {
         "train_loss_first": run["losses"][0],

@@ -258,12 +258,12 @@ def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: Trai
     resumed_from = len(resume["losses"]) if resume else None
     last_state = [resume]
 
-    def report(metrics: dict, state: dict | None, **files) -> None:
+    def report(metrics: dict, state, **files) -> None:
         metrics = {**metrics, "prompt_id": prompt_id, "lam": lam, "resumed_from_step": resumed_from}
         if state is None:
             tune.report(metrics)
             return
-        last_state[0] = state
+        last_state[0] = state = state()
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state, Path(folder) / "state.pt")
             for name, save in files.items():
@@ -272,7 +272,7 @@ def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: Trai
 
     trial_settings = dataclasses.replace(settings, lam=lam if lam is not None else settings.lam)
     model, metrics = train_adapter(base, entry_from_json(entries[prompt_id]), train, heldout, trial_settings, report, checkpoint_steps, resume)
-    report({**metrics, "finished": True}, last_state[0], adapter=lambda folder: save_adapter(model, folder))
+    report({**metrics, "finished": True}, lambda: last_state[0], adapter=lambda folder: save_adapter(model, folder))
 
 
 def trial_folder_name(trial) -> str:
