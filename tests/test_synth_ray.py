@@ -20,9 +20,10 @@ from genpi.synth.pipeline import SynthSettings
 from genpi.synth.run import RunOptions, synthesize
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
-# teacher_topk=0: the top-k path is covered in test_pipeline with an engine that returns top-k
+# teacher_topk=0: the top-k path is covered in test_pipeline with an engine that returns top-k. 24 input tokens: sampled
+# inputs depend on how calls fall into batches (one seed per batch), and at 12 tokens a busy machine could leave too few uncut
 SETTINGS = SynthSettings(
-    samples=6, max_input_tokens=12, max_agent_tokens=12, max_environment_tokens=12, max_student_tokens=12, max_reason_tokens=12,
+    samples=6, max_input_tokens=24, max_agent_tokens=12, max_environment_tokens=12, max_student_tokens=12, max_reason_tokens=12,
     teacher_topk=0,
 )  # fmt: skip
 
