@@ -105,6 +105,8 @@ def test_bad_input_exits_2(data, tmp_path):
                       store.pa.schema([("prompt_id", store.pa.string()), ("input", store.pa.string())]))  # fmt: skip
     missing = train(bad, tmp_path / "a")
     assert missing.returncode == 2 and "lack the columns" in missing.stderr
+    negative = train(data, tmp_path / "a", "--checkpoint-steps", "-1")
+    assert negative.returncode == 2 and "--checkpoint-steps and --max-failures must be 0 or more" in negative.stderr
     assert read_adapter_manifest(tmp_path / "a" / "calc") is None
 
 
@@ -124,6 +126,8 @@ def test_lambda_choice_without_heldout_rows_is_refused(tmp_path):
     data = write_calc_dialogues(tmp_path / "data", 8, heldout_from=8)
     refused = train(data, tmp_path / "adapters", "--lambdas", "0.3,0.7")
     assert refused.returncode == 2 and "no held-out dialogues to choose λ" in refused.stderr and "--heldout" in refused.stderr
+    no_early_stop = train(data, tmp_path / "adapters", "--lambdas", "0.3", "--early-stop")
+    assert no_early_stop.returncode == 2 and "--early-stop: prompt 'calc' has no held-out dialogues" in no_early_stop.stderr
     assert not (tmp_path / "adapters").exists()
 
 
