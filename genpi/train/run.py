@@ -299,6 +299,8 @@ class PerPromptASHA(FIFOScheduler):
         self._asha(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
+        if result.get("heldout_loss") is None:  # a step within an epoch, or no usable held-out row
+            return self.CONTINUE
         asha = self._asha(trial)
         if trial.trial_id not in asha._trial_info:  # a trial restored with the experiment
             asha.on_trial_add(tune_controller, trial)
