@@ -387,6 +387,7 @@ def train_adapter(
     metrics = {
         "train_loss_first": run["losses"][0],
         "train_loss_last": run["losses"][-1],
+        "train_losses": run["losses"],  # per step: the training curve
         "grad_norm_first": run["norms"][0],  # before clipping
         "grad_norm_last": run["norms"][-1],
         "steps": steps,

@@ -204,7 +204,7 @@ def write_best(entry, tried: list, out: Path, base: str, settings, lambdas, data
         return {"status": "failed", "errors": ["no held-out loss to choose λ by (every held-out row was skipped)"]}
     best = min(finished, key=lambda r: r.metrics["heldout_loss"] if r.metrics["heldout_loss"] is not None else 0.0)
     lam, metrics = best.config["trial"]["lam"], best.metrics
-    kept = ("train_loss_first", "train_loss_last", "grad_norm_first", "grad_norm_last", "steps", "train_examples", "heldout_examples",
+    kept = ("train_loss_first", "train_loss_last", "train_losses", "grad_norm_first", "grad_norm_last", "steps", "train_examples", "heldout_examples",
             "heldout_loss_before", "heldout_loss_per_epoch", "seconds", "resumed_from_step")  # fmt: skip
     manifest = AdapterManifest(
         prompt_id=entry.id,
