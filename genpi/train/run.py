@@ -229,7 +229,8 @@ def write_best(entry, tried: list, out: Path, base: str, settings, lambdas, data
     if errors:
         outcome["errors"] = errors
     if stopped:  # stopped early by ASHA: the steps they did not run are what early stopping saved
-        outcome["early_stopped"] = {"lams": stopped, "steps_run": sum(r.metrics.get("step", 0) for r in tried),
+        ran = [r.metrics["steps"] if r.metrics.get("finished") else r.metrics.get("step", 0) for r in tried]
+        outcome["early_stopped"] = {"lams": stopped, "steps_run": sum(ran),
                                     "steps_of_full_sweep": metrics["steps"] * len(tried)}  # fmt: skip
     return outcome
 
