@@ -2,7 +2,9 @@
 
     genpi synth CATALOG --out OUT ...   synthesize dialogues (all flags go to genpi.synth.run)
     genpi train DATA --catalog C --out A  train one adapter per prompt (flags go to genpi.train.run)
-    genpi eval DATA --catalog C --adapters A  action-format rate without P: base vs adapter vs base with P
+    genpi eval fidelity DATA --catalog C --adapters A [A ...]  fidelity without P against the teacher
+    genpi eval leakage --catalog C --adapters A [A ...] --out E  how much of P the systems give away
+    genpi report RUN [--out report.md]  Markdown report with plots from a run's files
     genpi stats OUT [--json]            quality statistics per prompt
     genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`
 
@@ -31,9 +33,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from genpi.eval.fidelity import main as eval_main
+    from genpi.eval.run import main as eval_main
 
     return eval_main(args.rest)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from genpi.eval.report import write_report
+
+    path = write_report(args.run, args.eval, args.out)
+    print(path)
+    return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -74,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="score adapters on held-out inputs (genpi eval --help for its flags)", add_help=False)
     p.set_defaults(handler=cmd_eval, passthrough=True)
+
+    p = sub.add_parser("report", help="a Markdown report with PNG plots from a run's synthesis, training and evaluation files")
+    p.add_argument("run", metavar="RUN", help="synthesis run folder")
+    p.add_argument("--eval", default=None, help="evaluation folder (default: RUN/eval)")
+    p.add_argument("--out", default=None, help="Markdown file (default: RUN/report.md); plots go beside it")
+    p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("stats", help="quality statistics of a synthesis run, per prompt")
     p.add_argument("out", metavar="OUT", help="synthesis run folder")

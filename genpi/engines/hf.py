@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -52,9 +53,35 @@ class TransformersEngine:
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
         self.prefix_cache_size = prefix_cache_size
-        self._prefixes: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()
+        self._prefixes: OrderedDict[tuple, DynamicCache] = OrderedDict()  # key: (adapter served, prefix ids)
+        self._serving: str | None = None
         self.prefix_hits = 0
         self.prefix_misses = 0
+
+    def add_adapters(self, adapters: dict[str, str]) -> None:
+        """Load LoRA adapters (name: folder) unmerged on the base, for `serving` to switch between."""
+        from peft import PeftModel
+
+        for name, folder in adapters.items():
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(folder, adapter_name=name, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name, is_trainable=False).eval()
+
+    @contextmanager
+    def serving(self, adapter: str | None):
+        """Generate with this loaded adapter, or with the base alone (None: adapters disabled)."""
+        previous = self._serving
+        self._serving = adapter
+        try:
+            if adapter is not None:
+                self.model.set_adapter(adapter, inference_mode=True)
+                yield
+            else:
+                with self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext():
+                    yield
+        finally:
+            self._serving = previous
 
     def encode(self, messages: list[Message], generation_prompt: bool = True) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -110,9 +137,10 @@ class TransformersEngine:
         return tuple(ids[: min(n, len(ids) - 1)])  # leave at least one token to feed generate
 
     def _prefix_cache(self, prefix: tuple[int, ...]) -> DynamicCache:
-        cache = self._prefixes.get(prefix)
+        key = (self._serving, prefix)  # a prefix's KV cache depends on the adapter that computed it
+        cache = self._prefixes.get(key)
         if cache is not None:
-            self._prefixes.move_to_end(prefix)
+            self._prefixes.move_to_end(key)
             self.prefix_hits += 1
             return cache
         self.prefix_misses += 1
@@ -120,7 +148,7 @@ class TransformersEngine:
             cache = self.model(
                 input_ids=torch.tensor([prefix], device=self.device), cache=DynamicCache(), use_cache=True
             ).cache
-        self._prefixes[prefix] = cache
+        self._prefixes[key] = cache
         if len(self._prefixes) > self.prefix_cache_size:
             self._prefixes.popitem(last=False)
         return cache

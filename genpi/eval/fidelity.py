@@ -1,171 +1,342 @@
-"""`python -m genpi.eval DATA --catalog CATALOG --adapters ADAPTERS`: prompt-free fidelity.
+"""Fidelity: how much of the with-prompt behaviour survives without the prompt.
 
-Does the model served *without* the prompt P act as P asks? Each prompt's
-held-out inputs (split `heldout` of a synthesis run: never trained on) are
-answered three ways, greedily, first agent turn only:
+On each prompt's held-out dialogues (split `heldout` of a synthesis run: never
+trained on), the systems of genpi.eval.serve (teacher = base with P, base
+without P, each adapter without P), all greedy, are measured three ways:
 
-    base      the base model, no P        what serving without the prompt gives
-    adapter   base + the adapter, no P    what genpi gives
-    base+P    the base model with P       the teacher
+- first turn: in the action space (`actions.valid`), the action's kind (the
+  regex's group `kind`, else its first group) and agreement with the teacher's
+  reply to the same input: same kind, same action text exactly (counted over the
+  inputs where the teacher acted), ROUGE-L F of the whole reply; and the
+  distribution of kinds, so a system that always takes one action shows;
+- whole episode: each system plays the agent against the environment persona
+  exactly as synthesis does (genpi.synth.pipeline.role_play: same instruction,
+  swapped shots, end marker, turn limit; the environment is the base model for
+  every system), from the same inputs: share of agent turns in the action space,
+  share of episodes ended by a final action, mean agent turns, share at the limit;
+- teacher-forced: on the teacher's dialogues stored at synthesis, each system's
+  mean negative log-likelihood of the teacher's agent tokens without P, and the
+  mean KL(teacher with P || system) over those tokens, full vocabulary.
 
-The score of a condition is its action-format rate: the share of replies that
-match the prompt's `actions.valid` regex (`re.search` on the stripped reply, as
-in synthesis). The adapter is merged into the unquantized base, as a LoRA
-serving engine applies it. Scores go into the adapter's genpi.json
-(`eval_metrics.format_rate`); `--report FILE` also keeps every reply.
+Retention is system / teacher for the rates and agreements, teacher / system for
+the NLL (1.0 = as good as the teacher). The first turn is the episode's first
+agent turn (the same greedy request). Per-reply rows go to
+`EVAL/fidelity/prompt_id=ID/system=NAME/part-00000.parquet`; the summary to
+`EVAL/fidelity.json` and each adapter's genpi.json (`eval_metrics.fidelity`).
+
+λ: training picks λ by the loss on these same held-out rows when it tried more
+than one value; the summary then says `heldout_used_for_lambda: true` for that
+adapter (its numbers are then slightly optimistic).
 """
 
 from __future__ import annotations
 
-import argparse
+import asyncio
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+
 from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog
-from genpi.engines import ChatRequest, Completion, Sampling
+from genpi.eval.metrics import NO_ACTION, action, ratio, rouge_l
+from genpi.eval.serve import BASE, TEACHER, Batcher, System, adapter_dirs, load_engine, prompt_systems, served_as
+from genpi.synth.store import TURN, write_table
 
-CONDITIONS = ("base", "adapter", "base+P")
-
-
-def heldout_inputs(data: str | Path, entry: PromptEntry, limit: int | None = None) -> list[str]:
-    """The prompt's held-out inputs, by sample id; refuses dialogues of another version of the prompt."""
-    from genpi.synth.stats import open_dialogues
-
-    con = open_dialogues(data)
-    rows = con.execute(
-        "SELECT input, prompt_sha256 FROM dialogues WHERE prompt_id = ? AND split = 'heldout' "
-        "AND coalesce(input, '') <> '' ORDER BY sample_id",
-        [entry.id],
-    ).fetchall()
-    if any(sha != entry.sha256 for _, sha in rows):
-        raise InputError(f"{data}: dialogues of {entry.id!r} were synthesized from another version of the prompt; resynthesize")
-    return [text for text, _ in rows][:limit]
-
-
-def first_replies(engine, entry: PromptEntry, inputs: list[str], with_prompt: bool, max_tokens: int) -> list[Completion]:
-    prompt = entry.messages() if with_prompt else []
-    return engine.generate(
-        [
-            ChatRequest(prompt + [{"role": "user", "content": text}], Sampling(max_tokens=max_tokens), prefix_messages=len(prompt))
-            for text in inputs
-        ]
-    )
-
-
-def score(entry: PromptEntry, replies: list[Completion]) -> dict:
-    hits = [r.error is None and entry.in_action_space(r.text) for r in replies]
-    return {
-        "format_rate": sum(hits) / len(hits),
-        "errors": sum(r.error is not None for r in replies),
-        "prompt_tokens": sum(r.prompt_tokens for r in replies) / len(replies),
-        "completion_tokens": sum(r.completion_tokens for r in replies) / len(replies),
-        "hits": hits,
-    }
+EVAL_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("system", pa.string()),
+        ("sample_id", pa.int64()),
+        ("input", pa.string()),
+        ("reply", pa.string()),  # the first agent turn
+        ("in_action_space", pa.bool_()),  # null without actions.valid
+        ("kind", pa.string()),
+        ("action", pa.string()),
+        ("same_kind", pa.bool_()),  # as the teacher's reply; null where the teacher's is outside the action space
+        ("same_action", pa.bool_()),
+        ("rouge_l", pa.float64()),  # F against the teacher's reply
+        ("turns", pa.list_(TURN)),  # the episode, agent turns "assistant"
+        ("turns_valid", pa.list_(pa.bool_())),  # per agent turn: in the action space
+        ("n_turns", pa.int32()),
+        ("ended_final", pa.bool_()),  # ended by an agent turn matching actions.final
+        ("hit_limit", pa.bool_()),
+        ("terminated_by", pa.string()),
+        ("tf_tokens", pa.int64()),  # teacher-forced: the teacher's agent tokens scored
+        ("tf_nll", pa.float64()),  # summed over them
+        ("tf_kl", pa.float64()),
+        ("error", pa.string()),
+    ]
+)
+RATES = ("format_rate", "kind_agreement", "action_agreement", "rouge_l", "action_space_rate", "final_rate")
 
 
-def evaluate_prompt(entry: PromptEntry, adapter: str | Path, inputs: list[str], base_path: str, max_tokens: int, max_batch: int = 32) -> dict:
-    """Score the three conditions on `inputs`; returns per-condition metrics and every reply."""
-    from genpi.engines.hf import TransformersEngine
+def heldout_rows(data: str | Path, entry: PromptEntry, limit: int | None = None) -> list[dict]:
+    """The prompt's good held-out dialogue rows (refuses rows of another version of the prompt)."""
+    from genpi.train.run import read_rows
 
-    engine = TransformersEngine(base_path, max_batch=max_batch)
-    replies = {
-        "base": first_replies(engine, entry, inputs, False, max_tokens),
-        "base+P": first_replies(engine, entry, inputs, True, max_tokens),
-    }
-    del engine
-    engine = TransformersEngine(base_path, max_batch=max_batch, adapter=str(adapter))
-    replies["adapter"] = first_replies(engine, entry, inputs, False, max_tokens)
-    scores = {c: score(entry, replies[c]) for c in CONDITIONS}
-    return {
-        "prompt_id": entry.id,
-        "inputs": len(inputs),
-        "max_new_tokens": max_tokens,
-        "conditions": {c: {k: v for k, v in scores[c].items() if k != "hits"} for c in CONDITIONS},
-        "replies": [
-            {"input": text, **{c: {"text": replies[c][i].text, "valid": scores[c]["hits"][i], "error": replies[c][i].error} for c in CONDITIONS}}
-            for i, text in enumerate(inputs)
-        ],
-    }
+    return read_rows(data, entry)[1][:limit]
 
 
-def evaluate_catalog(data, catalog, adapters, base: str = "smollm2", prompts: list[str] | None = None, limit: int | None = None,
-                     max_tokens: int | None = None, max_batch: int = 32, record: bool = True) -> list[dict]:  # fmt: skip
-    """Evaluate every prompt that can be (or those named); the others are listed with the reason they were skipped."""
-    from tqdm import tqdm
-
-    from genpi.models import resolve_model
+def episode_settings(data: str | Path, max_new_tokens: int | None, max_turns: int | None):
+    """Synthesis's settings as the run recorded them (turn limit, token limits), without the teacher's top-k."""
+    from genpi.synth.pipeline import SynthSettings
     from genpi.synth.store import read_manifest
-    from genpi.train.adapters import check_adapter, record_eval
 
-    entries = load_catalog(catalog, prompts)
-    if max_tokens is None:  # as long as the teacher's turns were allowed to be
-        manifest = read_manifest(data) or {}
-        max_tokens = manifest.get("settings", {}).get("max_agent_tokens", 256)
-    plans, results = [], []
-    for entry in entries:  # every check before any model loads
-        folder = Path(adapters) / entry.id
-        if not entry.valid_action:
-            results.append({"prompt_id": entry.id, "skipped": "no actions.valid regex to score against"})
-        elif not folder.is_dir():
-            results.append({"prompt_id": entry.id, "skipped": f"no adapter at {folder}"})
-        else:
-            check_adapter(folder, entry)
-            inputs = heldout_inputs(data, entry, limit)
-            if inputs:
-                plans.append((entry, folder, inputs))
-            else:
-                results.append({"prompt_id": entry.id, "skipped": "no held-out inputs"})
-    if not plans:
-        raise InputError("nothing to evaluate: " + "; ".join(f"{r['prompt_id']}: {r['skipped']}" for r in results))
+    known = {f.name for f in dataclasses.fields(SynthSettings)}
+    recorded = (read_manifest(data) or {}).get("settings", {})
+    settings = SynthSettings(**{k: v for k, v in recorded.items() if k in known})
+    changes = {"teacher_topk": 0}
+    if max_new_tokens:
+        changes.update(max_agent_tokens=max_new_tokens, max_environment_tokens=max_new_tokens)
+    if max_turns:
+        changes["max_turns"] = max_turns
+    return dataclasses.replace(settings, **changes)
+
+
+def play_episodes(entry: PromptEntry, rows: list[dict], systems: list[System], engine, settings) -> dict[str, list[dict]]:
+    """Every system plays every row's input as the agent; the base model (with its persona) is the environment."""
+    from genpi.synth.pipeline import blank_row, role_play
+
+    batcher = Batcher(engine)
+    environment = batcher.view(System(BASE))
+
+    async def play(system: System, row: dict) -> dict:
+        sample = {k: row[k] for k in ("sample_id", "seed", "split", "input")}
+        episode = blank_row(entry, sample, settings, BASE, system.name)
+        try:
+            await role_play(entry, episode, environment, settings, agent=batcher.view(system), with_prompt=system.with_prompt)
+        except Exception as e:  # recorded on the episode, never dropped
+            episode["error"] = f"{type(e).__name__}: {e}"
+        return episode
+
+    async def play_all() -> list[dict]:
+        return await asyncio.gather(*(play(s, r) for s in systems for r in rows))
+
+    episodes = asyncio.run(play_all())
+    return {s.name: episodes[i * len(rows) : (i + 1) * len(rows)] for i, s in enumerate(systems)}
+
+
+def teacher_forced(entry: PromptEntry, rows: list[dict], systems: list[System], engine, max_length: int) -> dict[str, list]:
+    """Per system and row: (tokens, summed NLL, summed KL(teacher || system)) on the teacher's agent tokens;
+    None for a row that cannot be scored. The teacher's logits are the base's with P (adapters disabled)."""
+    import torch
+    import torch.nn.functional as F
+
+    from genpi.train.losses import kld_loss, response_logits, response_targets
+    from genpi.train.recipe import TrainSettings, build_examples, collate
+
+    tokenizer, model = engine.tokenizer, engine.model
+    settings = TrainSettings(method="kld", max_length=max_length, quantize=False)  # the student and teacher views, aligned
+    out: dict[str, list] = {s.name: [] for s in systems}
+    for row in rows:
+        made, _ = build_examples([row], entry, tokenizer, settings)
+        if not made:
+            for s in systems:
+                out[s.name].append(None)
+            continue
+        student = collate([made[0].student], engine.pad_id, engine.device)
+        with torch.no_grad():
+            with engine.serving(None):
+                teacher = response_logits(model, collate([made[0].teacher], engine.pad_id, engine.device)).float()
+            targets = response_targets(student)
+            for s in systems:
+                if s.with_prompt:
+                    logits = teacher
+                else:
+                    with engine.serving(s.adapter):
+                        logits = response_logits(model, student).float()
+                n = targets.numel()
+                nll = float(F.cross_entropy(logits, targets, reduction="sum"))
+                out[s.name].append((n, nll, float(kld_loss(logits, teacher)) * n))
+    return out
+
+
+def reply_rows(entry: PromptEntry, rows: list[dict], systems: list[System], episodes: dict, forced: dict) -> dict[str, list[dict]]:
+    """The per-reply Parquet rows (EVAL_SCHEMA) of each system."""
+    has_actions = entry.valid_action is not None
+    out: dict[str, list[dict]] = {}
+    teacher_first = []
+    for system in [s for s in systems if s.name == TEACHER] + [s for s in systems if s.name != TEACHER]:
+        records = []
+        for i, row in enumerate(rows):
+            episode = episodes[system.name][i]
+            agent = [t["content"] for t in episode["turns"] if t["role"] == "assistant"]
+            reply = agent[0] if agent else None
+            in_space, kind, act = action(entry, reply or "")
+            if system.name == TEACHER:
+                teacher_first.append((reply, in_space, kind, act))
+            t_reply, t_in, t_kind, t_act = teacher_first[i]
+            scored = has_actions and reply is not None and t_reply is not None and t_in
+            forced_row = forced[system.name][i]
+            records.append({
+                "prompt_id": entry.id, "system": system.name, "sample_id": row["sample_id"], "input": row["input"],
+                "reply": reply,
+                "in_action_space": in_space if has_actions and reply is not None else None,
+                "kind": kind if has_actions and reply is not None else None,
+                "action": act if has_actions and in_space else None,
+                "same_kind": kind == t_kind if scored else None,
+                "same_action": act == t_act if scored else None,
+                "rouge_l": rouge_l(reply, t_reply)["f"] if reply is not None and t_reply is not None else None,
+                "turns": episode["turns"],
+                "turns_valid": [entry.in_action_space(t) for t in agent] if has_actions else None,
+                "n_turns": episode["n_turns"],
+                "ended_final": episode["terminated_by"] == "final_action" if entry.final_action else None,
+                "hit_limit": bool(episode["hit_max_turns"]),
+                "terminated_by": episode["terminated_by"],
+                "tf_tokens": forced_row[0] if forced_row else None,
+                "tf_nll": forced_row[1] if forced_row else None,
+                "tf_kl": forced_row[2] if forced_row else None,
+                "error": episode["error"],
+            })  # fmt: skip
+        out[system.name] = records
+    return out
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(records: list[dict]) -> dict:
+    """One system's metrics over its per-reply rows (errors excluded from every rate, and counted)."""
+    good = [r for r in records if r["error"] is None]
+    kinds: dict[str, int] = {}
+    for r in good:
+        if r["kind"] is not None:
+            kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    valid_turns = [v for r in good if r["turns_valid"] is not None for v in r["turns_valid"]]
+    tokens = sum(r["tf_tokens"] or 0 for r in records)
+    return {
+        "inputs": len(records),
+        "errors": len(records) - len(good),
+        "format_rate": _mean(r["in_action_space"] for r in good),
+        "kind_agreement": _mean(r["same_kind"] for r in good),
+        "action_agreement": _mean(r["same_action"] for r in good),
+        "rouge_l": _mean(r["rouge_l"] for r in good),
+        "kinds": dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "action_space_rate": sum(valid_turns) / len(valid_turns) if valid_turns else None,
+        "final_rate": _mean(r["ended_final"] for r in good),
+        "mean_turns": _mean(r["n_turns"] for r in good),
+        "hit_limit_rate": _mean(r["hit_limit"] for r in good),
+        "tf_tokens": tokens,
+        "nll": sum(r["tf_nll"] or 0.0 for r in records) / tokens if tokens else None,
+        "kl": sum(r["tf_kl"] or 0.0 for r in records) / tokens if tokens else None,
+    }
+
+
+def retention(metrics: dict, teacher: dict) -> dict:
+    """system / teacher per rate; teacher / system for the NLL (lower is better)."""
+    kept = {name: ratio(metrics[name], teacher[name]) for name in RATES}
+    kept["nll"] = ratio(teacher["nll"], metrics["nll"])
+    return kept
+
+
+def heldout_used_for_lambda(system: System) -> bool:
+    lambdas = (system.manifest.settings or {}).get("lambdas") if system.manifest else None
+    return bool(lambdas and len(lambdas) > 1)
+
+
+def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", prompts: list[str] | None = None,
+                     limit: int | None = None, max_new_tokens: int | None = None, max_turns: int | None = None,
+                     out: str | Path | None = None, record: bool = True, max_batch: int = 32, command: list[str] | None = None) -> dict:  # fmt: skip
+    """Evaluate every prompt that has held-out rows; returns (and writes to OUT/fidelity.json) the summary."""
+    from genpi.models import resolve_model
+    from genpi.train.adapters import record_eval
+
+    dirs = adapter_dirs(adapters)
     base_path = resolve_model(base)
-    for entry, folder, inputs in tqdm(plans, unit="prompt", desc="eval", file=sys.stderr, disable=len(plans) < 2):
-        result = evaluate_prompt(entry, folder, inputs, base_path, max_tokens, max_batch)
-        if record:
-            record_eval(folder, {"format_rate": {c: result["conditions"][c]["format_rate"] for c in CONDITIONS},
-                                 "format_inputs": result["inputs"]})  # fmt: skip
-        results.append(result)
-    return results
-
-
-def format_results(results: list[dict]) -> str:
-    lines = [f"{'prompt':<16} {'inputs':>6} " + " ".join(f"{c:>8}" for c in CONDITIONS) + "   (share of replies in the action format)"]
-    for r in results:
-        if "skipped" in r:
-            lines.append(f"{r['prompt_id']:<16} skipped: {r['skipped']}")
+    out = Path(out) if out else Path(data) / "eval"
+    plans, skipped = [], []
+    for entry in load_catalog(catalog, prompts):  # every check before the model loads
+        systems, missing = prompt_systems(entry, dirs, base_path)
+        rows = heldout_rows(data, entry, limit)
+        if not rows:
+            skipped.append({"prompt_id": entry.id, "skipped": f"no held-out rows in {data} (synthesize with --heldout > 0)"})
+        elif len(systems) == 2:
+            skipped.append({"prompt_id": entry.id, "skipped": "no adapter: " + "; ".join(missing)})
         else:
-            rates = " ".join(f"{100 * r['conditions'][c]['format_rate']:>7.1f}%" for c in CONDITIONS)
-            lines.append(f"{r['prompt_id']:<16} {r['inputs']:>6} {rates}")
+            plans.append((entry, systems, missing, rows))
+    if not plans:
+        raise InputError("nothing to evaluate: " + "; ".join(f"{r['prompt_id']}: {r['skipped']}" for r in skipped))
+    settings = episode_settings(data, max_new_tokens, max_turns)
+    engine = load_engine(base_path, [s for _, systems, _, _ in plans for s in systems], max_batch)
+    form = served_as(engine, [s for _, systems, _, _ in plans for s in systems])
+    results = []
+    for entry, systems, missing, rows in plans:
+        print(f"genpi eval fidelity: {entry.id}: {len(rows)} held-out inputs, {len(systems)} systems", file=sys.stderr)
+        episodes = play_episodes(entry, rows, systems, engine, settings)
+        forced = teacher_forced(entry, rows, systems, engine, min(engine.max_model_len, 8192))
+        records = reply_rows(entry, rows, systems, episodes, forced)
+        for name, rs in records.items():
+            write_table(out / "fidelity" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, EVAL_SCHEMA)
+        metrics = {name: summarize(rs) for name, rs in records.items()}
+        result = {
+            "prompt_id": entry.id,
+            "inputs": len(rows),
+            "first_turn_actions": "scored" if entry.valid_action else "skipped: the prompt has no actions.valid regex",
+            "missing": missing,
+            "systems": metrics,
+            "retention": {name: retention(m, metrics[TEACHER]) for name, m in metrics.items()},
+            "heldout_used_for_lambda": {s.name: heldout_used_for_lambda(s) for s in systems if s.adapter},
+            "adapters": {s.name: str(s.folder) for s in systems if s.adapter},
+        }
+        results.append(result)
+        if record:
+            for s in systems:
+                if s.adapter:
+                    record_eval(s.folder, {"fidelity": {
+                        "system": s.name, "served_as": form, "inputs": len(rows), "eval_out": str(out),
+                        "heldout_used_for_lambda": result["heldout_used_for_lambda"][s.name],
+                        "metrics": metrics[s.name], "retention": result["retention"][s.name],
+                        "teacher": metrics[TEACHER], "base": metrics[BASE]}})  # fmt: skip
+    summary = {
+        "command": command, "data": str(data), "catalog": str(catalog), "base": base_path, "served_as": form,
+        "teacher_forced": "mean NLL of the teacher's agent tokens without P; mean KL(teacher with P || system), full vocabulary",
+        "episode_settings": {"max_turns_cap": settings.max_turns, "max_agent_tokens": settings.max_agent_tokens,
+                             "max_environment_tokens": settings.max_environment_tokens, "greedy": True},
+        "results": results + skipped,
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+COLUMNS = (("format", "format_rate", _pct), ("kind agr", "kind_agreement", _pct), ("act agr", "action_agreement", _pct),
+           ("rougeL", "rouge_l", _num), ("ep in-space", "action_space_rate", _pct), ("ep final", "final_rate", _pct),
+           ("turns", "mean_turns", _num), ("at limit", "hit_limit_rate", _pct), ("NLL", "nll", _num), ("KL", "kl", _num))  # fmt: skip
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"served as: {summary['served_as']}"]
+    for r in summary["results"]:
+        if "skipped" in r:
+            lines.append(f"{r['prompt_id']}: skipped: {r['skipped']}")
+            continue
+        lines.append(f"\n{r['prompt_id']} ({r['inputs']} held-out inputs; first-turn actions {r['first_turn_actions']})")
+        lines.append(f"{'system':<14}" + "".join(f"{h:>12}" for h, _, _ in COLUMNS) + "   kinds")
+        for name, m in r["systems"].items():
+            kinds = ", ".join(f"{k}:{n}" for k, n in list(m["kinds"].items())[:4])
+            lines.append(f"{name:<14}" + "".join(f"{f(m[key]):>12}" for _, key, f in COLUMNS) + f"   {kinds}")
+        for name, kept in r["retention"].items():
+            if name != TEACHER:
+                lines.append(f"{'  retention':<14}" + "".join(f"{_pct(kept.get(key)) if key in kept else '':>12}" for _, key, _ in COLUMNS) + f"   ({name})")
+        for name, used in r["heldout_used_for_lambda"].items():
+            if used:
+                lines.append(f"note: {name}: λ was chosen on these held-out rows (heldout_used_for_lambda: true)")
+        for m in r["missing"]:
+            lines.append(f"missing: {m}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m genpi.eval", description=__doc__.splitlines()[0])
-    p.add_argument("data", help="synthesis run folder (its held-out inputs are used)")
-    p.add_argument("--catalog", required=True)
-    p.add_argument("--adapters", required=True, help="adapters folder (genpi train --out)")
-    p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2'")
-    p.add_argument("--prompts", default=None, help="comma-separated prompt ids (default: all with an adapter)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many held-out inputs per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the synthesis run's agent-turn limit")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--report", default=None, help="write every reply and score to this JSON file")
-    p.add_argument("--no-record", action="store_true", help="leave the adapters' genpi.json unchanged")
-    p.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
-    args = p.parse_args(argv)
-    try:
-        if args.limit is not None and args.limit < 1:
-            raise InputError(f"--limit must be at least 1, got {args.limit}")
-        if args.max_new_tokens is not None and args.max_new_tokens < 1:
-            raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-        results = evaluate_catalog(args.data, args.catalog, args.adapters, args.base, args.prompts and args.prompts.split(","),
-                                   args.limit, args.max_new_tokens, args.max_batch, not args.no_record)  # fmt: skip
-    except InputError as e:
-        print(f"genpi: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    if args.report:
-        Path(args.report).write_text(json.dumps(results, indent=2))
-    scores = [{k: v for k, v in r.items() if k != "replies"} for r in results]
-    print(json.dumps(scores, indent=2) if args.json else format_results(results))
-    return 0
+__all__ = ["EVAL_SCHEMA", "NO_ACTION", "evaluate_catalog", "format_summary", "retention", "summarize"]

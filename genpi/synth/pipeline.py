@@ -228,14 +228,8 @@ def reason_request(entry: PromptEntry, x: str, as_is: str, to_be: str, seed: int
     )
 
 
-async def synthesize_dialogue(
-    entry: PromptEntry,
-    sample: dict,
-    target: AsyncEngine,
-    generator: AsyncEngine,
-    settings: SynthSettings,
-) -> dict:
-    """One dialogue row (store.DIALOGUE_SCHEMA). Failures become a row with `error` set."""
+def blank_row(entry: PromptEntry, sample: dict, settings: SynthSettings, generator_model: str, target_model: str) -> dict:
+    """A dialogue row before the role-play: the sample's fields, empty turns, zero counters."""
     row = dict.fromkeys(DIALOGUE_COLUMNS)
     row.update(
         prompt_id=entry.id,
@@ -247,8 +241,8 @@ async def synthesize_dialogue(
         turns=[],
         turn_cut=[],
         teacher_topk=[] if settings.teacher_topk > 0 else None,
-        generator_model=generator.model_name,
-        target_model=target.model_name,
+        generator_model=generator_model,
+        target_model=target_model,
         prompt_tokens=0,
         agent_tokens=0,
         environment_tokens=0,
@@ -259,8 +253,20 @@ async def synthesize_dialogue(
         hit_max_turns=False,
         truncated=False,
     )
+    return row
+
+
+async def synthesize_dialogue(
+    entry: PromptEntry,
+    sample: dict,
+    target: AsyncEngine,
+    generator: AsyncEngine,
+    settings: SynthSettings,
+) -> dict:
+    """One dialogue row (store.DIALOGUE_SCHEMA). Failures become a row with `error` set."""
+    row = blank_row(entry, sample, settings, generator.model_name, target.model_name)
     try:
-        await _role_play(entry, row, target, settings)
+        await role_play(entry, row, target, settings)
         student = await _call(
             target,
             ChatRequest([{"role": "user", "content": row["input"]}], Sampling(max_tokens=settings.max_student_tokens)),
@@ -295,15 +301,21 @@ async def synthesize_dialogue(
     return row
 
 
-def _is_final(entry: PromptEntry, action: str) -> bool:
+def is_final(entry: PromptEntry, action: str) -> bool:
     return bool(entry.final_action and re.search(entry.final_action, action.strip()))
 
 
-async def _role_play(entry: PromptEntry, row: dict, target: AsyncEngine, settings: SynthSettings) -> None:
+async def role_play(
+    entry: PromptEntry, row: dict, target: AsyncEngine, settings: SynthSettings, agent: AsyncEngine | None = None, with_prompt: bool = True
+) -> None:
     """The agent (with P) and the environment take turns until the environment ends the dialogue, the
     agent takes its final action, or the turn limit is reached. After a final action or the last allowed
-    turn the environment is asked once more, so that `terminated` (it emitted END) is measured."""
-    prompt = entry.messages()
+    turn the environment is asked once more, so that `terminated` (it emitted END) is measured.
+
+    `target` plays the environment, and the agent unless `agent` is given; `with_prompt=False` serves the
+    agent without P (genpi.eval plays whole episodes with each system this way)."""
+    agent_engine = agent or target
+    prompt = entry.messages() if with_prompt else []
     agent = prompt + [{"role": "user", "content": row["input"]}]
     env_prefix = environment_messages(entry)
     env = env_prefix + [{"role": "user", "content": ENVIRONMENT_OPEN}, {"role": "assistant", "content": row["input"]}]
@@ -313,7 +325,7 @@ async def _role_play(entry: PromptEntry, row: dict, target: AsyncEngine, setting
     env_sampling = Sampling(max_tokens=settings.max_environment_tokens)
     for turn in range(limit):
         request = ChatRequest(agent, agent_sampling, row["seed"], prefix_messages=len(prompt))
-        reply = await _call(target, request, settings, f"agent turn {turn + 1}")
+        reply = await _call(agent_engine, request, settings, f"agent turn {turn + 1}")
         if reply.error:  # context overflow
             if turn == 0:
                 raise DialogueError(f"agent turn 1: {reply.error}")
@@ -332,7 +344,7 @@ async def _role_play(entry: PromptEntry, row: dict, target: AsyncEngine, setting
                 {"token_ids": reply.token_ids, "topk_ids": reply.topk_ids, "topk_logprobs": reply.topk_logprobs}
             )
         agent = agent + [turns[-1]]
-        ended_by = "final_action" if _is_final(entry, action) else "max_turns" if turn == limit - 1 else None
+        ended_by = "final_action" if is_final(entry, action) else "max_turns" if turn == limit - 1 else None
         env = env + [{"role": "user", "content": action}]
         request = ChatRequest(env, env_sampling, row["seed"], prefix_messages=len(env_prefix))
         observation = await _call(target, request, settings, f"environment turn {turn + 1}")
@@ -356,6 +368,6 @@ async def _role_play(entry: PromptEntry, row: dict, target: AsyncEngine, setting
     last = next(t["content"] for t in reversed(turns) if t["role"] == "assistant")
     row["final_action"] = last
     if entry.final_action:
-        row["final_action_valid"] = _is_final(entry, last)
+        row["final_action_valid"] = is_final(entry, last)
     elif entry.valid_action:
         row["final_action_valid"] = entry.in_action_space(last)

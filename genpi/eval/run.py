@@ -1,0 +1,72 @@
+"""`python -m genpi.eval fidelity|leakage ...` (`genpi eval`): evaluate adapters against the teacher.
+
+    genpi eval fidelity DATA --catalog C --adapters DIR [DIR ...] [--out EVAL]
+    genpi eval leakage --catalog C --adapters DIR [DIR ...] --out EVAL
+    genpi eval DATA --catalog C --adapters DIR ...        (the same as `genpi eval fidelity`)
+
+An --adapters value is an adapters folder (genpi train --out: DIR/ID/ per prompt), named
+after the folder, or NAME=DIR. Bad input prints `genpi: error: ...` and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from genpi import InputError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--adapters", nargs="+", required=True, metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR")
+    p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)")
+    p.add_argument("--prompts", default=None, help="comma-separated prompt ids (default: all with an adapter)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--no-record", action="store_true", help="leave the adapters' genpi.json unchanged")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genpi eval", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("fidelity", help="first turn, whole episode and teacher-forced fidelity on held-out inputs")
+    p.add_argument("data", help="synthesis run folder (its held-out dialogues are used)")
+    _common(p)
+    p.add_argument("--out", default=None, help="evaluation folder (default: DATA/eval)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many held-out inputs per prompt")
+    p.add_argument("--max-turns", type=int, default=None, help="cap the episodes' turn limit (default: the synthesis run's)")
+    p = sub.add_parser("leakage", help="how much of P each system gives away to extraction requests")
+    _common(p)
+    p.add_argument("--out", required=True, help="evaluation folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("fidelity", "leakage", "-h", "--help"):
+        argv = ["fidelity", *argv]  # `genpi eval DATA ...`: the fidelity evaluation
+    args = build_parser().parse_args(argv)
+    command = ["genpi", "eval", *argv]
+    try:
+        for flag in ("limit", "max_new_tokens", "max_turns", "max_batch"):
+            value = getattr(args, flag, None)
+            if value is not None and value < 1:
+                raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+        prompts = args.prompts and args.prompts.split(",")
+        if args.what == "fidelity":
+            from genpi.eval.fidelity import evaluate_catalog, format_summary
+
+            summary = evaluate_catalog(args.data, args.catalog, args.adapters, args.base, prompts, args.limit, args.max_new_tokens,
+                                       args.max_turns, args.out, not args.no_record, args.max_batch, command)  # fmt: skip
+        else:
+            from genpi.eval.leakage import format_summary, probe_catalog
+
+            summary = probe_catalog(args.catalog, args.adapters, args.out, args.base, prompts, args.max_new_tokens,
+                                    not args.no_record, args.max_batch, command)  # fmt: skip
+    except InputError as e:
+        print(f"genpi: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0

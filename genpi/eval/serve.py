@@ -1,0 +1,162 @@
+"""The systems an evaluation compares, served from one base model.
+
+    teacher   the base model with P            (today's deployment)
+    base      the base model without P         (what serving without the prompt gives)
+    NAME      the base + NAME's adapter, no P  (one per --adapters folder)
+
+The base loads once per run; every adapter is loaded on it unmerged (PEFT
+`load_adapter`) and switched with `set_adapter`, the base rows with the adapters
+disabled: an adapter is evaluated as a LoRA serving engine applies it, on the
+unquantized base in the serving dtype (bfloat16 with CUDA, float32 on CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from genpi import InputError
+from genpi.catalog import PromptEntry
+from genpi.engines import ChatRequest, Completion
+from genpi.train.adapters import AdapterManifest, check_adapter
+
+TEACHER, BASE = "teacher", "base"
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    adapter: str | None = None  # the PEFT adapter name on the engine; None: the base
+    with_prompt: bool = False
+    folder: Path | None = None  # ADAPTERS/ID of an adapter system
+    manifest: AdapterManifest | None = None
+
+
+def adapter_dirs(specs: list[str]) -> dict[str, Path]:
+    """`--adapters` values, `DIR` or `NAME=DIR` (the name defaults to the folder's name), as {name: DIR}."""
+    dirs: dict[str, Path] = {}
+    for spec in specs:
+        name, _, folder = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        path = Path(folder)
+        name = name or path.resolve().name
+        if not path.is_dir():
+            raise InputError(f"--adapters {spec}: no such folder")
+        if name in (TEACHER, BASE) or name in dirs or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
+            raise InputError(f"--adapters {spec}: system name {name!r} is reserved, repeated or not [A-Za-z0-9._+-]; name it NAME=DIR")
+        dirs[name] = path
+    return dirs
+
+
+def weights_digest(path: str | Path) -> str:
+    """sha256 over a model folder's config.json and weight files (to tell two copies of one model apart)."""
+    digest = hashlib.sha256()
+    folder = Path(path)
+    for file in sorted([folder / "config.json", *folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+        if file.exists():
+            digest.update(file.name.encode())
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def check_base(folder: Path, manifest: AdapterManifest, base_path: str) -> None:
+    """Refuse an adapter trained on another base model: same folder, or same config and weights."""
+    from genpi.models import resolve_model
+
+    try:
+        trained_on = resolve_model(manifest.base_model)
+    except Exception:
+        trained_on = manifest.base_model
+    if Path(trained_on).resolve() == Path(base_path).resolve():
+        return
+    if Path(trained_on).is_dir() and weights_digest(trained_on) == weights_digest(base_path):
+        return
+    raise InputError(f"{folder}: trained on base model {manifest.base_model!r}, but the evaluated base is {base_path!r} "
+                     "(another path with other weights); pass the adapter's base with --base")  # fmt: skip
+
+
+def prompt_systems(entry: PromptEntry, dirs: dict[str, Path], base_path: str) -> tuple[list[System], list[str]]:
+    """The teacher, the base and each adapter of this prompt (checked), and why others are missing."""
+    systems, missing = [System(TEACHER, None, True), System(BASE)], []
+    for name, root in dirs.items():
+        folder = root / entry.id
+        if not folder.is_dir():
+            missing.append(f"{name}: no adapter at {folder}")
+            continue
+        manifest = check_adapter(folder, entry)  # refuses a folder without genpi.json and a stale prompt
+        check_base(folder, manifest, base_path)
+        systems.append(System(name, f"{name}__{entry.id}".replace(".", "_").replace("-", "_"), False, folder, manifest))
+    return systems, missing
+
+
+def load_engine(base_path: str, systems: list[System], max_batch: int = 32):
+    """One TransformersEngine on the base, with every adapter system's adapter loaded."""
+    from genpi.engines.hf import TransformersEngine
+
+    engine = TransformersEngine(base_path, max_batch=max_batch)
+    engine.add_adapters({s.adapter: str(s.folder) for s in systems if s.adapter})
+    engine.model.eval()
+    return engine
+
+
+def served_as(engine, systems: list[System]) -> str:
+    """How the adapters were evaluated, in words (goes into the output)."""
+    dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
+    trained_4bit = sorted({s.name for s in systems if s.manifest and s.manifest.lora.get("quantize_4bit")})
+    text = f"unmerged LoRA on the unquantized base, {dtype} on {engine.device}"
+    return text + (f"; trained on a 4-bit NF4 base: {', '.join(trained_4bit)}" if trained_4bit else "")
+
+
+def generate(engine, system: System, requests: list[ChatRequest]) -> list[Completion]:
+    with engine.serving(system.adapter):
+        return engine.generate(requests)
+
+
+class Batcher:
+    """An `AsyncEngine` per system over one engine: the calls pending at one moment (many episodes in
+    flight) go to the engine as one batch per system, so episodes run batched as synthesis runs them."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.pending: list[tuple[System, ChatRequest, asyncio.Future]] = []
+
+    def view(self, system: System) -> "_View":
+        return _View(self, system)
+
+    def submit(self, system: System, request: ChatRequest) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        if not self.pending:  # runs after every task already woken has queued its call
+            loop.call_soon(self._flush)
+        future = loop.create_future()
+        self.pending.append((system, request, future))
+        return future
+
+    def _flush(self) -> None:
+        pending, self.pending = self.pending, []
+        groups: dict[str, tuple[System, list]] = {}
+        for system, request, future in pending:
+            groups.setdefault(system.name, (system, []))[1].append((request, future))
+        for system, items in groups.values():
+            try:
+                results = generate(self.engine, system, [r for r, _ in items])
+            except Exception as e:  # recorded on each dialogue by the role-play's error handling
+                results = [Completion.failure(f"engine: {type(e).__name__}: {e}")] * len(items)
+            for (_, future), result in zip(items, results):
+                future.set_result(result)
+
+
+@dataclass
+class _View:
+    batcher: Batcher
+    system: System
+
+    @property
+    def model_name(self) -> str:
+        return self.system.name
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        return await self.batcher.submit(self.system, request)
