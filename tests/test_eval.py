@@ -1,10 +1,11 @@
-"""`genpi eval`: action-format rate on held-out inputs for base without P, adapter, base with P."""
+"""`genpi eval fidelity`: first turn, whole episode and teacher-forced fidelity on held-out inputs."""
 
 import json
 import re
 import subprocess
 import sys
 
+import duckdb
 import pytest
 import yaml
 
@@ -25,59 +26,101 @@ def data(tmp_path_factory):
     return write_calc_dialogues(tmp_path_factory.mktemp("data"), 16, heldout_from=12)
 
 
-@pytest.fixture(scope="module")
-def adapters(data, tiny_trainable_model, tmp_path_factory):
-    """An SFT adapter for calc on the tiny Llama: it learns to open with an `Act: ...(...)` action."""
+def train_sft(base, tmp_path_factory, lambdas=None):
     settings = TrainSettings(method="sft", epochs=6, lr=1e-2, batch_size=4, micro_batch=4, max_length=512, quantize=False,
                              lora=LoraSettings(r=8, alpha=16, dropout=0.0))  # fmt: skip
-    train = [row(i) for i in range(12)]
-    model, metrics = train_adapter(tiny_trainable_model, CALC, train, [], settings)
+    model, metrics = train_adapter(base, CALC, [row(i) for i in range(12)], [], settings)
     folder = tmp_path_factory.mktemp("adapters")
-    manifest = AdapterManifest("calc", CALC.sha256, tiny_trainable_model, "sft", None, settings.lora.to_dict(), "test", metrics)
+    manifest = AdapterManifest("calc", CALC.sha256, base, "sft", None, settings.lora.to_dict(), "test", metrics,
+                               settings={"lambdas": lambdas})  # fmt: skip
     write_adapter(folder / "calc", manifest, lambda tmp: save_adapter(model, tmp))
     return folder
 
 
-def run_eval(data, adapters, *extra, catalog=CATALOG):
-    command = [sys.executable, "-m", "genpi.cli", "eval", str(data), "--catalog", str(catalog), "--adapters", str(adapters), *extra]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def adapters(tiny_trainable_model, tmp_path_factory):
+    """An SFT adapter for calc on the tiny Llama: it learns to open with an `Act: ...(...)` action."""
+    return train_sft(tiny_trainable_model, tmp_path_factory, lambdas=[0.3, 0.7])
 
 
-def test_adapter_answers_in_the_action_format_where_the_base_does_not(data, adapters, tiny_trainable_model, tmp_path):
-    report = tmp_path / "report.json"
-    result = run_eval(data, adapters, "--base", tiny_trainable_model, "--max-new-tokens", "16", "--report", str(report))
+def run_eval(*args):
+    command = [sys.executable, "-m", "genpi.cli", "eval", *map(str, args)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_fidelity_against_the_teacher(data, adapters, tiny_trainable_model, tmp_path):
+    out = tmp_path / "eval"
+    result = run_eval("fidelity", data, "--catalog", CATALOG, "--adapters", f"sft={adapters}", "--base", tiny_trainable_model,
+                      "--max-new-tokens", "12", "--max-turns", "2", "--out", out, "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "calc" in result.stdout and "greet" in result.stdout and "no adapter at" in result.stdout
+    summary = json.loads(result.stdout)
+    [calc, greet] = sorted(summary["results"], key=lambda r: r["prompt_id"])
+    assert greet["skipped"].startswith("no held-out rows")
+    assert "unmerged LoRA on the unquantized base, float32 on cpu" in summary["served_as"]
+    assert calc["inputs"] == 4 and set(calc["systems"]) == {"teacher", "base", "sft"}
+    assert calc["heldout_used_for_lambda"] == {"sft": True}  # λ chosen among 2 values on these rows
 
-    [calc, greet] = sorted(json.loads(report.read_text()), key=lambda r: r["prompt_id"])
-    assert greet["skipped"].startswith("no adapter at")
-    assert calc["inputs"] == 4 and [r["input"] for r in calc["replies"]] == [row(i)["input"] for i in range(12, 16)]
-    rates = {c: m["format_rate"] for c, m in calc["conditions"].items()}
-    assert rates["base"] == 0.0 and rates["adapter"] > rates["base"]
-    for reply in calc["replies"]:  # every score is the regex on the stored reply
-        for condition in ("base", "adapter", "base+P"):
-            text = reply[condition]["text"]
-            assert reply[condition]["valid"] == bool(re.search(CALC.valid_action, text.strip()))
-    assert calc["conditions"]["base+P"]["prompt_tokens"] > calc["conditions"]["base"]["prompt_tokens"] + 40  # P is in front
-    assert calc["conditions"]["adapter"]["prompt_tokens"] == calc["conditions"]["base"]["prompt_tokens"]
+    con = duckdb.connect()
+    rows = con.execute(f"SELECT * FROM read_parquet('{out}/fidelity/**/*.parquet', hive_partitioning=true) ORDER BY system, sample_id").fetchall()
+    names = [d[0] for d in con.description]
+    rows = [dict(zip(names, r)) for r in rows]
+    assert len(rows) == 12 and {r["sample_id"] for r in rows} == {12, 13, 14, 15}
+    teacher = {r["sample_id"]: r for r in rows if r["system"] == "teacher"}
+    for r in rows:  # every stored score follows from the stored texts
+        assert r["in_action_space"] == bool(re.search(CALC.valid_action, r["reply"].strip()))
+        assert r["turns"][0]["content"] == r["reply"] and 1 <= r["n_turns"] <= 2
+        assert r["turns_valid"] == [bool(re.search(CALC.valid_action, t["content"].strip())) for t in r["turns"] if t["role"] == "assistant"]
+        assert r["ended_final"] == (r["terminated_by"] == "final_action") and r["tf_tokens"] > 0 and r["error"] is None
+        if r["system"] == "teacher":
+            assert r["tf_kl"] == 0.0 and r["rouge_l"] == 1.0
+        else:
+            assert r["tf_kl"] > 0
+        if teacher[r["sample_id"]]["in_action_space"]:
+            assert r["same_kind"] == (r["kind"] == teacher[r["sample_id"]]["kind"])
+    m = calc["systems"]
+    assert m["base"]["format_rate"] == 0.0 and m["sft"]["format_rate"] > 0.0
+    assert m["sft"]["nll"] < m["base"]["nll"]  # the adapter learned the teacher's turns
+    assert m["teacher"]["kl"] == 0.0 and m["sft"]["kl"] > 0
+    assert calc["retention"]["teacher"]["rouge_l"] == 1.0 and calc["retention"]["teacher"]["nll"] == 1.0
+    assert summary == json.loads((out / "fidelity.json").read_text())
 
-    recorded = read_adapter_manifest(adapters / "calc").eval_metrics
-    assert recorded["format_rate"] == rates and recorded["format_inputs"] == 4
+    recorded = read_adapter_manifest(adapters / "calc").eval_metrics["fidelity"]
+    assert recorded["metrics"] == m["sft"] and recorded["teacher"] == m["teacher"] and recorded["heldout_used_for_lambda"]
     assert not list((adapters / "calc").glob(".*.tmp"))
 
+    table = run_eval(data, "--catalog", CATALOG, "--adapters", adapters, "--base", tiny_trainable_model, "--max-new-tokens", "4",
+                     "--max-turns", "1", "--limit", "1", "--out", tmp_path / "e2", "--no-record")  # `genpi eval DATA`: the same  # fmt: skip
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert "retention" in table.stdout and "λ was chosen on these held-out rows" in table.stdout and "greet: skipped" in table.stdout
 
-def test_bad_input_exits_2(data, adapters, tmp_path):
+
+def test_bad_input_exits_2(data, adapters, tiny_trainable_model, tiny_model, tmp_path):
+    base = ("--base", tiny_trainable_model)
     changed = tmp_path / "changed.yaml"
     entries = yaml.safe_load(CATALOG.read_text())
     entries[0]["system"] += " Be brief."
     changed.write_text(yaml.safe_dump(entries))
-    stale = run_eval(data, adapters, catalog=changed)
+    stale = run_eval("fidelity", data, "--catalog", changed, "--adapters", adapters, *base)
     assert stale.returncode == 2 and "stale adapter" in stale.stderr
 
-    nothing = run_eval(data, tmp_path / "none")
+    other = run_eval("fidelity", data, "--catalog", CATALOG, "--adapters", adapters, "--base", tiny_model)
+    assert other.returncode == 2 and "trained on base model" in other.stderr
+
+    empty = tmp_path / "empty"
+    (empty / "calc").mkdir(parents=True)
+    unfinished = run_eval("fidelity", data, "--catalog", CATALOG, "--adapters", empty, *base)
+    assert unfinished.returncode == 2 and "no genpi.json" in unfinished.stderr
+
+    nothing = run_eval("fidelity", data, "--catalog", CATALOG, "--adapters", tmp_path, *base)
     assert nothing.returncode == 2 and "nothing to evaluate" in nothing.stderr and "calc: no adapter" in nothing.stderr
 
-    unknown = run_eval(data, adapters, "--prompts", "calc,chat")
+    no_heldout = write_calc_dialogues(tmp_path / "all-train", 4, heldout_from=4)
+    held = run_eval("fidelity", no_heldout, "--catalog", CATALOG, "--adapters", adapters, *base)
+    assert held.returncode == 2 and "no held-out rows" in held.stderr
+
+    missing = run_eval("fidelity", data, "--catalog", CATALOG, "--adapters", tmp_path / "none", *base)
+    assert missing.returncode == 2 and "no such folder" in missing.stderr
+    unknown = run_eval(data, "--catalog", CATALOG, "--adapters", adapters, "--prompts", "calc,chat")
     assert unknown.returncode == 2 and "chat not in" in unknown.stderr
-    limit = run_eval(data, adapters, "--limit", "0")
+    limit = run_eval(data, "--catalog", CATALOG, "--adapters", adapters, "--limit", "0")
     assert limit.returncode == 2 and "--limit must be at least 1" in limit.stderr
