@@ -1,0 +1,254 @@
+"""`genpi report RUN [--eval EVAL] [--out report.md]`: one Markdown file, PNG plots beside it.
+
+Built only from what the run's files hold, never recomputed from models:
+
+    RUN/manifest.json, RUN/dialogues/     synthesis settings and the quality table (genpi stats)
+    EVAL/fidelity.json, EVAL/fidelity/    genpi eval fidelity (EVAL defaults to RUN/eval)
+    EVAL/leakage.json                     genpi eval leakage
+    ADAPTERS/ID/genpi.json                training settings and curves of the adapters those name
+
+Every number in a table is a value of those files, printed by `cell` (4 decimals),
+except the per-turn action-space rates, which are shares of the fidelity Parquet
+rows. A part whose files are missing is listed under "Missing", not invented.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from genpi import InputError
+
+TABLE4 = (("gold turns", "gold_turns"), ("avg turns", "avg_turns"), ("% max turns", "pct_hit_max_turns"),
+          ("% no termination", "pct_no_termination"), ("% invalid final action", "pct_invalid_final_action"),
+          ("rows", "rows"), ("failed", "failed"), ("heldout", "heldout"))  # fmt: skip
+FIDELITY = (("format", "format_rate"), ("kind agreement", "kind_agreement"), ("action agreement", "action_agreement"),
+            ("ROUGE-L F", "rouge_l"), ("episode in-space", "action_space_rate"), ("episode final", "final_rate"),
+            ("mean turns", "mean_turns"), ("at limit", "hit_limit_rate"), ("NLL", "nll"), ("KL", "kl"))  # fmt: skip
+RETENTION = (("format", "format_rate"), ("kind agreement", "kind_agreement"), ("action agreement", "action_agreement"),
+             ("ROUGE-L F", "rouge_l"), ("episode in-space", "action_space_rate"), ("episode final", "final_rate"), ("NLL", "nll"))  # fmt: skip
+LEAKAGE = (("span of P", "span"), ("ROUGE-L recall", "rouge_l_recall"), ("verbatim 50 chars", "verbatim_rate"))
+
+
+def cell(value) -> str:
+    """How every number appears in the report's tables."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"  # learning rates stay readable
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def table(headers: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def per_turn_rates(eval_dir: Path, prompt_id: str) -> dict[str, list[float]]:
+    """Per system: the share of agent turns k (k = 1, 2, ...) in the action space, over the episodes that reach turn k."""
+    import duckdb
+
+    rows = duckdb.connect().execute(
+        "SELECT system, turns_valid FROM read_parquet(?, hive_partitioning = true) WHERE error IS NULL AND turns_valid IS NOT NULL",
+        [str(eval_dir / "fidelity" / f"prompt_id={prompt_id}" / "*" / "*.parquet")],
+    ).fetchall()
+    by_system: dict[str, list[list[bool]]] = {}
+    for system, valid in rows:
+        by_system.setdefault(system, []).append(valid)
+    rates = {}
+    for system, episodes in by_system.items():
+        longest = max(map(len, episodes), default=0)
+        reached = [[e[k] for e in episodes if len(e) > k] for k in range(longest)]
+        rates[system] = [sum(v) / len(v) for v in reached]
+    return rates
+
+
+def _figure(path: Path, panels: list[tuple[str, callable]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (title, draw) in zip(axes[0], panels):
+        draw(ax)
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def _bars(groups: list[str], series: dict[str, list[float | None]], ylabel: str):
+    def draw(ax):
+        width = 0.8 / max(len(series), 1)
+        for i, (name, values) in enumerate(series.items()):
+            xs = [g + i * width for g in range(len(groups))]
+            ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=name)
+        ax.set_xticks([g + width * (len(series) - 1) / 2 for g in range(len(groups))], groups, rotation=30, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize="small")
+
+    return draw
+
+
+def _lines(series: dict[str, list[float]], xlabel: str, ylabel: str, x: dict[str, list] | None = None, marker: str = "o"):
+    def draw(ax):
+        for name, values in series.items():
+            ax.plot(x[name] if x else range(1, len(values) + 1), values, marker=marker, label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if series:
+            ax.legend(fontsize="small")
+
+    return draw
+
+
+def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str | Path | None = None) -> tuple[str, list[Path]]:
+    """(the Markdown text, the PNG files written beside `out`)."""
+    from genpi.synth.stats import quality_stats
+    from genpi.synth.store import read_manifest
+    from genpi.train.adapters import read_adapter_manifest
+
+    run = Path(run)
+    if not run.is_dir():
+        raise InputError(f"{run}: no such run folder")
+    eval_dir = Path(eval_dir) if eval_dir else run / "eval"
+    out = Path(out) if out else run / "report.md"
+    figure = lambda name: out.parent / f"{out.stem}-{name}.png"  # noqa: E731
+    figures: list[Path] = []
+    missing: list[str] = []
+    md = [f"# genpi report: `{run}`", ""]
+
+    manifest = read_manifest(run)
+    md += ["## Synthesis", ""]
+    if manifest:
+        s = manifest["settings"]
+        md += [f"Target `{manifest['target'].get('model')}`, generator `{manifest['generator'].get('model')}`, catalog "
+               f"`{manifest['catalog']['path']}`; settings: samples {s['samples']}, heldout {s['heldout']}, seed {s['seed']}, "
+               f"max turns cap {s.get('max_turns')}, agent tokens {s['max_agent_tokens']}, teacher top-k {s.get('teacher_topk')}.", ""]  # fmt: skip
+    else:
+        missing.append(f"synthesis settings: {run / 'manifest.json'} not found")
+    try:
+        stats = quality_stats(run)
+    except InputError as e:
+        stats = []
+        missing.append(f"synthesis quality table: {e}")
+    if stats:
+        md += ["Quality (the paper's Table 4 columns; percentages over good rows), from `genpi stats`:", ""]
+        md += table(["prompt"] + [h for h, _ in TABLE4], [[s["prompt_id"]] + [s[k] for _, k in TABLE4] for s in stats]) + [""]
+
+    fidelity = _read_json(eval_dir / "fidelity.json")
+    adapters: dict[str, dict[str, str]] = {}  # prompt -> system -> folder
+    md += ["## Fidelity without the prompt", ""]
+    if fidelity is None:
+        missing.append(f"fidelity: {eval_dir / 'fidelity.json'} not found (run genpi eval fidelity)")
+    else:
+        md += [f"Command: `{' '.join(fidelity['command'] or [])}`", "",
+               f"Served as: {fidelity['served_as']}. Teacher-forced: {fidelity['teacher_forced']}. Episodes: "
+               + ", ".join(f"{k} {v}" for k, v in fidelity["episode_settings"].items()) + ".", ""]  # fmt: skip
+        done = [r for r in fidelity["results"] if "skipped" not in r]
+        missing += [f"fidelity of {r['prompt_id']}: {r['skipped']}" for r in fidelity["results"] if "skipped" in r]
+        for r in done:
+            adapters.setdefault(r["prompt_id"], {}).update(r["adapters"])
+            md += [f"### {r['prompt_id']} ({r['inputs']} held-out inputs)", ""]
+            md += table(["system"] + [h for h, _ in FIDELITY], [[name] + [m[k] for _, k in FIDELITY] for name, m in r["systems"].items()]) + [""]
+            md += ["Retention (system / teacher; NLL: teacher / system):", ""]
+            md += table(["system"] + [h for h, _ in RETENTION],
+                        [[name] + [kept.get(k) for _, k in RETENTION] for name, kept in r["retention"].items() if name != "teacher"]) + [""]  # fmt: skip
+            md += [f"First-turn actions: {r['first_turn_actions']}. Action kinds of the first turn (count of replies):", ""]
+            kinds = sorted({k for m in r["systems"].values() for k in m["kinds"]})
+            md += table(["system"] + kinds, [[name] + [m["kinds"].get(k, 0) for k in kinds] for name, m in r["systems"].items()]) + [""]
+            used = [name for name, flag in r["heldout_used_for_lambda"].items() if flag]
+            if used:
+                md += [f"Note: λ of {', '.join(used)} was chosen by the loss on these held-out rows (`heldout_used_for_lambda`).", ""]
+            rates = per_turn_rates(eval_dir, r["prompt_id"])
+            rates = {name: rates[name] for name in r["systems"] if name in rates}
+            if rates:
+                longest = max(map(len, rates.values()))
+                md += ["Share of agent turn k in the action space (episodes that reach turn k):", ""]
+                md += table(["system"] + [f"turn {k + 1}" for k in range(longest)],
+                            [[name] + v + [None] * (longest - len(v)) for name, v in rates.items()]) + [""]  # fmt: skip
+        if done:
+            others = sorted({n for r in done for n in r["retention"] if n != "teacher"})
+            panels = [(f"retention: {r['prompt_id']}", _bars([h for h, _ in RETENTION],
+                       {n: [r["retention"][n].get(k) for _, k in RETENTION] for n in others if n in r["retention"]}, "system / teacher"))
+                      for r in done]  # fmt: skip
+            figures.append(out.parent / _figure(figure("retention"), panels))
+            panels = [(f"per-turn action-space rate: {r['prompt_id']}", _lines(per_turn_rates(eval_dir, r["prompt_id"]), "agent turn", "share in the action space"))
+                      for r in done if r["first_turn_actions"] == "scored"]  # fmt: skip
+            if panels:
+                figures.append(out.parent / _figure(figure("per-turn"), panels))
+            md += [f"![retention]({figure('retention').name})", ""] + ([f"![per-turn action-space rate]({figure('per-turn').name})", ""] if panels else [])
+
+    leakage = _read_json(eval_dir / "leakage.json")
+    md += ["## Prompt leakage", ""]
+    if leakage is None:
+        missing.append(f"leakage: {eval_dir / 'leakage.json'} not found (run genpi eval leakage)")
+    else:
+        md += [f"Command: `{' '.join(leakage['command'] or [])}`; {len(leakage['requests'])} extraction requests; served as: {leakage['served_as']}.", ""]
+        done = [r for r in leakage["results"] if "skipped" not in r]
+        missing += [f"leakage of {r['prompt_id']}: {r['skipped']}" for r in leakage["results"] if "skipped" in r]
+        for r in done:
+            adapters.setdefault(r["prompt_id"], {}).update(r["adapters"])
+            md += [f"### {r['prompt_id']} (P: {r['prompt_words']} words)", ""]
+            md += table(["system"] + [h for h, _ in LEAKAGE], [[name] + [m[k] for _, k in LEAKAGE] for name, m in r["systems"].items()]) + [""]
+        if done:
+            panels = [(f"leakage: {r['prompt_id']}", _bars([h for h, _ in LEAKAGE], {n: [m[k] for _, k in LEAKAGE] for n, m in r["systems"].items()}, "share"))
+                      for r in done]  # fmt: skip
+            figures.append(out.parent / _figure(figure("leakage"), panels))
+            md += [f"![leakage]({figure('leakage').name})", ""]
+
+    md += ["## Training", ""]
+    curves, lambdas = {}, {}
+    rows = []
+    for prompt_id, systems in sorted(adapters.items()):
+        for name, folder in sorted(systems.items()):
+            manifest = read_adapter_manifest(folder)
+            if manifest is None:
+                missing.append(f"training of {name}/{prompt_id}: {folder} has no genpi.json")
+                continue
+            t, settings = manifest.train_metrics, manifest.settings
+            rows.append([prompt_id, name, manifest.method, manifest.lam, settings.get("epochs"), settings.get("lr"), t.get("steps"),
+                         t.get("train_loss_first"), t.get("train_loss_last"), manifest.eval_metrics.get("heldout_loss")])  # fmt: skip
+            if t.get("losses"):
+                curves[f"{name}/{prompt_id}"] = t["losses"]
+            else:
+                missing.append(f"loss per step of {name}/{prompt_id}: not recorded in {folder}/genpi.json (trained before genpi recorded it)")
+            trials = {k: v for k, v in manifest.eval_metrics.get("trials", {}).items() if isinstance(v, (int, float))}
+            if len(trials) > 1:
+                lambdas[f"{name}/{prompt_id}"] = trials
+    if rows:
+        md += ["Adapters evaluated above (`genpi.json`):", ""]
+        md += table(["prompt", "system", "method", "λ", "epochs", "lr", "steps", "loss first", "loss last", "held-out loss"], rows) + [""]
+    else:
+        missing.append("training: no evaluated adapters to read")
+    for key, trials in lambdas.items():
+        md += [f"Held-out loss per λ, {key}:", ""] + table(["λ", "held-out loss"], [[float(k), v] for k, v in sorted(trials.items())]) + [""]
+    panels = []
+    if curves:
+        panels.append(("training loss per step", _lines(curves, "optimizer step", "loss", marker="")))
+    if lambdas:
+        panels.append(("held-out loss per λ", _lines({k: [v[x] for x in sorted(v)] for k, v in lambdas.items()}, "λ", "held-out loss",
+                                                     {k: [float(x) for x in sorted(v)] for k, v in lambdas.items()})))  # fmt: skip
+    if panels:
+        figures.append(out.parent / _figure(figure("training"), panels))
+        md += [f"![training]({figure('training').name})", ""]
+
+    md += ["## Missing", ""] + ([f"- {m}" for m in missing] or ["Nothing: every part was found."]) + [""]
+    return "\n".join(md), figures
+
+
+def write_report(run: str | Path, eval_dir: str | Path | None = None, out: str | Path | None = None) -> Path:
+    out = Path(out) if out else Path(run) / "report.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text, _ = build_report(run, eval_dir, out)
+    out.write_text(text)
+    return out

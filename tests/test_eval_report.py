@@ -1,0 +1,92 @@
+"""`genpi report`: Markdown and PNG plots from a small real run: hand-written dialogue shards (the real schema),
+an adapter from `genpi train` (2 λ values), `genpi eval fidelity` and `genpi eval leakage` on the tiny Llama."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import duckdb
+from PIL import Image
+
+from conftest import REPO
+from genpi.eval.report import cell
+from genpi.synth.stats import quality_stats
+from test_recipe import write_calc_dialogues
+
+CATALOG = REPO / "tests" / "data" / "tiny.yaml"
+
+
+def genpi(*args):
+    command = [sys.executable, "-m", "genpi.cli", *map(str, args)]
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def numbers(value, found: set[str]) -> set[str]:
+    """Every number in a JSON value (dict keys too), printed as the report prints numbers."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            try:
+                found.add(cell(float(k)))
+            except ValueError:
+                pass
+            numbers(v, found)
+    elif isinstance(value, list):
+        for v in value:
+            numbers(v, found)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        found.add(cell(value))
+    return found
+
+
+def test_report_from_a_small_real_run(tiny_trainable_model, tmp_path):
+    run = write_calc_dialogues(tmp_path / "run", 10, heldout_from=8)
+    adapters = tmp_path / "adapters-genpi"
+    genpi("train", run, "--catalog", CATALOG, "--out", adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7",
+          "--epochs", "2", "--lr", "1e-2", "--batch-size", "4", "--micro-batch", "2", "--max-length", "512", "--rank", "4", "--no-progress")  # fmt: skip
+    genpi("eval", "fidelity", run, "--catalog", CATALOG, "--adapters", f"genpi={adapters}", "--base", tiny_trainable_model,
+          "--max-new-tokens", "6", "--max-turns", "2")  # fmt: skip
+    genpi("eval", "leakage", "--catalog", CATALOG, "--adapters", f"genpi={adapters}", "--base", tiny_trainable_model,
+          "--max-new-tokens", "8", "--out", run / "eval")  # fmt: skip
+    out = tmp_path / "report" / "report.md"
+    genpi("report", run, "--out", out)
+    text = out.read_text()
+
+    pngs = sorted(out.parent.glob("*.png"))
+    assert {p.name for p in pngs} == set(re.findall(r"!\[[^]]*\]\(([^)]+)\)", text))
+    assert {p.name for p in pngs} == {"report-retention.png", "report-per-turn.png", "report-leakage.png", "report-training.png"}
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(png) as image:
+            image.verify()
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+
+    # every number in a table comes from the run's files
+    eval_dir = run / "eval"
+    allowed = numbers(json.loads((eval_dir / "fidelity.json").read_text()), set())
+    numbers(json.loads((eval_dir / "leakage.json").read_text()), allowed)
+    numbers(json.loads((adapters / "calc" / "genpi.json").read_text()), allowed)
+    numbers(quality_stats(run), allowed)
+    per_turn = duckdb.connect().execute(
+        f"SELECT system, k, avg(turns_valid[k]::DOUBLE) FROM read_parquet('{eval_dir}/fidelity/**/*.parquet', hive_partitioning=true), "
+        "range(1, 3) t(k) WHERE len(turns_valid) >= k GROUP BY ALL").fetchall()  # fmt: skip
+    allowed |= {cell(rate) for _, _, rate in per_turn}
+    lines = text.splitlines()
+    table_rows = [line for i, line in enumerate(lines) if line.startswith("| ") and not (i + 1 < len(lines) and lines[i + 1].startswith("|---"))]
+    checked = 0
+    for line in table_rows:
+        for value in line.strip("| ").split(" | ")[1:]:
+            if re.fullmatch(r"-?\d+(\.\d+)?", value):
+                assert value in allowed, f"{value} in {line!r} is not in the run's files"
+                checked += 1
+    assert checked > 50
+
+    for heading in ("## Synthesis", "## Fidelity without the prompt", "### calc (2 held-out inputs)", "## Prompt leakage", "## Training"):
+        assert heading in text
+    assert "Held-out loss per λ, genpi/calc" in text and "λ of genpi was chosen by the loss on these held-out rows" in text
+    assert "synthesis settings:" in text.split("## Missing")[1]  # hand-written shards have no manifest: listed, not invented
+    assert "fidelity of greet: no held-out rows" in text and "leakage of greet: no adapter" in text
