@@ -124,3 +124,19 @@ def test_bad_input_exits_2(data, adapters, tiny_trainable_model, tiny_model, tmp
     assert unknown.returncode == 2 and "chat not in" in unknown.stderr
     limit = run_eval(data, "--catalog", CATALOG, "--adapters", adapters, "--limit", "0")
     assert limit.returncode == 2 and "--limit must be at least 1" in limit.stderr
+
+
+def test_a_prompt_without_actions_skips_the_action_metrics_only(data, adapters, tiny_trainable_model, tmp_path):
+    catalog = tmp_path / "no-actions.yaml"
+    entries = yaml.safe_load(CATALOG.read_text())
+    del entries[0]["actions"]  # the prompt itself (and its sha256) is unchanged
+    catalog.write_text(yaml.safe_dump(entries))
+    result = run_eval("fidelity", data, "--catalog", catalog, "--adapters", adapters, "--base", tiny_trainable_model, "--prompts", "calc",
+                      "--max-new-tokens", "4", "--max-turns", "1", "--limit", "2", "--out", tmp_path / "eval", "--no-record", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    [calc] = json.loads(result.stdout)["results"]
+    assert calc["first_turn_actions"] == "skipped: the prompt has no actions.valid regex"
+    for m in calc["systems"].values():
+        assert m["format_rate"] is m["kind_agreement"] is m["action_space_rate"] is m["final_rate"] is None and m["kinds"] == {}
+        assert m["nll"] > 0 and m["tf_tokens"] > 0 and m["rouge_l"] is not None  # teacher-forced and ROUGE-L still run
+    assert calc["systems"]["teacher"]["kl"] == 0.0
