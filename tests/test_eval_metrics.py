@@ -105,3 +105,34 @@ def test_episodes_end_on_a_final_action_or_the_limit_and_repeat(engine):
     everything_final = dataclasses.replace(CALC, final_action=r"\S")  # any reply is a final action
     played = play_episodes(everything_final, rows, [BASE], engine, settings)
     assert all(e["terminated_by"] == "final_action" and e["n_turns"] == 1 for e in played["base"])
+
+
+def test_one_engine_serves_the_base_and_each_adapter_as_separate_engines_would(tiny_finishing_model, tmp_path):
+    """Adapters swapped on one base give what an engine with that adapter alone gives; a prompt prefix's KV cache
+    is kept per adapter (a cache computed with the adapter is never reused without it)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from genpi.engines import ChatRequest, Sampling
+    from genpi.engines.hf import TransformersEngine
+
+    folder = tmp_path / "lora"
+    config = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_finishing_model), config).save_pretrained(folder)
+    requests = [ChatRequest(CALC.messages() + [{"role": "user", "content": f"What is {i} plus 1?"}], Sampling(max_tokens=8),
+                            prefix_messages=len(CALC.messages())) for i in range(3)]  # fmt: skip
+    engine = TransformersEngine(tiny_finishing_model)
+    engine.add_adapters({"a": str(folder)})
+    with engine.serving("a"):
+        with_adapter = [c.text for c in engine.generate(requests)]
+    with engine.serving(None):
+        without = [c.text for c in engine.generate(requests)]
+    with engine.serving("a"):
+        assert [c.text for c in engine.generate(requests)] == with_adapter
+    assert engine.prefix_misses == 2 and engine.prefix_hits >= 1
+
+    plain = TransformersEngine(tiny_finishing_model)
+    assert [c.text for c in plain.generate(requests)] == without
+    plain.model = PeftModel.from_pretrained(plain.model, str(folder)).eval()  # the adapter alone, on a fresh base
+    plain._prefixes.clear()
+    assert [c.text for c in plain.generate(requests)] == with_adapter != without

@@ -33,7 +33,6 @@ class TransformersEngine:
         max_model_len: int | None = None,
         prefix_cache_size: int = 8,
         device: str | None = None,
-        adapter: str | None = None,
     ):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":  # bf16 matmuls are slow on most CPUs
@@ -42,10 +41,6 @@ class TransformersEngine:
             torch_dtype = DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
-        if adapter:  # merged into the unquantized base, as a LoRA-serving engine applies it
-            from peft import PeftModel
-
-            self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload().eval()
         self.model_name = Path(path).name
         self.max_batch = max_batch
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
