@@ -41,7 +41,7 @@ import pyarrow as pa
 
 from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog
-from genpi.eval.metrics import NO_ACTION, action, ratio, rouge_l
+from genpi.eval.metrics import action, ratio, rouge_l
 from genpi.eval.serve import BASE, TEACHER, Batcher, System, adapter_dirs, load_engine, prompt_systems, served_as
 from genpi.synth.store import TURN, write_table
 
@@ -339,4 +339,4 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EVAL_SCHEMA", "NO_ACTION", "evaluate_catalog", "format_summary", "retention", "summarize"]
+__all__ = ["EVAL_SCHEMA", "evaluate_catalog", "format_summary", "retention", "summarize"]
