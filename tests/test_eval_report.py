@@ -90,3 +90,8 @@ def test_report_from_a_small_real_run(tiny_trainable_model, tmp_path):
     assert "Held-out loss per λ, genpi/calc" in text and "λ of genpi was chosen by the loss on these held-out rows" in text
     assert "synthesis settings:" in text.split("## Missing")[1]  # hand-written shards have no manifest: listed, not invented
     assert "fidelity of greet: no held-out rows" in text and "leakage of greet: no adapter" in text
+
+
+def test_report_of_a_missing_run_exits_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "genpi.cli", "report", str(tmp_path / "none")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "no such run folder" in result.stderr and not (tmp_path / "none").exists()

@@ -247,6 +247,8 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
 
 
 def write_report(run: str | Path, eval_dir: str | Path | None = None, out: str | Path | None = None) -> Path:
+    if not Path(run).is_dir():
+        raise InputError(f"{run}: no such run folder")
     out = Path(out) if out else Path(run) / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     text, _ = build_report(run, eval_dir, out)
