@@ -43,7 +43,15 @@ def numbers(value, found: set[str]) -> set[str]:
 
 
 def test_report_from_a_small_real_run(tiny_trainable_model, tmp_path):
+    from genpi.catalog import load_catalog
+    from genpi.engines import EngineConfig
+    from genpi.synth.pipeline import SynthSettings
+    from genpi.synth.run import new_manifest
+    from genpi.synth.store import write_manifest
+
     run = write_calc_dialogues(tmp_path / "run", 10, heldout_from=8)
+    engine = EngineConfig(model=tiny_trainable_model)
+    write_manifest(run, new_manifest(CATALOG, load_catalog(CATALOG), engine, engine, SynthSettings(samples=10, heldout=0.2), 32))
     adapters = tmp_path / "adapters-genpi"
     genpi("train", run, "--catalog", CATALOG, "--out", adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7",
           "--epochs", "2", "--lr", "1e-2", "--batch-size", "4", "--micro-batch", "2", "--max-length", "512", "--rank", "4", "--no-progress")  # fmt: skip
@@ -88,7 +96,8 @@ def test_report_from_a_small_real_run(tiny_trainable_model, tmp_path):
     for heading in ("## Synthesis", "## Fidelity without the prompt", "### calc (2 held-out inputs)", "## Prompt leakage", "## Training"):
         assert heading in text
     assert "Held-out loss per λ, genpi/calc" in text and "λ of genpi was chosen by the loss on these held-out rows" in text
-    assert "synthesis settings:" in text.split("## Missing")[1]  # hand-written shards have no manifest: listed, not invented
+    assert "samples 10, heldout 0.2" in text and "synthesis settings" not in text.split("## Missing")[1]
+    assert "| calc | 2.0000 |" in text  # gold turns, from the manifest
     assert "fidelity of greet: no held-out rows" in text and "leakage of greet: no adapter" in text
 
 
