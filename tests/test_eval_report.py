@@ -97,6 +97,7 @@ def test_report_from_a_small_real_run(tiny_trainable_model, tmp_path):
         assert heading in text
     assert "Held-out loss per λ, genpi/calc" in text and "λ of genpi was chosen by the loss on these held-out rows" in text
     assert "samples 10, heldout 0.2" in text and "synthesis settings" not in text.split("## Missing")[1]
+    assert "loss per step" not in text.split("## Missing")[1]  # genpi train recorded the curve
     assert "| calc | 2.0000 |" in text  # gold turns, from the manifest
     assert "fidelity of greet: no held-out rows" in text and "leakage of greet: no adapter" in text
 

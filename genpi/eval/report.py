@@ -218,8 +218,8 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
             t, settings = manifest.train_metrics, manifest.settings
             rows.append([prompt_id, name, manifest.method, manifest.lam, settings.get("epochs"), settings.get("lr"), t.get("steps"),
                          t.get("train_loss_first"), t.get("train_loss_last"), manifest.eval_metrics.get("heldout_loss")])  # fmt: skip
-            if t.get("losses"):
-                curves[f"{name}/{prompt_id}"] = t["losses"]
+            if t.get("train_losses"):
+                curves[f"{name}/{prompt_id}"] = t["train_losses"]
             else:
                 missing.append(f"loss per step of {name}/{prompt_id}: not recorded in {folder}/genpi.json (trained before genpi recorded it)")
             trials = {k: v for k, v in manifest.eval_metrics.get("trials", {}).items() if isinstance(v, (int, float))}
