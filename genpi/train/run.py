@@ -285,7 +285,7 @@ class PerPromptASHA(FIFOScheduler):
 
     def __init__(self, epochs: int):
         super().__init__()
-        self.epochs, self.by_prompt = epochs, {}
+        self.epochs, self.by_prompt, self.added = epochs, {}, set()
 
     def _asha(self, trial) -> AsyncHyperBandScheduler:
         prompt_id = trial.config["trial"]["prompt_id"]
@@ -297,22 +297,25 @@ class PerPromptASHA(FIFOScheduler):
         return self.by_prompt[prompt_id]
 
     def on_trial_add(self, tune_controller, trial):
+        self.added.add(trial.trial_id)
         self._asha(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
         if result.get("heldout_loss") is None:  # a step within an epoch, or no usable held-out row
             return self.CONTINUE
-        asha = self._asha(trial)
-        if trial.trial_id not in asha._trial_info:  # a trial restored with the experiment
-            asha.on_trial_add(tune_controller, trial)
-        return asha.on_trial_result(tune_controller, trial, result)
+        if trial.trial_id not in self.added:  # a trial restored with the experiment
+            self.on_trial_add(tune_controller, trial)
+        return self._asha(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result):
-        if trial.trial_id in self._asha(trial)._trial_info:
+        if trial.trial_id in self.added:
+            self.added.discard(trial.trial_id)
             self._asha(trial).on_trial_complete(tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller, trial):
-        self._asha(trial)._trial_info.pop(trial.trial_id, None)
+        if trial.trial_id in self.added:
+            self.added.discard(trial.trial_id)
+            self._asha(trial).on_trial_remove(tune_controller, trial)
 
 
 class Progress(Callback):
