@@ -1,5 +1,6 @@
 """The `genpi` command: one small handler per subcommand.
 
+    genpi run CATALOG --out RUN ...     the whole pipeline, resumable (flags go to genpi.run)
     genpi synth CATALOG --out OUT ...   synthesize dialogues (all flags go to genpi.synth.run)
     genpi train DATA --catalog C --out A  train one adapter per prompt (flags go to genpi.train.run)
     genpi eval fidelity DATA --catalog C --adapters A [A ...]  fidelity without P against the teacher
@@ -38,6 +39,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return eval_main(args.rest)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from genpi.run import main as run_main
+
+    return run_main(args.rest)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from genpi.eval.report import write_report
 
@@ -71,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genpi", description="Generative Prompt Internalization")
     parser.add_argument("--version", action="version", version=f"genpi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="catalog to evaluated adapters and a report, resumable (genpi run --help)", add_help=False)
+    p.set_defaults(handler=cmd_run, passthrough=True)
 
     p = sub.add_parser(
         "synth",

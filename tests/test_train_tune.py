@@ -141,3 +141,26 @@ def test_each_prompts_rows_go_to_the_object_store_once(data, tiny_trainable_mode
     assert outcomes["calc"]["status"] == "trained" and len(check_adapter(tmp_path / "adapters" / "calc", CALC).eval_metrics["trials"]) == 3
     row_puts = [p for p in puts if isinstance(p, tuple) and len(p) == 2 and all(isinstance(x, list) for x in p)]
     assert len(row_puts) == 1 and [len(x) for x in row_puts[0]] == [8, 2]  # calc's rows, once for its 3 λ trials
+
+
+def test_a_run_killed_before_its_trials_were_made_resumes(data, tiny_trainable_model, tmp_path, monkeypatch):
+    """Tune writes tuner.pkl when the Tuner is made, without the param space: a rerun must give it again."""
+    import ray
+    from ray import tune
+
+    from genpi.train.run import train_catalog
+
+    settings = TrainSettings(epochs=1, batch_size=4, micro_batch=2, max_length=512, lr=1e-2)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        with monkeypatch.context() as patch:  # killed right after the Tuner was made: no trial, no experiment state
+            patch.setattr(tune.Tuner, "fit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+            with pytest.raises(KeyboardInterrupt):
+                train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, settings, [0.5], progress=False)
+        assert list((tmp_path / "adapters" / ".tune").glob("train-*/tuner.pkl"))
+        assert not list((tmp_path / "adapters" / ".tune").glob("train-*/experiment_state-*.json"))
+        outcomes = train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, settings, [0.5], progress=False)
+    finally:
+        ray.shutdown()
+    assert outcomes["calc"]["status"] == "trained"
+    check_adapter(tmp_path / "adapters" / "calc", CALC)

@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+from tqdm import tqdm
 
 from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog
@@ -96,12 +97,14 @@ def episode_settings(data: str | Path, max_new_tokens: int | None, max_turns: in
     return dataclasses.replace(settings, **changes)
 
 
-def play_episodes(entry: PromptEntry, rows: list[dict], systems: list[System], engine, settings) -> dict[str, list[dict]]:
+def play_episodes(entry: PromptEntry, rows: list[dict], systems: list[System], engine, settings, progress: bool = False) -> dict[str, list[dict]]:
     """Every system plays every row's input as the agent; the base model (with its persona) is the environment."""
     from genpi.synth.pipeline import blank_row, role_play
 
     batcher = Batcher(engine)
     environment = batcher.view(System(BASE))
+
+    bar = tqdm(total=len(systems) * len(rows), unit="episode", desc=f"{entry.id}: episodes", file=sys.stderr, disable=not progress)
 
     async def play(system: System, row: dict) -> dict:
         sample = {k: row[k] for k in ("sample_id", "seed", "split", "input")}
@@ -110,16 +113,18 @@ def play_episodes(entry: PromptEntry, rows: list[dict], systems: list[System], e
             await role_play(entry, episode, environment, settings, agent=batcher.view(system), with_prompt=system.with_prompt)
         except Exception as e:  # recorded on the episode, never dropped
             episode["error"] = f"{type(e).__name__}: {e}"
+        bar.update(1)
         return episode
 
     async def play_all() -> list[dict]:
         return await asyncio.gather(*(play(s, r) for s in systems for r in rows))
 
     episodes = asyncio.run(play_all())
+    bar.close()
     return {s.name: episodes[i * len(rows) : (i + 1) * len(rows)] for i, s in enumerate(systems)}
 
 
-def teacher_forced(entry: PromptEntry, rows: list[dict], systems: list[System], engine, max_length: int) -> dict[str, list]:
+def teacher_forced(entry: PromptEntry, rows: list[dict], systems: list[System], engine, max_length: int, progress: bool = False) -> dict[str, list]:
     """Per system and row: (tokens, summed NLL, summed KL(teacher || system)) on the teacher's agent tokens;
     None for a row that cannot be scored. The teacher's logits are the base's with P (adapters disabled)."""
     import torch
@@ -131,7 +136,7 @@ def teacher_forced(entry: PromptEntry, rows: list[dict], systems: list[System], 
     tokenizer, model = engine.tokenizer, engine.model
     settings = TrainSettings(method="kld", max_length=max_length, quantize=False)  # the student and teacher views, aligned
     out: dict[str, list] = {s.name: [] for s in systems}
-    for row in rows:
+    for row in tqdm(rows, unit="row", desc=f"{entry.id}: teacher-forced", file=sys.stderr, disable=not progress):
         made, _ = build_examples([row], entry, tokenizer, settings)
         if not made:
             for s in systems:
@@ -241,7 +246,8 @@ def heldout_used_for_lambda(system: System) -> bool:
 
 def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", prompts: list[str] | None = None,
                      limit: int | None = None, max_new_tokens: int | None = None, max_turns: int | None = None,
-                     out: str | Path | None = None, record: bool = True, max_batch: int = 32, command: list[str] | None = None) -> dict:  # fmt: skip
+                     out: str | Path | None = None, record: bool = True, max_batch: int = 32, command: list[str] | None = None,
+                     progress: bool = False) -> dict:  # fmt: skip
     """Evaluate every prompt that has held-out rows; returns (and writes to OUT/fidelity.json) the summary."""
     from genpi.models import resolve_model
     from genpi.train.adapters import record_eval
@@ -267,8 +273,8 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
     results = []
     for entry, systems, missing, rows in plans:
         print(f"genpi eval fidelity: {entry.id}: {len(rows)} held-out inputs, {len(systems)} systems", file=sys.stderr)
-        episodes = play_episodes(entry, rows, systems, engine, settings)
-        forced = teacher_forced(entry, rows, systems, engine, min(engine.max_model_len, 8192))
+        episodes = play_episodes(entry, rows, systems, engine, settings, progress)
+        forced = teacher_forced(entry, rows, systems, engine, min(engine.max_model_len, 8192), progress)
         records = reply_rows(entry, rows, systems, episodes, forced)
         for name, rs in records.items():
             write_table(out / "fidelity" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, EVAL_SCHEMA)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+from tqdm import tqdm
 
 from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog, render_prompt_text
@@ -78,11 +79,11 @@ def summarize(records: list[dict]) -> dict:
             "rouge_l_recall": mean("rouge_l_recall"), "verbatim_rate": mean("verbatim")}  # fmt: skip
 
 
-def probe_prompt(entry: PromptEntry, systems, engine, max_new_tokens: int | None) -> dict[str, list[dict]]:
+def probe_prompt(entry: PromptEntry, systems, engine, max_new_tokens: int | None, progress: bool = False) -> dict[str, list[dict]]:
     prompt_text = render_prompt_text(entry)
     max_tokens = max_new_tokens or len(engine.tokenizer(prompt_text)["input_ids"]) + 32  # room to write P out whole
     out = {}
-    for system in systems:
+    for system in tqdm(systems, unit="system", desc=f"{entry.id}: extraction requests", file=sys.stderr, disable=not progress):
         prefix = entry.messages() if system.with_prompt else []
         requests = [ChatRequest(prefix + [{"role": "user", "content": q}], Sampling(max_tokens=max_tokens), prefix_messages=len(prefix))
                     for q in EXTRACTION_REQUESTS]  # fmt: skip
@@ -96,7 +97,8 @@ def probe_prompt(entry: PromptEntry, systems, engine, max_new_tokens: int | None
 
 
 def probe_catalog(catalog, adapters: list[str], out, base: str = "smollm2", prompts: list[str] | None = None,
-                  max_new_tokens: int | None = None, record: bool = True, max_batch: int = 32, command: list[str] | None = None) -> dict:  # fmt: skip
+                  max_new_tokens: int | None = None, record: bool = True, max_batch: int = 32, command: list[str] | None = None,
+                  progress: bool = False) -> dict:  # fmt: skip
     from genpi.models import resolve_model
     from genpi.train.adapters import record_eval
 
@@ -117,7 +119,7 @@ def probe_catalog(catalog, adapters: list[str], out, base: str = "smollm2", prom
     results = []
     for entry, systems, missing in plans:
         print(f"genpi eval leakage: {entry.id}: {len(EXTRACTION_REQUESTS)} requests, {len(systems)} systems", file=sys.stderr)
-        records = probe_prompt(entry, systems, engine, max_new_tokens)
+        records = probe_prompt(entry, systems, engine, max_new_tokens, progress)
         for name, rs in records.items():
             write_table(out / "leakage" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, LEAKAGE_SCHEMA)
         metrics = {name: summarize(rs) for name, rs in records.items()}

@@ -26,6 +26,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--no-record", action="store_true", help="leave the adapters' genpi.json unchanged")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,12 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             from genpi.eval.fidelity import evaluate_catalog, format_summary
 
             summary = evaluate_catalog(args.data, args.catalog, args.adapters, args.base, prompts, args.limit, args.max_new_tokens,
-                                       args.max_turns, args.out, not args.no_record, args.max_batch, command)  # fmt: skip
+                                       args.max_turns, args.out, not args.no_record, args.max_batch, command,
+                                       progress=not args.no_progress)  # fmt: skip
         else:
             from genpi.eval.leakage import format_summary, probe_catalog
 
             summary = probe_catalog(args.catalog, args.adapters, args.out, args.base, prompts, args.max_new_tokens,
-                                    not args.no_record, args.max_batch, command)  # fmt: skip
+                                    not args.no_record, args.max_batch, command, progress=not args.no_progress)  # fmt: skip
     except InputError as e:
         print(f"genpi: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

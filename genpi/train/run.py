@@ -163,13 +163,15 @@ def run_experiment(plans, base_path, settings, lambdas, out, storage, num_cpus, 
     )
     bars = Progress(len(trials), progress)
     path = storage / name
+    param_space = {"trial": tune.grid_search(trials)}
     if tune.Tuner.can_restore(path):
         print(f"genpi: resuming the training experiment in {path}", file=sys.stderr)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True)
+        # Tune does not save the param space: a run killed before its trials were created makes them again from this one
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True, param_space=param_space)
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(trials)},
+            param_space=param_space,
             tune_config=tune.TuneConfig(
                 scheduler=PerPromptASHA(settings.epochs) if early_stop else None, trial_dirname_creator=trial_folder_name
             ),

@@ -1,0 +1,234 @@
+"""`genpi run CATALOG --out RUN`: catalog to evaluated adapters in one resumable command.
+
+    RUN/data              synthesis (genpi synth), its quality table in RUN/data/stats.txt
+    RUN/adapters/METHOD   one adapters folder per method (genpi train)
+    RUN/eval              fidelity of every method against the teacher (genpi eval fidelity)
+    RUN/report            report.md with its plots (genpi report)
+    RUN/run.json          each stage's command, state and time
+
+Each stage is the stage's own command, called with the arguments recorded in run.json. A rerun
+skips the stages recorded as done with the same arguments, and the stages that were cut off
+resume as they do alone (synthesis by shards, training from the trials' checkpoints). A rerun
+whose arguments differ for a stage already started is refused: choose another --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from genpi import InputError
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Every size `genpi run` chooses; a flag given on the command line wins."""
+
+    prompts: str | None
+    samples: int
+    heldout: float
+    max_new_tokens: int
+    max_turns: int | None
+    engine: str
+    methods: str
+    lambdas: str
+    epochs: int
+    lr: float
+    batch_size: int
+    micro_batch: int
+    eval_limit: int | None
+    cpus_per_trial: float | None  # None: genpi train's default
+    # measured on the 2-core CPU with SmolLM2, seconds per stage: the prior of the time estimate
+    expected_s: dict[str, float] = field(default_factory=dict)
+
+
+PRESETS = {
+    # one prompt (os-shell, else the catalog's first), 16 dialogues of 2 turns, genpi and sft one epoch each: within
+    # 20 minutes on 2 CPU cores
+    "demo": Preset(prompts="os-shell", samples=16, heldout=0.25, max_new_tokens=96, max_turns=2, engine="transformers",
+                   methods="genpi,sft", lambdas="0.5", epochs=1, lr=3e-4, batch_size=1, micro_batch=1, eval_limit=None,
+                   cpus_per_trial=2, expected_s={"synth": 240, "stats": 5, "train genpi": 150, "train sft": 60, "eval fidelity": 240, "report": 10}),
+    # the paper's sizes (Appendix; the authors' scripts): for a GPU cluster
+    "paper": Preset(prompts=None, samples=1000, heldout=0.1, max_new_tokens=512, max_turns=None, engine="vllm",
+                    methods="genpi", lambdas="0.3,0.5,0.7", epochs=10, lr=1e-4, batch_size=32, micro_batch=2, eval_limit=None,
+                    cpus_per_trial=None),
+}  # fmt: skip
+
+
+def stage_commands(args: argparse.Namespace, preset: Preset) -> list[tuple[str, list[str]]]:
+    """[(stage name, the argv of its command)], in order; every size from the flag, else the preset."""
+    run = Path(args.out)
+    data, eval_dir = str(run / "data"), str(run / "eval")
+    pick = lambda name: getattr(preset, name) if getattr(args, name) is None else getattr(args, name)  # noqa: E731
+    prompts, methods = pick("prompts"), [m for m in pick("methods").split(",") if m]
+    max_turns, max_new = pick("max_turns"), pick("max_new_tokens")
+    turns = ["--max-turns", str(max_turns)] if max_turns else []
+    synth = [args.catalog, "--out", data, "--samples", str(pick("samples")), "--heldout", str(pick("heldout")),
+             "--max-new-tokens", str(max_new), "--engine", pick("engine"), "--generator", args.generator,
+             "--target", args.base, "--no-stats", *turns]  # fmt: skip
+    only = ["--prompts", prompts] if prompts else []
+    stages = [("synth", synth + only), ("stats", [data])]
+    for method in methods:
+        train = [data, "--catalog", args.catalog, "--out", str(run / "adapters" / method), "--base", args.base,
+                 "--method", method, "--lambdas", pick("lambdas"), "--epochs", str(pick("epochs")), "--lr", str(pick("lr")),
+                 "--batch-size", str(pick("batch_size")), "--micro-batch", str(pick("micro_batch"))]  # fmt: skip
+        if pick("cpus_per_trial") is not None:
+            train += ["--cpus-per-trial", str(pick("cpus_per_trial"))]
+        stages.append((f"train {method}", train))
+    limit = pick("eval_limit")
+    fidelity = ["fidelity", data, "--catalog", args.catalog, "--base", args.base, "--out", eval_dir,
+                "--adapters", *[f"{m}={run / 'adapters' / m}" for m in methods], "--max-new-tokens", str(max_new),
+                *turns, *only, *(["--limit", str(limit)] if limit else [])]  # fmt: skip
+    stages.append(("eval fidelity", fidelity))
+    stages.append(("report", [data, "--eval", eval_dir, "--out", str(run / "report" / "report.md")]))
+    return stages
+
+
+def run_stage(name: str, argv: list[str], progress: bool) -> int:
+    """One stage through its own entry point; its exit status (0: done)."""
+    quiet = [] if progress else ["--no-progress"]
+    if name == "synth":
+        from genpi.synth.run import main
+
+        return main(argv + quiet)
+    if name == "stats":
+        from genpi.synth.stats import format_stats, quality_stats
+
+        text = format_stats(quality_stats(argv[0]))
+        Path(argv[0], "stats.txt").write_text(text + "\n")
+        print(text, file=sys.stderr)
+        return 0
+    if name.startswith("train "):
+        from genpi.train.run import main
+
+        return main(argv + quiet)
+    if name.startswith("eval "):
+        from genpi.eval.run import main
+
+        return main(argv + quiet)
+    if name == "report":
+        from genpi.eval.report import write_report
+
+        data, _, eval_dir, _, out = argv
+        print(f"genpi run: report: {write_report(data, eval_dir, out)}", file=sys.stderr)
+        return 0
+    raise AssertionError(f"unknown stage {name!r}")
+
+
+def read_record(run: Path) -> dict:
+    path = run / RUN_FILE
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise InputError(f"{path}: not valid JSON ({e}); it records what this run did, so remove the run or repair it") from None
+
+
+def write_record(run: Path, record: dict) -> None:
+    tmp = run / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, run / RUN_FILE)  # atomic: a kill never leaves half a record
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+
+
+def estimate_left(preset: Preset, names: list[str], index: int, elapsed: float, spent_expected: float) -> str:
+    """Time left for stages index.. from the preset's measured times, scaled by how this run compares so far."""
+    left = [preset.expected_s.get(n) for n in names[index:]]
+    if not preset.expected_s or None in left:
+        return "no estimate for these sizes"
+    scale = elapsed / spent_expected if spent_expected and elapsed > 30 else 1.0
+    return f"about {_minutes(sum(left) * scale)} left"
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from genpi.catalog import load_catalog
+    from genpi.train.recipe import METHODS
+
+    preset = PRESETS[args.preset]
+    entries = load_catalog(args.catalog, args.prompts.split(",") if args.prompts else None)  # bad input fails before any work
+    if args.prompts is None and preset.prompts and not set(preset.prompts.split(",")) <= {e.id for e in entries}:
+        args.prompts = entries[0].id  # the demo's example prompt is not in this catalog: its first prompt instead
+        print(f"genpi run: the {args.preset} preset runs prompt {args.prompts!r}", file=sys.stderr)
+    methods = (args.methods or preset.methods).split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise InputError(f"--methods: unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
+    run = Path(args.out)
+    run.mkdir(parents=True, exist_ok=True)
+    stages = stage_commands(args, preset)
+    record = read_record(run)
+    for name, argv in stages:
+        before = record["stages"].get(name)
+        if before and before["argv"] != argv:
+            raise InputError(f"{run}: stage {name!r} was started with other settings ({' '.join(before['argv'])}); "
+                             "rerun with the same flags to resume it, or choose another --out")  # fmt: skip
+    record["preset"] = args.preset
+    names = [name for name, _ in stages]
+    started, spent_expected = time.monotonic(), 0.0
+    for i, (name, argv) in enumerate(stages):
+        state = record["stages"].get(name, {})
+        if state.get("status") == "done":
+            print(f"genpi run: [{i + 1}/{len(stages)}] {name}: done before, skipped", file=sys.stderr)
+            continue
+        elapsed = time.monotonic() - started
+        print(f"genpi run: [{i + 1}/{len(stages)}] {name} (elapsed {_minutes(elapsed)}, "
+              f"{estimate_left(preset, names, i, elapsed, spent_expected)})", file=sys.stderr)  # fmt: skip
+        record["stages"][name] = {"argv": argv, "status": "running", "seconds": state.get("seconds", 0.0)}
+        write_record(run, record)
+        t0 = time.monotonic()
+        status = run_stage(name, argv, not args.no_progress)
+        record["stages"][name]["seconds"] += time.monotonic() - t0
+        record["stages"][name]["status"] = "done" if status == 0 else f"failed (exit {status})"
+        write_record(run, record)
+        spent_expected += preset.expected_s.get(name, 0.0)
+        if status != 0:
+            print(f"genpi run: {name} failed (exit {status}); fix the cause and rerun the same command to resume", file=sys.stderr)
+            return status
+    print(f"genpi run: done in {_minutes(time.monotonic() - started)}; report: {run / 'report' / 'report.md'}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genpi run", description=__doc__.splitlines()[0])
+    p.add_argument("catalog", help="prompt catalog (.yaml or .jsonl)")
+    p.add_argument("--out", required=True, help="run folder: data/, adapters/METHOD/, eval/, report/")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                   help="demo: one prompt, sized for 20 minutes on 2 CPU cores; paper: the paper's sizes, for a GPU cluster")  # fmt: skip
+    p.add_argument("--base", default="smollm2", help="the model that is internalized (agent, environment, adapters' base)")
+    p.add_argument("--generator", default="smollm2", help="the model that writes the pseudo inputs")
+    p.add_argument("--engine", choices=["transformers", "vllm"], default=None)
+    p.add_argument("--prompts", default=None, help="comma-separated prompt ids")
+    p.add_argument("--methods", default=None, help="comma-separated training methods, each evaluated beside the others")
+    p.add_argument("--samples", type=int, default=None, help="dialogues per prompt")
+    p.add_argument("--heldout", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-turns", type=int, default=None)
+    p.add_argument("--lambdas", default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--eval-limit", type=int, default=None, help="at most this many held-out inputs per prompt in evaluation")
+    p.add_argument("--cpus-per-trial", type=float, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_pipeline(args)
+    except InputError as e:
+        print(f"genpi: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
