@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -74,19 +75,19 @@ def stage_commands(args: argparse.Namespace, preset: Preset) -> list[tuple[str, 
              "--max-new-tokens", str(max_new), "--engine", pick("engine"), "--generator", args.generator,
              "--target", args.base, "--no-stats", *turns]  # fmt: skip
     only = ["--prompts", prompts] if prompts else []
-    stages = [("synth", synth + only), ("stats", [data])]
+    stages = [("synth", synth + only + shlex.split(args.synth_args)), ("stats", [data])]
     for method in methods:
         train = [data, "--catalog", args.catalog, "--out", str(run / "adapters" / method), "--base", args.base,
                  "--method", method, "--lambdas", pick("lambdas"), "--epochs", str(pick("epochs")), "--lr", str(pick("lr")),
                  "--batch-size", str(pick("batch_size")), "--micro-batch", str(pick("micro_batch"))]  # fmt: skip
         if pick("cpus_per_trial") is not None:
             train += ["--cpus-per-trial", str(pick("cpus_per_trial"))]
-        stages.append((f"train {method}", train))
+        stages.append((f"train {method}", train + shlex.split(args.train_args)))
     limit = pick("eval_limit")
     fidelity = ["fidelity", data, "--catalog", args.catalog, "--base", args.base, "--out", eval_dir,
                 "--adapters", *[f"{m}={run / 'adapters' / m}" for m in methods], "--max-new-tokens", str(max_new),
                 *turns, *only, *(["--limit", str(limit)] if limit else [])]  # fmt: skip
-    stages.append(("eval fidelity", fidelity))
+    stages.append(("eval fidelity", fidelity + shlex.split(args.eval_args)))
     stages.append(("report", [data, "--eval", eval_dir, "--out", str(run / "report" / "report.md")]))
     return stages
 
@@ -112,7 +113,7 @@ def run_stage(name: str, argv: list[str], progress: bool) -> int:
     if name.startswith("eval "):
         from genpi.eval.run import main
 
-        return main(argv + quiet)
+        return on_a_gpu_if_any(main, argv + quiet)
     if name == "report":
         from genpi.eval.report import write_report
 
@@ -120,6 +121,18 @@ def run_stage(name: str, argv: list[str], progress: bool) -> int:
         print(f"genpi run: report: {write_report(data, eval_dir, out)}", file=sys.stderr)
         return 0
     raise AssertionError(f"unknown stage {name!r}")
+
+
+def on_a_gpu_if_any(stage_main, argv: list[str]) -> int:
+    """`stage_main(argv)` in a Ray task holding one GPU when the Ray cluster has GPUs (on a cluster the driver
+    usually sits on a CPU-only head node, and evaluation loads the base model); else in this process."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, configure_logging=False, include_dashboard=False)
+    if not ray.cluster_resources().get("GPU"):
+        return stage_main(argv)
+    return ray.get(ray.remote(num_gpus=1, max_retries=0)(stage_main).remote(argv))
 
 
 def read_record(run: Path) -> dict:
@@ -221,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--eval-limit", type=int, default=None, help="at most this many held-out inputs per prompt in evaluation")
     p.add_argument("--cpus-per-trial", type=float, default=None)
+    p.add_argument("--synth-args", default="", help="more flags for genpi synth, e.g. \"--generator-tp 4 --target-replicas 4\"")
+    p.add_argument("--train-args", default="", help="more flags for every genpi train, e.g. \"--gpus-per-trial 1\"")
+    p.add_argument("--eval-args", default="", help="more flags for genpi eval fidelity")
     p.add_argument("--no-progress", action="store_true")
     return p
 

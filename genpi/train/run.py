@@ -364,7 +364,7 @@ class Progress(Callback):
             bar.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m genpi.train", description=__doc__.splitlines()[0])
     p.add_argument("data", help="synthesis run folder (genpi synth --out)")
     p.add_argument("--catalog", required=True)
@@ -399,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, each from its last checkpoint")
     p.add_argument("--early-stop", action="store_true", help="stop a λ whose held-out loss falls behind the prompt's others (ASHA)")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.method not in METHODS:
             raise InputError(f"--method: unknown method {args.method!r}: expected one of {', '.join(METHODS)}")

@@ -1,0 +1,53 @@
+"""The cluster definitions: the RayJob that runs `genpi run --preset paper` asks only for what its cluster has, and
+every stage command it makes parses with that stage's own parser."""
+
+import shlex
+
+import yaml
+
+from conftest import REPO
+from genpi.eval.run import build_parser as eval_parser
+from genpi.run import PRESETS, build_parser, stage_commands
+from genpi.synth.run import engine_config, parse_args
+from genpi.train.run import build_parser as train_parser
+
+CLUSTER = REPO / "cluster"
+
+
+def mounts(pod_spec: dict) -> dict[str, str]:
+    """{mount path: volume name} of the pod's first container."""
+    return {m["mountPath"]: m["name"] for m in pod_spec["containers"][0].get("volumeMounts", [])}
+
+
+def test_the_run_job_fits_its_cluster_and_every_stage_parses():
+    job = yaml.safe_load((CLUSTER / "rayjob-run.yaml").read_text())
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    [workers] = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    node = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    node_gpus, node_cpus = int(node["nvidia.com/gpu"]), int(node["cpu"])
+    assert workers["maxReplicas"] == 1  # so every figure below is one node's
+
+    entry = shlex.split(job["spec"]["entrypoint"])
+    assert entry[:4] == ["python", "-m", "genpi.cli", "run"]
+    args = build_parser().parse_args(entry[4:])
+    assert args.preset == "paper" and (REPO / args.catalog).is_file()
+    stages = dict(stage_commands(args, PRESETS[args.preset]))
+    assert list(stages) == ["synth", "stats", "train genpi", "eval fidelity", "report"]
+
+    # the run folder is on the shared volume, seen by the driver (head) and by the trials and eval task (workers)
+    assert args.out.startswith("/data/") and mounts(head)["/data"] == mounts(workers["template"]["spec"])["/data"]
+    assert args.base.startswith("/models/") and args.generator.startswith("/models/") and "/models" in mounts(workers["template"]["spec"])
+
+    synth = parse_args(stages["synth"])
+    generator, target = engine_config(synth, "generator"), engine_config(synth, "target")
+    assert generator.model == args.generator and target.model == args.base and generator.kind == target.kind == "vllm"
+    assert generator.num_gpus == generator.tensor_parallel_size == 4 and target.num_gpus == 1
+    assert generator.num_gpus + synth.target_replicas * target.num_gpus <= node_gpus  # all engines at once, one node
+    assert generator.num_cpus + synth.target_replicas * target.num_cpus <= node_cpus
+
+    train = train_parser().parse_args(stages["train genpi"])
+    assert train.gpus_per_trial == 1 and train.cpus_per_trial <= node_cpus and train.out.startswith("/data/")
+    assert (train.epochs, train.lr, train.batch_size, train.lambdas) == (10, 1e-4, 32, "0.3,0.5,0.7")  # the paper's
+
+    fidelity = eval_parser().parse_args(stages["eval fidelity"])
+    assert fidelity.what == "fidelity" and fidelity.out.startswith("/data/") and fidelity.base == args.base
