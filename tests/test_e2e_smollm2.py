@@ -38,3 +38,24 @@ def test_synth_then_stats_and_sql_with_the_bundled_model(tmp_path):
         assert r["input"].strip() and r["input"] not in entry.input_examples
         assert r["turns"][0]["role"] == "assistant" and r["turns"][0]["content"].strip()
         assert r["student_output"].strip() and r["reason"].strip()
+
+
+def test_genpi_run_demo_from_catalog_to_report(tmp_path):
+    """The README's first command: the demo preset, every stage with the bundled model, within the 20 minutes it promises
+    on 2 cores (the timeout leaves room for a busy CI machine)."""
+    run = tmp_path / "run"
+    done = genpi("run", str(EXAMPLES), "--out", str(run), "--preset", "demo", "--no-progress", timeout=2400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = json.loads((run / "run.json").read_text())["stages"]
+    assert list(stages) == ["synth", "stats", "train genpi", "train sft", "eval fidelity", "report"]
+    assert all(s["status"] == "done" for s in stages.values())
+    assert "os-shell" in (run / "data" / "stats.txt").read_text()
+    for method in ("genpi", "sft"):
+        manifest = json.loads((run / "adapters" / method / "os-shell" / "genpi.json").read_text())
+        assert manifest["method"] == method and manifest["train_metrics"]["data_rows"] == 12
+        assert manifest["eval_metrics"]["fidelity"]["inputs"] == 4  # 16 dialogues, a quarter held out
+    fidelity = json.loads((run / "eval" / "fidelity.json").read_text())
+    assert set(fidelity["results"][0]["systems"]) == {"teacher", "base", "genpi", "sft"}
+    report = run / "report" / "report.md"
+    assert f"report: {report}" in done.stderr and "genpi" in report.read_text()
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in report.parent.glob("*.png")) and list(report.parent.glob("*.png"))
