@@ -10,7 +10,7 @@ import sys
 import duckdb
 import pytest
 
-from conftest import EXAMPLES, REPO, build_tiny_llama
+from conftest import EXAMPLES, REPO
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import Completion, Sampling
@@ -145,13 +145,7 @@ def test_bad_steps_are_named(tmp_path, line, message):
 
 
 @pytest.fixture(scope="module")
-def long_tiny_model(tmp_path_factory):
-    """A tiny random Llama with room for the web-select prompt (about 1,100 tokens) and a question."""
-    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4k"), max_positions=4096))
-
-
-@pytest.fixture(scope="module")
-def adapters(long_tiny_model, tmp_path_factory):
+def adapters(tiny_long_model, tmp_path_factory):
     """An untrained web-select adapter with random B matrices (so it changes the base's replies)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -161,13 +155,13 @@ def adapters(long_tiny_model, tmp_path_factory):
 
     torch.manual_seed(0)
     settings = LoraSettings(r=4, alpha=8, dropout=0.0)
-    model = add_lora(AutoModelForCausalLM.from_pretrained(long_tiny_model), settings)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_long_model), settings)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     folder = tmp_path_factory.mktemp("adapters")
-    manifest = AdapterManifest("web-select", WEB_SELECT.sha256, long_tiny_model, "sft", None, settings.to_dict(), "test")
+    manifest = AdapterManifest("web-select", WEB_SELECT.sha256, tiny_long_model, "sft", None, settings.to_dict(), "test")
     write_adapter(folder / "web-select", manifest, lambda tmp: save_adapter(model, tmp))
     return folder
 
@@ -177,10 +171,10 @@ def run_cli(*args):
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def test_cli_teacher_base_and_adapter(long_tiny_model, adapters, tmp_path):
+def test_cli_teacher_base_and_adapter(tiny_long_model, adapters, tmp_path):
     out = tmp_path / "eval"
     result = run_cli("mind2web", STEPS, "--catalog", EXAMPLES, "--prompt", "web-select", "--adapters", f"rand={adapters}",
-                     "--base", long_tiny_model, "--limit", "3", "--max-new-tokens", "6", "--out", out, "--json")  # fmt: skip
+                     "--base", tiny_long_model, "--limit", "3", "--max-new-tokens", "6", "--out", out, "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary == json.loads((out / "mind2web.json").read_text())

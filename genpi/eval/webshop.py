@@ -76,9 +76,16 @@ class Page:
     url: str
     texts: list[str] = field(default_factory=list)  # visible texts, stripped, in order
     clickable: list[bool] = field(default_factory=list)  # per text: a button, product link or option label
-    targets: dict[str, tuple[str, str]] = field(default_factory=dict)  # clickable -> (method, absolute URL)
+    buttons: dict[str, str] = field(default_factory=dict)  # lowercased text -> its form's action (POST)
+    links: dict[str, str] = field(default_factory=dict)  # lowercased product code -> href (GET)
+    options: dict[str, str] = field(default_factory=dict)  # option value -> data-url (GET)
     search_url: str | None = None  # the search form's action, if the page has one
     reward: float | None = None  # on the done page
+
+    @property
+    def targets(self) -> dict[str, tuple[str, str]]:
+        """Every clickable -> (method, URL), in WebShop's order (buttons, product links, options)."""
+        return {**{k: ("POST", v) for k, v in self.buttons.items()}, **{k: ("GET", v) for k, v in {**self.links, **self.options}.items()}}
 
 
 class _Reader(HTMLParser):
@@ -102,7 +109,7 @@ class _Reader(HTMLParser):
         elif tag == "input" and a.get("id") == "search_input":
             self.page.search_url = self.form
         elif tag == "input" and a.get("type") == "radio" and a.get("value") is not None:
-            self.page.targets[a["value"]] = ("GET", url(a.get("data-url")))
+            self.page.options[a["value"]] = url(a.get("data-url"))
         elif a.get("id") == "reward":
             self.in_reward = True
 
@@ -110,10 +117,10 @@ class _Reader(HTMLParser):
         while self.stack and self.stack.pop() != tag:  # tolerate unclosed tags
             pass
         if tag == "button" and self.button is not None:
-            self.page.targets["".join(self.button).strip().lower()] = ("POST", self.form or self.page.url)
+            self.page.buttons["".join(self.button).strip().lower()] = self.form or self.page.url
             self.button = None
         elif tag == "a" and self.link is not None:
-            self.page.targets["".join(self.link[0]).strip().lower()] = ("GET", self.link[1])
+            self.page.links["".join(self.link[0]).strip().lower()] = self.link[1]
             self.link = None
         elif tag == "form":
             self.form = None
@@ -149,10 +156,6 @@ def parse_action(reply: str) -> str | None:
     return match.group(1) if match else None
 
 
-def clickables(page: Page) -> list[str]:
-    return [name for name in page.targets if name != "search"]  # WebShop never clicks the search button
-
-
 def observation(page: Page, layout: str, first: bool) -> str:
     """The user turn showing `page`."""
     if layout == "examples":  # clickables in brackets; the instruction on the first page only
@@ -161,7 +164,7 @@ def observation(page: Page, layout: str, first: bool) -> str:
             i = texts.index("Instruction:")
             del texts[i : i + 2]
         return " [SEP] ".join(texts)
-    actions = {"has_search_bar": page.search_url is not None, "clickables": clickables(page)}
+    actions = {"has_search_bar": page.search_url is not None, "clickables": list(page.targets)}
     return f"Observation:\n{' [SEP] '.join(page.texts)}\n\nAvailable Actions:\n{actions}"
 
 
@@ -171,7 +174,7 @@ def step(page: Page, action: str, search_url: str) -> Page:
     arg = arg[:-1].strip()
     if name == "search" and arg:
         return fetch("POST", search_url, {"search_query": arg})
-    targets = {k.lower(): v for k, v in page.targets.items() if k != "search"}  # option values too, case aside
+    targets = {k.lower(): v for k, v in page.targets.items() if k != "search"}  # WebShop never clicks "search"
     if name == "click" and arg.lower() in targets:
         return fetch(*targets[arg.lower()])
     return page
