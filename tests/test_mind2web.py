@@ -15,6 +15,7 @@ from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import Completion, Sampling
 from genpi.eval.mind2web import PER_QUESTION, action_f1, answer_all, answer_step, parse_reply, read_steps, score
+from genpi.eval.report import build_report, cell
 from genpi.eval.serve import System
 
 STEPS = REPO / "examples" / "mind2web" / "steps.jsonl"
@@ -197,6 +198,11 @@ def test_cli_teacher_base_and_adapter(tiny_long_model, adapters, tmp_path):
         assert m["step_success"] == sum(r["success"] for r in by_system[name]) / 3
     assert [r["turns"][0] for r in by_system["base"]] == [r["turns"][0] for r in by_system["rand"]]  # same questions
     assert [r["turns"][1] for r in by_system["base"]] != [r["turns"][1] for r in by_system["rand"]]  # the adapter is used
+
+    text, _ = build_report(tmp_path, out)  # genpi report: the section with the summary's numbers, WebShop missing
+    assert "### Mind2Web steps: web-select" in text and "webshop.json not found (run genpi eval webshop)" in text
+    m = summary["systems"]["rand"]
+    assert f"| rand | {cell(m['element_accuracy'])} | {cell(m['action_f1'])} | {cell(m['step_success'])} | 0 |" in text
 
 
 def test_cli_bad_input_exits_2(tmp_path):
