@@ -227,10 +227,8 @@ def answer_all(steps: list[Step], agents: dict[str, tuple[System, object]], entr
         return await asyncio.gather(*jobs)
 
     rows = asyncio.run(run())
-    out = {}
-    for i, (name, (system, _)) in enumerate(agents.items()):
-        out[name] = [{"prompt_id": entry.id, "system": name, **r} for r in rows[i * len(steps) : (i + 1) * len(steps)]]
-    return out
+    return {name: [{"prompt_id": entry.id, "system": name, **r} for r in rows[i * len(steps) : (i + 1) * len(steps)]]
+            for i, name in enumerate(agents)}  # fmt: skip
 
 
 def summarize(rows: list[dict]) -> dict:
