@@ -23,7 +23,7 @@ from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import Completion, Sampling
 from genpi.eval.serve import System
-from genpi.eval.webshop import ROUNDS, check_server, parse_action, score, shop, shop_all
+from genpi.eval.webshop import ROUNDS, check_server, parse_action, score, shop_all
 
 WEB_SHOP = next(e for e in load_catalog(EXAMPLES) if e.id == "web-shop")
 PRODUCTS = {
