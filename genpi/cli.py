@@ -5,6 +5,8 @@
     genpi train DATA --catalog C --out A  train one adapter per prompt (flags go to genpi.train.run)
     genpi eval fidelity DATA --catalog C --adapters A [A ...]  fidelity without P against the teacher
     genpi eval leakage --catalog C --adapters A [A ...] --out E  how much of P the systems give away
+    genpi eval mind2web STEPS --catalog C --prompt ID [--adapters A ...]  Mind2Web step success
+    genpi eval webshop --url URL --catalog C --prompt ID [--adapters A ...]  WebShop reward
     genpi report RUN [--out report.md]  Markdown report with plots from a run's files
     genpi stats OUT [--json]            quality statistics per prompt
     genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`

@@ -43,6 +43,12 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_long_model(tmp_path_factory) -> str:
+    """Room for the example catalog's longest prompts (about 1,100 tokens) and a conversation after them."""
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4k"), max_positions=4096))
+
+
+@pytest.fixture(scope="session")
 def tiny_trainable_model(tmp_path_factory) -> str:
     """The usual small init: losses start near log(vocab) and fall fast."""
     return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-trainable"), initializer_range=0.02))

@@ -5,6 +5,7 @@ Built only from what the run's files hold, never recomputed from models:
     RUN/manifest.json, RUN/dialogues/     synthesis settings and the quality table (genpi stats)
     EVAL/fidelity.json, EVAL/fidelity/    genpi eval fidelity (EVAL defaults to RUN/eval)
     EVAL/leakage.json                     genpi eval leakage
+    EVAL/mind2web.json, EVAL/webshop.json genpi eval mind2web, genpi eval webshop (task success)
     ADAPTERS/ID/genpi.json                training settings and curves of the adapters those name
 
 Every number in a table is a value of those files, printed by `cell` (4 decimals),
@@ -28,6 +29,9 @@ FIDELITY = (("format", "format_rate"), ("kind agreement", "kind_agreement"), ("a
 RETENTION = (("format", "format_rate"), ("kind agreement", "kind_agreement"), ("action agreement", "action_agreement"),
              ("ROUGE-L F", "rouge_l"), ("episode in-space", "action_space_rate"), ("episode final", "final_rate"), ("NLL", "nll"))  # fmt: skip
 LEAKAGE = (("span of P", "span"), ("ROUGE-L recall", "rouge_l_recall"), ("verbatim 50 chars", "verbatim_rate"))
+TASKS = (("mind2web", "Mind2Web steps", (("element accuracy", "element_accuracy"), ("action F1", "action_f1"), ("step success", "step_success"), ("errors", "errors"))),
+         ("webshop", "WebShop", (("mean reward", "mean_reward"), ("success", "success_rate"), ("bought", "purchase_rate"),
+                                 ("invalid action", "invalid_action_rate"), ("mean rounds", "mean_rounds"), ("errors", "errors"))))  # fmt: skip
 
 
 def cell(value) -> str:
@@ -205,6 +209,21 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
                       for r in done]  # fmt: skip
             figures.append(out.parent / _figure(figure("leakage"), panels))
             md += [f"![leakage]({figure('leakage').name})", ""]
+
+    md += ["## Task success", ""]
+    for name, title, columns in TASKS:
+        result = _read_json(eval_dir / f"{name}.json")
+        if result is None:
+            missing.append(f"{name}: {eval_dir / f'{name}.json'} not found (run genpi eval {name})")
+            continue
+        adapters.setdefault(result["prompt_id"], {}).update(result["adapters"])
+        md += [f"### {title}: {result['prompt_id']}", "", f"Command: `{' '.join(result['command'] or [])}`; served as: {result['served_as']}; "
+               f"{result['layout']} layout; greedy.", ""]  # fmt: skip
+        md += table(["system"] + [h for h, _ in columns], [[n] + [m[k] for _, k in columns] for n, m in result["systems"].items()]) + [""]
+        if result["retention"]:
+            keys = list(next(iter(result["retention"].values())))
+            md += ["Retention (system / teacher):", ""] + table(["system"] + keys, [[n] + [kept[k] for k in keys] for n, kept in result["retention"].items()]) + [""]
+        missing += [f"{name}: {m}" for m in result["missing"]]
 
     md += ["## Training", ""]
     curves, lambdas = {}, {}

@@ -3,6 +3,8 @@
     genpi eval fidelity DATA --catalog C --adapters DIR [DIR ...] [--out EVAL]
     genpi eval leakage --catalog C --adapters DIR [DIR ...] --out EVAL
     genpi eval DATA --catalog C --adapters DIR ...        (the same as `genpi eval fidelity`)
+    genpi eval mind2web STEPS.jsonl --catalog C --prompt ID [--adapters DIR ...] [--limit N] [--out EVAL]
+    genpi eval webshop --url URL --catalog C --prompt ID [--adapters DIR ...] [--goals N] [--out EVAL]
 
 An --adapters value is an adapters folder (genpi train --out: DIR/ID/ per prompt), named
 after the folder, or NAME=DIR. Bad input prints `genpi: error: ...` and exits 2.
@@ -41,22 +43,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leakage", help="how much of P each system gives away to extraction requests")
     _common(p)
     p.add_argument("--out", required=True, help="evaluation folder")
+    _task_parsers(sub)
     return parser
+
+
+def _task_parsers(sub) -> None:
+    """mind2web and webshop: one catalog prompt, task success of the teacher, the base and any adapters."""
+    p = sub.add_parser("mind2web", help="Mind2Web step success (multiple-choice element selection, as AgentBench asks)")
+    p.add_argument("steps", help="prepared Mind2Web steps, JSON lines (see genpi.eval.mind2web)")
+    p.add_argument("--limit", type=int, default=None, help="the first N steps")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    q = sub.add_parser("webshop", help="WebShop reward of a client on a WebShop server you run")
+    q.add_argument("--url", default=None, help="the WebShop web app's address, e.g. http://localhost:3000")
+    q.add_argument("--goals", type=int, default=10, help="goals 0..N-1 of the server (default 10)")
+    q.add_argument("--max-new-tokens", type=int, default=256)
+    for p in (p, q):
+        p.add_argument("--catalog", required=True)
+        p.add_argument("--prompt", required=True, help="the catalog prompt's id")
+        p.add_argument("--adapters", nargs="*", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR")
+        p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)")
+        p.add_argument("--layout", choices=("agentbench", "examples"), default="agentbench",
+                       help="the user turns: AgentBench's text, or the layout examples/agents.yaml's prompts show")
+        p.add_argument("--out", default="eval", help="evaluation folder (default: ./eval)")
+        p.add_argument("--max-batch", type=int, default=32)
+        p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("fidelity", "leakage", "-h", "--help"):
+    if argv and argv[0] not in ("fidelity", "leakage", "mind2web", "webshop", "-h", "--help"):
         argv = ["fidelity", *argv]  # `genpi eval DATA ...`: the fidelity evaluation
     args = build_parser().parse_args(argv)
     command = ["genpi", "eval", *argv]
     try:
-        for flag in ("limit", "max_new_tokens", "max_turns", "max_batch"):
+        for flag in ("limit", "max_new_tokens", "max_turns", "max_batch", "goals"):
             value = getattr(args, flag, None)
             if value is not None and value < 1:
                 raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-        prompts = args.prompts and args.prompts.split(",")
-        if args.what == "fidelity":
+        prompts = getattr(args, "prompts", None) and args.prompts.split(",")
+        if args.what == "mind2web":
+            from genpi.eval.mind2web import evaluate, format_summary
+
+            summary = evaluate(args.steps, args.catalog, args.prompt, args.adapters, args.base, args.limit, args.out,
+                               args.layout, args.max_new_tokens, args.max_batch, command)  # fmt: skip
+        elif args.what == "webshop":
+            from genpi.eval.webshop import evaluate, format_summary
+
+            summary = evaluate(args.url, args.catalog, args.prompt, args.adapters, args.base, args.goals, args.out,
+                               args.layout, args.max_new_tokens, args.max_batch, command)  # fmt: skip
+        elif args.what == "fidelity":
             from genpi.eval.fidelity import evaluate_catalog, format_summary
 
             summary = evaluate_catalog(args.data, args.catalog, args.adapters, args.base, prompts, args.limit, args.max_new_tokens,

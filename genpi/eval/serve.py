@@ -160,3 +160,19 @@ class _View:
 
     async def complete(self, request: ChatRequest) -> Completion:
         return await self.batcher.submit(self.system, request)
+
+
+def task_systems(catalog: str, prompt_id: str, adapters: list[str], base: str) -> tuple[PromptEntry, list[System], list[str], str]:
+    """One catalog prompt's systems for a task evaluation (`--catalog C --prompt ID [--adapters DIR ...]`):
+    (entry, systems, why adapters are missing, the base model's path). Every check runs before a model loads."""
+    from genpi.catalog import load_catalog
+    from genpi.models import resolve_model
+
+    entries = {e.id: e for e in load_catalog(catalog)}
+    if prompt_id not in entries:
+        raise InputError(f"--prompt {prompt_id}: not in {catalog} (it has {', '.join(entries)})")
+    base_path = resolve_model(base)
+    systems, missing = prompt_systems(entries[prompt_id], adapter_dirs(adapters), base_path)
+    if adapters and len(systems) == 2:
+        raise InputError(f"--adapters: no adapter for prompt {prompt_id}: " + "; ".join(missing))
+    return entries[prompt_id], systems, missing, base_path
