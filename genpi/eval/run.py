@@ -2,6 +2,7 @@
 
     genpi eval fidelity DATA --catalog C --adapters DIR [DIR ...] [--out EVAL]
     genpi eval leakage --catalog C --adapters DIR [DIR ...] --out EVAL
+    genpi eval os-tasks TASKS.json --catalog C --prompt ID [--adapters DIR ...] [--agent replay:FILE] [--out EVAL]
     genpi eval DATA --catalog C --adapters DIR ...        (the same as `genpi eval fidelity`)
 
 An --adapters value is an adapters folder (genpi train --out: DIR/ID/ per prompt), named
@@ -40,22 +41,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leakage", help="how much of P each system gives away to extraction requests")
     _common(p)
     p.add_argument("--out", required=True, help="evaluation folder")
+    p = sub.add_parser("os-tasks", help="task success on AgentBench-format OS tasks, each in a fresh rootless sandbox")
+    p.add_argument("tasks", help="tasks file (AgentBench OS format, .json or .jsonl)")
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--prompt", required=True, help="the catalog prompt whose P the teacher gets (and the adapters internalize)")
+    p.add_argument("--adapters", nargs="+", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR")
+    p.add_argument("--agent", default=None, help="replay:FILE plays known replies (task index -> list of replies) instead of the model")
+    p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)")
+    p.add_argument("--limit", type=int, default=None, help="the first N tasks only")
+    p.add_argument("--parallel", type=int, default=4, help="tasks played at once (each in its own sandbox)")
+    p.add_argument("--rounds", type=int, default=8, help="agent replies per task at most")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--input-template", default=None, help="the task's user turn, with {description} (default: AgentBench's)")
+    p.add_argument("--out", default="eval", help="evaluation folder (default: ./eval)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("fidelity", "leakage", "-h", "--help"):
+    if argv and argv[0] not in ("fidelity", "leakage", "os-tasks", "-h", "--help"):
         argv = ["fidelity", *argv]  # `genpi eval DATA ...`: the fidelity evaluation
     args = build_parser().parse_args(argv)
     command = ["genpi", "eval", *argv]
     try:
-        for flag in ("limit", "max_new_tokens", "max_turns", "max_batch"):
+        for flag in ("limit", "max_new_tokens", "max_turns", "max_batch", "parallel", "rounds"):
             value = getattr(args, flag, None)
             if value is not None and value < 1:
                 raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-        prompts = args.prompts and args.prompts.split(",")
-        if args.what == "fidelity":
+        prompts = getattr(args, "prompts", None) and args.prompts.split(",")
+        if args.what == "os-tasks":
+            from genpi.eval.os_tasks import INPUT_TEMPLATE, LoopSettings, evaluate_os_tasks, format_summary
+
+            settings = LoopSettings(args.rounds, max_new_tokens=args.max_new_tokens, input_template=args.input_template or INPUT_TEMPLATE)
+            summary = evaluate_os_tasks(args.tasks, args.catalog, args.prompt, args.adapters, args.base, args.agent, args.limit,
+                                        args.parallel, args.out, settings, args.max_batch, command)  # fmt: skip
+        elif args.what == "fidelity":
             from genpi.eval.fidelity import evaluate_catalog, format_summary
 
             summary = evaluate_catalog(args.data, args.catalog, args.adapters, args.base, prompts, args.limit, args.max_new_tokens,
