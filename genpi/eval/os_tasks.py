@@ -264,13 +264,16 @@ async def play(task: OSTask, system: System, prefix: list[dict], agent, settings
             except CommandTimeout:
                 ended = "timeout"
                 break
+            if sandbox.expired:
+                break
             turns.append({"role": "user", "content": observation(output)})
         if ended in ("answered", "finished") and not sandbox.expired:
             row["success"] = await in_pool(judge, task, sandbox, answer, settings.command_timeout)
         row.update(ended="timeout" if sandbox.expired else ended, answer=answer)
         row["success"] = row["success"] and not sandbox.expired
     except Exception as e:  # recorded on the row: one broken task never takes the others down
-        row.update(success=False, ended="error", error=f"{type(e).__name__}: {e}")
+        expired = sandbox is not None and sandbox.expired
+        row.update(success=False, ended="timeout" if expired else "error", error=None if expired else f"{type(e).__name__}: {e}")
     finally:
         if sandbox is not None:
             sandbox.close()
@@ -317,6 +320,8 @@ def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] =
                       settings: LoopSettings = LoopSettings(), max_batch: int = 32, command: list[str] | None = None) -> dict:  # fmt: skip
     """Play every task with every system (the replay agent, or teacher, base and adapters); returns and
     writes the summary."""
+    if agent and adapters:
+        raise InputError("--adapters: the replay agent (--agent) plays no model; leave --adapters out")
     if "{description}" not in settings.input_template:
         raise InputError("--input-template must contain {description}")
     tasks = load_tasks(tasks_path)[:limit]

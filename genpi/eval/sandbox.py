@@ -75,7 +75,7 @@ ENV = {
     "HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash", "TERM": "dumb", "LANG": "C.UTF-8",
 }  # fmt: skip
 NOBODY = 65534
-NAMESPACES = ("--user", "--mount", "--pid", "--net", "--uts", "--ipc")
+NAMESPACES = {"user": "--user", "mnt": "--mount", "pid": "--pid", "net": "--net", "uts": "--uts", "ipc": "--ipc"}
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class Sandbox:
         self._shell: subprocess.Popen | None = None
         self._background: list[subprocess.Popen] = []
         self._holder = subprocess.Popen(
-            ["unshare", *NAMESPACES, "--map-root-user", "--fork", "--kill-child", "bash", "-c", SETUP, "genpi-sandbox", f"{limits.disk_mb}m"],
+            ["unshare", *NAMESPACES.values(), "--map-root-user", "--fork", "--kill-child", "bash", "-c", SETUP, "genpi-sandbox", f"{limits.disk_mb}m"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=ENV, **self._creds,
         )  # fmt: skip
         ready = self._holder.stdout.readline()
@@ -127,6 +127,14 @@ class Sandbox:
         children = open(f"/proc/{self._holder.pid}/task/{self._holder.pid}/children").read().split()
         self.pid1 = int(children[0])
         self._pidfd = os.pidfd_open(self.pid1)  # signals reach this process even if its number is reused later
+        # Processes enter through these descriptors, never through the number pid1: were PID 1 gone and its
+        # number reused by a host process, `nsenter --target` would enter the host. Entering a PID namespace
+        # whose init is gone fails instead.
+        self._fds = {ns: os.open(f"/proc/{self.pid1}/ns/{ns}", os.O_RDONLY) for ns in NAMESPACES}
+        self._fds["root"] = os.open(f"/proc/{self.pid1}/root", os.O_RDONLY | os.O_DIRECTORY)
+        if select.select([self._pidfd], [], [], 0)[0]:
+            self.close()
+            raise SandboxError("the sandbox's first process exited while it started")
         self._timer = threading.Timer(limits.wall_s, self._expire)
         self._timer.daemon = True
         self._timer.start()
@@ -135,12 +143,14 @@ class Sandbox:
         """A command line that runs `argv` inside the sandbox, as its root, under the limits."""
         mb = 1 << 20
         limits = [f"--nproc={self.limits.processes}", f"--fsize={self.limits.file_mb * mb}", f"--as={self.limits.memory_mb * mb}", "--core=0"]
-        return ["prlimit", *limits, "nsenter", f"--target={self.pid1}", *NAMESPACES, "--root", "--wd", "--preserve-credentials", *argv]
+        fd = {name: f"/proc/self/fd/{n}" for name, n in self._fds.items()}
+        enter = [f"{flag}={fd[ns]}" for ns, flag in NAMESPACES.items()] + [f"--root={fd['root']}", f"--wd={fd['root']}"]
+        return ["prlimit", *limits, "nsenter", *enter, "--preserve-credentials", *argv]
 
     def _popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
-        if self._closed:
-            raise SandboxError("the sandbox is closed")
-        return subprocess.Popen(self._enter(argv), cwd="/", env=ENV, **self._creds, **kwargs)
+        if self._closed or self.expired:
+            raise SandboxError("the sandbox is closed" if self._closed else "the sandbox ran out of time")
+        return subprocess.Popen(self._enter(argv), cwd="/", env=ENV, pass_fds=list(self._fds.values()), **self._creds, **kwargs)
 
     def run(self, script: str, args: list[str] = (), language: str = "bash", timeout: float = 30) -> tuple[int, str]:
         """Run a script on its own (not in the shell), as AgentBench's `execute_independent`:
@@ -169,6 +179,8 @@ class Sandbox:
         if self._shell is None or self._shell.poll() is not None:
             self._shell = self._popen(["bash", "--login"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             self._send("cd ~", timeout)
+            if self._shell is None:
+                raise SandboxError("the sandbox's shell did not start")
         return self._send(command, timeout)
 
     def _send(self, command: str, timeout: float) -> str:
@@ -177,7 +189,9 @@ class Sandbox:
         try:
             self._shell.stdin.write(line.encode())
             self._shell.stdin.flush()
-        except (BrokenPipeError, ValueError):
+        except BrokenPipeError:
+            self._background.append(self._shell)
+            self._shell = None
             return ""
         out, fd, deadline = b"", self._shell.stdout.fileno(), time.monotonic() + timeout
         while not out.endswith(b"\n" + marker + b"\n"):
@@ -190,7 +204,9 @@ class Sandbox:
             if not select.select([fd], [], [], left)[0]:
                 continue
             chunk = os.read(fd, 1 << 16)
-            if not chunk:  # the shell is gone (exit, or the sandbox was killed)
+            if not chunk:  # the shell is gone (exit, kill, or the sandbox was killed): the next command gets a fresh one
+                self._background.append(self._shell)
+                self._shell = None
                 return out.decode(errors="replace")
             out += chunk
         return out[: -len(marker) - 2].decode(errors="replace")
@@ -216,9 +232,12 @@ class Sandbox:
         self._closed = True
         self._timer.cancel()
         self._kill()
+        select.select([self._pidfd], [], [], 30)  # readable once PID 1 is gone, and with it every process of its namespace
         with self._lock:
             os.close(self._pidfd)
             self._pidfd = None
+        for fd in self._fds.values():
+            os.close(fd)  # the last hold on the namespaces: the tmpfs is freed
         for proc in [self._holder, *([self._shell] if self._shell else []), *self._background]:
             proc.kill()
             proc.wait()
