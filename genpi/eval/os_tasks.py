@@ -38,7 +38,7 @@ from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import ChatRequest, Completion, Sampling
 from genpi.eval.metrics import ratio
-from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox
+from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, SandboxError
 from genpi.eval.serve import TEACHER, Batcher, System, adapter_dirs, load_engine, prompt_systems, served_as
 from genpi.synth.store import TURN, write_table
 
@@ -326,6 +326,10 @@ def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] =
         raise InputError("--input-template must contain {description}")
     tasks = load_tasks(tasks_path)[:limit]
     entry = load_catalog(catalog, [prompt_id])[0]
+    try:  # before any model loads: this machine can run the sandbox
+        Sandbox(Limits(wall_s=60)).close()
+    except SandboxError as e:
+        raise InputError(str(e)) from None
     out = Path(out)
     missing, form, base_path = [], None, None
     if agent:

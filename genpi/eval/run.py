@@ -1,4 +1,4 @@
-"""`python -m genpi.eval fidelity|leakage ...` (`genpi eval`): evaluate adapters against the teacher.
+"""`python -m genpi.eval fidelity|leakage|os-tasks ...` (`genpi eval`): evaluate adapters against the teacher.
 
     genpi eval fidelity DATA --catalog C --adapters DIR [DIR ...] [--out EVAL]
     genpi eval leakage --catalog C --adapters DIR [DIR ...] --out EVAL

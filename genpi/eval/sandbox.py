@@ -112,12 +112,16 @@ class Sandbox:
         self._closed = False
         self._shell: subprocess.Popen | None = None
         self._background: list[subprocess.Popen] = []
-        self._holder = subprocess.Popen(
-            ["unshare", *NAMESPACES.values(), "--map-root-user", "--fork", "--kill-child", "bash", "-c", SETUP, "genpi-sandbox", f"{limits.disk_mb}m"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=ENV, **self._creds,
-        )  # fmt: skip
-        ready = self._holder.stdout.readline()
-        if ready != b"ready\n":
+        self._timer = threading.Timer(limits.wall_s, self._expire)
+        self._timer.daemon = True
+        try:
+            self._holder = subprocess.Popen(
+                ["unshare", *NAMESPACES.values(), "--map-root-user", "--fork", "--kill-child", "bash", "-c", SETUP, "genpi-sandbox", f"{limits.disk_mb}m"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=ENV, **self._creds,
+            )  # fmt: skip
+        except OSError as e:
+            raise SandboxError(f"the sandbox did not start (needs util-linux's unshare, nsenter and prlimit): {e}") from None
+        if self._holder.stdout.readline() != b"ready\n":
             self._holder.kill()
             error = self._holder.stderr.read().decode(errors="replace").strip()
             self._holder.wait()
@@ -135,8 +139,6 @@ class Sandbox:
         if select.select([self._pidfd], [], [], 0)[0]:
             self.close()
             raise SandboxError("the sandbox's first process exited while it started")
-        self._timer = threading.Timer(limits.wall_s, self._expire)
-        self._timer.daemon = True
         self._timer.start()
 
     def _enter(self, argv: list[str]) -> list[str]:
