@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--input-template", default=None, help="the task's user turn, with {description} (default: AgentBench's)")
+    p.add_argument("--task-timeout", type=int, default=3600, help="seconds a task's sandbox lives, model time included (default 3600)")
     p.add_argument("--out", default="eval", help="evaluation folder (default: ./eval)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     return parser
@@ -66,15 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = ["genpi", "eval", *argv]
     try:
-        for flag in ("limit", "max_new_tokens", "max_turns", "max_batch", "parallel", "rounds"):
+        for flag in ("limit", "max_new_tokens", "max_turns", "max_batch", "parallel", "rounds", "task_timeout"):
             value = getattr(args, flag, None)
             if value is not None and value < 1:
                 raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
         prompts = getattr(args, "prompts", None) and args.prompts.split(",")
         if args.what == "os-tasks":
             from genpi.eval.os_tasks import INPUT_TEMPLATE, LoopSettings, evaluate_os_tasks, format_summary
+            from genpi.eval.sandbox import Limits
 
-            settings = LoopSettings(args.rounds, max_new_tokens=args.max_new_tokens, input_template=args.input_template or INPUT_TEMPLATE)
+            settings = LoopSettings(args.rounds, max_new_tokens=args.max_new_tokens, input_template=args.input_template or INPUT_TEMPLATE,
+                                    limits=Limits(wall_s=args.task_timeout))  # fmt: skip
             summary = evaluate_os_tasks(args.tasks, args.catalog, args.prompt, args.adapters, args.base, args.agent, args.limit,
                                         args.parallel, args.out, settings, args.max_batch, command)  # fmt: skip
         elif args.what == "fidelity":

@@ -84,7 +84,7 @@ class Limits:
     file_mb: int = 256  # largest file (RLIMIT_FSIZE)
     memory_mb: int = 2048  # address space per process (RLIMIT_AS)
     processes: int = 256  # processes in the sandbox (RLIMIT_NPROC)
-    wall_s: float = 900.0  # the sandbox is killed this long after it started
+    wall_s: float = 3600.0  # the sandbox is killed this long after it started (the agent's thinking included)
 
 
 class SandboxError(RuntimeError):
