@@ -18,6 +18,7 @@ import pytest
 from genpi import InputError
 from genpi.eval.os_tasks import OS_TASK_SCHEMA, LoopSettings, evaluate_os_tasks, load_tasks, observation, parse_reply
 from genpi.eval.report import build_report
+from genpi.eval.sandbox import Limits
 from genpi.eval.run import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,3 +150,15 @@ def test_a_broken_init_is_recorded_not_raised(tmp_path):
 def test_report_lists_os_tasks_as_missing_without_them(tmp_path):
     text, _ = build_report(tmp_path, tmp_path / "eval", tmp_path / "report.md")
     assert "OS task success: " in text.split("## Missing")[1] and "genpi eval os-tasks" in text
+
+
+@needs_sandbox
+def test_task_timeout_and_command_timeout_end_the_task_as_timeout(tmp_path):
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps([{"description": "slow", "evaluation": {"match": "x"}}] * 2))
+    replies = {"0": [bash("sleep 5"), "Act: answer(x)"], "1": [bash("true"), bash("sleep 5"), "Act: answer(x)"]}
+    wall = evaluate(tmp_path, {"0": replies["0"]}, tasks=tasks, settings=LoopSettings(limits=Limits(wall_s=2)))
+    command = evaluate(tmp_path, {"1": replies["1"]}, tasks=tasks, settings=LoopSettings(command_timeout=2))
+    assert wall["systems"]["replay"]["ended"] == {"timeout": 1, "invalid_action": 1}
+    assert command["systems"]["replay"]["ended"] == {"timeout": 1, "invalid_action": 1}
+    assert wall["systems"]["replay"]["errors"] == command["systems"]["replay"]["errors"] == 0
