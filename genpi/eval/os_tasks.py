@@ -276,7 +276,7 @@ async def play(task: OSTask, system: System, prefix: list[dict], agent, settings
         row.update(success=False, ended="timeout" if expired else "error", error=None if expired else f"{type(e).__name__}: {e}")
     finally:
         if sandbox is not None:
-            sandbox.close()
+            await in_pool(sandbox.close)
     row["seconds"] = time.monotonic() - started
     return row
 
