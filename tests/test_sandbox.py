@@ -65,6 +65,8 @@ def test_shell_keeps_state_merges_stderr_and_survives_exit_and_timeout():
         assert box.run("import sys; print(sys.argv[1:])", ["x"], language="python") == (0, "['x']\n")
         assert box.run("sleep 10", timeout=1)[0] == 124
         assert box.execute("id -u; hostname; ls /proc | grep -c '^[0-9]'").split()[:2] == ["0", "sandbox"]
+        inside, outside, count = box.execute("cat /proc/self/uid_map").split()
+        assert (inside, count) == ("0", "1") and outside == str(os.geteuid() or 65534)  # never the host's root
 
 
 def test_each_sandbox_starts_fresh_and_leaves_nothing():
