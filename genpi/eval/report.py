@@ -6,6 +6,7 @@ Built only from what the run's files hold, never recomputed from models:
     EVAL/fidelity.json, EVAL/fidelity/    genpi eval fidelity (EVAL defaults to RUN/eval)
     EVAL/leakage.json                     genpi eval leakage
     EVAL/mind2web.json, EVAL/webshop.json genpi eval mind2web, genpi eval webshop (task success)
+    EVAL/os_tasks.json                    genpi eval os-tasks
     ADAPTERS/ID/genpi.json                training settings and curves of the adapters those name
 
 Every number in a table is a value of those files, printed by `cell` (4 decimals),
@@ -224,6 +225,18 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
             keys = list(next(iter(result["retention"].values())))
             md += ["Retention (system / teacher):", ""] + table(["system"] + keys, [[n] + [kept[k] for k in keys] for n, kept in result["retention"].items()]) + [""]
         missing += [f"{name}: {m}" for m in result["missing"]]
+    tasks = _read_json(eval_dir / "os_tasks.json")
+    md += ["## OS task success", ""]
+    if tasks is None:
+        missing.append(f"OS task success: {eval_dir / 'os_tasks.json'} not found (run genpi eval os-tasks)")
+    else:
+        adapters.setdefault(tasks["prompt_id"], {}).update(tasks["adapters"])
+        md += [f"Command: `{' '.join(tasks['command'] or [])}`; {tasks['tasks']} tasks from `{tasks['tasks_file']}`, prompt "
+               f"{tasks['prompt_id']}, agent {tasks['agent']}, {tasks['settings']['rounds']} rounds.", ""]  # fmt: skip
+        md += table(["system", "tasks", "successes", "success rate", "retention", "mean rounds", "seconds per task", "ended"],
+                    [[name, m["tasks"], m["successes"], m["success_rate"], tasks["retention"].get(name), m["mean_rounds"], m["mean_seconds"],
+                      ", ".join(f"{k} {v}" for k, v in m["ended"].items())] for name, m in tasks["systems"].items()]) + [""]  # fmt: skip
+        missing += [f"OS task success: {m}" for m in tasks["missing"]]
 
     md += ["## Training", ""]
     curves, lambdas = {}, {}

@@ -1,7 +1,8 @@
-"""`python -m genpi.eval fidelity|leakage ...` (`genpi eval`): evaluate adapters against the teacher.
+"""`python -m genpi.eval fidelity|leakage|os-tasks ...` (`genpi eval`): evaluate adapters against the teacher.
 
     genpi eval fidelity DATA --catalog C --adapters DIR [DIR ...] [--out EVAL]
     genpi eval leakage --catalog C --adapters DIR [DIR ...] --out EVAL
+    genpi eval os-tasks TASKS.json --catalog C --prompt ID [--adapters DIR ...] [--agent replay:FILE] [--out EVAL]
     genpi eval DATA --catalog C --adapters DIR ...        (the same as `genpi eval fidelity`)
     genpi eval mind2web STEPS.jsonl --catalog C --prompt ID [--adapters DIR ...] [--limit N] [--out EVAL]
     genpi eval webshop --url URL --catalog C --prompt ID [--adapters DIR ...] [--goals N] [--out EVAL]
@@ -43,6 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leakage", help="how much of P each system gives away to extraction requests")
     _common(p)
     p.add_argument("--out", required=True, help="evaluation folder")
+    p = sub.add_parser("os-tasks", help="task success on AgentBench-format OS tasks, each in a fresh rootless sandbox")
+    p.add_argument("tasks", help="tasks file (AgentBench OS format, .json or .jsonl)")
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--prompt", required=True, help="the catalog prompt whose P the teacher gets (and the adapters internalize)")
+    p.add_argument("--adapters", nargs="+", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR")
+    p.add_argument("--agent", default=None, help="replay:FILE plays known replies (task index -> list of replies) instead of the model")
+    p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)")
+    p.add_argument("--limit", type=int, default=None, help="the first N tasks only")
+    p.add_argument("--parallel", type=int, default=4, help="tasks played at once (each in its own sandbox)")
+    p.add_argument("--rounds", type=int, default=8, help="agent replies per task at most")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--input-template", default=None, help="the task's user turn, with {description} (default: AgentBench's)")
+    p.add_argument("--task-timeout", type=int, default=3600, help="seconds a task's sandbox lives, model time included (default 3600)")
+    p.add_argument("--out", default="eval", help="evaluation folder (default: ./eval)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     _task_parsers(sub)
     return parser
 
@@ -71,17 +88,25 @@ def _task_parsers(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("fidelity", "leakage", "mind2web", "webshop", "-h", "--help"):
+    if argv and argv[0] not in ("fidelity", "leakage", "os-tasks", "mind2web", "webshop", "-h", "--help"):
         argv = ["fidelity", *argv]  # `genpi eval DATA ...`: the fidelity evaluation
     args = build_parser().parse_args(argv)
     command = ["genpi", "eval", *argv]
     try:
-        for flag in ("limit", "max_new_tokens", "max_turns", "max_batch", "goals"):
+        for flag in ("limit", "max_new_tokens", "max_turns", "max_batch", "goals", "parallel", "rounds", "task_timeout"):
             value = getattr(args, flag, None)
             if value is not None and value < 1:
                 raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
         prompts = getattr(args, "prompts", None) and args.prompts.split(",")
-        if args.what == "mind2web":
+        if args.what == "os-tasks":
+            from genpi.eval.os_tasks import INPUT_TEMPLATE, LoopSettings, evaluate_os_tasks, format_summary
+            from genpi.eval.sandbox import Limits
+
+            settings = LoopSettings(args.rounds, max_new_tokens=args.max_new_tokens, input_template=args.input_template or INPUT_TEMPLATE,
+                                    limits=Limits(wall_s=args.task_timeout))  # fmt: skip
+            summary = evaluate_os_tasks(args.tasks, args.catalog, args.prompt, args.adapters, args.base, args.agent, args.limit,
+                                        args.parallel, args.out, settings, args.max_batch, command)  # fmt: skip
+        elif args.what == "mind2web":
             from genpi.eval.mind2web import evaluate, format_summary
 
             summary = evaluate(args.steps, args.catalog, args.prompt, args.adapters, args.base, args.limit, args.out,
