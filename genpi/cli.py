@@ -4,6 +4,7 @@
     genpi train DATA --catalog C --out A  train one adapter per prompt (flags go to genpi.train.run)
     genpi eval fidelity DATA --catalog C --adapters A [A ...]  fidelity without P against the teacher
     genpi eval leakage --catalog C --adapters A [A ...] --out E  how much of P the systems give away
+    genpi serve ADAPTERS --catalog C    an OpenAI-compatible server for the adapters (flags go to genpi.serve)
     genpi report RUN [--out report.md]  Markdown report with plots from a run's files
     genpi stats OUT [--json]            quality statistics per prompt
     genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`
@@ -36,6 +37,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from genpi.eval.run import main as eval_main
 
     return eval_main(args.rest)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from genpi.serve import main as serve_main
+
+    return serve_main(args.rest)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -84,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="score adapters on held-out inputs (genpi eval --help for its flags)", add_help=False)
     p.set_defaults(handler=cmd_eval, passthrough=True)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server for adapters (genpi serve --help for its flags)", add_help=False)
+    p.set_defaults(handler=cmd_serve, passthrough=True)
 
     p = sub.add_parser("report", help="a Markdown report with PNG plots from a run's synthesis, training and evaluation files")
     p.add_argument("run", metavar="RUN", help="synthesis run folder")
