@@ -154,13 +154,14 @@ class Scheduler:
                 return
 
     def _generate(self, jobs: list[Job]) -> None:
-        self.batches.append({"requests": len(jobs), "adapters": sorted({str(job.adapter) for job in jobs})})
         try:
             results = self.engine.generate(
                 [job.request for job in jobs], [job.adapter for job in jobs], [job if job.tokens else None for job in jobs]
             )
         except Exception as e:  # engines report per-request errors; this is a safety net
             results = [Completion.failure(f"engine: {type(e).__name__}: {e}")] * len(jobs)
+        self.batches.append({"requests": len(jobs), "adapters": sorted({str(job.adapter) for job in jobs}),
+                             "completion_tokens": [r.completion_tokens for r in results]})  # fmt: skip
         for job, result in zip(jobs, results):
             job.finish(result)
 
