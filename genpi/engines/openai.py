@@ -9,7 +9,8 @@ Every request is sent as it comes (the server batches), at most `max_concurrency
 (429), server errors (5xx), timeouts and dropped connections are retried with exponential backoff (the
 server's Retry-After wins); when the retries run out, or the server refuses the request (other 4xx), the
 request fails alone with the server's error text. Top-k log-probabilities need token ids: they are asked
-with vLLM's `return_tokens_as_token_ids`, which genpi serve honours too.
+with vLLM's `return_tokens_as_token_ids`, which genpi serve honours too (vLLM also lists the end-of-turn
+token of a reply that stopped; training aligns the longest common run of tokens, so it does no harm).
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ class OpenAIEngine:
         return self._loop.run_until_complete(self._gather(requests))
 
     async def _gather(self, requests: list[ChatRequest]) -> list[Completion]:
-        return list(await asyncio.gather(*(self.complete(r) for r in requests)))
+        try:
+            return list(await asyncio.gather(*(self.complete(r) for r in requests)))
+        finally:
+            await self.aclose()
 
     def count_tokens(self, messages: list[Message]) -> int:
         """The server's count (its tokenizer and chat template), from a one-token completion's usage."""
@@ -130,7 +134,6 @@ class OpenAIEngine:
 
     def shutdown(self) -> None:
         if self._loop is not None:
-            self._loop.run_until_complete(self.aclose())
             self._loop.close()
             self._loop = None
 
