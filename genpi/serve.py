@@ -8,9 +8,9 @@ The embedded engine (transformers + PEFT, for CPU machines) loads every adapter 
 A worker thread takes all the requests waiting at a moment and generates them as one batch, rows of different
 adapters together (PEFT's `adapter_names`); the requests that arrive meanwhile make the next batch. Streamed
 requests get their tokens as the batch generates them; a client that goes away has its row stopped.
-Prefix caching: the longest run of leading messages that an earlier request of the same model began with
-(the prompt P and its shots, sent with every turn of every conversation) is the prefix whose KV cache the
-engine computes once and keeps.
+Prefix caching: the longest run of leading messages that requests of the same model have followed with
+different messages (the prompt P and its shots, sent before every conversation's own turns) is the prefix
+whose KV cache the engine computes once and keeps.
 
 `--engine vllm` instead runs vLLM's own OpenAI server with every adapter as a LoRA module (multi-LoRA batching,
 prefix caching). Either way, every adapter is checked first: trained for the catalog's prompt as it is now
@@ -174,25 +174,27 @@ class Scheduler:
 
 
 class Prefixes:
-    """Leading message runs seen in earlier requests (hashed, the most recent `size` kept): a new request's
-    longest seen run is its shared prefix."""
+    """Which leading messages are a shared prefix: a run that requests have followed with different next
+    messages (the prompt P, before each conversation's own turns), not one that a single conversation repeats
+    (its earlier turns). Runs are hashed; the most recent `size` are kept."""
 
     def __init__(self, size: int = 4096):
-        self.seen: OrderedDict[bytes, None] = OrderedDict()
+        self.next: OrderedDict[bytes, set[bytes]] = OrderedDict()  # run: the first two different next messages
         self.size = size
 
     def shared(self, model: str, messages: list[dict]) -> int:
-        digest, n = hashlib.sha256(model.encode()), 0
-        for k, message in enumerate(messages[:-1], 1):  # the last message is never part of a prefix
-            digest.update(json.dumps(message, sort_keys=True).encode())
-            key = digest.digest()
-            if key in self.seen:
-                self.seen.move_to_end(key)
+        run, n = hashlib.sha256(model.encode()), 0
+        for k in range(1, len(messages)):  # the last message is never part of a prefix
+            run.update(json.dumps(messages[k - 1], sort_keys=True).encode())
+            key, after = run.digest(), hashlib.sha256(json.dumps(messages[k], sort_keys=True).encode()).digest()
+            seen = self.next.setdefault(key, set())
+            self.next.move_to_end(key)
+            if len(seen) < 2:
+                seen.add(after)
+            if len(seen) == 2:
                 n = k
-            else:
-                self.seen[key] = None
-        while len(self.seen) > self.size:
-            self.seen.popitem(last=False)
+        while len(self.next) > self.size:
+            self.next.popitem(last=False)
         return n
 
 

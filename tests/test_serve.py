@@ -379,3 +379,25 @@ def test_vllm_serves_each_adapter_as_transformers_does(tmp_path):
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(60)
         log.close()
+
+
+def test_a_prompt_sent_before_different_conversations_is_cached_once(served, direct):
+    from genpi.serve import Prefixes
+
+    url, scheduler, base_name = served
+    prompt = [{"role": "system", "content": "You answer in French. " * 20}, *chat("Hi!"), {"role": "assistant", "content": "Salut !"}]
+    hits, misses = scheduler.engine.prefix_hits, scheduler.engine.prefix_misses
+    for text in ("What is 7 times 6?", "Good morning!", "Hey!"):
+        messages = prompt + chat(text)
+        for turn in range(2):
+            reply = post(url, {"model": base_name, "messages": messages, "temperature": 0, "max_tokens": 6})[1]
+            content = reply["choices"][0]["message"]["content"]
+            assert content == direct(None, messages, max_tokens=6).text  # the cached prefix changes nothing
+            messages = messages + [{"role": "assistant", "content": content}, *chat("And then?")]
+    # shared from the 2nd conversation on: computed once, then reused by its 2nd turn and both turns of the 3rd
+    assert scheduler.engine.prefix_misses == misses + 1 and scheduler.engine.prefix_hits == hits + 3
+
+    shared = Prefixes()  # a conversation's own earlier turns are never taken for a shared prefix
+    first = [shared.shared("m", prompt + chat("a") + [{"role": "assistant", "content": "b"}] * k + chat("c")) for k in range(3)]
+    assert first == [0, 0, 0] and shared.shared("m", prompt + chat("other")) == len(prompt)
+    assert shared.shared("other model", prompt + chat("a")) == 0
