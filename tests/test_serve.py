@@ -398,6 +398,7 @@ def test_a_prompt_sent_before_different_conversations_is_cached_once(served, dir
     assert scheduler.engine.prefix_misses == misses + 1 and scheduler.engine.prefix_hits == hits + 3
 
     shared = Prefixes()  # a conversation's own earlier turns are never taken for a shared prefix
-    first = [shared.shared("m", prompt + chat("a") + [{"role": "assistant", "content": "b"}] * k + chat("c")) for k in range(3)]
-    assert first == [0, 0, 0] and shared.shared("m", prompt + chat("other")) == len(prompt)
+    turns = [*chat("a"), {"role": "assistant", "content": "b"}, *chat("c"), {"role": "assistant", "content": "d"}, *chat("e")]
+    assert [shared.shared("m", prompt + turns[: 2 * k + 1]) for k in range(3)] == [0, 0, 0]
+    assert shared.shared("m", prompt + chat("other")) == len(prompt)
     assert shared.shared("other model", prompt + chat("a")) == 0
