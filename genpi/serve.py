@@ -45,6 +45,7 @@ from genpi.train.adapters import AdapterManifest, check_adapter, read_adapter_ma
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4  # as the OpenAI API
 MAX_TOP_LOGPROBS = 20
+HISTORY = 1000  # engine calls the scheduler remembers
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
 
 
@@ -107,7 +108,8 @@ class Job:
         self.cancelled = False
 
     def on_token(self, token: int) -> None:  # called from the engine thread
-        self.loop.call_soon_threadsafe(self.tokens.put_nowait, token)
+        if self.tokens is not None:
+            self.loop.call_soon_threadsafe(self.tokens.put_nowait, token)
 
     def finish(self, completion: Completion) -> None:  # called from the engine thread
         self.loop.call_soon_threadsafe(lambda: self.result.done() or self.result.set_result(completion))
@@ -119,7 +121,7 @@ class Scheduler:
     def __init__(self, engine, threads: int | None = None, gather_s: float = 0.005):
         self.engine, self.threads, self.gather_s = engine, threads, gather_s
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.batches: list[dict] = []  # per engine call: requests and adapters in it (for tests and benchmarks)
+        self.batches: list[dict] = []  # the last engine calls: requests, adapters, tokens (for tests and benchmarks)
         self.thread = threading.Thread(target=self._work, name="genpi-engine", daemon=True)
         self.thread.start()
 
@@ -160,12 +162,13 @@ class Scheduler:
     def _generate(self, jobs: list[Job]) -> None:
         try:
             results = self.engine.generate(
-                [job.request for job in jobs], [job.adapter for job in jobs], [job if job.tokens else None for job in jobs]
+                [job.request for job in jobs], [job.adapter for job in jobs], jobs  # every job can be cancelled
             )
         except Exception as e:  # engines report per-request errors; this is a safety net
             results = [Completion.failure(f"engine: {type(e).__name__}: {e}")] * len(jobs)
         self.batches.append({"requests": len(jobs), "adapters": sorted({str(job.adapter) for job in jobs}),
                              "completion_tokens": [r.completion_tokens for r in results]})  # fmt: skip
+        del self.batches[:-HISTORY]
         for job, result in zip(jobs, results):
             job.finish(result)
 
@@ -257,9 +260,11 @@ def parse_chat(body, models: set[str], default_max_tokens: int) -> Chat:
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
                 raise ApiError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
             content = "".join(p["text"] for p in content)
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
+        role = m.get("role") if isinstance(m, dict) else None
+        role = "system" if role == "developer" else role  # OpenAI's newer name for the system role
+        if role not in ROLES or not isinstance(content, str):
             raise ApiError(400, f"messages[{i}] must be {{'role': one of {ROLES}, 'content': text}}", f"messages[{i}]")
-        chat.append({"role": m["role"], "content": content})
+        chat.append({"role": role, "content": content})
     if _number(body, "n", 1, 1, 1, integer=True) != 1:
         raise ApiError(400, "'n' must be 1", "n")
     stop = body.get("stop") or []
@@ -272,6 +277,8 @@ def parse_chat(body, models: set[str], default_max_tokens: int) -> Chat:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    if body.get("top_p") == 0:
+        raise ApiError(400, "'top_p' must be above 0", "top_p")
     logprobs = 0
     if body.get("logprobs"):
         logprobs = max(1, _number(body, "top_logprobs", 1, 0, MAX_TOP_LOGPROBS, integer=True))
@@ -279,7 +286,7 @@ def parse_chat(body, models: set[str], default_max_tokens: int) -> Chat:
     seed = _number(body, "seed", None, -(2**63), 2**64 - 1, integer=True)
     sampling = Sampling(
         temperature=float(_number(body, "temperature", 1.0, 0, 2)),
-        top_p=float(_number(body, "top_p", 1.0, 1e-9, 1)),
+        top_p=float(_number(body, "top_p", 1.0, 0, 1)),
         max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens, 1, 2**31, integer=True),
         stop=tuple(stop),
         logprobs=logprobs,
