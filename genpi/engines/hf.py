@@ -123,8 +123,12 @@ class TransformersEngine:
 
                 def batch(rows: list[int]) -> list[Completion]:
                     names = None if adapters is None else [adapters[i] for i in rows]
+                    args = ([encoded[i] for i in rows], prefix, sampling, requests[rows[0]].seed)
                     listeners = None if streams is None else [streams[i] for i in rows]
-                    return self._generate_batch([encoded[i] for i in rows], prefix, sampling, requests[rows[0]].seed, names, listeners)
+                    if names is not None and len(set(names)) == 1:  # one adapter: PEFT's plain forward, not its mixed-batch one
+                        with self.serving(names[0]):
+                            return self._generate_batch(*args, None, listeners)
+                    return self._generate_batch(*args, names, listeners)
 
                 try:
                     outputs = batch(chunk)
