@@ -385,9 +385,10 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
                 "choices": [choice], "usage": _usage(completion)}  # fmt: skip
 
     async def _events(chat: Chat, job: Job, first: int | None):
-        def event(delta: dict, finish: str | None = None, **extra) -> str:
+        def event(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
+            choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if delta is not None else []
             chunk = {"id": chat.id, "object": "chat.completion.chunk", "created": chat.created, "model": chat.model,
-                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}  # fmt: skip
+                     "choices": choices, **({"usage": usage} if usage else {})}  # fmt: skip
             return f"data: {json.dumps(chunk)}\n\n"
 
         tokens, sent = [], ""
@@ -416,9 +417,7 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
                     yield event({"content": rest})
                 yield event({}, _finish_reason(completion))
                 if chat.include_usage:
-                    usage = {"id": chat.id, "object": "chat.completion.chunk", "created": chat.created,
-                             "model": chat.model, "choices": [], "usage": _usage(completion)}  # fmt: skip
-                    yield f"data: {json.dumps(usage)}\n\n"
+                    yield event(None, usage=_usage(completion))
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or the stream ended): stop generating this row
             job.cancelled = True
