@@ -153,3 +153,10 @@ def test_synthesis_with_generator_and_target_served_by_genpi_serve(served, tmp_p
         assert r["target_model"] == r["generator_model"] == base_name
         assert len(r["teacher_topk"]) == sum(t["role"] == "assistant" for t in r["turns"])
         assert all(len(step) == 3 for turn in r["teacher_topk"] for step in turn["topk_ids"])
+
+
+def test_a_malformed_openai_spec_is_bad_input(tmp_path, capsys):
+    from genpi.synth.run import main as synth_main
+
+    assert synth_main([str(CATALOG), "--out", str(tmp_path / "out"), "--target", "openai:calc"]) == 2
+    assert "--target openai:calc: expected openai:BASE_URL/MODEL" in capsys.readouterr().err
