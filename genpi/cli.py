@@ -7,6 +7,7 @@
     genpi eval leakage --catalog C --adapters A [A ...] --out E  how much of P the systems give away
     genpi eval mind2web STEPS --catalog C --prompt ID [--adapters A ...]  Mind2Web step success
     genpi eval webshop --url URL --catalog C --prompt ID [--adapters A ...]  WebShop reward
+    genpi serve ADAPTERS --catalog C    an OpenAI-compatible server for the adapters (flags go to genpi.serve)
     genpi report RUN [--out report.md]  Markdown report with plots from a run's files
     genpi stats OUT [--json]            quality statistics per prompt
     genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`
@@ -45,6 +46,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from genpi.run import main as run_main
 
     return run_main(args.rest)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from genpi.serve import main as serve_main
+
+    return serve_main(args.rest)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -96,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="score adapters on held-out inputs (genpi eval --help for its flags)", add_help=False)
     p.set_defaults(handler=cmd_eval, passthrough=True)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server for adapters (genpi serve --help for its flags)", add_help=False)
+    p.set_defaults(handler=cmd_serve, passthrough=True)
 
     p = sub.add_parser("report", help="a Markdown report with PNG plots from a run's synthesis, training and evaluation files")
     p.add_argument("run", metavar="RUN", help="synthesis run folder")

