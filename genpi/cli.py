@@ -4,6 +4,7 @@
     genpi train DATA --catalog C --out A  train one adapter per prompt (flags go to genpi.train.run)
     genpi eval fidelity DATA --catalog C --adapters A [A ...]  fidelity without P against the teacher
     genpi eval leakage --catalog C --adapters A [A ...] --out E  how much of P the systems give away
+    genpi eval efficiency --catalog C --prompt ID [--adapters A]  FLOPs, latency and KV bytes with P and internalized
     genpi report RUN [--out report.md]  Markdown report with plots from a run's files
     genpi stats OUT [--json]            quality statistics per prompt
     genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`

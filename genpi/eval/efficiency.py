@@ -28,7 +28,9 @@ prefill block's full score matrix, masked upper triangle included, so the counte
 is compared with the analytic count of that computation (`eager` below); the two
 agree within CHECK_TOLERANCE or the run says so. Latency is the wall time of the
 same forwards on the engine's model (the teacher's reply tokens fed back, so every
-system decodes the same tokens), median of --repeats. KV bytes are those the
+system decodes the same tokens), median of --repeats. A turn's decode forwards are
+the same in every regime (the cache holds the whole context when decoding), so
+they are counted and timed once per turn and shared by the regimes. KV bytes are those the
 cache holds, at the config's dtype (what a server in that dtype holds).
 """
 
@@ -316,9 +318,11 @@ def _flop_counter():
     return Counter(display=False)
 
 
-def replay(model, ids, turns: list[Turn], measure) -> list[tuple[float, float, int]]:
-    """Run one regime's forwards over the conversation: per turn (prefill measure, decode measure, cache
-    bytes at the turn's end). `measure()` gives a context manager with `.value` after it exits."""
+def replay(model, ids, turns: list[Turn], measure, decode: bool = True) -> list[tuple]:
+    """Run one regime's forwards over the conversation: per turn (prefill measure, decode measure, cache bytes
+    at the turn's end). `measure()` gives a context manager with `.value` after it exits. decode=False feeds
+    the generated tokens in one unmeasured forward instead (decode measure None): the decode forwards are the
+    same in every regime, as the cache holds the whole context when decoding, so they are measured once."""
     import torch
     from transformers import DynamicCache
 
@@ -339,11 +343,24 @@ def replay(model, ids, turns: list[Turn], measure) -> list[tuple[float, float, i
             start = turn.cached + turn.prefill
             with measure() as prefill:
                 forward(cache, turn.cached, start)
-            with measure() as decode:
-                for j in range(turn.generated - 1):
-                    forward(cache, start + j, start + j + 1)
+            decoded = None
+            if decode:
+                with measure() as decoded:
+                    for j in range(turn.generated - 1):
+                        forward(cache, start + j, start + j + 1)
+            elif turn.generated > 1:
+                forward(cache, start, start + turn.generated - 1)
             held = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
-            out.append((prefill.value, decode.value, held))
+            out.append((prefill.value, decoded and decoded.value, held))
+    return out
+
+
+def replay_regimes(model, ids, conv: Conversation, measure) -> dict[str, list[tuple]]:
+    """`replay` in every regime, the decode forwards measured in the first (no-cache) and shared by the others."""
+    out = {REGIMES[0]: replay(model, ids, conv.turns(REGIMES[0]), measure)}
+    for regime in REGIMES[1:]:
+        runs = replay(model, ids, conv.turns(regime), measure, decode=False)
+        out[regime] = [(p, first[1], held) for (p, _, held), first in zip(runs, out[REGIMES[0]])]
     return out
 
 
@@ -366,23 +383,20 @@ def counted_flops(config: dict, conv: Conversation) -> dict[str, list[tuple[int,
     """Per regime, per turn: torch's FLOP counter over the prefill's forward and the decode's forwards."""
     import torch
 
-    model = meta_model(config, conv.lora)
     ids = torch.zeros(1, len(conv.ids), dtype=torch.long, device="meta")
-    return {r: [(int(p), int(d)) for p, d, _ in replay(model, ids, conv.turns(r), _flop_counter)] for r in REGIMES}
+    return {r: [(int(p), int(d)) for p, d, _ in runs] for r, runs in replay_regimes(meta_model(config, conv.lora), ids, conv, _flop_counter).items()}
 
 
 def timed(engine, conv: Conversation, repeats: int) -> dict[str, list[tuple[float, float, int]]]:
-    """Per regime, per turn: median prefill and decode seconds on the engine's model, and the cache's bytes."""
+    """Per regime, per turn: median prefill and decode seconds on the engine's model (decode timed once per turn,
+    see `replay`), and the cache's bytes."""
     import torch
 
     ids = torch.tensor([conv.ids], device=engine.device)
     with engine.serving(conv.adapter):
-        out = {}
-        for regime in REGIMES:
-            runs = [replay(engine.model, ids, conv.turns(regime), lambda: _Timer(engine.device)) for _ in range(repeats)]
-            out[regime] = [(statistics.median(r[k][0] for r in runs), statistics.median(r[k][1] for r in runs), runs[0][k][2])
-                           for k in range(len(conv.contexts))]  # fmt: skip
-    return out
+        runs = [replay_regimes(engine.model, ids, conv, lambda: _Timer(engine.device)) for _ in range(repeats)]
+    return {regime: [(statistics.median(r[regime][k][0] for r in runs), statistics.median(r[regime][k][1] for r in runs), runs[0][regime][k][2])
+                     for k in range(len(conv.contexts))] for regime in REGIMES}  # fmt: skip
 
 
 def add_fresh_lora(engine, lora: tuple[int, list[str]]) -> str:
@@ -410,6 +424,10 @@ def lora_shape(adapters: str | None, entry, base_path: str):
             raise InputError(f"--adapters {adapters}: {missing[0]}")
         config = json.loads((systems[-1].folder / "adapter_config.json").read_text())
         targets = config["target_modules"]
+        if isinstance(targets, str) and targets != "all-linear":
+            raise InputError(f"{systems[-1].folder}/adapter_config.json: target_modules {targets!r} is a pattern; name the modules")
+        if config.get("rank_pattern"):
+            raise InputError(f"{systems[-1].folder}/adapter_config.json: a rank_pattern (per-module ranks) is not counted")
         return config["r"], sorted(LINEAR_NAMES if targets == "all-linear" else targets), str(systems[-1].folder), systems[-1]
     from genpi.train.qlora import LoraSettings
 

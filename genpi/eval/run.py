@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compressed-prompt", default=None, metavar="FILE", help="a shortened P (text, used as the system turn) to compare with")
     p.add_argument("--concurrent", type=int, default=1, metavar="C", help="KV bytes also for C concurrent conversations")
     p.add_argument("--model-config", default=None, metavar="NAME_OR_PATH", help="analytic counts alone for this config (config.json, a folder, or a shipped name: llama-3-8b)")
-    p.add_argument("--prompt-tokens", type=int, default=None, metavar="N", help="with --model-config: count P as N tokens")
+    p.add_argument("--prompt-tokens", type=int, default=None, metavar="N", help="with --model-config: P adds N tokens to every context (over the system without P)")
     p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2' (its tokenizer counts the tokens)")
     p.add_argument("--repeats", type=int, default=3, help="latency: median of this many runs")
     p.add_argument("--out", default=None, help="evaluation folder (rows, efficiency.json, plot)")
