@@ -2,6 +2,7 @@
 end to end on the tiny Llama (rows, summary, plot, report section) and its bad-input refusals. Timings are not asserted."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from conftest import EXAMPLES, REPO
 from genpi.catalog import load_catalog
 from genpi.eval.efficiency import (LORA, MERGED, REGIMES, WITH_P, Conversation, _flop_counter, decode_macs, dims_of,
                                    meta_model, prefill_macs, read_config, replay, replay_regimes, tokenize)  # fmt: skip
+from test_eval_report import numbers
 from test_recipe import write_calc_dialogues
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
@@ -155,6 +157,11 @@ def test_efficiency_end_to_end(tiny_model, adapters, tmp_path):
     (tmp_path / "report").mkdir()
     text, figures = build_report(tmp_path / "run", out, tmp_path / "report" / "report.md")
     assert "## Efficiency" in text and "efficiency:" not in text.split("## Missing")[1]
+    section = text.split("## Efficiency")[1].split("## Training")[0]
+    allowed = numbers(json.loads((out / "efficiency.json").read_text()), set())
+    cells = [v for line in section.splitlines() if line.startswith("| ") for v in line.strip("| ").split(" | ")[1:]]
+    assert len([v for v in cells if re.fullmatch(r"-?\d+(\.\d+)?", v)]) > 30
+    assert all(v in allowed for v in cells if re.fullmatch(r"-?\d+(\.\d+)?", v))  # every number from efficiency.json
     assert any(f.name == "report-efficiency-calc.png" and f.exists() for f in figures)
     text, _ = build_report(tmp_path / "run", tmp_path / "no-eval", tmp_path / "report" / "report2.md")
     assert "efficiency.json not found (run genpi eval efficiency)" in text

@@ -473,7 +473,7 @@ def evaluate(catalog, prompt_id: str, data=None, adapters=None, turns: int = 5, 
         convs.append(tokenize(tokenizer, COMPRESSED, [{"role": "system", "content": text}], pairs))
         if convs[-1].prefix > convs[0].prefix:
             raise InputError(f"--compressed-prompt {path}: {convs[-1].prefix} tokens, longer than P ({convs[0].prefix} tokens)")
-    if prompt_tokens is not None:  # P counted as prompt_tokens long (the conversation keeps its own tokens)
+    if prompt_tokens is not None:  # P adds prompt_tokens to every context (the conversation keeps its own tokens)
         shift = prompt_tokens - (convs[0].prefix - convs[1].prefix)
         convs[0].prefix += shift
         convs[0].contexts = [c + shift for c in convs[0].contexts]
@@ -496,7 +496,7 @@ def evaluate(catalog, prompt_id: str, data=None, adapters=None, turns: int = 5, 
     result.update({
         "command": command, "catalog": str(catalog), "model_config": config_source, "dims": asdict(dims),
         "tokenizer": tokenizer.name_or_path, "formula": FORMULA, "conversation": conversation_source,
-        "prompt_tokens": f"P counted as {prompt_tokens} tokens" if prompt_tokens is not None else None,
+        "prompt_tokens": f"P adds {prompt_tokens} tokens to every context (--prompt-tokens)" if prompt_tokens is not None else None,
         "lora": {"rank": rank, "targets": targets, "from": lora_source},
         "concurrent": concurrent, "kv_dtype": dims.dtype,
         "latency": {"served_as": form, "repeats": repeats, "note": "wall time on this machine's engine; prefill one forward, decode one forward per token"} if timings else None,
