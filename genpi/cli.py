@@ -8,6 +8,7 @@
     genpi eval mind2web STEPS --catalog C --prompt ID [--adapters A ...]  Mind2Web step success
     genpi eval webshop --url URL --catalog C --prompt ID [--adapters A ...]  WebShop reward
     genpi serve ADAPTERS --catalog C    an OpenAI-compatible server for the adapters (flags go to genpi.serve)
+    genpi eval efficiency --catalog C --prompt ID [--adapters A]  FLOPs, latency and KV bytes with P and internalized
     genpi report RUN [--out report.md]  Markdown report with plots from a run's files
     genpi stats OUT [--json]            quality statistics per prompt
     genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`

@@ -7,6 +7,7 @@ Built only from what the run's files hold, never recomputed from models:
     EVAL/leakage.json                     genpi eval leakage
     EVAL/mind2web.json, EVAL/webshop.json genpi eval mind2web, genpi eval webshop (task success)
     EVAL/os_tasks.json                    genpi eval os-tasks
+    EVAL/efficiency.json                  genpi eval efficiency
     ADAPTERS/ID/genpi.json                training settings and curves of the adapters those name
 
 Every number in a table is a value of those files, printed by `cell` (4 decimals),
@@ -237,6 +238,33 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
                     [[name, m["tasks"], m["successes"], m["success_rate"], tasks["retention"].get(name), m["mean_rounds"], m["mean_seconds"],
                       ", ".join(f"{k} {v}" for k, v in m["ended"].items())] for name, m in tasks["systems"].items()]) + [""]  # fmt: skip
         missing += [f"OS task success: {m}" for m in tasks["missing"]]
+    efficiency = _read_json(eval_dir / "efficiency.json")
+    md += ["## Efficiency", ""]
+    if efficiency is None:
+        missing.append(f"efficiency: {eval_dir / 'efficiency.json'} not found (run genpi eval efficiency)")
+    for r in efficiency["results"] if efficiency else []:
+        from genpi.eval.efficiency import plot
+
+        check, latency = r["counter_check"], r["latency"]
+        md += [f"### {r['prompt_id']}", "", f"Command: `{' '.join(r['command'] or [])}`", "",
+               f"Conversation: {r['conversation']}; model config `{r['model_config']}`; LoRA r={r['lora']['rank']} ({r['lora']['from']}); "
+               f"KV bytes in {r['kv_dtype']}, {r['concurrent']} concurrent conversation(s). Formula: {r['formula']}", "",
+               "Counter check: " + (f"{check['compared']}; largest difference per regime: "
+                                    + ", ".join(f"{k} {cell(v)}" for k, v in check["max_relative_difference"].items())
+                                    if check else "not run (--model-config: analytic only)") + ".",
+               "", f"Latency: {latency['served_as']}, median of {latency['repeats']} ({latency['note']})." if latency else "Latency: not measured (analytic only).", ""]  # fmt: skip
+        for regime in next(iter(r["systems"].values()))["regimes"]:
+            rows = []
+            for name, s in r["systems"].items():
+                t, q = s["regimes"][regime]["total"], r["ratios"].get(name, {}).get(regime, {})
+                rows.append([name, t["prefill_tokens"], t["prefill_macs"], t["decode_macs"], t["macs"], q.get("macs"),
+                             t["kv_bytes_concurrent_peak"], q.get("kv_bytes_concurrent_peak"), t.get("latency_s"), q.get("latency_s")])  # fmt: skip
+            md += [f"{regime}, whole conversation (ratios: system / with-P):", ""]
+            md += table(["system", "prefill tokens", "prefill MACs", "decode MACs", "MACs", "MACs ratio", "KV bytes", "KV ratio",
+                         "latency s", "latency ratio"], rows) + [""]  # fmt: skip
+        name = figure(f"efficiency-{r['prompt_id']}")
+        figures.append(out.parent / plot(r, name))
+        md += [f"![efficiency {r['prompt_id']}]({name.name})", ""]
 
     md += ["## Training", ""]
     curves, lambdas = {}, {}

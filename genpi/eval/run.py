@@ -6,6 +6,7 @@
     genpi eval DATA --catalog C --adapters DIR ...        (the same as `genpi eval fidelity`)
     genpi eval mind2web STEPS.jsonl --catalog C --prompt ID [--adapters DIR ...] [--limit N] [--out EVAL]
     genpi eval webshop --url URL --catalog C --prompt ID [--adapters DIR ...] [--goals N] [--out EVAL]
+    genpi eval efficiency --catalog C --prompt ID [--data RUN] [--adapters DIR] [--turns 5] [--out EVAL] ...
 
 An --adapters value is an adapters folder (genpi train --out: DIR/ID/ per prompt), named
 after the folder, or NAME=DIR. Bad input prints `genpi: error: ...` and exits 2.
@@ -61,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval", help="evaluation folder (default: ./eval)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     _task_parsers(sub)
+    p = sub.add_parser("efficiency", help="FLOPs, latency and KV-cache bytes per turn with P and internalized, in three serving regimes")
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--prompt", required=True, metavar="ID")
+    p.add_argument("--data", default=None, metavar="RUN", help="synthesis run: the conversation is its held-out dialogues (default: the shots)")
+    p.add_argument("--adapters", default=None, metavar="DIR", help="adapters folder (DIR/ID): the LoRA served unmerged (default: a fresh LoRA of genpi train's default shape)")
+    p.add_argument("--turns", type=int, default=5)
+    p.add_argument("--compressed-prompt", default=None, metavar="FILE", help="a shortened P (text, used as the system turn) to compare with")
+    p.add_argument("--concurrent", type=int, default=1, metavar="C", help="KV bytes also for C concurrent conversations")
+    p.add_argument("--model-config", default=None, metavar="NAME_OR_PATH", help="analytic counts alone for this config (config.json, a folder, or a shipped name: llama-3-8b)")
+    p.add_argument("--prompt-tokens", type=int, default=None, metavar="N", help="with --model-config: P adds N tokens to every context (over the system without P)")
+    p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2' (its tokenizer counts the tokens)")
+    p.add_argument("--repeats", type=int, default=3, help="latency: median of this many runs")
+    p.add_argument("--out", default=None, help="evaluation folder (rows, efficiency.json, plot)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
     return parser
 
 
@@ -88,7 +103,7 @@ def _task_parsers(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("fidelity", "leakage", "os-tasks", "mind2web", "webshop", "-h", "--help"):
+    if argv and argv[0] not in ("fidelity", "leakage", "os-tasks", "mind2web", "webshop", "efficiency", "-h", "--help"):
         argv = ["fidelity", *argv]  # `genpi eval DATA ...`: the fidelity evaluation
     args = build_parser().parse_args(argv)
     command = ["genpi", "eval", *argv]
@@ -116,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = evaluate(args.url, args.catalog, args.prompt, args.adapters, args.base, args.goals, args.out,
                                args.layout, args.max_new_tokens, args.max_batch, command)  # fmt: skip
+        elif args.what == "efficiency":
+            from genpi.eval.efficiency import evaluate, format_summary
+
+            summary = evaluate(args.catalog, args.prompt, args.data, args.adapters, args.turns, args.compressed_prompt, args.concurrent,
+                               args.model_config, args.prompt_tokens, args.base, args.repeats, args.out, command)  # fmt: skip
+            summary.pop("rows")
         elif args.what == "fidelity":
             from genpi.eval.fidelity import evaluate_catalog, format_summary
 
