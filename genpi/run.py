@@ -46,8 +46,8 @@ class Preset:
     micro_batch: int
     eval_limit: int | None
     cpus_per_trial: float | None  # None: genpi train's default
-    # seconds per stage on the idle 2-core CPU with SmolLM2 (training and eval measured, synthesis scaled from
-    # 64 dialogues): the prior of the time estimate, which scales it by how fast the run has gone so far
+    # seconds per stage measured on the idle 2-core CPU with SmolLM2: the prior of the time estimate, which scales
+    # it by how fast the run has gone so far
     expected_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -56,7 +56,7 @@ PRESETS = {
     # 20 minutes on 2 CPU cores
     "demo": Preset(prompts="os-shell", samples=16, heldout=0.25, max_new_tokens=96, max_turns=2, engine="transformers",
                    methods="genpi,sft", lambdas="0.5", epochs=1, lr=3e-4, batch_size=1, micro_batch=1, eval_limit=None,
-                   cpus_per_trial=2, expected_s={"synth": 240, "stats": 5, "train genpi": 170, "train sft": 30, "eval fidelity": 150, "report": 5}),
+                   cpus_per_trial=2, expected_s={"synth": 456, "stats": 1, "train genpi": 93, "train sft": 18, "eval fidelity": 151, "report": 1}),
     # the paper's sizes (Appendix; the authors' scripts): for a GPU cluster
     "paper": Preset(prompts=None, samples=1000, heldout=0.1, max_new_tokens=512, max_turns=None, engine="vllm",
                     methods="genpi", lambdas="0.3,0.5,0.7", epochs=10, lr=1e-4, batch_size=32, micro_batch=2, eval_limit=None,
