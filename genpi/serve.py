@@ -5,9 +5,9 @@
                                 `model` = the base's name: the base alone (send the prompt yourself)
 
 The embedded engine (transformers + PEFT, for CPU machines) loads every adapter once, unmerged, on one base.
-A worker thread takes all the requests waiting at a moment and generates them as one batch, rows of different
-adapters together (PEFT's `adapter_names`); the requests that arrive meanwhile make the next batch. Streamed
-requests get their tokens as the batch generates them; a client that goes away has its row stopped.
+Its worker thread batches continuously: a request joins the running batch as it arrives, rows of different
+adapters together (PEFT's `adapter_names`), and leaves it as it ends. Streamed requests get their tokens as
+they are generated; a client that goes away has its row stopped.
 Prefix caching: the longest run of leading messages that requests of the same model have followed with
 different messages (the prompt P and its shots, sent before every conversation's own turns) is the prefix
 whose KV cache the engine computes once and keeps.
@@ -25,14 +25,12 @@ import hashlib
 import hmac
 import json
 import os
-import queue
 import random
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +43,7 @@ from genpi.train.adapters import AdapterManifest, check_adapter, read_adapter_ma
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4  # as the OpenAI API
 MAX_TOP_LOGPROBS = 20
-HISTORY = 1000  # engine calls the scheduler remembers
+HISTORY = 1000  # jobs the scheduler remembers
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
 
 
@@ -98,10 +96,10 @@ def load_adapters(adapters: str | Path, catalog: str | Path, base: str | None) -
 
 class Job:
     """One chat completion on its way through the engine; `on_token` and `cancelled` make it a stream for
-    TransformersEngine.generate."""
+    TransformersEngine.submit."""
 
-    def __init__(self, request: ChatRequest, adapter: str | None, seeded: bool, stream: bool):
-        self.request, self.adapter, self.seeded = request, adapter, seeded
+    def __init__(self, request: ChatRequest, adapter: str | None, stream: bool):
+        self.request, self.adapter = request, adapter
         self.loop = asyncio.get_running_loop()
         self.result: asyncio.Future[Completion] = self.loop.create_future()
         self.tokens: asyncio.Queue[int] | None = asyncio.Queue() if stream else None
@@ -116,61 +114,26 @@ class Job:
 
 
 class Scheduler:
-    """The engine's one worker thread: all jobs waiting when it is free go to the engine as one batch."""
+    """Hands each job to the engine's worker as it comes (the engine batches continuously, rows of different
+    adapters together) and remembers the last jobs served."""
 
-    def __init__(self, engine, threads: int | None = None, gather_s: float = 0.005):
-        self.engine, self.threads, self.gather_s = engine, threads, gather_s
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.batches: list[dict] = []  # the last engine calls: requests, adapters, tokens (for tests and benchmarks)
-        self.thread = threading.Thread(target=self._work, name="genpi-engine", daemon=True)
-        self.thread.start()
+    def __init__(self, engine):
+        self.engine = engine
+        self.served: deque[dict] = deque(maxlen=HISTORY)  # adapter and completion tokens (for tests and benchmarks)
 
     def submit(self, job: Job) -> Job:
-        self.jobs.put(job)
+        future = self.engine.submit(job.request, job.adapter, job)  # every job can be cancelled
+        future.add_done_callback(lambda f: self._done(job, f))
         return job
 
+    def _done(self, job: Job, future) -> None:
+        error = future.exception()  # the engine reports per-request errors; this is a safety net
+        completion = Completion.failure(f"engine: {type(error).__name__}: {error}") if error else future.result()
+        self.served.append({"adapter": job.adapter, "completion_tokens": completion.completion_tokens})
+        job.finish(completion)
+
     def close(self) -> None:
-        self.jobs.put(None)
-        self.thread.join()
-
-    def _work(self) -> None:
-        if self.threads:
-            import torch
-
-            torch.set_num_threads(self.threads)  # per thread: torch's OpenMP pool
-        while True:
-            batch = [self.jobs.get()]
-            time.sleep(self.gather_s)  # requests sent together arrive a moment apart
-            while not self.jobs.empty():
-                batch.append(self.jobs.get_nowait())
-            closing = None in batch
-            batch = [job for job in batch if job is not None]
-            for job in batch:
-                if job.cancelled:  # its client went away while it waited
-                    job.finish(Completion.failure("cancelled"))
-            batch = [job for job in batch if not job.cancelled]
-            # Sampled requests with a seed of their own are generated apart (generate draws one random stream
-            # per batch): the same request with the same seed gives the same text.
-            groups: dict[int | None, list[Job]] = {}
-            for job in batch:
-                groups.setdefault(job.request.seed if job.seeded else None, []).append(job)
-            for jobs in groups.values():
-                self._generate(jobs)
-            if closing:
-                return
-
-    def _generate(self, jobs: list[Job]) -> None:
-        try:
-            results = self.engine.generate(
-                [job.request for job in jobs], [job.adapter for job in jobs], jobs  # every job can be cancelled
-            )
-        except Exception as e:  # engines report per-request errors; this is a safety net
-            results = [Completion.failure(f"engine: {type(e).__name__}: {e}")] * len(jobs)
-        self.batches.append({"requests": len(jobs), "adapters": sorted({str(job.adapter) for job in jobs}),
-                             "completion_tokens": [r.completion_tokens for r in results]})  # fmt: skip
-        del self.batches[:-HISTORY]
-        for job, result in zip(jobs, results):
-            job.finish(result)
+        self.engine.close()
 
 
 # ---------------------------------------------------------------- the HTTP layer
@@ -222,7 +185,6 @@ class Chat:
 
     model: str
     request: ChatRequest
-    seeded: bool
     stream: bool
     include_usage: bool
     logprobs: int  # top_logprobs asked (0: no logprobs)
@@ -292,7 +254,7 @@ def parse_chat(body, models: set[str], default_max_tokens: int) -> Chat:
         logprobs=logprobs,
     )
     request = ChatRequest(chat, sampling, seed=random.randrange(2**31) if seed is None else seed % 2**31)
-    return Chat(model, request, seed is not None and sampling.temperature > 0, bool(body.get("stream")),
+    return Chat(model, request, bool(body.get("stream")),
                 bool(options.get("include_usage")), logprobs, bool(body.get("return_tokens_as_token_ids")))  # fmt: skip
 
 
@@ -364,7 +326,7 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
                 raise ApiError(400, f"the request body is not valid JSON: {e}") from e
             chat = parse_chat(body, set(served), default_max_tokens)
             chat.request.prefix_messages = prefixes.shared(chat.model, chat.request.messages)
-            job = scheduler.submit(Job(chat.request, served[chat.model], chat.seeded, chat.stream))
+            job = scheduler.submit(Job(chat.request, served[chat.model], chat.stream))
             if not chat.stream:
                 completion = await _wait(request, job)
                 if completion.error:
@@ -518,9 +480,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from genpi.engines.hf import TransformersEngine
 
-    engine = TransformersEngine(base_path, max_batch=args.max_batch, max_model_len=args.max_model_len)
+    engine = TransformersEngine(base_path, max_batch=args.max_batch, max_model_len=args.max_model_len, threads=args.threads)
     engine.add_adapters({a.name: str(a.folder) for a in adapters})
-    scheduler = Scheduler(engine, args.threads)
+    scheduler = Scheduler(engine)
     app = build_app(scheduler, AutoTokenizer.from_pretrained(base_path), engine.model_name, adapters, args.api_key,
                     args.max_tokens)  # fmt: skip
     print(f"genpi serve: {engine.model_name} with {names} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from genpi.engines import ChatRequest, Sampling
@@ -102,3 +104,115 @@ def test_topk_logprobs_match_a_teacher_forced_forward(tiny_model):
             assert completion.topk_ids[step][0] == token  # greedy: the chosen token is the most likely
             assert completion.topk_ids[step] == indices.tolist()
             assert torch.allclose(torch.tensor(completion.topk_logprobs[step]), values, atol=1e-4)
+
+
+# ---------------------------------------------------------------- continuous batching across prefixes
+
+OTHER_PROMPT = [{"role": "system", "content": "You answer in French, briefly. " * 12}]
+
+
+def mixed_requests(max_tokens=(12, 3, 20, 7, 16, 1)):
+    """Rows of three prefixes (two prompts and none), of very different prompt and output lengths."""
+    made = []
+    for i, n in enumerate(max_tokens):
+        prompt = (PROMPT, OTHER_PROMPT, [])[i % 3]
+        user = [{"role": "user", "content": f"question {i} " + "and more " * (5 * i)}]
+        made.append(ChatRequest(prompt + user, Sampling(max_tokens=n), seed=i, prefix_messages=len(prompt)))
+    return made
+
+
+def one_by_one(engine, requests):
+    return [engine.generate([r])[0] for r in requests]
+
+
+def test_rows_of_different_prefixes_share_decode_steps_and_answer_as_alone(tiny_model):
+    engine = TransformersEngine(tiny_model, max_batch=8)
+    requests = mixed_requests()
+    together = engine.generate(requests)
+    assert max(rows for rows, _ in engine.steps) >= 4  # the prefixes did share steps
+    alone = one_by_one(TransformersEngine(tiny_model), requests)
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert [c.completion_tokens for c in together] == [min(r.sampling.max_tokens, c.completion_tokens) for r, c in zip(requests, alone)]
+    assert [c.completion_tokens for c in together] == [12, 3, 20, 7, 16, 1]  # max_tokens holds per row
+    assert len({c.text for c in together}) == len(requests)
+
+
+def test_a_request_joins_a_running_batch_and_leaves_before_the_slow_rows(tiny_model):
+    engine = TransformersEngine(tiny_model, max_batch=8)
+    slow = [ChatRequest(r.messages, Sampling(max_tokens=60), prefix_messages=r.prefix_messages) for r in mixed_requests()[:2]]
+    quick = mixed_requests()[2:4]
+    slow_futures = [engine.submit(r) for r in slow]
+    while not engine.steps:  # the slow rows are decoding
+        time.sleep(0.005)
+    quick_futures = [engine.submit(r) for r in quick]
+    quick_results = [f.result() for f in quick_futures]
+    assert not any(f.done() for f in slow_futures)  # the quick rows did not wait for the slow ones
+    assert any(rows == 4 for rows, _ in engine.steps)  # they joined the running batch
+    slow_results = [f.result() for f in slow_futures]
+    alone = one_by_one(TransformersEngine(tiny_model), slow + quick)
+    assert [c.text for c in slow_results + quick_results] == [c.text for c in alone]
+
+
+def test_sampling_is_reproducible_per_request_whatever_its_batch(tiny_model):
+    engine = TransformersEngine(tiny_model, max_batch=8)
+    sampling = Sampling(temperature=1.0, top_p=0.9, max_tokens=12)
+    requests = [ChatRequest(r.messages, sampling, seed=r.seed, prefix_messages=r.prefix_messages) for r in mixed_requests()]
+    together = [c.text for c in engine.generate(requests)]
+    assert together == [c.text for c in one_by_one(engine, requests)]
+    assert together != [c.text for c in engine.generate([ChatRequest(r.messages, sampling, seed=r.seed + 100) for r in requests])]
+
+
+def test_stop_strings_hold_per_row_in_a_shared_batch(tiny_model):
+    engine = TransformersEngine(tiny_model, max_batch=8)
+    free = engine.generate(mixed_requests((16,) * 6))
+    stops = [c.text[4:7] for c in free]
+    assert all(s.strip() for s in stops)
+    requests = [ChatRequest(r.messages, Sampling(max_tokens=16, stop=(s,) if i % 2 else ()), prefix_messages=r.prefix_messages)
+                for i, (r, s) in enumerate(zip(mixed_requests(), stops))]  # fmt: skip
+    for i, (c, f, s) in enumerate(zip(engine.generate(requests), free, stops)):
+        if i % 2:
+            assert c.finish_reason == "stop" and s not in c.text and f.text.startswith(c.text) and c.completion_tokens < 16
+        else:
+            assert c.text == f.text and c.completion_tokens == 16
+
+
+def test_a_failing_request_fails_alone_while_others_decode(tiny_model):
+    engine = TransformersEngine(tiny_model, max_model_len=512)
+    running = engine.submit(mixed_requests()[0])
+    bad = [engine.submit(ChatRequest([{"role": "user", "content": None}])),
+           engine.submit(ChatRequest([{"role": "user", "content": "word " * 600}], Sampling(max_tokens=4)))]  # fmt: skip
+    assert bad[0].result().error.startswith("engine: ") and bad[1].result().error.startswith("context_length:")
+    assert running.result().error is None and running.result().completion_tokens == 12
+
+
+def test_smollm2_cross_prefix_and_continuous_batches_answer_as_alone():
+    from genpi.models import resolve_model
+
+    engine = TransformersEngine(resolve_model("smollm2"), max_batch=8)
+    requests = mixed_requests((10, 4, 14, 6))
+    first = [engine.submit(r) for r in requests[:2]]
+    while not engine.steps:
+        time.sleep(0.005)
+    late = [engine.submit(r) for r in requests[2:]]  # arrive while the first rows decode
+    together = [f.result().text for f in first + late]
+    assert max(rows for rows, _ in engine.steps) >= 3
+    assert together == [c.text for c in one_by_one(engine, requests)]
+
+
+def test_the_attention_kernels_agree_with_sdpa_and_a_query_that_sees_nothing_gives_zero():
+    """The fused CPU kernel (CPU) and the matmul path (CUDA) give SDPA's output and the log-sum-exp of the scores."""
+    import torch
+
+    from genpi.engines.hf import _attend, _attend_math
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 16, generator=generator) for _ in range(3))
+    mask = torch.zeros(2, 1, 5, 5)
+    mask[0, :, :, :2] = float("-inf")  # padding columns
+    mask[1, :, 0, :] = float("-inf")  # a padding query: sees nothing
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(2, 3)) / 4 + mask
+    for out, lse in (_attend(q, k, v, mask, 0.25), _attend_math(q, k, v, mask, 0.25)):
+        assert torch.allclose(out[0], reference[0], atol=1e-5) and torch.allclose(out[1, :, 1:], reference[1, :, 1:], atol=1e-5)
+        assert torch.allclose(lse[0], torch.logsumexp(scores[0], -1), atol=1e-5)
+        assert torch.equal(out[1, :, 0], torch.zeros_like(out[1, :, 0]))

@@ -74,9 +74,9 @@ def start(base: str, adapters_dir: Path, api_key: str | None = KEY):
 
     base_path, adapters = load_adapters(adapters_dir, CATALOG, None)
     assert base_path == base
-    engine = TransformersEngine(base_path)
+    engine = TransformersEngine(base_path, threads=1)
     engine.add_adapters({a.name: str(a.folder) for a in adapters})
-    scheduler = Scheduler(engine, threads=1)
+    scheduler = Scheduler(engine)
     app = build_app(scheduler, AutoTokenizer.from_pretrained(base_path), engine.model_name, adapters, api_key, 64)
     return Server(app), scheduler, engine.model_name
 
@@ -214,13 +214,13 @@ def test_concurrent_requests_for_two_adapters_are_batched_together(served, direc
     url, scheduler, _ = served
     inputs = [f"What is {i} plus {i * 3}?" + " Please." * (i % 4) for i in range(20)]  # different lengths: padding
     bodies = [{"model": ("calc", "greet")[i % 2], "messages": chat(t), "temperature": 0, "max_tokens": 8} for i, t in enumerate(inputs)]
-    before = len(scheduler.batches)
+    steps = len(scheduler.engine.steps)
     with ThreadPoolExecutor(20) as pool:
         replies = list(pool.map(lambda b: post(url, b), bodies))
     assert all(status == 200 for status, _ in replies)
-    batches = scheduler.batches[before:]
-    assert sum(b["requests"] for b in batches) == 20
-    assert len(batches) < 10 and any(b["requests"] >= 5 and b["adapters"] == ["calc", "greet"] for b in batches), batches
+    assert [job["adapter"] for job in list(scheduler.served)[-20:]].count("calc") == 10
+    shared = list(scheduler.engine.steps)[steps:]  # decode steps: (rows, their adapters)
+    assert any(rows >= 5 and adapters == ("calc", "greet") for rows, adapters in shared), shared
     for body, (_, reply) in zip(bodies, replies):  # a mixed batch answers as each adapter alone does
         assert reply["choices"][0]["message"]["content"] == direct(body["model"], body["messages"], max_tokens=8).text
 
@@ -272,14 +272,14 @@ def test_the_api_key_is_enforced(served):
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(served):
     url, scheduler, _ = served
-    before = len(scheduler.batches)
+    before = len(scheduler.served)
     events = stream_events(url, {"model": "calc", "messages": chat("Tell me a long story."), "temperature": 0, "max_tokens": 900}, keep=4)
     assert len(events) == 4
     deadline = time.time() + 60
-    while len(scheduler.batches) == before or "completion_tokens" not in scheduler.batches[before]:
+    while len(scheduler.served) == before:
         assert time.time() < deadline
         time.sleep(0.1)
-    assert scheduler.batches[before]["completion_tokens"][0] < 300  # its row stopped soon after the client left
+    assert scheduler.served[-1]["completion_tokens"] < 300  # its row stopped soon after the client left
 
 
 def run_serve(*args, timeout=120):

@@ -102,7 +102,8 @@ def make_engine(config: EngineConfig) -> Engine:
     if config.kind == "transformers":
         from genpi.engines.hf import TransformersEngine
 
-        return TransformersEngine(path, max_batch=config.max_batch, dtype=config.dtype, max_model_len=config.max_model_len)
+        return TransformersEngine(path, max_batch=config.max_batch, dtype=config.dtype, max_model_len=config.max_model_len,
+                                  threads=max(1, int(config.num_cpus)))  # fmt: skip
     if config.kind == "vllm":
         from genpi.engines.vllm import VLLMEngine
 

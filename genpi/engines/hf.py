@@ -1,28 +1,170 @@
 """The transformers engine: the embedded default, for one CPU machine.
 
-Requests are grouped by sampling settings and by their fixed prefix (the prompt
-P, marked by `ChatRequest.prefix_messages`), then generated in batches with
-`model.generate`. The prefix of a group is prefilled once and its KV cache kept
-(LRU), so a long prompt costs one prefill per engine, not one per dialogue.
-A batch is laid out as `prefix | left padding | suffix`: the cached prefix
-keeps positions 0..P-1 for every row, and generate derives the suffix positions
-from the attention mask.
+One worker thread runs the model and schedules continuously: a request joins the running batch as soon as
+it arrives and there is room (up to `max_batch` rows), and a row leaves it as soon as it ends, so no row
+waits for the slowest and no request waits for a whole batch. Rows of different prefixes (prompts),
+adapters and sampling settings share every decode step.
+
+The fixed prefix of a request (the prompt P, marked by `ChatRequest.prefix_messages`) is prefilled once
+per engine and adapter and its KV cache kept (LRU), never copied: a row prefills only its own suffix, and
+`prefix_attention` attends to the prefix's keys once for all the rows behind it and to each row's own keys,
+merging the two by their log-sum-exp (cascade attention). The batch's cache holds the rows' own tokens,
+left-padded: the attention mask hides the padding and each row keeps its own position ids, so a row
+computes what it would compute alone. Sampling draws from a generator seeded by the request's seed: the
+same request gives the same text whatever it was batched with.
 """
 
 from __future__ import annotations
 
-import copy
-from collections import OrderedDict
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Message, Sampling, text_token_ids
 
+SERVING = object()  # a request's adapter: as `serving` says
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
+    """Attention and its log-sum-exp. q [B, H, L, dim]; k, v [B, H, T, dim]; mask additive, [B, 1, L, T] or None."""
+    if q.device.type == "cpu":  # torch's fused CPU kernel returns the log-sum-exp
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
+    return _attend_math(q, k, v, mask, scale)
+
+
+def _attend_math(q, k, v, mask, scale):
+    scores = torch.matmul(q, k.transpose(2, 3)).float() * scale
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, -1)
+    weights = torch.exp(scores - lse.clamp_min(torch.finfo(lse.dtype).min)[..., None])  # a query that sees nothing: 0
+    return torch.matmul(weights.to(v.dtype), v), lse
+
+
+def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefixes=None, **kwargs):
+    """Attention over a shared prefix's keys and each row's own keys, merged by their log-sum-exp: a row's cache
+    holds only its own tokens, and a prefix's keys are read once per step for all the rows behind it, where a
+    batch of copied prefixes reads them once per row. `prefixes`: [(the prefix's cache layers, row indices)];
+    without it (every other use of the model) this is SDPA. Queries [B, heads, q, dim]; keys [B, kv heads, T, dim]."""
+    if prefixes is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    batch, heads, q_len, dim = query.shape
+    kv_heads, columns = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scale = dim**-0.5 if scaling is None else scaling
+    q = query.reshape(batch, kv_heads, groups * q_len, dim)  # the query heads of one kv head side by side (GQA)
+    if attention_mask is None and q_len > 1:  # no padding: causal over the row's own keys
+        attention_mask = torch.ones(q_len, columns, dtype=torch.bool, device=query.device).tril(columns - q_len)
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(~attention_mask, float("-inf"))
+        mask = attention_mask.expand(batch, 1, q_len, columns).repeat(1, 1, groups, 1)
+    out, lse = _attend(q, key, value, mask, scale)
+    for layers, rows in prefixes:
+        layer, n = layers[module.layer_idx], len(rows)
+        # the group's queries side by side against the prefix's one copy of its keys
+        p_out, p_lse = _attend(q[rows].transpose(0, 1).reshape(1, kv_heads, -1, dim), layer.keys, layer.values, None, scale)
+        p_out = p_out.reshape(kv_heads, n, -1, dim).transpose(0, 1)
+        p_lse = p_lse.reshape(kv_heads, n, -1).transpose(0, 1)
+        own_lse = lse[rows]
+        both = torch.logaddexp(own_lse, p_lse)
+        out[rows] = (out[rows] * torch.exp(own_lse - both)[..., None] + p_out * torch.exp(p_lse - both)[..., None]).to(out.dtype)
+    return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("genpi_prefix", prefix_attention)
+AttentionMaskInterface.register("genpi_prefix", sdpa_mask)
+
+
+class _Row:
+    """A request in the engine: waiting, then a row of the running batch."""
+
+    def __init__(self, request: ChatRequest, adapter: str | None, stream, future: Future):
+        self.request, self.adapter, self.stream, self.future = request, adapter, stream, future
+        self.sampling: Sampling = request.sampling
+        self.ids: list[int] = []
+        self.prefix: tuple[int, ...] = ()
+        self.prefix_layers: list | None = None  # the prefix's cached keys and values, per layer
+        self.generated: list[int] = []
+        self.position = 0  # the position id of the next token fed
+        self.generator: torch.Generator | None = None
+        self.topk_ids: list[list[int]] = []
+        self.topk_logprobs: list[list[float]] = []
+
+
+class _Layer(DynamicLayer):
+    """A cache layer that appends in place, into room kept after its columns: DynamicLayer concatenates, which
+    copies the whole batch's cache at every decode step. `keys` and `values` are views of the buffers."""
+
+    ROOM = 128  # columns of room made at a time
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.fill([key_states[:, :, :0]], [value_states[:, :, :0]], 0)
+
+    def fill(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int, room: int = ROOM) -> "_Layer":
+        """Hold these blocks of rows stacked, each left-padded with zeros to `width` columns, and `room` after."""
+        first = keys[0]
+        k = first.new_zeros(sum(block.shape[0] for block in keys), first.shape[1], width + room, first.shape[3])
+        v = k.clone()
+        row = 0
+        for key_block, value_block in zip(keys, values):
+            rows, columns = key_block.shape[0], key_block.shape[2]
+            k[row : row + rows, :, width - columns : width] = key_block
+            v[row : row + rows, :, width - columns : width] = value_block
+            row += rows
+        self._k, self._v = k, v
+        self.keys, self.values = k[:, :, :width], v[:, :, :width]
+        self.device, self.is_initialized = first.device, True
+        return self
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, added = self.keys.shape[2], key_states.shape[2]
+        if n + added > self._k.shape[2]:
+            self.fill([self.keys], [self.values], n, room=added + self.ROOM)
+        self._k[:, :, n : n + added] = key_states
+        self._v[:, :, n : n + added] = value_states
+        self.keys, self.values = self._k[:, :, : n + added], self._v[:, :, : n + added]
+        return self.keys, self.values
+
+
+def _failure(error: Exception) -> Completion:
+    message = str(error)
+    return Completion.failure(message if message.startswith(f"{CONTEXT_LENGTH_ERROR}:") or message == "cancelled" else f"engine: {type(error).__name__}: {message}")
+
+
+def _similar_lengths(rows: list[_Row], slack: float = 1.25) -> list[list[_Row]]:
+    """The rows in groups of similar suffix length, prefilled one group per forward: padding a short suffix to a
+    long one costs the compute of the padding (the linear layers and the attention over the prefix)."""
+    groups: list[list[_Row]] = []
+    total = 0
+    for row in sorted(rows, key=lambda r: len(r.ids) - len(r.prefix)):
+        n = len(row.ids) - len(row.prefix)
+        if groups and (len(groups[-1]) + 1) * n <= slack * (total + n) + 32:
+            groups[-1].append(row)
+            total += n
+        else:
+            groups.append([row])
+            total = n
+    return groups
+
+
+def _cache(layers: list[_Layer] | None = None) -> Cache:
+    return Cache(layers=layers) if layers is not None else Cache(layer_class_to_replicate=_Layer)
 
 
 class TransformersEngine:
@@ -34,6 +176,7 @@ class TransformersEngine:
         max_model_len: int | None = None,
         prefix_cache_size: int = 8,
         device: str | None = None,
+        threads: int | None = None,
     ):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":  # bf16 matmuls are slow on most CPUs
@@ -41,7 +184,8 @@ class TransformersEngine:
         else:
             torch_dtype = DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="genpi_prefix")
+        self.model = self.model.to(self.device).eval()
         self.model_name = Path(path).name
         self.max_batch = max_batch
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
@@ -49,10 +193,20 @@ class TransformersEngine:
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
         self.prefix_cache_size = prefix_cache_size
-        self._prefixes: OrderedDict[tuple, DynamicCache] = OrderedDict()  # key: (adapter served, prefix ids)
-        self._serving: str | None = None
+        self._prefixes: OrderedDict[tuple, Cache] = OrderedDict()  # key: (adapter, prefix ids)
+        self._serving: str | None | object = SERVING  # the adapter `serving` set (None: the base); SERVING: none set
         self.prefix_hits = 0
         self.prefix_misses = 0
+        self.threads = threads  # torch threads of the worker (its OpenMP pool is its own)
+        self.busy_s = 0.0  # time the worker spent running the model
+        self.steps: deque[tuple[int, tuple[str, ...]]] = deque(maxlen=1000)  # the last decode steps: rows, adapters
+        self._queue: queue.Queue[_Row | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._lock = threading.Lock()
+        # the running batch: its rows (None: a row that ended), their KV cache and attention mask ([rows, columns])
+        self._rows: list[_Row | None] = []
+        self._cache: Cache | None = None
+        self._mask: torch.Tensor | None = None
 
     def add_adapters(self, adapters: dict[str, str]) -> None:
         """Load LoRA adapters (name: folder) unmerged on the base, for `serving` to switch between."""
@@ -66,7 +220,8 @@ class TransformersEngine:
 
     @contextmanager
     def serving(self, adapter: str | None):
-        """Generate with this loaded adapter, or with the base alone (None: adapters disabled)."""
+        """Requests submitted meanwhile without an adapter of their own are served with this loaded adapter, or
+        with the base alone (None); direct calls of `self.model` run with it too. One caller at a time."""
         previous = self._serving
         self._serving = adapter
         try:
@@ -86,62 +241,252 @@ class TransformersEngine:
     def count_tokens(self, messages: list[Message]) -> int:
         return len(self.encode(messages))
 
+    def submit(self, request: ChatRequest, adapter: str | None | object = SERVING, stream=None) -> Future:
+        """Queue one request; the future gets its Completion. `adapter`: the loaded adapter that serves it, None
+        for the base alone (default: as `serving` says, else the active adapter). `stream`: None or an object with `on_token(token_id)`, called from the worker as each
+        token is generated, and `cancelled` (true: stop generating this row)."""
+        if adapter is SERVING:
+            adapter = self._serving
+        if adapter is SERVING:  # outside `serving`: the model as it is, its active adapter if it has one
+            adapter = self.model.active_adapters[0] if hasattr(self.model, "peft_config") else None
+        elif adapter is not None and not hasattr(self.model, "peft_config"):
+            raise ValueError(f"no adapters are loaded, but a request asks for {adapter!r}")
+        future: Future = Future()
+        with self._lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="genpi-engine", daemon=True)
+                self._worker.start()
+        self._queue.put(_Row(request, adapter, stream, future))
+        return future
+
     def generate(
         self, requests: list[ChatRequest], adapters: list[str | None] | None = None, streams: list | None = None
     ) -> list[Completion]:
-        """One completion per request. `adapters`: per request, the loaded adapter that serves it (None: the
-        base), rows of different adapters in one batch (PEFT's `adapter_names`); without it every request is
-        served as `serving` says. `streams`: per request, None or an object with `on_token(token_id)`, called
-        as each token is generated, and `cancelled` (true: stop generating this row)."""
-        if adapters is not None and not hasattr(self.model, "peft_config"):  # no adapter loaded: all base
-            if any(adapters):
-                raise ValueError(f"no adapters are loaded, but requests ask for {sorted(set(filter(None, adapters)))}")
-            adapters = None
-        results: list[Completion | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        encoded: dict[int, list[int]] = {}
-        for i, request in enumerate(requests):
+        """One completion per request, in order (see `submit`)."""
+        if adapters is not None and not hasattr(self.model, "peft_config") and any(adapters):
+            raise ValueError(f"no adapters are loaded, but requests ask for {sorted(set(filter(None, adapters)))}")
+        futures = [
+            self.submit(r, SERVING if adapters is None else adapters[i], None if streams is None else streams[i])
+            for i, r in enumerate(requests)
+        ]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        """Stop the worker once the requests already queued are done."""
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+
+    # ------------------------------------------------------------ the worker: continuous batching
+
+    def _work(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        waiting: deque[_Row] = deque()
+        while True:
+            block = not self._rows and not waiting
             try:
-                ids = self.encode(request.messages)
-                prefix = self._prefix_ids(request, ids)
-            except Exception as e:  # a malformed request
-                results[i] = Completion.failure(f"engine: {type(e).__name__}: {e}")
+                while True:  # everything queued now; when idle, wait for the next request
+                    row = self._queue.get(block=block)
+                    block = False
+                    if row is None:
+                        if not waiting and not self._rows and self._queue.empty():
+                            return
+                        self._queue.put(None)  # close once the rest is done
+                        break
+                    waiting.append(row)
+            except queue.Empty:
+                pass
+            if not waiting and not self._rows:
+                time.sleep(0.001)  # only a close is pending, behind work not yet queued
                 continue
-            limit = self.max_model_len
-            if len(ids) + request.sampling.max_tokens > limit:
-                results[i] = Completion.failure(
-                    f"{CONTEXT_LENGTH_ERROR}: {len(ids)} prompt tokens + {request.sampling.max_tokens} max tokens > {limit}"
-                )
+            started = time.perf_counter()
+            with torch.no_grad():
+                if waiting and self._live() < self.max_batch:
+                    self._admit(waiting)
+                if self._rows:
+                    self._step()
+            self.busy_s += time.perf_counter() - started
+
+    def _admit(self, waiting: deque[_Row]) -> None:
+        """Prefill waiting requests in one forward, each row on its prefix's cached keys, and add them to the batch."""
+        rows = []
+        while waiting and self._live() + len(rows) < self.max_batch:
+            row = waiting.popleft()
+            try:
+                if row.stream is not None and row.stream.cancelled:  # its client went away while it waited
+                    raise ValueError("cancelled")
+                self._prepare(row)
+            except Exception as e:  # a malformed or over-long request fails alone
+                row.future.set_result(_failure(e))
                 continue
-            encoded[i] = ids
-            # a prefix's KV cache holds one adapter's keys and values: rows sharing it share their adapter
-            adapter = adapters[i] if adapters is not None and prefix else None
-            groups.setdefault((request.sampling, prefix, adapter), []).append(i)
-        for (sampling, prefix, _), members in groups.items():
-            for start in range(0, len(members), self.max_batch):
-                chunk = members[start : start + self.max_batch]
+            rows.append(row)
+        if not rows:
+            return
+        prefilled = []  # (rows, cache, mask)
+        for group in _similar_lengths(rows):
+            try:
+                prefilled.append((group, *self._prefill(group)))
+            except Exception:  # one bad row must not fail the others: one by one
+                for row in group:
+                    try:
+                        prefilled.append(([row], *self._prefill([row])))
+                    except Exception as e:
+                        row.future.set_result(_failure(e))
+        self._join([(group, cache, mask, [b for b, row in enumerate(group) if not self._ended(row)]) for group, cache, mask in prefilled])
 
-                def batch(rows: list[int]) -> list[Completion]:
-                    names = None if adapters is None else [adapters[i] for i in rows]
-                    args = ([encoded[i] for i in rows], prefix, sampling, requests[rows[0]].seed)
-                    listeners = None if streams is None else [streams[i] for i in rows]
-                    if names is not None and len(set(names)) == 1:  # one adapter: PEFT's plain forward, not its mixed-batch one
-                        with self.serving(names[0]):
-                            return self._generate_batch(*args, None, listeners)
-                    return self._generate_batch(*args, names, listeners)
+    def _prepare(self, row: _Row) -> None:
+        request = row.request
+        row.ids = self.encode(request.messages)
+        if len(row.ids) + row.sampling.max_tokens > self.max_model_len:
+            raise ValueError(f"{CONTEXT_LENGTH_ERROR}: {len(row.ids)} prompt tokens + {row.sampling.max_tokens} max tokens > {self.max_model_len}")
+        row.prefix = self._prefix_ids(request, row.ids)
+        row.prefix_layers = self._prefix_cache(row.prefix, row.adapter).layers if row.prefix else None
+        if row.sampling.temperature > 0:
+            row.generator = torch.Generator(self.device).manual_seed(request.seed)
 
-                try:
-                    outputs = batch(chunk)
-                except Exception:  # retry one by one so one bad request fails alone
-                    outputs = []
-                    for i in chunk:
-                        try:
-                            outputs += batch([i])
-                        except Exception as e:
-                            outputs.append(Completion.failure(f"engine: {type(e).__name__}: {e}"))
-                for i, completion in zip(chunk, outputs):
-                    results[i] = completion
-        return results  # type: ignore[return-value]
+    def _prefill(self, rows: list[_Row]) -> tuple[Cache, torch.Tensor]:
+        """The rows' KV cache over their prompts after their prefixes (whose cached keys they attend to) and its
+        attention mask, each row's suffix left-padded; picks each row's first token."""
+        width = max(len(row.ids) - len(row.prefix) for row in rows)
+        input_ids, mask, positions = [], [], []
+        for row in rows:
+            p, suffix = len(row.prefix), row.ids[len(row.prefix) :]
+            gap = width - len(suffix)
+            input_ids.append([self.pad_id] * gap + suffix)
+            mask.append([0] * gap + [1] * len(suffix))
+            positions.append([0] * gap + list(range(p, len(row.ids))))
+            row.position = len(row.ids)
+        mask = torch.tensor(mask, device=self.device)
+        cache = _cache()
+        out = self.model(
+            input_ids=torch.tensor(input_ids, device=self.device), attention_mask=mask,
+            position_ids=torch.tensor(positions, device=self.device), cache=cache, use_cache=True, logits_to_keep=1,
+            **self._row_args(rows),
+        )  # fmt: skip
+        self._pick(rows, out.logits[:, -1])
+        return cache, mask
+
+    def _join(self, prefilled: list[tuple[list[_Row], Cache, torch.Tensor, list[int]]]) -> None:
+        """The running batch's live rows and the prefilled rows that go on (`keep` of each group) as one batch,
+        every row's keys left-padded to the longest: one copy per layer."""
+        prefilled = [(rows, cache, mask, keep) for rows, cache, mask, keep in prefilled if keep]
+        if not prefilled:
+            return
+        if not self._rows and len(prefilled) == 1 and len(prefilled[0][3]) == len(prefilled[0][0]):
+            self._rows, self._cache, self._mask, _ = prefilled[0]
+            self._rows = list(self._rows)
+            return
+        blocks = [(cache, mask, torch.tensor(keep, device=self.device)) for _, cache, mask, keep in prefilled]
+        if self._rows:
+            live = torch.tensor([b for b, row in enumerate(self._rows) if row is not None], device=self.device)
+            blocks.insert(0, (self._cache, self._mask, live))
+        width = max(m.shape[1] for _, m, _ in blocks)
+        self._cache = _cache([
+            _Layer().fill([c.layers[i].keys[index] for c, _, index in blocks], [c.layers[i].values[index] for c, _, index in blocks], width)
+            for i in range(len(blocks[0][0].layers))
+        ])  # fmt: skip
+        self._mask = torch.cat([F.pad(m[index], (width - m.shape[1], 0)) for _, m, index in blocks])
+        self._rows = [row for row in self._rows if row is not None] + [rows[b] for rows, _, _, keep in prefilled for b in keep]
+
+    def _live(self) -> int:
+        return sum(row is not None for row in self._rows)
+
+    def _step(self) -> None:
+        """One decode step of the running batch. A row that ends leaves a hole that computes on until the holes
+        are a quarter of the batch, or rows join: compacting copies the whole cache."""
+        rows = self._rows
+        live = [b for b, row in enumerate(rows) if row is not None]
+        try:
+            self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], 1)
+            out = self.model(
+                input_ids=torch.tensor([[row.generated[-1] if row else self.pad_id] for row in rows], device=self.device),
+                attention_mask=self._mask,
+                position_ids=torch.tensor([[row.position if row else 0] for row in rows], device=self.device),
+                cache=self._cache, use_cache=True, logits_to_keep=1, **self._row_args(rows),
+            )  # fmt: skip
+            for b in live:
+                rows[b].position += 1
+            self._pick([rows[b] for b in live], out.logits[live, -1])
+            self.steps.append((len(live), tuple(sorted({rows[b].adapter or "__base__" for b in live}))))
+        except Exception as e:  # the whole batch shared the failed step
+            for b in live:
+                rows[b].future.set_result(_failure(e))
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        for b in live:
+            if self._ended(rows[b]):
+                rows[b] = None
+        holes = len(rows) - self._live()
+        if holes and (holes * 4 >= len(rows) or holes == len(rows)):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the holes, and the columns that are padding in every row left."""
+        keep = [b for b, row in enumerate(self._rows) if row is not None]
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask[index]
+        start = int(mask.any(0).nonzero()[0])
+        width = mask.shape[1] - start
+        self._cache = _cache([
+            _Layer().fill([layer.keys[index, :, start:]], [layer.values[index, :, start:]], width) for layer in self._cache.layers
+        ])  # fmt: skip
+        self._mask = mask[:, start:]
+        self._rows = [self._rows[b] for b in keep]
+
+    def _row_args(self, rows: list[_Row | None]) -> dict:
+        """The forward's arguments for these rows: the prefixes they attend to (prefix_attention) and, with
+        adapters loaded, each row's adapter (PEFT's mixed batches; "__base__": none)."""
+        groups: dict[int, tuple[list, list[int]]] = {}
+        for b, row in enumerate(rows):
+            if row is not None and row.prefix_layers is not None:
+                groups.setdefault(id(row.prefix_layers), (row.prefix_layers, []))[1].append(b)
+        args = {"prefixes": [(layers, torch.tensor(b, device=self.device)) for layers, b in groups.values()]}
+        if hasattr(self.model, "peft_config"):
+            args["adapter_names"] = [row.adapter if row and row.adapter else "__base__" for row in rows]
+        return args
+
+    def _pick(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Each row's next token from its logits (greedy, or sampled with its own generator)."""
+        logits = logits.float()
+        tokens = logits.argmax(-1).tolist()
+        for b, row in enumerate(rows):
+            sampling = row.sampling
+            if sampling.logprobs:  # raw logits (before temperature / top-p), for the teacher's top-k
+                values, ids = logits[b].log_softmax(-1).topk(sampling.logprobs)
+                row.topk_ids.append(ids.tolist())
+                row.topk_logprobs.append(values.tolist())
+            if sampling.temperature > 0:
+                probs = (logits[b] / sampling.temperature).softmax(-1)
+                if sampling.top_p < 1:  # the smallest set of tokens whose mass reaches top_p
+                    sorted_probs, order = probs.sort(descending=True)
+                    sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p] = 0
+                    probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+                tokens[b] = int(torch.multinomial(probs, 1, generator=row.generator))
+            row.generated.append(tokens[b])
+
+    def _ended(self, row: _Row) -> bool:
+        """Whether the row is done after its last token; a done row gets its completion."""
+        token, sampling = row.generated[-1], row.sampling
+        if row.stream is not None and token not in self.eos_ids and not row.stream.cancelled:
+            row.stream.on_token(token)
+        done = (
+            token in self.eos_ids
+            or len(row.generated) >= sampling.max_tokens
+            or (row.stream is not None and row.stream.cancelled)
+            or (sampling.stop and any(s in self.tokenizer.decode(row.generated, skip_special_tokens=True) for s in sampling.stop))
+        )
+        if done:
+            completion = self._completion(row.generated, len(row.ids), sampling)
+            if sampling.logprobs:
+                n = len(completion.token_ids)
+                completion.topk_ids, completion.topk_logprobs = row.topk_ids[:n], row.topk_logprobs[:n]
+            row.future.set_result(completion)
+        return done
 
     def _prefix_ids(self, request: ChatRequest, ids: list[int]) -> tuple[int, ...]:
         if request.prefix_messages <= 0:
@@ -152,81 +497,24 @@ class TransformersEngine:
             if a != b:
                 break
             n += 1
-        return tuple(ids[: min(n, len(ids) - 1)])  # leave at least one token to feed generate
+        return tuple(ids[: min(n, len(ids) - 1)])  # leave at least one token to prefill
 
-    def _prefix_cache(self, prefix: tuple[int, ...], adapter_names: list[str] | None = None) -> DynamicCache:
-        """The prefix's KV cache, computed with the adapter named (mixed batches) or as `serving` says (None)."""
-        # a prefix's KV cache depends on the adapter that computed it
-        key = (adapter_names[0] if adapter_names else self._serving, prefix)
+    def _prefix_cache(self, prefix: tuple[int, ...], adapter: str | None) -> Cache:
+        """The prefix's KV cache as computed with this adapter (None: the base)."""
+        key = (adapter, prefix)
         cache = self._prefixes.get(key)
         if cache is not None:
             self._prefixes.move_to_end(key)
             self.prefix_hits += 1
             return cache
         self.prefix_misses += 1
-        mixed = {} if adapter_names is None else {"adapter_names": adapter_names[:1]}
-        with torch.no_grad():
-            cache = self.model(
-                input_ids=torch.tensor([prefix], device=self.device), cache=DynamicCache(), use_cache=True, **mixed
-            ).cache
+        cache = _cache()
+        adapters = {"adapter_names": [adapter or "__base__"]} if hasattr(self.model, "peft_config") else {}
+        self.model(input_ids=torch.tensor([prefix], device=self.device), cache=cache, use_cache=True, logits_to_keep=1, **adapters)
         self._prefixes[key] = cache
         if len(self._prefixes) > self.prefix_cache_size:
             self._prefixes.popitem(last=False)
         return cache
-
-    @torch.no_grad()
-    def _generate_batch(
-        self,
-        rows: list[list[int]],
-        prefix: tuple[int, ...],
-        sampling: Sampling,
-        seed: int,
-        adapters: list[str | None] | None = None,
-        streams: list | None = None,
-    ) -> list[Completion]:
-        n_prefix = len(prefix)
-        suffixes = [ids[n_prefix:] for ids in rows]
-        width = max(len(s) for s in suffixes)
-        input_ids = [list(prefix) + [self.pad_id] * (width - len(s)) + s for s in suffixes]
-        mask = [[1] * n_prefix + [0] * (width - len(s)) + [1] * len(s) for s in suffixes]
-        kwargs = {}
-        if adapters is not None:  # "__base__": PEFT's name for the base alone
-            kwargs["adapter_names"] = [name or "__base__" for name in adapters]
-        if streams is not None and any(s is not None for s in streams):
-            kwargs.update(streamer=_TokenStreamer(streams, self.eos_ids), stopping_criteria=StoppingCriteriaList([_Cancelled(streams)]))
-        if n_prefix:
-            cache = copy.deepcopy(self._prefix_cache(prefix, kwargs.get("adapter_names")))
-            cache.batch_repeat_interleave(len(rows))
-            kwargs["cache"] = cache  # transformers >= 5.24: `past_key_values` in generate is deprecated
-        if sampling.stop:
-            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
-        if sampling.temperature > 0:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if sampling.logprobs:  # raw logits (before temperature / top-p), for the teacher's top-k
-            kwargs.update(output_logits=True, return_dict_in_generate=True)
-        torch.manual_seed(seed)  # one seed per batch: sampled batches are reproducible as a whole
-        output = self.model.generate(
-            input_ids=torch.tensor(input_ids, device=self.device),
-            attention_mask=torch.tensor(mask, device=self.device),
-            max_new_tokens=sampling.max_tokens,
-            pad_token_id=self.pad_id,
-            **kwargs,
-        )
-        sequences = output.sequences if sampling.logprobs else output
-        topk = None
-        if sampling.logprobs:  # top-k step by step: never a [B, steps, vocabulary] copy; only k per token leave the device
-            steps = [step.float().log_softmax(-1).topk(sampling.logprobs, dim=-1) for step in output.logits]
-            topk = torch.stack([i for _, i in steps], 1).cpu().tolist(), torch.stack([v for v, _ in steps], 1).cpu().tolist()
-        completions = []
-        for b, (row, ids) in enumerate(zip(sequences[:, n_prefix + width :].tolist(), rows)):
-            completion = self._completion(row, len(ids), sampling)
-            if topk is not None:
-                n = len(completion.token_ids)
-                completion.topk_ids, completion.topk_logprobs = topk[0][b][:n], topk[1][b][:n]
-            completions.append(completion)
-        return completions
 
     def _completion(self, generated: list[int], prompt_tokens: int, sampling: Sampling) -> Completion:
         finish = "length"
@@ -245,38 +533,3 @@ class TransformersEngine:
         if sampling.logprobs:
             completion.token_ids = text_token_ids(self.tokenizer, kept, text) if finish == "stop" else list(kept)
         return completion
-
-
-class _TokenStreamer(BaseStreamer):
-    """Hands each row's new tokens to its stream, step by step, up to its end-of-turn token (generate first puts
-    the whole prompt, and pads the rows that have ended)."""
-
-    def __init__(self, streams: list, eos_ids: set[int]):
-        self.streams, self.eos_ids, self.started = streams, eos_ids, False
-        self.ended = [False] * len(streams)
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.started:  # the prompt
-            self.started = True
-            return
-        for b, (stream, token) in enumerate(zip(self.streams, value.tolist())):
-            if stream is None or self.ended[b] or stream.cancelled:
-                continue
-            if token in self.eos_ids:
-                self.ended[b] = True
-            else:
-                stream.on_token(token)
-
-    def end(self) -> None:
-        pass
-
-
-class _Cancelled(StoppingCriteria):
-    """Ends the rows whose stream was cancelled (a client that went away), so they stop taking compute."""
-
-    def __init__(self, streams: list):
-        self.streams = streams
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        flags = [stream is not None and stream.cancelled for stream in self.streams]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)

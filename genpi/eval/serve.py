@@ -117,36 +117,15 @@ def generate(engine, system: System, requests: list[ChatRequest]) -> list[Comple
 
 
 class Batcher:
-    """An `AsyncEngine` per system over one engine: the calls pending at one moment (many episodes in
-    flight) go to the engine as one batch per system, so episodes run batched as synthesis runs them."""
+    """An `AsyncEngine` per system over one engine: every call goes to the engine's worker as it comes, so the
+    episodes in flight share its decode steps, as synthesis runs them (rows of different systems together,
+    each with its own adapter)."""
 
     def __init__(self, engine):
         self.engine = engine
-        self.pending: list[tuple[System, ChatRequest, asyncio.Future]] = []
 
     def view(self, system: System) -> "_View":
         return _View(self, system)
-
-    def submit(self, system: System, request: ChatRequest) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        if not self.pending:  # runs after every task already woken has queued its call
-            loop.call_soon(self._flush)
-        future = loop.create_future()
-        self.pending.append((system, request, future))
-        return future
-
-    def _flush(self) -> None:
-        pending, self.pending = self.pending, []
-        groups: dict[str, tuple[System, list]] = {}
-        for system, request, future in pending:
-            groups.setdefault(system.name, (system, []))[1].append((request, future))
-        for system, items in groups.values():
-            try:
-                results = generate(self.engine, system, [r for r, _ in items])
-            except Exception as e:  # recorded on each dialogue by the role-play's error handling
-                results = [Completion.failure(f"engine: {type(e).__name__}: {e}")] * len(items)
-            for (_, future), result in zip(items, results):
-                future.set_result(result)
 
 
 @dataclass
@@ -159,7 +138,7 @@ class _View:
         return self.system.name
 
     async def complete(self, request: ChatRequest) -> Completion:
-        return await self.batcher.submit(self.system, request)
+        return await asyncio.wrap_future(self.batcher.engine.submit(request, self.system.adapter))
 
 
 def task_systems(catalog: str, prompt_id: str, adapters: list[str], base: str) -> tuple[PromptEntry, list[System], list[str], str]:

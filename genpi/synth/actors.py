@@ -1,9 +1,9 @@
 """Engines hosted in Ray actors, batching the calls of many dialogues in flight.
 
-Each dialogue awaits one `generate` call at a time. An engine with its own
-async scheduler (vLLM's continuous batching) gets every call as it arrives;
-otherwise the actor gathers whatever calls are pending and hands them to its
-engine as one batch, so dozens of dialogues share every forward pass.
+Each dialogue awaits one `generate` call at a time, and every call goes to the
+engine as it arrives: engines schedule continuously themselves (vLLM's async
+engine, `complete`; the transformers engine's worker thread, `submit`), so
+dozens of dialogues share every decode step.
 
 A dead engine (vLLM's engine-dead error, a broken CUDA context, the same
 failure over and over) ends its actor's process, so Ray starts a fresh one and
@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
@@ -36,69 +34,29 @@ DEAD_AFTER_IDENTICAL_FAILURES = 8  # the same engine error this many calls in a 
 @ray.remote
 class EngineActor:
     def __init__(self, config: EngineConfig, record: bool = False, build=make_engine):
-        # One thread runs the engine, always the same: torch's OpenMP pool is per thread.
-        self.executor = ThreadPoolExecutor(max_workers=1)
-        if config.kind == "transformers":
-            import torch
-
-            threads = max(1, int(config.num_cpus))
-            self.executor.submit(torch.set_num_threads, threads).result()
         self.config = config
         self.engine = build(config)
-        self.direct = callable(getattr(self.engine, "complete", None))  # schedules requests itself
-        self.pending: list[tuple[ChatRequest, asyncio.Future]] = []
-        self.wakeup: asyncio.Event | None = None
-        self.busy_s = 0.0  # time spent inside the engine
-        self.batches: list[list[ChatRequest]] | None = [] if record else None  # for benchmarks: replay what was served
+        self.requests: list[ChatRequest] | None = [] if record else None  # for benchmarks: replay what was served
         self.last_failure, self.repeated_failures = "", 0
 
     def served(self) -> dict:
-        return {"busy_s": self.busy_s, "batches": self.batches}
+        return {"busy_s": getattr(self.engine, "busy_s", None), "requests": self.requests}
 
     def describe(self) -> dict:
         return {"model_name": self.engine.model_name, "pid": os.getpid()}
 
     async def generate(self, request: ChatRequest) -> Completion:
-        if self.direct:
-            try:
-                result = await self.engine.complete(request)
-            except Exception as e:  # engines report per-request errors; this is a safety net
-                result = Completion.failure(f"engine: {type(e).__name__}: {e}")
-            self._exit_if_dead([result])
-            return result
-        if self.wakeup is None:
-            self.wakeup = asyncio.Event()
-            asyncio.get_running_loop().create_task(self._batch_loop())
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((request, future))
-        self.wakeup.set()
-        return await future
-
-    async def _batch_loop(self) -> None:
-        while True:
-            await self.wakeup.wait()
-            self.wakeup.clear()
-            await asyncio.sleep(0.01)  # let the calls of a wave of dialogues arrive together
-            batch, self.pending = self.pending, []
-            if self.batches is not None:
-                self.batches.append([request for request, _ in batch])
-            started = time.perf_counter()
-            try:
-                results = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self.engine.generate, [request for request, _ in batch]
-                )
-            except Exception as e:  # engines report per-request errors; this is a safety net
-                results = [Completion.failure(f"engine: {type(e).__name__}: {e}")]
-                self._exit_if_dead(results)
-                results *= len(batch)
+        if self.requests is not None:
+            self.requests.append(request)
+        try:
+            if hasattr(self.engine, "submit"):  # its own worker thread
+                result = await asyncio.wrap_future(self.engine.submit(request))
             else:
-                self._exit_if_dead(results)
-            self.busy_s += time.perf_counter() - started
-            for (_, future), result in zip(batch, results):
-                if not future.done():
-                    future.set_result(result)
-            if self.pending:
-                self.wakeup.set()
+                result = await self.engine.complete(request)
+        except Exception as e:  # engines report per-request errors; this is a safety net
+            result = Completion.failure(f"engine: {type(e).__name__}: {e}")
+        self._exit_if_dead([result])
+        return result
 
     def _exit_if_dead(self, results: list[Completion]) -> None:
         """End the process when the engine cannot recover: Ray restarts the actor and re-sends the calls in flight
