@@ -177,7 +177,7 @@ def engine_requests(n: int, max_new_tokens: int) -> list[ChatRequest]:
 
 def transformers_vs_vllm(path: str, args, work: Path, n: int) -> dict:
     requests = engine_requests(n, args.max_new_tokens)
-    engine = TransformersEngine(path, max_batch=max(32, n), threads=args.threads)  # cold: builds its prefix caches inside the timing, as vLLM does
+    engine = TransformersEngine(path, max_batch=max(32, n), dtype=args.dtype, threads=args.threads)  # cold: builds its prefix caches inside the timing, as vLLM does
     hf_s, hf_tokens = timed(engine, requests)
     lines = [
         json.dumps({"messages": r.messages, "temperature": 0.0, "top_p": 1.0, "max_tokens": r.sampling.max_tokens, "stop": [], "seed": 0})
@@ -187,7 +187,7 @@ def transformers_vs_vllm(path: str, args, work: Path, n: int) -> dict:
     vllm_python = REPO / ".venv-vllm" / "bin" / "python"
     result = subprocess.run(
         [str(vllm_python), "-m", "genpi.engines.vllm", "--model", path, "--requests", str(work / "requests.jsonl"),
-         "--out", str(work / "vllm.jsonl"), "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096"],
+         "--out", str(work / "vllm.jsonl"), "--dtype", args.dtype, "--enforce-eager", "--max-model-len", "4096"],
         capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=1800,
     )  # fmt: skip
     if result.returncode != 0:
@@ -213,6 +213,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parts", default="a,b,c,d", help="which measurements to run")
     parser.add_argument("--engine-requests", default="24,96", help="(c): request counts")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="(c): both engines' weights (bfloat16: the faster for both on CPUs with bf16 dot products, as here)")
     parser.add_argument("--dialogues", type=int, default=64, help="(d): dialogues in flight")
     parser.add_argument("--max-turns", type=int, default=2, help="(d): agent turns per dialogue")
     parser.add_argument("--pipeline-prompt", default="os-shell", help="(d): the catalog prompt")

@@ -95,9 +95,12 @@ def prompt_systems(entry: PromptEntry, dirs: dict[str, Path], base_path: str) ->
 
 def load_engine(base_path: str, systems: list[System], max_batch: int = 32):
     """One TransformersEngine on the base, with every adapter system's adapter loaded."""
+    import torch
+
     from genpi.engines.hf import TransformersEngine
 
-    engine = TransformersEngine(base_path, max_batch=max_batch)
+    # float32 on CPU: the teacher-forced NLL and KL are differences of log-probabilities that bf16 would round
+    engine = TransformersEngine(base_path, max_batch=max_batch, dtype="auto" if torch.cuda.is_available() else "float32")
     engine.add_adapters({s.adapter: str(s.folder) for s in systems if s.adapter})
     engine.model.eval()
     return engine
