@@ -68,6 +68,10 @@ def text_token_ids(tokenizer, generated: list[int], text: str) -> list[int]:
 
 
 class Engine(Protocol):
+    """Every engine also takes one request at a time for its own continuous batching, which the actors use:
+    `submit(request) -> concurrent.futures.Future` (transformers: a worker thread) or `async complete(request)`
+    (vLLM's async engine, an OpenAI-compatible server)."""
+
     model_name: str
 
     def generate(self, requests: list[ChatRequest]) -> list[Completion]: ...

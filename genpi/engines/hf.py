@@ -245,8 +245,9 @@ class TransformersEngine:
 
     def submit(self, request: ChatRequest, adapter: str | None | object = SERVING, stream=None) -> Future:
         """Queue one request; the future gets its Completion. `adapter`: the loaded adapter that serves it, None
-        for the base alone (default: as `serving` says, else the active adapter). `stream`: None or an object with `on_token(token_id)`, called from the worker as each
-        token is generated, and `cancelled` (true: stop generating this row)."""
+        for the base alone (default: as `serving` says, else the active adapter). `stream`: None or an object
+        with `on_token(token_id)`, called from the worker as each token is generated, and `cancelled` (true:
+        stop generating this row)."""
         if adapter is SERVING:
             adapter = self._serving
         if adapter is SERVING:  # outside `serving`: the model as it is, its active adapter if it has one
