@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,18 +127,18 @@ def test_stages_evaluate_tasks_and_efficiency_into_the_eval_folder(tmp_path):
                                "--task-args", "--limit 2 --rounds 4")  # repeated or comma-separated: the same stages
     for bad, message in ((["--prompts", "calc", "--tasks", f"calc={TASKS}", "--tasks", f"calc={other}"], "calc has a tasks file already"),
                          (["--prompts", "greet", "--tasks", f"calc={TASKS}"], "calc is not a prompt of this run (greet)")):  # fmt: skip
-        with pytest.raises(InputError, match=message):
+        with pytest.raises(InputError, match=re.escape(message)):
             stage_list(out, *bad)
 
 
 def test_a_changed_task_or_efficiency_setting_is_refused(tmp_path, capsys):
-    out, copy = tmp_path / "run", tmp_path / "tasks.json"
-    copy.write_text(TASKS.read_text())
+    out, other = tmp_path / "run", tmp_path / "tasks.json"
+    other.write_text(json.dumps([{"description": "Say yes.", "evaluation": {"match": "yes"}}]))
     flags = ["--prompts", "calc", "--tasks", f"calc={TASKS}"]
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"stages": {name: {"argv": argv, "status": "done", "seconds": 1.0}
                                                          for name, argv in stage_list(out, *flags)}}))  # fmt: skip
-    for extra, stage in ((["--efficiency-args", "--turns 3"], "eval efficiency calc"), (["--tasks", f"calc={copy}"], "eval os-tasks calc"),
+    for extra, stage in ((["--efficiency-args", "--turns 3"], "eval efficiency calc"), (["--tasks", f"calc={other}"], "eval os-tasks calc"),
                          (["--task-args", "--limit 1"], "eval os-tasks calc")):  # fmt: skip
         argv = [str(CATALOG), "--out", str(out), "--methods", "sft,genpi", *(flags[:2] + extra if extra[0] == "--tasks" else flags + extra)]
         assert main(argv) == 2
