@@ -2,14 +2,19 @@
 
     RUN/data              synthesis (genpi synth), its quality table in RUN/data/stats.txt
     RUN/adapters/METHOD   one adapters folder per method (genpi train)
-    RUN/eval              fidelity of every method against the teacher (genpi eval fidelity)
+    RUN/eval              fidelity of every method against the teacher (genpi eval fidelity); with
+                          --tasks ID=FILE, OS task success of every method on that prompt (genpi eval
+                          os-tasks); per prompt, efficiency with the first method's adapter (genpi eval
+                          efficiency)
     RUN/report            report.md with its plots (genpi report)
     RUN/run.json          each stage's command, state and time
 
-Each stage is the stage's own command, called with the arguments recorded in run.json. A rerun
-skips the stages recorded as done with the same arguments, and the stages that were cut off
-resume as they do alone (synthesis by shards, training from the trials' checkpoints). A rerun
-whose arguments differ for a stage already started is refused: choose another --out.
+Stages, in order: synth, stats, train METHOD (each), eval fidelity, eval os-tasks ID (each --tasks),
+eval efficiency ID (each prompt), report. Each stage is the stage's own command, called with the
+arguments recorded in run.json. A rerun skips the stages recorded as done with the same arguments
+(the report is rewritten when another stage ran), and the stages that were cut off resume as they
+do alone (synthesis by shards, training from the trials' checkpoints). A rerun whose arguments
+differ for a stage already started is refused: choose another --out.
 """
 
 from __future__ import annotations
@@ -46,8 +51,9 @@ class Preset:
     micro_batch: int
     eval_limit: int | None
     cpus_per_trial: float | None  # None: genpi train's default
-    # seconds per stage measured on the idle 2-core CPU with SmolLM2: the prior of the time estimate, which scales
-    # it by how fast the run has gone so far
+    efficiency_flags: tuple[str, ...] = ()  # before --efficiency-args, which win
+    # seconds per stage (a per-prompt stage's per prompt, keyed without the id) measured on the idle 2-core CPU with
+    # SmolLM2: the prior of the time estimate, which scales it by how fast the run has gone so far
     expected_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -56,7 +62,10 @@ PRESETS = {
     # 20 minutes on 2 CPU cores
     "demo": Preset(prompts="os-shell", samples=16, heldout=0.25, max_new_tokens=96, max_turns=2, engine="transformers",
                    methods="genpi,sft", lambdas="0.5", epochs=1, lr=3e-4, batch_size=1, micro_batch=1, eval_limit=None,
-                   cpus_per_trial=2, expected_s={"synth": 456, "stats": 1, "train genpi": 93, "train sft": 18, "eval fidelity": 151, "report": 1}),
+                   cpus_per_trial=2, efficiency_flags=("--turns", "2", "--repeats", "1"),
+                   # efficiency: an estimate (2 turns of SmolLM2 on os-shell, one latency repeat), not yet measured in a demo run
+                   expected_s={"synth": 456, "stats": 1, "train genpi": 93, "train sft": 18, "eval fidelity": 151,
+                               "eval efficiency": 160, "report": 1}),
     # the paper's sizes (Appendix; the authors' scripts): for a GPU cluster
     "paper": Preset(prompts=None, samples=1000, heldout=0.1, max_new_tokens=512, max_turns=None, engine="vllm",
                     methods="genpi", lambdas="0.3,0.5,0.7", epochs=10, lr=1e-4, batch_size=32, micro_batch=2, eval_limit=None,
@@ -64,8 +73,22 @@ PRESETS = {
 }  # fmt: skip
 
 
-def stage_commands(args: argparse.Namespace, preset: Preset) -> list[tuple[str, list[str]]]:
-    """[(stage name, the argv of its command)], in order; every size from the flag, else the preset."""
+def task_files(specs: list[str]) -> dict[str, str]:
+    """`--tasks` values (each ID=FILE, or several, comma-separated) as {prompt id: tasks file}."""
+    files: dict[str, str] = {}
+    for spec in (part for value in specs for part in value.split(",") if part):
+        prompt_id, _, path = spec.partition("=")
+        if not prompt_id or not path:
+            raise InputError(f"--tasks {spec}: expected ID=FILE (a catalog prompt and its AgentBench-format OS tasks file)")
+        if prompt_id in files:
+            raise InputError(f"--tasks {spec}: prompt {prompt_id} has a tasks file already ({files[prompt_id]})")
+        files[prompt_id] = path
+    return files
+
+
+def stage_commands(args: argparse.Namespace, preset: Preset, catalog_ids: list[str]) -> list[tuple[str, list[str]]]:
+    """[(stage name, the argv of its command)], in order; every size from the flag, else the preset. `catalog_ids`:
+    the catalog's prompt ids (the run's prompts when neither --prompts nor the preset names them)."""
     run = Path(args.out)
     data, eval_dir = str(run / "data"), str(run / "eval")
     pick = lambda name: getattr(preset, name) if getattr(args, name) is None else getattr(args, name)  # noqa: E731
@@ -85,10 +108,21 @@ def stage_commands(args: argparse.Namespace, preset: Preset) -> list[tuple[str, 
             train += ["--cpus-per-trial", str(pick("cpus_per_trial"))]
         stages.append((f"train {method}", train + shlex.split(args.train_args)))
     limit = pick("eval_limit")
-    fidelity = ["fidelity", data, "--catalog", args.catalog, "--base", args.base, "--out", eval_dir,
-                "--adapters", *[f"{m}={run / 'adapters' / m}" for m in methods], "--max-new-tokens", str(max_new),
-                *turns, *only, *(["--limit", str(limit)] if limit else [])]  # fmt: skip
+    adapters = [f"{m}={run / 'adapters' / m}" for m in methods]
+    fidelity = ["fidelity", data, "--catalog", args.catalog, "--base", args.base, "--out", eval_dir, "--adapters", *adapters,
+                "--max-new-tokens", str(max_new), *turns, *only, *(["--limit", str(limit)] if limit else [])]  # fmt: skip
     stages.append(("eval fidelity", fidelity + shlex.split(args.eval_args)))
+    run_ids = prompts.split(",") if prompts else catalog_ids
+    for prompt_id, path in task_files(args.tasks).items():
+        if prompt_id not in run_ids:
+            raise InputError(f"--tasks {prompt_id}={path}: {prompt_id} is not a prompt of this run ({', '.join(run_ids)})")
+        tasks = ["os-tasks", path, "--catalog", args.catalog, "--prompt", prompt_id, "--base", args.base, "--adapters", *adapters,
+                 "--max-new-tokens", str(max_new), "--out", eval_dir]  # fmt: skip
+        stages.append((f"eval os-tasks {prompt_id}", tasks + shlex.split(args.task_args)))
+    for prompt_id in run_ids:  # the first method's adapter: its LoRA shape is what the unmerged cost counts
+        efficiency = ["efficiency", "--catalog", args.catalog, "--prompt", prompt_id, "--data", data, "--base", args.base,
+                      "--adapters", str(run / "adapters" / methods[0]), "--out", eval_dir, *preset.efficiency_flags]  # fmt: skip
+        stages.append((f"eval efficiency {prompt_id}", efficiency + shlex.split(args.efficiency_args)))
     stages.append(("report", [data, "--eval", eval_dir, "--out", str(run / "report" / "report.md")]))
     return stages
 
@@ -114,7 +148,7 @@ def run_stage(name: str, argv: list[str], progress: bool) -> int:
     if name.startswith("eval "):
         from genpi.eval.run import main
 
-        return on_a_gpu_if_any(main, argv + quiet)
+        return on_a_gpu_if_any(main, argv + (quiet if name == "eval fidelity" else []))  # the others draw no progress bars
     if name == "report":
         from genpi.eval.report import write_report
 
@@ -156,9 +190,14 @@ def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
+def expected_s(preset: Preset, name: str) -> float | None:
+    """The preset's time for a stage; a per-prompt stage's ("eval efficiency ID") is keyed without the id."""
+    return preset.expected_s.get(name, preset.expected_s.get(name.rpartition(" ")[0]))
+
+
 def estimate_left(preset: Preset, names: list[str], index: int, elapsed: float, spent_expected: float) -> str:
     """Time left for stages index.. from the preset's measured times, scaled by how this run compares so far."""
-    left = [preset.expected_s.get(n) for n in names[index:]]
+    left = [expected_s(preset, n) for n in names[index:]]
     if not preset.expected_s or None in left:
         return "no estimate for these sizes"
     scale = elapsed / spent_expected if spent_expected and elapsed > 30 else 1.0
@@ -178,21 +217,29 @@ def run_pipeline(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InputError(f"--methods: unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
+    stages = stage_commands(args, preset, [e.id for e in entries])
+    tasks = task_files(args.tasks)
+    if tasks:  # a tasks file or a sandbox that cannot work fails now, not after synthesis and training
+        from genpi.eval.os_tasks import check_sandbox, load_tasks
+
+        for path in tasks.values():
+            load_tasks(path)
     run = Path(args.out)
-    run.mkdir(parents=True, exist_ok=True)
-    stages = stage_commands(args, preset)
     record = read_record(run)
     for name, argv in stages:
         before = record["stages"].get(name)
         if before and before["argv"] != argv:
             raise InputError(f"{run}: stage {name!r} was started with other settings ({' '.join(before['argv'])}); "
                              "rerun with the same flags to resume it, or choose another --out")  # fmt: skip
+    if tasks:
+        check_sandbox()
+    run.mkdir(parents=True, exist_ok=True)
     record["preset"] = args.preset
     names = [name for name, _ in stages]
-    started, spent_expected = time.monotonic(), 0.0
+    started, spent_expected, ran = time.monotonic(), 0.0, False
     for i, (name, argv) in enumerate(stages):
         state = record["stages"].get(name, {})
-        if state.get("status") == "done":
+        if state.get("status") == "done" and not (name == "report" and ran):  # the report reads what the others wrote
             print(f"genpi run: [{i + 1}/{len(stages)}] {name}: done before, skipped", file=sys.stderr)
             continue
         elapsed = time.monotonic() - started
@@ -200,12 +247,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
               f"{estimate_left(preset, names, i, elapsed, spent_expected)})", file=sys.stderr)  # fmt: skip
         record["stages"][name] = {"argv": argv, "status": "running", "seconds": state.get("seconds", 0.0)}
         write_record(run, record)
-        t0 = time.monotonic()
+        t0, ran = time.monotonic(), True
         status = run_stage(name, argv, not args.no_progress)
         record["stages"][name]["seconds"] += time.monotonic() - t0
         record["stages"][name]["status"] = "done" if status == 0 else f"failed (exit {status})"
         write_record(run, record)
-        spent_expected += preset.expected_s.get(name, 0.0)
+        spent_expected += expected_s(preset, name) or 0.0
         if status != 0:
             print(f"genpi run: {name} failed (exit {status}); fix the cause and rerun the same command to resume", file=sys.stderr)
             return status
@@ -238,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth-args", default="", help="more flags for genpi synth, e.g. \"--generator-tp 4 --target-replicas 4\"")
     p.add_argument("--train-args", default="", help="more flags for every genpi train, e.g. \"--gpus-per-trial 1\"")
     p.add_argument("--eval-args", default="", help="more flags for genpi eval fidelity")
+    p.add_argument("--tasks", action="append", default=[], metavar="ID=FILE",
+                   help="OS tasks (AgentBench format) for prompt ID: genpi eval os-tasks of every method; repeatable or comma-separated")
+    p.add_argument("--task-args", default="", help="more flags for genpi eval os-tasks, e.g. \"--limit 5 --rounds 4\"")
+    p.add_argument("--efficiency-args", default="", help="more flags for genpi eval efficiency, e.g. \"--turns 5 --repeats 3\"")
     p.add_argument("--no-progress", action="store_true")
     return p
 

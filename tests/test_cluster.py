@@ -6,6 +6,7 @@ import shlex
 import yaml
 
 from conftest import REPO
+from genpi.catalog import load_catalog
 from genpi.eval.run import build_parser as eval_parser
 from genpi.run import PRESETS, build_parser, stage_commands
 from genpi.synth.run import engine_config, parse_args
@@ -31,8 +32,9 @@ def test_the_run_job_fits_its_cluster_and_every_stage_parses():
     assert entry[:4] == ["python", "-m", "genpi.cli", "run"]
     args = build_parser().parse_args(entry[4:])
     assert args.preset == "paper" and (REPO / args.catalog).is_file()
-    stages = dict(stage_commands(args, PRESETS[args.preset]))
-    assert list(stages) == ["synth", "stats", "train genpi", "eval fidelity", "report"]
+    stages = dict(stage_commands(args, PRESETS[args.preset], [e.id for e in load_catalog(REPO / args.catalog)]))
+    efficiency = [f"eval efficiency {e.id}" for e in load_catalog(REPO / args.catalog)]  # the paper preset: every prompt
+    assert list(stages) == ["synth", "stats", "train genpi", "eval fidelity", *efficiency, "report"]
 
     # the run folder is on the shared volume, seen by the driver (head) and by the trials and eval task (workers)
     assert args.out.startswith("/data/") and mounts(head)["/data"] == mounts(workers["template"]["spec"])["/data"]
@@ -51,3 +53,7 @@ def test_the_run_job_fits_its_cluster_and_every_stage_parses():
 
     fidelity = eval_parser().parse_args(stages["eval fidelity"])
     assert fidelity.what == "fidelity" and fidelity.out.startswith("/data/") and fidelity.base == args.base
+    for name in efficiency:
+        cost = eval_parser().parse_args(stages[name])
+        assert cost.what == "efficiency" and cost.out == fidelity.out and cost.base == args.base and cost.data.startswith("/data/")
+        assert cost.adapters == f"{args.out}/adapters/genpi" and name.endswith(cost.prompt) and (cost.turns, cost.repeats) == (5, 3)

@@ -47,7 +47,7 @@ def test_genpi_run_demo_from_catalog_to_report(tmp_path):
     done = genpi("run", str(EXAMPLES), "--out", str(run), "--preset", "demo", "--no-progress", timeout=2400)
     assert done.returncode == 0, done.stderr[-3000:]
     stages = json.loads((run / "run.json").read_text())["stages"]
-    assert list(stages) == ["synth", "stats", "train genpi", "train sft", "eval fidelity", "report"]
+    assert list(stages) == ["synth", "stats", "train genpi", "train sft", "eval fidelity", "eval efficiency os-shell", "report"]
     assert all(s["status"] == "done" for s in stages.values())
     assert "os-shell" in (run / "data" / "stats.txt").read_text()
     for method in ("genpi", "sft"):
@@ -56,6 +56,8 @@ def test_genpi_run_demo_from_catalog_to_report(tmp_path):
         assert manifest["eval_metrics"]["fidelity"]["inputs"] == 4  # 16 dialogues, a quarter held out
     fidelity = json.loads((run / "eval" / "fidelity.json").read_text())
     assert set(fidelity["results"][0]["systems"]) == {"teacher", "base", "genpi", "sft"}
+    [efficiency] = json.loads((run / "eval" / "efficiency.json").read_text())["results"]
+    assert efficiency["prompt_id"] == "os-shell" and efficiency["latency"]["repeats"] == 1  # the demo's sizes
     report = run / "report" / "report.md"
     assert f"report: {report}" in done.stderr and "genpi" in report.read_text()
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in report.parent.glob("*.png")) and list(report.parent.glob("*.png"))

@@ -93,7 +93,7 @@ def test_correct_replies_score_100_percent(tmp_path, capsys):
     assert main(["os-tasks", str(TASKS), "--catalog", str(CATALOG), "--prompt", "os-shell", "--agent", f"replay:{SOLUTIONS}",
                  "--parallel", "5", "--out", str(out)]) == 0  # fmt: skip
     assert "replay" in capsys.readouterr().out
-    summary = json.loads((out / "os_tasks.json").read_text())
+    [summary] = json.loads((out / "os_tasks.json").read_text())["results"]
     m = summary["systems"]["replay"]
     assert (m["tasks"], m["successes"], m["success_rate"], m["errors"]) == (5, 5, 1.0, 0)
     assert m["ended"] == {"answered": 4, "finished": 1} and m["mean_rounds"] == 2.0

@@ -2,17 +2,23 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import REPO
+from genpi import InputError
+from genpi.eval.run import build_parser as eval_parser
+from genpi.run import PRESETS, build_parser, main, stage_commands
 from genpi.train.adapters import read_adapter_manifest
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
+TASKS = REPO / "examples" / "os-tasks" / "tasks.json"
 
 
 def command(out, model, *extra):
@@ -51,20 +57,22 @@ def test_killed_run_resumes_and_finishes_each_stage_once(tiny_finishing_model, t
 
     result = run(out, tiny_finishing_model)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[1/6] synth: done before, skipped" in result.stderr and "[3/6] train sft: done before, skipped" in result.stderr
-    assert all(s["status"] == "done" for s in stages(out).values()) and len(stages(out)) == 6
+    assert "[1/7] synth: done before, skipped" in result.stderr and "[3/7] train sft: done before, skipped" in result.stderr
+    assert all(s["status"] == "done" for s in stages(out).values()) and len(stages(out)) == 7
     rows = [r for p in sorted((out / "data" / "dialogues").rglob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert sorted(r["sample_id"] for r in rows) == list(range(5))  # every dialogue exactly once
     assert sft_adapter.stat().st_mtime_ns == sft_written  # the finished adapter was not trained again
     assert read_adapter_manifest(out / "adapters" / "genpi" / "calc").method == "genpi"
     fidelity = json.loads((out / "eval" / "fidelity.json").read_text())
     assert set(fidelity["results"][0]["systems"]) == {"teacher", "base", "sft", "genpi"}
+    [efficiency] = json.loads((out / "eval" / "efficiency.json").read_text())["results"]
+    assert efficiency["prompt_id"] == "calc" and efficiency["lora"]["from"] == str(out / "adapters" / "sft" / "calc")
     report = (out / "report" / "report.md").read_text()
-    assert "genpi" in report and "sft" in report
+    assert "genpi" in report and "sft" in report and "## Efficiency\n\n### calc" in report
     assert f"report: {out / 'report' / 'report.md'}" in result.stderr
 
     again = run(out, tiny_finishing_model)
-    assert again.returncode == 0 and again.stderr.count("done before, skipped") == 6, again.stderr[-2000:]
+    assert again.returncode == 0 and again.stderr.count("done before, skipped") == 7, again.stderr[-2000:]
 
     changed = run(out, tiny_finishing_model, "--samples", "6")
     assert changed.returncode == 2
@@ -75,6 +83,9 @@ def test_bad_input_exits_2_before_any_work(tmp_path):
     cases = [
         (["--prompts", "calc", "--methods", "sft,bogus"], "unknown method(s) bogus"),
         (["--prompts", "nope"], "nope not in"),
+        (["--prompts", "calc", "--tasks", f"calc={REPO / 'none.json'}"], "none.json: no such tasks file"),
+        (["--prompts", "calc", "--tasks", f"greet={TASKS}"], "--tasks greet="),
+        (["--prompts", "calc", "--tasks", "calc"], "--tasks calc: expected ID=FILE"),
     ]
     for extra, message in cases:
         out = tmp_path / "run"
@@ -85,3 +96,52 @@ def test_bad_input_exits_2_before_any_work(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "genpi.cli", "run", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "r")],
                              cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def stage_list(out, *extra) -> list[tuple[str, list[str]]]:
+    args = build_parser().parse_args([str(CATALOG), "--out", str(out), "--methods", "sft,genpi", *extra])
+    return stage_commands(args, PRESETS[args.preset], ["calc", "greet"])
+
+
+def test_stages_evaluate_tasks_and_efficiency_into_the_eval_folder(tmp_path):
+    out = tmp_path / "run"
+    plain = dict(stage_list(out, "--prompts", "calc,greet"))
+    assert list(plain) == ["synth", "stats", "train sft", "train genpi", "eval fidelity", "eval efficiency calc", "eval efficiency greet", "report"]
+    eval_dir = plain["report"][plain["report"].index("--eval") + 1]
+    assert eval_dir == str(out / "eval")
+    for prompt_id in ("calc", "greet"):
+        cost = eval_parser().parse_args(plain[f"eval efficiency {prompt_id}"])
+        assert (cost.what, cost.prompt, cost.data, cost.out) == ("efficiency", prompt_id, str(out / "data"), eval_dir)
+        assert cost.adapters == str(out / "adapters" / "sft") and (cost.turns, cost.repeats) == (2, 1)  # the first method; demo sizes
+    assert eval_parser().parse_args(dict(stage_list(out, "--prompts", "calc", "--efficiency-args", "--turns 3"))["eval efficiency calc"]).turns == 3
+
+    other = tmp_path / "other.json"
+    tasks = stage_list(out, "--prompts", "calc,greet", "--tasks", f"calc={TASKS},greet={other}", "--task-args", "--limit 2 --rounds 4")
+    assert [n for n, _ in tasks] == ["synth", "stats", "train sft", "train genpi", "eval fidelity", "eval os-tasks calc",
+                                     "eval os-tasks greet", "eval efficiency calc", "eval efficiency greet", "report"]  # fmt: skip
+    calc = eval_parser().parse_args(dict(tasks)["eval os-tasks calc"])
+    assert (calc.what, calc.tasks, calc.prompt, calc.out, calc.limit, calc.rounds) == ("os-tasks", str(TASKS), "calc", eval_dir, 2, 4)
+    assert calc.adapters == [f"sft={out / 'adapters' / 'sft'}", f"genpi={out / 'adapters' / 'genpi'}"] and calc.max_new_tokens == 96
+    assert eval_parser().parse_args(dict(tasks)["eval os-tasks greet"]).tasks == str(other)
+    assert tasks == stage_list(out, "--prompts", "calc,greet", "--tasks", f"calc={TASKS}", "--tasks", f"greet={other}",
+                               "--task-args", "--limit 2 --rounds 4")  # repeated or comma-separated: the same stages
+    for bad, message in ((["--prompts", "calc", "--tasks", f"calc={TASKS}", "--tasks", f"calc={other}"], "calc has a tasks file already"),
+                         (["--prompts", "greet", "--tasks", f"calc={TASKS}"], "calc is not a prompt of this run (greet)")):  # fmt: skip
+        with pytest.raises(InputError, match=re.escape(message)):
+            stage_list(out, *bad)
+
+
+def test_a_changed_task_or_efficiency_setting_is_refused(tmp_path, capsys):
+    out, other = tmp_path / "run", tmp_path / "tasks.json"
+    other.write_text(json.dumps([{"description": "Say yes.", "evaluation": {"match": "yes"}}]))
+    flags = ["--prompts", "calc", "--tasks", f"calc={TASKS}"]
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"stages": {name: {"argv": argv, "status": "done", "seconds": 1.0}
+                                                         for name, argv in stage_list(out, *flags)}}))  # fmt: skip
+    for extra, stage in ((["--efficiency-args", "--turns 3"], "eval efficiency calc"), (["--tasks", f"calc={other}"], "eval os-tasks calc"),
+                         (["--task-args", "--limit 1"], "eval os-tasks calc")):  # fmt: skip
+        argv = [str(CATALOG), "--out", str(out), "--methods", "sft,genpi", *(flags[:2] + extra if extra[0] == "--tasks" else flags + extra)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"stage {stage!r} was started with other settings" in err and "choose another --out" in err, err
+    assert json.loads((out / "run.json").read_text())["stages"]["report"]["status"] == "done"  # nothing ran

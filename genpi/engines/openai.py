@@ -89,6 +89,24 @@ class OpenAIEngine:
         finally:
             await self.aclose()
 
+    def models(self, timeout_s: float = 30.0) -> list[str]:
+        """The model ids the server lists (GET /models), asked once: a check before work starts should fail fast,
+        so no retries. Raises RuntimeError with the reason when the server cannot be asked."""
+        import urllib.error
+        import urllib.request
+
+        url = self.base_url + "/models"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=self._headers()), timeout=timeout_s) as response:
+                return [m["id"] for m in json.loads(response.read())["data"]]
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"{url}: HTTP {e.code}: {_error_text(e.read().decode(errors='replace'))}") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:  # unreachable, timed out, or not an OpenAI-style list
+            raise RuntimeError(f"{url}: {type(e).__name__}: {e}") from None
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
     def count_tokens(self, messages: list[Message]) -> int:
         """The server's count (its tokenizer and chat template), from a one-token completion's usage."""
         [completion] = self.generate([ChatRequest(messages, Sampling(max_tokens=1))])
@@ -101,8 +119,7 @@ class OpenAIEngine:
 
         loop = asyncio.get_running_loop()
         if self._session is None or self._session_loop is not loop:
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            self._session = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+            self._session = aiohttp.ClientSession(headers=self._headers(), timeout=aiohttp.ClientTimeout(total=self.timeout_s))
             self._limit, self._session_loop = asyncio.Semaphore(self.max_concurrency), loop
         url = self.base_url + path
         for attempt in range(self.retries + 1):

@@ -576,11 +576,10 @@ def write_outputs(out: Path, result: dict) -> None:
     for system in result["systems"]:
         rows = [r for r in result["rows"] if r["system"] == system]
         write_table(out / "efficiency" / f"prompt_id={result['prompt_id']}" / f"system={system}" / "part-00000.parquet", rows, ROW_SCHEMA)
-    path = out / "efficiency.json"
-    previous = json.loads(path.read_text())["results"] if path.exists() else []
-    kept = [r for r in previous if r["prompt_id"] != result["prompt_id"]]
+    from genpi.eval.report import keep_per_prompt
+
     summary = {k: v for k, v in result.items() if k != "rows"}
-    path.write_text(json.dumps({"results": kept + [summary]}, indent=2))
+    keep_per_prompt(out / "efficiency.json", summary)
     plot(summary, out / f"efficiency-{result['prompt_id']}.png")
 
 

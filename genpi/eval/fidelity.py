@@ -16,7 +16,9 @@ without P, each adapter without P), all greedy, are measured three ways:
   share of episodes ended by a final action, mean agent turns, share at the limit;
 - teacher-forced: on the teacher's dialogues stored at synthesis, each system's
   mean negative log-likelihood of the teacher's agent tokens without P, and the
-  mean KL(teacher with P || system) over those tokens, full vocabulary.
+  mean KL(teacher with P || system) over those tokens, full vocabulary. A served
+  system (--served, genpi.eval.serve) gives no logits over HTTP: its NLL and KL are
+  null and named in its summary's `not_scored`.
 
 Retention is system / teacher for the rates and agreements, teacher / system for
 the NLL (1.0 = as good as the teacher). The first turn is the episode's first
@@ -43,7 +45,8 @@ from tqdm import tqdm
 from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog
 from genpi.eval.metrics import action, ratio, rouge_l
-from genpi.eval.serve import BASE, TEACHER, Batcher, System, adapter_dirs, load_engine, prompt_systems, served_as
+from genpi.eval.serve import (BASE, TEACHER, Batcher, System, adapter_dirs, check_served, load_engine, mark_served, prompt_systems,
+                              served_as, served_notes, served_specs)  # fmt: skip
 from genpi.synth.store import TURN, write_table
 
 EVAL_SCHEMA = pa.schema(
@@ -71,6 +74,7 @@ EVAL_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+LOGIT_METRICS = ("nll", "kl")  # teacher-forced: they need the system's own logits
 RATES = ("format_rate", "kind_agreement", "action_agreement", "rouge_l", "action_space_rate", "final_rate")
 
 
@@ -119,14 +123,15 @@ def play_episodes(entry: PromptEntry, rows: list[dict], systems: list[System], e
     async def play_all() -> list[dict]:
         return await asyncio.gather(*(play(s, r) for s in systems for r in rows))
 
-    episodes = asyncio.run(play_all())
+    episodes = batcher.run(play_all())
     bar.close()
     return {s.name: episodes[i * len(rows) : (i + 1) * len(rows)] for i, s in enumerate(systems)}
 
 
 def teacher_forced(entry: PromptEntry, rows: list[dict], systems: list[System], engine, max_length: int, progress: bool = False) -> dict[str, list]:
     """Per system and row: (tokens, summed NLL, summed KL(teacher || system)) on the teacher's agent tokens;
-    None for a row that cannot be scored. The teacher's logits are the base's with P (adapters disabled)."""
+    None for a row that cannot be scored or a served system. The teacher's logits are the base's with P (adapters
+    disabled)."""
     import torch
     import torch.nn.functional as F
 
@@ -148,6 +153,9 @@ def teacher_forced(entry: PromptEntry, rows: list[dict], systems: list[System], 
                 teacher = response_logits(model, collate([made[0].teacher], engine.pad_id, engine.device)).float()
             targets = response_targets(student)
             for s in systems:
+                if s.served:  # its logits stay on its server
+                    out[s.name].append(None)
+                    continue
                 if s.with_prompt:
                     logits = teacher
                 else:
@@ -247,17 +255,18 @@ def heldout_used_for_lambda(system: System) -> bool:
 def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", prompts: list[str] | None = None,
                      limit: int | None = None, max_new_tokens: int | None = None, max_turns: int | None = None,
                      out: str | Path | None = None, record: bool = True, max_batch: int = 32, command: list[str] | None = None,
-                     progress: bool = False) -> dict:  # fmt: skip
+                     progress: bool = False, served: list[str] = ()) -> dict:  # fmt: skip
     """Evaluate every prompt that has held-out rows; returns (and writes to OUT/fidelity.json) the summary."""
     from genpi.models import resolve_model
     from genpi.train.adapters import record_eval
 
     dirs = adapter_dirs(adapters)
+    served_by = served_specs(list(served), dirs)
     base_path = resolve_model(base)
     out = Path(out) if out else Path(data) / "eval"
     plans, skipped = [], []
     for entry in load_catalog(catalog, prompts):  # every check before the model loads
-        systems, missing = prompt_systems(entry, dirs, base_path)
+        systems, missing = prompt_systems(entry, dirs, base_path, served_by)
         rows = heldout_rows(data, entry, limit)
         if not rows:
             skipped.append({"prompt_id": entry.id, "skipped": f"no held-out rows in {data} (synthesize with --heldout > 0)"})
@@ -267,6 +276,7 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
             plans.append((entry, systems, missing, rows))
     if not plans:
         raise InputError("nothing to evaluate: " + "; ".join(f"{r['prompt_id']}: {r['skipped']}" for r in skipped))
+    check_served([s for _, systems, _, _ in plans for s in systems])
     settings = episode_settings(data, max_new_tokens, max_turns)
     engine = load_engine(base_path, [s for _, systems, _, _ in plans for s in systems], max_batch)
     form = served_as(engine, [s for _, systems, _, _ in plans for s in systems])
@@ -278,7 +288,7 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
         records = reply_rows(entry, rows, systems, episodes, forced)
         for name, rs in records.items():
             write_table(out / "fidelity" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, EVAL_SCHEMA)
-        metrics = {name: summarize(rs) for name, rs in records.items()}
+        metrics = mark_served({name: summarize(rs) for name, rs in records.items()}, systems, LOGIT_METRICS)
         result = {
             "prompt_id": entry.id,
             "inputs": len(rows),
@@ -340,6 +350,7 @@ def format_summary(summary: dict) -> str:
         for name, used in r["heldout_used_for_lambda"].items():
             if used:
                 lines.append(f"note: {name}: λ was chosen on these held-out rows (heldout_used_for_lambda: true)")
+        lines += served_notes(r["systems"])
         for m in r["missing"]:
             lines.append(f"missing: {m}")
     return "\n".join(lines)

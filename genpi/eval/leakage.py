@@ -28,7 +28,8 @@ from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog, render_prompt_text
 from genpi.engines import ChatRequest, Sampling
 from genpi.eval.metrics import longest_common_span, rouge_l, verbatim_span, words
-from genpi.eval.serve import adapter_dirs, generate, load_engine, prompt_systems, served_as
+from genpi.eval.serve import (adapter_dirs, check_served, generate, load_engine, mark_served, prompt_systems, served_as, served_notes,
+                              served_specs)  # fmt: skip
 from genpi.synth.store import write_table
 
 EXTRACTION_REQUESTS = (
@@ -98,22 +99,24 @@ def probe_prompt(entry: PromptEntry, systems, engine, max_new_tokens: int | None
 
 def probe_catalog(catalog, adapters: list[str], out, base: str = "smollm2", prompts: list[str] | None = None,
                   max_new_tokens: int | None = None, record: bool = True, max_batch: int = 32, command: list[str] | None = None,
-                  progress: bool = False) -> dict:  # fmt: skip
+                  progress: bool = False, served: list[str] = ()) -> dict:  # fmt: skip
     from genpi.models import resolve_model
     from genpi.train.adapters import record_eval
 
     dirs = adapter_dirs(adapters)
+    served_by = served_specs(list(served), dirs)
     base_path = resolve_model(base)
     out = Path(out)
     plans, skipped = [], []
     for entry in load_catalog(catalog, prompts):
-        systems, missing = prompt_systems(entry, dirs, base_path)
+        systems, missing = prompt_systems(entry, dirs, base_path, served_by)
         if len(systems) == 2:
             skipped.append({"prompt_id": entry.id, "skipped": "no adapter: " + "; ".join(missing)})
         else:
             plans.append((entry, systems, missing))
     if not plans:
         raise InputError("nothing to probe: " + "; ".join(f"{r['prompt_id']}: {r['skipped']}" for r in skipped))
+    check_served([s for _, systems, _ in plans for s in systems])
     engine = load_engine(base_path, [s for _, systems, _ in plans for s in systems], max_batch)
     form = served_as(engine, [s for _, systems, _ in plans for s in systems])
     results = []
@@ -122,7 +125,7 @@ def probe_catalog(catalog, adapters: list[str], out, base: str = "smollm2", prom
         records = probe_prompt(entry, systems, engine, max_new_tokens, progress)
         for name, rs in records.items():
             write_table(out / "leakage" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, LEAKAGE_SCHEMA)
-        metrics = {name: summarize(rs) for name, rs in records.items()}
+        metrics = mark_served({name: summarize(rs) for name, rs in records.items()}, systems)
         results.append({"prompt_id": entry.id, "prompt_words": len(words(render_prompt_text(entry))), "missing": missing,
                         "systems": metrics, "adapters": {s.name: str(s.folder) for s in systems if s.adapter}})  # fmt: skip
         if record:
@@ -148,6 +151,7 @@ def format_summary(summary: dict) -> str:
         for name, m in r["systems"].items():
             cells = [m["span"], m["rouge_l_recall"], m["verbatim_rate"]]
             lines.append(f"{name:<14}" + "".join(f"{'-' if v is None else f'{100 * v:.1f}%':>12}" for v in cells))
+        lines += served_notes(r["systems"])
         for m in r["missing"]:
             lines.append(f"missing: {m}")
     return "\n".join(lines)

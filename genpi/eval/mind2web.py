@@ -46,7 +46,7 @@ import pyarrow as pa
 from genpi import InputError
 from genpi.engines import ChatRequest, Sampling
 from genpi.eval.metrics import ratio
-from genpi.eval.serve import TEACHER, Batcher, System, load_engine, served_as, task_systems
+from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
 from genpi.synth.store import TURN, write_table
 
 PER_QUESTION = 5  # candidates per question, besides "None of the above" (AgentBench's num_candidates)
@@ -218,15 +218,17 @@ async def answer_step(step: Step, agent, prefix: list[dict], sampling: Sampling,
     }  # fmt: skip
 
 
-def answer_all(steps: list[Step], agents: dict[str, tuple[System, object]], entry, sampling: Sampling, layout: str) -> dict[str, list[dict]]:
-    """{system: per-step rows}; `agents` maps a system's name to (system, its AsyncEngine)."""
+def answer_all(steps: list[Step], agents: dict[str, tuple[System, object]], entry, sampling: Sampling, layout: str,
+               run_async=asyncio.run) -> dict[str, list[dict]]:  # fmt: skip
+    """{system: per-step rows}; `agents` maps a system's name to (system, its AsyncEngine); `run_async` runs the
+    coroutine (a Batcher's `run` closes its served systems' sessions after it)."""
 
     async def run() -> list[dict]:
         jobs = [answer_step(step, agent, entry.messages() if system.with_prompt else [], sampling, layout)
                 for system, agent in agents.values() for step in steps]  # fmt: skip
         return await asyncio.gather(*jobs)
 
-    rows = asyncio.run(run())
+    rows = run_async(run())
     return {name: [{"prompt_id": entry.id, "system": name, **r} for r in rows[i * len(steps) : (i + 1) * len(steps)]]
             for i, name in enumerate(agents)}  # fmt: skip
 
@@ -248,17 +250,19 @@ def score(rows: dict[str, list[dict]]) -> tuple[dict, dict]:
 
 def evaluate(steps_path, catalog, prompt: str, adapters: list[str], base: str = "smollm2", limit: int | None = None,
              out: str | Path = "eval", layout: str = "agentbench", max_new_tokens: int = 128, max_batch: int = 32,
-             command: list[str] | None = None) -> dict:  # fmt: skip
-    entry, systems, missing, base_path = task_systems(catalog, prompt, adapters, base)
+             command: list[str] | None = None, served: list[str] = ()) -> dict:  # fmt: skip
+    entry, systems, missing, base_path = task_systems(catalog, prompt, adapters, base, served)
     steps = read_steps(steps_path, limit)  # every check before the model loads
     engine = load_engine(base_path, systems, max_batch)
     batcher = Batcher(engine)
     print(f"genpi eval mind2web: {entry.id}: {len(steps)} steps, {len(systems)} systems", file=sys.stderr)
-    rows = answer_all(steps, {s.name: (s, batcher.view(s)) for s in systems}, entry, Sampling(max_tokens=max_new_tokens), layout)
+    rows = answer_all(steps, {s.name: (s, batcher.view(s)) for s in systems}, entry, Sampling(max_tokens=max_new_tokens), layout,
+                      batcher.run)
     out = Path(out)
     for name, rs in rows.items():
         write_table(out / "mind2web" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, STEP_SCHEMA)
     metrics, kept = score(rows)
+    mark_served(metrics, systems)
     summary = {
         "command": command, "steps_file": str(steps_path), "catalog": str(catalog), "prompt_id": entry.id, "base": base_path,
         "served_as": served_as(engine, systems), "layout": layout, "steps": len(steps), "greedy": True,
@@ -279,5 +283,5 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{name:<14}" + "".join(f"{pct(m[k]):>12}" for k in METRICS) + f"{m['errors']:>8}")
     for name, kept in summary["retention"].items():
         lines.append(f"{'  retention':<14}" + "".join(f"{pct(kept[k]):>12}" for k in METRICS) + f"   ({name})")
-    lines += [f"missing: {m}" for m in summary["missing"]]
+    lines += served_notes(summary["systems"]) + [f"missing: {m}" for m in summary["missing"]]
     return "\n".join(lines)

@@ -18,7 +18,8 @@ user turn; `answer(...)` or `finish` ends the task and it is judged; anything el
 action; at most `rounds` replies; a command that runs past its time ends the task as a timeout.
 
 Rows (one per task and system) go to `EVAL/os_tasks/prompt_id=ID/system=NAME/part-00000.parquet`, the
-summary (success rate per system, retention = system / teacher) to `EVAL/os_tasks.json`.
+summary (success rate per system, retention = system / teacher) to `EVAL/os_tasks.json`, which keeps one
+summary per prompt (`{"results": [...]}`; a rerun replaces its prompt's).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import ChatRequest, Completion, Sampling
 from genpi.eval.metrics import ratio
+from genpi.eval.report import keep_per_prompt
 from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, SandboxError
-from genpi.eval.serve import TEACHER, Batcher, System, adapter_dirs, load_engine, prompt_systems, served_as
+from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
 from genpi.synth.store import TURN, write_table
 
 INPUT_TEMPLATE = "Now, I will start a new problem in a new OS. My problem is:\n\n{description}"  # AgentBench's
@@ -203,6 +205,14 @@ def observation(output: str) -> str:
     return f"The output of the OS:\n\n{output}" if output else "The output of the OS is empty."
 
 
+def check_sandbox() -> None:
+    """This machine can run the sandbox (an InputError says why not)."""
+    try:
+        Sandbox(Limits(wall_s=60)).close()
+    except SandboxError as e:
+        raise InputError(str(e)) from None
+
+
 def judge(task: OSTask, sandbox: Sandbox, answer: str | None, timeout: float) -> bool:
     if task.match is not None:
         if answer is None:
@@ -317,19 +327,18 @@ def summarize(rows: list[dict]) -> dict:
 
 def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] = (), base: str = "smollm2",
                       agent: str | None = None, limit: int | None = None, parallel: int = 4, out: str | Path = "eval",
-                      settings: LoopSettings = LoopSettings(), max_batch: int = 32, command: list[str] | None = None) -> dict:  # fmt: skip
-    """Play every task with every system (the replay agent, or teacher, base and adapters); returns and
-    writes the summary."""
-    if agent and adapters:
-        raise InputError("--adapters: the replay agent (--agent) plays no model; leave --adapters out")
+                      settings: LoopSettings = LoopSettings(), max_batch: int = 32, command: list[str] | None = None,
+                      served: list[str] = ()) -> dict:  # fmt: skip
+    """Play every task with every system (the replay agent, or teacher, base, adapters and served systems); returns
+    and writes the summary."""
+    if agent and (adapters or served):
+        raise InputError("--adapters/--served: the replay agent (--agent) plays no model; leave them out")
     if "{description}" not in settings.input_template:
         raise InputError("--input-template must contain {description}")
     tasks = load_tasks(tasks_path)[:limit]
     entry = load_catalog(catalog, [prompt_id])[0]
-    try:  # before any model loads: this machine can run the sandbox
-        Sandbox(Limits(wall_s=60)).close()
-    except SandboxError as e:
-        raise InputError(str(e)) from None
+    batcher = Batcher(None)  # the replay agent's: nothing to close
+    check_sandbox()  # before any model loads
     out = Path(out)
     missing, form, base_path = [], None, None
     if agent:
@@ -337,10 +346,7 @@ def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] =
         systems = [System(REPLAY)]
         agents = {REPLAY: replay_agent(replies)}
     else:
-        from genpi.models import resolve_model
-
-        base_path = resolve_model(base)
-        systems, missing = prompt_systems(entry, adapter_dirs(list(adapters)), base_path)
+        entry, systems, missing, base_path = task_systems(catalog, prompt_id, list(adapters), base, served)
         engine = load_engine(base_path, systems, max_batch)
         form = served_as(engine, systems)
         batcher = Batcher(engine)
@@ -363,13 +369,14 @@ def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] =
             return await asyncio.gather(*(one(t, s) for s in systems for t in tasks))
 
     started = time.monotonic()
-    rows = asyncio.run(play_all())
+    rows = batcher.run(play_all())
     wall = time.monotonic() - started
     metrics = {}
     for system in systems:
         records = [dict(r, prompt_id=entry.id) for r in rows if r["system"] == system.name]
         write_table(out / "os_tasks" / f"prompt_id={entry.id}" / f"system={system.name}" / "part-00000.parquet", records, OS_TASK_SCHEMA)
         metrics[system.name] = summarize(records)
+    mark_served(metrics, systems)
     teacher = metrics.get(TEACHER)
     summary = {
         "command": command, "tasks_file": str(tasks_path), "catalog": str(catalog), "prompt_id": entry.id,
@@ -378,8 +385,7 @@ def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] =
         "retention": {name: ratio(m["success_rate"], teacher["success_rate"]) for name, m in metrics.items() if name != TEACHER} if teacher else {},
         "adapters": {s.name: str(s.folder) for s in systems if s.adapter},
     }  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "os_tasks.json").write_text(json.dumps(summary, indent=2))
+    keep_per_prompt(out / "os_tasks.json", summary)
     return summary
 
 
@@ -391,5 +397,5 @@ def format_summary(summary: dict) -> str:
         rate = "-" if m["success_rate"] is None else f"{100 * m['success_rate']:.1f}%"
         lines.append(f"{name:<16}{m['successes']:>5}/{m['tasks']:<3}{rate:>8}{'-' if kept is None else f'{100 * kept:.1f}%':>11}"
                      f"{m['mean_rounds'] or 0:>8.2f}{m['mean_seconds'] or 0:>8.1f}   " + ", ".join(f"{k}:{v}" for k, v in m["ended"].items()))  # fmt: skip
-    lines += [f"missing: {m}" for m in summary["missing"]]
+    lines += served_notes(summary["systems"]) + [f"missing: {m}" for m in summary["missing"]]
     return "\n".join(lines)

@@ -6,8 +6,8 @@ Built only from what the run's files hold, never recomputed from models:
     EVAL/fidelity.json, EVAL/fidelity/    genpi eval fidelity (EVAL defaults to RUN/eval)
     EVAL/leakage.json                     genpi eval leakage
     EVAL/mind2web.json, EVAL/webshop.json genpi eval mind2web, genpi eval webshop (task success)
-    EVAL/os_tasks.json                    genpi eval os-tasks
-    EVAL/efficiency.json                  genpi eval efficiency
+    EVAL/os_tasks.json                    genpi eval os-tasks (one result per prompt)
+    EVAL/efficiency.json                  genpi eval efficiency (one result per prompt)
     ADAPTERS/ID/genpi.json                training settings and curves of the adapters those name
 
 Every number in a table is a value of those files, printed by `cell` (4 decimals),
@@ -55,6 +55,22 @@ def table(headers: list[str], rows: list[list]) -> list[str]:
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def keep_per_prompt(path: Path, result: dict) -> None:
+    """Write `result` into the evaluation file `path` that holds one result per prompt ({"results": [...]}, as
+    this report reads it): it replaces its prompt's earlier one, the other prompts' stay."""
+    previous = _read_json(path)
+    kept = [r for r in (previous or {}).get("results", []) if r["prompt_id"] != result["prompt_id"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"results": kept + [result]}, indent=2))
+
+
+def _served(metrics: dict[str, dict]) -> list[str]:
+    from genpi.eval.serve import served_notes
+
+    notes = served_notes(metrics)
+    return ["; ".join(notes) + ".", ""] if notes else []
 
 
 def per_turn_rates(eval_dir: Path, prompt_id: str) -> dict[str, list[float]]:
@@ -166,6 +182,7 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
             adapters.setdefault(r["prompt_id"], {}).update(r["adapters"])
             md += [f"### {r['prompt_id']} ({r['inputs']} held-out inputs)", ""]
             md += table(["system"] + [h for h, _ in FIDELITY], [[name] + [m[k] for _, k in FIDELITY] for name, m in r["systems"].items()]) + [""]
+            md += _served(r["systems"])
             md += ["Retention (system / teacher; NLL: teacher / system):", ""]
             md += table(["system"] + [h for h, _ in RETENTION],
                         [[name] + [kept.get(k) for _, k in RETENTION] for name, kept in r["retention"].items() if name != "teacher"]) + [""]  # fmt: skip
@@ -206,6 +223,7 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
             adapters.setdefault(r["prompt_id"], {}).update(r["adapters"])
             md += [f"### {r['prompt_id']} (P: {r['prompt_words']} words)", ""]
             md += table(["system"] + [h for h, _ in LEAKAGE], [[name] + [m[k] for _, k in LEAKAGE] for name, m in r["systems"].items()]) + [""]
+            md += _served(r["systems"])
         if done:
             panels = [(f"leakage: {r['prompt_id']}", _bars([h for h, _ in LEAKAGE], {n: [m[k] for _, k in LEAKAGE] for n, m in r["systems"].items()}, "share"))
                       for r in done]  # fmt: skip
@@ -222,22 +240,24 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
         md += [f"### {title}: {result['prompt_id']}", "", f"Command: `{' '.join(result['command'] or [])}`; served as: {result['served_as']}; "
                f"{result['layout']} layout; greedy.", ""]  # fmt: skip
         md += table(["system"] + [h for h, _ in columns], [[n] + [m[k] for _, k in columns] for n, m in result["systems"].items()]) + [""]
+        md += _served(result["systems"])
         if result["retention"]:
             keys = list(next(iter(result["retention"].values())))
             md += ["Retention (system / teacher):", ""] + table(["system"] + keys, [[n] + [kept[k] for k in keys] for n, kept in result["retention"].items()]) + [""]
         missing += [f"{name}: {m}" for m in result["missing"]]
-    tasks = _read_json(eval_dir / "os_tasks.json")
+    os_tasks = _read_json(eval_dir / "os_tasks.json")
     md += ["## OS task success", ""]
-    if tasks is None:
+    if os_tasks is None:
         missing.append(f"OS task success: {eval_dir / 'os_tasks.json'} not found (run genpi eval os-tasks)")
-    else:
+    for tasks in os_tasks.get("results", [os_tasks]) if os_tasks else []:  # one summary alone: written by an older genpi
         adapters.setdefault(tasks["prompt_id"], {}).update(tasks["adapters"])
-        md += [f"Command: `{' '.join(tasks['command'] or [])}`; {tasks['tasks']} tasks from `{tasks['tasks_file']}`, prompt "
-               f"{tasks['prompt_id']}, agent {tasks['agent']}, {tasks['settings']['rounds']} rounds.", ""]  # fmt: skip
+        md += [f"### {tasks['prompt_id']}", "", f"Command: `{' '.join(tasks['command'] or [])}`; {tasks['tasks']} tasks from "
+               f"`{tasks['tasks_file']}`, prompt {tasks['prompt_id']}, agent {tasks['agent']}, {tasks['settings']['rounds']} rounds.", ""]  # fmt: skip
         md += table(["system", "tasks", "successes", "success rate", "retention", "mean rounds", "seconds per task", "ended"],
                     [[name, m["tasks"], m["successes"], m["success_rate"], tasks["retention"].get(name), m["mean_rounds"], m["mean_seconds"],
                       ", ".join(f"{k} {v}" for k, v in m["ended"].items())] for name, m in tasks["systems"].items()]) + [""]  # fmt: skip
-        missing += [f"OS task success: {m}" for m in tasks["missing"]]
+        md += _served(tasks["systems"])
+        missing += [f"OS task success of {tasks['prompt_id']}: {m}" for m in tasks["missing"]]
     efficiency = _read_json(eval_dir / "efficiency.json")
     md += ["## Efficiency", ""]
     if efficiency is None:

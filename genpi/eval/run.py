@@ -1,15 +1,19 @@
 """`python -m genpi.eval fidelity|leakage|os-tasks ...` (`genpi eval`): evaluate adapters against the teacher.
 
-    genpi eval fidelity DATA --catalog C --adapters DIR [DIR ...] [--out EVAL]
-    genpi eval leakage --catalog C --adapters DIR [DIR ...] --out EVAL
-    genpi eval os-tasks TASKS.json --catalog C --prompt ID [--adapters DIR ...] [--agent replay:FILE] [--out EVAL]
+    genpi eval fidelity DATA --catalog C [--adapters DIR [DIR ...]] [--served NAME=SPEC ...] [--out EVAL]
+    genpi eval leakage --catalog C [--adapters DIR [DIR ...]] [--served NAME=SPEC ...] --out EVAL
+    genpi eval os-tasks TASKS.json --catalog C --prompt ID [--adapters DIR ...] [--served NAME=SPEC ...] [--agent replay:FILE] [--out EVAL]
     genpi eval DATA --catalog C --adapters DIR ...        (the same as `genpi eval fidelity`)
     genpi eval mind2web STEPS.jsonl --catalog C --prompt ID [--adapters DIR ...] [--limit N] [--out EVAL]
     genpi eval webshop --url URL --catalog C --prompt ID [--adapters DIR ...] [--goals N] [--out EVAL]
     genpi eval efficiency --catalog C --prompt ID [--data RUN] [--adapters DIR] [--turns 5] [--out EVAL] ...
 
 An --adapters value is an adapters folder (genpi train --out: DIR/ID/ per prompt), named
-after the folder, or NAME=DIR. Bad input prints `genpi: error: ...` and exits 2.
+after the folder, or NAME=DIR. A --served value (repeatable; fidelity, leakage and the task
+commands) is a system on an OpenAI-compatible server, NAME=openai:BASE_URL/MODEL, MODEL with
+{prompt_id} for each prompt's own (genpi serve names adapters by prompt id):
+`--served genpi=openai:http://127.0.0.1:8000/v1/{prompt_id}`. Bad input, an unreachable server
+or a model it does not list prints `genpi: error: ...` and exits 2, before the base model loads.
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ import sys
 from genpi import InputError
 
 
+SERVED_HELP = "a served system, NAME=openai:BASE_URL/MODEL (MODEL may hold {prompt_id}); repeatable"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", required=True)
-    p.add_argument("--adapters", nargs="+", required=True, metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR")
+    p.add_argument("--adapters", nargs="+", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR")
+    p.add_argument("--served", action="append", default=[], metavar="NAME=SPEC", help=SERVED_HELP)
     p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)")
-    p.add_argument("--prompts", default=None, help="comma-separated prompt ids (default: all with an adapter)")
+    p.add_argument("--prompts", default=None, help="comma-separated prompt ids (default: all with an adapter, or all with --served)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--no-record", action="store_true", help="leave the adapters' genpi.json unchanged")
@@ -50,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalog", required=True)
     p.add_argument("--prompt", required=True, help="the catalog prompt whose P the teacher gets (and the adapters internalize)")
     p.add_argument("--adapters", nargs="+", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR")
+    p.add_argument("--served", action="append", default=[], metavar="NAME=SPEC", help=SERVED_HELP)
     p.add_argument("--agent", default=None, help="replay:FILE plays known replies (task index -> list of replies) instead of the model")
     p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)")
     p.add_argument("--limit", type=int, default=None, help="the first N tasks only")
@@ -93,6 +102,7 @@ def _task_parsers(sub) -> None:
         p.add_argument("--catalog", required=True)
         p.add_argument("--prompt", required=True, help="the catalog prompt's id")
         p.add_argument("--adapters", nargs="*", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR")
+        p.add_argument("--served", action="append", default=[], metavar="NAME=SPEC", help=SERVED_HELP)
         p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)")
         p.add_argument("--layout", choices=("agentbench", "examples"), default="agentbench",
                        help="the user turns: AgentBench's text, or the layout examples/agents.yaml's prompts show")
@@ -113,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value < 1:
                 raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
         prompts = getattr(args, "prompts", None) and args.prompts.split(",")
+        if args.what in ("fidelity", "leakage") and not args.adapters and not args.served:
+            raise InputError(f"genpi eval {args.what} compares adapters with the teacher: give --adapters DIR or --served NAME=SPEC")
         if args.what == "os-tasks":
             from genpi.eval.os_tasks import INPUT_TEMPLATE, LoopSettings, evaluate_os_tasks, format_summary
             from genpi.eval.sandbox import Limits
@@ -120,17 +132,17 @@ def main(argv: list[str] | None = None) -> int:
             settings = LoopSettings(args.rounds, max_new_tokens=args.max_new_tokens, input_template=args.input_template or INPUT_TEMPLATE,
                                     limits=Limits(wall_s=args.task_timeout))  # fmt: skip
             summary = evaluate_os_tasks(args.tasks, args.catalog, args.prompt, args.adapters, args.base, args.agent, args.limit,
-                                        args.parallel, args.out, settings, args.max_batch, command)  # fmt: skip
+                                        args.parallel, args.out, settings, args.max_batch, command, args.served)  # fmt: skip
         elif args.what == "mind2web":
             from genpi.eval.mind2web import evaluate, format_summary
 
             summary = evaluate(args.steps, args.catalog, args.prompt, args.adapters, args.base, args.limit, args.out,
-                               args.layout, args.max_new_tokens, args.max_batch, command)  # fmt: skip
+                               args.layout, args.max_new_tokens, args.max_batch, command, args.served)  # fmt: skip
         elif args.what == "webshop":
             from genpi.eval.webshop import evaluate, format_summary
 
             summary = evaluate(args.url, args.catalog, args.prompt, args.adapters, args.base, args.goals, args.out,
-                               args.layout, args.max_new_tokens, args.max_batch, command)  # fmt: skip
+                               args.layout, args.max_new_tokens, args.max_batch, command, args.served)  # fmt: skip
         elif args.what == "efficiency":
             from genpi.eval.efficiency import evaluate, format_summary
 
@@ -142,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = evaluate_catalog(args.data, args.catalog, args.adapters, args.base, prompts, args.limit, args.max_new_tokens,
                                        args.max_turns, args.out, not args.no_record, args.max_batch, command,
-                                       progress=not args.no_progress)  # fmt: skip
+                                       progress=not args.no_progress, served=args.served)  # fmt: skip
         else:
             from genpi.eval.leakage import format_summary, probe_catalog
 
             summary = probe_catalog(args.catalog, args.adapters, args.out, args.base, prompts, args.max_new_tokens,
-                                    not args.no_record, args.max_batch, command, progress=not args.no_progress)  # fmt: skip
+                                    not args.no_record, args.max_batch, command, progress=not args.no_progress, served=args.served)  # fmt: skip
     except InputError as e:
         print(f"genpi: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -3,11 +3,17 @@
     teacher   the base model with P            (today's deployment)
     base      the base model without P         (what serving without the prompt gives)
     NAME      the base + NAME's adapter, no P  (one per --adapters folder)
+    NAME      a served system, no P            (one per --served NAME=openai:BASE_URL/MODEL)
 
 The base loads once per run; every adapter is loaded on it unmerged (PEFT
 `load_adapter`) and switched with `set_adapter`, the base rows with the adapters
 disabled: an adapter is evaluated as a LoRA serving engine applies it, on the
 unquantized base in the serving dtype (bfloat16 with CUDA, float32 on CPU).
+
+A served system is any OpenAI-compatible server (genpi serve names each adapter by its prompt id, so
+MODEL `{prompt_id}` reaches every prompt's adapter). Its replies come over HTTP and are scored like the
+local systems'; what needs the model's own logits cannot be, and its summary names it in `not_scored`
+(the values null, never 0). The teacher and the base stay local: the evaluated base model still loads.
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ from pathlib import Path
 from genpi import InputError
 from genpi.catalog import PromptEntry
 from genpi.engines import ChatRequest, Completion
+from genpi.engines.openai import PREFIX, OpenAIEngine, split_spec
 from genpi.train.adapters import AdapterManifest, check_adapter
 
 TEACHER, BASE = "teacher", "base"
+SYSTEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a Parquet partition value and a table row
+PROMPT_ID = "{prompt_id}"
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ class System:
     with_prompt: bool = False
     folder: Path | None = None  # ADAPTERS/ID of an adapter system
     manifest: AdapterManifest | None = None
+    served: str | None = None  # openai:BASE_URL/MODEL of a served system (its prompt's MODEL)
 
 
 def adapter_dirs(specs: list[str]) -> dict[str, Path]:
@@ -44,10 +54,62 @@ def adapter_dirs(specs: list[str]) -> dict[str, Path]:
         name = name or path.resolve().name
         if not path.is_dir():
             raise InputError(f"--adapters {spec}: no such folder")
-        if name in (TEACHER, BASE) or name in dirs or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
+        if name in (TEACHER, BASE) or name in dirs or not SYSTEM_NAME.fullmatch(name):
             raise InputError(f"--adapters {spec}: system name {name!r} is reserved, repeated or not [A-Za-z0-9._+-]; name it NAME=DIR")
         dirs[name] = path
     return dirs
+
+
+def served_specs(specs: list[str], taken) -> dict[str, str]:
+    """`--served NAME=openai:BASE_URL/MODEL` values as {name: spec}; `taken`: the adapter systems' names."""
+    served: dict[str, str] = {}
+    for spec in specs:
+        name, _, target = spec.partition("=")
+        if not target.startswith(PREFIX):
+            raise InputError(f"--served {spec}: expected NAME=openai:BASE_URL/MODEL, e.g. genpi=openai:http://127.0.0.1:8000/v1/{PROMPT_ID}")
+        if name in (TEACHER, BASE) or name in taken or name in served or not SYSTEM_NAME.fullmatch(name):
+            raise InputError(f"--served {spec}: system name {name!r} is reserved, repeated (an --adapters name too?) or not [A-Za-z0-9._+-]")
+        try:
+            split_spec(target)
+        except ValueError as e:
+            raise InputError(f"--served {spec}: {e}") from None
+        served[name] = target
+    return served
+
+
+def check_served(systems: list[System]) -> None:
+    """Every served system's server answers GET /v1/models and lists its model (before any model loads)."""
+    listed: dict[str, list[str] | str] = {}  # base URL -> its models, or why it cannot be asked
+    problems = []
+    for s in systems:
+        if not s.served:
+            continue
+        url, model = split_spec(s.served)
+        if url not in listed:
+            try:
+                listed[url] = OpenAIEngine(url, "").models()
+            except RuntimeError as e:
+                listed[url] = str(e)
+        if isinstance(listed[url], str):
+            problems.append(f"{s.name}: the server does not answer ({listed[url]})")
+        elif model not in listed[url]:
+            problems.append(f"{s.name}: {url} does not serve {model!r} (GET /v1/models lists {', '.join(listed[url]) or 'nothing'})")
+    if problems:
+        raise InputError("--served: " + "; ".join(problems))
+
+
+def mark_served(metrics: dict[str, dict], systems: list[System], not_scored: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Each served system's metrics say where it was served and which of them HTTP cannot give (left null)."""
+    for s in systems:
+        if s.served:
+            metrics[s.name].update(served=s.served, not_scored=list(not_scored))
+    return metrics
+
+
+def served_notes(metrics: dict[str, dict]) -> list[str]:
+    """A line per served system, for the text under a summary's table."""
+    return [f"served: {name} at {m['served']}" + (f" (not scored: {', '.join(m['not_scored'])})" if m["not_scored"] else "")
+            for name, m in metrics.items() if m.get("served")]  # fmt: skip
 
 
 def weights_digest(path: str | Path) -> str:
@@ -79,8 +141,8 @@ def check_base(folder: Path, manifest: AdapterManifest, base_path: str) -> None:
                      "(another path with other weights); pass the adapter's base with --base")  # fmt: skip
 
 
-def prompt_systems(entry: PromptEntry, dirs: dict[str, Path], base_path: str) -> tuple[list[System], list[str]]:
-    """The teacher, the base and each adapter of this prompt (checked), and why others are missing."""
+def prompt_systems(entry: PromptEntry, dirs: dict[str, Path], base_path: str, served: dict[str, str] | None = None) -> tuple[list[System], list[str]]:
+    """The teacher, the base, each adapter of this prompt (checked) and each served system, and why adapters are missing."""
     systems, missing = [System(TEACHER, None, True), System(BASE)], []
     for name, root in dirs.items():
         folder = root / entry.id
@@ -90,6 +152,7 @@ def prompt_systems(entry: PromptEntry, dirs: dict[str, Path], base_path: str) ->
         manifest = check_adapter(folder, entry)  # refuses a folder without genpi.json and a stale prompt
         check_base(folder, manifest, base_path)
         systems.append(System(name, f"{name}__{entry.id}".replace(".", "_").replace("-", "_"), False, folder, manifest))
+    systems += [System(name, served=spec.replace(PROMPT_ID, entry.id)) for name, spec in (served or {}).items()]
     return systems, missing
 
 
@@ -115,6 +178,13 @@ def served_as(engine, systems: list[System]) -> str:
 
 
 def generate(engine, system: System, requests: list[ChatRequest]) -> list[Completion]:
+    """All requests of one system at once: on the local engine, or on the system's server."""
+    if system.served:
+        client = OpenAIEngine.from_spec(system.served)
+        try:
+            return client.generate(requests)
+        finally:
+            client.shutdown()
     with engine.serving(system.adapter):
         return engine.generate(requests)
 
@@ -126,9 +196,23 @@ class Batcher:
 
     def __init__(self, engine):
         self.engine = engine
+        self.clients: dict[str, OpenAIEngine] = {}  # a served system's requests go to its server instead
 
     def view(self, system: System) -> "_View":
         return _View(self, system)
+
+    def run(self, main):
+        """`asyncio.run(main)`, the served systems' HTTP sessions closed after it (in its event loop, the one
+        they belong to)."""
+
+        async def closing():
+            try:
+                return await main
+            finally:
+                for client in self.clients.values():
+                    await client.aclose()
+
+        return asyncio.run(closing())
 
 
 @dataclass
@@ -141,12 +225,18 @@ class _View:
         return self.system.name
 
     async def complete(self, request: ChatRequest) -> Completion:
+        served, clients = self.system.served, self.batcher.clients
+        if served:
+            if served not in clients:
+                clients[served] = OpenAIEngine.from_spec(served)
+            return await clients[served].complete(request)
         return await asyncio.wrap_future(self.batcher.engine.submit(request, self.system.adapter))
 
 
-def task_systems(catalog: str, prompt_id: str, adapters: list[str], base: str) -> tuple[PromptEntry, list[System], list[str], str]:
-    """One catalog prompt's systems for a task evaluation (`--catalog C --prompt ID [--adapters DIR ...]`):
-    (entry, systems, why adapters are missing, the base model's path). Every check runs before a model loads."""
+def task_systems(catalog: str, prompt_id: str, adapters: list[str], base: str, served: list[str] = ()) -> tuple[PromptEntry, list[System], list[str], str]:
+    """One catalog prompt's systems for a task evaluation (`--catalog C --prompt ID [--adapters DIR ...] [--served
+    NAME=SPEC ...]`): (entry, systems, why adapters are missing, the base model's path). Every check runs before a
+    model loads."""
     from genpi.catalog import load_catalog
     from genpi.models import resolve_model
 
@@ -154,7 +244,9 @@ def task_systems(catalog: str, prompt_id: str, adapters: list[str], base: str) -
     if prompt_id not in entries:
         raise InputError(f"--prompt {prompt_id}: not in {catalog} (it has {', '.join(entries)})")
     base_path = resolve_model(base)
-    systems, missing = prompt_systems(entries[prompt_id], adapter_dirs(adapters), base_path)
-    if adapters and len(systems) == 2:
+    dirs = adapter_dirs(adapters)
+    systems, missing = prompt_systems(entries[prompt_id], dirs, base_path, served_specs(list(served), dirs))
+    if adapters and not any(s.adapter for s in systems):
         raise InputError(f"--adapters: no adapter for prompt {prompt_id}: " + "; ".join(missing))
+    check_served(systems)
     return entries[prompt_id], systems, missing, base_path

@@ -42,7 +42,7 @@ import pyarrow as pa
 from genpi import InputError
 from genpi.engines import ChatRequest, Sampling
 from genpi.eval.metrics import ratio
-from genpi.eval.serve import TEACHER, Batcher, System, load_engine, served_as, task_systems
+from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
 from genpi.synth.store import TURN, write_table
 
 ROUNDS = 10  # AgentBench's limit
@@ -211,13 +211,15 @@ async def shop(url: str, goal: int, agent, prefix: list[dict], sampling: Samplin
             "rounds": len(actions), "actions": actions, "turns": turns, "error": error}  # fmt: skip
 
 
-def shop_all(url: str, goals: list[int], agents: dict[str, tuple[System, object]], entry, sampling: Sampling, layout: str) -> dict[str, list[dict]]:
+def shop_all(url: str, goals: list[int], agents: dict[str, tuple[System, object]], entry, sampling: Sampling, layout: str,
+             run_async=asyncio.run) -> dict[str, list[dict]]:  # fmt: skip
+    """{system: per-goal rows}; as mind2web's `answer_all`."""
     async def run() -> list[dict]:
         jobs = [shop(url, g, agent, entry.messages() if system.with_prompt else [], sampling, layout)
                 for system, agent in agents.values() for g in goals]  # fmt: skip
         return await asyncio.gather(*jobs)
 
-    rows = asyncio.run(run())
+    rows = run_async(run())
     return {name: [{"prompt_id": entry.id, "system": name, **r} for r in rows[i * len(goals) : (i + 1) * len(goals)]]
             for i, name in enumerate(agents)}  # fmt: skip
 
@@ -254,18 +256,19 @@ def check_server(url: str | None) -> str:
 
 def evaluate(url: str | None, catalog, prompt: str, adapters: list[str], base: str = "smollm2", goals: int = 10,
              out: str | Path = "eval", layout: str = "agentbench", max_new_tokens: int = 256, max_batch: int = 32,
-             command: list[str] | None = None) -> dict:  # fmt: skip
+             command: list[str] | None = None, served: list[str] = ()) -> dict:  # fmt: skip
     url = check_server(url)
-    entry, systems, missing, base_path = task_systems(catalog, prompt, adapters, base)
+    entry, systems, missing, base_path = task_systems(catalog, prompt, adapters, base, served)
     engine = load_engine(base_path, systems, max_batch)
     batcher = Batcher(engine)
     print(f"genpi eval webshop: {entry.id}: {goals} goals, {len(systems)} systems", file=sys.stderr)
     rows = shop_all(url, list(range(goals)), {s.name: (s, batcher.view(s)) for s in systems}, entry,
-                    Sampling(max_tokens=max_new_tokens), layout)  # fmt: skip
+                    Sampling(max_tokens=max_new_tokens), layout, batcher.run)  # fmt: skip
     out = Path(out)
     for name, rs in rows.items():
         write_table(out / "webshop" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, EPISODE_SCHEMA)
     metrics, kept = score(rows)
+    mark_served(metrics, systems)
     summary = {
         "command": command, "url": url, "catalog": str(catalog), "prompt_id": entry.id, "base": base_path,
         "served_as": served_as(engine, systems), "layout": layout, "goals": goals, "rounds": ROUNDS, "greedy": True,
@@ -287,5 +290,5 @@ def format_summary(summary: dict) -> str:
                      f"{pct(m['invalid_action_rate']):>10}{m['mean_rounds']:>8.1f}{m['errors']:>8}")  # fmt: skip
     for name, kept in summary["retention"].items():
         lines.append(f"{'  retention':<14}" + "".join(f"{pct(kept[k]):>10}" for k in METRICS) + f"   ({name})")
-    lines += [f"missing: {m}" for m in summary["missing"]]
+    lines += served_notes(summary["systems"]) + [f"missing: {m}" for m in summary["missing"]]
     return "\n".join(lines)
