@@ -452,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="transformers: rows per forward pass")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="transformers: torch threads (default: torch's)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="transformers: auto is bfloat16 on CUDA and on CPUs with bf16 dot products, else float32")
     p.add_argument("--vllm-python", default=os.environ.get("GENPI_VLLM_PYTHON", sys.executable),
                    help="vllm: the Python that has vLLM (default: $GENPI_VLLM_PYTHON, else this one)")  # fmt: skip
     return p
@@ -480,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from genpi.engines.hf import TransformersEngine
 
-    engine = TransformersEngine(base_path, max_batch=args.max_batch, max_model_len=args.max_model_len, threads=args.threads)
+    engine = TransformersEngine(base_path, max_batch=args.max_batch, dtype=args.dtype, max_model_len=args.max_model_len,
+                                threads=args.threads)  # fmt: skip
     engine.add_adapters({a.name: str(a.folder) for a in adapters})
     scheduler = Scheduler(engine)
     app = build_app(scheduler, AutoTokenizer.from_pretrained(base_path), engine.model_name, adapters, args.api_key,

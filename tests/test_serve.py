@@ -65,7 +65,7 @@ class Server:
         self.thread.join(30)
 
 
-def start(base: str, adapters_dir: Path, api_key: str | None = KEY):
+def start(base: str, adapters_dir: Path, api_key: str | None = KEY, dtype: str = "auto"):
     """An embedded-engine server as `genpi serve` builds it: (Server, Scheduler, base name)."""
     from transformers import AutoTokenizer
 
@@ -74,7 +74,7 @@ def start(base: str, adapters_dir: Path, api_key: str | None = KEY):
 
     base_path, adapters = load_adapters(adapters_dir, CATALOG, None)
     assert base_path == base
-    engine = TransformersEngine(base_path, threads=1)
+    engine = TransformersEngine(base_path, dtype=dtype, threads=1)
     engine.add_adapters({a.name: str(a.folder) for a in adapters})
     scheduler = Scheduler(engine)
     app = build_app(scheduler, AutoTokenizer.from_pretrained(base_path), engine.model_name, adapters, api_key, 64)
