@@ -481,7 +481,7 @@ class TransformersEngine:
             token in self.eos_ids
             or len(row.generated) >= sampling.max_tokens
             or (row.stream is not None and row.stream.cancelled)
-            or (sampling.stop and any(s in self.tokenizer.decode(row.generated, skip_special_tokens=True) for s in sampling.stop))
+            or (sampling.stop and self._stopped(row.generated, sampling.stop))
         )
         if done:
             completion = self._completion(row.generated, len(row.ids), sampling)
@@ -490,6 +490,12 @@ class TransformersEngine:
                 completion.topk_ids, completion.topk_logprobs = row.topk_ids[:n], row.topk_logprobs[:n]
             row.future.set_result(completion)
         return done
+
+    def _stopped(self, generated: list[int], stop: tuple[str, ...]) -> bool:
+        """Whether a stop string appears in the text, checked at every token: a new match ends with the last token,
+        so only the last tokens are decoded (4 per character: byte-level tokens may carry a quarter of one)."""
+        tail = generated[-(4 * max(map(len, stop)) + 8) :]
+        return any(s in self.tokenizer.decode(tail, skip_special_tokens=True) for s in stop)
 
     def _prefix_ids(self, request: ChatRequest, ids: list[int]) -> tuple[int, ...]:
         if request.prefix_messages <= 0:
