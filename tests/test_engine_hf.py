@@ -14,7 +14,7 @@ PROMPT = [
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return TransformersEngine(tiny_model, max_batch=4)
+    return TransformersEngine(tiny_model, dtype="float32", max_batch=4)
 
 
 def requests(n, max_tokens=10, prefix=True, sampling=None):
@@ -69,7 +69,7 @@ def test_sampling_is_reproducible_per_seed(engine):
 
 
 def test_over_long_request_fails_alone(tiny_model):
-    engine = TransformersEngine(tiny_model, max_model_len=256)
+    engine = TransformersEngine(tiny_model, dtype="float32", max_model_len=256)
     long = ChatRequest([{"role": "user", "content": "word " * 400}], Sampling(max_tokens=8))
     short = ChatRequest([{"role": "user", "content": "hello"}], Sampling(max_tokens=8))
     fits_barely = ChatRequest([{"role": "user", "content": "hello"}], Sampling(max_tokens=250))
@@ -126,11 +126,11 @@ def one_by_one(engine, requests):
 
 
 def test_rows_of_different_prefixes_share_decode_steps_and_answer_as_alone(tiny_model):
-    engine = TransformersEngine(tiny_model, max_batch=8)
+    engine = TransformersEngine(tiny_model, dtype="float32", max_batch=8)
     requests = mixed_requests()
     together = engine.generate(requests)
     assert max(rows for rows, _ in engine.steps) >= 4  # the prefixes did share steps
-    alone = one_by_one(TransformersEngine(tiny_model), requests)
+    alone = one_by_one(TransformersEngine(tiny_model, dtype="float32"), requests)
     assert [c.text for c in together] == [c.text for c in alone]
     assert [c.completion_tokens for c in together] == [min(r.sampling.max_tokens, c.completion_tokens) for r, c in zip(requests, alone)]
     assert [c.completion_tokens for c in together] == [12, 3, 20, 7, 16, 1]  # max_tokens holds per row
@@ -138,7 +138,7 @@ def test_rows_of_different_prefixes_share_decode_steps_and_answer_as_alone(tiny_
 
 
 def test_a_request_joins_a_running_batch_and_leaves_before_the_slow_rows(tiny_model):
-    engine = TransformersEngine(tiny_model, max_batch=8)
+    engine = TransformersEngine(tiny_model, dtype="float32", max_batch=8)
     slow = [ChatRequest(r.messages, Sampling(max_tokens=60), prefix_messages=r.prefix_messages) for r in mixed_requests()[:2]]
     quick = mixed_requests()[2:4]
     slow_futures = [engine.submit(r) for r in slow]
@@ -149,12 +149,12 @@ def test_a_request_joins_a_running_batch_and_leaves_before_the_slow_rows(tiny_mo
     assert not any(f.done() for f in slow_futures)  # the quick rows did not wait for the slow ones
     assert any(rows == 4 for rows, _ in engine.steps)  # they joined the running batch
     slow_results = [f.result() for f in slow_futures]
-    alone = one_by_one(TransformersEngine(tiny_model), slow + quick)
+    alone = one_by_one(TransformersEngine(tiny_model, dtype="float32"), slow + quick)
     assert [c.text for c in slow_results + quick_results] == [c.text for c in alone]
 
 
 def test_sampling_is_reproducible_per_request_whatever_its_batch(tiny_model):
-    engine = TransformersEngine(tiny_model, max_batch=8)
+    engine = TransformersEngine(tiny_model, dtype="float32", max_batch=8)
     sampling = Sampling(temperature=1.0, top_p=0.9, max_tokens=12)
     requests = [ChatRequest(r.messages, sampling, seed=r.seed, prefix_messages=r.prefix_messages) for r in mixed_requests()]
     together = [c.text for c in engine.generate(requests)]
@@ -163,7 +163,7 @@ def test_sampling_is_reproducible_per_request_whatever_its_batch(tiny_model):
 
 
 def test_stop_strings_hold_per_row_in_a_shared_batch(tiny_model):
-    engine = TransformersEngine(tiny_model, max_batch=8)
+    engine = TransformersEngine(tiny_model, dtype="float32", max_batch=8)
     free = engine.generate(mixed_requests((16,) * 6))
     stops = [c.text[4:7] for c in free]
     assert all(s.strip() for s in stops)
@@ -177,7 +177,7 @@ def test_stop_strings_hold_per_row_in_a_shared_batch(tiny_model):
 
 
 def test_a_failing_request_fails_alone_while_others_decode(tiny_model):
-    engine = TransformersEngine(tiny_model, max_model_len=512)
+    engine = TransformersEngine(tiny_model, dtype="float32", max_model_len=512)
     running = engine.submit(mixed_requests()[0])
     bad = [engine.submit(ChatRequest([{"role": "user", "content": None}])),
            engine.submit(ChatRequest([{"role": "user", "content": "word " * 600}], Sampling(max_tokens=4)))]  # fmt: skip
@@ -188,7 +188,7 @@ def test_a_failing_request_fails_alone_while_others_decode(tiny_model):
 def test_smollm2_cross_prefix_and_continuous_batches_answer_as_alone():
     from genpi.models import resolve_model
 
-    engine = TransformersEngine(resolve_model("smollm2"), max_batch=8)
+    engine = TransformersEngine(resolve_model("smollm2"), dtype="float32", max_batch=8)
     requests = mixed_requests((10, 4, 14, 6))
     first = [engine.submit(r) for r in requests[:2]]
     while not engine.steps:

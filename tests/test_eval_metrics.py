@@ -74,7 +74,7 @@ def test_a_copy_of_the_teacher_keeps_everything_a_constant_action_does_not():
 def engine(tiny_finishing_model):
     from genpi.engines.hf import TransformersEngine
 
-    return TransformersEngine(tiny_finishing_model, max_batch=8)
+    return TransformersEngine(tiny_finishing_model, dtype="float32", max_batch=8)
 
 
 def test_teacher_forced_kl_is_zero_for_the_teacher_and_a_copy(engine):
@@ -121,7 +121,7 @@ def test_one_engine_serves_the_base_and_each_adapter_as_separate_engines_would(t
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_finishing_model), config).save_pretrained(folder)
     requests = [ChatRequest(CALC.messages() + [{"role": "user", "content": f"What is {i} plus 1?"}], Sampling(max_tokens=8),
                             prefix_messages=len(CALC.messages())) for i in range(3)]  # fmt: skip
-    engine = TransformersEngine(tiny_finishing_model)
+    engine = TransformersEngine(tiny_finishing_model, dtype="float32")
     engine.add_adapters({"a": str(folder)})
     with engine.serving("a"):
         with_adapter = [c.text for c in engine.generate(requests)]
@@ -131,7 +131,7 @@ def test_one_engine_serves_the_base_and_each_adapter_as_separate_engines_would(t
         assert [c.text for c in engine.generate(requests)] == with_adapter
     assert engine.prefix_misses == 2 and engine.prefix_hits >= 1
 
-    plain = TransformersEngine(tiny_finishing_model)
+    plain = TransformersEngine(tiny_finishing_model, dtype="float32")
     assert [c.text for c in plain.generate(requests)] == without
     plain.model = PeftModel.from_pretrained(plain.model, str(folder)).eval()  # the adapter alone, on a fresh base
     plain._prefixes.clear()

@@ -19,7 +19,7 @@ def adapters_dir(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def url(tiny_model, adapters_dir):
     """The base URL of `genpi serve ADAPTERS` (no API key), serving the calc and greet adapters by prompt id."""
-    server, scheduler, _ = start(tiny_model, adapters_dir, api_key=None, dtype="float32")  # as evaluation runs on CPU
+    server, scheduler, _ = start(tiny_model, adapters_dir, api_key=None)  # float32, as evaluation runs on CPU
     yield server.url
     server.close()
     scheduler.close()

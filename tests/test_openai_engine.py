@@ -25,7 +25,7 @@ def served(tiny_finishing_model, tmp_path_factory):
 def direct(tiny_finishing_model, served):
     from genpi.engines.hf import TransformersEngine
 
-    return TransformersEngine(tiny_finishing_model)
+    return TransformersEngine(tiny_finishing_model, dtype="float32")
 
 
 def test_the_spec_names_a_server_and_a_model():

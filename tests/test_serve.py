@@ -65,8 +65,9 @@ class Server:
         self.thread.join(30)
 
 
-def start(base: str, adapters_dir: Path, api_key: str | None = KEY, dtype: str = "auto"):
-    """An embedded-engine server as `genpi serve` builds it: (Server, Scheduler, base name)."""
+def start(base: str, adapters_dir: Path, api_key: str | None = KEY, dtype: str = "float32"):
+    """An embedded-engine server as `genpi serve` builds it: (Server, Scheduler, base name). float32 by default:
+    the tests compare its answers with a lone engine's, and bf16 rounding depends on what else is in the batch."""
     from transformers import AutoTokenizer
 
     from genpi.engines.hf import TransformersEngine
@@ -99,7 +100,7 @@ def direct(tiny_model, adapters_dir):
     """The same base and adapters in a TransformersEngine of its own, serving one adapter at a time."""
     from genpi.engines.hf import TransformersEngine
 
-    engine = TransformersEngine(tiny_model)
+    engine = TransformersEngine(tiny_model, dtype="float32")
     engine.add_adapters({name: str(adapters_dir / name) for name in ("calc", "greet")})
 
     def answer(adapter, messages, **sampling):
