@@ -179,6 +179,7 @@ def transformers_vs_vllm(path: str, args, work: Path, n: int) -> dict:
     requests = engine_requests(n, args.max_new_tokens)
     engine = TransformersEngine(path, max_batch=max(32, n), dtype=args.dtype, threads=args.threads)  # cold: builds its prefix caches inside the timing, as vLLM does
     hf_s, hf_tokens = timed(engine, requests)
+    engine.close()
     lines = [
         json.dumps({"messages": r.messages, "temperature": 0.0, "top_p": 1.0, "max_tokens": r.sampling.max_tokens, "stop": [], "seed": 0})
         for r in requests

@@ -185,6 +185,49 @@ def test_a_failing_request_fails_alone_while_others_decode(tiny_model):
     assert running.result().error is None and running.result().completion_tokens == 12
 
 
+def test_an_idle_worker_exits_and_the_next_request_starts_another(tiny_model, monkeypatch):
+    """An idle worker's OpenMP pool slows every other pool of the process (measured ~10% on another engine)."""
+    from genpi.engines import hf
+
+    monkeypatch.setattr(hf, "IDLE_EXIT_S", 0.05)
+    engine = TransformersEngine(tiny_model, dtype="float32")
+    first = engine.generate(mixed_requests((6,)))
+    worker = engine._worker
+    deadline = time.monotonic() + 30
+    while worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not worker.is_alive() and engine._worker is None and engine not in hf._running
+    assert engine.generate(mixed_requests((6,))) == first  # a new worker, the same answers
+    engine.close()
+    assert engine._worker is None
+
+
+def test_an_abandoning_close_fails_what_runs_at_once(tiny_model):
+    engine = TransformersEngine(tiny_model, dtype="float32")
+    long = engine.submit(ChatRequest([{"role": "user", "content": "go on"}], Sampling(max_tokens=400)))
+    while not engine.steps:
+        time.sleep(0.005)
+    engine.close(abandon=True)
+    assert long.result().error == "cancelled" and engine._worker is None
+
+
+def test_a_process_that_never_closes_its_engine_exits_cleanly(tiny_model):
+    """Its worker, alive at exit, is stopped by an exit hook: torch's thread pool torn down under a running
+    worker used to abort the process (status 134, 'terminate called without an active exception')."""
+    import subprocess
+    import sys
+
+    code = (
+        "from genpi.engines import ChatRequest, Sampling\n"
+        "from genpi.engines.hf import TransformersEngine\n"
+        f"engine = TransformersEngine({tiny_model!r}, dtype='float32')\n"
+        "engine.submit(ChatRequest([{'role': 'user', 'content': 'go on'}], Sampling(max_tokens=400)))\n"
+        "engine.generate([ChatRequest([{'role': 'user', 'content': 'hi'}], Sampling(max_tokens=2))])\n"
+    )  # exits while the long request decodes
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
+
+
 def test_smollm2_cross_prefix_and_continuous_batches_answer_as_alone():
     from genpi.models import resolve_model
 

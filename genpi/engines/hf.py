@@ -11,14 +11,17 @@ per engine and adapter and its KV cache kept (LRU), never copied: a row prefills
 merging the two by their log-sum-exp (cascade attention). The batch's cache holds the rows' own tokens,
 left-padded: the attention mask hides the padding and each row keeps its own position ids, so a row
 computes what it would compute alone. Sampling draws from a generator seeded by the request's seed: the
-same request gives the same text whatever it was batched with.
+same request gives the same text whatever it was batched with. The worker exits after a second without work
+(a new request starts another): an idle thread's OpenMP pool slows every other torch thread of the process.
 """
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
@@ -142,6 +145,17 @@ class _Layer(DynamicLayer):
         return self.keys, self.values
 
 
+IDLE_EXIT_S = 1.0  # an idle worker exits: its OpenMP pool, idle, would slow the other pools of the process
+_running: weakref.WeakSet = weakref.WeakSet()  # engines whose worker runs
+
+
+@atexit.register
+def _stop_workers() -> None:
+    """A worker alive at interpreter exit can abort the process (torch's thread pool torn down under it)."""
+    for engine in list(_running):
+        engine.close(abandon=True)
+
+
 def _failure(error: Exception) -> Completion:
     message = str(error)
     return Completion.failure(message if message.startswith(f"{CONTEXT_LENGTH_ERROR}:") or message == "cancelled" else f"engine: {type(error).__name__}: {message}")
@@ -205,6 +219,7 @@ class TransformersEngine:
         self._queue: queue.Queue[_Row | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._abandon = False
         # the running batch: its rows (None: a row that ended), their KV cache and attention mask ([rows, columns])
         self._rows: list[_Row | None] = []
         self._cache: Cache | None = None
@@ -255,11 +270,12 @@ class TransformersEngine:
         elif adapter is not None and not hasattr(self.model, "peft_config"):
             raise ValueError(f"no adapters are loaded, but a request asks for {adapter!r}")
         future: Future = Future()
-        with self._lock:
+        with self._lock:  # the worker exits when idle, only with the lock held and nothing queued
+            self._queue.put(_Row(request, adapter, stream, future))
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="genpi-engine", daemon=True)
                 self._worker.start()
-        self._queue.put(_Row(request, adapter, stream, future))
+                _running.add(self)
         return future
 
     def generate(
@@ -274,12 +290,15 @@ class TransformersEngine:
         ]
         return [f.result() for f in futures]
 
-    def close(self) -> None:
-        """Stop the worker once the requests already queued are done."""
-        if self._worker is not None:
+    def close(self, abandon: bool = False) -> None:
+        """Stop the worker once the requests already queued are done; `abandon`: at once, failing them."""
+        with self._lock:
+            worker = self._worker
+            if worker is None:
+                return
+            self._abandon = abandon
             self._queue.put(None)
-            self._worker.join()
-            self._worker = None
+        worker.join()
 
     # ------------------------------------------------------------ the worker: continuous batching
 
@@ -290,17 +309,21 @@ class TransformersEngine:
         while True:
             block = not self._rows and not waiting
             try:
-                while True:  # everything queued now; when idle, wait for the next request
-                    row = self._queue.get(block=block)
+                while True:  # everything queued now; when idle, wait a while for the next request
+                    row = self._queue.get(block=block, timeout=IDLE_EXIT_S if block else None)
                     block = False
                     if row is None:
-                        if not waiting and not self._rows and self._queue.empty():
-                            return
+                        if self._abandon or (not waiting and not self._rows and self._queue.empty()):
+                            return self._exit(waiting)
                         self._queue.put(None)  # close once the rest is done
                         break
                     waiting.append(row)
             except queue.Empty:
-                pass
+                if block:  # idle that long: exit, unless a request came in meanwhile
+                    with self._lock:
+                        if self._queue.empty():
+                            return self._exit(waiting)
+                    continue
             if not waiting and not self._rows:
                 time.sleep(0.001)  # only a close is pending, behind work not yet queued
                 continue
@@ -311,6 +334,17 @@ class TransformersEngine:
                 if self._rows:
                     self._step()
             self.busy_s += time.perf_counter() - started
+
+    def _exit(self, waiting: deque[_Row]) -> None:
+        """The worker's end (its OpenMP pool goes with its thread); requests still here fail as cancelled."""
+        self._worker = None
+        _running.discard(self)
+        left = [*waiting, *filter(None, self._rows)]
+        while not self._queue.empty():
+            left.append(self._queue.get())
+        for row in filter(None, left):
+            row.future.set_result(_failure(ValueError("cancelled")))
+        self._rows, self._cache, self._mask = [], None, None
 
     def _admit(self, waiting: deque[_Row]) -> None:
         """Prefill waiting requests in one forward, each row on its prefix's cached keys, and add them to the batch."""
