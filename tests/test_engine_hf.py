@@ -185,14 +185,13 @@ def test_a_failing_request_fails_alone_while_others_decode(tiny_model):
     assert running.result().error is None and running.result().completion_tokens == 12
 
 
-def test_an_idle_worker_exits_and_the_next_request_starts_another(tiny_model, monkeypatch):
+def test_an_idle_worker_exits_and_the_next_request_starts_another(tiny_model):
     """An idle worker's OpenMP pool slows every other pool of the process (measured ~10% on another engine)."""
     from genpi.engines import hf
 
-    monkeypatch.setattr(hf, "IDLE_EXIT_S", 0.05)
     engine = TransformersEngine(tiny_model, dtype="float32")
     first = engine.generate(mixed_requests((6,)))
-    worker = engine._worker
+    worker = engine._worker  # it waits IDLE_EXIT_S (1 s) for more work before it exits
     deadline = time.monotonic() + 30
     while worker.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -202,9 +201,18 @@ def test_an_idle_worker_exits_and_the_next_request_starts_another(tiny_model, mo
     assert engine._worker is None
 
 
+class SlowStream:
+    """Slows its row's decoding down (10 ms a token), so that it is still running when the test acts."""
+
+    cancelled = False
+
+    def on_token(self, token_id):
+        time.sleep(0.01)
+
+
 def test_an_abandoning_close_fails_what_runs_at_once(tiny_model):
     engine = TransformersEngine(tiny_model, dtype="float32")
-    long = engine.submit(ChatRequest([{"role": "user", "content": "go on"}], Sampling(max_tokens=400)))
+    long = engine.submit(ChatRequest([{"role": "user", "content": "go on"}], Sampling(max_tokens=400)), stream=SlowStream())
     while not engine.steps:
         time.sleep(0.005)
     engine.close(abandon=True)
@@ -217,14 +225,18 @@ def test_a_process_that_never_closes_its_engine_exits_cleanly(tiny_model):
     import subprocess
     import sys
 
+    from conftest import REPO
+
     code = (
+        "import time\n"
         "from genpi.engines import ChatRequest, Sampling\n"
         "from genpi.engines.hf import TransformersEngine\n"
         f"engine = TransformersEngine({tiny_model!r}, dtype='float32')\n"
-        "engine.submit(ChatRequest([{'role': 'user', 'content': 'go on'}], Sampling(max_tokens=400)))\n"
+        "class Slow:\n    cancelled = False\n    def on_token(self, token_id):\n        time.sleep(0.01)\n"
+        "engine.submit(ChatRequest([{'role': 'user', 'content': 'go on'}], Sampling(max_tokens=400)), stream=Slow())\n"
         "engine.generate([ChatRequest([{'role': 'user', 'content': 'hi'}], Sampling(max_tokens=2))])\n"
     )  # exits while the long request decodes
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
 
 
