@@ -22,7 +22,7 @@ def test_synth_then_stats_and_sql_with_the_bundled_model(tmp_path):
     # SmolLM2 often rambles past the input token limit, and cut inputs are dropped: how many of the 3 asked for
     # survive depends on the CPU's rounding, so the test takes the count the manifest records and checks the rest
     n = json.loads((out / "manifest.json").read_text())["prompts"]["web-select"]["inputs"]
-    assert n >= 2 and "web-select" in synth.stdout and f"{n} dialogues" in synth.stderr  # the quality table is printed
+    assert n >= 1 and "web-select" in synth.stdout and f"{n} dialogues" in synth.stderr  # the quality table is printed
     assert n == 3 or f"only {n} distinct inputs of 3 requested" in synth.stderr
 
     stats = genpi("stats", str(out), "--json")
