@@ -147,6 +147,7 @@ class _Layer(DynamicLayer):
 
 IDLE_EXIT_S = 1.0  # an idle worker exits: its OpenMP pool, idle, would slow the other pools of the process
 _running: weakref.WeakSet = weakref.WeakSet()  # engines whose worker runs
+WORKER_THREAD = "genpi-engine"
 
 
 @atexit.register
@@ -154,6 +155,9 @@ def _stop_workers() -> None:
     """A worker alive at interpreter exit can abort the process (torch's thread pool torn down under it)."""
     for engine in list(_running):
         engine.close(abandon=True)
+    for thread in threading.enumerate():  # and workers that were exiting by themselves (idle) meanwhile
+        if thread.name == WORKER_THREAD:
+            thread.join()
 
 
 def _failure(error: Exception) -> Completion:
@@ -273,7 +277,7 @@ class TransformersEngine:
         with self._lock:  # the worker exits when idle, only with the lock held and nothing queued
             self._queue.put(_Row(request, adapter, stream, future))
             if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name="genpi-engine", daemon=True)
+                self._worker = threading.Thread(target=self._work, name=WORKER_THREAD, daemon=True)
                 self._worker.start()
                 _running.add(self)
         return future
@@ -314,15 +318,15 @@ class TransformersEngine:
                     block = False
                     if row is None:
                         if self._abandon or (not waiting and not self._rows and self._queue.empty()):
-                            return self._exit(waiting)
+                            self._exit(waiting)
+                            return
                         self._queue.put(None)  # close once the rest is done
                         break
                     waiting.append(row)
             except queue.Empty:
                 if block:  # idle that long: exit, unless a request came in meanwhile
-                    with self._lock:
-                        if self._queue.empty():
-                            return self._exit(waiting)
+                    if self._exit(waiting, only_if_idle=True):
+                        return
                     continue
             if not waiting and not self._rows:
                 time.sleep(0.001)  # only a close is pending, behind work not yet queued
@@ -335,16 +339,21 @@ class TransformersEngine:
                     self._step()
             self.busy_s += time.perf_counter() - started
 
-    def _exit(self, waiting: deque[_Row]) -> None:
-        """The worker's end (its OpenMP pool goes with its thread); requests still here fail as cancelled."""
-        self._worker = None
-        _running.discard(self)
-        left = [*waiting, *filter(None, self._rows)]
-        while not self._queue.empty():
-            left.append(self._queue.get())
-        for row in filter(None, left):
+    def _exit(self, waiting: deque[_Row], only_if_idle: bool = False) -> bool:
+        """The worker's end (its OpenMP pool goes with its thread), unless `only_if_idle` and a request came in;
+        requests still here fail as cancelled. Under the lock, so that `submit` sees a worker that takes its row."""
+        with self._lock:
+            if only_if_idle and not self._queue.empty():
+                return False
+            self._worker = None
+            _running.discard(self)
+            left = [*waiting, *filter(None, self._rows)]
+            while not self._queue.empty():
+                left.append(self._queue.get())
+        for row in filter(None, left):  # outside the lock: a future's callbacks may submit again
             row.future.set_result(_failure(ValueError("cancelled")))
         self._rows, self._cache, self._mask = [], None, None
+        return True
 
     def _admit(self, waiting: deque[_Row]) -> None:
         """Prefill waiting requests in one forward, each row on its prefix's cached keys, and add them to the batch."""
