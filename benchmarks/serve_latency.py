@@ -1,9 +1,10 @@
 """Serving latency of `genpi serve` (embedded engine), measured in one run. Prints:
 
 (a) a 5-turn conversation served with the full prompt P (the base model, P's KV cache reused: prefix caching)
-    and prompt-free with P's adapter: time to first token and total latency, summed over the 5 turns, and
-    their ratios (adapter / full prompt). Both conversations replay the same user turns and, as history, the
-    full-prompt replies, so each turn's context differs only by P.
+    and prompt-free with P's adapter, unmerged (the server of (b)) and merged into the base (a second server,
+    `genpi serve --merge ID`): time to first token and total latency, summed over the 5 turns, and their ratios
+    (adapter / full prompt). The three replay the same user turns, turn by turn one after the other, and, as
+    history, the full-prompt replies, so each turn's context differs only by P.
 (b) requests/s for 2 adapters served together (one stream of requests alternating between them, batched
     together) vs one at a time (the same requests, all of one adapter, then all of the other).
 
@@ -58,16 +59,23 @@ def random_adapters(folder: Path, entries) -> Path:
     return folder
 
 
-def start_server(adapters: Path, port: int, threads: int) -> subprocess.Popen:
+QUIET_S = 2.0  # before each request of (a): the other server's engine thread (and its spinning OpenMP pool) has
+# exited after its 1 s idle, so neither server's idle threads slow the other's request
+
+
+def start_server(adapters: Path, threads: int, *flags: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     command = [sys.executable, "-m", "genpi.cli", "serve", str(adapters), "--catalog", str(CATALOG), "--port", str(port),
-               "--threads", str(threads)]  # fmt: skip
+               "--threads", str(threads), *flags]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.DEVNULL, start_new_session=True)
     while True:
         assert process.poll() is None, "genpi serve exited"
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
-            return process
+            return process, f"http://127.0.0.1:{port}/v1"
         except (urllib.error.URLError, ConnectionError):
             time.sleep(1)
 
@@ -95,17 +103,20 @@ def stream(url: str, model: str, messages: list[dict], max_tokens: int) -> tuple
     return (first or end) - start, end - start, text, tokens
 
 
-def conversation(url: str, entry, base_name: str, max_tokens: int, turns: list[str]) -> dict:
-    """The full-prompt and the adapter conversation, turn by turn on the same history."""
+def conversation(systems: dict[str, tuple[str, str, list[dict]]], max_tokens: int, turns: list[str]) -> dict:
+    """Each system (name: url, model, leading messages) answers the same user turns, turn by turn, on the same
+    history: the first system's replies."""
     history: list[dict] = []
-    totals = {"full": [0.0, 0.0, 0], "adapter": [0.0, 0.0, 0]}
+    totals = {name: [0.0, 0.0, 0] for name in systems}
     for text in turns:
         history.append({"role": "user", "content": text})
-        ttft, total, reply, tokens = stream(url, base_name, entry.messages() + history, max_tokens)
-        totals["full"] = [totals["full"][0] + ttft, totals["full"][1] + total, totals["full"][2] + tokens]
-        ttft, total, _, tokens = stream(url, entry.id, history, max_tokens)
-        totals["adapter"] = [totals["adapter"][0] + ttft, totals["adapter"][1] + total, totals["adapter"][2] + tokens]
-        history.append({"role": "assistant", "content": reply})
+        replies = []
+        for name, (url, model, leading) in systems.items():
+            time.sleep(QUIET_S)
+            ttft, total, reply, tokens = stream(url, model, leading + history, max_tokens)
+            totals[name] = [totals[name][0] + ttft, totals[name][1] + total, totals[name][2] + tokens]
+            replies.append(reply)
+        history.append({"role": "assistant", "content": replies[0]})
     return {k: {"ttft_s": v[0], "total_s": v[1], "completion_tokens": v[2]} for k, v in totals.items()}
 
 
@@ -126,27 +137,28 @@ def throughput(url: str, models: list[str], n: int, max_tokens: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapters", default=None, help="trained adapters (genpi train --out); default: random ones")
-    p.add_argument("--prompt", default=None, help="the prompt of (a) (default: the catalog's longest)")
+    p.add_argument("--prompt", default="os-shell", help="the prompt of (a) (its user turns are OS tasks)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--requests", type=int, default=16, help="requests per adapter in (b)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args()
 
     entries = load_catalog(CATALOG)
-    entry = next(e for e in entries if e.id == args.prompt) if args.prompt else max(entries, key=lambda e: len(json.dumps(e.messages())))  # fmt: skip
+    entry = next((e for e in entries if e.id == args.prompt), None)
+    if entry is None:
+        p.error(f"--prompt {args.prompt}: not in {CATALOG}")
     other = next(e for e in entries if e.id != entry.id)
     with tempfile.TemporaryDirectory() as tmp:
         adapters = Path(args.adapters) if args.adapters else random_adapters(Path(tmp) / "adapters", [entry, other])
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = start_server(adapters, port, args.threads)
-        url = f"http://127.0.0.1:{port}/v1"
+        server, url = start_server(adapters, args.threads)
+        merged_server, merged_url = start_server(adapters, args.threads, "--merge", entry.id)  # idle while the other runs
         try:
             base_name = Path(resolve_model("smollm2")).name
+            systems = {"full": (url, base_name, entry.messages()), "adapter": (url, entry.id, []),
+                       "adapter_merged": (merged_url, entry.id, [])}  # fmt: skip
             for warm_up in ("Hello.", "Hi."):  # two conversations: P is then a shared prefix, its KV cache computed
-                conversation(url, entry, base_name, args.max_tokens, [warm_up])
-            a = conversation(url, entry, base_name, args.max_tokens, TURNS)
+                conversation(systems, args.max_tokens, [warm_up])
+            a = conversation(systems, args.max_tokens, TURNS)
             n = args.requests
             together = throughput(url, [entry.id, other.id], 2 * n, args.max_tokens)
             start = time.perf_counter()
@@ -154,8 +166,9 @@ def main() -> None:
             throughput(url, [other.id], n, args.max_tokens)
             apart = 2 * n / (time.perf_counter() - start)
         finally:
-            server.terminate()
-            server.wait(60)
+            for process in (server, merged_server):
+                process.terminate()
+                process.wait(60)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
@@ -165,8 +178,8 @@ def main() -> None:
         "prompt_tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"]),
         "adapters": "random (rank 16, all linear)" if not args.adapters else str(args.adapters),
         "a_conversation_5_turns": a,
-        "a_ttft_ratio_adapter_over_full": a["adapter"]["ttft_s"] / a["full"]["ttft_s"],
-        "a_total_ratio_adapter_over_full": a["adapter"]["total_s"] / a["full"]["total_s"],
+        "a_ratios_over_full": {k: {"ttft": a[k]["ttft_s"] / a["full"]["ttft_s"], "total": a[k]["total_s"] / a["full"]["total_s"]}
+                               for k in ("adapter", "adapter_merged")},  # fmt: skip
         "a_ms_per_token": {k: 1000 * v["total_s"] / max(1, v["completion_tokens"]) for k, v in a.items()},
         "b_requests_per_s": {"two_adapters_together": together, "one_adapter_at_a_time": apart},
         "b_ratio_together_over_apart": together / apart,

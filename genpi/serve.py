@@ -10,7 +10,8 @@ adapters together (PEFT's `adapter_names`), and leaves it as it ends. Streamed r
 they are generated; a client that goes away has its row stopped.
 Prefix caching: the longest run of leading messages that requests of the same model have followed with
 different messages (the prompt P and its shots, sent before every conversation's own turns) is the prefix
-whose KV cache the engine computes once and keeps.
+whose KV cache the engine computes once and keeps. `--merge ID` serves one prompt's adapter merged into the
+base weights instead: no LoRA matmuls per token, and no base model to serve beside it.
 
 `--engine vllm` instead runs vLLM's own OpenAI server with every adapter as a LoRA module (multi-LoRA batching,
 prefix caching). Either way, every adapter is checked first: trained for the catalog's prompt as it is now
@@ -290,16 +291,21 @@ def _error_of(completion: Completion) -> ApiError:
 
 
 def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Adapter], api_key: str | None = None,
-              default_max_tokens: int = 512):  # fmt: skip
+              default_max_tokens: int = 512, merged: bool = False):  # fmt: skip
     """The ASGI app over an embedded engine. `tokenizer` (its own copy: the engine thread uses the engine's)
-    decodes streamed tokens."""
+    decodes streamed tokens. `merged`: the engine's model is the one adapter merged into the base, served under
+    its prompt id alone (the base without it is not there to serve)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
     served = {a.prompt_id: a.name for a in adapters}  # model: PEFT adapter name
-    served[base_name] = None
+    if merged:
+        [adapter] = adapters
+        served = {adapter.prompt_id: None}
+    else:
+        served[base_name] = None
     created, prefixes = int(time.time()), Prefixes()
 
     def authorize(request: Request) -> None:
@@ -452,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="transformers: rows per forward pass")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="transformers: torch threads (default: torch's)")
+    p.add_argument("--merge", metavar="ID", default=None,
+                   help="transformers: serve only prompt ID's adapter, merged into the base weights (the base's cost "
+                        "per token; unmerged LoRA adds two matmuls per layer); the base alone is not served")  # fmt: skip
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="transformers: auto is bfloat16 on CUDA and on CPUs with bf16 dot products, else float32")
     p.add_argument("--vllm-python", default=os.environ.get("GENPI_VLLM_PYTHON", sys.executable),
@@ -467,6 +476,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_tokens < 1 or args.max_batch < 1 or not 0 < args.port < 65536:
             raise InputError("--max-tokens and --max-batch must be at least 1, --port in 1..65535")
         base_path, adapters = load_adapters(args.adapters, args.catalog, args.base)
+        if args.merge is not None:
+            if args.engine == "vllm":
+                raise InputError("--merge is for the transformers engine (vLLM batches LoRA adapters with its own kernels)")
+            adapters = [a for a in adapters if a.prompt_id == args.merge]
+            if not adapters:
+                raise InputError(f"--merge {args.merge}: {args.adapters} has no adapter for that prompt")
     except InputError as e:
         print(f"genpi: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -484,10 +499,11 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = TransformersEngine(base_path, max_batch=args.max_batch, dtype=args.dtype, max_model_len=args.max_model_len,
                                 threads=args.threads)  # fmt: skip
-    engine.add_adapters({a.name: str(a.folder) for a in adapters})
+    engine.add_adapters({a.name: str(a.folder) for a in adapters}, merge=args.merge is not None)
     scheduler = Scheduler(engine)
     app = build_app(scheduler, AutoTokenizer.from_pretrained(base_path), engine.model_name, adapters, args.api_key,
-                    args.max_tokens)  # fmt: skip
+                    args.max_tokens, merged=args.merge is not None)  # fmt: skip
+    names += " (merged into the base)" if args.merge is not None else ""
     print(f"genpi serve: {engine.model_name} with {names} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -57,3 +57,13 @@ def test_the_run_job_fits_its_cluster_and_every_stage_parses():
         cost = eval_parser().parse_args(stages[name])
         assert cost.what == "efficiency" and cost.out == fidelity.out and cost.base == args.base and cost.data.startswith("/data/")
         assert cost.adapters == f"{args.out}/adapters/genpi" and name.endswith(cost.prompt) and (cost.turns, cost.repeats) == (5, 3)
+
+
+def test_the_readmes_submit_what_the_run_job_runs():
+    """The `ray job submit` commands of README.md and cluster/README.md run the RayJob's entrypoint, word for word."""
+    entry = shlex.split(yaml.safe_load((CLUSTER / "rayjob-run.yaml").read_text())["spec"]["entrypoint"])
+    for readme in (REPO / "README.md", CLUSTER / "README.md"):
+        text = readme.read_text().replace("\\\n", " ")
+        [command] = [line for line in text.splitlines() if "ray job submit" in line and "genpi.cli run" in line]
+        submitted = shlex.split(command)
+        assert "--runtime-env" in submitted and submitted[submitted.index("--") + 1 :] == entry, readme

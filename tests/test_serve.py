@@ -65,9 +65,10 @@ class Server:
         self.thread.join(30)
 
 
-def start(base: str, adapters_dir: Path, api_key: str | None = KEY, dtype: str = "float32"):
-    """An embedded-engine server as `genpi serve` builds it: (Server, Scheduler, base name). float32 by default:
-    the tests compare its answers with a lone engine's, and bf16 rounding depends on what else is in the batch."""
+def start(base: str, adapters_dir: Path, api_key: str | None = KEY, dtype: str = "float32", merge: str | None = None):
+    """An embedded-engine server as `genpi serve [--merge ID]` builds it: (Server, Scheduler, base name). float32 by
+    default: the tests compare its answers with a lone engine's, and bf16 rounding depends on what else is in the
+    batch."""
     from transformers import AutoTokenizer
 
     from genpi.engines.hf import TransformersEngine
@@ -75,10 +76,12 @@ def start(base: str, adapters_dir: Path, api_key: str | None = KEY, dtype: str =
 
     base_path, adapters = load_adapters(adapters_dir, CATALOG, None)
     assert base_path == base
+    adapters = [a for a in adapters if merge in (None, a.prompt_id)]
     engine = TransformersEngine(base_path, dtype=dtype, threads=1)
-    engine.add_adapters({a.name: str(a.folder) for a in adapters})
+    engine.add_adapters({a.name: str(a.folder) for a in adapters}, merge=merge is not None)
     scheduler = Scheduler(engine)
-    app = build_app(scheduler, AutoTokenizer.from_pretrained(base_path), engine.model_name, adapters, api_key, 64)
+    app = build_app(scheduler, AutoTokenizer.from_pretrained(base_path), engine.model_name, adapters, api_key, 64,
+                    merged=merge is not None)  # fmt: skip
     return Server(app), scheduler, engine.model_name
 
 
@@ -172,6 +175,28 @@ def test_an_adapter_answers_as_the_engine_does_and_unlike_the_base(served, direc
     assert len(set(texts.values())) == 3  # each adapter changes the base's answer
     # no prompt tokens: an adapter's request costs what the base's costs without the prompt
     assert answers["calc"]["usage"]["prompt_tokens"] == answers[base_name]["usage"]["prompt_tokens"]
+
+
+def test_a_merged_adapter_is_served_alone_as_the_unmerged_one_answers(tiny_model, adapters_dir, served):
+    url, _, base_name = served
+    server, scheduler, _ = start(tiny_model, adapters_dir, merge="calc")
+    try:
+        assert not [n for n, _ in scheduler.engine.model.named_modules() if "lora" in n]  # folded into the weights
+        assert [m["id"] for m in get(server.url, "/models")[1]["data"]] == ["calc"]
+        messages = chat("What is 9 minus 2?")
+        for model in (base_name, "greet"):  # the base alone is gone; other adapters are not loaded
+            status, error = post(server.url, {"model": model, "messages": messages})
+            assert status == 404 and error["error"]["param"] == "model"
+        body = {"model": "calc", "messages": messages, "temperature": 0, "max_tokens": 12, "logprobs": True, "top_logprobs": 3}
+        merged, unmerged = post(server.url, body)[1], post(url, body)[1]
+        assert merged["choices"][0]["message"] == unmerged["choices"][0]["message"] and merged["usage"] == unmerged["usage"]
+        for a, b in zip(merged["choices"][0]["logprobs"]["content"], unmerged["choices"][0]["logprobs"]["content"], strict=True):
+            assert a["token"] == b["token"] and a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+        base = post(url, {**body, "model": base_name})[1]
+        assert base["choices"][0]["message"] != merged["choices"][0]["message"]
+    finally:
+        server.close()
+        scheduler.close()
 
 
 def test_sampling_settings_are_honoured(served, direct):
@@ -311,6 +336,11 @@ def test_stale_foreign_and_missing_adapters_are_refused(tiny_model, tmp_path):
     only_calc.write_text(yaml.safe_dump(yaml.safe_load(CATALOG.read_text())[:1]))
     foreign = run_serve(adapters, "--catalog", only_calc)
     assert foreign.returncode == 2 and "greet" in foreign.stderr and "does not have" in foreign.stderr
+
+    unknown = run_serve(adapters, "--catalog", CATALOG, "--merge", "nope")
+    assert unknown.returncode == 2 and "--merge nope" in unknown.stderr and "no adapter" in unknown.stderr
+    vllm = run_serve(adapters, "--catalog", CATALOG, "--merge", "calc", "--engine", "vllm")
+    assert vllm.returncode == 2 and "--merge is for the transformers engine" in vllm.stderr
 
     (tmp_path / "empty").mkdir()
     empty = run_serve(tmp_path / "empty", "--catalog", CATALOG)

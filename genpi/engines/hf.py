@@ -229,15 +229,22 @@ class TransformersEngine:
         self._cache: Cache | None = None
         self._mask: torch.Tensor | None = None
 
-    def add_adapters(self, adapters: dict[str, str]) -> None:
-        """Load LoRA adapters (name: folder) unmerged on the base, for `serving` to switch between."""
+    def add_adapters(self, adapters: dict[str, str], merge: bool = False) -> None:
+        """Load LoRA adapters (name: folder) unmerged on the base, for `serving` to switch between. `merge` (one
+        adapter, before any request): fold it into the base weights instead, so the model is the internalized
+        model at the base's cost (an unmerged LoRA adds two matmuls per adapted layer and token); the base alone
+        is then gone."""
         from peft import PeftModel
 
+        if merge and (len(adapters) != 1 or isinstance(self.model, PeftModel) or self._worker is not None):
+            raise ValueError("merge: one adapter, into a base that has none and has served no request yet")
         for name, folder in adapters.items():
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(folder, adapter_name=name, is_trainable=False)
             else:
                 self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name, is_trainable=False).eval()
+        if merge:
+            self.model = self.model.merge_and_unload()
 
     @contextmanager
     def serving(self, adapter: str | None):
