@@ -4,13 +4,14 @@
     RUN/adapters/METHOD   one adapters folder per method (genpi train)
     RUN/eval              fidelity of every method against the teacher (genpi eval fidelity); with
                           --tasks ID=FILE, OS task success of every method on that prompt (genpi eval
-                          os-tasks); per prompt, efficiency with the first method's adapter (genpi eval
+                          os-tasks); with --mind2web ID=FILE, Mind2Web step success (genpi eval
+                          mind2web); per prompt, efficiency with the first method's adapter (genpi eval
                           efficiency)
     RUN/report            report.md with its plots (genpi report)
     RUN/run.json          each stage's command, state and time
 
 Stages, in order: synth, stats, train METHOD (each), eval fidelity, eval os-tasks ID (each --tasks),
-eval efficiency ID (each prompt), report. Each stage is the stage's own command, called with the
+eval mind2web ID (each --mind2web), eval efficiency ID (each prompt), report. Each stage is the stage's own command, called with the
 arguments recorded in run.json. A rerun skips the stages recorded as done with the same arguments
 (the report is rewritten when another stage ran), and the stages that were cut off resume as they
 do alone (synthesis by shards, training from the trials' checkpoints). A rerun whose arguments
@@ -73,15 +74,18 @@ PRESETS = {
 }  # fmt: skip
 
 
-def task_files(specs: list[str]) -> dict[str, str]:
-    """`--tasks` values (each ID=FILE, or several, comma-separated) as {prompt id: tasks file}."""
+TASK_FLAGS = {"--tasks": "its AgentBench-format OS tasks file", "--mind2web": "its Mind2Web steps file (JSON lines)"}
+
+
+def task_files(specs: list[str], flag: str = "--tasks") -> dict[str, str]:
+    """`--tasks` (or `--mind2web`) values (each ID=FILE, or several, comma-separated) as {prompt id: file}."""
     files: dict[str, str] = {}
     for spec in (part for value in specs for part in value.split(",") if part):
         prompt_id, _, path = spec.partition("=")
         if not prompt_id or not path:
-            raise InputError(f"--tasks {spec}: expected ID=FILE (a catalog prompt and its AgentBench-format OS tasks file)")
+            raise InputError(f"{flag} {spec}: expected ID=FILE (a catalog prompt and {TASK_FLAGS[flag]})")
         if prompt_id in files:
-            raise InputError(f"--tasks {spec}: prompt {prompt_id} has a tasks file already ({files[prompt_id]})")
+            raise InputError(f"{flag} {spec}: prompt {prompt_id} has a file already ({files[prompt_id]})")
         files[prompt_id] = path
     return files
 
@@ -113,12 +117,13 @@ def stage_commands(args: argparse.Namespace, preset: Preset, catalog_ids: list[s
                 "--max-new-tokens", str(max_new), *turns, *only, *(["--limit", str(limit)] if limit else [])]  # fmt: skip
     stages.append(("eval fidelity", fidelity + shlex.split(args.eval_args)))
     run_ids = prompts.split(",") if prompts else catalog_ids
-    for prompt_id, path in task_files(args.tasks).items():
-        if prompt_id not in run_ids:
-            raise InputError(f"--tasks {prompt_id}={path}: {prompt_id} is not a prompt of this run ({', '.join(run_ids)})")
-        tasks = ["os-tasks", path, "--catalog", args.catalog, "--prompt", prompt_id, "--base", args.base, "--adapters", *adapters,
-                 "--max-new-tokens", str(max_new), "--out", eval_dir]  # fmt: skip
-        stages.append((f"eval os-tasks {prompt_id}", tasks + shlex.split(args.task_args)))
+    for flag, kind, extra in (("--tasks", "os-tasks", args.task_args), ("--mind2web", "mind2web", args.mind2web_args)):
+        for prompt_id, path in task_files(getattr(args, flag[2:]), flag).items():
+            if prompt_id not in run_ids:
+                raise InputError(f"{flag} {prompt_id}={path}: {prompt_id} is not a prompt of this run ({', '.join(run_ids)})")
+            tasks = [kind, path, "--catalog", args.catalog, "--prompt", prompt_id, "--base", args.base, "--adapters", *adapters,
+                     "--out", eval_dir, *(["--max-new-tokens", str(max_new)] if kind == "os-tasks" else [])]  # fmt: skip
+            stages.append((f"eval {kind} {prompt_id}", tasks + shlex.split(extra)))
     for prompt_id in run_ids:  # the first method's adapter: its LoRA shape is what the unmerged cost counts
         efficiency = ["efficiency", "--catalog", args.catalog, "--prompt", prompt_id, "--data", data, "--base", args.base,
                       "--adapters", str(run / "adapters" / methods[0]), "--out", eval_dir, *preset.efficiency_flags]  # fmt: skip
@@ -224,6 +229,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
         for path in tasks.values():
             load_tasks(path)
+    if args.mind2web:
+        from genpi.eval.mind2web import read_steps
+
+        for path in task_files(args.mind2web, "--mind2web").values():
+            read_steps(path)
     run = Path(args.out)
     record = read_record(run)
     for name, argv in stages:
@@ -288,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", action="append", default=[], metavar="ID=FILE",
                    help="OS tasks (AgentBench format) for prompt ID: genpi eval os-tasks of every method; repeatable or comma-separated")
     p.add_argument("--task-args", default="", help="more flags for genpi eval os-tasks, e.g. \"--limit 5 --rounds 4\"")
+    p.add_argument("--mind2web", action="append", default=[], metavar="ID=FILE",
+                   help="Mind2Web steps (JSON lines) for prompt ID: genpi eval mind2web of every method; repeatable or comma-separated")
+    p.add_argument("--mind2web-args", default="", help="more flags for genpi eval mind2web, e.g. \"--limit 5 --layout examples\"")
     p.add_argument("--efficiency-args", default="", help="more flags for genpi eval efficiency, e.g. \"--turns 5 --repeats 3\"")
     p.add_argument("--no-progress", action="store_true")
     return p

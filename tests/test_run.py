@@ -19,12 +19,14 @@ from genpi.train.adapters import read_adapter_manifest
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 TASKS = REPO / "examples" / "os-tasks" / "tasks.json"
+STEPS = REPO / "examples" / "mind2web" / "steps.jsonl"
 
 
 def command(out, model, *extra):
     return [sys.executable, "-m", "genpi.cli", "run", str(CATALOG), "--out", str(out), "--base", model, "--generator", model,
             "--prompts", "calc", "--samples", "5", "--heldout", "0.4", "--max-new-tokens", "8", "--methods", "sft,genpi",
-            "--lr", "1e-3", "--cpus-per-trial", "1", "--no-progress", *extra]  # fmt: skip
+            "--lr", "1e-3", "--cpus-per-trial", "1", "--mind2web", f"calc={STEPS}", "--mind2web-args", "--limit 2 --max-new-tokens 6",
+            "--no-progress", *extra]  # fmt: skip
 
 
 def run(out, model, *extra):
@@ -57,22 +59,24 @@ def test_killed_run_resumes_and_finishes_each_stage_once(tiny_finishing_model, t
 
     result = run(out, tiny_finishing_model)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[1/7] synth: done before, skipped" in result.stderr and "[3/7] train sft: done before, skipped" in result.stderr
-    assert all(s["status"] == "done" for s in stages(out).values()) and len(stages(out)) == 7
+    assert "[1/8] synth: done before, skipped" in result.stderr and "[3/8] train sft: done before, skipped" in result.stderr
+    assert all(s["status"] == "done" for s in stages(out).values()) and len(stages(out)) == 8
     rows = [r for p in sorted((out / "data" / "dialogues").rglob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert sorted(r["sample_id"] for r in rows) == list(range(5))  # every dialogue exactly once
     assert sft_adapter.stat().st_mtime_ns == sft_written  # the finished adapter was not trained again
     assert read_adapter_manifest(out / "adapters" / "genpi" / "calc").method == "genpi"
     fidelity = json.loads((out / "eval" / "fidelity.json").read_text())
     assert set(fidelity["results"][0]["systems"]) == {"teacher", "base", "sft", "genpi"}
+    [steps] = json.loads((out / "eval" / "mind2web.json").read_text())["results"]
+    assert steps["prompt_id"] == "calc" and steps["steps"] == 2 and set(steps["systems"]) == {"teacher", "base", "sft", "genpi"}
     [efficiency] = json.loads((out / "eval" / "efficiency.json").read_text())["results"]
     assert efficiency["prompt_id"] == "calc" and efficiency["lora"]["from"] == str(out / "adapters" / "sft" / "calc")
     report = (out / "report" / "report.md").read_text()
-    assert "genpi" in report and "sft" in report and "## Efficiency\n\n### calc" in report
+    assert "genpi" in report and "sft" in report and "## Efficiency\n\n### calc" in report and "### Mind2Web steps: calc" in report
     assert f"report: {out / 'report' / 'report.md'}" in result.stderr
 
     again = run(out, tiny_finishing_model)
-    assert again.returncode == 0 and again.stderr.count("done before, skipped") == 7, again.stderr[-2000:]
+    assert again.returncode == 0 and again.stderr.count("done before, skipped") == 8, again.stderr[-2000:]
 
     changed = run(out, tiny_finishing_model, "--samples", "6")
     assert changed.returncode == 2
@@ -86,6 +90,9 @@ def test_bad_input_exits_2_before_any_work(tmp_path):
         (["--prompts", "calc", "--tasks", f"calc={REPO / 'none.json'}"], "none.json: no such tasks file"),
         (["--prompts", "calc", "--tasks", f"greet={TASKS}"], "--tasks greet="),
         (["--prompts", "calc", "--tasks", "calc"], "--tasks calc: expected ID=FILE"),
+        (["--prompts", "calc", "--mind2web", f"calc={TASKS}"], "line 1"),  # an OS tasks file is no Mind2Web steps file
+        (["--prompts", "calc", "--mind2web", f"greet={STEPS}"], "--mind2web greet="),
+        (["--prompts", "calc", "--mind2web", "calc"], "--mind2web calc: expected ID=FILE (a catalog prompt and its Mind2Web steps"),
     ]
     for extra, message in cases:
         out = tmp_path / "run"
@@ -125,7 +132,17 @@ def test_stages_evaluate_tasks_and_efficiency_into_the_eval_folder(tmp_path):
     assert eval_parser().parse_args(dict(tasks)["eval os-tasks greet"]).tasks == str(other)
     assert tasks == stage_list(out, "--prompts", "calc,greet", "--tasks", f"calc={TASKS}", "--tasks", f"greet={other}",
                                "--task-args", "--limit 2 --rounds 4")  # repeated or comma-separated: the same stages
-    for bad, message in ((["--prompts", "calc", "--tasks", f"calc={TASKS}", "--tasks", f"calc={other}"], "calc has a tasks file already"),
+    both = dict(stage_list(out, "--prompts", "calc,greet", "--tasks", f"calc={TASKS}", "--mind2web", f"greet={STEPS},calc={other}",
+                           "--mind2web-args", "--limit 3 --layout examples"))  # fmt: skip
+    assert [n for n in both if n.startswith("eval ")] == ["eval fidelity", "eval os-tasks calc", "eval mind2web greet", "eval mind2web calc",
+                                                         "eval efficiency calc", "eval efficiency greet"]  # fmt: skip
+    steps = eval_parser().parse_args(both["eval mind2web greet"])
+    assert (steps.what, steps.steps, steps.prompt, steps.out, steps.limit, steps.layout) == ("mind2web", str(STEPS), "greet", eval_dir, 3, "examples")
+    assert steps.adapters == calc.adapters and steps.base == calc.base and steps.max_new_tokens == 128  # mind2web's own default
+    assert eval_parser().parse_args(both["eval mind2web calc"]).steps == str(other)
+    for bad, message in ((["--prompts", "calc", "--tasks", f"calc={TASKS}", "--tasks", f"calc={other}"], "calc has a file already"),
+                         (["--prompts", "calc", "--mind2web", f"calc={STEPS}", "--mind2web", f"calc={other}"], "--mind2web calc="),
+                         (["--prompts", "greet", "--mind2web", f"calc={STEPS}"], "calc is not a prompt of this run (greet)"),
                          (["--prompts", "greet", "--tasks", f"calc={TASKS}"], "calc is not a prompt of this run (greet)")):  # fmt: skip
         with pytest.raises(InputError, match=re.escape(message)):
             stage_list(out, *bad)

@@ -252,7 +252,7 @@ def test_cli(server, tiny_long_model, tmp_path):
                      "--goals", "2", "--max-new-tokens", "6", "--layout", "examples", "--out", out, "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
-    assert summary == json.loads((out / "webshop.json").read_text()) and set(summary["systems"]) == {"teacher", "base"}
+    assert json.loads((out / "webshop.json").read_text()) == {"results": [summary]} and set(summary["systems"]) == {"teacher", "base"}
     con = duckdb.connect()
     rows = con.execute(f"SELECT * FROM read_parquet('{out}/webshop/**/*.parquet', hive_partitioning=true) ORDER BY system, goal").fetchall()
     rows = [dict(zip([d[0] for d in con.description], r)) for r in rows]

@@ -28,7 +28,8 @@ list is empty, or whose question failed (an engine error, a prompt over the cont
 AgentBench; the error is recorded.
 
 Per-step rows go to `EVAL/mind2web/prompt_id=ID/system=NAME/part-00000.parquet`, the summary
-(element accuracy, action F1, step success per system, retention = system / teacher) to `EVAL/mind2web.json`.
+(element accuracy, action F1, step success per system, retention = system / teacher) to `EVAL/mind2web.json`,
+which keeps one summary per prompt (`{"results": [...]}`; a rerun replaces its prompt's).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import pyarrow as pa
 from genpi import InputError
 from genpi.engines import ChatRequest, Sampling
 from genpi.eval.metrics import ratio
+from genpi.eval.report import keep_per_prompt
 from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
 from genpi.synth.store import TURN, write_table
 
@@ -269,8 +271,7 @@ def evaluate(steps_path, catalog, prompt: str, adapters: list[str], base: str = 
         "max_new_tokens": max_new_tokens, "missing": missing, "systems": metrics, "retention": kept,
         "adapters": {s.name: str(s.folder) for s in systems if s.adapter},
     }  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mind2web.json").write_text(json.dumps(summary, indent=2))
+    keep_per_prompt(out / "mind2web.json", summary)
     return summary
 
 

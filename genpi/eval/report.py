@@ -5,7 +5,7 @@ Built only from what the run's files hold, never recomputed from models:
     RUN/manifest.json, RUN/dialogues/     synthesis settings and the quality table (genpi stats)
     EVAL/fidelity.json, EVAL/fidelity/    genpi eval fidelity (EVAL defaults to RUN/eval)
     EVAL/leakage.json                     genpi eval leakage
-    EVAL/mind2web.json, EVAL/webshop.json genpi eval mind2web, genpi eval webshop (task success)
+    EVAL/mind2web.json, EVAL/webshop.json genpi eval mind2web, genpi eval webshop (task success, one result per prompt)
     EVAL/os_tasks.json                    genpi eval os-tasks (one result per prompt)
     EVAL/efficiency.json                  genpi eval efficiency (one result per prompt)
     ADAPTERS/ID/genpi.json                training settings and curves of the adapters those name
@@ -232,19 +232,19 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
 
     md += ["## Task success", ""]
     for name, title, columns in TASKS:
-        result = _read_json(eval_dir / f"{name}.json")
-        if result is None:
+        results = _read_json(eval_dir / f"{name}.json")
+        if results is None:
             missing.append(f"{name}: {eval_dir / f'{name}.json'} not found (run genpi eval {name})")
-            continue
-        adapters.setdefault(result["prompt_id"], {}).update(result["adapters"])
-        md += [f"### {title}: {result['prompt_id']}", "", f"Command: `{' '.join(result['command'] or [])}`; served as: {result['served_as']}; "
-               f"{result['layout']} layout; greedy.", ""]  # fmt: skip
-        md += table(["system"] + [h for h, _ in columns], [[n] + [m[k] for _, k in columns] for n, m in result["systems"].items()]) + [""]
-        md += _served(result["systems"])
-        if result["retention"]:
-            keys = list(next(iter(result["retention"].values())))
-            md += ["Retention (system / teacher):", ""] + table(["system"] + keys, [[n] + [kept[k] for k in keys] for n, kept in result["retention"].items()]) + [""]
-        missing += [f"{name}: {m}" for m in result["missing"]]
+        for result in results.get("results", [results]) if results else []:  # one summary alone: an older genpi's
+            adapters.setdefault(result["prompt_id"], {}).update(result["adapters"])
+            md += [f"### {title}: {result['prompt_id']}", "", f"Command: `{' '.join(result['command'] or [])}`; served as: {result['served_as']}; "
+                   f"{result['layout']} layout; greedy.", ""]  # fmt: skip
+            md += table(["system"] + [h for h, _ in columns], [[n] + [m[k] for _, k in columns] for n, m in result["systems"].items()]) + [""]
+            md += _served(result["systems"])
+            if result["retention"]:
+                keys = list(next(iter(result["retention"].values())))
+                md += ["Retention (system / teacher):", ""] + table(["system"] + keys, [[n] + [kept[k] for k in keys] for n, kept in result["retention"].items()]) + [""]
+            missing += [f"{name} of {result['prompt_id']}: {m}" for m in result["missing"]]
     os_tasks = _read_json(eval_dir / "os_tasks.json")
     md += ["## OS task success", ""]
     if os_tasks is None:

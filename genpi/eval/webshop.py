@@ -20,13 +20,13 @@ Layouts of the user turns: `agentbench` ("Observation:\\n...\\n\\nAvailable Acti
 first page only, as examples/agents.yaml's web-shop prompt shows them).
 
 Per-episode rows: `EVAL/webshop/prompt_id=ID/system=NAME/part-00000.parquet`; summary (mean reward,
-success = reward 1, per system; retention = system / teacher): `EVAL/webshop.json`.
+success = reward 1, per system; retention = system / teacher): `EVAL/webshop.json`, one summary per prompt
+(`{"results": [...]}`; a rerun replaces its prompt's).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import sys
 import urllib.error
@@ -42,6 +42,7 @@ import pyarrow as pa
 from genpi import InputError
 from genpi.engines import ChatRequest, Sampling
 from genpi.eval.metrics import ratio
+from genpi.eval.report import keep_per_prompt
 from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
 from genpi.synth.store import TURN, write_table
 
@@ -275,8 +276,7 @@ def evaluate(url: str | None, catalog, prompt: str, adapters: list[str], base: s
         "max_new_tokens": max_new_tokens, "missing": missing, "systems": metrics, "retention": kept,
         "adapters": {s.name: str(s.folder) for s in systems if s.adapter},
     }  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "webshop.json").write_text(json.dumps(summary, indent=2))
+    keep_per_prompt(out / "webshop.json", summary)
     return summary
 
 
