@@ -267,6 +267,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
             print(f"genpi run: {name} failed (exit {status}); fix the cause and rerun the same command to resume", file=sys.stderr)
             return status
     print(f"genpi run: done in {_minutes(time.monotonic() - started)}; report: {run / 'report' / 'report.md'}", file=sys.stderr)
+    print(f"genpi run: serve the adapters with: genpi serve {run / 'adapters' / methods[0]} --catalog {args.catalog}", file=sys.stderr)
     return 0
 
 

@@ -74,6 +74,7 @@ def test_killed_run_resumes_and_finishes_each_stage_once(tiny_finishing_model, t
     report = (out / "report" / "report.md").read_text()
     assert "genpi" in report and "sft" in report and "## Efficiency\n\n### calc" in report and "### Mind2Web steps: calc" in report
     assert f"report: {out / 'report' / 'report.md'}" in result.stderr
+    assert f"genpi serve {out / 'adapters' / 'sft'} --catalog {CATALOG}" in result.stderr  # the first method's
 
     again = run(out, tiny_finishing_model)
     assert again.returncode == 0 and again.stderr.count("done before, skipped") == 8, again.stderr[-2000:]
