@@ -5,6 +5,7 @@
     genpi train DATA --catalog C --out A  train one adapter per prompt (flags go to genpi.train.run)
     genpi eval fidelity DATA --catalog C --adapters A [A ...]  fidelity without P against the teacher
     genpi eval leakage --catalog C --adapters A [A ...] --out E  how much of P the systems give away
+    genpi eval os-tasks TASKS --catalog C --prompt ID [--adapters A ...]  OS task success in a sandbox
     genpi eval mind2web STEPS --catalog C --prompt ID [--adapters A ...]  Mind2Web step success
     genpi eval webshop --url URL --catalog C --prompt ID [--adapters A ...]  WebShop reward
     genpi serve ADAPTERS --catalog C    an OpenAI-compatible server for the adapters (flags go to genpi.serve)

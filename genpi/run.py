@@ -11,11 +11,11 @@
     RUN/run.json          each stage's command, state and time
 
 Stages, in order: synth, stats, train METHOD (each), eval fidelity, eval os-tasks ID (each --tasks),
-eval mind2web ID (each --mind2web), eval efficiency ID (each prompt), report. Each stage is the stage's own command, called with the
-arguments recorded in run.json. A rerun skips the stages recorded as done with the same arguments
-(the report is rewritten when another stage ran), and the stages that were cut off resume as they
-do alone (synthesis by shards, training from the trials' checkpoints). A rerun whose arguments
-differ for a stage already started is refused: choose another --out.
+eval mind2web ID (each --mind2web), eval efficiency ID (each prompt), report. Each stage is the stage's
+own command, called with the arguments recorded in run.json. A rerun skips the stages recorded as done
+with the same arguments (the report is rewritten when another stage ran), and the stages that were cut
+off resume as they do alone (synthesis by shards, training from the trials' checkpoints). A rerun whose
+arguments differ for a stage already started is refused: choose another --out.
 """
 
 from __future__ import annotations

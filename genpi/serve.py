@@ -300,12 +300,11 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    served = {a.prompt_id: a.name for a in adapters}  # model: PEFT adapter name
-    if merged:
+    if merged:  # the engine's model is the merged one: no PEFT adapter to name
         [adapter] = adapters
         served = {adapter.prompt_id: None}
-    else:
-        served[base_name] = None
+    else:  # model: PEFT adapter name (None: the base alone)
+        served = {a.prompt_id: a.name for a in adapters} | {base_name: None}
     created, prefixes = int(time.time()), Prefixes()
 
     def authorize(request: Request) -> None:

@@ -156,7 +156,9 @@ def hostile(command: str, then: str = "Act: answer(done)", settings: LoopSetting
 
 
 def test_rm_rf_root(sentinels):
-    row = hostile("rm -rf --no-preserve-root / 2>&1 | tail -1; ls /")
+    # unlinking the ~150k files overlaid from /usr, /opt and /var takes 6 s here alone, over 10 s late in the full
+    # suite (cold caches): the bound is for containment, not speed
+    row = hostile("rm -rf --no-preserve-root / 2>&1 | tail -1; ls /", settings=LoopSettings(command_timeout=120))
     assert row["ended"] == "answered"
     assert (REPO / "genpi" / "eval" / "sandbox.py").exists() and Path("/usr/bin/bash").exists()
 
