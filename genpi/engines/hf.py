@@ -357,9 +357,10 @@ class TransformersEngine:
             left = [*waiting, *filter(None, self._rows)]
             while not self._queue.empty():
                 left.append(self._queue.get())
+            # cleared before the lock goes: a worker started by the next submit builds its own batch in these
+            self._rows, self._cache, self._mask = [], None, None
         for row in filter(None, left):  # outside the lock: a future's callbacks may submit again
             row.future.set_result(_failure(ValueError("cancelled")))
-        self._rows, self._cache, self._mask = [], None, None
         return True
 
     def _admit(self, waiting: deque[_Row]) -> None:
