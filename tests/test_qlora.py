@@ -204,3 +204,28 @@ def test_vllm_loader_accepts_adapter(trained):
     assert done.returncode == 0, done.stderr[-3000:]
     n_modules, rank, scaling = done.stdout.split()[-3:]
     assert (int(n_modules), int(rank), float(scaling)) == (len(LINEAR) * 2, 16, 2.0)
+
+
+def lora_grads(model, batch) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss_sum, n = token_loss(model, batch)
+    (loss_sum / n).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_an_eval_pass_does_not_change_the_4bit_gradients(tiny_model):
+    """Issue 22's divergence: bitsandbytes repacked 4-bit weights for CPU inference at the first eval-mode pass
+    (a held-out loss), after which no gradient flowed through them. The gradients must not depend on that pass."""
+    torch.manual_seed(0)
+    model = add_lora(load_base(tiny_model, quantize=True), LoraSettings(dropout=0.0))
+    with torch.no_grad():  # lora_B starts at 0; nonzero, every LoRA weight gets a gradient through the layers above it
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    batch = fixed_batch()
+    before = lora_grads(model, batch)
+    eval_logits(model, batch)
+    after = lora_grads(model, batch)
+    for name, grad in before.items():
+        assert torch.allclose(after[name], grad, rtol=1e-4, atol=1e-7), name

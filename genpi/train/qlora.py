@@ -140,6 +140,22 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
+def keep_differentiable_4bit_layout(model) -> None:
+    """Keep bitsandbytes from repacking a training model's 4-bit weights for CPU inference.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit`'s weight the first time it runs in
+    eval mode without gradients (a held-out loss, say), for good; from then on its forward goes through
+    `gemv_4bit`, which has no backward, so no gradient flows through the frozen 4-bit layers to the LoRA
+    weights below them: training diverged after the first held-out pass (issue 22; LoRA gradients off by
+    about 100%, tests/test_qlora.py). A training model never takes that path; inference engines still do.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def add_lora(model, settings: LoraSettings | None = None, *, gradient_checkpointing: bool = False):
     """Wrap `model` in a trainable PeftModel with LoRA per `settings`.
 
@@ -151,6 +167,7 @@ def add_lora(model, settings: LoraSettings | None = None, *, gradient_checkpoint
     settings = settings or LoraSettings()
     if is_quantized(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_differentiable_4bit_layout(model)
     if gradient_checkpointing:
         model.activation_checkpointing_enable()  # also makes the embeddings' output require grads
     targets = settings.target_modules
