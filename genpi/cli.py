@@ -1,6 +1,7 @@
 """The `genpi` command: one small handler per subcommand.
 
     genpi run CATALOG --out RUN ...     the whole pipeline, resumable (flags go to genpi.run)
+    genpi study CATALOG --prompt ID --out DIR ...  every method on the same data and budget, one table (genpi.study)
     genpi synth CATALOG --out OUT ...   synthesize dialogues (all flags go to genpi.synth.run)
     genpi train DATA --catalog C --out A  train one adapter per prompt (flags go to genpi.train.run)
     genpi eval fidelity DATA --catalog C --adapters A [A ...]  fidelity without P against the teacher
@@ -50,6 +51,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_main(args.rest)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from genpi.study import main as study_main
+
+    return study_main(args.rest)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from genpi.serve import main as serve_main
 
@@ -92,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="catalog to evaluated adapters and a report, resumable (genpi run --help)", add_help=False)
     p.set_defaults(handler=cmd_run, passthrough=True)
+
+    p = sub.add_parser("study", help="every internalization method on the same data and budget, one table (genpi study --help)", add_help=False)
+    p.set_defaults(handler=cmd_study, passthrough=True)
 
     p = sub.add_parser(
         "synth",

@@ -160,6 +160,11 @@ def run_stage(name: str, argv: list[str], progress: bool) -> int:
         data, _, eval_dir, _, out = argv
         print(f"genpi run: report: {write_report(data, eval_dir, out)}", file=sys.stderr)
         return 0
+    if name == "study":
+        from genpi.study import write_study
+
+        print(f"genpi study: table: {write_study(*argv)}", file=sys.stderr)
+        return 0
     raise AssertionError(f"unknown stage {name!r}")
 
 
@@ -209,6 +214,48 @@ def estimate_left(preset: Preset, names: list[str], index: int, elapsed: float, 
     return f"about {_minutes(sum(left) * scale)} left"
 
 
+def refuse_changed_stages(run: Path, stages: list[tuple[str, list[str]]]) -> None:
+    """A stage already started with other arguments cannot resume: refused before any work (exit 2)."""
+    record = read_record(run)
+    for name, argv in stages:
+        before = record["stages"].get(name)
+        if before and before["argv"] != argv:
+            raise InputError(f"{run}: stage {name!r} was started with other settings ({' '.join(before['argv'])}); "
+                             "rerun with the same flags to resume it, or choose another --out")  # fmt: skip
+
+
+def run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, preset_name: str, progress: bool) -> int:
+    """Each stage in order, recorded in RUN/run.json: a stage done before is skipped (the last, which reads what the
+    others wrote, is redone when another stage ran); returns the first failing stage's exit status, else 0."""
+    refuse_changed_stages(run, stages)
+    record = read_record(run)
+    run.mkdir(parents=True, exist_ok=True)
+    record["preset"] = preset_name
+    names = [name for name, _ in stages]
+    started, spent_expected, ran = time.monotonic(), 0.0, False
+    for i, (name, argv) in enumerate(stages):
+        state = record["stages"].get(name, {})
+        if state.get("status") == "done" and not (i == len(stages) - 1 and ran):
+            print(f"genpi run: [{i + 1}/{len(stages)}] {name}: done before, skipped", file=sys.stderr)
+            continue
+        elapsed = time.monotonic() - started
+        print(f"genpi run: [{i + 1}/{len(stages)}] {name} (elapsed {_minutes(elapsed)}, "
+              f"{estimate_left(preset, names, i, elapsed, spent_expected)})", file=sys.stderr)  # fmt: skip
+        record["stages"][name] = {"argv": argv, "status": "running", "seconds": state.get("seconds", 0.0)}
+        write_record(run, record)
+        t0, ran = time.monotonic(), True
+        status = run_stage(name, argv, progress)
+        record["stages"][name]["seconds"] += time.monotonic() - t0
+        record["stages"][name]["status"] = "done" if status == 0 else f"failed (exit {status})"
+        write_record(run, record)
+        spent_expected += expected_s(preset, name) or 0.0
+        if status != 0:
+            print(f"genpi run: {name} failed (exit {status}); fix the cause and rerun the same command to resume", file=sys.stderr)
+            return status
+    print(f"genpi run: {len(stages)} stages done in {_minutes(time.monotonic() - started)}", file=sys.stderr)
+    return 0
+
+
 def run_pipeline(args: argparse.Namespace) -> int:
     from genpi.catalog import load_catalog
     from genpi.train.recipe import METHODS
@@ -234,39 +281,13 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
         for path in task_files(args.mind2web, "--mind2web").values():
             read_steps(path)
-    run = Path(args.out)
-    record = read_record(run)
-    for name, argv in stages:
-        before = record["stages"].get(name)
-        if before and before["argv"] != argv:
-            raise InputError(f"{run}: stage {name!r} was started with other settings ({' '.join(before['argv'])}); "
-                             "rerun with the same flags to resume it, or choose another --out")  # fmt: skip
     if tasks:
         check_sandbox()
-    run.mkdir(parents=True, exist_ok=True)
-    record["preset"] = args.preset
-    names = [name for name, _ in stages]
-    started, spent_expected, ran = time.monotonic(), 0.0, False
-    for i, (name, argv) in enumerate(stages):
-        state = record["stages"].get(name, {})
-        if state.get("status") == "done" and not (name == "report" and ran):  # the report reads what the others wrote
-            print(f"genpi run: [{i + 1}/{len(stages)}] {name}: done before, skipped", file=sys.stderr)
-            continue
-        elapsed = time.monotonic() - started
-        print(f"genpi run: [{i + 1}/{len(stages)}] {name} (elapsed {_minutes(elapsed)}, "
-              f"{estimate_left(preset, names, i, elapsed, spent_expected)})", file=sys.stderr)  # fmt: skip
-        record["stages"][name] = {"argv": argv, "status": "running", "seconds": state.get("seconds", 0.0)}
-        write_record(run, record)
-        t0, ran = time.monotonic(), True
-        status = run_stage(name, argv, not args.no_progress)
-        record["stages"][name]["seconds"] += time.monotonic() - t0
-        record["stages"][name]["status"] = "done" if status == 0 else f"failed (exit {status})"
-        write_record(run, record)
-        spent_expected += expected_s(preset, name) or 0.0
-        if status != 0:
-            print(f"genpi run: {name} failed (exit {status}); fix the cause and rerun the same command to resume", file=sys.stderr)
-            return status
-    print(f"genpi run: done in {_minutes(time.monotonic() - started)}; report: {run / 'report' / 'report.md'}", file=sys.stderr)
+    status = run_stages(Path(args.out), stages, preset, args.preset, not args.no_progress)
+    if status != 0:
+        return status
+    run = Path(args.out)
+    print(f"genpi run: done; report: {run / 'report' / 'report.md'}", file=sys.stderr)
     print(f"genpi run: serve the adapters with: genpi serve {run / 'adapters' / methods[0]} --catalog {args.catalog}", file=sys.stderr)
     return 0
 
