@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,32 @@ from genpi import InputError
 from genpi.engines import Message
 
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
-FIELDS = {"id", "system", "shots", "input_examples", "actions", "max_turns", "environment"}
+FIELDS = {"id", "system", "shots", "input_examples", "actions", "max_turns", "environment", "checks", "train"}
 DEFAULT_MAX_TURNS = 5
+CHECK_KINDS = ("regex", "language", "json_schema")
+FORMAT_CHECK = "format"  # the name `actions.valid` takes as a check
+# Per-prompt training settings (`train`): key -> (type, lowest value, whether the lowest is allowed, highest).
+TRAIN_KEYS = {"lam": (float, 0.0, True, 1.0), "grad_clip": (float, 0.0, True, None), "lr": (float, 0.0, False, None),
+              "epochs": (int, 1, True, None)}  # fmt: skip
 
 
 class CatalogError(InputError):
     """A catalog problem, worded as `FILE: entry N (id X): field F: what is wrong`."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """A named behaviour check a reply should pass when P is in force (run by genpi.eval.checks).
+
+    kind `regex`: spec is the pattern; `language`: an ISO 639-1 code; `json_schema`: the schema (a dict).
+    """
+
+    name: str
+    kind: str
+    spec: str | dict
+
+    def to_json(self) -> dict:
+        return {"name": self.name, self.kind: self.spec}
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,8 @@ class PromptEntry:
     final_action: str | None = None  # regex a final agent turn matches
     max_turns: int = DEFAULT_MAX_TURNS
     environment: str = ""
+    checks: tuple[Check, ...] = ()  # as the catalog names them (see all_checks)
+    train: dict = field(default_factory=dict)  # per-prompt training settings (TRAIN_KEYS), over the run's defaults
     explicit_input_examples: bool = field(default=False, compare=False)
 
     def messages(self) -> list[Message]:
@@ -52,6 +75,13 @@ class PromptEntry:
     def in_action_space(self, reply: str) -> bool:
         """The reply matches `actions.valid` (searched in the stripped reply, so it may be followed by more text)."""
         return bool(re.search(self.valid_action, reply.strip()))
+
+    @property
+    def all_checks(self) -> tuple[Check, ...]:
+        """The catalog's checks, led by `format` (the `actions.valid` regex) unless the catalog names a check `format`."""
+        if self.valid_action is None or any(c.name == FORMAT_CHECK for c in self.checks):
+            return self.checks
+        return (Check(FORMAT_CHECK, "regex", self.valid_action),) + self.checks
 
     @property
     def sha256(self) -> str:
@@ -74,6 +104,10 @@ class PromptEntry:
             entry["actions"] = actions
         if self.environment:
             entry["environment"] = self.environment
+        if self.checks:
+            entry["checks"] = [c.to_json() for c in self.checks]
+        if self.train:
+            entry["train"] = dict(self.train)
         return entry
 
 
@@ -216,6 +250,9 @@ def _parse_entry(path: Path, index: int, item: object) -> PromptEntry:
     if not isinstance(environment, str):
         raise fail("environment", "must be a string")
 
+    checks = _parse_checks(item.get("checks"), fail)
+    train = _parse_train(item.get("train"), fail)
+
     return PromptEntry(
         id=prompt_id,
         system=system,
@@ -225,8 +262,88 @@ def _parse_entry(path: Path, index: int, item: object) -> PromptEntry:
         final_action=actions.get("final"),
         max_turns=max_turns,
         environment=environment,
+        checks=checks,
+        train=train,
         explicit_input_examples=explicit,
     )
+
+
+def _parse_checks(raw: object, fail) -> tuple[Check, ...]:
+    """`checks`: a list of {name, ONE of regex | language | json_schema}, each checked as far as it can be before a reply exists."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise fail("checks", f"must be a list of {{name, {' | '.join(CHECK_KINDS)}}} mappings")
+    checks: list[Check] = []
+    for i, item in enumerate(raw):
+        name = f"checks[{i}]"
+        if not isinstance(item, dict):
+            raise fail(name, f"must be a mapping with a name and one of {', '.join(CHECK_KINDS)}")
+        unknown = sorted(set(item) - {"name", *CHECK_KINDS}, key=str)
+        if unknown:
+            raise fail(f"{name}.{unknown[0]}", f"unknown key (known: name, {', '.join(CHECK_KINDS)})")
+        check_name = item.get("name")
+        if not isinstance(check_name, str) or not ID_PATTERN.fullmatch(check_name):
+            raise fail(f"{name}.name", f"must match [a-z0-9][a-z0-9._-]*, got {check_name!r}")
+        earlier = [j for j, c in enumerate(checks) if c.name == check_name]
+        if earlier:
+            raise fail(f"{name}.name", f"duplicate of checks[{earlier[0]}] ({check_name!r})")
+        kinds = [k for k in CHECK_KINDS if k in item]
+        if len(kinds) != 1:
+            raise fail(name, f"needs exactly one of {', '.join(CHECK_KINDS)}, got {', '.join(kinds) or 'none'}")
+        kind, spec = kinds[0], item[kinds[0]]
+        where = f"{name}.{kind}"
+        if kind == "regex":
+            if not isinstance(spec, str):
+                raise fail(where, "must be a regular expression string")
+            try:
+                re.compile(spec)
+            except re.error as e:
+                raise fail(where, f"bad regular expression: {e}") from None
+        elif kind == "language":
+            from genpi.eval.checks import supported_language
+
+            if not isinstance(spec, str) or not supported_language(spec):
+                raise fail(where, f"must be an ISO 639-1 code of a language the detector knows (e.g. en, fr, es, de), got {spec!r}")
+        else:
+            from jsonschema.exceptions import SchemaError
+            from jsonschema.validators import validator_for
+
+            if not isinstance(spec, dict):
+                raise fail(where, "must be a JSON schema (a mapping)")
+            try:
+                validator_for(spec).check_schema(spec)
+            except SchemaError as e:
+                at = "/".join(map(str, e.path)) or "top level"
+                raise fail(where, f"invalid JSON schema at {at}: {' '.join(e.message.split())}") from None
+        checks.append(Check(check_name, kind, spec))
+    return tuple(checks)
+
+
+def _parse_train(raw: object, fail) -> dict:
+    """`train`: per-prompt training settings (TRAIN_KEYS), each within its range."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise fail("train", f"must be a mapping with optional keys {', '.join(TRAIN_KEYS)}")
+    train = {}
+    for key, value in raw.items():
+        if key not in TRAIN_KEYS:
+            raise fail(f"train.{key}", f"unknown key (known: {', '.join(TRAIN_KEYS)})")
+        kind, low, low_ok, high = TRAIN_KEYS[key]
+        if isinstance(value, str) and kind is float:
+            try:  # PyYAML reads 3e-4 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        numeric = (int, float) if kind is float else (int,)
+        if isinstance(value, bool) or not isinstance(value, numeric) or not math.isfinite(value):
+            raise fail(f"train.{key}", f"must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+        if value < low or (value == low and not low_ok) or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f"{'>=' if low_ok else '>'} {low}"
+            raise fail(f"train.{key}", f"must be {bound}, got {value!r}")
+        train[key] = kind(value)
+    return train
 
 
 def entry_from_json(data: dict) -> PromptEntry:

@@ -77,6 +77,32 @@ def test_several_shot_dialogues(tmp_path):
         ({"shots": [{"role": "user", "content": ""}]}, "shots[0].content", "non-empty"),
         ({"max_turns": 0}, "max_turns", "integer from 1 to 100"),
         ({"input_examples": []}, "input_examples", "non-empty list"),
+        ({"checks": {"name": "fr", "language": "fr"}}, "checks", "must be a list"),
+        ({"checks": ["fr"]}, "checks[0]", "must be a mapping"),
+        ({"checks": [{"name": "a", "regex": "x"}, {"name": "b", "regex": "(("}]}, "checks[1].regex", "bad regular expression"),
+        ({"checks": [{"name": "a", "regex": 3}]}, "checks[0].regex", "regular expression string"),
+        ({"checks": [{"name": "a", "regex": "x", "language": "fr"}]}, "checks[0]", "exactly one of regex, language, json_schema, got regex, language"),
+        ({"checks": [{"name": "a"}]}, "checks[0]", "exactly one of regex, language, json_schema, got none"),
+        ({"checks": [{"name": "a", "regex": "x", "flags": "i"}]}, "checks[0].flags", "unknown key"),
+        ({"checks": [{"regex": "x"}]}, "checks[0].name", "must match"),
+        ({"checks": [{"name": "Bad Name", "regex": "x"}]}, "checks[0].name", "must match"),
+        ({"checks": [{"name": "a", "regex": "x"}, {"name": "a", "language": "fr"}]}, "checks[1].name", "duplicate of checks[0]"),
+        ({"checks": [{"name": "a", "language": "xx"}]}, "checks[0].language", "ISO 639-1 code"),
+        ({"checks": [{"name": "a", "language": "french"}]}, "checks[0].language", "ISO 639-1 code"),
+        ({"checks": [{"name": "a", "language": "FR"}]}, "checks[0].language", "ISO 639-1 code"),
+        ({"checks": [{"name": "a", "json_schema": {"type": "objekt"}}]}, "checks[0].json_schema", "invalid JSON schema"),
+        ({"checks": [{"name": "a", "json_schema": {"properties": {"x": {"minLength": -1}}}}]}, "checks[0].json_schema", "invalid JSON schema at properties/x/minLength"),
+        ({"checks": [{"name": "a", "json_schema": "object"}]}, "checks[0].json_schema", "must be a JSON schema"),
+        ({"train": [0.3]}, "train", "must be a mapping"),
+        ({"train": {"lambda": 0.3}}, "train.lambda", "unknown key"),
+        ({"train": {"lam": 1.5}}, "train.lam", "in [0.0, 1.0]"),
+        ({"train": {"lam": "high"}}, "train.lam", "must be a number"),
+        ({"train": {"lam": True}}, "train.lam", "must be a number"),
+        ({"train": {"grad_clip": -1}}, "train.grad_clip", ">= 0.0"),
+        ({"train": {"lr": 0}}, "train.lr", "> 0.0"),
+        ({"train": {"lr": float("nan")}}, "train.lr", "must be a number"),
+        ({"train": {"epochs": 0}}, "train.epochs", ">= 1"),
+        ({"train": {"epochs": 2.5}}, "train.epochs", "must be an integer"),
     ],
 )
 def test_invalid_entries_name_file_entry_and_field(tmp_path, change, field, words):
@@ -88,6 +114,49 @@ def test_invalid_entries_name_file_entry_and_field(tmp_path, change, field, word
     assert str(path) in message and "entry 2" in message
     assert f"field {field!r}" in message and words in message
     assert "\n" not in message
+
+
+CHECKS = [
+    {"name": "french", "language": "fr"},
+    {"name": "json", "json_schema": {"type": "object", "required": ["act"], "properties": {"act": {"type": "string"}}}},
+    {"name": "polite", "regex": "(?i)please"},
+]
+
+
+def test_checks_and_train_settings_load_and_round_trip(tmp_path):
+    from genpi.catalog import Check
+
+    [entry] = load_catalog(write(tmp_path, [dict(GOOD, checks=CHECKS, train={"lam": 0.3, "grad_clip": 1, "lr": "3e-4", "epochs": 2})]))
+    assert entry.checks == (Check("french", "language", "fr"), Check("json", "json_schema", CHECKS[1]["json_schema"]), Check("polite", "regex", "(?i)please"))
+    assert [c.name for c in entry.all_checks] == ["format", "french", "json", "polite"]  # actions.valid leads as `format`
+    assert entry.all_checks[0] == Check("format", "regex", GOOD["actions"]["valid"])
+    assert entry.train == {"lam": 0.3, "grad_clip": 1.0, "lr": 3e-4, "epochs": 2}  # YAML's "3e-4" string read as the number
+    assert type(entry.train["epochs"]) is int and type(entry.train["grad_clip"]) is float
+    data = json.loads(json.dumps(entry.to_json()))
+    assert data["checks"] == CHECKS and data["train"] == entry.train
+    assert entry_from_json(data) == entry
+    [plain] = load_catalog(write(tmp_path, [GOOD], "plain.yaml"))
+    assert plain.sha256 == entry.sha256  # checks and train settings are not part of P
+    assert plain.checks == () and plain.train == {} and "checks" not in plain.to_json() and "train" not in plain.to_json()
+    assert [c.name for c in plain.all_checks] == ["format"]
+
+    own = [{"name": "format", "regex": "^Act: answer"}]  # the catalog's own `format` replaces actions.valid's
+    [entry] = load_catalog(write(tmp_path, [dict(GOOD, checks=own)], "own.yaml"))
+    assert entry.all_checks == (Check("format", "regex", "^Act: answer"),) and entry.valid_action == GOOD["actions"]["valid"]
+    no_actions = {k: v for k, v in GOOD.items() if k != "actions"}
+    [entry] = load_catalog(write(tmp_path, [no_actions], "none.yaml"))
+    assert entry.all_checks == ()
+
+
+def test_cli_refuses_a_bad_check_with_status_2(tmp_path):
+    path = write(tmp_path, [GOOD | {"id": "first"}, dict(GOOD, checks=[{"name": "lang", "language": "zz"}])])
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "genpi.cli", "synth", str(path), "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert str(path) in line and "entry 2 (id 'agent.v1')" in line and "field 'checks[0].language'" in line and "'zz'" in line
+    assert not out.exists()
 
 
 def test_duplicate_ids(tmp_path):

@@ -71,6 +71,8 @@ def test_fidelity_against_the_teacher(data, adapters, tiny_trainable_model, tmp_
         assert r["turns"][0]["content"] == r["reply"] and 1 <= r["n_turns"] <= 2
         assert r["turns_valid"] == [bool(re.search(CALC.valid_action, t["content"].strip())) for t in r["turns"] if t["role"] == "assistant"]
         assert r["ended_final"] == (r["terminated_by"] == "final_action") and r["tf_tokens"] > 0 and r["error"] is None
+        assert r["checks"] == [{"name": "format", "passed": r["in_action_space"]}]  # actions.valid is the check `format`
+        assert [[c["passed"] for c in turn] for turn in r["turn_checks"]] == [[v] for v in r["turns_valid"]]
         if r["system"] == "teacher":
             assert r["tf_kl"] == 0.0 and r["rouge_l"] == 1.0
         else:
@@ -81,6 +83,11 @@ def test_fidelity_against_the_teacher(data, adapters, tiny_trainable_model, tmp_
     assert m["base"]["format_rate"] == 0.0 and m["sft"]["format_rate"] > 0.0
     assert m["sft"]["nll"] < m["base"]["nll"]  # the adapter learned the teacher's turns
     assert m["teacher"]["kl"] == 0.0 and m["sft"]["kl"] > 0
+    assert calc["checks"] == [{"name": "format", "regex": CALC.valid_action}]
+    for name, metrics in m.items():
+        assert metrics["checks"]["format"]["first_turn"] == metrics["format_rate"]
+        assert metrics["checks"]["format"]["all_turns"] == metrics["action_space_rate"]
+        assert calc["retention"][name]["checks.format"] == calc["retention"][name]["format_rate"]
     assert calc["retention"]["teacher"]["rouge_l"] == 1.0 and calc["retention"]["teacher"]["nll"] == 1.0
     assert summary == json.loads((out / "fidelity.json").read_text())
 
@@ -92,6 +99,7 @@ def test_fidelity_against_the_teacher(data, adapters, tiny_trainable_model, tmp_
                      "--max-turns", "1", "--limit", "1", "--out", tmp_path / "e2", "--no-record")  # `genpi eval DATA`: the same  # fmt: skip
     assert table.returncode == 0, table.stderr[-3000:]
     assert "retention" in table.stdout and "λ was chosen on these held-out rows" in table.stdout and "greet: skipped" in table.stdout
+    assert "check format: pass rate" in table.stdout
 
 
 def test_bad_input_exits_2(data, adapters, tiny_trainable_model, tiny_model, tmp_path):
@@ -130,6 +138,7 @@ def test_a_prompt_without_actions_skips_the_action_metrics_only(data, adapters, 
     catalog = tmp_path / "no-actions.yaml"
     entries = yaml.safe_load(CATALOG.read_text())
     del entries[0]["actions"]  # the prompt itself (and its sha256) is unchanged
+    entries[0]["checks"] = [{"name": "english", "language": "en"}, {"name": "json", "json_schema": {"type": "object"}}]
     catalog.write_text(yaml.safe_dump(entries))
     result = run_eval("fidelity", data, "--catalog", catalog, "--adapters", adapters, "--base", tiny_trainable_model, "--prompts", "calc",
                       "--max-new-tokens", "4", "--max-turns", "1", "--limit", "2", "--out", tmp_path / "eval", "--no-record", "--json")  # fmt: skip
@@ -140,3 +149,16 @@ def test_a_prompt_without_actions_skips_the_action_metrics_only(data, adapters, 
         assert m["format_rate"] is m["kind_agreement"] is m["action_space_rate"] is m["final_rate"] is None and m["kinds"] == {}
         assert m["nll"] > 0 and m["tf_tokens"] > 0 and m["rouge_l"] is not None  # teacher-forced and ROUGE-L still run
     assert calc["systems"]["teacher"]["kl"] == 0.0
+
+    from genpi.eval.checks import run_checks
+
+    [entry] = load_catalog(catalog, ["calc"])
+    con = duckdb.connect()
+    rows = con.execute(f"SELECT system, reply, checks FROM read_parquet('{tmp_path}/eval/fidelity/**/*.parquet', hive_partitioning=true)").fetchall()
+    assert len(rows) == 6
+    for system, reply, checks in rows:  # the checks the catalog names, no `format` without actions.valid
+        assert {c["name"]: c["passed"] for c in checks} == run_checks(entry, reply)
+        assert [c["name"] for c in checks] == ["english", "json"]
+    for name, m in calc["systems"].items():
+        replies = [reply for system, reply, _ in rows if system == name]
+        assert m["checks"]["english"]["first_turn"] == sum(run_checks(entry, r)["english"] for r in replies) / 2

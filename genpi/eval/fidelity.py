@@ -4,6 +4,11 @@ On each prompt's held-out dialogues (split `heldout` of a synthesis run: never
 trained on), the systems of genpi.eval.serve (teacher = base with P, base
 without P, each adapter without P), all greedy, are measured three ways:
 
+- behaviour checks (the catalog's `checks`, led by `format` = `actions.valid`; rules in genpi.eval.checks):
+  each check's pass rate on the first agent turn, over every agent turn of the episode, and per episode turn
+  (turn k: among the episodes that reach it), with retention = system / teacher (`checks.NAME` for the first
+  turn, `checks_all_turns.NAME` for all turns); language checks are judged among the languages that the
+  whole catalog's checks name (besides the detector's usual few);
 - first turn: in the action space (`actions.valid`), the action's kind (the
   regex's group `kind`, else its first group) and agreement with the teacher's
   reply to the same input: same kind, same action text exactly (counted over the
@@ -44,11 +49,13 @@ from tqdm import tqdm
 
 from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog
+from genpi.eval.checks import catalog_languages, run_checks
 from genpi.eval.metrics import action, ratio, rouge_l
 from genpi.eval.serve import (BASE, TEACHER, Batcher, System, adapter_dirs, check_served, load_engine, mark_served, prompt_systems,
                               served_as, served_notes, served_specs)  # fmt: skip
 from genpi.synth.store import TURN, write_table
 
+CHECK_RESULT = pa.struct([("name", pa.string()), ("passed", pa.bool_())])  # passed: null without a reply
 EVAL_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
@@ -64,6 +71,8 @@ EVAL_SCHEMA = pa.schema(
         ("rouge_l", pa.float64()),  # F against the teacher's reply
         ("turns", pa.list_(TURN)),  # the episode, agent turns "assistant"
         ("turns_valid", pa.list_(pa.bool_())),  # per agent turn: in the action space
+        ("checks", pa.list_(CHECK_RESULT)),  # the first agent turn's behaviour checks (PromptEntry.all_checks)
+        ("turn_checks", pa.list_(pa.list_(CHECK_RESULT))),  # per agent turn: its checks
         ("n_turns", pa.int32()),
         ("ended_final", pa.bool_()),  # ended by an agent turn matching actions.final
         ("hit_limit", pa.bool_()),
@@ -167,8 +176,47 @@ def teacher_forced(entry: PromptEntry, rows: list[dict], systems: list[System], 
     return out
 
 
-def reply_rows(entry: PromptEntry, rows: list[dict], systems: list[System], episodes: dict, forced: dict) -> dict[str, list[dict]]:
-    """The per-reply Parquet rows (EVAL_SCHEMA) of each system."""
+def check_columns(entry: PromptEntry, agent: list[str], languages=()) -> dict:
+    """The `checks` (first agent turn) and `turn_checks` (every agent turn) columns of one episode's agent turns."""
+
+    def results(reply: str | None) -> list[dict]:
+        return [{"name": name, "passed": passed} for name, passed in run_checks(entry, reply, languages).items()]
+
+    return {"checks": results(agent[0] if agent else None), "turn_checks": [results(t) for t in agent]}
+
+
+def check_rates(records: list[dict]) -> dict:
+    """Per check: pass rate of the first agent turn, of all agent turns, and per turn k (episodes reaching turn k)."""
+    names = list(dict.fromkeys(c["name"] for r in records for c in r["checks"] or []))
+    rates = {}
+    for name in names:
+        per_turn: list[list[bool]] = []
+        for r in records:
+            for k, turn in enumerate(r["turn_checks"] or []):
+                if k == len(per_turn):
+                    per_turn.append([])
+                per_turn[k] += [c["passed"] for c in turn if c["name"] == name]
+        rates[name] = {
+            "first_turn": _mean(c["passed"] for r in records for c in r["checks"] or [] if c["name"] == name),
+            "all_turns": _mean(v for turn in per_turn for v in turn),
+            "per_turn": [_mean(turn) for turn in per_turn],
+        }
+    return rates
+
+
+def check_retention(metrics: dict, teacher: dict) -> dict:
+    """system / teacher per check: `checks.NAME` (first turn), `checks_all_turns.NAME` (every agent turn)."""
+    kept = {}
+    for name, rates in metrics.get("checks", {}).items():
+        reference = teacher.get("checks", {}).get(name, {})
+        kept[f"checks.{name}"] = ratio(rates["first_turn"], reference.get("first_turn"))
+        kept[f"checks_all_turns.{name}"] = ratio(rates["all_turns"], reference.get("all_turns"))
+    return kept
+
+
+def reply_rows(entry: PromptEntry, rows: list[dict], systems: list[System], episodes: dict, forced: dict,
+               languages=()) -> dict[str, list[dict]]:  # fmt: skip
+    """The per-reply Parquet rows (EVAL_SCHEMA) of each system (`languages`: the catalog's, for language checks)."""
     has_actions = entry.valid_action is not None
     out: dict[str, list[dict]] = {}
     teacher_first = []
@@ -195,6 +243,7 @@ def reply_rows(entry: PromptEntry, rows: list[dict], systems: list[System], epis
                 "rouge_l": rouge_l(reply, t_reply)["f"] if reply is not None and t_reply is not None else None,
                 "turns": episode["turns"],
                 "turns_valid": [entry.in_action_space(t) for t in agent] if has_actions else None,
+                **check_columns(entry, agent, languages),
                 "n_turns": episode["n_turns"],
                 "ended_final": episode["terminated_by"] == "final_action" if entry.final_action else None,
                 "hit_limit": bool(episode["hit_max_turns"]),
@@ -237,6 +286,7 @@ def summarize(records: list[dict]) -> dict:
         "tf_tokens": tokens,
         "nll": sum(r["tf_nll"] or 0.0 for r in records) / tokens if tokens else None,
         "kl": sum(r["tf_kl"] or 0.0 for r in records) / tokens if tokens else None,
+        "checks": check_rates(good),
     }
 
 
@@ -244,6 +294,7 @@ def retention(metrics: dict, teacher: dict) -> dict:
     """system / teacher per rate; teacher / system for the NLL (lower is better)."""
     kept = {name: ratio(metrics[name], teacher[name]) for name in RATES}
     kept["nll"] = ratio(teacher["nll"], metrics["nll"])
+    kept.update(check_retention(metrics, teacher))
     return kept
 
 
@@ -264,6 +315,7 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
     served_by = served_specs(list(served), dirs)
     base_path = resolve_model(base)
     out = Path(out) if out else Path(data) / "eval"
+    languages = catalog_languages(load_catalog(catalog))  # every prompt's language checks tell these apart
     plans, skipped = [], []
     for entry in load_catalog(catalog, prompts):  # every check before the model loads
         systems, missing = prompt_systems(entry, dirs, base_path, served_by)
@@ -285,7 +337,7 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
         print(f"genpi eval fidelity: {entry.id}: {len(rows)} held-out inputs, {len(systems)} systems", file=sys.stderr)
         episodes = play_episodes(entry, rows, systems, engine, settings, progress)
         forced = teacher_forced(entry, rows, systems, engine, min(engine.max_model_len, 8192), progress)
-        records = reply_rows(entry, rows, systems, episodes, forced)
+        records = reply_rows(entry, rows, systems, episodes, forced, languages)
         for name, rs in records.items():
             write_table(out / "fidelity" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, EVAL_SCHEMA)
         metrics = mark_served({name: summarize(rs) for name, rs in records.items()}, systems, LOGIT_METRICS)
@@ -293,6 +345,7 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
             "prompt_id": entry.id,
             "inputs": len(rows),
             "first_turn_actions": "scored" if entry.valid_action else "skipped: the prompt has no actions.valid regex",
+            "checks": [c.to_json() for c in entry.all_checks],
             "missing": missing,
             "systems": metrics,
             "retention": {name: retention(m, metrics[TEACHER]) for name, m in metrics.items()},
@@ -333,6 +386,20 @@ COLUMNS = (("format", "format_rate", _pct), ("kind agr", "kind_agreement", _pct)
            ("turns", "mean_turns", _num), ("at limit", "hit_limit_rate", _pct), ("NLL", "nll", _num), ("KL", "kl", _num))  # fmt: skip
 
 
+def format_checks(result: dict) -> list[str]:
+    """Per check and system: first-turn and all-turn pass rates, their retention, and the rate per episode turn."""
+    lines = []
+    for name in next(iter(result["systems"].values())).get("checks", {}):
+        lines.append(f"check {name}: pass rate (first turn, all agent turns; retention = system / teacher; per turn)")
+        for system, m in result["systems"].items():
+            rates = m["checks"].get(name, {})
+            kept = result["retention"].get(system, {})
+            per_turn = " ".join(_pct(v) for v in rates.get("per_turn", []))
+            lines.append(f"  {system:<14}{_pct(rates.get('first_turn')):>8}{_pct(rates.get('all_turns')):>8}"
+                         f"{_pct(kept.get(f'checks.{name}')):>10}{_pct(kept.get(f'checks_all_turns.{name}')):>8}   {per_turn}")  # fmt: skip
+    return lines
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"served as: {summary['served_as']}"]
     for r in summary["results"]:
@@ -350,10 +417,11 @@ def format_summary(summary: dict) -> str:
         for name, used in r["heldout_used_for_lambda"].items():
             if used:
                 lines.append(f"note: {name}: λ was chosen on these held-out rows (heldout_used_for_lambda: true)")
+        lines += format_checks(r)
         lines += served_notes(r["systems"])
         for m in r["missing"]:
             lines.append(f"missing: {m}")
     return "\n".join(lines)
 
 
-__all__ = ["EVAL_SCHEMA", "evaluate_catalog", "format_summary", "retention", "summarize"]
+__all__ = ["EVAL_SCHEMA", "check_columns", "check_rates", "check_retention", "evaluate_catalog", "format_summary", "retention", "summarize"]
