@@ -239,3 +239,31 @@ def test_a_run_resumed_between_two_refreshes_ends_with_the_same_adapter(shifted_
     assert resumed_metrics["train_losses"] == metrics["train_losses"]
     assert resumed_metrics["onpolicy_refreshes"] == metrics["onpolicy_refreshes"] == 3  # steps 0, 2, 4
     assert resumed_metrics["onpolicy_requests"] == metrics["onpolicy_requests"] == 12
+
+
+def test_the_onpolicy_batches_are_made_on_the_model_device(tiny_trainable_model):
+    from transformers import AutoTokenizer
+
+    from genpi.train.recipe import build_examples, step_loss
+    from test_recipe import ReachedTheModel, meta_model, on_the_model_device
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_trainable_model)
+    rows, _ = build_examples(ROWS[:2], CALC, tokenizer, ONPOLICY)
+    pairs = [reply_views(CALC, r.input, "Act: compute(1+2)", tokenizer, 512, None) for r in rows]
+    model = meta_model(tiny_trainable_model)
+    assert on_the_model_device(lambda: step_loss(model, rows, ONPOLICY, tokenizer.pad_token_id, pairs)) is ReachedTheModel
+
+
+def test_the_fingerprint_covers_the_init_adapters_weights(tmp_path):
+    from genpi.train.run import fingerprint
+    from test_recipe import row
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    train = [dict(row(0), sample_id=0, split="train")]
+    settings = dataclasses.replace(ONPOLICY, init_adapter=str(tmp_path))
+    before = fingerprint(train, [], settings, [0.5], "smollm2")
+    assert before != fingerprint(train, [], ONPOLICY, [0.5], "smollm2")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"other weights")  # the same folder, retrained
+    assert fingerprint(train, [], settings, [0.5], "smollm2") != before
+    assert fingerprint(train, [], dataclasses.replace(settings, refresh_steps=2), [0.5], "smollm2") != fingerprint(train, [], settings, [0.5], "smollm2")
