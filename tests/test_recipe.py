@@ -70,7 +70,7 @@ def test_every_baseline_trains(tiny_trainable_model, method):
 
     from genpi.train.examples import build_sft
 
-    settings = dataclasses.replace(FAST, method=method, epochs=1, quantize=False)
+    settings = dataclasses.replace(FAST, method=method, epochs=1, quantize=False, onpolicy_max_tokens=8)
     train = TRAIN
     if "topk" in method:  # a teacher top-k that puts 0.6 on the token itself: the student's own tokens
         tok = AutoTokenizer.from_pretrained(tiny_trainable_model)

@@ -246,6 +246,20 @@ class TransformersEngine:
         if merge:
             self.model = self.model.merge_and_unload()
 
+    def remove_adapters(self, names: list[str]) -> None:
+        """Unload adapters loaded by `add_adapters` (their weights and cached prefixes), when no request in flight
+        uses them: on-policy training loads a fresh adapter at every refresh and drops the previous one."""
+        unknown = sorted(set(names) - set(getattr(self.model, "peft_config", {})))
+        if unknown:
+            raise ValueError(f"no adapters named {unknown} are loaded")
+        kept = [name for name in self.model.peft_config if name not in names]
+        if kept and self.model.active_adapter in names:  # PEFT would warn, and pick one itself
+            self.model.set_adapter(kept[-1], inference_mode=True)
+        for name in names:
+            self.model.delete_adapter(name)
+        for key in [key for key in self._prefixes if key[0] in names]:
+            del self._prefixes[key]
+
     @contextmanager
     def serving(self, adapter: str | None):
         """Requests submitted meanwhile without an adapter of their own are served with this loaded adapter, or

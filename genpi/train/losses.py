@@ -14,11 +14,14 @@ labels are shifted by one: position t is a *prediction position* when
   without) on the response tokens.
 - `topk_loss`: top-k context distillation, the student's cross-entropy against the
   teacher's stored top-k probabilities.
+- `reverse_kl_loss`: on-policy distillation, KL(student || teacher) on the student's own
+  sampled tokens, over the whole vocabulary or the student's top k.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +173,48 @@ def topk_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprob
     return -(topk_logprobs.float().exp() * log_p_s).sum()
 
 
+def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, topk: int = 0) -> torch.Tensor:
+    """Mean over response tokens of the reverse KL(student || teacher) = Σ_v p_s(v)·(log p_s(v) − log p_t(v)).
+
+    On-policy distillation (GKD; OPCD, arXiv 2602.12275): the N response tokens are the student's own
+    sampled reply; `student_logits` [N, V] are the student's (adapter on, no P, with gradients),
+    `teacher_logits` [N, V] the teacher's at the same positions (with P; treated as constants). A mean,
+    as `kld_loss`: multiply by N for the sum that `joint_loss` averages over a whole step.
+
+    `topk > 0` (for 128k vocabularies): the KL of the two distributions coarsened to the student's k most
+    likely tokens, each on its own, plus one outcome "any other token" holding the rest of each side's mass.
+    Not renormalized to the k tokens: merging outcomes never raises a KL, so this is a lower bound of the
+    full reverse KL, never negative, 0 only where both agree on the k tokens, and exact at k = V. Unlike a
+    KL renormalized over the k tokens it still sees a teacher that puts its mass elsewhere (the tail term),
+    and unlike the plain partial sum over the k tokens it cannot go negative. Its backward touches only
+    k + 1 outcomes per token; the forward still needs each side's log-normalizer over the vocabulary.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
+    if topk < 0:
+        raise ValueError(f"topk must be 0 (the whole vocabulary) or positive, got {topk}")
+    if student_logits.size(0) == 0:
+        return student_logits.sum() * 0.0
+    teacher_logits = teacher_logits.detach()
+    if not topk or topk >= student_logits.size(-1):
+        log_p_s = F.log_softmax(student_logits.float(), dim=-1)
+        log_p_t = F.log_softmax(teacher_logits.float(), dim=-1)
+        return (log_p_s.exp() * (log_p_s - log_p_t)).sum(dim=-1).mean()
+    ids = student_logits.detach().topk(topk, dim=-1).indices  # [N, k]: which tokens; the gradient flows through the gather
+    log_p_s = student_logits.gather(-1, ids).float() - torch.logsumexp(student_logits.float(), dim=-1, keepdim=True)
+    log_p_t = teacher_logits.gather(-1, ids).float() - torch.logsumexp(teacher_logits.float(), dim=-1, keepdim=True)
+    tail_s, tail_t = _log_rest(log_p_s), _log_rest(log_p_t)
+    kl = (log_p_s.exp() * (log_p_s - log_p_t)).sum(dim=-1) + tail_s.exp() * (tail_s - tail_t)
+    return kl.mean()
+
+
+def _log_rest(log_p: torch.Tensor) -> torch.Tensor:
+    """[N] log(1 − Σ_j p_j) of [N, k] log-probabilities: the log-mass of every other token. Kept at or above
+    log(1e-6) (float32 rounding can make the k tokens' mass reach 1), where it carries no gradient."""
+    covered = torch.logsumexp(log_p, dim=-1).clamp(max=math.log1p(-1e-6))
+    return torch.log(-torch.expm1(covered))
+
+
 @torch.no_grad()
 def teacher_logits(peft_model, batch: dict) -> torch.Tensor:
     """`response_logits` of the base model (adapter disabled) for `batch`, without gradients.
@@ -190,6 +235,7 @@ __all__ = [
     "prediction_mask",
     "response_logits",
     "response_targets",
+    "reverse_kl_loss",
     "teacher_logits",
     "token_loss",
     "topk_loss",

@@ -19,6 +19,15 @@ Methods (`TrainSettings.method`):
              against the teacher's (with P) top-k probabilities stored at synthesis
              (`teacher_topk`); hard labels where no top-k aligns (end-of-turn markers)
 - genpi+topk-kl: topk-kl's loss in place of L_SFT, plus λ·L_PG
+- onpolicy:  on-policy distillation (OPCD, GKD; `genpi.train.onpolicy`): at every step the student
+             (adapter on, no P) samples its first agent turn for each of the step's inputs at
+             temperature 1, through an engine whose copy of the adapter is refreshed every
+             `refresh_steps` steps; the loss is the per-token reverse KL(student || teacher) on those
+             tokens, the teacher being the base with the adapter disabled and P in front
+- genpi+onpolicy: onpolicy's loss in place of L_SFT, plus λ·L_PG
+
+`init_adapter` starts any method from a saved adapter's LoRA weights (e.g. onpolicy warm-started
+from a genpi adapter); its rank, alpha and target modules must be the run's.
 
 A step takes `batch_size` dialogue rows (gradient accumulation over micro-batches of
 examples of similar length, padded, never packed); each loss term is a per-token mean
@@ -43,13 +52,17 @@ import torch.nn.functional as F
 from genpi.catalog import PromptEntry
 from genpi.train.examples import IGNORE, PG_VARIANTS, Example, align_topk, build_pg, build_sft, cut_to_labels
 from genpi.train.losses import LOSS_FORMS, joint_loss, kld_loss, response_logits, response_targets, teacher_logits, token_loss, topk_loss
-from genpi.train.qlora import LoraSettings, add_lora, default_dtype, load_base
+from genpi.train.onpolicy import OnPolicySampler, adapter_files, reply_views, reverse_kl_sums, sample_seed, write_files
+from genpi.train.qlora import LoraSettings, add_lora, default_dtype, load_base, load_lora_weights, save_adapter
 
-METHODS = ("genpi", "sft", "pg", "prepend", "kld", "seqkd", "seqkd+kld", "topk-kl", "genpi+topk-kl")
-JOINT_METHODS = ("genpi", "genpi+topk-kl")  # L_SFT-like term + λ·L_PG: the methods that choose λ
+METHODS = ("genpi", "sft", "pg", "prepend", "kld", "seqkd", "seqkd+kld", "topk-kl", "genpi+topk-kl", "onpolicy", "genpi+onpolicy")
+JOINT_METHODS = ("genpi", "genpi+topk-kl", "genpi+onpolicy")  # L_SFT-like term + λ·L_PG: the methods that choose λ
 _PG_METHODS = JOINT_METHODS + ("pg",)
 _KLD_METHODS = ("kld", "seqkd+kld")
 _TOPK_METHODS = ("topk-kl", "genpi+topk-kl")
+ONPOLICY_METHODS = ("onpolicy", "genpi+onpolicy")
+# what the on-policy methods count (metrics onpolicy_*): the sampler's, plus replies no example could be built from
+ONPOLICY_COUNTS = ("refreshes", "requests", "reply_tokens", "replies_cut", "failed", "unusable", "refresh_seconds", "sample_seconds")
 SCHEDULES = ("cosine", "constant")  # after a linear warmup
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -79,6 +92,11 @@ class TrainSettings:
     prepend_ratio: float = 0.5  # prepend: the share of rows that carry P, drawn at every step
     topk_k: int = 20  # topk-kl: teacher log-probabilities used per token (at most as many as stored)
     max_turn_tokens: int = 512  # each agent turn (and y_s, y_t in PG) is cut to this many tokens, as in the reference
+    # on-policy methods
+    refresh_steps: int = 4  # the sampler's copy of the adapter is refreshed every this many optimizer steps
+    onpolicy_max_tokens: int = 96  # token limit of each sampled reply
+    onpolicy_topk: int = 0  # reverse KL over the student's top-k tokens plus the rest as one (0: the whole vocabulary)
+    init_adapter: str | None = None  # a PEFT adapter folder whose LoRA weights the run starts from (any method)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -94,17 +112,22 @@ class TrainSettings:
             raise ValueError(f"prepend_ratio must lie in [0, 1], got {self.prepend_ratio}")
         if self.topk_k < 1 or self.max_turn_tokens < 1:
             raise ValueError(f"topk_k and max_turn_tokens must be positive, got {self.topk_k} and {self.max_turn_tokens}")
+        if self.refresh_steps < 1 or self.onpolicy_max_tokens < 1 or self.onpolicy_topk < 0:
+            raise ValueError(f"refresh_steps and onpolicy_max_tokens must be positive and onpolicy_topk 0 or more, "
+                             f"got {self.refresh_steps}, {self.onpolicy_max_tokens} and {self.onpolicy_topk}")  # fmt: skip
 
 
 @dataclasses.dataclass
 class RowExamples:
     """What one dialogue row trains, per method: the student's dialogue (no P), a PG example,
-    the teacher's view of the same agent tokens (kld), the dialogue with P in front (prepend)."""
+    the teacher's view of the same agent tokens (kld), the dialogue with P in front (prepend), and
+    the input x (on-policy methods sample the student's reply to it at every step)."""
 
     student: Example | None = None
     pg: Example | None = None
     teacher: Example | None = None
     with_p: Example | None = None
+    input: str = ""
 
 
 def build_examples(rows: list[dict], entry: PromptEntry, tokenizer, settings: TrainSettings) -> tuple[list[RowExamples], dict]:
@@ -118,8 +141,10 @@ def build_examples(rows: list[dict], entry: PromptEntry, tokenizer, settings: Tr
             raise ValueError(f"method {method}: no row has the teacher's top-k log-probabilities; synthesize with --teacher-topk K")
     for row in rows:
         try:
-            made = RowExamples()
-            if method != "pg":
+            made = RowExamples(input=row.get("input") or "")
+            if method in ONPOLICY_METHODS and not made.input.strip():
+                raise ValueError("on-policy example: the row has no input")
+            if method not in ("pg", *ONPOLICY_METHODS):  # on-policy methods train on the student's own replies
                 made.student = build_sft(row, tokenizer, settings.max_length, max_turn_tokens=cap)
             if method in _PG_METHODS:
                 made.pg = build_pg(row, entry, tokenizer, settings.max_length, settings.pg_variant, cap)
@@ -199,14 +224,18 @@ def topk_targets(examples: list[Example], device) -> tuple[torch.Tensor, torch.T
     return torch.tensor(index, dtype=torch.long, device=device), ids.to(device), logprobs.to(device)
 
 
-def step_loss(model, step: list[RowExamples], settings: TrainSettings, pad_id: int) -> float:
+def step_loss(model, step: list[RowExamples], settings: TrainSettings, pad_id: int, onpolicy: list[tuple[Example, Example]] | None = None) -> float:
     """Forward and backward over one optimizer step's rows; returns the step's loss.
 
+    `onpolicy` (the on-policy methods): the (student, teacher) views of the replies the student sampled
+    for this step's inputs (`genpi.train.onpolicy.reply_views`); their reverse KL takes L_SFT's place.
     Every tensor is made on the device the collated batches are on; nothing is moved here.
     """
     method = settings.method
     batch = lambda examples: collate(examples, pad_id, model.device)  # noqa: E731
     students, pgs = draw_students(step, settings), [r.pg for r in step if r.pg is not None]
+    if method in ONPOLICY_METHODS:
+        students = [s for s, _ in onpolicy or ()]
     n_student, n_pg = predicted_tokens(students), predicted_tokens(pgs)
     # λ weighs L_PG only in the joint methods; alone, each term keeps weight 1 in either loss form
     lam = settings.lam if method in JOINT_METHODS else float(method == "pg")
@@ -228,6 +257,9 @@ def step_loss(model, step: list[RowExamples], settings: TrainSettings, pad_id: i
             loss_sum = kld_loss(s_logits, teacher_logits(model, teacher)) * n
             if method == "seqkd+kld":  # cross-entropy from the same student logits: no second forward
                 loss_sum = loss_sum + F.cross_entropy(s_logits.float(), response_targets(student), reduction="sum")
+            backward(sft=(loss_sum, n))
+    elif method in ONPOLICY_METHODS:
+        for loss_sum, n in reverse_kl_sums(model, onpolicy or [], batch, settings.micro_batch, settings.onpolicy_topk):
             backward(sft=(loss_sum, n))
     elif method in _TOPK_METHODS:
         for chunk in micro_batches(students, settings.micro_batch):
@@ -303,6 +335,7 @@ def train_adapter(
     report=None,
     checkpoint_steps: int = 0,
     resume: dict | None = None,
+    engine=None,
 ):
     """Fit one adapter; returns (PeftModel, metrics).
 
@@ -312,6 +345,12 @@ def train_adapter(
     state, the random generators and the epoch's data order (elsewhere `state` is None), and the
     epoch-end metrics add the held-out loss. `resume`, such a state, continues from it: the same steps on the same rows as an
     uninterrupted run. `metrics["effective"]` holds what "auto" settings became on this machine.
+
+    The on-policy methods sample through `engine` (`genpi.train.onpolicy.OnPolicySampler`: an engine that loads
+    LoRA adapters, e.g. vLLM's with LoRA on a GPU cluster); by default a transformers engine on the same base
+    folder, in this process, on the model's device (float32 on CPU). Their metrics `onpolicy_*` count the
+    refreshes, requests, reply tokens, replies cut by the token limit, failed or unusable replies, and the time
+    spent refreshing and sampling.
     """
     from transformers import AutoTokenizer
 
@@ -328,6 +367,8 @@ def train_adapter(
     dtype = default_dtype() if settings.dtype == "auto" else getattr(torch, settings.dtype)
     checkpointing = torch.cuda.is_available() if settings.gradient_checkpointing is None else settings.gradient_checkpointing
     model = add_lora(load_base(base, quantize=settings.quantize, dtype=dtype), settings.lora, gradient_checkpointing=checkpointing)
+    if settings.init_adapter and resume is None:  # a resumed run's weights come from its state
+        load_lora_weights(model, settings.init_adapter)
     steps_per_epoch = math.ceil(len(rows) / settings.batch_size)
     steps = steps_per_epoch * settings.epochs
     optimizer, scheduler, optimizer_name = make_optimizer(model, settings, steps)
@@ -338,6 +379,9 @@ def train_adapter(
     if resume is None:
         run = {"epoch": 0, "step_in_epoch": 0, "order": None, "losses": [], "norms": [], "heldout_losses": [], "seconds": 0.0,
                "heldout_loss_before": before}  # fmt: skip
+        if settings.method in ONPOLICY_METHODS:  # counts, and the files of the adapter the sampler has (for a resume)
+            run["onpolicy"] = dict.fromkeys(ONPOLICY_COUNTS, 0)
+            run["onpolicy_adapter"] = None
     else:
         run = {k: v for k, v in resume.items() if k not in ("lora", "optimizer", "scheduler", "rng", "torch_rng", "cuda_rng")}
         with torch.no_grad():
@@ -361,28 +405,68 @@ def train_adapter(
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
 
+    sampler, own_engine = None, engine is None
+    if settings.method in ONPOLICY_METHODS:
+        if own_engine:
+            from genpi.engines.hf import TransformersEngine
+
+            engine_dtype = "float32" if model.device.type == "cpu" else str(dtype).removeprefix("torch.")
+            engine = TransformersEngine(base, max_batch=settings.batch_size, dtype=engine_dtype, device=str(model.device),
+                                        threads=torch.get_num_threads())  # fmt: skip
+        sampler = OnPolicySampler(engine, settings.onpolicy_max_tokens)
+
+    def sample_replies(step_rows: list[RowExamples], step: int) -> list[tuple[Example, Example]]:
+        """The student's replies to the step's inputs, as (student, teacher) views; the sampler's adapter is
+        refreshed every `refresh_steps` steps (from the live model) and, after a resume, restored as it was."""
+        counts, before = run["onpolicy"], sampler.stats()
+        if step % settings.refresh_steps == 0:
+            run["onpolicy_adapter"] = adapter_files(sampler.refresh(lambda folder: save_adapter(model, folder)))
+        elif sampler.adapter is None:  # resumed between two refreshes
+            sampler.refresh(write_files(run["onpolicy_adapter"]))
+            counts["refreshes"] -= 1  # the same adapter again: not a refresh of the run
+        inputs = [r.input for r in step_rows]
+        completions = sampler.sample(inputs, [sample_seed(settings.seed, step, i) for i in range(len(inputs))])
+        pairs = []
+        for x, completion in zip(inputs, completions):
+            try:
+                if completion.error is None:
+                    pairs.append(reply_views(entry, x, completion.text, tokenizer, settings.max_length, settings.max_turn_tokens))
+            except ValueError:
+                counts["unusable"] += 1
+        for name, value in sampler.stats().items():
+            counts[name] += value - before[name]
+        return pairs
+
     started = time.perf_counter() - run["seconds"]
-    while run["epoch"] < settings.epochs:
-        if run["order"] is None:  # a new epoch: its order is drawn once and kept in checkpoints
-            run["order"] = list(range(len(rows)))
-            rng.shuffle(run["order"])
-        epoch_rows, epoch = [rows[i] for i in run["order"]], run["epoch"]
-        while run["epoch"] == epoch:
-            k = run["step_in_epoch"]
-            loss = step_loss(model, epoch_rows[k * settings.batch_size : (k + 1) * settings.batch_size], settings, pad_id)
-            run["norms"].append(optimizer_step(model, optimizer, scheduler, settings))
-            run["losses"].append(loss)
-            run["step_in_epoch"] += 1
-            step = len(run["losses"])
-            metrics = {"step": step, "steps": steps, "loss": loss, "epoch": run["epoch"] + run["step_in_epoch"] / steps_per_epoch}
-            if run["step_in_epoch"] == steps_per_epoch:  # the epoch is done: its held-out loss, then a checkpoint
-                run["epoch"], run["step_in_epoch"], run["order"] = run["epoch"] + 1, 0, None
-                run["heldout_losses"].append(heldout_loss(model, heldout, pad_id, settings.micro_batch))
-                metrics.update(epoch=run["epoch"], heldout_loss=run["heldout_losses"][-1])
-            run["seconds"] = time.perf_counter() - started
-            checkpoint = run["step_in_epoch"] == 0 or (checkpoint_steps and step % checkpoint_steps == 0)
-            if report:
-                report(metrics, state if checkpoint else None)
+    try:
+        while run["epoch"] < settings.epochs:
+            if run["order"] is None:  # a new epoch: its order is drawn once and kept in checkpoints
+                run["order"] = list(range(len(rows)))
+                rng.shuffle(run["order"])
+            epoch_rows, epoch = [rows[i] for i in run["order"]], run["epoch"]
+            while run["epoch"] == epoch:
+                k = run["step_in_epoch"]
+                step_rows = epoch_rows[k * settings.batch_size : (k + 1) * settings.batch_size]
+                replies = sample_replies(step_rows, len(run["losses"])) if sampler else None
+                loss = step_loss(model, step_rows, settings, pad_id, replies)
+                run["norms"].append(optimizer_step(model, optimizer, scheduler, settings))
+                run["losses"].append(loss)
+                run["step_in_epoch"] += 1
+                step = len(run["losses"])
+                metrics = {"step": step, "steps": steps, "loss": loss, "epoch": run["epoch"] + run["step_in_epoch"] / steps_per_epoch}
+                if run["step_in_epoch"] == steps_per_epoch:  # the epoch is done: its held-out loss, then a checkpoint
+                    run["epoch"], run["step_in_epoch"], run["order"] = run["epoch"] + 1, 0, None
+                    run["heldout_losses"].append(heldout_loss(model, heldout, pad_id, settings.micro_batch))
+                    metrics.update(epoch=run["epoch"], heldout_loss=run["heldout_losses"][-1])
+                run["seconds"] = time.perf_counter() - started
+                checkpoint = run["step_in_epoch"] == 0 or (checkpoint_steps and step % checkpoint_steps == 0)
+                if report:
+                    report(metrics, state if checkpoint else None)
+    finally:
+        if sampler is not None:
+            sampler.close()
+            if own_engine:
+                engine.close()
     model.eval()
     metrics = {
         "train_loss_first": run["losses"][0],
@@ -399,6 +483,7 @@ def train_adapter(
         "seconds": time.perf_counter() - started,
         **{f"data_{k}": v for k, v in report_data.items()},
         **{f"heldout_data_{k}": v for k, v in heldout_report.items()},
+        **{f"onpolicy_{k}": v for k, v in run.get("onpolicy", {}).items()},
         "effective": {
             "device": str(model.device),
             "dtype": str(dtype).removeprefix("torch."),

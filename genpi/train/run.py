@@ -72,6 +72,10 @@ def fingerprint(train: list[dict], heldout: list[dict], settings: TrainSettings,
     for row in train + heldout:
         digest.update(json.dumps([row["sample_id"], row["split"], row["input"], row["turns"], row["student_output"], row["reason"]], sort_keys=True, default=str).encode())
     digest.update(json.dumps({**recorded_settings(settings, lambdas), "base": base}, sort_keys=True, default=str).encode())
+    if settings.init_adapter:  # the weights it starts from, not only their folder's name
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            path = Path(settings.init_adapter) / name
+            digest.update(path.read_bytes() if path.is_file() else b"")
     return digest.hexdigest()
 
 
@@ -93,6 +97,7 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
 
     if checkpoint_steps < 0 or max_failures < 0:
         raise InputError(f"--checkpoint-steps and --max-failures must be 0 or more, got {checkpoint_steps} and {max_failures}")
+    check_init_adapter(settings)
     entries = load_catalog(catalog)
     out = Path(out).absolute()
     base_path = resolve_model(base)
@@ -218,6 +223,7 @@ def write_best(entry, tried: list, out: Path, base: str, settings, lambdas, data
         data_fingerprint=data_print,
         settings={**recorded_settings(settings, lambdas), "lam": lam, "effective": metrics["effective"]},
         train_metrics={**{k: metrics[k] for k in kept if k in metrics}, **{k: v for k, v in metrics.items() if k.startswith(("data_", "heldout_data_"))},
+                       **{k: v for k, v in metrics.items() if k.startswith("onpolicy_")},
                        "rows_outside_action_space_dropped": dropped},  # fmt: skip
         eval_metrics={"heldout_loss": metrics["heldout_loss"],
                       "trials": {str(r.config["trial"]["lam"]): r.metrics.get("heldout_loss") for r in tried}},  # fmt: skip
@@ -235,6 +241,21 @@ def write_best(entry, tried: list, out: Path, base: str, settings, lambdas, data
         outcome["early_stopped"] = {"lams": stopped, "steps_run": sum(ran),
                                     "steps_of_full_sweep": metrics["steps"] * len(tried)}  # fmt: skip
     return outcome
+
+
+def check_init_adapter(settings: TrainSettings) -> None:
+    """--init-adapter names a PEFT adapter of this run's LoRA shape (rank, alpha, target modules): refused before any
+    training (InputError) rather than in every trial; the tensors' shapes are checked when a trial loads it."""
+    if not settings.init_adapter:
+        return
+    folder = Path(settings.init_adapter)
+    config = folder / "adapter_config.json"
+    if not config.is_file() or not (folder / "adapter_model.safetensors").is_file():
+        raise InputError(f"--init-adapter {folder}: not a PEFT adapter folder (adapter_config.json and adapter_model.safetensors)")
+    saved, lora = json.loads(config.read_text()), settings.lora
+    if saved.get("r") != lora.r or saved.get("lora_alpha") != lora.alpha:
+        raise InputError(f"--init-adapter {folder}: rank {saved.get('r')}, alpha {saved.get('lora_alpha')}; this run's LoRA is rank "
+                         f"{lora.r}, alpha {lora.alpha} (--rank, --alpha): the LoRA shapes must match")  # fmt: skip
 
 
 def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: TrainSettings, checkpoint_steps: int) -> None:
@@ -376,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pg-variant", default=d.pg_variant, choices=PG_VARIANTS, help="what prompt generation produces from what (ablations)")
     p.add_argument("--prepend-ratio", type=float, default=d.prepend_ratio, help="prepend: share of rows that carry P, redrawn every step")
     p.add_argument("--topk-k", type=int, default=d.topk_k, help="topk-kl: teacher log-probabilities used per token")
+    p.add_argument("--refresh-steps", type=int, default=d.refresh_steps, help="onpolicy: refresh the sampler's adapter every N optimizer steps")
+    p.add_argument("--onpolicy-max-tokens", type=int, default=d.onpolicy_max_tokens, help="onpolicy: token limit of each sampled reply")
+    p.add_argument("--onpolicy-topk", type=int, default=d.onpolicy_topk,
+                   help="onpolicy: reverse KL over the student's top-k tokens plus the rest as one (0: the whole vocabulary)")
+    p.add_argument("--init-adapter", default=None, metavar="DIR",
+                   help="start from this PEFT adapter's LoRA weights (same rank, alpha, targets), e.g. onpolicy from a genpi adapter")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -418,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                 loss_form=args.loss_form, schedule=args.schedule, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
                 weight_decay=args.weight_decay, dtype=args.dtype,
                 pg_variant=args.pg_variant, prepend_ratio=args.prepend_ratio, topk_k=args.topk_k,
+                refresh_steps=args.refresh_steps, onpolicy_max_tokens=args.onpolicy_max_tokens, onpolicy_topk=args.onpolicy_topk,
+                init_adapter=str(Path(args.init_adapter).absolute()) if args.init_adapter else None,
             )  # fmt: skip
         except ValueError as e:  # a setting out of range (--prepend-ratio, --topk-k, --warmup-ratio ...)
             raise InputError(str(e)) from None
