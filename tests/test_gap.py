@@ -140,7 +140,7 @@ def test_onpolicy_reverse_kl_is_zero_for_the_teacher_and_matches_a_plain_forward
     def reply_logits(context):
         ids = engine.encode(context)
         with torch.no_grad(), engine.serving(None):
-            logits = engine.model(input_ids=torch.tensor([ids + reply])).logits[0]
+            logits = engine.model(input_ids=torch.tensor([ids + reply], device=engine.device)).logits[0]
         return logits[len(ids) - 1 : len(ids) - 1 + len(reply)]
 
     base, teacher = reply_logits(user), reply_logits(CALC.messages() + user)
@@ -202,3 +202,10 @@ def test_evaluate_catalog_reports_the_gap_the_reverse_kl_and_the_collateral(tiny
     for metrics in lean["results"][0]["systems"].values():
         assert metrics["reverse_kl"] is None and metrics["collateral_kl"] is None and metrics["kl_gap_closed"] is not None
     assert lean["gap"]["onpolicy_samples"] == 0 and lean["gap"]["collateral_requests"] == 0
+
+
+def test_a_negative_number_of_samples_exits_2(tmp_path, capsys):
+    from genpi.eval.run import main
+
+    assert main(["fidelity", str(tmp_path), "--catalog", str(CATALOG), "--adapters", str(tmp_path), "--onpolicy-samples", "-1"]) == 2
+    assert "--onpolicy-samples must be at least 0, got -1" in capsys.readouterr().err

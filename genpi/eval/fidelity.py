@@ -48,7 +48,8 @@ from tqdm import tqdm
 
 from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog
-from genpi.eval.gap import BOOTSTRAP, GAP_METRICS, GENERAL_REQUESTS, Collateral, collateral_metrics, gap_lines, gap_metrics, onpolicy_columns, onpolicy_kl
+from genpi.eval.gap import (BOOTSTRAP, COLLATERAL_TOKENS, GAP_METRICS, GENERAL_REQUESTS, Collateral, collateral_metrics, gap_lines, gap_metrics,
+                            onpolicy_columns, onpolicy_kl)  # fmt: skip
 from genpi.eval.metrics import action, ratio, rouge_l
 from genpi.eval.serve import (BASE, TEACHER, Batcher, System, adapter_dirs, check_served, load_engine, mark_served, prompt_systems,
                               served_as, served_notes, served_specs)  # fmt: skip
@@ -290,7 +291,7 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
     settings = episode_settings(data, max_new_tokens, max_turns)
     engine = load_engine(base_path, [s for _, systems, _, _ in plans for s in systems], max_batch)
     form = served_as(engine, [s for _, systems, _, _ in plans for s in systems])
-    unrelated = Collateral(engine, settings.max_agent_tokens) if collateral else None  # the base's replies, made once
+    unrelated = Collateral(engine, min(settings.max_agent_tokens, COLLATERAL_TOKENS)) if collateral else None  # the base's replies, made once
     results = []
     for entry, systems, missing, rows in plans:
         print(f"genpi eval fidelity: {entry.id}: {len(rows)} held-out inputs, {len(systems)} systems", file=sys.stderr)
@@ -299,9 +300,8 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
         sampled = onpolicy_kl(entry, rows, systems, engine, settings.max_agent_tokens, onpolicy_samples, progress=progress) if onpolicy_samples else {}
         records = reply_rows(entry, rows, systems, episodes, forced)
         for name, rs in records.items():
-            for i, r in enumerate(rs):
-                r.update(onpolicy_columns(sampled[name][i] if sampled else None))
-        for name, rs in records.items():
+            for r, scored in zip(rs, sampled.get(name) or [None] * len(rs)):
+                r.update(onpolicy_columns(scored))
             write_table(out / "fidelity" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, EVAL_SCHEMA)
         metrics = mark_served({name: summarize(rs) for name, rs in records.items()}, systems, LOGIT_METRICS + GAP_METRICS)
         damage = collateral_metrics(unrelated.score(entry, systems, progress) if unrelated else dict.fromkeys(records))

@@ -30,11 +30,12 @@ from tqdm import tqdm
 
 from genpi.catalog import PromptEntry
 from genpi.engines import ChatRequest, Sampling
-from genpi.eval.serve import BASE, TEACHER, System
+from genpi.eval.serve import BASE, System
 
 GAP_METRICS = ("kl_gap_closed", "reverse_kl", "collateral_kl")  # they need a system's own logits
 BOOTSTRAP = {"resamples": 1000, "seed": 0, "level": 0.95}
 ONPOLICY_SEED = 0  # the sampled replies' seeds derive from it, the row's sample_id and the sample's index
+COLLATERAL_TOKENS = 64  # the base's replies to the general requests are cut here (their start shows any damage; it bounds the cost)
 SCORE_BATCH = 8  # sequences per forward pass when scoring sampled replies ([tokens, vocabulary] logits each)
 
 # Requests unrelated to any agent prompt, for the collateral damage: varied skills a base model should keep.
@@ -285,7 +286,7 @@ class Collateral:
             if s.served:
                 out[s.name] = None
                 continue
-            if s.name == BASE or (s.adapter is None and not s.with_prompt):
+            if not s.adapter and not s.with_prompt:  # the base itself
                 sums = [0.0] * len(base)
             elif s.with_prompt:
                 sums = _kl_sums(engine, (None, base), (None, [_view(engine.encode(prompt + [{"role": "user", "content": r}]), ids) for r, ids in kept]))
