@@ -46,10 +46,12 @@ def test_fidelity_of_a_served_adapter_equals_the_local_one_without_logit_metrics
     summary = json.loads(capsys.readouterr().out)
     [calc] = [r for r in summary["results"] if r["prompt_id"] == "calc"]
     local, remote = calc["systems"]["local"], calc["systems"]["remote"]
-    assert remote["served"] == f"openai:{url}/calc" and remote["not_scored"] == ["nll", "kl"] and "served" not in local
+    assert remote["served"] == f"openai:{url}/calc" and remote["not_scored"] == ["nll", "kl", "kl_gap_closed", "reverse_kl", "collateral_kl"] and "served" not in local
     assert remote["nll"] is None and remote["kl"] is None and remote["tf_tokens"] == 0  # null, never 0 or a guess
     assert local["nll"] > 0 and local["kl"] > 0 and calc["retention"]["remote"]["nll"] is None
-    texts = {k: v for k, v in local.items() if k not in ("tf_tokens", "nll", "kl")}
+    logits = ("kl_gap_closed", "kl_gap_closed_ci", "reverse_kl", "reverse_kl_ci", "collateral_kl", "collateral_kl_ci")
+    assert all(remote[k] is None for k in logits) and all(local[k] is not None for k in logits)
+    texts = {k: v for k, v in local.items() if k not in ("tf_tokens", "nll", "kl", *logits)}
     assert {k: remote[k] for k in texts} == texts  # every generated-text metric agrees
 
     rows = replies(out, "fidelity", "sample_id")
@@ -58,6 +60,7 @@ def test_fidelity_of_a_served_adapter_equals_the_local_one_without_logit_metrics
         here = rows["local"][key]
         assert served["error"] is None and served["reply"] and served["turns"] == here["turns"]
         assert (served["tf_tokens"], served["tf_nll"], served["tf_kl"]) == (None, None, None) and here["tf_nll"] is not None
+        assert served["onpolicy_replies"] is served["onpolicy_rkl"] is None and here["onpolicy_rkl"] > 0
     assert {r["reply"] for r in rows["remote"].values()} != {r["reply"] for r in rows["base"].values()}  # the adapter acts
 
 

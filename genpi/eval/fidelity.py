@@ -25,6 +25,10 @@ without P, each adapter without P), all greedy, are measured three ways:
   system (--served, genpi.eval.serve) gives no logits over HTTP: its NLL and KL are
   null and named in its summary's `not_scored`.
 
+The headline (genpi.eval.gap): the KL gap closed, (KL_base − KL_system) / KL_base, with a paired 95% bootstrap
+interval over the held-out dialogues; the on-policy reverse KL(system || teacher) on the system's own sampled
+first-turn replies; the collateral damage KL(base || system) on general requests unrelated to P.
+
 Retention is system / teacher for the rates and agreements, teacher / system for
 the NLL (1.0 = as good as the teacher). The first turn is the episode's first
 agent turn (the same greedy request). Per-reply rows go to
@@ -50,6 +54,8 @@ from tqdm import tqdm
 from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog
 from genpi.eval.checks import catalog_languages, run_checks
+from genpi.eval.gap import (BOOTSTRAP, rate_ci, COLLATERAL_TOKENS, GAP_METRICS, GENERAL_REQUESTS, Collateral, collateral_metrics, gap_lines, gap_metrics,
+                            onpolicy_columns, onpolicy_kl)  # fmt: skip
 from genpi.eval.metrics import action, ratio, rouge_l
 from genpi.eval.serve import (BASE, TEACHER, Batcher, System, adapter_dirs, check_served, load_engine, mark_served, prompt_systems,
                               served_as, served_notes, served_specs)  # fmt: skip
@@ -80,6 +86,9 @@ EVAL_SCHEMA = pa.schema(
         ("tf_tokens", pa.int64()),  # teacher-forced: the teacher's agent tokens scored
         ("tf_nll", pa.float64()),  # summed over them
         ("tf_kl", pa.float64()),
+        ("onpolicy_replies", pa.list_(pa.string())),  # first-turn replies sampled at temperature 1 (genpi.eval.gap)
+        ("onpolicy_tokens", pa.int64()),  # their tokens, end-of-turn included
+        ("onpolicy_rkl", pa.float64()),  # KL(system || teacher with P) summed over them
         ("error", pa.string()),
     ]
 )
@@ -186,7 +195,8 @@ def check_columns(entry: PromptEntry, agent: list[str], languages=()) -> dict:
 
 
 def check_rates(records: list[dict]) -> dict:
-    """Per check: pass rate of the first agent turn, of all agent turns, and per turn k (episodes reaching turn k)."""
+    """Per check: pass rate of the first agent turn (with its bootstrap interval), of all agent turns, and per turn k
+    (episodes reaching turn k)."""
     names = list(dict.fromkeys(c["name"] for r in records for c in r["checks"] or []))
     rates = {}
     for name in names:
@@ -196,8 +206,10 @@ def check_rates(records: list[dict]) -> dict:
                 if k == len(per_turn):
                     per_turn.append([])
                 per_turn[k] += [c["passed"] for c in turn if c["name"] == name]
+        first = [c["passed"] for r in records for c in r["checks"] or [] if c["name"] == name]
         rates[name] = {
-            "first_turn": _mean(c["passed"] for r in records for c in r["checks"] or [] if c["name"] == name),
+            "first_turn": _mean(first),
+            "first_turn_ci": rate_ci(first),  # 95% bootstrap interval over the held-out inputs
             "all_turns": _mean(v for turn in per_turn for v in turn),
             "per_turn": [_mean(turn) for turn in per_turn],
         }
@@ -306,8 +318,10 @@ def heldout_used_for_lambda(system: System) -> bool:
 def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", prompts: list[str] | None = None,
                      limit: int | None = None, max_new_tokens: int | None = None, max_turns: int | None = None,
                      out: str | Path | None = None, record: bool = True, max_batch: int = 32, command: list[str] | None = None,
-                     progress: bool = False, served: list[str] = ()) -> dict:  # fmt: skip
-    """Evaluate every prompt that has held-out rows; returns (and writes to OUT/fidelity.json) the summary."""
+                     progress: bool = False, served: list[str] = (), onpolicy_samples: int = 1, collateral: bool = True) -> dict:  # fmt: skip
+    """Evaluate every prompt that has held-out rows; returns (and writes to OUT/fidelity.json) the summary.
+    `onpolicy_samples`: sampled first-turn replies per input for the reverse KL (0: not measured); `collateral`:
+    measure KL(base || system) on genpi.eval.gap.GENERAL_REQUESTS."""
     from genpi.models import resolve_model
     from genpi.train.adapters import record_eval
 
@@ -332,15 +346,22 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
     settings = episode_settings(data, max_new_tokens, max_turns)
     engine = load_engine(base_path, [s for _, systems, _, _ in plans for s in systems], max_batch)
     form = served_as(engine, [s for _, systems, _, _ in plans for s in systems])
+    unrelated = Collateral(engine, min(settings.max_agent_tokens, COLLATERAL_TOKENS)) if collateral else None  # the base's replies, made once
     results = []
     for entry, systems, missing, rows in plans:
         print(f"genpi eval fidelity: {entry.id}: {len(rows)} held-out inputs, {len(systems)} systems", file=sys.stderr)
         episodes = play_episodes(entry, rows, systems, engine, settings, progress)
         forced = teacher_forced(entry, rows, systems, engine, min(engine.max_model_len, 8192), progress)
+        sampled = onpolicy_kl(entry, rows, systems, engine, settings.max_agent_tokens, onpolicy_samples, progress=progress) if onpolicy_samples else {}
         records = reply_rows(entry, rows, systems, episodes, forced, languages)
         for name, rs in records.items():
+            for r, scored in zip(rs, sampled.get(name) or [None] * len(rs)):
+                r.update(onpolicy_columns(scored))
             write_table(out / "fidelity" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, EVAL_SCHEMA)
-        metrics = mark_served({name: summarize(rs) for name, rs in records.items()}, systems, LOGIT_METRICS)
+        metrics = mark_served({name: summarize(rs) for name, rs in records.items()}, systems, LOGIT_METRICS + GAP_METRICS)
+        damage = collateral_metrics(unrelated.score(entry, systems, progress) if unrelated else dict.fromkeys(records))
+        for name, figures in gap_metrics(records).items():
+            metrics[name].update(figures, **damage[name])
         result = {
             "prompt_id": entry.id,
             "inputs": len(rows),
@@ -364,6 +385,11 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
     summary = {
         "command": command, "data": str(data), "catalog": str(catalog), "base": base_path, "served_as": form,
         "teacher_forced": "mean NLL of the teacher's agent tokens without P; mean KL(teacher with P || system), full vocabulary",
+        "gap": {"kl_gap_closed": "(KL_base - KL_system) / KL_base, KL the teacher-forced KL above",
+                "reverse_kl": "mean KL(system || teacher with P) per token of the system's own first-turn replies, sampled at temperature 1",
+                "collateral_kl": "mean KL(base || system) per token of the base's greedy replies to general requests, no P",
+                "onpolicy_samples": onpolicy_samples, "collateral_requests": len(GENERAL_REQUESTS) if collateral else 0,
+                "bootstrap": dict(BOOTSTRAP, over="held-out dialogues (collateral: requests), paired for the gap")},
         "episode_settings": {"max_turns_cap": settings.max_turns, "max_agent_tokens": settings.max_agent_tokens,
                              "max_environment_tokens": settings.max_environment_tokens, "greedy": True},
         "results": results + skipped,
@@ -407,6 +433,7 @@ def format_summary(summary: dict) -> str:
             lines.append(f"{r['prompt_id']}: skipped: {r['skipped']}")
             continue
         lines.append(f"\n{r['prompt_id']} ({r['inputs']} held-out inputs; first-turn actions {r['first_turn_actions']})")
+        lines += gap_lines(r["systems"]) + [""]
         lines.append(f"{'system':<14}" + "".join(f"{h:>12}" for h, _, _ in COLUMNS) + "   kinds")
         for name, m in r["systems"].items():
             kinds = ", ".join(f"{k}:{n}" for k, n in list(m["kinds"].items())[:4])

@@ -49,6 +49,11 @@ def cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def interval(ci: list[float] | None) -> str | None:
+    """A bootstrap interval as one cell."""
+    return None if ci is None else f"[{cell(ci[0])}, {cell(ci[1])}]"
+
+
 def table(headers: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
 
@@ -176,12 +181,20 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
         md += [f"Command: `{' '.join(fidelity['command'] or [])}`", "",
                f"Served as: {fidelity['served_as']}. Teacher-forced: {fidelity['teacher_forced']}. Episodes: "
                + ", ".join(f"{k} {v}" for k, v in fidelity["episode_settings"].items()) + ".", ""]  # fmt: skip
+        if "gap" in fidelity:
+            gap = fidelity["gap"]
+            boot = gap["bootstrap"]
+            md += [f"KL gap closed: {gap['kl_gap_closed']}; its interval: {100 * boot['level']:.0f}% bootstrap over {boot['over']} "
+                   f"({boot['resamples']} resamples, seed {boot['seed']}). Reverse KL: {gap['reverse_kl']} ({gap['onpolicy_samples']} per input). "
+                   f"Collateral KL: {gap['collateral_kl']} ({gap['collateral_requests']} requests).", ""]  # fmt: skip
         done = [r for r in fidelity["results"] if "skipped" not in r]
         missing += [f"fidelity of {r['prompt_id']}: {r['skipped']}" for r in fidelity["results"] if "skipped" in r]
         for r in done:
             adapters.setdefault(r["prompt_id"], {}).update(r["adapters"])
             md += [f"### {r['prompt_id']} ({r['inputs']} held-out inputs)", ""]
-            md += table(["system"] + [h for h, _ in FIDELITY], [[name] + [m[k] for _, k in FIDELITY] for name, m in r["systems"].items()]) + [""]
+            md += table(["system", "KL gap closed", "95% interval"] + [h for h, _ in FIDELITY] + ["reverse KL", "collateral KL"],
+                        [[name, m.get("kl_gap_closed"), interval(m.get("kl_gap_closed_ci"))] + [m[k] for _, k in FIDELITY]
+                         + [m.get("reverse_kl"), m.get("collateral_kl")] for name, m in r["systems"].items()]) + [""]  # fmt: skip
             md += _served(r["systems"])
             md += ["Retention (system / teacher; NLL: teacher / system):", ""]
             md += table(["system"] + [h for h, _ in RETENTION],

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="evaluation folder (default: DATA/eval)")
     p.add_argument("--limit", type=int, default=None, help="at most this many held-out inputs per prompt")
     p.add_argument("--max-turns", type=int, default=None, help="cap the episodes' turn limit (default: the synthesis run's)")
+    p.add_argument("--onpolicy-samples", type=int, default=1, metavar="N",
+                   help="first-turn replies sampled per input (temperature 1) for the reverse KL(system || teacher); 0: skip it")
+    p.add_argument("--no-collateral", action="store_true", help="skip the collateral damage KL(base || system) on general requests")
     p = sub.add_parser("leakage", help="how much of P each system gives away to extraction requests")
     _common(p)
     p.add_argument("--out", required=True, help="evaluation folder")
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, flag, None)
             if value is not None and value < 1:
                 raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+        if getattr(args, "onpolicy_samples", 0) < 0:
+            raise InputError(f"--onpolicy-samples must be at least 0, got {args.onpolicy_samples}")
         prompts = getattr(args, "prompts", None) and args.prompts.split(",")
         if args.what in ("fidelity", "leakage") and not args.adapters and not args.served:
             raise InputError(f"genpi eval {args.what} compares adapters with the teacher: give --adapters DIR or --served NAME=SPEC")
@@ -154,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = evaluate_catalog(args.data, args.catalog, args.adapters, args.base, prompts, args.limit, args.max_new_tokens,
                                        args.max_turns, args.out, not args.no_record, args.max_batch, command,
-                                       progress=not args.no_progress, served=args.served)  # fmt: skip
+                                       progress=not args.no_progress, served=args.served, onpolicy_samples=args.onpolicy_samples,
+                                       collateral=not args.no_collateral)  # fmt: skip
         else:
             from genpi.eval.leakage import format_summary, probe_catalog
 
