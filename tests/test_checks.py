@@ -128,8 +128,11 @@ def test_check_rates_a_copy_keeps_every_check_a_constant_gets_its_own_rate(tmp_p
     m = {name: summarize(rs) for name, rs in records.items()}
     kept = {name: retention(metrics, m["teacher"]) for name, metrics in m.items()}
 
-    t = m["teacher"]["checks"]
+    t = {name: dict(rates) for name, rates in m["teacher"]["checks"].items()}
     assert list(t) == ["format", "french", "json"]
+    for rates in t.values():  # the interval holds the rate; a rate of 4 inputs is uncertain
+        lo, hi = rates.pop("first_turn_ci")
+        assert lo <= rates["first_turn"] <= hi and hi - lo >= 0.25
     assert t["format"] == {"first_turn": 0.25, "all_turns": pytest.approx(2 / 6), "per_turn": [0.25, 0.5]}
     assert t["french"] == {"first_turn": 0.5, "all_turns": pytest.approx(4 / 6), "per_turn": [0.5, 1.0]}  # the loop fails
     assert t["json"] == {"first_turn": 0.25, "all_turns": pytest.approx(1 / 6), "per_turn": [0.25, 0.0]}
@@ -165,7 +168,7 @@ def test_check_rates_exclude_errors_and_missing_replies():
     rates = check_rates([r for r in records if r["error"] is None])
     assert summarize(records)["checks"] == rates and rates["french"]["first_turn"] == pytest.approx(1 / 3)
     empty = dict(records[1], checks=[{"name": "french", "passed": None}], turn_checks=[])  # an episode without an agent turn
-    assert check_rates([empty, records[2]])["french"] == {"first_turn": 1.0, "all_turns": 1.0, "per_turn": [1.0]}
+    assert check_rates([empty, records[2]])["french"] == {"first_turn": 1.0, "first_turn_ci": [1.0, 1.0], "all_turns": 1.0, "per_turn": [1.0]}
     assert check_rates([]) == {}
 
 
