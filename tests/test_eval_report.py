@@ -11,7 +11,7 @@ import duckdb
 from PIL import Image
 
 from conftest import REPO
-from genpi.eval.report import cell
+from genpi.eval.report import Rate, cell
 from genpi.synth.stats import quality_stats
 from test_recipe import write_calc_dialogues
 
@@ -38,7 +38,7 @@ def numbers(value, found: set[str]) -> set[str]:
         for v in value:
             numbers(v, found)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        found.add(cell(value))
+        found |= {cell(value), cell(Rate(value))}
     return found
 
 
@@ -82,23 +82,25 @@ def test_report_from_a_small_real_run(tiny_trainable_model, tmp_path):
     per_turn = duckdb.connect().execute(
         f"SELECT system, k, avg(turns_valid[k]::DOUBLE) FROM read_parquet('{eval_dir}/fidelity/**/*.parquet', hive_partitioning=true), "
         "range(1, 3) t(k) WHERE len(turns_valid) >= k GROUP BY ALL").fetchall()  # fmt: skip
-    allowed |= {cell(rate) for _, _, rate in per_turn}
+    allowed |= {cell(Rate(rate)) for _, _, rate in per_turn}
     lines = text.splitlines()
     table_rows = [line for i, line in enumerate(lines) if line.startswith("| ") and not (i + 1 < len(lines) and lines[i + 1].startswith("|---"))]
     checked = 0
     for line in table_rows:
         for value in line.strip("| ").split(" | ")[1:]:
-            if re.fullmatch(r"-?\d+(\.\d+)?", value):
+            if re.fullmatch(r"-?\d+(\.\d+)?%?", value):
                 assert value in allowed, f"{value} in {line!r} is not in the run's files"
                 checked += 1
     assert checked > 50
 
+    opening = text.split("## Synthesis")[0]  # the verdict comes first
+    assert "without the prompt, the `genpi` adapter" in opening and "of the KL gap to the teacher (95% interval [" in opening
     for heading in ("## Synthesis", "## Fidelity without the prompt", "### calc (2 held-out inputs)", "## Prompt leakage", "## Training"):
         assert heading in text
     assert "Held-out loss per λ, genpi/calc" in text and "λ of genpi was chosen by the loss on these held-out rows" in text
     assert "samples 10, heldout 0.2" in text and "synthesis settings" not in text.split("## Missing")[1]
     assert "loss per step" not in text.split("## Missing")[1]  # genpi train recorded the curve
-    assert "| calc | 2.0000 |" in text  # gold turns, from the manifest
+    assert "| calc | 2.000 |" in text  # gold turns, from the manifest
     assert "fidelity of greet: no held-out rows" in text and "leakage of greet: no adapter" in text
 
 

@@ -28,6 +28,7 @@ TABLE4 = (("gold turns", "gold_turns"), ("avg turns", "avg_turns"), ("% max turn
 FIDELITY = (("format", "format_rate"), ("kind agreement", "kind_agreement"), ("action agreement", "action_agreement"),
             ("ROUGE-L F", "rouge_l"), ("episode in-space", "action_space_rate"), ("episode final", "final_rate"),
             ("mean turns", "mean_turns"), ("at limit", "hit_limit_rate"), ("NLL", "nll"), ("KL", "kl"))  # fmt: skip
+SHARES = {"format_rate", "kind_agreement", "action_agreement", "action_space_rate", "final_rate", "hit_limit_rate"}
 RETENTION = (("format", "format_rate"), ("kind agreement", "kind_agreement"), ("action agreement", "action_agreement"),
              ("ROUGE-L F", "rouge_l"), ("episode in-space", "action_space_rate"), ("episode final", "final_rate"), ("NLL", "nll"))  # fmt: skip
 LEAKAGE = (("span of P", "span"), ("ROUGE-L recall", "rouge_l_recall"), ("verbatim 50 chars", "verbatim_rate"))
@@ -36,22 +37,41 @@ TASKS = (("mind2web", "Mind2Web steps", (("element accuracy", "element_accuracy"
                                  ("invalid action", "invalid_action_rate"), ("mean rounds", "mean_rounds"), ("errors", "errors"))))  # fmt: skip
 
 
+class Rate(float):
+    """A share, shown as a percentage."""
+
+
+def rate(value) -> Rate | None:
+    return None if value is None else Rate(value)
+
+
 def cell(value) -> str:
-    """How every number appears in the report's tables."""
+    """How every number appears in the report's tables: shares as whole percentages, other numbers to 3 decimals."""
     if value is None:
         return "–"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, Rate):
+        return f"{100 * value:.0f}%"
     if isinstance(value, float):
-        return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"  # learning rates stay readable
+        return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.3f}"  # learning rates stay readable
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def interval(ci: list[float] | None) -> str | None:
+def interval(ci: list[float] | None, share: bool = True) -> str | None:
     """A bootstrap interval as one cell."""
-    return None if ci is None else f"[{cell(ci[0])}, {cell(ci[1])}]"
+    if ci is None:
+        return None
+    lo, hi = (rate(ci[0]), rate(ci[1])) if share else ci
+    return f"[{cell(lo)}, {cell(hi)}]"
+
+
+def short(text: str, width: int = 24) -> str:
+    """A table header from a free text (an action kind): its first line, at most `width` characters."""
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= width and "\n" not in text.strip() else line[: width - 1] + "…"
 
 
 def table(headers: list[str], rows: list[list]) -> list[str]:
@@ -103,7 +123,7 @@ def _figure(path: Path, panels: list[tuple[str, callable]]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
     for ax, (title, draw) in zip(axes[0], panels):
         draw(ax)
         ax.set_title(title)
@@ -121,21 +141,80 @@ def _bars(groups: list[str], series: dict[str, list[float | None]], ylabel: str)
             ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=name)
         ax.set_xticks([g + width * (len(series) - 1) / 2 for g in range(len(groups))], groups, rotation=30, ha="right")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize="small")
+        _legend(ax)
 
     return draw
+
+
+def _legend(ax) -> None:
+    """Beside the axes, so it never covers a line or a bar."""
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _lines(series: dict[str, list[float]], xlabel: str, ylabel: str, x: dict[str, list] | None = None, marker: str = "o"):
     def draw(ax):
+        from matplotlib.ticker import MaxNLocator
+
         for name, values in series.items():
             ax.plot(x[name] if x else range(1, len(values) + 1), values, marker=marker, label=name)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        if x is None:  # turns and steps are counts
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if series:
-            ax.legend(fontsize="small")
+            _legend(ax)
 
     return draw
+
+
+def verdict(fidelity: dict) -> list[str]:
+    """The report's opening paragraph, per evaluated prompt: what the adapter that closes the most of the KL gap keeps
+    of the teacher's behaviour without P, with its interval, and what it costs on requests unrelated to P."""
+    lines = []
+    for r in (r for r in fidelity["results"] if "skipped" not in r):
+        systems, kept = r["systems"], r["retention"]
+        gaps = {n: m["kl_gap_closed"] for n, m in systems.items() if n not in ("teacher", "base") and m.get("kl_gap_closed") is not None}
+        if not gaps:
+            continue
+        best = max(gaps, key=gaps.get)
+        m, teacher, base = systems[best], systems["teacher"], systems["base"]
+        said = []
+        for check, rates in (m.get("checks") or {}).items():
+            if not teacher["checks"].get(check, {}).get("first_turn"):  # nothing to keep
+                said.append(f"passes `{check}` on {cell(rate(rates['first_turn']))} of its first replies (the teacher on none)")
+                continue
+            said.append(f"keeps {cell(rate(kept[best].get(f'checks.{check}')))} of the teacher's `{check}` rate (first replies: "
+                        f"{cell(rate(rates['first_turn']))} against the teacher's {cell(rate(teacher['checks'][check]['first_turn']))} "
+                        f"and the base's {cell(rate(base['checks'][check]['first_turn']))})")  # fmt: skip
+        said.append(f"closes {cell(rate(gaps[best]))} of the KL gap to the teacher (95% interval {interval(m.get('kl_gap_closed_ci')) or '–'})")
+        if m.get("collateral_kl") is not None:
+            said.append(f"costs {cell(m['collateral_kl'])} nats per token of KL to the base on general requests unrelated to P")
+        others = ", ".join(f"`{n}` {cell(rate(g))}" for n, g in sorted(gaps.items(), key=lambda kv: -kv[1]) if n != best)
+        lines += [f"**{r['prompt_id']}** ({r['inputs']} held-out inputs): without the prompt, the `{best}` adapter "
+                  + ", ".join(said[:-1]) + (" and " if len(said) > 1 else "") + said[-1] + "."
+                  + (f" Gap closed by the others: {others}." if others else ""), ""]  # fmt: skip
+    return lines
+
+
+def _check_cells(metrics: dict, kept: dict, check: str) -> list:
+    rates = (metrics.get("checks") or {}).get(check)
+    if rates is None:
+        return [None] * 4
+    return [rate(rates["first_turn"]), interval(rates.get("first_turn_ci")), rate(rates["all_turns"]), rate(kept.get(f"checks.{check}"))]
+
+
+def drop_empty_sections(md: list[str]) -> list[str]:
+    """Headings with nothing under them go (what is missing is listed once, at the end)."""
+    out = []
+    for i, line in enumerate(md):
+        if line.startswith("## "):
+            following = next((x for x in md[i + 1 :] if x.strip()), None)
+            if following is None or following.startswith("## "):
+                continue
+        if not line.strip() and out and not out[-1].strip():
+            continue
+        out.append(line)
+    return out
 
 
 def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str | Path | None = None) -> tuple[str, list[Path]]:
@@ -174,10 +253,11 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
 
     fidelity = _read_json(eval_dir / "fidelity.json")
     adapters: dict[str, dict[str, str]] = {}  # prompt -> system -> folder
-    md += ["## Fidelity without the prompt", ""]
     if fidelity is None:
         missing.append(f"fidelity: {eval_dir / 'fidelity.json'} not found (run genpi eval fidelity)")
     else:
+        md[2:2] = verdict(fidelity)
+        md += ["## Fidelity without the prompt", ""]
         md += [f"Command: `{' '.join(fidelity['command'] or [])}`", "",
                f"Served as: {fidelity['served_as']}. Teacher-forced: {fidelity['teacher_forced']}. Episodes: "
                + ", ".join(f"{k} {v}" for k, v in fidelity["episode_settings"].items()) + ".", ""]  # fmt: skip
@@ -192,16 +272,28 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
         for r in done:
             adapters.setdefault(r["prompt_id"], {}).update(r["adapters"])
             md += [f"### {r['prompt_id']} ({r['inputs']} held-out inputs)", ""]
-            md += table(["system", "KL gap closed", "95% interval"] + [h for h, _ in FIDELITY] + ["reverse KL", "collateral KL"],
-                        [[name, m.get("kl_gap_closed"), interval(m.get("kl_gap_closed_ci"))] + [m[k] for _, k in FIDELITY]
-                         + [m.get("reverse_kl"), m.get("collateral_kl")] for name, m in r["systems"].items()]) + [""]  # fmt: skip
+            md += table(["system", "KL gap closed", "95% interval", "KL", "reverse KL", "collateral KL"],
+                        [[name, rate(m.get("kl_gap_closed")), interval(m.get("kl_gap_closed_ci")), m["kl"], m.get("reverse_kl"),
+                          m.get("collateral_kl")] for name, m in r["systems"].items()]) + [""]  # fmt: skip
+            checks = list(dict.fromkeys(c for m in r["systems"].values() for c in m.get("checks") or {}))
+            if checks:
+                md += ["Behaviour checks: pass rate of the first reply [95% interval], of every agent turn, and retention (first reply, "
+                       "system / teacher):", ""]  # fmt: skip
+                md += table(["system"] + [f"{c} {what}" for c in checks for what in ("first", "interval", "all turns", "retention")],
+                            [[name] + [v for c in checks for v in _check_cells(m, r["retention"].get(name, {}), c)]
+                             for name, m in r["systems"].items()]) + [""]  # fmt: skip
             md += _served(r["systems"])
+            if r["first_turn_actions"] != "scored":
+                md += [f"First-turn actions: {r['first_turn_actions']}.", ""]
+                continue
+            md += table(["system"] + [h for h, _ in FIDELITY],
+                        [[name] + [rate(m[k]) if k in SHARES else m[k] for _, k in FIDELITY] for name, m in r["systems"].items()]) + [""]  # fmt: skip
             md += ["Retention (system / teacher; NLL: teacher / system):", ""]
             md += table(["system"] + [h for h, _ in RETENTION],
-                        [[name] + [kept.get(k) for _, k in RETENTION] for name, kept in r["retention"].items() if name != "teacher"]) + [""]  # fmt: skip
-            md += [f"First-turn actions: {r['first_turn_actions']}. Action kinds of the first turn (count of replies):", ""]
+                        [[name] + [rate(kept.get(k)) for _, k in RETENTION] for name, kept in r["retention"].items() if name != "teacher"]) + [""]  # fmt: skip
+            md += ["Action kinds of the first turn (count of replies):", ""]
             kinds = sorted({k for m in r["systems"].values() for k in m["kinds"]})
-            md += table(["system"] + kinds, [[name] + [m["kinds"].get(k, 0) for k in kinds] for name, m in r["systems"].items()]) + [""]
+            md += table(["system"] + [short(k) for k in kinds], [[name] + [m["kinds"].get(k, 0) for k in kinds] for name, m in r["systems"].items()]) + [""]
             used = [name for name, flag in r["heldout_used_for_lambda"].items() if flag]
             if used:
                 md += [f"Note: λ of {', '.join(used)} was chosen by the loss on these held-out rows (`heldout_used_for_lambda`).", ""]
@@ -211,7 +303,7 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
                 longest = max(map(len, rates.values()))
                 md += ["Share of agent turn k in the action space (episodes that reach turn k):", ""]
                 md += table(["system"] + [f"turn {k + 1}" for k in range(longest)],
-                            [[name] + v + [None] * (longest - len(v)) for name, v in rates.items()]) + [""]  # fmt: skip
+                            [[name] + [rate(x) for x in v] + [None] * (longest - len(v)) for name, v in rates.items()]) + [""]  # fmt: skip
         if done:
             others = sorted({n for r in done for n in r["retention"] if n != "teacher"})
             panels = [(f"retention: {r['prompt_id']}", _bars([h for h, _ in RETENTION],
@@ -225,10 +317,10 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
             md += [f"![retention]({figure('retention').name})", ""] + ([f"![per-turn action-space rate]({figure('per-turn').name})", ""] if panels else [])
 
     leakage = _read_json(eval_dir / "leakage.json")
-    md += ["## Prompt leakage", ""]
     if leakage is None:
         missing.append(f"leakage: {eval_dir / 'leakage.json'} not found (run genpi eval leakage)")
     else:
+        md += ["## Prompt leakage", ""]
         md += [f"Command: `{' '.join(leakage['command'] or [])}`; {len(leakage['requests'])} extraction requests; served as: {leakage['served_as']}.", ""]
         done = [r for r in leakage["results"] if "skipped" not in r]
         missing += [f"leakage of {r['prompt_id']}: {r['skipped']}" for r in leakage["results"] if "skipped" in r]
@@ -336,7 +428,7 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
         md += [f"![training]({figure('training').name})", ""]
 
     md += ["## Missing", ""] + ([f"- {m}" for m in missing] or ["Nothing: every part was found."]) + [""]
-    return "\n".join(md), figures
+    return "\n".join(drop_empty_sections(md)), figures
 
 
 def write_report(run: str | Path, eval_dir: str | Path | None = None, out: str | Path | None = None) -> Path:
