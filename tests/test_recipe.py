@@ -366,3 +366,33 @@ def test_kld_training_lowers_the_heldout_kl(tiny_trainable_model):
     _, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings)
     assert len(metrics["heldout_kl_per_epoch"]) == 3 and metrics["heldout_kl"] == metrics["heldout_kl_per_epoch"][-1]
     assert metrics["heldout_kl"] < 0.8 * metrics["heldout_kl_before"], (metrics["heldout_kl_before"], metrics["heldout_kl_per_epoch"])
+
+
+def test_the_heldout_kl_pass_keeps_the_4bit_gradients(tiny_trainable_model):
+    """The teacher pass runs the 4-bit training model in eval mode, adapter off: bitsandbytes must not repack its
+    weights for inference (after which no gradient flows through them, issue 22); the LoRA gradients stay the same."""
+    from transformers import AutoTokenizer
+
+    from genpi.train.losses import token_loss
+    from genpi.train.recipe import collate
+
+    torch.manual_seed(0)
+    model = add_lora(load_base(tiny_trainable_model, quantize=True), LoraSettings(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    pairs, pad_id = kld_pairs(tiny_trainable_model, CALC, HELDOUT)
+    batch = collate([r.student for r in build_examples(TRAIN[:2], CALC, AutoTokenizer.from_pretrained(tiny_trainable_model), FAST)[0]], pad_id, model.device)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        loss_sum, n = token_loss(model, batch)
+        (loss_sum / n).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    assert heldout_kl(model, pairs, pad_id, 2) > 0 and model.training
+    after = grads()
+    for name, grad in before.items():
+        assert torch.allclose(after[name], grad, rtol=1e-4, atol=1e-7), name
