@@ -157,6 +157,7 @@ def test_one_qlora_step_and_heldout_loss_on_cuda(tiny_trainable_model):
     settings = dataclasses.replace(FAST, epochs=1)  # defaults: bf16, gradient checkpointing on CUDA
     model, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN[:4], HELDOUT, settings)
     assert metrics["steps"] == 1 and math.isfinite(metrics["heldout_loss"]) and math.isfinite(metrics["train_loss_first"])
+    assert math.isfinite(metrics["heldout_kl"]) and metrics["heldout_kl_before"] > 0  # the teacher pass on CUDA, bf16, 4-bit
     assert metrics["effective"] == {"device": "cuda:0", "dtype": "bfloat16", "compute_dtype_4bit": "bfloat16",
                                     "gradient_checkpointing": True, "optimizer": "paged_adamw_32bit"}  # fmt: skip
     assert model.get_base_model().is_loaded_in_4bit
