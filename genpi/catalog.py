@@ -40,7 +40,7 @@ class CatalogError(InputError):
 
 @dataclass(frozen=True)
 class Check:
-    """A named behaviour check a reply should pass when P is in force (run by genpi.eval.checks).
+    """A named behaviour check a reply should pass when P is in force (run by genpi.checks).
 
     kind `regex`: spec is the pattern; `language`: an ISO 639-1 code; `json_schema`: the schema (a dict).
     """
@@ -301,7 +301,7 @@ def _parse_checks(raw: object, fail) -> tuple[Check, ...]:
             except re.error as e:
                 raise fail(where, f"bad regular expression: {e}") from None
         elif kind == "language":
-            from genpi.eval.checks import supported_language
+            from genpi.checks import supported_language
 
             if not isinstance(spec, str) or not supported_language(spec):
                 raise fail(where, f"must be an ISO 639-1 code of a language the detector knows (e.g. en, fr, es, de), got {spec!r}")

@@ -207,7 +207,7 @@ def test_example_catalog_is_valid_and_long():
 
     from transformers import AutoTokenizer
 
-    from genpi.eval.checks import run_checks
+    from genpi.checks import run_checks
     from genpi.models import resolve_model
 
     entries = {e.id: e for e in load_catalog(EXAMPLES)}

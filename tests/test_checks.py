@@ -1,4 +1,4 @@
-"""Behaviour checks (genpi.eval.checks) on hand-made replies, and their fidelity rates on hand-made episodes."""
+"""Behaviour checks (genpi.checks) on hand-made replies, and their fidelity rates on hand-made episodes."""
 
 import json
 
@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from genpi.catalog import Check, entry_from_json
-from genpi.eval.checks import collapse_repeats, detector, language_text, run_check, run_checks
+from genpi.checks import collapse_repeats, detector, language_text, run_check, run_checks
 from genpi.eval.fidelity import EVAL_SCHEMA, check_rates, format_summary, reply_rows, retention, summarize
 from genpi.eval.serve import System
 from genpi.synth.store import write_table

@@ -150,7 +150,7 @@ def test_a_prompt_without_actions_skips_the_action_metrics_only(data, adapters, 
         assert m["nll"] > 0 and m["tf_tokens"] > 0 and m["rouge_l"] is not None  # teacher-forced and ROUGE-L still run
     assert calc["systems"]["teacher"]["kl"] == 0.0
 
-    from genpi.eval.checks import run_checks
+    from genpi.checks import run_checks
 
     [entry] = load_catalog(catalog, ["calc"])
     con = duckdb.connect()

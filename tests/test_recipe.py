@@ -10,7 +10,8 @@ import torch
 from conftest import REPO
 from genpi.catalog import load_catalog
 from genpi.train.qlora import LoraSettings, add_lora, load_base
-from genpi.train.recipe import METHODS, TrainSettings, build_examples, heldout_loss, make_optimizer, optimizer_step, step_loss, train_adapter
+from genpi.train.recipe import (METHODS, TrainSettings, build_examples, heldout_kl, heldout_loss, make_optimizer, optimizer_step, step_loss,
+                                train_adapter)  # fmt: skip
 
 CALC, _ = load_catalog(REPO / "tests" / "data" / "tiny.yaml")
 
@@ -57,6 +58,8 @@ def test_genpi_qlora_lowers_the_training_and_heldout_loss(tiny_trainable_model):
     # a checkpoint and the held-out loss at the end of every epoch (2 steps each), nowhere else
     assert [m["step"] for m, state in reports if state is not None] == [2, 4, 6, 8]
     assert [m.get("heldout_loss") for m, _ in reports][1::2] == metrics["heldout_loss_per_epoch"] and len(metrics["heldout_loss_per_epoch"]) == 4
+    assert [m.get("heldout_kl") for m, _ in reports][1::2] == metrics["heldout_kl_per_epoch"] and metrics["heldout_kl_examples"] == 2
+    assert all(kl > 0 for kl in metrics["heldout_kl_per_epoch"]) and metrics["heldout_kl_before"] > 0
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
     assert metrics["heldout_loss"] < metrics["heldout_loss_before"]
     assert metrics["data_skipped"] == 0 and metrics["train_examples"] == 8
@@ -145,6 +148,8 @@ def test_every_batch_is_made_on_the_model_device(tiny_trainable_model, method):
     stopped = on_the_model_device(lambda: step_loss(model, rows, settings, tokenizer.pad_token_id))
     assert stopped is ReachedTheModel or method != "kld"  # the teacher's forward comes first and reads nothing
     on_the_model_device(lambda: heldout_loss(model, [r.student for r in rows], tokenizer.pad_token_id, 2))
+    if method == "kld":
+        assert on_the_model_device(lambda: heldout_kl(model, rows, tokenizer.pad_token_id, 2)) is ReachedTheModel
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -152,6 +157,7 @@ def test_one_qlora_step_and_heldout_loss_on_cuda(tiny_trainable_model):
     settings = dataclasses.replace(FAST, epochs=1)  # defaults: bf16, gradient checkpointing on CUDA
     model, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN[:4], HELDOUT, settings)
     assert metrics["steps"] == 1 and math.isfinite(metrics["heldout_loss"]) and math.isfinite(metrics["train_loss_first"])
+    assert math.isfinite(metrics["heldout_kl"]) and metrics["heldout_kl_before"] > 0  # the teacher pass on CUDA, bf16, 4-bit
     assert metrics["effective"] == {"device": "cuda:0", "dtype": "bfloat16", "compute_dtype_4bit": "bfloat16",
                                     "gradient_checkpointing": True, "optimizer": "paged_adamw_32bit"}  # fmt: skip
     assert model.get_base_model().is_loaded_in_4bit
@@ -261,3 +267,133 @@ def test_heldout_loss_does_not_rise_epoch_over_epoch_at_the_reference_settings()
     assert curve[-1] < 0.1 * curve[0], curve
     losses = metrics["train_losses"]
     assert sum(losses[-8:]) < 0.1 * sum(losses[:8]), losses
+
+
+LOOP = "no no no no no no no no no no no no"
+
+
+def looping(i: int, turn: int) -> dict:
+    """row(i) with its agent turn `turn` (0: the first, 1: the second) a loop."""
+    r = row(i)
+    turns = [dict(t) for t in r["turns"]]
+    turns[2 * turn]["content"] = LOOP
+    return dict(r, turns=turns, turn_cut=[False, False, True], teacher_topk=[{"token_ids": [1]}, {"token_ids": [2]}])
+
+
+def test_degenerate_teacher_turns_are_skipped_or_cut_and_counted(tiny_trainable_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_trainable_model)
+    rows = [row(0), looping(1, 0), looping(2, 1), row(3)]
+    made, report = build_examples(rows, CALC, tokenizer, FAST)
+    assert report["degenerate_rows_skipped"] == 1 and report["degenerate_turns_cut"] == 1 and len(made) == 3
+    assert [len(m.student.agent_tokens) for m in made] == [2, 1, 2]  # row 2 keeps its first agent turn only
+    assert all(LOOP not in tokenizer.decode(m.student.input_ids) and LOOP not in tokenizer.decode(m.pg.input_ids) for m in made)
+    assert rows[2]["turns"][2]["content"] == LOOP  # the caller's row is not changed
+    kept, report = build_examples(rows, CALC, tokenizer, dataclasses.replace(FAST, skip_degenerate=False))
+    assert len(kept) == 4 and "degenerate_rows_skipped" not in report
+    assert sum(LOOP in tokenizer.decode(m.student.input_ids) for m in kept) == 2
+
+    from genpi.train.recipe import without_degenerate_turns
+
+    cut = without_degenerate_turns(looping(2, 1))
+    assert len(cut["turns"]) == 2 and cut["turn_cut"] == [False, False] and cut["teacher_topk"] == [{"token_ids": [1]}]
+    assert without_degenerate_turns(looping(1, 0)) is None and without_degenerate_turns(row(0)) == row(0)
+
+    # training counts them in its metrics (genpi.json's train metrics), held-out rows too
+    settings = dataclasses.replace(FAST, epochs=1, quantize=False)
+    _, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN[:3] + [looping(3, 0), looping(4, 1)],
+                               [HELDOUT[0], looping(9, 0)], settings)  # fmt: skip
+    assert metrics["data_degenerate_rows_skipped"] == 1 and metrics["data_degenerate_turns_cut"] == 1 and metrics["train_examples"] == 4
+    assert metrics["heldout_data_degenerate_rows_skipped"] == 1 and metrics["heldout_examples"] == 1 and metrics["heldout_kl_examples"] == 1
+    with pytest.raises(ValueError, match="no usable train rows .*2 looping"):
+        train_adapter(tiny_trainable_model, CALC, [looping(1, 0), looping(2, 0)], [], settings)
+
+
+def kld_pairs(path, entry, rows):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pairs, _ = build_examples(rows, entry, tokenizer, dataclasses.replace(FAST, method="kld"))
+    return pairs, tokenizer.pad_token_id
+
+
+def test_heldout_kl_by_hand_on_a_copy_of_the_teacher_and_on_a_constant_student(tiny_trainable_model, monkeypatch):
+    import torch.nn.functional as F
+
+    from genpi.train import recipe
+    from genpi.train.recipe import collate
+
+    model = add_lora(load_base(tiny_trainable_model, quantize=False), FAST.lora)
+    with torch.no_grad():  # an adapter that changes the student: LoRA B starts at 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    pairs, pad_id = kld_pairs(tiny_trainable_model, CALC, HELDOUT + [row(3)])
+    kl = heldout_kl(model, pairs, pad_id, micro_batch=2)
+    assert model.training  # back in train mode
+
+    model.eval()
+    per_token = []
+    with torch.no_grad():
+        for pair in pairs:  # one row at a time, full forwards, no padding
+            s_batch, t_batch = (collate([e], pad_id, model.device) for e in (pair.student, pair.teacher))
+            s_mask, t_mask = (b["labels"][0, 1:] != -100 for b in (s_batch, t_batch))
+            student = model(input_ids=s_batch["input_ids"]).logits[0, :-1][s_mask]
+            with model.disable_adapter():
+                teacher = model(input_ids=t_batch["input_ids"]).logits[0, :-1][t_mask]
+            p_t = F.log_softmax(teacher.float(), -1)
+            per_token += (p_t.exp() * (p_t - F.log_softmax(student.float(), -1))).sum(-1).tolist()
+    assert kl == pytest.approx(sum(per_token) / len(per_token), rel=1e-4) and kl > 0.01
+
+    # a system that copies the teacher: no prompt to internalize, no adapter change: KL 0
+    fresh = add_lora(load_base(tiny_trainable_model, quantize=False), FAST.lora)
+    no_prompt, _ = kld_pairs(tiny_trainable_model, dataclasses.replace(CALC, system="", shots=[]), HELDOUT)
+    assert heldout_kl(fresh, no_prompt, pad_id, 2) == pytest.approx(0.0, abs=1e-5)
+    # a student that always gives the same answer (all mass on one token) is far from the teacher
+    base_kl = heldout_kl(fresh, pairs, pad_id, 2)
+
+    def constant(model, batch):  # every prediction: token 0 with logit 30, the rest 0
+        logits = torch.zeros(int((batch["labels"][:, 1:] != -100).sum()), model.get_base_model().config.vocab_size)
+        logits[:, 0] = 30.0
+        return logits
+
+    monkeypatch.setattr(recipe, "response_logits", constant)  # the student's; the teacher's stays real
+    assert heldout_kl(fresh, pairs, pad_id, 2) > 5 * base_kl
+
+
+def test_kld_training_lowers_the_heldout_kl(tiny_trainable_model):
+    settings = dataclasses.replace(FAST, method="kld", epochs=3, quantize=False)
+    _, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings)
+    assert len(metrics["heldout_kl_per_epoch"]) == 3 and metrics["heldout_kl"] == metrics["heldout_kl_per_epoch"][-1]
+    assert metrics["heldout_kl"] < 0.8 * metrics["heldout_kl_before"], (metrics["heldout_kl_before"], metrics["heldout_kl_per_epoch"])
+
+
+def test_the_heldout_kl_pass_keeps_the_4bit_gradients(tiny_trainable_model):
+    """The teacher pass runs the 4-bit training model in eval mode, adapter off: bitsandbytes must not repack its
+    weights for inference (after which no gradient flows through them, issue 22); the LoRA gradients stay the same."""
+    from transformers import AutoTokenizer
+
+    from genpi.train.losses import token_loss
+    from genpi.train.recipe import collate
+
+    torch.manual_seed(0)
+    model = add_lora(load_base(tiny_trainable_model, quantize=True), LoraSettings(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    pairs, pad_id = kld_pairs(tiny_trainable_model, CALC, HELDOUT)
+    batch = collate([r.student for r in build_examples(TRAIN[:2], CALC, AutoTokenizer.from_pretrained(tiny_trainable_model), FAST)[0]], pad_id, model.device)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        loss_sum, n = token_loss(model, batch)
+        (loss_sum / n).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    assert heldout_kl(model, pairs, pad_id, 2) > 0 and model.training
+    after = grads()
+    for name, grad in before.items():
+        assert torch.allclose(after[name], grad, rtol=1e-4, atol=1e-7), name

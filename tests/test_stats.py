@@ -113,6 +113,9 @@ EXPECTED = {
         "mean_reason_chars": 4.3,
         "duplicate_input_rate": 0.333,
         "generated_tokens": 36,  # 18 + 3 + 8 + 7
+        "pct_degenerate_turns": 0.0,
+        "pct_degenerate_rows": 0.0,
+        "pct_inputs_already_passing": 0.0,  # no student output matches actions.valid
         "top_errors": [{"error": "agent turn 1: context overflow", "count": 2}],
     },
     "beta.v2": {
@@ -136,6 +139,9 @@ EXPECTED = {
         "mean_reason_chars": 2.0,
         "duplicate_input_rate": 0.0,
         "generated_tokens": 28,  # 4 + 4 + 17 + 3 (failed rows count too)
+        "pct_degenerate_turns": 0.0,
+        "pct_degenerate_rows": 0.0,
+        "pct_inputs_already_passing": None,  # no actions.valid to check against
         "top_errors": [{"error": "reason: timeout", "count": 2}, {"error": "student: boom", "count": 1}],
     },
     "gamma": {
@@ -159,6 +165,9 @@ EXPECTED = {
         "mean_reason_chars": None,
         "duplicate_input_rate": None,
         "generated_tokens": 0,
+        "pct_degenerate_turns": None,
+        "pct_degenerate_rows": None,
+        "pct_inputs_already_passing": None,
         "top_errors": [],
     },
 }
@@ -245,6 +254,42 @@ def test_format_stats(run):
     errors = text[text.index("most common errors"):]
     assert "context overflow" in errors and "reason: timeout" in errors and "student: boom" in errors
     assert errors.index("reason: timeout") < errors.index("student: boom")
+
+
+LOOP = "No, no, no, no, no, no, no, no, no, no, no, no"
+HELP = "I can help. I can help. I can help. I can help. I can help."
+
+
+def test_degenerate_turns_and_inputs_already_in_format(tmp_path):
+    """4 good alpha rows, 7 agent turns, 2 of them loops in 2 rows; 1 of 4 student outputs is already in the
+    action format (^Act: ); a failed row's loop does not count."""
+    out = tmp_path / "run"
+    rows = [
+        row("alpha", 0, "train", "a", [LOOP], terminated=True, student_output="Act: ls", reason="r"),
+        row("alpha", 1, "train", "b", ["Act: ls", "a.txt", HELP, "ok", "Act: answer(a)"], terminated=True,
+            student_output="I would list the files.", reason="r"),
+        row("alpha", 2, "heldout", "c", ["Act: cat a.txt | sort | uniq -c", "x", "Act: answer(x)"], terminated=True,
+            student_output="cat it", reason="r"),
+        row("alpha", 3, "train", "d", ["Act: echo hi; echo hi"], terminated=True, student_output="Act? no", reason="r"),
+        row("alpha", 4, "train", "e", [LOOP], error="boom", student_output="Act: x"),
+        row("beta.v2", 0, "train", "q", ["hello, how can I help you today?"], terminated=True, student_output="Act: x", reason="r"),
+    ]
+    store.write_table(shard_path(out, "alpha", 0), rows[:5], DIALOGUE_SCHEMA)
+    store.write_table(shard_path(out, "beta.v2", 0), rows[5:], DIALOGUE_SCHEMA)
+    write_manifest(out, manifest())
+    alpha, beta, gamma = quality_stats(out)
+    assert (alpha["pct_degenerate_turns"], alpha["pct_degenerate_rows"], alpha["pct_inputs_already_passing"]) == (28.6, 50.0, 25.0)
+    assert (beta["pct_degenerate_turns"], beta["pct_degenerate_rows"], beta["pct_inputs_already_passing"]) == (0.0, 0.0, None)
+    assert gamma["pct_degenerate_turns"] is None and gamma["pct_inputs_already_passing"] is None
+    # a check passed in (the hook for the catalog's behaviour checks) replaces actions.valid
+    [alpha, beta, _] = quality_stats(out, check=lambda entry: (lambda reply: "files" in reply))
+    assert alpha["pct_inputs_already_passing"] == 25.0 and beta["pct_inputs_already_passing"] == 0.0
+    lines = format_stats(quality_stats(out)).splitlines()
+    header, line = lines[0], next(line for line in lines if line.startswith("alpha "))
+    assert "% degen turns" in header and "% degen rows" in header and "% input passes" in header
+    assert "28.6" in line and "50.0" in line and "25.0" in line
+    (out / "manifest.json").unlink()  # no manifest: no catalog, no check
+    assert quality_stats(out)[0]["pct_inputs_already_passing"] is None and quality_stats(out)[0]["pct_degenerate_rows"] == 50.0
 
 
 def test_stats_cli(run, capsys):

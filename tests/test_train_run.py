@@ -1,5 +1,6 @@
 """`genpi train` over a catalog on Ray: λ chosen per prompt, adapters written whole, reruns skip, stale refused."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,7 +16,7 @@ from genpi.catalog import load_catalog
 from genpi.synth import store
 from genpi.train.adapters import StaleAdapterError, check_adapter, read_adapter_manifest
 from genpi.train.recipe import TrainSettings
-from genpi.train.run import fingerprint, train_catalog
+from genpi.train.run import LAMBDA_RULE, Plan, fingerprint, prompt_settings, train_catalog, write_best
 from test_recipe import row, write_calc_dialogues
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
@@ -46,12 +47,17 @@ def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(data, tiny_t
     assert outcomes["calc"]["status"] == "trained"
 
     manifest = check_adapter(adapters / "calc", CALC)
-    trials = manifest.eval_metrics["trials"]
-    assert set(trials) == {"0.3", "0.7"} and manifest.lam == float(min(trials, key=trials.get))
+    trials, kls = manifest.eval_metrics["trials"], manifest.eval_metrics["trials_heldout_kl"]
+    assert set(trials) == set(kls) == {"0.3", "0.7"} and manifest.lam == float(min(kls, key=kls.get))  # λ by held-out teacher KL
+    assert manifest.eval_metrics["lambda_rule"] == LAMBDA_RULE == "heldout_teacher_kl" and manifest.eval_metrics["heldout_used_for_lambda"]
     assert manifest.method == "genpi" and manifest.lora["r"] == 4 and manifest.lora["quantize_4bit"]
-    assert manifest.train_metrics["train_examples"] == 8 and manifest.eval_metrics["heldout_loss"] == min(trials.values())
+    assert manifest.train_metrics["train_examples"] == 8 and manifest.eval_metrics["heldout_kl"] == min(kls.values())
+    assert manifest.eval_metrics["heldout_loss"] == trials[str(manifest.lam)]  # the held-out loss stays recorded
+    assert manifest.train_metrics["heldout_kl_before"] > 0 and len(manifest.train_metrics["heldout_kl_per_epoch"]) == 1
+    assert manifest.train_metrics["data_degenerate_rows_skipped"] == 0 and manifest.train_metrics["heldout_data_degenerate_turns_cut"] == 0
     recorded = manifest.settings  # every setting, the λ values tried, and what "auto" became on this CPU
     assert recorded["lambdas"] == [0.3, 0.7] and recorded["lam"] == manifest.lam and recorded["loss_form"] == "convex"
+    assert recorded["skip_degenerate"] and recorded["settings_from_catalog"] == {}
     assert recorded["schedule"] == "cosine" and recorded["warmup_ratio"] == 0.03 and recorded["max_grad_norm"] == 1.0
     assert recorded["lr"] == 1e-2 and recorded["micro_batch"] == 2 and recorded["quantize"] and recorded["dtype"] == "auto"
     assert recorded["effective"] == {"device": "cpu", "dtype": "float32", "compute_dtype_4bit": "float32",
@@ -141,3 +147,111 @@ def test_no_gpus_per_trial_on_a_cluster_with_gpus_is_refused(data, tiny_trainabl
     finally:
         ray.shutdown()
     assert not (tmp_path / "adapters").exists()
+
+
+@dataclasses.dataclass(frozen=True)
+class WithTrain(type(CALC)):
+    """A catalog entry with per-prompt `train` settings (PromptEntry.train, parsed by genpi.catalog)."""
+
+    train: dict = dataclasses.field(default_factory=dict)
+
+
+def with_train(entry, **train):
+    fields = {f.name: getattr(entry, f.name) for f in dataclasses.fields(type(entry)) if f.init}
+    return WithTrain(**{**fields, "train": train})
+
+
+def test_prompt_settings_come_from_the_catalog_unless_a_flag_was_given():
+    run = TrainSettings(epochs=10, lr=1e-4, max_grad_norm=1.0)
+    web = with_train(CALC, lam=0.7, grad_clip=0.5, lr=3e-4, epochs=2)
+    settings, lambdas, used = prompt_settings(web, run, [0.3, 0.5, 0.7])
+    assert (settings.max_grad_norm, settings.lr, settings.epochs, lambdas) == (0.5, 3e-4, 2, [0.7])
+    assert used == {"lam": 0.7, "grad_clip": 0.5, "lr": 3e-4, "epochs": 2}
+    assert dataclasses.replace(settings, max_grad_norm=1.0, lr=1e-4, epochs=10) == run  # nothing else changed
+
+    settings, lambdas, used = prompt_settings(web, run, [0.3, 0.5], overrides={"lam", "lr"})  # --lambdas and --lr given
+    assert (settings.max_grad_norm, settings.lr, settings.epochs, lambdas) == (0.5, 1e-4, 2, [0.3, 0.5])
+    assert used == {"grad_clip": 0.5, "epochs": 2}
+    everything = prompt_settings(web, run, [0.3], overrides={"lam", "grad_clip", "lr", "epochs"})
+    assert everything == (run, [0.3], {})
+
+    sft = dataclasses.replace(run, method="sft")  # no λ to take from the catalog
+    assert prompt_settings(with_train(CALC, lam=0.3), sft, [0.5]) == (sft, [0.5], {})
+    assert prompt_settings(CALC, run, [0.3, 0.7]) == (run, [0.3, 0.7], {})  # an entry without `train`
+    for bad in ({"epochs": 0}, {"lr": -1.0}, {"grad_clip": -0.5}, {"lam": "high"}):
+        with pytest.raises(InputError, match="prompt 'calc': catalog field train"):
+            prompt_settings(with_train(CALC, **bad), run, [0.5])
+
+
+def test_flags_given_hold_for_the_whole_run(monkeypatch, tmp_path):
+    from genpi.train import run
+
+    seen = {}
+    monkeypatch.setattr(run, "train_catalog", lambda *args: seen.update(args=args) or {})
+    assert run.main(["data", "--catalog", "c.yaml", "--out", str(tmp_path)]) == 0
+    settings, lambdas, overrides = seen["args"][4], seen["args"][5], seen["args"][-1]
+    assert overrides == frozenset() and lambdas == [0.3, 0.5, 0.7] and (settings.epochs, settings.lr, settings.max_grad_norm) == (10, 1e-4, 1.0)
+    assert settings.skip_degenerate
+    assert run.main(["data", "--catalog", "c.yaml", "--out", str(tmp_path), "--lr", "1e-3", "--max-grad-norm", "0.5", "--keep-degenerate"]) == 0
+    settings, lambdas, overrides = seen["args"][4], seen["args"][5], seen["args"][-1]
+    assert overrides == {"lr", "grad_clip"} and settings.lr == 1e-3 and settings.max_grad_norm == 0.5 and not settings.skip_degenerate
+    assert run.main(["data", "--catalog", "c.yaml", "--out", str(tmp_path), "--lambdas", "0.5", "--epochs", "3"]) == 0
+    assert seen["args"][-1] == {"lam", "epochs"} and seen["args"][5] == [0.5] and seen["args"][4].epochs == 3
+
+
+def test_catalog_train_settings_are_applied_and_recorded(data, tiny_trainable_model, tmp_path, monkeypatch):
+    import ray
+
+    from genpi.train import run
+
+    # the catalog says λ 0.7, clip 0.5, 1 epoch: the run's λ values and 10 epochs yield; --lr (given) holds
+    monkeypatch.setattr(run, "load_catalog", lambda path: [with_train(CALC, lam=0.7, grad_clip=0.5, epochs=1, lr=5.0), GREET])
+    settings = TrainSettings(epochs=10, batch_size=4, micro_batch=2, max_length=512, lr=1e-2)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        outcomes = train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, settings, [0.3, 0.5], progress=False,
+                                 overrides=frozenset({"lr"}))  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert outcomes["calc"]["status"] == "trained" and outcomes["calc"]["lam"] == 0.7
+    manifest = check_adapter(tmp_path / "adapters" / "calc", CALC)
+    assert manifest.settings["settings_from_catalog"] == {"lam": 0.7, "grad_clip": 0.5, "epochs": 1}
+    assert manifest.settings["lambdas"] == [0.7] and manifest.settings["max_grad_norm"] == 0.5 and manifest.settings["epochs"] == 1
+    assert manifest.settings["lr"] == 1e-2 and manifest.train_metrics["steps"] == 2  # 8 rows, batch 4, 1 epoch
+    assert manifest.eval_metrics["lambda_rule"] == "catalog" and not manifest.eval_metrics["heldout_used_for_lambda"]
+    assert list(manifest.eval_metrics["trials_heldout_kl"]) == ["0.7"]
+
+
+class FakeResult:
+    """What write_best reads of a ray.tune.Result: config, metrics, error, checkpoint.as_directory()."""
+
+    def __init__(self, lam, folder, **metrics):
+        self.config, self.error, self.folder = {"trial": {"prompt_id": "calc", "lam": lam}}, None, folder
+        self.metrics = {"finished": True, "effective": {}, "steps": 2, **metrics}
+        self.checkpoint = self
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield self.folder
+
+
+def test_lambda_is_the_lowest_heldout_teacher_kl_not_the_lowest_heldout_loss(tmp_path):
+    folders = {}
+    for lam in (0.3, 0.7):
+        (tmp_path / str(lam) / "adapter").mkdir(parents=True)
+        (tmp_path / str(lam) / "adapter" / "weights").write_text(str(lam))
+        folders[lam] = tmp_path / str(lam)
+    # λ 0.3 has the lower held-out SFT loss (what the old rule chose), λ 0.7 the lower teacher KL
+    tried = [FakeResult(0.3, folders[0.3], heldout_loss=1.0, heldout_kl=0.40), FakeResult(0.7, folders[0.7], heldout_loss=1.2, heldout_kl=0.25)]
+    plan = Plan(CALC, [], [], TrainSettings(), [0.3, 0.7], {}, "print", None)
+    outcome = write_best(plan, tried, tmp_path / "adapters", "base")
+    assert outcome["status"] == "trained" and outcome["lam"] == 0.7 and outcome["heldout_kl"] == 0.25 and outcome["heldout_loss"] == 1.2
+    manifest = check_adapter(tmp_path / "adapters" / "calc", CALC)
+    assert (tmp_path / "adapters" / "calc" / "weights").read_text() == "0.7"  # that trial's adapter
+    assert manifest.eval_metrics == {"heldout_loss": 1.2, "heldout_kl": 0.25, "lambda_rule": "heldout_teacher_kl", "heldout_used_for_lambda": True,
+                                     "trials": {"0.3": 1.0, "0.7": 1.2}, "trials_heldout_kl": {"0.3": 0.40, "0.7": 0.25}}  # fmt: skip
+    no_kl = [FakeResult(0.3, folders[0.3], heldout_loss=1.0, heldout_kl=None), tried[1]]
+    failed = write_best(plan, no_kl, tmp_path / "other", "base")
+    assert failed["status"] == "failed" and "no held-out teacher KL" in failed["errors"][0]
+    one = write_best(dataclasses.replace(plan, lambdas=[0.3]), tried[:1], tmp_path / "one", "base")
+    assert one["lam"] == 0.3 and check_adapter(tmp_path / "one" / "calc", CALC).eval_metrics["lambda_rule"] == "given"

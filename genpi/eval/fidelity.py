@@ -4,7 +4,7 @@ On each prompt's held-out dialogues (split `heldout` of a synthesis run: never
 trained on), the systems of genpi.eval.serve (teacher = base with P, base
 without P, each adapter without P), all greedy, are measured three ways:
 
-- behaviour checks (the catalog's `checks`, led by `format` = `actions.valid`; rules in genpi.eval.checks):
+- behaviour checks (the catalog's `checks`, led by `format` = `actions.valid`; rules in genpi.checks):
   each check's pass rate on the first agent turn, over every agent turn of the episode, and per episode turn
   (turn k: among the episodes that reach it), with retention = system / teacher (`checks.NAME` for the first
   turn, `checks_all_turns.NAME` for all turns); language checks are judged among the languages that the
@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog
-from genpi.eval.checks import catalog_languages, run_checks
+from genpi.checks import catalog_languages, run_checks
 from genpi.eval.gap import (BOOTSTRAP, rate_ci, COLLATERAL_TOKENS, GAP_METRICS, GENERAL_REQUESTS, Collateral, collateral_metrics, gap_lines, gap_metrics,
                             onpolicy_columns, onpolicy_kl)  # fmt: skip
 from genpi.eval.metrics import action, ratio, rouge_l

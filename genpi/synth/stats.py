@@ -13,6 +13,12 @@ Table 4's figures, as the paper defines them, from the row columns of store.DIAL
     % invalid final action  not final_action_valid: the last agent turn does not match actions.final
                             (actions.valid where the catalog gives no final); prompts with neither: null
 and `terminated_by` counts how the dialogues ended (store.TERMINATED_BY; failed rows are "error").
+Two figures of teaching value (genpi.synth.quality), computed in Python over the rows DuckDB reads:
+    % degenerate turns      agent turns that are loops (one repeated phrase covers most of the turn)
+    % degenerate rows       dialogues with at least one such turn
+    % inputs passing        dialogues whose student_output (the base without P) already passes the
+                            prompt's behaviour checks (genpi.checks): inputs that cannot teach P; null
+                            without a check (or without the run's manifest, which holds the catalog)
 
 The shards are hive partitioned (`prompt_id=ID/`) and also hold a `prompt_id`
 column. DuckDB (2.0) with `hive_partitioning = true` yields a single `prompt_id`
@@ -31,6 +37,7 @@ from pathlib import Path
 import duckdb
 
 from genpi import InputError
+from genpi.synth.quality import behaviour_check, degenerate
 from genpi.synth.store import TERMINATED_BY, read_manifest
 
 TOP_ERRORS = 3
@@ -78,6 +85,10 @@ GROUP BY prompt_id, error
 QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY n DESC, error) <= {TOP_ERRORS}
 ORDER BY prompt_id, n DESC, error
 """
+
+# The columns the Python figures read: good rows only, as the percentages of _STATS_SQL.
+_TEXT_SQL = "SELECT prompt_id, turns, student_output FROM dialogues WHERE error IS NULL"
+_BATCH = 1000
 
 _ZERO_COUNTS = {"rows": 0, "failed": 0, "train": 0, "heldout": 0, "generated_tokens": 0} | {
     f"by_{t}": 0 for t in TERMINATED_BY
@@ -138,16 +149,58 @@ def _manifest_prompts(out: str | Path) -> dict[str, dict]:
     }
 
 
-def quality_stats(out: str | Path) -> list[dict]:
+def _manifest_checks(out: str | Path, check) -> dict[str, object]:
+    """{prompt id: check(entry)} for the prompts of the catalog stored in OUT/manifest.json ({} without one)."""
+    from genpi.catalog import CatalogError, entry_from_json
+
+    checks = {}
+    for prompt_id, data in (((read_manifest(out) or {}).get("catalog") or {}).get("prompts") or {}).items():
+        try:
+            checks[prompt_id] = check(entry_from_json(data))
+        except CatalogError:  # a manifest from another genpi version: no check rather than no stats
+            checks[prompt_id] = None
+    return checks
+
+
+def _pct(part: int, whole: int) -> float | None:
+    return round(100.0 * part / whole, 1) if whole else None
+
+
+def _text_figures(con, checks: dict) -> dict[str, dict]:
+    """Per prompt: pct_degenerate_turns, pct_degenerate_rows, pct_inputs_already_passing (over good rows)."""
+    counts: dict[str, list[int]] = {}  # prompt id -> [rows, agent turns, degenerate turns, degenerate rows, in format]
+    result = con.execute(_TEXT_SQL)
+    while batch := result.fetchmany(_BATCH):
+        for prompt_id, turns, student_output in batch:
+            c = counts.setdefault(prompt_id, [0, 0, 0, 0, 0])
+            loops = [degenerate(t["content"]) for t in turns or [] if t["role"] == "assistant"]
+            check = checks.get(prompt_id)
+            c[0], c[1], c[2], c[3] = c[0] + 1, c[1] + len(loops), c[2] + sum(loops), c[3] + any(loops)
+            c[4] += bool(check and check(student_output or ""))
+    return {
+        prompt_id: {
+            "pct_degenerate_turns": _pct(c[2], c[1]),
+            "pct_degenerate_rows": _pct(c[3], c[0]),
+            "pct_inputs_already_passing": _pct(c[4], c[0]) if checks.get(prompt_id) else None,
+        }
+        for prompt_id, c in counts.items()
+    }
+
+
+def quality_stats(out: str | Path, check=behaviour_check) -> list[dict]:
     """One dict per prompt (those with rows, plus those the manifest lists), sorted by prompt id.
 
     Keys: prompt_id, gold_turns, max_turns, samples (from the manifest; None without one),
     rows, failed, train, heldout, avg_turns, pct_hit_max_turns, pct_no_termination,
     pct_invalid_final_action, pct_truncated, terminated_by ({reason: count} for every
     store.TERMINATED_BY, over all rows), mean_input_chars, mean_agent_turn_chars,
-    mean_student_chars, mean_reason_chars, duplicate_input_rate, generated_tokens, top_errors.
+    mean_student_chars, mean_reason_chars, duplicate_input_rate, generated_tokens,
+    pct_degenerate_turns, pct_degenerate_rows, pct_inputs_already_passing, top_errors.
     Percentages (0-100, 1 decimal) and means are over good rows; counts of tokens over all rows.
+    `check(entry)` gives the predicate "a reply already shows P's behaviour" for a catalog entry, or
+    None (then pct_inputs_already_passing is null); the entries come from the run's manifest.
     """
+    checks = _manifest_checks(out, check)
     con = open_dialogues(out)
     try:
         result = con.execute(_STATS_SQL)
@@ -156,8 +209,10 @@ def quality_stats(out: str | Path) -> list[dict]:
         errors: dict[str, list[dict]] = {}
         for prompt_id, error, n in con.execute(_ERRORS_SQL).fetchall():
             errors.setdefault(prompt_id, []).append({"error": error, "count": n})
+        text = _text_figures(con, checks)
     finally:
         con.close()
+    no_text = dict.fromkeys(("pct_degenerate_turns", "pct_degenerate_rows", "pct_inputs_already_passing"))
     manifest = _manifest_prompts(out)
     stats = []
     for prompt_id in sorted(set(by_id) | set(manifest)):
@@ -170,6 +225,7 @@ def quality_stats(out: str | Path) -> list[dict]:
                 "max_turns": info.get("max_turns"),
                 "samples": info.get("samples"),
                 **{c: row[c] for c in columns if c != "prompt_id" and not c.startswith("by_")},
+                **text.get(prompt_id, no_text),
                 "terminated_by": {t: row[f"by_{t}"] for t in TERMINATED_BY},
                 "top_errors": errors.get(prompt_id, []),
             }
@@ -193,6 +249,9 @@ _STATS_COLUMNS = [
     ("heldout", "heldout", "{}"),
     ("dup input", "duplicate_input_rate", "{:.3f}"),
     ("% trunc", "pct_truncated", "{:.1f}"),
+    ("% degen turns", "pct_degenerate_turns", "{:.1f}"),
+    ("% degen rows", "pct_degenerate_rows", "{:.1f}"),
+    ("% input passes", "pct_inputs_already_passing", "{:.1f}"),
     ("input ch", "mean_input_chars", "{:.0f}"),
     ("agent turn ch", "mean_agent_turn_chars", "{:.0f}"),
     ("student ch", "mean_student_chars", "{:.0f}"),

@@ -29,6 +29,10 @@ Methods (`TrainSettings.method`):
 `init_adapter` starts any method from a saved adapter's LoRA weights (e.g. onpolicy warm-started
 from a genpi adapter); its rank, alpha and target modules must be the run's.
 
+Degenerate teacher turns (loops, genpi.synth.quality.degenerate) are not trained on by default
+(`skip_degenerate`): a row whose first agent turn loops is skipped, a later loop cuts the dialogue
+before it; both counted in the build report, for train and held-out rows alike.
+
 A step takes `batch_size` dialogue rows (gradient accumulation over micro-batches of
 examples of similar length, padded, never packed); each loss term is a per-token mean
 over the whole step, so accumulation gives the same gradient as one big batch.
@@ -50,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from genpi.catalog import PromptEntry
+from genpi.synth.quality import first_degenerate_agent_turn
 from genpi.train.examples import IGNORE, PG_VARIANTS, Example, align_topk, build_pg, build_sft, cut_to_labels
 from genpi.train.losses import LOSS_FORMS, joint_loss, kld_loss, response_logits, response_targets, teacher_logits, token_loss, topk_loss
 from genpi.train.onpolicy import OnPolicySampler, adapter_files, reply_views, reverse_kl_sums, sample_seed, write_files
@@ -97,6 +102,8 @@ class TrainSettings:
     onpolicy_max_tokens: int = 96  # token limit of each sampled reply
     onpolicy_topk: int = 0  # reverse KL over the student's top-k tokens plus the rest as one (0: the whole vocabulary)
     init_adapter: str | None = None  # a PEFT adapter folder whose LoRA weights the run starts from (any method)
+    skip_degenerate: bool = True  # no loss on looping teacher turns: skip a row whose first agent turn loops, cut at a later one
+    max_steps: int = 0  # stop after this many optimizer steps (0: `epochs` decide); the schedule spans them
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -112,6 +119,8 @@ class TrainSettings:
             raise ValueError(f"prepend_ratio must lie in [0, 1], got {self.prepend_ratio}")
         if self.topk_k < 1 or self.max_turn_tokens < 1:
             raise ValueError(f"topk_k and max_turn_tokens must be positive, got {self.topk_k} and {self.max_turn_tokens}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be 0 (the epochs decide) or positive, got {self.max_steps}")
         if self.refresh_steps < 1 or self.onpolicy_max_tokens < 1 or self.onpolicy_topk < 0:
             raise ValueError(f"refresh_steps and onpolicy_max_tokens must be positive and onpolicy_topk 0 or more, "
                              f"got {self.refresh_steps}, {self.onpolicy_max_tokens} and {self.onpolicy_topk}")  # fmt: skip
@@ -130,11 +139,44 @@ class RowExamples:
     input: str = ""
 
 
+def without_degenerate_turns(row: dict) -> dict | None:
+    """The row without its looping teacher turns: None when the first agent turn loops (nothing to learn
+    from it, not even its PG example, whose TO-BE is that turn); cut before a later looping agent turn
+    (the row keeps its earlier turns, and their per-turn fields); the row itself when none loops."""
+    at = first_degenerate_agent_turn(row.get("turns") or [])
+    if at is None:
+        return row
+    kept = row["turns"][:at]
+    if not any(t["role"] == "assistant" for t in kept):
+        return None
+    agents = sum(t["role"] == "assistant" for t in kept)
+    cut = {"turns": kept}
+    if row.get("turn_cut") is not None:
+        cut["turn_cut"] = row["turn_cut"][:at]
+    if row.get("teacher_topk") is not None:  # one per agent turn
+        cut["teacher_topk"] = row["teacher_topk"][:agents]
+    return {**row, **cut}
+
+
 def build_examples(rows: list[dict], entry: PromptEntry, tokenizer, settings: TrainSettings) -> tuple[list[RowExamples], dict]:
-    """Examples for every usable row, and counts of what was cut or skipped (never silently)."""
+    """Examples for every usable row, and counts of what was cut or skipped (never silently).
+
+    With `skip_degenerate`, `degenerate_rows_skipped` counts the rows whose first agent turn loops (not
+    trained on) and `degenerate_turns_cut` the rows cut before a later looping agent turn."""
     prompt, method, cap = entry.messages(), settings.method, settings.max_turn_tokens
     out = []
     report = {"rows": len(rows), "skipped": 0, "skip_reasons": {}, "truncated_examples": 0, "truncated_tokens": 0}
+    if settings.skip_degenerate:
+        report["degenerate_rows_skipped"] = report["degenerate_turns_cut"] = 0
+        kept = []
+        for row in rows:
+            clean = without_degenerate_turns(row)
+            if clean is None:
+                report["degenerate_rows_skipped"] += 1
+                continue
+            report["degenerate_turns_cut"] += clean is not row
+            kept.append(clean)
+        rows = kept
     if method in _TOPK_METHODS:
         report["topk_unaligned_turns"] = 0
         if not any(row.get("teacher_topk") for row in rows):
@@ -294,6 +336,28 @@ def heldout_loss(model, examples: list[Example], pad_id: int, micro_batch: int) 
     return loss_sum / max(n, 1)
 
 
+@torch.no_grad()
+def heldout_kl(model, pairs: list[RowExamples], pad_id: int, micro_batch: int) -> float | None:
+    """Mean KL(teacher with P ‖ adapter without P) per agent token on held-out dialogues: what internalization
+    is for, and how a λ sweep picks its λ. The teacher is the same base with the adapter disabled and P in
+    front (`kld`'s views: `pairs` from build_examples with method "kld"). Eval mode without gradients, as
+    heldout_loss: a 4-bit model built by add_lora keeps its differentiable layout through it."""
+    if not pairs:
+        return None
+    training, kl_sum, n = model.training, 0.0, 0
+    model.eval()
+    try:
+        ordered = sorted(pairs, key=lambda r: len(r.teacher.input_ids))
+        for i in range(0, len(ordered), micro_batch):
+            chunk = ordered[i : i + micro_batch]
+            student = response_logits(model, collate([r.student for r in chunk], pad_id, model.device))
+            teacher = teacher_logits(model, collate([r.teacher for r in chunk], pad_id, model.device))
+            kl_sum, n = kl_sum + float(kld_loss(student, teacher)) * student.size(0), n + student.size(0)
+    finally:
+        model.train(training)
+    return kl_sum / max(n, 1)
+
+
 def make_optimizer(model, settings: TrainSettings, steps: int):
     """(optimizer, scheduler, optimizer name): AdamW, paged 32-bit (bitsandbytes) when the LoRA
     weights are on CUDA, as the reference; a linear warmup over ceil(warmup_ratio · steps)
@@ -343,7 +407,7 @@ def train_adapter(
     loss and the epochs done; at the end of every epoch (and every `checkpoint_steps` steps) `state()`
     returns all a resumed run needs to continue exactly: the LoRA weights, the optimizer and scheduler
     state, the random generators and the epoch's data order (elsewhere `state` is None), and the
-    epoch-end metrics add the held-out loss. `resume`, such a state, continues from it: the same steps on the same rows as an
+    epoch-end metrics add the held-out loss and the held-out teacher KL (heldout_kl). `resume`, such a state, continues from it: the same steps on the same rows as an
     uninterrupted run. `metrics["effective"]` holds what "auto" settings became on this machine.
 
     The on-policy methods sample through `engine` (`genpi.train.onpolicy.OnPolicySampler`: an engine that loads
@@ -360,30 +424,36 @@ def train_adapter(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows, report_data = build_examples(train_rows, entry, tokenizer, settings)
     if not rows:
-        raise ValueError(f"prompt {entry.id!r}: no usable train rows ({report_data['rows']} rows, {report_data['skipped']} skipped)")
+        degenerate = f", {report_data['degenerate_rows_skipped']} looping" if report_data.get("degenerate_rows_skipped") else ""
+        raise ValueError(f"prompt {entry.id!r}: no usable train rows ({report_data['rows']} rows, {report_data['skipped']} skipped{degenerate})")
     # held-out rows are cut and counted as train rows are (SFT view, no P); one too long never fails the trial
     held, heldout_report = build_examples(heldout_rows, entry, tokenizer, dataclasses.replace(settings, method="sft"))
     heldout = [r.student for r in held]
+    # and as kld's pairs (teacher with P, student without) for the held-out teacher KL
+    pairs, _ = build_examples(heldout_rows, entry, tokenizer, dataclasses.replace(settings, method="kld"))
     dtype = default_dtype() if settings.dtype == "auto" else getattr(torch, settings.dtype)
     checkpointing = torch.cuda.is_available() if settings.gradient_checkpointing is None else settings.gradient_checkpointing
     model = add_lora(load_base(base, quantize=settings.quantize, dtype=dtype), settings.lora, gradient_checkpointing=checkpointing)
     if settings.init_adapter and resume is None:  # a resumed run's weights come from its state
         load_lora_weights(model, settings.init_adapter)
     steps_per_epoch = math.ceil(len(rows) / settings.batch_size)
-    steps = steps_per_epoch * settings.epochs
+    steps = settings.max_steps or steps_per_epoch * settings.epochs  # a step budget may end within an epoch, or span several
     optimizer, scheduler, optimizer_name = make_optimizer(model, settings, steps)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     # Also on resume: a 4-bit model's first inference pass changes how bitsandbytes computes later ones (measured on
     # CPU), so a resumed run matches an uninterrupted one bit for bit only if it makes that pass too.
     before = heldout_loss(model, heldout, pad_id, settings.micro_batch)
+    kl_before = heldout_kl(model, pairs, pad_id, settings.micro_batch)  # the adapter starts as the identity: the base's KL
     if resume is None:
         run = {"epoch": 0, "step_in_epoch": 0, "order": None, "losses": [], "norms": [], "heldout_losses": [], "seconds": 0.0,
-               "heldout_loss_before": before}  # fmt: skip
+               "heldout_loss_before": before, "heldout_kls": [], "heldout_kl_before": kl_before}  # fmt: skip
         if settings.method in ONPOLICY_METHODS:  # counts, and the files of the adapter the sampler has (for a resume)
             run["onpolicy"] = dict.fromkeys(ONPOLICY_COUNTS, 0)
             run["onpolicy_adapter"] = None
     else:
         run = {k: v for k, v in resume.items() if k not in ("lora", "optimizer", "scheduler", "rng", "torch_rng", "cuda_rng")}
+        run.setdefault("heldout_kls", [None] * len(run["heldout_losses"]))  # a checkpoint from before the held-out KL
+        run.setdefault("heldout_kl_before", kl_before)
         with torch.no_grad():
             for name, value in resume["lora"].items():
                 trainable[name].copy_(value)
@@ -439,7 +509,7 @@ def train_adapter(
 
     started = time.perf_counter() - run["seconds"]
     try:
-        while run["epoch"] < settings.epochs:
+        while len(run["losses"]) < steps:
             if run["order"] is None:  # a new epoch: its order is drawn once and kept in checkpoints
                 run["order"] = list(range(len(rows)))
                 rng.shuffle(run["order"])
@@ -454,10 +524,11 @@ def train_adapter(
                 run["step_in_epoch"] += 1
                 step = len(run["losses"])
                 metrics = {"step": step, "steps": steps, "loss": loss, "epoch": run["epoch"] + run["step_in_epoch"] / steps_per_epoch}
-                if run["step_in_epoch"] == steps_per_epoch:  # the epoch is done: its held-out loss, then a checkpoint
+                if run["step_in_epoch"] == steps_per_epoch or step == steps:  # the epoch (or the run) is done: held-out figures, a checkpoint
                     run["epoch"], run["step_in_epoch"], run["order"] = run["epoch"] + 1, 0, None
                     run["heldout_losses"].append(heldout_loss(model, heldout, pad_id, settings.micro_batch))
-                    metrics.update(epoch=run["epoch"], heldout_loss=run["heldout_losses"][-1])
+                    run["heldout_kls"].append(heldout_kl(model, pairs, pad_id, settings.micro_batch))
+                    metrics.update(epoch=run["epoch"], heldout_loss=run["heldout_losses"][-1], heldout_kl=run["heldout_kls"][-1])
                 run["seconds"] = time.perf_counter() - started
                 checkpoint = run["step_in_epoch"] == 0 or (checkpoint_steps and step % checkpoint_steps == 0)
                 if report:
@@ -480,6 +551,10 @@ def train_adapter(
         "heldout_loss_before": run["heldout_loss_before"],
         "heldout_loss": run["heldout_losses"][-1],
         "heldout_loss_per_epoch": run["heldout_losses"],
+        "heldout_kl_examples": len(pairs),
+        "heldout_kl_before": run["heldout_kl_before"],  # KL(teacher with P ‖ base without P): the gap to close
+        "heldout_kl": run["heldout_kls"][-1],
+        "heldout_kl_per_epoch": run["heldout_kls"],
         "seconds": time.perf_counter() - started,
         **{f"data_{k}": v for k, v in report_data.items()},
         **{f"heldout_data_{k}": v for k, v in heldout_report.items()},

@@ -7,11 +7,18 @@ of every epoch and every --checkpoint-steps steps, into the experiment's storage
 (`--storage`, default ADAPTERS/.tune: a shared folder on a cluster). A failed trial is
 retried from its last checkpoint (--max-failures); a rerun of the same command after a
 kill restores the experiment and resumes every unfinished trial where it stopped.
-When the experiment ends, each prompt's best finished trial by held-out loss becomes
-`ADAPTERS/ID/` (PEFT files plus genpi.json, renamed into place). `--early-stop` stops a
-λ whose held-out loss falls behind the prompt's other λ trials (ASHA, per prompt). A
-prompt whose adapter already exists for the same data, settings and λ values is
-skipped, so a rerun does only what is missing.
+When the experiment ends, each prompt's best finished trial becomes `ADAPTERS/ID/` (PEFT
+files plus genpi.json, renamed into place): the one with the lowest held-out teacher KL,
+KL(teacher with P ‖ adapter without P) on the held-out dialogues' agent tokens, what
+internalization is for (the held-out SFT loss always favours the smallest prompt-generation
+weight, so it is recorded, not used). `--early-stop` stops a λ whose held-out teacher KL
+falls behind the prompt's other λ trials (ASHA, per prompt). A prompt whose adapter already
+exists for the same data, settings and λ values is skipped, so a rerun does only what is
+missing.
+
+A catalog prompt's `train` settings (lam, grad_clip, lr, epochs) are that prompt's, unless
+the flag (--lambdas, --max-grad-norm, --lr, --epochs) is given: a flag holds for the whole
+run. genpi.json records which settings came from the catalog.
 """
 
 from __future__ import annotations
@@ -41,6 +48,24 @@ from genpi.train.recipe import DTYPES, JOINT_METHODS, METHODS, SCHEDULES, TrainS
 
 REQUIRED_COLUMNS = {"prompt_id", "prompt_sha256", "sample_id", "split", "input", "turns", "student_output", "reason", "error"}
 NO_LAMBDA = set(METHODS) - set(JOINT_METHODS)  # methods with one loss term: no λ to choose
+LAMBDA_RULE = "heldout_teacher_kl"  # how a prompt's λ is chosen among several: lowest held-out teacher KL
+# a catalog prompt's `train` keys and the setting each gives (its flag's dest: --lambdas, --max-grad-norm, --lr, --epochs)
+CATALOG_TRAIN = {"lam": "lambdas", "grad_clip": "max_grad_norm", "lr": "lr", "epochs": "epochs"}
+DEFAULT_LAMBDAS = "0.3,0.5,0.7"
+
+
+@dataclasses.dataclass
+class Plan:
+    """One prompt to train: its rows, its settings (the catalog's `train` values applied) and λ values."""
+
+    entry: PromptEntry
+    train: list[dict]
+    heldout: list[dict]
+    settings: TrainSettings
+    lambdas: list[float]
+    from_catalog: dict  # {catalog train key: value} of the settings the catalog gave
+    fingerprint: str
+    dropped: int | None  # --valid-only: rows outside the action space
 
 
 def read_rows(data: str | Path, entry: PromptEntry) -> tuple[list[dict], list[dict]]:
@@ -66,6 +91,26 @@ def recorded_settings(settings: TrainSettings, lambdas: list[float]) -> dict:
     return {**dataclasses.asdict(settings), "lambdas": None if settings.method in NO_LAMBDA else list(lambdas)}
 
 
+def prompt_settings(entry: PromptEntry, settings: TrainSettings, lambdas: list[float],
+                    overrides=frozenset()) -> tuple[TrainSettings, list[float], dict]:  # fmt: skip
+    """The prompt's settings and λ values: the run's, with the catalog's `train` values in place of those whose
+    flag was not given (`overrides`: the CATALOG_TRAIN keys set for the whole run); and {key: value} of those
+    the catalog gave. `lam` makes the λ values [lam] (methods with a λ only)."""
+    train = getattr(entry, "train", None) or {}  # PromptEntry.train where the catalog has it
+    used = {k: v for k, v in train.items() if k in CATALOG_TRAIN and k not in overrides and v is not None}
+    if settings.method in NO_LAMBDA:
+        used.pop("lam", None)
+    try:
+        changes = {CATALOG_TRAIN[k]: (int if k == "epochs" else float)(v) for k, v in used.items() if k != "lam"}
+        lambdas = [float(used["lam"])] if "lam" in used else lambdas
+        if changes.get("epochs", 1) < 1 or changes.get("lr", 1.0) <= 0:
+            raise ValueError(f"epochs must be >= 1 and lr > 0, got {used}")
+        settings = dataclasses.replace(settings, **changes)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"prompt {entry.id!r}: catalog field train: {e}") from None
+    return settings, lambdas, used
+
+
 def fingerprint(train: list[dict], heldout: list[dict], settings: TrainSettings, lambdas: list[float], base: str) -> str:
     """What an adapter depends on: its data, every training setting, the λ values tried and its base."""
     digest = hashlib.sha256()
@@ -81,8 +126,11 @@ def fingerprint(train: list[dict], heldout: list[dict], settings: TrainSettings,
 
 def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambdas: list[float], num_cpus: float = 1,
                   num_gpus: float | None = None, progress: bool = True, valid_only: bool = False, storage: str | None = None,
-                  checkpoint_steps: int = 0, max_failures: int = 2, early_stop: bool = False) -> dict:  # fmt: skip
+                  checkpoint_steps: int = 0, max_failures: int = 2, early_stop: bool = False, overrides=frozenset()) -> dict:  # fmt: skip
     """Train (or skip) every prompt of the catalog; returns {prompt_id: outcome}.
+
+    `settings` and `lambdas` are the run's; a prompt's catalog `train` values replace them but for the keys
+    in `overrides` (CATALOG_TRAIN keys whose flag was given: those hold for every prompt).
 
     `num_gpus` per trial defaults to 1 when the Ray cluster has GPUs, else 0; 0 on a cluster
     with GPUs is refused (InputError): Ray hides the GPUs from a task that asks for none, so
@@ -103,6 +151,7 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
     base_path = resolve_model(base)
     outcomes, plans = {}, []
     for entry in entries:  # read and check every prompt's data before any training starts
+        prompt, prompt_lambdas, from_catalog = prompt_settings(entry, settings, lambdas, overrides)
         train, heldout = read_rows(data, entry)
         dropped = None
         if valid_only:
@@ -114,17 +163,17 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
             reason = "no train rows" + (f" in the action space ({dropped} dropped)" if dropped else "")
             outcomes[entry.id] = {"status": "skipped", "reason": reason}
             continue
-        if settings.method not in NO_LAMBDA and len(lambdas) > 1 and not heldout:
-            raise InputError(f"prompt {entry.id!r} has no held-out dialogues to choose λ among {lambdas} by their held-out loss: "
-                             "synthesize with --heldout > 0, or pass one λ (--lambdas 0.3)")  # fmt: skip
+        if prompt.method not in NO_LAMBDA and len(prompt_lambdas) > 1 and not heldout:
+            raise InputError(f"prompt {entry.id!r} has no held-out dialogues to choose λ among {prompt_lambdas} by the held-out "
+                             "teacher KL: synthesize with --heldout > 0, or pass one λ (--lambdas 0.3)")  # fmt: skip
         if early_stop and not heldout:
             raise InputError(f"--early-stop: prompt {entry.id!r} has no held-out dialogues to compare its trials by")
-        data_print = fingerprint(train, heldout, settings, lambdas, base)
+        data_print = fingerprint(train, heldout, prompt, prompt_lambdas, base)
         done = read_adapter_manifest(out / entry.id)
         if done and done.data_fingerprint == data_print and done.prompt_sha256 == entry.sha256:
             outcomes[entry.id] = {"status": "up to date", "lam": done.lam}
             continue
-        plans.append((entry, train, heldout, data_print, dropped))
+        plans.append(Plan(entry, train, heldout, prompt, prompt_lambdas, from_catalog, data_print, dropped))
     if not plans:
         return outcomes
     if not ray.is_initialized():
@@ -135,35 +184,35 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
     elif num_gpus == 0 and cluster_gpus:
         raise InputError(f"--gpus-per-trial 0 on a Ray cluster with {cluster_gpus:g} GPUs: Ray hides the GPUs from tasks that "
                          "ask for none, so every trial would train on the CPU; leave --gpus-per-trial out (1 per trial) or set it > 0")  # fmt: skip
-    results, experiment = run_experiment(plans, base_path, settings, lambdas, out, storage, num_cpus, num_gpus, progress,
-                                         checkpoint_steps, max_failures, early_stop)  # fmt: skip
-    for entry, train, heldout, data_print, dropped in plans:
-        outcomes[entry.id] = write_best(entry, results.get(entry.id, []), out, base, settings, lambdas, data_print, dropped)
-    if all(outcomes[entry.id]["status"] == "trained" for entry, *_ in plans):
+    results, experiment = run_experiment(plans, base_path, out, storage, num_cpus, num_gpus, progress, checkpoint_steps,
+                                         max_failures, early_stop)  # fmt: skip
+    for plan in plans:
+        outcomes[plan.entry.id] = write_best(plan, results.get(plan.entry.id, []), out, base)
+    if all(outcomes[plan.entry.id]["status"] == "trained" for plan in plans):
         shutil.rmtree(experiment)  # every adapter is written; a failed trial's checkpoints and error files stay for a look
     return outcomes
 
 
-def run_experiment(plans, base_path, settings, lambdas, out, storage, num_cpus, num_gpus, progress, checkpoint_steps,
-                   max_failures, early_stop) -> tuple[dict[str, list], Path]:  # fmt: skip
+def run_experiment(plans: list[Plan], base_path, out, storage, num_cpus, num_gpus, progress, checkpoint_steps, max_failures,
+                   early_stop) -> tuple[dict[str, list], Path]:  # fmt: skip
     """Run (or resume) the Tune experiment over the plans' trials; returns ({prompt_id: [ray.tune.Result]}, its folder)."""
     import ray
     from ray import tune
 
     storage = Path(storage).absolute() if storage else out / ".tune"
     # The same command (same data, settings, λ values, trials) finds and resumes its own experiment.
-    name = "train-" + hashlib.sha256(json.dumps([[e.id, p] for e, _, _, p, _ in plans] + [checkpoint_steps, early_stop]).encode()).hexdigest()[:16]
+    name = "train-" + hashlib.sha256(json.dumps([[p.entry.id, p.fingerprint] for p in plans] + [checkpoint_steps, early_stop]).encode()).hexdigest()[:16]
     storage.mkdir(parents=True, exist_ok=True)
     log = storage / f"{name}.log"
     for logger_name in ("ray.tune", "ray.train", "ray.air"):  # Tune's own output goes to a file, not the terminal
         logger = logging.getLogger(logger_name)
         logger.handlers = [logging.FileHandler(log)]
         logger.propagate = False
-    trials = [{"prompt_id": e.id, "lam": lam} for e, *_ in plans for lam in ([None] if settings.method in NO_LAMBDA else lambdas)]
-    rows = {e.id: ray.put((train, heldout)) for e, train, heldout, _, _ in plans}  # once per prompt, shared by its λ trials
+    trials = [{"prompt_id": p.entry.id, "lam": lam} for p in plans for lam in ([None] if p.settings.method in NO_LAMBDA else p.lambdas)]
+    rows = {p.entry.id: ray.put((p.train, p.heldout)) for p in plans}  # once per prompt, shared by its λ trials
     trainable = tune.with_resources(
-        tune.with_parameters(fit_trial, base=base_path, entries={e.id: e.to_json() for e, *_ in plans}, rows=rows,
-                             settings=settings, checkpoint_steps=checkpoint_steps),  # fmt: skip
+        tune.with_parameters(fit_trial, base=base_path, entries={p.entry.id: p.entry.to_json() for p in plans}, rows=rows,
+                             settings={p.entry.id: p.settings for p in plans}, checkpoint_steps=checkpoint_steps),  # fmt: skip
         {"cpu": num_cpus, "gpu": num_gpus},
     )
     bars = Progress(len(trials), progress)
@@ -178,7 +227,8 @@ def run_experiment(plans, base_path, settings, lambdas, out, storage, num_cpus, 
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                scheduler=PerPromptASHA(settings.epochs) if early_stop else None, trial_dirname_creator=trial_folder_name
+                scheduler=PerPromptASHA({p.entry.id: p.settings.epochs for p in plans}) if early_stop else None,
+                trial_dirname_creator=trial_folder_name,
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -200,19 +250,31 @@ def run_experiment(plans, base_path, settings, lambdas, out, storage, num_cpus, 
     return results, path
 
 
-def write_best(entry, tried: list, out: Path, base: str, settings, lambdas, data_print, dropped) -> dict:
-    """Write the prompt's best finished trial as ADAPTERS/ID/; returns the prompt's outcome."""
+def lambda_rule(plan: Plan, tried: list) -> str | None:
+    """How the prompt's λ was chosen: by the held-out teacher KL among several, else where the one λ came from."""
+    if plan.settings.method in NO_LAMBDA:
+        return None
+    if len(tried) > 1:
+        return LAMBDA_RULE
+    return "catalog" if "lam" in plan.from_catalog else "given"
+
+
+def write_best(plan: Plan, tried: list, out: Path, base: str) -> dict:
+    """Write the prompt's best finished trial (lowest held-out teacher KL) as ADAPTERS/ID/; returns the prompt's outcome."""
+    entry, settings = plan.entry, plan.settings
     finished = [r for r in tried if r.error is None and r.metrics.get("finished")]
     errors = [f"λ={r.config['trial']['lam']}: {type(r.error).__name__}: {str(r.error).strip().splitlines()[-1]}" for r in tried if r.error is not None]
     stopped = [r.config["trial"]["lam"] for r in tried if r.error is None and not r.metrics.get("finished")]
     if not finished:
         return {"status": "failed", "errors": errors or ["no trial finished"]}
-    if len(finished) > 1 and any(r.metrics["heldout_loss"] is None for r in finished):  # every held-out row was unusable
-        return {"status": "failed", "errors": ["no held-out loss to choose λ by (every held-out row was skipped)"]}
-    best = min(finished, key=lambda r: r.metrics["heldout_loss"] if r.metrics["heldout_loss"] is not None else 0.0)
+    if len(finished) > 1 and any(r.metrics.get("heldout_kl") is None for r in finished):  # every held-out row was unusable
+        return {"status": "failed", "errors": ["no held-out teacher KL to choose λ by (every held-out row was skipped)"]}
+    best = min(finished, key=lambda r: r.metrics.get("heldout_kl") or 0.0)
     lam, metrics = best.config["trial"]["lam"], best.metrics
     kept = ("train_loss_first", "train_loss_last", "train_losses", "grad_norm_first", "grad_norm_last", "steps", "train_examples", "heldout_examples",
-            "heldout_loss_before", "heldout_loss_per_epoch", "seconds", "resumed_from_step")  # fmt: skip
+            "heldout_loss_before", "heldout_loss_per_epoch", "heldout_kl_examples", "heldout_kl_before", "heldout_kl_per_epoch", "seconds",
+            "resumed_from_step")  # fmt: skip
+    rule = lambda_rule(plan, tried)
     manifest = AdapterManifest(
         prompt_id=entry.id,
         prompt_sha256=entry.sha256,
@@ -220,20 +282,24 @@ def write_best(entry, tried: list, out: Path, base: str, settings, lambdas, data
         method=settings.method,
         lam=lam,
         lora={**settings.lora.to_dict(), "quantize_4bit": settings.quantize},
-        data_fingerprint=data_print,
-        settings={**recorded_settings(settings, lambdas), "lam": lam, "effective": metrics["effective"]},
+        data_fingerprint=plan.fingerprint,
+        settings={**recorded_settings(settings, plan.lambdas), "lam": lam, "effective": metrics["effective"],
+                  "settings_from_catalog": plan.from_catalog},  # fmt: skip
         train_metrics={**{k: metrics[k] for k in kept if k in metrics}, **{k: v for k, v in metrics.items() if k.startswith(("data_", "heldout_data_"))},
                        **{k: v for k, v in metrics.items() if k.startswith("onpolicy_")},
-                       "rows_outside_action_space_dropped": dropped},  # fmt: skip
-        eval_metrics={"heldout_loss": metrics["heldout_loss"],
-                      "trials": {str(r.config["trial"]["lam"]): r.metrics.get("heldout_loss") for r in tried}},  # fmt: skip
+                       "rows_outside_action_space_dropped": plan.dropped},  # fmt: skip
+        eval_metrics={"heldout_loss": metrics["heldout_loss"], "heldout_kl": metrics.get("heldout_kl"),
+                      "lambda_rule": rule, "heldout_used_for_lambda": rule == LAMBDA_RULE,
+                      # every trial's figures where it ended (an early-stopped one: its last epoch)
+                      "trials": {str(r.config["trial"]["lam"]): r.metrics.get("heldout_loss") for r in tried},
+                      "trials_heldout_kl": {str(r.config["trial"]["lam"]): r.metrics.get("heldout_kl") for r in tried}},  # fmt: skip
         genpi_version=__version__,
     )
     with best.checkpoint.as_directory() as folder:
         write_adapter(out / entry.id, manifest, lambda tmp: shutil.copytree(Path(folder) / "adapter", tmp, dirs_exist_ok=True))
-    outcome = {"status": "trained", "lam": lam, "heldout_loss": metrics["heldout_loss"]}
-    if dropped is not None:
-        outcome["rows_outside_action_space_dropped"] = dropped
+    outcome = {"status": "trained", "lam": lam, "heldout_loss": metrics["heldout_loss"], "heldout_kl": metrics.get("heldout_kl")}
+    if plan.dropped is not None:
+        outcome["rows_outside_action_space_dropped"] = plan.dropped
     if errors:
         outcome["errors"] = errors
     if stopped:  # stopped early by ASHA: the steps they did not run are what early stopping saved
@@ -258,12 +324,13 @@ def check_init_adapter(settings: TrainSettings) -> None:
                          f"{lora.r}, alpha {lora.alpha} (--rank, --alpha): the LoRA shapes must match")  # fmt: skip
 
 
-def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: TrainSettings, checkpoint_steps: int) -> None:
+def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: dict, checkpoint_steps: int) -> None:
     """A Tune function trainable: one (prompt, λ) trial, resumed from its last checkpoint when there is one.
 
-    `rows` maps prompt ids to object refs of (train, heldout): each prompt's rows were put in the object
-    store once, and a trial fetches only its own prompt's. The last report carries `finished` and a
-    checkpoint holding the adapter (`adapter/`) beside the training state.
+    `settings` maps prompt ids to their TrainSettings (catalog values applied); `rows` maps prompt ids to
+    object refs of (train, heldout): each prompt's rows were put in the object store once, and a trial
+    fetches only its own prompt's. The last report carries `finished` and a checkpoint holding the
+    adapter (`adapter/`) beside the training state.
     """
     import ray
     import torch
@@ -294,7 +361,8 @@ def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: Trai
                 save(Path(folder) / name)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    trial_settings = dataclasses.replace(settings, lam=lam if lam is not None else settings.lam)
+    prompt = settings[prompt_id]
+    trial_settings = dataclasses.replace(prompt, lam=lam if lam is not None else prompt.lam)
     model, metrics = train_adapter(base, entry_from_json(entries[prompt_id]), train, heldout, trial_settings, report, checkpoint_steps, resume)
     report({**metrics, "finished": True}, lambda: last_state[0], adapter=lambda folder: save_adapter(model, folder))
 
@@ -304,9 +372,10 @@ def trial_folder_name(trial) -> str:
 
 
 class PerPromptASHA(FIFOScheduler):
-    """ASHA among each prompt's λ trials only: held-out losses of different prompts do not compare."""
+    """ASHA among each prompt's λ trials only, on the held-out teacher KL: KLs of different prompts do not
+    compare. `epochs`: {prompt id: its epochs} (a catalog prompt may train longer than another)."""
 
-    def __init__(self, epochs: int):
+    def __init__(self, epochs: dict[str, int]):
         super().__init__()
         self.epochs, self.by_prompt, self.added = epochs, {}, set()
 
@@ -314,7 +383,7 @@ class PerPromptASHA(FIFOScheduler):
         prompt_id = trial.config["trial"]["prompt_id"]
         if prompt_id not in self.by_prompt:
             self.by_prompt[prompt_id] = AsyncHyperBandScheduler(
-                time_attr="epoch", metric="heldout_loss", mode="min", max_t=self.epochs, grace_period=1, reduction_factor=3,
+                time_attr="epoch", metric="heldout_kl", mode="min", max_t=self.epochs[prompt_id], grace_period=1, reduction_factor=3,
                 stop_last_trials=False,  # a trial at its last epoch still reports its adapter
             )
         return self.by_prompt[prompt_id]
@@ -324,7 +393,7 @@ class PerPromptASHA(FIFOScheduler):
         self._asha(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
-        if result.get("heldout_loss") is None:  # a step within an epoch, or no usable held-out row
+        if result.get("heldout_kl") is None:  # a step within an epoch, or no usable held-out row
             return self.CONTINUE
         if trial.trial_id not in self.added:  # a trial restored with the experiment
             self.on_trial_add(tune_controller, trial)
@@ -392,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="adapters folder: ADAPTERS/ID/")
     p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2'")
     p.add_argument("--method", default="genpi", help=f"one of {', '.join(METHODS)}")
-    p.add_argument("--lambdas", default="0.3,0.5,0.7", help=f"λ values to try per prompt ({', '.join(JOINT_METHODS)})")
+    p.add_argument("--lambdas", default=None, help=f"λ values to try per prompt ({', '.join(JOINT_METHODS)}; default {DEFAULT_LAMBDAS}, "
+                   "or a prompt's catalog train.lam); the lowest held-out teacher KL wins")
     d = TrainSettings()
     p.add_argument("--pg-variant", default=d.pg_variant, choices=PG_VARIANTS, help="what prompt generation produces from what (ablations)")
     p.add_argument("--prepend-ratio", type=float, default=d.prepend_ratio, help="prepend: share of rows that carry P, redrawn every step")
@@ -403,8 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onpolicy: reverse KL over the student's top-k tokens plus the rest as one (0: the whole vocabulary)")
     p.add_argument("--init-adapter", default=None, metavar="DIR",
                    help="start from this PEFT adapter's LoRA weights (same rank, alpha, targets), e.g. onpolicy from a genpi adapter")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs}, or a prompt's catalog train.epochs")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many optimizer steps (0: the epochs decide); "
+                   "the learning-rate schedule spans them, so every method of a study gets the same budget")
+    p.add_argument("--lr", type=float, default=None, help=f"default {d.lr:g}, or a prompt's catalog train.lr")
+    p.add_argument("--seed", type=int, default=d.seed, help="the seed of the data order, dropout, LoRA initialisation and on-policy samples")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--micro-batch", type=int, default=d.micro_batch)
     p.add_argument("--max-length", type=int, default=d.max_length)
@@ -415,22 +488,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-form", default=d.loss_form, choices=LOSS_FORMS, help="convex: (1-λ)·L_SFT + λ·L_PG (the authors' scripts); additive: L_SFT + λ·L_PG (the paper)")
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="learning rate after the linear warmup")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of the steps with a linear warmup")
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: none; the reference: 1.0 for OS, 0.5 otherwise)")
+    p.add_argument("--max-grad-norm", type=float, default=None, help=f"gradient clipping (0: none; default {d.max_grad_norm}, or a prompt's "
+                   "catalog train.grad_clip; the reference: 1.0 for OS, 0.5 otherwise)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="unquantized weights and 4-bit compute (auto: bfloat16 with CUDA, float32 on CPU)")
     p.add_argument("--valid-only", action="store_true", help="train only on dialogues whose agent turns all match actions.valid")
+    p.add_argument("--keep-degenerate", action="store_true", help="train on looping teacher turns too (default: skip a row whose first "
+                   "agent turn loops, cut a dialogue before a later one)")
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 if the Ray cluster has GPUs, else 0")
     p.add_argument("--storage", default=None, help="where the trials checkpoint (default: ADAPTERS/.tune; a shared folder on a cluster)")
     p.add_argument("--checkpoint-steps", type=int, default=0, help="also checkpoint every N steps (always: at every epoch's end)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, each from its last checkpoint")
-    p.add_argument("--early-stop", action="store_true", help="stop a λ whose held-out loss falls behind the prompt's others (ASHA)")
+    p.add_argument("--early-stop", action="store_true", help="stop a λ whose held-out teacher KL falls behind the prompt's others (ASHA)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    d = TrainSettings()
+    # the flags given hold for every prompt; the others yield to a prompt's catalog `train` values
+    overrides = frozenset(key for key, dest in CATALOG_TRAIN.items() if getattr(args, dest) is not None)
+    for dest, default in (("lambdas", DEFAULT_LAMBDAS), ("epochs", d.epochs), ("lr", d.lr), ("max_grad_norm", d.max_grad_norm)):
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
     try:
         if args.method not in METHODS:
             raise InputError(f"--method: unknown method {args.method!r}: expected one of {', '.join(METHODS)}")
@@ -444,15 +526,16 @@ def main(argv: list[str] | None = None) -> int:
                 max_length=args.max_length, quantize=not args.no_4bit, gradient_checkpointing=args.gradient_checkpointing, lora=LoraSettings(r=args.rank, alpha=args.alpha),
                 loss_form=args.loss_form, schedule=args.schedule, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
                 weight_decay=args.weight_decay, dtype=args.dtype,
-                pg_variant=args.pg_variant, prepend_ratio=args.prepend_ratio, topk_k=args.topk_k,
+                pg_variant=args.pg_variant, prepend_ratio=args.prepend_ratio, topk_k=args.topk_k, skip_degenerate=not args.keep_degenerate,
                 refresh_steps=args.refresh_steps, onpolicy_max_tokens=args.onpolicy_max_tokens, onpolicy_topk=args.onpolicy_topk,
                 init_adapter=str(Path(args.init_adapter).absolute()) if args.init_adapter else None,
+                max_steps=args.max_steps, seed=args.seed,
             )  # fmt: skip
         except ValueError as e:  # a setting out of range (--prepend-ratio, --topk-k, --warmup-ratio ...)
             raise InputError(str(e)) from None
         outcomes = train_catalog(args.data, args.catalog, args.out, args.base, settings, lambdas,
                                  args.cpus_per_trial, args.gpus_per_trial, not args.no_progress, args.valid_only,
-                                 args.storage, args.checkpoint_steps, args.max_failures, args.early_stop)  # fmt: skip
+                                 args.storage, args.checkpoint_steps, args.max_failures, args.early_stop, overrides)  # fmt: skip
     except InputError as e:
         print(f"genpi: error: {e}", file=sys.stderr)
         return 2
