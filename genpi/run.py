@@ -90,9 +90,10 @@ def task_files(specs: list[str], flag: str = "--tasks") -> dict[str, str]:
     return files
 
 
-def stage_commands(args: argparse.Namespace, preset: Preset, catalog_ids: list[str]) -> list[tuple[str, list[str]]]:
+def stage_commands(args: argparse.Namespace, preset: Preset, catalog_ids: list[str], catalog_train: set[str] = frozenset()) -> list[tuple[str, list[str]]]:
     """[(stage name, the argv of its command)], in order; every size from the flag, else the preset. `catalog_ids`:
-    the catalog's prompt ids (the run's prompts when neither --prompts nor the preset names them)."""
+    the catalog's prompt ids (the run's prompts when neither --prompts nor the preset names them); `catalog_train`:
+    the training settings (lam, epochs, lr) that the run's prompts set in the catalog, where the preset's yield."""
     run = Path(args.out)
     data, eval_dir = str(run / "data"), str(run / "eval")
     pick = lambda name: getattr(preset, name) if getattr(args, name) is None else getattr(args, name)  # noqa: E731
@@ -105,9 +106,11 @@ def stage_commands(args: argparse.Namespace, preset: Preset, catalog_ids: list[s
     only = ["--prompts", prompts] if prompts else []
     stages = [("synth", synth + only + shlex.split(args.synth_args)), ("stats", [data])]
     for method in methods:
-        train = [data, "--catalog", args.catalog, "--out", str(run / "adapters" / method), "--base", args.base,
-                 "--method", method, "--lambdas", pick("lambdas"), "--epochs", str(pick("epochs")), "--lr", str(pick("lr")),
+        train = [data, "--catalog", args.catalog, "--out", str(run / "adapters" / method), "--base", args.base, "--method", method,
                  "--batch-size", str(pick("batch_size")), "--micro-batch", str(pick("micro_batch"))]  # fmt: skip
+        for flag, key, name in (("--lambdas", "lam", "lambdas"), ("--epochs", "epochs", "epochs"), ("--lr", "lr", "lr")):
+            if getattr(args, name) is not None or key not in catalog_train:  # a preset's value yields to the catalog's train settings
+                train += [flag, str(pick(name))]
         if pick("cpus_per_trial") is not None:
             train += ["--cpus-per-trial", str(pick("cpus_per_trial"))]
         stages.append((f"train {method}", train + shlex.split(args.train_args)))
@@ -269,7 +272,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InputError(f"--methods: unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
-    stages = stage_commands(args, preset, [e.id for e in entries])
+    run_prompts = args.prompts or preset.prompts
+    in_run = [e for e in entries if not run_prompts or e.id in run_prompts.split(",")]
+    stages = stage_commands(args, preset, [e.id for e in entries], {key for e in in_run for key in e.train})
     tasks = task_files(args.tasks)
     if tasks:  # a tasks file or a sandbox that cannot work fails now, not after synthesis and training
         from genpi.eval.os_tasks import check_sandbox, load_tasks
