@@ -97,7 +97,7 @@ def test_report_from_a_small_real_run(tiny_trainable_model, tmp_path):
     assert "without the prompt, the `genpi` adapter" in opening and "of the KL gap to the teacher (95% interval [" in opening
     for heading in ("## Synthesis", "## Fidelity without the prompt", "### calc (2 held-out inputs)", "## Prompt leakage", "## Training"):
         assert heading in text
-    assert "Held-out loss per λ, genpi/calc" in text and "λ of genpi was chosen by the loss on these held-out rows" in text
+    assert "Held-out teacher KL (which chose λ) and loss per λ, genpi/calc" in text and "λ of genpi was chosen by the teacher KL on these held-out rows" in text
     assert "samples 10, heldout 0.2" in text and "synthesis settings" not in text.split("## Missing")[1]
     assert "loss per step" not in text.split("## Missing")[1]  # genpi train recorded the curve
     assert "| calc | 2.000 |" in text  # gold turns, from the manifest

@@ -35,8 +35,8 @@ agent turn (the same greedy request). Per-reply rows go to
 `EVAL/fidelity/prompt_id=ID/system=NAME/part-00000.parquet`; the summary to
 `EVAL/fidelity.json` and each adapter's genpi.json (`eval_metrics.fidelity`).
 
-λ: training picks λ by the loss on these same held-out rows when it tried more
-than one value; the summary then says `heldout_used_for_lambda: true` for that
+λ: training picks λ by the teacher KL on these same held-out rows when it tried
+more than one value; the summary then says `heldout_used_for_lambda: true` for that
 adapter (its numbers are then slightly optimistic).
 """
 

@@ -296,7 +296,7 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
             md += table(["system"] + [short(k) for k in kinds], [[name] + [m["kinds"].get(k, 0) for k in kinds] for name, m in r["systems"].items()]) + [""]
             used = [name for name, flag in r["heldout_used_for_lambda"].items() if flag]
             if used:
-                md += [f"Note: λ of {', '.join(used)} was chosen by the loss on these held-out rows (`heldout_used_for_lambda`).", ""]
+                md += [f"Note: λ of {', '.join(used)} was chosen by the teacher KL on these held-out rows (`heldout_used_for_lambda`).", ""]
             rates = per_turn_rates(eval_dir, r["prompt_id"])
             rates = {name: rates[name] for name in r["systems"] if name in rates}
             if rates:
@@ -402,27 +402,29 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
                 continue
             t, settings = manifest.train_metrics, manifest.settings
             rows.append([prompt_id, name, manifest.method, manifest.lam, settings.get("epochs"), settings.get("lr"), t.get("steps"),
-                         t.get("train_loss_first"), t.get("train_loss_last"), manifest.eval_metrics.get("heldout_loss")])  # fmt: skip
+                         t.get("train_loss_first"), t.get("train_loss_last"), manifest.eval_metrics.get("heldout_loss"),
+                         manifest.eval_metrics.get("heldout_kl")])  # fmt: skip
             if t.get("train_losses"):
                 curves[f"{name}/{prompt_id}"] = t["train_losses"]
             else:
                 missing.append(f"loss per step of {name}/{prompt_id}: not recorded in {folder}/genpi.json (trained before genpi recorded it)")
-            trials = {k: v for k, v in manifest.eval_metrics.get("trials", {}).items() if isinstance(v, (int, float))}
+            trials = {k: v for k, v in manifest.eval_metrics.get("trials_heldout_kl", {}).items() if isinstance(v, (int, float))}
             if len(trials) > 1:
-                lambdas[f"{name}/{prompt_id}"] = trials
+                lambdas[f"{name}/{prompt_id}"] = (trials, manifest.eval_metrics.get("trials", {}))
     if rows:
         md += ["Adapters evaluated above (`genpi.json`):", ""]
-        md += table(["prompt", "system", "method", "λ", "epochs", "lr", "steps", "loss first", "loss last", "held-out loss"], rows) + [""]
+        md += table(["prompt", "system", "method", "λ", "epochs", "lr", "steps", "loss first", "loss last", "held-out loss", "held-out KL"], rows) + [""]
     else:
         missing.append("training: no evaluated adapters to read")
-    for key, trials in lambdas.items():
-        md += [f"Held-out loss per λ, {key}:", ""] + table(["λ", "held-out loss"], [[float(k), v] for k, v in sorted(trials.items())]) + [""]
+    for key, (kls, losses) in lambdas.items():
+        md += [f"Held-out teacher KL (which chose λ) and loss per λ, {key}:", ""]
+        md += table(["λ", "held-out KL", "held-out loss"], [[float(k), v, losses.get(k)] for k, v in sorted(kls.items())]) + [""]
     panels = []
     if curves:
         panels.append(("training loss per step", _lines(curves, "optimizer step", "loss", marker="")))
     if lambdas:
-        panels.append(("held-out loss per λ", _lines({k: [v[x] for x in sorted(v)] for k, v in lambdas.items()}, "λ", "held-out loss",
-                                                     {k: [float(x) for x in sorted(v)] for k, v in lambdas.items()})))  # fmt: skip
+        panels.append(("held-out teacher KL per λ", _lines({k: [v[x] for x in sorted(v)] for k, (v, _) in lambdas.items()}, "λ", "held-out KL",
+                                                           {k: [float(x) for x in sorted(v)] for k, (v, _) in lambdas.items()})))  # fmt: skip
     if panels:
         figures.append(out.parent / _figure(figure("training"), panels))
         md += [f"![training]({figure('training').name})", ""]
