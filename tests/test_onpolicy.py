@@ -126,11 +126,14 @@ def test_onpolicy_training_lowers_the_reverse_kl_and_refreshes_the_sampler_every
         before = mean_reverse_kl(model, pairs, batch, 4)
     assert before > 0.2 and after < 0.5 * before, (before, after)
 
-    # the sampler: a fresh adapter every 2 steps (steps 0, 2, ..., 10), the previous one dropped; every step sampled
+    # the sampler: a fresh adapter every 2 steps (steps 0, 2, ..., 10), the previous one dropped; the replies of the steps up
+    # to the next refresh sampled in one batch, which an epoch's end (every 3 steps) also ends
     assert spy.added == [f"onpolicy-{k}" for k in range(6)] and spy.removed == spy.added[:-1]
-    assert len(spy.asked) == 12 and [adapters for _, adapters, _, _ in spy.asked] == [{f"onpolicy-{s // 2}"} for s in range(12)]
-    assert all(n == 4 and s.temperature == 1.0 and s.max_tokens == 8 for n, _, s, _ in spy.asked)
-    assert spy.asked[1][3] == [sample_seed(0, 1, i) for i in range(4)] and len({s for *_, seeds in spy.asked for s in seeds}) == 48
+    windows = [(2, 0), (1, 1), (1, 1), (2, 2), (2, 3), (1, 4), (1, 4), (2, 5)]  # (steps, adapter) of each call: steps 0-1, 2, 3, 4-5, ...
+    assert [(n, adapters) for n, adapters, _, _ in spy.asked] == [(4 * steps, {f"onpolicy-{a}"}) for steps, a in windows]
+    assert all(s.temperature == 1.0 and s.max_tokens == 8 for _, _, s, _ in spy.asked)
+    assert spy.asked[0][3] == [sample_seed(0, step, i) for step in (0, 1) for i in range(4)]
+    assert len({s for *_, seeds in spy.asked for s in seeds}) == 48
     assert metrics["onpolicy_refreshes"] == 6 and metrics["onpolicy_requests"] == 48 and metrics["onpolicy_failed"] == 0
     assert metrics["onpolicy_reply_tokens"] > 0 and metrics["onpolicy_sample_seconds"] > 0 and metrics["onpolicy_refresh_seconds"] > 0
 

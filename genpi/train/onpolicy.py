@@ -5,8 +5,8 @@ the student (base + the adapter being trained, without P) samples first-turn age
 training inputs at temperature 1; on exactly those tokens the loss is the per-token reverse
 KL(student ‖ teacher), the teacher being the same base with the adapter disabled and P in front
 (`genpi.train.losses.reverse_kl_loss`). The recipe (`genpi.train.recipe`, methods `onpolicy` and
-`genpi+onpolicy`) calls the sampler at every optimizer step for the step's inputs; the sampler's copy
-of the adapter is refreshed every `refresh_steps` steps.
+`genpi+onpolicy`) has the sampler refresh its copy of the adapter every `refresh_steps` optimizer steps
+and sample the replies of those steps' inputs in one batch.
 
 The sampler is an engine user, not a loop around `model.generate`: at a refresh the adapter is saved to
 a folder (`save_adapter`: PEFT files that vLLM loads too) and loaded into the engine under a fresh name

@@ -19,10 +19,10 @@ Methods (`TrainSettings.method`):
              against the teacher's (with P) top-k probabilities stored at synthesis
              (`teacher_topk`); hard labels where no top-k aligns (end-of-turn markers)
 - genpi+topk-kl: topk-kl's loss in place of L_SFT, plus λ·L_PG
-- onpolicy:  on-policy distillation (OPCD, GKD; `genpi.train.onpolicy`): at every step the student
-             (adapter on, no P) samples its first agent turn for each of the step's inputs at
-             temperature 1, through an engine whose copy of the adapter is refreshed every
-             `refresh_steps` steps; the loss is the per-token reverse KL(student || teacher) on those
+- onpolicy:  on-policy distillation (OPCD, GKD; `genpi.train.onpolicy`): the student (adapter on,
+             no P) samples its first agent turn for each training input at temperature 1, through an
+             engine whose copy of the adapter is refreshed every `refresh_steps` steps (the replies of
+             those steps sampled in one batch); the loss is the per-token reverse KL(student || teacher) on those
              tokens, the teacher being the base with the adapter disabled and P in front
 - genpi+onpolicy: onpolicy's loss in place of L_SFT, plus λ·L_PG
 
@@ -450,6 +450,7 @@ def train_adapter(
         if settings.method in ONPOLICY_METHODS:  # counts, and the files of the adapter the sampler has (for a resume)
             run["onpolicy"] = dict.fromkeys(ONPOLICY_COUNTS, 0)
             run["onpolicy_adapter"] = None
+            run["onpolicy_pending"] = {}  # step -> [(input, sampled reply or None when it failed)], sampled ahead
     else:
         run = {k: v for k, v in resume.items() if k not in ("lora", "optimizer", "scheduler", "rng", "torch_rng", "cuda_rng")}
         run.setdefault("heldout_kls", [None] * len(run["heldout_losses"]))  # a checkpoint from before the held-out KL
@@ -481,30 +482,39 @@ def train_adapter(
             from genpi.engines.hf import TransformersEngine
 
             engine_dtype = "float32" if model.device.type == "cpu" else str(dtype).removeprefix("torch.")
-            engine = TransformersEngine(base, max_batch=settings.batch_size, dtype=engine_dtype, device=str(model.device),
+            engine = TransformersEngine(base, max_batch=settings.batch_size * settings.refresh_steps, dtype=engine_dtype, device=str(model.device),
                                         threads=torch.get_num_threads())  # fmt: skip
         sampler = OnPolicySampler(engine, settings.onpolicy_max_tokens)
 
-    def sample_replies(step_rows: list[RowExamples], step: int) -> list[tuple[Example, Example]]:
-        """The student's replies to the step's inputs, as (student, teacher) views; the sampler's adapter is
-        refreshed every `refresh_steps` steps (from the live model) and, after a resume, restored as it was."""
-        counts, before = run["onpolicy"], sampler.stats()
-        if step % settings.refresh_steps == 0:
-            run["onpolicy_adapter"] = adapter_files(sampler.refresh(lambda folder: save_adapter(model, folder)))
-        elif sampler.adapter is None:  # resumed between two refreshes
-            sampler.refresh(write_files(run["onpolicy_adapter"]))
-            counts["refreshes"] -= 1  # the same adapter again: not a refresh of the run
-        inputs = [r.input for r in step_rows]
-        completions = sampler.sample(inputs, [sample_seed(settings.seed, step, i) for i in range(len(inputs))])
+    def sample_replies(epoch_rows: list[RowExamples], k: int) -> list[tuple[Example, Example]]:
+        """The student's replies to the inputs of step k of this epoch, as (student, teacher) views.
+
+        At a step with none pending, the sampler samples the replies of every step up to the next refresh (or the
+        epoch's or the run's end) in one batch, each request with its own seed: batched, as an engine serves best.
+        Its adapter is refreshed from the live model at every multiple of `refresh_steps` (restored as it was
+        after a resume). The pending replies live in the run's state, so a resumed run trains on the same ones."""
+        step, size, pending, counts = len(run["losses"]), settings.batch_size, run["onpolicy_pending"], run["onpolicy"]
+        if step not in pending:
+            before = sampler.stats()
+            if step % settings.refresh_steps == 0:
+                run["onpolicy_adapter"] = adapter_files(sampler.refresh(lambda folder: save_adapter(model, folder)))
+            elif sampler.adapter is None:  # resumed between two refreshes, with no reply pending
+                sampler.refresh(write_files(run["onpolicy_adapter"]))
+                counts["refreshes"] -= 1  # the same adapter again: not a refresh of the run
+            ahead = min(settings.refresh_steps - step % settings.refresh_steps, steps_per_epoch - k, steps - step)
+            asked = [(step + j, i, r.input) for j in range(ahead) for i, r in enumerate(epoch_rows[(k + j) * size : (k + j + 1) * size])]
+            completions = sampler.sample([x for _, _, x in asked], [sample_seed(settings.seed, s, i) for s, i, _ in asked])
+            for (s, _, x), completion in zip(asked, completions):
+                pending.setdefault(s, []).append((x, completion.text if completion.error is None else None))
+            for name, value in sampler.stats().items():
+                counts[name] += value - before[name]
         pairs = []
-        for x, completion in zip(inputs, completions):
+        for x, reply in pending.pop(step):
             try:
-                if completion.error is None:
-                    pairs.append(reply_views(entry, x, completion.text, tokenizer, settings.max_length, settings.max_turn_tokens))
+                if reply is not None:
+                    pairs.append(reply_views(entry, x, reply, tokenizer, settings.max_length, settings.max_turn_tokens))
             except ValueError:
                 counts["unusable"] += 1
-        for name, value in sampler.stats().items():
-            counts[name] += value - before[name]
         return pairs
 
     started = time.perf_counter() - run["seconds"]
@@ -517,7 +527,7 @@ def train_adapter(
             while run["epoch"] == epoch:
                 k = run["step_in_epoch"]
                 step_rows = epoch_rows[k * settings.batch_size : (k + 1) * settings.batch_size]
-                replies = sample_replies(step_rows, len(run["losses"])) if sampler else None
+                replies = sample_replies(epoch_rows, k) if sampler else None
                 loss = step_loss(model, step_rows, settings, pad_id, replies)
                 run["norms"].append(optimizer_step(model, optimizer, scheduler, settings))
                 run["losses"].append(loss)
