@@ -140,8 +140,10 @@ def test_check_rates_a_copy_keeps_every_check_a_constant_gets_its_own_rate(tmp_p
     assert m["teacher"]["checks"]["format"]["all_turns"] == m["teacher"]["action_space_rate"]
 
     assert m["copy"] == m["teacher"]
-    copy_checks = {k: v for k, v in kept["copy"].items() if k.startswith("checks")}
+    copy_checks = {k: v for k, v in kept["copy"].items() if k.startswith(("checks.", "checks_all_turns."))}
     assert copy_checks == {f"{kind}.{name}": 1.0 for kind in ("checks", "checks_all_turns") for name in ("format", "french", "json")}
+    # per turn: 1.0 wherever the teacher passes at that turn (a turn where it never passes keeps nothing: undefined)
+    assert kept["copy"]["checks_per_turn.json"] == [1.0, None] and kept["copy"]["checks_per_turn.french"] == [1.0, 1.0]
 
     for name, constant in (("english", ENGLISH_ACTION), ("french", FRENCH_PROSE)):  # a constant reply: its own result, every turn
         passed = run_checks(ENTRY, constant)

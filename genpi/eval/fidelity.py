@@ -217,12 +217,14 @@ def check_rates(records: list[dict]) -> dict:
 
 
 def check_retention(metrics: dict, teacher: dict) -> dict:
-    """system / teacher per check: `checks.NAME` (first turn), `checks_all_turns.NAME` (every agent turn)."""
+    """system / teacher per check: `checks.NAME` (first turn), `checks_all_turns.NAME` (every agent turn),
+    `checks_per_turn.NAME` (agent turn k, over the episodes that reach it)."""
     kept = {}
     for name, rates in metrics.get("checks", {}).items():
         reference = teacher.get("checks", {}).get(name, {})
         kept[f"checks.{name}"] = ratio(rates["first_turn"], reference.get("first_turn"))
         kept[f"checks_all_turns.{name}"] = ratio(rates["all_turns"], reference.get("all_turns"))
+        kept[f"checks_per_turn.{name}"] = [ratio(a, b) for a, b in zip(rates["per_turn"], reference.get("per_turn") or [])]
     return kept
 
 
