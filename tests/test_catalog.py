@@ -211,7 +211,7 @@ def test_example_catalog_is_valid_and_long():
     from genpi.models import resolve_model
 
     entries = {e.id: e for e in load_catalog(EXAMPLES)}
-    assert set(entries) == {"os-shell", "web-select", "web-shop", "bakery-fr", "tienda-es"}
+    assert set(entries) == {"os-shell", "web-select", "web-shop", "bakery-fr", "hotel-fr"}
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
     for entry in (entries[i] for i in ("os-shell", "web-select", "web-shop")):  # the agent prompts: long, in their format
         text = tokenizer.apply_chat_template(entry.messages(), tokenize=False)
@@ -220,7 +220,7 @@ def test_example_catalog_is_valid_and_long():
         assert all(re.search(entry.valid_action, t) for t in agent_turns), entry.id
         assert all(re.search(entry.final_action, d[-1]["content"]) for d in entry.shots), entry.id
         assert entry.train["lam"] == (0.7 if entry.id == "web-select" else 0.3), entry.id  # the reference's per-task λ
-    for entry in (entries["bakery-fr"], entries["tienda-es"]):  # the personas: their own shots pass their checks
+    for entry in (entries["bakery-fr"], entries["hotel-fr"]):  # the personas: their own shots pass their checks
         for dialogue in entry.shots:
             assert all(run_checks(entry, dialogue[-1]["content"]).values()), (entry.id, dialogue[-1])
         # the base's kind of English reply fails them (a very short one may not: "Hi! Do you have croissants today?" reads as French)
