@@ -31,7 +31,8 @@ def study_preset(args: argparse.Namespace):
 
     return Preset(prompts=args.prompt, samples=args.samples, heldout=args.heldout, max_new_tokens=args.max_new_tokens,
                     max_turns=args.max_turns, engine="transformers", methods=args.methods, lambdas=args.lambdas, epochs=1,
-                    lr=args.lr, batch_size=args.batch_size, micro_batch=1, eval_limit=None, cpus_per_trial=args.cpus_per_trial)  # fmt: skip
+                    lr=args.lr, batch_size=args.batch_size, micro_batch=1, eval_limit=None, cpus_per_trial=args.cpus_per_trial,
+                    steps=args.steps)  # fmt: skip
 
 
 def study_stages(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -42,9 +43,10 @@ def study_stages(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     run_args = argparse.Namespace(
         out=args.out, base=args.base, generator=args.generator, catalog=args.catalog, tasks=[], mind2web=[],
         task_args="", mind2web_args="", efficiency_args="", **{name: None for name in ("prompts", "methods", "samples", "heldout",
-        "max_new_tokens", "max_turns", "lambdas", "epochs", "lr", "batch_size", "micro_batch", "eval_limit", "cpus_per_trial", "engine")},
+        "max_new_tokens", "max_turns", "lambdas", "epochs", "lr", "batch_size", "micro_batch", "eval_limit", "cpus_per_trial", "engine",
+        "steps")},
         synth_args=" ".join([*topk, "--seed", str(args.seed), args.synth_args]),
-        train_args=" ".join(["--max-steps", str(args.steps), "--seed", str(args.seed), args.train_args]),
+        train_args=" ".join(["--seed", str(args.seed), args.train_args]),
         eval_args=args.eval_args,
     )  # fmt: skip
     stages = [(name, argv) for name, argv in stage_commands(run_args, study_preset(args), [args.prompt]) if not name.startswith(("eval efficiency", "report"))]
