@@ -129,7 +129,7 @@ def test_stages_evaluate_tasks_and_efficiency_into_the_eval_folder(tmp_path):
                                      "eval os-tasks greet", "eval efficiency calc", "eval efficiency greet", "report"]  # fmt: skip
     calc = eval_parser().parse_args(dict(tasks)["eval os-tasks calc"])
     assert (calc.what, calc.tasks, calc.prompt, calc.out, calc.limit, calc.rounds) == ("os-tasks", str(TASKS), "calc", eval_dir, 2, 4)
-    assert calc.adapters == [f"sft={out / 'adapters' / 'sft'}", f"genpi={out / 'adapters' / 'genpi'}"] and calc.max_new_tokens == 96
+    assert calc.adapters == [f"sft={out / 'adapters' / 'sft'}", f"genpi={out / 'adapters' / 'genpi'}"] and calc.max_new_tokens == 64  # the demo preset's
     assert eval_parser().parse_args(dict(tasks)["eval os-tasks greet"]).tasks == str(other)
     assert tasks == stage_list(out, "--prompts", "calc,greet", "--tasks", f"calc={TASKS}", "--tasks", f"greet={other}",
                                "--task-args", "--limit 2 --rounds 4")  # repeated or comma-separated: the same stages
