@@ -70,8 +70,9 @@ PRESETS = {
                    methods="topk-kl,genpi", lambdas="0.5", epochs=1, lr=1e-3, batch_size=1, micro_batch=1, eval_limit=None,
                    cpus_per_trial=2, steps=72, synth_flags=("--teacher-topk", "20", "--seed", "1"),
                    efficiency_flags=("--turns", "2", "--repeats", "1"),
-                   expected_s={"synth": 254, "stats": 1, "train topk-kl": 90, "train genpi": 288, "eval fidelity": 150,
-                               "eval efficiency": 120, "report": 2}),
+                   # the stage times of the demo recipe on hotel-fr, idle (2026-12-07)
+                   expected_s={"synth": 95, "stats": 1, "train topk-kl": 94, "train genpi": 295, "eval fidelity": 124,
+                               "eval efficiency": 79, "report": 1}),
     # the paper's sizes (Appendix; the authors' scripts): for a GPU cluster
     "paper": Preset(prompts=None, samples=1000, heldout=0.1, max_new_tokens=512, max_turns=None, engine="vllm",
                     methods="genpi", lambdas="0.3,0.5,0.7", epochs=10, lr=1e-4, batch_size=32, micro_batch=2, eval_limit=None,

@@ -79,6 +79,7 @@ def test_report_from_a_small_real_run(tiny_trainable_model, tmp_path):
     numbers(json.loads((eval_dir / "leakage.json").read_text()), allowed)
     numbers(json.loads((adapters / "calc" / "genpi.json").read_text()), allowed)
     numbers(quality_stats(run), allowed)
+    allowed |= {cell(Rate(v / 100)) for s in quality_stats(run) for v in s.values() if isinstance(v, float)}  # its percentages
     per_turn = duckdb.connect().execute(
         f"SELECT system, k, avg(turns_valid[k]::DOUBLE) FROM read_parquet('{eval_dir}/fidelity/**/*.parquet', hive_partitioning=true), "
         "range(1, 3) t(k) WHERE len(turns_valid) >= k GROUP BY ALL").fetchall()  # fmt: skip

@@ -249,7 +249,8 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
         missing.append(f"synthesis quality table: {e}")
     if stats:
         md += ["Quality (the paper's Table 4 columns; percentages over good rows), from `genpi stats`:", ""]
-        md += table(["prompt"] + [h for h, _ in TABLE4], [[s["prompt_id"]] + [s[k] for _, k in TABLE4] for s in stats]) + [""]
+        md += table(["prompt"] + [h for h, _ in TABLE4],
+                    [[s["prompt_id"]] + [rate(s[k] / 100) if h.startswith("%") and s[k] is not None else s[k] for h, k in TABLE4] for s in stats]) + [""]  # fmt: skip
 
     fidelity = _read_json(eval_dir / "fidelity.json")
     adapters: dict[str, dict[str, str]] = {}  # prompt -> system -> folder
