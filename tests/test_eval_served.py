@@ -102,7 +102,7 @@ def test_bad_served_systems_exit_2_before_a_model_loads(tiny_model, adapters_dir
         (fidelity + ["--served", "base=openai:http://127.0.0.1:1/v1/calc"], "system name 'base' is reserved"),
         (fidelity + ["--served", "remote=openai:http://127.0.0.1:1/v1/{prompt_id}"], "remote: the server does not answer (http://127.0.0.1:1/v1/models: "),
         (fidelity + ["--served", f"remote=openai:{url}/nope"], f"remote: {url} does not serve 'nope' (GET /v1/models lists "),
-        (leakage + ["--served", f"remote=openai:{url}/{{prompt_id}}-v2"], f"does not serve 'calc-v2'"),
+        (leakage + ["--served", f"remote=openai:{url}/{{prompt_id}}-v2"], "does not serve 'calc-v2'"),
         (mind2web + ["--served", f"remote=openai:{url}/nope"], f"remote: {url} does not serve 'nope'"),
         (leakage, "give --adapters DIR or --served NAME=SPEC"),
     ]  # fmt: skip

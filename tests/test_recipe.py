@@ -2,7 +2,6 @@
 
 import dataclasses
 import math
-import random
 
 import pytest
 import torch

@@ -54,8 +54,8 @@ from tqdm import tqdm
 from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog
 from genpi.checks import catalog_languages, run_checks
-from genpi.eval.gap import (BOOTSTRAP, rate_ci, COLLATERAL_TOKENS, GAP_METRICS, GENERAL_REQUESTS, Collateral, collateral_metrics, gap_lines, gap_metrics,
-                            onpolicy_columns, onpolicy_kl)  # fmt: skip
+from genpi.eval.gap import (BOOTSTRAP, COLLATERAL_TOKENS, GAP_METRICS, GENERAL_REQUESTS, Collateral, collateral_metrics, gap_lines,
+                            gap_metrics, onpolicy_columns, onpolicy_kl, rate_ci)  # fmt: skip
 from genpi.eval.metrics import action, ratio, rouge_l
 from genpi.eval.serve import (BASE, TEACHER, Batcher, System, adapter_dirs, check_served, load_engine, mark_served, prompt_systems,
                               served_as, served_notes, served_specs)  # fmt: skip
