@@ -57,7 +57,9 @@ def test_a_copy_of_the_teacher_keeps_everything_a_constant_action_does_not():
     kept = {name: retention(metrics, m["teacher"]) for name, metrics in m.items()}
     assert m["copy"] == m["teacher"] and m["copy"]["kl"] == 0.0
     assert m["copy"]["kind_agreement"] == m["copy"]["action_agreement"] == m["copy"]["rouge_l"] == 1.0
+    per_turn = {k: kept["copy"].pop(k) for k in list(kept["copy"]) if k.startswith("checks_per_turn.")}
     assert all(v == 1.0 for v in kept["copy"].values())  # every retention 1.0
+    assert per_turn and all(x in (1.0, None) for v in per_turn.values() for x in v)  # per turn too (None: the teacher passes none)
     assert m["teacher"]["format_rate"] == 0.75 and m["teacher"]["action_space_rate"] == pytest.approx(4 / 6)
     assert m["teacher"]["kinds"] == {"compute": 2, "(none)": 1, "answer": 1}
     assert m["teacher"]["final_rate"] == 0.5 and m["teacher"]["hit_limit_rate"] == 0.25 and m["teacher"]["mean_turns"] == 1.5
