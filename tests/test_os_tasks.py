@@ -103,7 +103,7 @@ def test_correct_replies_score_100_percent(tmp_path, capsys):
     row = dict(zip(names, rows[4]))  # the start task: the background process's PID came back as the answer
     assert row["success"] and row["answer"].isdigit() and row["turns"][2]["content"] == f"The output of the OS:\n\n{row['answer']}\n"
     text, _ = build_report(tmp_path, out, tmp_path / "report.md")
-    assert "## OS task success" in text and "| replay | 5 | 5 | 1.0000 | – | 2.0000 |" in text
+    assert "## OS task success" in text and "| replay | 5 | 5 | 100% | – | 2.000 |" in text
 
 
 @needs_sandbox

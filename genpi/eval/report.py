@@ -360,7 +360,7 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
         md += [f"### {tasks['prompt_id']}", "", f"Command: `{' '.join(tasks['command'] or [])}`; {tasks['tasks']} tasks from "
                f"`{tasks['tasks_file']}`, prompt {tasks['prompt_id']}, agent {tasks['agent']}, {tasks['settings']['rounds']} rounds.", ""]  # fmt: skip
         md += table(["system", "tasks", "successes", "success rate", "retention", "mean rounds", "seconds per task", "ended"],
-                    [[name, m["tasks"], m["successes"], m["success_rate"], tasks["retention"].get(name), m["mean_rounds"], m["mean_seconds"],
+                    [[name, m["tasks"], m["successes"], rate(m["success_rate"]), rate(tasks["retention"].get(name)), m["mean_rounds"], m["mean_seconds"],
                       ", ".join(f"{k} {v}" for k, v in m["ended"].items())] for name, m in tasks["systems"].items()]) + [""]  # fmt: skip
         md += _served(tasks["systems"])
         missing += [f"OS task success of {tasks['prompt_id']}: {m}" for m in tasks["missing"]]
