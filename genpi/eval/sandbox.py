@@ -1,39 +1,52 @@
-"""A throwaway Linux system for an agent's shell commands, without root and without Docker.
+"""A throwaway Linux system for an agent's shell commands, without Docker.
 
-`Sandbox()` starts `unshare --user --map-root-user --mount --pid --net --uts --ipc --fork`; its first
-process (PID 1 of the new PID namespace) builds a new root file system on a tmpfs and `pivot_root`s into
-it, so nothing of the host is reachable except what it mounts:
+`Sandbox()` starts a holder (sandbox_enter.py) in new user, mount, PID, network, UTS and IPC namespaces; its first process (PID 1 of the new
+PID namespace) builds a new root file system on a tmpfs and `pivot_root`s into it, so nothing of the host is
+reachable except what it mounts:
 
     /usr /opt /srv /var/cache /var/lib   overlays: the host's directory read-only underneath, writes
                                          go to an upper layer on the tmpfs
-    /etc /var (rest)                     copies on the tmpfs (files the host user cannot read are left out)
+    /etc /var (rest)                     copies on the tmpfs (files the sandbox's root cannot read are left out)
     /tmp /home /root /run /dev/shm       empty
     /dev                                 null zero full random urandom (bound from the host)
     /proc                                a new proc for the new PID namespace
     (everything else: /work, /mnt, the host's homes, /sys)  absent
 
-Commands run as root *inside* the user namespace, which is an unprivileged user outside: the invoking
-user, or `nobody` (65534) when genpi itself runs as root, so that the sandbox's root is never the host's
-(a host-root-mapped namespace root could still write host-root-owned inodes it can reach, like /dev/null,
-and is exempt from the process limit). Processes enter through `nsenter` with a process limit
-(RLIMIT_NPROC, counted per user namespace), a file-size limit (RLIMIT_FSIZE) and a per-process memory
-limit (RLIMIT_AS); the tmpfs's size caps all the files written; a timer kills the whole namespace after
-the wall-time limit. Killing PID 1 kills every process in its namespace, and the tmpfs (the writable
-layer) vanishes with the mount namespace. README.md lists what this does and does not isolate.
+Ids: ids 0-65535 of the sandbox map to 65536 host ids that own nothing on the host (root: its /etc/subuid
+range or ids from 4,200,000,000; another user: its /etc/subuid range through newuidmap), so `chown` works and
+the sandbox's root reads only world-readable host files. A user without subordinate ids gets one id, its own
+(one warning says so): then the sandbox's root reads what that user and its groups can.
+
+Every process enters through sandbox_enter.py (joins the namespaces, clears the groups, becomes the
+sandbox's root with Docker's default capabilities, so no mount and no new namespaces, sets no_new_privs and
+the rlimits: processes, file size, address space), in a process group of its own that a timeout kills whole.
+The tmpfs's size caps all the files written; a delegated cgroup v2 (GENPI_SANDBOX_CGROUP) bounds memory,
+processes and CPU of the whole sandbox; a timer kills the whole namespace after the wall-time limit; PID 1
+exits when genpi dies or closes the sandbox (EOF on its stdin), and the holder dies with genpi
+(PR_SET_PDEATHSIG), taking PID 1 with it. Killing PID 1 kills every process in its namespace, and the tmpfs
+vanishes with the mount namespace. docs/sandbox.md says what this does and does not guarantee.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import secrets
 import select
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
-# Run by PID 1 of the sandbox ($1: the tmpfs size). Until pivot_root it sees the host, so it only writes
+# Run by PID 1 as the sandbox's root ($1: the tmpfs size). Until pivot_root it sees the host, so it only writes
 # inside the tmpfs it mounts first (over /tmp, in its own mount namespace; `set -e` stops it if that fails).
 SETUP = r"""
 set -eu
@@ -41,16 +54,21 @@ mount -t tmpfs -o size="$1",mode=0755 genpi-sandbox /tmp
 mkdir /tmp/root /tmp/layer
 mount --bind /tmp/root /tmp/root
 cd /tmp/root
+# $2: how deep the lower layer's plain 0755 directories get upper-layer copies owned by the sandbox's root.
+# The host's directories belong to ids the namespace does not map, so not even its root could create files in
+# them (AgentBench's tasks install commands into /usr/local/bin); an upper directory makes the merged one its.
 overlay() {
   mkdir -p "$1" "/tmp/layer/$1.up" "/tmp/layer/$1.work"
+  (cd "/$1" && find . -xdev -mindepth 1 -maxdepth "$2" -type d -perm 0755 -print0) | (cd "/tmp/layer/$1.up" && xargs -0 -r mkdir -p)
   mount -t overlay overlay -o "lowerdir=/$1,upperdir=/tmp/layer/$1.up,workdir=/tmp/layer/$1.work" "$1"
 }
-for d in usr opt srv; do if [ -d "/$d" ] && [ ! -L "/$d" ]; then overlay "$d"; fi; done
+[ -d /usr/local ] && mkdir -p /tmp/layer/usr.up && (cd /usr && find local -xdev -type d -perm 0755 -print0) | (cd /tmp/layer/usr.up && xargs -0 -r mkdir -p)
+for d in usr opt srv; do if [ -d "/$d" ] && [ ! -L "/$d" ]; then overlay "$d" 1; fi; done
 for l in bin sbin lib lib32 lib64 libx32; do if [ -L "/$l" ]; then ln -s "$(readlink "/$l")" "$l"; fi; done
 mkdir etc var
 cp -R --preserve=mode,timestamps,links /etc/. etc/ 2>/dev/null || true
 for v in /var/* /var/.[!.]*; do
-  case "$v" in /var/cache|/var/lib) [ -d "$v" ] && overlay "${v#/}" ;; *) [ -e "$v" ] && { cp -R --preserve=mode,timestamps,links "$v" var/ 2>/dev/null || true; } ;; esac
+  case "$v" in /var/cache|/var/lib) [ -d "$v" ] && overlay "${v#/}" 1 ;; *) [ -e "$v" ] && { cp -R --preserve=mode,timestamps,links "$v" var/ 2>/dev/null || true; } ;; esac
 done
 mkdir -m 1777 tmp
 mkdir -m 0700 root
@@ -63,19 +81,27 @@ cd /
 mount -t proc proc /proc
 umount -l /.old
 rmdir /.old
+# A user namespace needs no capability, and in one of its own a process could mount (a tmpfs is memory): none
+# may be made under this one. The agent cannot raise it again (no CAP_SYS_RESOURCE, see sandbox_enter.py).
+echo 0 > /proc/sys/user/max_user_namespaces
 ip link set lo up 2>/dev/null || true
 hostname sandbox 2>/dev/null || true
 echo ready
-exec >/dev/null 2>&1 </dev/null
+exec >/dev/null 2>&1
 trap '' TERM INT HUP
-while :; do sleep 3600 & wait; done
+# genpi holds the only writer of stdin: EOF means it closed the sandbox or died, and PID 1's exit kills every
+# process of the namespace.
+while read -r _; do :; done
 """
 ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash", "TERM": "dumb", "LANG": "C.UTF-8",
 }  # fmt: skip
-NOBODY = 65534
-NAMESPACES = {"user": "--user", "mnt": "--mount", "pid": "--pid", "net": "--net", "uts": "--uts", "ipc": "--ipc"}
+NAMESPACES = ("user", "mnt", "pid", "net", "uts", "ipc")
+ENTER = Path(__file__).with_name("sandbox_enter.py")
+IDS = 65536  # ids mapped into the sandbox: 0-65535, as in a container
+ROOT_BASE = 4_200_000_000  # host ids for them when genpi runs as root without an /etc/subuid range (no user has them)
+CGROUP_ENV = "GENPI_SANDBOX_CGROUP"  # a delegated cgroup v2 directory with memory, pids and cpu in its subtree_control
 
 
 @dataclass(frozen=True)
@@ -83,8 +109,11 @@ class Limits:
     disk_mb: int = 512  # the tmpfs holding every file written in the sandbox
     file_mb: int = 256  # largest file (RLIMIT_FSIZE)
     memory_mb: int = 2048  # address space per process (RLIMIT_AS)
-    processes: int = 256  # processes in the sandbox (RLIMIT_NPROC)
+    processes: int = 256  # processes in the sandbox (RLIMIT_NPROC; and pids.max with a cgroup)
     wall_s: float = 3600.0  # the sandbox is killed this long after it started (the agent's thinking included)
+    output_kb: int = 1024  # output kept per command (its beginning, what the agent is shown); the rest is drained and dropped
+    total_memory_mb: int = 4096  # memory of the whole sandbox, tmpfs included (memory.max; with a cgroup only)
+    cpus: float = 1.0  # CPU quota of the whole sandbox (cpu.max; with a cgroup only)
 
 
 class SandboxError(RuntimeError):
@@ -103,115 +132,241 @@ def ansi_c_quote(text: str) -> str:
     return "$'" + "".join(chr(b) if chr(b).isalnum() and b < 128 or b == 32 else f"\\x{b:02x}" for b in text.encode()) + "'"
 
 
+def subordinate_ids(path: str, name: str, uid: int) -> tuple[int, int] | None:
+    """The first range of `name`'s (or `uid`'s) subordinate ids in /etc/subuid or /etc/subgid: (start, count)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[0] in (name, str(uid)) and fields[1].isdigit() and fields[2].isdigit() and int(fields[2]) > 0:
+            return int(fields[1]), min(int(fields[2]), IDS)
+    return None
+
+
+def id_maps() -> tuple[str, tuple[int, int], tuple[int, int]] | None:
+    """How the sandbox's ids map to the host's: ("root" | "subids", (uid start, count), (gid start, count)), or
+    None where only genpi's own id can be mapped (no newuidmap or no subordinate ids)."""
+    uid = os.geteuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    users, groups = subordinate_ids("/etc/subuid", name, uid), subordinate_ids("/etc/subgid", name, uid)
+    if uid == 0:
+        return "root", users or (ROOT_BASE, IDS), groups or (ROOT_BASE, IDS)
+    if users and groups and shutil.which("newuidmap") and shutil.which("newgidmap"):
+        return "subids", users, groups
+    return None
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, text: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(text, RuntimeWarning, stacklevel=3)
+
+
+def sandbox_cgroup(limits: Limits, name: str) -> Path | None:
+    """A fresh cgroup for one sandbox under GENPI_SANDBOX_CGROUP with its memory, process and CPU limits, or None
+    (one warning: the sandbox then has its rlimits and tmpfs size only)."""
+    parent = os.environ.get(CGROUP_ENV)
+    if not parent:
+        warn_once("cgroup", f"no delegated cgroup v2 ({CGROUP_ENV} unset): each sandbox is bounded by rlimits and its "
+                            "tmpfs size only, not in total memory, processes across users or CPU")  # fmt: skip
+        return None
+    parent = Path(parent)
+    try:
+        missing = {"memory", "pids", "cpu"} - set((parent / "cgroup.subtree_control").read_text().split())
+    except OSError as e:
+        raise SandboxError(f"{CGROUP_ENV}={parent}: not a cgroup v2 directory: {e}") from None
+    if missing:
+        raise SandboxError(f"{CGROUP_ENV}={parent}: controllers {', '.join(sorted(missing))} are not enabled in its cgroup.subtree_control")
+    group = parent / name
+    group.mkdir()
+    (group / "memory.max").write_text(str(limits.total_memory_mb << 20))
+    (group / "memory.swap.max").exists() and (group / "memory.swap.max").write_text("0")
+    (group / "pids.max").write_text(str(limits.processes))
+    (group / "cpu.max").write_text(f"{max(1000, int(limits.cpus * 100_000))} 100000")
+    return group
+
+
+# Every sandbox's holder is started from this one thread: PR_SET_PDEATHSIG fires when the *thread* that
+# started a process ends, and this one lives as long as genpi (a worker thread's end must not kill a sandbox).
+_spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genpi-sandbox-spawner")
+
+
 class Sandbox:
     def __init__(self, limits: Limits = Limits()):
         self.limits = limits
         self.expired = False  # killed by the wall-time limit
-        self._creds = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if os.geteuid() == 0 else {}
+        self.discarded = 0  # bytes of the last command's output that were dropped (past limits.output_kb)
         self._lock = threading.Lock()
         self._closed = False
         self._shell: subprocess.Popen | None = None
-        self._background: list[subprocess.Popen] = []
+        self._processes: list[subprocess.Popen] = []  # every process started in the sandbox; killed at close
         self._timer = threading.Timer(limits.wall_s, self._expire)
         self._timer.daemon = True
+        self._pidfd = None
+        self._fds: dict[str, int] = {}
+        maps = id_maps()
+        self._groups = maps is not None  # setgroups is allowed in the namespace: the entered processes drop theirs
+        if maps is None:
+            warn_once("ids", f"no subordinate ids for uid {os.geteuid()} (needs newuidmap, newgidmap and /etc/subuid, "
+                             "/etc/subgid): the sandbox's root is this user outside, so it reads every file this user "
+                             "and its groups can read under /usr, /opt, /srv, /etc and /var, and chown to other users fails")  # fmt: skip
+        self.cgroup = sandbox_cgroup(limits, f"sandbox-{os.getpid()}-{secrets.token_hex(4)}")
+        spec = {"create": maps[0] if maps else "self"}
+        argv = [sys.executable, "-I", "-S", str(ENTER), json.dumps(spec), "--", "bash", "-c", SETUP, "genpi-sandbox", f"{limits.disk_mb}m"]
+        life, self._life = os.pipe()  # PID 1 reads `life` until EOF; only genpi holds self._life
         try:
-            self._holder = subprocess.Popen(
-                ["unshare", *NAMESPACES.values(), "--map-root-user", "--fork", "--kill-child", "bash", "-c", SETUP, "genpi-sandbox", f"{limits.disk_mb}m"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=ENV, **self._creds,
-            )  # fmt: skip
+            self._holder = _spawner.submit(subprocess.Popen, argv, stdin=life, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           cwd="/", env=ENV).result()  # fmt: skip
         except OSError as e:
-            raise SandboxError(f"the sandbox did not start (needs util-linux's unshare, nsenter and prlimit): {e}") from None
-        if self._holder.stdout.readline() != b"ready\n":
-            self._holder.kill()
-            error = self._holder.stderr.read().decode(errors="replace").strip()
-            self._holder.wait()
-            raise SandboxError(f"the sandbox did not start (needs unprivileged user namespaces, overlayfs and util-linux): {error}")
-        self._holder.stdout.close()
-        self._holder.stderr.close()
-        children = open(f"/proc/{self._holder.pid}/task/{self._holder.pid}/children").read().split()
-        self.pid1 = int(children[0])
-        self._pidfd = os.pidfd_open(self.pid1)  # signals reach this process even if its number is reused later
-        # Processes enter through these descriptors, never through the number pid1: were PID 1 gone and its
-        # number reused by a host process, `nsenter --target` would enter the host. Entering a PID namespace
-        # whose init is gone fails instead.
-        self._fds = {ns: os.open(f"/proc/{self.pid1}/ns/{ns}", os.O_RDONLY) for ns in NAMESPACES}
-        self._fds["root"] = os.open(f"/proc/{self.pid1}/root", os.O_RDONLY | os.O_DIRECTORY)
-        if select.select([self._pidfd], [], [], 0)[0]:
+            os.close(self._life)
+            raise SandboxError(f"the sandbox did not start: {e}") from None
+        finally:
+            os.close(life)
+        try:
+            self._start(maps)
+        except BaseException:
             self.close()
-            raise SandboxError("the sandbox's first process exited while it started")
+            raise
         self._timer.start()
 
-    def _enter(self, argv: list[str]) -> list[str]:
-        """A command line that runs `argv` inside the sandbox, as its root, under the limits."""
-        mb = 1 << 20
-        limits = [f"--nproc={self.limits.processes}", f"--fsize={self.limits.file_mb * mb}", f"--as={self.limits.memory_mb * mb}", "--core=0"]
-        fd = {name: f"/proc/self/fd/{n}" for name, n in self._fds.items()}
-        enter = [f"{flag}={fd[ns]}" for ns, flag in NAMESPACES.items()] + [f"--root={fd['root']}", f"--wd={fd['root']}"]
-        return ["prlimit", *limits, "nsenter", *enter, "--preserve-credentials", *argv]
+    def _start(self, maps) -> None:
+        def failed(what: str) -> SandboxError:
+            self._holder.kill()
+            error = self._holder.stderr.read().decode(errors="replace").strip()
+            return SandboxError(f"the sandbox did not start ({what}; needs unprivileged user namespaces, overlayfs and util-linux): {error}")
+
+        if self._holder.stdout.readline() != b"started\n":
+            raise failed("no namespaces")
+        if self.cgroup:  # PID 1 is forked after "go": it and everything it starts are counted there
+            (self.cgroup / "cgroup.procs").write_text(str(self._holder.pid))
+        if maps:
+            kind, (uid, uids), (gid, gids) = maps
+            try:
+                if kind == "root":
+                    Path(f"/proc/{self._holder.pid}/uid_map").write_text(f"0 {uid} {uids}\n")
+                    Path(f"/proc/{self._holder.pid}/gid_map").write_text(f"0 {gid} {gids}\n")
+                else:
+                    subprocess.run(["newuidmap", str(self._holder.pid), "0", str(uid), str(uids)], check=True, capture_output=True)
+                    subprocess.run(["newgidmap", str(self._holder.pid), "0", str(gid), str(gids)], check=True, capture_output=True)
+            except (OSError, subprocess.CalledProcessError) as e:
+                raise failed(f"mapping ids failed: {getattr(e, 'stderr', b'').decode(errors='replace').strip() or e}") from None
+        os.write(self._life, b"go\n")
+        if self._holder.stdout.readline() != b"ready\n":
+            raise failed("its setup failed")
+        self._holder.stdout.close()
+        self._holder.stderr.close()
+        self.pid1 = int(open(f"/proc/{self._holder.pid}/task/{self._holder.pid}/children").read().split()[0])
+        self._pidfd = os.pidfd_open(self.pid1)  # signals reach this process even if its number is reused later
+        # Processes enter through these descriptors, never through the number pid1: were PID 1 gone and its
+        # number reused by a host process, entering it would enter the host. Entering a PID namespace whose init
+        # is gone fails instead.
+        self._fds = {ns: os.open(f"/proc/{self.pid1}/ns/{ns}", os.O_RDONLY) for ns in NAMESPACES}
+        if select.select([self._pidfd], [], [], 0)[0]:
+            raise SandboxError("the sandbox's first process exited while it started")
 
     def _popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
+        """`argv` inside the sandbox, as its root, under the limits, in a process group of its own."""
         if self._closed or self.expired:
             raise SandboxError("the sandbox is closed" if self._closed else "the sandbox ran out of time")
-        return subprocess.Popen(self._enter(argv), cwd="/", env=ENV, pass_fds=list(self._fds.values()), **self._creds, **kwargs)
+        mb = 1 << 20
+        rlimits = {"RLIMIT_NPROC": self.limits.processes, "RLIMIT_FSIZE": self.limits.file_mb * mb,
+                   "RLIMIT_AS": self.limits.memory_mb * mb, "RLIMIT_CORE": 0}  # fmt: skip
+        spec = {"ns": self._fds, "rlimits": rlimits, "cgroup": str(self.cgroup) if self.cgroup else None, "groups": self._groups}
+        command = [sys.executable, "-I", "-S", str(ENTER), json.dumps(spec), "--", *argv]
+        proc = subprocess.Popen(command, cwd="/", env=ENV, pass_fds=list(self._fds.values()), start_new_session=True, **kwargs)
+        self._processes.append(proc)
+        return proc
+
+    def _kill_group(self, proc: subprocess.Popen) -> None:
+        """The command and everything it started (that stayed in its process group) dies now."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def _read(self, proc: subprocess.Popen, deadline: float, end: bytes | None = None) -> tuple[bytes, str]:
+        """Read `proc`'s stdout until it ends with `end` ("end"), EOF ("eof") or the deadline ("timeout"): its
+        first limits.output_kb KiB without `end`, and how it stopped. The rest is read and dropped (a command's
+        output never grows genpi's memory); self.discarded counts the bytes dropped."""
+        cap, fd = self.limits.output_kb << 10, proc.stdout.fileno()
+        kept, size, tail, total, ended = deque(), 0, b"", 0, "timeout"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not select.select([fd], [], [], left)[0]:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                ended = "eof"
+                break
+            total += len(chunk)
+            if size < cap:
+                kept.append(chunk[: cap - size])
+                size += len(kept[-1])
+            if end is not None:
+                tail = (tail + chunk)[-len(end) :]
+                if tail == end:
+                    total -= len(end)
+                    ended = "end"
+                    break
+        head = b"".join(kept)[:total]
+        self.discarded = total - len(head)
+        return head, ended
 
     def run(self, script: str, args: list[str] = (), language: str = "bash", timeout: float = 30) -> tuple[int, str]:
-        """Run a script on its own (not in the shell), as AgentBench's `execute_independent`:
-        (exit status, stdout and stderr); status 124 when it ran out of time."""
+        """Run a script on its own (not in the shell), as AgentBench's `execute_independent`, in the same working
+        directory (/) and environment as the shell: (exit status, stdout and stderr); status 124 when it ran
+        out of time (its whole process group is killed then)."""
         argv = ["bash", "-c", script, "--", *args] if language == "bash" else ["python3", "-c", script, *args]
         proc = self._popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-            return proc.returncode, out.decode(errors="replace")
-        except subprocess.TimeoutExpired:
-            proc.kill()  # nsenter; the script itself dies with the sandbox (its output with it)
-            proc.wait()
+        out, ended = self._read(proc, time.monotonic() + timeout)
+        if ended == "timeout":
+            self._kill_group(proc)
             proc.stdout.close()
             return 124, ""
+        proc.stdout.close()
+        return proc.wait(), out.decode(errors="replace")
 
     def start(self, script: str, language: str = "bash") -> None:
         """Start a script in the background (a task's `start`), its output discarded."""
         argv = ["bash", "-c", script] if language == "bash" else ["python3", "-c", script]
-        self._background.append(self._popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self._popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def execute(self, command: str, timeout: float = 30) -> str:
         """Run a command in the sandbox's one `bash --login`, whose state (directory, variables) persists
-        between commands: its stdout and stderr. Stdin is /dev/null, so nothing waits for input. Raises
-        CommandTimeout. A shell that a command ended (`exit`) or that timed out is replaced by a fresh one
-        at the next command."""
+        between commands: its stdout and stderr. Stdin is /dev/null, so nothing waits for input. The shell
+        starts in /, as AgentBench's (and its checks) do. Raises CommandTimeout, after killing the shell's
+        whole process group. A shell that a command ended (`exit`) or that timed out is replaced by a fresh
+        one at the next command."""
         if self._shell is None or self._shell.poll() is not None:
             self._shell = self._popen(["bash", "--login"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            self._send("cd ~", timeout)
-            if self._shell is None:
-                raise SandboxError("the sandbox's shell did not start")
-        return self._send(command, timeout)
-
-    def _send(self, command: str, timeout: float) -> str:
-        marker = secrets.token_hex(8).encode()
-        line = f"eval {ansi_c_quote(command)} </dev/null 2>&1; printf '\\n%s\\n' {marker.decode()}\n"
+        marker = secrets.token_hex(8)
+        line = f"eval {ansi_c_quote(command)} </dev/null 2>&1; printf '\\n%s\\n' {marker}\n"
+        shell = self._shell
         try:
-            self._shell.stdin.write(line.encode())
-            self._shell.stdin.flush()
+            shell.stdin.write(line.encode())
+            shell.stdin.flush()
         except BrokenPipeError:
-            self._background.append(self._shell)
             self._shell = None
             return ""
-        out, fd, deadline = b"", self._shell.stdout.fileno(), time.monotonic() + timeout
-        while not out.endswith(b"\n" + marker + b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0:  # the shell is still busy: the next command gets a fresh one
-                self._shell.kill()
-                self._background.append(self._shell)  # closed with the sandbox
-                self._shell = None
-                raise CommandTimeout(out.decode(errors="replace"))
-            if not select.select([fd], [], [], left)[0]:
-                continue
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:  # the shell is gone (exit, kill, or the sandbox was killed): the next command gets a fresh one
-                self._background.append(self._shell)
-                self._shell = None
-                return out.decode(errors="replace")
-            out += chunk
-        return out[: -len(marker) - 2].decode(errors="replace")
+        out, ended = self._read(shell, time.monotonic() + timeout, end=f"\n{marker}\n".encode())
+        if ended == "timeout":
+            self._kill_group(shell)  # nothing of it may run on into the next command
+            self._shell = None
+            raise CommandTimeout(out.decode(errors="replace"))
+        if ended == "eof":  # the shell is gone (exit, kill, or the sandbox was killed): the next command gets a fresh one
+            self._shell = None
+        return out.decode(errors="replace")
 
     def _expire(self) -> None:
         """The wall-time limit: kill everything now; the owner's close() cleans up."""
@@ -233,19 +388,29 @@ class Sandbox:
             return
         self._closed = True
         self._timer.cancel()
+        os.close(self._life)  # EOF for PID 1, which then exits
         self._kill()
-        select.select([self._pidfd], [], [], 30)  # readable once PID 1 is gone, and with it every process of its namespace
+        if self._pidfd is not None:
+            select.select([self._pidfd], [], [], 30)  # readable once PID 1 is gone, and with it every process of its namespace
         with self._lock:
-            os.close(self._pidfd)
-            self._pidfd = None
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
         for fd in self._fds.values():
             os.close(fd)  # the last hold on the namespaces: the tmpfs is freed
-        for proc in [self._holder, *([self._shell] if self._shell else []), *self._background]:
-            proc.kill()
+        self._holder.kill()
+        for proc in [self._holder, *self._processes]:
+            if proc is not self._holder:
+                self._kill_group(proc)
             proc.wait()
             for pipe in (proc.stdin, proc.stdout, proc.stderr):
                 if pipe:
                     pipe.close()
+        if self.cgroup:
+            try:
+                self.cgroup.rmdir()
+            except OSError:
+                pass
 
     def __enter__(self) -> "Sandbox":
         return self
