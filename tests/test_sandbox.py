@@ -14,7 +14,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -224,3 +226,180 @@ def test_kill_all(sentinels):
     finally:
         victim.kill()
         victim.wait()
+
+
+def processes_named(text: str) -> list[int]:
+    """Host PIDs of the processes whose command line contains `text`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_agent_commands_cannot_mount_or_make_namespaces():
+    """A tmpfs is unreclaimable memory outside every limit: neither the shell nor a script may mount one, directly
+    or in a user namespace of its own, nor raise the namespace limit that forbids the latter."""
+    attempts = ("mkdir -p /tmp/m; mount -t tmpfs -o size=1g none /tmp/m && echo MOUNTED; "
+                "unshare --user --map-root-user --mount sh -c 'mount -t tmpfs none /tmp && echo NESTED'; "
+                "unshare --mount true && echo UNSHARED; echo 9 > /proc/sys/user/max_user_namespaces && echo RAISED; "
+                "nsenter --target 1 --mount true && echo ENTERED; echo done")  # fmt: skip
+    with Sandbox() as box:
+        assert box.execute(attempts).endswith("done\n")
+        for out in (box.execute(attempts), box.run(attempts)[1]):
+            assert not any(word in out for word in ("MOUNTED", "NESTED", "UNSHARED", "RAISED", "ENTERED")), out
+        assert "NoNewPrivs:\t1" in box.execute("grep NoNewPrivs /proc/self/status")
+
+
+def test_root_installs_into_usr_local_bin_and_chowns_to_other_users():
+    """AgentBench's root can do this in its container; an init script and example solutions rely on it."""
+    with Sandbox() as box:
+        status, out = box.run("printf '#!/bin/sh\\necho hello\\n' > /usr/local/bin/genpi-hello && chmod +x /usr/local/bin/genpi-hello"
+                              " && touch /home/f && chown 1000:1001 /home/f && mkdir -p /home/u && chown 65534 /home/u && echo ok")  # fmt: skip
+        assert (status, out) == (0, "ok\n")
+        assert box.execute("genpi-hello; stat -c '%u:%g' /home/f /home/u") == "hello\n1000:1001\n65534:0\n"
+        assert box.execute("cat /proc/self/uid_map").split()[2] == "65536"  # a range, as in a container
+    assert not Path("/usr/local/bin/genpi-hello").exists()
+
+
+def test_judge_scripts_run_where_and_as_the_agents_shell_does():
+    """AgentBench runs the shell and the checks alike in one container: same working directory, same variables."""
+    probe = 'echo "$PWD|$HOME|$PATH|$USER|$LANG"; id; find . -maxdepth 1 -name "*.helloworld" | wc -l'
+    with Sandbox() as box:
+        box.run("touch /a.helloworld")
+        assert box.execute(probe) == box.run(probe)[1]
+
+
+def test_output_is_capped_drained_and_counted():
+    """A command printing 40 MB keeps its first KiBs only and never holds the rest in genpi's memory."""
+    import tracemalloc
+
+    with Sandbox(Limits(output_kb=64)) as box:
+        tracemalloc.start()
+        try:
+            out = box.execute("yes | head -c 40000000; echo")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert out == "y\n" * 32768 and box.discarded == 40_000_001 - 65536
+        assert peak < 8 << 20, f"{peak} bytes held while reading"
+        assert box.execute("echo after") == "after\n" and box.discarded == 0  # the shell is in step
+        status, out = box.run("yes | head -c 10000000")
+        assert status == 0 and len(out) == 65536 and box.discarded == 10_000_000 - 65536
+
+
+def test_a_timed_out_command_leaves_nothing_running():
+    """Its whole process group dies at the timeout, so a timed-out check never overlaps the next command."""
+    canary = f"genpi-canary-{uuid.uuid4().hex}"
+    with Sandbox() as box:
+        with pytest.raises(CommandTimeout):
+            box.execute(f"bash -c 'exec -a {canary}-shell sleep 600' & sleep 600", timeout=1)
+        assert box.run(f"bash -c 'exec -a {canary}-run sleep 600' & sleep 600", timeout=1)[0] == 124
+        deadline = time.monotonic() + 5  # SIGKILLed at the timeout; exiting takes the kernel a moment
+        while processes_named(canary) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_named(canary) == []  # while the sandbox is still open
+        assert box.execute("echo next") == "next\n"
+
+
+def test_a_sandbox_started_in_a_thread_outlives_the_thread():
+    """PR_SET_PDEATHSIG fires when the starting *thread* ends: sandboxes are started from one long-lived thread."""
+    boxes = []
+    thread = threading.Thread(target=lambda: boxes.append(Sandbox()))
+    thread.start()
+    thread.join()
+    with boxes[0] as box:
+        assert box.execute("echo alive") == "alive\n"
+
+
+KILLED_PARENT = """
+import os, sys, time
+from genpi.eval.sandbox import Sandbox
+box = Sandbox()
+box.start("exec -a {canary}-start sleep 600")
+box.execute("bash -c 'exec -a {canary}-shell sleep 600' &")
+print(os.readlink(f"/proc/{{box.pid1}}/ns/pid"), box._holder.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_genpi_leaves_no_sandbox_process():
+    canary = f"genpi-canary-{uuid.uuid4().hex}"
+    parent = subprocess.Popen([sys.executable, "-c", KILLED_PARENT.format(canary=canary)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    try:
+        namespace, holder = parent.stdout.readline().split()
+        assert len(set(processes_named(canary)) - {parent.pid}) >= 2 and namespace in pid_namespaces()
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while (processes_named(canary) or namespace in pid_namespaces()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_named(canary) == [] and namespace not in pid_namespaces()
+    assert not Path(f"/proc/{holder}").exists() or b"sandbox_enter" not in Path(f"/proc/{holder}/cmdline").read_bytes()
+
+
+def test_only_world_readable_host_files_are_visible(tmp_path):
+    """The sandbox's root owns nothing on the host and has no supplementary groups: a host file readable by its
+    owner or group only is unreadable (/srv is overlaid into the sandbox)."""
+    if not os.access("/srv", os.W_OK):
+        pytest.skip("/srv is not writable here")
+    secret = Path("/srv") / f".genpi-secret-{uuid.uuid4().hex}"
+    secret.write_text("hidden-text")
+    try:
+        for mode in (0o600, 0o640, 0o660):
+            secret.chmod(mode)
+            with Sandbox() as box:
+                assert "Permission denied" in box.execute(f"cat {secret}") and "hidden-text" not in box.run(f"cat {secret}")[1]
+                assert box.execute("id -G") == "0\n"
+    finally:
+        secret.unlink()
+
+
+NOT_ROOT = """
+import os, warnings
+from genpi.eval.sandbox import Sandbox
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with Sandbox() as box:
+        print(box.execute("id -u; cat /proc/self/uid_map"), end="")
+    with Sandbox() as box:
+        pass
+print(sum("subordinate ids" in str(w.message) for w in caught))
+"""
+
+
+def test_as_an_unprivileged_user_without_subordinate_ids():
+    """Not root and no /etc/subuid range: the sandbox maps that user's own id only, and says so once."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root to switch to an unprivileged user (setpriv)")
+    if shutil.which("newuidmap"):
+        pytest.skip("newuidmap is installed: the unprivileged path would use subordinate ids")
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable  # one user 65534 may run (not a root-only venv)
+    command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", NOT_ROOT]
+    result = subprocess.run(command, capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONPATH": str(REPO), "HOME": "/"})
+    if "Permission denied" in result.stderr or "No module named" in result.stderr:
+        pytest.skip(f"user 65534 cannot read the repository or the interpreter: {result.stderr[-300:]}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "0", "65534", "1", "1"]  # root inside is 65534 outside; one warning
+
+
+def test_sandbox_cgroup_limits_and_single_warning(tmp_path, monkeypatch):
+    from genpi.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "_warned", set())
+    monkeypatch.delenv(sandbox.CGROUP_ENV, raising=False)
+    with pytest.warns(RuntimeWarning, match="no delegated cgroup v2") as caught:
+        assert sandbox.sandbox_cgroup(Limits(), "a") is None and sandbox.sandbox_cgroup(Limits(), "b") is None
+    assert len(caught) == 1
+    (tmp_path / "cgroup.subtree_control").write_text("cpu memory\n")
+    monkeypatch.setenv(sandbox.CGROUP_ENV, str(tmp_path))
+    with pytest.raises(sandbox.SandboxError, match="controllers pids"):
+        sandbox.sandbox_cgroup(Limits(), "c")
+    (tmp_path / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    group = sandbox.sandbox_cgroup(Limits(processes=64, total_memory_mb=1024, cpus=0.5), "d")
+    assert [(group / f).read_text() for f in ("memory.max", "pids.max", "cpu.max")] == [str(1 << 30), "64", "50000 100000"]

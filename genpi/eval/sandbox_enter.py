@@ -24,6 +24,7 @@ import ctypes
 import json
 import os
 import resource
+import signal
 import sys
 import warnings  # noqa: F401 (os.execvp imports it; by then this process may no longer reach the standard library)
 
@@ -37,6 +38,10 @@ ORDER = ("user", "mnt", "pid", "net", "uts", "ipc")
 
 
 def main() -> None:
+    # Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across exec: `yes | head` would
+    # print "Broken pipe" and a file past RLIMIT_FSIZE would not kill its writer, unlike in any shell
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
     spec = json.loads(sys.argv[1])
     argv = sys.argv[3:]
     libc = ctypes.CDLL(None, use_errno=True)
