@@ -410,3 +410,28 @@ def test_heldout_split_is_stable_and_sized():
     assert a == heldout_ids("calc", 50, settings) and len(a) == 10
     assert heldout_ids("greet", 50, settings) != a
     assert len(heldout_ids("calc", 3, settings)) == 1
+
+
+def test_the_input_limit_counts_the_examples_in_the_target_engines_tokens(tiny_model):
+    from transformers import AutoTokenizer
+
+    from genpi.engines.hf import TransformersEngine
+
+    class Local:  # the engine in this process, as an AsyncEngine
+        model_name = "tiny"
+
+        def __init__(self, engine):
+            self.engine = engine
+
+        async def complete(self, request):
+            return await asyncio.wrap_future(self.engine.submit(request))
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    page = "Buy the red shoes. <html><body>" + "<div class='item'>Shoe</div>" * 40 + "</body></html>"
+    web = dataclasses.replace(CALC, id="web", input_examples=[page, "Find shoes."])
+    n = len(tokenizer(page, add_special_tokens=False)["input_ids"])
+    assert n > INPUT_LIMIT_FLOOR // INPUT_LIMIT_FACTOR
+    for max_model_len in (None, 128):  # 128: the page is over the context; its count comes from the overflow error
+        engine = TransformersEngine(tiny_model, dtype="float32", max_model_len=max_model_len)
+        limit = asyncio.run(input_token_limit(web, Local(engine), SynthSettings()))
+        assert (limit.tokens, limit.source, limit.longest_example) == (INPUT_LIMIT_FACTOR * n, "examples", n), max_model_len

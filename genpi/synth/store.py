@@ -1,6 +1,6 @@
 """The dialogue-row contract and the files of a synthesis run.
 
-    OUT/manifest.json                            catalog, models, settings, finished shards
+    OUT/manifest.json                            catalog, models, settings, finished shards (each with its SHA-256)
     OUT/inputs/ID.parquet                        pseudo user inputs of a prompt (sample_id, seed, split, input)
     OUT/dialogues/prompt_id=ID/part-NNNNN.parquet  one row per dialogue (DIALOGUE_SCHEMA)
 
