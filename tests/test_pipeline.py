@@ -14,8 +14,11 @@ from genpi.synth.pipeline import (
     REASON_INSTRUCTION,
     SynthSettings,
     environment_messages,
+    INPUT_LIMIT_FACTOR,
+    INPUT_LIMIT_FLOOR,
     generate_inputs,
     heldout_ids,
+    input_token_limit,
     is_retryable,
     synthesize_dialogue,
 )
@@ -240,9 +243,9 @@ def test_teacher_topk_is_stored_per_agent_turn():
 def test_inputs_are_distinct_and_use_five_demonstrations():
     generator = Scripted(input=["What is 1 plus 1?", "what is 1 plus  1?", "What is 7 times 6?", " What is 2 plus 2? "] + [f"Q{i}" for i in range(20)])
     settings = SynthSettings(samples=4)
-    inputs, errors, cut = asyncio.run(generate_inputs(CALC, generator, settings))
+    got = asyncio.run(generate_inputs(CALC, generator, settings, 256))
     # case/space duplicates and copies of the catalog's examples are dropped
-    assert inputs == ["What is 1 plus 1?", "What is 2 plus 2?", "Q0", "Q1"]
+    assert got.inputs == ["What is 1 plus 1?", "What is 2 plus 2?", "Q0", "Q1"] and got.duplicates == 2
     first = generator.requests["input"][0]
     # the five demonstrations are the generator's own earlier replies, each answering the same ask
     assert [m["role"] for m in first.messages] == ["system"] + ["user", "assistant"] * 5 + ["user"]
@@ -250,22 +253,109 @@ def test_inputs_are_distinct_and_use_five_demonstrations():
     assert len(set(demos)) == 5 and set(demos) <= set(CALC.input_examples)
     assert {m["content"] for m in first.messages if m["role"] == "user"} == {INPUT_ASK}
     assert first.sampling.temperature == 1.0 and first.sampling.top_p == 0.9
-    assert errors == [] and cut == 0
+    assert got.errors == [] and got.cut == 0 and first.sampling.max_tokens == 256
 
 
 def test_inputs_generator_sees_the_prompt_over_asks_and_drops_cut_inputs():
     cut = Completion(text="What is 3 times", prompt_tokens=10, completion_tokens=4, finish_reason="length")
     replies = ["A?", cut, "A?", "B?", "C?", "D?", "E?", "F?", "G?", "H?", "I?", "J?"]
     generator = Scripted(input=replies)
-    inputs, errors, n_cut = asyncio.run(generate_inputs(CALC, generator, SynthSettings(samples=3)))
+    got = asyncio.run(generate_inputs(CALC, generator, SynthSettings(samples=3), 256))
     # one round asks 2 x 3 = 6 and keeps the first 3 distinct of them, in ask order; the cut one is dropped
-    assert inputs == ["A?", "B?", "C?"] and n_cut == 1 and len(generator.requests["input"]) == 6
+    assert got.inputs == ["A?", "B?", "C?"] and got.cut == 1 and len(generator.requests["input"]) == 6
     assert render_prompt_text(CALC) in generator.requests["input"][0].messages[0]["content"]
 
     # too few distinct in the first round: the next asks 2 x the missing ones
     generator = Scripted(input=["A?"] * 6 + ["B?", "C?", "D?", "E?"])
-    inputs, _, _ = asyncio.run(generate_inputs(CALC, generator, SynthSettings(samples=3)))
-    assert inputs == ["A?", "B?", "C?"] and len(generator.requests["input"]) == 10
+    got = asyncio.run(generate_inputs(CALC, generator, SynthSettings(samples=3), 256))
+    assert got.inputs == ["A?", "B?", "C?"] and len(generator.requests["input"]) == 10 and got.rounds == 2
+
+
+class Writer:
+    """A generator of pseudo inputs whose replies follow `script`, one kind per call, then "new": "long" an
+    input of 300 tokens, cut (finish "length") when the request's max_tokens is below that, as an engine does;
+    "same" the same question every time; "new" a question of its own."""
+
+    model_name = "writer"
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.requests: list[ChatRequest] = []
+
+    async def complete(self, request):
+        self.requests.append(request)
+        k = len(self.requests)
+        kind = self.script[k - 1] if k <= len(self.script) else "new"
+        if kind == "long":
+            words = [f"<html id={k}>"] + ["<td>"] * 299
+            n = min(len(words), request.sampling.max_tokens)
+            return Completion(text=" ".join(words[:n]), completion_tokens=n, finish_reason="length" if n < len(words) else "stop")
+        text = "Same question?" if kind == "same" else f"Question {k}?"
+        return Completion(text=text, completion_tokens=2, finish_reason="stop")
+
+
+def test_inputs_over_generate_in_bounded_rounds_past_duplicates_and_over_long_ones():
+    settings = SynthSettings(samples=4, input_rounds=4)
+    # round 1 asks 2 x 4 = 8: four inputs over the 256-token limit (cut), "Same question?" kept once, then 3 copies;
+    # round 2 asks 2 x 3 = 6: one more cut, one more copy, then three new ones (the 6th ask is surplus)
+    script = ["long", "same"] * 4 + ["long", "same"]
+    generator = Writer(script)
+    got = asyncio.run(generate_inputs(CALC, generator, settings, 256))
+    assert got.inputs == ["Same question?", "Question 11?", "Question 12?", "Question 13?"]
+    assert (got.cut, got.duplicates, got.empty, got.errors, got.rounds, got.asked) == (5, 4, 0, [], 2, 8 + 6)
+    assert {r.sampling.max_tokens for r in generator.requests} == {256}
+    # under a limit above the long inputs' length they fit and are kept, in ask order; one round is enough
+    got = asyncio.run(generate_inputs(CALC, Writer(script), settings, 600))
+    assert got.cut == 0 and got.rounds == 1 and len(got.inputs) == 4 and got.inputs[1] == "Same question?"
+    assert got.inputs[0].startswith("<html id=1>") and got.inputs[3].startswith("<html id=5>")
+
+    # a generator that never writes anything new: stops after settings.input_rounds rounds, says why
+    class Stuck:
+        model_name = "stuck"
+        calls = 0
+
+        async def complete(self, request):
+            Stuck.calls += 1
+            return Completion(text="What is 7 times 6?", finish_reason="stop")  # a copy of a catalog example
+
+    got = asyncio.run(generate_inputs(CALC, Stuck(), settings, 256))
+    assert got.inputs == [] and got.rounds == 4 and Stuck.calls == got.asked == 4 * 8 and got.duplicates == 32
+    assert got.why_short() == "32 duplicates"
+    got.cut, got.errors = 13, ["engine: boom"]
+    assert got.why_short() == "13 generated inputs over the 256-token input limit, 32 duplicates, 1 generator error"
+
+
+class Counter:
+    """A target that counts a text's tokens as its words, plus 3 for its chat template."""
+
+    model_name = "counter"
+
+    def __init__(self, context=10_000):
+        self.context = context
+        self.requests: list[ChatRequest] = []
+
+    async def complete(self, request):
+        self.requests.append(request)
+        n = 3 + sum(len(m["content"].split()) for m in request.messages)
+        if n + request.sampling.max_tokens > self.context:
+            return Completion.failure(f"context_length: {n} prompt tokens + {request.sampling.max_tokens} max tokens > {self.context}")
+        return Completion(text="x", prompt_tokens=n, completion_tokens=1, finish_reason="length")
+
+
+def test_the_input_limit_is_derived_from_the_prompts_example_inputs_unless_given():
+    page = "<div> " * 400  # a Mind2Web-like input: an HTML page of 400 tokens
+    web = dataclasses.replace(CALC, id="web", input_examples=["Click the cart. " + page, "Find shoes."])
+    limit = asyncio.run(input_token_limit(web, Counter(), SynthSettings()))
+    assert (limit.tokens, limit.source, limit.longest_example) == (INPUT_LIMIT_FACTOR * 403, "examples", 403)
+    # short examples: the floor; none: the floor; the flag wins over both
+    limit = asyncio.run(input_token_limit(CALC, Counter(), SynthSettings()))
+    assert (limit.tokens, limit.source, limit.longest_example) == (INPUT_LIMIT_FLOOR, "floor", 6)  # "What is 12 divided by 3?"
+    none = dataclasses.replace(CALC, input_examples=[])
+    assert asyncio.run(input_token_limit(none, Counter(), SynthSettings())).source == "floor"
+    assert asyncio.run(input_token_limit(web, Counter(), SynthSettings(max_input_tokens=64))).tokens == 64
+    # an example longer than the target's context is still measured (its count is in the overflow error)
+    limit = asyncio.run(input_token_limit(web, Counter(context=300), SynthSettings()))
+    assert limit.tokens == INPUT_LIMIT_FACTOR * 403
 
 
 STRICT_TEMPLATE = (  # Mistral's rule: after an optional system message, user and assistant alternate from user
@@ -301,7 +391,7 @@ def test_every_request_renders_with_a_template_that_requires_alternating_roles()
     )
     row = run(CALC, engine)
     assert row["error"] is None and row["n_turns"] == 3 and len(engine.requests["environment"]) == 3
-    asyncio.run(generate_inputs(CALC, engine, SynthSettings(samples=2)))
+    asyncio.run(generate_inputs(CALC, engine, SynthSettings(samples=2), 256))
     two_shots = dataclasses.replace(CALC, shots=CALC.shots * 2)
     tokenizer.apply_chat_template(environment_messages(two_shots), tokenize=False)
 
@@ -320,3 +410,28 @@ def test_heldout_split_is_stable_and_sized():
     assert a == heldout_ids("calc", 50, settings) and len(a) == 10
     assert heldout_ids("greet", 50, settings) != a
     assert len(heldout_ids("calc", 3, settings)) == 1
+
+
+def test_the_input_limit_counts_the_examples_in_the_target_engines_tokens(tiny_model):
+    from transformers import AutoTokenizer
+
+    from genpi.engines.hf import TransformersEngine
+
+    class Local:  # the engine in this process, as an AsyncEngine
+        model_name = "tiny"
+
+        def __init__(self, engine):
+            self.engine = engine
+
+        async def complete(self, request):
+            return await asyncio.wrap_future(self.engine.submit(request))
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    page = "Buy the red shoes. <html><body>" + "<div class='item'>Shoe</div>" * 40 + "</body></html>"
+    web = dataclasses.replace(CALC, id="web", input_examples=[page, "Find shoes."])
+    n = len(tokenizer(page, add_special_tokens=False)["input_ids"])
+    assert n > INPUT_LIMIT_FLOOR // INPUT_LIMIT_FACTOR
+    for max_model_len in (None, 128):  # 128: the page is over the context; its count comes from the overflow error
+        engine = TransformersEngine(tiny_model, dtype="float32", max_model_len=max_model_len)
+        limit = asyncio.run(input_token_limit(web, Local(engine), SynthSettings()))
+        assert (limit.tokens, limit.source, limit.longest_example) == (INPUT_LIMIT_FACTOR * n, "examples", n), max_model_len

@@ -97,8 +97,8 @@ def test_a_relative_out_in_a_submitted_ray_job_is_warned_about(tmp_path, capsys,
     assert capsys.readouterr().err == ""
 
 
-def manifest_for(settings=SETTINGS, engine=EngineConfig()):
-    return new_manifest(CATALOG, ENTRIES, engine, engine, settings, OPTIONS.shard_size)
+def manifest_for(settings=SETTINGS, engine=EngineConfig(), entries=ENTRIES):
+    return new_manifest(CATALOG, entries, engine, engine, settings, OPTIONS.shard_size)
 
 
 @pytest.mark.parametrize(
@@ -146,14 +146,14 @@ class Fake:
         return Completion(text="Act: answer(1)" if "calc" in system else "Answer: hello", finish_reason="stop")
 
 
-def synth(out, engine):
+def synth(out, engine, entries=ENTRIES, settings=SETTINGS):
     """What genpi.synth.run.synthesize does around its engines, with `engine` in place of the actors."""
     out.mkdir(parents=True, exist_ok=True)
-    manifest = manifest_for()
+    manifest = manifest_for(settings, entries=entries)
     old = store.read_manifest(out)
     if old is not None:
         manifest = reconcile_manifest(old, manifest, out)
-    run = Synthesis(out, ENTRIES, manifest, SETTINGS, OPTIONS)
+    run = Synthesis(out, entries, manifest, settings, OPTIONS)
     asyncio.run(run.run(engine, [engine]))
     return run.manifest
 
@@ -196,7 +196,9 @@ def test_a_context_overflow_is_final_and_not_redone(tmp_path):
     synth(out, Fake())
     inputs = store.read_rows(store.inputs_path(out, "greet"))
     inputs[0]["input"] = "task-overflow"
-    store.write_table(store.inputs_path(out, "greet"), inputs, store.INPUT_SCHEMA)
+    manifest = store.read_manifest(out)  # an edit the manifest knows of (else the inputs are made again)
+    manifest["prompts"]["greet"]["inputs_sha256"] = store.write_table(store.inputs_path(out, "greet"), inputs, store.INPUT_SCHEMA)
+    store.write_manifest(out, manifest)
     for path in store.shard_path(out, "greet", 0).parent.glob("*.parquet"):
         path.unlink()
     manifest = synth(out, Overflow())
@@ -258,3 +260,129 @@ def test_a_local_ray_starts_without_the_dashboard_unless_asked_and_forwards_acto
         synthesize(CATALOG, tmp_path / "out", SETTINGS, options=dataclasses.replace(OPTIONS, dashboard=dashboard))
     assert calls[0]["include_dashboard"] is dashboard and calls[0]["log_to_driver"] is True
     assert not (tmp_path / "out" / LOCK).exists()  # released on the way out
+
+
+PAGE_WORDS = 300  # a Mind2Web-style input: an HTML page (the fakes count a word as a token)
+
+
+class WebFake(Fake):
+    """Fake, plus what the input limit needs: the target counts tokens (a word each, 3 for the chat template),
+    and for the "web" prompt the generator writes HTML pages of PAGE_WORDS tokens (cut by a smaller max_tokens,
+    as an engine does), every second one the same page."""
+
+    async def complete(self, request):
+        system = request.messages[0]["content"] if request.messages[0]["role"] == "system" else ""
+        if not system and request.sampling.max_tokens == 1:  # counting tokens
+            return Completion(text="x", prompt_tokens=3 + len(request.messages[0]["content"].split()), finish_reason="length")
+        if system.startswith(pipeline.INPUT_INSTRUCTION) and "web agent" in system:
+            n = min(PAGE_WORDS, request.sampling.max_tokens)
+            self.pages = getattr(self, "pages", 0) + 1
+            page = ["<html>", f"<p>{'copy' if self.pages % 2 == 0 else request.seed}</p>"] + ["<td>"] * (PAGE_WORDS - 2)
+            return Completion(text=" ".join(page[:n]), finish_reason="length" if n < PAGE_WORDS else "stop")
+        return await super().complete(request)
+
+
+def web_entries(tmp_path):
+    example = "Click the cart. <html> " + "<td> " * 200  # 204 tokens as WebFake counts
+    catalog = tmp_path / "web.yaml"
+    catalog.write_text(json.dumps([{
+        "id": "web",
+        "system": "You are a web agent. Reply with the element to click.",
+        "shots": [[{"role": "user", "content": example}, {"role": "assistant", "content": "Answer: cart"}]],
+        "actions": {"final": "^Answer: "},
+        "max_turns": 1,
+    }]))  # fmt: skip
+    return [*ENTRIES, *load_catalog(catalog)]
+
+
+def test_samples_are_reached_for_long_inputs_under_a_limit_derived_from_the_examples(tmp_path):
+    out, settings = tmp_path / "out", dataclasses.replace(SETTINGS, samples=4)
+    manifest = synth(out, WebFake(), web_entries(tmp_path), settings)
+    web = manifest["prompts"]["web"]
+    # 2 x the longest example input (204 tokens): the 300-token pages fit, where 256 tokens cut every one
+    assert web["input_limit"] == {"tokens": 408, "source": "examples", "longest_example": 204, "note": None}
+    assert web["inputs"] == 4 and web["shortfall"] is None and sum(s["rows"] for s in web["shards"].values()) == 4
+    assert web["input_generation"]["cut"] == 0 and web["input_generation"]["duplicates"] >= 1
+    assert len({r["input"] for r in rows_of(out, "web")}) == 4
+    # prompts with short examples keep the floor
+    assert manifest["prompts"]["calc"]["input_limit"]["tokens"] == pipeline.INPUT_LIMIT_FLOOR
+
+
+def test_a_prompt_short_of_samples_is_named_in_the_closing_lines_and_the_manifest(tmp_path, monkeypatch, capsys):
+    from genpi.synth import run as synth_run
+
+    out = tmp_path / "out"
+    settings = dataclasses.replace(SETTINGS, samples=4, max_input_tokens=256)  # the flag: pages are cut at 256
+    monkeypatch.setattr(synth_run, "synthesize", lambda *a, **k: synth(out, WebFake(), web_entries(tmp_path), settings))
+    assert main([str(CATALOG), "--out", str(out), "--no-progress", "--no-stats"]) == 0
+    err = capsys.readouterr().err
+    web = store.read_manifest(out)["prompts"]["web"]
+    rounds = settings.input_rounds
+    asked = 2 * 4 * rounds
+    expected = (f"web: 0 of 4 dialogues ({asked} generated inputs over the 256-token input limit; {asked} inputs asked "
+                f"in {rounds} generator rounds, at most {rounds}); --max-input-tokens sets a larger input limit")  # fmt: skip
+    assert web["shortfall"] == expected and web["inputs"] == 0
+    assert web["input_generation"] == {"rounds": rounds, "asked": asked, "cut": asked, "duplicates": 0, "empty": 0, "errors": 0}
+    lines = err.strip().splitlines()
+    assert lines[-2:] == ["8 dialogues in " + str(out) + " (0 failed)", f"genpi: {expected}"]
+
+
+def test_a_failed_shard_write_fails_only_that_shard_and_a_rerun_completes_it(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from genpi.synth import run as synth_run
+
+    real_write = pq.write_table
+
+    def full_disk(table, where, *args, **kwargs):
+        if "prompt_id=calc" in str(where) and ".part-00001.parquet" in str(where):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(table, where, *args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(store.pq, "write_table", full_disk)
+    monkeypatch.setattr(synth_run, "synthesize", lambda *a, **k: synth(out, Fake()))
+    assert main([str(CATALOG), "--out", str(out), "--no-progress", "--no-stats"]) == 1
+    err = capsys.readouterr().err
+    name = "dialogues/prompt_id=calc/part-00001.parquet"
+    assert f"genpi: calc: {name} could not be written (OSError: [Errno 28] No space left on device); rerun" in err
+    manifest = store.read_manifest(out)
+    calc = manifest["prompts"]["calc"]
+    assert sorted(calc["shards"]) == ["part-00000.parquet", "part-00002.parquet"] and list(calc["write_errors"]) == [name]
+    assert not store.shard_path(out, "calc", 1).exists() and not list(out.rglob("*.tmp"))
+    assert [r["sample_id"] for r in rows_of(out, "greet")] == list(range(5))  # the other prompt is whole
+    for prompt_id, prompt in manifest["prompts"].items():  # each finished shard's checksum is recorded
+        for shard_name, shard in prompt["shards"].items():
+            assert shard["sha256"] == store.file_sha256(store.shard_path(out, prompt_id, 0).with_name(shard_name))
+
+    monkeypatch.setattr(store.pq, "write_table", real_write)
+    engine = Fake()
+    manifest = synth(out, engine)
+    assert len(engine.agent_inputs) == 2  # only the failed shard's samples
+    assert [r["sample_id"] for r in rows_of(out, "calc")] == list(range(5))
+    assert manifest["prompts"]["calc"]["write_errors"] == {} and "part-00001.parquet" in manifest["prompts"]["calc"]["shards"]
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "valid but changed"])
+def test_a_finished_shard_that_no_longer_matches_its_checksum_is_redone_on_resume(tmp_path, capsys, damage):
+    out = tmp_path / "out"
+    synth(out, Fake())
+    path = store.shard_path(out, "greet", 0)
+    if damage == "flip a byte":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:  # a readable shard whose rows changed since it was written: not the run's work, not trusted
+        rows = store.read_rows(path)
+        rows[0]["reason"] = "edited"
+        store.write_table(path, rows, store.DIALOGUE_SCHEMA)
+    capsys.readouterr()
+    engine = Fake()
+    manifest = synth(out, engine)
+    assert "greet: shard part-00000.parquet does not match the SHA-256" in capsys.readouterr().err
+    assert len(engine.agent_inputs) == 2  # the two samples of that shard, nothing else
+    rows = rows_of(out, "greet")
+    assert [r["sample_id"] for r in rows] == list(range(5)) and all(r["reason"] == "because" for r in rows)
+    assert manifest["prompts"]["greet"]["shards"]["part-00000.parquet"]["sha256"] == store.file_sha256(path)

@@ -33,6 +33,12 @@ INPUT_INSTRUCTION = (
 )
 INPUT_ASK = "Write one new input, about a different concrete case."
 INPUT_OVER_ASK = 2  # ask for 2N inputs, keep the first N distinct (the paper's reference asks 2,000 for 1,000)
+# The input limit (the generator's max_tokens for an input; an input it cuts is dropped), unless --max-input-tokens
+# gives one: INPUT_LIMIT_FACTOR x the prompt's longest example input in the target's tokens, at least
+# INPUT_LIMIT_FLOOR. A fixed limit dropped most inputs of prompts with long inputs (HTML pages: 13 of 16 cut at
+# 256 tokens), and a generous fixed one would let a chatty generator ramble on prompts with one-line inputs.
+INPUT_LIMIT_FACTOR = 2
+INPUT_LIMIT_FLOOR = 256
 
 ENVIRONMENT_INSTRUCTION = (
     "You are the environment in a role-play with an AI agent. You play the side that the user plays in the "
@@ -63,10 +69,10 @@ class SynthSettings:
     demos_per_call: int = 5
     input_temperature: float = 1.0
     input_top_p: float = 0.9
-    input_rounds: int = 3  # generator rounds (each asks INPUT_OVER_ASK x the inputs missing)
+    input_rounds: int = 4  # the most generator rounds per prompt (each asks INPUT_OVER_ASK x the inputs missing)
     reason_temperature: float = 0.7
     reason_top_p: float = 0.9
-    max_input_tokens: int = 256
+    max_input_tokens: int | None = None  # None: derived per prompt from its example inputs (input_token_limit)
     max_agent_tokens: int = 384
     max_environment_tokens: int = 384
     max_student_tokens: int = 384
@@ -115,7 +121,7 @@ def is_retryable(error: str) -> bool:
     return f"{CONTEXT_LENGTH_ERROR}:" not in error
 
 
-def input_request(entry: PromptEntry, seed: int, settings: SynthSettings) -> ChatRequest:
+def input_request(entry: PromptEntry, seed: int, settings: SynthSettings, limit: int) -> ChatRequest:
     """P in the system message (the paper generates inputs from the prompt), then the demonstrations as
     the generator's own earlier replies: a small generator then writes one input as its next reply, where
     a list of examples in one message drew meta-text ("### Example 6", "Here is a new input: ...") from
@@ -129,43 +135,109 @@ def input_request(entry: PromptEntry, seed: int, settings: SynthSettings) -> Cha
     messages.append({"role": "user", "content": INPUT_ASK})
     return ChatRequest(
         messages=messages,
-        sampling=Sampling(settings.input_temperature, settings.input_top_p, settings.max_input_tokens),
+        sampling=Sampling(settings.input_temperature, settings.input_top_p, limit),
         seed=seed,
         prefix_messages=1,
     )
 
 
-async def generate_inputs(
-    entry: PromptEntry, generator: AsyncEngine, settings: SynthSettings
-) -> tuple[list[str], list[str], int]:
-    """Up to `settings.samples` distinct pseudo inputs: each round asks INPUT_OVER_ASK times the inputs
-    still missing and keeps the first distinct ones in ask order (deterministic). Inputs cut by the token
-    limit are not kept. Also returns the errors met on the way and the number of cut inputs dropped."""
+@dataclass(frozen=True)
+class InputLimit:
+    """The token limit of a prompt's pseudo inputs and where it comes from: "flag" (--max-input-tokens),
+    "examples" (INPUT_LIMIT_FACTOR x the longest example input) or "floor" (INPUT_LIMIT_FLOOR: no examples,
+    short ones, or a target that could not count them)."""
+
+    tokens: int
+    source: str
+    longest_example: int | None = None  # the longest example input, in the target's tokens
+    note: str | None = None  # why the floor was used where examples exist
+
+
+async def _text_tokens(target: AsyncEngine, text: str, settings: SynthSettings) -> int:
+    """`text`'s tokens as the target counts them: a one-token completion's prompt tokens, less those of an
+    empty message (its chat template). Works for every engine kind (a server has no tokenizer here)."""
+    result = await _call(target, ChatRequest([{"role": "user", "content": text}], Sampling(max_tokens=1)), settings, "counting tokens")
+    if result.error:  # longer than the target's context: its count is in the error
+        numbers = CONTEXT_NUMBERS.search(result.error)
+        if numbers is None:
+            raise DialogueError(f"counting tokens: {result.error}")
+        return int(numbers[1])
+    return result.prompt_tokens
+
+
+async def input_token_limit(entry: PromptEntry, target: AsyncEngine, settings: SynthSettings) -> InputLimit:
+    """The prompt's input limit: --max-input-tokens when given, else derived from its own example inputs."""
+    if settings.max_input_tokens is not None:
+        return InputLimit(settings.max_input_tokens, "flag")
+    if not entry.input_examples:
+        return InputLimit(INPUT_LIMIT_FLOOR, "floor", note="the prompt has no example inputs")
+    try:
+        empty, *counts = await asyncio.gather(*(_text_tokens(target, t, settings) for t in ["", *entry.input_examples]))
+    except DialogueError as e:
+        return InputLimit(INPUT_LIMIT_FLOOR, "floor", note=f"the target could not count tokens ({e})")
+    longest = max(0, max(counts) - empty)
+    derived = INPUT_LIMIT_FACTOR * longest
+    if derived < INPUT_LIMIT_FLOOR:
+        return InputLimit(INPUT_LIMIT_FLOOR, "floor", longest, f"{INPUT_LIMIT_FACTOR} x the longest example input is {derived}")
+    return InputLimit(derived, "examples", longest)
+
+
+@dataclass
+class GeneratedInputs:
+    """A prompt's pseudo inputs and what the generator's other replies were, for the run's account of a shortfall."""
+
+    inputs: list[str]
+    limit: int  # the input limit (tokens) they were generated under
+    rounds: int = 0  # generator rounds used
+    asked: int = 0  # generator calls
+    cut: int = 0  # replies cut by the input limit (over it), dropped
+    duplicates: int = 0  # replies already kept, or copies of a catalog example (case and spacing ignored), dropped
+    empty: int = 0  # empty replies, dropped
+    errors: list[str] = dataclasses.field(default_factory=list)  # generator errors, in ask order
+
+    def why_short(self) -> str:
+        """What became of the replies not kept, e.g. "13 generated inputs over the 512-token input limit, 2
+        duplicates" (only the nonzero parts)."""
+        parts = [
+            (self.cut, f"generated input{'s' * (self.cut != 1)} over the {self.limit}-token input limit"),
+            (self.duplicates, f"duplicate{'s' * (self.duplicates != 1)}"),
+            (self.empty, f"empty repl{'ies' if self.empty != 1 else 'y'}"),
+            (len(self.errors), f"generator error{'s' * (len(self.errors) != 1)}"),
+        ]
+        return ", ".join(f"{n} {what}" for n, what in parts if n) or "no replies"
+
+
+async def generate_inputs(entry: PromptEntry, generator: AsyncEngine, settings: SynthSettings, limit: int) -> GeneratedInputs:
+    """Up to `settings.samples` distinct pseudo inputs that fit `limit` tokens: each round (at most
+    `settings.input_rounds`) asks INPUT_OVER_ASK times the inputs still missing and keeps the first distinct
+    ones in ask order (deterministic). Inputs cut by the limit, duplicates and empty replies are counted and
+    dropped."""
     seen = {_normalize(e) for e in entry.input_examples}
-    inputs: list[str] = []
-    errors: list[str] = []
-    cut = 0
-    asked = 0
+    got = GeneratedInputs(inputs=[], limit=limit)
     for _ in range(settings.input_rounds):
-        missing = settings.samples - len(inputs)
+        missing = settings.samples - len(got.inputs)
         if missing <= 0:
             break
-        seeds = [stable_seed(settings.seed, entry.id, "input", asked + k) for k in range(INPUT_OVER_ASK * missing)]
-        asked += len(seeds)
-        results = await asyncio.gather(*(generator.complete(input_request(entry, s, settings)) for s in seeds))
+        seeds = [stable_seed(settings.seed, entry.id, "input", got.asked + k) for k in range(INPUT_OVER_ASK * missing)]
+        got.asked += len(seeds)
+        got.rounds += 1
+        results = await asyncio.gather(*(generator.complete(input_request(entry, s, settings, limit)) for s in seeds))
         for result in results:
-            if result.error:
-                errors.append(result.error)
-                continue
-            if result.cut:
-                cut += 1
-                continue
+            if len(got.inputs) == settings.samples:  # the round's surplus: never looked at, as if not asked
+                break
             text = result.text.strip()
-            key = _normalize(text)
-            if text and key not in seen and len(inputs) < settings.samples:
-                seen.add(key)
-                inputs.append(text)
-    return inputs, errors, cut
+            if result.error:
+                got.errors.append(result.error)
+            elif result.cut:
+                got.cut += 1
+            elif not text:
+                got.empty += 1
+            elif _normalize(text) in seen:
+                got.duplicates += 1
+            else:
+                seen.add(_normalize(text))
+                got.inputs.append(text)
+    return got
 
 
 def heldout_ids(prompt_id: str, n: int, settings: SynthSettings) -> set[int]:

@@ -32,17 +32,21 @@ from genpi.engines.openai import PREFIX as OPENAI_PREFIX
 from genpi.engines.openai import split_spec
 from genpi.synth import store
 from genpi.synth.pipeline import (
+    INPUT_LIMIT_FACTOR,
+    INPUT_LIMIT_FLOOR,
     AsyncEngine,
+    GeneratedInputs,
     SynthSettings,
     generate_inputs,
     heldout_ids,
+    input_token_limit,
     instruction_texts,
     is_retryable,
     stable_seed,
     synthesize_dialogue,
 )
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3  # 3: per-shard SHA-256, the input limit and the account of each prompt's inputs
 LOCK = "synth.lock"
 URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://, gs://, ... (also as pathlib collapses them: s3:/)
 
@@ -76,9 +80,13 @@ def new_manifest(catalog: Path, entries: list[PromptEntry], generator: EngineCon
                 "max_turns": settings.turn_limit(e),
                 "samples": settings.samples,
                 "inputs": None,
-                "input_errors": [],
-                "inputs_cut": None,  # generated inputs dropped because the token limit cut them
-                "shards": {},
+                "inputs_sha256": None,
+                "input_limit": None,  # {tokens, source, longest_example, note}: pipeline.InputLimit
+                "input_generation": None,  # what the generator's replies became: rounds, asked, cut, duplicates, ...
+                "input_errors": [],  # the first generator errors
+                "shortfall": None,  # why the prompt has fewer inputs (dialogues) than `samples`
+                "write_errors": {},  # file name -> why it could not be written in the last run (redone on rerun)
+                "shards": {},  # file name -> rows, failures, sample range, sha256
             }
             for e in entries
         },
@@ -196,7 +204,7 @@ class Synthesis:
         from tqdm import tqdm
 
         self.engines = list({id(e): e for e in [generator, *targets]}.values())
-        self.forget_missing_shards()
+        self.verify_finished_shards()
         prompts = self.manifest["prompts"]
         total = sum(prompts[e.id]["inputs"] or self.settings.samples for e in self.entries)
         done = sum(s["rows"] - s.get("retryable", 0) for e in self.entries for s in prompts[e.id]["shards"].values())
@@ -214,13 +222,22 @@ class Synthesis:
     def generated_tokens(self) -> int:
         return sum(e.generated_tokens for e in self.engines)
 
-    def forget_missing_shards(self) -> None:
-        """Shards the manifest lists but whose files are gone (deleted, or lost with a disk) are redone."""
+    def verify_finished_shards(self) -> None:
+        """Shards the manifest lists but whose files are gone (deleted, or lost with a disk) or differ from the
+        SHA-256 recorded when they were written (corrupted, truncated, changed) are redone, never trusted."""
         for entry in self.entries:
             shards = self.manifest["prompts"][entry.id]["shards"]
             folder = store.shard_path(self.out, entry.id, 0).parent
-            for name in [n for n in shards if not (folder / n).exists()]:
-                self.log(f"{entry.id}: shard {name} is listed in the manifest but missing; it will be redone")
+            for name in list(shards):
+                path = folder / name
+                if not path.exists():
+                    self.log(f"{entry.id}: shard {name} is listed in the manifest but missing; it will be redone")
+                elif store.file_sha256(path) != shards[name].get("sha256"):
+                    self.log(f"{entry.id}: shard {name} does not match the SHA-256 the manifest recorded for it "
+                             "(corrupted or changed since it was written); it will be redone")  # fmt: skip
+                    path.unlink()
+                else:
+                    continue
                 del shards[name]
         self.save_manifest()
 
@@ -239,17 +256,21 @@ class Synthesis:
                 pending.append((k, list(range(start, min(start + size, n)))))
         return pending
 
-    async def ensure_inputs(self, entry: PromptEntry, generator: AsyncEngine) -> list[dict]:
+    async def ensure_inputs(self, entry: PromptEntry, generator: AsyncEngine, target: AsyncEngine) -> list[dict]:
         path = store.inputs_path(self.out, entry.id)
         record = self.manifest["prompts"][entry.id]
         if record["inputs"] is not None and path.exists():
-            return store.read_rows(path)
+            if store.file_sha256(path) == record.get("inputs_sha256"):
+                return store.read_rows(path)
+            self.log(f"{entry.id}: {path} does not match the SHA-256 the manifest recorded for it; "
+                     "its inputs (and dialogues) will be made again")  # fmt: skip
         # New inputs: any shard of this prompt was made from other inputs and must go.
         for shard in (self.out / "dialogues" / f"prompt_id={entry.id}").glob("*.parquet"):
             shard.unlink()
-        record["shards"] = {}
-        texts, errors, cut = await generate_inputs(entry, generator, self.settings)
-        heldout = heldout_ids(entry.id, len(texts), self.settings)
+        record["shards"], record["inputs"] = {}, None
+        limit = await input_token_limit(entry, target, self.settings)
+        got = await generate_inputs(entry, generator, self.settings, limit.tokens)
+        heldout = heldout_ids(entry.id, len(got.inputs), self.settings)
         samples = [
             {
                 "sample_id": i,
@@ -257,26 +278,32 @@ class Synthesis:
                 "split": "heldout" if i in heldout else "train",
                 "input": text,
             }
-            for i, text in enumerate(texts)
+            for i, text in enumerate(got.inputs)
         ]
-        store.write_table(path, samples, store.INPUT_SCHEMA)
+        record["inputs_sha256"] = store.write_table(path, samples, store.INPUT_SCHEMA)
         record["inputs"] = len(samples)
-        record["input_errors"] = errors[:20]
-        record["inputs_cut"] = cut
+        record["input_limit"] = dataclasses.asdict(limit)
+        record["input_generation"] = {
+            "rounds": got.rounds, "asked": got.asked, "cut": got.cut, "duplicates": got.duplicates, "empty": got.empty,
+            "errors": len(got.errors),
+        }  # fmt: skip
+        record["input_errors"] = got.errors[:20]
+        record["shortfall"] = shortfall(entry.id, len(samples), self.settings, got) if len(samples) < self.settings.samples else None
         self.save_manifest()
-        if len(samples) < self.settings.samples:
-            self.log(
-                f"{entry.id}: only {len(samples)} distinct inputs of {self.settings.samples} requested "
-                f"after {self.settings.input_rounds} generator rounds ({len(errors)} generator errors, "
-                f"{cut} inputs cut by the token limit)"
-            )
+        if record["shortfall"]:
+            self.log(f"genpi: {record['shortfall']}")
             self.bar.total -= self.settings.samples - len(samples)
             self.bar.refresh()
         return samples
 
     async def run_prompt(self, entry, generator, targets, limits, offset: int) -> None:
         async with self.input_slot:
-            samples = await self.ensure_inputs(entry, generator)
+            try:
+                samples = await self.ensure_inputs(entry, generator, targets[offset % len(targets)])
+            except OSError as e:  # disk full, I/O error: this prompt waits for a rerun, the others go on
+                self.write_failed(entry, store.inputs_path(self.out, entry.id), e)
+                return
+        self.manifest["prompts"][entry.id].setdefault("write_errors", {}).pop(self.name(store.inputs_path(self.out, entry.id)), None)
         self.adopt_orphan_shards(entry)
         jobs = []
         for k, sample_ids in self.pending_shards(entry):
@@ -297,7 +324,7 @@ class Synthesis:
                 path.unlink()
                 continue
             if [r["sample_id"] for r in rows] == sample_ids and all(r["prompt_sha256"] == entry.sha256 for r in rows):
-                self.record_shard(entry, path, rows)
+                self.record_shard(entry, path, rows, store.file_sha256(path))
                 self.bar.update(len(rows) - retryable_count(rows))
             else:
                 path.unlink()
@@ -313,8 +340,12 @@ class Synthesis:
             todo = [s for s in samples if s["sample_id"] not in kept]
             fresh = await asyncio.gather(*(self.dialogue(entry, s, target, generator) for s in todo))
             rows = sorted([*kept.values(), *fresh], key=lambda r: r["sample_id"])
-            store.write_table(path, rows, store.DIALOGUE_SCHEMA)
-            self.record_shard(entry, path, rows)
+            try:
+                digest = store.write_table(path, rows, store.DIALOGUE_SCHEMA)
+            except OSError as e:  # disk full, I/O error: only this shard fails; the file and manifest are as before
+                self.write_failed(entry, path, e)
+                return
+            self.record_shard(entry, path, rows, digest)
 
     async def dialogue(self, entry, sample, target, generator) -> dict:
         row = await synthesize_dialogue(entry, sample, target, generator, self.settings)
@@ -324,15 +355,33 @@ class Synthesis:
         self.bar.update(1)
         return row
 
-    def record_shard(self, entry: PromptEntry, path: Path, rows: list[dict]) -> None:
-        self.manifest["prompts"][entry.id]["shards"][path.name] = {
+    def record_shard(self, entry: PromptEntry, path: Path, rows: list[dict], sha256: str) -> None:
+        record = self.manifest["prompts"][entry.id]
+        record["shards"][path.name] = {
             "rows": len(rows),
             "failed": sum(r["error"] is not None for r in rows),
             "retryable": retryable_count(rows),  # engine/internal failures: the shard is not finished
             "first_sample": rows[0]["sample_id"],
             "last_sample": rows[-1]["sample_id"],
+            "sha256": sha256,  # a resumed run redoes the shard when its file no longer matches
         }
+        record.setdefault("write_errors", {}).pop(self.name(path), None)
         self.save_manifest()
+
+    def write_failed(self, entry: PromptEntry, path: Path, error: OSError) -> None:
+        """A file that could not be written: said now, recorded for the run's closing lines, redone on rerun.
+        The manifest may not be writable either (a full disk): then the rerun finds the file unlisted."""
+        why = f"{type(error).__name__}: {error}"
+        self.manifest["prompts"][entry.id].setdefault("write_errors", {})[self.name(path)] = why
+        self.log(f"genpi: {entry.id}: could not write {path} ({why}); rerun the same command to redo it")
+        try:
+            self.save_manifest()
+        except OSError:
+            pass
+
+    def name(self, path: Path) -> str:
+        """A run file as the manifest's write errors name it: its path inside OUT."""
+        return path.relative_to(self.out).as_posix()
 
     def save_manifest(self) -> None:
         store.write_manifest(self.out, self.manifest)
@@ -355,6 +404,8 @@ def synthesize(
     entries = load_catalog(catalog, prompts)  # every catalog problem surfaces before any model loads
     if settings.samples < 1:
         raise InputError(f"--samples must be at least 1, got {settings.samples}")
+    if settings.max_input_tokens is not None and settings.max_input_tokens < 1:
+        raise InputError(f"--max-input-tokens must be at least 1, got {settings.max_input_tokens}")
     if settings.max_turns is not None and settings.max_turns < 1:
         raise InputError(f"--max-turns must be at least 1, got {settings.max_turns}")
     if settings.teacher_topk < 0:
@@ -406,6 +457,28 @@ def _synthesize(catalog, out, entries, settings, generator, target, options) -> 
     return run.manifest
 
 
+def shortfall(prompt_id: str, n: int, settings: SynthSettings, got: GeneratedInputs) -> str:
+    """e.g. "web-select: 3 of 4 dialogues (13 generated inputs over the 512-token input limit, 2 duplicates;
+    16 inputs asked in 4 generator rounds, at most 4)"."""
+    line = (f"{prompt_id}: {n} of {settings.samples} dialogues ({got.why_short()}; {got.asked} inputs asked in "
+            f"{got.rounds} generator round{'s' * (got.rounds != 1)}, at most {settings.input_rounds})")  # fmt: skip
+    if got.cut and got.cut >= got.duplicates + got.empty + len(got.errors):
+        line += "; --max-input-tokens sets a larger input limit"
+    return line
+
+
+def closing_lines(manifest: dict) -> list[str]:
+    """The run's last words beyond the dialogue count: each prompt that got fewer dialogues than asked and
+    why, and each file that could not be written."""
+    lines = []
+    for prompt_id, record in manifest["prompts"].items():
+        if record.get("shortfall"):
+            lines.append(f"genpi: {record['shortfall']}")
+        for name, why in (record.get("write_errors") or {}).items():
+            lines.append(f"genpi: {prompt_id}: {name} could not be written ({why}); rerun the same command to redo it")
+    return lines
+
+
 def engine_config(args, role: str) -> EngineConfig:
     get = lambda name: getattr(args, f"{role}_{name}")  # noqa: E731
     model = getattr(args, role)
@@ -454,7 +527,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-new-tokens", type=int, default=d.max_agent_tokens, help="per generated turn, answer and reason")
     p.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens,
-                   help="per pseudo input (default %(default)s): inputs cut by it are dropped, so it stays generous")
+                   help="per pseudo input; inputs cut by it are dropped (default: per prompt, "
+                        f"{INPUT_LIMIT_FACTOR} x its longest example input in the target's tokens, at least {INPUT_LIMIT_FLOOR})")
     p.add_argument("--max-turns", type=int, default=None, help="cap on every prompt's max_turns (default: the catalog's)")
     p.add_argument("--shard-size", type=int, default=RunOptions.shard_size)
     p.add_argument("--shards-in-flight", type=int, default=RunOptions.shards_in_flight, help="per target replica")
@@ -525,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, failed = sum(s["rows"] for s in shards), sum(s["failed"] for s in shards)
     retryable = sum(s.get("retryable", 0) for s in shards)
     print(f"{rows} dialogues in {args.out} ({failed} failed)", file=sys.stderr)
+    for line in closing_lines(manifest):
+        print(line, file=sys.stderr)
     if retryable:
         print(
             f"genpi: {retryable} dialogues met engine or internal failures; rerun the same command to redo them",
@@ -534,4 +610,5 @@ def main(argv: list[str] | None = None) -> int:
         from genpi.synth.stats import format_stats, quality_stats
 
         print(format_stats(quality_stats(args.out)))
-    return 0 if rows and not retryable else 1
+    unwritten = any(p.get("write_errors") for p in manifest["prompts"].values())
+    return 0 if rows and not retryable and not unwritten else 1

@@ -1,6 +1,6 @@
 """The dialogue-row contract and the files of a synthesis run.
 
-    OUT/manifest.json                            catalog, models, settings, finished shards
+    OUT/manifest.json                            catalog, models, settings, finished shards (each with its SHA-256)
     OUT/inputs/ID.parquet                        pseudo user inputs of a prompt (sample_id, seed, split, input)
     OUT/dialogues/prompt_id=ID/part-NNNNN.parquet  one row per dialogue (DIALOGUE_SCHEMA)
 
@@ -11,6 +11,7 @@ or the new one, never half of one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -77,21 +78,35 @@ def inputs_path(out: str | Path, prompt_id: str) -> Path:
     return Path(out) / "inputs" / f"{prompt_id}.parquet"
 
 
-def _atomic(path: Path, write) -> None:
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic(path: Path, write) -> str:
+    """Write through a temporary file and rename it into place; returns the file's SHA-256 (read back from
+    the written file, so that it is what a later check of the file compares with). Any OSError (disk full,
+    I/O error) leaves `path` as it was and no temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        digest = file_sha256(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return digest
 
 
-def write_table(path: Path, rows: list[dict], schema: pa.Schema) -> None:
+def write_table(path: Path, rows: list[dict], schema: pa.Schema) -> str:
+    """Write `rows` as one Parquet file, atomically; returns its SHA-256 (manifests record it per shard)."""
     table = pa.Table.from_pylist(rows, schema=schema)
-    _atomic(path, lambda tmp: pq.write_table(table, tmp))
+    return _atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_rows(path: Path) -> list[dict]:
