@@ -16,7 +16,6 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from genpi import InputError
 from genpi.eval.os_tasks import (OS_TASK_SCHEMA, LoopSettings, Script, evaluate_os_tasks, format_replay, load_tasks, observation,
                                   parse_reply, read_task_file)  # fmt: skip
 from genpi.eval.report import build_report
@@ -276,7 +275,7 @@ def test_replay_examples_plays_each_tasks_own_solution_and_a_wrong_answer(tmp_pa
     failing = [
         {"description": "Anything with a letter.", "evaluation": {"match": {"regex": "[a-z]"}}},  # no known answer; a lax judge
         {"description": "Broken setup.", "create": {"init": "echo setup failed; exit 3"}, "evaluation": {"match": "x"}},
-        {"description": "Say five.", "evaluation": {"check": [None, INT_CHECK, {"code": "exit 1"}], "example": "echo 5"}},
+        {"description": "Say five.", "evaluation": {"check": [None, INT_CHECK, {"code": "exit 1"}], "example": {"language": "python", "code": "print('5')"}}},
         {"description": "A list holding init.", "create": ["init"], "evaluation": {"match": "x"}},  # malformed: skipped
     ]
     path, scripts = agentbench_tree(tmp_path, SHAPES + failing)
