@@ -7,6 +7,7 @@
     genpi eval fidelity DATA --catalog C --adapters A [A ...]  fidelity without P against the teacher
     genpi eval leakage --catalog C --adapters A [A ...] --out E  how much of P the systems give away
     genpi eval os-tasks TASKS --catalog C --prompt ID [--adapters A ...]  OS task success in a sandbox
+    genpi eval os-tasks TASKS --replay-examples [--scripts DIR]  each task's own solution and a wrong answer, replayed
     genpi eval mind2web STEPS --catalog C --prompt ID [--adapters A ...]  Mind2Web step success
     genpi eval webshop --url URL --catalog C --prompt ID [--adapters A ...]  WebShop reward
     genpi serve ADAPTERS --catalog C    an OpenAI-compatible server for the adapters (flags go to genpi.serve)

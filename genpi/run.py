@@ -287,8 +287,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
     if tasks:  # a tasks file or a sandbox that cannot work fails now, not after synthesis and training
         from genpi.eval.os_tasks import check_sandbox, load_tasks
 
+        scripts = argparse.ArgumentParser(add_help=False)
+        scripts.add_argument("--scripts", default=None)
+        scripts = scripts.parse_known_args(shlex.split(args.task_args))[0].scripts  # where the tasks' script files are
         for path in tasks.values():
-            load_tasks(path)
+            load_tasks(path, scripts)
     if args.mind2web:
         from genpi.eval.mind2web import read_steps
 

@@ -1,21 +1,38 @@
 """`genpi eval os-tasks`: task success on OS-interaction tasks in AgentBench's format, each in a fresh sandbox.
 
-A task (AgentBench's OS JSON; a .json list or object, or .jsonl):
+A task (AgentBench's OS JSON; a .json list or object, or .jsonl), read as AgentBench's loader
+(src/server/tasks/os_interaction/task.py, `_load_configs`) reads it:
 
     {"description": "...",
-     "create": {"image": "(ignored)", "init": SCRIPT or [SCRIPT, ...]},     # run as root before the agent
+     "create": {"local": "IMAGE", "init": SCRIPT or [SCRIPT, ...]},         # init runs as root before the agent
      "start": SCRIPT,                                                     # started in the background
      "evaluation": {"match": "text" | {"answer": "...", "strip": true} | {"regex": "..."}}
-                or {"check": [SCRIPT | null, ...], "example": SCRIPT}}
+                or {"check": SCRIPT | [SCRIPT | null, ...], "example": SCRIPT}}
     SCRIPT: "bash code" | {"code": "...", "language": "bash"|"python"} | {"file": "path", "language": ...}
 
-Script files resolve relative to the tasks file. `check` scripts run one after another with the agent's
-answer and the earlier scripts' outputs as arguments ($1, $2, ...); a null entry runs `example` instead;
-every one must exit 0. The agent loop, reply parsing and output truncation are AgentBench's
-(src/server/tasks/os_interaction/task.py): the agent's conversation is P (for the systems with it), then
-the task as the user turn; each `Act: bash` block runs in the task's shell and its output is the next
-user turn; `answer(...)` or `finish` ends the task and it is judged; anything else ends it as an invalid
-action; at most `rounds` replies; a command that runs past its time ends the task as a timeout.
+`create` may be absent, and `local` and `init` in it (AgentBench then uses its default image and no
+init); a `create` that is a list is ignored, as there (its `in` tests are membership tests on a list);
+`local` (AgentBench's Docker image) is kept on the task but genpi has one environment for all. `match`
+wins over `check`; `example` is read from `evaluation` beside `check` only (a top-level one is ignored);
+a script object's `file` wins over its `code`; other keys (`labels`, `explanation`) are ignored. Script
+files resolve in the scripts folder (AgentBench's `script_dir`; `--scripts`, default the tasks file's
+folder). A task AgentBench would fail on, loading or running it (no description, no match or check, a
+null init or a null check without an example, a script file that cannot be read, a language other than
+bash and python), is reported with its index and field and skipped; a file without one well-formed task
+is an InputError.
+
+`check` scripts run one after another with the agent's answer and the earlier scripts' outputs as
+arguments ($1, $2, ...); a null entry runs `example` instead; every one must exit 0. The agent loop,
+reply parsing and output truncation are AgentBench's (text-action version): the agent's conversation is
+P (for the systems with it), then the task as the user turn; each `Act: bash` block runs in the task's
+shell and its output is the next user turn; `answer(...)` or `finish` ends the task and it is judged;
+anything else ends it as an invalid action; at most `rounds` replies; a command that runs past its time
+ends the task as a timeout.
+
+`--replay-examples` (replay_examples) plays each task's own solution through the same path (a match
+task's answer; a check task's `example` run in the shell, its output answered) and a wrong answer given
+without doing anything: AgentBench's Docker environment passes the first by construction, and no sound
+judge passes the second.
 
 Rows (one per task and system) go to `EVAL/os_tasks/prompt_id=ID/system=NAME/part-00000.parquet`, the
 summary (success rate per system, retention = system / teacher) to `EVAL/os_tasks.json`, which keeps one
@@ -27,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +81,7 @@ OS_TASK_SCHEMA = pa.schema(
         ("turns", pa.list_(TURN)),  # the task, then agent ("assistant") and OS ("user") turns; P left out
         ("seconds", pa.float64()),  # wall time of the task: sandbox, agent and judging
         ("error", pa.string()),
+        ("verdict", pa.string()),  # why the judge failed an answered or finished task (null when it passed or never judged)
     ]
 )
 
@@ -75,38 +94,88 @@ class Script:
 
 @dataclass(frozen=True)
 class OSTask:
-    index: int
+    index: int  # the task's position in its file (skipped tasks keep their numbers)
     description: str
     init: tuple[Script, ...] = ()
     start: Script | None = None
     match: dict | None = None  # {"answer": str} or {"regex": str}, and "strip": bool
     check: tuple[Script | None, ...] = ()
     example: Script | None = None
+    image: str = "default"  # AgentBench's `create.local`: its Docker image; genpi has one environment for all
 
 
-def load_tasks(path: str | Path) -> list[OSTask]:
-    """Every task of the file, validated; a malformed one is named by its index and field."""
+@dataclass(frozen=True)
+class TaskFile:
+    path: Path
+    entries: int  # tasks in the file, malformed ones included
+    tasks: list[OSTask]  # the well-formed ones, in file order
+    skipped: list[tuple[int, str]]  # (index, why) of each malformed task, left out of the run
+
+
+class TaskProblem(ValueError):
+    """One task of a file is malformed: it is reported and skipped."""
+
+
+def read_task_file(path: str | Path, scripts: str | Path | None = None) -> TaskFile:
+    """Every task of the file, read as AgentBench's loader reads it; a malformed task is skipped with its
+    index and the field at fault. `scripts` is where script `file`s resolve (AgentBench's `script_dir`;
+    default: the tasks file's folder). A file that holds no task at all (not JSON, not a task object or a
+    list of them, or not one well-formed task) is an InputError."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such tasks file")
+    scripts = path.parent if scripts is None else Path(scripts)
+    if not scripts.is_dir():
+        raise InputError(f"--scripts {scripts}: no such folder")
     try:
-        if path.suffix == ".jsonl":
-            raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON: {e}") from None
-    raw = [raw] if isinstance(raw, dict) else raw
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text: {e}") from None
+    skipped: list[tuple[int, str]] = []
+    if path.suffix == ".jsonl":
+        raw = []
+        for i, line in enumerate(line for line in text.splitlines() if line.strip()):
+            try:
+                raw.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raw.append(None)
+                skipped.append((i, f"not valid JSON: {e}"))
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not valid JSON: {e}") from None
+        raw = [raw] if isinstance(raw, dict) else raw
     if not isinstance(raw, list) or not raw:
         raise InputError(f"{path}: expected a task object or a non-empty list of them")
-    return [_task(path, i, item) for i, item in enumerate(raw)]
+    tasks = []
+    for i, item in enumerate(raw):
+        if any(index == i for index, _ in skipped):
+            continue
+        try:
+            tasks.append(_task(i, item, scripts))
+        except TaskProblem as e:
+            skipped.append((i, str(e)))
+    skipped.sort()
+    if not tasks:
+        shown = "; ".join(f"task {i}: {why}" for i, why in skipped[:3])
+        raise InputError(f"{path}: not one well-formed task in {len(raw)} ({shown}{'; ...' if len(skipped) > 3 else ''})")
+    return TaskFile(path, len(raw), tasks, skipped)
 
 
-def _task(path: Path, index: int, item) -> OSTask:
-    def fail(field: str, problem: str) -> InputError:
-        return InputError(f"{path}: task {index}: field '{field}': {problem}")
+def load_tasks(path: str | Path, scripts: str | Path | None = None) -> list[OSTask]:
+    """The well-formed tasks of the file (read_task_file says which were skipped and why)."""
+    return read_task_file(path, scripts).tasks
 
-    def script(field: str, obj) -> Script:
+
+def _task(index: int, item, scripts: Path) -> OSTask:
+    """One task as AgentBench's `OSInteraction._load_configs` reads it. A TaskProblem for what AgentBench
+    would fail on, while loading or later when the task runs (so it could never pass there either)."""
+
+    def fail(field: str, problem: str) -> TaskProblem:
+        return TaskProblem(f"field '{field}': {problem}")
+
+    def script(field: str, obj) -> Script:  # AgentBench's load_script; its None is handled by the callers
         if isinstance(obj, str):
             return Script("bash", obj)
         if not isinstance(obj, dict):
@@ -114,30 +183,49 @@ def _task(path: Path, index: int, item) -> OSTask:
         language = obj.get("language", "bash")
         if language not in LANGUAGES:
             raise fail(field, f"language {language!r} is not supported (only {', '.join(LANGUAGES)})")
-        if isinstance(obj.get("code"), str):
+        if "file" in obj:  # before "code", as AgentBench looks
+            if not isinstance(obj["file"], str):
+                raise fail(field, "'file' must be a path")
+            file = scripts / obj["file"]
+            try:
+                return Script(language, file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as e:
+                raise fail(field, f"file {obj['file']!r} cannot be read (resolved to {file}: {e})") from None
+        if "code" in obj:
+            if not isinstance(obj["code"], str):
+                raise fail(field, "'code' must be a string")
             return Script(language, obj["code"])
-        if isinstance(obj.get("file"), str):
-            file = path.parent / obj["file"]
-            if not file.is_file():
-                raise fail(field, f"file {obj['file']!r} not found (resolved to {file})")
-            return Script(language, file.read_text(encoding="utf-8"))
-        raise fail(field, "a script object needs a string 'code' or 'file'")
+        raise fail(field, "a script object needs 'code' or 'file'")
 
     if not isinstance(item, dict):
-        raise InputError(f"{path}: task {index}: expected an object")
+        raise TaskProblem("expected an object")
     if not isinstance(item.get("description"), str) or not item["description"].strip():
         raise fail("description", "missing or not a non-empty string")
+    image, init = "default", []
     create = item.get("create", {})
-    if not isinstance(create, dict):
+    if isinstance(create, dict):  # `local` and `init` read only when present
+        image = create.get("local", "default")
+        if not isinstance(image, str):
+            raise fail("create.local", "expected an image name")
+        if "init" in create:
+            init = create["init"] if isinstance(create["init"], list) else [create["init"]]
+    elif isinstance(create, list):
+        # AgentBench tests `"local" in create` and `"init" in create`, which on a list are membership tests: a list
+        # (dev.json has one, a copy of its check list) gives the default image and no init script, unless it holds
+        # the string "local" or "init", on which AgentBench then fails.
+        if "local" in create or "init" in create:
+            raise fail("create", "a list holding 'local' or 'init' (AgentBench fails on it)")
+    else:
         raise fail("create", "expected an object")
-    init = create.get("init", [])
-    init = init if isinstance(init, list) else [init]
+    init = [script(f"create.init[{i}]", s) if s is not None else None for i, s in enumerate(init)]
+    if None in init:
+        raise fail(f"create.init[{init.index(None)}]", "null (AgentBench cannot run it)")
     start = script("start", item["start"]) if item.get("start") is not None else None
     evaluation = item.get("evaluation")
     if not isinstance(evaluation, dict) or not ({"match", "check"} & set(evaluation)):
         raise fail("evaluation", "expected an object with 'match' or 'check'")
     match, check, example = None, (), None
-    if "match" in evaluation:
+    if "match" in evaluation:  # match wins over check, as in AgentBench
         match = evaluation["match"]
         match = {"answer": match, "strip": True} if isinstance(match, str) else match
         if not isinstance(match, dict) or not any(isinstance(match.get(k), str) for k in ("answer", "regex")):
@@ -149,13 +237,19 @@ def _task(path: Path, index: int, item) -> OSTask:
                 raise fail("evaluation.match.regex", f"not a valid regular expression: {e}") from None
     else:
         check = evaluation["check"] if isinstance(evaluation["check"], list) else [evaluation["check"]]
+        if not check:
+            raise fail("evaluation.check", "an empty list: nothing would judge the task")
         check = tuple(None if s is None else script(f"evaluation.check[{i}]", s) for i, s in enumerate(check))
-        if evaluation.get("example") is not None:
+        if evaluation.get("example") is not None:  # read only beside `check`; a top-level `example` is ignored, as there
             example = script("evaluation.example", evaluation["example"])
         elif None in check:
             raise fail("evaluation.example", "a null check entry runs the example script, but there is none")
-    return OSTask(index, item["description"], tuple(script(f"create.init[{i}]", s) for i, s in enumerate(init)),
-                  start, match, check, example)  # fmt: skip
+    return OSTask(index, item["description"], tuple(init), start, match, check, example, image)
+
+
+def report_skipped(task_file: TaskFile) -> None:
+    for index, why in task_file.skipped:
+        print(f"genpi eval os-tasks: {task_file.path}: task {index} skipped: {why}", file=sys.stderr)
 
 
 def load_replay(spec: str, n_tasks: int) -> dict[int, list[str]]:
@@ -213,20 +307,28 @@ def check_sandbox() -> None:
         raise InputError(str(e)) from None
 
 
-def judge(task: OSTask, sandbox: Sandbox, answer: str | None, timeout: float) -> bool:
+def judge(task: OSTask, sandbox: Sandbox, answer: str | None, timeout: float) -> tuple[bool, str | None]:
+    """AgentBench's verdict on the answer, and why not when it fails."""
     if task.match is not None:
         if answer is None:
-            return False
+            return False, "no answer (the agent finished without one)"
         answer = answer.strip() if task.match.get("strip") else answer
-        return answer == task.match["answer"] if "answer" in task.match else re.search(task.match["regex"], answer) is not None
+        if "answer" in task.match:
+            return answer == task.match["answer"], f"answer {_short(answer)} is not {_short(task.match['answer'])}"
+        return re.search(task.match["regex"], answer) is not None, f"answer {_short(answer)} does not match /{task.match['regex']}/"
     params = [str(answer)]
-    for script in task.check:
+    for i, script in enumerate(task.check):
+        kind = "the example" if script is None else script.language
         script = script or task.example
         status, out = sandbox.run(script.code, params, script.language, timeout)
         if status != 0:
-            return False
+            return False, f"check {i} ({kind}) exited with status {status} on {', '.join(map(_short, params))}: {_short(out)}"
         params.append(out)
-    return True
+    return True, None
+
+
+def _short(text: str, n: int = 120) -> str:
+    return repr(text if len(text) <= n else text[: n - 20] + " ... " + text[-15:])
 
 
 @dataclass(frozen=True)
@@ -245,7 +347,7 @@ async def play(task: OSTask, system: System, prefix: list[dict], agent, settings
     started = time.monotonic()
     turns = [{"role": "user", "content": settings.input_template.replace("{description}", task.description)}]
     row = {"system": system.name, "task_index": task.index, "description": task.description, "success": False,
-           "rounds": 0, "ended": "error", "answer": None, "turns": turns, "error": None}  # fmt: skip
+           "rounds": 0, "ended": "error", "answer": None, "turns": turns, "error": None, "verdict": None}  # fmt: skip
     sandbox = None
     try:
         sandbox = await in_pool(Sandbox, settings.limits)
@@ -278,7 +380,8 @@ async def play(task: OSTask, system: System, prefix: list[dict], agent, settings
                 break
             turns.append({"role": "user", "content": observation(output)})
         if ended in ("answered", "finished") and not sandbox.expired:
-            row["success"] = await in_pool(judge, task, sandbox, answer, settings.command_timeout)
+            row["success"], verdict = await in_pool(judge, task, sandbox, answer, settings.command_timeout)
+            row["verdict"] = None if row["success"] else verdict
         row.update(ended="timeout" if sandbox.expired else ended, answer=answer)
         row["success"] = row["success"] and not sandbox.expired
     except Exception as e:  # recorded on the row: one broken task never takes the others down
@@ -300,6 +403,96 @@ def replay_agent(replies: dict[int, list[str]]):
         return Completion(text=texts[round_].replace("{output}", output.strip()) if round_ < len(texts) else "")
 
     return agent
+
+
+def example_replies(task: OSTask) -> list[str] | None:
+    """The replies of an agent that carries out the task's own solution: a `match` task's answer; for a
+    `check` task, its `example` run in the task's shell, then that output (stripped) as the answer, the
+    value a null check entry compares with the judge's own run of the example. None: no known solution
+    (a regex match, or checks without an example)."""
+    if task.match is not None:
+        return [f"Think: the task's own answer.\n\nAct: answer({task.match['answer']})"] if "answer" in task.match else None
+    if task.example is None:
+        return None
+    code = task.example.code if task.example.language == "bash" else f"python3 -c {shlex.quote(task.example.code)}"
+    return [f"Think: the task's example solution.\n\nAct: bash\n\n```bash\n{code}\n```", "Think: its output.\n\nAct: answer({output})"]
+
+
+def wrong_answer(task: OSTask) -> str:
+    """An answer that no sound judge accepts: a `match` task's integer plus one, otherwise a word no task's
+    solution holds."""
+    expected = (task.match or {}).get("answer", "")
+    return str(int(expected) + 1) if re.fullmatch(r"\s*-?\d+\s*", expected) else "genpi-wrong-answer"
+
+
+def _reason(row: dict) -> str:
+    """Why a played task failed, in one line."""
+    if row["error"]:
+        return row["error"]
+    if row["ended"] not in ("answered", "finished"):
+        last = next((t["content"] for t in reversed(row["turns"]) if t["role"] == "assistant"), "")
+        return f"ended as {row['ended']} after {row['rounds']} replies (last reply: {_short(last, 200)})"
+    return row["verdict"] or "failed"
+
+
+def replay_examples(tasks_path, scripts: str | Path | None = None, limit: int | None = None, parallel: int = 4,
+                    settings: LoopSettings = LoopSettings()) -> dict:  # fmt: skip
+    """Play every task of the file twice through the evaluation path (sandbox, init, start, shell, judge):
+    once carrying out its own example solution (example_replies), which AgentBench's environment passes by
+    construction, and once answering wrongly without doing anything (wrong_answer), which must pass none.
+    Returns the counts and, for each failure, why."""
+    task_file = read_task_file(tasks_path, scripts)
+    report_skipped(task_file)
+    tasks = task_file.tasks[:limit]
+    check_sandbox()
+    known = {t.index: example_replies(t) for t in tasks}
+    agents = {
+        "example": replay_agent({i: r for i, r in known.items() if r is not None}),
+        "wrong": replay_agent({t.index: [f"Think: a guess.\n\nAct: answer({wrong_answer(t)})"] for t in tasks}),
+    }
+    runs = [(t, name) for name in agents for t in tasks if name == "wrong" or known[t.index] is not None]
+
+    async def play_all() -> list[dict]:
+        gate = asyncio.Semaphore(parallel)
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+
+            async def one(task: OSTask, name: str) -> dict:
+                async with gate:
+                    row = await play(task, System(name), [], agents[name], settings, pool)
+                print(f"  {name} task {task.index}: {'pass' if row['success'] else 'fail'} ({row['seconds']:.1f} s)", file=sys.stderr)
+                return row
+
+            return await asyncio.gather(*(one(t, name) for t, name in runs))
+
+    print(f"genpi eval os-tasks --replay-examples: {len(tasks)} tasks of {task_file.path}", file=sys.stderr)
+    started = time.monotonic()
+    rows = {(r["system"], r["task_index"]): r for r in asyncio.run(play_all())}
+    failures, passes = [], []
+    for t in tasks:
+        row = rows.get(("example", t.index))
+        if row is None:
+            failures.append({"index": t.index, "description": t.description, "reason": "no example solution (a regex match, or checks without an example)"})
+        elif not row["success"]:
+            failures.append({"index": t.index, "description": t.description, "reason": _reason(row)})
+        if rows[("wrong", t.index)]["success"]:
+            passes.append({"index": t.index, "description": t.description, "answer": wrong_answer(t)})
+    return {
+        "tasks_file": str(task_file.path), "scripts": None if scripts is None else str(scripts), "entries": task_file.entries,
+        "tasks": len(tasks), "skipped": [{"index": i, "problem": why} for i, why in task_file.skipped],
+        "examples": {"passed": len(tasks) - len(failures), "failures": failures},
+        "wrong_answers": {"passed": len(passes), "passes": passes}, "wall_seconds": time.monotonic() - started,
+    }  # fmt: skip
+
+
+def format_replay(summary: dict) -> str:
+    n, ex, wrong = summary["tasks"], summary["examples"], summary["wrong_answers"]
+    lines = [f"os-tasks replay: {n} tasks from {summary['tasks_file']} ({len(summary['skipped'])} of {summary['entries']} skipped as malformed)"]
+    lines += [f"  skipped task {s['index']}: {s['problem']}" for s in summary["skipped"]]
+    lines.append(f"example solutions: passed {ex['passed']} of {n}")
+    lines += [f"  task {f['index']} ({f['description'][:60]}): {f['reason']}" for f in ex["failures"]]
+    lines.append(f"wrong answers: passed {wrong['passed']} of {n}" + (" (a judge that accepts a wrong answer)" if wrong["passed"] else ""))
+    lines += [f"  task {p['index']} ({p['description'][:60]}) accepted {p['answer']!r}" for p in wrong["passes"]]
+    return "\n".join(lines)
 
 
 def model_agent(batcher: Batcher, system: System, max_new_tokens: int, prefix_messages: int):
@@ -328,21 +521,23 @@ def summarize(rows: list[dict]) -> dict:
 def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] = (), base: str = "smollm2",
                       agent: str | None = None, limit: int | None = None, parallel: int = 4, out: str | Path = "eval",
                       settings: LoopSettings = LoopSettings(), max_batch: int = 32, command: list[str] | None = None,
-                      served: list[str] = ()) -> dict:  # fmt: skip
+                      served: list[str] = (), scripts: str | Path | None = None) -> dict:  # fmt: skip
     """Play every task with every system (the replay agent, or teacher, base, adapters and served systems); returns
     and writes the summary."""
     if agent and (adapters or served):
         raise InputError("--adapters/--served: the replay agent (--agent) plays no model; leave them out")
     if "{description}" not in settings.input_template:
         raise InputError("--input-template must contain {description}")
-    tasks = load_tasks(tasks_path)[:limit]
+    task_file = read_task_file(tasks_path, scripts)
+    report_skipped(task_file)
+    tasks = task_file.tasks[:limit]
     entry = load_catalog(catalog, [prompt_id])[0]
     batcher = Batcher(None)  # the replay agent's: nothing to close
     check_sandbox()  # before any model loads
     out = Path(out)
     missing, form, base_path = [], None, None
     if agent:
-        replies = load_replay(agent, len(tasks))
+        replies = load_replay(agent, task_file.entries)
         systems = [System(REPLAY)]
         agents = {REPLAY: replay_agent(replies)}
     else:
@@ -381,6 +576,7 @@ def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] =
     summary = {
         "command": command, "tasks_file": str(tasks_path), "catalog": str(catalog), "prompt_id": entry.id,
         "agent": agent or "model", "base": base_path, "served_as": form, "tasks": len(tasks), "parallel": parallel,
+        "scripts": None if scripts is None else str(scripts), "skipped": [{"index": i, "problem": why} for i, why in task_file.skipped],
         "wall_seconds": wall, "settings": asdict(settings), "missing": missing, "systems": metrics,
         "retention": {name: ratio(m["success_rate"], teacher["success_rate"]) for name, m in metrics.items() if name != TEACHER} if teacher else {},
         "adapters": {s.name: str(s.folder) for s in systems if s.adapter},
@@ -398,4 +594,5 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{name:<16}{m['successes']:>5}/{m['tasks']:<3}{rate:>8}{'-' if kept is None else f'{100 * kept:.1f}%':>11}"
                      f"{m['mean_rounds'] or 0:>8.2f}{m['mean_seconds'] or 0:>8.1f}   " + ", ".join(f"{k}:{v}" for k, v in m["ended"].items()))  # fmt: skip
     lines += served_notes(summary["systems"]) + [f"missing: {m}" for m in summary["missing"]]
+    lines += [f"skipped (malformed): task {s['index']}: {s['problem']}" for s in summary.get("skipped", [])]
     return "\n".join(lines)

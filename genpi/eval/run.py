@@ -3,6 +3,7 @@
     genpi eval fidelity DATA --catalog C [--adapters DIR [DIR ...]] [--served NAME=SPEC ...] [--out EVAL]
     genpi eval leakage --catalog C [--adapters DIR [DIR ...]] [--served NAME=SPEC ...] --out EVAL
     genpi eval os-tasks TASKS.json --catalog C --prompt ID [--adapters DIR ...] [--served NAME=SPEC ...] [--agent replay:FILE] [--out EVAL]
+    genpi eval os-tasks TASKS.json --replay-examples [--scripts DIR]   (each task's own solution, and a wrong answer)
     genpi eval DATA --catalog C --adapters DIR ...        (the same as `genpi eval fidelity`)
     genpi eval mind2web STEPS.jsonl --catalog C --prompt ID [--adapters DIR ...] [--limit N] [--out EVAL]
     genpi eval webshop --url URL --catalog C --prompt ID [--adapters DIR ...] [--goals N] [--out EVAL]
@@ -58,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="evaluation folder")
     p = sub.add_parser("os-tasks", help="task success on AgentBench-format OS tasks, each in a fresh rootless sandbox")
     p.add_argument("tasks", help="tasks file (AgentBench OS format, .json or .jsonl)")
-    p.add_argument("--catalog", required=True)
-    p.add_argument("--prompt", required=True, help="the catalog prompt whose P the teacher gets (and the adapters internalize)")
+    p.add_argument("--scripts", default=None, metavar="DIR",
+                   help="folder that script 'file's resolve in (AgentBench's script_dir, e.g. its data/os_interaction/scripts/dev); default: the tasks file's")
+    p.add_argument("--catalog", default=None, help="prompt catalog (required unless --replay-examples)")
+    p.add_argument("--prompt", default=None, help="the catalog prompt whose P the teacher gets (and the adapters internalize; required unless --replay-examples)")
+    p.add_argument("--replay-examples", action="store_true",
+                   help="no model: play each task's own example solution (a match task's answer) and a wrong answer, print how many pass and why the rest fail")
     p.add_argument("--adapters", nargs="+", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR")
     p.add_argument("--served", action="append", default=[], metavar="NAME=SPEC", help=SERVED_HELP)
     p.add_argument("--agent", default=None, help="replay:FILE plays known replies (task index -> list of replies) instead of the model")
@@ -136,8 +141,18 @@ def main(argv: list[str] | None = None) -> int:
 
             settings = LoopSettings(args.rounds, max_new_tokens=args.max_new_tokens, input_template=args.input_template or INPUT_TEMPLATE,
                                     limits=Limits(wall_s=args.task_timeout))  # fmt: skip
-            summary = evaluate_os_tasks(args.tasks, args.catalog, args.prompt, args.adapters, args.base, args.agent, args.limit,
-                                        args.parallel, args.out, settings, args.max_batch, command, args.served)  # fmt: skip
+            if args.replay_examples:
+                from genpi.eval.os_tasks import format_replay, replay_examples
+
+                if args.agent or args.adapters or args.served:
+                    raise InputError("--replay-examples plays the tasks' own solutions: leave out --agent, --adapters and --served")
+                summary = replay_examples(args.tasks, args.scripts, args.limit, args.parallel, settings)
+                format_summary = format_replay
+            elif not (args.catalog and args.prompt):
+                raise InputError("genpi eval os-tasks needs --catalog and --prompt (or --replay-examples)")
+            else:
+                summary = evaluate_os_tasks(args.tasks, args.catalog, args.prompt, args.adapters, args.base, args.agent, args.limit,
+                                            args.parallel, args.out, settings, args.max_batch, command, args.served, args.scripts)  # fmt: skip
         elif args.what == "mind2web":
             from genpi.eval.mind2web import evaluate, format_summary
 
