@@ -55,7 +55,7 @@ class OpenAIEngine:
         request_timeout_s: float | None = None,
     ):
         """`timeout_s`: the most one try may take; `request_timeout_s`: the most one request may take from its first
-        send, every try and wait between tries included (None: only the tries are bounded, retries * timeout_s)."""
+        send, every try and wait between tries included (None: each try alone is bounded)."""
         self.base_url, self.model_name = base_url.rstrip("/"), model
         self.api_key = api_key if api_key is not None else next(filter(None, map(os.environ.get, API_KEY_VARIABLES)), None)
         self.max_concurrency, self.timeout_s, self.retries, self.backoff_s = max_concurrency, timeout_s, retries, backoff_s
