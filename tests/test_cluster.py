@@ -67,3 +67,18 @@ def test_the_readmes_submit_what_the_run_job_runs():
         [command] = [line for line in text.splitlines() if "ray job submit" in line and "genpi.cli run" in line]
         submitted = shlex.split(command)
         assert "--runtime-env" in submitted and submitted[submitted.index("--") + 1 :] == entry, readme
+
+
+def test_every_node_s_raylet_reaps_a_dead_worker_s_children():
+    """vLLM's engine core and tensor-parallel workers outlive an engine actor that dies uncleanly, holding its GPUs,
+    unless the raylet kills the dead worker's process group: every node's `ray start` runs with that setting."""
+    setting = {"name": "RAY_process_group_cleanup_enabled", "value": "true"}
+    for name in ("raycluster.yaml", "rayjob.yaml", "rayjob-run.yaml"):
+        spec = yaml.safe_load((CLUSTER / name).read_text())["spec"]
+        spec = spec.get("rayClusterSpec", spec)
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            for container in group["template"]["spec"]["containers"]:
+                assert setting in container.get("env", []), (name, container["name"])
+    up = yaml.safe_load((CLUSTER / "ray-up.yaml").read_text())
+    starts = [c for c in up["head_start_ray_commands"] + up["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_process_group_cleanup_enabled=true ray start" in c for c in starts)

@@ -31,6 +31,12 @@ def first_life(marker: Path) -> bool:
         return False
 
 
+def record_shutdown(marker: Path) -> None:
+    """An engine's shutdown, recorded next to its marker (the pids of the processes that shut their engine down)."""
+    with open(marker.parent / "shut_down", "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
 def batch_engine(marker: Path, error: str, doomed_always: bool = False):
     """An engine with a worker thread (`submit`, as the transformers engine) whose first process answers every
     request with `error`."""
@@ -52,6 +58,9 @@ def batch_engine(marker: Path, error: str, doomed_always: bool = False):
                 if self.doomed:
                     return Completion.failure(error)
                 return Completion(text=f"{os.getpid()}:{request.messages[0]['content']}", finish_reason="stop")
+
+            def shutdown(self):
+                record_shutdown(marker)
 
         return Engine()
 
@@ -77,6 +86,9 @@ def async_engine(marker: Path, hang_on: str = ""):
                 if hang_on and hang_on in request.messages[0]["content"]:
                     await asyncio.sleep(3600)
                 return Completion(text=f"{os.getpid()}:{request.messages[0]['content']}", finish_reason="stop")
+
+            def shutdown(self):  # vLLM's stops its engine core and tensor-parallel workers (processes of their own)
+                record_shutdown(marker)
 
         return Engine()
 
@@ -127,6 +139,7 @@ def test_a_dead_engine_restarts_its_actor_and_every_call_is_answered(local_ray, 
     assert [r.error for r in results] == [None] * len(texts)  # no call lost, none left with the dead engine's error
     second_pid = pid_of(handle)
     assert second_pid != first_pid
+    assert (tmp_path / "shut_down").read_text().split() == [str(first_pid)]  # the dead process shut its engine down
     assert [r.text for r in results] == [f"{second_pid}:{t}" for t in texts]  # answered by the restarted process
     ray.kill(handle)
 
@@ -148,3 +161,58 @@ def test_a_call_that_hangs_times_out_and_others_are_answered(local_ray, tmp_path
     assert stuck.error == "engine: fake gave no answer within 3 s" and is_retryable(stuck.error)
     assert fine.error is None and fine.text.endswith(":fine")
     ray.kill(handle)
+
+
+class Recorder:
+    """A fake engine that records its shutdown, and this process's exit (os._exit, patched), in order."""
+
+    model_name = "fake"
+
+    def __init__(self, monkeypatch, shutdown=lambda: None):
+        import threading
+
+        self.calls, self._shutdown = [], shutdown
+
+        def exit_(status):
+            if threading.current_thread() is not threading.main_thread():
+                self.calls.append(f"exit {status} (watchdog)")  # its thread ends here
+                return
+            self.calls.append(f"exit {status}")
+            raise SystemExit(status)
+
+        monkeypatch.setattr(os, "_exit", exit_)
+
+    def shutdown(self):
+        self.calls.append("shutdown")
+        self._shutdown()
+
+
+def plain_actor(engine):
+    """The actor's class itself, in this process (no Ray)."""
+    return EngineActor.__ray_metadata__.modified_class(EngineConfig(), False, lambda config: engine)
+
+
+def test_a_dead_engine_is_shut_down_before_its_process_exits(monkeypatch):
+    engine = Recorder(monkeypatch)
+    actor = plain_actor(engine)
+    actor._exit_if_dead([Completion.failure("context_length: 900 prompt tokens + 200 max tokens > 1024")])
+    actor._exit_if_dead([Completion.failure("engine: ValueError: one odd request")])
+    assert engine.calls == []  # neither says the engine is dead
+    with pytest.raises(SystemExit):
+        actor._exit_if_dead([Completion.failure("engine: EngineDeadError: EngineCore encountered an issue.")])
+    assert engine.calls == ["shutdown", "exit 1"]
+
+
+def test_a_shutdown_that_hangs_does_not_keep_a_dead_engine_s_process(monkeypatch):
+    import threading
+
+    from genpi.synth import actors
+
+    ended = threading.Event()
+    engine = Recorder(monkeypatch, shutdown=lambda: ended.wait(30))
+    monkeypatch.setattr(actors, "SHUTDOWN_TIMEOUT_S", 0.2)
+    os_exit = os._exit
+    monkeypatch.setattr(os, "_exit", lambda status: (ended.set(), os_exit(status)))  # the watchdog's exit ends the wait
+    with pytest.raises(SystemExit):
+        plain_actor(engine)._exit_if_dead([Completion.failure("engine: RuntimeError: CUDA error: an illegal memory access")])
+    assert engine.calls[:2] == ["shutdown", "exit 1 (watchdog)"]

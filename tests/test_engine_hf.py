@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from genpi.engines import ChatRequest, Sampling
+from genpi.engines import ChatRequest, Sampling, hf
 from genpi.engines.hf import TransformersEngine
 
 PROMPT = [
@@ -217,6 +217,53 @@ def test_an_abandoning_close_fails_what_runs_at_once(tiny_model):
         time.sleep(0.005)
     engine.close(abandon=True)
     assert long.result().error == "cancelled" and engine._worker is None
+
+
+def test_a_worker_that_fails_outside_a_row_fails_what_it_holds_and_the_next_request_starts_afresh(tiny_model, monkeypatch):
+    """An error outside the per-row handling (here: joining prefilled rows to the running batch, as an out of
+    memory there would) fails the running, the admitted and the queued rows with it, never leaves them hanging."""
+    engine = TransformersEngine(tiny_model, dtype="float32", max_batch=8)
+    [expected] = engine.generate(mixed_requests((6,)))
+    engine.steps.clear()
+    running = engine.submit(ChatRequest([{"role": "user", "content": "go on"}], Sampling(max_tokens=400)), stream=SlowStream())
+    while not engine.steps:  # it decodes in the running batch
+        time.sleep(0.005)
+    worker, join, queued, joined = engine._worker, engine._join, [], []
+
+    def failing_join(prefilled):
+        if joined:
+            return join(prefilled)
+        joined.extend(row for rows, *_ in prefilled for row in rows)
+        queued.append(engine.submit(mixed_requests((6,))[0]))  # arrives while the worker fails: still queued
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(engine, "_join", failing_join)
+    admitted = engine.submit(mixed_requests((12, 9))[1])
+    results = [f.result(timeout=60) for f in (running, admitted)]  # the old worker died with them: a hang
+    results += [f.result(timeout=60) for f in queued]  # submitted before the admitted row failed
+    assert len(joined) == 1 and joined[0].future is admitted and len(queued) == 1
+    assert [r.error for r in results] == ["engine: RuntimeError: CUDA out of memory (injected)"] * 3
+    worker.join(timeout=30)
+    assert not worker.is_alive() and engine._worker is None and engine not in hf._running
+    assert engine.generate(mixed_requests((6,))) == [expected]  # a fresh worker on an empty batch
+    engine.close()
+
+
+def test_a_cancelled_future_frees_its_row_and_the_worker_goes_on(tiny_model):
+    """An awaiting asyncio task that is cancelled cancels the future it wraps (asyncio.wrap_future): its row stops,
+    and its completion, which the future can no longer take, must not kill the worker."""
+    engine = TransformersEngine(tiny_model, dtype="float32", max_batch=8)
+    doomed = engine.submit(ChatRequest([{"role": "user", "content": "go on"}], Sampling(max_tokens=900)), stream=SlowStream())
+    while not engine.steps:
+        time.sleep(0.005)
+    assert doomed.cancel()
+    deadline = time.monotonic() + 5  # uncancelled, the row would decode for 9 s more
+    while any(engine._rows) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(engine._rows)
+    [after] = [f.result(timeout=60) for f in [engine.submit(mixed_requests((6,))[0])]]
+    assert after.error is None and after.completion_tokens == 6
+    engine.close()
 
 
 def test_a_process_that_never_closes_its_engine_exits_cleanly(tiny_model):

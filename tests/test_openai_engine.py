@@ -161,3 +161,101 @@ def test_a_malformed_openai_spec_is_bad_input(tmp_path, capsys):
 
     assert synth_main([str(CATALOG), "--out", str(tmp_path / "out"), "--target", "openai:calc"]) == 2
     assert "--target openai:calc: expected openai:BASE_URL/MODEL" in capsys.readouterr().err
+
+
+class Scripted:
+    """A plain HTTP server (stdlib, a thread of its own) that answers POSTs with the next of `replies`
+    ((status, headers), then a completion), counting the calls."""
+
+    def __init__(self, replies: list[tuple[int, dict]]):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        scripted = self
+        self.calls = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                scripted.calls += 1
+                status, headers = replies[scripted.calls - 1] if scripted.calls <= len(replies) else (200, {})
+                body = json.dumps({"error": {"message": "slow down"}} if status != 200 else
+                                  {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
+                                   "usage": {"prompt_tokens": 3, "completion_tokens": 1}}).encode()  # fmt: skip
+                self.send_response(status)
+                for name, value in {**headers, "Content-Type": "application/json", "Content-Length": str(len(body))}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_huge_retry_after_is_capped(monkeypatch):
+    from genpi.engines.openai import MAX_RETRY_WAIT_S
+
+    slept = []
+    sleep = asyncio.sleep
+
+    async def recorded(delay, *args, **kwargs):
+        slept.append(delay)
+        return await sleep(0, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "sleep", recorded)
+    server = Scripted([(429, {"Retry-After": "100000"}), (503, {"Retry-After": "100000"})])
+    try:
+        [ok] = OpenAIEngine(server.url, "m", api_key=KEY, backoff_s=0.01).generate([ChatRequest(chat("hi"))])
+    finally:
+        server.close()
+    assert ok.error is None and ok.text == "ok" and server.calls == 3
+    assert [d for d in slept if d > 1] == [MAX_RETRY_WAIT_S] * 2 and MAX_RETRY_WAIT_S <= 60
+
+
+def silent_url():
+    """A server that never answers: it listens, so connections open and requests go out, but never accepts."""
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    return silent, f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+
+
+def test_a_server_that_never_answers_hits_the_request_time_limit():
+    silent, url = silent_url()
+    engine = OpenAIEngine(url, "m", api_key=KEY, retries=5, backoff_s=0.2, timeout_s=600, request_timeout_s=1.5)
+    started = time.perf_counter()
+    [late] = engine.generate([ChatRequest(chat("hi"))])
+    took = time.perf_counter() - started
+    silent.close()
+    assert late.finish_reason == "error" and took < 5, (took, late.error)
+    assert late.error.startswith(f"engine: m at {url}/chat/completions: no answer within 1.5 s, the limit for one request")
+    assert "(1 tries, the last: " in late.error and "Timeout" in late.error  # the deadline cut the first try short
+    with pytest.raises(ValueError, match="request_timeout_s"):
+        OpenAIEngine(url, "m", request_timeout_s=0)
+
+
+def test_served_evaluation_bounds_each_request(monkeypatch):
+    """`--served` systems (genpi.eval.serve: all requests at once, and the episodes' Batcher) give their requests an
+    overall time limit: a server that stops answering ends in failed rows, not a stalled evaluation."""
+    from genpi.eval import serve
+
+    assert serve.SERVED_REQUEST_TIMEOUT_S <= 3600
+    monkeypatch.setattr(serve, "SERVED_REQUEST_TIMEOUT_S", 1.0)
+    silent, url = silent_url()
+    system = serve.System("remote", served=f"openai:{url}/m")
+    started = time.perf_counter()
+    [at_once] = serve.generate(None, system, [ChatRequest(chat("hi"))])
+    batcher = serve.Batcher(None)
+    episode = batcher.run(batcher.view(system).complete(ChatRequest(chat("hi"))))
+    silent.close()
+    assert time.perf_counter() - started < 8
+    for failed in (at_once, episode):
+        assert failed.finish_reason == "error" and "no answer within 1 s" in failed.error, failed.error

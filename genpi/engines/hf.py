@@ -13,17 +13,21 @@ left-padded: the attention mask hides the padding and each row keeps its own pos
 computes what it would compute alone. Sampling draws from a generator seeded by the request's seed: the
 same request gives the same text whatever it was batched with. The worker exits after a second without work
 (a new request starts another): an idle thread's OpenMP pool slows every other torch thread of the process.
+A request fails alone where it can (a bad request, a failed prefill); an error outside that (out of memory while
+joining the batch) fails every request the worker holds, and the next request starts a fresh worker.
 """
 
 from __future__ import annotations
 
 import atexit
 import queue
+import sys
 import threading
 import time
+import traceback
 import weakref
 from collections import OrderedDict, deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -160,6 +164,15 @@ def _stop_workers() -> None:
             thread.join()
 
 
+def _settle(row: _Row, completion: Completion) -> None:
+    """Give the row's future its completion, unless its caller cancelled it meanwhile (an awaiting asyncio task
+    that was cancelled cancels the future it wraps): set_result would raise in the worker."""
+    try:
+        row.future.set_result(completion)
+    except InvalidStateError:
+        pass
+
+
 def _failure(error: Exception) -> Completion:
     message = str(error)
     return Completion.failure(message if message.startswith(f"{CONTEXT_LENGTH_ERROR}:") or message == "cancelled" else f"engine: {type(error).__name__}: {message}")
@@ -228,6 +241,7 @@ class TransformersEngine:
         self._rows: list[_Row | None] = []
         self._cache: Cache | None = None
         self._mask: torch.Tensor | None = None
+        self._admitting: list[_Row] = []  # the rows `_admit` took out of the waiting ones and has not yet batched
 
     def add_adapters(self, adapters: dict[str, str], merge: bool = False) -> None:
         """Load LoRA adapters (name: folder) unmerged on the base, for `serving` to switch between. `merge` (one
@@ -328,9 +342,19 @@ class TransformersEngine:
     # ------------------------------------------------------------ the worker: continuous batching
 
     def _work(self) -> None:
+        waiting: deque[_Row] = deque()
+        try:
+            self._schedule(waiting)
+        except Exception as e:  # outside the per-row handling (out of memory joining or compacting the batch, ...):
+            # the thread would die still registered as the worker, so none would start again and every future would
+            # wait forever. Fail what it held, and let the next submit start a fresh worker on an empty batch.
+            print(f"genpi: the transformers engine's worker failed; its requests fail, the next one starts a new worker\n"
+                  f"{traceback.format_exc()}", file=sys.stderr, end="", flush=True)  # fmt: skip
+            self._exit(waiting, error=e)
+
+    def _schedule(self, waiting: deque[_Row]) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-        waiting: deque[_Row] = deque()
         while True:
             block = not self._rows and not waiting
             try:
@@ -360,34 +384,37 @@ class TransformersEngine:
                     self._step()
             self.busy_s += time.perf_counter() - started
 
-    def _exit(self, waiting: deque[_Row], only_if_idle: bool = False) -> bool:
+    def _exit(self, waiting: deque[_Row], only_if_idle: bool = False, error: Exception | None = None) -> bool:
         """The worker's end (its OpenMP pool goes with its thread), unless `only_if_idle` and a request came in;
-        requests still here fail as cancelled. Under the lock, so that `submit` sees a worker that takes its row."""
+        requests still here (waiting, being admitted, running, queued) fail with `error`, else as cancelled. Under
+        the lock, so that `submit` sees a worker that takes its row."""
         with self._lock:
             if only_if_idle and not self._queue.empty():
                 return False
             self._worker = None
             _running.discard(self)
-            left = [*waiting, *filter(None, self._rows)]
+            left = [*waiting, *self._admitting, *filter(None, self._rows)]
             while not self._queue.empty():
                 left.append(self._queue.get())
             # cleared before the lock goes: a worker started by the next submit builds its own batch in these
-            self._rows, self._cache, self._mask = [], None, None
+            self._rows, self._cache, self._mask, self._admitting = [], None, None, []
+        failure = _failure(error if error is not None else ValueError("cancelled"))
         for row in filter(None, left):  # outside the lock: a future's callbacks may submit again
-            row.future.set_result(_failure(ValueError("cancelled")))
+            if not row.future.done():  # rows being admitted may have their completion already
+                _settle(row, failure)
         return True
 
     def _admit(self, waiting: deque[_Row]) -> None:
         """Prefill waiting requests in one forward, each row on its prefix's cached keys, and add them to the batch."""
-        rows = []
+        rows = self._admitting = []  # out of `waiting` and not yet in the batch: failed with the worker if it fails
         while waiting and self._live() + len(rows) < self.max_batch:
             row = waiting.popleft()
             try:
-                if row.stream is not None and row.stream.cancelled:  # its client went away while it waited
+                if (row.stream is not None and row.stream.cancelled) or row.future.cancelled():  # its client went away
                     raise ValueError("cancelled")
                 self._prepare(row)
             except Exception as e:  # a malformed or over-long request fails alone
-                row.future.set_result(_failure(e))
+                _settle(row, _failure(e))
                 continue
             rows.append(row)
         if not rows:
@@ -401,8 +428,9 @@ class TransformersEngine:
                     try:
                         prefilled.append(([row], *self._prefill([row])))
                     except Exception as e:
-                        row.future.set_result(_failure(e))
+                        _settle(row, _failure(e))
         self._join([(group, cache, mask, [b for b, row in enumerate(group) if not self._ended(row)]) for group, cache, mask in prefilled])
+        self._admitting = []
 
     def _prepare(self, row: _Row) -> None:
         request = row.request
@@ -480,7 +508,7 @@ class TransformersEngine:
             self.steps.append((len(live), tuple(sorted({rows[b].adapter or "__base__" for b in live}))))
         except Exception as e:  # the whole batch shared the failed step
             for b in live:
-                rows[b].future.set_result(_failure(e))
+                _settle(rows[b], _failure(e))
             self._rows, self._cache, self._mask = [], None, None
             return
         for b in live:
@@ -546,6 +574,7 @@ class TransformersEngine:
             token in self.eos_ids
             or len(row.generated) >= sampling.max_tokens
             or (row.stream is not None and row.stream.cancelled)
+            or row.future.cancelled()  # its caller stopped waiting: free the row
             or (sampling.stop and self._stopped(row.generated, sampling.stop))
         )
         if done:
@@ -553,7 +582,7 @@ class TransformersEngine:
             if sampling.logprobs:
                 n = len(completion.token_ids)
                 completion.topk_ids, completion.topk_logprobs = row.topk_ids[:n], row.topk_logprobs[:n]
-            row.future.set_result(completion)
+            _settle(row, completion)
         return done
 
     def _stopped(self, generated: list[int], stop: tuple[str, ...]) -> bool:

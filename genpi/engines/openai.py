@@ -7,7 +7,8 @@ The API key comes from $GENPI_OPENAI_API_KEY, else $OPENAI_API_KEY (none: no Aut
 
 Every request is sent as it comes (the server batches), at most `max_concurrency` at a time. Rate limits
 (429), server errors (5xx), timeouts and dropped connections are retried with exponential backoff (the
-server's Retry-After wins); when the retries run out, or the server refuses the request (other 4xx), the
+server's Retry-After wins, up to MAX_RETRY_WAIT_S); when the retries run out, the request's overall time
+limit (`request_timeout_s`, from its first send) passes, or the server refuses the request (other 4xx), the
 request fails alone with the server's error text. Top-k log-probabilities need token ids: they are asked
 with vLLM's `return_tokens_as_token_ids`, which genpi serve honours too (vLLM also lists the end-of-turn
 token of a reply that stopped; training aligns the longest common run of tokens, so it does no harm).
@@ -23,6 +24,8 @@ import random
 from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Message, Sampling
 
 API_KEY_VARIABLES = ("GENPI_OPENAI_API_KEY", "OPENAI_API_KEY")
+MAX_RETRY_WAIT_S = 60.0  # the longest wait before a retry, whatever Retry-After asks: a server (or a proxy before
+# it) that answers "Retry-After: 100000" must not park a request, and the run behind it, for a day
 PREFIX = "openai:"
 
 
@@ -49,10 +52,16 @@ class OpenAIEngine:
         timeout_s: float = 600.0,
         retries: int = 5,
         backoff_s: float = 1.0,
+        request_timeout_s: float | None = None,
     ):
+        """`timeout_s`: the most one try may take; `request_timeout_s`: the most one request may take from its first
+        send, every try and wait between tries included (None: each try alone is bounded)."""
         self.base_url, self.model_name = base_url.rstrip("/"), model
         self.api_key = api_key if api_key is not None else next(filter(None, map(os.environ.get, API_KEY_VARIABLES)), None)
         self.max_concurrency, self.timeout_s, self.retries, self.backoff_s = max_concurrency, timeout_s, retries, backoff_s
+        if request_timeout_s is not None and request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be positive or None, not {request_timeout_s}")
+        self.request_timeout_s = request_timeout_s
         self._session = self._limit = self._session_loop = None  # made in the event loop that uses them
         self._loop: asyncio.AbstractEventLoop | None = None  # for the synchronous `generate`
 
@@ -122,11 +131,19 @@ class OpenAIEngine:
             self._session = aiohttp.ClientSession(headers=self._headers(), timeout=aiohttp.ClientTimeout(total=self.timeout_s))
             self._limit, self._session_loop = asyncio.Semaphore(self.max_concurrency), loop
         url = self.base_url + path
+        deadline = None  # from the first send: time spent queued behind `max_concurrency` requests does not count
+        tries, why = 0, ""
         for attempt in range(self.retries + 1):
             wait = self.backoff_s * 2**attempt * (0.5 + random.random())  # jitter: retries of many requests spread out
             async with self._limit:
+                if deadline is None and self.request_timeout_s is not None:
+                    deadline = loop.time() + self.request_timeout_s
+                left = self.timeout_s if deadline is None else min(self.timeout_s, deadline - loop.time())
+                if left <= 0:
+                    break
+                tries += 1
                 try:
-                    async with self._session.post(url, json=body) as response:
+                    async with self._session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=left)) as response:
                         if response.status == 200:
                             return await response.json(content_type=None)
                         error = _error_text(await response.text())
@@ -141,8 +158,14 @@ class OpenAIEngine:
                 except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                     why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             if attempt < self.retries:
+                wait = min(wait, MAX_RETRY_WAIT_S)
+                if deadline is not None and loop.time() + wait >= deadline:  # the retry would start too late
+                    break
                 await asyncio.sleep(wait)
-        raise _Failed(f"engine: {self.model_name} at {url}: {why} (after {self.retries + 1} tries)")
+        else:
+            raise _Failed(f"engine: {self.model_name} at {url}: {why} (after {tries} tries)")
+        raise _Failed(f"engine: {self.model_name} at {url}: no answer within {self.request_timeout_s:g} s, the limit for one "
+                      f"request, tries and waits included ({tries} tries, the last: {why})")  # fmt: skip
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -145,9 +145,13 @@ class VLLMEngine:
         return completion
 
     def shutdown(self) -> None:
+        """Stop vLLM's engine core and tensor-parallel workers: processes of their own, which keep their GPU memory
+        until stopped, also after this process exits uncleanly (the engine actor calls this before it exits on a dead
+        engine). The synchronous `generate`'s event loop is closed only when it is not running."""
         self.llm.shutdown()
-        if self._loop is not None:
+        if self._loop is not None and not self._loop.is_running():
             self._loop.close()
+            self._loop = None
 
 
 def main(argv: list[str] | None = None) -> None:

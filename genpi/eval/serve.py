@@ -14,6 +14,8 @@ A served system is any OpenAI-compatible server (genpi serve names each adapter 
 MODEL `{prompt_id}` reaches every prompt's adapter). Its replies come over HTTP and are scored like the
 local systems'; what needs the model's own logits cannot be, and its summary names it in `not_scored`
 (the values null, never 0). The teacher and the base stay local: the evaluated base model still loads.
+A served request that gets no answer within SERVED_REQUEST_TIMEOUT_S (every retry included) fails as that
+row's error, so a server that stops answering ends the evaluation instead of stalling it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from genpi.train.adapters import AdapterManifest, check_adapter
 TEACHER, BASE = "teacher", "base"
 SYSTEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a Parquet partition value and a table row
 PROMPT_ID = "{prompt_id}"
+SERVED_REQUEST_TIMEOUT_S = 900.0  # one served request, from its first send to its answer, every retry and wait
+# included: room for one full try (the engine's 600 s) and the retries of a short outage
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,7 @@ def served_as(engine, systems: list[System]) -> str:
 def generate(engine, system: System, requests: list[ChatRequest]) -> list[Completion]:
     """All requests of one system at once: on the local engine, or on the system's server."""
     if system.served:
-        client = OpenAIEngine.from_spec(system.served)
+        client = OpenAIEngine.from_spec(system.served, request_timeout_s=SERVED_REQUEST_TIMEOUT_S)
         try:
             return client.generate(requests)
         finally:
@@ -228,7 +232,7 @@ class _View:
         served, clients = self.system.served, self.batcher.clients
         if served:
             if served not in clients:
-                clients[served] = OpenAIEngine.from_spec(served)
+                clients[served] = OpenAIEngine.from_spec(served, request_timeout_s=SERVED_REQUEST_TIMEOUT_S)
             return await clients[served].complete(request)
         return await asyncio.wrap_future(self.batcher.engine.submit(request, self.system.adapter))
 

@@ -9,7 +9,11 @@ A dead engine (vLLM's engine-dead error, a broken CUDA context, the same
 failure over and over) ends its actor's process, so Ray starts a fresh one and
 re-sends the calls that were in flight; restarts and retries are bounded, and
 every call has a timeout, so a broken engine ends in recorded failures (which a
-rerun redoes), never in a hang.
+rerun redoes), never in a hang. The engine is shut down before the process ends:
+vLLM's engine core and tensor-parallel workers are processes of their own, which
+would keep their GPU memory and fail the restarted actor's memory check. Where
+the process dies without that (killed, out of memory), Ray reaps its children
+if the cluster enables it (RAY_process_group_cleanup_enabled, see cluster/).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import uuid
 
 import ray
@@ -29,6 +34,7 @@ FATAL_ENGINE_ERRORS = (
     "NCCL error",
 )  # fmt: skip
 DEAD_AFTER_IDENTICAL_FAILURES = 8  # the same engine error this many calls in a row: treat as dead
+SHUTDOWN_TIMEOUT_S = 60.0  # a dead engine's shutdown may hang (a wedged GPU): the process exits after this anyway
 
 
 @ray.remote
@@ -71,8 +77,25 @@ class EngineActor:
                 if fatal or self.repeated_failures >= DEAD_AFTER_IDENTICAL_FAILURES:
                     why = "fatal error" if fatal else f"the same error {self.repeated_failures} times in a row"
                     print(f"genpi: engine {self.config.model} (pid {os.getpid()}) is dead ({why}: {result.error[:500]}); "
-                          "exiting so that Ray restarts it", file=sys.stderr, flush=True)  # fmt: skip
-                    os._exit(1)
+                          "shutting it down and exiting so that Ray restarts it", file=sys.stderr, flush=True)  # fmt: skip
+                    shut_down_and_exit(self.engine)
+
+
+def shut_down_and_exit(engine) -> None:
+    """End this process, the engine shut down first (its `shutdown`, where it has one: vLLM's stops its engine core
+    and tensor-parallel worker processes, which would otherwise keep their GPU memory). A watchdog ends the process
+    if the shutdown hangs; os._exit, not sys.exit: the actor must not go on serving from a dead engine."""
+    watchdog = threading.Timer(SHUTDOWN_TIMEOUT_S, os._exit, (1,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        if hasattr(engine, "shutdown"):
+            engine.shutdown()
+    except Exception as e:  # exit all the same
+        print(f"genpi: the dead engine's shutdown failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+    finally:
+        watchdog.cancel()
+    os._exit(1)
 
 
 class ActorEngine:
