@@ -70,6 +70,7 @@ class Limits:
     max_message_chars: int = 2**20  # one message's text
     max_stop_chars: int = 64  # the engine decodes the last 4 tokens per stop character at every step of the row
     max_waiting: int = 64  # requests held beyond a full batch (read, tokenized or queued); more are refused 503
+    body_timeout_s: float = 30.0  # to send the body in: a client that trickles it holds a place no longer (408)
 
 
 @dataclass
@@ -228,7 +229,7 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
         what = "an integer" if integer else "a number"
-        raise ApiError(400, f"'{name}' must be {what} in [{low:g}, {high:g}], got {value!r}", name)
+        raise ApiError(400, f"'{name}' must be {what} in [{low:g}, {high:g}], got {repr(value)[:80]}", name)  # not an echo of a huge value
     return value
 
 
@@ -345,9 +346,9 @@ def _api(handler):
     return route
 
 
-async def _read_json(request, limit: int):
+async def _read_json(request, limit: int, timeout_s: float):
     """The request's JSON body, read up to `limit` bytes (a body that says or turns out to be larger is refused
-    before more of it is held)."""
+    before more of it is held) within `timeout_s` seconds."""
     from starlette.requests import ClientDisconnect
 
     too_large = ApiError(413, f"the request body is over this server's limit of {limit} bytes", code="request_too_large")
@@ -355,13 +356,19 @@ async def _read_json(request, limit: int):
     if length.isdigit() and int(length) > limit:
         raise too_large
     body = bytearray()
-    try:
+
+    async def read() -> None:
         async for chunk in request.stream():
-            body += chunk
+            body.extend(chunk)
             if len(body) > limit:
                 raise too_large
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
     except ClientDisconnect as e:
         raise ApiError(400, "the client went away before sending its request body") from e
+    except asyncio.TimeoutError as e:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout") from e
     try:
         return json.loads(body)
     except RecursionError as e:  # the parser recurses per level: deep nesting is no valid request anyway
@@ -429,7 +436,8 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
         held += 1
         job = None
         try:
-            chat = parse_chat(await _read_json(request, limits.max_body_bytes), set(served), default_max_tokens, limits)
+            body = await _read_json(request, limits.max_body_bytes, limits.body_timeout_s)
+            chat = parse_chat(body, set(served), default_max_tokens, limits)
             try:
                 n = await asyncio.get_running_loop().run_in_executor(tokenizing, prompt_tokens, chat.request.messages)
             except TemplateError as e:  # the chat template refuses these messages (e.g. roles out of order)
@@ -622,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=limits.max_waiting,
                    help="transformers: requests held beyond the --max-batch running ones, being read, tokenized or "
                         "waiting for a row (default %(default)s); more are answered 503 with Retry-After")  # fmt: skip
+    p.add_argument("--body-timeout", type=float, default=limits.body_timeout_s,
+                   help="transformers: seconds a client has to send its request body (default %(default)s; then 408)")
     p.add_argument("--max-batch", type=int, default=32, help="transformers: rows per forward pass")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="transformers: torch threads (default: torch's)")
@@ -642,10 +652,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_tokens < 1 or args.max_batch < 1 or not 0 < args.port < 65536:
             raise InputError("--max-tokens and --max-batch must be at least 1, --port in 1..65535")
-        limits = Limits(args.max_body_bytes, args.max_messages, args.max_message_chars, args.max_stop_chars, args.max_waiting)
-        if min(limits.max_body_bytes, limits.max_messages, limits.max_message_chars, limits.max_stop_chars) < 1 or limits.max_waiting < 0:
-            raise InputError("--max-body-bytes, --max-messages, --max-message-chars and --max-stop-chars must be at "
-                             "least 1, --max-waiting at least 0")  # fmt: skip
+        limits = Limits(args.max_body_bytes, args.max_messages, args.max_message_chars, args.max_stop_chars, args.max_waiting,
+                        args.body_timeout)  # fmt: skip
+        for flag, value, least in (("--max-body-bytes", args.max_body_bytes, 1), ("--max-messages", args.max_messages, 1),
+                                   ("--max-message-chars", args.max_message_chars, 1),
+                                   ("--max-stop-chars", args.max_stop_chars, 1), ("--max-waiting", args.max_waiting, 0)):  # fmt: skip
+            if value < least:
+                raise InputError(f"{flag} must be at least {least}, got {value}")
+        if not limits.body_timeout_s > 0:  # also NaN
+            raise InputError(f"--body-timeout must be above 0 seconds, got {limits.body_timeout_s}")
         if args.api_key is not None and not args.api_key.strip():  # for both engines: an empty key is no key at all
             raise InputError("the API key (--api-key or $GENPI_API_KEY) is empty: give one, or neither to serve without")
         base_path, adapters = load_adapters(args.adapters, args.catalog, args.base)

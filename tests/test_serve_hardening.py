@@ -1,10 +1,12 @@
 """`genpi serve` under hostile or unlucky requests: bounded requests and queue, OpenAI-shaped errors that keep
 internals in the log, /health, and the vLLM child (its key, its signals) run as a fake vLLM."""
 
+import http.client
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -92,7 +94,7 @@ def test_request_sizes_are_bounded(served, tiny_model):
     from genpi.serve import Limits, build_app
 
     _, scheduler, base_name = served
-    limits = Limits(max_body_bytes=20_000, max_messages=3, max_message_chars=500, max_stop_chars=8)
+    limits = Limits(max_body_bytes=20_000, max_messages=3, max_message_chars=500, max_stop_chars=8, body_timeout_s=1)
     server = Server(build_app(scheduler, AutoTokenizer.from_pretrained(tiny_model), base_name, [], KEY, 8, limits=limits))
     try:
         ok = {"model": base_name, "messages": chat("hi"), "max_tokens": 2}
@@ -110,6 +112,16 @@ def test_request_sizes_are_bounded(served, tiny_model):
         assert_error(post(server.url, {**ok, "messages": [{"role": "user", "content": parts}]}), 400, "messages[0].content")
         assert_error(post(server.url, {**ok, "stop": ["123456789"]}), 400, "stop")
         assert post(server.url, {**ok, "stop": ["12345678"]})[0] == 200
+        # a client that trickles its body holds its place for body_timeout_s, then gets 408
+        host, port = server.url.removeprefix("http://").split("/")[0].split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as client:
+            client.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                           "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode())  # fmt: skip
+            started = time.time()
+            response = http.client.HTTPResponse(client)
+            response.begin()
+            assert response.status == 408 and time.time() - started < 10
+            assert json.loads(response.read())["error"]["code"] == "request_timeout"
     finally:
         server.close()
 
@@ -304,12 +316,23 @@ def test_vllm_dies_with_a_killed_genpi(adapters_dir, tmp_path):
 @pytest.mark.parametrize("engine", ["transformers", "vllm"])
 def test_an_empty_api_key_is_refused_by_both_engines(adapters_dir, tmp_path, engine):
     fake = fake_vllm(tmp_path)
-    for how in (["--api-key", ""], ["--api-key", "  "]):
-        result = run_serve(adapters_dir, "--catalog", CATALOG, "--engine", engine, "--vllm-python", fake, *how, timeout=60)
-        assert result.returncode == 2 and "API key" in result.stderr and "empty" in result.stderr, result.stderr
-    env = {**os.environ, "PYTHONPATH": str(REPO), "GENPI_API_KEY": ""}
-    command = [sys.executable, "-m", "genpi.cli", "serve", str(adapters_dir), "--catalog", str(CATALOG), "--engine", engine,
-               "--vllm-python", str(fake)]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "empty" in result.stderr
-    assert not (tmp_path / "ready").exists()  # no vLLM was started
+    try:
+        for how in (["--api-key", ""], ["--api-key", "  "]):
+            result = run_serve(adapters_dir, "--catalog", CATALOG, "--engine", engine, "--vllm-python", fake, *how, timeout=60)
+            assert result.returncode == 2 and "API key" in result.stderr and "empty" in result.stderr, result.stderr
+        env = {**os.environ, "PYTHONPATH": str(REPO), "GENPI_API_KEY": ""}
+        command = [sys.executable, "-m", "genpi.cli", "serve", str(adapters_dir), "--catalog", str(CATALOG),
+                   "--engine", engine, "--vllm-python", str(fake)]  # fmt: skip
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "empty" in result.stderr
+        assert not (tmp_path / "ready").exists()  # no vLLM was started
+    finally:  # one that was started (by a server that took the empty key) goes
+        if (tmp_path / "pid").exists() and alive(child := int((tmp_path / "pid").read_text())):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_limit_flags_are_checked(adapters_dir):
+    for flags, says in ((["--max-body-bytes", "0"], "--max-body-bytes"), (["--max-waiting", "-1"], "--max-waiting"),
+                        (["--body-timeout", "nan"], "--body-timeout")):  # fmt: skip
+        result = run_serve(adapters_dir, "--catalog", CATALOG, *flags, timeout=60)
+        assert result.returncode == 2 and f"{says} must be" in result.stderr, result.stderr
