@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import ctypes
+import hashlib
 import hmac
 import json
 import logging
@@ -240,7 +240,7 @@ def parse_chat(body, models: set[str], default_max_tokens: int, limits: Limits =
     if not isinstance(model, str):
         raise ApiError(400, "'model' is required: a prompt id or the base model's name (GET /v1/models)", "model")
     if model not in models:
-        raise ApiError(404, f"the model {model!r} does not exist; served: {', '.join(sorted(models))}", "model", "model_not_found")
+        raise ApiError(404, f"the model {repr(model)[:100]} does not exist; served: {', '.join(sorted(models))}", "model", "model_not_found")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
