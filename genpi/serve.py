@@ -3,18 +3,24 @@
     GET  /v1/models             the base model's name and the prompt ids that have an adapter
     POST /v1/chat/completions   `model` = a prompt id: the base plus that prompt's adapter, no prompt tokens;
                                 `model` = the base's name: the base alone (send the prompt yourself)
+    GET  /health                200 while the server is up (no key needed: for orchestrators' probes)
 
 The embedded engine (transformers + PEFT, for CPU machines) loads every adapter once, unmerged, on one base.
 Its worker thread batches continuously: a request joins the running batch as it arrives, rows of different
 adapters together (PEFT's `adapter_names`), and leaves it as it ends. Streamed requests get their tokens as
 they are generated; a client that goes away has its row stopped.
+What one request may hold (its body, messages, stop strings) and how many requests the server holds at once
+are bounded (`Limits`, the --max-* flags); a request is tokenized in a thread of its own before it reaches the
+engine, and one that does not fit the context never reaches it, so no prompt stalls the running rows. Every
+error is OpenAI's JSON error shape; what went wrong inside goes to the server's log, not to the client.
 Prefix caching: the longest run of leading messages that requests of the same model have followed with
 different messages (the prompt P and its shots, sent before every conversation's own turns) is the prefix
 whose KV cache the engine computes once and keeps. `--merge ID` serves one prompt's adapter merged into the
 base weights instead: no LoRA matmuls per token, and no base model to serve beside it.
 
 `--engine vllm` instead runs vLLM's own OpenAI server with every adapter as a LoRA module (multi-LoRA batching,
-prefix caching). Either way, every adapter is checked first: trained for the catalog's prompt as it is now
+prefix caching), the API key in its environment, as a child that SIGTERM reaches and that dies with genpi.
+Either way, every adapter is checked first: trained for the catalog's prompt as it is now
 (`prompt_sha256`) and on this base model.
 """
 
@@ -22,16 +28,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import hashlib
 import hmac
 import json
+import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +56,21 @@ MAX_STOPS = 4  # as the OpenAI API
 MAX_TOP_LOGPROBS = 20
 HISTORY = 1000  # jobs the scheduler remembers
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
+INTERNAL_ERROR = "the server failed on this request; its log says why"
+log = logging.getLogger("genpi.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold and how many requests the server holds at once (the --max-* flags of genpi serve).
+    Tokenizing costs about a second per 2 MB of text on one core, off the event loop and the engine's worker."""
+
+    max_body_bytes: int = 4 * 2**20  # a 128k-token context of escaped JSON text fits
+    max_messages: int = 1024
+    max_message_chars: int = 2**20  # one message's text
+    max_stop_chars: int = 64  # the engine decodes the last 4 tokens per stop character at every step of the row
+    max_waiting: int = 64  # requests held beyond a full batch (read, tokenized or queued); more are refused 503
+    body_timeout_s: float = 30.0  # to send the body in: a client that trickles it holds a place no longer (408)
 
 
 @dataclass
@@ -168,16 +193,19 @@ class Prefixes:
 class ApiError(Exception):
     """An OpenAI-style error response."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):  # fmt: skip
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self):
         from starlette.responses import JSONResponse
 
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 @dataclass
@@ -201,21 +229,24 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
         what = "an integer" if integer else "a number"
-        raise ApiError(400, f"'{name}' must be {what} in [{low:g}, {high:g}], got {value!r}", name)
+        raise ApiError(400, f"'{name}' must be {what} in [{low:g}, {high:g}], got {repr(value)[:80]}", name)  # not an echo of a huge value
     return value
 
 
-def parse_chat(body, models: set[str], default_max_tokens: int) -> Chat:
+def parse_chat(body, models: set[str], default_max_tokens: int, limits: Limits = Limits()) -> Chat:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str):
         raise ApiError(400, "'model' is required: a prompt id or the base model's name (GET /v1/models)", "model")
     if model not in models:
-        raise ApiError(404, f"the model {model!r} does not exist; served: {', '.join(sorted(models))}", "model", "model_not_found")
+        raise ApiError(404, f"the model {repr(model)[:100]} does not exist; served: {', '.join(sorted(models))}", "model", "model_not_found")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
+    if len(messages) > limits.max_messages:
+        raise ApiError(400, f"'messages' holds {len(messages)} messages; this server takes at most {limits.max_messages}",
+                       "messages")  # fmt: skip
     chat = []
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
@@ -227,6 +258,9 @@ def parse_chat(body, models: set[str], default_max_tokens: int) -> Chat:
         role = "system" if role == "developer" else role  # OpenAI's newer name for the system role
         if role not in ROLES or not isinstance(content, str):
             raise ApiError(400, f"messages[{i}] must be {{'role': one of {ROLES}, 'content': text}}", f"messages[{i}]")
+        if len(content) > limits.max_message_chars:
+            raise ApiError(400, f"messages[{i}].content has {len(content)} characters; this server takes at most "
+                           f"{limits.max_message_chars} per message", f"messages[{i}].content")  # fmt: skip
         chat.append({"role": role, "content": content})
     if _number(body, "n", 1, 1, 1, integer=True) != 1:
         raise ApiError(400, "'n' must be 1", "n")
@@ -234,6 +268,8 @@ def parse_chat(body, models: set[str], default_max_tokens: int) -> Chat:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings", "stop")
+    if any(len(s) > limits.max_stop_chars for s in stop):
+        raise ApiError(400, f"a stop string has at most {limits.max_stop_chars} characters on this server", "stop")
     for name in ("stream", "logprobs", "return_tokens_as_token_ids"):
         if not isinstance(body.get(name, False), bool):
             raise ApiError(400, f"'{name}' must be true or false", name)
@@ -245,12 +281,13 @@ def parse_chat(body, models: set[str], default_max_tokens: int) -> Chat:
     logprobs = 0
     if body.get("logprobs"):
         logprobs = max(1, _number(body, "top_logprobs", 1, 0, MAX_TOP_LOGPROBS, integer=True))
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    # max_completion_tokens is OpenAI's newer name; null (as clients send for "unset") falls back to max_tokens
+    limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     seed = _number(body, "seed", None, -(2**63), 2**64 - 1, integer=True)
     sampling = Sampling(
         temperature=float(_number(body, "temperature", 1.0, 0, 2)),
         top_p=float(_number(body, "top_p", 1.0, 0, 1)),
-        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens, 1, 2**31, integer=True),
+        max_tokens=_number(body, limit, default_max_tokens, 1, 2**31, integer=True),
         stop=tuple(stop),
         logprobs=logprobs,
     )
@@ -282,30 +319,94 @@ def _logprobs(tokenizer, chat: Chat, completion: Completion) -> dict | None:
     return {"content": content}
 
 
+def _context_error(message: str) -> ApiError:
+    return ApiError(400, f"this model's context is too short for the request: {message}; shorten the messages "
+                    "or lower max_tokens", "messages", "context_length_exceeded")  # fmt: skip
+
+
 def _error_of(completion: Completion) -> ApiError:
     if completion.error.startswith(f"{CONTEXT_LENGTH_ERROR}:"):
-        message = completion.error.removeprefix(f"{CONTEXT_LENGTH_ERROR}:").strip()
-        return ApiError(400, f"this model's context is too short for the request: {message}; shorten the messages "
-                        "or lower max_tokens", "messages", "context_length_exceeded")  # fmt: skip
-    return ApiError(500, completion.error)
+        return _context_error(completion.error.removeprefix(f"{CONTEXT_LENGTH_ERROR}:").strip())
+    log.error("genpi serve: a request failed in the engine: %s", completion.error)  # the client is told no more
+    return ApiError(500, INTERNAL_ERROR)
+
+
+def _api(handler):
+    """The route `handler` with every failure as an OpenAI error: what went wrong inside is logged, not sent."""
+
+    async def route(request):
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return e.response()
+        except Exception:
+            log.exception("genpi serve: %s %s failed", request.method, request.url.path)
+            return ApiError(500, INTERNAL_ERROR).response()
+
+    return route
+
+
+async def _read_json(request, limit: int, timeout_s: float):
+    """The request's JSON body, read up to `limit` bytes (a body that says or turns out to be larger is refused
+    before more of it is held) within `timeout_s` seconds."""
+    from starlette.requests import ClientDisconnect
+
+    too_large = ApiError(413, f"the request body is over this server's limit of {limit} bytes", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise too_large
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except ClientDisconnect as e:
+        raise ApiError(400, "the client went away before sending its request body") from e
+    except asyncio.TimeoutError as e:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout") from e
+    try:
+        return json.loads(body)
+    except RecursionError as e:  # the parser recurses per level: deep nesting is no valid request anyway
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from e
 
 
 def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Adapter], api_key: str | None = None,
-              default_max_tokens: int = 512, merged: bool = False):  # fmt: skip
+              default_max_tokens: int = 512, merged: bool = False, limits: Limits = Limits()):  # fmt: skip
     """The ASGI app over an embedded engine. `tokenizer` (its own copy: the engine thread uses the engine's)
-    decodes streamed tokens. `merged`: the engine's model is the one adapter merged into the base, served under
-    its prompt id alone (the base without it is not there to serve)."""
+    counts each request's prompt tokens, in a thread of its own, and decodes streamed tokens. `merged`: the
+    engine's model is the one adapter merged into the base, served under its prompt id alone (the base without
+    it is not there to serve). The engine's `max_batch` rows plus `limits.max_waiting` requests are held at once."""
+    from jinja2 import TemplateError
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
+    if api_key is not None and not api_key.strip():
+        raise ValueError("an empty API key: give one, or None to serve without")
     if merged:  # the engine's model is the merged one: no PEFT adapter to name
         [adapter] = adapters
         served = {adapter.prompt_id: None}
     else:  # model: PEFT adapter name (None: the base alone)
         served = {a.prompt_id: a.name for a in adapters} | {base_name: None}
     created, prefixes = int(time.time()), Prefixes()
+    max_model_len, capacity = scheduler.engine.max_model_len, scheduler.engine.max_batch + limits.max_waiting
+    held = 0  # requests being read, tokenized, or in the engine
+    # one thread: a long prompt's tokenization (the tokenizer lets go of the GIL) waits neither the event loop
+    # nor the engine's worker, which sees only prompts that fit the context
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="genpi-serve-tokenize")
+
+    def prompt_tokens(messages: list[dict]) -> int:  # as the engine encodes them
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -314,34 +415,50 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
         if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             raise ApiError(401, "a valid API key is required: 'Authorization: Bearer KEY'", code="invalid_api_key")
 
+    async def health(request: Request):
+        return JSONResponse({"status": "ok"})
+
     async def models(request: Request):
-        try:
-            authorize(request)
-        except ApiError as e:
-            return e.response()
+        authorize(request)
         data = [{"id": m, "object": "model", "created": created, "owned_by": "genpi", "root": base_name} for m in served]
         return JSONResponse({"object": "list", "data": data})
 
+    def release(_=None) -> None:
+        nonlocal held
+        held -= 1
+
     async def chat_completions(request: Request):
+        nonlocal held
+        authorize(request)
+        if held >= capacity:
+            raise ApiError(503, f"the server is busy: {held} requests are running or waiting; retry later",
+                           code="server_overloaded", headers={"Retry-After": "1"})  # fmt: skip
+        held += 1
+        job = None
         try:
-            authorize(request)
+            body = await _read_json(request, limits.max_body_bytes, limits.body_timeout_s)
+            chat = parse_chat(body, set(served), default_max_tokens, limits)
             try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"the request body is not valid JSON: {e}") from e
-            chat = parse_chat(body, set(served), default_max_tokens)
+                n = await asyncio.get_running_loop().run_in_executor(tokenizing, prompt_tokens, chat.request.messages)
+            except TemplateError as e:  # the chat template refuses these messages (e.g. roles out of order)
+                raise ApiError(400, f"the model's chat template refuses these messages: {e}", "messages") from e
+            if n + chat.request.sampling.max_tokens > max_model_len:
+                raise _context_error(f"{n} prompt tokens + {chat.request.sampling.max_tokens} max tokens > {max_model_len}")
             chat.request.prefix_messages = prefixes.shared(chat.model, chat.request.messages)
             job = scheduler.submit(Job(chat.request, served[chat.model], chat.stream))
-            if not chat.stream:
-                completion = await _wait(request, job)
-                if completion.error:
-                    raise _error_of(completion)
-                return JSONResponse(_response(chat, completion))
-            first = await _next_token(job)  # an error before the first token is still an HTTP error
-            if first is None and job.result.result().error:
-                raise _error_of(job.result.result())
-        except ApiError as e:
-            return e.response()
+        finally:
+            if job is None:
+                release()
+            else:  # held until the engine is done with it
+                job.result.add_done_callback(release)
+        if not chat.stream:
+            completion = await _wait(request, job)
+            if completion.error:
+                raise _error_of(completion)
+            return JSONResponse(_response(chat, completion))
+        first = await _next_token(job)  # an error before the first token is still an HTTP error
+        if first is None and job.result.result().error:
+            raise _error_of(job.result.result())
         return StreamingResponse(_events(chat, job, first), media_type="text/event-stream")
 
     def _response(chat: Chat, completion: Completion) -> dict:
@@ -376,8 +493,7 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
                 token = await _next_token(job)
             completion = job.result.result()
             if completion.error:  # failed after it started: say so in the stream
-                error = _error_of(completion)
-                yield f"data: {json.dumps({'error': {'message': error.message, 'type': 'server_error', 'code': error.code}})}\n\n"
+                yield f"data: {json.dumps(_error_of(completion).body())}\n\n"
             else:
                 rest = completion.text[len(sent) :] if completion.text.startswith(sent) else ""
                 if rest:
@@ -386,11 +502,19 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
                 if chat.include_usage:
                     yield event(None, usage=_usage(completion))
             yield "data: [DONE]\n\n"
+        except Exception:  # the status is sent: the stream ends with an error event instead
+            log.exception("genpi serve: a stream failed")
+            yield f"data: {json.dumps(ApiError(500, INTERNAL_ERROR).body())}\n\n"
         finally:  # the client went away (or the stream ended): stop generating this row
             job.cancelled = True
 
-    return Starlette(routes=[Route("/v1/models", models, methods=["GET"]),
-                             Route("/v1/chat/completions", chat_completions, methods=["POST"])])  # fmt: skip
+    async def http_error(request: Request, error: HTTPException):  # Starlette's own: no such route or method
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        return ApiError(error.status_code, message, headers=error.headers).response()
+
+    routes = [Route("/health", health, methods=["GET"]), Route("/v1/models", _api(models), methods=["GET"]),
+              Route("/v1/chat/completions", _api(chat_completions), methods=["POST"])]  # fmt: skip
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
 async def _next_token(job: Job) -> int | None:
@@ -418,9 +542,10 @@ async def _wait(request, job: Job) -> Completion:
 # ---------------------------------------------------------------- vLLM
 
 
-def vllm_command(python: str, base_path: str, adapters: list[Adapter], host: str, port: int, api_key: str | None,
+def vllm_command(python: str, base_path: str, adapters: list[Adapter], host: str, port: int,
                  max_model_len: int | None = None, extra: list[str] = ()) -> list[str]:  # fmt: skip
-    """vLLM's OpenAI server with every adapter as a LoRA module named by its prompt id."""
+    """vLLM's OpenAI server with every adapter as a LoRA module named by its prompt id (the API key is no
+    argument: `run_vllm` passes it in the environment)."""
     rank = max(int(a.manifest.lora.get("r", 16)) for a in adapters)
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
     if max_rank is None:
@@ -432,11 +557,49 @@ def vllm_command(python: str, base_path: str, adapters: list[Adapter], host: str
         "--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(max_rank),
         "--enable-prefix-caching", "--lora-modules", *(f"{a.prompt_id}={a.folder.resolve()}" for a in adapters),
     ]  # fmt: skip
-    if api_key:
-        command += ["--api-key", api_key]
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
     return command + list(extra)
+
+
+def _die_with_parent(parent: int, prctl) -> None:
+    """In the child before exec: SIGTERM when genpi ends, even SIGKILLed (Linux's PR_SET_PDEATHSIG)."""
+    if prctl is not None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # genpi ended before that took hold
+        os._exit(1)
+
+
+def run_vllm(command: list[str], api_key: str | None) -> int:
+    """Run vLLM's server as genpi's child until it exits; its exit status (128 + N for signal N). The key goes in
+    its environment ($VLLM_API_KEY): a command line is visible to every user (ps). The child has a session of its
+    own, so SIGTERM, SIGINT and SIGHUP reach it once, passed on by genpi, which waits for it to shut down (vLLM
+    stops its engine processes); whatever of its process group outlives it is killed; and it gets SIGTERM if
+    genpi dies first."""
+    env = {**os.environ, **({"VLLM_API_KEY": api_key} if api_key else {})}
+    try:  # looked up before the fork: the child only calls it
+        prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+    except (OSError, AttributeError):
+        prctl = None
+    parent = os.getpid()
+    child = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=lambda: _die_with_parent(parent, prctl))
+
+    def forward(signum, frame) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward) for s in forwarded}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # nothing left of it
+            pass
+    return code if code >= 0 else 128 - code
 
 
 # ---------------------------------------------------------------- the command
@@ -452,8 +615,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("GENPI_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $GENPI_API_KEY; none: no key)")  # fmt: skip
+                   help="require 'Authorization: Bearer KEY' (default: $GENPI_API_KEY, which, unlike a command line, "
+                        "other users cannot see in ps; none: no key)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=512, help="a request's max_tokens when it gives none")
+    limits = Limits()
+    p.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes,
+                   help="transformers: the largest request body (default %(default)s; larger: 413)")
+    p.add_argument("--max-messages", type=int, default=limits.max_messages,
+                   help="transformers: the most messages in a request (default %(default)s)")
+    p.add_argument("--max-message-chars", type=int, default=limits.max_message_chars,
+                   help="transformers: the most characters in one message (default %(default)s)")
+    p.add_argument("--max-stop-chars", type=int, default=limits.max_stop_chars,
+                   help="transformers: the most characters in one stop string (default %(default)s)")
+    p.add_argument("--max-waiting", type=int, default=limits.max_waiting,
+                   help="transformers: requests held beyond the --max-batch running ones, being read, tokenized or "
+                        "waiting for a row (default %(default)s); more are answered 503 with Retry-After")  # fmt: skip
+    p.add_argument("--body-timeout", type=float, default=limits.body_timeout_s,
+                   help="transformers: seconds a client has to send its request body (default %(default)s; then 408)")
     p.add_argument("--max-batch", type=int, default=32, help="transformers: rows per forward pass")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="transformers: torch threads (default: torch's)")
@@ -474,6 +652,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_tokens < 1 or args.max_batch < 1 or not 0 < args.port < 65536:
             raise InputError("--max-tokens and --max-batch must be at least 1, --port in 1..65535")
+        limits = Limits(args.max_body_bytes, args.max_messages, args.max_message_chars, args.max_stop_chars, args.max_waiting,
+                        args.body_timeout)  # fmt: skip
+        for flag, value, least in (("--max-body-bytes", args.max_body_bytes, 1), ("--max-messages", args.max_messages, 1),
+                                   ("--max-message-chars", args.max_message_chars, 1),
+                                   ("--max-stop-chars", args.max_stop_chars, 1), ("--max-waiting", args.max_waiting, 0)):  # fmt: skip
+            if value < least:
+                raise InputError(f"{flag} must be at least {least}, got {value}")
+        if not limits.body_timeout_s > 0:  # also NaN
+            raise InputError(f"--body-timeout must be above 0 seconds, got {limits.body_timeout_s}")
+        if args.api_key is not None and not args.api_key.strip():  # for both engines: an empty key is no key at all
+            raise InputError("the API key (--api-key or $GENPI_API_KEY) is empty: give one, or neither to serve without")
         base_path, adapters = load_adapters(args.adapters, args.catalog, args.base)
         if args.merge is not None:
             if args.engine == "vllm":
@@ -486,10 +675,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = ", ".join(a.prompt_id for a in adapters)
     if args.engine == "vllm":
-        command = vllm_command(args.vllm_python, base_path, adapters, args.host, args.port, args.api_key,
-                               args.max_model_len, extra)  # fmt: skip
+        command = vllm_command(args.vllm_python, base_path, adapters, args.host, args.port, args.max_model_len, extra)
         print(f"genpi serve: vLLM on http://{args.host}:{args.port}/v1 with {names}", file=sys.stderr, flush=True)
-        return subprocess.call(command)
+        return run_vllm(command, args.api_key)
 
     import uvicorn
     from transformers import AutoTokenizer
@@ -501,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.add_adapters({a.name: str(a.folder) for a in adapters}, merge=args.merge is not None)
     scheduler = Scheduler(engine)
     app = build_app(scheduler, AutoTokenizer.from_pretrained(base_path), engine.model_name, adapters, args.api_key,
-                    args.max_tokens, merged=args.merge is not None)  # fmt: skip
+                    args.max_tokens, merged=args.merge is not None, limits=limits)  # fmt: skip
     names += " (merged into the base)" if args.merge is not None else ""
     print(f"genpi serve: {engine.model_name} with {names} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

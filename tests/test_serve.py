@@ -351,12 +351,13 @@ def test_the_vllm_command_serves_every_adapter_as_a_lora_module(tiny_model, tmp_
     from genpi.serve import load_adapters, vllm_command
 
     base, adapters = load_adapters(make_adapters(tiny_model, tmp_path / "adapters", r=12), CATALOG, None)
-    command = vllm_command("/venv/bin/python", base, adapters, "127.0.0.1", 8123, "k", 512)
+    command = vllm_command("/venv/bin/python", base, adapters, "127.0.0.1", 8123, 512)
     assert command[:5] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", base]
     flags = " ".join(command)
     assert "--enable-lora --max-loras 2 --max-lora-rank 16 --enable-prefix-caching" in flags  # rank 12: vLLM's next size
     assert f"calc={tmp_path / 'adapters' / 'calc'}" in command and f"greet={tmp_path / 'adapters' / 'greet'}" in command
-    assert "--api-key k" in flags and "--max-model-len 512" in flags and "--host 127.0.0.1 --port 8123" in flags
+    assert "--max-model-len 512" in flags and "--host 127.0.0.1 --port 8123" in flags
+    assert "--api-key" not in flags  # the key goes in vLLM's environment (run_vllm): a command line shows in ps
 
 
 VLLM_PYTHON = Path(os.environ.get("GENPI_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
