@@ -58,6 +58,7 @@ def write_json(path: str | Path, data) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # as a plain open would leave it (mkstemp makes it private)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
         os.replace(tmp, path)
@@ -127,6 +128,7 @@ def _create(path: Path, me: dict) -> bool:
     """Create the lock whole (a private file hard-linked into place); False if a lock exists."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # readable by other users' runs, which must see who holds it
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         try:
@@ -153,6 +155,8 @@ def _holder(path: Path) -> tuple[str, dict | None] | None:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except PermissionError:  # another user's lock that this user may not read: held, as far as anyone here can tell
+        return "", {"host": "unknown (the lock file is not readable)"}
     except (OSError, UnicodeDecodeError):
         return "", None
     try:

@@ -354,3 +354,17 @@ def test_a_corrupt_manifest_exits_2_naming_it(tmp_path, capsys, text):
     err = capsys.readouterr().err
     assert err.startswith(f"genpi: error: {out / 'manifest.json'}: not a") and err.count("\n") == 1
     assert not (out / LOCK).exists()
+
+
+def test_a_lock_is_readable_by_other_users_runs_and_one_they_cannot_read_is_held(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = acquire_lock(out)
+    assert lock.stat().st_mode & 0o777 == 0o644
+    release_lock(lock)
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    write_lock(out, dead_pid())
+    (out / LOCK).chmod(0)
+    with pytest.raises(InputError, match="not readable"):
+        acquire_lock(out)
