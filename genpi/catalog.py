@@ -131,23 +131,33 @@ def load_catalog(path: str | Path, only: list[str] | None = None) -> list[Prompt
     path = Path(path)
     if not path.exists():
         raise CatalogError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise CatalogError(f"{path}: a folder, not a catalog file (.yaml, .yml or .jsonl)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CatalogError(f"{path}: not UTF-8 text (byte {e.start}); a catalog is a .yaml or .jsonl text file") from None
+    except OSError as e:
+        raise CatalogError(f"{path}: cannot be read: {e.strerror or e}") from None
     if path.suffix in (".jsonl", ".ndjson"):
         raw = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                raw.append(json.loads(line))
+                raw.append(json.loads(line, object_pairs_hook=_unique_keys))
             except json.JSONDecodeError as e:
                 raise CatalogError(f"{path}: line {lineno}: not valid JSON: {e.msg}") from None
+            except ValueError as e:  # a duplicate key
+                raise CatalogError(f"{path}: line {lineno}: {e}") from None
     elif path.suffix in (".yaml", ".yml"):
         try:
-            raw = yaml.safe_load(text)
+            raw = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise CatalogError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line (a binary file's reader error has two)
+            raise CatalogError(f"{path}: not valid YAML{where}: {problem}") from None
         if isinstance(raw, dict) and set(raw) == {"prompts"}:
             raw = raw["prompts"]
     else:
@@ -166,6 +176,36 @@ def load_catalog(path: str | Path, only: list[str] | None = None) -> list[Prompt
             raise InputError(f"--prompts: {', '.join(unknown)} not in {path} (it has {', '.join(seen)})")
         entries = [e for e in entries if e.id in only]
     return entries
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (safe_load keeps the last silently); keys a
+    merge (<<) brings in may still be overridden, as YAML means them to be."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: the base class says what is wrong with it
+                continue
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first given at line {first.line + 1})",
+                                                        key_node.start_mark)  # fmt: skip
+        return super().construct_mapping(node, deep)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict; ValueError for a key given twice."""
+    data = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"duplicate key {key!r}")
+        data[key] = value
+    return data
 
 
 def _parse_entry(path: Path, index: int, item: object) -> PromptEntry:

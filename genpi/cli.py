@@ -81,18 +81,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from genpi.synth.stats import format_rows, run_sql
+    from genpi.synth.stats import format_rows, rows_json, run_sql
 
-    columns, rows = run_sql(args.out, args.query, args.memory_limit, args.threads, args.timeout)
-    if args.json:
-        print(json.dumps([dict(zip(columns, row)) for row in rows], indent=2, default=str))
-    else:
-        print(format_rows(columns, rows))
+    result = run_sql(args.out, args.query, args.memory_limit, args.threads, args.timeout, args.max_rows, args.max_temp)
+    text = rows_json(result) if args.json else format_rows(result.columns, result.rows, result.check_time)
+    print(text)
+    if result.cut:  # on stderr: --json output stays one JSON document
+        print(f"genpi sql: the result was cut at {args.max_rows} rows (--max-rows); add a LIMIT, or raise --max-rows", file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from genpi.synth.stats import MEMORY_LIMIT, THREADS, TIMEOUT_S
+    from genpi.synth.stats import MAX_ROWS, MAX_TEMP, MEMORY_LIMIT, THREADS, TIMEOUT_S
 
     parser = argparse.ArgumentParser(prog="genpi", description="Generative Prompt Internalization")
     parser.add_argument("--version", action="version", version=f"genpi {__version__}")
@@ -137,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
     p.add_argument("--memory-limit", default=MEMORY_LIMIT, help="DuckDB memory limit (default %(default)s)")
     p.add_argument("--threads", type=int, default=THREADS, help="DuckDB threads (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds before the query is stopped (default %(default)s)")
+    p.add_argument("--max-temp", default=MAX_TEMP, help="what DuckDB may spill to disk, in a folder inside OUT (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=TIMEOUT_S,
+                   help="seconds before the query is stopped, converting and printing its rows included (default %(default)s)")
+    p.add_argument("--max-rows", type=int, default=MAX_ROWS, help="rows printed at most; the rest are not fetched (default %(default)s)")
     p.set_defaults(handler=cmd_sql)
     return parser
 

@@ -9,6 +9,7 @@
                           efficiency)
     RUN/report            report.md with its plots (genpi report)
     RUN/run.json          each stage's command, state and time
+    RUN/run.lock          while a run goes on: a second run of the same folder is refused
 
 Stages, in order: synth, stats, train METHOD (each), eval fidelity, eval os-tasks ID (each --tasks),
 eval mind2web ID (each --mind2web), eval efficiency ID (each prompt), report. Each stage is the stage's
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from genpi import InputError
+from genpi.runfolder import check_out, holding_lock, write_json
 
 RUN_FILE = "run.json"
+LOCK = "run.lock"  # held while the run goes on (genpi.runfolder)
 
 
 @dataclass(frozen=True)
@@ -184,8 +186,9 @@ def on_a_gpu_if_any(stage_main, argv: list[str]) -> int:
     usually sits on a CPU-only head node, and evaluation loads the base model); else in this process."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False, include_dashboard=False)
+    from genpi.cluster import init_ray
+
+    init_ray()
     if not ray.cluster_resources().get("GPU"):
         return stage_main(argv)
     return ray.get(ray.remote(num_gpus=1, max_retries=0)(stage_main).remote(argv))
@@ -202,9 +205,7 @@ def read_record(run: Path) -> dict:
 
 
 def write_record(run: Path, record: dict) -> None:
-    tmp = run / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, run / RUN_FILE)  # atomic: a kill never leaves half a record
+    write_json(run / RUN_FILE, record)  # atomic: a kill never leaves half a record
 
 
 def _minutes(seconds: float) -> str:
@@ -238,9 +239,13 @@ def refuse_changed_stages(run: Path, stages: list[tuple[str, list[str]]]) -> Non
 def run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, preset_name: str, progress: bool) -> int:
     """Each stage in order, recorded in RUN/run.json: a stage done before is skipped (the last, which reads what the
     others wrote, is redone when another stage ran); returns the first failing stage's exit status, else 0."""
+    with holding_lock(run / LOCK, "genpi run"):  # two runs of one folder would run the same stages at once
+        return _run_stages(run, stages, preset, preset_name, progress)
+
+
+def _run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, preset_name: str, progress: bool) -> int:
     refuse_changed_stages(run, stages)
     record = read_record(run)
-    run.mkdir(parents=True, exist_ok=True)
     record["preset"] = preset_name
     names = [name for name, _ in stages]
     started, spent_expected, ran = time.monotonic(), 0.0, False
@@ -272,6 +277,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from genpi.train.recipe import METHODS
 
     preset = PRESETS[args.preset]
+    check_out(args.out)  # an object-store URI is refused before anything is written
     entries = load_catalog(args.catalog, args.prompts.split(",") if args.prompts else None)  # bad input fails before any work
     if args.prompts is None and preset.prompts and not set(preset.prompts.split(",")) <= {e.id for e in entries}:
         args.prompts = entries[0].id  # the demo's example prompt is not in this catalog: its first prompt instead

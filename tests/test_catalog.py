@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -178,6 +179,47 @@ def test_unreadable_files(tmp_path):
         load_catalog(tmp_path / "missing.yaml")
     with pytest.raises(CatalogError, match="unknown catalog format"):
         load_catalog(bad_yaml.rename(tmp_path / "catalog.txt"))
+
+
+def test_a_folder_a_binary_or_a_non_utf8_catalog_is_refused_naming_it(tmp_path, capsys):
+    from genpi.cli import main
+
+    folder = tmp_path / "catalog.yaml"
+    folder.mkdir()
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(yaml.safe_dump([dict(GOOD, system="Réponds en français.")], allow_unicode=True).encode("utf-8").replace("é".encode(), b"\xe9"))
+    binary = tmp_path / "model.jsonl"
+    binary.write_bytes(bytes(range(256)) * 4)
+    nuls = tmp_path / "nuls.yaml"
+    nuls.write_bytes(b"- id: a\x00\x00\n")
+    for path, words in ((folder, "a folder, not a catalog file"), (latin1, "not UTF-8 text (byte"), (binary, "not UTF-8 text"),
+                        (nuls, "not valid YAML")):  # fmt: skip
+        with pytest.raises(CatalogError, match=re.escape(f"{path}: {words}")):
+            load_catalog(path)
+        for command in (["synth", str(path), "--out", str(tmp_path / "out")], ["run", str(path), "--out", str(tmp_path / "run")],
+                        ["serve", str(tmp_path), "--catalog", str(path)]):  # fmt: skip
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"genpi: error: {path}: ") and err.count("\n") == 1, (command, err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("- id: agent.v1\n  system: Answer briefly.\n  max_turns: 3\n  system: Answer at length.\n")
+    with pytest.raises(CatalogError, match=re.escape(f"{twice}: not valid YAML at line 4, column 3: duplicate key 'system' (first given at line 2)")):
+        load_catalog(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(yaml.safe_dump([dict(GOOD, actions={"valid": "^Act: "})]).replace("valid: '^Act: '", "valid: '^Act: '\n    valid: x"))
+    with pytest.raises(CatalogError, match="duplicate key 'valid'"):
+        load_catalog(nested)
+    jsonl = tmp_path / "twice.jsonl"
+    jsonl.write_text(json.dumps(GOOD)[:-1] + ', "max_turns": 9}\n')
+    with pytest.raises(CatalogError, match=re.escape(f"{jsonl}: line 1: duplicate key 'max_turns'")):
+        load_catalog(jsonl)
+    merged = tmp_path / "merged.yaml"  # a merge key's values may be overridden: YAML means them to be
+    merged.write_text("- &base {id: one, system: Be brief., max_turns: 3, input_examples: [hi]}\n- <<: *base\n  id: two\n")
+    assert [(e.id, e.max_turns) for e in load_catalog(merged)] == [("one", 3), ("two", 3)]
 
 
 def test_cli_rejects_bad_catalog_with_status_2_and_writes_nothing(tmp_path):

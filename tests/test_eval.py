@@ -162,3 +162,14 @@ def test_a_prompt_without_actions_skips_the_action_metrics_only(data, adapters, 
     for name, m in calc["systems"].items():
         replies = [reply for system, reply, _ in rows if system == name]
         assert m["checks"]["english"]["first_turn"] == sum(run_checks(entry, r)["english"] for r in replies) / 2
+
+
+def test_a_corrupt_adapter_manifest_exits_2_naming_the_file(data, tiny_trainable_model, tmp_path, capsys):
+    from genpi.eval.run import main
+
+    adapters = tmp_path / "adapters"
+    (adapters / "calc").mkdir(parents=True)
+    (adapters / "calc" / "genpi.json").write_text('{"prompt_id": "calc", "prompt_sha256": ')
+    assert main(["fidelity", str(data), "--catalog", str(CATALOG), "--adapters", str(adapters), "--base", tiny_trainable_model]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"genpi: error: {adapters / 'calc' / 'genpi.json'}: not a valid genpi adapter manifest") and err.count("\n") == 1

@@ -163,3 +163,60 @@ def test_a_changed_task_or_efficiency_setting_is_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"stage {stage!r} was started with other settings" in err and "choose another --out" in err, err
     assert json.loads((out / "run.json").read_text())["stages"]["report"]["status"] == "done"  # nothing ran
+
+
+def test_a_second_run_of_one_folder_is_refused_naming_the_holder(tmp_path, capsys, monkeypatch):
+    import genpi.run
+    from test_train_run import live_lock
+
+    ran = []
+
+    def stage(name, argv, progress):
+        assert json.loads((out / "run.lock").read_text())["pid"] == os.getpid()  # held while the stages run
+        ran.append(name)
+        return 0
+
+    monkeypatch.setattr(genpi.run, "run_stage", stage)
+    out = tmp_path / "run"
+    argv = [str(CATALOG), "--out", str(out), "--prompts", "calc", "--methods", "sft"]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live_lock(out / "run.lock", holder.pid)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "in use by another genpi run" in err and f"pid {holder.pid}" in err and err.count("\n") == 1
+        assert not ran and not (out / "run.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(argv) == 0 and ran[0] == "synth"  # the holder is gone: its lock is taken over
+    assert not (out / "run.lock").exists()  # and released
+
+
+def test_an_object_store_out_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([str(CATALOG), "--out", "s3://bucket/run", "--prompts", "calc"]) == 2
+    assert "object-store URIs are not supported" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no local folder s3:/bucket/run
+
+
+def test_run_json_is_replaced_through_a_unique_temporary_file(tmp_path, monkeypatch):
+    from genpi.run import read_record, write_record
+
+    replaced, real = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append(str(src)), real(src, dst))[1])
+    write_record(tmp_path, {"stages": {}})
+    write_record(tmp_path, {"stages": {"synth": {"status": "done"}}})
+    assert len(set(replaced)) == 2 and all(os.path.dirname(src) == str(tmp_path) for src in replaced)  # two writers never share one
+    assert read_record(tmp_path) == {"stages": {"synth": {"status": "done"}}} and os.listdir(tmp_path) == ["run.json"]
+
+
+def test_evaluation_on_a_gpu_if_any_starts_a_local_ray_beside_a_stale_session_file(tmp_path, capsys, monkeypatch):
+    from genpi.run import on_a_gpu_if_any
+    from test_train_run import stale_ray_session, stop_at_ray_init
+
+    stale_ray_session(tmp_path, monkeypatch)
+    used = stop_at_ray_init(monkeypatch)
+    with pytest.raises(RuntimeError, match="stop at ray.init"):
+        on_a_gpu_if_any(lambda argv: 0, [])
+    assert used == [None] and "genpi: Ray: using a local Ray cluster of its own" in capsys.readouterr().err

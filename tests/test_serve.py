@@ -434,3 +434,15 @@ def test_a_prompt_sent_before_different_conversations_is_cached_once(served, dir
     assert [shared.shared("m", prompt + turns[: 2 * k + 1]) for k in range(3)] == [0, 0, 0]
     assert shared.shared("m", prompt + chat("other")) == len(prompt)
     assert shared.shared("other model", prompt + chat("a")) == 0
+
+
+def test_a_corrupt_adapter_manifest_exits_2_naming_the_file(tmp_path, capsys):
+    from genpi.serve import main
+
+    for name, text in (("calc", "{not json"), ("greet", '{"prompt_id": "greet"}')):
+        adapters = tmp_path / name
+        (adapters / name).mkdir(parents=True)
+        (adapters / name / "genpi.json").write_text(text)
+        assert main([str(adapters), "--catalog", str(CATALOG)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"genpi: error: {adapters / name / 'genpi.json'}: not a valid genpi adapter manifest") and err.count("\n") == 1

@@ -235,7 +235,7 @@ def test_hive_prompt_id_is_one_string_column(tmp_path):
     names = [d[0] for d in described]
     assert names.count("prompt_id") == 1 and set(names) == set(DIALOGUE_SCHEMA.names)
     assert dict((d[0], d[1]) for d in described)["prompt_id"] == "VARCHAR"
-    assert run_sql(out, "SELECT prompt_id FROM dialogues") == (["prompt_id"], [("007",)])
+    assert sql_rows(out, "SELECT prompt_id FROM dialogues") == (["prompt_id"], [("007",)])
 
 
 def test_format_stats(run):
@@ -299,9 +299,14 @@ def test_stats_cli(run, capsys):
     assert "beta.v2" in capsys.readouterr().out
 
 
+def sql_rows(out, query, **limits):
+    result = run_sql(out, query, **limits)
+    return result.columns, result.rows
+
+
 def test_sql(run, capsys):
     query = "SELECT prompt_id, count(*) AS n FROM dialogues GROUP BY prompt_id ORDER BY prompt_id"
-    assert run_sql(run, query) == (["prompt_id", "n"], [("alpha", 5), ("beta.v2", 6)])
+    assert sql_rows(run, query) == (["prompt_id", "n"], [("alpha", 5), ("beta.v2", 6)])
     assert main(["sql", str(run), query, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == [{"prompt_id": "alpha", "n": 5}, {"prompt_id": "beta.v2", "n": 6}]
     assert main(["sql", str(run), "SELECT input, turns FROM dialogues WHERE sample_id = 2 AND prompt_id = 'alpha'"]) == 0
@@ -312,7 +317,7 @@ def test_sql(run, capsys):
 def test_sql_with_glob_characters_in_out(run, tmp_path):
     odd = tmp_path / "runs [1] *?"
     run.rename(odd)
-    assert run_sql(odd, "SELECT count(*) FROM dialogues") == (["count_star()"], [(11,)])
+    assert sql_rows(odd, "SELECT count(*) FROM dialogues") == (["count_star()"], [(11,)])
     assert [s["rows"] for s in quality_stats(odd)] == [5, 6, 0]
 
 
@@ -332,6 +337,66 @@ def test_sql_limits_are_set_and_locked(run, capsys):
     assert "time limit of 0.5 s" in capsys.readouterr().err
     assert main(["sql", str(run), "SELECT 1", "--memory-limit", "lots"]) == 2
     assert "memory" in capsys.readouterr().err
+
+
+def test_sql_caps_the_rows_and_says_so(run, capsys):
+    query = "SELECT i FROM range(25) t(i) ORDER BY i"
+    result = run_sql(run, query, max_rows=10)
+    assert result.rows == [(i,) for i in range(10)] and result.cut
+    assert not run_sql(run, query, max_rows=25).cut and len(run_sql(run, query).rows) == 25  # default cap 10,000
+    assert main(["sql", str(run), query, "--max-rows", "10"]) == 0
+    captured = capsys.readouterr()
+    assert "(10 rows)" in captured.out and "cut at 10 rows (--max-rows)" in captured.err
+    assert main(["sql", str(run), query, "--max-rows", "3", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == [{"i": 0}, {"i": 1}, {"i": 2}] and "cut at 3 rows" in captured.err
+    assert main(["sql", str(run), query, "--max-rows", "25"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["sql", str(run), query, "--max-rows", "0"]) == 2
+    assert "--max-rows must be at least 1" in capsys.readouterr().err
+
+
+def test_sql_spills_inside_the_run_folder_and_within_its_bound(run, capsys, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # DuckDB's own default spills to .tmp in the working directory
+    con = open_dialogues(run, max_temp="1MB")
+    try:
+        folder = con.execute("SELECT current_setting('temp_directory')").fetchone()[0]
+        assert folder.startswith(str(run.resolve()) + "/.duckdb-spill-")
+        assert con.execute("SELECT current_setting('max_temp_directory_size')").fetchone()[0] == "976.5 KiB"  # 1 MB
+    finally:
+        con.close()
+    big_sort = "SELECT count(*) FROM (SELECT md5(i::VARCHAR) || md5((i + 1)::VARCHAR) AS m FROM range(3000000) t(i) ORDER BY m)"
+    assert main(["sql", str(run), big_sort, "--memory-limit", "40MB", "--max-temp", "2MB", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genpi: error: query failed") and err.count("\n") == 1 and "Out of Memory" in err
+    assert not any(cwd.iterdir()) and not list(run.glob(".duckdb-spill-*"))  # nothing left behind, no .tmp here
+
+
+def test_sql_time_limit_covers_converting_and_printing_the_rows(run, capsys, monkeypatch):
+    import genpi.synth.stats as stats
+
+    slow_cell = stats._cell
+
+    def cell(value, width=stats.MAX_CELL):
+        time.sleep(0.05)
+        return slow_cell(value, width)
+
+    monkeypatch.setattr(stats, "_cell", cell)  # a result that is quick to compute and slow to render
+    started = time.monotonic()
+    assert main(["sql", str(run), "SELECT i FROM range(200) t(i)", "--timeout", "0.5"]) == 2
+    assert time.monotonic() - started < 5  # not the 10 s that rendering all 200 rows takes
+    captured = capsys.readouterr()
+    assert captured.out == "" and "time limit of 0.5 s" in captured.err
+
+    def slow_dumps(*args, **kwargs):
+        time.sleep(0.05)
+        return json.dumps(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "json", type("slow_json", (), {"dumps": staticmethod(slow_dumps)}))
+    assert main(["sql", str(run), "SELECT i FROM range(200) t(i)", "--timeout", "0.5", "--json"]) == 2
+    assert "time limit of 0.5 s" in capsys.readouterr().err
 
 
 def test_format_rows_truncates_and_counts():
@@ -384,3 +449,10 @@ def test_stats_without_data(tmp_path, capsys, make):
     assert str(out) in err and "genpi synth" in err
     assert ("no such run folder" if make == "missing" else "no dialogue shards") in err
     assert main(["sql", str(out), "SELECT 1"]) == 2
+
+
+def test_a_corrupt_manifest_exits_2_naming_it(run, capsys):
+    (run / "manifest.json").write_text('{"prompts": {"alpha": ')
+    assert main(["stats", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"genpi: error: {run / 'manifest.json'}: not a readable run manifest") and err.count("\n") == 1

@@ -8,11 +8,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from conftest import REPO
-from genpi import InputError
+from genpi import InputError, runfolder
 from genpi.catalog import load_catalog
 from genpi.engines import ChatRequest, Completion, EngineConfig
 from genpi.synth import pipeline, store
@@ -41,9 +42,11 @@ def dead_pid() -> int:
     return process.pid
 
 
-def write_lock(out, pid, host=None):
+def write_lock(out, pid, host=None, **fields):
+    """A lock as a process of this host, boot and PID namespace writes it (`fields` change or drop, with None, what it records)."""
     out.mkdir(parents=True, exist_ok=True)
-    holder = {"host": host or socket.gethostname(), "pid": pid, "started": "2026-01-01T00:00:00"}
+    holder = {**runfolder._me(), "host": host or socket.gethostname(), "pid": pid, "started": "2026-01-01T00:00:00", "start_ticks": None}
+    holder = {k: v for k, v in {**holder, **fields}.items() if v is not None or k not in fields}
     (out / LOCK).write_text(json.dumps(holder))
 
 
@@ -74,8 +77,78 @@ def test_a_stale_lock_from_a_killed_run_is_taken_over_and_released(tmp_path):
         acquire_lock(out)
     release_lock(lock)
     assert not lock.exists()
-    (out / LOCK).write_text("")  # a run killed between creating the lock and writing it
+    (out / LOCK).write_text("")  # an unreadable lock (written by a genpi that did not create it whole) ...
+    with pytest.raises(InputError, match="is being written"):  # ... that may still be being written
+        acquire_lock(out)
+    old = time.time() - runfolder.FRESH_S - 1
+    os.utime(out / LOCK, (old, old))
+    release_lock(acquire_lock(out))  # ... left by a run killed before it wrote it
+    assert not (out / LOCK).exists()
+
+
+def test_a_holder_that_cannot_be_checked_from_here_keeps_its_lock(tmp_path):
+    """Only a holder of this host, boot and PID namespace can be found gone: a pid from another namespace
+    (a container on the same host name) means nothing here."""
+    out, gone = tmp_path / "out", dead_pid()
+    for fields in ({"pid_ns": "pid:[4026530000]"}, {"boot_id": "another-boot"}, {"boot_id": None, "pid_ns": None}):
+        write_lock(out, gone, **fields)
+        with pytest.raises(InputError, match=f"pid {gone}"):
+            acquire_lock(out)
+        assert json.loads((out / LOCK).read_text())["pid"] == gone
+    write_lock(out, gone, pid_ns="pid:[4026530000]")
+    with pytest.raises(InputError, match="another PID namespace"):
+        acquire_lock(out)
+    write_lock(out, gone)  # the same namespace: gone
     release_lock(acquire_lock(out))
+    held = json.loads(runfolder.acquire_lock(out / LOCK, "synthesis run").read_text())
+    assert held["pid_ns"] == os.readlink("/proc/self/ns/pid") and held["boot_id"] and held["start_ticks"] > 0
+    release_lock(out / LOCK)
+
+
+def test_a_reused_pid_does_not_keep_a_stale_lock(tmp_path):
+    out = tmp_path / "out"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ticks = runfolder._start_ticks(other.pid)
+        write_lock(out, other.pid, start_ticks=ticks)  # the holder itself
+        with pytest.raises(InputError, match=f"pid {other.pid}"):
+            acquire_lock(out)
+        write_lock(out, other.pid, start_ticks=ticks - 1)  # the holder's pid, now another process's
+        release_lock(acquire_lock(out))
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_lock_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", disk_full)
+    monkeypatch.setattr(json, "dumps", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        acquire_lock(out)
+    assert list(out.iterdir()) == []  # no empty lock that a later run would have to judge
+
+
+def test_a_stale_lock_taken_over_meanwhile_is_not_removed(tmp_path, monkeypatch):
+    """Two runs that found the same stale lock: the one that comes second must not remove the first's new lock."""
+    out = tmp_path / "out"
+    write_lock(out, dead_pid())
+    guard = runfolder._guard
+
+    def first_takes_it_meanwhile(folder):
+        (out / LOCK).unlink()
+        write_lock(out, os.getppid())  # the other run's fresh lock (a live process)
+        return guard(folder)
+
+    monkeypatch.setattr(runfolder, "_guard", first_takes_it_meanwhile)
+    with pytest.raises(InputError, match=f"pid {os.getppid()}"):
+        acquire_lock(out)
+    assert json.loads((out / LOCK).read_text())["pid"] == os.getppid()
 
 
 @pytest.mark.parametrize("uri", ["s3://bucket/run", "gs://bucket/run", "hdfs://nn/run"])
@@ -386,3 +459,40 @@ def test_a_finished_shard_that_no_longer_matches_its_checksum_is_redone_on_resum
     rows = rows_of(out, "greet")
     assert [r["sample_id"] for r in rows] == list(range(5)) and all(r["reason"] == "because" for r in rows)
     assert manifest["prompts"]["greet"]["shards"]["part-00000.parquet"]["sha256"] == store.file_sha256(path)
+
+
+def test_synthesis_starts_a_local_ray_beside_a_stale_session_file(tmp_path, capsys, monkeypatch):
+    from genpi.synth.run import synthesize
+    from test_train_run import stale_ray_session, stop_at_ray_init
+
+    stale_ray_session(tmp_path, monkeypatch)
+    used = stop_at_ray_init(monkeypatch)
+    with pytest.raises(RuntimeError, match="stop at ray.init"):
+        synthesize(CATALOG, tmp_path / "out", SETTINGS, options=OPTIONS)
+    assert used == [None]  # a new local cluster, not the dead head's
+    assert capsys.readouterr().err.count("genpi: Ray: using a local Ray cluster of its own") == 1
+
+
+@pytest.mark.parametrize("text", ["{\"version\": 2, \"prom", "[]", "\x00\x01binary", "{\"prompts\": [1]}"])
+def test_a_corrupt_manifest_exits_2_naming_it(tmp_path, capsys, text):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(text.encode("latin-1"))
+    assert main([str(CATALOG), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"genpi: error: {out / 'manifest.json'}: not a") and err.count("\n") == 1
+    assert not (out / LOCK).exists()
+
+
+def test_a_lock_is_readable_by_other_users_runs_and_one_they_cannot_read_is_held(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = acquire_lock(out)
+    assert lock.stat().st_mode & 0o777 == 0o644
+    release_lock(lock)
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    write_lock(out, dead_pid())
+    (out / LOCK).chmod(0)
+    with pytest.raises(InputError, match="not readable"):
+        acquire_lock(out)

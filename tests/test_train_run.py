@@ -16,7 +16,7 @@ from genpi.catalog import load_catalog
 from genpi.synth import store
 from genpi.train.adapters import StaleAdapterError, check_adapter, read_adapter_manifest
 from genpi.train.recipe import TrainSettings
-from genpi.train.run import LAMBDA_RULE, Plan, fingerprint, prompt_settings, train_catalog, write_best
+from genpi.train.run import LAMBDA_RULE, Plan, fingerprint, main, prompt_settings, train_catalog, write_best
 from test_recipe import row, write_calc_dialogues
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
@@ -255,3 +255,138 @@ def test_lambda_is_the_lowest_heldout_teacher_kl_not_the_lowest_heldout_loss(tmp
     assert failed["status"] == "failed" and "no held-out teacher KL" in failed["errors"][0]
     one = write_best(dataclasses.replace(plan, lambdas=[0.3]), tried[:1], tmp_path / "one", "base")
     assert one["lam"] == 0.3 and check_adapter(tmp_path / "one" / "calc", CALC).eval_metrics["lambda_rule"] == "given"
+
+
+def live_lock(path, pid):
+    """A lock as a run of this host, boot and PID namespace holds it."""
+    from genpi import runfolder
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**runfolder._me(), "pid": pid, "start_ticks": None}))
+
+
+def stop_at_ray_init(monkeypatch) -> list:
+    """ray.init replaced by one that records the cluster Ray would use (None: a new local one) and stops there."""
+    import ray
+    from ray._private import services
+
+    used = []
+
+    def init(address=None, **kwargs):
+        used.append(services.canonicalize_bootstrap_address(address))
+        raise RuntimeError("stop at ray.init")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    return used
+
+
+def stale_ray_session(tmp_path, monkeypatch) -> str:
+    """Ray's session file naming the GCS of a head that died uncleanly, as plain ray.init() finds it."""
+    from ray._private import services
+
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.255.255.1:6379")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert services.canonicalize_bootstrap_address(None) == "10.255.255.1:6379"  # where a plain ray.init() hangs
+    return "10.255.255.1:6379"
+
+
+def test_a_second_training_of_one_folder_is_refused_naming_the_holder(data, tiny_trainable_model, tmp_path, capsys, monkeypatch):
+    stop_at_ray_init(monkeypatch)  # the code before the lock ran trainings into each other: stop them before Ray
+    adapters = tmp_path / "adapters"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live_lock(adapters / "train.lock", holder.pid)
+        argv = [str(data), "--catalog", str(CATALOG), "--out", str(adapters), "--base", tiny_trainable_model, "--lambdas", "0.5", "--no-progress"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "in use by another training run" in err and f"pid {holder.pid}" in err and err.count("\n") == 1
+        assert json.loads((adapters / "train.lock").read_text())["pid"] == holder.pid  # left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(RuntimeError, match="stop at ray.init"):  # the holder is gone: its lock is taken over
+        main(argv)
+    assert not (adapters / "train.lock").exists()  # and released on the way out
+
+
+def test_train_starts_a_local_ray_beside_a_stale_session_file(data, tiny_trainable_model, tmp_path, capsys, monkeypatch):
+    stale_ray_session(tmp_path, monkeypatch)
+    used = stop_at_ray_init(monkeypatch)
+    with pytest.raises(RuntimeError, match="stop at ray.init"):
+        train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, TrainSettings(), [0.5], progress=False)
+    assert used == [None]  # a new local cluster, not the dead one
+    assert "genpi: Ray: using a local Ray cluster of its own" in capsys.readouterr().err
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")  # asked for: that cluster
+    with pytest.raises(RuntimeError):
+        train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, TrainSettings(), [0.5], progress=False)
+    assert used[-1] == "10.1.2.3:6379" and "RAY_ADDRESS=10.1.2.3:6379" in capsys.readouterr().err
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # the driver of a Ray job: the job's cluster, found as `auto` finds it
+    with pytest.raises(RuntimeError):
+        train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, TrainSettings(), [0.5], progress=False)
+    assert used[-1] is not None and "the Ray cluster of this Ray job" in capsys.readouterr().err  # the file's, or a running GCS's
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", '{"prompt_id": "calc"}', "\xff\xfe".encode("latin-1")])
+def test_a_corrupt_adapter_manifest_exits_2_naming_the_file(data, tiny_trainable_model, tmp_path, capsys, text):
+    folder = tmp_path / "adapters" / "calc"
+    folder.mkdir(parents=True)
+    (folder / "genpi.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    argv = [str(data), "--catalog", str(CATALOG), "--out", str(tmp_path / "adapters"), "--base", tiny_trainable_model, "--lambdas", "0.5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"genpi: error: {folder / 'genpi.json'}: not a valid genpi adapter manifest") and err.count("\n") == 1
+
+
+def test_checkpoints_load_tensors_and_plain_data_only(tiny_trainable_model, tmp_path, monkeypatch):
+    import ray
+    import torch
+    from ray import tune
+
+    import genpi.train.recipe as recipe
+    from genpi.train.run import fit_trial
+    from test_recipe import FAST, HELDOUT, TRAIN
+
+    train_adapter = recipe.train_adapter
+    # a checkpoint holding anything else does not run it
+    canary = tmp_path / "canary"
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    torch.save({"losses": Canary(str(canary))}, checkpoint / "state.pt")
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(checkpoint)))
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    resumed = []
+    monkeypatch.setattr(recipe, "train_adapter", lambda *args, **kwargs: resumed.append(args) or (None, {}))
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        fit_trial({"trial": {"prompt_id": "calc", "lam": 0.5}}, tiny_trainable_model, {"calc": CALC.to_json()},
+                  {"calc": ([], [])}, {"calc": FAST}, 0)  # fmt: skip
+    assert not canary.exists() and not resumed
+
+    # a real state (LoRA tensors, optimizer and scheduler, random generators, the epoch's order) loads whole
+    states = []
+    settings = dataclasses.replace(FAST, epochs=1, quantize=False)
+    train_adapter(tiny_trainable_model, CALC, TRAIN[:4], HELDOUT, settings, report=lambda m, s: s and states.append(s()))
+    torch.save(states[-1], tmp_path / "state.pt")
+    from genpi.train.run import load_state
+
+    loaded = load_state(tmp_path / "state.pt")
+    assert loaded["rng"] == states[-1]["rng"] and loaded["losses"] == states[-1]["losses"]
+    assert all(torch.equal(loaded["lora"][k], v) for k, v in states[-1]["lora"].items())
+
+
+def touch(path: str) -> list:
+    with open(path, "w") as f:
+        f.write("ran")
+    return []
+
+
+class Canary:
+    def __reduce__(self):
+        return touch, (self.path,)
+
+    def __init__(self, path: str):
+        self.path = path

@@ -19,17 +19,17 @@ import asyncio
 import dataclasses
 import json
 import os
-import re
-import socket
 import sys
 import time
 from pathlib import Path
 
-from genpi import InputError
+from genpi import InputError, runfolder
 from genpi.catalog import PromptEntry, load_catalog
+from genpi.cluster import init_ray
 from genpi.engines import EngineConfig
 from genpi.engines.openai import PREFIX as OPENAI_PREFIX
 from genpi.engines.openai import split_spec
+from genpi.runfolder import check_out, release_lock
 from genpi.synth import store
 from genpi.synth.pipeline import (
     INPUT_LIMIT_FACTOR,
@@ -48,7 +48,6 @@ from genpi.synth.pipeline import (
 
 MANIFEST_VERSION = 3  # 3: per-shard SHA-256, the input limit and the account of each prompt's inputs
 LOCK = "synth.lock"
-URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://, gs://, ... (also as pathlib collapses them: s3:/)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,68 +120,8 @@ def reconcile_manifest(old: dict, new: dict, out: Path) -> dict:
 
 
 def acquire_lock(out: Path) -> Path:
-    """OUT/synth.lock, created atomically and holding host, pid and start time; a lock whose process is
-    gone (same host, pid not running) is from a killed run and is taken over. InputError while another
-    run holds it. (Two runs taking over the same stale lock at the same instant may both succeed.)"""
-    path = out / LOCK
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except FileNotFoundError:  # released meanwhile
-                continue
-            except ValueError:  # a run killed between creating and writing it: take it over
-                holder = {}
-            if holder and not (holder.get("host") == me["host"] and not _pid_alive(holder.get("pid"))):
-                raise InputError(
-                    f"{out} is in use by another synthesis run (host {holder.get('host')}, pid {holder.get('pid')}, "
-                    f"started {holder.get('started')}); wait for it to finish, or remove {path} if that run is gone"
-                ) from None
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return path
-    raise InputError(f"{path}: could not take the run lock")
-
-
-def _pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError):
-        return True  # another user's process, or a lock we cannot read: assume held
-    return True
-
-
-def release_lock(path: Path) -> None:
-    try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
-    except (FileNotFoundError, ValueError):
-        pass
-
-
-def check_out(out: str | Path) -> Path:
-    """OUT as a local path; refuses object-store URIs, warns about a relative OUT in a submitted Ray job."""
-    if URI.match(str(out)):
-        raise InputError(
-            f"--out {out}: object-store URIs are not supported; give a path on a filesystem the driver can write "
-            "(on a cluster, a shared filesystem mounted at the same path on the head node)"
-        )
-    out = Path(out)
-    # Ray sets this variable for the driver of a `ray job submit` job, whose working dir is deleted after the job.
-    if not out.is_absolute() and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
-        print(
-            f"genpi: warning: --out {out} is relative and this runs as a Ray job: it lands in the job's working "
-            "directory, which Ray deletes when the job ends; give an absolute path on a shared filesystem",
-            file=sys.stderr,
-        )
-    return out
+    """OUT/synth.lock (genpi.runfolder.acquire_lock): InputError naming the holder while another run holds it."""
+    return runfolder.acquire_lock(out / LOCK, "synthesis run")
 
 
 def retryable_count(rows: list[dict]) -> int:
@@ -441,9 +380,8 @@ def _synthesize(catalog, out, entries, settings, generator, target, options) -> 
 
     from genpi.synth.actors import start_engine
 
-    if not ray.is_initialized():
-        # log_to_driver: errors logged inside engine actors reach this driver's stderr.
-        ray.init(log_to_driver=True, configure_logging=False, include_dashboard=options.dashboard)
+    # log_to_driver: errors logged inside engine actors reach this driver's stderr.
+    init_ray(log_to_driver=True, include_dashboard=options.dashboard)
     shared = generator == target and options.target_replicas == 1
     actor_options = {"restarts": options.engine_restarts, "timeout_s": options.call_timeout_s}
     target_actors = [start_engine(target, f"target-{i}", **actor_options) for i in range(options.target_replicas)]

@@ -3,7 +3,8 @@
     open_dialogues(OUT)     in-memory DuckDB connection with a view `dialogues` over every shard
     quality_stats(OUT)      one dict per prompt: the paper's quality figures (Table 4), counts, lengths
     format_stats(stats)     those as a fixed-width table (plus the commonest errors)
-    run_sql(OUT, QUERY)     one read-only SELECT over `dialogues` -> (columns, rows)
+    run_sql(OUT, QUERY)     one read-only SELECT over `dialogues` -> QueryResult (columns, rows, cut)
+    rows_json(result)       its rows as a JSON list of row objects
     format_rows(cols, rows) a fixed-width table of a query result
 
 Table 4's figures, as the paper defines them, from the row columns of store.DIALOGUE_SCHEMA:
@@ -31,7 +32,12 @@ and the configuration is locked, so a query can read the run but nothing else.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import secrets
 import threading
+import time
 from pathlib import Path
 
 import duckdb
@@ -94,14 +100,19 @@ _ZERO_COUNTS = {"rows": 0, "failed": 0, "train": 0, "heldout": 0, "generated_tok
     f"by_{t}": 0 for t in TERMINATED_BY
 }
 
-# Defaults of `genpi sql`: a query over a large run must not take the machine's memory, cores or time.
+# Defaults of `genpi sql`: a query over a large run must not take the machine's memory, disk, cores or time,
+# nor print more than a terminal (or a pipe) takes.
 MEMORY_LIMIT = "4GB"
+MAX_TEMP = "10GB"  # what DuckDB may spill to disk beyond the memory limit (its default: 90% of the free disk)
 THREADS = 2
 TIMEOUT_S = 300.0
+MAX_ROWS = 10_000
 
 
-def open_dialogues(out: str | Path, memory_limit: str = MEMORY_LIMIT, threads: int = THREADS) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the view `dialogues` over all shards of OUT."""
+def open_dialogues(out: str | Path, memory_limit: str = MEMORY_LIMIT, threads: int = THREADS, max_temp: str = MAX_TEMP) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the view `dialogues` over all shards of OUT. What a query spills
+    goes to a private folder inside OUT (DuckDB creates it when it first spills and removes it on close), at
+    most `max_temp` of it; DuckDB's own default is `.tmp` in the working directory, unbounded."""
     out = Path(out)
     if not out.is_dir():
         raise InputError(f"{out}: no such run folder (run genpi synth first)")
@@ -112,9 +123,11 @@ def open_dialogues(out: str | Path, memory_limit: str = MEMORY_LIMIT, threads: i
         raise InputError(f"{out}: no dialogue shards yet (run genpi synth first)")
     try:
         # Limits go in before the configuration is locked below.
-        con = duckdb.connect(":memory:", config={"memory_limit": memory_limit, "threads": threads})
+        spill = root / f".duckdb-spill-{os.getpid()}-{secrets.token_hex(4)}"
+        con = duckdb.connect(":memory:", config={"memory_limit": memory_limit, "threads": threads, "temp_directory": str(spill),
+                                                 "max_temp_directory_size": max_temp})  # fmt: skip
     except duckdb.Error as e:
-        raise InputError(f"bad DuckDB limits (memory {memory_limit!r}, threads {threads}): {_first_line(e)}") from None
+        raise InputError(f"bad DuckDB limits (memory {memory_limit!r}, temp {max_temp!r}, threads {threads}): {_first_line(e)}") from None
     try:
         listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         con.execute(
@@ -286,12 +299,28 @@ def _stat_cell(value, fmt: str | None) -> str:
     return fmt.format(value)
 
 
-def run_sql(
-    out: str | Path, query: str, memory_limit: str = MEMORY_LIMIT, threads: int = THREADS, timeout: float = TIMEOUT_S
-) -> tuple[list[str], list[tuple]]:
-    """Run one read-only SELECT over the view `dialogues`; InputError for anything else, a bad query, or
-    one that runs longer than `timeout` seconds."""
-    con = open_dialogues(out, memory_limit, threads)
+@dataclasses.dataclass
+class QueryResult:
+    """What `genpi sql` prints: at most max_rows rows, and whether the query had more."""
+
+    columns: list[str]
+    rows: list[tuple]
+    cut: bool  # the query had more rows than max_rows: those were neither fetched nor converted
+    deadline: float  # time.monotonic() when the time limit ends: rendering the rows counts against it too
+    timeout: float
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise InputError(f"query stopped after the time limit of {self.timeout:g} s (--timeout)")
+
+
+def run_sql(out: str | Path, query: str, memory_limit: str = MEMORY_LIMIT, threads: int = THREADS, timeout: float = TIMEOUT_S,
+            max_rows: int = MAX_ROWS, max_temp: str = MAX_TEMP) -> QueryResult:  # fmt: skip
+    """Run one read-only SELECT over the view `dialogues`; its first `max_rows` rows. InputError for anything
+    else, a bad query, or one whose running and converting take longer than `timeout` seconds."""
+    if max_rows < 1 or not timeout > 0:
+        raise InputError(f"--max-rows must be at least 1 and --timeout above 0, got {max_rows} and {timeout:g}")
+    con = open_dialogues(out, memory_limit, threads, max_temp)
     timer = threading.Timer(timeout, con.interrupt)
     timer.daemon = True
     try:
@@ -306,11 +335,19 @@ def run_sql(
         kind = statements[0].type
         if kind != duckdb.StatementType.SELECT:
             raise InputError(f"only a SELECT statement is allowed, got {kind.name}")
+        result = QueryResult([], [], False, time.monotonic() + timeout, timeout)
         timer.start()
         try:
-            result = con.execute(statements[0])
-            columns = [c[0] for c in result.description]
-            rows = result.fetchall()
+            cursor = con.execute(statements[0])
+            result.columns = [c[0] for c in cursor.description]
+            # In batches, one past the cap: the interrupt stops DuckDB between chunks, the deadline the conversion
+            # to Python values, and rows past the cap are never converted.
+            while len(result.rows) <= max_rows:
+                batch = cursor.fetchmany(min(_BATCH, max_rows + 1 - len(result.rows)))
+                result.check_time()
+                if not batch:
+                    break
+                result.rows += batch
         except duckdb.InterruptException:
             raise InputError(f"query stopped after the time limit of {timeout:g} s (--timeout)") from None
         except duckdb.Error as e:
@@ -318,7 +355,18 @@ def run_sql(
     finally:
         timer.cancel()
         con.close()
-    return columns, rows
+    result.cut = len(result.rows) > max_rows
+    del result.rows[max_rows:]
+    return result
+
+
+def rows_json(result: QueryResult) -> str:
+    """The rows as a JSON list of row objects (values JSON lacks as strings), within the query's time limit."""
+    parts = []
+    for row in result.rows:
+        result.check_time()
+        parts.append(json.dumps(dict(zip(result.columns, row)), indent=2, default=str))
+    return "[\n" + ",\n".join("  " + p.replace("\n", "\n  ") for p in parts) + "\n]" if parts else "[]"
 
 
 def _cell(value: object, width: int = MAX_CELL) -> str:
@@ -336,12 +384,16 @@ def _table(headers: list[str], body: list[list[str]], numeric: list[bool]) -> st
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in body])
 
 
-def format_rows(columns: list[str], rows: list[tuple]) -> str:
-    """A query result as a fixed-width table (cells cut to ~60 characters) with a row count."""
+def format_rows(columns: list[str], rows: list[tuple], check_time=lambda: None) -> str:
+    """A query result as a fixed-width table (cells cut to ~60 characters) with a row count; `check_time()` is
+    called before each row is rendered (QueryResult.check_time: InputError past the time limit)."""
     numeric = [
         bool(rows) and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) for r in rows if r[i] is not None)
         for i in range(len(columns))
     ]
-    body = [[_cell(v) for v in row] for row in rows]
+    body = []
+    for row in rows:
+        check_time()
+        body.append([_cell(v) for v in row])
     count = f"({len(rows)} row{'' if len(rows) == 1 else 's'})"
     return _table([_cell(c) for c in columns], body, numeric) + "\n" + count

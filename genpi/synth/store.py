@@ -19,6 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from genpi import InputError
+
 TURN = pa.struct([("role", pa.string()), ("content", pa.string())])
 # The teacher's top-k log-probabilities over one agent turn, for logit-level distillation (topk-kl):
 # `token_ids` are the generated tokens of the turn's text; per token, the k most likely ids and their logprobs.
@@ -122,7 +124,15 @@ def write_manifest(out: str | Path, manifest: dict) -> None:
 
 def read_manifest(out: str | Path) -> dict | None:
     path = Path(out) / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # unreadable, not JSON, not UTF-8
+        raise InputError(f"{path}: not a readable run manifest ({' '.join(str(e).split())}); restore it, or use another folder") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("prompts", {}), dict):
+        raise InputError(f"{path}: not a run manifest (expected a JSON object with prompts); restore it, or use another folder")
+    return manifest
 
 
 def remove_stale_temporaries(out: str | Path) -> None:

@@ -68,11 +68,22 @@ def _manifest_json(manifest: AdapterManifest) -> str:
 
 
 def read_adapter_manifest(folder: str | Path) -> AdapterManifest | None:
-    """The manifest of a complete adapter folder, or None if there is none."""
+    """The manifest of a complete adapter folder, or None if there is none; InputError naming the file if it is corrupt."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         return None
-    return AdapterManifest(**json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        manifest = AdapterManifest(**data)
+        wrong = [name for name in ("prompt_id", "prompt_sha256", "base_model", "method") if not isinstance(getattr(manifest, name), str)]
+        if wrong:
+            raise ValueError(f"field {wrong[0]} is not a string")
+        return manifest
+    except (OSError, ValueError, TypeError) as e:  # unreadable, not JSON (UnicodeDecodeError too), wrong or missing fields
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise InputError(f"{path}: not a valid genpi adapter manifest ({reason}); retrain the adapter or restore the file") from None
 
 
 def _finished_manifest(folder: str | Path) -> AdapterManifest:

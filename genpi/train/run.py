@@ -40,6 +40,8 @@ from tqdm import tqdm
 
 from genpi import InputError, __version__
 from genpi.catalog import PromptEntry, load_catalog
+from genpi.cluster import init_ray
+from genpi.runfolder import check_out, holding_lock
 from genpi.train.adapters import AdapterManifest, read_adapter_manifest, write_adapter
 from genpi.train.qlora import LoraSettings
 from genpi.train.examples import PG_VARIANTS
@@ -52,6 +54,7 @@ LAMBDA_RULE = "heldout_teacher_kl"  # how a prompt's λ is chosen among several:
 # a catalog prompt's `train` keys and the setting each gives (its flag's dest: --lambdas, --max-grad-norm, --lr, --epochs)
 CATALOG_TRAIN = {"lam": "lambdas", "grad_clip": "max_grad_norm", "lr": "lr", "epochs": "epochs"}
 DEFAULT_LAMBDAS = "0.3,0.5,0.7"
+LOCK = "train.lock"  # ADAPTERS/train.lock while a training runs (genpi.runfolder)
 
 
 @dataclasses.dataclass
@@ -147,50 +150,50 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
         raise InputError(f"--checkpoint-steps and --max-failures must be 0 or more, got {checkpoint_steps} and {max_failures}")
     check_init_adapter(settings)
     entries = load_catalog(catalog)
-    out = Path(out).absolute()
-    base_path = resolve_model(base)
-    outcomes, plans = {}, []
-    for entry in entries:  # read and check every prompt's data before any training starts
-        prompt, prompt_lambdas, from_catalog = prompt_settings(entry, settings, lambdas, overrides)
-        train, heldout = read_rows(data, entry)
-        dropped = None
-        if valid_only:
-            if not entry.valid_action:
-                raise InputError(f"--valid-only: prompt {entry.id!r} has no actions.valid regex to filter by")
-            kept = [r for r in train if all(entry.in_action_space(t["content"]) for t in r["turns"] if t["role"] == "assistant")]
-            train, dropped = kept, len(train) - len(kept)
-        if not train:
-            reason = "no train rows" + (f" in the action space ({dropped} dropped)" if dropped else "")
-            outcomes[entry.id] = {"status": "skipped", "reason": reason}
-            continue
-        if prompt.method not in NO_LAMBDA and len(prompt_lambdas) > 1 and not heldout:
-            raise InputError(f"prompt {entry.id!r} has no held-out dialogues to choose λ among {prompt_lambdas} by the held-out "
-                             "teacher KL: synthesize with --heldout > 0, or pass one λ (--lambdas 0.3)")  # fmt: skip
-        if early_stop and not heldout:
-            raise InputError(f"--early-stop: prompt {entry.id!r} has no held-out dialogues to compare its trials by")
-        data_print = fingerprint(train, heldout, prompt, prompt_lambdas, base)
-        done = read_adapter_manifest(out / entry.id)
-        if done and done.data_fingerprint == data_print and done.prompt_sha256 == entry.sha256:
-            outcomes[entry.id] = {"status": "up to date", "lam": done.lam}
-            continue
-        plans.append(Plan(entry, train, heldout, prompt, prompt_lambdas, from_catalog, data_print, dropped))
-    if not plans:
+    out = check_out(out).absolute()
+    with holding_lock(out / LOCK, "training run"):  # two trainings of one folder would write the same adapters
+        base_path = resolve_model(base)
+        outcomes, plans = {}, []
+        for entry in entries:  # read and check every prompt's data before any training starts
+            prompt, prompt_lambdas, from_catalog = prompt_settings(entry, settings, lambdas, overrides)
+            train, heldout = read_rows(data, entry)
+            dropped = None
+            if valid_only:
+                if not entry.valid_action:
+                    raise InputError(f"--valid-only: prompt {entry.id!r} has no actions.valid regex to filter by")
+                kept = [r for r in train if all(entry.in_action_space(t["content"]) for t in r["turns"] if t["role"] == "assistant")]
+                train, dropped = kept, len(train) - len(kept)
+            if not train:
+                reason = "no train rows" + (f" in the action space ({dropped} dropped)" if dropped else "")
+                outcomes[entry.id] = {"status": "skipped", "reason": reason}
+                continue
+            if prompt.method not in NO_LAMBDA and len(prompt_lambdas) > 1 and not heldout:
+                raise InputError(f"prompt {entry.id!r} has no held-out dialogues to choose λ among {prompt_lambdas} by the held-out "
+                                 "teacher KL: synthesize with --heldout > 0, or pass one λ (--lambdas 0.3)")  # fmt: skip
+            if early_stop and not heldout:
+                raise InputError(f"--early-stop: prompt {entry.id!r} has no held-out dialogues to compare its trials by")
+            data_print = fingerprint(train, heldout, prompt, prompt_lambdas, base)
+            done = read_adapter_manifest(out / entry.id)
+            if done and done.data_fingerprint == data_print and done.prompt_sha256 == entry.sha256:
+                outcomes[entry.id] = {"status": "up to date", "lam": done.lam}
+                continue
+            plans.append(Plan(entry, train, heldout, prompt, prompt_lambdas, from_catalog, data_print, dropped))
+        if not plans:
+            return outcomes
+        init_ray(log_to_driver=False)
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        if num_gpus is None:
+            num_gpus = 1 if cluster_gpus else 0
+        elif num_gpus == 0 and cluster_gpus:
+            raise InputError(f"--gpus-per-trial 0 on a Ray cluster with {cluster_gpus:g} GPUs: Ray hides the GPUs from tasks that "
+                             "ask for none, so every trial would train on the CPU; leave --gpus-per-trial out (1 per trial) or set it > 0")  # fmt: skip
+        results, experiment = run_experiment(plans, base_path, out, storage, num_cpus, num_gpus, progress, checkpoint_steps,
+                                             max_failures, early_stop)  # fmt: skip
+        for plan in plans:
+            outcomes[plan.entry.id] = write_best(plan, results.get(plan.entry.id, []), out, base)
+        if all(outcomes[plan.entry.id]["status"] == "trained" for plan in plans):
+            shutil.rmtree(experiment)  # every adapter is written; a failed trial's checkpoints and error files stay for a look
         return outcomes
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, configure_logging=False, include_dashboard=False)
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    if num_gpus is None:
-        num_gpus = 1 if cluster_gpus else 0
-    elif num_gpus == 0 and cluster_gpus:
-        raise InputError(f"--gpus-per-trial 0 on a Ray cluster with {cluster_gpus:g} GPUs: Ray hides the GPUs from tasks that "
-                         "ask for none, so every trial would train on the CPU; leave --gpus-per-trial out (1 per trial) or set it > 0")  # fmt: skip
-    results, experiment = run_experiment(plans, base_path, out, storage, num_cpus, num_gpus, progress, checkpoint_steps,
-                                         max_failures, early_stop)  # fmt: skip
-    for plan in plans:
-        outcomes[plan.entry.id] = write_best(plan, results.get(plan.entry.id, []), out, base)
-    if all(outcomes[plan.entry.id]["status"] == "trained" for plan in plans):
-        shutil.rmtree(experiment)  # every adapter is written; a failed trial's checkpoints and error files stay for a look
-    return outcomes
 
 
 def run_experiment(plans: list[Plan], base_path, out, storage, num_cpus, num_gpus, progress, checkpoint_steps, max_failures,
@@ -324,6 +327,14 @@ def check_init_adapter(settings: TrainSettings) -> None:
                          f"{lora.r}, alpha {lora.alpha} (--rank, --alpha): the LoRA shapes must match")  # fmt: skip
 
 
+def load_state(path: str | Path) -> dict:
+    """A trial's training state from its checkpoint: tensors, numbers, strings, bytes and containers of them
+    only (weights_only), so a checkpoint folder that someone else could write cannot run code in a trial."""
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
 def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: dict, checkpoint_steps: int) -> None:
     """A Tune function trainable: one (prompt, λ) trial, resumed from its last checkpoint when there is one.
 
@@ -345,7 +356,7 @@ def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: dict
     resume, checkpoint = None, tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            resume = torch.load(Path(folder) / "state.pt", weights_only=False)
+            resume = load_state(Path(folder) / "state.pt")
     resumed_from = len(resume["losses"]) if resume else None
     last_state = [resume]
 
