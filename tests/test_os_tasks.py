@@ -234,7 +234,7 @@ def test_wrong_and_invalid_replies_score_0_percent(tmp_path):
 def test_state_persists_within_a_task_and_never_between_tasks(tmp_path):
     tasks = tmp_path / "tasks.json"
     tasks.write_text(json.dumps([{"description": "state", "evaluation": {"match": "/tmp 1 mark"}}] * 2 +
-                                [{"description": "fresh", "evaluation": {"match": "/ unset none"}}]))  # fmt: skip
+                                [{"description": "fresh", "evaluation": {"match": "/root unset none"}}]))  # fmt: skip
     first = [bash("cd /tmp; export GENPI_X=1; touch /root/mark"), bash('echo "$PWD $GENPI_X $(ls /root)"'), "Act: answer({output})"]
     fresh = [bash('echo "$PWD ${GENPI_X:-unset} $(ls /root || true)none"'), "Act: answer({output})"]
     summary = evaluate(tmp_path, {"0": first, "1": first, "2": fresh}, tasks=tasks, parallel=1)

@@ -322,7 +322,7 @@ def judge(task: OSTask, sandbox: Sandbox, answer: str | None, timeout: float) ->
         script = script or task.example
         status, out = sandbox.run(script.code, params, script.language, timeout)
         if status != 0:
-            return False, f"check {i} ({kind}) exited with status {status} on {', '.join(map(_short, params))}: {_short(out)}"
+            return False, f"check {i} ({kind}) exited with status {status} on {', '.join(map(_short, params))}: {_short(out + sandbox.stderr)}"
         params.append(out)
     return True, None
 

@@ -7,7 +7,9 @@ reachable except what it mounts:
     /usr /opt /srv /var/cache /var/lib   overlays: the host's directory read-only underneath, writes
                                          go to an upper layer on the tmpfs
     /etc /var (rest)                     copies on the tmpfs (files the sandbox's root cannot read are left out)
-    /tmp /home /root /run /dev/shm       empty
+    /tmp /root /run /dev/shm             empty
+    /home                                the homes of /etc/passwd's users under /home, from /etc/skel
+    (a host directory the sandbox's root may not list: shown empty; PID 1 keeps Docker's capabilities)
     /dev                                 null zero full random urandom (bound from the host)
     /proc                                a new proc for the new PID namespace
     (everything else: /work, /mnt, the host's homes, /sys)  absent
