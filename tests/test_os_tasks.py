@@ -234,7 +234,7 @@ def test_wrong_and_invalid_replies_score_0_percent(tmp_path):
 def test_state_persists_within_a_task_and_never_between_tasks(tmp_path):
     tasks = tmp_path / "tasks.json"
     tasks.write_text(json.dumps([{"description": "state", "evaluation": {"match": "/tmp 1 mark"}}] * 2 +
-                                [{"description": "fresh", "evaluation": {"match": "/ unset none"}}]))  # fmt: skip
+                                [{"description": "fresh", "evaluation": {"match": "/root unset none"}}]))  # fmt: skip
     first = [bash("cd /tmp; export GENPI_X=1; touch /root/mark"), bash('echo "$PWD $GENPI_X $(ls /root)"'), "Act: answer({output})"]
     fresh = [bash('echo "$PWD ${GENPI_X:-unset} $(ls /root || true)none"'), "Act: answer({output})"]
     summary = evaluate(tmp_path, {"0": first, "1": first, "2": fresh}, tasks=tasks, parallel=1)
@@ -288,3 +288,21 @@ def test_replay_examples_plays_each_tasks_own_solution_and_a_wrong_answer(tmp_pa
     assert "  task 9 (Say five.): check 2 (bash) exited with status 1 on '5', '5\\n', ''" in out
     assert "wrong answers: passed 1 of 10" in out and "  task 7 (Anything with a letter.) accepted 'genpi-wrong-answer'" in out
     assert len(re.findall(r"^  task \d+", out, re.MULTILINE)) == 4  # the three failures and the one wrong answer that passed
+
+
+@needs_sandbox
+def test_replay_passes_tasks_that_rely_on_agentbenchs_container(tmp_path, capsys):
+    """Shapes of AgentBench's dev tasks that its container passes: an init that writes relative to its working
+    directory (/root) and an answer counted from `.`; an init that leaves a process in the background; an
+    example that also writes to stderr (the checks get stdout alone)."""
+    tasks = [
+        {"description": "How many .helloworld files are there?", "create": {"init": {"code": "mkdir -p d && touch a.helloworld d/b.helloworld"}},
+         "evaluation": {"check": [None, INT_CHECK], "example": {"code": 'find . -name "*.helloworld" | wc -l'}}},
+        {"description": "Is the server up?", "create": {"init": {"code": "sleep 60 & echo started"}},
+         "evaluation": {"check": [None, INT_CHECK], "example": {"code": "pgrep -xc sleep"}}},
+        {"description": "Say seven.", "evaluation": {"check": [{"code": "echo 7; echo a warning >&2"}, INT_CHECK], "example": {"code": "echo 7"}}},
+    ]  # fmt: skip
+    path, scripts = agentbench_tree(tmp_path, tasks)
+    assert main(["os-tasks", str(path), "--scripts", str(scripts), "--replay-examples"]) == 0
+    out = capsys.readouterr().out
+    assert "example solutions: passed 3 of 3" in out and "wrong answers: passed 0 of 3" in out, out

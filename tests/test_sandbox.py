@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from genpi.eval import os_tasks
-from genpi.eval.os_tasks import LoopSettings, OSTask, play, replay_agent
+from genpi.eval import sandbox as sandbox_module
+from genpi.eval.os_tasks import LoopSettings, OSTask, Script, play, replay_agent
 from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, ansi_c_quote
 from genpi.eval.serve import System
 
@@ -54,12 +56,12 @@ def test_ansi_c_quote_round_trips_through_bash():
 
 def test_shell_keeps_state_merges_stderr_and_survives_exit_and_timeout():
     with Sandbox() as box:
-        assert box.execute("pwd; cd /tmp; export GENPI_X=42; echo err >&2") == "/\nerr\n"  # AgentBench's shell starts in /
+        assert box.execute("pwd; cd /tmp; export GENPI_X=42; echo err >&2") == "/root\nerr\n"  # AgentBench's WorkingDir
         assert box.execute('echo "$PWD $GENPI_X"; printf no-newline') == "/tmp 42\nno-newline"
         assert box.execute("read line; echo read:$line") == "read:\n"  # stdin is /dev/null: nothing waits
         assert "unexpected EOF" in box.execute('echo "unclosed')  # a syntax error ends only that command
         assert box.execute("exit 3") == ""
-        assert box.execute('echo "$PWD ${GENPI_X:-unset}"') == "/ unset\n"  # a fresh shell after exit
+        assert box.execute('echo "$PWD ${GENPI_X:-unset}"') == "/root unset\n"  # a fresh shell after exit
         with pytest.raises(CommandTimeout):
             box.execute("sleep 10", timeout=1)
         assert box.execute("echo next") == "next\n"
@@ -79,7 +81,7 @@ def test_each_sandbox_starts_fresh_and_leaves_nothing():
     assert ns not in pid_namespaces()
     assert not Path("/usr/genpi-mark").exists() and not Path("/etc/genpi-mark").exists()
     with Sandbox() as box:
-        assert box.execute("ls -A /root /tmp /home; ls /usr/genpi-mark /etc/genpi-mark 2>/dev/null | wc -l") == "/home:\n\n/root:\n\n/tmp:\n0\n"
+        assert box.execute("ls -A /root /tmp; ls /usr/genpi-mark /etc/genpi-mark 2>/dev/null | wc -l") == "/root:\n\n/tmp:\n0\n"
 
 
 def test_wall_time_limit_kills_the_sandbox():
@@ -269,8 +271,85 @@ def test_judge_scripts_run_where_and_as_the_agents_shell_does():
     """AgentBench runs the shell and the checks alike in one container: same working directory, same variables."""
     probe = 'echo "$PWD|$HOME|$PATH|$USER|$LANG"; id; find . -maxdepth 1 -name "*.helloworld" | wc -l'
     with Sandbox() as box:
-        box.run("touch /a.helloworld")
+        box.run("touch a.helloworld")
         assert box.execute(probe) == box.run(probe)[1]
+        assert box.run("pwd") == (0, "/root\n") and box.execute("pwd") == "/root\n"  # AgentBench's WorkingDir /root
+        assert box.execute(probe).endswith("\n1\n")
+
+
+def test_scripts_pass_stdout_alone_and_end_when_the_script_exits():
+    """AgentBench's checks get a script's stdout only (its stderr apart), and an init script that leaves a
+    process running in the background (holding the output pipe) has ended when the script itself exits."""
+    with Sandbox() as box:
+        assert box.run("echo out; echo err >&2") == (0, "out\n") and box.stderr == "err\n"
+        started = time.monotonic()
+        assert box.run("sleep 60 & echo started; exit 2", timeout=20) == (2, "started\n")
+        assert time.monotonic() - started < 10
+        assert box.execute("pgrep -x sleep >/dev/null && echo still-running") == "still-running\n"  # left running, as in Docker
+        task = OSTask(0, "Say 7.", check=(None, Script("bash", '[ "$1" = "$(echo "$2" | tr -d "[:space:]")" ]')),
+                      example=Script("bash", "echo 7; echo progress >&2"))  # fmt: skip
+        assert os_tasks.judge(task, box, "7", 10) == (True, None)
+
+
+def test_open_files_go_as_far_as_dockers():
+    """Docker's containers allow 1048576 open files and AgentBench's tasks use descriptors like 123321: sandbox
+    processes get that many where the host allows it, never fewer than genpi's own hard limit (here with
+    genpi's soft limit lowered to 256)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raise_hard = "import resource as r; r.setrlimit(r.RLIMIT_NOFILE, (1 << 20, 1 << 20))"
+    can_raise = subprocess.run([sys.executable, "-c", raise_hard], capture_output=True).returncode == 0
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    expected = min(1 << 20, nr_open) if can_raise or hard == resource.RLIM_INFINITY else min(1 << 20, nr_open, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        with Sandbox() as box:
+            assert box.execute("ulimit -n") == f"{expected}\n"
+            descriptor = min(expected - 1, 123321)
+            assert box.run(f"echo 1 {descriptor}>/tmp/x && cat /tmp/x") == (0, "1\n")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_find_over_the_whole_system_finds_nothing_it_may_not_read(tmp_path):
+    """In AgentBench's container root reads everything, so `find / -name X` prints no error (a solution's
+    output is its answer): the sandbox's PID 1 has the capabilities of its other processes (else the kernel
+    hides /proc/1's fdinfo and map_files), and a host directory its root cannot read (an owner-only one,
+    /proc/tty/driver) is shown empty and its own."""
+    secret = None
+    if os.access("/srv", os.W_OK):
+        secret = Path("/srv") / f".genpi-private-{uuid.uuid4().hex}"
+        secret.mkdir(mode=0o700)
+        (secret / "inside").write_text("hidden-text")
+        sandbox_module.unreadable_dirs.cache_clear()
+    try:
+        with Sandbox() as box:
+            assert box.execute("find / -name genpi-nothing-here; echo done") == "done\n"
+            assert box.execute("ls /proc/1/fdinfo /proc/1/map_files >/dev/null && echo listed") == "listed\n"
+            if secret is not None:
+                assert box.execute(f"ls -A {secret}; stat -c '%a %u' {secret}; touch {secret}/mine && echo ok") == "700 0\nok\n"
+        if secret is not None:
+            assert not (secret / "mine").exists()
+    finally:
+        if secret is not None:
+            shutil.rmtree(secret)
+            sandbox_module.unreadable_dirs.cache_clear()
+
+
+def test_users_with_a_home_under_home_have_it():
+    """As in an installed system (AgentBench's ubuntu image has /home/ubuntu): each user of the sandbox's
+    /etc/passwd whose home is /home/NAME has it, from /etc/skel, owned by that user (ids below 65536)."""
+    users = {}
+    for line in Path("/etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if len(fields) == 7 and re.fullmatch(r"/home/[^/]+", fields[5]) and int(fields[2]) < 65536:
+            users[fields[5]] = fields[2]
+    with Sandbox() as box:
+        listed = box.execute("for h in /home/*; do [ -d \"$h\" ] && stat -c '%n %u' \"$h\"; done")
+        assert dict(line.split() for line in listed.splitlines()) == users
+        if Path("/etc/skel/.profile").exists() and users:
+            assert box.run(f"cmp /etc/skel/.profile {next(iter(users))}/.profile && echo same") == (0, "same\n")
 
 
 def test_output_is_capped_drained_and_counted():

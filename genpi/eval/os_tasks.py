@@ -322,7 +322,7 @@ def judge(task: OSTask, sandbox: Sandbox, answer: str | None, timeout: float) ->
         script = script or task.example
         status, out = sandbox.run(script.code, params, script.language, timeout)
         if status != 0:
-            return False, f"check {i} ({kind}) exited with status {status} on {', '.join(map(_short, params))}: {_short(out)}"
+            return False, f"check {i} ({kind}) exited with status {status} on {', '.join(map(_short, params))}: {_short(out + sandbox.stderr)}"
         params.append(out)
     return True, None
 
@@ -354,7 +354,7 @@ async def play(task: OSTask, system: System, prefix: list[dict], agent, settings
         for i, script in enumerate(task.init):
             status, out = await in_pool(sandbox.run, script.code, [], script.language, settings.command_timeout)
             if status != 0:
-                raise RuntimeError(f"init script {i} exited with status {status}: {out[-500:]}")
+                raise RuntimeError(f"init script {i} exited with status {status}: {(sandbox.stderr or out)[-500:]}")
         if task.start:
             sandbox.start(task.start.code, task.start.language)
         output, ended, answer = "", "round_limit", None

@@ -7,7 +7,9 @@ reachable except what it mounts:
     /usr /opt /srv /var/cache /var/lib   overlays: the host's directory read-only underneath, writes
                                          go to an upper layer on the tmpfs
     /etc /var (rest)                     copies on the tmpfs (files the sandbox's root cannot read are left out)
-    /tmp /home /root /run /dev/shm       empty
+    /tmp /root /run /dev/shm             empty
+    /home                                the homes of /etc/passwd's users under /home, from /etc/skel
+    (a host directory the sandbox's root may not list: shown empty; PID 1 keeps Docker's capabilities)
     /dev                                 null zero full random urandom (bound from the host)
     /proc                                a new proc for the new PID namespace
     (everything else: /work, /mnt, the host's homes, /sys)  absent
@@ -44,15 +46,22 @@ import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
-# Run by PID 1 as the sandbox's root ($1: the tmpfs size). Until pivot_root it sees the host, so it only writes
-# inside the tmpfs it mounts first (over /tmp, in its own mount namespace; `set -e` stops it if that fails).
+from genpi.eval.sandbox_enter import KEEP
+
+# Run by PID 1 as the sandbox's root ($1: the tmpfs size, $2: the capabilities PID 1 keeps once it is set up,
+# $3...: the host's directories under the overlays that the sandbox's root could not read). Until pivot_root it
+# sees the host, so it only writes inside the tmpfs it mounts first (over /tmp, in its own mount namespace;
+# `set -e` stops it if that fails).
 SETUP = r"""
 set -eu
 mount -t tmpfs -o size="$1",mode=0755 genpi-sandbox /tmp
 mkdir /tmp/root /tmp/layer
 mount --bind /tmp/root /tmp/root
+caps=$2
+shift 2
 cd /tmp/root
 # $2: how deep the lower layer's plain 0755 directories get upper-layer copies owned by the sandbox's root.
 # The host's directories belong to ids the namespace does not map, so not even its root could create files in
@@ -73,12 +82,25 @@ done
 mkdir -m 1777 tmp
 mkdir -m 0700 root
 mkdir home proc dev run .old
+# A directory the sandbox's root may not read (its host owner is not mapped) is shown empty and its own, as
+# /etc's copy leaves such files out: in AgentBench's image root reads everything, so `find /` says nothing
+# and apt can chmod its partial/ directories.
+mask() { mkdir -p "$2" && chmod "$(stat -c %a "$1")" "$2" && mount --bind "$2" "$1"; }  # $1 shows $2, an empty directory
+for d in "$@"; do if [ -d "./$d" ] && [ ! -L "./$d" ]; then mask "./$d" "/tmp/layer/empty/$d"; fi; done
+# The users of this /etc/passwd with a home under /home have it, made from /etc/skel, as in an installed
+# system (AgentBench's image, ubuntu, has its user's /home/ubuntu).
+awk -F: '$6 ~ /^\/home\/[^\/]+$/ {print $3 ":" $4 ":" $6}' etc/passwd | while IFS=: read -r u g h; do
+  [ -e ".$h" ] || { mkdir -m 0750 ".$h" && cp -R --preserve=mode /etc/skel/. ".$h/" 2>/dev/null; chown -R "$u:$g" ".$h" 2>/dev/null; } || true
+done
 mkdir dev/shm && mount -t tmpfs -o size=64m,mode=1777 shm dev/shm
 for n in null zero full random urandom; do touch "dev/$n" && mount --bind "/dev/$n" "dev/$n"; done
 ln -s /proc/self/fd dev/fd && ln -s fd/0 dev/stdin && ln -s fd/1 dev/stdout && ln -s fd/2 dev/stderr
 pivot_root . .old
 cd /
 mount -t proc proc /proc
+# the same for /proc (tty/driver belongs to the host's root), outside its processes' own directories
+find /proc -mindepth 1 -maxdepth 4 \( -path '/proc/[0-9]*' -o -path /proc/sys -o -path /proc/self -o -path /proc/thread-self \) -prune \
+  -o -type d ! -perm -005 -print 2>/dev/null | while read -r d; do mask "$d" "/.old/tmp/layer/empty$d"; done
 umount -l /.old
 rmdir /.old
 # A user namespace needs no capability, and in one of its own a process could mount (a tmpfs is memory): none
@@ -90,14 +112,18 @@ echo ready
 exec >/dev/null 2>&1
 trap '' TERM INT HUP
 # genpi holds the only writer of stdin: EOF means it closed the sandbox or died, and PID 1's exit kills every
-# process of the namespace.
-while read -r _; do :; done
+# process of the namespace. It keeps Docker's capabilities only, as the sandbox's other processes: with more, the
+# kernel would hide its /proc/1 entries (fdinfo, map_files) from them, unlike a container's PID 1.
+exec setpriv --bounding-set "$caps" --inh-caps -all bash -c 'while read -r _; do :; done'
 """
 ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash", "TERM": "dumb", "LANG": "C.UTF-8",
 }  # fmt: skip
 NAMESPACES = ("user", "mnt", "pid", "net", "uts", "ipc")
+HOME = "/root"  # where the shell and every script start: AgentBench's containers run as root in WorkingDir /root
+NOFILE = 1 << 20  # open files per process, as Docker's (1048576); no more than the host's fs.nr_open
+OVERLAID = ("usr", "opt", "srv", "var/cache", "var/lib")
 ENTER = Path(__file__).with_name("sandbox_enter.py")
 IDS = 65536  # ids mapped into the sandbox: 0-65535, as in a container
 ROOT_BASE = 4_200_000_000  # host ids for them when genpi runs as root without an /etc/subuid range (no user has them)
@@ -161,6 +187,17 @@ def id_maps() -> tuple[str, tuple[int, int], tuple[int, int]] | None:
     return None
 
 
+@cache
+def unreadable_dirs() -> tuple[str, ...]:
+    """The host's directories under the overlays (relative to /) that the sandbox's root cannot list or enter,
+    looked up once: every host file belongs to an id the sandbox does not map, so only the permission bits
+    for others count. The sandbox shows each as an empty directory of its own."""
+    tops = [f"/{d}" for d in OVERLAID if os.path.isdir(f"/{d}") and not os.path.islink(f"/{d}")]
+    found = subprocess.run(["find", *tops, "-xdev", "-type", "d", "!", "-perm", "-005", "-prune", "-print0"],
+                           capture_output=True).stdout  # fmt: skip
+    return tuple(sorted(d.decode(errors="surrogateescape").lstrip("/") for d in found.split(b"\0") if d))
+
+
 _warned: set[str] = set()
 
 
@@ -204,6 +241,7 @@ class Sandbox:
         self.limits = limits
         self.expired = False  # killed by the wall-time limit
         self.discarded = 0  # bytes of the last command's output that were dropped (past limits.output_kb)
+        self.stderr = ""  # the last run()'s stderr (its first limits.output_kb KiB)
         self._lock = threading.Lock()
         self._closed = False
         self._shell: subprocess.Popen | None = None
@@ -220,7 +258,8 @@ class Sandbox:
                              "and its groups can read under /usr, /opt, /srv, /etc and /var, and chown to other users fails")  # fmt: skip
         self.cgroup = sandbox_cgroup(limits, f"sandbox-{os.getpid()}-{secrets.token_hex(4)}")
         spec = {"create": maps[0] if maps else "self"}
-        argv = [sys.executable, "-I", "-S", str(ENTER), json.dumps(spec), "--", "bash", "-c", SETUP, "genpi-sandbox", f"{limits.disk_mb}m"]
+        caps = ",".join(["-all", *(f"+{name}" for name in KEEP)])
+        argv = [sys.executable, "-I", "-S", str(ENTER), json.dumps(spec), "--", "bash", "-c", SETUP, "genpi-sandbox", f"{limits.disk_mb}m", caps, *unreadable_dirs()]
         life, self._life = os.pipe()  # PID 1 reads `life` until EOF; only genpi holds self._life
         try:
             self._holder = _spawner.submit(subprocess.Popen, argv, stdin=life, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -279,7 +318,8 @@ class Sandbox:
         mb = 1 << 20
         rlimits = {"RLIMIT_NPROC": self.limits.processes, "RLIMIT_FSIZE": self.limits.file_mb * mb,
                    "RLIMIT_AS": self.limits.memory_mb * mb, "RLIMIT_CORE": 0}  # fmt: skip
-        spec = {"ns": self._fds, "rlimits": rlimits, "cgroup": str(self.cgroup) if self.cgroup else None, "groups": self._groups}
+        spec = {"ns": self._fds, "rlimits": rlimits, "nofile": NOFILE, "cwd": HOME, "cgroup": str(self.cgroup) if self.cgroup else None,
+                "groups": self._groups}  # fmt: skip
         command = [sys.executable, "-I", "-S", str(ENTER), json.dumps(spec), "--", *argv]
         proc = subprocess.Popen(command, cwd="/", env=ENV, pass_fds=list(self._fds.values()), start_new_session=True, **kwargs)
         self._processes.append(proc)
@@ -293,48 +333,71 @@ class Sandbox:
             pass
         proc.wait()
 
-    def _read(self, proc: subprocess.Popen, deadline: float, end: bytes | None = None) -> tuple[bytes, str]:
-        """Read `proc`'s stdout until it ends with `end` ("end"), EOF ("eof") or the deadline ("timeout"): its
-        first limits.output_kb KiB without `end`, and how it stopped. The rest is read and dropped (a command's
-        output never grows genpi's memory); self.discarded counts the bytes dropped."""
-        cap, fd = self.limits.output_kb << 10, proc.stdout.fileno()
-        kept, size, tail, total, ended = deque(), 0, b"", 0, "timeout"
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            if not select.select([fd], [], [], left)[0]:
-                continue
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                ended = "eof"
-                break
-            total += len(chunk)
-            if size < cap:
-                kept.append(chunk[: cap - size])
-                size += len(kept[-1])
-            if end is not None:
-                tail = (tail + chunk)[-len(end) :]
-                if tail == end:
-                    total -= len(end)
-                    ended = "end"
+    def _read(self, proc: subprocess.Popen, deadline: float, end: bytes | None = None, until_exit: bool = False) -> tuple[bytes, bytes, str]:
+        """Read `proc`'s stdout (and its stderr, where that is a pipe too) until stdout ends with `end` ("end"),
+        its EOF ("eof"), or with `until_exit` the process's exit ("exit": what is in the pipes then is read,
+        but nothing waits for processes it left running that still hold them), or the deadline ("timeout"):
+        the first limits.output_kb KiB of each, stdout without `end`, and how it stopped. The rest is read and
+        dropped (a command's output never grows genpi's memory); self.discarded counts stdout's bytes dropped."""
+        cap, out_fd = self.limits.output_kb << 10, proc.stdout.fileno()
+        kept = {f.fileno(): [] for f in (proc.stdout, proc.stderr) if f is not None}
+        size, total = dict.fromkeys(kept, 0), dict.fromkeys(kept, 0)
+        open_fds, tail, ended = list(kept), b"", "timeout"
+        exited = os.pidfd_open(proc.pid) if until_exit else None
+        drain = 16  # reads after the exit: what was in the pipes then, not a background writer's endless stream
+        try:
+            while ended in ("timeout", "exit") and drain and (open_fds or ended == "timeout" and exited is not None):
+                left = deadline - time.monotonic()
+                if left <= 0:
                     break
-        head = b"".join(kept)[:total]
-        self.discarded = total - len(head)
-        return head, ended
+                if ended == "exit":
+                    ready = select.select(open_fds, [], [], 0)[0]
+                    if not ready:
+                        break
+                    drain -= 1
+                else:
+                    ready = select.select([*open_fds, *([exited] if exited is not None else [])], [], [], left)[0]
+                    if exited in ready:
+                        ended = "exit"
+                        continue
+                for fd in ready:
+                    chunk = os.read(fd, 1 << 16)
+                    if not chunk:
+                        open_fds.remove(fd)
+                        ended = "eof" if fd == out_fd and exited is None else ended
+                        continue
+                    total[fd] += len(chunk)
+                    if size[fd] < cap:
+                        kept[fd].append(chunk[: cap - size[fd]])
+                        size[fd] += len(kept[fd][-1])
+                    if fd == out_fd and end is not None:
+                        tail = (tail + chunk)[-len(end) :]
+                        if tail == end:
+                            total[fd] -= len(end)
+                            ended = "end"
+        finally:
+            if exited is not None:
+                os.close(exited)
+        head = b"".join(kept[out_fd])[: total[out_fd]]
+        self.discarded = total[out_fd] - len(head)
+        err = b"".join(b"".join(chunks) for fd, chunks in kept.items() if fd != out_fd)
+        return head, err, ended
 
     def run(self, script: str, args: list[str] = (), language: str = "bash", timeout: float = 30) -> tuple[int, str]:
         """Run a script on its own (not in the shell), as AgentBench's `execute_independent`, in the same working
-        directory (/) and environment as the shell: (exit status, stdout and stderr); status 124 when it ran
-        out of time (its whole process group is killed then)."""
+        directory (/root) and environment as the shell: (exit status, its stdout), as AgentBench's checks get
+        it; its stderr goes to self.stderr. It has ended when the script's own process exits: processes it
+        started in the background run on and may keep its output open (an init script's `sleep 60 &`).
+        Status 124 when it ran out of time (its whole process group is killed then)."""
         argv = ["bash", "-c", script, "--", *args] if language == "bash" else ["python3", "-c", script, *args]
-        proc = self._popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        out, ended = self._read(proc, time.monotonic() + timeout)
+        proc = self._popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err, ended = self._read(proc, time.monotonic() + timeout, until_exit=True)
+        self.stderr = err.decode(errors="replace")
+        proc.stdout.close()
+        proc.stderr.close()
         if ended == "timeout":
             self._kill_group(proc)
-            proc.stdout.close()
             return 124, ""
-        proc.stdout.close()
         return proc.wait(), out.decode(errors="replace")
 
     def start(self, script: str, language: str = "bash") -> None:
@@ -345,7 +408,7 @@ class Sandbox:
     def execute(self, command: str, timeout: float = 30) -> str:
         """Run a command in the sandbox's one `bash --login`, whose state (directory, variables) persists
         between commands: its stdout and stderr. Stdin is /dev/null, so nothing waits for input. The shell
-        starts in /, as AgentBench's (and its checks) do. Raises CommandTimeout, after killing the shell's
+        starts in /root, as AgentBench's (and its checks) do. Raises CommandTimeout, after killing the shell's
         whole process group. A shell that a command ended (`exit`) or that timed out is replaced by a fresh
         one at the next command."""
         if self._shell is None or self._shell.poll() is not None:
@@ -359,7 +422,7 @@ class Sandbox:
         except BrokenPipeError:
             self._shell = None
             return ""
-        out, ended = self._read(shell, time.monotonic() + timeout, end=f"\n{marker}\n".encode())
+        out, _, ended = self._read(shell, time.monotonic() + timeout, end=f"\n{marker}\n".encode())
         if ended == "timeout":
             self._kill_group(shell)  # nothing of it may run on into the next command
             self._shell = None

@@ -53,6 +53,7 @@ def main() -> None:
 
     if "create" in spec:
         create(spec, argv, libc, check)
+    nofile(spec["nofile"])
     if spec["cgroup"]:  # before anything else, so that every process of the command is counted in it
         with open(os.path.join(spec["cgroup"], "cgroup.procs"), "w") as f:
             f.write("0")
@@ -63,7 +64,7 @@ def main() -> None:
     if pid:
         _, status = os.waitpid(pid, 0)
         os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
-    os.chdir("/")
+    os.chdir(spec["cwd"])
     if spec["groups"]:  # no supplementary groups (refused where the namespace's setgroups is "deny")
         os.setgroups([])
     os.setresgid(0, 0, 0)
@@ -80,6 +81,18 @@ def main() -> None:
     except OSError as e:
         print(f"{argv[0]}: {e.strerror}", file=sys.stderr)
         os._exit(127)
+
+
+def nofile(n: int) -> None:
+    """Open files up to `n` (Docker's containers get 1048576; AgentBench's tasks use descriptors like 123321). Only
+    here, outside the sandbox's user namespace, can a root genpi raise the hard limit too (that needs
+    CAP_SYS_RESOURCE in the host's); otherwise the soft limit goes as far as the hard one allows."""
+    n = min(n, int(open("/proc/sys/fs/nr_open").read()))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, max(n, hard) if hard != resource.RLIM_INFINITY else hard))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else max(soft, min(n, hard)), hard))
 
 
 def create(spec: dict, argv: list[str], libc, check) -> None:
