@@ -7,17 +7,18 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO
+from safetensors.torch import load_file
+from test_recipe import row, write_calc_dialogues
+
 from genpi.catalog import load_catalog
 from genpi.synth import store
 from genpi.train.adapters import check_adapter
 from genpi.train.recipe import TrainSettings
-from test_recipe import row, write_calc_dialogues
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 CALC, GREET = load_catalog(CATALOG)
@@ -82,9 +83,23 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_with_the_same_ad
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)  # bit for bit
 
 
-def trial_pids():
-    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in listing.splitlines() if "ray::ImplicitFunc" in line]
+def trial_pids(root):
+    """The Tune trial processes descending from `root` (the test's genpi train), not another run's on this machine."""
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        parents[int(proc.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+    def descends(pid):
+        while pid in parents and pid != root:
+            pid = parents[pid][0]
+        return pid == root
+    return [pid for pid, (_, cmdline) in parents.items() if "ray::ImplicitFunc" in cmdline and descends(pid)]
 
 
 def test_a_killed_trial_is_retried_from_its_checkpoint_and_a_failing_prompt_fails_alone(tiny_trainable_model, tmp_path):
@@ -97,7 +112,7 @@ def test_a_killed_trial_is_retried_from_its_checkpoint_and_a_failing_prompt_fail
     store.write_table(store.shard_path(data, "greet", 0), greetings, store.DIALOGUE_SCHEMA)
     process = start(data, tmp_path / "adapters", tiny_trainable_model, "--epochs", "8", "--lambdas", "0.5", "--cpus-per-trial", "2")
     wait_for_checkpoint(tmp_path / "adapters", process)
-    [pid] = trial_pids()  # 2 CPUs per trial on a 2-CPU Ray: one trial at a time; greet's failed in seconds
+    [pid] = trial_pids(process.pid)  # 2 CPUs per trial on a 2-CPU Ray: one trial at a time; greet's failed in seconds
     os.kill(pid, signal.SIGKILL)  # a preempted or OOM-killed trial
     out, err = process.communicate(timeout=600)
     assert process.returncode == 1, err[-3000:]  # a prompt failed
