@@ -70,3 +70,22 @@ def tiny_finishing_model(tmp_path_factory) -> str:
         model.lm_head.weight[eos] = torch.randn(model.config.hidden_size, generator=generator) * 1.5
     model.save_pretrained(folder)
     return str(folder)
+
+
+# The embedded server on the tiny model with two adapters, for the serving tests (test_serve*.py); modules that
+# serve something else define their own `adapters_dir` and `served`, which win over these.
+@pytest.fixture(scope="module")
+def adapters_dir(tiny_model, tmp_path_factory):
+    from test_serve import make_adapters
+
+    return make_adapters(tiny_model, tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, adapters_dir):
+    from test_serve import start
+
+    server, scheduler, base_name = start(tiny_model, adapters_dir)
+    yield server.url, scheduler, base_name
+    server.close()
+    scheduler.close()

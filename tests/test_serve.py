@@ -86,19 +86,6 @@ def start(base: str, adapters_dir: Path, api_key: str | None = KEY, dtype: str =
 
 
 @pytest.fixture(scope="module")
-def adapters_dir(tiny_model, tmp_path_factory):
-    return make_adapters(tiny_model, tmp_path_factory.mktemp("adapters"))
-
-
-@pytest.fixture(scope="module")
-def served(tiny_model, adapters_dir):
-    server, scheduler, base_name = start(tiny_model, adapters_dir)
-    yield server.url, scheduler, base_name
-    server.close()
-    scheduler.close()
-
-
-@pytest.fixture(scope="module")
 def direct(tiny_model, adapters_dir):
     """The same base and adapters in a TransformersEngine of its own, serving one adapter at a time."""
     from genpi.engines.hf import TransformersEngine

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from test_serve import AUTH, CATALOG, KEY, Server, chat, get, make_adapters, post, run_serve, start
+from test_serve import AUTH, CATALOG, KEY, Server, chat, get, post, run_serve
 
 SHAPE = {"message", "type", "param", "code"}
 
@@ -40,19 +40,6 @@ def post_raw(url: str, data: bytes, headers=AUTH, path: str = "/chat/completions
             return response.status, response.headers, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.headers, e.read()
-
-
-@pytest.fixture(scope="module")
-def adapters_dir(tiny_model, tmp_path_factory):
-    return make_adapters(tiny_model, tmp_path_factory.mktemp("adapters"))
-
-
-@pytest.fixture(scope="module")
-def served(tiny_model, adapters_dir):
-    server, scheduler, base_name = start(tiny_model, adapters_dir)
-    yield server.url, scheduler, base_name
-    server.close()
-    scheduler.close()
 
 
 def test_health_answers_probes_without_a_key(served):
