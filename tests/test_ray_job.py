@@ -1,6 +1,6 @@
 """`ray job submit` of `python -m genpi.synth` to a real head node started with `ray start --head`.
 
-This is the cluster path of DESIGN.md ("Running") end to end on one machine: the
+This is the cluster path of docs/design.md ("Running") end to end on one machine: the
 repository travels as the job's working_dir, the driver's `ray.init()` connects to
 the job's cluster, and the engine actors run on its node.
 
