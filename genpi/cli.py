@@ -10,7 +10,7 @@
     genpi eval os-tasks TASKS --replay-examples [--scripts DIR]  each task's own solution and a wrong answer, replayed
     genpi eval mind2web STEPS --catalog C --prompt ID [--adapters A ...]  Mind2Web step success
     genpi eval webshop --url URL --catalog C --prompt ID [--adapters A ...]  WebShop reward
-    genpi serve ADAPTERS --catalog C    an OpenAI-compatible server for the adapters (flags go to genpi.serve)
+    genpi serve ADAPTERS --catalog C    an OpenAI-compatible server for the adapters (flags go to genpi.serve.cli)
     genpi eval efficiency --catalog C --prompt ID [--adapters A]  FLOPs, latency and KV bytes with P and internalized
     genpi report RUN [--out report.md]  Markdown report with plots from a run's files
     genpi stats OUT [--json]            quality statistics per prompt
@@ -59,7 +59,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from genpi.serve import main as serve_main
+    from genpi.serve.cli import main as serve_main
 
     return serve_main(args.rest)
 

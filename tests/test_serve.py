@@ -72,7 +72,8 @@ def start(base: str, adapters_dir: Path, api_key: str | None = KEY, dtype: str =
     from transformers import AutoTokenizer
 
     from genpi.engines.hf import TransformersEngine
-    from genpi.serve import Scheduler, build_app, load_adapters
+    from genpi.serve.app import build_app
+    from genpi.serve.scheduler import Scheduler, load_adapters
 
     base_path, adapters = load_adapters(adapters_dir, CATALOG, None)
     assert base_path == base
@@ -335,7 +336,8 @@ def test_stale_foreign_and_missing_adapters_are_refused(tiny_model, tmp_path):
 
 
 def test_the_vllm_command_serves_every_adapter_as_a_lora_module(tiny_model, tmp_path):
-    from genpi.serve import load_adapters, vllm_command
+    from genpi.serve.scheduler import load_adapters
+    from genpi.serve.vllm import vllm_command
 
     base, adapters = load_adapters(make_adapters(tiny_model, tmp_path / "adapters", r=12), CATALOG, None)
     command = vllm_command("/venv/bin/python", base, adapters, "127.0.0.1", 8123, 512)
@@ -401,7 +403,7 @@ def test_vllm_serves_each_adapter_as_transformers_does(tmp_path):
 
 
 def test_a_prompt_sent_before_different_conversations_is_cached_once(served, direct):
-    from genpi.serve import Prefixes
+    from genpi.serve.scheduler import Prefixes
 
     url, scheduler, base_name = served
     prompt = [{"role": "system", "content": "You answer in French. " * 20}, *chat("Hi!"), {"role": "assistant", "content": "Salut !"}]
@@ -424,7 +426,7 @@ def test_a_prompt_sent_before_different_conversations_is_cached_once(served, dir
 
 
 def test_a_corrupt_adapter_manifest_exits_2_naming_the_file(tmp_path, capsys):
-    from genpi.serve import main
+    from genpi.serve.cli import main
 
     for name, text in (("calc", "{not json"), ("greet", '{"prompt_id": "greet"}')):
         adapters = tmp_path / name

@@ -78,7 +78,8 @@ def test_malformed_json_and_unknown_routes_get_the_openai_error_shape(served):
 def test_request_sizes_are_bounded(served, tiny_model):
     from transformers import AutoTokenizer
 
-    from genpi.serve import Limits, build_app
+    from genpi.serve.app import build_app
+    from genpi.serve.protocol import Limits
 
     _, scheduler, base_name = served
     limits = Limits(max_body_bytes=20_000, max_messages=3, max_message_chars=500, max_stop_chars=8, body_timeout_s=1)
@@ -154,7 +155,9 @@ def held(tiny_model):
     """A server over a HeldEngine: one running row and one waiting request at most."""
     from transformers import AutoTokenizer
 
-    from genpi.serve import Limits, Scheduler, build_app
+    from genpi.serve.app import build_app
+    from genpi.serve.protocol import Limits
+    from genpi.serve.scheduler import Scheduler
 
     engine = HeldEngine()
     server = Server(build_app(Scheduler(engine), AutoTokenizer.from_pretrained(tiny_model), "held", [], KEY, 8,
