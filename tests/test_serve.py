@@ -337,7 +337,7 @@ def test_stale_foreign_and_missing_adapters_are_refused(tiny_model, tmp_path):
 
 def test_the_vllm_command_serves_every_adapter_as_a_lora_module(tiny_model, tmp_path):
     from genpi.serve.scheduler import load_adapters
-    from genpi.serve.vllm import vllm_command
+    from genpi.serve.launcher import vllm_command
 
     base, adapters = load_adapters(make_adapters(tiny_model, tmp_path / "adapters", r=12), CATALOG, None)
     command = vllm_command("/venv/bin/python", base, adapters, "127.0.0.1", 8123, 512)

@@ -17,7 +17,7 @@ from genpi import InputError
 from genpi.serve.app import build_app
 from genpi.serve.protocol import Limits
 from genpi.serve.scheduler import Scheduler, load_adapters
-from genpi.serve.vllm import run_vllm, vllm_command
+from genpi.serve.launcher import run_vllm, vllm_command
 
 
 def build_parser() -> argparse.ArgumentParser:
