@@ -47,9 +47,8 @@ from pathlib import Path
 
 from genpi import InputError
 from genpi.catalog import load_catalog
+from genpi.data.adapters import AdapterManifest, check_adapter, check_base, read_adapter_manifest
 from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Sampling
-from genpi.eval.serve import check_base
-from genpi.train.adapters import AdapterManifest, check_adapter, read_adapter_manifest
 
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4  # as the OpenAI API

@@ -571,7 +571,7 @@ def _ratio(system: dict, with_p: dict) -> dict:
 def write_outputs(out: Path, result: dict) -> None:
     """Rows as EVAL/efficiency/prompt_id=ID/system=NAME/part-00000.parquet; EVAL/efficiency.json keeps one
     result per prompt (this run's replaces the prompt's earlier one); the plot as EVAL/efficiency-ID.png."""
-    from genpi.synth.store import write_table
+    from genpi.data.store import write_table
 
     for system in result["systems"]:
         rows = [r for r in result["rows"] if r["system"] == system]

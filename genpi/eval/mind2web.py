@@ -49,7 +49,7 @@ from genpi.engines import ChatRequest, Sampling
 from genpi.eval.metrics import ratio
 from genpi.eval.report import keep_per_prompt
 from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
-from genpi.synth.store import TURN, write_table
+from genpi.data.store import TURN, write_table
 
 PER_QUESTION = 5  # candidates per question, besides "None of the above" (AgentBench's num_candidates)
 PREVIOUS_SHOWN = 5  # the last previous actions shown (AgentBench's previous_k)

@@ -60,7 +60,7 @@ from genpi.eval.metrics import ratio
 from genpi.eval.report import keep_per_prompt
 from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, SandboxError
 from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
-from genpi.synth.store import TURN, write_table
+from genpi.data.store import TURN, write_table
 
 INPUT_TEMPLATE = "Now, I will start a new problem in a new OS. My problem is:\n\n{description}"  # AgentBench's
 TRUNCATED = "\n[truncated because the output is too long]"

@@ -44,7 +44,7 @@ from genpi.engines import ChatRequest, Sampling
 from genpi.eval.metrics import ratio
 from genpi.eval.report import keep_per_prompt
 from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
-from genpi.synth.store import TURN, write_table
+from genpi.data.store import TURN, write_table
 
 ROUNDS = 10  # AgentBench's limit
 ACTION = re.compile(r"[Aa]ction: *\n* *((search|click)\[.+?])")  # AgentBench's pattern
