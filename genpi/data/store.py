@@ -2,11 +2,13 @@
 
     OUT/inputs/ID.parquet                        pseudo user inputs of a prompt (sample_id, seed, split, input)
     OUT/dialogues/prompt_id=ID/part-NNNNN.parquet  one row per dialogue (DIALOGUE_SCHEMA)
+    EVAL/NAME/prompt_id=ID/system=SYS/part-00000.parquet  evaluation NAME's rows of one system (results_path;
+                                                 each evaluation defines its schema)
 
 OUT/manifest.json, which lists the finished shards with their SHA-256, is genpi.data.manifest's.
 Every file appears only when complete: it is written under a temporary name
 and renamed into place (write_atomic), so a run killed at any point leaves either the old file
-or the new one, never half of one. The evaluations write their per-system tables with write_table too.
+or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -75,6 +77,11 @@ def shard_path(out: str | Path, prompt_id: str, shard: int) -> Path:
 
 def inputs_path(out: str | Path, prompt_id: str) -> Path:
     return Path(out) / "inputs" / f"{prompt_id}.parquet"
+
+
+def results_path(eval_dir: str | Path, evaluation: str, prompt_id: str, system: str) -> Path:
+    """Where evaluation NAME writes one system's rows for one prompt (hive partitioned, as the shards)."""
+    return Path(eval_dir) / evaluation / f"prompt_id={prompt_id}" / f"system={system}" / "part-00000.parquet"
 
 
 def file_sha256(path: Path) -> str:

@@ -59,7 +59,7 @@ from genpi.eval.gap import (BOOTSTRAP, COLLATERAL_TOKENS, GAP_METRICS, GENERAL_R
 from genpi.eval.metrics import action, ratio, rouge_l
 from genpi.eval.serve import (BASE, TEACHER, Batcher, System, adapter_dirs, check_served, load_engine, mark_served, prompt_systems,
                               served_as, served_notes, served_specs)  # fmt: skip
-from genpi.data.store import TURN, write_table
+from genpi.data.store import TURN, results_path, write_table
 
 CHECK_RESULT = pa.struct([("name", pa.string()), ("passed", pa.bool_())])  # passed: null without a reply
 EVAL_SCHEMA = pa.schema(
@@ -359,7 +359,7 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
         for name, rs in records.items():
             for r, scored in zip(rs, sampled.get(name) or [None] * len(rs)):
                 r.update(onpolicy_columns(scored))
-            write_table(out / "fidelity" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, EVAL_SCHEMA)
+            write_table(results_path(out, "fidelity", entry.id, name), rs, EVAL_SCHEMA)
         metrics = mark_served({name: summarize(rs) for name, rs in records.items()}, systems, LOGIT_METRICS + GAP_METRICS)
         damage = collateral_metrics(unrelated.score(entry, systems, progress) if unrelated else dict.fromkeys(records))
         for name, figures in gap_metrics(records).items():
