@@ -43,7 +43,7 @@ def random_adapters(folder: Path, entries) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from genpi.train.adapters import AdapterManifest, write_adapter
+    from genpi.data.adapters import AdapterManifest, write_adapter
     from genpi.train.qlora import LoraSettings, add_lora, save_adapter
 
     base, settings = resolve_model("smollm2"), LoraSettings()

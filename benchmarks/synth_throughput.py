@@ -36,13 +36,14 @@ import ray
 import torch
 
 from genpi.catalog import load_catalog
+from genpi.data import store
+from genpi.data.manifest import new_manifest
 from genpi.engines import ChatRequest, EngineConfig, Sampling
 from genpi.engines.hf import TransformersEngine
 from genpi.models import resolve_model
 from genpi.synth.actors import start_engine
-from genpi.synth import store
-from genpi.synth.pipeline import SynthSettings
-from genpi.synth.run import RunOptions, Synthesis, new_manifest
+from genpi.synth.pipeline import SynthSettings, instruction_texts
+from genpi.synth.run import RunOptions, Synthesis
 
 REPO = Path(__file__).resolve().parents[1]
 CATALOG = REPO / "examples" / "agents.yaml"
@@ -57,7 +58,7 @@ def timed(engine: TransformersEngine, requests: list[ChatRequest]) -> tuple[floa
 def synthesize(model: str, entries, settings: SynthSettings, options: RunOptions, config: EngineConfig, out: Path,
                threads: int, record: bool = False) -> tuple[float, Synthesis, dict]:
     """The whole pipeline on a local Ray with one transformers engine actor: (seconds, the run, what it served)."""
-    manifest = new_manifest(CATALOG, entries, config, config, settings, options.shard_size)
+    manifest = new_manifest(CATALOG, entries, config, config, settings, options.shard_size, instruction_texts())
     ray.init(address="local", num_cpus=threads, include_dashboard=False, log_to_driver=False)
     try:
         handle, engine = start_engine(config, "target-0", options.engine_restarts, options.call_timeout_s, record=record)

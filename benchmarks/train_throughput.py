@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from genpi.catalog import load_catalog
+from genpi.data import store
 from genpi.models import resolve_model
-from genpi.synth import store
 from genpi.train.qlora import LoraSettings
 from genpi.train.recipe import TrainSettings, build_examples, train_adapter
 from genpi.train.run import train_catalog

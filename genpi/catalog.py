@@ -341,8 +341,6 @@ def _parse_checks(raw: object, fail) -> tuple[Check, ...]:
             except re.error as e:
                 raise fail(where, f"bad regular expression: {e}") from None
         elif kind == "language":
-            from genpi.checks import supported_language
-
             if not isinstance(spec, str) or not supported_language(spec):
                 raise fail(where, f"must be an ISO 639-1 code of a language the detector knows (e.g. en, fr, es, de), got {spec!r}")
         else:
@@ -390,3 +388,15 @@ def entry_from_json(data: dict) -> PromptEntry:
     """Rebuild an entry from `PromptEntry.to_json()` (as stored in a run manifest)."""
     return _parse_entry(Path("<manifest>"), 1, data)
 
+
+def supported_language(code: str):
+    """The lingua Language of an ISO 639-1 code (lower case), None if lingua does not know it. Here, not in
+    genpi.checks (which runs the checks and imports this module): a catalog refuses an unknown code as it loads."""
+    from lingua import IsoCode639_1, Language
+
+    if not isinstance(code, str) or code != code.lower():
+        return None
+    try:
+        return Language.from_iso_code_639_1(IsoCode639_1.from_str(code))
+    except ValueError:
+        return None

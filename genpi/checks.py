@@ -37,7 +37,7 @@ import json
 import re
 from functools import lru_cache
 
-from genpi.catalog import Check, PromptEntry
+from genpi.catalog import Check, PromptEntry, supported_language
 
 MIN_WORDS = 3  # fewer words of letters: not enough to tell a language
 MAX_LOOP_N = 8  # the longest repeated word n-gram collapsed
@@ -45,18 +45,6 @@ LOOP_SHARE = 0.5  # a reply whose collapsed repeats are at least this share of i
 CONTRAST = ("en", "es", "fr", "de", "it", "pt")  # every language check is judged among these (and its own)
 WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W\d_]+")  # a CJK/kana character, or a run of letters
 FENCED = re.compile(r"```(?:json)?[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL | re.IGNORECASE)
-
-
-def supported_language(code: str):
-    """The lingua Language of an ISO 639-1 code (lower case), None if lingua does not know it."""
-    from lingua import IsoCode639_1, Language
-
-    if not isinstance(code, str) or code != code.lower():
-        return None
-    try:
-        return Language.from_iso_code_639_1(IsoCode639_1.from_str(code))
-    except ValueError:
-        return None
 
 
 def letter_words(text: str) -> list[str]:
@@ -156,4 +144,4 @@ def run_checks(entry: PromptEntry, reply: str | None, languages=()) -> dict[str,
     return {c.name: run_check(c, reply, named) for c in entry.all_checks}
 
 
-__all__ = ["catalog_languages", "collapse_repeats", "language_text", "run_check", "run_checks", "supported_language"]
+__all__ = ["catalog_languages", "collapse_repeats", "language_text", "run_check", "run_checks"]

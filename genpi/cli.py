@@ -92,7 +92,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from genpi.synth.stats import MAX_ROWS, MAX_TEMP, MEMORY_LIMIT, THREADS, TIMEOUT_S
+    from genpi.data.dialogues import MAX_TEMP, MEMORY_LIMIT, THREADS
+    from genpi.synth.stats import MAX_ROWS, TIMEOUT_S
 
     parser = argparse.ArgumentParser(prog="genpi", description="Generative Prompt Internalization")
     parser.add_argument("--version", action="version", version=f"genpi {__version__}")

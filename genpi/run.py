@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from genpi import InputError
-from genpi.runfolder import check_out, holding_lock, write_json
+from genpi.data.runfolder import check_out, holding_lock, write_json
 
 RUN_FILE = "run.json"
-LOCK = "run.lock"  # held while the run goes on (genpi.runfolder)
+LOCK = "run.lock"  # held while the run goes on (genpi.data.runfolder)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def study_stages(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 def study_rows(run: str | Path, prompt_id: str) -> dict:
     """The study's table as data: per system (teacher, base, each method) its figures, and how each method was made."""
-    from genpi.train.adapters import read_adapter_manifest
+    from genpi.data.adapters import read_adapter_manifest
 
     run = Path(run)
     fidelity = json.loads((run / "eval" / "fidelity.json").read_text())

@@ -118,7 +118,7 @@ def adapters(tiny_model, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from genpi.train.adapters import AdapterManifest, write_adapter
+    from genpi.data.adapters import AdapterManifest, write_adapter
     from genpi.train.qlora import save_adapter
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import REPO
 from genpi.catalog import load_catalog
-from genpi.train.adapters import AdapterManifest, read_adapter_manifest, write_adapter
+from genpi.data.adapters import AdapterManifest, read_adapter_manifest, write_adapter
 from genpi.train.qlora import LoraSettings, save_adapter
 from genpi.train.recipe import TrainSettings, train_adapter
 from test_recipe import row, write_calc_dialogues

@@ -9,7 +9,7 @@ import duckdb
 from conftest import REPO
 from genpi.catalog import render_prompt_text
 from genpi.eval.leakage import EXTRACTION_REQUESTS, leak_scores
-from genpi.train.adapters import read_adapter_manifest
+from genpi.data.adapters import read_adapter_manifest
 from test_eval import CALC, CATALOG, adapters  # noqa: F401  (the module's adapter fixture)
 
 

@@ -44,14 +44,13 @@ def numbers(value, found: set[str]) -> set[str]:
 
 def test_report_from_a_small_real_run(tiny_trainable_model, tmp_path):
     from genpi.catalog import load_catalog
+    from genpi.data.manifest import new_manifest, write_manifest
     from genpi.engines import EngineConfig
-    from genpi.synth.pipeline import SynthSettings
-    from genpi.synth.run import new_manifest
-    from genpi.synth.store import write_manifest
+    from genpi.synth.pipeline import SynthSettings, instruction_texts
 
     run = write_calc_dialogues(tmp_path / "run", 10, heldout_from=8)
     engine = EngineConfig(model=tiny_trainable_model)
-    write_manifest(run, new_manifest(CATALOG, load_catalog(CATALOG), engine, engine, SynthSettings(samples=10, heldout=0.2), 32))
+    write_manifest(run, new_manifest(CATALOG, load_catalog(CATALOG), engine, engine, SynthSettings(samples=10, heldout=0.2), 32, instruction_texts()))
     adapters = tmp_path / "adapters-genpi"
     genpi("train", run, "--catalog", CATALOG, "--out", adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7",
           "--epochs", "2", "--lr", "1e-2", "--batch-size", "4", "--micro-batch", "2", "--max-length", "512", "--rank", "4", "--no-progress")  # fmt: skip

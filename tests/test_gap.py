@@ -156,7 +156,7 @@ def random_lora_adapters(base: str, folder):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from genpi.train.adapters import AdapterManifest, write_adapter
+    from genpi.data.adapters import AdapterManifest, write_adapter
 
     torch.manual_seed(0)
     lora = {"r": 4, "alpha": 64, "target_modules": ["q_proj", "v_proj", "down_proj"]}

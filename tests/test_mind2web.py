@@ -151,7 +151,7 @@ def adapters(tiny_long_model, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from genpi.train.adapters import AdapterManifest, write_adapter
+    from genpi.data.adapters import AdapterManifest, write_adapter
     from genpi.train.qlora import LoraSettings, add_lora, save_adapter
 
     torch.manual_seed(0)

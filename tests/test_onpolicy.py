@@ -258,15 +258,15 @@ def test_the_onpolicy_batches_are_made_on_the_model_device(tiny_trainable_model)
 
 
 def test_the_fingerprint_covers_the_init_adapters_weights(tmp_path):
-    from genpi.train.run import fingerprint
+    from genpi.data.adapters import fingerprint
     from test_recipe import row
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
     (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
     train = [dict(row(0), sample_id=0, split="train")]
     settings = dataclasses.replace(ONPOLICY, init_adapter=str(tmp_path))
-    before = fingerprint(train, [], settings, [0.5], "smollm2")
-    assert before != fingerprint(train, [], ONPOLICY, [0.5], "smollm2")
+    before = fingerprint(train, [], recorded_settings(settings, [0.5]), "smollm2")
+    assert before != fingerprint(train, [], recorded_settings(ONPOLICY, [0.5]), "smollm2")
     (tmp_path / "adapter_model.safetensors").write_bytes(b"other weights")  # the same folder, retrained
-    assert fingerprint(train, [], settings, [0.5], "smollm2") != before
-    assert fingerprint(train, [], dataclasses.replace(settings, refresh_steps=2), [0.5], "smollm2") != fingerprint(train, [], settings, [0.5], "smollm2")
+    assert fingerprint(train, [], recorded_settings(settings, [0.5]), "smollm2") != before
+    assert fingerprint(train, [], recorded_settings(dataclasses.replace(settings, refresh_steps=2), [0.5]), "smollm2") != fingerprint(train, [], recorded_settings(settings, [0.5]), "smollm2")

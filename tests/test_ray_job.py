@@ -42,7 +42,7 @@ import pytest
 
 from conftest import REPO
 from genpi.catalog import load_catalog
-from genpi.synth import store
+from genpi.data import store
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 BIN = Path(sys.executable).parent

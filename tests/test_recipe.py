@@ -32,7 +32,7 @@ def row(i):
 def write_calc_dialogues(out, n: int, heldout_from: int, off_format: frozenset[int] = frozenset()):
     """A synthesis folder written by hand: n calc dialogue rows, held out from sample `heldout_from` on;
     in the samples `off_format` the agent's last turn is prose, outside the action space."""
-    from genpi.synth import store
+    from genpi.data import store
 
     rows = []
     for i in range(n):

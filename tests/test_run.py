@@ -15,7 +15,7 @@ from conftest import REPO
 from genpi import InputError
 from genpi.eval.run import build_parser as eval_parser
 from genpi.run import PRESETS, build_parser, main, stage_commands
-from genpi.train.adapters import read_adapter_manifest
+from genpi.data.adapters import read_adapter_manifest
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 TASKS = REPO / "examples" / "os-tasks" / "tasks.json"

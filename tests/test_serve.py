@@ -30,7 +30,7 @@ def make_adapters(base: str, folder: Path, catalog: Path = CATALOG, r: int = 8) 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from genpi.train.adapters import AdapterManifest, write_adapter
+    from genpi.data.adapters import AdapterManifest, write_adapter
     from genpi.train.qlora import LoraSettings, add_lora, save_adapter
 
     settings = LoraSettings(r=r, alpha=2 * r, dropout=0.0)

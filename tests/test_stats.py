@@ -10,9 +10,11 @@ import pytest
 from genpi import InputError
 from genpi.catalog import entry_from_json
 from genpi.cli import main
-from genpi.synth import store
-from genpi.synth.stats import format_rows, format_stats, open_dialogues, quality_stats, run_sql
-from genpi.synth.store import DIALOGUE_SCHEMA, shard_path, write_manifest
+from genpi.data import store
+from genpi.data.dialogues import open_dialogues
+from genpi.data.manifest import write_manifest
+from genpi.data.store import DIALOGUE_SCHEMA, shard_path
+from genpi.synth.stats import format_rows, format_stats, quality_stats, run_sql
 
 ENTRIES = {
     "alpha": {

@@ -14,8 +14,9 @@ import ray
 
 from conftest import REPO
 from genpi import InputError
+from genpi.data import store
+from genpi.data.manifest import read_manifest
 from genpi.engines import EngineConfig
-from genpi.synth import store
 from genpi.synth.pipeline import SynthSettings
 from genpi.synth.run import RunOptions, synthesize
 
@@ -104,14 +105,14 @@ def test_an_engine_actor_killed_mid_run_is_restarted_and_nothing_is_lost(local_r
     thread.start()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and thread.is_alive():
-        manifest = store.read_manifest(out) or {"prompts": {}}
+        manifest = read_manifest(out) or {"prompts": {}}
         if any(p["shards"] for p in manifest["prompts"].values()):
             break
         time.sleep(0.2)
     [name] = [n for n in ray.util.list_named_actors() if n.startswith("genpi-target-0-")]
     actor = ray.get_actor(name)  # generator and target share it: same model and settings
     pid = ray.get(actor.describe.remote())["pid"]
-    finished_at_kill = sum(len(p["shards"]) for p in store.read_manifest(out)["prompts"].values())
+    finished_at_kill = sum(len(p["shards"]) for p in read_manifest(out)["prompts"].values())
     os.kill(pid, signal.SIGKILL)
     restarted_pid = ray.get(actor.describe.remote(), timeout=120)["pid"]  # Ray brings it back
     thread.join(timeout=600)
@@ -147,7 +148,7 @@ def test_sigkill_at_any_point_then_rerun_finishes_every_sample_exactly_once(tiny
     env = dict(os.environ, RAY_ADDRESS="local")  # a private Ray per run, whatever else runs here
 
     def progressed():
-        manifest = store.read_manifest(out)
+        manifest = read_manifest(out)
         if manifest is None:
             return False
         if kill_when == "inputs written":
@@ -164,7 +165,7 @@ def test_sigkill_at_any_point_then_rerun_finishes_every_sample_exactly_once(tiny
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     survivors = {p: p.stat().st_mtime_ns for p in (out / "dialogues").rglob("*.parquet")} if (out / "dialogues").exists() else {}
-    finished_before = sum(len(p["shards"]) for p in store.read_manifest(out)["prompts"].values())
+    finished_before = sum(len(p["shards"]) for p in read_manifest(out)["prompts"].values())
     assert finished_before < 8
 
     second = subprocess.run(synth_command(out, tiny_finishing_model), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -13,22 +13,15 @@ import time
 import pytest
 
 from conftest import REPO
-from genpi import InputError, runfolder
+from genpi import InputError
 from genpi.catalog import load_catalog
+from genpi.data import runfolder, store
+from genpi.data.manifest import LOCK, acquire_lock, new_manifest, read_manifest, reconcile_manifest, write_manifest
+from genpi.data.runfolder import check_out, release_lock
 from genpi.engines import ChatRequest, Completion, EngineConfig
-from genpi.synth import pipeline, store
+from genpi.synth import pipeline
 from genpi.synth.pipeline import END, SynthSettings
-from genpi.synth.run import (
-    LOCK,
-    RunOptions,
-    Synthesis,
-    acquire_lock,
-    check_out,
-    main,
-    new_manifest,
-    reconcile_manifest,
-    release_lock,
-)
+from genpi.synth.run import RunOptions, Synthesis, main
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 ENTRIES = load_catalog(CATALOG)
@@ -171,7 +164,7 @@ def test_a_relative_out_in_a_submitted_ray_job_is_warned_about(tmp_path, capsys,
 
 
 def manifest_for(settings=SETTINGS, engine=EngineConfig(), entries=ENTRIES):
-    return new_manifest(CATALOG, entries, engine, engine, settings, OPTIONS.shard_size)
+    return new_manifest(CATALOG, entries, engine, engine, settings, OPTIONS.shard_size, pipeline.instruction_texts())
 
 
 @pytest.mark.parametrize(
@@ -223,7 +216,7 @@ def synth(out, engine, entries=ENTRIES, settings=SETTINGS):
     """What genpi.synth.run.synthesize does around its engines, with `engine` in place of the actors."""
     out.mkdir(parents=True, exist_ok=True)
     manifest = manifest_for(settings, entries=entries)
-    old = store.read_manifest(out)
+    old = read_manifest(out)
     if old is not None:
         manifest = reconcile_manifest(old, manifest, out)
     run = Synthesis(out, entries, manifest, settings, OPTIONS)
@@ -269,9 +262,9 @@ def test_a_context_overflow_is_final_and_not_redone(tmp_path):
     synth(out, Fake())
     inputs = store.read_rows(store.inputs_path(out, "greet"))
     inputs[0]["input"] = "task-overflow"
-    manifest = store.read_manifest(out)  # an edit the manifest knows of (else the inputs are made again)
+    manifest = read_manifest(out)  # an edit the manifest knows of (else the inputs are made again)
     manifest["prompts"]["greet"]["inputs_sha256"] = store.write_table(store.inputs_path(out, "greet"), inputs, store.INPUT_SCHEMA)
-    store.write_manifest(out, manifest)
+    write_manifest(out, manifest)
     for path in store.shard_path(out, "greet", 0).parent.glob("*.parquet"):
         path.unlink()
     manifest = synth(out, Overflow())
@@ -389,7 +382,7 @@ def test_a_prompt_short_of_samples_is_named_in_the_closing_lines_and_the_manifes
     monkeypatch.setattr(synth_run, "synthesize", lambda *a, **k: synth(out, WebFake(), web_entries(tmp_path), settings))
     assert main([str(CATALOG), "--out", str(out), "--no-progress", "--no-stats"]) == 0
     err = capsys.readouterr().err
-    web = store.read_manifest(out)["prompts"]["web"]
+    web = read_manifest(out)["prompts"]["web"]
     rounds = settings.input_rounds
     asked = 2 * 4 * rounds
     expected = (f"web: 0 of 4 dialogues ({asked} generated inputs over the 256-token input limit; {asked} inputs asked "
@@ -421,7 +414,7 @@ def test_a_failed_shard_write_fails_only_that_shard_and_a_rerun_completes_it(tmp
     err = capsys.readouterr().err
     name = "dialogues/prompt_id=calc/part-00001.parquet"
     assert f"genpi: calc: {name} could not be written (OSError: [Errno 28] No space left on device); rerun" in err
-    manifest = store.read_manifest(out)
+    manifest = read_manifest(out)
     calc = manifest["prompts"]["calc"]
     assert sorted(calc["shards"]) == ["part-00000.parquet", "part-00002.parquet"] and list(calc["write_errors"]) == [name]
     assert not store.shard_path(out, "calc", 1).exists() and not list(out.rglob("*.tmp"))

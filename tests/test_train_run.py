@@ -13,10 +13,10 @@ import yaml
 from conftest import REPO
 from genpi import InputError
 from genpi.catalog import load_catalog
-from genpi.synth import store
-from genpi.train.adapters import StaleAdapterError, check_adapter, read_adapter_manifest
+from genpi.data import store
+from genpi.data.adapters import StaleAdapterError, check_adapter, fingerprint, read_adapter_manifest
 from genpi.train.recipe import TrainSettings
-from genpi.train.run import LAMBDA_RULE, Plan, fingerprint, main, prompt_settings, train_catalog, write_best
+from genpi.train.run import LAMBDA_RULE, Plan, main, prompt_settings, recorded_settings, train_catalog, write_best
 from test_recipe import row, write_calc_dialogues
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
@@ -118,14 +118,14 @@ def test_bad_input_exits_2(data, tmp_path):
 
 def test_fingerprint_covers_every_setting_and_the_lambdas():
     train, heldout = [dict(row(i), sample_id=i, split="train") for i in range(2)], []
-    base = fingerprint(train, heldout, TrainSettings(), [0.3, 0.5], "smollm2")
-    assert fingerprint(train, heldout, TrainSettings(), [0.3, 0.5], "smollm2") == base
-    assert fingerprint(train, heldout, TrainSettings(), [0.3, 0.7], "smollm2") != base
+    base = fingerprint(train, heldout, recorded_settings(TrainSettings(), [0.3, 0.5]), "smollm2")
+    assert fingerprint(train, heldout, recorded_settings(TrainSettings(), [0.3, 0.5]), "smollm2") == base
+    assert fingerprint(train, heldout, recorded_settings(TrainSettings(), [0.3, 0.7]), "smollm2") != base
     for change in ({"loss_form": "additive"}, {"lr": 2e-4}, {"schedule": "constant"}, {"max_grad_norm": 0.5}, {"warmup_ratio": 0.1},
                    {"weight_decay": 0.01}, {"epochs": 3}, {"batch_size": 16}, {"micro_batch": 4}, {"dtype": "bfloat16"}, {"quantize": False}):  # fmt: skip
-        assert fingerprint(train, heldout, dataclasses.replace(TrainSettings(), **change), [0.3, 0.5], "smollm2") != base, change
+        assert fingerprint(train, heldout, recorded_settings(dataclasses.replace(TrainSettings(), **change), [0.3, 0.5]), "smollm2") != base, change
     sft = TrainSettings(method="sft")  # no λ to choose: the λ values tried do not matter
-    assert fingerprint(train, heldout, sft, [0.3], "smollm2") == fingerprint(train, heldout, sft, [0.5, 0.7], "smollm2")
+    assert fingerprint(train, heldout, recorded_settings(sft, [0.3]), "smollm2") == fingerprint(train, heldout, recorded_settings(sft, [0.5, 0.7]), "smollm2")
 
 
 def test_lambda_choice_without_heldout_rows_is_refused(tmp_path):
@@ -259,7 +259,7 @@ def test_lambda_is_the_lowest_heldout_teacher_kl_not_the_lowest_heldout_loss(tmp
 
 def live_lock(path, pid):
     """A lock as a run of this host, boot and PID namespace holds it."""
-    from genpi import runfolder
+    from genpi.data import runfolder
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**runfolder._me(), "pid": pid, "start_ticks": None}))

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from test_recipe import row, write_calc_dialogues
 
 from genpi.catalog import load_catalog
-from genpi.synth import store
-from genpi.train.adapters import check_adapter
+from genpi.data import store
+from genpi.data.adapters import check_adapter
 from genpi.train.recipe import TrainSettings
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"

@@ -79,6 +79,16 @@ class Engine(Protocol):
     def count_tokens(self, messages: list[Message]) -> int: ...
 
 
+class AsyncEngine(Protocol):
+    """One request at a time, awaited: what synthesis and the evaluations' episodes talk to, whether the engine
+    is a Ray actor (genpi.synth.actors), an adapter view of a local engine (genpi.eval.serve.Batcher) or an
+    engine in this process (tests)."""
+
+    model_name: str
+
+    async def complete(self, request: ChatRequest) -> Completion: ...
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What an engine actor loads and how much of the cluster it takes."""

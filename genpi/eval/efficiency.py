@@ -571,11 +571,11 @@ def _ratio(system: dict, with_p: dict) -> dict:
 def write_outputs(out: Path, result: dict) -> None:
     """Rows as EVAL/efficiency/prompt_id=ID/system=NAME/part-00000.parquet; EVAL/efficiency.json keeps one
     result per prompt (this run's replaces the prompt's earlier one); the plot as EVAL/efficiency-ID.png."""
-    from genpi.synth.store import write_table
+    from genpi.data.store import results_path, write_table
 
     for system in result["systems"]:
         rows = [r for r in result["rows"] if r["system"] == system]
-        write_table(out / "efficiency" / f"prompt_id={result['prompt_id']}" / f"system={system}" / "part-00000.parquet", rows, ROW_SCHEMA)
+        write_table(results_path(out, "efficiency", result["prompt_id"], system), rows, ROW_SCHEMA)
     from genpi.eval.report import keep_per_prompt
 
     summary = {k: v for k, v in result.items() if k != "rows"}

@@ -59,7 +59,7 @@ from genpi.eval.gap import (BOOTSTRAP, COLLATERAL_TOKENS, GAP_METRICS, GENERAL_R
 from genpi.eval.metrics import action, ratio, rouge_l
 from genpi.eval.serve import (BASE, TEACHER, Batcher, System, adapter_dirs, check_served, load_engine, mark_served, prompt_systems,
                               served_as, served_notes, served_specs)  # fmt: skip
-from genpi.synth.store import TURN, write_table
+from genpi.data.store import TURN, results_path, write_table
 
 CHECK_RESULT = pa.struct([("name", pa.string()), ("passed", pa.bool_())])  # passed: null without a reply
 EVAL_SCHEMA = pa.schema(
@@ -98,15 +98,15 @@ RATES = ("format_rate", "kind_agreement", "action_agreement", "rouge_l", "action
 
 def heldout_rows(data: str | Path, entry: PromptEntry, limit: int | None = None) -> list[dict]:
     """The prompt's good held-out dialogue rows (refuses rows of another version of the prompt)."""
-    from genpi.train.run import read_rows
+    from genpi.data.dialogues import prompt_rows
 
-    return read_rows(data, entry)[1][:limit]
+    return prompt_rows(data, entry)[1][:limit]
 
 
 def episode_settings(data: str | Path, max_new_tokens: int | None, max_turns: int | None):
     """Synthesis's settings as the run recorded them (turn limit, token limits), without the teacher's top-k."""
     from genpi.synth.pipeline import SynthSettings
-    from genpi.synth.store import read_manifest
+    from genpi.data.manifest import read_manifest
 
     known = {f.name for f in dataclasses.fields(SynthSettings)}
     recorded = (read_manifest(data) or {}).get("settings", {})
@@ -325,7 +325,7 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
     `onpolicy_samples`: sampled first-turn replies per input for the reverse KL (0: not measured); `collateral`:
     measure KL(base || system) on genpi.eval.gap.GENERAL_REQUESTS."""
     from genpi.models import resolve_model
-    from genpi.train.adapters import record_eval
+    from genpi.data.adapters import record_eval
 
     dirs = adapter_dirs(adapters)
     served_by = served_specs(list(served), dirs)
@@ -359,7 +359,7 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
         for name, rs in records.items():
             for r, scored in zip(rs, sampled.get(name) or [None] * len(rs)):
                 r.update(onpolicy_columns(scored))
-            write_table(out / "fidelity" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, EVAL_SCHEMA)
+            write_table(results_path(out, "fidelity", entry.id, name), rs, EVAL_SCHEMA)
         metrics = mark_served({name: summarize(rs) for name, rs in records.items()}, systems, LOGIT_METRICS + GAP_METRICS)
         damage = collateral_metrics(unrelated.score(entry, systems, progress) if unrelated else dict.fromkeys(records))
         for name, figures in gap_metrics(records).items():

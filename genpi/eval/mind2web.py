@@ -49,7 +49,7 @@ from genpi.engines import ChatRequest, Sampling
 from genpi.eval.metrics import ratio
 from genpi.eval.report import keep_per_prompt
 from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
-from genpi.synth.store import TURN, write_table
+from genpi.data.store import TURN, results_path, write_table
 
 PER_QUESTION = 5  # candidates per question, besides "None of the above" (AgentBench's num_candidates)
 PREVIOUS_SHOWN = 5  # the last previous actions shown (AgentBench's previous_k)
@@ -262,7 +262,7 @@ def evaluate(steps_path, catalog, prompt: str, adapters: list[str], base: str = 
                       batcher.run)
     out = Path(out)
     for name, rs in rows.items():
-        write_table(out / "mind2web" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, STEP_SCHEMA)
+        write_table(results_path(out, "mind2web", entry.id, name), rs, STEP_SCHEMA)
     metrics, kept = score(rows)
     mark_served(metrics, systems)
     summary = {

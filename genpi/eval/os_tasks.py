@@ -60,7 +60,7 @@ from genpi.eval.metrics import ratio
 from genpi.eval.report import keep_per_prompt
 from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, SandboxError
 from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
-from genpi.synth.store import TURN, write_table
+from genpi.data.store import TURN, results_path, write_table
 
 INPUT_TEMPLATE = "Now, I will start a new problem in a new OS. My problem is:\n\n{description}"  # AgentBench's
 TRUNCATED = "\n[truncated because the output is too long]"
@@ -569,7 +569,7 @@ def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] =
     metrics = {}
     for system in systems:
         records = [dict(r, prompt_id=entry.id) for r in rows if r["system"] == system.name]
-        write_table(out / "os_tasks" / f"prompt_id={entry.id}" / f"system={system.name}" / "part-00000.parquet", records, OS_TASK_SCHEMA)
+        write_table(results_path(out, "os_tasks", entry.id, system.name), records, OS_TASK_SCHEMA)
         metrics[system.name] = summarize(records)
     mark_served(metrics, systems)
     teacher = metrics.get(TEACHER)

@@ -220,8 +220,8 @@ def drop_empty_sections(md: list[str]) -> list[str]:
 def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str | Path | None = None) -> tuple[str, list[Path]]:
     """(the Markdown text, the PNG files written beside `out`)."""
     from genpi.synth.stats import quality_stats
-    from genpi.synth.store import read_manifest
-    from genpi.train.adapters import read_adapter_manifest
+    from genpi.data.manifest import read_manifest
+    from genpi.data.adapters import read_adapter_manifest
 
     run = Path(run)
     if not run.is_dir():

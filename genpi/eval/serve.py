@@ -21,16 +21,15 @@ row's error, so a server that stops answering ends the evaluation instead of sta
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from genpi import InputError
 from genpi.catalog import PromptEntry
+from genpi.data.adapters import AdapterManifest, check_adapter, check_base
 from genpi.engines import ChatRequest, Completion
 from genpi.engines.openai import PREFIX, OpenAIEngine, split_spec
-from genpi.train.adapters import AdapterManifest, check_adapter
 
 TEACHER, BASE = "teacher", "base"
 SYSTEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a Parquet partition value and a table row
@@ -114,35 +113,6 @@ def served_notes(metrics: dict[str, dict]) -> list[str]:
     """A line per served system, for the text under a summary's table."""
     return [f"served: {name} at {m['served']}" + (f" (not scored: {', '.join(m['not_scored'])})" if m["not_scored"] else "")
             for name, m in metrics.items() if m.get("served")]  # fmt: skip
-
-
-def weights_digest(path: str | Path) -> str:
-    """sha256 over a model folder's config.json and weight files (to tell two copies of one model apart)."""
-    digest = hashlib.sha256()
-    folder = Path(path)
-    for file in sorted([folder / "config.json", *folder.glob("*.safetensors"), *folder.glob("*.bin")]):
-        if file.exists():
-            digest.update(file.name.encode())
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
-
-
-def check_base(folder: Path, manifest: AdapterManifest, base_path: str) -> None:
-    """Refuse an adapter trained on another base model: same folder, or same config and weights."""
-    from genpi.models import resolve_model
-
-    try:
-        trained_on = resolve_model(manifest.base_model)
-    except Exception:
-        trained_on = manifest.base_model
-    if Path(trained_on).resolve() == Path(base_path).resolve():
-        return
-    if Path(trained_on).is_dir() and weights_digest(trained_on) == weights_digest(base_path):
-        return
-    raise InputError(f"{folder}: trained on base model {manifest.base_model!r}, but the evaluated base is {base_path!r} "
-                     "(another path with other weights); pass the adapter's base with --base")  # fmt: skip
 
 
 def prompt_systems(entry: PromptEntry, dirs: dict[str, Path], base_path: str, served: dict[str, str] | None = None) -> tuple[list[System], list[str]]:

@@ -44,7 +44,7 @@ from genpi.engines import ChatRequest, Sampling
 from genpi.eval.metrics import ratio
 from genpi.eval.report import keep_per_prompt
 from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
-from genpi.synth.store import TURN, write_table
+from genpi.data.store import TURN, results_path, write_table
 
 ROUNDS = 10  # AgentBench's limit
 ACTION = re.compile(r"[Aa]ction: *\n* *((search|click)\[.+?])")  # AgentBench's pattern
@@ -267,7 +267,7 @@ def evaluate(url: str | None, catalog, prompt: str, adapters: list[str], base: s
                     Sampling(max_tokens=max_new_tokens), layout, batcher.run)  # fmt: skip
     out = Path(out)
     for name, rs in rows.items():
-        write_table(out / "webshop" / f"prompt_id={entry.id}" / f"system={name}" / "part-00000.parquet", rs, EPISODE_SCHEMA)
+        write_table(results_path(out, "webshop", entry.id, name), rs, EPISODE_SCHEMA)
     metrics, kept = score(rows)
     mark_served(metrics, systems)
     summary = {

@@ -19,8 +19,7 @@ from pathlib import Path
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import ChatRequest, Completion
-from genpi.eval.serve import check_base
-from genpi.train.adapters import AdapterManifest, check_adapter, read_adapter_manifest
+from genpi.data.adapters import AdapterManifest, check_adapter, check_base, read_adapter_manifest
 
 HISTORY = 1000  # jobs the scheduler remembers
 

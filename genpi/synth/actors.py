@@ -99,7 +99,7 @@ def shut_down_and_exit(engine) -> None:
 
 
 class ActorEngine:
-    """An `AsyncEngine` (genpi.synth.pipeline) backed by an engine actor."""
+    """An `AsyncEngine` (genpi.engines) backed by an engine actor."""
 
     def __init__(self, handle, model_name: str, timeout_s: float):
         self.handle = handle

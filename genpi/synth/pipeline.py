@@ -6,7 +6,7 @@
 3. the student's AS-IS answer: the target model *without* P;
 4. the reason: the generator explains why AS-IS should become the teacher's TO-BE.
 
-Engines are reached through `AsyncEngine`, so the same code runs against Ray
+Engines are reached through `AsyncEngine` (genpi.engines), so the same code runs against Ray
 actors (genpi.synth.run) or an engine in this process (tests).
 """
 
@@ -18,11 +18,10 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass
-from typing import Protocol
 
 from genpi.catalog import PromptEntry, render_prompt_text
-from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Message, Sampling
-from genpi.synth.store import DIALOGUE_COLUMNS
+from genpi.data.store import DIALOGUE_COLUMNS
+from genpi.engines import CONTEXT_LENGTH_ERROR, AsyncEngine, ChatRequest, Completion, Message, Sampling
 
 END = "<<END>>"  # the environment's termination marker
 
@@ -83,12 +82,6 @@ class SynthSettings:
 
     def turn_limit(self, entry: PromptEntry) -> int:
         return min(entry.max_turns, self.max_turns) if self.max_turns else entry.max_turns
-
-
-class AsyncEngine(Protocol):
-    model_name: str
-
-    async def complete(self, request: ChatRequest) -> Completion: ...
 
 
 class DialogueError(RuntimeError):

@@ -3,7 +3,7 @@
 The driver holds no model. It starts engine actors on Ray (the local machine,
 or the cluster this process was submitted to), generates each prompt's pseudo
 inputs, then runs the dialogues of many shards concurrently and writes every
-finished shard as one Parquet file. `OUT/manifest.json` records the catalog,
+finished shard as one Parquet file (genpi.data.store). `OUT/manifest.json` (genpi.data.manifest) records the catalog,
 models, settings and finished shards, so the same command, rerun after a crash
 or a kill, does only the work that is missing: shards not written, and the
 samples of written shards that met an engine or internal failure.
@@ -17,24 +17,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from genpi import InputError, runfolder
+from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog
 from genpi.cluster import init_ray
-from genpi.engines import EngineConfig
+from genpi.data import store
+from genpi.data.manifest import acquire_lock, new_manifest, read_manifest, reconcile_manifest, write_manifest
+from genpi.data.runfolder import check_out, release_lock
+from genpi.engines import AsyncEngine, EngineConfig
 from genpi.engines.openai import PREFIX as OPENAI_PREFIX
 from genpi.engines.openai import split_spec
-from genpi.runfolder import check_out, release_lock
-from genpi.synth import store
 from genpi.synth.pipeline import (
     INPUT_LIMIT_FACTOR,
     INPUT_LIMIT_FLOOR,
-    AsyncEngine,
     GeneratedInputs,
     SynthSettings,
     generate_inputs,
@@ -45,10 +44,6 @@ from genpi.synth.pipeline import (
     stable_seed,
     synthesize_dialogue,
 )
-
-MANIFEST_VERSION = 3  # 3: per-shard SHA-256, the input limit and the account of each prompt's inputs
-LOCK = "synth.lock"
-
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
@@ -61,67 +56,6 @@ class RunOptions:
     dashboard: bool = False  # start the Ray dashboard with a local Ray (its processes slow a small machine)
     engine_restarts: int = 3  # per engine actor, over the run
     call_timeout_s: float = 1800.0  # per engine call: it queues behind others and may wait through a restart (model load)
-
-
-def new_manifest(catalog: Path, entries: list[PromptEntry], generator: EngineConfig, target: EngineConfig, settings: SynthSettings, shard_size: int) -> dict:
-    return {
-        "version": MANIFEST_VERSION,
-        "catalog": {"path": str(catalog), "prompts": {e.id: e.to_json() for e in entries}},
-        "generator": engine_fingerprint(generator),
-        "target": engine_fingerprint(target),
-        "settings": dataclasses.asdict(settings),
-        "instructions": instruction_texts(),
-        "shard_size": shard_size,
-        "prompts": {
-            e.id: {
-                "prompt_sha256": e.sha256,
-                "gold_turns": e.gold_turns,
-                "max_turns": settings.turn_limit(e),
-                "samples": settings.samples,
-                "inputs": None,
-                "inputs_sha256": None,
-                "input_limit": None,  # {tokens, source, longest_example, note}: pipeline.InputLimit
-                "input_generation": None,  # what the generator's replies became: rounds, asked, cut, duplicates, ...
-                "input_errors": [],  # the first generator errors
-                "shortfall": None,  # why the prompt has fewer inputs (dialogues) than `samples`
-                "write_errors": {},  # file name -> why it could not be written in the last run (redone on rerun)
-                "shards": {},  # file name -> rows, failures, sample range, sha256
-            }
-            for e in entries
-        },
-    }
-
-
-def engine_fingerprint(config: EngineConfig) -> dict:
-    """What of an engine changes its outputs (not where it runs or how much it batches)."""
-    keys = ("kind", "model", "dtype", "max_model_len", "tensor_parallel_size")
-    return {k: getattr(config, k) for k in keys}
-
-
-def reconcile_manifest(old: dict, new: dict, out: Path) -> dict:
-    """The manifest to continue with: the old one when the run is the same, else a clear refusal."""
-    for key in ("version", "generator", "target", "settings", "instructions", "shard_size"):
-        if old.get(key) != new[key]:
-            raise InputError(
-                f"{out} holds a run with a different {key} ({json.dumps(old.get(key))}); "
-                "rerun with the same options to resume it, or choose another --out"
-            )
-    for prompt_id, fresh in new["prompts"].items():
-        before = old["prompts"].get(prompt_id)
-        if before is None:  # a prompt added to the catalog since: just more work
-            old["prompts"][prompt_id] = fresh
-            old["catalog"]["prompts"][prompt_id] = new["catalog"]["prompts"][prompt_id]
-        elif before["prompt_sha256"] != fresh["prompt_sha256"] or old["catalog"]["prompts"][prompt_id] != new["catalog"]["prompts"][prompt_id]:
-            raise InputError(
-                f"{out}: prompt {prompt_id!r} changed in the catalog since this run started; "
-                "choose another --out for the new version"
-            )
-    return old
-
-
-def acquire_lock(out: Path) -> Path:
-    """OUT/synth.lock (genpi.runfolder.acquire_lock): InputError naming the holder while another run holds it."""
-    return runfolder.acquire_lock(out / LOCK, "synthesis run")
 
 
 def retryable_count(rows: list[dict]) -> int:
@@ -323,7 +257,7 @@ class Synthesis:
         return path.relative_to(self.out).as_posix()
 
     def save_manifest(self) -> None:
-        store.write_manifest(self.out, self.manifest)
+        write_manifest(self.out, self.manifest)
 
     def log(self, message: str) -> None:
         (self.bar.write if self.bar is not None else print)(message, file=sys.stderr)
@@ -369,12 +303,12 @@ def synthesize(
 
 
 def _synthesize(catalog, out, entries, settings, generator, target, options) -> dict:
-    manifest = new_manifest(catalog, entries, generator, target, settings, options.shard_size)
-    old = store.read_manifest(out)
+    manifest = new_manifest(catalog, entries, generator, target, settings, options.shard_size, instruction_texts())
+    old = read_manifest(out)
     if old is not None:
         manifest = reconcile_manifest(old, manifest, out)
     store.remove_stale_temporaries(out)
-    store.write_manifest(out, manifest)
+    write_manifest(out, manifest)
 
     import ray
 

@@ -1,13 +1,13 @@
 """Quality statistics and ad-hoc SQL over a synthesis run's dialogue shards (DuckDB).
 
-    open_dialogues(OUT)     in-memory DuckDB connection with a view `dialogues` over every shard
     quality_stats(OUT)      one dict per prompt: the paper's quality figures (Table 4), counts, lengths
     format_stats(stats)     those as a fixed-width table (plus the commonest errors)
     run_sql(OUT, QUERY)     one read-only SELECT over `dialogues` -> QueryResult (columns, rows, cut)
     rows_json(result)       its rows as a JSON list of row objects
     format_rows(cols, rows) a fixed-width table of a query result
 
-Table 4's figures, as the paper defines them, from the row columns of store.DIALOGUE_SCHEMA:
+Both read the shards through genpi.data.dialogues.open_dialogues (a sandboxed DuckDB view `dialogues`).
+Table 4's figures, as the paper defines them, from the row columns of genpi.data.store.DIALOGUE_SCHEMA:
     % max turns             hit_max_turns: the turn limit reached without a final action
     % no termination        not terminated: the environment never emitted its end marker, not even when
                             asked once more after the final action or the last allowed turn
@@ -20,22 +20,12 @@ Two figures of teaching value (genpi.synth.quality), computed in Python over the
     % inputs passing        dialogues whose student_output (the base without P) already passes the
                             prompt's behaviour checks (genpi.checks): inputs that cannot teach P; null
                             without a check (or without the run's manifest, which holds the catalog)
-
-The shards are hive partitioned (`prompt_id=ID/`) and also hold a `prompt_id`
-column. DuckDB (2.0) with `hive_partitioning = true` yields a single `prompt_id`
-column whose value comes from the path and whose type comes from the file
-(VARCHAR), so ids such as `007` stay strings; `hive_types` pins it anyway.
-
-A connection is sandboxed once its view exists: file access is limited to OUT
-and the configuration is locked, so a query can read the run but nothing else.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -43,8 +33,10 @@ from pathlib import Path
 import duckdb
 
 from genpi import InputError
+from genpi.data.dialogues import MAX_TEMP, MEMORY_LIMIT, THREADS, first_line, open_dialogues
+from genpi.data.manifest import read_manifest
+from genpi.data.store import TERMINATED_BY
 from genpi.synth.quality import behaviour_check, degenerate
-from genpi.synth.store import TERMINATED_BY, read_manifest
 
 TOP_ERRORS = 3
 MAX_CELL = 60
@@ -100,53 +92,10 @@ _ZERO_COUNTS = {"rows": 0, "failed": 0, "train": 0, "heldout": 0, "generated_tok
     f"by_{t}": 0 for t in TERMINATED_BY
 }
 
-# Defaults of `genpi sql`: a query over a large run must not take the machine's memory, disk, cores or time,
-# nor print more than a terminal (or a pipe) takes.
-MEMORY_LIMIT = "4GB"
-MAX_TEMP = "10GB"  # what DuckDB may spill to disk beyond the memory limit (its default: 90% of the free disk)
-THREADS = 2
+# Defaults of `genpi sql`: a query over a large run must not take the machine's time, nor print more than a
+# terminal (or a pipe) takes (its memory, disk and cores: genpi.data.dialogues' MEMORY_LIMIT, MAX_TEMP, THREADS).
 TIMEOUT_S = 300.0
 MAX_ROWS = 10_000
-
-
-def open_dialogues(out: str | Path, memory_limit: str = MEMORY_LIMIT, threads: int = THREADS, max_temp: str = MAX_TEMP) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the view `dialogues` over all shards of OUT. What a query spills
-    goes to a private folder inside OUT (DuckDB creates it when it first spills and removes it on close), at
-    most `max_temp` of it; DuckDB's own default is `.tmp` in the working directory, unbounded."""
-    out = Path(out)
-    if not out.is_dir():
-        raise InputError(f"{out}: no such run folder (run genpi synth first)")
-    root = out.resolve()
-    # The shards as a list of files, not a glob: OUT itself may hold glob characters ([, *, ?).
-    files = sorted(str(f) for f in (root / "dialogues").glob("prompt_id=*/*.parquet"))
-    if not files:
-        raise InputError(f"{out}: no dialogue shards yet (run genpi synth first)")
-    try:
-        # Limits go in before the configuration is locked below.
-        spill = root / f".duckdb-spill-{os.getpid()}-{secrets.token_hex(4)}"
-        con = duckdb.connect(":memory:", config={"memory_limit": memory_limit, "threads": threads, "temp_directory": str(spill),
-                                                 "max_temp_directory_size": max_temp})  # fmt: skip
-    except duckdb.Error as e:
-        raise InputError(f"bad DuckDB limits (memory {memory_limit!r}, temp {max_temp!r}, threads {threads}): {_first_line(e)}") from None
-    try:
-        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        con.execute(
-            "CREATE VIEW dialogues AS SELECT * FROM read_parquet("
-            f"[{listed}], hive_partitioning = true, hive_types = {{'prompt_id': VARCHAR}})"
-        )
-        con.execute("SET allowed_directories = ?", [[str(root) + "/"]])
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
-        con.execute("SELECT * FROM dialogues LIMIT 0")  # unreadable shards fail here, not in a caller
-    except duckdb.Error as e:
-        con.close()
-        raise InputError(f"{out}: cannot read the dialogue shards: {_first_line(e)}") from None
-    return con
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _manifest_prompts(out: str | Path) -> dict[str, dict]:
@@ -327,7 +276,7 @@ def run_sql(out: str | Path, query: str, memory_limit: str = MEMORY_LIMIT, threa
         try:
             statements = con.extract_statements(query)
         except duckdb.Error as e:
-            raise InputError(f"bad query: {_first_line(e)}") from None
+            raise InputError(f"bad query: {first_line(e)}") from None
         if not statements:
             raise InputError("empty query: give one SELECT statement over the view `dialogues`")
         if len(statements) > 1:
@@ -351,7 +300,7 @@ def run_sql(out: str | Path, query: str, memory_limit: str = MEMORY_LIMIT, threa
         except duckdb.InterruptException:
             raise InputError(f"query stopped after the time limit of {timeout:g} s (--timeout)") from None
         except duckdb.Error as e:
-            raise InputError(f"query failed: {_first_line(e)}") from None
+            raise InputError(f"query failed: {first_line(e)}") from None
     finally:
         timer.cancel()
         con.close()

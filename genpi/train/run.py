@@ -41,20 +41,20 @@ from tqdm import tqdm
 from genpi import InputError, __version__
 from genpi.catalog import PromptEntry, load_catalog
 from genpi.cluster import init_ray
-from genpi.runfolder import check_out, holding_lock
-from genpi.train.adapters import AdapterManifest, read_adapter_manifest, write_adapter
+from genpi.data.adapters import AdapterManifest, fingerprint, read_adapter_manifest, write_adapter
+from genpi.data.dialogues import prompt_rows
+from genpi.data.runfolder import check_out, holding_lock
 from genpi.train.qlora import LoraSettings
 from genpi.train.examples import PG_VARIANTS
 from genpi.train.losses import LOSS_FORMS
 from genpi.train.recipe import DTYPES, JOINT_METHODS, METHODS, SCHEDULES, TrainSettings
 
-REQUIRED_COLUMNS = {"prompt_id", "prompt_sha256", "sample_id", "split", "input", "turns", "student_output", "reason", "error"}
 NO_LAMBDA = set(METHODS) - set(JOINT_METHODS)  # methods with one loss term: no λ to choose
 LAMBDA_RULE = "heldout_teacher_kl"  # how a prompt's λ is chosen among several: lowest held-out teacher KL
 # a catalog prompt's `train` keys and the setting each gives (its flag's dest: --lambdas, --max-grad-norm, --lr, --epochs)
 CATALOG_TRAIN = {"lam": "lambdas", "grad_clip": "max_grad_norm", "lr": "lr", "epochs": "epochs"}
 DEFAULT_LAMBDAS = "0.3,0.5,0.7"
-LOCK = "train.lock"  # ADAPTERS/train.lock while a training runs (genpi.runfolder)
+LOCK = "train.lock"  # ADAPTERS/train.lock while a training runs (genpi.data.runfolder)
 
 
 @dataclasses.dataclass
@@ -69,24 +69,6 @@ class Plan:
     from_catalog: dict  # {catalog train key: value} of the settings the catalog gave
     fingerprint: str
     dropped: int | None  # --valid-only: rows outside the action space
-
-
-def read_rows(data: str | Path, entry: PromptEntry) -> tuple[list[dict], list[dict]]:
-    """The prompt's good dialogue rows, (train, heldout); clear errors for unusable data."""
-    from genpi.synth.stats import open_dialogues
-
-    con = open_dialogues(data)
-    columns = {row[0] for row in con.execute("DESCRIBE dialogues").fetchall()}
-    missing = sorted(REQUIRED_COLUMNS - columns)
-    if missing:
-        raise InputError(f"{data}: dialogue shards lack the columns {', '.join(missing)}")
-    cursor = con.execute("SELECT * FROM dialogues WHERE prompt_id = ? AND error IS NULL ORDER BY sample_id", [entry.id])
-    names = [d[0] for d in cursor.description]
-    rows = [dict(zip(names, values)) for values in cursor.fetchall()]
-    stale = {r["prompt_sha256"] for r in rows} - {entry.sha256}
-    if stale:
-        raise InputError(f"{data}: dialogues of {entry.id!r} were synthesized from another version of the prompt; resynthesize")
-    return [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "heldout"]
 
 
 def recorded_settings(settings: TrainSettings, lambdas: list[float]) -> dict:
@@ -112,19 +94,6 @@ def prompt_settings(entry: PromptEntry, settings: TrainSettings, lambdas: list[f
     except (TypeError, ValueError) as e:
         raise InputError(f"prompt {entry.id!r}: catalog field train: {e}") from None
     return settings, lambdas, used
-
-
-def fingerprint(train: list[dict], heldout: list[dict], settings: TrainSettings, lambdas: list[float], base: str) -> str:
-    """What an adapter depends on: its data, every training setting, the λ values tried and its base."""
-    digest = hashlib.sha256()
-    for row in train + heldout:
-        digest.update(json.dumps([row["sample_id"], row["split"], row["input"], row["turns"], row["student_output"], row["reason"]], sort_keys=True, default=str).encode())
-    digest.update(json.dumps({**recorded_settings(settings, lambdas), "base": base}, sort_keys=True, default=str).encode())
-    if settings.init_adapter:  # the weights it starts from, not only their folder's name
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            path = Path(settings.init_adapter) / name
-            digest.update(path.read_bytes() if path.is_file() else b"")
-    return digest.hexdigest()
 
 
 def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambdas: list[float], num_cpus: float = 1,
@@ -156,7 +125,7 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
         outcomes, plans = {}, []
         for entry in entries:  # read and check every prompt's data before any training starts
             prompt, prompt_lambdas, from_catalog = prompt_settings(entry, settings, lambdas, overrides)
-            train, heldout = read_rows(data, entry)
+            train, heldout = prompt_rows(data, entry)
             dropped = None
             if valid_only:
                 if not entry.valid_action:
@@ -172,7 +141,7 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
                                  "teacher KL: synthesize with --heldout > 0, or pass one λ (--lambdas 0.3)")  # fmt: skip
             if early_stop and not heldout:
                 raise InputError(f"--early-stop: prompt {entry.id!r} has no held-out dialogues to compare its trials by")
-            data_print = fingerprint(train, heldout, prompt, prompt_lambdas, base)
+            data_print = fingerprint(train, heldout, recorded_settings(prompt, prompt_lambdas), base)
             done = read_adapter_manifest(out / entry.id)
             if done and done.data_fingerprint == data_print and done.prompt_sha256 == entry.sha256:
                 outcomes[entry.id] = {"status": "up to date", "lam": done.lam}

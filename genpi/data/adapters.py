@@ -3,12 +3,16 @@
 An adapter folder is built under a temporary name and renamed into place with
 `genpi.json` already inside, so a folder named after a prompt is always
 complete; anything else under ADAPTERS is a leftover of a killed run. Whatever
-loads an adapter for a prompt checks `prompt_sha256` against the catalog first.
+loads an adapter for a prompt (training's skip of a finished prompt, the
+evaluations, the server) checks it here first: `check_adapter` against the
+catalog's prompt (`prompt_sha256`), `check_base` against the base model it is
+served on, and `fingerprint` is what training compares to retrain or skip.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +22,7 @@ from typing import Callable
 
 from genpi import InputError
 from genpi.catalog import PromptEntry
+from genpi.models import resolve_model
 
 MANIFEST = "genpi.json"
 
@@ -34,7 +39,7 @@ class AdapterManifest:
     method: str
     lam: float | None  # λ of the PG loss; None for methods without it
     lora: dict  # rank, alpha, dropout, target modules, 4-bit or not
-    data_fingerprint: str  # what the adapter was trained on (see genpi.train)
+    data_fingerprint: str  # what the adapter was trained on: fingerprint() below
     train_metrics: dict = dataclasses.field(default_factory=dict)
     eval_metrics: dict = dataclasses.field(default_factory=dict)
     genpi_version: str = ""
@@ -113,3 +118,45 @@ def check_adapter(folder: str | Path, entry: PromptEntry) -> AdapterManifest:
             f"but the catalog's {entry.id!r} is now sha256 {entry.sha256[:12]}…; retrain it"
         )
     return manifest
+
+
+def fingerprint(train: list[dict], heldout: list[dict], settings: dict, base: str) -> str:
+    """What an adapter depends on: its data, every training setting, the λ values tried and its base.
+    `settings`: genpi.train.run.recorded_settings (TrainSettings whole, with the λ values); its `init_adapter`
+    folder's weights count too, not only their folder's name."""
+    digest = hashlib.sha256()
+    for row in train + heldout:
+        digest.update(json.dumps([row["sample_id"], row["split"], row["input"], row["turns"], row["student_output"], row["reason"]], sort_keys=True, default=str).encode())
+    digest.update(json.dumps({**settings, "base": base}, sort_keys=True, default=str).encode())
+    if settings.get("init_adapter"):
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            path = Path(settings["init_adapter"]) / name
+            digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()
+
+
+def weights_digest(path: str | Path) -> str:
+    """sha256 over a model folder's config.json and weight files (to tell two copies of one model apart)."""
+    digest = hashlib.sha256()
+    folder = Path(path)
+    for file in sorted([folder / "config.json", *folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+        if file.exists():
+            digest.update(file.name.encode())
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def check_base(folder: Path, manifest: AdapterManifest, base_path: str) -> None:
+    """Refuse an adapter trained on another base model: same folder, or same config and weights."""
+    try:
+        trained_on = resolve_model(manifest.base_model)
+    except Exception:
+        trained_on = manifest.base_model
+    if Path(trained_on).resolve() == Path(base_path).resolve():
+        return
+    if Path(trained_on).is_dir() and weights_digest(trained_on) == weights_digest(base_path):
+        return
+    raise InputError(f"{folder}: trained on base model {manifest.base_model!r}, but the evaluated base is {base_path!r} "
+                     "(another path with other weights); pass the adapter's base with --base")  # fmt: skip

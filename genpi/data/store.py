@@ -1,25 +1,24 @@
-"""The dialogue-row contract and the files of a synthesis run.
+"""The dialogue-row contract and the Parquet files of a synthesis run (and of the evaluations' results).
 
-    OUT/manifest.json                            catalog, models, settings, finished shards (each with its SHA-256)
     OUT/inputs/ID.parquet                        pseudo user inputs of a prompt (sample_id, seed, split, input)
     OUT/dialogues/prompt_id=ID/part-NNNNN.parquet  one row per dialogue (DIALOGUE_SCHEMA)
+    EVAL/NAME/prompt_id=ID/system=SYS/part-00000.parquet  evaluation NAME's rows of one system (results_path;
+                                                 each evaluation defines its schema)
 
+OUT/manifest.json, which lists the finished shards with their SHA-256, is genpi.data.manifest's.
 Every file appears only when complete: it is written under a temporary name
-and renamed into place, so a run killed at any point leaves either the old file
+and renamed into place (write_atomic), so a run killed at any point leaves either the old file
 or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from genpi import InputError
 
 TURN = pa.struct([("role", pa.string()), ("content", pa.string())])
 # The teacher's top-k log-probabilities over one agent turn, for logit-level distillation (topk-kl):
@@ -80,6 +79,11 @@ def inputs_path(out: str | Path, prompt_id: str) -> Path:
     return Path(out) / "inputs" / f"{prompt_id}.parquet"
 
 
+def results_path(eval_dir: str | Path, evaluation: str, prompt_id: str, system: str) -> Path:
+    """Where evaluation NAME writes one system's rows for one prompt (hive partitioned, as the shards)."""
+    return Path(eval_dir) / evaluation / f"prompt_id={prompt_id}" / f"system={system}" / "part-00000.parquet"
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -88,7 +92,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic(path: Path, write) -> str:
+def write_atomic(path: Path, write) -> str:
     """Write through a temporary file and rename it into place; returns the file's SHA-256 (read back from
     the written file, so that it is what a later check of the file compares with). Any OSError (disk full,
     I/O error) leaves `path` as it was and no temporary file."""
@@ -108,31 +112,11 @@ def _atomic(path: Path, write) -> str:
 def write_table(path: Path, rows: list[dict], schema: pa.Schema) -> str:
     """Write `rows` as one Parquet file, atomically; returns its SHA-256 (manifests record it per shard)."""
     table = pa.Table.from_pylist(rows, schema=schema)
-    return _atomic(path, lambda tmp: pq.write_table(table, tmp))
+    return write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
-
-
-def write_manifest(out: str | Path, manifest: dict) -> None:
-    def write(tmp: Path) -> None:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-
-    _atomic(Path(out) / "manifest.json", write)
-
-
-def read_manifest(out: str | Path) -> dict | None:
-    path = Path(out) / "manifest.json"
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:  # unreadable, not JSON, not UTF-8
-        raise InputError(f"{path}: not a readable run manifest ({' '.join(str(e).split())}); restore it, or use another folder") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("prompts", {}), dict):
-        raise InputError(f"{path}: not a run manifest (expected a JSON object with prompts); restore it, or use another folder")
-    return manifest
 
 
 def remove_stale_temporaries(out: str | Path) -> None:
