@@ -1,6 +1,6 @@
 """The `genpi` command: one small handler per subcommand.
 
-    genpi run CATALOG --out RUN ...     the whole pipeline, resumable (flags go to genpi.run)
+    genpi run CATALOG --out RUN [--config FILE] ...  the whole pipeline, resumable (flags go to genpi.run)
     genpi study CATALOG --prompt ID --out DIR ...  every method on the same data and budget, one table (genpi.study)
     genpi synth CATALOG --out OUT ...   synthesize dialogues (all flags go to genpi.synth.run)
     genpi train DATA --catalog C --out A  train one adapter per prompt (flags go to genpi.train.run)
@@ -16,7 +16,8 @@
     genpi stats OUT [--json]            quality statistics per prompt
     genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`
 
-Bad input (InputError) prints `genpi: error: MESSAGE` on one line and exits with status 2.
+Bad input (InputError) prints `genpi: error: MESSAGE` on one line and exits with status 2 (genpi.exits_2_on_input_error,
+the one handler of every entry point).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import argparse
 import json
 import sys
 
-from genpi import InputError, __version__
+from genpi import __version__, exits_2_on_input_error
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -145,18 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@exits_2_on_input_error
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if rest and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    try:
-        return args.handler(args)
-    except InputError as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"genpi: error: {message}", file=sys.stderr)
-        return 2
+    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO
 from genpi import InputError
 from genpi.eval.run import build_parser as eval_parser
-from genpi.run import PRESETS, build_parser, main, stage_commands
+from genpi.run import build_parser, main, stage_commands
+from genpi.runconfig import PRESETS
 from genpi.train.adapters import read_adapter_manifest
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
