@@ -45,7 +45,9 @@ def add_settings(parser: argparse.ArgumentParser, cls, names: typing.Iterable[st
     for f in wanted:
         kind, help = _value_type(hints[f.name]), f.metadata["help"]
         if kind is bool and f.default is None:
-            parser.add_argument(flag_name(f), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help)
+            parser.add_argument(
+                flag_name(f), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help
+            )
         elif kind is bool:
             if f.default and "flag" not in f.metadata:
                 raise TypeError(f"{cls.__name__}.{f.name} defaults to True: its switch needs a name (flag='--no-...')")
@@ -53,8 +55,15 @@ def add_settings(parser: argparse.ArgumentParser, cls, names: typing.Iterable[st
             parser.add_argument(flag_name(f), dest=f.name, action=action, help=help)
         else:
             shown = "" if f.default is None or "default" in help else " (default %(default)s)"
-            parser.add_argument(flag_name(f), dest=f.name, type=kind, default=f.default, choices=f.metadata.get("choices"),
-                                metavar=f.metadata.get("metavar"), help=help + shown)  # fmt: skip
+            parser.add_argument(
+                flag_name(f),
+                dest=f.name,
+                type=kind,
+                default=f.default,
+                choices=f.metadata.get("choices"),
+                metavar=f.metadata.get("metavar"),
+                help=help + shown,
+            )
 
 
 def from_args(cls, args: argparse.Namespace, **changes):

@@ -88,8 +88,9 @@ def stage_commands(args: argparse.Namespace, preset: Preset, catalog_ids: list[s
                 "--max-new-tokens", str(max_new), *turns, *only, *(["--limit", str(limit)] if limit else [])]  # fmt: skip
     stages.append(("eval fidelity", fidelity + [*preset.eval_flags, *shlex.split(args.eval_args)]))
     run_ids = prompts.split(",") if prompts else catalog_ids
-    for flag, kind, extra in (("--tasks", "os-tasks", [*preset.task_flags, *shlex.split(args.task_args)]),
-                              ("--mind2web", "mind2web", [*preset.mind2web_flags, *shlex.split(args.mind2web_args)])):  # fmt: skip
+    tasks_extra = [*preset.task_flags, *shlex.split(args.task_args)]
+    mind2web_extra = [*preset.mind2web_flags, *shlex.split(args.mind2web_args)]
+    for flag, kind, extra in (("--tasks", "os-tasks", tasks_extra), ("--mind2web", "mind2web", mind2web_extra)):
         for prompt_id, path in task_files(getattr(args, flag[2:]), flag).items():
             if prompt_id not in run_ids:
                 raise InputError(f"{flag} {prompt_id}={path}: {prompt_id} is not a prompt of this run ({', '.join(run_ids)})")
@@ -200,7 +201,8 @@ def run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, p
         return _run_stages(run, stages, preset, preset_name, progress, stage_runner or run_stage)
 
 
-def _run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, preset_name: str, progress: bool, run_stage) -> int:
+def _run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, preset_name: str, progress: bool,
+                run_stage) -> int:  # fmt: skip
     refuse_changed_stages(run, stages)
     record = read_record(run)
     record["preset"] = preset_name
@@ -230,8 +232,9 @@ def _run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, 
 
 
 DEPRECATED_ARGS = ("synth_args", "train_args", "eval_args", "task_args", "mind2web_args", "efficiency_args")
-SECTION_OF = {"synth_args": "synth", "train_args": "train", "eval_args": "eval", "task_args": "tasks", "mind2web_args": "mind2web",
-              "efficiency_args": "efficiency"}  # fmt: skip
+# the deprecated quoted-flag strings and the --config section that replaces each
+SECTION_OF = {"synth_args": "synth", "train_args": "train", "eval_args": "eval", "task_args": "tasks",
+              "mind2web_args": "mind2web", "efficiency_args": "efficiency"}  # fmt: skip
 
 
 def run_config(args: argparse.Namespace) -> tuple[Preset, str]:
@@ -273,7 +276,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
         scripts = argparse.ArgumentParser(add_help=False)
         scripts.add_argument("--scripts", default=None)
-        scripts = scripts.parse_known_args([*preset.task_flags, *shlex.split(args.task_args)])[0].scripts  # where the tasks' script files are
+        tasks_extra = [*preset.task_flags, *shlex.split(args.task_args)]
+        scripts = scripts.parse_known_args(tasks_extra)[0].scripts  # where the tasks' script files are
         for path in tasks.values():
             load_tasks(path, scripts)
     if args.mind2web:
@@ -297,10 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("catalog", help="prompt catalog (.yaml or .jsonl)")
     p.add_argument("--out", required=True, help="run folder: data/, adapters/METHOD/, eval/, report/")
     p.add_argument("--config", default=None, metavar="FILE",
-                   help=f"the run's sizes, a YAML file with a section per stage; copy one of {PRESET_DIR}/*.yaml and edit it")
+                   help=f"the run's sizes, a YAML file with a section per stage; copy one of {PRESET_DIR}/*.yaml "
+                        "and edit it")  # fmt: skip
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                   help="deprecated (goes in the next release): --config instead; demo (the default without --config): one "
-                        "prompt, sized for 20 minutes on 2 CPU cores; paper: the paper's sizes, for a GPU cluster")  # fmt: skip
+                   help="deprecated (goes in the next release): --config instead; demo (the default without "
+                        "--config): one prompt, sized for 20 minutes on 2 CPU cores; paper: the paper's sizes, for a GPU "
+                        "cluster")  # fmt: skip
     p.add_argument("--base", default="smollm2", help="the model that is internalized (agent, environment, adapters' base)")
     p.add_argument("--generator", default="smollm2", help="the model that writes the pseudo inputs")
     p.add_argument("--engine", choices=["transformers", "vllm"], default=None)
@@ -318,19 +324,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--eval-limit", type=int, default=None, help="at most this many held-out inputs per prompt in evaluation")
     p.add_argument("--cpus-per-trial", type=float, default=None)
-    p.add_argument("--synth-args", default="", help="deprecated: a --config file's synth: section instead; more flags for genpi synth, e.g. "
+    p.add_argument("--synth-args", default="",
+                   help="deprecated: a --config file's synth: section instead; more flags for genpi synth, e.g. "
                         "\"--generator-tp 4 --target-replicas 4\"")  # fmt: skip
-    p.add_argument("--train-args", default="", help="deprecated: a --config file's train: section instead; more flags for every genpi train, e.g. \"--gpus-per-trial 1\"")
-    p.add_argument("--eval-args", default="", help="deprecated: a --config file's eval: section instead; more flags for genpi eval fidelity")
+    p.add_argument("--train-args", default="",
+                   help="deprecated: a --config file's train: section instead; more flags for every genpi train, e.g. "
+                        "\"--gpus-per-trial 1\"")  # fmt: skip
+    p.add_argument("--eval-args", default="",
+                   help="deprecated: a --config file's eval: section instead; more flags for genpi eval fidelity")
     p.add_argument("--tasks", action="append", default=[], metavar="ID=FILE",
                    help="OS tasks (AgentBench format) for prompt ID: genpi eval os-tasks of every method; repeatable or comma-separated")
-    p.add_argument("--task-args", default="", help="deprecated: a --config file's tasks: section instead; more flags for genpi eval os-tasks, e.g. \"--limit 5 --rounds 4\"")
+    p.add_argument("--task-args", default="",
+                   help="deprecated: a --config file's tasks: section instead; more flags for genpi eval os-tasks, e.g. "
+                        "\"--limit 5 --rounds 4\"")  # fmt: skip
     p.add_argument("--mind2web", action="append", default=[], metavar="ID=FILE",
                    help="Mind2Web steps (JSON lines) for prompt ID: genpi eval mind2web of every method; repeatable or comma-separated")
-    p.add_argument("--mind2web-args", default="", help="deprecated: a --config file's mind2web: section instead; more flags for genpi eval mind2web, e.g. "
-                        "\"--limit 5 --layout examples\"")  # fmt: skip
-    p.add_argument("--efficiency-args", default="", help="deprecated: a --config file's efficiency: section instead; more flags for genpi eval efficiency, e.g. "
-                        "\"--turns 5 --repeats 3\"")  # fmt: skip
+    p.add_argument("--mind2web-args", default="",
+                   help="deprecated: a --config file's mind2web: section instead; more flags for genpi eval mind2web, "
+                        "e.g. \"--limit 5 --layout examples\"")  # fmt: skip
+    p.add_argument("--efficiency-args", default="",
+                   help="deprecated: a --config file's efficiency: section instead; more flags for genpi eval "
+                        "efficiency, e.g. \"--turns 5 --repeats 3\"")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     return p
 

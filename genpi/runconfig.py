@@ -57,8 +57,19 @@ TOP_KEYS = {"prompts": "prompts", "methods": "methods", "max_new_tokens": "max_n
 # section: ({key: Preset field}, the Preset field of its other flags, the command whose flags those are)
 SECTIONS = {
     "synth": ({"samples": "samples", "heldout": "heldout", "engine": "engine"}, "synth_flags", "synth"),
-    "train": ({"lambdas": "lambdas", "epochs": "epochs", "lr": "lr", "batch_size": "batch_size", "micro_batch": "micro_batch",
-               "max_steps": "steps", "cpus_per_trial": "cpus_per_trial"}, "train_flags", "train"),  # fmt: skip
+    "train": (
+        {
+            "lambdas": "lambdas",
+            "epochs": "epochs",
+            "lr": "lr",
+            "batch_size": "batch_size",
+            "micro_batch": "micro_batch",
+            "max_steps": "steps",
+            "cpus_per_trial": "cpus_per_trial",
+        },
+        "train_flags",
+        "train",
+    ),
     "eval": ({"limit": "eval_limit"}, "eval_flags", "eval fidelity"),
     "tasks": ({}, "task_flags", "eval os-tasks"),
     "mind2web": ({}, "mind2web_flags", "eval mind2web"),
@@ -113,7 +124,9 @@ def read_config(path: str | Path) -> Preset:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise InputError(f"--config {path}: cannot read it as YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
-        raise InputError(f"--config {path}: expected a mapping of keys (prompts, methods, synth, train, ...), got {type(data).__name__}")
+        raise InputError(
+            f"--config {path}: expected a mapping of keys (prompts, methods, synth, train, ...), got {type(data).__name__}"
+        )
     hints = typing.get_type_hints(Preset)
     fields: dict = {}
     for key, value in data.items():
@@ -130,13 +143,19 @@ def read_config(path: str | Path) -> Preset:
                     fields[field] = _value(f"{where}.{name}", section.pop(name), hints[field])
             fields[flags_field] = _flags(where, section)
         elif key == "expected_s":
-            if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+            if not isinstance(value, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
+            ):
                 raise InputError(f"{where}: expected a mapping of stage names to seconds, got {value!r}")
             fields["expected_s"] = dict(value)
         else:
             known = [*TOP_KEYS, *SECTIONS, "expected_s"]
             raise InputError(f"{where}: unknown key; expected some of {', '.join(known)}")
-    required = {f.name for f in dataclasses.fields(Preset) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    required = {
+        f.name
+        for f in dataclasses.fields(Preset)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
     missing = [_key_of(name) for name in sorted(required - set(fields))]
     if missing:
         raise InputError(f"--config {path}: missing {', '.join(missing)}")
@@ -173,4 +192,6 @@ def check_stage_flags(preset: Preset, source: str) -> None:
         known = {s for action in parser._actions for s in action.option_strings}
         for flag in getattr(preset, flags_field):
             if flag.startswith("--") and flag not in known:
-                raise InputError(f"{source}: {section}.{flag[2:].replace('-', '_')}: genpi {command} has no flag {flag}")
+                raise InputError(
+                    f"{source}: {section}.{flag[2:].replace('-', '_')}: genpi {command} has no flag {flag}"
+                )

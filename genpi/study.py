@@ -168,13 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated training methods (default {DEFAULT_METHODS})")
     demo = PRESETS["demo"]  # the study's sizes are the demo's (genpi/presets/demo.yaml), its recipe's budget
     p.add_argument("--samples", type=int, default=demo.samples, help="dialogues synthesized (default %(default)s)")
-    p.add_argument("--heldout", type=float, default=demo.heldout, help="share held out for evaluation (default %(default)s)")
-    p.add_argument("--steps", type=int, default=demo.steps, help="optimizer steps of every method (default %(default)s)")
+    p.add_argument("--heldout", type=float, default=demo.heldout, 
+                   help="share held out for evaluation (default %(default)s)")
+    p.add_argument("--steps", type=int, default=demo.steps, 
+                   help="optimizer steps of every method (default %(default)s)")
     p.add_argument("--lr", type=float, default=demo.lr, help="default %(default)s")
     p.add_argument("--batch-size", type=int, default=demo.batch_size, help="default %(default)s")
-    p.add_argument("--lambdas", default=demo.lambdas, help="λ of the joint methods (several: chosen by held-out teacher KL; default %(default)s)")
+    p.add_argument("--lambdas", default=demo.lambdas,
+                   help="λ of the joint methods (several: chosen by held-out teacher KL; default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=demo.max_new_tokens,
-                   help="per generated turn: synthesis (every role) and fidelity's episodes (default %(default)s)")  # fmt: skip
+                   help="per generated turn: synthesis (every role) and fidelity's episodes "
+                        "(default %(default)s)")  # fmt: skip
     p.add_argument("--max-turns", type=int, default=demo.max_turns)
     p.add_argument("--seed", type=int, default=0, help="synthesis and training seed, recorded with every row")
     p.add_argument("--base", default="smollm2")
@@ -207,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--methods: unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
     if args.steps < 1 or args.samples < 2 or not 0 < args.heldout < 1:
         raise InputError(f"--steps must be >= 1, --samples >= 2 and --heldout in (0, 1); got {args.steps}, {args.samples}, {args.heldout}")
-    status = run_stages(Path(args.out), study_stages(args), study_preset(args), "study", not args.no_progress, study_stage)
+    stages, preset = study_stages(args), study_preset(args)
+    status = run_stages(Path(args.out), stages, preset, "study", not args.no_progress, study_stage)
     if status == 0:
         print(f"genpi study: table: {Path(args.out) / 'study.md'}", file=sys.stderr)
     return status

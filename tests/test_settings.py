@@ -64,10 +64,15 @@ def test_a_field_without_help_text_cannot_become_a_flag():
 
 
 def test_each_token_limit_has_its_own_flag_and_max_new_tokens_sets_them_all():
-    parse = lambda *argv: from_args(SynthSettings, synth_parser().parse_args(["C", "--out", "O", *argv]))  # noqa: E731
+    parse = lambda *argv: from_args(SynthSettings, synth_parser().parse_args(["C", "--out", "O", *argv]))
     assert {getattr(parse("--max-new-tokens", "64"), name) for name in TURN_TOKEN_FIELDS} == {64}
     roles = parse("--max-new-tokens", "64", "--max-reason-tokens", "9", "--max-student-tokens", "7")
-    assert (roles.max_agent_tokens, roles.max_environment_tokens, roles.max_student_tokens, roles.max_reason_tokens) == (64, 64, 7, 9)
+    assert (
+        roles.max_agent_tokens,
+        roles.max_environment_tokens,
+        roles.max_student_tokens,
+        roles.max_reason_tokens,
+    ) == (64, 64, 7, 9)
     # the defaults are the fields': the reason limit is what the command always gave it (--max-new-tokens' 384)
     assert {getattr(parse(), name) for name in TURN_TOKEN_FIELDS} == {384}
 
@@ -100,17 +105,35 @@ def test_run_does_not_import_study():
 
 def test_the_presets_are_config_files_giving_the_same_stages(tmp_path):
     demo = PRESETS["demo"]
-    assert (demo.samples, demo.heldout, demo.max_new_tokens, demo.methods, demo.lambdas, demo.steps, demo.cpus_per_trial) == (
-        48, 0.25, 64, "topk-kl,genpi", "0.5", 72, 2)  # fmt: skip
-    assert demo.synth_flags == ("--teacher-topk", "20", "--seed", "1") and demo.efficiency_flags == ("--turns", "2", "--repeats", "1")
-    assert demo.expected_s["train genpi"] == 295 and PRESETS["paper"].lr == 1e-4 and PRESETS["paper"].lambdas == "0.3,0.5,0.7"
+    assert (
+        demo.samples,
+        demo.heldout,
+        demo.max_new_tokens,
+        demo.methods,
+        demo.lambdas,
+        demo.steps,
+        demo.cpus_per_trial,
+    ) == (48, 0.25, 64, "topk-kl,genpi", "0.5", 72, 2)
+    assert demo.synth_flags == ("--teacher-topk", "20", "--seed", "1") and demo.efficiency_flags == (
+        "--turns",
+        "2",
+        "--repeats",
+        "1",
+    )
+    assert (
+        demo.expected_s["train genpi"] == 295
+        and PRESETS["paper"].lr == 1e-4
+        and PRESETS["paper"].lambdas == "0.3,0.5,0.7"
+    )
     for name in PRESETS:
         copy = tmp_path / f"my-{name}.yaml"
         shutil.copy(PRESET_DIR / f"{name}.yaml", copy)  # what a user does: copy one, run it
         by_name = build_parser().parse_args([str(CATALOG), "--out", "R", "--preset", name])
         by_file = build_parser().parse_args([str(CATALOG), "--out", "R", "--config", str(copy)])
         assert run_config(by_file) == (PRESETS[name], str(copy)) and run_config(by_name) == (PRESETS[name], name)
-        assert stage_commands(by_file, run_config(by_file)[0], ["calc"]) == stage_commands(by_name, PRESETS[name], ["calc"])
+        assert stage_commands(by_file, run_config(by_file)[0], ["calc"]) == stage_commands(
+            by_name, PRESETS[name], ["calc"]
+        )
 
 
 def test_a_config_sections_flags_reach_their_stages_before_the_deprecated_strings(tmp_path, capsys):
@@ -123,8 +146,19 @@ def test_a_config_sections_flags_reach_their_stages_before_the_deprecated_string
     config["efficiency"] = {"turns": 3}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    args = build_parser().parse_args([str(CATALOG), "--out", "R", "--config", str(path), "--train-args", "--seed 7",
-                                      "--tasks", f"calc={REPO / 'examples' / 'os-tasks' / 'tasks.json'}"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            str(CATALOG),
+            "--out",
+            "R",
+            "--config",
+            str(path),
+            "--train-args",
+            "--seed 7",
+            "--tasks",
+            f"calc={REPO / 'examples' / 'os-tasks' / 'tasks.json'}",
+        ]
+    )
     preset, name = run_config(args)
     assert "--train-args is deprecated" in capsys.readouterr().err and name == str(path)
     stages = dict(stage_commands(args, preset, ["calc", "greet"]))
@@ -132,24 +166,35 @@ def test_a_config_sections_flags_reach_their_stages_before_the_deprecated_string
     assert synth[synth.index("--teacher-topk") + 1] == "5" and "--dashboard" in synth and "--max-model-len" not in synth
     assert synth[synth.index("--prompts") + 1] == "calc,greet"
     train = stages["train genpi"]
-    assert train[train.index("--lr") + 1] == "0.01" and train[-4:] == ["--gpus-per-trial", "1", "--seed", "7"]  # the string wins
+    assert train[train.index("--lr") + 1] == "0.01" and train[-4:] == [
+        "--gpus-per-trial",
+        "1",
+        "--seed",
+        "7",
+    ]  # the string wins
     assert "--early-stop" not in train
     assert stages["eval fidelity"][-4:] == ["--limit", "3", "--onpolicy-samples", "2"]
-    assert stages["eval os-tasks calc"][-2:] == ["--rounds", "4"] and stages["eval efficiency greet"][-2:] == ["--turns", "3"]
+    assert stages["eval os-tasks calc"][-2:] == ["--rounds", "4"] and stages["eval efficiency greet"][-2:] == [
+        "--turns",
+        "3",
+    ]
 
 
-@pytest.mark.parametrize("text, words", [
-    ("prompts: calc\nsynth: [1, 2]\n", "synth: expected a section of keys"),
-    ("bogus: 1\n", "bogus: unknown key; expected some of prompts"),
-    ("{not yaml: [", "cannot read it as YAML"),
-    ("- a list\n", "expected a mapping of keys"),
-    ("synth:\n  samples: many\n", "synth.samples: expected int, got 'many'"),
-    ("synth:\n  samples: 4\n", "missing"),
-    ("synth:\n  heldout: [0.1]\n", "synth.heldout: expected float"),
-    ("train:\n  no_such_flag: 3\n", "train.no_such_flag: genpi train has no flag --no-such-flag"),
-    ("efficiency:\n  turns: {a: 1}\n", "efficiency.turns: expected a number, text, true or false"),
-    ("expected_s: {synth: soon}\n", "expected_s: expected a mapping of stage names to seconds"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("prompts: calc\nsynth: [1, 2]\n", "synth: expected a section of keys"),
+        ("bogus: 1\n", "bogus: unknown key; expected some of prompts"),
+        ("{not yaml: [", "cannot read it as YAML"),
+        ("- a list\n", "expected a mapping of keys"),
+        ("synth:\n  samples: many\n", "synth.samples: expected int, got 'many'"),
+        ("synth:\n  samples: 4\n", "missing"),
+        ("synth:\n  heldout: [0.1]\n", "synth.heldout: expected float"),
+        ("train:\n  no_such_flag: 3\n", "train.no_such_flag: genpi train has no flag --no-such-flag"),
+        ("efficiency:\n  turns: {a: 1}\n", "efficiency.turns: expected a number, text, true or false"),
+        ("expected_s: {synth: soon}\n", "expected_s: expected a mapping of stage names to seconds"),
+    ],
+)
 def test_a_bad_config_exits_2_naming_the_file_and_the_key(tmp_path, capsys, text, words):
     path = tmp_path / "bad.yaml"
     if "no_such_flag" in text:  # a whole file whose one bad key is a stage flag: refused before any work

@@ -70,12 +70,16 @@ class SynthSettings:
     demos_per_call: int = setting(5, "example inputs shown in each generator request")
     input_temperature: float = setting(1.0, "sampling temperature of the pseudo inputs")
     input_top_p: float = setting(0.9, "top-p of the pseudo inputs")
-    input_rounds: int = setting(4, f"the most generator rounds per prompt (each asks {INPUT_OVER_ASK} x the inputs missing)")
+    input_rounds: int = setting(
+        4, f"the most generator rounds per prompt (each asks {INPUT_OVER_ASK} x the inputs missing)"
+    )
     reason_temperature: float = setting(0.7, "sampling temperature of the reasons")
     reason_top_p: float = setting(0.9, "top-p of the reasons")
-    max_input_tokens: int | None = setting(None, "per pseudo input; inputs cut by it are dropped (default: per prompt, "
-                                           f"{INPUT_LIMIT_FACTOR} x its longest example input in the target's tokens, at least "
-                                           f"{INPUT_LIMIT_FLOOR})")  # fmt: skip
+    max_input_tokens: int | None = setting(
+        None,
+        "per pseudo input; inputs cut by it are dropped (default: per prompt, "
+        f"{INPUT_LIMIT_FACTOR} x its longest example input in the target's tokens, at least {INPUT_LIMIT_FLOOR})",
+    )
     # one token limit per role: each generated turn of the agent (the teacher, with P), of the environment and of the
     # student (without P), and each reason; --max-new-tokens sets all four
     max_agent_tokens: int = setting(384, "token limit of each agent (teacher) turn")

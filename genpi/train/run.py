@@ -45,9 +45,7 @@ from genpi.flags import add_settings, from_args
 from genpi.runfolder import check_out, holding_lock
 from genpi.train.adapters import AdapterManifest, read_adapter_manifest, write_adapter
 from genpi.train.qlora import LoraSettings
-from genpi.train.examples import PG_VARIANTS
-from genpi.train.losses import LOSS_FORMS
-from genpi.train.recipe import DTYPES, JOINT_METHODS, METHODS, SCHEDULES, TrainSettings
+from genpi.train.recipe import JOINT_METHODS, METHODS, TrainSettings
 
 REQUIRED_COLUMNS = {"prompt_id", "prompt_sha256", "sample_id", "split", "input", "turns", "student_output", "reason", "error"}
 NO_LAMBDA = set(METHODS) - set(JOINT_METHODS)  # methods with one loss term: no λ to choose
@@ -469,8 +467,8 @@ class Progress(Callback):
 # TrainSettings fields whose flags are written by hand below: a prompt's catalog `train` value or the trial decides
 # them when the flag is not given (--lambdas, --epochs, --lr, --max-grad-norm), the method is checked with its own
 # message, the LoRA shape is nested; the rest come from the fields (genpi.flags)
-HAND_FLAGS = {"method": "--method", "lam": "--lambdas", "epochs": "--epochs", "lr": "--lr", "max_grad_norm": "--max-grad-norm",
-              "lora": "--rank, --alpha"}  # fmt: skip
+HAND_FLAGS = {"method": "--method", "lam": "--lambdas", "epochs": "--epochs", "lr": "--lr",
+              "max_grad_norm": "--max-grad-norm", "lora": "--rank, --alpha"}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -483,10 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=d.method, help=f"{help['method']} (default %(default)s)")
     p.add_argument("--lambdas", default=None, help=f"λ values to try per prompt ({', '.join(JOINT_METHODS)}; default {DEFAULT_LAMBDAS}, "
                    "or a prompt's catalog train.lam); the lowest held-out teacher KL wins")  # fmt: skip
-    p.add_argument("--epochs", type=int, default=None, help=f"{help['epochs']} (default {d.epochs}, or a prompt's catalog train.epochs)")
-    p.add_argument("--lr", type=float, default=None, help=f"{help['lr']} (default {d.lr:g}, or a prompt's catalog train.lr)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"{help['epochs']} (default {d.epochs}, or a prompt's catalog train.epochs)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"{help['lr']} (default {d.lr:g}, or a prompt's catalog train.lr)")  # fmt: skip
     p.add_argument("--max-grad-norm", type=float, default=None,
-                   help=f"{help['max_grad_norm']}; default {d.max_grad_norm}, or a prompt's catalog train.grad_clip")  # fmt: skip
+                   help=f"{help['max_grad_norm']}; default {d.max_grad_norm}, or a prompt's catalog "
+                        "train.grad_clip")  # fmt: skip
     p.add_argument("--rank", type=int, default=LoraSettings.r, help="LoRA rank (default %(default)s)")
     p.add_argument("--alpha", type=int, default=LoraSettings.alpha, help="LoRA alpha (default %(default)s)")
     add_settings(p, TrainSettings, [f.name for f in dataclasses.fields(TrainSettings) if f.name not in HAND_FLAGS])
@@ -506,7 +507,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[TrainSettings, list[fl
     prompt; the others yield to a prompt's catalog `train` values)."""
     d = TrainSettings()
     overrides = frozenset(key for key, dest in CATALOG_TRAIN.items() if getattr(args, dest) is not None)
-    catalog_decides = {dest: getattr(d, dest) if getattr(args, dest) is None else getattr(args, dest) for dest in ("epochs", "lr", "max_grad_norm")}
+    given = {dest: getattr(args, dest) for dest in ("epochs", "lr", "max_grad_norm")}
+    catalog_decides = {dest: getattr(d, dest) if value is None else value for dest, value in given.items()}
     if args.method not in METHODS:
         raise InputError(f"--method: unknown method {args.method!r}: expected one of {', '.join(METHODS)}")
     text = DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas
@@ -515,8 +517,9 @@ def settings_from_args(args: argparse.Namespace) -> tuple[TrainSettings, list[fl
     except ValueError:
         raise InputError(f"--lambdas: expected numbers separated by commas, got {text!r}") from None
     try:
-        settings = from_args(TrainSettings, args, method=args.method, lam=d.lam, lora=LoraSettings(r=args.rank, alpha=args.alpha),
-                             init_adapter=str(Path(args.init_adapter).absolute()) if args.init_adapter else None, **catalog_decides)  # fmt: skip
+        init_adapter = str(Path(args.init_adapter).absolute()) if args.init_adapter else None
+        lora = LoraSettings(r=args.rank, alpha=args.alpha)
+        settings = from_args(TrainSettings, args, lam=d.lam, lora=lora, init_adapter=init_adapter, **catalog_decides)
     except ValueError as e:  # a setting out of range (--prepend-ratio, --topk-k, --warmup-ratio ...)
         raise InputError(str(e)) from None
     return settings, lambdas, overrides
