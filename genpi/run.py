@@ -231,10 +231,16 @@ def _run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, 
     return 0
 
 
-DEPRECATED_ARGS = ("synth_args", "train_args", "eval_args", "task_args", "mind2web_args", "efficiency_args")
-# the deprecated quoted-flag strings and the --config section that replaces each
-SECTION_OF = {"synth_args": "synth", "train_args": "train", "eval_args": "eval", "task_args": "tasks",
-              "mind2web_args": "mind2web", "efficiency_args": "efficiency"}  # fmt: skip
+# the deprecated quoted-flag strings (--synth-args "..."): the --config section that replaces each, the command whose
+# flags it holds, an example
+DEPRECATED_ARGS = {
+    "synth_args": ("synth", "genpi synth", "--generator-tp 4 --target-replicas 4"),
+    "train_args": ("train", "every genpi train", "--gpus-per-trial 1"),
+    "eval_args": ("eval", "genpi eval fidelity", None),
+    "task_args": ("tasks", "genpi eval os-tasks", "--limit 5 --rounds 4"),
+    "mind2web_args": ("mind2web", "genpi eval mind2web", "--limit 5 --layout examples"),
+    "efficiency_args": ("efficiency", "genpi eval efficiency", "--turns 5 --repeats 3"),
+}
 
 
 def run_config(args: argparse.Namespace) -> tuple[Preset, str]:
@@ -245,10 +251,10 @@ def run_config(args: argparse.Namespace) -> tuple[Preset, str]:
     else:
         preset, name = PRESETS[args.preset], args.preset
     check_stage_flags(preset, name if args.config else str(preset_path(name)))
-    for dest in DEPRECATED_ARGS:
+    for dest, (section, _, _) in DEPRECATED_ARGS.items():
         if getattr(args, dest):
             flag = "--" + dest.replace("_", "-")
-            print(f"genpi run: {flag} is deprecated and goes in the next release: put its flags in the {SECTION_OF[dest]}: "
+            print(f"genpi run: {flag} is deprecated and goes in the next release: put its flags in the {section}: "
                   "section of a --config file", file=sys.stderr)  # fmt: skip
     return preset, name
 
@@ -324,27 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--eval-limit", type=int, default=None, help="at most this many held-out inputs per prompt in evaluation")
     p.add_argument("--cpus-per-trial", type=float, default=None)
-    p.add_argument("--synth-args", default="",
-                   help="deprecated: a --config file's synth: section instead; more flags for genpi synth, e.g. "
-                        "\"--generator-tp 4 --target-replicas 4\"")  # fmt: skip
-    p.add_argument("--train-args", default="",
-                   help="deprecated: a --config file's train: section instead; more flags for every genpi train, e.g. "
-                        "\"--gpus-per-trial 1\"")  # fmt: skip
-    p.add_argument("--eval-args", default="",
-                   help="deprecated: a --config file's eval: section instead; more flags for genpi eval fidelity")
     p.add_argument("--tasks", action="append", default=[], metavar="ID=FILE",
                    help="OS tasks (AgentBench format) for prompt ID: genpi eval os-tasks of every method; repeatable or comma-separated")
-    p.add_argument("--task-args", default="",
-                   help="deprecated: a --config file's tasks: section instead; more flags for genpi eval os-tasks, e.g. "
-                        "\"--limit 5 --rounds 4\"")  # fmt: skip
     p.add_argument("--mind2web", action="append", default=[], metavar="ID=FILE",
                    help="Mind2Web steps (JSON lines) for prompt ID: genpi eval mind2web of every method; repeatable or comma-separated")
-    p.add_argument("--mind2web-args", default="",
-                   help="deprecated: a --config file's mind2web: section instead; more flags for genpi eval mind2web, "
-                        "e.g. \"--limit 5 --layout examples\"")  # fmt: skip
-    p.add_argument("--efficiency-args", default="",
-                   help="deprecated: a --config file's efficiency: section instead; more flags for genpi eval "
-                        "efficiency, e.g. \"--turns 5 --repeats 3\"")  # fmt: skip
+    for dest, (section, command, example) in DEPRECATED_ARGS.items():
+        p.add_argument("--" + dest.replace("_", "-"), default="",
+                       help=f"deprecated: a --config file's {section}: section instead; more flags for {command}"
+                            + (f", e.g. \"{example}\"" if example else ""))  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     return p
 
