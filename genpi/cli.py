@@ -1,6 +1,6 @@
 """The `genpi` command: one small handler per subcommand.
 
-    genpi run CATALOG --out RUN ...     the whole pipeline, resumable (flags go to genpi.run)
+    genpi run CATALOG --out RUN [--config FILE] ...  the whole pipeline, resumable (flags go to genpi.run)
     genpi study CATALOG --prompt ID --out DIR ...  every method on the same data and budget, one table (genpi.study)
     genpi synth CATALOG --out OUT ...   synthesize dialogues (all flags go to genpi.synth.run)
     genpi train DATA --catalog C --out A  train one adapter per prompt (flags go to genpi.train.run)
@@ -16,52 +16,34 @@
     genpi stats OUT [--json]            quality statistics per prompt
     genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`
 
-Bad input (InputError) prints `genpi: error: MESSAGE` on one line and exits with status 2.
+Bad input (InputError) prints `genpi: error: MESSAGE` on one line and exits with status 2 (genpi.exits_2_on_input_error,
+the one handler of every entry point).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
-from genpi import InputError, __version__
+from genpi import __version__, exits_2_on_input_error
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
-    from genpi.synth.run import main as synth_main  # heavy imports (Ray, engines) only when needed
-
-    return synth_main(args.rest)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from genpi.train.run import main as train_main
-
-    return train_main(args.rest)
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from genpi.eval.run import main as eval_main
-
-    return eval_main(args.rest)
+# The commands whose flags their own entry point reads (`genpi synth --help` goes through to it): the module whose
+# main(argv) runs it, imported only when the command runs (heavy imports: Ray, engines), and the command's help line.
+PASSTHROUGH = {
+    "run": ("genpi.run", "catalog to evaluated adapters and a report, resumable (genpi run --help)"),
+    "study": ("genpi.study", "every internalization method on the same data and budget, one table (genpi study --help)"),
+    "synth": ("genpi.synth.run", "synthesize dialogues for a prompt catalog (genpi synth --help for its flags)"),
+    "train": ("genpi.train.run", "train one adapter per prompt (genpi train --help for its flags)"),
+    "eval": ("genpi.eval.run", "score adapters on held-out inputs (genpi eval --help for its flags)"),
+    "serve": ("genpi.serve.cli", "an OpenAI-compatible server for adapters (genpi serve --help for its flags)"),
+}
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from genpi.run import main as run_main
-
-    return run_main(args.rest)
-
-
-def cmd_study(args: argparse.Namespace) -> int:
-    from genpi.study import main as study_main
-
-    return study_main(args.rest)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from genpi.serve.cli import main as serve_main
-
-    return serve_main(args.rest)
+def cmd_passthrough(args: argparse.Namespace) -> int:
+    return importlib.import_module(PASSTHROUGH[args.command][0]).main(args.rest)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -99,27 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"genpi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="catalog to evaluated adapters and a report, resumable (genpi run --help)", add_help=False)
-    p.set_defaults(handler=cmd_run, passthrough=True)
-
-    p = sub.add_parser("study", help="every internalization method on the same data and budget, one table (genpi study --help)", add_help=False)
-    p.set_defaults(handler=cmd_study, passthrough=True)
-
-    p = sub.add_parser(
-        "synth",
-        help="synthesize dialogues for a prompt catalog (genpi synth --help for its flags)",
-        add_help=False,  # --help goes through to the synth parser
-    )
-    p.set_defaults(handler=cmd_synth, passthrough=True)
-
-    p = sub.add_parser("train", help="train one adapter per prompt (genpi train --help for its flags)", add_help=False)
-    p.set_defaults(handler=cmd_train, passthrough=True)
-
-    p = sub.add_parser("eval", help="score adapters on held-out inputs (genpi eval --help for its flags)", add_help=False)
-    p.set_defaults(handler=cmd_eval, passthrough=True)
-
-    p = sub.add_parser("serve", help="an OpenAI-compatible server for adapters (genpi serve --help for its flags)", add_help=False)
-    p.set_defaults(handler=cmd_serve, passthrough=True)
+    for name, (_, help) in PASSTHROUGH.items():
+        p = sub.add_parser(name, help=help, add_help=False)  # --help goes through to the command's own parser
+        p.set_defaults(handler=cmd_passthrough, passthrough=True)
 
     p = sub.add_parser("report", help="a Markdown report with PNG plots from a run's synthesis, training and evaluation files")
     p.add_argument("run", metavar="RUN", help="synthesis run folder")
@@ -146,18 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@exits_2_on_input_error
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if rest and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    try:
-        return args.handler(args)
-    except InputError as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"genpi: error: {message}", file=sys.stderr)
-        return 2
+    return args.handler(args)
 
 
 if __name__ == "__main__":

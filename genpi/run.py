@@ -17,6 +17,10 @@ own command, called with the arguments recorded in run.json. A rerun skips the s
 with the same arguments (the report is rewritten when another stage ran), and the stages that were cut
 off resume as they do alone (synthesis by shards, training from the trials' checkpoints). A rerun whose
 arguments differ for a stage already started is refused: choose another --out.
+
+The sizes come from `--config FILE` (genpi.runconfig: a YAML file with a section per stage; the packaged presets
+genpi/presets/demo.yaml and paper.yaml are such files), else from the demo preset; a flag given here wins.
+`--preset NAME` and the quoted `--synth-args "..."` flags (each stage's) still work for this release, deprecated.
 """
 
 from __future__ import annotations
@@ -26,60 +30,14 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from genpi import InputError
+from genpi import InputError, exits_2_on_input_error
 from genpi.data.runfolder import check_out, holding_lock, write_json
+from genpi.runconfig import PRESET_DIR, PRESETS, Preset, check_stage_flags, preset_path, read_config
 
 RUN_FILE = "run.json"
 LOCK = "run.lock"  # held while the run goes on (genpi.data.runfolder)
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Every size `genpi run` chooses; a flag given on the command line wins."""
-
-    prompts: str | None
-    samples: int
-    heldout: float
-    max_new_tokens: int
-    max_turns: int | None
-    engine: str
-    methods: str
-    lambdas: str
-    epochs: int
-    lr: float
-    batch_size: int
-    micro_batch: int
-    eval_limit: int | None
-    cpus_per_trial: float | None  # None: genpi train's default
-    steps: int = 0  # optimizer steps of every method (genpi train --max-steps); 0: the epochs decide
-    synth_flags: tuple[str, ...] = ()  # before --synth-args, which win
-    efficiency_flags: tuple[str, ...] = ()  # before --efficiency-args, which win
-    # seconds per stage (a per-prompt stage's per prompt, keyed without the id) measured on the idle 2-core CPU with
-    # SmolLM2: the prior of the time estimate, which scales it by how fast the run has gone so far
-    expected_s: dict[str, float] = field(default_factory=dict)
-
-
-PRESETS = {
-    # one prompt (bakery-fr, else the catalog's first): SmolLM2 answers its English questions in French with P and in
-    # English without. The recipe is the study's best within the budget (docs/internalization.md): top-k distillation
-    # (dense targets: the teacher's top-20 probabilities on every token) closed 53% [47, 57] of the KL gap in 75 s of
-    # training; genpi beside it. Synthesis seed 1: the study that chose the recipe held out seed 0's rows. Within 20
-    # minutes on 2 CPU cores.
-    "demo": Preset(prompts="bakery-fr", samples=48, heldout=0.25, max_new_tokens=64, max_turns=None, engine="transformers",
-                   methods="topk-kl,genpi", lambdas="0.5", epochs=1, lr=1e-3, batch_size=1, micro_batch=1, eval_limit=None,
-                   cpus_per_trial=2, steps=72, synth_flags=("--teacher-topk", "20", "--seed", "1"),
-                   efficiency_flags=("--turns", "2", "--repeats", "1"),
-                   # the stage times of the demo recipe on hotel-fr, idle (2026-12-07)
-                   expected_s={"synth": 95, "stats": 1, "train topk-kl": 94, "train genpi": 295, "eval fidelity": 124,
-                               "eval efficiency": 79, "report": 1}),
-    # the paper's sizes (Appendix; the authors' scripts): for a GPU cluster
-    "paper": Preset(prompts=None, samples=1000, heldout=0.1, max_new_tokens=512, max_turns=None, engine="vllm",
-                    methods="genpi", lambdas="0.3,0.5,0.7", epochs=10, lr=1e-4, batch_size=32, micro_batch=2, eval_limit=None,
-                    cpus_per_trial=None),
-}  # fmt: skip
 
 
 TASK_FLAGS = {"--tasks": "its AgentBench-format OS tasks file", "--mind2web": "its Mind2Web steps file (JSON lines)"}
@@ -123,20 +81,22 @@ def stage_commands(args: argparse.Namespace, preset: Preset, catalog_ids: list[s
             train += ["--max-steps", str(pick("steps"))]
         if pick("cpus_per_trial") is not None:
             train += ["--cpus-per-trial", str(pick("cpus_per_trial"))]
-        stages.append((f"train {method}", train + shlex.split(args.train_args)))
+        stages.append((f"train {method}", train + [*preset.train_flags, *shlex.split(args.train_args)]))
     limit = pick("eval_limit")
     adapters = [f"{m}={run / 'adapters' / m}" for m in methods]
     fidelity = ["fidelity", data, "--catalog", args.catalog, "--base", args.base, "--out", eval_dir, "--adapters", *adapters,
                 "--max-new-tokens", str(max_new), *turns, *only, *(["--limit", str(limit)] if limit else [])]  # fmt: skip
-    stages.append(("eval fidelity", fidelity + shlex.split(args.eval_args)))
+    stages.append(("eval fidelity", fidelity + [*preset.eval_flags, *shlex.split(args.eval_args)]))
     run_ids = prompts.split(",") if prompts else catalog_ids
-    for flag, kind, extra in (("--tasks", "os-tasks", args.task_args), ("--mind2web", "mind2web", args.mind2web_args)):
+    tasks_extra = [*preset.task_flags, *shlex.split(args.task_args)]
+    mind2web_extra = [*preset.mind2web_flags, *shlex.split(args.mind2web_args)]
+    for flag, kind, extra in (("--tasks", "os-tasks", tasks_extra), ("--mind2web", "mind2web", mind2web_extra)):
         for prompt_id, path in task_files(getattr(args, flag[2:]), flag).items():
             if prompt_id not in run_ids:
                 raise InputError(f"{flag} {prompt_id}={path}: {prompt_id} is not a prompt of this run ({', '.join(run_ids)})")
             tasks = [kind, path, "--catalog", args.catalog, "--prompt", prompt_id, "--base", args.base, "--adapters", *adapters,
                      "--out", eval_dir, *(["--max-new-tokens", str(max_new)] if kind == "os-tasks" else [])]  # fmt: skip
-            stages.append((f"eval {kind} {prompt_id}", tasks + shlex.split(extra)))
+            stages.append((f"eval {kind} {prompt_id}", tasks + extra))
     for prompt_id in run_ids:  # the first method's adapter: its LoRA shape is what the unmerged cost counts
         efficiency = ["efficiency", "--catalog", args.catalog, "--prompt", prompt_id, "--data", data, "--base", args.base,
                       "--adapters", str(run / "adapters" / methods[0]), "--out", eval_dir, *preset.efficiency_flags]  # fmt: skip
@@ -146,7 +106,8 @@ def stage_commands(args: argparse.Namespace, preset: Preset, catalog_ids: list[s
 
 
 def run_stage(name: str, argv: list[str], progress: bool) -> int:
-    """One stage through its own entry point; its exit status (0: done)."""
+    """One stage through its own entry point; its exit status (0: done). genpi study runs one more stage of its
+    own, through its own function (run_stages' `run_stage`): this module imports nothing of the study's."""
     quiet = [] if progress else ["--no-progress"]
     if name == "synth":
         from genpi.synth.run import main
@@ -172,11 +133,6 @@ def run_stage(name: str, argv: list[str], progress: bool) -> int:
 
         data, _, eval_dir, _, out = argv
         print(f"genpi run: report: {write_report(data, eval_dir, out)}", file=sys.stderr)
-        return 0
-    if name == "study":
-        from genpi.study import write_study
-
-        print(f"genpi study: table: {write_study(*argv)}", file=sys.stderr)
         return 0
     raise AssertionError(f"unknown stage {name!r}")
 
@@ -236,14 +192,17 @@ def refuse_changed_stages(run: Path, stages: list[tuple[str, list[str]]]) -> Non
                              "rerun with the same flags to resume it, or choose another --out")  # fmt: skip
 
 
-def run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, preset_name: str, progress: bool) -> int:
-    """Each stage in order, recorded in RUN/run.json: a stage done before is skipped (the last, which reads what the
-    others wrote, is redone when another stage ran); returns the first failing stage's exit status, else 0."""
+def run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, preset_name: str, progress: bool,
+               stage_runner=None) -> int:  # fmt: skip
+    """Each stage in order through `stage_runner` (default run_stage), recorded in RUN/run.json: a stage done before
+    is skipped (the last, which reads what the others wrote, is redone when another stage ran); returns the first
+    failing stage's exit status, else 0."""
     with holding_lock(run / LOCK, "genpi run"):  # two runs of one folder would run the same stages at once
-        return _run_stages(run, stages, preset, preset_name, progress)
+        return _run_stages(run, stages, preset, preset_name, progress, stage_runner or run_stage)
 
 
-def _run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, preset_name: str, progress: bool) -> int:
+def _run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, preset_name: str, progress: bool,
+                run_stage) -> int:  # fmt: skip
     refuse_changed_stages(run, stages)
     record = read_record(run)
     record["preset"] = preset_name
@@ -272,16 +231,44 @@ def _run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, 
     return 0
 
 
+# the deprecated quoted-flag strings (--synth-args "..."): the --config section that replaces each, the command whose
+# flags it holds, an example
+DEPRECATED_ARGS = {
+    "synth_args": ("synth", "genpi synth", "--generator-tp 4 --target-replicas 4"),
+    "train_args": ("train", "every genpi train", "--gpus-per-trial 1"),
+    "eval_args": ("eval", "genpi eval fidelity", None),
+    "task_args": ("tasks", "genpi eval os-tasks", "--limit 5 --rounds 4"),
+    "mind2web_args": ("mind2web", "genpi eval mind2web", "--limit 5 --layout examples"),
+    "efficiency_args": ("efficiency", "genpi eval efficiency", "--turns 5 --repeats 3"),
+}
+
+
+def run_config(args: argparse.Namespace) -> tuple[Preset, str]:
+    """The run's sizes and the name run.json records for them: --config FILE, else the packaged preset --preset NAME
+    (deprecated). A section's flag that its stage does not have is refused now, naming the file and the key."""
+    if args.config:
+        preset, name = read_config(args.config), str(args.config)
+    else:
+        preset, name = PRESETS[args.preset], args.preset
+    check_stage_flags(preset, name if args.config else str(preset_path(name)))
+    for dest, (section, _, _) in DEPRECATED_ARGS.items():
+        if getattr(args, dest):
+            flag = "--" + dest.replace("_", "-")
+            print(f"genpi run: {flag} is deprecated and goes in the next release: put its flags in the {section}: "
+                  "section of a --config file", file=sys.stderr)  # fmt: skip
+    return preset, name
+
+
 def run_pipeline(args: argparse.Namespace) -> int:
     from genpi.catalog import load_catalog
     from genpi.train.recipe import METHODS
 
-    preset = PRESETS[args.preset]
+    preset, preset_name = run_config(args)
     check_out(args.out)  # an object-store URI is refused before anything is written
     entries = load_catalog(args.catalog, args.prompts.split(",") if args.prompts else None)  # bad input fails before any work
     if args.prompts is None and preset.prompts and not set(preset.prompts.split(",")) <= {e.id for e in entries}:
         args.prompts = entries[0].id  # the demo's example prompt is not in this catalog: its first prompt instead
-        print(f"genpi run: the {args.preset} preset runs prompt {args.prompts!r}", file=sys.stderr)
+        print(f"genpi run: the {preset_name} preset runs prompt {args.prompts!r}", file=sys.stderr)
     methods = (args.methods or preset.methods).split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -295,7 +282,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
         scripts = argparse.ArgumentParser(add_help=False)
         scripts.add_argument("--scripts", default=None)
-        scripts = scripts.parse_known_args(shlex.split(args.task_args))[0].scripts  # where the tasks' script files are
+        tasks_extra = [*preset.task_flags, *shlex.split(args.task_args)]
+        scripts = scripts.parse_known_args(tasks_extra)[0].scripts  # where the tasks' script files are
         for path in tasks.values():
             load_tasks(path, scripts)
     if args.mind2web:
@@ -305,7 +293,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
             read_steps(path)
     if tasks:
         check_sandbox()
-    status = run_stages(Path(args.out), stages, preset, args.preset, not args.no_progress)
+    status = run_stages(Path(args.out), stages, preset, preset_name, not args.no_progress)
     if status != 0:
         return status
     run = Path(args.out)
@@ -318,8 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genpi run", description=__doc__.splitlines()[0])
     p.add_argument("catalog", help="prompt catalog (.yaml or .jsonl)")
     p.add_argument("--out", required=True, help="run folder: data/, adapters/METHOD/, eval/, report/")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help=f"the run's sizes, a YAML file with a section per stage; copy one of {PRESET_DIR}/*.yaml "
+                        "and edit it")  # fmt: skip
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                   help="demo: one prompt, sized for 20 minutes on 2 CPU cores; paper: the paper's sizes, for a GPU cluster")  # fmt: skip
+                   help="deprecated (goes in the next release): --config instead; demo (the default without "
+                        "--config): one prompt, sized for 20 minutes on 2 CPU cores; paper: the paper's sizes, for a GPU "
+                        "cluster")  # fmt: skip
     p.add_argument("--base", default="smollm2", help="the model that is internalized (agent, environment, adapters' base)")
     p.add_argument("--generator", default="smollm2", help="the model that writes the pseudo inputs")
     p.add_argument("--engine", choices=["transformers", "vllm"], default=None)
@@ -337,24 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--eval-limit", type=int, default=None, help="at most this many held-out inputs per prompt in evaluation")
     p.add_argument("--cpus-per-trial", type=float, default=None)
-    p.add_argument("--synth-args", default="", help="more flags for genpi synth, e.g. \"--generator-tp 4 --target-replicas 4\"")
-    p.add_argument("--train-args", default="", help="more flags for every genpi train, e.g. \"--gpus-per-trial 1\"")
-    p.add_argument("--eval-args", default="", help="more flags for genpi eval fidelity")
     p.add_argument("--tasks", action="append", default=[], metavar="ID=FILE",
                    help="OS tasks (AgentBench format) for prompt ID: genpi eval os-tasks of every method; repeatable or comma-separated")
-    p.add_argument("--task-args", default="", help="more flags for genpi eval os-tasks, e.g. \"--limit 5 --rounds 4\"")
     p.add_argument("--mind2web", action="append", default=[], metavar="ID=FILE",
                    help="Mind2Web steps (JSON lines) for prompt ID: genpi eval mind2web of every method; repeatable or comma-separated")
-    p.add_argument("--mind2web-args", default="", help="more flags for genpi eval mind2web, e.g. \"--limit 5 --layout examples\"")
-    p.add_argument("--efficiency-args", default="", help="more flags for genpi eval efficiency, e.g. \"--turns 5 --repeats 3\"")
+    for dest, (section, command, example) in DEPRECATED_ARGS.items():
+        p.add_argument("--" + dest.replace("_", "-"), default="",
+                       help=f"deprecated: a --config file's {section}: section instead; more flags for {command}"
+                            + (f", e.g. \"{example}\"" if example else ""))  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
+@exits_2_on_input_error
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run_pipeline(args)
-    except InputError as e:
-        print(f"genpi: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    return run_pipeline(build_parser().parse_args(argv))

@@ -20,15 +20,15 @@ import json
 import sys
 from pathlib import Path
 
-from genpi import InputError
+from genpi import InputError, exits_2_on_input_error
+from genpi.run import run_stage, run_stages, stage_commands
+from genpi.runconfig import PRESETS, Preset
 
 DEFAULT_METHODS = "genpi,sft,topk-kl,onpolicy,genpi+onpolicy"
 _TOPK = ("topk-kl", "genpi+topk-kl")
 
 
-def study_preset(args: argparse.Namespace):
-    from genpi.run import Preset
-
+def study_preset(args: argparse.Namespace) -> Preset:
     return Preset(prompts=args.prompt, samples=args.samples, heldout=args.heldout, max_new_tokens=args.max_new_tokens,
                     max_turns=args.max_turns, engine="transformers", methods=args.methods, lambdas=args.lambdas, epochs=1,
                     lr=args.lr, batch_size=args.batch_size, micro_batch=1, eval_limit=None, cpus_per_trial=args.cpus_per_trial,
@@ -37,8 +37,6 @@ def study_preset(args: argparse.Namespace):
 
 def study_stages(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """genpi run's stages for one prompt and these methods, every method on the same budget, then the table."""
-    from genpi.run import stage_commands
-
     topk = ["--teacher-topk", "20"] if any(m in _TOPK for m in args.methods.split(",")) else []
     run_args = argparse.Namespace(
         out=args.out, base=args.base, generator=args.generator, catalog=args.catalog, tasks=[], mind2web=[],
@@ -168,18 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the prompt id to study")
     p.add_argument("--out", required=True, help="study folder: data/, adapters/METHOD/, eval/, study.md, study.json, study.png")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated training methods (default {DEFAULT_METHODS})")
-    p.add_argument("--samples", type=int, default=48, help="dialogues synthesized")
-    p.add_argument("--heldout", type=float, default=0.25, help="share held out for evaluation")
-    p.add_argument("--steps", type=int, default=72, help="optimizer steps of every method")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--lambdas", default="0.5", help="λ of the joint methods (several: chosen by held-out teacher KL)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-turns", type=int, default=None)
+    demo = PRESETS["demo"]  # the study's sizes are the demo's (genpi/presets/demo.yaml), its recipe's budget
+    p.add_argument("--samples", type=int, default=demo.samples, help="dialogues synthesized (default %(default)s)")
+    p.add_argument("--heldout", type=float, default=demo.heldout, 
+                   help="share held out for evaluation (default %(default)s)")
+    p.add_argument("--steps", type=int, default=demo.steps, 
+                   help="optimizer steps of every method (default %(default)s)")
+    p.add_argument("--lr", type=float, default=demo.lr, help="default %(default)s")
+    p.add_argument("--batch-size", type=int, default=demo.batch_size, help="default %(default)s")
+    p.add_argument("--lambdas", default=demo.lambdas,
+                   help="λ of the joint methods (several: chosen by held-out teacher KL; default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=demo.max_new_tokens,
+                   help="per generated turn: synthesis (every role) and fidelity's episodes "
+                        "(default %(default)s)")  # fmt: skip
+    p.add_argument("--max-turns", type=int, default=demo.max_turns)
     p.add_argument("--seed", type=int, default=0, help="synthesis and training seed, recorded with every row")
     p.add_argument("--base", default="smollm2")
     p.add_argument("--generator", default="smollm2")
-    p.add_argument("--cpus-per-trial", type=float, default=2)
+    p.add_argument("--cpus-per-trial", type=float, default=demo.cpus_per_trial)
     p.add_argument("--synth-args", default="", help="more flags for genpi synth")
     p.add_argument("--train-args", default="", help="more flags for every genpi train")
     p.add_argument("--eval-args", default="", help="more flags for genpi eval fidelity")
@@ -187,23 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def study_stage(name: str, argv: list[str], progress: bool) -> int:
+    """genpi run's stages, and the study's last: its table."""
+    if name == "study":
+        print(f"genpi study: table: {write_study(*argv)}", file=sys.stderr)
+        return 0
+    return run_stage(name, argv, progress)
+
+
+@exits_2_on_input_error
 def main(argv: list[str] | None = None) -> int:
     from genpi.catalog import load_catalog
-    from genpi.run import run_stages
     from genpi.train.recipe import METHODS
 
     args = build_parser().parse_args(argv)
-    try:
-        load_catalog(args.catalog, [args.prompt])  # bad input fails before any work
-        unknown = [m for m in args.methods.split(",") if m not in METHODS]
-        if unknown or not args.methods:
-            raise InputError(f"--methods: unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
-        if args.steps < 1 or args.samples < 2 or not 0 < args.heldout < 1:
-            raise InputError(f"--steps must be >= 1, --samples >= 2 and --heldout in (0, 1); got {args.steps}, {args.samples}, {args.heldout}")
-        status = run_stages(Path(args.out), study_stages(args), study_preset(args), "study", not args.no_progress)
-    except InputError as e:
-        print(f"genpi: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    load_catalog(args.catalog, [args.prompt])  # bad input fails before any work
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown or not args.methods:
+        raise InputError(f"--methods: unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
+    if args.steps < 1 or args.samples < 2 or not 0 < args.heldout < 1:
+        raise InputError(f"--steps must be >= 1, --samples >= 2 and --heldout in (0, 1); got {args.steps}, {args.samples}, {args.heldout}")
+    stages, preset = study_stages(args), study_preset(args)
+    status = run_stages(Path(args.out), stages, preset, "study", not args.no_progress, study_stage)
     if status == 0:
         print(f"genpi study: table: {Path(args.out) / 'study.md'}", file=sys.stderr)
     return status

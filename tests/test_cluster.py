@@ -8,7 +8,8 @@ import yaml
 from conftest import REPO
 from genpi.catalog import load_catalog
 from genpi.eval.run import build_parser as eval_parser
-from genpi.run import PRESETS, build_parser, stage_commands
+from genpi.run import build_parser, stage_commands
+from genpi.runconfig import PRESETS
 from genpi.synth.run import engine_config, parse_args
 from genpi.train.run import build_parser as train_parser
 

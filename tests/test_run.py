@@ -14,8 +14,9 @@ import pytest
 from conftest import REPO
 from genpi import InputError
 from genpi.eval.run import build_parser as eval_parser
-from genpi.run import PRESETS, build_parser, main, stage_commands
 from genpi.data.adapters import read_adapter_manifest
+from genpi.run import build_parser, main, stage_commands
+from genpi.runconfig import PRESETS
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 TASKS = REPO / "examples" / "os-tasks" / "tasks.json"

@@ -43,7 +43,6 @@ import sys
 import threading
 import time
 import warnings
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from genpi.catalog import PromptEntry, render_prompt_text
 from genpi.data.store import DIALOGUE_COLUMNS
 from genpi.engines import CONTEXT_LENGTH_ERROR, AsyncEngine, ChatRequest, Completion, Message, Sampling
+from genpi.flags import setting
 
 END = "<<END>>"  # the environment's termination marker
 
@@ -62,23 +63,31 @@ REASON_INSTRUCTION = (
 class SynthSettings:
     """The method's settings; what a run's manifest records and a resumed run must repeat."""
 
-    samples: int = 1000  # pseudo inputs (dialogues) per prompt
-    heldout: float = 0.1  # share of dialogues kept out of training
-    seed: int = 0
-    demos_per_call: int = 5
-    input_temperature: float = 1.0
-    input_top_p: float = 0.9
-    input_rounds: int = 4  # the most generator rounds per prompt (each asks INPUT_OVER_ASK x the inputs missing)
-    reason_temperature: float = 0.7
-    reason_top_p: float = 0.9
-    max_input_tokens: int | None = None  # None: derived per prompt from its example inputs (input_token_limit)
-    max_agent_tokens: int = 384
-    max_environment_tokens: int = 384
-    max_student_tokens: int = 384
-    max_reason_tokens: int = 256
-    retries: int = 2  # extra tries for an engine error that is not a context overflow
-    max_turns: int | None = None  # caps every prompt's own max_turns (quick runs); None keeps the catalog's
-    teacher_topk: int = 20  # k > 0: store the teacher's top-k log-probabilities of every agent turn
+    samples: int = setting(1000, "dialogues (pseudo inputs) per prompt")
+    heldout: float = setting(0.1, "share of dialogues kept out of training")
+    seed: int = setting(0, "seed of the inputs, the held-out split and sampling")
+    demos_per_call: int = setting(5, "example inputs shown in each generator request")
+    input_temperature: float = setting(1.0, "sampling temperature of the pseudo inputs")
+    input_top_p: float = setting(0.9, "top-p of the pseudo inputs")
+    input_rounds: int = setting(
+        4, f"the most generator rounds per prompt (each asks {INPUT_OVER_ASK} x the inputs missing)"
+    )
+    reason_temperature: float = setting(0.7, "sampling temperature of the reasons")
+    reason_top_p: float = setting(0.9, "top-p of the reasons")
+    max_input_tokens: int | None = setting(
+        None,
+        "per pseudo input; inputs cut by it are dropped (default: per prompt, "
+        f"{INPUT_LIMIT_FACTOR} x its longest example input in the target's tokens, at least {INPUT_LIMIT_FLOOR})",
+    )
+    # one token limit per role: each generated turn of the agent (the teacher, with P), of the environment and of the
+    # student (without P), and each reason; --max-new-tokens sets all four
+    max_agent_tokens: int = setting(384, "token limit of each agent (teacher) turn")
+    max_environment_tokens: int = setting(384, "token limit of each environment turn")
+    max_student_tokens: int = setting(384, "token limit of each student output (the reply without P)")
+    max_reason_tokens: int = setting(384, "token limit of each reason")
+    retries: int = setting(2, "extra tries for an engine error that is not a context overflow")
+    max_turns: int | None = setting(None, "cap on every prompt's max_turns (quick runs; default: the catalog's)")
+    teacher_topk: int = setting(20, "store the teacher's top-k logprobs of every agent token (0: off)")
 
     def turn_limit(self, entry: PromptEntry) -> int:
         return min(entry.max_turns, self.max_turns) if self.max_turns else entry.max_turns

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from genpi import InputError
+from genpi import InputError, exits_2_on_input_error
 from genpi.catalog import PromptEntry, load_catalog
 from genpi.cluster import init_ray
 from genpi.data import store
@@ -31,9 +31,8 @@ from genpi.data.runfolder import check_out, release_lock
 from genpi.engines import AsyncEngine, EngineConfig
 from genpi.engines.openai import PREFIX as OPENAI_PREFIX
 from genpi.engines.openai import split_spec
+from genpi.flags import add_settings, from_args, setting
 from genpi.synth.pipeline import (
-    INPUT_LIMIT_FACTOR,
-    INPUT_LIMIT_FLOOR,
     GeneratedInputs,
     SynthSettings,
     generate_inputs,
@@ -49,13 +48,14 @@ from genpi.synth.pipeline import (
 class RunOptions:
     """How the work is spread; may change between a run and its resumption."""
 
-    shard_size: int = 32
-    shards_in_flight: int = 4  # per target replica
-    target_replicas: int = 1
-    progress: bool = True
-    dashboard: bool = False  # start the Ray dashboard with a local Ray (its processes slow a small machine)
-    engine_restarts: int = 3  # per engine actor, over the run
-    call_timeout_s: float = 1800.0  # per engine call: it queues behind others and may wait through a restart (model load)
+    shard_size: int = setting(32, "dialogues per Parquet shard")
+    shards_in_flight: int = setting(4, "shards synthesized at once, per target replica")
+    target_replicas: int = setting(1, "target engine actors")
+    progress: bool = setting(True, "no progress bar", flag="--no-progress")
+    dashboard: bool = setting(False, "start the Ray dashboard with a local Ray (its processes slow a small machine)")
+    engine_restarts: int = setting(3, "times Ray may restart a dead engine actor over the run")
+    # per engine call: it queues behind others and may wait through a restart (model load)
+    call_timeout_s: float = setting(1800.0, "seconds an engine call may take, queueing included", flag="--call-timeout")
 
 
 def retryable_count(rows: list[dict]) -> int:
@@ -388,22 +388,26 @@ def engine_config(args, role: str) -> EngineConfig:
     )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+# --max-new-tokens: every role's token limit at once (genpi run passes it); a role's own flag after it wins
+TURN_TOKEN_FIELDS = ("max_agent_tokens", "max_environment_tokens", "max_student_tokens", "max_reason_tokens")
+
+
+class AllTurnTokens(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        for name in TURN_TOKEN_FIELDS:
+            setattr(namespace, name, values)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m genpi.synth", description=__doc__.splitlines()[0])
     p.add_argument("catalog", help="prompt catalog (.yaml or .jsonl)")
     p.add_argument("--out", required=True, help="run folder: dialogues/, inputs/, manifest.json")
     p.add_argument("--prompts", default=None, help="comma-separated prompt ids to run (default: all)")
-    d = SynthSettings()
-    p.add_argument("--samples", type=int, default=d.samples, help="dialogues per prompt (default %(default)s)")
-    p.add_argument("--heldout", type=float, default=d.heldout, help="held-out share (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_agent_tokens, help="per generated turn, answer and reason")
-    p.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens,
-                   help="per pseudo input; inputs cut by it are dropped (default: per prompt, "
-                        f"{INPUT_LIMIT_FACTOR} x its longest example input in the target's tokens, at least {INPUT_LIMIT_FLOOR})")
-    p.add_argument("--max-turns", type=int, default=None, help="cap on every prompt's max_turns (default: the catalog's)")
-    p.add_argument("--shard-size", type=int, default=RunOptions.shard_size)
-    p.add_argument("--shards-in-flight", type=int, default=RunOptions.shards_in_flight, help="per target replica")
+    add_settings(p, SynthSettings)
+    p.add_argument("--max-new-tokens", type=int, action=AllTurnTokens, metavar="N",
+                   help=f"sets {', '.join('--' + n.replace('_', '-') for n in TURN_TOKEN_FIELDS)} at once; "
+                        "a role's own flag after it wins")  # fmt: skip
+    add_settings(p, RunOptions)
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     p.add_argument("--generator", default="smollm2",
                    help="generator model: local folder, 'smollm2', or openai:BASE_URL/MODEL (an OpenAI-compatible server)")  # fmt: skip
@@ -415,58 +419,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{role}-cpus", type=float, default=None, help="CPUs per actor")
         p.add_argument(f"--{role}-gpu-memory-utilization", type=float, default=None,
                        help=f"vllm: share of each GPU's memory (default: {EngineConfig.gpu_memory_utilization} x the actor's GPU share)")  # fmt: skip
-    p.add_argument("--target-replicas", type=int, default=1, help="target engine actors")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--teacher-topk", type=int, default=d.teacher_topk, help="store the teacher's top-k logprobs per agent token (0: off; default %(default)s)")
-    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local Ray")
-    p.add_argument("--engine-restarts", type=int, default=RunOptions.engine_restarts,
-                   help="times Ray may restart a dead engine actor over the run (default %(default)s)")  # fmt: skip
-    p.add_argument("--call-timeout", type=float, default=RunOptions.call_timeout_s,
-                   help="seconds an engine call may take, queueing included (default %(default)s)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-stats", action="store_true", help="skip the quality table at the end")
-    return p.parse_args(argv)
+    return p
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+@exits_2_on_input_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = dataclasses.replace(
-        SynthSettings(),
-        samples=args.samples,
-        heldout=args.heldout,
-        seed=args.seed,
-        max_input_tokens=args.max_input_tokens,
-        max_agent_tokens=args.max_new_tokens,
-        max_environment_tokens=args.max_new_tokens,
-        max_student_tokens=args.max_new_tokens,
-        max_reason_tokens=args.max_new_tokens,
-        max_turns=args.max_turns,
-        teacher_topk=args.teacher_topk,
+    manifest = synthesize(
+        args.catalog,
+        args.out,
+        from_args(SynthSettings, args),
+        engine_config(args, "generator"),
+        engine_config(args, "target"),
+        from_args(RunOptions, args),
+        prompts=args.prompts.split(",") if args.prompts else None,
     )
-    options = RunOptions(
-        shard_size=args.shard_size,
-        shards_in_flight=args.shards_in_flight,
-        target_replicas=args.target_replicas,
-        progress=not args.no_progress,
-        dashboard=args.dashboard,
-        engine_restarts=args.engine_restarts,
-        call_timeout_s=args.call_timeout,
-    )
-    try:
-        manifest = synthesize(
-            args.catalog,
-            args.out,
-            settings,
-            engine_config(args, "generator"),
-            engine_config(args, "target"),
-            options,
-            prompts=args.prompts.split(",") if args.prompts else None,
-        )
-    except InputError as e:
-        print(f"genpi: error: {e}", file=sys.stderr)
-        return 2
     shards = [s for p in manifest["prompts"].values() for s in p["shards"].values()]
     rows, failed = sum(s["rows"] for s in shards), sum(s["failed"] for s in shards)
     retryable = sum(s.get("retryable", 0) for s in shards)

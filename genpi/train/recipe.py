@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from genpi.catalog import PromptEntry
+from genpi.flags import setting
 from genpi.synth.quality import first_degenerate_agent_turn
 from genpi.train.examples import IGNORE, PG_VARIANTS, Example, align_topk, build_pg, build_sft, cut_to_labels
 from genpi.train.losses import LOSS_FORMS, joint_loss, kld_loss, response_logits, response_targets, teacher_logits, token_loss, topk_loss
@@ -74,36 +75,61 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    method: str = "genpi"
-    lam: float = 0.5
-    pg_variant: str = "full"
-    epochs: int = 10
-    lr: float = 1e-4
-    batch_size: int = 32  # dialogue rows per optimizer step
-    micro_batch: int = 2  # examples per forward pass (the reference: 2 × 16 accumulation)
-    max_length: int = 2048
-    quantize: bool = True
-    gradient_checkpointing: bool | None = None  # less memory for more compute; None: on with CUDA
-    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
-    seed: int = 0
+    method: str = setting("genpi", f"one of {', '.join(METHODS)}")
+    lam: float = setting(0.5, "λ, the prompt-generation weight of the joint methods")
+    pg_variant: str = setting("full", "what prompt generation produces from what (ablations)", choices=PG_VARIANTS)
+    epochs: int = setting(10, "passes over the train rows")
+    lr: float = setting(1e-4, "peak learning rate")
+    batch_size: int = setting(32, "dialogue rows per optimizer step")
+    micro_batch: int = setting(2, "examples per forward pass (the reference: 2 x 16 accumulation)")
+    max_length: int = setting(2048, "tokens per example at most")
+    quantize: bool = setting(True, "plain LoRA on an unquantized base", flag="--no-4bit")
+    gradient_checkpointing: bool | None = setting(
+        None, "recompute activations: less memory, more compute (default: on with CUDA)"
+    )
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)  # flags --rank, --alpha (genpi.train.run)
+    seed: int = setting(0, "the seed of the data order, dropout, LoRA initialisation and on-policy samples")
     # the reference's optimisation and precision (the authors' training scripts)
-    loss_form: str = "convex"  # (1 − λ)·L_SFT + λ·L_PG; "additive": L_SFT + λ·L_PG, as the paper writes it
-    schedule: str = "cosine"
-    warmup_ratio: float = 0.03  # share of the steps with a linear warmup from 0
-    max_grad_norm: float = 1.0  # 0: no clipping (the reference: 1.0 for OS, 0.5 otherwise)
-    weight_decay: float = 0.0
-    dtype: str = "auto"  # unquantized weights and 4-bit compute; auto: bfloat16 with CUDA, float32 on CPU
+    loss_form: str = setting(
+        "convex",
+        "convex: (1-λ)·L_SFT + λ·L_PG (the authors' scripts); additive: L_SFT + λ·L_PG (the paper)",
+        choices=LOSS_FORMS,
+    )
+    schedule: str = setting("cosine", "learning rate after the linear warmup", choices=SCHEDULES)
+    warmup_ratio: float = setting(0.03, "share of the steps with a linear warmup from 0")
+    max_grad_norm: float = setting(1.0, "gradient clipping (0: none; the reference: 1.0 for OS, 0.5 otherwise)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    dtype: str = setting(
+        "auto", "unquantized weights and 4-bit compute (auto: bfloat16 with CUDA, float32 on CPU)", choices=DTYPES
+    )
     # baselines and ablations
-    prepend_ratio: float = 0.5  # prepend: the share of rows that carry P, drawn at every step
-    topk_k: int = 20  # topk-kl: teacher log-probabilities used per token (at most as many as stored)
-    max_turn_tokens: int = 512  # each agent turn (and y_s, y_t in PG) is cut to this many tokens, as in the reference
+    prepend_ratio: float = setting(0.5, "prepend: share of rows that carry P, redrawn every step")
+    topk_k: int = setting(20, "topk-kl: teacher log-probabilities used per token (at most as many as stored)")
+    max_turn_tokens: int = setting(
+        512, "each agent turn (and y_s, y_t in PG) is cut to this many tokens, as in the reference"
+    )
     # on-policy methods
-    refresh_steps: int = 4  # the sampler's copy of the adapter is refreshed every this many optimizer steps
-    onpolicy_max_tokens: int = 96  # token limit of each sampled reply
-    onpolicy_topk: int = 0  # reverse KL over the student's top-k tokens plus the rest as one (0: the whole vocabulary)
-    init_adapter: str | None = None  # a PEFT adapter folder whose LoRA weights the run starts from (any method)
-    skip_degenerate: bool = True  # no loss on looping teacher turns: skip a row whose first agent turn loops, cut at a later one
-    max_steps: int = 0  # stop after this many optimizer steps (0: `epochs` decide); the schedule spans them
+    refresh_steps: int = setting(4, "onpolicy: refresh the sampler's adapter every N optimizer steps")
+    onpolicy_max_tokens: int = setting(96, "onpolicy: token limit of each sampled reply")
+    onpolicy_topk: int = setting(
+        0, "onpolicy: reverse KL over the student's top-k tokens plus the rest as one (0: the whole vocabulary)"
+    )
+    init_adapter: str | None = setting(
+        None,
+        "start from this PEFT adapter's LoRA weights (same rank, alpha, targets), e.g. onpolicy from a genpi adapter",
+        metavar="DIR",
+    )
+    skip_degenerate: bool = setting(
+        True,
+        "train on looping teacher turns too (default: skip a row whose first agent turn loops, cut a dialogue before a "
+        "later one)",
+        flag="--keep-degenerate",
+    )
+    max_steps: int = setting(
+        0,
+        "stop after this many optimizer steps (0: the epochs decide); the learning-rate schedule spans them, so every "
+        "method of a study gets the same budget",
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:

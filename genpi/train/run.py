@@ -38,16 +38,15 @@ from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from tqdm import tqdm
 
-from genpi import InputError, __version__
+from genpi import InputError, __version__, exits_2_on_input_error
 from genpi.catalog import PromptEntry, load_catalog
 from genpi.cluster import init_ray
 from genpi.data.adapters import AdapterManifest, fingerprint, read_adapter_manifest, write_adapter
 from genpi.data.dialogues import prompt_rows
 from genpi.data.runfolder import check_out, holding_lock
+from genpi.flags import add_settings, from_args
 from genpi.train.qlora import LoraSettings
-from genpi.train.examples import PG_VARIANTS
-from genpi.train.losses import LOSS_FORMS
-from genpi.train.recipe import DTYPES, JOINT_METHODS, METHODS, SCHEDULES, TrainSettings
+from genpi.train.recipe import JOINT_METHODS, METHODS, TrainSettings
 
 NO_LAMBDA = set(METHODS) - set(JOINT_METHODS)  # methods with one loss term: no λ to choose
 LAMBDA_RULE = "heldout_teacher_kl"  # how a prompt's λ is chosen among several: lowest held-out teacher KL
@@ -434,47 +433,34 @@ class Progress(Callback):
             bar.close()
 
 
+# TrainSettings fields whose flags are written by hand below: a prompt's catalog `train` value or the trial decides
+# them when the flag is not given (--lambdas, --epochs, --lr, --max-grad-norm), the method is checked with its own
+# message, the LoRA shape is nested; the rest come from the fields (genpi.flags)
+HAND_FLAGS = {"method": "--method", "lam": "--lambdas", "epochs": "--epochs", "lr": "--lr",
+              "max_grad_norm": "--max-grad-norm", "lora": "--rank, --alpha"}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
+    d, help = TrainSettings(), {f.name: f.metadata.get("help", "") for f in dataclasses.fields(TrainSettings)}
     p = argparse.ArgumentParser(prog="python -m genpi.train", description=__doc__.splitlines()[0])
     p.add_argument("data", help="synthesis run folder (genpi synth --out)")
     p.add_argument("--catalog", required=True)
     p.add_argument("--out", required=True, help="adapters folder: ADAPTERS/ID/")
     p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2'")
-    p.add_argument("--method", default="genpi", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", default=d.method, help=f"{help['method']} (default %(default)s)")
     p.add_argument("--lambdas", default=None, help=f"λ values to try per prompt ({', '.join(JOINT_METHODS)}; default {DEFAULT_LAMBDAS}, "
-                   "or a prompt's catalog train.lam); the lowest held-out teacher KL wins")
-    d = TrainSettings()
-    p.add_argument("--pg-variant", default=d.pg_variant, choices=PG_VARIANTS, help="what prompt generation produces from what (ablations)")
-    p.add_argument("--prepend-ratio", type=float, default=d.prepend_ratio, help="prepend: share of rows that carry P, redrawn every step")
-    p.add_argument("--topk-k", type=int, default=d.topk_k, help="topk-kl: teacher log-probabilities used per token")
-    p.add_argument("--refresh-steps", type=int, default=d.refresh_steps, help="onpolicy: refresh the sampler's adapter every N optimizer steps")
-    p.add_argument("--onpolicy-max-tokens", type=int, default=d.onpolicy_max_tokens, help="onpolicy: token limit of each sampled reply")
-    p.add_argument("--onpolicy-topk", type=int, default=d.onpolicy_topk,
-                   help="onpolicy: reverse KL over the student's top-k tokens plus the rest as one (0: the whole vocabulary)")
-    p.add_argument("--init-adapter", default=None, metavar="DIR",
-                   help="start from this PEFT adapter's LoRA weights (same rank, alpha, targets), e.g. onpolicy from a genpi adapter")
-    p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs}, or a prompt's catalog train.epochs")
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many optimizer steps (0: the epochs decide); "
-                   "the learning-rate schedule spans them, so every method of a study gets the same budget")
-    p.add_argument("--lr", type=float, default=None, help=f"default {d.lr:g}, or a prompt's catalog train.lr")
-    p.add_argument("--seed", type=int, default=d.seed, help="the seed of the data order, dropout, LoRA initialisation and on-policy samples")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--micro-batch", type=int, default=d.micro_batch)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--rank", type=int, default=LoraSettings.r)
-    p.add_argument("--alpha", type=int, default=LoraSettings.alpha)
-    p.add_argument("--no-4bit", action="store_true", help="plain LoRA on an unquantized base")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations: less memory, more compute (default: on with CUDA)")
-    p.add_argument("--loss-form", default=d.loss_form, choices=LOSS_FORMS, help="convex: (1-λ)·L_SFT + λ·L_PG (the authors' scripts); additive: L_SFT + λ·L_PG (the paper)")
-    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="learning rate after the linear warmup")
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of the steps with a linear warmup")
-    p.add_argument("--max-grad-norm", type=float, default=None, help=f"gradient clipping (0: none; default {d.max_grad_norm}, or a prompt's "
-                   "catalog train.grad_clip; the reference: 1.0 for OS, 0.5 otherwise)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="unquantized weights and 4-bit compute (auto: bfloat16 with CUDA, float32 on CPU)")
+                   "or a prompt's catalog train.lam); the lowest held-out teacher KL wins")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"{help['epochs']} (default {d.epochs}, or a prompt's catalog train.epochs)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"{help['lr']} (default {d.lr:g}, or a prompt's catalog train.lr)")  # fmt: skip
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help=f"{help['max_grad_norm']}; default {d.max_grad_norm}, or a prompt's catalog "
+                        "train.grad_clip")  # fmt: skip
+    p.add_argument("--rank", type=int, default=LoraSettings.r, help="LoRA rank (default %(default)s)")
+    p.add_argument("--alpha", type=int, default=LoraSettings.alpha, help="LoRA alpha (default %(default)s)")
+    add_settings(p, TrainSettings, [f.name for f in dataclasses.fields(TrainSettings) if f.name not in HAND_FLAGS])
     p.add_argument("--valid-only", action="store_true", help="train only on dialogues whose agent turns all match actions.valid")
-    p.add_argument("--keep-degenerate", action="store_true", help="train on looping teacher turns too (default: skip a row whose first "
-                   "agent turn loops, cut a dialogue before a later one)")
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 if the Ray cluster has GPUs, else 0")
     p.add_argument("--storage", default=None, help="where the trials checkpoint (default: ADAPTERS/.tune; a shared folder on a cluster)")
@@ -485,39 +471,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def settings_from_args(args: argparse.Namespace) -> tuple[TrainSettings, list[float], frozenset]:
+    """The run's TrainSettings, its λ values, and the CATALOG_TRAIN keys whose flag was given (those hold for every
+    prompt; the others yield to a prompt's catalog `train` values)."""
+    d = TrainSettings()
+    overrides = frozenset(key for key, dest in CATALOG_TRAIN.items() if getattr(args, dest) is not None)
+    given = {dest: getattr(args, dest) for dest in ("epochs", "lr", "max_grad_norm")}
+    catalog_decides = {dest: getattr(d, dest) if value is None else value for dest, value in given.items()}
+    if args.method not in METHODS:
+        raise InputError(f"--method: unknown method {args.method!r}: expected one of {', '.join(METHODS)}")
+    text = DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas
+    try:
+        lambdas = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise InputError(f"--lambdas: expected numbers separated by commas, got {text!r}") from None
+    try:
+        init_adapter = str(Path(args.init_adapter).absolute()) if args.init_adapter else None
+        lora = LoraSettings(r=args.rank, alpha=args.alpha)
+        settings = from_args(TrainSettings, args, lam=d.lam, lora=lora, init_adapter=init_adapter, **catalog_decides)
+    except ValueError as e:  # a setting out of range (--prepend-ratio, --topk-k, --warmup-ratio ...)
+        raise InputError(str(e)) from None
+    return settings, lambdas, overrides
+
+
+@exits_2_on_input_error
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    d = TrainSettings()
-    # the flags given hold for every prompt; the others yield to a prompt's catalog `train` values
-    overrides = frozenset(key for key, dest in CATALOG_TRAIN.items() if getattr(args, dest) is not None)
-    for dest, default in (("lambdas", DEFAULT_LAMBDAS), ("epochs", d.epochs), ("lr", d.lr), ("max_grad_norm", d.max_grad_norm)):
-        if getattr(args, dest) is None:
-            setattr(args, dest, default)
-    try:
-        if args.method not in METHODS:
-            raise InputError(f"--method: unknown method {args.method!r}: expected one of {', '.join(METHODS)}")
-        try:
-            lambdas = [float(x) for x in args.lambdas.split(",")]
-        except ValueError:
-            raise InputError(f"--lambdas: expected numbers separated by commas, got {args.lambdas!r}") from None
-        try:
-            settings = TrainSettings(
-                method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, micro_batch=args.micro_batch,
-                max_length=args.max_length, quantize=not args.no_4bit, gradient_checkpointing=args.gradient_checkpointing, lora=LoraSettings(r=args.rank, alpha=args.alpha),
-                loss_form=args.loss_form, schedule=args.schedule, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
-                weight_decay=args.weight_decay, dtype=args.dtype,
-                pg_variant=args.pg_variant, prepend_ratio=args.prepend_ratio, topk_k=args.topk_k, skip_degenerate=not args.keep_degenerate,
-                refresh_steps=args.refresh_steps, onpolicy_max_tokens=args.onpolicy_max_tokens, onpolicy_topk=args.onpolicy_topk,
-                init_adapter=str(Path(args.init_adapter).absolute()) if args.init_adapter else None,
-                max_steps=args.max_steps, seed=args.seed,
-            )  # fmt: skip
-        except ValueError as e:  # a setting out of range (--prepend-ratio, --topk-k, --warmup-ratio ...)
-            raise InputError(str(e)) from None
-        outcomes = train_catalog(args.data, args.catalog, args.out, args.base, settings, lambdas,
-                                 args.cpus_per_trial, args.gpus_per_trial, not args.no_progress, args.valid_only,
-                                 args.storage, args.checkpoint_steps, args.max_failures, args.early_stop, overrides)  # fmt: skip
-    except InputError as e:
-        print(f"genpi: error: {e}", file=sys.stderr)
-        return 2
+    settings, lambdas, overrides = settings_from_args(args)
+    outcomes = train_catalog(args.data, args.catalog, args.out, args.base, settings, lambdas,
+                             args.cpus_per_trial, args.gpus_per_trial, not args.no_progress, args.valid_only,
+                             args.storage, args.checkpoint_steps, args.max_failures, args.early_stop, overrides)  # fmt: skip
     print(json.dumps(outcomes, indent=2))
     return 1 if any(o["status"] == "failed" for o in outcomes.values()) else 0
