@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from genpi import InputError
+from genpi import InputError, exits_2_on_input_error
 from genpi.serve.app import build_app
 from genpi.serve.protocol import Limits
 from genpi.serve.scheduler import Scheduler, load_adapters
@@ -60,34 +60,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exits_2_on_input_error
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)  # after --: arguments for `vllm serve`
     args, extra = build_parser().parse_args(argv[:cut]), argv[cut + 1 :]
-    try:
-        if args.max_tokens < 1 or args.max_batch < 1 or not 0 < args.port < 65536:
-            raise InputError("--max-tokens and --max-batch must be at least 1, --port in 1..65535")
-        limits = Limits(args.max_body_bytes, args.max_messages, args.max_message_chars, args.max_stop_chars, args.max_waiting,
-                        args.body_timeout)  # fmt: skip
-        for flag, value, least in (("--max-body-bytes", args.max_body_bytes, 1), ("--max-messages", args.max_messages, 1),
-                                   ("--max-message-chars", args.max_message_chars, 1),
-                                   ("--max-stop-chars", args.max_stop_chars, 1), ("--max-waiting", args.max_waiting, 0)):  # fmt: skip
-            if value < least:
-                raise InputError(f"{flag} must be at least {least}, got {value}")
-        if not limits.body_timeout_s > 0:  # also NaN
-            raise InputError(f"--body-timeout must be above 0 seconds, got {limits.body_timeout_s}")
-        if args.api_key is not None and not args.api_key.strip():  # for both engines: an empty key is no key at all
-            raise InputError("the API key (--api-key or $GENPI_API_KEY) is empty: give one, or neither to serve without")
-        base_path, adapters = load_adapters(args.adapters, args.catalog, args.base)
-        if args.merge is not None:
-            if args.engine == "vllm":
-                raise InputError("--merge is for the transformers engine (vLLM batches LoRA adapters with its own kernels)")
-            adapters = [a for a in adapters if a.prompt_id == args.merge]
-            if not adapters:
-                raise InputError(f"--merge {args.merge}: {args.adapters} has no adapter for that prompt")
-    except InputError as e:
-        print(f"genpi: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    if args.max_tokens < 1 or args.max_batch < 1 or not 0 < args.port < 65536:
+        raise InputError("--max-tokens and --max-batch must be at least 1, --port in 1..65535")
+    limits = Limits(args.max_body_bytes, args.max_messages, args.max_message_chars, args.max_stop_chars, args.max_waiting,
+                    args.body_timeout)  # fmt: skip
+    for flag, value, least in (("--max-body-bytes", args.max_body_bytes, 1), ("--max-messages", args.max_messages, 1),
+                               ("--max-message-chars", args.max_message_chars, 1),
+                               ("--max-stop-chars", args.max_stop_chars, 1), ("--max-waiting", args.max_waiting, 0)):  # fmt: skip
+        if value < least:
+            raise InputError(f"{flag} must be at least {least}, got {value}")
+    if not limits.body_timeout_s > 0:  # also NaN
+        raise InputError(f"--body-timeout must be above 0 seconds, got {limits.body_timeout_s}")
+    if args.api_key is not None and not args.api_key.strip():  # for both engines: an empty key is no key at all
+        raise InputError("the API key (--api-key or $GENPI_API_KEY) is empty: give one, or neither to serve without")
+    base_path, adapters = load_adapters(args.adapters, args.catalog, args.base)
+    if args.merge is not None:
+        if args.engine == "vllm":
+            raise InputError("--merge is for the transformers engine (vLLM batches LoRA adapters with its own kernels)")
+        adapters = [a for a in adapters if a.prompt_id == args.merge]
+        if not adapters:
+            raise InputError(f"--merge {args.merge}: {args.adapters} has no adapter for that prompt")
     names = ", ".join(a.prompt_id for a in adapters)
     if args.engine == "vllm":
         command = vllm_command(args.vllm_python, base_path, adapters, args.host, args.port, args.max_model_len, extra)
