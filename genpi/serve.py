@@ -48,7 +48,7 @@ from pathlib import Path
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Sampling
-from genpi.eval.serve import check_base
+from genpi.eval.systems import check_base
 from genpi.train.adapters import AdapterManifest, check_adapter, read_adapter_manifest
 
 ROLES = ("system", "user", "assistant")

@@ -56,11 +56,11 @@ import pyarrow as pa
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import ChatRequest, Completion, Sampling
+from genpi.eval.evaluate import Evaluation, RunSettings, evaluate_task, notes, row_schema
 from genpi.eval.metrics import ratio
-from genpi.eval.report import keep_per_prompt
 from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, SandboxError
-from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
-from genpi.synth.store import TURN, write_table
+from genpi.eval.systems import Batcher, Prompt, System, task_prompt
+from genpi.synth.store import TURN
 
 INPUT_TEMPLATE = "Now, I will start a new problem in a new OS. My problem is:\n\n{description}"  # AgentBench's
 TRUNCATED = "\n[truncated because the output is too long]"
@@ -68,21 +68,15 @@ ENDINGS = ("answered", "finished", "invalid_action", "round_limit", "timeout", "
 LANGUAGES = ("bash", "python")
 REPLAY = "replay"
 
-OS_TASK_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("system", pa.string()),
-        ("task_index", pa.int64()),
-        ("description", pa.string()),
-        ("success", pa.bool_()),
-        ("rounds", pa.int32()),  # agent replies
-        ("ended", pa.string()),  # one of ENDINGS
-        ("answer", pa.string()),  # answer(...)'s text; null after finish or without an answer
-        ("turns", pa.list_(TURN)),  # the task, then agent ("assistant") and OS ("user") turns; P left out
-        ("seconds", pa.float64()),  # wall time of the task: sandbox, agent and judging
-        ("error", pa.string()),
-        ("verdict", pa.string()),  # why the judge failed an answered or finished task (null when it passed or never judged)
-    ]
+OS_TASK_SCHEMA = row_schema(
+    ("task_index", pa.int64()), ("description", pa.string()), ("success", pa.bool_()),
+    ("rounds", pa.int32()),  # agent replies
+    ("ended", pa.string()),  # one of ENDINGS
+    ("answer", pa.string()),  # answer(...)'s text; null after finish or without an answer
+    ("turns", pa.list_(TURN)),  # the task, then agent ("assistant") and OS ("user") turns; P left out
+    ("seconds", pa.float64()),  # wall time of the task: sandbox, agent and judging
+    ("error", pa.string()),
+    ("verdict", pa.string()),  # why the judge failed an answered or finished task (null when it passed or never judged)
 )
 
 
@@ -394,6 +388,21 @@ async def play(task: OSTask, system: System, prefix: list[dict], agent, settings
     return row
 
 
+async def play_tasks(runs: list[tuple[OSTask, System, list[dict], object]], settings: LoopSettings, parallel: int, report) -> list[dict]:
+    """`play` each (task, system, prefix, agent), `parallel` at once, each in its own sandbox; `report(task, row)` as
+    each ends."""
+    gate = asyncio.Semaphore(parallel)
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+
+        async def one(task: OSTask, system: System, prefix: list[dict], agent) -> dict:
+            async with gate:
+                row = await play(task, system, prefix, agent, settings, pool)
+            report(task, row)
+            return row
+
+        return await asyncio.gather(*(one(*run) for run in runs))
+
+
 def replay_agent(replies: dict[int, list[str]]):
     """Known replies in order; `{output}` becomes the previous command's output, stripped. A task
     without replies left gets an empty reply (an invalid action)."""
@@ -452,21 +461,13 @@ def replay_examples(tasks_path, scripts: str | Path | None = None, limit: int | 
     }
     runs = [(t, name) for name in agents for t in tasks if name == "wrong" or known[t.index] is not None]
 
-    async def play_all() -> list[dict]:
-        gate = asyncio.Semaphore(parallel)
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-
-            async def one(task: OSTask, name: str) -> dict:
-                async with gate:
-                    row = await play(task, System(name), [], agents[name], settings, pool)
-                print(f"  {name} task {task.index}: {'pass' if row['success'] else 'fail'} ({row['seconds']:.1f} s)", file=sys.stderr)
-                return row
-
-            return await asyncio.gather(*(one(t, name) for t, name in runs))
+    def report(task: OSTask, row: dict) -> None:
+        print(f"  {row['system']} task {task.index}: {'pass' if row['success'] else 'fail'} ({row['seconds']:.1f} s)", file=sys.stderr)
 
     print(f"genpi eval os-tasks --replay-examples: {len(tasks)} tasks of {task_file.path}", file=sys.stderr)
     started = time.monotonic()
-    rows = {(r["system"], r["task_index"]): r for r in asyncio.run(play_all())}
+    played = asyncio.run(play_tasks([(t, System(name), [], agents[name]) for t, name in runs], settings, parallel, report))
+    rows = {(r["system"], r["task_index"]): r for r in played}
     failures, passes = [], []
     for t in tasks:
         row = rows.get(("example", t.index))
@@ -518,7 +519,7 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] = (), base: str = "smollm2",
+def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] = (), base: str = "smollm2", *,
                       agent: str | None = None, limit: int | None = None, parallel: int = 4, out: str | Path = "eval",
                       settings: LoopSettings = LoopSettings(), max_batch: int = 32, command: list[str] | None = None,
                       served: list[str] = (), scripts: str | Path | None = None) -> dict:  # fmt: skip
@@ -532,57 +533,41 @@ def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] =
     report_skipped(task_file)
     tasks = task_file.tasks[:limit]
     entry = load_catalog(catalog, [prompt_id])[0]
-    batcher = Batcher(None)  # the replay agent's: nothing to close
     check_sandbox()  # before any model loads
-    out = Path(out)
-    missing, form, base_path = [], None, None
     if agent:
         replies = load_replay(agent, task_file.entries)
-        systems = [System(REPLAY)]
-        agents = {REPLAY: replay_agent(replies)}
+        task, base_path = Prompt(entry, [System(REPLAY)]), None
     else:
-        entry, systems, missing, base_path = task_systems(catalog, prompt_id, list(adapters), base, served)
-        engine = load_engine(base_path, systems, max_batch)
-        form = served_as(engine, systems)
-        batcher = Batcher(engine)
-        n_prefix = len(entry.messages())
-        agents = {s.name: model_agent(batcher, s, settings.max_new_tokens, n_prefix if s.with_prompt else 0) for s in systems}
-    prefixes = {s.name: entry.messages() if s.with_prompt else [] for s in systems}
-    print(f"genpi eval os-tasks: {len(tasks)} tasks, systems {', '.join(s.name for s in systems)}", file=sys.stderr)
+        task, base_path = task_prompt(catalog, prompt_id, list(adapters), base, served)
+    wall: list[float] = []
 
-    async def play_all() -> list[dict]:
-        gate = asyncio.Semaphore(parallel)
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
+    def play(p: Prompt, engine) -> dict[str, list[dict]]:
+        batcher = Batcher(engine)  # the replay agent's (no engine): nothing to close
+        if agent:
+            agents = {REPLAY: replay_agent(replies)}
+        else:
+            n_prefix = len(p.entry.messages())
+            agents = {s.name: model_agent(batcher, s, settings.max_new_tokens, n_prefix if s.with_prompt else 0) for s in p.systems}
+        prefixes = {s.name: p.entry.messages() if s.with_prompt else [] for s in p.systems}
+        print(f"genpi eval os-tasks: {len(tasks)} tasks, systems {', '.join(s.name for s in p.systems)}", file=sys.stderr)
 
-            async def one(task: OSTask, system: System) -> dict:
-                async with gate:
-                    row = await play(task, system, prefixes[system.name], agents[system.name], settings, pool)
-                print(f"  {system.name} task {task.index}: {'success' if row['success'] else 'failure'} ({row['ended']}, "
-                      f"{row['rounds']} rounds, {row['seconds']:.1f} s)", file=sys.stderr)  # fmt: skip
-                return row
+        def report(task: OSTask, row: dict) -> None:
+            print(f"  {row['system']} task {task.index}: {'success' if row['success'] else 'failure'} ({row['ended']}, "
+                  f"{row['rounds']} rounds, {row['seconds']:.1f} s)", file=sys.stderr)  # fmt: skip
 
-            return await asyncio.gather(*(one(t, s) for s in systems for t in tasks))
+        started = time.monotonic()
+        rows = batcher.run(play_tasks([(t, s, prefixes[s.name], agents[s.name]) for s in p.systems for t in tasks], settings, parallel, report))
+        wall.append(time.monotonic() - started)
+        return {s.name: [dict(r, prompt_id=p.entry.id) for r in rows if r["system"] == s.name] for s in p.systems}
 
-    started = time.monotonic()
-    rows = batcher.run(play_all())
-    wall = time.monotonic() - started
-    metrics = {}
-    for system in systems:
-        records = [dict(r, prompt_id=entry.id) for r in rows if r["system"] == system.name]
-        write_table(out / "os_tasks" / f"prompt_id={entry.id}" / f"system={system.name}" / "part-00000.parquet", records, OS_TASK_SCHEMA)
-        metrics[system.name] = summarize(records)
-    mark_served(metrics, systems)
-    teacher = metrics.get(TEACHER)
-    summary = {
-        "command": command, "tasks_file": str(tasks_path), "catalog": str(catalog), "prompt_id": entry.id,
-        "agent": agent or "model", "base": base_path, "served_as": form, "tasks": len(tasks), "parallel": parallel,
-        "scripts": None if scripts is None else str(scripts), "skipped": [{"index": i, "problem": why} for i, why in task_file.skipped],
-        "wall_seconds": wall, "settings": asdict(settings), "missing": missing, "systems": metrics,
-        "retention": {name: ratio(m["success_rate"], teacher["success_rate"]) for name, m in metrics.items() if name != TEACHER} if teacher else {},
-        "adapters": {s.name: str(s.folder) for s in systems if s.adapter},
-    }  # fmt: skip
-    keep_per_prompt(out / "os_tasks.json", summary)
-    return summary
+    def describe(p: Prompt, form: str | None) -> dict:
+        return {"command": command, "tasks_file": str(tasks_path), "catalog": str(catalog), "prompt_id": p.entry.id,
+                "agent": agent or "model", "base": base_path, "served_as": form, "tasks": len(tasks), "parallel": parallel,
+                "scripts": None if scripts is None else str(scripts), "skipped": [{"index": i, "problem": why} for i, why in task_file.skipped],
+                "wall_seconds": wall[0], "settings": asdict(settings)}  # fmt: skip
+
+    os_tasks = Evaluation("os_tasks", OS_TASK_SCHEMA, play, summarize, describe, lambda m, teacher: ratio(m["success_rate"], teacher["success_rate"]))
+    return evaluate_task(os_tasks, task, RunSettings(base_path, Path(out), max_batch, model=not agent))
 
 
 def format_summary(summary: dict) -> str:
@@ -593,6 +578,6 @@ def format_summary(summary: dict) -> str:
         rate = "-" if m["success_rate"] is None else f"{100 * m['success_rate']:.1f}%"
         lines.append(f"{name:<16}{m['successes']:>5}/{m['tasks']:<3}{rate:>8}{'-' if kept is None else f'{100 * kept:.1f}%':>11}"
                      f"{m['mean_rounds'] or 0:>8.2f}{m['mean_seconds'] or 0:>8.1f}   " + ", ".join(f"{k}:{v}" for k, v in m["ended"].items()))  # fmt: skip
-    lines += served_notes(summary["systems"]) + [f"missing: {m}" for m in summary["missing"]]
+    lines += notes(summary)
     lines += [f"skipped (malformed): task {s['index']}: {s['problem']}" for s in summary.get("skipped", [])]
     return "\n".join(lines)
