@@ -22,9 +22,9 @@ from genpi.eval.cost import REGIMES, Conversation, Turn
 def conversation_pairs(entry, data: str | None, n_turns: int) -> tuple[list[tuple[str, str]], str]:
     """N (user, agent) turns taken in order from the held-out dialogues of a run, else from the shots."""
     if data:
-        from genpi.eval.fidelity import heldout_rows
+        from genpi.train.run import read_rows  # the prompt's good held-out rows (read_rows checks the prompt's version)
 
-        rows = heldout_rows(data, entry)
+        rows = read_rows(data, entry)[1]
         dialogues = [[{"role": "user", "content": r["input"]}, *r["turns"]] for r in rows]
         source = f"held-out dialogues of {data}"
     else:

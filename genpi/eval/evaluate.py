@@ -31,6 +31,7 @@ from genpi.catalog import PromptEntry
 from genpi.eval.metrics import ratio
 from genpi.eval.systems import TEACHER, Batcher, Prompt, System, load_engine, mark_served, served_as, served_notes
 from genpi.synth.store import write_table
+from genpi.train.adapters import record_eval
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Evaluation:
 class RunSettings:
     """Where an evaluation runs and writes: the same for every evaluation."""
 
-    base_path: str
+    base_path: str | None  # None: no model (a replay agent)
     out: Path
     max_batch: int = 32
     record: bool = True  # write each adapter's eval_metrics into its genpi.json
@@ -63,8 +64,6 @@ class RunSettings:
 
 def evaluate(evaluation: Evaluation, prompts: list[Prompt], run: RunSettings) -> tuple[str | None, list[dict]]:
     """Every shared step over `prompts`: (how the adapters were served, in words; one result per prompt)."""
-    from genpi.train.adapters import record_eval
-
     every = [s for p in prompts for s in p.systems]
     engine = load_engine(run.base_path, every, run.max_batch) if run.model else None
     form = served_as(engine, every) if engine is not None else None

@@ -51,11 +51,12 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from genpi.catalog import PromptEntry, load_catalog
-from genpi.checks import catalog_languages, run_checks
-from genpi.eval.evaluate import Evaluation, RunSettings, catalog_text, evaluate, notes, row_schema, write_summary
+from genpi.checks import catalog_languages
+from genpi.eval.check_rates import check_columns, check_rates, check_retention, format_checks
+from genpi.eval.evaluate import Evaluation, RunSettings, catalog_text, evaluate, notes, pct, row_schema, write_summary
 from genpi.eval.gap import (BOOTSTRAP, COLLATERAL_TOKENS, GAP_METRICS, GENERAL_REQUESTS, Collateral, collateral_metrics, gap_lines,
-                            gap_metrics, onpolicy_columns, onpolicy_kl, rate_ci)  # fmt: skip
-from genpi.eval.metrics import action, ratio, rouge_l
+                            gap_metrics, onpolicy_columns, onpolicy_kl)  # fmt: skip
+from genpi.eval.metrics import action, present_mean, ratio, rouge_l
 from genpi.eval.systems import BASE, TEACHER, Batcher, Prompt, System, catalog_prompts
 from genpi.synth.store import TURN
 
@@ -179,49 +180,6 @@ def teacher_forced(entry: PromptEntry, rows: list[dict], systems: list[System], 
     return out
 
 
-def check_columns(entry: PromptEntry, agent: list[str], languages=()) -> dict:
-    """The `checks` (first agent turn) and `turn_checks` (every agent turn) columns of one episode's agent turns."""
-
-    def results(reply: str | None) -> list[dict]:
-        return [{"name": name, "passed": passed} for name, passed in run_checks(entry, reply, languages).items()]
-
-    return {"checks": results(agent[0] if agent else None), "turn_checks": [results(t) for t in agent]}
-
-
-def check_rates(records: list[dict]) -> dict:
-    """Per check: pass rate of the first agent turn (with its bootstrap interval), of all agent turns, and per turn k
-    (episodes reaching turn k)."""
-    names = list(dict.fromkeys(c["name"] for r in records for c in r["checks"] or []))
-    rates = {}
-    for name in names:
-        per_turn: list[list[bool]] = []
-        for r in records:
-            for k, turn in enumerate(r["turn_checks"] or []):
-                if k == len(per_turn):
-                    per_turn.append([])
-                per_turn[k] += [c["passed"] for c in turn if c["name"] == name]
-        first = [c["passed"] for r in records for c in r["checks"] or [] if c["name"] == name]
-        rates[name] = {
-            "first_turn": _mean(first),
-            "first_turn_ci": rate_ci(first),  # 95% bootstrap interval over the held-out inputs
-            "all_turns": _mean(v for turn in per_turn for v in turn),
-            "per_turn": [_mean(turn) for turn in per_turn],
-        }
-    return rates
-
-
-def check_retention(metrics: dict, teacher: dict) -> dict:
-    """system / teacher per check: `checks.NAME` (first turn), `checks_all_turns.NAME` (every agent turn),
-    `checks_per_turn.NAME` (agent turn k, over the episodes that reach it)."""
-    kept = {}
-    for name, rates in metrics.get("checks", {}).items():
-        reference = teacher.get("checks", {}).get(name, {})
-        kept[f"checks.{name}"] = ratio(rates["first_turn"], reference.get("first_turn"))
-        kept[f"checks_all_turns.{name}"] = ratio(rates["all_turns"], reference.get("all_turns"))
-        kept[f"checks_per_turn.{name}"] = [ratio(a, b) for a, b in zip(rates["per_turn"], reference.get("per_turn") or [])]
-    return kept
-
-
 def reply_rows(entry: PromptEntry, rows: list[dict], systems: list[System], episodes: dict, forced: dict,
                languages=()) -> dict[str, list[dict]]:  # fmt: skip
     """The per-reply Parquet rows (EVAL_SCHEMA) of each system (`languages`: the catalog's, for language checks)."""
@@ -265,11 +223,6 @@ def reply_rows(entry: PromptEntry, rows: list[dict], systems: list[System], epis
     return out
 
 
-def _mean(values) -> float | None:
-    values = [float(v) for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
 def summarize(records: list[dict]) -> dict:
     """One system's metrics over its per-reply rows (errors excluded from every rate, and counted)."""
     good = [r for r in records if r["error"] is None]
@@ -282,15 +235,15 @@ def summarize(records: list[dict]) -> dict:
     return {
         "inputs": len(records),
         "errors": len(records) - len(good),
-        "format_rate": _mean(r["in_action_space"] for r in good),
-        "kind_agreement": _mean(r["same_kind"] for r in good),
-        "action_agreement": _mean(r["same_action"] for r in good),
-        "rouge_l": _mean(r["rouge_l"] for r in good),
+        "format_rate": present_mean(r["in_action_space"] for r in good),
+        "kind_agreement": present_mean(r["same_kind"] for r in good),
+        "action_agreement": present_mean(r["same_action"] for r in good),
+        "rouge_l": present_mean(r["rouge_l"] for r in good),
         "kinds": dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))),
         "action_space_rate": sum(valid_turns) / len(valid_turns) if valid_turns else None,
-        "final_rate": _mean(r["ended_final"] for r in good),
-        "mean_turns": _mean(r["n_turns"] for r in good),
-        "hit_limit_rate": _mean(r["hit_limit"] for r in good),
+        "final_rate": present_mean(r["ended_final"] for r in good),
+        "mean_turns": present_mean(r["n_turns"] for r in good),
+        "hit_limit_rate": present_mean(r["hit_limit"] for r in good),
         "tf_tokens": tokens,
         "nll": sum(r["tf_nll"] or 0.0 for r in records) / tokens if tokens else None,
         "kl": sum(r["tf_kl"] or 0.0 for r in records) / tokens if tokens else None,
@@ -380,31 +333,13 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
     return summary
 
 
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def _num(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-COLUMNS = (("format", "format_rate", _pct), ("kind agr", "kind_agreement", _pct), ("act agr", "action_agreement", _pct),
-           ("rougeL", "rouge_l", _num), ("ep in-space", "action_space_rate", _pct), ("ep final", "final_rate", _pct),
-           ("turns", "mean_turns", _num), ("at limit", "hit_limit_rate", _pct), ("NLL", "nll", _num), ("KL", "kl", _num))  # fmt: skip
-
-
-def format_checks(result: dict) -> list[str]:
-    """Per check and system: first-turn and all-turn pass rates, their retention, and the rate per episode turn."""
-    lines = []
-    for name in next(iter(result["systems"].values())).get("checks", {}):
-        lines.append(f"check {name}: pass rate (first turn, all agent turns; retention = system / teacher; per turn)")
-        for system, m in result["systems"].items():
-            rates = m["checks"].get(name, {})
-            kept = result["retention"].get(system, {})
-            per_turn = " ".join(_pct(v) for v in rates.get("per_turn", []))
-            lines.append(f"  {system:<14}{_pct(rates.get('first_turn')):>8}{_pct(rates.get('all_turns')):>8}"
-                         f"{_pct(kept.get(f'checks.{name}')):>10}{_pct(kept.get(f'checks_all_turns.{name}')):>8}   {per_turn}")  # fmt: skip
-    return lines
+COLUMNS = (("format", "format_rate", pct), ("kind agr", "kind_agreement", pct), ("act agr", "action_agreement", pct),
+           ("rougeL", "rouge_l", _num), ("ep in-space", "action_space_rate", pct), ("ep final", "final_rate", pct),
+           ("turns", "mean_turns", _num), ("at limit", "hit_limit_rate", pct), ("NLL", "nll", _num), ("KL", "kl", _num))  # fmt: skip
 
 
 def format_summary(summary: dict) -> str:
@@ -421,7 +356,7 @@ def _table(r: dict) -> list[str]:
         lines.append(f"{name:<14}" + "".join(f"{f(m[key]):>12}" for _, key, f in COLUMNS) + f"   {kinds}")
     for name, kept in r["retention"].items():
         if name != TEACHER:
-            lines.append(f"{'  retention':<14}" + "".join(f"{_pct(kept.get(key)) if key in kept else '':>12}" for _, key, _ in COLUMNS) + f"   ({name})")
+            lines.append(f"{'  retention':<14}" + "".join(f"{pct(kept.get(key)) if key in kept else '':>12}" for _, key, _ in COLUMNS) + f"   ({name})")
     for name, used in r["heldout_used_for_lambda"].items():
         if used:
             lines.append(f"note: {name}: λ was chosen on these held-out rows (heldout_used_for_lambda: true)")
@@ -429,4 +364,4 @@ def _table(r: dict) -> list[str]:
     return lines + notes(r)
 
 
-__all__ = ["EVAL_SCHEMA", "check_columns", "check_rates", "check_retention", "evaluate_catalog", "format_summary", "retention", "summarize"]
+__all__ = ["EVAL_SCHEMA", "evaluate_catalog", "format_summary", "retention", "summarize"]

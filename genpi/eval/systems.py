@@ -16,6 +16,9 @@ local systems'; what needs the model's own logits cannot be, and its summary nam
 (the values null, never 0). The teacher and the base stay local: the evaluated base model still loads.
 A served request that gets no answer within SERVED_REQUEST_TIMEOUT_S (every retry included) fails as that
 row's error, so a server that stops answering ends the evaluation instead of stalling it.
+
+An evaluation gets its systems per prompt as a `Prompt`: `catalog_prompts` (fidelity, leakage: every catalog
+prompt with an adapter) or `task_prompt` (the task evaluations: one prompt); genpi.eval.evaluate runs them.
 """
 
 from __future__ import annotations
