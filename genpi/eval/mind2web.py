@@ -214,9 +214,7 @@ async def answer_step(step: Step, agent, prefix: list[dict], sampling: Sampling,
 
 def answer_all(steps: list[Step], agents: dict[str, tuple[System, object]], entry, sampling: Sampling, layout: str,
                run_async=asyncio.run) -> dict[str, list[dict]]:  # fmt: skip
-    """{system: per-step rows}; `agents` maps a system's name to (system, its AsyncEngine); `run_async` runs the
-    coroutine (a Batcher's `run` closes its served systems' sessions after it)."""
-
+    """{system: per-step rows} (genpi.eval.evaluate.play_every: every system's agent on every step, all at once)."""
     return play_every(steps, agents, entry, lambda step, agent, prefix: answer_step(step, agent, prefix, sampling, layout), run_async)
 
 

@@ -207,7 +207,7 @@ async def shop(url: str, goal: int, agent, prefix: list[dict], sampling: Samplin
 
 def shop_all(url: str, goals: list[int], agents: dict[str, tuple[System, object]], entry, sampling: Sampling, layout: str,
              run_async=asyncio.run) -> dict[str, list[dict]]:  # fmt: skip
-    """{system: per-goal rows}; as mind2web's `answer_all`."""
+    """{system: per-goal rows} (genpi.eval.evaluate.play_every: every system's agent on every goal, all at once)."""
     return play_every(goals, agents, entry, lambda goal, agent, prefix: shop(url, goal, agent, prefix, sampling, layout), run_async)
 
 
