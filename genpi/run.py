@@ -278,7 +278,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
     stages = stage_commands(args, preset, [e.id for e in entries], {key for e in in_run for key in e.train})
     tasks = task_files(args.tasks)
     if tasks:  # a tasks file or a sandbox that cannot work fails now, not after synthesis and training
-        from genpi.eval.os_tasks import check_sandbox, load_tasks
+        from genpi.eval.os_task_file import load_tasks
+        from genpi.eval.os_tasks import check_sandbox
 
         scripts = argparse.ArgumentParser(add_help=False)
         scripts.add_argument("--scripts", default=None)

@@ -7,9 +7,10 @@ import pytest
 
 from genpi.catalog import Check, entry_from_json
 from genpi.checks import collapse_repeats, detector, language_text, run_check, run_checks
-from genpi.eval.fidelity import EVAL_SCHEMA, check_rates, format_summary, reply_rows, retention, summarize
-from genpi.eval.serve import System
 from genpi.data.store import write_table
+from genpi.eval.check_rates import check_rates
+from genpi.eval.fidelity import EVAL_SCHEMA, format_summary, reply_rows, retention, summarize
+from genpi.eval.systems import System
 from test_eval_metrics import episode
 from test_recipe import row
 

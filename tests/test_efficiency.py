@@ -12,8 +12,8 @@ import torch
 
 from conftest import EXAMPLES, REPO
 from genpi.catalog import load_catalog
-from genpi.eval.efficiency import (LORA, MERGED, REGIMES, WITH_P, Conversation, _flop_counter, decode_macs, dims_of,
-                                   meta_model, prefill_macs, read_config, replay, replay_regimes, tokenize)  # fmt: skip
+from genpi.eval.cost import LORA, MERGED, REGIMES, WITH_P, Conversation, decode_macs, dims_of, prefill_macs, read_config
+from genpi.eval.cost_measure import _flop_counter, meta_model, replay, replay_regimes, tokenize
 from test_eval_report import numbers
 from test_recipe import write_calc_dialogues
 
@@ -88,7 +88,7 @@ def test_shared_prefix_saving_is_exactly_the_attention_over_p(tiny_model):
     system does not have; regime (ii) adds P's prefill; regime (i) re-reads P every turn."""
     from transformers import AutoTokenizer
 
-    from genpi.eval.efficiency import summarize
+    from genpi.eval.cost import summarize
 
     config, source = read_config(tiny_model)
     dims = dims_of(config, source)
@@ -188,3 +188,19 @@ def test_model_config_alone_and_bad_input(tmp_path):
     ]:
         result = run_cli("--catalog", CATALOG, *args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-2000:])
+
+
+def test_shipped_model_configs_are_package_data():
+    """`--model-config llama-3-8b` reads a config inside the package, declared as package data, so an installed
+    wheel (no examples/ folder beside it) finds it too."""
+    import tomllib
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    import genpi.eval
+
+    _, source = read_config("llama-3-8b")
+    package = Path(genpi.eval.__file__).parent
+    assert Path(source).parent.parent == package and Path(source).is_file()
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["genpi.eval"]
+    assert any(fnmatch(str(Path(source).relative_to(package)), pattern) for pattern in declared)

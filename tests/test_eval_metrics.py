@@ -9,7 +9,7 @@ from genpi.catalog import load_catalog, render_prompt_text
 from genpi.eval.fidelity import play_episodes, reply_rows, retention, summarize, teacher_forced
 from genpi.eval.leakage import leak_scores
 from genpi.eval.metrics import NO_ACTION, action, longest_common_span, rouge_l, verbatim_span
-from genpi.eval.serve import System
+from genpi.eval.systems import System
 from test_recipe import row
 
 CALC, GREET = load_catalog(REPO / "tests" / "data" / "tiny.yaml")

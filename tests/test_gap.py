@@ -12,7 +12,7 @@ from conftest import REPO
 from genpi.catalog import load_catalog
 from genpi.eval.gap import (GENERAL_REQUESTS, bootstrap_ci, collateral_metrics, end_of_turn, gap_closed, gap_lines, gap_metrics,
                             kl_per_token, mean, onpolicy_kl, rate_ci)  # fmt: skip
-from genpi.eval.serve import System
+from genpi.eval.systems import System
 from test_recipe import row, write_calc_dialogues
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"

@@ -16,7 +16,7 @@ from genpi.catalog import load_catalog
 from genpi.engines import Completion, Sampling
 from genpi.eval.mind2web import PER_QUESTION, action_f1, answer_all, answer_step, parse_reply, read_steps, score
 from genpi.eval.report import build_report, cell
-from genpi.eval.serve import System
+from genpi.eval.systems import System
 
 STEPS = REPO / "examples" / "mind2web" / "steps.jsonl"
 WEB_SELECT = next(e for e in load_catalog(EXAMPLES) if e.id == "web-select")

@@ -243,17 +243,17 @@ def test_a_server_that_never_answers_hits_the_request_time_limit():
 
 
 def test_served_evaluation_bounds_each_request(monkeypatch):
-    """`--served` systems (genpi.eval.serve: all requests at once, and the episodes' Batcher) give their requests an
+    """`--served` systems (genpi.eval.systems: all requests at once, and the episodes' Batcher) give their requests an
     overall time limit: a server that stops answering ends in failed rows, not a stalled evaluation."""
-    from genpi.eval import serve
+    from genpi.eval import systems
 
-    assert serve.SERVED_REQUEST_TIMEOUT_S <= 3600
-    monkeypatch.setattr(serve, "SERVED_REQUEST_TIMEOUT_S", 1.0)
+    assert systems.SERVED_REQUEST_TIMEOUT_S <= 3600
+    monkeypatch.setattr(systems, "SERVED_REQUEST_TIMEOUT_S", 1.0)
     silent, url = silent_url()
-    system = serve.System("remote", served=f"openai:{url}/m")
+    system = systems.System("remote", served=f"openai:{url}/m")
     started = time.perf_counter()
-    [at_once] = serve.generate(None, system, [ChatRequest(chat("hi"))])
-    batcher = serve.Batcher(None)
+    [at_once] = systems.generate(None, system, [ChatRequest(chat("hi"))])
+    batcher = systems.Batcher(None)
     episode = batcher.run(batcher.view(system).complete(ChatRequest(chat("hi"))))
     silent.close()
     assert time.perf_counter() - started < 8

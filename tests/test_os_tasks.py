@@ -16,8 +16,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from genpi.eval.os_tasks import (OS_TASK_SCHEMA, LoopSettings, Script, evaluate_os_tasks, format_replay, load_tasks, observation,
-                                  parse_reply, read_task_file)  # fmt: skip
+from genpi.eval.os_task_file import Script, load_tasks, read_task_file
+from genpi.eval.os_tasks import OS_TASK_SCHEMA, LoopSettings, evaluate_os_tasks, format_replay, observation, parse_reply
 from genpi.eval.report import build_report
 from genpi.eval.sandbox import Limits
 from genpi.eval.run import main

@@ -26,9 +26,10 @@ import pytest
 
 from genpi.eval import os_tasks
 from genpi.eval import sandbox as sandbox_module
-from genpi.eval.os_tasks import LoopSettings, OSTask, Script, play, replay_agent
+from genpi.eval.os_task_file import OSTask, Script
+from genpi.eval.os_tasks import LoopSettings, play, replay_agent
 from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, ansi_c_quote
-from genpi.eval.serve import System
+from genpi.eval.systems import System
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not all(map(shutil.which, ("unshare", "nsenter", "prlimit"))), reason="needs util-linux")

@@ -22,7 +22,7 @@ from conftest import EXAMPLES, REPO
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import Completion, Sampling
-from genpi.eval.serve import System
+from genpi.eval.systems import System
 from genpi.eval.webshop import ROUNDS, check_server, parse_action, score, shop_all
 
 WEB_SHOP = next(e for e in load_catalog(EXAMPLES) if e.id == "web-shop")

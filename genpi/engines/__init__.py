@@ -81,7 +81,7 @@ class Engine(Protocol):
 
 class AsyncEngine(Protocol):
     """One request at a time, awaited: what synthesis and the evaluations' episodes talk to, whether the engine
-    is a Ray actor (genpi.synth.actors), an adapter view of a local engine (genpi.eval.serve.Batcher) or an
+    is a Ray actor (genpi.synth.actors), an adapter view of a local engine (genpi.eval.systems.Batcher) or an
     engine in this process (tests)."""
 
     model_name: str

@@ -1,7 +1,7 @@
 """Fidelity: how much of the with-prompt behaviour survives without the prompt.
 
 On each prompt's held-out dialogues (split `heldout` of a synthesis run: never
-trained on), the systems of genpi.eval.serve (teacher = base with P, base
+trained on), the systems of genpi.eval.systems (teacher = base with P, base
 without P, each adapter without P), all greedy, are measured three ways:
 
 - behaviour checks (the catalog's `checks`, led by `format` = `actions.valid`; rules in genpi.checks):
@@ -22,7 +22,7 @@ without P, each adapter without P), all greedy, are measured three ways:
 - teacher-forced: on the teacher's dialogues stored at synthesis, each system's
   mean negative log-likelihood of the teacher's agent tokens without P, and the
   mean KL(teacher with P || system) over those tokens, full vocabulary. A served
-  system (--served, genpi.eval.serve) gives no logits over HTTP: its NLL and KL are
+  system (--served, genpi.eval.systems) gives no logits over HTTP: its NLL and KL are
   null and named in its summary's `not_scored`.
 
 The headline (genpi.eval.gap): the KL gap closed, (KL_base − KL_system) / KL_base, with a paired 95% bootstrap
@@ -44,53 +44,48 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 import pyarrow as pa
 from tqdm import tqdm
 
-from genpi import InputError
 from genpi.catalog import PromptEntry, load_catalog
-from genpi.checks import catalog_languages, run_checks
+from genpi.checks import catalog_languages
+from genpi.eval.check_rates import check_columns, check_rates, check_retention, format_checks
+from genpi.eval.evaluate import Evaluation, RunSettings, catalog_text, evaluate, notes, pct, row_schema, write_summary
 from genpi.eval.gap import (BOOTSTRAP, COLLATERAL_TOKENS, GAP_METRICS, GENERAL_REQUESTS, Collateral, collateral_metrics, gap_lines,
-                            gap_metrics, onpolicy_columns, onpolicy_kl, rate_ci)  # fmt: skip
-from genpi.eval.metrics import action, ratio, rouge_l
-from genpi.eval.serve import (BASE, TEACHER, Batcher, System, adapter_dirs, check_served, load_engine, mark_served, prompt_systems,
-                              served_as, served_notes, served_specs)  # fmt: skip
-from genpi.data.store import TURN, results_path, write_table
+                            gap_metrics, onpolicy_columns, onpolicy_kl)  # fmt: skip
+from genpi.eval.metrics import action, present_mean, ratio, rouge_l
+from genpi.eval.systems import BASE, TEACHER, Batcher, Prompt, System, catalog_prompts
+from genpi.data.store import TURN
 
 CHECK_RESULT = pa.struct([("name", pa.string()), ("passed", pa.bool_())])  # passed: null without a reply
-EVAL_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("system", pa.string()),
-        ("sample_id", pa.int64()),
-        ("input", pa.string()),
-        ("reply", pa.string()),  # the first agent turn
-        ("in_action_space", pa.bool_()),  # null without actions.valid
-        ("kind", pa.string()),
-        ("action", pa.string()),
-        ("same_kind", pa.bool_()),  # as the teacher's reply; null where the teacher's is outside the action space
-        ("same_action", pa.bool_()),
-        ("rouge_l", pa.float64()),  # F against the teacher's reply
-        ("turns", pa.list_(TURN)),  # the episode, agent turns "assistant"
-        ("turns_valid", pa.list_(pa.bool_())),  # per agent turn: in the action space
-        ("checks", pa.list_(CHECK_RESULT)),  # the first agent turn's behaviour checks (PromptEntry.all_checks)
-        ("turn_checks", pa.list_(pa.list_(CHECK_RESULT))),  # per agent turn: its checks
-        ("n_turns", pa.int32()),
-        ("ended_final", pa.bool_()),  # ended by an agent turn matching actions.final
-        ("hit_limit", pa.bool_()),
-        ("terminated_by", pa.string()),
-        ("tf_tokens", pa.int64()),  # teacher-forced: the teacher's agent tokens scored
-        ("tf_nll", pa.float64()),  # summed over them
-        ("tf_kl", pa.float64()),
-        ("onpolicy_replies", pa.list_(pa.string())),  # first-turn replies sampled at temperature 1 (genpi.eval.gap)
-        ("onpolicy_tokens", pa.int64()),  # their tokens, end-of-turn included
-        ("onpolicy_rkl", pa.float64()),  # KL(system || teacher with P) summed over them
-        ("error", pa.string()),
-    ]
+EVAL_SCHEMA = row_schema(
+    ("sample_id", pa.int64()),
+    ("input", pa.string()),
+    ("reply", pa.string()),  # the first agent turn
+    ("in_action_space", pa.bool_()),  # null without actions.valid
+    ("kind", pa.string()),
+    ("action", pa.string()),
+    ("same_kind", pa.bool_()),  # as the teacher's reply; null where the teacher's is outside the action space
+    ("same_action", pa.bool_()),
+    ("rouge_l", pa.float64()),  # F against the teacher's reply
+    ("turns", pa.list_(TURN)),  # the episode, agent turns "assistant"
+    ("turns_valid", pa.list_(pa.bool_())),  # per agent turn: in the action space
+    ("checks", pa.list_(CHECK_RESULT)),  # the first agent turn's behaviour checks (PromptEntry.all_checks)
+    ("turn_checks", pa.list_(pa.list_(CHECK_RESULT))),  # per agent turn: its checks
+    ("n_turns", pa.int32()),
+    ("ended_final", pa.bool_()),  # ended by an agent turn matching actions.final
+    ("hit_limit", pa.bool_()),
+    ("terminated_by", pa.string()),
+    ("tf_tokens", pa.int64()),  # teacher-forced: the teacher's agent tokens scored
+    ("tf_nll", pa.float64()),  # summed over them
+    ("tf_kl", pa.float64()),
+    ("onpolicy_replies", pa.list_(pa.string())),  # first-turn replies sampled at temperature 1 (genpi.eval.gap)
+    ("onpolicy_tokens", pa.int64()),  # their tokens, end-of-turn included
+    ("onpolicy_rkl", pa.float64()),  # KL(system || teacher with P) summed over them
+    ("error", pa.string()),
 )
 LOGIT_METRICS = ("nll", "kl")  # teacher-forced: they need the system's own logits
 RATES = ("format_rate", "kind_agreement", "action_agreement", "rouge_l", "action_space_rate", "final_rate")
@@ -185,49 +180,6 @@ def teacher_forced(entry: PromptEntry, rows: list[dict], systems: list[System], 
     return out
 
 
-def check_columns(entry: PromptEntry, agent: list[str], languages=()) -> dict:
-    """The `checks` (first agent turn) and `turn_checks` (every agent turn) columns of one episode's agent turns."""
-
-    def results(reply: str | None) -> list[dict]:
-        return [{"name": name, "passed": passed} for name, passed in run_checks(entry, reply, languages).items()]
-
-    return {"checks": results(agent[0] if agent else None), "turn_checks": [results(t) for t in agent]}
-
-
-def check_rates(records: list[dict]) -> dict:
-    """Per check: pass rate of the first agent turn (with its bootstrap interval), of all agent turns, and per turn k
-    (episodes reaching turn k)."""
-    names = list(dict.fromkeys(c["name"] for r in records for c in r["checks"] or []))
-    rates = {}
-    for name in names:
-        per_turn: list[list[bool]] = []
-        for r in records:
-            for k, turn in enumerate(r["turn_checks"] or []):
-                if k == len(per_turn):
-                    per_turn.append([])
-                per_turn[k] += [c["passed"] for c in turn if c["name"] == name]
-        first = [c["passed"] for r in records for c in r["checks"] or [] if c["name"] == name]
-        rates[name] = {
-            "first_turn": _mean(first),
-            "first_turn_ci": rate_ci(first),  # 95% bootstrap interval over the held-out inputs
-            "all_turns": _mean(v for turn in per_turn for v in turn),
-            "per_turn": [_mean(turn) for turn in per_turn],
-        }
-    return rates
-
-
-def check_retention(metrics: dict, teacher: dict) -> dict:
-    """system / teacher per check: `checks.NAME` (first turn), `checks_all_turns.NAME` (every agent turn),
-    `checks_per_turn.NAME` (agent turn k, over the episodes that reach it)."""
-    kept = {}
-    for name, rates in metrics.get("checks", {}).items():
-        reference = teacher.get("checks", {}).get(name, {})
-        kept[f"checks.{name}"] = ratio(rates["first_turn"], reference.get("first_turn"))
-        kept[f"checks_all_turns.{name}"] = ratio(rates["all_turns"], reference.get("all_turns"))
-        kept[f"checks_per_turn.{name}"] = [ratio(a, b) for a, b in zip(rates["per_turn"], reference.get("per_turn") or [])]
-    return kept
-
-
 def reply_rows(entry: PromptEntry, rows: list[dict], systems: list[System], episodes: dict, forced: dict,
                languages=()) -> dict[str, list[dict]]:  # fmt: skip
     """The per-reply Parquet rows (EVAL_SCHEMA) of each system (`languages`: the catalog's, for language checks)."""
@@ -271,11 +223,6 @@ def reply_rows(entry: PromptEntry, rows: list[dict], systems: list[System], epis
     return out
 
 
-def _mean(values) -> float | None:
-    values = [float(v) for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
 def summarize(records: list[dict]) -> dict:
     """One system's metrics over its per-reply rows (errors excluded from every rate, and counted)."""
     good = [r for r in records if r["error"] is None]
@@ -288,15 +235,15 @@ def summarize(records: list[dict]) -> dict:
     return {
         "inputs": len(records),
         "errors": len(records) - len(good),
-        "format_rate": _mean(r["in_action_space"] for r in good),
-        "kind_agreement": _mean(r["same_kind"] for r in good),
-        "action_agreement": _mean(r["same_action"] for r in good),
-        "rouge_l": _mean(r["rouge_l"] for r in good),
+        "format_rate": present_mean(r["in_action_space"] for r in good),
+        "kind_agreement": present_mean(r["same_kind"] for r in good),
+        "action_agreement": present_mean(r["same_action"] for r in good),
+        "rouge_l": present_mean(r["rouge_l"] for r in good),
         "kinds": dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))),
         "action_space_rate": sum(valid_turns) / len(valid_turns) if valid_turns else None,
-        "final_rate": _mean(r["ended_final"] for r in good),
-        "mean_turns": _mean(r["n_turns"] for r in good),
-        "hit_limit_rate": _mean(r["hit_limit"] for r in good),
+        "final_rate": present_mean(r["ended_final"] for r in good),
+        "mean_turns": present_mean(r["n_turns"] for r in good),
+        "hit_limit_rate": present_mean(r["hit_limit"] for r in good),
         "tf_tokens": tokens,
         "nll": sum(r["tf_nll"] or 0.0 for r in records) / tokens if tokens else None,
         "kl": sum(r["tf_kl"] or 0.0 for r in records) / tokens if tokens else None,
@@ -317,40 +264,28 @@ def heldout_used_for_lambda(system: System) -> bool:
     return bool(lambdas and len(lambdas) > 1)
 
 
-def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", prompts: list[str] | None = None,
+def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", prompts: list[str] | None = None, *,
                      limit: int | None = None, max_new_tokens: int | None = None, max_turns: int | None = None,
                      out: str | Path | None = None, record: bool = True, max_batch: int = 32, command: list[str] | None = None,
                      progress: bool = False, served: list[str] = (), onpolicy_samples: int = 1, collateral: bool = True) -> dict:  # fmt: skip
     """Evaluate every prompt that has held-out rows; returns (and writes to OUT/fidelity.json) the summary.
     `onpolicy_samples`: sampled first-turn replies per input for the reverse KL (0: not measured); `collateral`:
     measure KL(base || system) on genpi.eval.gap.GENERAL_REQUESTS."""
-    from genpi.models import resolve_model
-    from genpi.data.adapters import record_eval
-
-    dirs = adapter_dirs(adapters)
-    served_by = served_specs(list(served), dirs)
-    base_path = resolve_model(base)
     out = Path(out) if out else Path(data) / "eval"
     languages = catalog_languages(load_catalog(catalog))  # every prompt's language checks tell these apart
-    plans, skipped = [], []
-    for entry in load_catalog(catalog, prompts):  # every check before the model loads
-        systems, missing = prompt_systems(entry, dirs, base_path, served_by)
+
+    def inputs(entry: PromptEntry) -> tuple[list[dict], str | None]:
         rows = heldout_rows(data, entry, limit)
-        if not rows:
-            skipped.append({"prompt_id": entry.id, "skipped": f"no held-out rows in {data} (synthesize with --heldout > 0)"})
-        elif len(systems) == 2:
-            skipped.append({"prompt_id": entry.id, "skipped": "no adapter: " + "; ".join(missing)})
-        else:
-            plans.append((entry, systems, missing, rows))
-    if not plans:
-        raise InputError("nothing to evaluate: " + "; ".join(f"{r['prompt_id']}: {r['skipped']}" for r in skipped))
-    check_served([s for _, systems, _, _ in plans for s in systems])
+        return rows, None if rows else f"no held-out rows in {data} (synthesize with --heldout > 0)"
+
+    plans, skipped, base_path = catalog_prompts(catalog, adapters, served, base, prompts, inputs)  # every check before the model loads
     settings = episode_settings(data, max_new_tokens, max_turns)
-    engine = load_engine(base_path, [s for _, systems, _, _ in plans for s in systems], max_batch)
-    form = served_as(engine, [s for _, systems, _, _ in plans for s in systems])
-    unrelated = Collateral(engine, min(settings.max_agent_tokens, COLLATERAL_TOKENS)) if collateral else None  # the base's replies, made once
-    results = []
-    for entry, systems, missing, rows in plans:
+    unrelated: list[Collateral] = []  # the base's replies to the general requests, made once (on the first prompt)
+
+    def play(prompt: Prompt, engine) -> dict[str, list[dict]]:
+        entry, systems, rows = prompt.entry, prompt.systems, prompt.inputs
+        if collateral and not unrelated:
+            unrelated.append(Collateral(engine, min(settings.max_agent_tokens, COLLATERAL_TOKENS)))
         print(f"genpi eval fidelity: {entry.id}: {len(rows)} held-out inputs, {len(systems)} systems", file=sys.stderr)
         episodes = play_episodes(entry, rows, systems, engine, settings, progress)
         forced = teacher_forced(entry, rows, systems, engine, min(engine.max_model_len, 8192), progress)
@@ -359,31 +294,29 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
         for name, rs in records.items():
             for r, scored in zip(rs, sampled.get(name) or [None] * len(rs)):
                 r.update(onpolicy_columns(scored))
-            write_table(results_path(out, "fidelity", entry.id, name), rs, EVAL_SCHEMA)
-        metrics = mark_served({name: summarize(rs) for name, rs in records.items()}, systems, LOGIT_METRICS + GAP_METRICS)
-        damage = collateral_metrics(unrelated.score(entry, systems, progress) if unrelated else dict.fromkeys(records))
+        return records
+
+    def finish(prompt: Prompt, records: dict, metrics: dict) -> dict:
+        damage = collateral_metrics(unrelated[0].score(prompt.entry, prompt.systems, progress) if unrelated else dict.fromkeys(records))
         for name, figures in gap_metrics(records).items():
             metrics[name].update(figures, **damage[name])
-        result = {
-            "prompt_id": entry.id,
-            "inputs": len(rows),
-            "first_turn_actions": "scored" if entry.valid_action else "skipped: the prompt has no actions.valid regex",
-            "checks": [c.to_json() for c in entry.all_checks],
-            "missing": missing,
-            "systems": metrics,
-            "retention": {name: retention(m, metrics[TEACHER]) for name, m in metrics.items()},
-            "heldout_used_for_lambda": {s.name: heldout_used_for_lambda(s) for s in systems if s.adapter},
-            "adapters": {s.name: str(s.folder) for s in systems if s.adapter},
-        }
-        results.append(result)
-        if record:
-            for s in systems:
-                if s.adapter:
-                    record_eval(s.folder, {"fidelity": {
-                        "system": s.name, "served_as": form, "inputs": len(rows), "eval_out": str(out),
-                        "heldout_used_for_lambda": result["heldout_used_for_lambda"][s.name],
-                        "metrics": metrics[s.name], "retention": result["retention"][s.name],
-                        "teacher": metrics[TEACHER], "base": metrics[BASE]}})  # fmt: skip
+        return {"heldout_used_for_lambda": {s.name: heldout_used_for_lambda(s) for s in prompt.systems if s.adapter}}
+
+    def describe(prompt: Prompt, form) -> dict:
+        entry = prompt.entry
+        return {"prompt_id": entry.id, "inputs": len(prompt.inputs),
+                "first_turn_actions": "scored" if entry.valid_action else "skipped: the prompt has no actions.valid regex",
+                "checks": [c.to_json() for c in entry.all_checks]}  # fmt: skip
+
+    def record_of(s: System, result: dict, form: str | None) -> dict:
+        metrics = result["systems"]
+        return {"system": s.name, "served_as": form, "inputs": result["inputs"], "eval_out": str(out),
+                "heldout_used_for_lambda": result["heldout_used_for_lambda"][s.name], "metrics": metrics[s.name],
+                "retention": result["retention"][s.name], "teacher": metrics[TEACHER], "base": metrics[BASE]}  # fmt: skip
+
+    fidelity = Evaluation("fidelity", EVAL_SCHEMA, play, summarize, describe, retention, teacher_retention=True,
+                          not_scored=LOGIT_METRICS + GAP_METRICS, finish=finish, record=record_of)  # fmt: skip
+    form, results = evaluate(fidelity, plans, RunSettings(base_path, out, max_batch, record))
     summary = {
         "command": command, "data": str(data), "catalog": str(catalog), "base": base_path, "served_as": form,
         "teacher_forced": "mean NLL of the teacher's agent tokens without P; mean KL(teacher with P || system), full vocabulary",
@@ -396,61 +329,39 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
                              "max_environment_tokens": settings.max_environment_tokens, "greedy": True},
         "results": results + skipped,
     }  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(summary, indent=2))
+    write_summary(out / "fidelity.json", summary)
     return summary
-
-
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _num(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-COLUMNS = (("format", "format_rate", _pct), ("kind agr", "kind_agreement", _pct), ("act agr", "action_agreement", _pct),
-           ("rougeL", "rouge_l", _num), ("ep in-space", "action_space_rate", _pct), ("ep final", "final_rate", _pct),
-           ("turns", "mean_turns", _num), ("at limit", "hit_limit_rate", _pct), ("NLL", "nll", _num), ("KL", "kl", _num))  # fmt: skip
-
-
-def format_checks(result: dict) -> list[str]:
-    """Per check and system: first-turn and all-turn pass rates, their retention, and the rate per episode turn."""
-    lines = []
-    for name in next(iter(result["systems"].values())).get("checks", {}):
-        lines.append(f"check {name}: pass rate (first turn, all agent turns; retention = system / teacher; per turn)")
-        for system, m in result["systems"].items():
-            rates = m["checks"].get(name, {})
-            kept = result["retention"].get(system, {})
-            per_turn = " ".join(_pct(v) for v in rates.get("per_turn", []))
-            lines.append(f"  {system:<14}{_pct(rates.get('first_turn')):>8}{_pct(rates.get('all_turns')):>8}"
-                         f"{_pct(kept.get(f'checks.{name}')):>10}{_pct(kept.get(f'checks_all_turns.{name}')):>8}   {per_turn}")  # fmt: skip
-    return lines
+COLUMNS = (("format", "format_rate", pct), ("kind agr", "kind_agreement", pct), ("act agr", "action_agreement", pct),
+           ("rougeL", "rouge_l", _num), ("ep in-space", "action_space_rate", pct), ("ep final", "final_rate", pct),
+           ("turns", "mean_turns", _num), ("at limit", "hit_limit_rate", pct), ("NLL", "nll", _num), ("KL", "kl", _num))  # fmt: skip
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"served as: {summary['served_as']}"]
-    for r in summary["results"]:
-        if "skipped" in r:
-            lines.append(f"{r['prompt_id']}: skipped: {r['skipped']}")
-            continue
-        lines.append(f"\n{r['prompt_id']} ({r['inputs']} held-out inputs; first-turn actions {r['first_turn_actions']})")
-        lines += gap_lines(r["systems"]) + [""]
-        lines.append(f"{'system':<14}" + "".join(f"{h:>12}" for h, _, _ in COLUMNS) + "   kinds")
-        for name, m in r["systems"].items():
-            kinds = ", ".join(f"{k}:{n}" for k, n in list(m["kinds"].items())[:4])
-            lines.append(f"{name:<14}" + "".join(f"{f(m[key]):>12}" for _, key, f in COLUMNS) + f"   {kinds}")
-        for name, kept in r["retention"].items():
-            if name != TEACHER:
-                lines.append(f"{'  retention':<14}" + "".join(f"{_pct(kept.get(key)) if key in kept else '':>12}" for _, key, _ in COLUMNS) + f"   ({name})")
-        for name, used in r["heldout_used_for_lambda"].items():
-            if used:
-                lines.append(f"note: {name}: λ was chosen on these held-out rows (heldout_used_for_lambda: true)")
-        lines += format_checks(r)
-        lines += served_notes(r["systems"])
-        for m in r["missing"]:
-            lines.append(f"missing: {m}")
-    return "\n".join(lines)
+    return catalog_text(summary, _table)
 
 
-__all__ = ["EVAL_SCHEMA", "check_columns", "check_rates", "check_retention", "evaluate_catalog", "format_summary", "retention", "summarize"]
+def _table(r: dict) -> list[str]:
+    """One prompt's result: the gap, the metrics and retention per system, the checks, the notes."""
+    lines = [f"\n{r['prompt_id']} ({r['inputs']} held-out inputs; first-turn actions {r['first_turn_actions']})"]
+    lines += gap_lines(r["systems"]) + [""]
+    lines.append(f"{'system':<14}" + "".join(f"{h:>12}" for h, _, _ in COLUMNS) + "   kinds")
+    for name, m in r["systems"].items():
+        kinds = ", ".join(f"{k}:{n}" for k, n in list(m["kinds"].items())[:4])
+        lines.append(f"{name:<14}" + "".join(f"{f(m[key]):>12}" for _, key, f in COLUMNS) + f"   {kinds}")
+    for name, kept in r["retention"].items():
+        if name != TEACHER:
+            lines.append(f"{'  retention':<14}" + "".join(f"{pct(kept.get(key)) if key in kept else '':>12}" for _, key, _ in COLUMNS) + f"   ({name})")
+    for name, used in r["heldout_used_for_lambda"].items():
+        if used:
+            lines.append(f"note: {name}: λ was chosen on these held-out rows (heldout_used_for_lambda: true)")
+    lines += format_checks(r)
+    return lines + notes(r)
+
+
+__all__ = ["EVAL_SCHEMA", "evaluate_catalog", "format_summary", "retention", "summarize"]

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from genpi.catalog import PromptEntry
 from genpi.engines import ChatRequest, Sampling
-from genpi.eval.serve import BASE, System
+from genpi.eval.systems import BASE, System
 
 GAP_METRICS = ("kl_gap_closed", "reverse_kl", "collateral_kl")  # they need a system's own logits
 BOOTSTRAP = {"resamples": 1000, "seed": 0, "level": 0.95}

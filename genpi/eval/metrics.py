@@ -82,3 +82,9 @@ def ratio(value: float | None, reference: float | None) -> float | None:
     if value is None or not reference:
         return None
     return value / reference
+
+
+def present_mean(values) -> float | None:
+    """The mean of the values that are not None (a rate: of booleans); None when there are none."""
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else None

@@ -38,7 +38,6 @@ import asyncio
 import json
 import random
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +45,10 @@ import pyarrow as pa
 
 from genpi import InputError
 from genpi.engines import ChatRequest, Sampling
-from genpi.eval.metrics import ratio
-from genpi.eval.report import keep_per_prompt
-from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
-from genpi.data.store import TURN, results_path, write_table
+from genpi.eval.evaluate import (Evaluation, RunSettings, ask_every, evaluate_task, pct, per_metric, play_every, retained, row_schema,
+                               task_text)  # fmt: skip
+from genpi.eval.systems import Prompt, System, task_prompt
+from genpi.data.store import TURN
 
 PER_QUESTION = 5  # candidates per question, besides "None of the above" (AgentBench's num_candidates)
 PREVIOUS_SHOWN = 5  # the last previous actions shown (AgentBench's previous_k)
@@ -57,23 +56,16 @@ OPERATIONS = ("CLICK", "TYPE", "SELECT")
 LAYOUTS = ("agentbench", "examples")
 METRICS = ("element_accuracy", "action_f1", "step_success")
 
-STEP_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("system", pa.string()),
-        ("step_id", pa.string()),
-        ("task", pa.string()),
-        ("gold", pa.list_(pa.string())),
-        ("gold_action", pa.string()),  # "OP value" ("CLICK" alone)
-        ("predicted", pa.string()),  # the candidate id picked last; null: none
-        ("predicted_action", pa.string()),
-        ("element_correct", pa.bool_()),
-        ("action_f1", pa.float64()),
-        ("success", pa.bool_()),
-        ("questions", pa.int32()),
-        ("turns", pa.list_(TURN)),  # each question ("user") and its reply ("assistant"), in order
-        ("error", pa.string()),
-    ]
+STEP_SCHEMA = row_schema(
+    ("step_id", pa.string()), ("task", pa.string()),
+    ("gold", pa.list_(pa.string())),
+    ("gold_action", pa.string()),  # "OP value" ("CLICK" alone)
+    ("predicted", pa.string()),  # the candidate id picked last; null: none
+    ("predicted_action", pa.string()),
+    ("element_correct", pa.bool_()), ("action_f1", pa.float64()), ("success", pa.bool_()),
+    ("questions", pa.int32()),
+    ("turns", pa.list_(TURN)),  # each question ("user") and its reply ("assistant"), in order
+    ("error", pa.string()),
 )
 
 
@@ -222,17 +214,8 @@ async def answer_step(step: Step, agent, prefix: list[dict], sampling: Sampling,
 
 def answer_all(steps: list[Step], agents: dict[str, tuple[System, object]], entry, sampling: Sampling, layout: str,
                run_async=asyncio.run) -> dict[str, list[dict]]:  # fmt: skip
-    """{system: per-step rows}; `agents` maps a system's name to (system, its AsyncEngine); `run_async` runs the
-    coroutine (a Batcher's `run` closes its served systems' sessions after it)."""
-
-    async def run() -> list[dict]:
-        jobs = [answer_step(step, agent, entry.messages() if system.with_prompt else [], sampling, layout)
-                for system, agent in agents.values() for step in steps]  # fmt: skip
-        return await asyncio.gather(*jobs)
-
-    rows = run_async(run())
-    return {name: [{"prompt_id": entry.id, "system": name, **r} for r in rows[i * len(steps) : (i + 1) * len(steps)]]
-            for i, name in enumerate(agents)}  # fmt: skip
+    """{system: per-step rows} (genpi.eval.evaluate.play_every: every system's agent on every step, all at once)."""
+    return play_every(steps, agents, entry, lambda step, agent, prefix: answer_step(step, agent, prefix, sampling, layout), run_async)
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -245,44 +228,28 @@ def summarize(rows: list[dict]) -> dict:
 def score(rows: dict[str, list[dict]]) -> tuple[dict, dict]:
     """(metrics per system, retention per system: system / teacher per metric)."""
     metrics = {name: summarize(rs) for name, rs in rows.items()}
-    teacher = metrics.get(TEACHER)
-    kept = {name: {k: ratio(m[k], teacher[k]) for k in METRICS} for name, m in metrics.items() if teacher and name != TEACHER}
-    return metrics, kept
+    return metrics, retained(metrics, per_metric(METRICS))
 
 
-def evaluate(steps_path, catalog, prompt: str, adapters: list[str], base: str = "smollm2", limit: int | None = None,
+def evaluate(steps_path, catalog, prompt: str, adapters: list[str], base: str = "smollm2", *, limit: int | None = None,
              out: str | Path = "eval", layout: str = "agentbench", max_new_tokens: int = 128, max_batch: int = 32,
              command: list[str] | None = None, served: list[str] = ()) -> dict:  # fmt: skip
-    entry, systems, missing, base_path = task_systems(catalog, prompt, adapters, base, served)
+    task, base_path = task_prompt(catalog, prompt, adapters, base, served)
     steps = read_steps(steps_path, limit)  # every check before the model loads
-    engine = load_engine(base_path, systems, max_batch)
-    batcher = Batcher(engine)
-    print(f"genpi eval mind2web: {entry.id}: {len(steps)} steps, {len(systems)} systems", file=sys.stderr)
-    rows = answer_all(steps, {s.name: (s, batcher.view(s)) for s in systems}, entry, Sampling(max_tokens=max_new_tokens), layout,
-                      batcher.run)
-    out = Path(out)
-    for name, rs in rows.items():
-        write_table(results_path(out, "mind2web", entry.id, name), rs, STEP_SCHEMA)
-    metrics, kept = score(rows)
-    mark_served(metrics, systems)
-    summary = {
-        "command": command, "steps_file": str(steps_path), "catalog": str(catalog), "prompt_id": entry.id, "base": base_path,
-        "served_as": served_as(engine, systems), "layout": layout, "steps": len(steps), "greedy": True,
-        "max_new_tokens": max_new_tokens, "missing": missing, "systems": metrics, "retention": kept,
-        "adapters": {s.name: str(s.folder) for s in systems if s.adapter},
-    }  # fmt: skip
-    keep_per_prompt(out / "mind2web.json", summary)
-    return summary
+
+    sampling = Sampling(max_tokens=max_new_tokens)
+    play = ask_every("mind2web", steps, "steps", lambda step, agent, prefix: answer_step(step, agent, prefix, sampling, layout))
+
+    def describe(p: Prompt, form: str | None) -> dict:
+        return {"command": command, "steps_file": str(steps_path), "catalog": str(catalog), "prompt_id": p.entry.id, "base": base_path,
+                "served_as": form, "layout": layout, "steps": len(steps), "greedy": True, "max_new_tokens": max_new_tokens}  # fmt: skip
+
+    mind2web = Evaluation("mind2web", STEP_SCHEMA, play, summarize, describe, per_metric(METRICS))
+    return evaluate_task(mind2web, task, RunSettings(base_path, Path(out), max_batch))
 
 
 def format_summary(summary: dict) -> str:
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    lines = [f"served as: {summary['served_as']}",
-             f"\n{summary['prompt_id']}: {summary['steps']} Mind2Web steps ({summary['layout']} layout)",
-             f"{'system':<14}{'element acc':>12}{'action F1':>12}{'step SR':>12}{'errors':>8}"]  # fmt: skip
-    for name, m in summary["systems"].items():
-        lines.append(f"{name:<14}" + "".join(f"{pct(m[k]):>12}" for k in METRICS) + f"{m['errors']:>8}")
-    for name, kept in summary["retention"].items():
-        lines.append(f"{'  retention':<14}" + "".join(f"{pct(kept[k]):>12}" for k in METRICS) + f"   ({name})")
-    lines += served_notes(summary["systems"]) + [f"missing: {m}" for m in summary["missing"]]
-    return "\n".join(lines)
+    title = f"\n{summary['prompt_id']}: {summary['steps']} Mind2Web steps ({summary['layout']} layout)"
+    header = f"{'system':<14}{'element acc':>12}{'action F1':>12}{'step SR':>12}{'errors':>8}"
+    rows = [f"{name:<14}" + "".join(f"{pct(m[k]):>12}" for k in METRICS) + f"{m['errors']:>8}" for name, m in summary["systems"].items()]
+    return task_text(summary, title, header, rows, 12)

@@ -1,25 +1,6 @@
 """`genpi eval os-tasks`: task success on OS-interaction tasks in AgentBench's format, each in a fresh sandbox.
 
-A task (AgentBench's OS JSON; a .json list or object, or .jsonl), read as AgentBench's loader
-(src/server/tasks/os_interaction/task.py, `_load_configs`) reads it:
-
-    {"description": "...",
-     "create": {"local": "IMAGE", "init": SCRIPT or [SCRIPT, ...]},         # init runs as root before the agent
-     "start": SCRIPT,                                                     # started in the background
-     "evaluation": {"match": "text" | {"answer": "...", "strip": true} | {"regex": "..."}}
-                or {"check": SCRIPT | [SCRIPT | null, ...], "example": SCRIPT}}
-    SCRIPT: "bash code" | {"code": "...", "language": "bash"|"python"} | {"file": "path", "language": ...}
-
-`create` may be absent, and `local` and `init` in it (AgentBench then uses its default image and no
-init); a `create` that is a list is ignored, as there (its `in` tests are membership tests on a list);
-`local` (AgentBench's Docker image) is kept on the task but genpi has one environment for all. `match`
-wins over `check`; `example` is read from `evaluation` beside `check` only (a top-level one is ignored);
-a script object's `file` wins over its `code`; other keys (`labels`, `explanation`) are ignored. Script
-files resolve in the scripts folder (AgentBench's `script_dir`; `--scripts`, default the tasks file's
-folder). A task AgentBench would fail on, loading or running it (no description, no match or check, a
-null init or a null check without an example, a script file that cannot be read, a language other than
-bash and python), is reported with its index and field and skipped; a file without one well-formed task
-is an InputError.
+The tasks file is read by genpi.eval.os_task_file (AgentBench's format, as its loader reads it).
 
 `check` scripts run one after another with the agent's answer and the earlier scripts' outputs as
 arguments ($1, $2, ...); a null entry runs `example` instead; every one must exit 0. The agent loop,
@@ -42,7 +23,6 @@ summary per prompt (`{"results": [...]}`; a rerun replaces its prompt's).
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import shlex
 import sys
@@ -56,221 +36,27 @@ import pyarrow as pa
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import ChatRequest, Completion, Sampling
+from genpi.eval.evaluate import Evaluation, RunSettings, evaluate_task, notes, row_schema
 from genpi.eval.metrics import ratio
-from genpi.eval.report import keep_per_prompt
+from genpi.eval.os_task_file import REPLAY, OSTask, load_replay, read_task_file, report_skipped
 from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, SandboxError
-from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
-from genpi.data.store import TURN, results_path, write_table
+from genpi.eval.systems import Batcher, Prompt, System, task_prompt
+from genpi.data.store import TURN
 
 INPUT_TEMPLATE = "Now, I will start a new problem in a new OS. My problem is:\n\n{description}"  # AgentBench's
 TRUNCATED = "\n[truncated because the output is too long]"
 ENDINGS = ("answered", "finished", "invalid_action", "round_limit", "timeout", "error")
-LANGUAGES = ("bash", "python")
-REPLAY = "replay"
 
-OS_TASK_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("system", pa.string()),
-        ("task_index", pa.int64()),
-        ("description", pa.string()),
-        ("success", pa.bool_()),
-        ("rounds", pa.int32()),  # agent replies
-        ("ended", pa.string()),  # one of ENDINGS
-        ("answer", pa.string()),  # answer(...)'s text; null after finish or without an answer
-        ("turns", pa.list_(TURN)),  # the task, then agent ("assistant") and OS ("user") turns; P left out
-        ("seconds", pa.float64()),  # wall time of the task: sandbox, agent and judging
-        ("error", pa.string()),
-        ("verdict", pa.string()),  # why the judge failed an answered or finished task (null when it passed or never judged)
-    ]
+OS_TASK_SCHEMA = row_schema(
+    ("task_index", pa.int64()), ("description", pa.string()), ("success", pa.bool_()),
+    ("rounds", pa.int32()),  # agent replies
+    ("ended", pa.string()),  # one of ENDINGS
+    ("answer", pa.string()),  # answer(...)'s text; null after finish or without an answer
+    ("turns", pa.list_(TURN)),  # the task, then agent ("assistant") and OS ("user") turns; P left out
+    ("seconds", pa.float64()),  # wall time of the task: sandbox, agent and judging
+    ("error", pa.string()),
+    ("verdict", pa.string()),  # why the judge failed an answered or finished task (null when it passed or never judged)
 )
-
-
-@dataclass(frozen=True)
-class Script:
-    language: str
-    code: str
-
-
-@dataclass(frozen=True)
-class OSTask:
-    index: int  # the task's position in its file (skipped tasks keep their numbers)
-    description: str
-    init: tuple[Script, ...] = ()
-    start: Script | None = None
-    match: dict | None = None  # {"answer": str} or {"regex": str}, and "strip": bool
-    check: tuple[Script | None, ...] = ()
-    example: Script | None = None
-    image: str = "default"  # AgentBench's `create.local`: its Docker image; genpi has one environment for all
-
-
-@dataclass(frozen=True)
-class TaskFile:
-    path: Path
-    entries: int  # tasks in the file, malformed ones included
-    tasks: list[OSTask]  # the well-formed ones, in file order
-    skipped: list[tuple[int, str]]  # (index, why) of each malformed task, left out of the run
-
-
-class TaskProblem(ValueError):
-    """One task of a file is malformed: it is reported and skipped."""
-
-
-def read_task_file(path: str | Path, scripts: str | Path | None = None) -> TaskFile:
-    """Every task of the file, read as AgentBench's loader reads it; a malformed task is skipped with its
-    index and the field at fault. `scripts` is where script `file`s resolve (AgentBench's `script_dir`;
-    default: the tasks file's folder). A file that holds no task at all (not JSON, not a task object or a
-    list of them, or not one well-formed task) is an InputError."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such tasks file")
-    scripts = path.parent if scripts is None else Path(scripts)
-    if not scripts.is_dir():
-        raise InputError(f"--scripts {scripts}: no such folder")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text: {e}") from None
-    skipped: list[tuple[int, str]] = []
-    if path.suffix == ".jsonl":
-        raw = []
-        for i, line in enumerate(line for line in text.splitlines() if line.strip()):
-            try:
-                raw.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raw.append(None)
-                skipped.append((i, f"not valid JSON: {e}"))
-    else:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: not valid JSON: {e}") from None
-        raw = [raw] if isinstance(raw, dict) else raw
-    if not isinstance(raw, list) or not raw:
-        raise InputError(f"{path}: expected a task object or a non-empty list of them")
-    tasks = []
-    for i, item in enumerate(raw):
-        if any(index == i for index, _ in skipped):
-            continue
-        try:
-            tasks.append(_task(i, item, scripts))
-        except TaskProblem as e:
-            skipped.append((i, str(e)))
-    skipped.sort()
-    if not tasks:
-        shown = "; ".join(f"task {i}: {why}" for i, why in skipped[:3])
-        raise InputError(f"{path}: not one well-formed task in {len(raw)} ({shown}{'; ...' if len(skipped) > 3 else ''})")
-    return TaskFile(path, len(raw), tasks, skipped)
-
-
-def load_tasks(path: str | Path, scripts: str | Path | None = None) -> list[OSTask]:
-    """The well-formed tasks of the file (read_task_file says which were skipped and why)."""
-    return read_task_file(path, scripts).tasks
-
-
-def _task(index: int, item, scripts: Path) -> OSTask:
-    """One task as AgentBench's `OSInteraction._load_configs` reads it. A TaskProblem for what AgentBench
-    would fail on, while loading or later when the task runs (so it could never pass there either)."""
-
-    def fail(field: str, problem: str) -> TaskProblem:
-        return TaskProblem(f"field '{field}': {problem}")
-
-    def script(field: str, obj) -> Script:  # AgentBench's load_script; its None is handled by the callers
-        if isinstance(obj, str):
-            return Script("bash", obj)
-        if not isinstance(obj, dict):
-            raise fail(field, "expected bash code or an object with 'code' or 'file'")
-        language = obj.get("language", "bash")
-        if language not in LANGUAGES:
-            raise fail(field, f"language {language!r} is not supported (only {', '.join(LANGUAGES)})")
-        if "file" in obj:  # before "code", as AgentBench looks
-            if not isinstance(obj["file"], str):
-                raise fail(field, "'file' must be a path")
-            file = scripts / obj["file"]
-            try:
-                return Script(language, file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError) as e:
-                raise fail(field, f"file {obj['file']!r} cannot be read (resolved to {file}: {e})") from None
-        if "code" in obj:
-            if not isinstance(obj["code"], str):
-                raise fail(field, "'code' must be a string")
-            return Script(language, obj["code"])
-        raise fail(field, "a script object needs 'code' or 'file'")
-
-    if not isinstance(item, dict):
-        raise TaskProblem("expected an object")
-    if not isinstance(item.get("description"), str) or not item["description"].strip():
-        raise fail("description", "missing or not a non-empty string")
-    image, init = "default", []
-    create = item.get("create", {})
-    if isinstance(create, dict):  # `local` and `init` read only when present
-        image = create.get("local", "default")
-        if not isinstance(image, str):
-            raise fail("create.local", "expected an image name")
-        if "init" in create:
-            init = create["init"] if isinstance(create["init"], list) else [create["init"]]
-    elif isinstance(create, list):
-        # AgentBench tests `"local" in create` and `"init" in create`, which on a list are membership tests: a list
-        # (dev.json has one, a copy of its check list) gives the default image and no init script, unless it holds
-        # the string "local" or "init", on which AgentBench then fails.
-        if "local" in create or "init" in create:
-            raise fail("create", "a list holding 'local' or 'init' (AgentBench fails on it)")
-    else:
-        raise fail("create", "expected an object")
-    init = [script(f"create.init[{i}]", s) if s is not None else None for i, s in enumerate(init)]
-    if None in init:
-        raise fail(f"create.init[{init.index(None)}]", "null (AgentBench cannot run it)")
-    start = script("start", item["start"]) if item.get("start") is not None else None
-    evaluation = item.get("evaluation")
-    if not isinstance(evaluation, dict) or not ({"match", "check"} & set(evaluation)):
-        raise fail("evaluation", "expected an object with 'match' or 'check'")
-    match, check, example = None, (), None
-    if "match" in evaluation:  # match wins over check, as in AgentBench
-        match = evaluation["match"]
-        match = {"answer": match, "strip": True} if isinstance(match, str) else match
-        if not isinstance(match, dict) or not any(isinstance(match.get(k), str) for k in ("answer", "regex")):
-            raise fail("evaluation.match", "expected a string, or an object with a string 'answer' or 'regex'")
-        if "answer" not in match:
-            try:
-                re.compile(match["regex"])
-            except re.error as e:
-                raise fail("evaluation.match.regex", f"not a valid regular expression: {e}") from None
-    else:
-        check = evaluation["check"] if isinstance(evaluation["check"], list) else [evaluation["check"]]
-        if not check:
-            raise fail("evaluation.check", "an empty list: nothing would judge the task")
-        check = tuple(None if s is None else script(f"evaluation.check[{i}]", s) for i, s in enumerate(check))
-        if evaluation.get("example") is not None:  # read only beside `check`; a top-level `example` is ignored, as there
-            example = script("evaluation.example", evaluation["example"])
-        elif None in check:
-            raise fail("evaluation.example", "a null check entry runs the example script, but there is none")
-    return OSTask(index, item["description"], tuple(init), start, match, check, example, image)
-
-
-def report_skipped(task_file: TaskFile) -> None:
-    for index, why in task_file.skipped:
-        print(f"genpi eval os-tasks: {task_file.path}: task {index} skipped: {why}", file=sys.stderr)
-
-
-def load_replay(spec: str, n_tasks: int) -> dict[int, list[str]]:
-    """`replay:FILE`: a JSON object, task index -> the agent's replies in order."""
-    if not spec.startswith(f"{REPLAY}:"):
-        raise InputError(f"--agent {spec}: expected replay:FILE")
-    path = Path(spec.removeprefix(f"{REPLAY}:"))
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"--agent {spec}: cannot read a JSON object from {path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"--agent {spec}: expected a JSON object (task index -> list of replies)")
-    replies = {}
-    for key, value in raw.items():
-        if not key.isdigit() or int(key) >= n_tasks:
-            raise InputError(f"--agent {spec}: key {key!r} is not the index of a task (0..{n_tasks - 1})")
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InputError(f"--agent {spec}: task {key}: expected a list of reply strings")
-        replies[int(key)] = value
-    return replies
 
 
 def parse_reply(text: str) -> tuple[str | None, str | None]:
@@ -394,6 +180,21 @@ async def play(task: OSTask, system: System, prefix: list[dict], agent, settings
     return row
 
 
+async def play_tasks(runs: list[tuple[OSTask, System, list[dict], object]], settings: LoopSettings, parallel: int, report) -> list[dict]:
+    """`play` each (task, system, prefix, agent), `parallel` at once, each in its own sandbox; `report(task, row)` as
+    each ends."""
+    gate = asyncio.Semaphore(parallel)
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+
+        async def one(task: OSTask, system: System, prefix: list[dict], agent) -> dict:
+            async with gate:
+                row = await play(task, system, prefix, agent, settings, pool)
+            report(task, row)
+            return row
+
+        return await asyncio.gather(*(one(*run) for run in runs))
+
+
 def replay_agent(replies: dict[int, list[str]]):
     """Known replies in order; `{output}` becomes the previous command's output, stripped. A task
     without replies left gets an empty reply (an invalid action)."""
@@ -452,21 +253,13 @@ def replay_examples(tasks_path, scripts: str | Path | None = None, limit: int | 
     }
     runs = [(t, name) for name in agents for t in tasks if name == "wrong" or known[t.index] is not None]
 
-    async def play_all() -> list[dict]:
-        gate = asyncio.Semaphore(parallel)
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-
-            async def one(task: OSTask, name: str) -> dict:
-                async with gate:
-                    row = await play(task, System(name), [], agents[name], settings, pool)
-                print(f"  {name} task {task.index}: {'pass' if row['success'] else 'fail'} ({row['seconds']:.1f} s)", file=sys.stderr)
-                return row
-
-            return await asyncio.gather(*(one(t, name) for t, name in runs))
+    def report(task: OSTask, row: dict) -> None:
+        print(f"  {row['system']} task {task.index}: {'pass' if row['success'] else 'fail'} ({row['seconds']:.1f} s)", file=sys.stderr)
 
     print(f"genpi eval os-tasks --replay-examples: {len(tasks)} tasks of {task_file.path}", file=sys.stderr)
     started = time.monotonic()
-    rows = {(r["system"], r["task_index"]): r for r in asyncio.run(play_all())}
+    played = asyncio.run(play_tasks([(t, System(name), [], agents[name]) for t, name in runs], settings, parallel, report))
+    rows = {(r["system"], r["task_index"]): r for r in played}
     failures, passes = [], []
     for t in tasks:
         row = rows.get(("example", t.index))
@@ -518,7 +311,7 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] = (), base: str = "smollm2",
+def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] = (), base: str = "smollm2", *,
                       agent: str | None = None, limit: int | None = None, parallel: int = 4, out: str | Path = "eval",
                       settings: LoopSettings = LoopSettings(), max_batch: int = 32, command: list[str] | None = None,
                       served: list[str] = (), scripts: str | Path | None = None) -> dict:  # fmt: skip
@@ -532,57 +325,41 @@ def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] =
     report_skipped(task_file)
     tasks = task_file.tasks[:limit]
     entry = load_catalog(catalog, [prompt_id])[0]
-    batcher = Batcher(None)  # the replay agent's: nothing to close
     check_sandbox()  # before any model loads
-    out = Path(out)
-    missing, form, base_path = [], None, None
     if agent:
         replies = load_replay(agent, task_file.entries)
-        systems = [System(REPLAY)]
-        agents = {REPLAY: replay_agent(replies)}
+        task, base_path = Prompt(entry, [System(REPLAY)]), None
     else:
-        entry, systems, missing, base_path = task_systems(catalog, prompt_id, list(adapters), base, served)
-        engine = load_engine(base_path, systems, max_batch)
-        form = served_as(engine, systems)
-        batcher = Batcher(engine)
-        n_prefix = len(entry.messages())
-        agents = {s.name: model_agent(batcher, s, settings.max_new_tokens, n_prefix if s.with_prompt else 0) for s in systems}
-    prefixes = {s.name: entry.messages() if s.with_prompt else [] for s in systems}
-    print(f"genpi eval os-tasks: {len(tasks)} tasks, systems {', '.join(s.name for s in systems)}", file=sys.stderr)
+        task, base_path = task_prompt(catalog, prompt_id, list(adapters), base, served)
+    wall: list[float] = []
 
-    async def play_all() -> list[dict]:
-        gate = asyncio.Semaphore(parallel)
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
+    def play(p: Prompt, engine) -> dict[str, list[dict]]:
+        batcher = Batcher(engine)  # the replay agent's (no engine): nothing to close
+        if agent:
+            agents = {REPLAY: replay_agent(replies)}
+        else:
+            n_prefix = len(p.entry.messages())
+            agents = {s.name: model_agent(batcher, s, settings.max_new_tokens, n_prefix if s.with_prompt else 0) for s in p.systems}
+        prefixes = {s.name: p.entry.messages() if s.with_prompt else [] for s in p.systems}
+        print(f"genpi eval os-tasks: {len(tasks)} tasks, systems {', '.join(s.name for s in p.systems)}", file=sys.stderr)
 
-            async def one(task: OSTask, system: System) -> dict:
-                async with gate:
-                    row = await play(task, system, prefixes[system.name], agents[system.name], settings, pool)
-                print(f"  {system.name} task {task.index}: {'success' if row['success'] else 'failure'} ({row['ended']}, "
-                      f"{row['rounds']} rounds, {row['seconds']:.1f} s)", file=sys.stderr)  # fmt: skip
-                return row
+        def report(task: OSTask, row: dict) -> None:
+            print(f"  {row['system']} task {task.index}: {'success' if row['success'] else 'failure'} ({row['ended']}, "
+                  f"{row['rounds']} rounds, {row['seconds']:.1f} s)", file=sys.stderr)  # fmt: skip
 
-            return await asyncio.gather(*(one(t, s) for s in systems for t in tasks))
+        started = time.monotonic()
+        rows = batcher.run(play_tasks([(t, s, prefixes[s.name], agents[s.name]) for s in p.systems for t in tasks], settings, parallel, report))
+        wall.append(time.monotonic() - started)
+        return {s.name: [dict(r, prompt_id=p.entry.id) for r in rows if r["system"] == s.name] for s in p.systems}
 
-    started = time.monotonic()
-    rows = batcher.run(play_all())
-    wall = time.monotonic() - started
-    metrics = {}
-    for system in systems:
-        records = [dict(r, prompt_id=entry.id) for r in rows if r["system"] == system.name]
-        write_table(results_path(out, "os_tasks", entry.id, system.name), records, OS_TASK_SCHEMA)
-        metrics[system.name] = summarize(records)
-    mark_served(metrics, systems)
-    teacher = metrics.get(TEACHER)
-    summary = {
-        "command": command, "tasks_file": str(tasks_path), "catalog": str(catalog), "prompt_id": entry.id,
-        "agent": agent or "model", "base": base_path, "served_as": form, "tasks": len(tasks), "parallel": parallel,
-        "scripts": None if scripts is None else str(scripts), "skipped": [{"index": i, "problem": why} for i, why in task_file.skipped],
-        "wall_seconds": wall, "settings": asdict(settings), "missing": missing, "systems": metrics,
-        "retention": {name: ratio(m["success_rate"], teacher["success_rate"]) for name, m in metrics.items() if name != TEACHER} if teacher else {},
-        "adapters": {s.name: str(s.folder) for s in systems if s.adapter},
-    }  # fmt: skip
-    keep_per_prompt(out / "os_tasks.json", summary)
-    return summary
+    def describe(p: Prompt, form: str | None) -> dict:
+        return {"command": command, "tasks_file": str(tasks_path), "catalog": str(catalog), "prompt_id": p.entry.id,
+                "agent": agent or "model", "base": base_path, "served_as": form, "tasks": len(tasks), "parallel": parallel,
+                "scripts": None if scripts is None else str(scripts), "skipped": [{"index": i, "problem": why} for i, why in task_file.skipped],
+                "wall_seconds": wall[0], "settings": asdict(settings)}  # fmt: skip
+
+    os_tasks = Evaluation("os_tasks", OS_TASK_SCHEMA, play, summarize, describe, lambda m, teacher: ratio(m["success_rate"], teacher["success_rate"]))
+    return evaluate_task(os_tasks, task, RunSettings(base_path, Path(out), max_batch, model=not agent))
 
 
 def format_summary(summary: dict) -> str:
@@ -593,6 +370,6 @@ def format_summary(summary: dict) -> str:
         rate = "-" if m["success_rate"] is None else f"{100 * m['success_rate']:.1f}%"
         lines.append(f"{name:<16}{m['successes']:>5}/{m['tasks']:<3}{rate:>8}{'-' if kept is None else f'{100 * kept:.1f}%':>11}"
                      f"{m['mean_rounds'] or 0:>8.2f}{m['mean_seconds'] or 0:>8.1f}   " + ", ".join(f"{k}:{v}" for k, v in m["ended"].items()))  # fmt: skip
-    lines += served_notes(summary["systems"]) + [f"missing: {m}" for m in summary["missing"]]
+    lines += notes(summary)
     lines += [f"skipped (malformed): task {s['index']}: {s['problem']}" for s in summary.get("skipped", [])]
     return "\n".join(lines)

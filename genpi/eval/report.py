@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 
 from genpi import InputError
+from genpi.eval import plots
+from genpi.eval.systems import served_notes
 
 TABLE4 = (("gold turns", "gold_turns"), ("avg turns", "avg_turns"), ("% max turns", "pct_hit_max_turns"),
           ("% no termination", "pct_no_termination"), ("% invalid final action", "pct_invalid_final_action"),
@@ -82,18 +84,7 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def keep_per_prompt(path: Path, result: dict) -> None:
-    """Write `result` into the evaluation file `path` that holds one result per prompt ({"results": [...]}, as
-    this report reads it): it replaces its prompt's earlier one, the other prompts' stay."""
-    previous = _read_json(path)
-    kept = [r for r in (previous or {}).get("results", []) if r["prompt_id"] != result["prompt_id"]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"results": kept + [result]}, indent=2))
-
-
 def _served(metrics: dict[str, dict]) -> list[str]:
-    from genpi.eval.serve import served_notes
-
     notes = served_notes(metrics)
     return ["; ".join(notes) + ".", ""] if notes else []
 
@@ -115,56 +106,6 @@ def per_turn_rates(eval_dir: Path, prompt_id: str) -> dict[str, list[float]]:
         reached = [[e[k] for e in episodes if len(e) > k] for k in range(longest)]
         rates[system] = [sum(v) / len(v) for v in reached]
     return rates
-
-
-def _figure(path: Path, panels: list[tuple[str, callable]]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
-    for ax, (title, draw) in zip(axes[0], panels):
-        draw(ax)
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
-    return path.name
-
-
-def _bars(groups: list[str], series: dict[str, list[float | None]], ylabel: str):
-    def draw(ax):
-        width = 0.8 / max(len(series), 1)
-        for i, (name, values) in enumerate(series.items()):
-            xs = [g + i * width for g in range(len(groups))]
-            ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=name)
-        ax.set_xticks([g + width * (len(series) - 1) / 2 for g in range(len(groups))], groups, rotation=30, ha="right")
-        ax.set_ylabel(ylabel)
-        _legend(ax)
-
-    return draw
-
-
-def _legend(ax) -> None:
-    """Beside the axes, so it never covers a line or a bar."""
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-
-
-def _lines(series: dict[str, list[float]], xlabel: str, ylabel: str, x: dict[str, list] | None = None, marker: str = "o"):
-    def draw(ax):
-        from matplotlib.ticker import MaxNLocator
-
-        for name, values in series.items():
-            ax.plot(x[name] if x else range(1, len(values) + 1), values, marker=marker, label=name)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        if x is None:  # turns and steps are counts
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if series:
-            _legend(ax)
-
-    return draw
 
 
 def verdict(fidelity: dict) -> list[str]:
@@ -307,14 +248,14 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
                             [[name] + [rate(x) for x in v] + [None] * (longest - len(v)) for name, v in rates.items()]) + [""]  # fmt: skip
         if done:
             others = sorted({n for r in done for n in r["retention"] if n != "teacher"})
-            panels = [(f"retention: {r['prompt_id']}", _bars([h for h, _ in RETENTION],
+            panels = [(f"retention: {r['prompt_id']}", plots.bars([h for h, _ in RETENTION],
                        {n: [r["retention"][n].get(k) for _, k in RETENTION] for n in others if n in r["retention"]}, "system / teacher"))
                       for r in done]  # fmt: skip
-            figures.append(out.parent / _figure(figure("retention"), panels))
-            panels = [(f"per-turn action-space rate: {r['prompt_id']}", _lines(per_turn_rates(eval_dir, r["prompt_id"]), "agent turn", "share in the action space"))
+            figures.append(out.parent / plots.figure(figure("retention"), panels))
+            panels = [(f"per-turn action-space rate: {r['prompt_id']}", plots.lines(per_turn_rates(eval_dir, r["prompt_id"]), "agent turn", "share in the action space"))
                       for r in done if r["first_turn_actions"] == "scored"]  # fmt: skip
             if panels:
-                figures.append(out.parent / _figure(figure("per-turn"), panels))
+                figures.append(out.parent / plots.figure(figure("per-turn"), panels))
             md += [f"![retention]({figure('retention').name})", ""] + ([f"![per-turn action-space rate]({figure('per-turn').name})", ""] if panels else [])
 
     leakage = _read_json(eval_dir / "leakage.json")
@@ -331,9 +272,9 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
             md += table(["system"] + [h for h, _ in LEAKAGE], [[name] + [m[k] for _, k in LEAKAGE] for name, m in r["systems"].items()]) + [""]
             md += _served(r["systems"])
         if done:
-            panels = [(f"leakage: {r['prompt_id']}", _bars([h for h, _ in LEAKAGE], {n: [m[k] for _, k in LEAKAGE] for n, m in r["systems"].items()}, "share"))
+            panels = [(f"leakage: {r['prompt_id']}", plots.bars([h for h, _ in LEAKAGE], {n: [m[k] for _, k in LEAKAGE] for n, m in r["systems"].items()}, "share"))
                       for r in done]  # fmt: skip
-            figures.append(out.parent / _figure(figure("leakage"), panels))
+            figures.append(out.parent / plots.figure(figure("leakage"), panels))
             md += [f"![leakage]({figure('leakage').name})", ""]
 
     md += ["## Task success", ""]
@@ -369,8 +310,6 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
     if efficiency is None:
         missing.append(f"efficiency: {eval_dir / 'efficiency.json'} not found (run genpi eval efficiency)")
     for r in efficiency["results"] if efficiency else []:
-        from genpi.eval.efficiency import plot
-
         check, latency = r["counter_check"], r["latency"]
         md += [f"### {r['prompt_id']}", "", f"Command: `{' '.join(r['command'] or [])}`", "",
                f"Conversation: {r['conversation']}; model config `{r['model_config']}`; LoRA r={r['lora']['rank']} ({r['lora']['from']}); "
@@ -389,7 +328,7 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
             md += table(["system", "prefill tokens", "prefill MACs", "decode MACs", "MACs", "MACs ratio", "KV bytes", "KV ratio",
                          "latency s", "latency ratio"], rows) + [""]  # fmt: skip
         name = figure(f"efficiency-{r['prompt_id']}")
-        figures.append(out.parent / plot(r, name))
+        figures.append(out.parent / plots.efficiency_plot(r, name))
         md += [f"![efficiency {r['prompt_id']}]({name.name})", ""]
 
     md += ["## Training", ""]
@@ -422,12 +361,12 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
         md += table(["λ", "held-out KL", "held-out loss"], [[float(k), v, losses.get(k)] for k, v in sorted(kls.items())]) + [""]
     panels = []
     if curves:
-        panels.append(("training loss per step", _lines(curves, "optimizer step", "loss", marker="")))
+        panels.append(("training loss per step", plots.lines(curves, "optimizer step", "loss", marker="")))
     if lambdas:
-        panels.append(("held-out teacher KL per λ", _lines({k: [v[x] for x in sorted(v)] for k, (v, _) in lambdas.items()}, "λ", "held-out KL",
+        panels.append(("held-out teacher KL per λ", plots.lines({k: [v[x] for x in sorted(v)] for k, (v, _) in lambdas.items()}, "λ", "held-out KL",
                                                            {k: [float(x) for x in sorted(v)] for k, (v, _) in lambdas.items()})))  # fmt: skip
     if panels:
-        figures.append(out.parent / _figure(figure("training"), panels))
+        figures.append(out.parent / plots.figure(figure("training"), panels))
         md += [f"![training]({figure('training').name})", ""]
 
     md += ["## Missing", ""] + ([f"- {m}" for m in missing] or ["Nothing: every part was found."]) + [""]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 from genpi import InputError
 
@@ -119,68 +120,105 @@ def _task_parsers(sub) -> None:
         p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
 
+def _fidelity(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
+    from genpi.eval.fidelity import evaluate_catalog, format_summary
+
+    summary = evaluate_catalog(args.data, args.catalog, args.adapters, args.base, _prompts(args), limit=args.limit,
+                               max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, out=args.out, record=not args.no_record,
+                               max_batch=args.max_batch, command=command, progress=not args.no_progress, served=args.served,
+                               onpolicy_samples=args.onpolicy_samples, collateral=not args.no_collateral)  # fmt: skip
+    return summary, format_summary
+
+
+def _leakage(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
+    from genpi.eval.leakage import format_summary, probe_catalog
+
+    summary = probe_catalog(args.catalog, args.adapters, args.out, args.base, _prompts(args), max_new_tokens=args.max_new_tokens,
+                            record=not args.no_record, max_batch=args.max_batch, command=command, progress=not args.no_progress,
+                            served=args.served)  # fmt: skip
+    return summary, format_summary
+
+
+def _os_tasks(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
+    from genpi.eval.os_tasks import (INPUT_TEMPLATE, LoopSettings, evaluate_os_tasks, format_replay, format_summary,
+                                     replay_examples)  # fmt: skip
+    from genpi.eval.sandbox import Limits
+
+    settings = LoopSettings(args.rounds, max_new_tokens=args.max_new_tokens, input_template=args.input_template or INPUT_TEMPLATE,
+                            limits=Limits(wall_s=args.task_timeout))  # fmt: skip
+    if args.replay_examples:
+        if args.agent or args.adapters or args.served:
+            raise InputError("--replay-examples plays the tasks' own solutions: leave out --agent, --adapters and --served")
+        return replay_examples(args.tasks, args.scripts, args.limit, args.parallel, settings), format_replay
+    if not (args.catalog and args.prompt):
+        raise InputError("genpi eval os-tasks needs --catalog and --prompt (or --replay-examples)")
+    summary = evaluate_os_tasks(args.tasks, args.catalog, args.prompt, args.adapters, args.base, agent=args.agent, limit=args.limit,
+                                parallel=args.parallel, out=args.out, settings=settings, max_batch=args.max_batch, command=command,
+                                served=args.served, scripts=args.scripts)  # fmt: skip
+    return summary, format_summary
+
+
+def _mind2web(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
+    from genpi.eval.mind2web import evaluate, format_summary
+
+    summary = evaluate(args.steps, args.catalog, args.prompt, args.adapters, args.base, limit=args.limit, out=args.out, layout=args.layout,
+                       max_new_tokens=args.max_new_tokens, max_batch=args.max_batch, command=command, served=args.served)  # fmt: skip
+    return summary, format_summary
+
+
+def _webshop(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
+    from genpi.eval.webshop import evaluate, format_summary
+
+    summary = evaluate(args.url, args.catalog, args.prompt, args.adapters, args.base, goals=args.goals, out=args.out, layout=args.layout,
+                       max_new_tokens=args.max_new_tokens, max_batch=args.max_batch, command=command, served=args.served)  # fmt: skip
+    return summary, format_summary
+
+
+def _efficiency(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
+    from genpi.eval.efficiency import evaluate, format_summary
+
+    summary = evaluate(args.catalog, args.prompt, data=args.data, adapters=args.adapters, turns=args.turns,
+                       compressed_prompt=args.compressed_prompt, concurrent=args.concurrent, model_config=args.model_config,
+                       prompt_tokens=args.prompt_tokens, base=args.base, repeats=args.repeats, out=args.out, command=command)  # fmt: skip
+    summary.pop("rows")
+    return summary, format_summary
+
+
+# `genpi eval WHAT`: each subcommand and the function that runs it (the evaluation modules load only when chosen)
+COMMANDS = {
+    "fidelity": _fidelity,
+    "leakage": _leakage,
+    "os-tasks": _os_tasks,
+    "mind2web": _mind2web,
+    "webshop": _webshop,
+    "efficiency": _efficiency,
+}
+
+
+def _prompts(args) -> list[str] | None:
+    return args.prompts.split(",") if args.prompts else None
+
+
+def _check(args) -> None:
+    """What argparse cannot say: counts at least 1, and fidelity and leakage need a system to compare."""
+    for flag in ("limit", "max_new_tokens", "max_turns", "max_batch", "goals", "parallel", "rounds", "task_timeout"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if getattr(args, "onpolicy_samples", 0) < 0:
+        raise InputError(f"--onpolicy-samples must be at least 0, got {args.onpolicy_samples}")
+    if args.what in ("fidelity", "leakage") and not args.adapters and not args.served:
+        raise InputError(f"genpi eval {args.what} compares adapters with the teacher: give --adapters DIR or --served NAME=SPEC")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("fidelity", "leakage", "os-tasks", "mind2web", "webshop", "efficiency", "-h", "--help"):
+    if argv and argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["fidelity", *argv]  # `genpi eval DATA ...`: the fidelity evaluation
     args = build_parser().parse_args(argv)
-    command = ["genpi", "eval", *argv]
     try:
-        for flag in ("limit", "max_new_tokens", "max_turns", "max_batch", "goals", "parallel", "rounds", "task_timeout"):
-            value = getattr(args, flag, None)
-            if value is not None and value < 1:
-                raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-        if getattr(args, "onpolicy_samples", 0) < 0:
-            raise InputError(f"--onpolicy-samples must be at least 0, got {args.onpolicy_samples}")
-        prompts = getattr(args, "prompts", None) and args.prompts.split(",")
-        if args.what in ("fidelity", "leakage") and not args.adapters and not args.served:
-            raise InputError(f"genpi eval {args.what} compares adapters with the teacher: give --adapters DIR or --served NAME=SPEC")
-        if args.what == "os-tasks":
-            from genpi.eval.os_tasks import INPUT_TEMPLATE, LoopSettings, evaluate_os_tasks, format_summary
-            from genpi.eval.sandbox import Limits
-
-            settings = LoopSettings(args.rounds, max_new_tokens=args.max_new_tokens, input_template=args.input_template or INPUT_TEMPLATE,
-                                    limits=Limits(wall_s=args.task_timeout))  # fmt: skip
-            if args.replay_examples:
-                from genpi.eval.os_tasks import format_replay, replay_examples
-
-                if args.agent or args.adapters or args.served:
-                    raise InputError("--replay-examples plays the tasks' own solutions: leave out --agent, --adapters and --served")
-                summary = replay_examples(args.tasks, args.scripts, args.limit, args.parallel, settings)
-                format_summary = format_replay
-            elif not (args.catalog and args.prompt):
-                raise InputError("genpi eval os-tasks needs --catalog and --prompt (or --replay-examples)")
-            else:
-                summary = evaluate_os_tasks(args.tasks, args.catalog, args.prompt, args.adapters, args.base, args.agent, args.limit,
-                                            args.parallel, args.out, settings, args.max_batch, command, args.served, args.scripts)  # fmt: skip
-        elif args.what == "mind2web":
-            from genpi.eval.mind2web import evaluate, format_summary
-
-            summary = evaluate(args.steps, args.catalog, args.prompt, args.adapters, args.base, args.limit, args.out,
-                               args.layout, args.max_new_tokens, args.max_batch, command, args.served)  # fmt: skip
-        elif args.what == "webshop":
-            from genpi.eval.webshop import evaluate, format_summary
-
-            summary = evaluate(args.url, args.catalog, args.prompt, args.adapters, args.base, args.goals, args.out,
-                               args.layout, args.max_new_tokens, args.max_batch, command, args.served)  # fmt: skip
-        elif args.what == "efficiency":
-            from genpi.eval.efficiency import evaluate, format_summary
-
-            summary = evaluate(args.catalog, args.prompt, args.data, args.adapters, args.turns, args.compressed_prompt, args.concurrent,
-                               args.model_config, args.prompt_tokens, args.base, args.repeats, args.out, command)  # fmt: skip
-            summary.pop("rows")
-        elif args.what == "fidelity":
-            from genpi.eval.fidelity import evaluate_catalog, format_summary
-
-            summary = evaluate_catalog(args.data, args.catalog, args.adapters, args.base, prompts, args.limit, args.max_new_tokens,
-                                       args.max_turns, args.out, not args.no_record, args.max_batch, command,
-                                       progress=not args.no_progress, served=args.served, onpolicy_samples=args.onpolicy_samples,
-                                       collateral=not args.no_collateral)  # fmt: skip
-        else:
-            from genpi.eval.leakage import format_summary, probe_catalog
-
-            summary = probe_catalog(args.catalog, args.adapters, args.out, args.base, prompts, args.max_new_tokens,
-                                    not args.no_record, args.max_batch, command, progress=not args.no_progress, served=args.served)  # fmt: skip
+        _check(args)
+        summary, format_summary = COMMANDS[args.what](args, ["genpi", "eval", *argv])
     except InputError as e:
         print(f"genpi: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -27,6 +27,9 @@ processes and CPU of the whole sandbox; a timer kills the whole namespace after 
 exits when genpi dies or closes the sandbox (EOF on its stdin), and the holder dies with genpi
 (PR_SET_PDEATHSIG), taking PID 1 with it. Killing PID 1 kills every process in its namespace, and the tmpfs
 vanishes with the mount namespace. docs/sandbox.md says what this does and does not guarantee.
+
+Over 400 lines on purpose: the namespaces, the cgroup, the limits and the shell protocol are one security
+boundary, read and reviewed together (a split would spread what it guarantees over several files).
 """
 
 from __future__ import annotations

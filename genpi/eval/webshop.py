@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,10 +40,10 @@ import pyarrow as pa
 
 from genpi import InputError
 from genpi.engines import ChatRequest, Sampling
-from genpi.eval.metrics import ratio
-from genpi.eval.report import keep_per_prompt
-from genpi.eval.serve import TEACHER, Batcher, System, load_engine, mark_served, served_as, served_notes, task_systems
-from genpi.data.store import TURN, results_path, write_table
+from genpi.eval.evaluate import (Evaluation, RunSettings, ask_every, evaluate_task, pct, per_metric, play_every, retained, row_schema,
+                               task_text)  # fmt: skip
+from genpi.eval.systems import Prompt, System, task_prompt
+from genpi.data.store import TURN
 
 ROUNDS = 10  # AgentBench's limit
 ACTION = re.compile(r"[Aa]ction: *\n* *((search|click)\[.+?])")  # AgentBench's pattern
@@ -53,20 +52,14 @@ LAYOUTS = ("agentbench", "examples")
 METRICS = ("mean_reward", "success_rate")
 HIDDEN = {"style", "script", "head", "title", "meta"}  # text under these is not shown (WebShop's tag_visible)
 
-EPISODE_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("system", pa.string()),
-        ("goal", pa.int32()),
-        ("session", pa.string()),
-        ("instruction", pa.string()),
-        ("reward", pa.float64()),  # the server's, at purchase; 0 otherwise
-        ("ended", pa.string()),  # purchased | invalid_action | round_limit | error
-        ("rounds", pa.int32()),  # agent replies
-        ("actions", pa.list_(pa.string())),  # the parsed action of each reply (null: none)
-        ("turns", pa.list_(TURN)),  # observations ("user") and replies ("assistant"), without P
-        ("error", pa.string()),
-    ]
+EPISODE_SCHEMA = row_schema(
+    ("goal", pa.int32()), ("session", pa.string()), ("instruction", pa.string()),
+    ("reward", pa.float64()),  # the server's, at purchase; 0 otherwise
+    ("ended", pa.string()),  # purchased | invalid_action | round_limit | error
+    ("rounds", pa.int32()),  # agent replies
+    ("actions", pa.list_(pa.string())),  # the parsed action of each reply (null: none)
+    ("turns", pa.list_(TURN)),  # observations ("user") and replies ("assistant"), without P
+    ("error", pa.string()),
 )
 
 
@@ -214,15 +207,8 @@ async def shop(url: str, goal: int, agent, prefix: list[dict], sampling: Samplin
 
 def shop_all(url: str, goals: list[int], agents: dict[str, tuple[System, object]], entry, sampling: Sampling, layout: str,
              run_async=asyncio.run) -> dict[str, list[dict]]:  # fmt: skip
-    """{system: per-goal rows}; as mind2web's `answer_all`."""
-    async def run() -> list[dict]:
-        jobs = [shop(url, g, agent, entry.messages() if system.with_prompt else [], sampling, layout)
-                for system, agent in agents.values() for g in goals]  # fmt: skip
-        return await asyncio.gather(*jobs)
-
-    rows = run_async(run())
-    return {name: [{"prompt_id": entry.id, "system": name, **r} for r in rows[i * len(goals) : (i + 1) * len(goals)]]
-            for i, name in enumerate(agents)}  # fmt: skip
+    """{system: per-goal rows} (genpi.eval.evaluate.play_every: every system's agent on every goal, all at once)."""
+    return play_every(goals, agents, entry, lambda goal, agent, prefix: shop(url, goal, agent, prefix, sampling, layout), run_async)
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -234,10 +220,9 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def score(rows: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """(metrics per system, retention per system: system / teacher per metric)."""
     metrics = {name: summarize(rs) for name, rs in rows.items()}
-    teacher = metrics.get(TEACHER)
-    kept = {name: {k: ratio(m[k], teacher[k]) for k in METRICS} for name, m in metrics.items() if teacher and name != TEACHER}
-    return metrics, kept
+    return metrics, retained(metrics, per_metric(METRICS))
 
 
 def check_server(url: str | None) -> str:
@@ -255,40 +240,26 @@ def check_server(url: str | None) -> str:
     return url
 
 
-def evaluate(url: str | None, catalog, prompt: str, adapters: list[str], base: str = "smollm2", goals: int = 10,
+def evaluate(url: str | None, catalog, prompt: str, adapters: list[str], base: str = "smollm2", *, goals: int = 10,
              out: str | Path = "eval", layout: str = "agentbench", max_new_tokens: int = 256, max_batch: int = 32,
              command: list[str] | None = None, served: list[str] = ()) -> dict:  # fmt: skip
     url = check_server(url)
-    entry, systems, missing, base_path = task_systems(catalog, prompt, adapters, base, served)
-    engine = load_engine(base_path, systems, max_batch)
-    batcher = Batcher(engine)
-    print(f"genpi eval webshop: {entry.id}: {goals} goals, {len(systems)} systems", file=sys.stderr)
-    rows = shop_all(url, list(range(goals)), {s.name: (s, batcher.view(s)) for s in systems}, entry,
-                    Sampling(max_tokens=max_new_tokens), layout, batcher.run)  # fmt: skip
-    out = Path(out)
-    for name, rs in rows.items():
-        write_table(results_path(out, "webshop", entry.id, name), rs, EPISODE_SCHEMA)
-    metrics, kept = score(rows)
-    mark_served(metrics, systems)
-    summary = {
-        "command": command, "url": url, "catalog": str(catalog), "prompt_id": entry.id, "base": base_path,
-        "served_as": served_as(engine, systems), "layout": layout, "goals": goals, "rounds": ROUNDS, "greedy": True,
-        "max_new_tokens": max_new_tokens, "missing": missing, "systems": metrics, "retention": kept,
-        "adapters": {s.name: str(s.folder) for s in systems if s.adapter},
-    }  # fmt: skip
-    keep_per_prompt(out / "webshop.json", summary)
-    return summary
+    task, base_path = task_prompt(catalog, prompt, adapters, base, served)
+
+    sampling = Sampling(max_tokens=max_new_tokens)
+    play = ask_every("webshop", list(range(goals)), "goals", lambda goal, agent, prefix: shop(url, goal, agent, prefix, sampling, layout))
+
+    def describe(p: Prompt, form: str | None) -> dict:
+        return {"command": command, "url": url, "catalog": str(catalog), "prompt_id": p.entry.id, "base": base_path, "served_as": form,
+                "layout": layout, "goals": goals, "rounds": ROUNDS, "greedy": True, "max_new_tokens": max_new_tokens}  # fmt: skip
+
+    webshop = Evaluation("webshop", EPISODE_SCHEMA, play, summarize, describe, per_metric(METRICS))
+    return evaluate_task(webshop, task, RunSettings(base_path, Path(out), max_batch))
 
 
 def format_summary(summary: dict) -> str:
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    lines = [f"served as: {summary['served_as']}",
-             f"\n{summary['prompt_id']}: {summary['goals']} WebShop goals at {summary['url']} ({summary['layout']} layout)",
-             f"{'system':<14}{'reward':>10}{'success':>10}{'bought':>10}{'invalid':>10}{'rounds':>8}{'errors':>8}"]  # fmt: skip
-    for name, m in summary["systems"].items():
-        lines.append(f"{name:<14}{m['mean_reward']:>10.3f}{pct(m['success_rate']):>10}{pct(m['purchase_rate']):>10}"
-                     f"{pct(m['invalid_action_rate']):>10}{m['mean_rounds']:>8.1f}{m['errors']:>8}")  # fmt: skip
-    for name, kept in summary["retention"].items():
-        lines.append(f"{'  retention':<14}" + "".join(f"{pct(kept[k]):>10}" for k in METRICS) + f"   ({name})")
-    lines += served_notes(summary["systems"]) + [f"missing: {m}" for m in summary["missing"]]
-    return "\n".join(lines)
+    title = f"\n{summary['prompt_id']}: {summary['goals']} WebShop goals at {summary['url']} ({summary['layout']} layout)"
+    header = f"{'system':<14}{'reward':>10}{'success':>10}{'bought':>10}{'invalid':>10}{'rounds':>8}{'errors':>8}"
+    rows = [f"{name:<14}{m['mean_reward']:>10.3f}{pct(m['success_rate']):>10}{pct(m['purchase_rate']):>10}"
+            f"{pct(m['invalid_action_rate']):>10}{m['mean_rounds']:>8.1f}{m['errors']:>8}" for name, m in summary["systems"].items()]  # fmt: skip
+    return task_text(summary, title, header, rows, 10)

@@ -16,14 +16,19 @@ local systems'; what needs the model's own logits cannot be, and its summary nam
 (the values null, never 0). The teacher and the base stay local: the evaluated base model still loads.
 A served request that gets no answer within SERVED_REQUEST_TIMEOUT_S (every retry included) fails as that
 row's error, so a server that stops answering ends the evaluation instead of stalling it.
+
+An evaluation gets its systems per prompt as a `Prompt`: `catalog_prompts` (fidelity, leakage: every catalog
+prompt with an adapter) or `task_prompt` (the task evaluations: one prompt); genpi.eval.evaluate runs them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from genpi import InputError
 from genpi.catalog import PromptEntry
@@ -46,6 +51,16 @@ class System:
     folder: Path | None = None  # ADAPTERS/ID of an adapter system
     manifest: AdapterManifest | None = None
     served: str | None = None  # openai:BASE_URL/MODEL of a served system (its prompt's MODEL)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt's part of an evaluation: its systems, and what the evaluation plays on it."""
+
+    entry: PromptEntry
+    systems: list[System]
+    missing: list[str] = field(default_factory=list)  # why an adapters folder has no adapter for it
+    inputs: Any = None  # read before the model loads (fidelity: the prompt's held-out rows)
 
 
 def adapter_dirs(specs: list[str]) -> dict[str, Path]:
@@ -207,10 +222,37 @@ class _View:
         return await asyncio.wrap_future(self.batcher.engine.submit(request, self.system.adapter))
 
 
-def task_systems(catalog: str, prompt_id: str, adapters: list[str], base: str, served: list[str] = ()) -> tuple[PromptEntry, list[System], list[str], str]:
+def catalog_prompts(catalog, adapters: list[str], served: list[str], base: str, prompt_ids: list[str] | None = None,
+                    inputs: Callable[[PromptEntry], tuple[Any, str | None]] | None = None,
+                    verb: str = "evaluate") -> tuple[list[Prompt], list[dict], str]:  # fmt: skip
+    """Every catalog prompt with an adapter (or a served system) to compare, checked before a model loads: (the
+    prompts, {prompt_id, skipped: why} of the others, the base model's path). `inputs(entry)`: what the evaluation
+    plays on the prompt, and why it is skipped when there is nothing (None: it is not)."""
+    from genpi.catalog import load_catalog
+    from genpi.models import resolve_model
+
+    dirs = adapter_dirs(adapters)
+    served_by = served_specs(list(served), dirs)
+    base_path = resolve_model(base)
+    prompts, skipped = [], []
+    for entry in load_catalog(catalog, prompt_ids):
+        systems, missing = prompt_systems(entry, dirs, base_path, served_by)
+        given, empty = inputs(entry) if inputs else (None, None)
+        if empty:
+            skipped.append({"prompt_id": entry.id, "skipped": empty})
+        elif len(systems) == 2:
+            skipped.append({"prompt_id": entry.id, "skipped": "no adapter: " + "; ".join(missing)})
+        else:
+            prompts.append(Prompt(entry, systems, missing, given))
+    if not prompts:
+        raise InputError(f"nothing to {verb}: " + "; ".join(f"{r['prompt_id']}: {r['skipped']}" for r in skipped))
+    check_served([s for p in prompts for s in p.systems])
+    return prompts, skipped, base_path
+
+
+def task_prompt(catalog: str, prompt_id: str, adapters: list[str], base: str, served: list[str] = ()) -> tuple[Prompt, str]:
     """One catalog prompt's systems for a task evaluation (`--catalog C --prompt ID [--adapters DIR ...] [--served
-    NAME=SPEC ...]`): (entry, systems, why adapters are missing, the base model's path). Every check runs before a
-    model loads."""
+    NAME=SPEC ...]`): (the prompt, the base model's path). Every check runs before a model loads."""
     from genpi.catalog import load_catalog
     from genpi.models import resolve_model
 
@@ -223,4 +265,4 @@ def task_systems(catalog: str, prompt_id: str, adapters: list[str], base: str, s
     if adapters and not any(s.adapter for s in systems):
         raise InputError(f"--adapters: no adapter for prompt {prompt_id}: " + "; ".join(missing))
     check_served(systems)
-    return entries[prompt_id], systems, missing, base_path
+    return Prompt(entries[prompt_id], systems, missing), base_path
