@@ -24,7 +24,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from genpi import InputError
+from genpi import InputError, exits_2_on_input_error
 
 
 SERVED_HELP = "a served system, NAME=openai:BASE_URL/MODEL (MODEL may hold {prompt_id}); repeatable"
@@ -211,16 +211,13 @@ def _check(args) -> None:
         raise InputError(f"genpi eval {args.what} compares adapters with the teacher: give --adapters DIR or --served NAME=SPEC")
 
 
+@exits_2_on_input_error
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["fidelity", *argv]  # `genpi eval DATA ...`: the fidelity evaluation
     args = build_parser().parse_args(argv)
-    try:
-        _check(args)
-        summary, format_summary = COMMANDS[args.what](args, ["genpi", "eval", *argv])
-    except InputError as e:
-        print(f"genpi: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    _check(args)
+    summary, format_summary = COMMANDS[args.what](args, ["genpi", "eval", *argv])
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
