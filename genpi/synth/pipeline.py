@@ -290,6 +290,21 @@ async def _call(engine: AsyncEngine, request: ChatRequest, settings: SynthSettin
     raise DialogueError(f"{what}: {result.error}")
 
 
+async def _called(engine: AsyncEngine, request: ChatRequest, settings: SynthSettings, what: str) -> Completion:
+    """`_call` whose remaining error (an unavoidable context overflow) fails the dialogue."""
+    result = await _call(engine, request, settings, what)
+    if result.error:
+        raise DialogueError(f"{what}: {result.error}")
+    return result
+
+
+def _record(row: dict, column: str, tokens_column: str, completion: Completion) -> None:
+    row[column] = completion.text.strip()
+    row[f"{column}_cut"] = completion.cut
+    row["prompt_tokens"] += completion.prompt_tokens
+    row[tokens_column] = completion.completion_tokens
+
+
 def reason_request(entry: PromptEntry, x: str, as_is: str, to_be: str, seed: int, settings: SynthSettings) -> ChatRequest:
     return ChatRequest(
         messages=[
@@ -341,31 +356,16 @@ async def synthesize_dialogue(
     row = blank_row(entry, sample, settings, generator.model_name, target.model_name)
     try:
         await role_play(entry, row, target, settings)
-        student = await _call(
+        student = await _called(
             target,
             ChatRequest([{"role": "user", "content": row["input"]}], Sampling(max_tokens=settings.max_student_tokens)),
             settings,
             "student",
         )
-        if student.error:
-            raise DialogueError(f"student: {student.error}")
-        row["student_output"] = student.text.strip()
-        row["student_output_cut"] = student.cut
-        row["prompt_tokens"] += student.prompt_tokens
-        row["student_tokens"] = student.completion_tokens
+        _record(row, "student_output", "student_tokens", student)
         to_be = row["turns"][0]["content"]
-        reason = await _call(
-            generator,
-            reason_request(entry, row["input"], row["student_output"], to_be, row["seed"], settings),
-            settings,
-            "reason",
-        )
-        if reason.error:
-            raise DialogueError(f"reason: {reason.error}")
-        row["reason"] = reason.text.strip()
-        row["reason_cut"] = reason.cut
-        row["prompt_tokens"] += reason.prompt_tokens
-        row["reason_tokens"] = reason.completion_tokens
+        reason_call = reason_request(entry, row["input"], row["student_output"], to_be, row["seed"], settings)
+        _record(row, "reason", "reason_tokens", await _called(generator, reason_call, settings, "reason"))
     except DialogueError as e:
         row["error"] = str(e)
     except Exception as e:  # a bug or a dead actor: record it on the row, never lose the sample
