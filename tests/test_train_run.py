@@ -143,6 +143,7 @@ def test_lambda_choice_without_heldout_rows_is_refused(tmp_path):
     assert not (tmp_path / "adapters").exists()
 
 
+@pytest.mark.slow
 def test_no_gpus_per_trial_on_a_cluster_with_gpus_is_refused(data, tiny_trainable_model, tmp_path):
     import ray
 
@@ -349,6 +350,7 @@ def test_a_corrupt_adapter_manifest_exits_2_naming_the_file(data, tiny_trainable
     assert err.startswith(f"genpi: error: {folder / 'genpi.json'}: not a valid genpi adapter manifest") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_checkpoints_load_tensors_and_plain_data_only(tiny_trainable_model, tmp_path, monkeypatch):
     import ray
     import torch
