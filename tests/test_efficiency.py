@@ -64,6 +64,7 @@ def test_analytic_count_equals_the_flop_counter_on_the_tiny_llama(tiny_model):
     assert dims.lora_macs(4, targets) == 2 * 4 * ((64 + 64) + (64 + 32) + (128 + 64))
 
 
+@pytest.mark.slow
 def test_analytic_count_equals_the_flop_counter_on_smollm2():
     """SmolLM2 (meta copy, eager attention) with the os-shell prompt and two short turns: every regime within 5%."""
     from transformers import AutoTokenizer
