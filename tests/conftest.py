@@ -1,7 +1,12 @@
-"""Shared fixtures: a tiny random Llama that uses the bundled SmolLM2 tokenizer and chat template."""
+"""Shared fixtures: a tiny random Llama that uses the bundled SmolLM2 tokenizer and chat template, and the small runs
+that several test modules read (made once per session).
+
+Tests marked `slow` (end to end: the commands as subprocesses, Ray, training, SmolLM2) are left out by
+`pytest -m "not slow"`, the inner loop; CI runs everything."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -89,3 +94,38 @@ def served(tiny_model, adapters_dir):
     yield server.url, scheduler, base_name
     server.close()
     scheduler.close()
+
+
+# Runs that several modules read, made once per session: read-only for the tests that share them. A test that writes
+# into one (an evaluation recording its metrics in genpi.json, a report writing into the run) works on a copy.
+def copy_into(folder: Path, tmp_path: Path, name: str | None = None) -> Path:
+    """A copy of a shared run's folder as tmp_path/NAME (default: its own name), for a test that writes into it."""
+    return Path(shutil.copytree(folder, tmp_path / (name or Path(folder).name), symlinks=True))
+
+
+@pytest.fixture(scope="session")
+def calc_dialogues(tmp_path_factory) -> Path:
+    """A synthesis folder written by hand: calc has 8 train and 2 held-out dialogues, greet has none."""
+    from test_recipe import write_calc_dialogues
+
+    return write_calc_dialogues(tmp_path_factory.mktemp("calc-dialogues"), 10, heldout_from=8)
+
+
+@pytest.fixture(scope="session")
+def calc_genpi_trained(calc_dialogues, tiny_trainable_model, tmp_path_factory):
+    """`genpi train` (genpi, λ 0.3 and 0.7, 1 epoch, with progress bars) of calc_dialogues on the tiny Llama:
+    (the adapters folder, the finished process). test_train_run checks the training, test_eval_report reports on it."""
+    from test_train_run import train
+
+    adapters = tmp_path_factory.mktemp("calc-genpi") / "adapters"
+    result = train(calc_dialogues, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7", progress=True)
+    return adapters, result
+
+
+@pytest.fixture(scope="session")
+def calc_sft_adapters(tiny_trainable_model, tmp_path_factory) -> Path:
+    """An SFT adapter for calc on the tiny Llama, trained in process on 12 rows (λ 0.3 and 0.7 recorded as tried): it
+    learns to open with an `Act: ...(...)` action. test_eval and test_eval_leakage evaluate it."""
+    from test_eval import train_sft
+
+    return train_sft(tiny_trainable_model, tmp_path_factory, lambdas=[0.3, 0.7])

@@ -5,8 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import EXAMPLES, REPO
 from genpi.catalog import load_catalog
+
+pytestmark = pytest.mark.slow  # end to end (conftest)
 
 
 def genpi(*args, timeout=900):

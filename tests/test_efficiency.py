@@ -64,6 +64,7 @@ def test_analytic_count_equals_the_flop_counter_on_the_tiny_llama(tiny_model):
     assert dims.lora_macs(4, targets) == 2 * 4 * ((64 + 64) + (64 + 32) + (128 + 64))
 
 
+@pytest.mark.slow
 def test_analytic_count_equals_the_flop_counter_on_smollm2():
     """SmolLM2 (meta copy, eager attention) with the os-shell prompt and two short turns: every regime within 5%."""
     from transformers import AutoTokenizer
@@ -128,6 +129,7 @@ def adapters(tiny_model, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_efficiency_end_to_end(tiny_model, adapters, tmp_path):
     from genpi.eval.report import build_report
 
@@ -167,6 +169,7 @@ def test_efficiency_end_to_end(tiny_model, adapters, tmp_path):
     assert "efficiency.json not found (run genpi eval efficiency)" in text
 
 
+@pytest.mark.slow
 def test_model_config_alone_and_bad_input(tmp_path):
     """--model-config: analytic only, no model loaded; Llama-3-8B's shipped config; refusals exit 2."""
     ok = run_cli("--catalog", EXAMPLES, "--prompt", "os-shell", "--model-config", "llama-3-8b", "--prompt-tokens", "1000", "--json")

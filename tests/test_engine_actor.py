@@ -13,6 +13,8 @@ from genpi.engines import ChatRequest, Completion, EngineConfig
 from genpi.synth.actors import DEAD_AFTER_IDENTICAL_FAILURES, ActorEngine, EngineActor
 from genpi.synth.pipeline import is_retryable
 
+pytestmark = pytest.mark.slow  # end to end (conftest)
+
 
 @pytest.fixture(scope="module")
 def local_ray():

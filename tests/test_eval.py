@@ -9,7 +9,7 @@ import duckdb
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, copy_into
 from genpi.catalog import load_catalog
 from genpi.data.adapters import AdapterManifest, read_adapter_manifest, write_adapter
 from genpi.train.qlora import LoraSettings, save_adapter
@@ -37,10 +37,10 @@ def train_sft(base, tmp_path_factory, lambdas=None):
     return folder
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_trainable_model, tmp_path_factory):
-    """An SFT adapter for calc on the tiny Llama: it learns to open with an `Act: ...(...)` action."""
-    return train_sft(tiny_trainable_model, tmp_path_factory, lambdas=[0.3, 0.7])
+@pytest.fixture
+def adapters(calc_sft_adapters, tmp_path):
+    """The session's SFT adapter for calc (conftest), copied: an evaluation records its metrics in its genpi.json."""
+    return copy_into(calc_sft_adapters, tmp_path)
 
 
 def run_eval(*args):
@@ -48,6 +48,7 @@ def run_eval(*args):
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_fidelity_against_the_teacher(data, adapters, tiny_trainable_model, tmp_path):
     out = tmp_path / "eval"
     result = run_eval("fidelity", data, "--catalog", CATALOG, "--adapters", f"sft={adapters}", "--base", tiny_trainable_model,
@@ -102,6 +103,7 @@ def test_fidelity_against_the_teacher(data, adapters, tiny_trainable_model, tmp_
     assert "check format: pass rate" in table.stdout
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2(data, adapters, tiny_trainable_model, tiny_model, tmp_path):
     base = ("--base", tiny_trainable_model)
     changed = tmp_path / "changed.yaml"
@@ -134,6 +136,7 @@ def test_bad_input_exits_2(data, adapters, tiny_trainable_model, tiny_model, tmp
     assert limit.returncode == 2 and "--limit must be at least 1" in limit.stderr
 
 
+@pytest.mark.slow
 def test_a_prompt_without_actions_skips_the_action_metrics_only(data, adapters, tiny_trainable_model, tmp_path):
     catalog = tmp_path / "no-actions.yaml"
     entries = yaml.safe_load(CATALOG.read_text())

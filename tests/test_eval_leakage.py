@@ -5,12 +5,15 @@ import subprocess
 import sys
 
 import duckdb
+import pytest
 
 from conftest import REPO
 from genpi.catalog import render_prompt_text
 from genpi.eval.leakage import EXTRACTION_REQUESTS, leak_scores
 from genpi.data.adapters import read_adapter_manifest
-from test_eval import CALC, CATALOG, adapters  # noqa: F401  (the module's adapter fixture)
+from test_eval import CALC, CATALOG, adapters  # noqa: F401  (a copy of the session's SFT adapter for calc)
+
+pytestmark = pytest.mark.slow  # end to end (conftest)
 
 
 def test_leakage_probe_end_to_end(adapters, tiny_trainable_model, tmp_path):  # noqa: F811

@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import duckdb
+import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, copy_into
 from genpi.eval.report import Rate, cell
 from genpi.synth.stats import quality_stats
-from test_recipe import write_calc_dialogues
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 
@@ -42,18 +42,20 @@ def numbers(value, found: set[str]) -> set[str]:
     return found
 
 
-def test_report_from_a_small_real_run(tiny_trainable_model, tmp_path):
+@pytest.mark.slow
+def test_report_from_a_small_real_run(calc_dialogues, calc_genpi_trained, tiny_trainable_model, tmp_path):
     from genpi.catalog import load_catalog
     from genpi.data.manifest import new_manifest, write_manifest
     from genpi.engines import EngineConfig
     from genpi.synth.pipeline import SynthSettings, instruction_texts
 
-    run = write_calc_dialogues(tmp_path / "run", 10, heldout_from=8)
+    # the session's 10 calc dialogues and their `genpi train` adapter (λ 0.3 and 0.7; conftest), copied: the evaluations
+    # and the report write into them
+    trained, result = calc_genpi_trained
+    assert result.returncode == 0, result.stderr[-3000:]
+    run, adapters = copy_into(calc_dialogues, tmp_path, "run"), copy_into(trained, tmp_path, "adapters-genpi")
     engine = EngineConfig(model=tiny_trainable_model)
     write_manifest(run, new_manifest(CATALOG, load_catalog(CATALOG), engine, engine, SynthSettings(samples=10, heldout=0.2), 32, instruction_texts()))
-    adapters = tmp_path / "adapters-genpi"
-    genpi("train", run, "--catalog", CATALOG, "--out", adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7",
-          "--epochs", "2", "--lr", "1e-2", "--batch-size", "4", "--micro-batch", "2", "--max-length", "512", "--rank", "4", "--no-progress")  # fmt: skip
     genpi("eval", "fidelity", run, "--catalog", CATALOG, "--adapters", f"genpi={adapters}", "--base", tiny_trainable_model,
           "--max-new-tokens", "6", "--max-turns", "2")  # fmt: skip
     genpi("eval", "leakage", "--catalog", CATALOG, "--adapters", f"genpi={adapters}", "--base", tiny_trainable_model,

@@ -172,6 +172,7 @@ def run_cli(*args):
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_teacher_base_and_adapter(tiny_long_model, adapters, tmp_path):
     out = tmp_path / "eval"
     result = run_cli("mind2web", STEPS, "--catalog", EXAMPLES, "--prompt", "web-select", "--adapters", f"rand={adapters}",

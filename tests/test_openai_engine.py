@@ -129,6 +129,7 @@ def test_retries_run_out_and_timeouts_end_in_the_error_text(served):
     front.server.close()
 
 
+@pytest.mark.slow
 def test_synthesis_with_generator_and_target_served_by_genpi_serve(served, tmp_path, monkeypatch):
     """`genpi synth --generator openai:... --target openai:...` on real Ray actors, teacher top-k included."""
     import pyarrow.parquet as pq

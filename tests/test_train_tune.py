@@ -20,13 +20,16 @@ from genpi.data import store
 from genpi.data.adapters import check_adapter
 from genpi.train.recipe import TrainSettings
 
+pytestmark = pytest.mark.slow  # end to end (conftest)
+
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 CALC, GREET = load_catalog(CATALOG)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_calc_dialogues(tmp_path_factory.mktemp("data"), 10, heldout_from=8)
+def data(calc_dialogues):
+    """calc has 8 train and 2 held-out dialogues, greet has none (the session's, conftest: read-only)."""
+    return calc_dialogues
 
 
 def command(data, adapters, model, *extra):

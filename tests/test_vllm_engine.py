@@ -22,6 +22,8 @@ from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Sampling
 from genpi.engines.vllm import VLLMEngine
 from genpi.models import resolve_model
 
+pytestmark = pytest.mark.slow  # end to end (conftest)
+
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("GENPI_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 MAX_MODEL_LEN = 512

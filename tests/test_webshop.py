@@ -244,6 +244,7 @@ def run_cli(*args):
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli(server, tiny_long_model, tmp_path):
     result = run_cli("webshop", "--catalog", EXAMPLES, "--prompt", "web-shop")
     assert result.returncode == 2 and "needs --url URL" in result.stderr
