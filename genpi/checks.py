@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from genpi.catalog import Check, PromptEntry, supported_language
 
@@ -43,7 +43,9 @@ MIN_WORDS = 3  # fewer words of letters: not enough to tell a language
 MAX_LOOP_N = 8  # the longest repeated word n-gram collapsed
 LOOP_SHARE = 0.5  # a reply whose collapsed repeats are at least this share of its words is a loop
 CONTRAST = ("en", "es", "fr", "de", "it", "pt")  # every language check is judged among these (and its own)
-WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W\d_]+")  # a CJK/kana character, or a run of letters
+WORD = re.compile(
+    r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W\d_]+"
+)  # a CJK/kana character, or a run of letters
 FENCED = re.compile(r"```(?:json)?[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL | re.IGNORECASE)
 
 
@@ -82,7 +84,7 @@ def candidates(target: str, languages=()) -> frozenset[str]:
     return frozenset({target, *CONTRAST, *languages})
 
 
-@lru_cache(maxsize=None)
+@cache
 def detector(codes: frozenset[str]):
     """One lingua detector per candidate set (building and loading its models is the slow part)."""
     from lingua import LanguageDetectorBuilder

@@ -29,12 +29,14 @@ import sys
 
 from genpi import __version__, exits_2_on_input_error
 
-
 # The commands whose flags their own entry point reads (`genpi synth --help` goes through to it): the module whose
 # main(argv) runs it, imported only when the command runs (heavy imports: Ray, engines), and the command's help line.
 PASSTHROUGH = {
     "run": ("genpi.run", "catalog to evaluated adapters and a report, resumable (genpi run --help)"),
-    "study": ("genpi.study", "every internalization method on the same data and budget, one table (genpi study --help)"),
+    "study": (
+        "genpi.study",
+        "every internalization method on the same data and budget, one table (genpi study --help)",
+    ),
     "synth": ("genpi.synth.run", "synthesize dialogues for a prompt catalog (genpi synth --help for its flags)"),
     "train": ("genpi.train.run", "train one adapter per prompt (genpi train --help for its flags)"),
     "eval": ("genpi.eval.run", "score adapters on held-out inputs (genpi eval --help for its flags)"),
@@ -69,7 +71,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
     text = rows_json(result) if args.json else format_rows(result.columns, result.rows, result.check_time)
     print(text)
     if result.cut:  # on stderr: --json output stays one JSON document
-        print(f"genpi sql: the result was cut at {args.max_rows} rows (--max-rows); add a LIMIT, or raise --max-rows", file=sys.stderr)
+        print(
+            f"genpi sql: the result was cut at {args.max_rows} rows (--max-rows); add a LIMIT, or raise --max-rows",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -85,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, add_help=False)  # --help goes through to the command's own parser
         p.set_defaults(handler=cmd_passthrough, passthrough=True)
 
-    p = sub.add_parser("report", help="a Markdown report with PNG plots from a run's synthesis, training and evaluation files")
+    p = sub.add_parser(
+        "report", help="a Markdown report with PNG plots from a run's synthesis, training and evaluation files"
+    )
     p.add_argument("run", metavar="RUN", help="synthesis run folder")
     p.add_argument("--eval", default=None, help="evaluation folder (default: RUN/eval)")
     p.add_argument("--out", default=None, help="Markdown file (default: RUN/report.md); plots go beside it")
@@ -98,14 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sql", help="run one read-only SELECT over the view `dialogues` of a run")
     p.add_argument("out", metavar="OUT", help="synthesis run folder")
-    p.add_argument("query", metavar="QUERY", help="e.g. \"SELECT prompt_id, count(*) FROM dialogues GROUP BY ALL\"")
+    p.add_argument("query", metavar="QUERY", help='e.g. "SELECT prompt_id, count(*) FROM dialogues GROUP BY ALL"')
     p.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
     p.add_argument("--memory-limit", default=MEMORY_LIMIT, help="DuckDB memory limit (default %(default)s)")
     p.add_argument("--threads", type=int, default=THREADS, help="DuckDB threads (default %(default)s)")
-    p.add_argument("--max-temp", default=MAX_TEMP, help="what DuckDB may spill to disk, in a folder inside OUT (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=TIMEOUT_S,
-                   help="seconds before the query is stopped, converting and printing its rows included (default %(default)s)")
-    p.add_argument("--max-rows", type=int, default=MAX_ROWS, help="rows printed at most; the rest are not fetched (default %(default)s)")
+    p.add_argument(
+        "--max-temp",
+        default=MAX_TEMP,
+        help="what DuckDB may spill to disk, in a folder inside OUT (default %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=TIMEOUT_S,
+        help="seconds before the query is stopped, converting and printing its rows included (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=MAX_ROWS,
+        help="rows printed at most; the rest are not fetched (default %(default)s)",
+    )
     p.set_defaults(handler=cmd_sql)
     return parser
 

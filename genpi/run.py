@@ -56,7 +56,9 @@ def task_files(specs: list[str], flag: str = "--tasks") -> dict[str, str]:
     return files
 
 
-def stage_commands(args: argparse.Namespace, preset: Preset, catalog_ids: list[str], catalog_train: set[str] = frozenset()) -> list[tuple[str, list[str]]]:
+def stage_commands(
+    args: argparse.Namespace, preset: Preset, catalog_ids: list[str], catalog_train: set[str] = frozenset()
+) -> list[tuple[str, list[str]]]:
     """[(stage name, the argv of its command)], in order; every size from the flag, else the preset. `catalog_ids`:
     the catalog's prompt ids (the run's prompts when neither --prompts nor the preset names them); `catalog_train`:
     the training settings (lam, epochs, lr) that the run's prompts set in the catalog, where the preset's yield."""
@@ -66,16 +68,52 @@ def stage_commands(args: argparse.Namespace, preset: Preset, catalog_ids: list[s
     prompts, methods = pick("prompts"), [m for m in pick("methods").split(",") if m]
     max_turns, max_new = pick("max_turns"), pick("max_new_tokens")
     turns = ["--max-turns", str(max_turns)] if max_turns else []
-    synth = [args.catalog, "--out", data, "--samples", str(pick("samples")), "--heldout", str(pick("heldout")),
-             "--max-new-tokens", str(max_new), "--engine", pick("engine"), "--generator", args.generator,
-             "--target", args.base, "--no-stats", *turns, *preset.synth_flags]  # fmt: skip
+    synth = [
+        args.catalog,
+        "--out",
+        data,
+        "--samples",
+        str(pick("samples")),
+        "--heldout",
+        str(pick("heldout")),
+        "--max-new-tokens",
+        str(max_new),
+        "--engine",
+        pick("engine"),
+        "--generator",
+        args.generator,
+        "--target",
+        args.base,
+        "--no-stats",
+        *turns,
+        *preset.synth_flags,
+    ]
     only = ["--prompts", prompts] if prompts else []
     stages = [("synth", synth + only + shlex.split(args.synth_args)), ("stats", [data])]
     for method in methods:
-        train = [data, "--catalog", args.catalog, "--out", str(run / "adapters" / method), "--base", args.base, "--method", method,
-                 "--batch-size", str(pick("batch_size")), "--micro-batch", str(pick("micro_batch"))]  # fmt: skip
-        for flag, key, name in (("--lambdas", "lam", "lambdas"), ("--epochs", "epochs", "epochs"), ("--lr", "lr", "lr")):
-            if getattr(args, name) is not None or key not in catalog_train:  # a preset's value yields to the catalog's train settings
+        train = [
+            data,
+            "--catalog",
+            args.catalog,
+            "--out",
+            str(run / "adapters" / method),
+            "--base",
+            args.base,
+            "--method",
+            method,
+            "--batch-size",
+            str(pick("batch_size")),
+            "--micro-batch",
+            str(pick("micro_batch")),
+        ]
+        for flag, key, name in (
+            ("--lambdas", "lam", "lambdas"),
+            ("--epochs", "epochs", "epochs"),
+            ("--lr", "lr", "lr"),
+        ):
+            if (
+                getattr(args, name) is not None or key not in catalog_train
+            ):  # a preset's value yields to the catalog's train settings
                 train += [flag, str(pick(name))]
         if pick("steps"):
             train += ["--max-steps", str(pick("steps"))]
@@ -84,8 +122,23 @@ def stage_commands(args: argparse.Namespace, preset: Preset, catalog_ids: list[s
         stages.append((f"train {method}", train + [*preset.train_flags, *shlex.split(args.train_args)]))
     limit = pick("eval_limit")
     adapters = [f"{m}={run / 'adapters' / m}" for m in methods]
-    fidelity = ["fidelity", data, "--catalog", args.catalog, "--base", args.base, "--out", eval_dir, "--adapters", *adapters,
-                "--max-new-tokens", str(max_new), *turns, *only, *(["--limit", str(limit)] if limit else [])]  # fmt: skip
+    fidelity = [
+        "fidelity",
+        data,
+        "--catalog",
+        args.catalog,
+        "--base",
+        args.base,
+        "--out",
+        eval_dir,
+        "--adapters",
+        *adapters,
+        "--max-new-tokens",
+        str(max_new),
+        *turns,
+        *only,
+        *(["--limit", str(limit)] if limit else []),
+    ]
     stages.append(("eval fidelity", fidelity + [*preset.eval_flags, *shlex.split(args.eval_args)]))
     run_ids = prompts.split(",") if prompts else catalog_ids
     tasks_extra = [*preset.task_flags, *shlex.split(args.task_args)]
@@ -93,13 +146,42 @@ def stage_commands(args: argparse.Namespace, preset: Preset, catalog_ids: list[s
     for flag, kind, extra in (("--tasks", "os-tasks", tasks_extra), ("--mind2web", "mind2web", mind2web_extra)):
         for prompt_id, path in task_files(getattr(args, flag[2:]), flag).items():
             if prompt_id not in run_ids:
-                raise InputError(f"{flag} {prompt_id}={path}: {prompt_id} is not a prompt of this run ({', '.join(run_ids)})")
-            tasks = [kind, path, "--catalog", args.catalog, "--prompt", prompt_id, "--base", args.base, "--adapters", *adapters,
-                     "--out", eval_dir, *(["--max-new-tokens", str(max_new)] if kind == "os-tasks" else [])]  # fmt: skip
+                raise InputError(
+                    f"{flag} {prompt_id}={path}: {prompt_id} is not a prompt of this run ({', '.join(run_ids)})"
+                )
+            tasks = [
+                kind,
+                path,
+                "--catalog",
+                args.catalog,
+                "--prompt",
+                prompt_id,
+                "--base",
+                args.base,
+                "--adapters",
+                *adapters,
+                "--out",
+                eval_dir,
+                *(["--max-new-tokens", str(max_new)] if kind == "os-tasks" else []),
+            ]
             stages.append((f"eval {kind} {prompt_id}", tasks + extra))
     for prompt_id in run_ids:  # the first method's adapter: its LoRA shape is what the unmerged cost counts
-        efficiency = ["efficiency", "--catalog", args.catalog, "--prompt", prompt_id, "--data", data, "--base", args.base,
-                      "--adapters", str(run / "adapters" / methods[0]), "--out", eval_dir, *preset.efficiency_flags]  # fmt: skip
+        efficiency = [
+            "efficiency",
+            "--catalog",
+            args.catalog,
+            "--prompt",
+            prompt_id,
+            "--data",
+            data,
+            "--base",
+            args.base,
+            "--adapters",
+            str(run / "adapters" / methods[0]),
+            "--out",
+            eval_dir,
+            *preset.efficiency_flags,
+        ]
         stages.append((f"eval efficiency {prompt_id}", efficiency + shlex.split(args.efficiency_args)))
     stages.append(("report", [data, "--eval", eval_dir, "--out", str(run / "report" / "report.md")]))
     return stages
@@ -127,7 +209,9 @@ def run_stage(name: str, argv: list[str], progress: bool) -> int:
     if name.startswith("eval "):
         from genpi.eval.run import main
 
-        return on_a_gpu_if_any(main, argv + (quiet if name == "eval fidelity" else []))  # the others draw no progress bars
+        return on_a_gpu_if_any(
+            main, argv + (quiet if name == "eval fidelity" else [])
+        )  # the others draw no progress bars
     if name == "report":
         from genpi.eval.report import write_report
 
@@ -157,7 +241,9 @@ def read_record(run: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except ValueError as e:
-        raise InputError(f"{path}: not valid JSON ({e}); it records what this run did, so remove the run or repair it") from None
+        raise InputError(
+            f"{path}: not valid JSON ({e}); it records what this run did, so remove the run or repair it"
+        ) from None
 
 
 def write_record(run: Path, record: dict) -> None:
@@ -188,12 +274,15 @@ def refuse_changed_stages(run: Path, stages: list[tuple[str, list[str]]]) -> Non
     for name, argv in stages:
         before = record["stages"].get(name)
         if before and before["argv"] != argv:
-            raise InputError(f"{run}: stage {name!r} was started with other settings ({' '.join(before['argv'])}); "
-                             "rerun with the same flags to resume it, or choose another --out")  # fmt: skip
+            raise InputError(
+                f"{run}: stage {name!r} was started with other settings ({' '.join(before['argv'])}); "
+                "rerun with the same flags to resume it, or choose another --out"
+            )
 
 
-def run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, preset_name: str, progress: bool,
-               stage_runner=None) -> int:  # fmt: skip
+def run_stages(
+    run: Path, stages: list[tuple[str, list[str]]], preset: Preset, preset_name: str, progress: bool, stage_runner=None
+) -> int:
     """Each stage in order through `stage_runner` (default run_stage), recorded in RUN/run.json: a stage done before
     is skipped (the last, which reads what the others wrote, is redone when another stage ran); returns the first
     failing stage's exit status, else 0."""
@@ -201,8 +290,9 @@ def run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, p
         return _run_stages(run, stages, preset, preset_name, progress, stage_runner or run_stage)
 
 
-def _run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, preset_name: str, progress: bool,
-                run_stage) -> int:  # fmt: skip
+def _run_stages(
+    run: Path, stages: list[tuple[str, list[str]]], preset: Preset, preset_name: str, progress: bool, run_stage
+) -> int:
     refuse_changed_stages(run, stages)
     record = read_record(run)
     record["preset"] = preset_name
@@ -214,8 +304,11 @@ def _run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, 
             print(f"genpi run: [{i + 1}/{len(stages)}] {name}: done before, skipped", file=sys.stderr)
             continue
         elapsed = time.monotonic() - started
-        print(f"genpi run: [{i + 1}/{len(stages)}] {name} (elapsed {_minutes(elapsed)}, "
-              f"{estimate_left(preset, names, i, elapsed, spent_expected)})", file=sys.stderr)  # fmt: skip
+        print(
+            f"genpi run: [{i + 1}/{len(stages)}] {name} (elapsed {_minutes(elapsed)}, "
+            f"{estimate_left(preset, names, i, elapsed, spent_expected)})",
+            file=sys.stderr,
+        )
         record["stages"][name] = {"argv": argv, "status": "running", "seconds": state.get("seconds", 0.0)}
         write_record(run, record)
         t0, ran = time.monotonic(), True
@@ -225,7 +318,10 @@ def _run_stages(run: Path, stages: list[tuple[str, list[str]]], preset: Preset, 
         write_record(run, record)
         spent_expected += expected_s(preset, name) or 0.0
         if status != 0:
-            print(f"genpi run: {name} failed (exit {status}); fix the cause and rerun the same command to resume", file=sys.stderr)
+            print(
+                f"genpi run: {name} failed (exit {status}); fix the cause and rerun the same command to resume",
+                file=sys.stderr,
+            )
             return status
     print(f"genpi run: {len(stages)} stages done in {_minutes(time.monotonic() - started)}", file=sys.stderr)
     return 0
@@ -254,8 +350,11 @@ def run_config(args: argparse.Namespace) -> tuple[Preset, str]:
     for dest, (section, _, _) in DEPRECATED_ARGS.items():
         if getattr(args, dest):
             flag = "--" + dest.replace("_", "-")
-            print(f"genpi run: {flag} is deprecated and goes in the next release: put its flags in the {section}: "
-                  "section of a --config file", file=sys.stderr)  # fmt: skip
+            print(
+                f"genpi run: {flag} is deprecated and goes in the next release: put its flags in the {section}: "
+                "section of a --config file",
+                file=sys.stderr,
+            )
     return preset, name
 
 
@@ -265,7 +364,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
     preset, preset_name = run_config(args)
     check_out(args.out)  # an object-store URI is refused before anything is written
-    entries = load_catalog(args.catalog, args.prompts.split(",") if args.prompts else None)  # bad input fails before any work
+    entries = load_catalog(
+        args.catalog, args.prompts.split(",") if args.prompts else None
+    )  # bad input fails before any work
     if args.prompts is None and preset.prompts and not set(preset.prompts.split(",")) <= {e.id for e in entries}:
         args.prompts = entries[0].id  # the demo's example prompt is not in this catalog: its first prompt instead
         print(f"genpi run: the {preset_name} preset runs prompt {args.prompts!r}", file=sys.stderr)
@@ -299,7 +400,10 @@ def run_pipeline(args: argparse.Namespace) -> int:
         return status
     run = Path(args.out)
     print(f"genpi run: done; report: {run / 'report' / 'report.md'}", file=sys.stderr)
-    print(f"genpi run: serve the adapters with: genpi serve {run / 'adapters' / methods[0]} --catalog {args.catalog}", file=sys.stderr)
+    print(
+        f"genpi run: serve the adapters with: genpi serve {run / 'adapters' / methods[0]} --catalog {args.catalog}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -307,14 +411,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genpi run", description=__doc__.splitlines()[0])
     p.add_argument("catalog", help="prompt catalog (.yaml or .jsonl)")
     p.add_argument("--out", required=True, help="run folder: data/, adapters/METHOD/, eval/, report/")
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help=f"the run's sizes, a YAML file with a section per stage; copy one of {PRESET_DIR}/*.yaml "
-                        "and edit it")  # fmt: skip
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                   help="deprecated (goes in the next release): --config instead; demo (the default without "
-                        "--config): one prompt, sized for 20 minutes on 2 CPU cores; paper: the paper's sizes, for a GPU "
-                        "cluster")  # fmt: skip
-    p.add_argument("--base", default="smollm2", help="the model that is internalized (agent, environment, adapters' base)")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help=f"the run's sizes, a YAML file with a section per stage; copy one of {PRESET_DIR}/*.yaml and edit it",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="demo",
+        help="deprecated (goes in the next release): --config instead; demo (the default without "
+        "--config): one prompt, sized for 20 minutes on 2 CPU cores; paper: the paper's sizes, for a GPU "
+        "cluster",
+    )
+    p.add_argument(
+        "--base", default="smollm2", help="the model that is internalized (agent, environment, adapters' base)"
+    )
     p.add_argument("--generator", default="smollm2", help="the model that writes the pseudo inputs")
     p.add_argument("--engine", choices=["transformers", "vllm"], default=None)
     p.add_argument("--prompts", default=None, help="comma-separated prompt ids")
@@ -329,16 +442,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)
-    p.add_argument("--eval-limit", type=int, default=None, help="at most this many held-out inputs per prompt in evaluation")
+    p.add_argument(
+        "--eval-limit", type=int, default=None, help="at most this many held-out inputs per prompt in evaluation"
+    )
     p.add_argument("--cpus-per-trial", type=float, default=None)
-    p.add_argument("--tasks", action="append", default=[], metavar="ID=FILE",
-                   help="OS tasks (AgentBench format) for prompt ID: genpi eval os-tasks of every method; repeatable or comma-separated")
-    p.add_argument("--mind2web", action="append", default=[], metavar="ID=FILE",
-                   help="Mind2Web steps (JSON lines) for prompt ID: genpi eval mind2web of every method; repeatable or comma-separated")
+    p.add_argument(
+        "--tasks",
+        action="append",
+        default=[],
+        metavar="ID=FILE",
+        help="OS tasks (AgentBench format) for prompt ID: genpi eval os-tasks of every method; repeatable or comma-separated",
+    )
+    p.add_argument(
+        "--mind2web",
+        action="append",
+        default=[],
+        metavar="ID=FILE",
+        help="Mind2Web steps (JSON lines) for prompt ID: genpi eval mind2web of every method; repeatable or comma-separated",
+    )
     for dest, (section, command, example) in DEPRECATED_ARGS.items():
-        p.add_argument("--" + dest.replace("_", "-"), default="",
-                       help=f"deprecated: a --config file's {section}: section instead; more flags for {command}"
-                            + (f", e.g. \"{example}\"" if example else ""))  # fmt: skip
+        p.add_argument(
+            "--" + dest.replace("_", "-"),
+            default="",
+            help=f"deprecated: a --config file's {section}: section instead; more flags for {command}"
+            + (f', e.g. "{example}"' if example else ""),
+        )
     p.add_argument("--no-progress", action="store_true")
     return p
 

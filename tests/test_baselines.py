@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from test_recipe import CALC, FAST, row
 from transformers import AutoTokenizer
 
 from genpi.train import run
@@ -12,7 +13,6 @@ from genpi.train.examples import IGNORE, PG_VARIANTS, align_topk, build_sft, los
 from genpi.train.losses import kld_loss, prediction_mask, response_logits, teacher_logits
 from genpi.train.qlora import LoraSettings, add_lora, load_base
 from genpi.train.recipe import build_examples, collate, draw_students, micro_batches, step_loss, topk_targets
-from test_recipe import CALC, FAST, row
 
 PAD = 0
 
@@ -37,7 +37,10 @@ def test_prepend_is_redrawn_every_step_and_reproducible(tokenizer):
     assert all(r.with_p is not None and len(r.with_p.input_ids) > len(r.student.input_ids) for r in rows)
     carries_p = lambda drawn: [e is r.with_p for e, r in zip(drawn, rows)]  # noqa: E731
     torch.manual_seed(0)
-    first, second = carries_p(draw_students(rows, settings("prepend"))), carries_p(draw_students(rows, settings("prepend")))
+    first, second = (
+        carries_p(draw_students(rows, settings("prepend"))),
+        carries_p(draw_students(rows, settings("prepend"))),
+    )
     assert first != second  # a new draw at the next epoch
     assert 10 < sum(first) < 30 and 10 < sum(second) < 30
     torch.manual_seed(0)
@@ -62,8 +65,29 @@ def test_pg_method_trains_only_pg_examples(tiny_model, tokenizer):
 def test_every_pg_variant_is_reachable_from_the_cli(monkeypatch, variant):
     got = {}
     monkeypatch.setattr(run, "train_catalog", lambda data, catalog, out, base, s, *a: got.update(settings=s) or {})
-    assert run.main(["data", "--catalog", "c.yaml", "--out", "o", "--method", "pg", "--pg-variant", variant, "--prepend-ratio", "0.25"]) == 0
-    assert got["settings"].method == "pg" and got["settings"].pg_variant == variant and got["settings"].prepend_ratio == 0.25
+    assert (
+        run.main(
+            [
+                "data",
+                "--catalog",
+                "c.yaml",
+                "--out",
+                "o",
+                "--method",
+                "pg",
+                "--pg-variant",
+                variant,
+                "--prepend-ratio",
+                "0.25",
+            ]
+        )
+        == 0
+    )
+    assert (
+        got["settings"].method == "pg"
+        and got["settings"].pg_variant == variant
+        and got["settings"].prepend_ratio == 0.25
+    )
 
 
 def test_cli_refuses_bad_baseline_settings(monkeypatch, capsys):
@@ -95,7 +119,9 @@ def test_kld_step_projects_only_the_response_positions(tiny_model, tokenizer):
     rows, _ = build_examples([row(i) for i in range(3)], CALC, tokenizer, settings("kld"))
     model = add_lora(load_base(tiny_model, quantize=False), LoraSettings(r=4, alpha=8, dropout=0.0))
     head_rows = []
-    model.get_base_model().get_output_embeddings().register_forward_hook(lambda m, i, o: head_rows.append(o.shape[:-1].numel()))
+    model.get_base_model().get_output_embeddings().register_forward_hook(
+        lambda m, i, o: head_rows.append(o.shape[:-1].numel())
+    )
     assert step_loss(model, rows, settings("kld"), PAD) > 0
     positions = sum(e.loss_token_count for r in rows for e in (r.student, r.teacher))
     assert sum(head_rows) == positions  # not B × T per view
@@ -119,8 +145,13 @@ def fake_topk(example, k=3):
     out = []
     for positions in example.agent_tokens:
         ids = [example.input_ids[p] for p in positions]
-        out.append({"token_ids": ids, "topk_ids": [[t, t + 1, t + 2][:k] for t in ids],
-                    "topk_logprobs": [[math.log(0.7), math.log(0.2), math.log(0.05)][:k] for _ in ids]})  # fmt: skip
+        out.append(
+            {
+                "token_ids": ids,
+                "topk_ids": [[t, t + 1, t + 2][:k] for t in ids],
+                "topk_logprobs": [[math.log(0.7), math.log(0.2), math.log(0.05)][:k] for _ in ids],
+            }
+        )
     return out
 
 
@@ -129,8 +160,12 @@ def test_topk_alignment_tolerates_edges_and_counts_failures(tokenizer):
     topk = fake_topk(ex)
     first, second = ex.agent_tokens
     # Turn 1: the engine generated a leading token that the stripped text lost; turn 2: unrelated tokens.
-    shifted = dict(topk[0], token_ids=[198] + topk[0]["token_ids"], topk_ids=[[198]] + topk[0]["topk_ids"],
-                   topk_logprobs=[[0.0]] + topk[0]["topk_logprobs"])  # fmt: skip
+    shifted = dict(
+        topk[0],
+        token_ids=[198] + topk[0]["token_ids"],
+        topk_ids=[[198]] + topk[0]["topk_ids"],
+        topk_logprobs=[[0.0]] + topk[0]["topk_logprobs"],
+    )
     unrelated = dict(topk[1], token_ids=[5, 6, 7])
     assert align_topk(ex, [shifted, unrelated], k=2) == 1
     assert ex.topk_positions == first  # every content token of turn 1, none of turn 2, no end-of-turn marker
@@ -162,8 +197,13 @@ def test_topk_kl_lowers_the_kl_to_the_teacher(tiny_model, tokenizer):
         r["teacher_topk"] = []
         for positions in teacher.agent_tokens:
             top = logprobs[[p - 1 for p in positions]].topk(s.topk_k)  # the logits at p - 1 predict token p
-            r["teacher_topk"].append({"token_ids": [teacher.input_ids[p] for p in positions],
-                                      "topk_ids": top.indices.tolist(), "topk_logprobs": top.values.tolist()})  # fmt: skip
+            r["teacher_topk"].append(
+                {
+                    "token_ids": [teacher.input_ids[p] for p in positions],
+                    "topk_ids": top.indices.tolist(),
+                    "topk_logprobs": top.values.tolist(),
+                }
+            )
     rows, report = build_examples(data, CALC, tokenizer, s)
     assert report["skipped"] == 0 and report["topk_unaligned_turns"] == 0
     assert all(r.student.topk_positions == sum(r.student.agent_tokens, []) for r in rows)
@@ -171,7 +211,14 @@ def test_topk_kl_lowers_the_kl_to_the_teacher(tiny_model, tokenizer):
     student_batch, teacher_batch = collate([r.student for r in rows], PAD, "cpu"), collate(teachers, PAD, "cpu")
     targets = teacher_logits(model, teacher_batch)
     soft = [set(r.student.topk_positions) for r in rows]
-    content = torch.tensor([p in have for r, have in zip(rows, soft) for p in range(1, len(r.student.labels)) if r.student.labels[p] != IGNORE])
+    content = torch.tensor(
+        [
+            p in have
+            for r, have in zip(rows, soft)
+            for p in range(1, len(r.student.labels))
+            if r.student.labels[p] != IGNORE
+        ]
+    )
     assert content.sum() == sum(map(len, soft)) and targets.size(0) == content.numel()
     index, ids, _ = topk_targets([r.student for r in rows], "cpu")  # the rows of response_logits that get the soft loss
     assert torch.equal(index, content.nonzero().squeeze(1)) and ids.shape == (len(index), s.topk_k)

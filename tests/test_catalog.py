@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import EXAMPLES, REPO
+
 from genpi.catalog import CatalogError, entry_from_json, load_catalog, prompt_sha256
 
 GOOD = {
@@ -72,7 +72,11 @@ def test_several_shot_dialogues(tmp_path):
         ({"actions": {"final": "[a-"}}, "actions.final", "bad regular expression"),
         ({"system": "", "shots": []}, "system", "empty prompt"),
         ({"shots": [{"role": "assistant", "content": "hi"}]}, "shots[0].role", "wrong role order"),
-        ({"shots": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "shots[1].role", "wrong role order"),
+        (
+            {"shots": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+            "shots[1].role",
+            "wrong role order",
+        ),
         ({"shots": [{"role": "user", "content": "a"}]}, "shots[0]", "must end with the agent"),
         ({"shots": [{"role": "system", "content": "a"}]}, "shots[0].role", "must be 'user' or 'assistant'"),
         ({"shots": [{"role": "user", "content": ""}]}, "shots[0].content", "non-empty"),
@@ -80,19 +84,39 @@ def test_several_shot_dialogues(tmp_path):
         ({"input_examples": []}, "input_examples", "non-empty list"),
         ({"checks": {"name": "fr", "language": "fr"}}, "checks", "must be a list"),
         ({"checks": ["fr"]}, "checks[0]", "must be a mapping"),
-        ({"checks": [{"name": "a", "regex": "x"}, {"name": "b", "regex": "(("}]}, "checks[1].regex", "bad regular expression"),
+        (
+            {"checks": [{"name": "a", "regex": "x"}, {"name": "b", "regex": "(("}]},
+            "checks[1].regex",
+            "bad regular expression",
+        ),
         ({"checks": [{"name": "a", "regex": 3}]}, "checks[0].regex", "regular expression string"),
-        ({"checks": [{"name": "a", "regex": "x", "language": "fr"}]}, "checks[0]", "exactly one of regex, language, json_schema, got regex, language"),
+        (
+            {"checks": [{"name": "a", "regex": "x", "language": "fr"}]},
+            "checks[0]",
+            "exactly one of regex, language, json_schema, got regex, language",
+        ),
         ({"checks": [{"name": "a"}]}, "checks[0]", "exactly one of regex, language, json_schema, got none"),
         ({"checks": [{"name": "a", "regex": "x", "flags": "i"}]}, "checks[0].flags", "unknown key"),
         ({"checks": [{"regex": "x"}]}, "checks[0].name", "must match"),
         ({"checks": [{"name": "Bad Name", "regex": "x"}]}, "checks[0].name", "must match"),
-        ({"checks": [{"name": "a", "regex": "x"}, {"name": "a", "language": "fr"}]}, "checks[1].name", "duplicate of checks[0]"),
+        (
+            {"checks": [{"name": "a", "regex": "x"}, {"name": "a", "language": "fr"}]},
+            "checks[1].name",
+            "duplicate of checks[0]",
+        ),
         ({"checks": [{"name": "a", "language": "xx"}]}, "checks[0].language", "ISO 639-1 code"),
         ({"checks": [{"name": "a", "language": "french"}]}, "checks[0].language", "ISO 639-1 code"),
         ({"checks": [{"name": "a", "language": "FR"}]}, "checks[0].language", "ISO 639-1 code"),
-        ({"checks": [{"name": "a", "json_schema": {"type": "objekt"}}]}, "checks[0].json_schema", "invalid JSON schema"),
-        ({"checks": [{"name": "a", "json_schema": {"properties": {"x": {"minLength": -1}}}}]}, "checks[0].json_schema", "invalid JSON schema at properties/x/minLength"),
+        (
+            {"checks": [{"name": "a", "json_schema": {"type": "objekt"}}]},
+            "checks[0].json_schema",
+            "invalid JSON schema",
+        ),
+        (
+            {"checks": [{"name": "a", "json_schema": {"properties": {"x": {"minLength": -1}}}}]},
+            "checks[0].json_schema",
+            "invalid JSON schema at properties/x/minLength",
+        ),
         ({"checks": [{"name": "a", "json_schema": "object"}]}, "checks[0].json_schema", "must be a JSON schema"),
         ({"train": [0.3]}, "train", "must be a mapping"),
         ({"train": {"lambda": 0.3}}, "train.lambda", "unknown key"),
@@ -127,23 +151,44 @@ CHECKS = [
 def test_checks_and_train_settings_load_and_round_trip(tmp_path):
     from genpi.catalog import Check
 
-    [entry] = load_catalog(write(tmp_path, [dict(GOOD, checks=CHECKS, train={"lam": 0.3, "grad_clip": 1, "lr": "3e-4", "epochs": 2})]))
-    assert entry.checks == (Check("french", "language", "fr"), Check("json", "json_schema", CHECKS[1]["json_schema"]), Check("polite", "regex", "(?i)please"))
-    assert [c.name for c in entry.all_checks] == ["format", "french", "json", "polite"]  # actions.valid leads as `format`
+    [entry] = load_catalog(
+        write(tmp_path, [dict(GOOD, checks=CHECKS, train={"lam": 0.3, "grad_clip": 1, "lr": "3e-4", "epochs": 2})])
+    )
+    assert entry.checks == (
+        Check("french", "language", "fr"),
+        Check("json", "json_schema", CHECKS[1]["json_schema"]),
+        Check("polite", "regex", "(?i)please"),
+    )
+    assert [c.name for c in entry.all_checks] == [
+        "format",
+        "french",
+        "json",
+        "polite",
+    ]  # actions.valid leads as `format`
     assert entry.all_checks[0] == Check("format", "regex", GOOD["actions"]["valid"])
-    assert entry.train == {"lam": 0.3, "grad_clip": 1.0, "lr": 3e-4, "epochs": 2}  # YAML's "3e-4" string read as the number
+    assert entry.train == {
+        "lam": 0.3,
+        "grad_clip": 1.0,
+        "lr": 3e-4,
+        "epochs": 2,
+    }  # YAML's "3e-4" string read as the number
     assert type(entry.train["epochs"]) is int and type(entry.train["grad_clip"]) is float
     data = json.loads(json.dumps(entry.to_json()))
     assert data["checks"] == CHECKS and data["train"] == entry.train
     assert entry_from_json(data) == entry
     [plain] = load_catalog(write(tmp_path, [GOOD], "plain.yaml"))
     assert plain.sha256 == entry.sha256  # checks and train settings are not part of P
-    assert plain.checks == () and plain.train == {} and "checks" not in plain.to_json() and "train" not in plain.to_json()
+    assert (
+        plain.checks == () and plain.train == {} and "checks" not in plain.to_json() and "train" not in plain.to_json()
+    )
     assert [c.name for c in plain.all_checks] == ["format"]
 
     own = [{"name": "format", "regex": "^Act: answer"}]  # the catalog's own `format` replaces actions.valid's
     [entry] = load_catalog(write(tmp_path, [dict(GOOD, checks=own)], "own.yaml"))
-    assert entry.all_checks == (Check("format", "regex", "^Act: answer"),) and entry.valid_action == GOOD["actions"]["valid"]
+    assert (
+        entry.all_checks == (Check("format", "regex", "^Act: answer"),)
+        and entry.valid_action == GOOD["actions"]["valid"]
+    )
     no_actions = {k: v for k, v in GOOD.items() if k != "actions"}
     [entry] = load_catalog(write(tmp_path, [no_actions], "none.yaml"))
     assert entry.all_checks == ()
@@ -152,11 +197,21 @@ def test_checks_and_train_settings_load_and_round_trip(tmp_path):
 def test_cli_refuses_a_bad_check_with_status_2(tmp_path):
     path = write(tmp_path, [GOOD | {"id": "first"}, dict(GOOD, checks=[{"name": "lang", "language": "zz"}])])
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "genpi.cli", "synth", str(path), "--out", str(out)],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "genpi.cli", "synth", str(path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
-    assert str(path) in line and "entry 2 (id 'agent.v1')" in line and "field 'checks[0].language'" in line and "'zz'" in line
+    assert (
+        str(path) in line
+        and "entry 2 (id 'agent.v1')" in line
+        and "field 'checks[0].language'" in line
+        and "'zz'" in line
+    )
     assert not out.exists()
 
 
@@ -187,17 +242,28 @@ def test_a_folder_a_binary_or_a_non_utf8_catalog_is_refused_naming_it(tmp_path, 
     folder = tmp_path / "catalog.yaml"
     folder.mkdir()
     latin1 = tmp_path / "latin1.yaml"
-    latin1.write_bytes(yaml.safe_dump([dict(GOOD, system="Réponds en français.")], allow_unicode=True).encode("utf-8").replace("é".encode(), b"\xe9"))
+    latin1.write_bytes(
+        yaml.safe_dump([dict(GOOD, system="Réponds en français.")], allow_unicode=True)
+        .encode("utf-8")
+        .replace("é".encode(), b"\xe9")
+    )
     binary = tmp_path / "model.jsonl"
     binary.write_bytes(bytes(range(256)) * 4)
     nuls = tmp_path / "nuls.yaml"
     nuls.write_bytes(b"- id: a\x00\x00\n")
-    for path, words in ((folder, "a folder, not a catalog file"), (latin1, "not UTF-8 text (byte"), (binary, "not UTF-8 text"),
-                        (nuls, "not valid YAML")):  # fmt: skip
+    for path, words in (
+        (folder, "a folder, not a catalog file"),
+        (latin1, "not UTF-8 text (byte"),
+        (binary, "not UTF-8 text"),
+        (nuls, "not valid YAML"),
+    ):
         with pytest.raises(CatalogError, match=re.escape(f"{path}: {words}")):
             load_catalog(path)
-        for command in (["synth", str(path), "--out", str(tmp_path / "out")], ["run", str(path), "--out", str(tmp_path / "run")],
-                        ["serve", str(tmp_path), "--catalog", str(path)]):  # fmt: skip
+        for command in (
+            ["synth", str(path), "--out", str(tmp_path / "out")],
+            ["run", str(path), "--out", str(tmp_path / "run")],
+            ["serve", str(tmp_path), "--catalog", str(path)],
+        ):
             assert main(command) == 2
             err = capsys.readouterr().err
             assert err.startswith(f"genpi: error: {path}: ") and err.count("\n") == 1, (command, err)
@@ -207,10 +273,17 @@ def test_a_folder_a_binary_or_a_non_utf8_catalog_is_refused_naming_it(tmp_path, 
 def test_a_key_given_twice_is_refused(tmp_path):
     twice = tmp_path / "twice.yaml"
     twice.write_text("- id: agent.v1\n  system: Answer briefly.\n  max_turns: 3\n  system: Answer at length.\n")
-    with pytest.raises(CatalogError, match=re.escape(f"{twice}: not valid YAML at line 4, column 3: duplicate key 'system' (first given at line 2)")):
+    with pytest.raises(
+        CatalogError,
+        match=re.escape(f"{twice}: not valid YAML at line 4, column 3: duplicate key 'system' (first given at line 2)"),
+    ):
         load_catalog(twice)
     nested = tmp_path / "nested.yaml"
-    nested.write_text(yaml.safe_dump([dict(GOOD, actions={"valid": "^Act: "})]).replace("valid: '^Act: '", "valid: '^Act: '\n    valid: x"))
+    nested.write_text(
+        yaml.safe_dump([dict(GOOD, actions={"valid": "^Act: "})]).replace(
+            "valid: '^Act: '", "valid: '^Act: '\n    valid: x"
+        )
+    )
     with pytest.raises(CatalogError, match="duplicate key 'valid'"):
         load_catalog(nested)
     jsonl = tmp_path / "twice.jsonl"
@@ -218,7 +291,9 @@ def test_a_key_given_twice_is_refused(tmp_path):
     with pytest.raises(CatalogError, match=re.escape(f"{jsonl}: line 1: duplicate key 'max_turns'")):
         load_catalog(jsonl)
     merged = tmp_path / "merged.yaml"  # a merge key's values may be overridden: YAML means them to be
-    merged.write_text("- &base {id: one, system: Be brief., max_turns: 3, input_examples: [hi]}\n- <<: *base\n  id: two\n")
+    merged.write_text(
+        "- &base {id: one, system: Be brief., max_turns: 3, input_examples: [hi]}\n- <<: *base\n  id: two\n"
+    )
     assert [(e.id, e.max_turns) for e in load_catalog(merged)] == [("one", 3), ("two", 3)]
 
 
@@ -239,8 +314,11 @@ def test_cli_rejects_bad_catalog_with_status_2_and_writes_nothing(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "-m", "genpi.synth", str(write(tmp_path, [GOOD])), "--out", str(out), "--max-turns", "0"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 2 and "--max-turns must be at least 1" in result.stderr and not out.exists()
 
 
@@ -255,7 +333,9 @@ def test_example_catalog_is_valid_and_long():
     entries = {e.id: e for e in load_catalog(EXAMPLES)}
     assert set(entries) == {"os-shell", "web-select", "web-shop", "bakery-fr", "hotel-fr"}
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
-    for entry in (entries[i] for i in ("os-shell", "web-select", "web-shop")):  # the agent prompts: long, in their format
+    for entry in (
+        entries[i] for i in ("os-shell", "web-select", "web-shop")
+    ):  # the agent prompts: long, in their format
         text = tokenizer.apply_chat_template(entry.messages(), tokenize=False)
         assert len(tokenizer(text)["input_ids"]) >= 400, entry.id
         agent_turns = [t["content"] for d in entry.shots for t in d if t["role"] == "assistant"]
@@ -266,4 +346,6 @@ def test_example_catalog_is_valid_and_long():
         for dialogue in entry.shots:
             assert all(run_checks(entry, dialogue[-1]["content"]).values()), (entry.id, dialogue[-1])
         # the base's kind of English reply fails them (a very short one may not: "Hi! Do you have croissants today?" reads as French)
-        assert not any(run_checks(entry, "Yes, we have that in stock this morning. How many would you like?").values()), entry.id
+        assert not any(
+            run_checks(entry, "Yes, we have that in stock this morning. How many would you like?").values()
+        ), entry.id

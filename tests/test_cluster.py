@@ -4,8 +4,8 @@ every stage command it makes parses with that stage's own parser."""
 import shlex
 
 import yaml
-
 from conftest import REPO
+
 from genpi.catalog import load_catalog
 from genpi.eval.run import build_parser as eval_parser
 from genpi.run import build_parser, stage_commands
@@ -34,12 +34,18 @@ def test_the_run_job_fits_its_cluster_and_every_stage_parses():
     args = build_parser().parse_args(entry[4:])
     assert args.preset == "paper" and (REPO / args.catalog).is_file()
     stages = dict(stage_commands(args, PRESETS[args.preset], [e.id for e in load_catalog(REPO / args.catalog)]))
-    efficiency = [f"eval efficiency {e.id}" for e in load_catalog(REPO / args.catalog)]  # the paper preset: every prompt
+    efficiency = [
+        f"eval efficiency {e.id}" for e in load_catalog(REPO / args.catalog)
+    ]  # the paper preset: every prompt
     assert list(stages) == ["synth", "stats", "train genpi", "eval fidelity", *efficiency, "report"]
 
     # the run folder is on the shared volume, seen by the driver (head) and by the trials and eval task (workers)
     assert args.out.startswith("/data/") and mounts(head)["/data"] == mounts(workers["template"]["spec"])["/data"]
-    assert args.base.startswith("/models/") and args.generator.startswith("/models/") and "/models" in mounts(workers["template"]["spec"])
+    assert (
+        args.base.startswith("/models/")
+        and args.generator.startswith("/models/")
+        and "/models" in mounts(workers["template"]["spec"])
+    )
 
     synth = parse_args(stages["synth"])
     generator, target = engine_config(synth, "generator"), engine_config(synth, "target")
@@ -56,8 +62,17 @@ def test_the_run_job_fits_its_cluster_and_every_stage_parses():
     assert fidelity.what == "fidelity" and fidelity.out.startswith("/data/") and fidelity.base == args.base
     for name in efficiency:
         cost = eval_parser().parse_args(stages[name])
-        assert cost.what == "efficiency" and cost.out == fidelity.out and cost.base == args.base and cost.data.startswith("/data/")
-        assert cost.adapters == f"{args.out}/adapters/genpi" and name.endswith(cost.prompt) and (cost.turns, cost.repeats) == (5, 3)
+        assert (
+            cost.what == "efficiency"
+            and cost.out == fidelity.out
+            and cost.base == args.base
+            and cost.data.startswith("/data/")
+        )
+        assert (
+            cost.adapters == f"{args.out}/adapters/genpi"
+            and name.endswith(cost.prompt)
+            and (cost.turns, cost.repeats) == (5, 3)
+        )
 
 
 def test_the_readmes_submit_what_the_run_job_runs():

@@ -61,7 +61,12 @@ def test_a_dead_link_and_a_dead_anchor_are_found(tmp_path):
     (tmp_path / "outside.md").write_text("# out\n")
     page = root / "page.md"
     (root / "other.md").write_text("# A heading, with `code`\n")
-    page.write_text("[ok](other.md#a-heading-with-code) [gone](missing.md) [bad](other.md#nope) [out](../outside.md) "
-                    "[web](https://example.com/x.md) `[in code](missing.md)`\n")
+    page.write_text(
+        "[ok](other.md#a-heading-with-code) [gone](missing.md) [bad](other.md#nope) [out](../outside.md) "
+        "[web](https://example.com/x.md) `[in code](missing.md)`\n"
+    )
     assert [b.split(": ", 1)[1] for b in broken_links(page, root)] == [
-        "missing.md (no such file)", "other.md#nope (no heading #nope)", "../outside.md (outside the repository)"]
+        "missing.md (no such file)",
+        "other.md#nope (no heading #nope)",
+        "../outside.md (outside the repository)",
+    ]

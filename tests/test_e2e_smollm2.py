@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import EXAMPLES, REPO
+
 from genpi.catalog import load_catalog
 
 pytestmark = pytest.mark.slow  # end to end (conftest)
@@ -15,13 +15,28 @@ pytestmark = pytest.mark.slow  # end to end (conftest)
 
 def genpi(*args, timeout=900):
     env = dict(os.environ, RAY_ADDRESS="local")
-    return subprocess.run([sys.executable, "-m", "genpi.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "genpi.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_synth_then_stats_and_sql_with_the_bundled_model(tmp_path):
     out = tmp_path / "out"
-    synth = genpi("synth", str(EXAMPLES), "--out", str(out), "--prompts", "web-select", "--samples", "3",
-                  "--shard-size", "2", "--max-new-tokens", "40", "--no-progress")  # fmt: skip
+    synth = genpi(
+        "synth",
+        str(EXAMPLES),
+        "--out",
+        str(out),
+        "--prompts",
+        "web-select",
+        "--samples",
+        "3",
+        "--shard-size",
+        "2",
+        "--max-new-tokens",
+        "40",
+        "--no-progress",
+    )
     assert synth.returncode == 0, synth.stderr[-3000:]
     # SmolLM2 often rambles past the input token limit, and cut inputs are dropped: how many of the 3 asked for
     # survive depends on the CPU's rounding, so the test takes the count the manifest records and checks the rest
@@ -33,7 +48,9 @@ def test_synth_then_stats_and_sql_with_the_bundled_model(tmp_path):
     assert stats.returncode == 0, stats.stderr
     [row] = json.loads(stats.stdout)
     assert row["prompt_id"] == "web-select" and row["rows"] == n and row["failed"] == 0
-    assert row["gold_turns"] == 1 and 1 <= row["avg_turns"] <= row["max_turns"] == 2  # single-step web: the paper allows 2 turns
+    assert (
+        row["gold_turns"] == 1 and 1 <= row["avg_turns"] <= row["max_turns"] == 2
+    )  # single-step web: the paper allows 2 turns
 
     query = "SELECT sample_id, prompt_sha256, input, turns, student_output, reason, target_model FROM dialogues ORDER BY sample_id"
     sql = genpi("sql", str(out), query, "--json")
@@ -55,10 +72,20 @@ def test_genpi_run_demo_from_catalog_to_report(tmp_path):
     done = genpi("run", str(EXAMPLES), "--out", str(run), "--preset", "demo", "--no-progress", timeout=2400)
     assert done.returncode == 0, done.stderr[-3000:]
     stages = json.loads((run / "run.json").read_text())["stages"]
-    assert list(stages) == ["synth", "stats", "train topk-kl", "train genpi", "eval fidelity", "eval efficiency bakery-fr", "report"]
+    assert list(stages) == [
+        "synth",
+        "stats",
+        "train topk-kl",
+        "train genpi",
+        "eval fidelity",
+        "eval efficiency bakery-fr",
+        "report",
+    ]
     assert all(s["status"] == "done" for s in stages.values())
     assert "bakery-fr" in (run / "data" / "stats.txt").read_text()
-    n = json.loads((run / "data" / "manifest.json").read_text())["prompts"]["bakery-fr"]["inputs"]  # 48 asked (see above)
+    n = json.loads((run / "data" / "manifest.json").read_text())["prompts"]["bakery-fr"][
+        "inputs"
+    ]  # 48 asked (see above)
     heldout = round(n * 0.25)  # a quarter held out
     assert n >= 36
     for method in ("topk-kl", "genpi"):
@@ -72,10 +99,16 @@ def test_genpi_run_demo_from_catalog_to_report(tmp_path):
     # does most of the time and closes a good part of the KL gap (measured: 100% of the teacher's French, 53% of the gap)
     french = {name: m["checks"]["french"]["first_turn"] for name, m in systems.items()}
     assert french["teacher"] >= 0.5 and french["base"] <= 0.25 and french["topk-kl"] >= 0.5 * french["teacher"], french
-    assert systems["topk-kl"]["kl_gap_closed"] >= 0.25 and systems["topk-kl"]["kl_gap_closed_ci"][0] > 0, systems["topk-kl"]
+    assert systems["topk-kl"]["kl_gap_closed"] >= 0.25 and systems["topk-kl"]["kl_gap_closed_ci"][0] > 0, systems[
+        "topk-kl"
+    ]
     [efficiency] = json.loads((run / "eval" / "efficiency.json").read_text())["results"]
     assert efficiency["prompt_id"] == "bakery-fr" and efficiency["latency"]["repeats"] == 1  # the demo's sizes
     report = run / "report" / "report.md"
     text = report.read_text()
-    assert f"report: {report}" in done.stderr and "without the prompt, the `" in text.split("## Synthesis")[0]  # the verdict
-    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in report.parent.glob("*.png")) and list(report.parent.glob("*.png"))
+    assert (
+        f"report: {report}" in done.stderr and "without the prompt, the `" in text.split("## Synthesis")[0]
+    )  # the verdict
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in report.parent.glob("*.png")) and list(
+        report.parent.glob("*.png")
+    )

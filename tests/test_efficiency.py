@@ -9,17 +9,20 @@ import sys
 import duckdb
 import pytest
 import torch
-
 from conftest import EXAMPLES, REPO
-from genpi.catalog import load_catalog
-from genpi.eval.cost import LORA, MERGED, REGIMES, WITH_P, Conversation, decode_macs, dims_of, prefill_macs, read_config
-from genpi.eval.cost_measure import _flop_counter, meta_model, replay, replay_regimes, tokenize
 from test_eval_report import numbers
 from test_recipe import write_calc_dialogues
 
+from genpi.catalog import load_catalog
+from genpi.eval.cost import LORA, MERGED, REGIMES, WITH_P, Conversation, decode_macs, dims_of, prefill_macs, read_config
+from genpi.eval.cost_measure import _flop_counter, meta_model, replay, replay_regimes, tokenize
+
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 CALC = load_catalog(CATALOG)[0]
-PAIRS = [("List the files.", "Think: look.\nAct: bash\n\n```bash\nls\n```"), ("The output of the OS:\na b", "Think: done.\nAct: answer(2)")]
+PAIRS = [
+    ("List the files.", "Think: look.\nAct: bash\n\n```bash\nls\n```"),
+    ("The output of the OS:\na b", "Think: done.\nAct: answer(2)"),
+]
 
 
 def run_cli(*args):
@@ -29,7 +32,10 @@ def run_cli(*args):
 
 def analytic_eager(dims, conv: Conversation, regime: str) -> list[int]:
     """FLOPs per turn as eager attention computes them (each prefill block's masked scores included)."""
-    return [2 * (prefill_macs(dims, t, conv.lora_macs, eager=True) + decode_macs(dims, t, conv.lora_macs)) for t in conv.turns(regime)]
+    return [
+        2 * (prefill_macs(dims, t, conv.lora_macs, eager=True) + decode_macs(dims, t, conv.lora_macs))
+        for t in conv.turns(regime)
+    ]
 
 
 def counted(model, conv: Conversation, regime: str) -> list[int]:
@@ -55,7 +61,12 @@ def test_analytic_count_equals_the_flop_counter_on_the_tiny_llama(tiny_model):
             model = get_peft_model(model, LoraConfig(r=4, target_modules=targets)).eval()
         assert conv.prefix > 0 and all(g > 1 for g in conv.generated)
         # what the command counts: a meta copy, each turn's decode forwards counted once for all regimes
-        meta = replay_regimes(meta_model(config, conv.lora), torch.zeros(1, len(conv.ids), dtype=torch.long, device="meta"), conv, _flop_counter)
+        meta = replay_regimes(
+            meta_model(config, conv.lora),
+            torch.zeros(1, len(conv.ids), dtype=torch.long, device="meta"),
+            conv,
+            _flop_counter,
+        )
         for regime in REGIMES:
             real, expected = counted(model, conv, regime), analytic_eager(dims, conv, regime)
             assert all(abs(r - e) <= 0.05 * e for r, e in zip(real, expected)), (conv.system, regime, real, expected)
@@ -75,7 +86,9 @@ def test_analytic_count_equals_the_flop_counter_on_smollm2():
     config, source = read_config(path)
     dims = dims_of(config, source)
     assert (dims.layers, dims.hidden, dims.kv_dim, dims.intermediate, dims.vocab) == (30, 576, 192, 1536, 49152)
-    conv = tokenize(AutoTokenizer.from_pretrained(path), WITH_P, load_catalog(EXAMPLES, ["os-shell"])[0].messages(), PAIRS)
+    conv = tokenize(
+        AutoTokenizer.from_pretrained(path), WITH_P, load_catalog(EXAMPLES, ["os-shell"])[0].messages(), PAIRS
+    )
     model = meta_model(config, None)
     ids = torch.zeros(1, len(conv.ids), dtype=torch.long, device="meta")
     for regime in REGIMES:
@@ -103,12 +116,23 @@ def test_shared_prefix_saving_is_exactly_the_attention_over_p(tiny_model):
     for t_p, t_m in zip(with_p["shared-prefix"]["turns"], merged["shared-prefix"]["turns"]):
         queries = t_m["prefill_tokens"] + t_m["generated_tokens"] - 1
         assert t_p["prefill_tokens"] == t_m["prefill_tokens"]
-        assert t_p["prefill_macs"] + t_p["decode_macs"] - t_m["prefill_macs"] - t_m["decode_macs"] == per_key * extra * queries
+        assert (
+            t_p["prefill_macs"] + t_p["decode_macs"] - t_m["prefill_macs"] - t_m["decode_macs"]
+            == per_key * extra * queries
+        )
         # P's KV is held once per server, not per conversation
         assert t_p["kv_bytes"] == t_m["kv_bytes"]
-        assert t_p["kv_bytes_concurrent"] - t_m["kv_bytes_concurrent"] == extra * 2 * dims.layers * dims.kv_dim * 4  # float32 config
-    assert with_p["conversation-cache"]["total"]["prefill_tokens"] - merged["conversation-cache"]["total"]["prefill_tokens"] == extra
-    assert with_p["no-cache"]["total"]["prefill_tokens"] - merged["no-cache"]["total"]["prefill_tokens"] == extra * len(PAIRS)
+        assert (
+            t_p["kv_bytes_concurrent"] - t_m["kv_bytes_concurrent"] == extra * 2 * dims.layers * dims.kv_dim * 4
+        )  # float32 config
+    assert (
+        with_p["conversation-cache"]["total"]["prefill_tokens"]
+        - merged["conversation-cache"]["total"]["prefill_tokens"]
+        == extra
+    )
+    assert with_p["no-cache"]["total"]["prefill_tokens"] - merged["no-cache"]["total"]["prefill_tokens"] == extra * len(
+        PAIRS
+    )
     ratios = result["ratios"][MERGED]
     assert ratios["no-cache"]["macs"] < ratios["conversation-cache"]["macs"] < ratios["shared-prefix"]["macs"] < 1
 
@@ -122,7 +146,9 @@ def adapters(tiny_model, tmp_path_factory):
     from genpi.data.adapters import AdapterManifest, write_adapter
     from genpi.train.qlora import save_adapter
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "o_proj"])
+    )
     folder = tmp_path_factory.mktemp("adapters")
     manifest = AdapterManifest("calc", CALC.sha256, tiny_model, "sft", None, {"r": 4}, "test")
     write_adapter(folder / "calc", manifest, lambda tmp: save_adapter(model, tmp))
@@ -137,23 +163,58 @@ def test_efficiency_end_to_end(tiny_model, adapters, tmp_path):
     compressed = tmp_path / "short.txt"
     compressed.write_text("Calculator: reply Act: compute(EXPR), then Act: answer(VALUE).")
     out = tmp_path / "eval"
-    result = run_cli("--catalog", CATALOG, "--prompt", "calc", "--data", data, "--adapters", adapters, "--turns", "3", "--base", tiny_model,
-                     "--compressed-prompt", compressed, "--concurrent", "4", "--repeats", "2", "--out", out, "--json")  # fmt: skip
+    result = run_cli(
+        "--catalog",
+        CATALOG,
+        "--prompt",
+        "calc",
+        "--data",
+        data,
+        "--adapters",
+        adapters,
+        "--turns",
+        "3",
+        "--base",
+        tiny_model,
+        "--compressed-prompt",
+        compressed,
+        "--concurrent",
+        "4",
+        "--repeats",
+        "2",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
-    assert summary["counter_check"]["agree"] and set(summary["counter_check"]["max_relative_difference"]) == set(REGIMES)
-    assert "held-out dialogues" in summary["conversation"] and summary["lora"]["rank"] == 4 and "2·L·d_q per attended key" in summary["formula"]
+    assert summary["counter_check"]["agree"] and set(summary["counter_check"]["max_relative_difference"]) == set(
+        REGIMES
+    )
+    assert (
+        "held-out dialogues" in summary["conversation"]
+        and summary["lora"]["rank"] == 4
+        and "2·L·d_q per attended key" in summary["formula"]
+    )
     assert set(summary["systems"]) == {WITH_P, MERGED, LORA, "compressed-P"}
     assert summary["systems"][LORA]["lora_macs_per_token"] == 2 * 4 * ((64 + 64) + (64 + 64))
     assert summary["systems"]["compressed-P"]["prefix_tokens"] < summary["systems"][WITH_P]["prefix_tokens"]
-    rows = duckdb.connect().execute(
-        "SELECT system, regime, turn, prefill_s, decode_s, kv_bytes_measured, cached_tokens + prefill_tokens + generated_tokens - 1 "
-        "FROM read_parquet(?, hive_partitioning = true)", [str(out / "efficiency" / "*" / "*" / "*.parquet")]).fetchall()  # fmt: skip
+    rows = (
+        duckdb.connect()
+        .execute(
+            "SELECT system, regime, turn, prefill_s, decode_s, kv_bytes_measured, cached_tokens + prefill_tokens + generated_tokens - 1 "
+            "FROM read_parquet(?, hive_partitioning = true)",
+            [str(out / "efficiency" / "*" / "*" / "*.parquet")],
+        )
+        .fetchall()
+    )
     assert len(rows) == 4 * 3 * 3
     dims = dims_of(*read_config(tiny_model))
     for system, regime, turn, prefill_s, decode_s, measured, held in rows:
         assert prefill_s > 0 and decode_s >= 0
-        assert measured == held * 2 * dims.layers * dims.kv_dim * 4  # the engine's float32 cache holds what the count says
+        assert (
+            measured == held * 2 * dims.layers * dims.kv_dim * 4
+        )  # the engine's float32 cache holds what the count says
     saved = json.loads((out / "efficiency.json").read_text())["results"]
     assert [r["prompt_id"] for r in saved] == ["calc"] and (out / "efficiency-calc.png").stat().st_size > 0
     (tmp_path / "report").mkdir()
@@ -172,7 +233,17 @@ def test_efficiency_end_to_end(tiny_model, adapters, tmp_path):
 @pytest.mark.slow
 def test_model_config_alone_and_bad_input(tmp_path):
     """--model-config: analytic only, no model loaded; Llama-3-8B's shipped config; refusals exit 2."""
-    ok = run_cli("--catalog", EXAMPLES, "--prompt", "os-shell", "--model-config", "llama-3-8b", "--prompt-tokens", "1000", "--json")
+    ok = run_cli(
+        "--catalog",
+        EXAMPLES,
+        "--prompt",
+        "os-shell",
+        "--model-config",
+        "llama-3-8b",
+        "--prompt-tokens",
+        "1000",
+        "--json",
+    )
     assert ok.returncode == 0, ok.stderr[-3000:]
     summary = json.loads(ok.stdout)
     assert summary["dims"]["hidden"] == 4096 and summary["counter_check"] is None and summary["latency"] is None
@@ -185,7 +256,10 @@ def test_model_config_alone_and_bad_input(tmp_path):
         (("--prompt", "nope"), "--prompt nope: not in"),
         (("--prompt", "calc", "--turns", "0"), "--turns must be at least 1"),
         (("--prompt", "calc", "--turns", "3"), "hold only 2 agent turns"),
-        (("--prompt", "calc", "--turns", "2", "--compressed-prompt", long, "--model-config", "llama-3-8b"), "longer than P"),
+        (
+            ("--prompt", "calc", "--turns", "2", "--compressed-prompt", long, "--model-config", "llama-3-8b"),
+            "longer than P",
+        ),
         (("--prompt", "calc", "--model-config", tmp_path / "missing.json"), "no such config file"),
         (("--prompt", "calc", "--model-config", broken), "lacks num_hidden_layers"),
     ]:

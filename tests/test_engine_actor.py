@@ -124,7 +124,9 @@ def pid_of(handle) -> int:
 @pytest.mark.parametrize(
     "build",
     [
-        lambda marker: batch_engine(marker, "engine: RuntimeError: CUDA error: an illegal memory access was encountered"),
+        lambda marker: batch_engine(
+            marker, "engine: RuntimeError: CUDA error: an illegal memory access was encountered"
+        ),
         lambda marker: async_engine(marker),
         lambda marker: batch_engine(marker, "engine: ValueError: something odd"),  # not fatal, but the same every time
     ],
@@ -147,7 +149,9 @@ def test_a_dead_engine_restarts_its_actor_and_every_call_is_answered(local_ray, 
 
 
 def test_restarts_are_bounded_then_calls_fail_as_retryable(local_ray, tmp_path):
-    handle, engine = start(batch_engine(tmp_path / "died", "engine: RuntimeError: CUDA error: unknown", doomed_always=True), restarts=1)
+    handle, engine = start(
+        batch_engine(tmp_path / "died", "engine: RuntimeError: CUDA error: unknown", doomed_always=True), restarts=1
+    )
     results = asyncio.run(ask_all(engine, ["a", "b"]))
     for r in results:
         assert r.finish_reason == "error" and r.error.startswith("engine: ") and "Actor" in r.error
@@ -216,5 +220,7 @@ def test_a_shutdown_that_hangs_does_not_keep_a_dead_engine_s_process(monkeypatch
     os_exit = os._exit
     monkeypatch.setattr(os, "_exit", lambda status: (ended.set(), os_exit(status)))  # the watchdog's exit ends the wait
     with pytest.raises(SystemExit):
-        plain_actor(engine)._exit_if_dead([Completion.failure("engine: RuntimeError: CUDA error: an illegal memory access")])
+        plain_actor(engine)._exit_if_dead(
+            [Completion.failure("engine: RuntimeError: CUDA error: an illegal memory access")]
+        )
     assert engine.calls[:2] == ["shutdown", "exit 1 (watchdog)"]

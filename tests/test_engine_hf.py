@@ -132,14 +132,19 @@ def test_rows_of_different_prefixes_share_decode_steps_and_answer_as_alone(tiny_
     assert max(rows for rows, _ in engine.steps) >= 4  # the prefixes did share steps
     alone = one_by_one(TransformersEngine(tiny_model, dtype="float32"), requests)
     assert [c.text for c in together] == [c.text for c in alone]
-    assert [c.completion_tokens for c in together] == [min(r.sampling.max_tokens, c.completion_tokens) for r, c in zip(requests, alone)]
+    assert [c.completion_tokens for c in together] == [
+        min(r.sampling.max_tokens, c.completion_tokens) for r, c in zip(requests, alone)
+    ]
     assert [c.completion_tokens for c in together] == [12, 3, 20, 7, 16, 1]  # max_tokens holds per row
     assert len({c.text for c in together}) == len(requests)
 
 
 def test_a_request_joins_a_running_batch_and_leaves_before_the_slow_rows(tiny_model):
     engine = TransformersEngine(tiny_model, dtype="float32", max_batch=8)
-    slow = [ChatRequest(r.messages, Sampling(max_tokens=60), prefix_messages=r.prefix_messages) for r in mixed_requests()[:2]]
+    slow = [
+        ChatRequest(r.messages, Sampling(max_tokens=60), prefix_messages=r.prefix_messages)
+        for r in mixed_requests()[:2]
+    ]
     quick = mixed_requests()[2:4]
     slow_futures = [engine.submit(r) for r in slow]
     while not engine.steps:  # the slow rows are decoding
@@ -156,10 +161,14 @@ def test_a_request_joins_a_running_batch_and_leaves_before_the_slow_rows(tiny_mo
 def test_sampling_is_reproducible_per_request_whatever_its_batch(tiny_model):
     engine = TransformersEngine(tiny_model, dtype="float32", max_batch=8)
     sampling = Sampling(temperature=1.0, top_p=0.9, max_tokens=12)
-    requests = [ChatRequest(r.messages, sampling, seed=r.seed, prefix_messages=r.prefix_messages) for r in mixed_requests()]
+    requests = [
+        ChatRequest(r.messages, sampling, seed=r.seed, prefix_messages=r.prefix_messages) for r in mixed_requests()
+    ]
     together = [c.text for c in engine.generate(requests)]
     assert together == [c.text for c in one_by_one(engine, requests)]
-    assert together != [c.text for c in engine.generate([ChatRequest(r.messages, sampling, seed=r.seed + 100) for r in requests])]
+    assert together != [
+        c.text for c in engine.generate([ChatRequest(r.messages, sampling, seed=r.seed + 100) for r in requests])
+    ]
 
 
 def test_stop_strings_hold_per_row_in_a_shared_batch(tiny_model):
@@ -167,11 +176,15 @@ def test_stop_strings_hold_per_row_in_a_shared_batch(tiny_model):
     free = engine.generate(mixed_requests((16,) * 6))
     stops = [c.text[4:7] for c in free]
     assert all(s.strip() for s in stops)
-    requests = [ChatRequest(r.messages, Sampling(max_tokens=16, stop=(s,) if i % 2 else ()), prefix_messages=r.prefix_messages)
-                for i, (r, s) in enumerate(zip(mixed_requests(), stops))]  # fmt: skip
+    requests = [
+        ChatRequest(r.messages, Sampling(max_tokens=16, stop=(s,) if i % 2 else ()), prefix_messages=r.prefix_messages)
+        for i, (r, s) in enumerate(zip(mixed_requests(), stops))
+    ]
     for i, (c, f, s) in enumerate(zip(engine.generate(requests), free, stops)):
         if i % 2:
-            assert c.finish_reason == "stop" and s not in c.text and f.text.startswith(c.text) and c.completion_tokens < 16
+            assert (
+                c.finish_reason == "stop" and s not in c.text and f.text.startswith(c.text) and c.completion_tokens < 16
+            )
         else:
             assert c.text == f.text and c.completion_tokens == 16
 
@@ -179,8 +192,10 @@ def test_stop_strings_hold_per_row_in_a_shared_batch(tiny_model):
 def test_a_failing_request_fails_alone_while_others_decode(tiny_model):
     engine = TransformersEngine(tiny_model, dtype="float32", max_model_len=512)
     running = engine.submit(mixed_requests()[0])
-    bad = [engine.submit(ChatRequest([{"role": "user", "content": None}])),
-           engine.submit(ChatRequest([{"role": "user", "content": "word " * 600}], Sampling(max_tokens=4)))]  # fmt: skip
+    bad = [
+        engine.submit(ChatRequest([{"role": "user", "content": None}])),
+        engine.submit(ChatRequest([{"role": "user", "content": "word " * 600}], Sampling(max_tokens=4))),
+    ]
     assert bad[0].result().error.startswith("engine: ") and bad[1].result().error.startswith("context_length:")
     assert running.result().error is None and running.result().completion_tokens == 12
 
@@ -212,20 +227,26 @@ class SlowStream:
 
 def test_an_abandoning_close_fails_what_runs_at_once(tiny_model):
     engine = TransformersEngine(tiny_model, dtype="float32")
-    long = engine.submit(ChatRequest([{"role": "user", "content": "go on"}], Sampling(max_tokens=400)), stream=SlowStream())
+    long = engine.submit(
+        ChatRequest([{"role": "user", "content": "go on"}], Sampling(max_tokens=400)), stream=SlowStream()
+    )
     while not engine.steps:
         time.sleep(0.005)
     engine.close(abandon=True)
     assert long.result().error == "cancelled" and engine._worker is None
 
 
-def test_a_worker_that_fails_outside_a_row_fails_what_it_holds_and_the_next_request_starts_afresh(tiny_model, monkeypatch):
+def test_a_worker_that_fails_outside_a_row_fails_what_it_holds_and_the_next_request_starts_afresh(
+    tiny_model, monkeypatch
+):
     """An error outside the per-row handling (here: joining prefilled rows to the running batch, as an out of
     memory there would) fails the running, the admitted and the queued rows with it, never leaves them hanging."""
     engine = TransformersEngine(tiny_model, dtype="float32", max_batch=8)
     [expected] = engine.generate(mixed_requests((6,)))
     engine.steps.clear()
-    running = engine.submit(ChatRequest([{"role": "user", "content": "go on"}], Sampling(max_tokens=400)), stream=SlowStream())
+    running = engine.submit(
+        ChatRequest([{"role": "user", "content": "go on"}], Sampling(max_tokens=400)), stream=SlowStream()
+    )
     while not engine.steps:  # it decodes in the running batch
         time.sleep(0.005)
     worker, join, queued, joined = engine._worker, engine._join, [], []
@@ -253,7 +274,9 @@ def test_a_cancelled_future_frees_its_row_and_the_worker_goes_on(tiny_model):
     """An awaiting asyncio task that is cancelled cancels the future it wraps (asyncio.wrap_future): its row stops,
     and its completion, which the future can no longer take, must not kill the worker."""
     engine = TransformersEngine(tiny_model, dtype="float32", max_batch=8)
-    doomed = engine.submit(ChatRequest([{"role": "user", "content": "go on"}], Sampling(max_tokens=900)), stream=SlowStream())
+    doomed = engine.submit(
+        ChatRequest([{"role": "user", "content": "go on"}], Sampling(max_tokens=900)), stream=SlowStream()
+    )
     while not engine.steps:
         time.sleep(0.005)
     assert doomed.cancel()
@@ -315,6 +338,8 @@ def test_the_attention_kernels_agree_with_sdpa_and_a_query_that_sees_nothing_giv
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q @ k.transpose(2, 3)) / 4 + mask
     for out, lse in (_attend(q, k, v, mask, 0.25), _attend_math(q, k, v, mask, 0.25)):
-        assert torch.allclose(out[0], reference[0], atol=1e-5) and torch.allclose(out[1, :, 1:], reference[1, :, 1:], atol=1e-5)
+        assert torch.allclose(out[0], reference[0], atol=1e-5) and torch.allclose(
+            out[1, :, 1:], reference[1, :, 1:], atol=1e-5
+        )
         assert torch.allclose(lse[0], torch.logsumexp(scores[0], -1), atol=1e-5)
         assert torch.equal(out[1, :, 0], torch.zeros_like(out[1, :, 0]))

@@ -8,13 +8,13 @@ import sys
 import duckdb
 import pytest
 import yaml
-
 from conftest import REPO, copy_into
+from test_recipe import row, write_calc_dialogues
+
 from genpi.catalog import load_catalog
 from genpi.data.adapters import AdapterManifest, read_adapter_manifest, write_adapter
 from genpi.train.qlora import LoraSettings, save_adapter
 from genpi.train.recipe import TrainSettings, train_adapter
-from test_recipe import row, write_calc_dialogues
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 CALC, GREET = load_catalog(CATALOG)
@@ -27,12 +27,21 @@ def data(tmp_path_factory):
 
 
 def train_sft(base, tmp_path_factory, lambdas=None):
-    settings = TrainSettings(method="sft", epochs=6, lr=1e-2, batch_size=4, micro_batch=4, max_length=512, quantize=False,
-                             lora=LoraSettings(r=8, alpha=16, dropout=0.0))  # fmt: skip
+    settings = TrainSettings(
+        method="sft",
+        epochs=6,
+        lr=1e-2,
+        batch_size=4,
+        micro_batch=4,
+        max_length=512,
+        quantize=False,
+        lora=LoraSettings(r=8, alpha=16, dropout=0.0),
+    )
     model, metrics = train_adapter(base, CALC, [row(i) for i in range(12)], [], settings)
     folder = tmp_path_factory.mktemp("adapters")
-    manifest = AdapterManifest("calc", CALC.sha256, base, "sft", None, settings.lora.to_dict(), "test", metrics,
-                               settings={"lambdas": lambdas})  # fmt: skip
+    manifest = AdapterManifest(
+        "calc", CALC.sha256, base, "sft", None, settings.lora.to_dict(), "test", metrics, settings={"lambdas": lambdas}
+    )
     write_adapter(folder / "calc", manifest, lambda tmp: save_adapter(model, tmp))
     return folder
 
@@ -51,8 +60,23 @@ def run_eval(*args):
 @pytest.mark.slow
 def test_fidelity_against_the_teacher(data, adapters, tiny_trainable_model, tmp_path):
     out = tmp_path / "eval"
-    result = run_eval("fidelity", data, "--catalog", CATALOG, "--adapters", f"sft={adapters}", "--base", tiny_trainable_model,
-                      "--max-new-tokens", "12", "--max-turns", "2", "--out", out, "--json")  # fmt: skip
+    result = run_eval(
+        "fidelity",
+        data,
+        "--catalog",
+        CATALOG,
+        "--adapters",
+        f"sft={adapters}",
+        "--base",
+        tiny_trainable_model,
+        "--max-new-tokens",
+        "12",
+        "--max-turns",
+        "2",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     [calc, greet] = sorted(summary["results"], key=lambda r: r["prompt_id"])
@@ -62,7 +86,9 @@ def test_fidelity_against_the_teacher(data, adapters, tiny_trainable_model, tmp_
     assert calc["heldout_used_for_lambda"] == {"sft": True}  # λ chosen among 2 values on these rows
 
     con = duckdb.connect()
-    rows = con.execute(f"SELECT * FROM read_parquet('{out}/fidelity/**/*.parquet', hive_partitioning=true) ORDER BY system, sample_id").fetchall()
+    rows = con.execute(
+        f"SELECT * FROM read_parquet('{out}/fidelity/**/*.parquet', hive_partitioning=true) ORDER BY system, sample_id"
+    ).fetchall()
     names = [d[0] for d in con.description]
     rows = [dict(zip(names, r)) for r in rows]
     assert len(rows) == 12 and {r["sample_id"] for r in rows} == {12, 13, 14, 15}
@@ -70,9 +96,13 @@ def test_fidelity_against_the_teacher(data, adapters, tiny_trainable_model, tmp_
     for r in rows:  # every stored score follows from the stored texts
         assert r["in_action_space"] == bool(re.search(CALC.valid_action, r["reply"].strip()))
         assert r["turns"][0]["content"] == r["reply"] and 1 <= r["n_turns"] <= 2
-        assert r["turns_valid"] == [bool(re.search(CALC.valid_action, t["content"].strip())) for t in r["turns"] if t["role"] == "assistant"]
+        assert r["turns_valid"] == [
+            bool(re.search(CALC.valid_action, t["content"].strip())) for t in r["turns"] if t["role"] == "assistant"
+        ]
         assert r["ended_final"] == (r["terminated_by"] == "final_action") and r["tf_tokens"] > 0 and r["error"] is None
-        assert r["checks"] == [{"name": "format", "passed": r["in_action_space"]}]  # actions.valid is the check `format`
+        assert r["checks"] == [
+            {"name": "format", "passed": r["in_action_space"]}
+        ]  # actions.valid is the check `format`
         assert [[c["passed"] for c in turn] for turn in r["turn_checks"]] == [[v] for v in r["turns_valid"]]
         if r["system"] == "teacher":
             assert r["tf_kl"] == 0.0 and r["rouge_l"] == 1.0
@@ -93,13 +123,35 @@ def test_fidelity_against_the_teacher(data, adapters, tiny_trainable_model, tmp_
     assert summary == json.loads((out / "fidelity.json").read_text())
 
     recorded = read_adapter_manifest(adapters / "calc").eval_metrics["fidelity"]
-    assert recorded["metrics"] == m["sft"] and recorded["teacher"] == m["teacher"] and recorded["heldout_used_for_lambda"]
+    assert (
+        recorded["metrics"] == m["sft"] and recorded["teacher"] == m["teacher"] and recorded["heldout_used_for_lambda"]
+    )
     assert not list((adapters / "calc").glob(".*.tmp"))
 
-    table = run_eval(data, "--catalog", CATALOG, "--adapters", adapters, "--base", tiny_trainable_model, "--max-new-tokens", "4",
-                     "--max-turns", "1", "--limit", "1", "--out", tmp_path / "e2", "--no-record")  # `genpi eval DATA`: the same  # fmt: skip
+    table = run_eval(
+        data,
+        "--catalog",
+        CATALOG,
+        "--adapters",
+        adapters,
+        "--base",
+        tiny_trainable_model,
+        "--max-new-tokens",
+        "4",
+        "--max-turns",
+        "1",
+        "--limit",
+        "1",
+        "--out",
+        tmp_path / "e2",
+        "--no-record",
+    )  # `genpi eval DATA`: the same
     assert table.returncode == 0, table.stderr[-3000:]
-    assert "retention" in table.stdout and "λ was chosen on these held-out rows" in table.stdout and "greet: skipped" in table.stdout
+    assert (
+        "retention" in table.stdout
+        and "λ was chosen on these held-out rows" in table.stdout
+        and "greet: skipped" in table.stdout
+    )
     assert "check format: pass rate" in table.stdout
 
 
@@ -143,13 +195,36 @@ def test_a_prompt_without_actions_skips_the_action_metrics_only(data, adapters, 
     del entries[0]["actions"]  # the prompt itself (and its sha256) is unchanged
     entries[0]["checks"] = [{"name": "english", "language": "en"}, {"name": "json", "json_schema": {"type": "object"}}]
     catalog.write_text(yaml.safe_dump(entries))
-    result = run_eval("fidelity", data, "--catalog", catalog, "--adapters", adapters, "--base", tiny_trainable_model, "--prompts", "calc",
-                      "--max-new-tokens", "4", "--max-turns", "1", "--limit", "2", "--out", tmp_path / "eval", "--no-record", "--json")  # fmt: skip
+    result = run_eval(
+        "fidelity",
+        data,
+        "--catalog",
+        catalog,
+        "--adapters",
+        adapters,
+        "--base",
+        tiny_trainable_model,
+        "--prompts",
+        "calc",
+        "--max-new-tokens",
+        "4",
+        "--max-turns",
+        "1",
+        "--limit",
+        "2",
+        "--out",
+        tmp_path / "eval",
+        "--no-record",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     [calc] = json.loads(result.stdout)["results"]
     assert calc["first_turn_actions"] == "skipped: the prompt has no actions.valid regex"
     for m in calc["systems"].values():
-        assert m["format_rate"] is m["kind_agreement"] is m["action_space_rate"] is m["final_rate"] is None and m["kinds"] == {}
+        assert (
+            m["format_rate"] is m["kind_agreement"] is m["action_space_rate"] is m["final_rate"] is None
+            and m["kinds"] == {}
+        )
         assert m["nll"] > 0 and m["tf_tokens"] > 0 and m["rouge_l"] is not None  # teacher-forced and ROUGE-L still run
     assert calc["systems"]["teacher"]["kl"] == 0.0
 
@@ -157,7 +232,9 @@ def test_a_prompt_without_actions_skips_the_action_metrics_only(data, adapters, 
 
     [entry] = load_catalog(catalog, ["calc"])
     con = duckdb.connect()
-    rows = con.execute(f"SELECT system, reply, checks FROM read_parquet('{tmp_path}/eval/fidelity/**/*.parquet', hive_partitioning=true)").fetchall()
+    rows = con.execute(
+        f"SELECT system, reply, checks FROM read_parquet('{tmp_path}/eval/fidelity/**/*.parquet', hive_partitioning=true)"
+    ).fetchall()
     assert len(rows) == 6
     for system, reply, checks in rows:  # the checks the catalog names, no `format` without actions.valid
         assert {c["name"]: c["passed"] for c in checks} == run_checks(entry, reply)
@@ -173,6 +250,23 @@ def test_a_corrupt_adapter_manifest_exits_2_naming_the_file(data, tiny_trainable
     adapters = tmp_path / "adapters"
     (adapters / "calc").mkdir(parents=True)
     (adapters / "calc" / "genpi.json").write_text('{"prompt_id": "calc", "prompt_sha256": ')
-    assert main(["fidelity", str(data), "--catalog", str(CATALOG), "--adapters", str(adapters), "--base", tiny_trainable_model]) == 2
+    assert (
+        main(
+            [
+                "fidelity",
+                str(data),
+                "--catalog",
+                str(CATALOG),
+                "--adapters",
+                str(adapters),
+                "--base",
+                tiny_trainable_model,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert err.startswith(f"genpi: error: {adapters / 'calc' / 'genpi.json'}: not a valid genpi adapter manifest") and err.count("\n") == 1
+    assert (
+        err.startswith(f"genpi: error: {adapters / 'calc' / 'genpi.json'}: not a valid genpi adapter manifest")
+        and err.count("\n") == 1
+    )

@@ -5,10 +5,10 @@ import json
 
 import duckdb
 import pytest
-
-from genpi.eval.run import main
 from test_recipe import write_calc_dialogues
 from test_serve import CATALOG, make_adapters, start
+
+from genpi.eval.run import main
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +36,46 @@ def replies(out, what: str, key: str) -> dict[str, dict]:
     return by_system
 
 
-def test_fidelity_of_a_served_adapter_equals_the_local_one_without_logit_metrics(tiny_model, adapters_dir, url, tmp_path, capsys):
+def test_fidelity_of_a_served_adapter_equals_the_local_one_without_logit_metrics(
+    tiny_model, adapters_dir, url, tmp_path, capsys
+):
     data = write_calc_dialogues(tmp_path / "data", 7, heldout_from=4)  # 3 held-out calc inputs
     out = tmp_path / "eval"
     spec = f"openai:{url}/{{prompt_id}}"
-    assert main(["fidelity", str(data), "--catalog", str(CATALOG), "--base", tiny_model, "--adapters", f"local={adapters_dir}",
-                 "--served", f"remote={spec}", "--max-new-tokens", "12", "--max-turns", "2", "--out", str(out), "--json",
-                 "--no-record", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "fidelity",
+                str(data),
+                "--catalog",
+                str(CATALOG),
+                "--base",
+                tiny_model,
+                "--adapters",
+                f"local={adapters_dir}",
+                "--served",
+                f"remote={spec}",
+                "--max-new-tokens",
+                "12",
+                "--max-turns",
+                "2",
+                "--out",
+                str(out),
+                "--json",
+                "--no-record",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     [calc] = [r for r in summary["results"] if r["prompt_id"] == "calc"]
     local, remote = calc["systems"]["local"], calc["systems"]["remote"]
-    assert remote["served"] == f"openai:{url}/calc" and remote["not_scored"] == ["nll", "kl", "kl_gap_closed", "reverse_kl", "collateral_kl"] and "served" not in local
+    assert (
+        remote["served"] == f"openai:{url}/calc"
+        and remote["not_scored"] == ["nll", "kl", "kl_gap_closed", "reverse_kl", "collateral_kl"]
+        and "served" not in local
+    )
     assert remote["nll"] is None and remote["kl"] is None and remote["tf_tokens"] == 0  # null, never 0 or a guess
     assert local["nll"] > 0 and local["kl"] > 0 and calc["retention"]["remote"]["nll"] is None
     logits = ("kl_gap_closed", "kl_gap_closed_ci", "reverse_kl", "reverse_kl_ci", "collateral_kl", "collateral_kl_ci")
@@ -59,16 +88,39 @@ def test_fidelity_of_a_served_adapter_equals_the_local_one_without_logit_metrics
     for key, served in rows["remote"].items():  # greedy, text for text: whole episodes, the environment's turns too
         here = rows["local"][key]
         assert served["error"] is None and served["reply"] and served["turns"] == here["turns"]
-        assert (served["tf_tokens"], served["tf_nll"], served["tf_kl"]) == (None, None, None) and here["tf_nll"] is not None
+        assert (served["tf_tokens"], served["tf_nll"], served["tf_kl"]) == (None, None, None) and here[
+            "tf_nll"
+        ] is not None
         assert served["onpolicy_replies"] is served["onpolicy_rkl"] is None and here["onpolicy_rkl"] > 0
-    assert {r["reply"] for r in rows["remote"].values()} != {r["reply"] for r in rows["base"].values()}  # the adapter acts
+    assert {r["reply"] for r in rows["remote"].values()} != {
+        r["reply"] for r in rows["base"].values()
+    }  # the adapter acts
 
 
 def test_leakage_of_served_adapters_per_prompt(tiny_model, adapters_dir, url, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert main(["leakage", "--catalog", str(CATALOG), "--base", tiny_model, "--adapters", f"local={adapters_dir}",
-                 "--served", f"remote=openai:{url}/{{prompt_id}}", "--max-new-tokens", "16", "--out", str(out),
-                 "--no-record", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "leakage",
+                "--catalog",
+                str(CATALOG),
+                "--base",
+                tiny_model,
+                "--adapters",
+                f"local={adapters_dir}",
+                "--served",
+                f"remote=openai:{url}/{{prompt_id}}",
+                "--max-new-tokens",
+                "16",
+                "--out",
+                str(out),
+                "--no-record",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"served: remote at openai:{url}/calc" in printed and f"served: remote at openai:{url}/greet" in printed
     summary = json.loads((out / "leakage.json").read_text())
@@ -77,7 +129,9 @@ def test_leakage_of_served_adapters_per_prompt(tiny_model, adapters_dir, url, tm
         assert remote.pop("served") == f"openai:{url}/{r['prompt_id']}" and remote.pop("not_scored") == []
         assert remote == local and remote["errors"] == 0
     rows = replies(out, "leakage", "request_id")
-    assert len(rows["remote"]) == 24 and all(rows["remote"][k]["reply"] == rows["local"][k]["reply"] for k in rows["local"])
+    assert len(rows["remote"]) == 24 and all(
+        rows["remote"][k]["reply"] == rows["local"][k]["reply"] for k in rows["local"]
+    )
     # each prompt's own adapter answered: calc's and greet's replies to the same request differ
     assert any(rows["remote"][("calc", i)]["reply"] != rows["remote"][("greet", i)]["reply"] for i in range(12))
 
@@ -92,20 +146,41 @@ def test_bad_served_systems_exit_2_before_a_model_loads(tiny_model, adapters_dir
     data = write_calc_dialogues(tmp_path / "data", 7, heldout_from=4)
     fidelity = ["fidelity", str(data), "--catalog", str(CATALOG), "--base", tiny_model, "--out", str(tmp_path / "eval")]
     leakage = ["leakage", "--catalog", str(CATALOG), "--base", tiny_model, "--out", str(tmp_path / "eval")]
-    mind2web = ["mind2web", str(tmp_path / "steps.jsonl"), "--catalog", str(CATALOG), "--prompt", "calc", "--base", tiny_model]
+    mind2web = [
+        "mind2web",
+        str(tmp_path / "steps.jsonl"),
+        "--catalog",
+        str(CATALOG),
+        "--prompt",
+        "calc",
+        "--base",
+        tiny_model,
+    ]
     cases = [
         (fidelity + ["--served", "remote"], "--served remote: expected NAME=openai:BASE_URL/MODEL"),
         (fidelity + ["--served", f"remote={url}/calc"], "expected NAME=openai:BASE_URL/MODEL"),
         (fidelity + ["--served", "remote=openai:calc"], "expected openai:BASE_URL/MODEL"),
-        (fidelity + ["--adapters", f"local={adapters_dir}", "--served", f"local=openai:{url}/calc"], "system name 'local' is reserved, repeated"),
-        (leakage + ["--served", f"r=openai:{url}/calc", "--served", f"r=openai:{url}/greet"], "system name 'r' is reserved, repeated"),
+        (
+            fidelity + ["--adapters", f"local={adapters_dir}", "--served", f"local=openai:{url}/calc"],
+            "system name 'local' is reserved, repeated",
+        ),
+        (
+            leakage + ["--served", f"r=openai:{url}/calc", "--served", f"r=openai:{url}/greet"],
+            "system name 'r' is reserved, repeated",
+        ),
         (fidelity + ["--served", "base=openai:http://127.0.0.1:1/v1/calc"], "system name 'base' is reserved"),
-        (fidelity + ["--served", "remote=openai:http://127.0.0.1:1/v1/{prompt_id}"], "remote: the server does not answer (http://127.0.0.1:1/v1/models: "),
-        (fidelity + ["--served", f"remote=openai:{url}/nope"], f"remote: {url} does not serve 'nope' (GET /v1/models lists "),
+        (
+            fidelity + ["--served", "remote=openai:http://127.0.0.1:1/v1/{prompt_id}"],
+            "remote: the server does not answer (http://127.0.0.1:1/v1/models: ",
+        ),
+        (
+            fidelity + ["--served", f"remote=openai:{url}/nope"],
+            f"remote: {url} does not serve 'nope' (GET /v1/models lists ",
+        ),
         (leakage + ["--served", f"remote=openai:{url}/{{prompt_id}}-v2"], "does not serve 'calc-v2'"),
         (mind2web + ["--served", f"remote=openai:{url}/nope"], f"remote: {url} does not serve 'nope'"),
         (leakage, "give --adapters DIR or --served NAME=SPEC"),
-    ]  # fmt: skip
+    ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

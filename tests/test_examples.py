@@ -134,7 +134,15 @@ def test_pg_variants_label_prompt_and_reason_only(tokenizer, variant):
     spans, given = EXPECTED[variant]
     assert loss_spans(ex, tokenizer) == spans
     loss, rest = loss_tokens(ex, tokenizer), unlabelled_text(ex, tokenizer)
-    for text in (ROW["input"], ROW["student_output"], "### Input", "### AS-IS", "### TO-BE", "### Prompt\n", "### Reason\n"):
+    for text in (
+        ROW["input"],
+        ROW["student_output"],
+        "### Input",
+        "### AS-IS",
+        "### TO-BE",
+        "### Prompt\n",
+        "### Reason\n",
+    ):
         assert text not in loss
     for text in [ROW["input"], ROW["student_output"], "### TO-BE output (with the prompt)\nAct: ls"] + given:
         assert text in rest
@@ -182,7 +190,9 @@ def test_pg_truncation_then_outputs_then_input(tokenizer):
     assert as_is and ROW["student_output"].startswith(as_is) and as_is != ROW["student_output"]  # longer one first
     assert "### TO-BE output (with the prompt)\nAct: ls<|im_end|>" in text and ROW["input"] in text
     # with the reason and both outputs gone, the input is shortened next; P still whole
-    bare = build_pg(dict(ROW, reason="", student_output="", turns=[{"role": "assistant", "content": ""}]), ENTRY, tokenizer, 4096)
+    bare = build_pg(
+        dict(ROW, reason="", student_output="", turns=[{"role": "assistant", "content": ""}]), ENTRY, tokenizer, 4096
+    )
     ex = build_pg(ROW, ENTRY, tokenizer, len(bare.input_ids) - 2)
     check_consistent(ex)
     assert loss_spans(ex, tokenizer) == [P, "<|im_end|>"] and ex.truncated_tokens == full - len(ex.input_ids)

@@ -7,13 +7,24 @@ import random
 import duckdb
 import pytest
 import torch
-
 from conftest import REPO
-from genpi.catalog import load_catalog
-from genpi.eval.gap import (GENERAL_REQUESTS, bootstrap_ci, collateral_metrics, end_of_turn, gap_closed, gap_lines, gap_metrics,
-                            kl_per_token, mean, onpolicy_kl, rate_ci)  # fmt: skip
-from genpi.eval.systems import System
 from test_recipe import row, write_calc_dialogues
+
+from genpi.catalog import load_catalog
+from genpi.eval.gap import (
+    GENERAL_REQUESTS,
+    bootstrap_ci,
+    collateral_metrics,
+    end_of_turn,
+    gap_closed,
+    gap_lines,
+    gap_metrics,
+    kl_per_token,
+    mean,
+    onpolicy_kl,
+    rate_ci,
+)
+from genpi.eval.systems import System
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 CALC, GREET = load_catalog(CATALOG)
@@ -23,8 +34,10 @@ TEACHER, BASE = System("teacher", None, True), System("base")
 def records(kl_sums, rkl=None):
     """Per-reply rows as fidelity writes them: the teacher-forced KL sum (10 teacher tokens a row) and the
     on-policy columns."""
-    return [{"tf_tokens": 10, "tf_kl": kl, "onpolicy_tokens": 5 if rkl else None, "onpolicy_rkl": rkl[i] if rkl else None}
-            for i, kl in enumerate(kl_sums)]  # fmt: skip
+    return [
+        {"tf_tokens": 10, "tf_kl": kl, "onpolicy_tokens": 5 if rkl else None, "onpolicy_rkl": rkl[i] if rkl else None}
+        for i, kl in enumerate(kl_sums)
+    ]
 
 
 BASE_KL = [3.0, 5.0, 2.0, 8.0, 4.0, 6.0]
@@ -34,8 +47,15 @@ def test_gap_closed_is_one_for_the_teacher_zero_for_the_base_and_negative_for_a_
     rng = random.Random(1)
     near = [k * rng.uniform(0.2, 0.4) for k in BASE_KL]  # a good adapter: 60-80% of the KL gone on every row
     constant = [k + 9.0 for k in BASE_KL]  # one answer to everything: far from the teacher wherever it varies
-    g = gap_metrics({"teacher": records([0.0] * 6), "base": records(BASE_KL), "base-again": records(list(BASE_KL)),
-                     "near": records(near), "constant": records(constant)})  # fmt: skip
+    g = gap_metrics(
+        {
+            "teacher": records([0.0] * 6),
+            "base": records(BASE_KL),
+            "base-again": records(list(BASE_KL)),
+            "near": records(near),
+            "constant": records(constant),
+        }
+    )
     assert g["teacher"]["kl_gap_closed"] == 1.0 and g["teacher"]["kl_gap_closed_ci"] == [1.0, 1.0]
     assert g["base"]["kl_gap_closed"] == 0.0 and g["base"]["kl_gap_closed_ci"] == [0.0, 0.0]
     assert g["base-again"] == g["base"]
@@ -59,7 +79,9 @@ def test_gap_leaves_out_rows_not_scored_and_is_undefined_without_a_gap():
 
 
 def test_reverse_kl_is_token_weighted_with_an_interval():
-    g = gap_metrics({"base": records(BASE_KL, rkl=[1.0, 2.0, 3.0, 1.0, 2.0, 3.0]), "teacher": records([0.0] * 6, rkl=[0.0] * 6)})
+    g = gap_metrics(
+        {"base": records(BASE_KL, rkl=[1.0, 2.0, 3.0, 1.0, 2.0, 3.0]), "teacher": records([0.0] * 6, rkl=[0.0] * 6)}
+    )
     assert g["base"]["reverse_kl"] == pytest.approx(12.0 / 30) and g["teacher"]["reverse_kl"] == 0.0
     lo, hi = g["base"]["reverse_kl_ci"]
     assert 0.2 <= lo < 0.4 < hi <= 0.6 and g["teacher"]["reverse_kl_ci"] == [0.0, 0.0]
@@ -102,8 +124,24 @@ def test_kl_per_token_by_hand():
 
 
 def test_gap_lines_show_percent_with_intervals():
-    lines = gap_lines({"teacher": {"kl_gap_closed": 1.0, "kl_gap_closed_ci": [1.0, 1.0], "reverse_kl": 0.0, "reverse_kl_ci": [0.0, 0.0], "collateral_kl": 0.0123},
-                       "sft": {"kl_gap_closed": -0.25, "kl_gap_closed_ci": [-0.5, 0.125], "reverse_kl": None, "reverse_kl_ci": None, "collateral_kl": None}})  # fmt: skip
+    lines = gap_lines(
+        {
+            "teacher": {
+                "kl_gap_closed": 1.0,
+                "kl_gap_closed_ci": [1.0, 1.0],
+                "reverse_kl": 0.0,
+                "reverse_kl_ci": [0.0, 0.0],
+                "collateral_kl": 0.0123,
+            },
+            "sft": {
+                "kl_gap_closed": -0.25,
+                "kl_gap_closed_ci": [-0.5, 0.125],
+                "reverse_kl": None,
+                "reverse_kl_ci": None,
+                "collateral_kl": None,
+            },
+        }
+    )
     assert "gap closed" in lines[0] and "100.0% [100.0%, 100.0%]" in lines[1] and "0.012" in lines[1]
     assert "-25.0% [-50.0%, 12.5%]" in lines[2] and lines[2].rstrip().endswith("-")
 
@@ -160,8 +198,10 @@ def random_lora_adapters(base: str, folder):
 
     torch.manual_seed(0)
     lora = {"r": 4, "alpha": 64, "target_modules": ["q_proj", "v_proj", "down_proj"]}
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=64, target_modules=lora["target_modules"],
-                                                                                  init_lora_weights=False))  # fmt: skip
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=64, target_modules=lora["target_modules"], init_lora_weights=False),
+    )
     manifest = AdapterManifest("calc", CALC.sha256, base, "sft", None, lora, "test")
     write_adapter(folder / "calc", manifest, lambda tmp: model.save_pretrained(tmp))
     return folder
@@ -173,8 +213,18 @@ def test_evaluate_catalog_reports_the_gap_the_reverse_kl_and_the_collateral(tiny
     data = write_calc_dialogues(tmp_path / "data", 7, heldout_from=4)
     adapters = random_lora_adapters(tiny_trainable_model, tmp_path / "adapters")
     out = tmp_path / "eval"
-    summary = evaluate_catalog(data, CATALOG, [f"noisy={adapters}"], tiny_trainable_model, ["calc"], max_new_tokens=6, max_turns=1,
-                               out=out, record=False, onpolicy_samples=1)  # fmt: skip
+    summary = evaluate_catalog(
+        data,
+        CATALOG,
+        [f"noisy={adapters}"],
+        tiny_trainable_model,
+        ["calc"],
+        max_new_tokens=6,
+        max_turns=1,
+        out=out,
+        record=False,
+        onpolicy_samples=1,
+    )
     [calc] = summary["results"]
     m = calc["systems"]
     for name in ("teacher", "base", "noisy"):
@@ -185,10 +235,19 @@ def test_evaluate_catalog_reports_the_gap_the_reverse_kl_and_the_collateral(tiny
     assert lo <= m["noisy"]["kl_gap_closed"] <= hi
     assert abs(m["teacher"]["reverse_kl"]) < 1e-6 and m["base"]["reverse_kl"] > 0 and m["noisy"]["reverse_kl"] > 0
     assert m["base"]["collateral_kl"] == 0.0 and m["noisy"]["collateral_kl"] > 0 and m["teacher"]["collateral_kl"] > 0
-    assert summary["gap"]["collateral_requests"] == len(GENERAL_REQUESTS) and summary["gap"]["bootstrap"]["resamples"] == 1000
+    assert (
+        summary["gap"]["collateral_requests"] == len(GENERAL_REQUESTS)
+        and summary["gap"]["bootstrap"]["resamples"] == 1000
+    )
 
-    rows = duckdb.connect().execute(f"SELECT system, onpolicy_replies, onpolicy_tokens, onpolicy_rkl "
-                                    f"FROM read_parquet('{out}/fidelity/**/*.parquet', hive_partitioning=true)").fetchall()  # fmt: skip
+    rows = (
+        duckdb.connect()
+        .execute(
+            f"SELECT system, onpolicy_replies, onpolicy_tokens, onpolicy_rkl "
+            f"FROM read_parquet('{out}/fidelity/**/*.parquet', hive_partitioning=true)"
+        )
+        .fetchall()
+    )
     assert len(rows) == 9
     for system, replies, tokens, rkl in rows:
         assert len(replies) == 1 and 1 <= tokens <= 7 and (rkl == 0.0) == (system == "teacher")
@@ -197,15 +256,43 @@ def test_evaluate_catalog_reports_the_gap_the_reverse_kl_and_the_collateral(tiny
     text = format_summary(summary)
     assert "gap closed [95% CI]" in text and "100.0% [100.0%, 100.0%]" in text
 
-    lean = evaluate_catalog(data, CATALOG, [f"noisy={adapters}"], tiny_trainable_model, ["calc"], max_new_tokens=4, max_turns=1, limit=1,
-                            out=tmp_path / "lean", record=False, onpolicy_samples=0, collateral=False)  # fmt: skip
+    lean = evaluate_catalog(
+        data,
+        CATALOG,
+        [f"noisy={adapters}"],
+        tiny_trainable_model,
+        ["calc"],
+        max_new_tokens=4,
+        max_turns=1,
+        limit=1,
+        out=tmp_path / "lean",
+        record=False,
+        onpolicy_samples=0,
+        collateral=False,
+    )
     for metrics in lean["results"][0]["systems"].values():
-        assert metrics["reverse_kl"] is None and metrics["collateral_kl"] is None and metrics["kl_gap_closed"] is not None
+        assert (
+            metrics["reverse_kl"] is None and metrics["collateral_kl"] is None and metrics["kl_gap_closed"] is not None
+        )
     assert lean["gap"]["onpolicy_samples"] == 0 and lean["gap"]["collateral_requests"] == 0
 
 
 def test_a_negative_number_of_samples_exits_2(tmp_path, capsys):
     from genpi.eval.run import main
 
-    assert main(["fidelity", str(tmp_path), "--catalog", str(CATALOG), "--adapters", str(tmp_path), "--onpolicy-samples", "-1"]) == 2
+    assert (
+        main(
+            [
+                "fidelity",
+                str(tmp_path),
+                "--catalog",
+                str(CATALOG),
+                "--adapters",
+                str(tmp_path),
+                "--onpolicy-samples",
+                "-1",
+            ]
+        )
+        == 2
+    )
     assert "--onpolicy-samples must be at least 0, got -1" in capsys.readouterr().err

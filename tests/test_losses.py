@@ -102,8 +102,12 @@ def test_joint_loss_convex_and_additive_forms(model):
     # the authors' scripts (the default): (1 − λ)·L_SFT + λ·L_PG; the paper: L_SFT + λ·L_PG
     assert close(joint_loss(sft, pg, lam), (1 - lam) * l_sft + lam * l_pg)
     assert close(joint_loss(sft, pg, lam, form="additive"), l_sft + lam * l_pg)
-    assert close(joint_loss(sft, None, lam), (1 - lam) * l_sft) and close(joint_loss(sft, None, lam, form="additive"), l_sft)
-    assert close(joint_loss(None, pg, lam), lam * l_pg) and close(joint_loss(None, pg, lam, form="additive"), lam * l_pg)
+    assert close(joint_loss(sft, None, lam), (1 - lam) * l_sft) and close(
+        joint_loss(sft, None, lam, form="additive"), l_sft
+    )
+    assert close(joint_loss(None, pg, lam), lam * l_pg) and close(
+        joint_loss(None, pg, lam, form="additive"), lam * l_pg
+    )
     with pytest.raises(ValueError, match="unknown loss form 'mean'"):
         joint_loss(sft, pg, lam, form="mean")
 
@@ -137,7 +141,11 @@ def test_kld_loss_values():
         assert got > 0
         assert torch.allclose(got, hand_kld(student, teacher, temp), rtol=1e-5, atol=1e-6)
     # F.kl_div agrees (input: student log-probs, target: teacher log-probs).
-    ref = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1).mean()
+    ref = (
+        F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none")
+        .sum(-1)
+        .mean()
+    )
     assert torch.allclose(kld_loss(student, teacher), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -159,7 +167,9 @@ def test_topk_loss_matches_hand_computation():
     got.backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     # A padded entry (log-probability -inf) weighs nothing.
-    padded = topk_loss(student, torch.tensor([[3, 0, 0], [1, 2, 0]]), torch.cat([logprobs, torch.full((2, 1), -math.inf)], 1))
+    padded = topk_loss(
+        student, torch.tensor([[3, 0, 0], [1, 2, 0]]), torch.cat([logprobs, torch.full((2, 1), -math.inf)], 1)
+    )
     assert padded.item() == pytest.approx(hand, rel=1e-6)
 
 

@@ -9,8 +9,8 @@ import sys
 
 import duckdb
 import pytest
-
 from conftest import EXAMPLES, REPO
+
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import Completion, Sampling
@@ -47,12 +47,17 @@ def oracle(steps, wrong=False):
         by_task.setdefault(s.task, []).append(s)
 
     def reply(question):
-        [step] = [s for s in by_task[re.search(r"^Task: (.*)$", question, re.MULTILINE).group(1)]
-                  if all(text == "None of the above" or text in s.candidates.values() for text in choices(question).values())]  # fmt: skip
+        [step] = [
+            s
+            for s in by_task[re.search(r"^Task: (.*)$", question, re.MULTILINE).group(1)]
+            if all(text == "None of the above" or text in s.candidates.values() for text in choices(question).values())
+        ]
         gold = {step.candidates[g] for g in step.gold}
         picks = [letter for letter, text in choices(question).items() if letter != "A" and (text in gold) != wrong]
         value = step.value if step.operation != "CLICK" else "None"
-        return f"Answer: {picks[0] if picks else 'A'}\nAction: {step.operation}\nValue: {value}" if picks else "Answer: A"
+        return (
+            f"Answer: {picks[0] if picks else 'A'}\nAction: {step.operation}\nValue: {value}" if picks else "Answer: A"
+        )
 
     return reply
 
@@ -87,8 +92,14 @@ def test_scripted_agents_score_exactly(layout):
     steps = read_steps(STEPS)
     right, wrong = Scripted(oracle(steps)), Scripted(oracle(steps, wrong=True))
     metrics, kept = score({"teacher": run(steps, right, layout, with_prompt=True), "base": run(steps, wrong, layout)})
-    assert metrics["teacher"] | {"mean_questions": None} == {"steps": 10, "errors": 0, "element_accuracy": 1.0, "action_f1": 1.0,
-                                                              "step_success": 1.0, "mean_questions": None}  # fmt: skip
+    assert metrics["teacher"] | {"mean_questions": None} == {
+        "steps": 10,
+        "errors": 0,
+        "element_accuracy": 1.0,
+        "action_f1": 1.0,
+        "step_success": 1.0,
+        "mean_questions": None,
+    }
     assert metrics["base"]["element_accuracy"] == 0.0 and metrics["base"]["step_success"] == 0.0
     assert metrics["base"]["action_f1"] == 1.0  # the right action on the wrong element is no step success
     assert kept == {"base": {"element_accuracy": 0.0, "action_f1": 1.0, "step_success": 0.0}}
@@ -113,7 +124,12 @@ def test_rounds_eliminate_and_every_system_sees_one_order():
     assert [r.messages for r in agent.requests] == [r.messages for r in again.requests]
     # "None of the above" every time: nothing is picked, and the step fails
     none = asyncio.run(answer_step(step, Scripted(lambda q: "Answer: A"), [], Sampling()))
-    assert none["predicted"] is None and not none["element_correct"] and none["action_f1"] == 0.0 and none["questions"] == 2  # 5, then 5
+    assert (
+        none["predicted"] is None
+        and not none["element_correct"]
+        and none["action_f1"] == 0.0
+        and none["questions"] == 2
+    )  # 5, then 5
 
 
 def test_a_failed_question_fails_the_step_and_is_recorded():
@@ -132,9 +148,18 @@ def test_a_failed_question_fails_the_step_and_is_recorded():
     [
         ("not json", "line 1: not valid JSON"),
         ('{"task": "t", "candidates": [], "gold": [], "operation": "CLICK"}', "line 1: field 'candidates'"),
-        ('{"task": "t", "candidates": [{"id": "1", "html": "<a>"}], "gold": ["2"], "operation": "CLICK"}', "field 'gold': 2 not among"),
-        ('{"task": "t", "candidates": [{"id": "1", "html": "<a>"}], "gold": ["1"], "operation": "HOVER"}', "field 'operation'"),
-        ('{"task": "t", "candidates": [{"id": "1", "html": "<a>"}], "gold": ["1"], "operation": "TYPE"}', "field 'value'"),
+        (
+            '{"task": "t", "candidates": [{"id": "1", "html": "<a>"}], "gold": ["2"], "operation": "CLICK"}',
+            "field 'gold': 2 not among",
+        ),
+        (
+            '{"task": "t", "candidates": [{"id": "1", "html": "<a>"}], "gold": ["1"], "operation": "HOVER"}',
+            "field 'operation'",
+        ),
+        (
+            '{"task": "t", "candidates": [{"id": "1", "html": "<a>"}], "gold": ["1"], "operation": "TYPE"}',
+            "field 'value'",
+        ),
         ('{"candidates": [{"id": "1", "html": "<a>"}], "gold": ["1"], "operation": "CLICK"}', "field 'task': missing"),
     ],
 )
@@ -162,7 +187,9 @@ def adapters(tiny_long_model, tmp_path_factory):
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     folder = tmp_path_factory.mktemp("adapters")
-    manifest = AdapterManifest("web-select", WEB_SELECT.sha256, tiny_long_model, "sft", None, settings.to_dict(), "test")
+    manifest = AdapterManifest(
+        "web-select", WEB_SELECT.sha256, tiny_long_model, "sft", None, settings.to_dict(), "test"
+    )
     write_adapter(folder / "web-select", manifest, lambda tmp: save_adapter(model, tmp))
     return folder
 
@@ -175,8 +202,25 @@ def run_cli(*args):
 @pytest.mark.slow
 def test_cli_teacher_base_and_adapter(tiny_long_model, adapters, tmp_path):
     out = tmp_path / "eval"
-    result = run_cli("mind2web", STEPS, "--catalog", EXAMPLES, "--prompt", "web-select", "--adapters", f"rand={adapters}",
-                     "--base", tiny_long_model, "--limit", "3", "--max-new-tokens", "6", "--out", out, "--json")  # fmt: skip
+    result = run_cli(
+        "mind2web",
+        STEPS,
+        "--catalog",
+        EXAMPLES,
+        "--prompt",
+        "web-select",
+        "--adapters",
+        f"rand={adapters}",
+        "--base",
+        tiny_long_model,
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert json.loads((out / "mind2web.json").read_text()) == {"results": [summary]}
@@ -184,7 +228,9 @@ def test_cli_teacher_base_and_adapter(tiny_long_model, adapters, tmp_path):
     assert "unmerged LoRA" in summary["served_as"] and summary["adapters"] == {"rand": str(adapters / "web-select")}
 
     con = duckdb.connect()
-    rows = con.execute(f"SELECT * FROM read_parquet('{out}/mind2web/**/*.parquet', hive_partitioning=true) ORDER BY system, step_id").fetchall()
+    rows = con.execute(
+        f"SELECT * FROM read_parquet('{out}/mind2web/**/*.parquet', hive_partitioning=true) ORDER BY system, step_id"
+    ).fetchall()
     rows = [dict(zip([d[0] for d in con.description], r)) for r in rows]
     assert len(rows) == 9
     for r in rows:  # every stored score follows from the stored replies
@@ -198,7 +244,9 @@ def test_cli_teacher_base_and_adapter(tiny_long_model, adapters, tmp_path):
     for name, m in summary["systems"].items():
         assert m["step_success"] == sum(r["success"] for r in by_system[name]) / 3
     assert [r["turns"][0] for r in by_system["base"]] == [r["turns"][0] for r in by_system["rand"]]  # same questions
-    assert [r["turns"][1] for r in by_system["base"]] != [r["turns"][1] for r in by_system["rand"]]  # the adapter is used
+    assert [r["turns"][1] for r in by_system["base"]] != [
+        r["turns"][1] for r in by_system["rand"]
+    ]  # the adapter is used
 
     text, _ = build_report(tmp_path, out)  # genpi report: the section with the summary's numbers, WebShop missing
     assert "### Mind2Web steps: web-select" in text and "webshop.json not found (run genpi eval webshop)" in text

@@ -9,8 +9,9 @@ import math
 
 import pytest
 import torch
-
 from conftest import REPO, build_tiny_llama
+from test_recipe import HELDOUT, TRAIN
+
 from genpi.catalog import load_catalog
 from genpi.engines import ChatRequest, Sampling
 from genpi.engines.hf import TransformersEngine
@@ -19,12 +20,23 @@ from genpi.train.onpolicy import OnPolicySampler, mean_reverse_kl, reply_views, 
 from genpi.train.qlora import LoraSettings, save_adapter
 from genpi.train.recipe import JOINT_METHODS, METHODS, TrainSettings, collate, train_adapter
 from genpi.train.run import build_parser, check_init_adapter, recorded_settings
-from test_recipe import HELDOUT, TRAIN
 
 CALC, _ = load_catalog(REPO / "tests" / "data" / "tiny.yaml")
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
-ONPOLICY = TrainSettings(method="onpolicy", epochs=1, lr=1e-2, batch_size=4, micro_batch=4, max_length=512, quantize=False, lora=LORA,
-                         onpolicy_max_tokens=8, refresh_steps=1, schedule="constant", warmup_ratio=0.0)  # fmt: skip
+ONPOLICY = TrainSettings(
+    method="onpolicy",
+    epochs=1,
+    lr=1e-2,
+    batch_size=4,
+    micro_batch=4,
+    max_length=512,
+    quantize=False,
+    lora=LORA,
+    onpolicy_max_tokens=8,
+    refresh_steps=1,
+    schedule="constant",
+    warmup_ratio=0.0,
+)
 INPUTS = [f"What is {a} plus {b}?" for a in range(1, 5) for b in range(2, 5)]  # 12 training inputs
 ROWS = [{"input": x, "turns": []} for x in INPUTS]  # on-policy needs only the inputs
 
@@ -37,10 +49,14 @@ def hand_reverse_kl(student: list[float], teacher: list[float]) -> float:
 def test_reverse_kl_matches_a_hand_computation():
     student = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 0.5, 3.0, 0.0]], requires_grad=True)
     teacher = torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.5, 0.5, 3.0, 0.0]])
-    expected = (hand_reverse_kl([2.0, 1.0, 0.0, -1.0], [0.0, 1.0, 2.0, 0.0]) + 0.0) / 2  # the second token: same logits, KL 0
+    expected = (
+        hand_reverse_kl([2.0, 1.0, 0.0, -1.0], [0.0, 1.0, 2.0, 0.0]) + 0.0
+    ) / 2  # the second token: same logits, KL 0
     loss = reverse_kl_loss(student, teacher)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert reverse_kl_loss(teacher, student.detach()).item() != pytest.approx(expected, rel=1e-3)  # not symmetric: the direction matters
+    assert reverse_kl_loss(teacher, student.detach()).item() != pytest.approx(
+        expected, rel=1e-3
+    )  # not symmetric: the direction matters
     loss.backward()
     assert student.grad.abs().sum() > 0 and torch.allclose(student.grad[1], torch.zeros(4), atol=1e-7)
     assert reverse_kl_loss(student[:0], teacher[:0]).item() == 0.0
@@ -105,7 +121,14 @@ class SpyEngine:
 def fixed_replies(path: str, n: int = 6) -> list[str]:
     """Replies of the untrained student (the base without P) to held-out inputs, sampled at temperature 1."""
     engine = TransformersEngine(path, dtype="float32", max_batch=n)
-    requests = [ChatRequest([{"role": "user", "content": f"What is {i} times {i + 2}?"}], Sampling(temperature=1.0, max_tokens=8), seed=i) for i in range(n)]
+    requests = [
+        ChatRequest(
+            [{"role": "user", "content": f"What is {i} times {i + 2}?"}],
+            Sampling(temperature=1.0, max_tokens=8),
+            seed=i,
+        )
+        for i in range(n)
+    ]
     return [c.text for c in engine.generate(requests)]
 
 
@@ -113,7 +136,10 @@ def test_onpolicy_training_lowers_the_reverse_kl_and_refreshes_the_sampler_every
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(shifted_model)
-    pairs = [reply_views(CALC, f"What is {i} times {i + 2}?", reply, tokenizer, 512, None) for i, reply in enumerate(fixed_replies(shifted_model))]
+    pairs = [
+        reply_views(CALC, f"What is {i} times {i + 2}?", reply, tokenizer, 512, None)
+        for i, reply in enumerate(fixed_replies(shifted_model))
+    ]
     spy = SpyEngine(shifted_model)
     settings = dataclasses.replace(ONPOLICY, epochs=4, refresh_steps=2)  # 3 steps an epoch, 12 in all
     model, metrics = train_adapter(shifted_model, CALC, ROWS, [], settings, engine=spy)
@@ -129,13 +155,28 @@ def test_onpolicy_training_lowers_the_reverse_kl_and_refreshes_the_sampler_every
     # the sampler: a fresh adapter every 2 steps (steps 0, 2, ..., 10), the previous one dropped; the replies of the steps up
     # to the next refresh sampled in one batch, which an epoch's end (every 3 steps) also ends
     assert spy.added == [f"onpolicy-{k}" for k in range(6)] and spy.removed == spy.added[:-1]
-    windows = [(2, 0), (1, 1), (1, 1), (2, 2), (2, 3), (1, 4), (1, 4), (2, 5)]  # (steps, adapter) of each call: steps 0-1, 2, 3, 4-5, ...
-    assert [(n, adapters) for n, adapters, _, _ in spy.asked] == [(4 * steps, {f"onpolicy-{a}"}) for steps, a in windows]
+    windows = [
+        (2, 0),
+        (1, 1),
+        (1, 1),
+        (2, 2),
+        (2, 3),
+        (1, 4),
+        (1, 4),
+        (2, 5),
+    ]  # (steps, adapter) of each call: steps 0-1, 2, 3, 4-5, ...
+    assert [(n, adapters) for n, adapters, _, _ in spy.asked] == [
+        (4 * steps, {f"onpolicy-{a}"}) for steps, a in windows
+    ]
     assert all(s.temperature == 1.0 and s.max_tokens == 8 for _, _, s, _ in spy.asked)
     assert spy.asked[0][3] == [sample_seed(0, step, i) for step in (0, 1) for i in range(4)]
     assert len({s for *_, seeds in spy.asked for s in seeds}) == 48
     assert metrics["onpolicy_refreshes"] == 6 and metrics["onpolicy_requests"] == 48 and metrics["onpolicy_failed"] == 0
-    assert metrics["onpolicy_reply_tokens"] > 0 and metrics["onpolicy_sample_seconds"] > 0 and metrics["onpolicy_refresh_seconds"] > 0
+    assert (
+        metrics["onpolicy_reply_tokens"] > 0
+        and metrics["onpolicy_sample_seconds"] > 0
+        and metrics["onpolicy_refresh_seconds"] > 0
+    )
 
 
 def test_the_sampler_samples_from_the_live_adapter(shifted_model, tmp_path):
@@ -146,10 +187,21 @@ def test_the_sampler_samples_from_the_live_adapter(shifted_model, tmp_path):
     sampler.refresh(lambda folder: save_adapter(model, folder))
     sampled = [c.text for c in sampler.sample(INPUTS[:4], [0, 1, 2, 3])]
     greedy = TransformersEngine(shifted_model, dtype="float32", max_batch=4)
-    plain = [c.text for c in greedy.generate([ChatRequest([{"role": "user", "content": x}], Sampling(max_tokens=8)) for x in INPUTS[:4]])]
+    plain = [
+        c.text
+        for c in greedy.generate(
+            [ChatRequest([{"role": "user", "content": x}], Sampling(max_tokens=8)) for x in INPUTS[:4]]
+        )
+    ]
     save_adapter(model, tmp_path / "adapter")
     greedy.add_adapters({"trained": str(tmp_path / "adapter")})
-    with_adapter = [c.text for c in greedy.generate([ChatRequest([{"role": "user", "content": x}], Sampling(max_tokens=8)) for x in INPUTS[:4]], adapters=["trained"] * 4)]
+    with_adapter = [
+        c.text
+        for c in greedy.generate(
+            [ChatRequest([{"role": "user", "content": x}], Sampling(max_tokens=8)) for x in INPUTS[:4]],
+            adapters=["trained"] * 4,
+        )
+    ]
     assert sampled == with_adapter != plain
     sampler.close()
     with pytest.raises(ValueError, match="loads LoRA adapters"):
@@ -164,19 +216,50 @@ def test_genpi_onpolicy_trains_with_the_pg_term_and_chooses_lambda(shifted_model
     _, pg = train_adapter(shifted_model, CALC, TRAIN[:4], [], dataclasses.replace(settings, method="pg"))
     assert metrics["steps"] == 1 and metrics["onpolicy_requests"] == 4 and math.isfinite(metrics["heldout_loss"])
     # (1 − λ)·L_onpolicy + λ·L_PG: the first step samples the same replies (same seeds, the adapter still 0) on the same rows
-    assert metrics["train_loss_first"] == pytest.approx(0.7 * alone["train_loss_first"] + 0.3 * pg["train_loss_first"], rel=1e-4)
+    assert metrics["train_loss_first"] == pytest.approx(
+        0.7 * alone["train_loss_first"] + 0.3 * pg["train_loss_first"], rel=1e-4
+    )
     assert alone["train_loss_first"] > 0 and pg["train_loss_first"] > 1.0
     assert alone["data_skipped"] == 0 and alone["data_truncated_examples"] == 0
     recorded = json.loads(json.dumps(recorded_settings(settings, [0.3, 0.7])))  # genpi.json's settings: JSON, whole
     assert recorded["lambdas"] == [0.3, 0.7] and recorded["method"] == "genpi+onpolicy"
-    assert recorded["refresh_steps"] == 1 and recorded["onpolicy_max_tokens"] == 8 and recorded["onpolicy_topk"] == 16 and recorded["init_adapter"] is None
-    assert recorded_settings(dataclasses.replace(settings, method="onpolicy"), [0.3])["lambdas"] is None  # one loss term: no λ
+    assert (
+        recorded["refresh_steps"] == 1
+        and recorded["onpolicy_max_tokens"] == 8
+        and recorded["onpolicy_topk"] == 16
+        and recorded["init_adapter"] is None
+    )
+    assert (
+        recorded_settings(dataclasses.replace(settings, method="onpolicy"), [0.3])["lambdas"] is None
+    )  # one loss term: no λ
 
 
 def test_cli_flags_reach_the_settings(tmp_path):
-    args = build_parser().parse_args(["DATA", "--catalog", "C", "--out", "O", "--method", "onpolicy", "--refresh-steps", "8",
-                                      "--onpolicy-max-tokens", "64", "--onpolicy-topk", "20", "--init-adapter", str(tmp_path)])  # fmt: skip
-    assert (args.refresh_steps, args.onpolicy_max_tokens, args.onpolicy_topk, args.init_adapter) == (8, 64, 20, str(tmp_path))
+    args = build_parser().parse_args(
+        [
+            "DATA",
+            "--catalog",
+            "C",
+            "--out",
+            "O",
+            "--method",
+            "onpolicy",
+            "--refresh-steps",
+            "8",
+            "--onpolicy-max-tokens",
+            "64",
+            "--onpolicy-topk",
+            "20",
+            "--init-adapter",
+            str(tmp_path),
+        ]
+    )
+    assert (args.refresh_steps, args.onpolicy_max_tokens, args.onpolicy_topk, args.init_adapter) == (
+        8,
+        64,
+        20,
+        str(tmp_path),
+    )
     for bad in ({"refresh_steps": 0}, {"onpolicy_max_tokens": 0}, {"onpolicy_topk": -1}):
         with pytest.raises(ValueError, match="refresh_steps and onpolicy_max_tokens must be positive"):
             TrainSettings(**bad)
@@ -185,13 +268,25 @@ def test_cli_flags_reach_the_settings(tmp_path):
 def test_init_adapter_starts_where_a_run_stopped_and_a_wrong_shape_is_refused(tiny_trainable_model, tmp_path):
     from genpi import InputError
 
-    sft = TrainSettings(method="sft", epochs=1, lr=1e-2, batch_size=4, micro_batch=2, max_length=512, quantize=False, lora=LORA,
-                        schedule="constant", warmup_ratio=0.0)  # fmt: skip
+    sft = TrainSettings(
+        method="sft",
+        epochs=1,
+        lr=1e-2,
+        batch_size=4,
+        micro_batch=2,
+        max_length=512,
+        quantize=False,
+        lora=LORA,
+        schedule="constant",
+        warmup_ratio=0.0,
+    )
     rows = TRAIN[:4]
     first, _ = train_adapter(tiny_trainable_model, CALC, rows, [], sft)  # one step on all 4 rows
     save_adapter(first, tmp_path / "first")
     _, continued = train_adapter(tiny_trainable_model, CALC, rows, [], dataclasses.replace(sft, epochs=2))
-    _, warm = train_adapter(tiny_trainable_model, CALC, rows, [], dataclasses.replace(sft, init_adapter=str(tmp_path / "first")))
+    _, warm = train_adapter(
+        tiny_trainable_model, CALC, rows, [], dataclasses.replace(sft, init_adapter=str(tmp_path / "first"))
+    )
     # a step sees all 4 rows: the warm start's first loss is the uninterrupted run's second
     assert warm["train_loss_first"] == pytest.approx(continued["train_losses"][1], rel=1e-4)
     assert warm["train_loss_first"] < continued["train_losses"][0] - 0.1
@@ -210,17 +305,32 @@ def test_init_adapter_starts_where_a_run_stopped_and_a_wrong_shape_is_refused(ti
     _small_llama(small)
     other, _ = train_adapter(str(small), CALC, TRAIN[:2], [], dataclasses.replace(sft, batch_size=2))
     save_adapter(other, tmp_path / "other")
-    with pytest.raises(ValueError, match=r"lora_A.weight has shape \[4, 32\], this model's is \[4, 64\]: another base model"):
-        train_adapter(tiny_trainable_model, CALC, rows, [], dataclasses.replace(sft, init_adapter=str(tmp_path / "other")))
+    with pytest.raises(
+        ValueError, match=r"lora_A.weight has shape \[4, 32\], this model's is \[4, 64\]: another base model"
+    ):
+        train_adapter(
+            tiny_trainable_model, CALC, rows, [], dataclasses.replace(sft, init_adapter=str(tmp_path / "other"))
+        )
 
 
 def _small_llama(folder):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_llama(folder.with_name("tok")))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, initializer_range=0.02,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -228,10 +338,14 @@ def _small_llama(folder):
 def test_a_run_resumed_between_two_refreshes_ends_with_the_same_adapter(shifted_model):
     """The checkpoint keeps the sampler's adapter: resumed at step 3 (refreshed at 2, next at 4) it samples what the
     uninterrupted run sampled, and ends with the same weights."""
-    settings = dataclasses.replace(ONPOLICY, epochs=2, batch_size=2, micro_batch=2, refresh_steps=2, onpolicy_max_tokens=4)
+    settings = dataclasses.replace(
+        ONPOLICY, epochs=2, batch_size=2, micro_batch=2, refresh_steps=2, onpolicy_max_tokens=4
+    )
     rows = ROWS[:6]  # 3 steps an epoch
     states = []
-    keep = lambda metrics, state: states.append((metrics["step"], copy.deepcopy(state()))) if state is not None else None  # noqa: E731
+    keep = lambda metrics, state: (
+        states.append((metrics["step"], copy.deepcopy(state()))) if state is not None else None
+    )  # noqa: E731
     whole, metrics = train_adapter(shifted_model, CALC, rows, [], settings, report=keep, checkpoint_steps=1)
     step, state = states[2]
     assert step == 3 and state["onpolicy"]["refreshes"] == 2 and state["onpolicy_adapter"]
@@ -245,21 +359,24 @@ def test_a_run_resumed_between_two_refreshes_ends_with_the_same_adapter(shifted_
 
 
 def test_the_onpolicy_batches_are_made_on_the_model_device(tiny_trainable_model):
+    from test_recipe import ReachedTheModel, meta_model, on_the_model_device
     from transformers import AutoTokenizer
 
     from genpi.train.recipe import build_examples, step_loss
-    from test_recipe import ReachedTheModel, meta_model, on_the_model_device
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_trainable_model)
     rows, _ = build_examples(ROWS[:2], CALC, tokenizer, ONPOLICY)
     pairs = [reply_views(CALC, r.input, "Act: compute(1+2)", tokenizer, 512, None) for r in rows]
     model = meta_model(tiny_trainable_model)
-    assert on_the_model_device(lambda: step_loss(model, rows, ONPOLICY, tokenizer.pad_token_id, pairs)) is ReachedTheModel
+    assert (
+        on_the_model_device(lambda: step_loss(model, rows, ONPOLICY, tokenizer.pad_token_id, pairs)) is ReachedTheModel
+    )
 
 
 def test_the_fingerprint_covers_the_init_adapters_weights(tmp_path):
-    from genpi.data.adapters import fingerprint
     from test_recipe import row
+
+    from genpi.data.adapters import fingerprint
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
     (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
@@ -269,4 +386,6 @@ def test_the_fingerprint_covers_the_init_adapters_weights(tmp_path):
     assert before != fingerprint(train, [], recorded_settings(ONPOLICY, [0.5]), "smollm2")
     (tmp_path / "adapter_model.safetensors").write_bytes(b"other weights")  # the same folder, retrained
     assert fingerprint(train, [], recorded_settings(settings, [0.5]), "smollm2") != before
-    assert fingerprint(train, [], recorded_settings(dataclasses.replace(settings, refresh_steps=2), [0.5]), "smollm2") != fingerprint(train, [], recorded_settings(settings, [0.5]), "smollm2")
+    assert fingerprint(
+        train, [], recorded_settings(dataclasses.replace(settings, refresh_steps=2), [0.5]), "smollm2"
+    ) != fingerprint(train, [], recorded_settings(settings, [0.5]), "smollm2")

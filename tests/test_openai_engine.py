@@ -7,15 +7,17 @@ import time
 
 import pytest
 import torch
+from test_serve import CATALOG, KEY, Server, chat, make_adapters, start
 
 from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Sampling
 from genpi.engines.openai import OpenAIEngine, split_spec
-from test_serve import CATALOG, KEY, Server, chat, make_adapters, start
 
 
 @pytest.fixture(scope="module")
 def served(tiny_finishing_model, tmp_path_factory):
-    server, scheduler, base_name = start(tiny_finishing_model, make_adapters(tiny_finishing_model, tmp_path_factory.mktemp("adapters")))
+    server, scheduler, base_name = start(
+        tiny_finishing_model, make_adapters(tiny_finishing_model, tmp_path_factory.mktemp("adapters"))
+    )
     yield server.url, base_name
     server.close()
     scheduler.close()
@@ -30,7 +32,10 @@ def direct(tiny_finishing_model, served):
 
 def test_the_spec_names_a_server_and_a_model():
     assert split_spec("openai:http://127.0.0.1:8000/v1/calc") == ("http://127.0.0.1:8000/v1", "calc")
-    assert split_spec("https://api.example.com/v1/meta-llama/Llama-3.3-70B") == ("https://api.example.com/v1", "meta-llama/Llama-3.3-70B")
+    assert split_spec("https://api.example.com/v1/meta-llama/Llama-3.3-70B") == (
+        "https://api.example.com/v1",
+        "meta-llama/Llama-3.3-70B",
+    )
     assert split_spec("http://host:9/calc") == ("http://host:9", "calc")
     for bad in ("openai:calc", "openai:http://host:9/v1/", "ftp://host/v1/x"):
         with pytest.raises(ValueError, match="BASE_URL/MODEL"):
@@ -49,8 +54,15 @@ def test_completions_equal_the_engine_and_bad_rows_fail_alone(served, direct):
     got = engine.generate(requests)
     expected = [direct.generate([r])[0] for r in requests]
     for g, e in zip(got[:2], expected[:2]):
-        assert g.error is None and (g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason) == (e.text, e.prompt_tokens, e.completion_tokens, e.finish_reason)
-    assert got[2].finish_reason == "error" and got[2].error.startswith(f"{CONTEXT_LENGTH_ERROR}: ")  # final, never retried
+        assert g.error is None and (g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason) == (
+            e.text,
+            e.prompt_tokens,
+            e.completion_tokens,
+            e.finish_reason,
+        )
+    assert got[2].finish_reason == "error" and got[2].error.startswith(
+        f"{CONTEXT_LENGTH_ERROR}: "
+    )  # final, never retried
     assert "context_length_exceeded" in got[2].error
     topk, e = got[3], expected[3]  # top-k log-probabilities by token id (what synthesis stores for the teacher)
     assert topk.text == e.text and topk.token_ids == e.token_ids and topk.topk_ids == e.topk_ids
@@ -94,14 +106,19 @@ class Front:
                 if request.path_params.get("slow"):
                     await asyncio.sleep(3)
                 async with aiohttp.ClientSession() as session:
-                    async with session.post(upstream + "/chat/completions", data=await request.body(),
-                                            headers={"Authorization": request.headers["authorization"]}) as reply:  # fmt: skip
+                    async with session.post(
+                        upstream + "/chat/completions",
+                        data=await request.body(),
+                        headers={"Authorization": request.headers["authorization"]},
+                    ) as reply:
                         return Response(await reply.read(), reply.status, media_type="application/json")
             finally:
                 self.in_flight -= 1
 
-        routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-                  Route("/{slow}/v1/chat/completions", chat_completions, methods=["POST"])]  # fmt: skip
+        routes = [
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/{slow}/v1/chat/completions", chat_completions, methods=["POST"]),
+        ]
         self.server = Server(Starlette(routes=routes))
         self.url = self.server.url
 
@@ -119,10 +136,14 @@ def test_rate_limits_and_server_errors_are_retried_with_bounded_concurrency(serv
 def test_retries_run_out_and_timeouts_end_in_the_error_text(served):
     url, _ = served
     front = Front(url, [502] * 3)
-    [failed] = OpenAIEngine(front.url, "calc", api_key=KEY, retries=2, backoff_s=0.01).generate([ChatRequest(chat("hi"))])
+    [failed] = OpenAIEngine(front.url, "calc", api_key=KEY, retries=2, backoff_s=0.01).generate(
+        [ChatRequest(chat("hi"))]
+    )
     assert front.calls == 3 and failed.finish_reason == "error"
     assert failed.error.startswith("engine: calc at ") and "HTTP 502: front says 502 (after 3 tries)" in failed.error
-    slow = OpenAIEngine(front.url.replace("/v1", "/slow/v1"), "calc", api_key=KEY, retries=1, backoff_s=0.01, timeout_s=0.5)
+    slow = OpenAIEngine(
+        front.url.replace("/v1", "/slow/v1"), "calc", api_key=KEY, retries=1, backoff_s=0.01, timeout_s=0.5
+    )
     started = time.perf_counter()
     [late] = slow.generate([ChatRequest(chat("hi"))])
     assert "TimeoutError" in late.error and "(after 2 tries)" in late.error and time.perf_counter() - started < 3
@@ -142,9 +163,27 @@ def test_synthesis_with_generator_and_target_served_by_genpi_serve(served, tmp_p
     ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
     try:
         out = tmp_path / "out"
-        status = synth_main([str(CATALOG), "--out", str(out), "--generator", f"openai:{url}/{base_name}",
-                             "--target", f"openai:{url}/{base_name}", "--samples", "3", "--max-new-tokens", "12",
-                             "--max-input-tokens", "24", "--teacher-topk", "3", "--no-progress", "--no-stats"])  # fmt: skip
+        status = synth_main(
+            [
+                str(CATALOG),
+                "--out",
+                str(out),
+                "--generator",
+                f"openai:{url}/{base_name}",
+                "--target",
+                f"openai:{url}/{base_name}",
+                "--samples",
+                "3",
+                "--max-new-tokens",
+                "12",
+                "--max-input-tokens",
+                "24",
+                "--teacher-topk",
+                "3",
+                "--no-progress",
+                "--no-stats",
+            ]
+        )
     finally:
         ray.shutdown()
     rows = [r for path in sorted(out.glob("dialogues/prompt_id=*/*.parquet")) for r in pq.read_table(path).to_pylist()]
@@ -180,11 +219,20 @@ class Scripted:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 scripted.calls += 1
                 status, headers = replies[scripted.calls - 1] if scripted.calls <= len(replies) else (200, {})
-                body = json.dumps({"error": {"message": "slow down"}} if status != 200 else
-                                  {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
-                                   "usage": {"prompt_tokens": 3, "completion_tokens": 1}}).encode()  # fmt: skip
+                body = json.dumps(
+                    {"error": {"message": "slow down"}}
+                    if status != 200
+                    else {
+                        "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+                    }
+                ).encode()
                 self.send_response(status)
-                for name, value in {**headers, "Content-Type": "application/json", "Content-Length": str(len(body))}.items():
+                for name, value in {
+                    **headers,
+                    "Content-Type": "application/json",
+                    "Content-Length": str(len(body)),
+                }.items():
                     self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
@@ -237,7 +285,9 @@ def test_a_server_that_never_answers_hits_the_request_time_limit():
     took = time.perf_counter() - started
     silent.close()
     assert late.finish_reason == "error" and took < 5, (took, late.error)
-    assert late.error.startswith(f"engine: m at {url}/chat/completions: no answer within 1.5 s, the limit for one request")
+    assert late.error.startswith(
+        f"engine: m at {url}/chat/completions: no answer within 1.5 s, the limit for one request"
+    )
     assert "(1 tries, the last: " in late.error and "Timeout" in late.error  # the deadline cut the first try short
     with pytest.raises(ValueError, match="request_timeout_s"):
         OpenAIEngine(url, "m", request_timeout_s=0)

@@ -3,6 +3,8 @@
 import asyncio
 import dataclasses
 
+from conftest import REPO
+
 from genpi.catalog import load_catalog, render_prompt_text
 from genpi.engines import ChatRequest, Completion
 from genpi.synth.pipeline import (
@@ -11,18 +13,17 @@ from genpi.synth.pipeline import (
     ENVIRONMENT_OPEN,
     INPUT_ASK,
     INPUT_INSTRUCTION,
+    INPUT_LIMIT_FACTOR,
+    INPUT_LIMIT_FLOOR,
     REASON_INSTRUCTION,
     SynthSettings,
     environment_messages,
-    INPUT_LIMIT_FACTOR,
-    INPUT_LIMIT_FLOOR,
     generate_inputs,
     heldout_ids,
     input_token_limit,
     is_retryable,
     synthesize_dialogue,
 )
-from conftest import REPO
 
 CALC, GREET = load_catalog(REPO / "tests" / "data" / "tiny.yaml")
 SAMPLE = {"sample_id": 3, "seed": 11, "split": "train", "input": "What is 4 plus 4?"}
@@ -140,7 +141,9 @@ def test_environment_termination_marker_and_max_turns():
     assert len(engine.requests["environment"]) == 3  # asked once more after the last allowed turn
 
     # the limit reached, but the environment ends it on the last ask: max turns *and* terminated
-    engine = Scripted(agent=["Act: compute(1)", "Act: compute(2)"], environment=["Result: 1", END], student=["x"], reason=["y"])
+    engine = Scripted(
+        agent=["Act: compute(1)", "Act: compute(2)"], environment=["Result: 1", END], student=["x"], reason=["y"]
+    )
     row = run(CALC, engine, SynthSettings(max_turns=2))  # the run's cap is below the catalog's 3
     assert outcome(row) == ("max_turns", True, True, False) and row["n_turns"] == 2 and not engine.replies["agent"]
     # a valid action that is not a final one is not a valid final action
@@ -221,7 +224,9 @@ def test_cut_texts_are_flagged():
 
 
 def test_teacher_topk_is_stored_per_agent_turn():
-    engine = Scripted(agent=["Act: compute(4+4)", "Act: answer(8)"], environment=["Result: 8", END], student=["x"], reason=["y"])
+    engine = Scripted(
+        agent=["Act: compute(4+4)", "Act: answer(8)"], environment=["Result: 8", END], student=["x"], reason=["y"]
+    )
     row = run(CALC, engine, SynthSettings(teacher_topk=3))
     assert [r.sampling.logprobs for r in engine.requests["agent"]] == [3, 3]
     assert {r.sampling.logprobs for r in engine.requests["environment"] + engine.requests["student"]} == {0}
@@ -229,7 +234,11 @@ def test_teacher_topk_is_stored_per_agent_turn():
         {"token_ids": [0, 1], "topk_ids": [[0] * 3, [1] * 3], "topk_logprobs": [[-0.5] * 3] * 2},
         {"token_ids": [0, 1], "topk_ids": [[0] * 3, [1] * 3], "topk_logprobs": [[-0.5] * 3] * 2},
     ]
-    row = run(CALC, Scripted(agent=["Act: answer(8)"], environment=[END], student=["x"], reason=["y"]), SynthSettings(teacher_topk=0))
+    row = run(
+        CALC,
+        Scripted(agent=["Act: answer(8)"], environment=[END], student=["x"], reason=["y"]),
+        SynthSettings(teacher_topk=0),
+    )
     assert row["teacher_topk"] is None
 
     class NoTopk(Scripted):  # an engine that ignores the request is a failure, not a silent gap
@@ -241,7 +250,10 @@ def test_teacher_topk_is_stored_per_agent_turn():
 
 
 def test_inputs_are_distinct_and_use_five_demonstrations():
-    generator = Scripted(input=["What is 1 plus 1?", "what is 1 plus  1?", "What is 7 times 6?", " What is 2 plus 2? "] + [f"Q{i}" for i in range(20)])
+    generator = Scripted(
+        input=["What is 1 plus 1?", "what is 1 plus  1?", "What is 7 times 6?", " What is 2 plus 2? "]
+        + [f"Q{i}" for i in range(20)]
+    )
     settings = SynthSettings(samples=4)
     got = asyncio.run(generate_inputs(CALC, generator, settings, 256))
     # case/space duplicates and copies of the catalog's examples are dropped
@@ -289,7 +301,9 @@ class Writer:
         if kind == "long":
             words = [f"<html id={k}>"] + ["<td>"] * 299
             n = min(len(words), request.sampling.max_tokens)
-            return Completion(text=" ".join(words[:n]), completion_tokens=n, finish_reason="length" if n < len(words) else "stop")
+            return Completion(
+                text=" ".join(words[:n]), completion_tokens=n, finish_reason="length" if n < len(words) else "stop"
+            )
         text = "Same question?" if kind == "same" else f"Question {k}?"
         return Completion(text=text, completion_tokens=2, finish_reason="stop")
 
@@ -338,7 +352,9 @@ class Counter:
         self.requests.append(request)
         n = 3 + sum(len(m["content"].split()) for m in request.messages)
         if n + request.sampling.max_tokens > self.context:
-            return Completion.failure(f"context_length: {n} prompt tokens + {request.sampling.max_tokens} max tokens > {self.context}")
+            return Completion.failure(
+                f"context_length: {n} prompt tokens + {request.sampling.max_tokens} max tokens > {self.context}"
+            )
         return Completion(text="x", prompt_tokens=n, completion_tokens=1, finish_reason="length")
 
 
@@ -349,7 +365,11 @@ def test_the_input_limit_is_derived_from_the_prompts_example_inputs_unless_given
     assert (limit.tokens, limit.source, limit.longest_example) == (INPUT_LIMIT_FACTOR * 403, "examples", 403)
     # short examples: the floor; none: the floor; the flag wins over both
     limit = asyncio.run(input_token_limit(CALC, Counter(), SynthSettings()))
-    assert (limit.tokens, limit.source, limit.longest_example) == (INPUT_LIMIT_FLOOR, "floor", 6)  # "What is 12 divided by 3?"
+    assert (limit.tokens, limit.source, limit.longest_example) == (
+        INPUT_LIMIT_FLOOR,
+        "floor",
+        6,
+    )  # "What is 12 divided by 3?"
     none = dataclasses.replace(CALC, input_examples=[])
     assert asyncio.run(input_token_limit(none, Counter(), SynthSettings())).source == "floor"
     assert asyncio.run(input_token_limit(web, Counter(), SynthSettings(max_input_tokens=64))).tokens == 64
@@ -434,4 +454,6 @@ def test_the_input_limit_counts_the_examples_in_the_target_engines_tokens(tiny_m
     for max_model_len in (None, 128):  # 128: the page is over the context; its count comes from the overflow error
         engine = TransformersEngine(tiny_model, dtype="float32", max_model_len=max_model_len)
         limit = asyncio.run(input_token_limit(web, Local(engine), SynthSettings()))
-        assert (limit.tokens, limit.source, limit.longest_example) == (INPUT_LIMIT_FACTOR * n, "examples", n), max_model_len
+        assert (limit.tokens, limit.source, limit.longest_example) == (INPUT_LIMIT_FACTOR * n, "examples", n), (
+            max_model_len
+        )

@@ -85,7 +85,9 @@ def test_base_is_nf4_double_quant(trained):
 
 def test_lora_on_all_linear_layers(trained):
     model, _, _ = trained
-    wrapped = [name for name, module in model.named_modules() if hasattr(module, "lora_A") and hasattr(module, "base_layer")]
+    wrapped = [
+        name for name, module in model.named_modules() if hasattr(module, "lora_A") and hasattr(module, "base_layer")
+    ]
     assert {name.rsplit(".", 1)[-1] for name in wrapped} == LINEAR
     assert len(wrapped) == len(LINEAR) * 2  # two layers
     assert not any("lm_head" in name or "embed_tokens" in name for name in wrapped)
@@ -148,7 +150,9 @@ def test_adapter_roundtrip_on_4bit_base(trained, tiny_model):
     batch = fixed_batch()
     expected = eval_logits(model, batch)
     loaded = load_adapter(tiny_model, folder, quantize=True)
-    keep_differentiable_4bit_layout(loaded)  # the trained model's 4-bit compute path (bitsandbytes' inference repacking rounds in bf16)
+    keep_differentiable_4bit_layout(
+        loaded
+    )  # the trained model's 4-bit compute path (bitsandbytes' inference repacking rounds in bf16)
     assert torch.allclose(eval_logits(loaded, batch), expected, rtol=0, atol=1e-5)
     with loaded.disable_adapter():
         base = eval_logits(loaded, batch)

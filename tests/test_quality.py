@@ -1,10 +1,10 @@
 """Degenerate teacher turns: loops of every shape are found, prose, code and shell commands are not."""
 
 import pytest
+from conftest import REPO
 
 from genpi.catalog import load_catalog
 from genpi.synth.quality import behaviour_check, degenerate, first_degenerate_agent_turn, repetition_share
-from conftest import REPO
 
 LOOPS = {
     "one word": "No, no, no, no, no, no, no, no, no, no, no, no, no, no",

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import REPO
+
 from genpi.catalog import load_catalog
 from genpi.data import store
 
@@ -146,17 +146,46 @@ def ray_head():
     head_env = dict(base, **{MARKER: marker}, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     log = temp / "ray-start.log"
     command = [
-        RAY, "start", "--head", "--block", "--disable-usage-stats", "--temp-dir", str(temp),
-        "--port", str(gcs),  # no --node-ip-address 127.0.0.1: Ray swaps loopback for the machine's IP anyway
-        "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-        "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
-        "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
-        "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
-        "--ray-client-server-port", str(client),
-        "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(200 * 1024**2),
-    ]  # fmt: skip
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--temp-dir",
+        str(temp),
+        "--port",
+        str(gcs),  # no --node-ip-address 127.0.0.1: Ray swaps loopback for the machine's IP anyway
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--dashboard-agent-listen-port",
+        str(agent_http),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(runtime_env),
+        "--metrics-export-port",
+        str(metrics),
+        "--node-manager-port",
+        str(node_manager),
+        "--object-manager-port",
+        str(object_manager),
+        "--ray-client-server-port",
+        str(client),
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "0",
+        "--object-store-memory",
+        str(200 * 1024**2),
+    ]
     with open(log, "w") as out:
-        start = subprocess.Popen(command, env=head_env, stdout=out, stderr=subprocess.STDOUT, cwd=temp, start_new_session=True)
+        start = subprocess.Popen(
+            command, env=head_env, stdout=out, stderr=subprocess.STDOUT, cwd=temp, start_new_session=True
+        )
     head = Head(f"http://127.0.0.1:{dashboard}", base, token, temp, log)
     failed = True
     try:
@@ -184,11 +213,33 @@ def test_ray_job_submit_runs_the_synthesis_on_the_cluster(ray_head, tiny_finishi
     out = Path(tempfile.mkdtemp(prefix="genpi-rayjob-out-", dir="/tmp")) / "out"
     submission = f"genpi-synth-{secrets.token_hex(4)}"
     submit = [
-        "job", "submit", "--address", head.url, "--working-dir", str(REPO), "--submission-id", submission,
-        "--", "python", "-m", "genpi.synth", str(CATALOG), "--out", str(out),
-        "--generator", tiny_finishing_model, "--target", tiny_finishing_model,
-        "--samples", "3", "--shard-size", "2", "--max-new-tokens", "24", "--no-stats",
-    ]  # fmt: skip
+        "job",
+        "submit",
+        "--address",
+        head.url,
+        "--working-dir",
+        str(REPO),
+        "--submission-id",
+        submission,
+        "--",
+        "python",
+        "-m",
+        "genpi.synth",
+        str(CATALOG),
+        "--out",
+        str(out),
+        "--generator",
+        tiny_finishing_model,
+        "--target",
+        tiny_finishing_model,
+        "--samples",
+        "3",
+        "--shard-size",
+        "2",
+        "--max-new-tokens",
+        "24",
+        "--no-stats",
+    ]
     started = time.monotonic()
     try:
         try:
@@ -196,7 +247,9 @@ def test_ray_job_submit_runs_the_synthesis_on_the_cluster(ray_head, tiny_finishi
         except subprocess.TimeoutExpired as e:
             head.ray("job", "stop", "--address", head.url, "--no-wait", submission)
             logs = head.ray("job", "logs", "--address", head.url, submission)
-            pytest.fail(f"job not done in {JOB_TIMEOUT} s\n{(e.stdout or b'')[-3000:]!r}\n--- job logs ---\n{logs.stdout[-6000:]}\n{head.diagnostics()}")
+            pytest.fail(
+                f"job not done in {JOB_TIMEOUT} s\n{(e.stdout or b'')[-3000:]!r}\n--- job logs ---\n{logs.stdout[-6000:]}\n{head.diagnostics()}"
+            )
         elapsed = time.monotonic() - started
         status = json.loads(head.api(f"/api/jobs/{submission}")[1])
         logs = head.ray("job", "logs", "--address", head.url, submission)
@@ -206,15 +259,27 @@ def test_ray_job_submit_runs_the_synthesis_on_the_cluster(ray_head, tiny_finishi
             f"--- ray job logs ---\n{logs.stdout[-6000:]}{logs.stderr[-2000:]}\n{head.diagnostics()}"
         )
         print(report)  # pytest shows captured output when the test fails
-        assert result.returncode == 0 and status["status"] == "SUCCEEDED", f"rc={result.returncode}: {status.get('message')}"
+        assert result.returncode == 0 and status["status"] == "SUCCEEDED", (
+            f"rc={result.returncode}: {status.get('message')}"
+        )
         print(f"job {submission} succeeded in {elapsed:.1f} s")
 
         # The working dir went up without the virtualenvs (.gitignore: .venv/, .venv-*/).
         uri = status["runtime_env"]["working_dir"]  # gcs://_ray_pkg_<hash>.zip, unpacked on the node
         assert uri.startswith("gcs://_ray_pkg_") and uri in result.stdout + result.stderr, status
-        package = head.temp / "session_latest" / "runtime_resources" / "working_dir_files" / uri.removeprefix("gcs://").removesuffix(".zip")
-        assert (package / "genpi" / "synth" / "run.py").is_file() and (package / "tests" / "data" / "tiny.yaml").is_file()
-        assert not (package / ".venv").exists() and not list(package.glob(".venv-*")), sorted(p.name for p in package.iterdir())
+        package = (
+            head.temp
+            / "session_latest"
+            / "runtime_resources"
+            / "working_dir_files"
+            / uri.removeprefix("gcs://").removesuffix(".zip")
+        )
+        assert (package / "genpi" / "synth" / "run.py").is_file() and (
+            package / "tests" / "data" / "tiny.yaml"
+        ).is_file()
+        assert not (package / ".venv").exists() and not list(package.glob(".venv-*")), sorted(
+            p.name for p in package.iterdir()
+        )
 
         # The driver ran there (the job's cluster, its working dir) and finished the synthesis.
         assert logs.returncode == 0, status

@@ -5,12 +5,21 @@ import math
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from genpi.catalog import load_catalog
 from genpi.train.qlora import LoraSettings, add_lora, load_base
-from genpi.train.recipe import (METHODS, TrainSettings, build_examples, heldout_kl, heldout_loss, make_optimizer, optimizer_step, step_loss,
-                                train_adapter)  # fmt: skip
+from genpi.train.recipe import (
+    METHODS,
+    TrainSettings,
+    build_examples,
+    heldout_kl,
+    heldout_loss,
+    make_optimizer,
+    optimizer_step,
+    step_loss,
+    train_adapter,
+)
 
 CALC, _ = load_catalog(REPO / "tests" / "data" / "tiny.yaml")
 
@@ -37,7 +46,14 @@ def write_calc_dialogues(out, n: int, heldout_from: int, off_format: frozenset[i
     rows = []
     for i in range(n):
         r = dict.fromkeys(store.DIALOGUE_COLUMNS)
-        r.update(row(i), prompt_id="calc", prompt_sha256=CALC.sha256, sample_id=i, seed=i, split="heldout" if i >= heldout_from else "train")
+        r.update(
+            row(i),
+            prompt_id="calc",
+            prompt_sha256=CALC.sha256,
+            sample_id=i,
+            seed=i,
+            split="heldout" if i >= heldout_from else "train",
+        )
         if i in off_format:
             r["turns"] = r["turns"][:2] + [{"role": "assistant", "content": "The answer is probably right."}]
         rows.append(r)
@@ -47,17 +63,25 @@ def write_calc_dialogues(out, n: int, heldout_from: int, off_format: frozenset[i
 
 TRAIN = [row(i) for i in range(8)]
 HELDOUT = [row(i) for i in range(8, 10)]
-FAST = TrainSettings(epochs=4, lr=1e-2, batch_size=4, micro_batch=2, max_length=512, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+FAST = TrainSettings(
+    epochs=4, lr=1e-2, batch_size=4, micro_batch=2, max_length=512, lora=LoraSettings(r=4, alpha=8, dropout=0.0)
+)
 
 
 def test_genpi_qlora_lowers_the_training_and_heldout_loss(tiny_trainable_model):
     reports = []
-    model, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, FAST, report=lambda m, state: reports.append((m, state)))
+    model, metrics = train_adapter(
+        tiny_trainable_model, CALC, TRAIN, HELDOUT, FAST, report=lambda m, state: reports.append((m, state))
+    )
     assert metrics["steps"] == 8 and [m["step"] for m, _ in reports] == list(range(1, 9))
     # a checkpoint and the held-out loss at the end of every epoch (2 steps each), nowhere else
     assert [m["step"] for m, state in reports if state is not None] == [2, 4, 6, 8]
-    assert [m.get("heldout_loss") for m, _ in reports][1::2] == metrics["heldout_loss_per_epoch"] and len(metrics["heldout_loss_per_epoch"]) == 4
-    assert [m.get("heldout_kl") for m, _ in reports][1::2] == metrics["heldout_kl_per_epoch"] and metrics["heldout_kl_examples"] == 2
+    assert [m.get("heldout_loss") for m, _ in reports][1::2] == metrics["heldout_loss_per_epoch"] and len(
+        metrics["heldout_loss_per_epoch"]
+    ) == 4
+    assert [m.get("heldout_kl") for m, _ in reports][1::2] == metrics["heldout_kl_per_epoch"] and metrics[
+        "heldout_kl_examples"
+    ] == 2
     assert all(kl > 0 for kl in metrics["heldout_kl_per_epoch"]) and metrics["heldout_kl_before"] > 0
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
     assert metrics["heldout_loss"] < metrics["heldout_loss_before"]
@@ -77,7 +101,11 @@ def test_every_baseline_trains(tiny_trainable_model, method):
     if "topk" in method:  # a teacher top-k that puts 0.6 on the token itself: the student's own tokens
         tok = AutoTokenizer.from_pretrained(tiny_trainable_model)
         turns = lambda r: [[e.input_ids[p] for p in t] for e in [build_sft(r, tok, 512)] for t in e.agent_tokens]  # noqa: E731
-        topk = lambda ids: {"token_ids": ids, "topk_ids": [[t, 0] for t in ids], "topk_logprobs": [[-0.5, -3.0]] * len(ids)}  # noqa: E731
+        topk = lambda ids: {
+            "token_ids": ids,
+            "topk_ids": [[t, 0] for t in ids],
+            "topk_logprobs": [[-0.5, -3.0]] * len(ids),
+        }  # noqa: E731
         train = [dict(r, teacher_topk=[topk(ids) for ids in turns(r)]) for r in TRAIN]
     model, metrics = train_adapter(tiny_trainable_model, CALC, train, HELDOUT, settings)
     assert metrics["steps"] == 2 and metrics["train_loss_first"] > 0
@@ -96,7 +124,9 @@ def test_bad_method_and_no_usable_rows(tiny_trainable_model):
 def test_gradient_checkpointing_changes_memory_not_results(tiny_trainable_model):
     plain = dataclasses.replace(FAST, epochs=1, quantize=False)
     _, expected = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, plain)
-    model, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, dataclasses.replace(plain, gradient_checkpointing=True))
+    model, metrics = train_adapter(
+        tiny_trainable_model, CALC, TRAIN, HELDOUT, dataclasses.replace(plain, gradient_checkpointing=True)
+    )
     assert model.get_base_model().is_activation_checkpointing
     for key in ("train_loss_first", "train_loss_last", "heldout_loss"):
         assert metrics[key] == pytest.approx(expected[key], rel=1e-4), key
@@ -155,17 +185,33 @@ def test_every_batch_is_made_on_the_model_device(tiny_trainable_model, method):
 def test_one_qlora_step_and_heldout_loss_on_cuda(tiny_trainable_model):
     settings = dataclasses.replace(FAST, epochs=1)  # defaults: bf16, gradient checkpointing on CUDA
     model, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN[:4], HELDOUT, settings)
-    assert metrics["steps"] == 1 and math.isfinite(metrics["heldout_loss"]) and math.isfinite(metrics["train_loss_first"])
-    assert math.isfinite(metrics["heldout_kl"]) and metrics["heldout_kl_before"] > 0  # the teacher pass on CUDA, bf16, 4-bit
-    assert metrics["effective"] == {"device": "cuda:0", "dtype": "bfloat16", "compute_dtype_4bit": "bfloat16",
-                                    "gradient_checkpointing": True, "optimizer": "paged_adamw_32bit"}  # fmt: skip
+    assert (
+        metrics["steps"] == 1 and math.isfinite(metrics["heldout_loss"]) and math.isfinite(metrics["train_loss_first"])
+    )
+    assert (
+        math.isfinite(metrics["heldout_kl"]) and metrics["heldout_kl_before"] > 0
+    )  # the teacher pass on CUDA, bf16, 4-bit
+    assert metrics["effective"] == {
+        "device": "cuda:0",
+        "dtype": "bfloat16",
+        "compute_dtype_4bit": "bfloat16",
+        "gradient_checkpointing": True,
+        "optimizer": "paged_adamw_32bit",
+    }
     assert model.get_base_model().is_loaded_in_4bit
 
 
 def test_cpu_defaults_are_recorded(tiny_trainable_model):
-    _, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN[:4], [], dataclasses.replace(FAST, epochs=1, quantize=False))
-    assert metrics["effective"] == {"device": "cpu", "dtype": "float32", "compute_dtype_4bit": None,
-                                    "gradient_checkpointing": False, "optimizer": "adamw_torch"}  # fmt: skip
+    _, metrics = train_adapter(
+        tiny_trainable_model, CALC, TRAIN[:4], [], dataclasses.replace(FAST, epochs=1, quantize=False)
+    )
+    assert metrics["effective"] == {
+        "device": "cpu",
+        "dtype": "float32",
+        "compute_dtype_4bit": None,
+        "gradient_checkpointing": False,
+        "optimizer": "adamw_torch",
+    }
     assert metrics["heldout_loss"] is None and metrics["heldout_examples"] == 0
 
 
@@ -190,7 +236,9 @@ def test_loss_form_weighs_the_sft_term(tiny_trainable_model):
         settings = dataclasses.replace(FAST, method=method, lam=lam, loss_form=form)
         rows, _ = build_examples(TRAIN[:4], CALC, tokenizer, settings)
         totals[method, form] = step_loss(model, rows, settings, tokenizer.pad_token_id)
-    assert totals["genpi", "additive"] - totals["genpi", "convex"] == pytest.approx(lam * totals["sft", "convex"], rel=1e-4)
+    assert totals["genpi", "additive"] - totals["genpi", "convex"] == pytest.approx(
+        lam * totals["sft", "convex"], rel=1e-4
+    )
     with pytest.raises(ValueError, match="unknown loss form 'mean'"):
         TrainSettings(loss_form="mean")
 
@@ -209,7 +257,12 @@ def lr_and_clipped_norms(path, settings, steps):
 
     def check(optimizer, args, kwargs):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        seen.append((optimizer.param_groups[0]["lr"], float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))))
+        seen.append(
+            (
+                optimizer.param_groups[0]["lr"],
+                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))),
+            )
+        )
 
     optimizer.register_step_pre_hook(check)
     for k in range(steps):
@@ -219,7 +272,9 @@ def lr_and_clipped_norms(path, settings, steps):
 
 
 def test_warmup_cosine_schedule_and_gradient_clipping_are_applied(tiny_trainable_model):
-    settings = dataclasses.replace(FAST, lr=1e-3, warmup_ratio=0.15, max_grad_norm=1e-3, micro_batch=1)  # ceil(0.15 · 10) = 2 warmup steps
+    settings = dataclasses.replace(
+        FAST, lr=1e-3, warmup_ratio=0.15, max_grad_norm=1e-3, micro_batch=1
+    )  # ceil(0.15 · 10) = 2 warmup steps
     lrs, seen, before = lr_and_clipped_norms(tiny_trainable_model, settings, 10)
     cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 8)) for k in range(2, 10)]
     assert lrs == pytest.approx([0.0, 0.5e-3, *cosine])
@@ -236,21 +291,37 @@ def test_warmup_cosine_schedule_and_gradient_clipping_are_applied(tiny_trainable
 def test_a_run_resumed_from_any_checkpoint_ends_with_the_same_adapter(tiny_trainable_model, method, quantize):
     import copy
 
-    settings = dataclasses.replace(FAST, method=method, epochs=2, batch_size=2, quantize=quantize, lora=LoraSettings(r=4, alpha=8, dropout=0.1))
+    settings = dataclasses.replace(
+        FAST, method=method, epochs=2, batch_size=2, quantize=quantize, lora=LoraSettings(r=4, alpha=8, dropout=0.1)
+    )
     states = []
-    keep = lambda metrics, state: states.append((metrics["step"], copy.deepcopy(state()))) if state is not None else None  # noqa: E731
-    whole, whole_metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings, report=keep, checkpoint_steps=3)
+    keep = lambda metrics, state: (
+        states.append((metrics["step"], copy.deepcopy(state()))) if state is not None else None
+    )  # noqa: E731
+    whole, whole_metrics = train_adapter(
+        tiny_trainable_model, CALC, TRAIN, HELDOUT, settings, report=keep, checkpoint_steps=3
+    )
     expected = {n: p.detach().clone() for n, p in whole.named_parameters() if p.requires_grad}
     assert [step for step, _ in states] == [3, 4, 6, 8]  # every 3 steps and at each epoch's end (4 steps)
     for step, state in states[:2]:  # mid-epoch and at an epoch's end
         later = []
-        resumed, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings, resume=state,
-                                         report=lambda m, s: later.append(m["step"]))  # fmt: skip
+        resumed, metrics = train_adapter(
+            tiny_trainable_model,
+            CALC,
+            TRAIN,
+            HELDOUT,
+            settings,
+            resume=state,
+            report=lambda m, s: later.append(m["step"]),
+        )
         assert later == list(range(step + 1, 9))  # no step done twice
         for name, p in resumed.named_parameters():
             if p.requires_grad:
                 assert torch.equal(p, expected[name]), (step, name)
-        assert metrics["heldout_loss"] == whole_metrics["heldout_loss"] and metrics["train_loss_first"] == whole_metrics["train_loss_first"]
+        assert (
+            metrics["heldout_loss"] == whole_metrics["heldout_loss"]
+            and metrics["train_loss_first"] == whole_metrics["train_loss_first"]
+        )
 
 
 @pytest.mark.slow
@@ -288,7 +359,9 @@ def test_degenerate_teacher_turns_are_skipped_or_cut_and_counted(tiny_trainable_
     made, report = build_examples(rows, CALC, tokenizer, FAST)
     assert report["degenerate_rows_skipped"] == 1 and report["degenerate_turns_cut"] == 1 and len(made) == 3
     assert [len(m.student.agent_tokens) for m in made] == [2, 1, 2]  # row 2 keeps its first agent turn only
-    assert all(LOOP not in tokenizer.decode(m.student.input_ids) and LOOP not in tokenizer.decode(m.pg.input_ids) for m in made)
+    assert all(
+        LOOP not in tokenizer.decode(m.student.input_ids) and LOOP not in tokenizer.decode(m.pg.input_ids) for m in made
+    )
     assert rows[2]["turns"][2]["content"] == LOOP  # the caller's row is not changed
     kept, report = build_examples(rows, CALC, tokenizer, dataclasses.replace(FAST, skip_degenerate=False))
     assert len(kept) == 4 and "degenerate_rows_skipped" not in report
@@ -302,10 +375,19 @@ def test_degenerate_teacher_turns_are_skipped_or_cut_and_counted(tiny_trainable_
 
     # training counts them in its metrics (genpi.json's train metrics), held-out rows too
     settings = dataclasses.replace(FAST, epochs=1, quantize=False)
-    _, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN[:3] + [looping(3, 0), looping(4, 1)],
-                               [HELDOUT[0], looping(9, 0)], settings)  # fmt: skip
-    assert metrics["data_degenerate_rows_skipped"] == 1 and metrics["data_degenerate_turns_cut"] == 1 and metrics["train_examples"] == 4
-    assert metrics["heldout_data_degenerate_rows_skipped"] == 1 and metrics["heldout_examples"] == 1 and metrics["heldout_kl_examples"] == 1
+    _, metrics = train_adapter(
+        tiny_trainable_model, CALC, TRAIN[:3] + [looping(3, 0), looping(4, 1)], [HELDOUT[0], looping(9, 0)], settings
+    )
+    assert (
+        metrics["data_degenerate_rows_skipped"] == 1
+        and metrics["data_degenerate_turns_cut"] == 1
+        and metrics["train_examples"] == 4
+    )
+    assert (
+        metrics["heldout_data_degenerate_rows_skipped"] == 1
+        and metrics["heldout_examples"] == 1
+        and metrics["heldout_kl_examples"] == 1
+    )
     with pytest.raises(ValueError, match="no usable train rows .*2 looping"):
         train_adapter(tiny_trainable_model, CALC, [looping(1, 0), looping(2, 0)], [], settings)
 
@@ -366,7 +448,10 @@ def test_kld_training_lowers_the_heldout_kl(tiny_trainable_model):
     settings = dataclasses.replace(FAST, method="kld", epochs=3, quantize=False)
     _, metrics = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings)
     assert len(metrics["heldout_kl_per_epoch"]) == 3 and metrics["heldout_kl"] == metrics["heldout_kl_per_epoch"][-1]
-    assert metrics["heldout_kl"] < 0.8 * metrics["heldout_kl_before"], (metrics["heldout_kl_before"], metrics["heldout_kl_per_epoch"])
+    assert metrics["heldout_kl"] < 0.8 * metrics["heldout_kl_before"], (
+        metrics["heldout_kl_before"],
+        metrics["heldout_kl_per_epoch"],
+    )
 
 
 def test_the_heldout_kl_pass_keeps_the_4bit_gradients(tiny_trainable_model):
@@ -384,7 +469,14 @@ def test_the_heldout_kl_pass_keeps_the_4bit_gradients(tiny_trainable_model):
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     pairs, pad_id = kld_pairs(tiny_trainable_model, CALC, HELDOUT)
-    batch = collate([r.student for r in build_examples(TRAIN[:2], CALC, AutoTokenizer.from_pretrained(tiny_trainable_model), FAST)[0]], pad_id, model.device)
+    batch = collate(
+        [
+            r.student
+            for r in build_examples(TRAIN[:2], CALC, AutoTokenizer.from_pretrained(tiny_trainable_model), FAST)[0]
+        ],
+        pad_id,
+        model.device,
+    )
 
     def grads():
         model.zero_grad(set_to_none=True)

@@ -10,11 +10,11 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO
+
 from genpi import InputError
-from genpi.eval.run import build_parser as eval_parser
 from genpi.data.adapters import read_adapter_manifest
+from genpi.eval.run import build_parser as eval_parser
 from genpi.run import build_parser, main, stage_commands
 from genpi.runconfig import PRESETS
 
@@ -24,15 +24,50 @@ STEPS = REPO / "examples" / "mind2web" / "steps.jsonl"
 
 
 def command(out, model, *extra):
-    return [sys.executable, "-m", "genpi.cli", "run", str(CATALOG), "--out", str(out), "--base", model, "--generator", model,
-            "--prompts", "calc", "--samples", "5", "--heldout", "0.4", "--max-new-tokens", "8", "--methods", "sft,genpi",
-            "--lr", "1e-3", "--cpus-per-trial", "1", "--mind2web", f"calc={STEPS}", "--mind2web-args", "--limit 2 --max-new-tokens 6",
-            "--no-progress", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "genpi.cli",
+        "run",
+        str(CATALOG),
+        "--out",
+        str(out),
+        "--base",
+        model,
+        "--generator",
+        model,
+        "--prompts",
+        "calc",
+        "--samples",
+        "5",
+        "--heldout",
+        "0.4",
+        "--max-new-tokens",
+        "8",
+        "--methods",
+        "sft,genpi",
+        "--lr",
+        "1e-3",
+        "--cpus-per-trial",
+        "1",
+        "--mind2web",
+        f"calc={STEPS}",
+        "--mind2web-args",
+        "--limit 2 --max-new-tokens 6",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def run(out, model, *extra):
-    return subprocess.run(command(out, model, *extra), cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"),
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    return subprocess.run(
+        command(out, model, *extra),
+        cwd=REPO,
+        env=dict(os.environ, RAY_ADDRESS="local"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def stages(out) -> dict:
@@ -43,8 +78,14 @@ def stages(out) -> dict:
 def test_killed_run_resumes_and_finishes_each_stage_once(tiny_finishing_model, tmp_path):
     out = tmp_path / "run"
     # kill the whole process group (driver, Ray, Tune trials) once the second training stage has started
-    proc = subprocess.Popen(command(out, tiny_finishing_model), cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        command(out, tiny_finishing_model),
+        cwd=REPO,
+        env=dict(os.environ, RAY_ADDRESS="local"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         if (out / "run.json").exists() and stages(out).get("train genpi", {}).get("status") == "running":
@@ -61,7 +102,10 @@ def test_killed_run_resumes_and_finishes_each_stage_once(tiny_finishing_model, t
 
     result = run(out, tiny_finishing_model)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[1/8] synth: done before, skipped" in result.stderr and "[3/8] train sft: done before, skipped" in result.stderr
+    assert (
+        "[1/8] synth: done before, skipped" in result.stderr
+        and "[3/8] train sft: done before, skipped" in result.stderr
+    )
     assert all(s["status"] == "done" for s in stages(out).values()) and len(stages(out)) == 8
     rows = [r for p in sorted((out / "data" / "dialogues").rglob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert sorted(r["sample_id"] for r in rows) == list(range(5))  # every dialogue exactly once
@@ -70,11 +114,20 @@ def test_killed_run_resumes_and_finishes_each_stage_once(tiny_finishing_model, t
     fidelity = json.loads((out / "eval" / "fidelity.json").read_text())
     assert set(fidelity["results"][0]["systems"]) == {"teacher", "base", "sft", "genpi"}
     [steps] = json.loads((out / "eval" / "mind2web.json").read_text())["results"]
-    assert steps["prompt_id"] == "calc" and steps["steps"] == 2 and set(steps["systems"]) == {"teacher", "base", "sft", "genpi"}
+    assert (
+        steps["prompt_id"] == "calc"
+        and steps["steps"] == 2
+        and set(steps["systems"]) == {"teacher", "base", "sft", "genpi"}
+    )
     [efficiency] = json.loads((out / "eval" / "efficiency.json").read_text())["results"]
     assert efficiency["prompt_id"] == "calc" and efficiency["lora"]["from"] == str(out / "adapters" / "sft" / "calc")
     report = (out / "report" / "report.md").read_text()
-    assert "genpi" in report and "sft" in report and "## Efficiency\n\n### calc" in report and "### Mind2Web steps: calc" in report
+    assert (
+        "genpi" in report
+        and "sft" in report
+        and "## Efficiency\n\n### calc" in report
+        and "### Mind2Web steps: calc" in report
+    )
     assert f"report: {out / 'report' / 'report.md'}" in result.stderr
     assert f"genpi serve {out / 'adapters' / 'sft'} --catalog {CATALOG}" in result.stderr  # the first method's
 
@@ -83,7 +136,9 @@ def test_killed_run_resumes_and_finishes_each_stage_once(tiny_finishing_model, t
 
     changed = run(out, tiny_finishing_model, "--samples", "6")
     assert changed.returncode == 2
-    assert "stage 'synth' was started with other settings" in changed.stderr and "choose another --out" in changed.stderr
+    assert (
+        "stage 'synth' was started with other settings" in changed.stderr and "choose another --out" in changed.stderr
+    )
 
 
 @pytest.mark.slow
@@ -96,16 +151,29 @@ def test_bad_input_exits_2_before_any_work(tmp_path):
         (["--prompts", "calc", "--tasks", "calc"], "--tasks calc: expected ID=FILE"),
         (["--prompts", "calc", "--mind2web", f"calc={TASKS}"], "line 1"),  # an OS tasks file is no Mind2Web steps file
         (["--prompts", "calc", "--mind2web", f"greet={STEPS}"], "--mind2web greet="),
-        (["--prompts", "calc", "--mind2web", "calc"], "--mind2web calc: expected ID=FILE (a catalog prompt and its Mind2Web steps"),
+        (
+            ["--prompts", "calc", "--mind2web", "calc"],
+            "--mind2web calc: expected ID=FILE (a catalog prompt and its Mind2Web steps",
+        ),
     ]
     for extra, message in cases:
         out = tmp_path / "run"
-        result = subprocess.run([sys.executable, "-m", "genpi.cli", "run", str(CATALOG), "--out", str(out), *extra],
-                                cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "genpi.cli", "run", str(CATALOG), "--out", str(out), *extra],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 2 and message in result.stderr, (extra, result.stderr)
         assert not out.exists()  # nothing written
-    missing = subprocess.run([sys.executable, "-m", "genpi.cli", "run", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "r")],
-                             cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    missing = subprocess.run(
+        [sys.executable, "-m", "genpi.cli", "run", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "r")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "no such file" in missing.stderr
 
 
@@ -117,37 +185,115 @@ def stage_list(out, *extra) -> list[tuple[str, list[str]]]:
 def test_stages_evaluate_tasks_and_efficiency_into_the_eval_folder(tmp_path):
     out = tmp_path / "run"
     plain = dict(stage_list(out, "--prompts", "calc,greet"))
-    assert list(plain) == ["synth", "stats", "train sft", "train genpi", "eval fidelity", "eval efficiency calc", "eval efficiency greet", "report"]
+    assert list(plain) == [
+        "synth",
+        "stats",
+        "train sft",
+        "train genpi",
+        "eval fidelity",
+        "eval efficiency calc",
+        "eval efficiency greet",
+        "report",
+    ]
     eval_dir = plain["report"][plain["report"].index("--eval") + 1]
     assert eval_dir == str(out / "eval")
     for prompt_id in ("calc", "greet"):
         cost = eval_parser().parse_args(plain[f"eval efficiency {prompt_id}"])
         assert (cost.what, cost.prompt, cost.data, cost.out) == ("efficiency", prompt_id, str(out / "data"), eval_dir)
-        assert cost.adapters == str(out / "adapters" / "sft") and (cost.turns, cost.repeats) == (2, 1)  # the first method; demo sizes
-    assert eval_parser().parse_args(dict(stage_list(out, "--prompts", "calc", "--efficiency-args", "--turns 3"))["eval efficiency calc"]).turns == 3
+        assert cost.adapters == str(out / "adapters" / "sft") and (cost.turns, cost.repeats) == (
+            2,
+            1,
+        )  # the first method; demo sizes
+    assert (
+        eval_parser()
+        .parse_args(
+            dict(stage_list(out, "--prompts", "calc", "--efficiency-args", "--turns 3"))["eval efficiency calc"]
+        )
+        .turns
+        == 3
+    )
 
     other = tmp_path / "other.json"
-    tasks = stage_list(out, "--prompts", "calc,greet", "--tasks", f"calc={TASKS},greet={other}", "--task-args", "--limit 2 --rounds 4")
-    assert [n for n, _ in tasks] == ["synth", "stats", "train sft", "train genpi", "eval fidelity", "eval os-tasks calc",
-                                     "eval os-tasks greet", "eval efficiency calc", "eval efficiency greet", "report"]  # fmt: skip
+    tasks = stage_list(
+        out, "--prompts", "calc,greet", "--tasks", f"calc={TASKS},greet={other}", "--task-args", "--limit 2 --rounds 4"
+    )
+    assert [n for n, _ in tasks] == [
+        "synth",
+        "stats",
+        "train sft",
+        "train genpi",
+        "eval fidelity",
+        "eval os-tasks calc",
+        "eval os-tasks greet",
+        "eval efficiency calc",
+        "eval efficiency greet",
+        "report",
+    ]
     calc = eval_parser().parse_args(dict(tasks)["eval os-tasks calc"])
-    assert (calc.what, calc.tasks, calc.prompt, calc.out, calc.limit, calc.rounds) == ("os-tasks", str(TASKS), "calc", eval_dir, 2, 4)
-    assert calc.adapters == [f"sft={out / 'adapters' / 'sft'}", f"genpi={out / 'adapters' / 'genpi'}"] and calc.max_new_tokens == 64  # the demo preset's
+    assert (calc.what, calc.tasks, calc.prompt, calc.out, calc.limit, calc.rounds) == (
+        "os-tasks",
+        str(TASKS),
+        "calc",
+        eval_dir,
+        2,
+        4,
+    )
+    assert (
+        calc.adapters == [f"sft={out / 'adapters' / 'sft'}", f"genpi={out / 'adapters' / 'genpi'}"]
+        and calc.max_new_tokens == 64
+    )  # the demo preset's
     assert eval_parser().parse_args(dict(tasks)["eval os-tasks greet"]).tasks == str(other)
-    assert tasks == stage_list(out, "--prompts", "calc,greet", "--tasks", f"calc={TASKS}", "--tasks", f"greet={other}",
-                               "--task-args", "--limit 2 --rounds 4")  # repeated or comma-separated: the same stages
-    both = dict(stage_list(out, "--prompts", "calc,greet", "--tasks", f"calc={TASKS}", "--mind2web", f"greet={STEPS},calc={other}",
-                           "--mind2web-args", "--limit 3 --layout examples"))  # fmt: skip
-    assert [n for n in both if n.startswith("eval ")] == ["eval fidelity", "eval os-tasks calc", "eval mind2web greet", "eval mind2web calc",
-                                                         "eval efficiency calc", "eval efficiency greet"]  # fmt: skip
+    assert tasks == stage_list(
+        out,
+        "--prompts",
+        "calc,greet",
+        "--tasks",
+        f"calc={TASKS}",
+        "--tasks",
+        f"greet={other}",
+        "--task-args",
+        "--limit 2 --rounds 4",
+    )  # repeated or comma-separated: the same stages
+    both = dict(
+        stage_list(
+            out,
+            "--prompts",
+            "calc,greet",
+            "--tasks",
+            f"calc={TASKS}",
+            "--mind2web",
+            f"greet={STEPS},calc={other}",
+            "--mind2web-args",
+            "--limit 3 --layout examples",
+        )
+    )
+    assert [n for n in both if n.startswith("eval ")] == [
+        "eval fidelity",
+        "eval os-tasks calc",
+        "eval mind2web greet",
+        "eval mind2web calc",
+        "eval efficiency calc",
+        "eval efficiency greet",
+    ]
     steps = eval_parser().parse_args(both["eval mind2web greet"])
-    assert (steps.what, steps.steps, steps.prompt, steps.out, steps.limit, steps.layout) == ("mind2web", str(STEPS), "greet", eval_dir, 3, "examples")
-    assert steps.adapters == calc.adapters and steps.base == calc.base and steps.max_new_tokens == 128  # mind2web's own default
+    assert (steps.what, steps.steps, steps.prompt, steps.out, steps.limit, steps.layout) == (
+        "mind2web",
+        str(STEPS),
+        "greet",
+        eval_dir,
+        3,
+        "examples",
+    )
+    assert (
+        steps.adapters == calc.adapters and steps.base == calc.base and steps.max_new_tokens == 128
+    )  # mind2web's own default
     assert eval_parser().parse_args(both["eval mind2web calc"]).steps == str(other)
-    for bad, message in ((["--prompts", "calc", "--tasks", f"calc={TASKS}", "--tasks", f"calc={other}"], "calc has a file already"),
-                         (["--prompts", "calc", "--mind2web", f"calc={STEPS}", "--mind2web", f"calc={other}"], "--mind2web calc="),
-                         (["--prompts", "greet", "--mind2web", f"calc={STEPS}"], "calc is not a prompt of this run (greet)"),
-                         (["--prompts", "greet", "--tasks", f"calc={TASKS}"], "calc is not a prompt of this run (greet)")):  # fmt: skip
+    for bad, message in (
+        (["--prompts", "calc", "--tasks", f"calc={TASKS}", "--tasks", f"calc={other}"], "calc has a file already"),
+        (["--prompts", "calc", "--mind2web", f"calc={STEPS}", "--mind2web", f"calc={other}"], "--mind2web calc="),
+        (["--prompts", "greet", "--mind2web", f"calc={STEPS}"], "calc is not a prompt of this run (greet)"),
+        (["--prompts", "greet", "--tasks", f"calc={TASKS}"], "calc is not a prompt of this run (greet)"),
+    ):
         with pytest.raises(InputError, match=re.escape(message)):
             stage_list(out, *bad)
 
@@ -157,11 +303,28 @@ def test_a_changed_task_or_efficiency_setting_is_refused(tmp_path, capsys):
     other.write_text(json.dumps([{"description": "Say yes.", "evaluation": {"match": "yes"}}]))
     flags = ["--prompts", "calc", "--tasks", f"calc={TASKS}"]
     out.mkdir()
-    (out / "run.json").write_text(json.dumps({"stages": {name: {"argv": argv, "status": "done", "seconds": 1.0}
-                                                         for name, argv in stage_list(out, *flags)}}))  # fmt: skip
-    for extra, stage in ((["--efficiency-args", "--turns 3"], "eval efficiency calc"), (["--tasks", f"calc={other}"], "eval os-tasks calc"),
-                         (["--task-args", "--limit 1"], "eval os-tasks calc")):  # fmt: skip
-        argv = [str(CATALOG), "--out", str(out), "--methods", "sft,genpi", *(flags[:2] + extra if extra[0] == "--tasks" else flags + extra)]
+    (out / "run.json").write_text(
+        json.dumps(
+            {
+                "stages": {
+                    name: {"argv": argv, "status": "done", "seconds": 1.0} for name, argv in stage_list(out, *flags)
+                }
+            }
+        )
+    )
+    for extra, stage in (
+        (["--efficiency-args", "--turns 3"], "eval efficiency calc"),
+        (["--tasks", f"calc={other}"], "eval os-tasks calc"),
+        (["--task-args", "--limit 1"], "eval os-tasks calc"),
+    ):
+        argv = [
+            str(CATALOG),
+            "--out",
+            str(out),
+            "--methods",
+            "sft,genpi",
+            *(flags[:2] + extra if extra[0] == "--tasks" else flags + extra),
+        ]
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert f"stage {stage!r} was started with other settings" in err and "choose another --out" in err, err
@@ -169,8 +332,9 @@ def test_a_changed_task_or_efficiency_setting_is_refused(tmp_path, capsys):
 
 
 def test_a_second_run_of_one_folder_is_refused_naming_the_holder(tmp_path, capsys, monkeypatch):
-    import genpi.run
     from test_train_run import live_lock
+
+    import genpi.run
 
     ran = []
 
@@ -210,13 +374,16 @@ def test_run_json_is_replaced_through_a_unique_temporary_file(tmp_path, monkeypa
     monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append(str(src)), real(src, dst))[1])
     write_record(tmp_path, {"stages": {}})
     write_record(tmp_path, {"stages": {"synth": {"status": "done"}}})
-    assert len(set(replaced)) == 2 and all(os.path.dirname(src) == str(tmp_path) for src in replaced)  # two writers never share one
+    assert len(set(replaced)) == 2 and all(
+        os.path.dirname(src) == str(tmp_path) for src in replaced
+    )  # two writers never share one
     assert read_record(tmp_path) == {"stages": {"synth": {"status": "done"}}} and os.listdir(tmp_path) == ["run.json"]
 
 
 def test_evaluation_on_a_gpu_if_any_starts_a_local_ray_beside_a_stale_session_file(tmp_path, capsys, monkeypatch):
-    from genpi.run import on_a_gpu_if_any
     from test_train_run import stale_ray_session, stop_at_ray_init
+
+    from genpi.run import on_a_gpu_if_any
 
     stale_ray_session(tmp_path, monkeypatch)
     used = stop_at_ray_init(monkeypatch)

@@ -32,7 +32,9 @@ from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, ansi_c_quote
 from genpi.eval.systems import System
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not all(map(shutil.which, ("unshare", "nsenter", "prlimit"))), reason="needs util-linux")
+pytestmark = pytest.mark.skipif(
+    not all(map(shutil.which, ("unshare", "nsenter", "prlimit"))), reason="needs util-linux"
+)
 
 
 def bash(command: str) -> str:
@@ -52,7 +54,9 @@ def pid_namespaces() -> set[str]:
 
 def test_ansi_c_quote_round_trips_through_bash():
     text = "a'b\"c $HOME `x` \\ \n\t é ✓ {output}"
-    assert subprocess.run(["bash", "-c", f"printf %s {ansi_c_quote(text)}"], capture_output=True, text=True).stdout == text
+    assert (
+        subprocess.run(["bash", "-c", f"printf %s {ansi_c_quote(text)}"], capture_output=True, text=True).stdout == text
+    )
 
 
 def test_shell_keeps_state_merges_stderr_and_survives_exit_and_timeout():
@@ -82,7 +86,10 @@ def test_each_sandbox_starts_fresh_and_leaves_nothing():
     assert ns not in pid_namespaces()
     assert not Path("/usr/genpi-mark").exists() and not Path("/etc/genpi-mark").exists()
     with Sandbox() as box:
-        assert box.execute("ls -A /root /tmp; ls /usr/genpi-mark /etc/genpi-mark 2>/dev/null | wc -l") == "/root:\n\n/tmp:\n0\n"
+        assert (
+            box.execute("ls -A /root /tmp; ls /usr/genpi-mark /etc/genpi-mark 2>/dev/null | wc -l")
+            == "/root:\n\n/tmp:\n0\n"
+        )
 
 
 def test_wall_time_limit_kills_the_sandbox():
@@ -151,7 +158,9 @@ def sentinels(contained, tmp_path, monkeypatch):
         f.unlink()
 
 
-def hostile(command: str, then: str = "Act: answer(done)", settings: LoopSettings = LoopSettings(command_timeout=10)) -> dict:
+def hostile(
+    command: str, then: str = "Act: answer(done)", settings: LoopSettings = LoopSettings(command_timeout=10)
+) -> dict:
     """One task whose agent runs `command` and answers; the answer never matches."""
     task = OSTask(0, "hostile agent", match={"answer": "the task cannot be solved", "strip": True})
     with ThreadPoolExecutor(2) as pool:
@@ -169,7 +178,12 @@ def test_rm_rf_root(sentinels):
 
 
 def test_writing_to_host_paths(sentinels, tmp_path):
-    targets = [f for f in sentinels] + [REPO / "pwned", Path.home() / "pwned", tmp_path / "pwned", Path("/tmp") / f"pwned-{uuid.uuid4().hex}"]
+    targets = [f for f in sentinels] + [
+        REPO / "pwned",
+        Path.home() / "pwned",
+        tmp_path / "pwned",
+        Path("/tmp") / f"pwned-{uuid.uuid4().hex}",
+    ]
     hostile("; ".join(f"echo pwned > {t}" for t in targets) + f"; echo pwned > /dev/shm/{targets[-1].name}")
     assert not any(t.exists() for t in targets[len(sentinels) :]) and not Path(f"/dev/shm/{targets[-1].name}").exists()
 
@@ -178,8 +192,16 @@ def test_reading_a_hidden_home_file(sentinels):
     secret = sentinels[0]
     task = OSTask(0, "read the secret", match={"answer": secret.read_text(), "strip": True})
     with ThreadPoolExecutor(1) as pool:
-        row = asyncio.run(play(task, System("replay"), [], replay_agent({0: [bash(f"cat {secret}"), "Act: answer({output})"]}),
-                               LoopSettings(command_timeout=10), pool))  # fmt: skip
+        row = asyncio.run(
+            play(
+                task,
+                System("replay"),
+                [],
+                replay_agent({0: [bash(f"cat {secret}"), "Act: answer({output})"]}),
+                LoopSettings(command_timeout=10),
+                pool,
+            )
+        )
     assert row["success"] is False and "No such file" in row["turns"][2]["content"]
 
 
@@ -197,8 +219,10 @@ def test_network_connections(sentinels):
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     port = server.getsockname()[1]
-    row = hostile(f"echo hi > /dev/tcp/127.0.0.1/{port} && echo connected; "
-                  "python3 -c \"import socket; socket.create_connection(('1.1.1.1', 80), timeout=3)\" 2>&1 | tail -1")  # fmt: skip
+    row = hostile(
+        f"echo hi > /dev/tcp/127.0.0.1/{port} && echo connected; "
+        "python3 -c \"import socket; socket.create_connection(('1.1.1.1', 80), timeout=3)\" 2>&1 | tail -1"
+    )
     thread.join(6)
     server.close()
     out = row["turns"][2]["content"]
@@ -246,10 +270,12 @@ def processes_named(text: str) -> list[int]:
 def test_agent_commands_cannot_mount_or_make_namespaces():
     """A tmpfs is unreclaimable memory outside every limit: neither the shell nor a script may mount one, directly
     or in a user namespace of its own, nor raise the namespace limit that forbids the latter."""
-    attempts = ("mkdir -p /tmp/m; mount -t tmpfs -o size=1g none /tmp/m && echo MOUNTED; "
-                "unshare --user --map-root-user --mount sh -c 'mount -t tmpfs none /tmp && echo NESTED'; "
-                "unshare --mount true && echo UNSHARED; echo 9 > /proc/sys/user/max_user_namespaces && echo RAISED; "
-                "nsenter --target 1 --mount true && echo ENTERED; echo done")  # fmt: skip
+    attempts = (
+        "mkdir -p /tmp/m; mount -t tmpfs -o size=1g none /tmp/m && echo MOUNTED; "
+        "unshare --user --map-root-user --mount sh -c 'mount -t tmpfs none /tmp && echo NESTED'; "
+        "unshare --mount true && echo UNSHARED; echo 9 > /proc/sys/user/max_user_namespaces && echo RAISED; "
+        "nsenter --target 1 --mount true && echo ENTERED; echo done"
+    )
     with Sandbox() as box:
         assert box.execute(attempts).endswith("done\n")
         for out in (box.execute(attempts), box.run(attempts)[1]):
@@ -260,8 +286,10 @@ def test_agent_commands_cannot_mount_or_make_namespaces():
 def test_root_installs_into_usr_local_bin_and_chowns_to_other_users():
     """AgentBench's root can do this in its container; an init script and example solutions rely on it."""
     with Sandbox() as box:
-        status, out = box.run("printf '#!/bin/sh\\necho hello\\n' > /usr/local/bin/genpi-hello && chmod +x /usr/local/bin/genpi-hello"
-                              " && touch /home/f && chown 1000:1001 /home/f && mkdir -p /home/u && chown 65534 /home/u && echo ok")  # fmt: skip
+        status, out = box.run(
+            "printf '#!/bin/sh\\necho hello\\n' > /usr/local/bin/genpi-hello && chmod +x /usr/local/bin/genpi-hello"
+            " && touch /home/f && chown 1000:1001 /home/f && mkdir -p /home/u && chown 65534 /home/u && echo ok"
+        )
         assert (status, out) == (0, "ok\n")
         assert box.execute("genpi-hello; stat -c '%u:%g' /home/f /home/u") == "hello\n1000:1001\n65534:0\n"
         assert box.execute("cat /proc/self/uid_map").split()[2] == "65536"  # a range, as in a container
@@ -286,9 +314,15 @@ def test_scripts_pass_stdout_alone_and_end_when_the_script_exits():
         started = time.monotonic()
         assert box.run("sleep 60 & echo started; exit 2", timeout=20) == (2, "started\n")
         assert time.monotonic() - started < 10
-        assert box.execute("pgrep -x sleep >/dev/null && echo still-running") == "still-running\n"  # left running, as in Docker
-        task = OSTask(0, "Say 7.", check=(None, Script("bash", '[ "$1" = "$(echo "$2" | tr -d "[:space:]")" ]')),
-                      example=Script("bash", "echo 7; echo progress >&2"))  # fmt: skip
+        assert (
+            box.execute("pgrep -x sleep >/dev/null && echo still-running") == "still-running\n"
+        )  # left running, as in Docker
+        task = OSTask(
+            0,
+            "Say 7.",
+            check=(None, Script("bash", '[ "$1" = "$(echo "$2" | tr -d "[:space:]")" ]')),
+            example=Script("bash", "echo 7; echo progress >&2"),
+        )
         assert os_tasks.judge(task, box, "7", 10) == (True, None)
 
 
@@ -329,7 +363,10 @@ def test_find_over_the_whole_system_finds_nothing_it_may_not_read(tmp_path):
             assert box.execute("find / -name genpi-nothing-here; echo done") == "done\n"
             assert box.execute("ls /proc/1/fdinfo /proc/1/map_files >/dev/null && echo listed") == "listed\n"
             if secret is not None:
-                assert box.execute(f"ls -A {secret}; stat -c '%a %u' {secret}; touch {secret}/mine && echo ok") == "700 0\nok\n"
+                assert (
+                    box.execute(f"ls -A {secret}; stat -c '%a %u' {secret}; touch {secret}/mine && echo ok")
+                    == "700 0\nok\n"
+                )
         if secret is not None:
             assert not (secret / "mine").exists()
     finally:
@@ -347,7 +384,7 @@ def test_users_with_a_home_under_home_have_it():
         if len(fields) == 7 and re.fullmatch(r"/home/[^/]+", fields[5]) and int(fields[2]) < 65536:
             users[fields[5]] = fields[2]
     with Sandbox() as box:
-        listed = box.execute("for h in /home/*; do [ -d \"$h\" ] && stat -c '%n %u' \"$h\"; done")
+        listed = box.execute('for h in /home/*; do [ -d "$h" ] && stat -c \'%n %u\' "$h"; done')
         assert dict(line.split() for line in listed.splitlines()) == users
         if Path("/etc/skel/.profile").exists() and users:
             assert box.run(f"cmp /etc/skel/.profile {next(iter(users))}/.profile && echo same") == (0, "same\n")
@@ -408,8 +445,12 @@ time.sleep(600)
 
 def test_a_killed_genpi_leaves_no_sandbox_process():
     canary = f"genpi-canary-{uuid.uuid4().hex}"
-    parent = subprocess.Popen([sys.executable, "-c", KILLED_PARENT.format(canary=canary)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    parent = subprocess.Popen(
+        [sys.executable, "-c", KILLED_PARENT.format(canary=canary)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         namespace, holder = parent.stdout.readline().split()
         assert len(set(processes_named(canary)) - {parent.pid}) >= 2 and namespace in pid_namespaces()
@@ -434,7 +475,10 @@ def test_only_world_readable_host_files_are_visible(tmp_path):
         for mode in (0o600, 0o640, 0o660):
             secret.chmod(mode)
             with Sandbox() as box:
-                assert "Permission denied" in box.execute(f"cat {secret}") and "hidden-text" not in box.run(f"cat {secret}")[1]
+                assert (
+                    "Permission denied" in box.execute(f"cat {secret}")
+                    and "hidden-text" not in box.run(f"cat {secret}")[1]
+                )
                 assert box.execute("id -G") == "0\n"
     finally:
         secret.unlink()
@@ -459,9 +503,13 @@ def test_as_an_unprivileged_user_without_subordinate_ids():
         pytest.skip("needs root to switch to an unprivileged user (setpriv)")
     if shutil.which("newuidmap"):
         pytest.skip("newuidmap is installed: the unprivileged path would use subordinate ids")
-    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable  # one user 65534 may run (not a root-only venv)
+    python = (
+        shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    )  # one user 65534 may run (not a root-only venv)
     command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", NOT_ROOT]
-    result = subprocess.run(command, capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONPATH": str(REPO), "HOME": "/"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONPATH": str(REPO), "HOME": "/"}
+    )
     if "Permission denied" in result.stderr or "No module named" in result.stderr:
         pytest.skip(f"user 65534 cannot read the repository or the interpreter: {result.stderr[-300:]}")
     assert result.returncode == 0, result.stderr
@@ -482,4 +530,8 @@ def test_sandbox_cgroup_limits_and_single_warning(tmp_path, monkeypatch):
         sandbox.sandbox_cgroup(Limits(), "c")
     (tmp_path / "cgroup.subtree_control").write_text("cpu memory pids\n")
     group = sandbox.sandbox_cgroup(Limits(processes=64, total_memory_mb=1024, cpus=0.5), "d")
-    assert [(group / f).read_text() for f in ("memory.max", "pids.max", "cpu.max")] == [str(1 << 30), "64", "50000 100000"]
+    assert [(group / f).read_text() for f in ("memory.max", "pids.max", "cpu.max")] == [
+        str(1 << 30),
+        "64",
+        "50000 100000",
+    ]

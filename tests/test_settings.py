@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from genpi import InputError, exits_2_on_input_error
 from genpi.flags import add_settings, from_args, setting
 from genpi.run import build_parser, main, run_config, stage_commands

@@ -69,25 +69,103 @@ def row(prompt_id, sample_id, split, input, turns=None, error=None, tokens=(0, 0
 # `terminated` is measured (the environment is asked once more after the last turn), so "% no termination"
 # is not "% max turns + % truncated": alpha 2 hit the limit yet the environment ended it on the last ask.
 ALPHA = [
-    row("alpha", 0, "train", "list files", ["ls", "a b", "exit"], terminated=True, terminated_by="environment",
-        final_action_valid=True, student_output="student one", reason="because", tokens=(5, 3, 4, 6)),
-    row("alpha", 1, "train", "list files", ["ls -l"], terminated=True, terminated_by="final_action",
-        final_action_valid=False, student_output="s2", reason="r2", tokens=(1, 0, 1, 1)),
-    row("alpha", 2, "heldout", "count lines", ["wc", "x", "wc -l", "y", "cat"], terminated=True, hit_max_turns=True,
-        terminated_by="max_turns", final_action_valid=True, student_output="abc", reason="abcd", tokens=(2, 2, 2, 2)),
+    row(
+        "alpha",
+        0,
+        "train",
+        "list files",
+        ["ls", "a b", "exit"],
+        terminated=True,
+        terminated_by="environment",
+        final_action_valid=True,
+        student_output="student one",
+        reason="because",
+        tokens=(5, 3, 4, 6),
+    ),
+    row(
+        "alpha",
+        1,
+        "train",
+        "list files",
+        ["ls -l"],
+        terminated=True,
+        terminated_by="final_action",
+        final_action_valid=False,
+        student_output="s2",
+        reason="r2",
+        tokens=(1, 0, 1, 1),
+    ),
+    row(
+        "alpha",
+        2,
+        "heldout",
+        "count lines",
+        ["wc", "x", "wc -l", "y", "cat"],
+        terminated=True,
+        hit_max_turns=True,
+        terminated_by="max_turns",
+        final_action_valid=True,
+        student_output="abc",
+        reason="abcd",
+        tokens=(2, 2, 2, 2),
+    ),
     # failed rows: outcome columns null
-    row("alpha", 3, "train", "huge", error="agent turn 1: context overflow", terminated_by="error", tokens=(7, 0, 0, 0)),
-    row("alpha", 4, "heldout", "huge 2", error="agent turn 1: context overflow", terminated_by="error",
-        tokens=(None, None, None, None)),
+    row(
+        "alpha", 3, "train", "huge", error="agent turn 1: context overflow", terminated_by="error", tokens=(7, 0, 0, 0)
+    ),
+    row(
+        "alpha",
+        4,
+        "heldout",
+        "huge 2",
+        error="agent turn 1: context overflow",
+        terminated_by="error",
+        tokens=(None, None, None, None),
+    ),
 ]
 
 BETA = [
-    row("beta.v2", 0, "train", "q1", ["hello!!"], terminated=True, terminated_by="environment", final_action_valid=None,
-        student_output="x", reason="yy", tokens=(1, 1, 1, 1)),
-    row("beta.v2", 1, "heldout", "q2", ["hi"], terminated=False, truncated=True, terminated_by="truncated",
-        final_action_valid=None, student_output="xy", reason="y", tokens=(2, 0, 1, 1)),
-    row("beta.v2", 2, "train", "q3", ["abc", "o", "defg"], terminated=False, hit_max_turns=True,
-        terminated_by="max_turns", final_action_valid=None, student_output="xyz", reason="yyy", tokens=(10, 5, 1, 1)),
+    row(
+        "beta.v2",
+        0,
+        "train",
+        "q1",
+        ["hello!!"],
+        terminated=True,
+        terminated_by="environment",
+        final_action_valid=None,
+        student_output="x",
+        reason="yy",
+        tokens=(1, 1, 1, 1),
+    ),
+    row(
+        "beta.v2",
+        1,
+        "heldout",
+        "q2",
+        ["hi"],
+        terminated=False,
+        truncated=True,
+        terminated_by="truncated",
+        final_action_valid=None,
+        student_output="xy",
+        reason="y",
+        tokens=(2, 0, 1, 1),
+    ),
+    row(
+        "beta.v2",
+        2,
+        "train",
+        "q3",
+        ["abc", "o", "defg"],
+        terminated=False,
+        hit_max_turns=True,
+        terminated_by="max_turns",
+        final_action_valid=None,
+        student_output="xyz",
+        reason="yyy",
+        tokens=(10, 5, 1, 1),
+    ),
     row("beta.v2", 3, "train", "q4", error="reason: timeout", terminated_by="error", tokens=(3, None, None, None)),
     row("beta.v2", 4, "train", "q5", error="student: boom", terminated_by="error"),
     row("beta.v2", 5, "heldout", "q6", error="reason: timeout", terminated_by="error"),
@@ -226,7 +304,9 @@ def test_hive_prompt_id_is_one_string_column(tmp_path):
     out = tmp_path / "run"
     ENTRIES["007"] = {"id": "007", "system": "s", "input_examples": ["x"]}
     try:
-        store.write_table(shard_path(out, "007", 0), [row("007", 0, "train", "in", ["a"], terminated=True)], DIALOGUE_SCHEMA)
+        store.write_table(
+            shard_path(out, "007", 0), [row("007", 0, "train", "in", ["a"], terminated=True)], DIALOGUE_SCHEMA
+        )
     finally:
         del ENTRIES["007"]
     con = open_dialogues(out)
@@ -253,7 +333,7 @@ def test_format_stats(run):
     assert "ended env/final/max/trunc/err" in header and "1/1/1/0/2" in alpha and "1/0/1/1/3" in beta
     assert any(line.startswith("gamma ") for line in lines)
     assert len({len(line) for line in lines[:5]}) <= 2  # fixed width (trailing blanks stripped)
-    errors = text[text.index("most common errors"):]
+    errors = text[text.index("most common errors") :]
     assert "context overflow" in errors and "reason: timeout" in errors and "student: boom" in errors
     assert errors.index("reason: timeout") < errors.index("student: boom")
 
@@ -268,30 +348,66 @@ def test_degenerate_turns_and_inputs_already_in_format(tmp_path):
     out = tmp_path / "run"
     rows = [
         row("alpha", 0, "train", "a", [LOOP], terminated=True, student_output="Act: ls", reason="r"),
-        row("alpha", 1, "train", "b", ["Act: ls", "a.txt", HELP, "ok", "Act: answer(a)"], terminated=True,
-            student_output="I would list the files.", reason="r"),
-        row("alpha", 2, "heldout", "c", ["Act: cat a.txt | sort | uniq -c", "x", "Act: answer(x)"], terminated=True,
-            student_output="cat it", reason="r"),
+        row(
+            "alpha",
+            1,
+            "train",
+            "b",
+            ["Act: ls", "a.txt", HELP, "ok", "Act: answer(a)"],
+            terminated=True,
+            student_output="I would list the files.",
+            reason="r",
+        ),
+        row(
+            "alpha",
+            2,
+            "heldout",
+            "c",
+            ["Act: cat a.txt | sort | uniq -c", "x", "Act: answer(x)"],
+            terminated=True,
+            student_output="cat it",
+            reason="r",
+        ),
         row("alpha", 3, "train", "d", ["Act: echo hi; echo hi"], terminated=True, student_output="Act? no", reason="r"),
         row("alpha", 4, "train", "e", [LOOP], error="boom", student_output="Act: x"),
-        row("beta.v2", 0, "train", "q", ["hello, how can I help you today?"], terminated=True, student_output="Act: x", reason="r"),
+        row(
+            "beta.v2",
+            0,
+            "train",
+            "q",
+            ["hello, how can I help you today?"],
+            terminated=True,
+            student_output="Act: x",
+            reason="r",
+        ),
     ]
     store.write_table(shard_path(out, "alpha", 0), rows[:5], DIALOGUE_SCHEMA)
     store.write_table(shard_path(out, "beta.v2", 0), rows[5:], DIALOGUE_SCHEMA)
     write_manifest(out, manifest())
     alpha, beta, gamma = quality_stats(out)
-    assert (alpha["pct_degenerate_turns"], alpha["pct_degenerate_rows"], alpha["pct_inputs_already_passing"]) == (28.6, 50.0, 25.0)
-    assert (beta["pct_degenerate_turns"], beta["pct_degenerate_rows"], beta["pct_inputs_already_passing"]) == (0.0, 0.0, None)
+    assert (alpha["pct_degenerate_turns"], alpha["pct_degenerate_rows"], alpha["pct_inputs_already_passing"]) == (
+        28.6,
+        50.0,
+        25.0,
+    )
+    assert (beta["pct_degenerate_turns"], beta["pct_degenerate_rows"], beta["pct_inputs_already_passing"]) == (
+        0.0,
+        0.0,
+        None,
+    )
     assert gamma["pct_degenerate_turns"] is None and gamma["pct_inputs_already_passing"] is None
     # a check passed in (the hook for the catalog's behaviour checks) replaces actions.valid
-    [alpha, beta, _] = quality_stats(out, check=lambda entry: (lambda reply: "files" in reply))
+    [alpha, beta, _] = quality_stats(out, check=lambda entry: lambda reply: "files" in reply)
     assert alpha["pct_inputs_already_passing"] == 25.0 and beta["pct_inputs_already_passing"] == 0.0
     lines = format_stats(quality_stats(out)).splitlines()
     header, line = lines[0], next(line for line in lines if line.startswith("alpha "))
     assert "% degen turns" in header and "% degen rows" in header and "% input passes" in header
     assert "28.6" in line and "50.0" in line and "25.0" in line
     (out / "manifest.json").unlink()  # no manifest: no catalog, no check
-    assert quality_stats(out)[0]["pct_inputs_already_passing"] is None and quality_stats(out)[0]["pct_degenerate_rows"] == 50.0
+    assert (
+        quality_stats(out)[0]["pct_inputs_already_passing"] is None
+        and quality_stats(out)[0]["pct_degenerate_rows"] == 50.0
+    )
 
 
 def test_stats_cli(run, capsys):
@@ -311,7 +427,9 @@ def test_sql(run, capsys):
     assert sql_rows(run, query) == (["prompt_id", "n"], [("alpha", 5), ("beta.v2", 6)])
     assert main(["sql", str(run), query, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == [{"prompt_id": "alpha", "n": 5}, {"prompt_id": "beta.v2", "n": 6}]
-    assert main(["sql", str(run), "SELECT input, turns FROM dialogues WHERE sample_id = 2 AND prompt_id = 'alpha'"]) == 0
+    assert (
+        main(["sql", str(run), "SELECT input, turns FROM dialogues WHERE sample_id = 2 AND prompt_id = 'alpha'"]) == 0
+    )
     text = capsys.readouterr().out
     assert "count lines" in text and "(1 row)" in text
 
@@ -457,4 +575,6 @@ def test_a_corrupt_manifest_exits_2_naming_it(run, capsys):
     (run / "manifest.json").write_text('{"prompts": {"alpha": ')
     assert main(["stats", str(run)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"genpi: error: {run / 'manifest.json'}: not a readable run manifest") and err.count("\n") == 1
+    assert (
+        err.startswith(f"genpi: error: {run / 'manifest.json'}: not a readable run manifest") and err.count("\n") == 1
+    )

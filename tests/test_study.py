@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow  # end to end (conftest)
@@ -15,10 +14,38 @@ CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 
 
 def study(out, model, *extra):
-    command = [sys.executable, "-m", "genpi.cli", "study", str(CATALOG), "--prompt", "calc", "--out", str(out), "--base", model,
-               "--generator", model, "--samples", "5", "--heldout", "0.4", "--steps", "3", "--max-new-tokens", "8",
-               "--cpus-per-trial", "1", "--train-args", "--onpolicy-max-tokens 4 --micro-batch 1", "--no-progress", *extra]  # fmt: skip
-    return subprocess.run(command, cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"), capture_output=True, text=True, timeout=900)
+    command = [
+        sys.executable,
+        "-m",
+        "genpi.cli",
+        "study",
+        str(CATALOG),
+        "--prompt",
+        "calc",
+        "--out",
+        str(out),
+        "--base",
+        model,
+        "--generator",
+        model,
+        "--samples",
+        "5",
+        "--heldout",
+        "0.4",
+        "--steps",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--cpus-per-trial",
+        "1",
+        "--train-args",
+        "--onpolicy-max-tokens 4 --micro-batch 1",
+        "--no-progress",
+        *extra,
+    ]
+    return subprocess.run(
+        command, cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"), capture_output=True, text=True, timeout=900
+    )
 
 
 def test_study_trains_every_method_on_the_same_budget_and_writes_its_table(tiny_finishing_model, tmp_path):
@@ -32,26 +59,42 @@ def test_study_trains_every_method_on_the_same_budget_and_writes_its_table(tiny_
     for method in ("sft", "onpolicy", "topk-kl"):
         row = rows[method]
         assert row["steps"] == 3 and row["settings"]["max_steps"] == 3 and row["settings"]["seed"] == 7, method
-        assert row["train_seconds"] > 0 and row["kl_gap_closed_ci"] is not None and row["collateral_kl"] is not None, method
+        assert row["train_seconds"] > 0 and row["kl_gap_closed_ci"] is not None and row["collateral_kl"] is not None, (
+            method
+        )
         command = row["train_command"]  # enough to rerun the row
         assert command[:2] == ["genpi", "train"] and command[command.index("--method") + 1] == method
         assert command[command.index("--max-steps") + 1] == "3" and command[command.index("--seed") + 1] == "7"
     assert "--teacher-topk" in table["synth_command"]  # topk-kl needs the teacher's top-k
     text = (out / "study.md").read_text()
-    assert "| sft | " in text and "KL gap closed [95% CI]" in text and "![gap closed against training time](study.png)" in text
+    assert (
+        "| sft | " in text
+        and "KL gap closed [95% CI]" in text
+        and "![gap closed against training time](study.png)" in text
+    )
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    again = study(out, tiny_finishing_model, "--methods", "sft,onpolicy,topk-kl", "--seed", "7")  # resumed: nothing to do
+    again = study(
+        out, tiny_finishing_model, "--methods", "sft,onpolicy,topk-kl", "--seed", "7"
+    )  # resumed: nothing to do
     assert again.returncode == 0 and again.stderr.count("done before, skipped") == 7, again.stderr[-2000:]
     changed = study(out, tiny_finishing_model, "--methods", "sft,onpolicy,topk-kl", "--seed", "8")
     assert changed.returncode == 2 and "was started with other settings" in changed.stderr
 
 
 def test_study_refuses_bad_input_before_any_work(tmp_path):
-    for extra, message in ((["--methods", "sft,nope"], "unknown method(s) nope"), (["--steps", "0"], "--steps must be >= 1")):
+    for extra, message in (
+        (["--methods", "sft,nope"], "unknown method(s) nope"),
+        (["--steps", "0"], "--steps must be >= 1"),
+    ):
         out = tmp_path / "bad"
         result = study(out, "smollm2", *extra)
         assert result.returncode == 2 and message in result.stderr and not out.exists(), result.stderr
-    result = subprocess.run([sys.executable, "-m", "genpi.cli", "study", str(CATALOG), "--prompt", "nope", "--out", str(tmp_path / "x")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "genpi.cli", "study", str(CATALOG), "--prompt", "nope", "--out", str(tmp_path / "x")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "nope" in result.stderr

@@ -11,8 +11,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import ray
-
 from conftest import REPO
+
 from genpi import InputError
 from genpi.data import store
 from genpi.data.manifest import read_manifest
@@ -26,9 +26,14 @@ CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 # teacher_topk=0: the top-k path is covered in test_pipeline with an engine that returns top-k. 24 input tokens: sampled
 # inputs depend on how calls fall into batches (one seed per batch), and at 12 tokens a busy machine could leave too few uncut
 SETTINGS = SynthSettings(
-    samples=6, max_input_tokens=24, max_agent_tokens=12, max_environment_tokens=12, max_student_tokens=12, max_reason_tokens=12,
+    samples=6,
+    max_input_tokens=24,
+    max_agent_tokens=12,
+    max_environment_tokens=12,
+    max_student_tokens=12,
+    max_reason_tokens=12,
     teacher_topk=0,
-)  # fmt: skip
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,9 @@ def assert_every_sample_once(out, samples_per_prompt):
         assert ids == list(range(samples_per_prompt)), (prompt_id, ids)
         listed = manifest["prompts"][prompt_id]["shards"]
         assert sum(s["rows"] for s in listed.values()) == samples_per_prompt
-        assert sorted(listed) == sorted(p.name for p in (out / "dialogues" / f"prompt_id={prompt_id}").glob("*.parquet"))
+        assert sorted(listed) == sorted(
+            p.name for p in (out / "dialogues" / f"prompt_id={prompt_id}").glob("*.parquet")
+        )
     return rows, manifest
 
 
@@ -127,10 +134,29 @@ def test_an_engine_actor_killed_mid_run_is_restarted_and_nothing_is_lost(local_r
 
 def synth_command(out, tiny_finishing_model):
     return [
-        sys.executable, "-m", "genpi.synth", str(CATALOG), "--out", str(out), "--generator", tiny_finishing_model,
-        "--target", tiny_finishing_model, "--samples", "8", "--shard-size", "2", "--shards-in-flight", "1",
-        "--max-new-tokens", "12", "--teacher-topk", "0", "--no-stats", "--no-progress",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "genpi.synth",
+        str(CATALOG),
+        "--out",
+        str(out),
+        "--generator",
+        tiny_finishing_model,
+        "--target",
+        tiny_finishing_model,
+        "--samples",
+        "8",
+        "--shard-size",
+        "2",
+        "--shards-in-flight",
+        "1",
+        "--max-new-tokens",
+        "12",
+        "--teacher-topk",
+        "0",
+        "--no-stats",
+        "--no-progress",
+    ]
 
 
 def wait_for(predicate, process, timeout=300):
@@ -157,20 +183,34 @@ def test_sigkill_at_any_point_then_rerun_finishes_every_sample_exactly_once(tiny
             return any(p["inputs"] is not None for p in manifest["prompts"].values())
         return any(p["shards"] for p in manifest["prompts"].values())
 
-    first = subprocess.Popen(synth_command(out, tiny_finishing_model), cwd=REPO, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    first = subprocess.Popen(
+        synth_command(out, tiny_finishing_model),
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
-        assert wait_for(progressed, first), first.stderr.read().decode()[-3000:] if first.poll() is not None else "timed out"
+        assert wait_for(progressed, first), (
+            first.stderr.read().decode()[-3000:] if first.poll() is not None else "timed out"
+        )
         os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started, with no chance to clean up
         first.wait()
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    survivors = {p: p.stat().st_mtime_ns for p in (out / "dialogues").rglob("*.parquet")} if (out / "dialogues").exists() else {}
+    survivors = (
+        {p: p.stat().st_mtime_ns for p in (out / "dialogues").rglob("*.parquet")}
+        if (out / "dialogues").exists()
+        else {}
+    )
     finished_before = sum(len(p["shards"]) for p in read_manifest(out)["prompts"].values())
     assert finished_before < 8
 
-    second = subprocess.run(synth_command(out, tiny_finishing_model), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(
+        synth_command(out, tiny_finishing_model), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert_every_sample_once(out, 8)
     for path, mtime in survivors.items():  # finished shards were kept, not redone

@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
+
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.data import runfolder, store
@@ -38,7 +38,13 @@ def dead_pid() -> int:
 def write_lock(out, pid, host=None, **fields):
     """A lock as a process of this host, boot and PID namespace writes it (`fields` change or drop, with None, what it records)."""
     out.mkdir(parents=True, exist_ok=True)
-    holder = {**runfolder._me(), "host": host or socket.gethostname(), "pid": pid, "started": "2026-01-01T00:00:00", "start_ticks": None}
+    holder = {
+        **runfolder._me(),
+        "host": host or socket.gethostname(),
+        "pid": pid,
+        "started": "2026-01-01T00:00:00",
+        "start_ticks": None,
+    }
     holder = {k: v for k, v in {**holder, **fields}.items() if v is not None or k not in fields}
     (out / LOCK).write_text(json.dumps(holder))
 
@@ -263,7 +269,9 @@ def test_a_context_overflow_is_final_and_not_redone(tmp_path):
     inputs = store.read_rows(store.inputs_path(out, "greet"))
     inputs[0]["input"] = "task-overflow"
     manifest = read_manifest(out)  # an edit the manifest knows of (else the inputs are made again)
-    manifest["prompts"]["greet"]["inputs_sha256"] = store.write_table(store.inputs_path(out, "greet"), inputs, store.INPUT_SCHEMA)
+    manifest["prompts"]["greet"]["inputs_sha256"] = store.write_table(
+        store.inputs_path(out, "greet"), inputs, store.INPUT_SCHEMA
+    )
     write_manifest(out, manifest)
     for path in store.shard_path(out, "greet", 0).parent.glob("*.parquet"):
         path.unlink()
@@ -309,7 +317,9 @@ def test_one_prompts_inputs_at_a_time_and_its_dialogues_start_before_the_next_pr
 
 
 @pytest.mark.parametrize("dashboard", [False, True])
-def test_a_local_ray_starts_without_the_dashboard_unless_asked_and_forwards_actor_logs(tmp_path, monkeypatch, dashboard):
+def test_a_local_ray_starts_without_the_dashboard_unless_asked_and_forwards_actor_logs(
+    tmp_path, monkeypatch, dashboard
+):
     import ray
 
     from genpi.synth.run import synthesize
@@ -339,7 +349,9 @@ class WebFake(Fake):
     async def complete(self, request):
         system = request.messages[0]["content"] if request.messages[0]["role"] == "system" else ""
         if not system and request.sampling.max_tokens == 1:  # counting tokens
-            return Completion(text="x", prompt_tokens=3 + len(request.messages[0]["content"].split()), finish_reason="length")
+            return Completion(
+                text="x", prompt_tokens=3 + len(request.messages[0]["content"].split()), finish_reason="length"
+            )
         if system.startswith(pipeline.INPUT_INSTRUCTION) and "web agent" in system:
             n = min(PAGE_WORDS, request.sampling.max_tokens)
             self.pages = getattr(self, "pages", 0) + 1
@@ -351,13 +363,19 @@ class WebFake(Fake):
 def web_entries(tmp_path):
     example = "Click the cart. <html> " + "<td> " * 200  # 204 tokens as WebFake counts
     catalog = tmp_path / "web.yaml"
-    catalog.write_text(json.dumps([{
-        "id": "web",
-        "system": "You are a web agent. Reply with the element to click.",
-        "shots": [[{"role": "user", "content": example}, {"role": "assistant", "content": "Answer: cart"}]],
-        "actions": {"final": "^Answer: "},
-        "max_turns": 1,
-    }]))  # fmt: skip
+    catalog.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "web",
+                    "system": "You are a web agent. Reply with the element to click.",
+                    "shots": [[{"role": "user", "content": example}, {"role": "assistant", "content": "Answer: cart"}]],
+                    "actions": {"final": "^Answer: "},
+                    "max_turns": 1,
+                }
+            ]
+        )
+    )
     return [*ENTRIES, *load_catalog(catalog)]
 
 
@@ -385,10 +403,19 @@ def test_a_prompt_short_of_samples_is_named_in_the_closing_lines_and_the_manifes
     web = read_manifest(out)["prompts"]["web"]
     rounds = settings.input_rounds
     asked = 2 * 4 * rounds
-    expected = (f"web: 0 of 4 dialogues ({asked} generated inputs over the 256-token input limit; {asked} inputs asked "
-                f"in {rounds} generator rounds, at most {rounds}); --max-input-tokens sets a larger input limit")  # fmt: skip
+    expected = (
+        f"web: 0 of 4 dialogues ({asked} generated inputs over the 256-token input limit; {asked} inputs asked "
+        f"in {rounds} generator rounds, at most {rounds}); --max-input-tokens sets a larger input limit"
+    )
     assert web["shortfall"] == expected and web["inputs"] == 0
-    assert web["input_generation"] == {"rounds": rounds, "asked": asked, "cut": asked, "duplicates": 0, "empty": 0, "errors": 0}
+    assert web["input_generation"] == {
+        "rounds": rounds,
+        "asked": asked,
+        "cut": asked,
+        "duplicates": 0,
+        "empty": 0,
+        "errors": 0,
+    }
     lines = err.strip().splitlines()
     assert lines[-2:] == ["8 dialogues in " + str(out) + " (0 failed)", f"genpi: {expected}"]
 
@@ -416,7 +443,9 @@ def test_a_failed_shard_write_fails_only_that_shard_and_a_rerun_completes_it(tmp
     assert f"genpi: calc: {name} could not be written (OSError: [Errno 28] No space left on device); rerun" in err
     manifest = read_manifest(out)
     calc = manifest["prompts"]["calc"]
-    assert sorted(calc["shards"]) == ["part-00000.parquet", "part-00002.parquet"] and list(calc["write_errors"]) == [name]
+    assert sorted(calc["shards"]) == ["part-00000.parquet", "part-00002.parquet"] and list(calc["write_errors"]) == [
+        name
+    ]
     assert not store.shard_path(out, "calc", 1).exists() and not list(out.rglob("*.tmp"))
     assert [r["sample_id"] for r in rows_of(out, "greet")] == list(range(5))  # the other prompt is whole
     for prompt_id, prompt in manifest["prompts"].items():  # each finished shard's checksum is recorded
@@ -428,7 +457,10 @@ def test_a_failed_shard_write_fails_only_that_shard_and_a_rerun_completes_it(tmp
     manifest = synth(out, engine)
     assert len(engine.agent_inputs) == 2  # only the failed shard's samples
     assert [r["sample_id"] for r in rows_of(out, "calc")] == list(range(5))
-    assert manifest["prompts"]["calc"]["write_errors"] == {} and "part-00001.parquet" in manifest["prompts"]["calc"]["shards"]
+    assert (
+        manifest["prompts"]["calc"]["write_errors"] == {}
+        and "part-00001.parquet" in manifest["prompts"]["calc"]["shards"]
+    )
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "valid but changed"])
@@ -455,8 +487,9 @@ def test_a_finished_shard_that_no_longer_matches_its_checksum_is_redone_on_resum
 
 
 def test_synthesis_starts_a_local_ray_beside_a_stale_session_file(tmp_path, capsys, monkeypatch):
-    from genpi.synth.run import synthesize
     from test_train_run import stale_ray_session, stop_at_ray_init
+
+    from genpi.synth.run import synthesize
 
     stale_ray_session(tmp_path, monkeypatch)
     used = stop_at_ray_init(monkeypatch)
@@ -466,7 +499,7 @@ def test_synthesis_starts_a_local_ray_beside_a_stale_session_file(tmp_path, caps
     assert capsys.readouterr().err.count("genpi: Ray: using a local Ray cluster of its own") == 1
 
 
-@pytest.mark.parametrize("text", ["{\"version\": 2, \"prom", "[]", "\x00\x01binary", "{\"prompts\": [1]}"])
+@pytest.mark.parametrize("text", ['{"version": 2, "prom', "[]", "\x00\x01binary", '{"prompts": [1]}'])
 def test_a_corrupt_manifest_exits_2_naming_it(tmp_path, capsys, text):
     out = tmp_path / "out"
     out.mkdir()

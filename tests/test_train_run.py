@@ -9,15 +9,15 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import REPO, copy_into
+from test_recipe import row, write_calc_dialogues
+
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.data import store
 from genpi.data.adapters import StaleAdapterError, check_adapter, fingerprint, read_adapter_manifest
 from genpi.train.recipe import TrainSettings
 from genpi.train.run import LAMBDA_RULE, Plan, main, prompt_settings, recorded_settings, train_catalog, write_best
-from test_recipe import row, write_calc_dialogues
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 CALC, GREET = load_catalog(CATALOG)
@@ -30,14 +30,40 @@ def data(calc_dialogues):
 
 
 def train(data, adapters, *extra, catalog=CATALOG, progress=False):
-    command = [sys.executable, "-m", "genpi.cli", "train", str(data), "--catalog", str(catalog), "--out", str(adapters),
-               "--epochs", "1", "--batch-size", "4", "--micro-batch", "2", "--max-length", "512", "--rank", "4",
-               "--lr", "1e-2", *([] if progress else ["--no-progress"]), *extra]  # fmt: skip
-    return subprocess.run(command, cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"), capture_output=True, text=True, timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "genpi.cli",
+        "train",
+        str(data),
+        "--catalog",
+        str(catalog),
+        "--out",
+        str(adapters),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--max-length",
+        "512",
+        "--rank",
+        "4",
+        "--lr",
+        "1e-2",
+        *([] if progress else ["--no-progress"]),
+        *extra,
+    ]
+    return subprocess.run(
+        command, cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"), capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow
-def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(data, calc_genpi_trained, tiny_trainable_model, tmp_path):
+def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(
+    data, calc_genpi_trained, tiny_trainable_model, tmp_path
+):
     # the session's `train(data, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7", progress=True)` (conftest),
     # copied: the reruns below write into the folder
     trained, result = calc_genpi_trained
@@ -51,20 +77,35 @@ def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(data, calc_g
 
     manifest = check_adapter(adapters / "calc", CALC)
     trials, kls = manifest.eval_metrics["trials"], manifest.eval_metrics["trials_heldout_kl"]
-    assert set(trials) == set(kls) == {"0.3", "0.7"} and manifest.lam == float(min(kls, key=kls.get))  # λ by held-out teacher KL
-    assert manifest.eval_metrics["lambda_rule"] == LAMBDA_RULE == "heldout_teacher_kl" and manifest.eval_metrics["heldout_used_for_lambda"]
+    assert set(trials) == set(kls) == {"0.3", "0.7"} and manifest.lam == float(
+        min(kls, key=kls.get)
+    )  # λ by held-out teacher KL
+    assert (
+        manifest.eval_metrics["lambda_rule"] == LAMBDA_RULE == "heldout_teacher_kl"
+        and manifest.eval_metrics["heldout_used_for_lambda"]
+    )
     assert manifest.method == "genpi" and manifest.lora["r"] == 4 and manifest.lora["quantize_4bit"]
     assert manifest.train_metrics["train_examples"] == 8 and manifest.eval_metrics["heldout_kl"] == min(kls.values())
     assert manifest.eval_metrics["heldout_loss"] == trials[str(manifest.lam)]  # the held-out loss stays recorded
     assert manifest.train_metrics["heldout_kl_before"] > 0 and len(manifest.train_metrics["heldout_kl_per_epoch"]) == 1
-    assert manifest.train_metrics["data_degenerate_rows_skipped"] == 0 and manifest.train_metrics["heldout_data_degenerate_turns_cut"] == 0
+    assert (
+        manifest.train_metrics["data_degenerate_rows_skipped"] == 0
+        and manifest.train_metrics["heldout_data_degenerate_turns_cut"] == 0
+    )
     recorded = manifest.settings  # every setting, the λ values tried, and what "auto" became on this CPU
     assert recorded["lambdas"] == [0.3, 0.7] and recorded["lam"] == manifest.lam and recorded["loss_form"] == "convex"
     assert recorded["skip_degenerate"] and recorded["settings_from_catalog"] == {}
     assert recorded["schedule"] == "cosine" and recorded["warmup_ratio"] == 0.03 and recorded["max_grad_norm"] == 1.0
-    assert recorded["lr"] == 1e-2 and recorded["micro_batch"] == 2 and recorded["quantize"] and recorded["dtype"] == "auto"
-    assert recorded["effective"] == {"device": "cpu", "dtype": "float32", "compute_dtype_4bit": "float32",
-                                     "gradient_checkpointing": False, "optimizer": "adamw_torch"}  # fmt: skip
+    assert (
+        recorded["lr"] == 1e-2 and recorded["micro_batch"] == 2 and recorded["quantize"] and recorded["dtype"] == "auto"
+    )
+    assert recorded["effective"] == {
+        "device": "cpu",
+        "dtype": "float32",
+        "compute_dtype_4bit": "float32",
+        "gradient_checkpointing": False,
+        "optimizer": "adamw_torch",
+    }
     assert [p.suffix for p in (adapters / ".tune").iterdir()] == [".log"]  # the experiment is gone, its log stays
 
     from peft import PeftModel
@@ -112,8 +153,11 @@ def test_bad_input_exits_2(data, tmp_path):
     empty = train(tmp_path, tmp_path / "a")
     assert empty.returncode == 2 and "no dialogue shards" in empty.stderr
     bad = tmp_path / "bad"
-    store.write_table(store.shard_path(bad, "calc", 0), [{"prompt_id": "calc", "input": "x"}],
-                      store.pa.schema([("prompt_id", store.pa.string()), ("input", store.pa.string())]))  # fmt: skip
+    store.write_table(
+        store.shard_path(bad, "calc", 0),
+        [{"prompt_id": "calc", "input": "x"}],
+        store.pa.schema([("prompt_id", store.pa.string()), ("input", store.pa.string())]),
+    )
     missing = train(bad, tmp_path / "a")
     assert missing.returncode == 2 and "lack the columns" in missing.stderr
     negative = train(data, tmp_path / "a", "--checkpoint-steps", "-1")
@@ -126,20 +170,45 @@ def test_fingerprint_covers_every_setting_and_the_lambdas():
     base = fingerprint(train, heldout, recorded_settings(TrainSettings(), [0.3, 0.5]), "smollm2")
     assert fingerprint(train, heldout, recorded_settings(TrainSettings(), [0.3, 0.5]), "smollm2") == base
     assert fingerprint(train, heldout, recorded_settings(TrainSettings(), [0.3, 0.7]), "smollm2") != base
-    for change in ({"loss_form": "additive"}, {"lr": 2e-4}, {"schedule": "constant"}, {"max_grad_norm": 0.5}, {"warmup_ratio": 0.1},
-                   {"weight_decay": 0.01}, {"epochs": 3}, {"batch_size": 16}, {"micro_batch": 4}, {"dtype": "bfloat16"}, {"quantize": False}):  # fmt: skip
-        assert fingerprint(train, heldout, recorded_settings(dataclasses.replace(TrainSettings(), **change), [0.3, 0.5]), "smollm2") != base, change
+    for change in (
+        {"loss_form": "additive"},
+        {"lr": 2e-4},
+        {"schedule": "constant"},
+        {"max_grad_norm": 0.5},
+        {"warmup_ratio": 0.1},
+        {"weight_decay": 0.01},
+        {"epochs": 3},
+        {"batch_size": 16},
+        {"micro_batch": 4},
+        {"dtype": "bfloat16"},
+        {"quantize": False},
+    ):
+        assert (
+            fingerprint(
+                train, heldout, recorded_settings(dataclasses.replace(TrainSettings(), **change), [0.3, 0.5]), "smollm2"
+            )
+            != base
+        ), change
     sft = TrainSettings(method="sft")  # no λ to choose: the λ values tried do not matter
-    assert fingerprint(train, heldout, recorded_settings(sft, [0.3]), "smollm2") == fingerprint(train, heldout, recorded_settings(sft, [0.5, 0.7]), "smollm2")
+    assert fingerprint(train, heldout, recorded_settings(sft, [0.3]), "smollm2") == fingerprint(
+        train, heldout, recorded_settings(sft, [0.5, 0.7]), "smollm2"
+    )
 
 
 @pytest.mark.slow
 def test_lambda_choice_without_heldout_rows_is_refused(tmp_path):
     data = write_calc_dialogues(tmp_path / "data", 8, heldout_from=8)
     refused = train(data, tmp_path / "adapters", "--lambdas", "0.3,0.7")
-    assert refused.returncode == 2 and "no held-out dialogues to choose λ" in refused.stderr and "--heldout" in refused.stderr
+    assert (
+        refused.returncode == 2
+        and "no held-out dialogues to choose λ" in refused.stderr
+        and "--heldout" in refused.stderr
+    )
     no_early_stop = train(data, tmp_path / "adapters", "--lambdas", "0.3", "--early-stop")
-    assert no_early_stop.returncode == 2 and "--early-stop: prompt 'calc' has no held-out dialogues" in no_early_stop.stderr
+    assert (
+        no_early_stop.returncode == 2
+        and "--early-stop: prompt 'calc' has no held-out dialogues" in no_early_stop.stderr
+    )
     assert not (tmp_path / "adapters").exists()
 
 
@@ -147,10 +216,21 @@ def test_lambda_choice_without_heldout_rows_is_refused(tmp_path):
 def test_no_gpus_per_trial_on_a_cluster_with_gpus_is_refused(data, tiny_trainable_model, tmp_path):
     import ray
 
-    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)  # a GPU only in name
+    ray.init(
+        num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )  # a GPU only in name
     try:
         with pytest.raises(InputError, match="--gpus-per-trial 0 on a Ray cluster with 1 GPUs"):
-            train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, TrainSettings(), [0.5], num_gpus=0, progress=False)
+            train_catalog(
+                data,
+                CATALOG,
+                tmp_path / "adapters",
+                tiny_trainable_model,
+                TrainSettings(),
+                [0.5],
+                num_gpus=0,
+                progress=False,
+            )
     finally:
         ray.shutdown()
     assert not (tmp_path / "adapters").exists()
@@ -197,11 +277,36 @@ def test_flags_given_hold_for_the_whole_run(monkeypatch, tmp_path):
     monkeypatch.setattr(run, "train_catalog", lambda *args: seen.update(args=args) or {})
     assert run.main(["data", "--catalog", "c.yaml", "--out", str(tmp_path)]) == 0
     settings, lambdas, overrides = seen["args"][4], seen["args"][5], seen["args"][-1]
-    assert overrides == frozenset() and lambdas == [0.3, 0.5, 0.7] and (settings.epochs, settings.lr, settings.max_grad_norm) == (10, 1e-4, 1.0)
+    assert (
+        overrides == frozenset()
+        and lambdas == [0.3, 0.5, 0.7]
+        and (settings.epochs, settings.lr, settings.max_grad_norm) == (10, 1e-4, 1.0)
+    )
     assert settings.skip_degenerate
-    assert run.main(["data", "--catalog", "c.yaml", "--out", str(tmp_path), "--lr", "1e-3", "--max-grad-norm", "0.5", "--keep-degenerate"]) == 0
+    assert (
+        run.main(
+            [
+                "data",
+                "--catalog",
+                "c.yaml",
+                "--out",
+                str(tmp_path),
+                "--lr",
+                "1e-3",
+                "--max-grad-norm",
+                "0.5",
+                "--keep-degenerate",
+            ]
+        )
+        == 0
+    )
     settings, lambdas, overrides = seen["args"][4], seen["args"][5], seen["args"][-1]
-    assert overrides == {"lr", "grad_clip"} and settings.lr == 1e-3 and settings.max_grad_norm == 0.5 and not settings.skip_degenerate
+    assert (
+        overrides == {"lr", "grad_clip"}
+        and settings.lr == 1e-3
+        and settings.max_grad_norm == 0.5
+        and not settings.skip_degenerate
+    )
     assert run.main(["data", "--catalog", "c.yaml", "--out", str(tmp_path), "--lambdas", "0.5", "--epochs", "3"]) == 0
     assert seen["args"][-1] == {"lam", "epochs"} and seen["args"][5] == [0.5] and seen["args"][4].epochs == 3
 
@@ -213,18 +318,32 @@ def test_catalog_train_settings_are_applied_and_recorded(data, tiny_trainable_mo
     from genpi.train import run
 
     # the catalog says λ 0.7, clip 0.5, 1 epoch: the run's λ values and 10 epochs yield; --lr (given) holds
-    monkeypatch.setattr(run, "load_catalog", lambda path: [with_train(CALC, lam=0.7, grad_clip=0.5, epochs=1, lr=5.0), GREET])
+    monkeypatch.setattr(
+        run, "load_catalog", lambda path: [with_train(CALC, lam=0.7, grad_clip=0.5, epochs=1, lr=5.0), GREET]
+    )
     settings = TrainSettings(epochs=10, batch_size=4, micro_batch=2, max_length=512, lr=1e-2)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        outcomes = train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, settings, [0.3, 0.5], progress=False,
-                                 overrides=frozenset({"lr"}))  # fmt: skip
+        outcomes = train_catalog(
+            data,
+            CATALOG,
+            tmp_path / "adapters",
+            tiny_trainable_model,
+            settings,
+            [0.3, 0.5],
+            progress=False,
+            overrides=frozenset({"lr"}),
+        )
     finally:
         ray.shutdown()
     assert outcomes["calc"]["status"] == "trained" and outcomes["calc"]["lam"] == 0.7
     manifest = check_adapter(tmp_path / "adapters" / "calc", CALC)
     assert manifest.settings["settings_from_catalog"] == {"lam": 0.7, "grad_clip": 0.5, "epochs": 1}
-    assert manifest.settings["lambdas"] == [0.7] and manifest.settings["max_grad_norm"] == 0.5 and manifest.settings["epochs"] == 1
+    assert (
+        manifest.settings["lambdas"] == [0.7]
+        and manifest.settings["max_grad_norm"] == 0.5
+        and manifest.settings["epochs"] == 1
+    )
     assert manifest.settings["lr"] == 1e-2 and manifest.train_metrics["steps"] == 2  # 8 rows, batch 4, 1 epoch
     assert manifest.eval_metrics["lambda_rule"] == "catalog" and not manifest.eval_metrics["heldout_used_for_lambda"]
     assert list(manifest.eval_metrics["trials_heldout_kl"]) == ["0.7"]
@@ -250,14 +369,28 @@ def test_lambda_is_the_lowest_heldout_teacher_kl_not_the_lowest_heldout_loss(tmp
         (tmp_path / str(lam) / "adapter" / "weights").write_text(str(lam))
         folders[lam] = tmp_path / str(lam)
     # λ 0.3 has the lower held-out SFT loss (what the old rule chose), λ 0.7 the lower teacher KL
-    tried = [FakeResult(0.3, folders[0.3], heldout_loss=1.0, heldout_kl=0.40), FakeResult(0.7, folders[0.7], heldout_loss=1.2, heldout_kl=0.25)]
+    tried = [
+        FakeResult(0.3, folders[0.3], heldout_loss=1.0, heldout_kl=0.40),
+        FakeResult(0.7, folders[0.7], heldout_loss=1.2, heldout_kl=0.25),
+    ]
     plan = Plan(CALC, [], [], TrainSettings(), [0.3, 0.7], {}, "print", None)
     outcome = write_best(plan, tried, tmp_path / "adapters", "base")
-    assert outcome["status"] == "trained" and outcome["lam"] == 0.7 and outcome["heldout_kl"] == 0.25 and outcome["heldout_loss"] == 1.2
+    assert (
+        outcome["status"] == "trained"
+        and outcome["lam"] == 0.7
+        and outcome["heldout_kl"] == 0.25
+        and outcome["heldout_loss"] == 1.2
+    )
     manifest = check_adapter(tmp_path / "adapters" / "calc", CALC)
     assert (tmp_path / "adapters" / "calc" / "weights").read_text() == "0.7"  # that trial's adapter
-    assert manifest.eval_metrics == {"heldout_loss": 1.2, "heldout_kl": 0.25, "lambda_rule": "heldout_teacher_kl", "heldout_used_for_lambda": True,
-                                     "trials": {"0.3": 1.0, "0.7": 1.2}, "trials_heldout_kl": {"0.3": 0.40, "0.7": 0.25}}  # fmt: skip
+    assert manifest.eval_metrics == {
+        "heldout_loss": 1.2,
+        "heldout_kl": 0.25,
+        "lambda_rule": "heldout_teacher_kl",
+        "heldout_used_for_lambda": True,
+        "trials": {"0.3": 1.0, "0.7": 1.2},
+        "trials_heldout_kl": {"0.3": 0.40, "0.7": 0.25},
+    }
     no_kl = [FakeResult(0.3, folders[0.3], heldout_loss=1.0, heldout_kl=None), tried[1]]
     failed = write_best(plan, no_kl, tmp_path / "other", "base")
     assert failed["status"] == "failed" and "no held-out teacher KL" in failed["errors"][0]
@@ -302,13 +435,26 @@ def stale_ray_session(tmp_path, monkeypatch) -> str:
     return "10.255.255.1:6379"
 
 
-def test_a_second_training_of_one_folder_is_refused_naming_the_holder(data, tiny_trainable_model, tmp_path, capsys, monkeypatch):
+def test_a_second_training_of_one_folder_is_refused_naming_the_holder(
+    data, tiny_trainable_model, tmp_path, capsys, monkeypatch
+):
     stop_at_ray_init(monkeypatch)  # the code before the lock ran trainings into each other: stop them before Ray
     adapters = tmp_path / "adapters"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         live_lock(adapters / "train.lock", holder.pid)
-        argv = [str(data), "--catalog", str(CATALOG), "--out", str(adapters), "--base", tiny_trainable_model, "--lambdas", "0.5", "--no-progress"]
+        argv = [
+            str(data),
+            "--catalog",
+            str(CATALOG),
+            "--out",
+            str(adapters),
+            "--base",
+            tiny_trainable_model,
+            "--lambdas",
+            "0.5",
+            "--no-progress",
+        ]
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "in use by another training run" in err and f"pid {holder.pid}" in err and err.count("\n") == 1
@@ -321,22 +467,34 @@ def test_a_second_training_of_one_folder_is_refused_naming_the_holder(data, tiny
     assert not (adapters / "train.lock").exists()  # and released on the way out
 
 
-def test_train_starts_a_local_ray_beside_a_stale_session_file(data, tiny_trainable_model, tmp_path, capsys, monkeypatch):
+def test_train_starts_a_local_ray_beside_a_stale_session_file(
+    data, tiny_trainable_model, tmp_path, capsys, monkeypatch
+):
     stale_ray_session(tmp_path, monkeypatch)
     used = stop_at_ray_init(monkeypatch)
     with pytest.raises(RuntimeError, match="stop at ray.init"):
-        train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, TrainSettings(), [0.5], progress=False)
+        train_catalog(
+            data, CATALOG, tmp_path / "adapters", tiny_trainable_model, TrainSettings(), [0.5], progress=False
+        )
     assert used == [None]  # a new local cluster, not the dead one
     assert "genpi: Ray: using a local Ray cluster of its own" in capsys.readouterr().err
     monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")  # asked for: that cluster
     with pytest.raises(RuntimeError):
-        train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, TrainSettings(), [0.5], progress=False)
+        train_catalog(
+            data, CATALOG, tmp_path / "adapters", tiny_trainable_model, TrainSettings(), [0.5], progress=False
+        )
     assert used[-1] == "10.1.2.3:6379" and "RAY_ADDRESS=10.1.2.3:6379" in capsys.readouterr().err
     monkeypatch.delenv("RAY_ADDRESS")
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # the driver of a Ray job: the job's cluster, found as `auto` finds it
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"
+    )  # the driver of a Ray job: the job's cluster, found as `auto` finds it
     with pytest.raises(RuntimeError):
-        train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, TrainSettings(), [0.5], progress=False)
-    assert used[-1] is not None and "the Ray cluster of this Ray job" in capsys.readouterr().err  # the file's, or a running GCS's
+        train_catalog(
+            data, CATALOG, tmp_path / "adapters", tiny_trainable_model, TrainSettings(), [0.5], progress=False
+        )
+    assert (
+        used[-1] is not None and "the Ray cluster of this Ray job" in capsys.readouterr().err
+    )  # the file's, or a running GCS's
 
 
 @pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", '{"prompt_id": "calc"}', "\xff\xfe".encode("latin-1")])
@@ -344,10 +502,23 @@ def test_a_corrupt_adapter_manifest_exits_2_naming_the_file(data, tiny_trainable
     folder = tmp_path / "adapters" / "calc"
     folder.mkdir(parents=True)
     (folder / "genpi.json").write_bytes(text if isinstance(text, bytes) else text.encode())
-    argv = [str(data), "--catalog", str(CATALOG), "--out", str(tmp_path / "adapters"), "--base", tiny_trainable_model, "--lambdas", "0.5"]
+    argv = [
+        str(data),
+        "--catalog",
+        str(CATALOG),
+        "--out",
+        str(tmp_path / "adapters"),
+        "--base",
+        tiny_trainable_model,
+        "--lambdas",
+        "0.5",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"genpi: error: {folder / 'genpi.json'}: not a valid genpi adapter manifest") and err.count("\n") == 1
+    assert (
+        err.startswith(f"genpi: error: {folder / 'genpi.json'}: not a valid genpi adapter manifest")
+        and err.count("\n") == 1
+    )
 
 
 @pytest.mark.slow
@@ -355,10 +526,10 @@ def test_checkpoints_load_tensors_and_plain_data_only(tiny_trainable_model, tmp_
     import ray
     import torch
     from ray import tune
+    from test_recipe import FAST, HELDOUT, TRAIN
 
     import genpi.train.recipe as recipe
     from genpi.train.run import fit_trial
-    from test_recipe import FAST, HELDOUT, TRAIN
 
     train_adapter = recipe.train_adapter
     # a checkpoint holding anything else does not run it
@@ -371,14 +542,22 @@ def test_checkpoints_load_tensors_and_plain_data_only(tiny_trainable_model, tmp_
     resumed = []
     monkeypatch.setattr(recipe, "train_adapter", lambda *args, **kwargs: resumed.append(args) or (None, {}))
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
-        fit_trial({"trial": {"prompt_id": "calc", "lam": 0.5}}, tiny_trainable_model, {"calc": CALC.to_json()},
-                  {"calc": ([], [])}, {"calc": FAST}, 0)  # fmt: skip
+        fit_trial(
+            {"trial": {"prompt_id": "calc", "lam": 0.5}},
+            tiny_trainable_model,
+            {"calc": CALC.to_json()},
+            {"calc": ([], [])},
+            {"calc": FAST},
+            0,
+        )
     assert not canary.exists() and not resumed
 
     # a real state (LoRA tensors, optimizer and scheduler, random generators, the epoch's order) loads whole
     states = []
     settings = dataclasses.replace(FAST, epochs=1, quantize=False)
-    train_adapter(tiny_trainable_model, CALC, TRAIN[:4], HELDOUT, settings, report=lambda m, s: s and states.append(s()))
+    train_adapter(
+        tiny_trainable_model, CALC, TRAIN[:4], HELDOUT, settings, report=lambda m, s: s and states.append(s())
+    )
     torch.save(states[-1], tmp_path / "state.pt")
     from genpi.train.run import load_state
 

@@ -33,20 +33,55 @@ def data(calc_dialogues):
 
 
 def command(data, adapters, model, *extra):
-    return [sys.executable, "-m", "genpi.cli", "train", str(data), "--catalog", str(CATALOG), "--out", str(adapters),
-            "--base", model, "--batch-size", "4", "--micro-batch", "2", "--max-length", "512", "--rank", "4", "--lr", "1e-2",
-            "--no-progress", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "genpi.cli",
+        "train",
+        str(data),
+        "--catalog",
+        str(CATALOG),
+        "--out",
+        str(adapters),
+        "--base",
+        model,
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--max-length",
+        "512",
+        "--rank",
+        "4",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def run(data, adapters, model, *extra):
-    done = subprocess.run(command(data, adapters, model, *extra), cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        command(data, adapters, model, *extra),
+        cwd=REPO,
+        env=dict(os.environ, RAY_ADDRESS="local"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return done
 
 
 def start(data, adapters, model, *extra):
-    return subprocess.Popen(command(data, adapters, model, *extra), cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        command(data, adapters, model, *extra),
+        cwd=REPO,
+        env=dict(os.environ, RAY_ADDRESS="local"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for_checkpoint(adapters, process, timeout=300):
@@ -64,7 +99,9 @@ def weights(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_with_the_same_adapter(data, tiny_trainable_model, tmp_path):
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_with_the_same_adapter(
+    data, tiny_trainable_model, tmp_path
+):
     extra = ("--epochs", "8", "--lambdas", "0.5")
     process = start(data, tmp_path / "killed", tiny_trainable_model, *extra)
     wait_for_checkpoint(tmp_path / "killed", process)
@@ -76,7 +113,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_with_the_same_ad
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming the training experiment" in resumed.stderr
     step = check_adapter(tmp_path / "killed" / "calc", CALC).train_metrics["resumed_from_step"]
-    assert step and step % 2 == 0 and 2 <= step < 16  # from an epoch's end (2 steps each): finished epochs are not redone
+    assert (
+        step and step % 2 == 0 and 2 <= step < 16
+    )  # from an epoch's end (2 steps each): finished epochs are not redone
     assert f"resumed from the checkpoint at step {step} of 16" in resumed.stderr
 
     whole = run(data, tmp_path / "whole", tiny_trainable_model, *extra)
@@ -98,10 +137,12 @@ def trial_pids(root):
         except (OSError, ValueError):
             continue
         parents[int(proc.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+
     def descends(pid):
         while pid in parents and pid != root:
             pid = parents[pid][0]
         return pid == root
+
     return [pid for pid, (_, cmdline) in parents.items() if "ray::ImplicitFunc" in cmdline and descends(pid)]
 
 
@@ -113,7 +154,9 @@ def test_a_killed_trial_is_retried_from_its_checkpoint_and_a_failing_prompt_fail
         r.update(row(i), prompt_id="greet", prompt_sha256=GREET.sha256, sample_id=i, seed=i, split="train", turns=[])
         greetings.append(r)
     store.write_table(store.shard_path(data, "greet", 0), greetings, store.DIALOGUE_SCHEMA)
-    process = start(data, tmp_path / "adapters", tiny_trainable_model, "--epochs", "8", "--lambdas", "0.5", "--cpus-per-trial", "2")
+    process = start(
+        data, tmp_path / "adapters", tiny_trainable_model, "--epochs", "8", "--lambdas", "0.5", "--cpus-per-trial", "2"
+    )
     wait_for_checkpoint(tmp_path / "adapters", process)
     [pid] = trial_pids(process.pid)  # 2 CPUs per trial on a 2-CPU Ray: one trial at a time; greet's failed in seconds
     os.kill(pid, signal.SIGKILL)  # a preempted or OOM-killed trial
@@ -131,15 +174,33 @@ def test_a_killed_trial_is_retried_from_its_checkpoint_and_a_failing_prompt_fail
 def test_early_stop_stops_the_lambda_that_falls_behind(data, tiny_trainable_model, tmp_path):
     # additive form, no clipping, a high learning rate: λ = 50 weighs prompt generation so much that the held-out
     # dialogue loss runs away
-    result = run(data, tmp_path / "adapters", tiny_trainable_model, "--epochs", "6", "--lambdas", "0.1,0.2,50", "--early-stop",
-                 "--loss-form", "additive", "--max-grad-norm", "0", "--lr", "3e-2")  # fmt: skip
+    result = run(
+        data,
+        tmp_path / "adapters",
+        tiny_trainable_model,
+        "--epochs",
+        "6",
+        "--lambdas",
+        "0.1,0.2,50",
+        "--early-stop",
+        "--loss-form",
+        "additive",
+        "--max-grad-norm",
+        "0",
+        "--lr",
+        "3e-2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     calc = json.loads(result.stdout)["calc"]
     assert calc["status"] == "trained" and calc["lam"] != 50
     stopped = calc["early_stopped"]
-    assert 50.0 in stopped["lams"] and 12 + 2 <= stopped["steps_run"] < stopped["steps_of_full_sweep"] == 3 * 12  # one ran whole
+    assert (
+        50.0 in stopped["lams"] and 12 + 2 <= stopped["steps_run"] < stopped["steps_of_full_sweep"] == 3 * 12
+    )  # one ran whole
     kls = check_adapter(tmp_path / "adapters" / "calc", CALC).eval_metrics["trials_heldout_kl"]
-    assert kls["50.0"] > max(v for k, v in kls.items() if k != "50.0")  # behind on held-out teacher KL (ASHA's metric) where it stopped
+    assert kls["50.0"] > max(
+        v for k, v in kls.items() if k != "50.0"
+    )  # behind on held-out teacher KL (ASHA's metric) where it stopped
 
 
 def test_each_prompts_rows_go_to_the_object_store_once(data, tiny_trainable_model, tmp_path, monkeypatch):
@@ -153,10 +214,15 @@ def test_each_prompts_rows_go_to_the_object_store_once(data, tiny_trainable_mode
         real_put = ray.put
         monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(value) or real_put(value, **kw))
         settings = TrainSettings(epochs=1, batch_size=4, micro_batch=2, max_length=512, lr=1e-2)
-        outcomes = train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, settings, [0.3, 0.5, 0.7], progress=False)
+        outcomes = train_catalog(
+            data, CATALOG, tmp_path / "adapters", tiny_trainable_model, settings, [0.3, 0.5, 0.7], progress=False
+        )
     finally:
         ray.shutdown()
-    assert outcomes["calc"]["status"] == "trained" and len(check_adapter(tmp_path / "adapters" / "calc", CALC).eval_metrics["trials"]) == 3
+    assert (
+        outcomes["calc"]["status"] == "trained"
+        and len(check_adapter(tmp_path / "adapters" / "calc", CALC).eval_metrics["trials"]) == 3
+    )
     row_puts = [p for p in puts if isinstance(p, tuple) and len(p) == 2 and all(isinstance(x, list) for x in p)]
     assert len(row_puts) == 1 and [len(x) for x in row_puts[0]] == [8, 2]  # calc's rows, once for its 3 λ trials
 
@@ -174,10 +240,14 @@ def test_a_run_killed_before_its_trials_were_made_resumes(data, tiny_trainable_m
         with monkeypatch.context() as patch:  # killed right after the Tuner was made: no trial, no experiment state
             patch.setattr(tune.Tuner, "fit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
             with pytest.raises(KeyboardInterrupt):
-                train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, settings, [0.5], progress=False)
+                train_catalog(
+                    data, CATALOG, tmp_path / "adapters", tiny_trainable_model, settings, [0.5], progress=False
+                )
         assert list((tmp_path / "adapters" / ".tune").glob("train-*/tuner.pkl"))
         assert not list((tmp_path / "adapters" / ".tune").glob("train-*/experiment_state-*.json"))
-        outcomes = train_catalog(data, CATALOG, tmp_path / "adapters", tiny_trainable_model, settings, [0.5], progress=False)
+        outcomes = train_catalog(
+            data, CATALOG, tmp_path / "adapters", tiny_trainable_model, settings, [0.5], progress=False
+        )
     finally:
         ray.shutdown()
     assert outcomes["calc"]["status"] == "trained"

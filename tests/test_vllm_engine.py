@@ -35,7 +35,13 @@ def chat(text: str) -> list[dict]:
 
 CAPITAL = {"messages": chat("What is the capital of France?"), "temperature": 0, "max_tokens": 24}
 COUNT = {"messages": chat("Count from 1 to 20, separated by commas."), "temperature": 0, "max_tokens": 24}
-HAIKU = {"messages": chat("Write a haiku about the sea."), "temperature": 1.0, "top_p": 0.9, "max_tokens": 24, "seed": 7}
+HAIKU = {
+    "messages": chat("Write a haiku about the sea."),
+    "temperature": 1.0,
+    "top_p": 0.9,
+    "max_tokens": 24,
+    "seed": 7,
+}
 REQUESTS = {
     "capital": CAPITAL,
     "count": COUNT,
@@ -62,10 +68,21 @@ def run(model_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("vllm")
     (folder / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in REQUESTS.values()))
     command = [
-        str(VLLM_PYTHON), "-m", "genpi.engines.vllm", "--model", model_path,
-        "--requests", str(folder / "in.jsonl"), "--out", str(folder / "out.jsonl"),
-        "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32", "--enforce-eager",
-    ]  # fmt: skip
+        str(VLLM_PYTHON),
+        "-m",
+        "genpi.engines.vllm",
+        "--model",
+        model_path,
+        "--requests",
+        str(folder / "in.jsonl"),
+        "--out",
+        str(folder / "out.jsonl"),
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -112,7 +129,9 @@ def test_greedy_matches_transformers(run, model_path):
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
 
     def encode(messages):
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        encoded = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         return encoded["input_ids"]
 
     for name in ("capital", "count"):
@@ -141,9 +160,13 @@ def test_top_k_logprobs_are_the_raw_distribution_of_the_kept_tokens(run, model_p
     c = completions["topk"]
     assert c["text"] == completions["capital"]["text"]  # asking for logprobs changes nothing else
     assert tokenizer.decode(c["token_ids"], skip_special_tokens=True) == c["text"]
-    assert len(c["token_ids"]) == len(c["topk_ids"]) == len(c["topk_logprobs"]) and all(len(r) == 5 for r in c["topk_ids"])
+    assert len(c["token_ids"]) == len(c["topk_ids"]) == len(c["topk_logprobs"]) and all(
+        len(r) == 5 for r in c["topk_ids"]
+    )
     assert [row[0] for row in c["topk_ids"]] == c["token_ids"]  # greedy: the chosen token ranks first
-    encoded = tokenizer.apply_chat_template(REQUESTS["topk"]["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    encoded = tokenizer.apply_chat_template(
+        REQUESTS["topk"]["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     ids = torch.cat([encoded["input_ids"], torch.tensor([c["token_ids"]])], 1)
     with torch.no_grad():
         logits = model(ids).logits[0, encoded["input_ids"].shape[1] - 1 : -1]
@@ -151,7 +174,11 @@ def test_top_k_logprobs_are_the_raw_distribution_of_the_kept_tokens(run, model_p
     assert torch.allclose(torch.tensor(c["topk_logprobs"]), top.values, atol=2e-3)
     assert [row[:2] for row in c["topk_ids"]] == top.indices[:, :2].tolist()
     cut = completions["topk_stop"]  # cut by a stop string: the tokens up to it only
-    assert cut["text"] and "5" not in cut["text"] and cut["text"].startswith(tokenizer.decode(cut["token_ids"], skip_special_tokens=True))
+    assert (
+        cut["text"]
+        and "5" not in cut["text"]
+        and cut["text"].startswith(tokenizer.decode(cut["token_ids"], skip_special_tokens=True))
+    )
     assert 0 < len(cut["token_ids"]) < cut["completion_tokens"] and len(cut["topk_ids"]) == len(cut["token_ids"])
 
 
@@ -215,7 +242,9 @@ def test_each_request_is_sent_alone_and_bad_ones_fail_alone(model_path):
     ok = results[1]
     assert ok.text == "ok" and ok.completion_tokens == 3 and ok.finish_reason == "stop"
     assert ok.token_ids == [5, 6]  # the end-of-turn token dropped
-    assert ok.topk_ids == [[5, 8, 9]] * 2 and ok.topk_logprobs == [[-0.1, -2.5, -3.0]] * 2  # by rank, the sampled one left out
+    assert (
+        ok.topk_ids == [[5, 8, 9]] * 2 and ok.topk_logprobs == [[-0.1, -2.5, -3.0]] * 2
+    )  # by rank, the sampled one left out
 
 
 def test_a_dead_engine_core_is_reported_by_name(model_path):

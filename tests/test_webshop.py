@@ -17,8 +17,8 @@ from urllib.parse import parse_qs, quote, unquote
 
 import duckdb
 import pytest
-
 from conftest import EXAMPLES, REPO
+
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import Completion, Sampling
@@ -33,14 +33,20 @@ PRODUCTS = {
 }
 GOALS = [  # instruction, the right product, its options
     ("i want green tea bags with mint flavor, and price lower than 20.00 dollars", "B0TEA00001", {"flavor": "mint"}),
-    ("i need a set of 4 ceramic coffee mugs in matte black, and price lower than 40.00 dollars", "B0MUG00002", {"color": "matte black"}),
+    (
+        "i need a set of 4 ceramic coffee mugs in matte black, and price lower than 40.00 dollars",
+        "B0MUG00002",
+        {"color": "matte black"},
+    ),
 ]
 
 
 def page(instruction: str, body: str, top: str = "") -> str:
-    return (f'<!DOCTYPE html><html><head><title>WebShop</title><style>.x {{}}</style><script>var a = "hidden";</script></head>'
-            f'<body><div class="container">{top}<div id="instruction-text" class="text-center"><h4>Instruction: <br>{instruction}</h4></div>'
-            f"{body}</div></body></html>")  # fmt: skip
+    return (
+        f'<!DOCTYPE html><html><head><title>WebShop</title><style>.x {{}}</style><script>var a = "hidden";</script></head>'
+        f'<body><div class="container">{top}<div id="instruction-text" class="text-center"><h4>Instruction: <br>{instruction}</h4></div>'
+        f"{body}</div></body></html>"
+    )
 
 
 def form(action: str, label: str, css: str = "btn btn-primary") -> str:
@@ -81,9 +87,11 @@ class WebShopLike(BaseHTTPRequestHandler):
             keywords = str(data["search_query"][0].lower().split(" "))
             return self.send("", 302, f"/search_results/{quote(session)}/{quote(keywords)}/1")
         if len(parts) == 1:
-            search = (f'<form role="form" method="post" action="{home}">'
-                      f'<input id="search_input" class="form-control" type="text" name="search_query" placeholder="Search..." required/>'
-                      f'<button class="btn btn-success" type="submit"><i class="glyphicon"></i>Search</button></form>')  # fmt: skip
+            search = (
+                f'<form role="form" method="post" action="{home}">'
+                f'<input id="search_input" class="form-control" type="text" name="search_query" placeholder="Search..." required/>'
+                f'<button class="btn btn-success" type="submit"><i class="glyphicon"></i>Search</button></form>'
+            )
             return self.send(page(instruction, search, top='<div id="logo"><h2>WebShop</h2></div>'))
         kind = parts[0]
         if kind == "search_results":
@@ -94,8 +102,11 @@ class WebShopLike(BaseHTTPRequestHandler):
                 f'<div class="list-group-item"><h4 class="product-asin"><a class="product-link" href="/item_page/{quote(session)}/{a}/{quote(keywords)}/{number}/{quote("{}")}">{a}</a></h4>'
                 f'<h4 class="product-title">{PRODUCTS[a][0]}</h4><h5 class="product-price">{PRODUCTS[a][1]}</h5></div>'
                 for a in found
-            )  # fmt: skip
-            nav = form(home, "Back to Search", "btn btn-success") + f"<h3>Page {number} (Total results: {len(found)})</h3>"
+            )
+            nav = (
+                form(home, "Back to Search", "btn btn-success")
+                + f"<h3>Page {number} (Total results: {len(found)})</h3>"
+            )
             nav += form(f"/search_results/{quote(session)}/{quote(keywords)}/{number + 1}", "Next &gt;")
             return self.send(page(instruction, nav + items))
         if kind in ("item_page", "item_sub_page"):
@@ -109,16 +120,22 @@ class WebShopLike(BaseHTTPRequestHandler):
                     url = f"/item_page/{quote(session)}/{asin}/{quote(keywords)}/{number}/{quote(json.dumps(options | {group: v}))}"
                     radios += f'<input type="radio" id="radio_{group}{i}" name="{group}" value="{v}" data-url="{url}"><label for="radio_{group}{i}">{v}</label>'
             here = f"{quote(session)}/{asin}/{quote(keywords)}/{number}"
-            body = form(home, "Back to Search", "btn btn-success") + form(f"/search_results/{quote(session)}/{quote(keywords)}/{number}", "&lt; Prev")
+            body = form(home, "Back to Search", "btn btn-success") + form(
+                f"/search_results/{quote(session)}/{quote(keywords)}/{number}", "&lt; Prev"
+            )
             body += radios + f"<h2>{title}</h2><h4>Price: {price}</h4><h4>Rating: N.A.</h4>"
             body += form(f"/item_sub_page/{here}/Description/{quote(json.dumps(options))}", "Description")
-            body += form(f"/done/{quote(session)}/{asin}/{quote(json.dumps(options))}", "Buy Now", "btn btn-lg purchase")
+            body += form(
+                f"/done/{quote(session)}/{asin}/{quote(json.dumps(options))}", "Buy Now", "btn btn-lg purchase"
+            )
             return self.send(page(instruction, body))
         if kind == "done":
             asin, options = parts[2], json.loads(parts[3])
             reward = 1.0 if asin == want and options == want_options else 0.5 if asin == want else 0.0
-            return self.send(f'<html><body><h1>Thank you for shopping with us!</h1><div style="display:none"><h4 id="asin">asin<pre>{asin}</pre></h4></div>'
-                             f'<h3 id="reward">Your score (min 0.0, max 1.0)<pre>{reward}</pre></h3></body></html>')  # fmt: skip
+            return self.send(
+                f'<html><body><h1>Thank you for shopping with us!</h1><div style="display:none"><h4 id="asin">asin<pre>{asin}</pre></h4></div>'
+                f'<h3 id="reward">Your score (min 0.0, max 1.0)<pre>{reward}</pre></h3></body></html>'
+            )
         return self.send("not found", 404)
 
 
@@ -172,7 +189,9 @@ def shopper(wrong=False):
 
 def run(url, agent, goals=(0, 1), layout="agentbench", with_prompt=False):
     system = System("teacher" if with_prompt else "base", None, with_prompt)
-    return shop_all(url, list(goals), {system.name: (system, agent)}, WEB_SHOP, Sampling(max_tokens=32), layout)[system.name]
+    return shop_all(url, list(goals), {system.name: (system, agent)}, WEB_SHOP, Sampling(max_tokens=32), layout)[
+        system.name
+    ]
 
 
 def test_parse_action_follows_agentbench():
@@ -185,31 +204,54 @@ def test_parse_action_follows_agentbench():
 @pytest.mark.parametrize("layout", ["agentbench", "examples"])
 def test_scripted_shoppers_score_exactly(server, layout):
     right, wrong = Scripted(shopper()), Scripted(shopper(wrong=True))
-    metrics, kept = score({"teacher": run(server, right, layout=layout, with_prompt=True), "base": run(server, wrong, layout=layout)})
-    assert metrics["teacher"] == {"goals": 2, "errors": 0, "mean_reward": 1.0, "success_rate": 1.0, "purchase_rate": 1.0,
-                                  "invalid_action_rate": 0.0, "mean_rounds": 4.0}  # fmt: skip
+    metrics, kept = score(
+        {"teacher": run(server, right, layout=layout, with_prompt=True), "base": run(server, wrong, layout=layout)}
+    )
+    assert metrics["teacher"] == {
+        "goals": 2,
+        "errors": 0,
+        "mean_reward": 1.0,
+        "success_rate": 1.0,
+        "purchase_rate": 1.0,
+        "invalid_action_rate": 0.0,
+        "mean_rounds": 4.0,
+    }
     assert metrics["base"]["mean_reward"] == 0.0 and metrics["base"]["purchase_rate"] == 1.0
     assert kept == {"base": {"mean_reward": 0.0, "success_rate": 0.0}}
     shown = [r.messages[-1]["content"] for r in right.requests]  # the goals' episodes interleave
     first = next(r.messages for r in right.requests if GOALS[0][0] in r.messages[-1]["content"])
     assert first[:-1] == WEB_SHOP.messages() and all(len(r.messages) % 2 == 1 for r in wrong.requests)
     if layout == "agentbench":
-        assert first[-1]["content"] == ("Observation:\nWebShop [SEP] Instruction: [SEP] " + GOALS[0][0] + " [SEP] Search\n\n"
-                                         "Available Actions:\n{'has_search_bar': True, 'clickables': ['search']}")  # fmt: skip
+        assert first[-1]["content"] == (
+            "Observation:\nWebShop [SEP] Instruction: [SEP] " + GOALS[0][0] + " [SEP] Search\n\n"
+            "Available Actions:\n{'has_search_bar': True, 'clickables': ['search']}"
+        )
         item = next(text for text in shown if "Price: $12.99" in text)
         assert "'clickables': ['back to search', '< prev', 'description', 'buy now', 'jasmine', 'mint']" in item
     else:
         assert first[-1]["content"] == f"WebShop [SEP] Instruction: [SEP] {GOALS[0][0]} [SEP] Search"
         results = next(text for text in shown if "Total results" in text and "Green Tea" in text)
-        assert results.startswith("[Back to Search] [SEP] Page 1 (Total results: 1) [SEP] [Next >] [SEP] [B0TEA00001] [SEP] Green Tea")
+        assert results.startswith(
+            "[Back to Search] [SEP] Page 1 (Total results: 1) [SEP] [Next >] [SEP] [B0TEA00001] [SEP] Green Tea"
+        )
         assert "[mint]" in next(text for text in shown if "Price: $12.99" in text)
 
 
 def test_episode_ends(server):
     rows = run(server, Scripted(lambda m: "I will buy the tea."), goals=[0])  # no action: ended, reward 0
     assert rows[0] | {"turns": None, "session": None} == {
-        "prompt_id": "web-shop", "system": "base", "goal": 0, "session": None, "instruction": GOALS[0][0], "reward": 0.0,
-        "ended": "invalid_action", "rounds": 1, "actions": [None], "turns": None, "error": None}  # fmt: skip
+        "prompt_id": "web-shop",
+        "system": "base",
+        "goal": 0,
+        "session": None,
+        "instruction": GOALS[0][0],
+        "reward": 0.0,
+        "ended": "invalid_action",
+        "rounds": 1,
+        "actions": [None],
+        "turns": None,
+        "error": None,
+    }
     browse = Scripted(lambda m: "Action: search[tea]" if len(m) == 1 else "Action: click[next >]")  # never buys
     [row] = run(server, browse, goals=[1])
     assert row["ended"] == "round_limit" and row["rounds"] == ROUNDS and row["reward"] == 0.0
@@ -223,12 +265,18 @@ def test_episode_ends(server):
 
 def test_half_reward_and_distinct_sessions(server):
     def no_options(messages):
-        return shopper()(messages[:1]) if len(messages) == 1 else ("Action: click[b0tea00001]" if len(messages) == 3 else "Action: click[Buy Now]")
+        return (
+            shopper()(messages[:1])
+            if len(messages) == 1
+            else ("Action: click[b0tea00001]" if len(messages) == 3 else "Action: click[Buy Now]")
+        )
 
     WebShopLike.log.clear()
     rows = run(server, Scripted(no_options), goals=[0, 0])
     assert [r["reward"] for r in rows] == [0.5, 0.5] and rows[0]["session"] != rows[1]["session"]
-    assert {parts[1] for method, parts in WebShopLike.log if parts[0] == "done" and method == "POST"} == {r["session"] for r in rows}
+    assert {parts[1] for method, parts in WebShopLike.log if parts[0] == "done" and method == "POST"} == {
+        r["session"] for r in rows
+    }
 
 
 def test_check_server(server):
@@ -249,17 +297,44 @@ def test_cli(server, tiny_long_model, tmp_path):
     result = run_cli("webshop", "--catalog", EXAMPLES, "--prompt", "web-shop")
     assert result.returncode == 2 and "needs --url URL" in result.stderr
     out = tmp_path / "eval"
-    result = run_cli("webshop", "--url", server, "--catalog", EXAMPLES, "--prompt", "web-shop", "--base", tiny_long_model,
-                     "--goals", "2", "--max-new-tokens", "6", "--layout", "examples", "--out", out, "--json")  # fmt: skip
+    result = run_cli(
+        "webshop",
+        "--url",
+        server,
+        "--catalog",
+        EXAMPLES,
+        "--prompt",
+        "web-shop",
+        "--base",
+        tiny_long_model,
+        "--goals",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--layout",
+        "examples",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
-    assert json.loads((out / "webshop.json").read_text()) == {"results": [summary]} and set(summary["systems"]) == {"teacher", "base"}
+    assert json.loads((out / "webshop.json").read_text()) == {"results": [summary]} and set(summary["systems"]) == {
+        "teacher",
+        "base",
+    }
     con = duckdb.connect()
-    rows = con.execute(f"SELECT * FROM read_parquet('{out}/webshop/**/*.parquet', hive_partitioning=true) ORDER BY system, goal").fetchall()
+    rows = con.execute(
+        f"SELECT * FROM read_parquet('{out}/webshop/**/*.parquet', hive_partitioning=true) ORDER BY system, goal"
+    ).fetchall()
     rows = [dict(zip([d[0] for d in con.description], r)) for r in rows]
     assert [(r["system"], r["goal"]) for r in rows] == [("base", 0), ("base", 1), ("teacher", 0), ("teacher", 1)]
     for r in rows:  # the tiny model's replies: the stored actions are what the stored replies hold
         replies = [t["content"] for t in r["turns"] if t["role"] == "assistant"]
         assert r["actions"] == [parse_action(t) for t in replies] and r["rounds"] == len(replies)
-        assert r["error"] is None and (r["ended"] == "invalid_action") == (r["actions"][-1] is None) and 0.0 <= r["reward"] <= 1.0
+        assert (
+            r["error"] is None
+            and (r["ended"] == "invalid_action") == (r["actions"][-1] is None)
+            and 0.0 <= r["reward"] <= 1.0
+        )
     assert summary["systems"]["base"]["mean_reward"] == sum(r["reward"] for r in rows if r["system"] == "base") / 2

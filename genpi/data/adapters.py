@@ -17,8 +17,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from genpi import InputError
 from genpi.catalog import PromptEntry
@@ -82,13 +82,23 @@ def read_adapter_manifest(folder: str | Path) -> AdapterManifest | None:
         if not isinstance(data, dict):
             raise ValueError(f"a JSON {type(data).__name__}, not an object")
         manifest = AdapterManifest(**data)
-        wrong = [name for name in ("prompt_id", "prompt_sha256", "base_model", "method") if not isinstance(getattr(manifest, name), str)]
+        wrong = [
+            name
+            for name in ("prompt_id", "prompt_sha256", "base_model", "method")
+            if not isinstance(getattr(manifest, name), str)
+        ]
         if wrong:
             raise ValueError(f"field {wrong[0]} is not a string")
         return manifest
-    except (OSError, ValueError, TypeError) as e:  # unreadable, not JSON (UnicodeDecodeError too), wrong or missing fields
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+    ) as e:  # unreadable, not JSON (UnicodeDecodeError too), wrong or missing fields
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise InputError(f"{path}: not a valid genpi adapter manifest ({reason}); retrain the adapter or restore the file") from None
+        raise InputError(
+            f"{path}: not a valid genpi adapter manifest ({reason}); retrain the adapter or restore the file"
+        ) from None
 
 
 def _finished_manifest(folder: str | Path) -> AdapterManifest:
@@ -126,7 +136,13 @@ def fingerprint(train: list[dict], heldout: list[dict], settings: dict, base: st
     folder's weights count too, not only their folder's name."""
     digest = hashlib.sha256()
     for row in train + heldout:
-        digest.update(json.dumps([row["sample_id"], row["split"], row["input"], row["turns"], row["student_output"], row["reason"]], sort_keys=True, default=str).encode())
+        digest.update(
+            json.dumps(
+                [row["sample_id"], row["split"], row["input"], row["turns"], row["student_output"], row["reason"]],
+                sort_keys=True,
+                default=str,
+            ).encode()
+        )
     digest.update(json.dumps({**settings, "base": base}, sort_keys=True, default=str).encode())
     if settings.get("init_adapter"):
         for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -158,5 +174,7 @@ def check_base(folder: Path, manifest: AdapterManifest, base_path: str) -> None:
         return
     if Path(trained_on).is_dir() and weights_digest(trained_on) == weights_digest(base_path):
         return
-    raise InputError(f"{folder}: trained on base model {manifest.base_model!r}, but the evaluated base is {base_path!r} "
-                     "(another path with other weights); pass the adapter's base with --base")  # fmt: skip
+    raise InputError(
+        f"{folder}: trained on base model {manifest.base_model!r}, but the evaluated base is {base_path!r} "
+        "(another path with other weights); pass the adapter's base with --base"
+    )

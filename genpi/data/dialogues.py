@@ -29,10 +29,22 @@ MEMORY_LIMIT = "4GB"
 MAX_TEMP = "10GB"  # what DuckDB may spill to disk beyond the memory limit (its default: 90% of the free disk)
 THREADS = 2
 # the columns training reads (a run from an older genpi may lack some)
-REQUIRED_COLUMNS = {"prompt_id", "prompt_sha256", "sample_id", "split", "input", "turns", "student_output", "reason", "error"}
+REQUIRED_COLUMNS = {
+    "prompt_id",
+    "prompt_sha256",
+    "sample_id",
+    "split",
+    "input",
+    "turns",
+    "student_output",
+    "reason",
+    "error",
+}
 
 
-def open_dialogues(out: str | Path, memory_limit: str = MEMORY_LIMIT, threads: int = THREADS, max_temp: str = MAX_TEMP) -> duckdb.DuckDBPyConnection:
+def open_dialogues(
+    out: str | Path, memory_limit: str = MEMORY_LIMIT, threads: int = THREADS, max_temp: str = MAX_TEMP
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the view `dialogues` over all shards of OUT. What a query spills
     goes to a private folder inside OUT (DuckDB creates it when it first spills and removes it on close), at
     most `max_temp` of it; DuckDB's own default is `.tmp` in the working directory, unbounded."""
@@ -47,10 +59,19 @@ def open_dialogues(out: str | Path, memory_limit: str = MEMORY_LIMIT, threads: i
     try:
         # Limits go in before the configuration is locked below.
         spill = root / f".duckdb-spill-{os.getpid()}-{secrets.token_hex(4)}"
-        con = duckdb.connect(":memory:", config={"memory_limit": memory_limit, "threads": threads, "temp_directory": str(spill),
-                                                 "max_temp_directory_size": max_temp})  # fmt: skip
+        con = duckdb.connect(
+            ":memory:",
+            config={
+                "memory_limit": memory_limit,
+                "threads": threads,
+                "temp_directory": str(spill),
+                "max_temp_directory_size": max_temp,
+            },
+        )
     except duckdb.Error as e:
-        raise InputError(f"bad DuckDB limits (memory {memory_limit!r}, temp {max_temp!r}, threads {threads}): {first_line(e)}") from None
+        raise InputError(
+            f"bad DuckDB limits (memory {memory_limit!r}, temp {max_temp!r}, threads {threads}): {first_line(e)}"
+        ) from None
     try:
         listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         con.execute(
@@ -85,5 +106,7 @@ def prompt_rows(data: str | Path, entry: PromptEntry) -> tuple[list[dict], list[
     rows = [dict(zip(names, values)) for values in cursor.fetchall()]
     stale = {r["prompt_sha256"] for r in rows} - {entry.sha256}
     if stale:
-        raise InputError(f"{data}: dialogues of {entry.id!r} were synthesized from another version of the prompt; resynthesize")
+        raise InputError(
+            f"{data}: dialogues of {entry.id!r} were synthesized from another version of the prompt; resynthesize"
+        )
     return [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "heldout"]

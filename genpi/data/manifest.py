@@ -82,7 +82,10 @@ def reconcile_manifest(old: dict, new: dict, out: Path) -> dict:
         if before is None:  # a prompt added to the catalog since: just more work
             old["prompts"][prompt_id] = fresh
             old["catalog"]["prompts"][prompt_id] = new["catalog"]["prompts"][prompt_id]
-        elif before["prompt_sha256"] != fresh["prompt_sha256"] or old["catalog"]["prompts"][prompt_id] != new["catalog"]["prompts"][prompt_id]:
+        elif (
+            before["prompt_sha256"] != fresh["prompt_sha256"]
+            or old["catalog"]["prompts"][prompt_id] != new["catalog"]["prompts"][prompt_id]
+        ):
             raise InputError(
                 f"{out}: prompt {prompt_id!r} changed in the catalog since this run started; "
                 "choose another --out for the new version"
@@ -109,7 +112,11 @@ def read_manifest(out: str | Path) -> dict | None:
     try:
         manifest = json.loads(path.read_bytes())
     except (OSError, ValueError) as e:  # unreadable, not JSON, not UTF-8
-        raise InputError(f"{path}: not a readable run manifest ({' '.join(str(e).split())}); restore it, or use another folder") from None
+        raise InputError(
+            f"{path}: not a readable run manifest ({' '.join(str(e).split())}); restore it, or use another folder"
+        ) from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("prompts", {}), dict):
-        raise InputError(f"{path}: not a run manifest (expected a JSON object with prompts); restore it, or use another folder")
+        raise InputError(
+            f"{path}: not a run manifest (expected a JSON object with prompts); restore it, or use another folder"
+        )
     return manifest

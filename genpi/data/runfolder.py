@@ -203,10 +203,16 @@ def acquire_lock(path: str | Path, what: str) -> Path:
             except FileNotFoundError:
                 continue
             if age < FRESH_S:
-                raise InputError(f"{path.parent} is being locked by another {what} (its lock file {path} is being "
-                                 "written); wait for it, or remove the file if no run is starting")  # fmt: skip
+                raise InputError(
+                    f"{path.parent} is being locked by another {what} (its lock file {path} is being "
+                    "written); wait for it, or remove the file if no run is starting"
+                )
         elif not holder_gone(holder, me):
-            where = "" if holder.get("host") != me["host"] or holder.get("pid_ns") == me["pid_ns"] else ", in another PID namespace"
+            where = (
+                ""
+                if holder.get("host") != me["host"] or holder.get("pid_ns") == me["pid_ns"]
+                else ", in another PID namespace"
+            )
             raise InputError(
                 f"{path.parent} is in use by another {what} (host {holder.get('host')}, pid {holder.get('pid')}{where}, "
                 f"started {holder.get('started')}); wait for it to finish, or remove {path} if that run is gone"

@@ -52,7 +52,7 @@ class Completion:
         return self.finish_reason == "length"
 
     @classmethod
-    def failure(cls, error: str) -> "Completion":
+    def failure(cls, error: str) -> Completion:
         return cls(finish_reason="error", error=error)
 
 
@@ -116,8 +116,13 @@ def make_engine(config: EngineConfig) -> Engine:
     if config.kind == "transformers":
         from genpi.engines.hf import TransformersEngine
 
-        return TransformersEngine(path, max_batch=config.max_batch, dtype=config.dtype, max_model_len=config.max_model_len,
-                                  threads=max(1, int(config.num_cpus)))  # fmt: skip
+        return TransformersEngine(
+            path,
+            max_batch=config.max_batch,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            threads=max(1, int(config.num_cpus)),
+        )
     if config.kind == "vllm":
         from genpi.engines.vllm import VLLMEngine
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Message, Sampling, text_token_ids
@@ -66,7 +66,9 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
     batch of copied prefixes reads them once per row. `prefixes`: [(the prefix's cache layers, row indices)];
     without it (every other use of the model) this is SDPA. Queries [B, heads, q, dim]; keys [B, kv heads, T, dim]."""
     if prefixes is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     batch, heads, q_len, dim = query.shape
     kv_heads, columns = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -77,18 +79,24 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
     mask = None
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(~attention_mask, float("-inf"))
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attention_mask, float("-inf")
+            )
         mask = attention_mask.expand(batch, 1, q_len, columns).repeat(1, 1, groups, 1)
     out, lse = _attend(q, key, value, mask, scale)
     for layers, rows in prefixes:
         layer, n = layers[module.layer_idx], len(rows)
         # the group's queries side by side against the prefix's one copy of its keys
-        p_out, p_lse = _attend(q[rows].transpose(0, 1).reshape(1, kv_heads, -1, dim), layer.keys, layer.values, None, scale)
+        p_out, p_lse = _attend(
+            q[rows].transpose(0, 1).reshape(1, kv_heads, -1, dim), layer.keys, layer.values, None, scale
+        )
         p_out = p_out.reshape(kv_heads, n, -1, dim).transpose(0, 1)
         p_lse = p_lse.reshape(kv_heads, n, -1).transpose(0, 1)
         own_lse = lse[rows]
         both = torch.logaddexp(own_lse, p_lse)
-        out[rows] = (out[rows] * torch.exp(own_lse - both)[..., None] + p_out * torch.exp(p_lse - both)[..., None]).to(out.dtype)
+        out[rows] = (out[rows] * torch.exp(own_lse - both)[..., None] + p_out * torch.exp(p_lse - both)[..., None]).to(
+            out.dtype
+        )
     return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
@@ -121,7 +129,7 @@ class _Layer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.fill([key_states[:, :, :0]], [value_states[:, :, :0]], 0)
 
-    def fill(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int, room: int = ROOM) -> "_Layer":
+    def fill(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int, room: int = ROOM) -> _Layer:
         """Hold these blocks of rows stacked, each left-padded with zeros to `width` columns, and `room` after."""
         first = keys[0]
         k = first.new_zeros(sum(block.shape[0] for block in keys), first.shape[1], width + room, first.shape[3])
@@ -137,7 +145,9 @@ class _Layer(DynamicLayer):
         self.device, self.is_initialized = first.device, True
         return self
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, added = self.keys.shape[2], key_states.shape[2]
@@ -175,7 +185,11 @@ def _settle(row: _Row, completion: Completion) -> None:
 
 def _failure(error: Exception) -> Completion:
     message = str(error)
-    return Completion.failure(message if message.startswith(f"{CONTEXT_LENGTH_ERROR}:") or message == "cancelled" else f"engine: {type(error).__name__}: {message}")
+    return Completion.failure(
+        message
+        if message.startswith(f"{CONTEXT_LENGTH_ERROR}:") or message == "cancelled"
+        else f"engine: {type(error).__name__}: {message}"
+    )
 
 
 def _similar_lengths(rows: list[_Row], slack: float = 1.25) -> list[list[_Row]]:
@@ -222,7 +236,9 @@ class TransformersEngine:
         self.model_name = Path(path).name
         self.max_batch = max_batch
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
         self.prefix_cache_size = prefix_cache_size
@@ -348,8 +364,13 @@ class TransformersEngine:
         except Exception as e:  # outside the per-row handling (out of memory joining or compacting the batch, ...):
             # the thread would die still registered as the worker, so none would start again and every future would
             # wait forever. Fail what it held, and let the next submit start a fresh worker on an empty batch.
-            print(f"genpi: the transformers engine's worker failed; its requests fail, the next one starts a new worker\n"
-                  f"{traceback.format_exc()}", file=sys.stderr, end="", flush=True)  # fmt: skip
+            print(
+                f"genpi: the transformers engine's worker failed; its requests fail, the next one starts a new worker\n"
+                f"{traceback.format_exc()}",
+                file=sys.stderr,
+                end="",
+                flush=True,
+            )
             self._exit(waiting, error=e)
 
     def _schedule(self, waiting: deque[_Row]) -> None:
@@ -429,14 +450,21 @@ class TransformersEngine:
                         prefilled.append(([row], *self._prefill([row])))
                     except Exception as e:
                         _settle(row, _failure(e))
-        self._join([(group, cache, mask, [b for b, row in enumerate(group) if not self._ended(row)]) for group, cache, mask in prefilled])
+        self._join(
+            [
+                (group, cache, mask, [b for b, row in enumerate(group) if not self._ended(row)])
+                for group, cache, mask in prefilled
+            ]
+        )
         self._admitting = []
 
     def _prepare(self, row: _Row) -> None:
         request = row.request
         row.ids = self.encode(request.messages)
         if len(row.ids) + row.sampling.max_tokens > self.max_model_len:
-            raise ValueError(f"{CONTEXT_LENGTH_ERROR}: {len(row.ids)} prompt tokens + {row.sampling.max_tokens} max tokens > {self.max_model_len}")
+            raise ValueError(
+                f"{CONTEXT_LENGTH_ERROR}: {len(row.ids)} prompt tokens + {row.sampling.max_tokens} max tokens > {self.max_model_len}"
+            )
         row.prefix = self._prefix_ids(request, row.ids)
         row.prefix_layers = self._prefix_cache(row.prefix, row.adapter).layers if row.prefix else None
         if row.sampling.temperature > 0:
@@ -457,10 +485,14 @@ class TransformersEngine:
         mask = torch.tensor(mask, device=self.device)
         cache = _cache()
         out = self.model(
-            input_ids=torch.tensor(input_ids, device=self.device), attention_mask=mask,
-            position_ids=torch.tensor(positions, device=self.device), cache=cache, use_cache=True, logits_to_keep=1,
+            input_ids=torch.tensor(input_ids, device=self.device),
+            attention_mask=mask,
+            position_ids=torch.tensor(positions, device=self.device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
             **self._row_args(rows),
-        )  # fmt: skip
+        )
         self._pick(rows, out.logits[:, -1])
         return cache, mask
 
@@ -479,12 +511,20 @@ class TransformersEngine:
             live = torch.tensor([b for b, row in enumerate(self._rows) if row is not None], device=self.device)
             blocks.insert(0, (self._cache, self._mask, live))
         width = max(m.shape[1] for _, m, _ in blocks)
-        self._cache = _cache([
-            _Layer().fill([c.layers[i].keys[index] for c, _, index in blocks], [c.layers[i].values[index] for c, _, index in blocks], width)
-            for i in range(len(blocks[0][0].layers))
-        ])  # fmt: skip
+        self._cache = _cache(
+            [
+                _Layer().fill(
+                    [c.layers[i].keys[index] for c, _, index in blocks],
+                    [c.layers[i].values[index] for c, _, index in blocks],
+                    width,
+                )
+                for i in range(len(blocks[0][0].layers))
+            ]
+        )
         self._mask = torch.cat([F.pad(m[index], (width - m.shape[1], 0)) for _, m, index in blocks])
-        self._rows = [row for row in self._rows if row is not None] + [rows[b] for rows, _, _, keep in prefilled for b in keep]
+        self._rows = [row for row in self._rows if row is not None] + [
+            rows[b] for rows, _, _, keep in prefilled for b in keep
+        ]
 
     def _live(self) -> int:
         return sum(row is not None for row in self._rows)
@@ -497,11 +537,16 @@ class TransformersEngine:
         try:
             self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], 1)
             out = self.model(
-                input_ids=torch.tensor([[row.generated[-1] if row else self.pad_id] for row in rows], device=self.device),
+                input_ids=torch.tensor(
+                    [[row.generated[-1] if row else self.pad_id] for row in rows], device=self.device
+                ),
                 attention_mask=self._mask,
                 position_ids=torch.tensor([[row.position if row else 0] for row in rows], device=self.device),
-                cache=self._cache, use_cache=True, logits_to_keep=1, **self._row_args(rows),
-            )  # fmt: skip
+                cache=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **self._row_args(rows),
+            )
             for b in live:
                 rows[b].position += 1
             self._pick([rows[b] for b in live], out.logits[live, -1])
@@ -528,9 +573,12 @@ class TransformersEngine:
         mask = self._mask[index]
         start = int(mask.any(0).nonzero()[0])
         width = mask.shape[1] - start
-        self._cache = _cache([
-            _Layer().fill([layer.keys[index, :, start:]], [layer.values[index, :, start:]], width) for layer in self._cache.layers
-        ])  # fmt: skip
+        self._cache = _cache(
+            [
+                _Layer().fill([layer.keys[index, :, start:]], [layer.values[index, :, start:]], width)
+                for layer in self._cache.layers
+            ]
+        )
         self._mask = mask[:, start:]
         self._rows = [self._rows[b] for b in keep]
 
@@ -613,7 +661,13 @@ class TransformersEngine:
         self.prefix_misses += 1
         cache = _cache()
         adapters = {"adapter_names": [adapter or "__base__"]} if hasattr(self.model, "peft_config") else {}
-        self.model(input_ids=torch.tensor([prefix], device=self.device), cache=cache, use_cache=True, logits_to_keep=1, **adapters)
+        self.model(
+            input_ids=torch.tensor([prefix], device=self.device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **adapters,
+        )
         self._prefixes[key] = cache
         if len(self._prefixes) > self.prefix_cache_size:
             self._prefixes.popitem(last=False)
@@ -632,7 +686,9 @@ class TransformersEngine:
             if cut >= 0:
                 text, finish = text[:cut], "stop"
         n_tokens = len(kept) + (finish == "stop" and len(kept) < len(generated))
-        completion = Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=n_tokens, finish_reason=finish)
+        completion = Completion(
+            text=text, prompt_tokens=prompt_tokens, completion_tokens=n_tokens, finish_reason=finish
+        )
         if sampling.logprobs:
             completion.token_ids = text_token_ids(self.tokenizer, kept, text) if finish == "stop" else list(kept)
         return completion

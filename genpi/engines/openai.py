@@ -38,7 +38,9 @@ def split_spec(spec: str) -> tuple[str, str]:
     else:
         base, _, model = spec.rpartition("/")
     if not base.startswith(("http://", "https://")) or not model:
-        raise ValueError(f"{PREFIX}{spec}: expected {PREFIX}BASE_URL/MODEL, e.g. {PREFIX}http://127.0.0.1:8000/v1/MODEL")
+        raise ValueError(
+            f"{PREFIX}{spec}: expected {PREFIX}BASE_URL/MODEL, e.g. {PREFIX}http://127.0.0.1:8000/v1/MODEL"
+        )
     return base, model
 
 
@@ -57,8 +59,15 @@ class OpenAIEngine:
         """`timeout_s`: the most one try may take; `request_timeout_s`: the most one request may take from its first
         send, every try and wait between tries included (None: each try alone is bounded)."""
         self.base_url, self.model_name = base_url.rstrip("/"), model
-        self.api_key = api_key if api_key is not None else next(filter(None, map(os.environ.get, API_KEY_VARIABLES)), None)
-        self.max_concurrency, self.timeout_s, self.retries, self.backoff_s = max_concurrency, timeout_s, retries, backoff_s
+        self.api_key = (
+            api_key if api_key is not None else next(filter(None, map(os.environ.get, API_KEY_VARIABLES)), None)
+        )
+        self.max_concurrency, self.timeout_s, self.retries, self.backoff_s = (
+            max_concurrency,
+            timeout_s,
+            retries,
+            backoff_s,
+        )
         if request_timeout_s is not None and request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be positive or None, not {request_timeout_s}")
         self.request_timeout_s = request_timeout_s
@@ -66,13 +75,20 @@ class OpenAIEngine:
         self._loop: asyncio.AbstractEventLoop | None = None  # for the synchronous `generate`
 
     @classmethod
-    def from_spec(cls, spec: str, **kwargs) -> "OpenAIEngine":
+    def from_spec(cls, spec: str, **kwargs) -> OpenAIEngine:
         return cls(*split_spec(spec), **kwargs)
 
     async def complete(self, request: ChatRequest) -> Completion:
         s = request.sampling
-        body = {"model": self.model_name, "messages": request.messages, "temperature": s.temperature, "top_p": s.top_p,
-                "max_tokens": s.max_tokens, "seed": request.seed, "stream": False}  # fmt: skip
+        body = {
+            "model": self.model_name,
+            "messages": request.messages,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens,
+            "seed": request.seed,
+            "stream": False,
+        }
         if s.stop:
             body["stop"] = list(s.stop)
         if s.logprobs:
@@ -84,7 +100,9 @@ class OpenAIEngine:
         try:
             return _completion(reply, s.logprobs)
         except (KeyError, IndexError, TypeError, ValueError) as e:
-            return Completion.failure(f"engine: {self.model_name}: unexpected reply ({type(e).__name__}: {e}): {str(reply)[:300]}")
+            return Completion.failure(
+                f"engine: {self.model_name}: unexpected reply ({type(e).__name__}: {e}): {str(reply)[:300]}"
+            )
 
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
         """All requests at once, from synchronous code; one event loop for the engine's life."""
@@ -106,7 +124,9 @@ class OpenAIEngine:
 
         url = self.base_url + "/models"
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=self._headers()), timeout=timeout_s) as response:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, headers=self._headers()), timeout=timeout_s
+            ) as response:
                 return [m["id"] for m in json.loads(response.read())["data"]]
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"{url}: HTTP {e.code}: {_error_text(e.read().decode(errors='replace'))}") from None
@@ -128,7 +148,9 @@ class OpenAIEngine:
 
         loop = asyncio.get_running_loop()
         if self._session is None or self._session_loop is not loop:
-            self._session = aiohttp.ClientSession(headers=self._headers(), timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+            self._session = aiohttp.ClientSession(
+                headers=self._headers(), timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+            )
             self._limit, self._session_loop = asyncio.Semaphore(self.max_concurrency), loop
         url = self.base_url + path
         deadline = None  # from the first send: time spent queued behind `max_concurrency` requests does not count
@@ -143,7 +165,9 @@ class OpenAIEngine:
                     break
                 tries += 1
                 try:
-                    async with self._session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=left)) as response:
+                    async with self._session.post(
+                        url, json=body, timeout=aiohttp.ClientTimeout(total=left)
+                    ) as response:
                         if response.status == 200:
                             return await response.json(content_type=None)
                         error = _error_text(await response.text())
@@ -155,7 +179,7 @@ class OpenAIEngine:
                         retry_after = response.headers.get("Retry-After", "")
                         if retry_after.replace(".", "", 1).isdigit():
                             wait = float(retry_after)
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                except (TimeoutError, aiohttp.ClientError) as e:
                     why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             if attempt < self.retries:
                 wait = min(wait, MAX_RETRY_WAIT_S)
@@ -164,8 +188,10 @@ class OpenAIEngine:
                 await asyncio.sleep(wait)
         else:
             raise _Failed(f"engine: {self.model_name} at {url}: {why} (after {tries} tries)")
-        raise _Failed(f"engine: {self.model_name} at {url}: no answer within {self.request_timeout_s:g} s, the limit for one "
-                      f"request, tries and waits included ({tries} tries, the last: {why})")  # fmt: skip
+        raise _Failed(
+            f"engine: {self.model_name} at {url}: no answer within {self.request_timeout_s:g} s, the limit for one "
+            f"request, tries and waits included ({tries} tries, the last: {why})"
+        )
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -210,8 +236,10 @@ def _completion(reply: dict, logprobs: int) -> Completion:
             completion.token_ids = [_token_id(t["token"]) for t in content]
             completion.topk_ids = [[_token_id(t["token"]) for t in step["top_logprobs"]] for step in content]
         except ValueError:
-            return Completion.failure("engine: the server gave log-probabilities without token ids (it ignores vLLM's "
-                                      "return_tokens_as_token_ids); run with --teacher-topk 0")  # fmt: skip
+            return Completion.failure(
+                "engine: the server gave log-probabilities without token ids (it ignores vLLM's "
+                "return_tokens_as_token_ids); run with --teacher-topk 0"
+            )
         completion.topk_logprobs = [[float(t["logprob"]) for t in step["top_logprobs"]] for step in content]
     return completion
 

@@ -139,7 +139,10 @@ class VLLMEngine:
                     kept.pop()
                 kept = text_token_ids(self.tokenizer, kept, out.text)
             completion.token_ids = kept
-            ranked = [sorted(step.items(), key=lambda item: item[1].rank)[: sampling.logprobs] for step in out.logprobs[: len(kept)]]
+            ranked = [
+                sorted(step.items(), key=lambda item: item[1].rank)[: sampling.logprobs]
+                for step in out.logprobs[: len(kept)]
+            ]
             completion.topk_ids = [[token for token, _ in step] for step in ranked]
             completion.topk_logprobs = [[logprob.logprob for _, logprob in step] for step in ranked]
         return completion

@@ -1,4 +1,5 @@
 """Evaluation: fidelity without the prompt, prompt leakage (genpi/eval/run.py)."""
+
 import sys
 
 from genpi.eval.run import main

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from genpi.catalog import PromptEntry
 from genpi.checks import run_checks
-from genpi.eval.gap import rate_ci
 from genpi.eval.evaluate import pct
+from genpi.eval.gap import rate_ci
 from genpi.eval.metrics import present_mean, ratio
 
 
@@ -51,7 +51,9 @@ def check_retention(metrics: dict, teacher: dict) -> dict:
         reference = teacher.get("checks", {}).get(name, {})
         kept[f"checks.{name}"] = ratio(rates["first_turn"], reference.get("first_turn"))
         kept[f"checks_all_turns.{name}"] = ratio(rates["all_turns"], reference.get("all_turns"))
-        kept[f"checks_per_turn.{name}"] = [ratio(a, b) for a, b in zip(rates["per_turn"], reference.get("per_turn") or [])]
+        kept[f"checks_per_turn.{name}"] = [
+            ratio(a, b) for a, b in zip(rates["per_turn"], reference.get("per_turn") or [])
+        ]
     return kept
 
 
@@ -64,6 +66,8 @@ def format_checks(result: dict) -> list[str]:
             rates = m["checks"].get(name, {})
             kept = result["retention"].get(system, {})
             per_turn = " ".join(pct(v) for v in rates.get("per_turn", []))
-            lines.append(f"  {system:<14}{pct(rates.get('first_turn')):>8}{pct(rates.get('all_turns')):>8}"
-                         f"{pct(kept.get(f'checks.{name}')):>10}{pct(kept.get(f'checks_all_turns.{name}')):>8}   {per_turn}")  # fmt: skip
+            lines.append(
+                f"  {system:<14}{pct(rates.get('first_turn')):>8}{pct(rates.get('all_turns')):>8}"
+                f"{pct(kept.get(f'checks.{name}')):>10}{pct(kept.get(f'checks_all_turns.{name}')):>8}   {per_turn}"
+            )
     return lines

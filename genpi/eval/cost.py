@@ -28,14 +28,17 @@ from genpi.eval.metrics import ratio
 REGIMES = ("no-cache", "conversation-cache", "shared-prefix")
 WITH_P, MERGED, LORA, COMPRESSED = "with-P", "internalized-merged", "internalized-lora", "compressed-P"
 CHECK_TOLERANCE = 0.05
-FORMULA = ("MACs per token = L·(d·(d_q + 2·d_kv) + d_q·d + 3·d·d_ff) [+ L·Σ_adapted r·(in + out), unmerged LoRA]; "
-           "+ d·V per generated token (LM head); + 2·L·d_q per attended key (causal: a prefill token attends to the "
-           "cached keys and to itself and the tokens before it; GQA shrinks the KV cache, not these MACs); "
-           "FLOPs = 2·MACs; KV bytes = 2·L·d_kv·(bytes per value) per token held. "
-           "d_q = heads·head_dim (= d here), d_kv = kv_heads·head_dim.")
+FORMULA = (
+    "MACs per token = L·(d·(d_q + 2·d_kv) + d_q·d + 3·d·d_ff) [+ L·Σ_adapted r·(in + out), unmerged LoRA]; "
+    "+ d·V per generated token (LM head); + 2·L·d_q per attended key (causal: a prefill token attends to the "
+    "cached keys and to itself and the tokens before it; GQA shrinks the KV cache, not these MACs); "
+    "FLOPs = 2·MACs; KV bytes = 2·L·d_kv·(bytes per value) per token held. "
+    "d_q = heads·head_dim (= d here), d_kv = kv_heads·head_dim."
+)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 CONFIGS = Path(__file__).resolve().parent / "model_configs"  # configs shipped in the package (package data)
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -80,15 +83,24 @@ class Dims:
     def shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of a decoder layer, by its module name."""
         d, f = self.hidden, self.intermediate
-        return {"q_proj": (d, self.q_dim), "k_proj": (d, self.kv_dim), "v_proj": (d, self.kv_dim), "o_proj": (self.q_dim, d),
-                "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}  # fmt: skip
+        return {
+            "q_proj": (d, self.q_dim),
+            "k_proj": (d, self.kv_dim),
+            "v_proj": (d, self.kv_dim),
+            "o_proj": (self.q_dim, d),
+            "gate_proj": (d, f),
+            "up_proj": (d, f),
+            "down_proj": (f, d),
+        }
 
     def lora_macs(self, rank: int, targets: list[str]) -> int:
         """Per token: an unmerged LoRA's extra MACs, r·(in + out) per adapted layer."""
         shapes = self.shapes()
         unknown = sorted(set(targets) - set(shapes))
         if unknown:
-            raise InputError(f"LoRA target modules {', '.join(unknown)}: not among {', '.join(shapes)} (a Llama-style model's linear layers)")
+            raise InputError(
+                f"LoRA target modules {', '.join(unknown)}: not among {', '.join(shapes)} (a Llama-style model's linear layers)"
+            )
         return self.layers * sum(rank * sum(shapes[t]) for t in targets)
 
 
@@ -102,7 +114,9 @@ def read_config(name_or_path: str | Path) -> tuple[dict, str]:
         path = CONFIGS / f"{name_or_path}.json"
     if not path.is_file():
         shipped = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
-        raise InputError(f"--model-config {name_or_path}: no such config file or folder with config.json (shipped: {shipped})")
+        raise InputError(
+            f"--model-config {name_or_path}: no such config file or folder with config.json (shipped: {shipped})"
+        )
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -119,10 +133,16 @@ def dims_of(config: dict, source: str) -> Dims:
     if missing:
         raise InputError(f"{source}: the model config lacks {', '.join(missing)} (a positive integer each)")
     heads = config["num_attention_heads"]
-    return Dims(layers=config["num_hidden_layers"], hidden=config["hidden_size"], heads=heads,
-                kv_heads=config.get("num_key_value_heads") or heads, head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-                intermediate=config["intermediate_size"], vocab=config["vocab_size"],
-                dtype=str(config.get("dtype") or config.get("torch_dtype") or "bfloat16"))  # fmt: skip
+    return Dims(
+        layers=config["num_hidden_layers"],
+        hidden=config["hidden_size"],
+        heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        intermediate=config["intermediate_size"],
+        vocab=config["vocab_size"],
+        dtype=str(config.get("dtype") or config.get("torch_dtype") or "bfloat16"),
+    )
 
 
 @dataclass(frozen=True)
@@ -172,7 +192,9 @@ def prefill_macs(dims: Dims, turn: Turn, lora_macs: int = 0, eager: bool = False
 def decode_macs(dims: Dims, turn: Turn, lora_macs: int = 0) -> int:
     """generated - 1 single-token forwards; forward j attends the context and j generated keys."""
     steps, context = turn.generated - 1, turn.cached + turn.prefill
-    return steps * (dims.linear_macs + lora_macs + dims.head_macs) + dims.key_macs * (steps * context + steps * (steps + 1) // 2)
+    return steps * (dims.linear_macs + lora_macs + dims.head_macs) + dims.key_macs * (
+        steps * context + steps * (steps + 1) // 2
+    )
 
 
 def kv_bytes(dims: Dims, conv: Conversation, turn: Turn, regime: str, concurrent: int) -> tuple[int, int]:
@@ -192,10 +214,21 @@ def summarize(prompt_id, dims: Dims, convs: list[Conversation], concurrent: int,
                 pm, dm = prefill_macs(dims, turn, conv.lora_macs), decode_macs(dims, turn, conv.lora_macs)
                 total += pm + dm
                 own, together = kv_bytes(dims, conv, turn, regime, concurrent)
-                row = {"prompt_id": prompt_id, "system": conv.system, "regime": regime, "turn": k + 1, "cached_tokens": turn.cached,
-                       "prefill_tokens": turn.prefill, "generated_tokens": turn.generated, "prefill_macs": pm, "decode_macs": dm,
-                       "cumulative_macs": total, "eager_flops": 2 * (prefill_macs(dims, turn, conv.lora_macs, eager=True) + dm),
-                       "kv_bytes": own, "kv_bytes_concurrent": together}  # fmt: skip
+                row = {
+                    "prompt_id": prompt_id,
+                    "system": conv.system,
+                    "regime": regime,
+                    "turn": k + 1,
+                    "cached_tokens": turn.cached,
+                    "prefill_tokens": turn.prefill,
+                    "generated_tokens": turn.generated,
+                    "prefill_macs": pm,
+                    "decode_macs": dm,
+                    "cumulative_macs": total,
+                    "eager_flops": 2 * (prefill_macs(dims, turn, conv.lora_macs, eager=True) + dm),
+                    "kv_bytes": own,
+                    "kv_bytes_concurrent": together,
+                }
                 if counted:
                     row["counted_prefill_flops"], row["counted_decode_flops"] = counted[conv.system][regime][k]
                     diff = abs(sum(counted[conv.system][regime][k]) - row["eager_flops"]) / row["eager_flops"]
@@ -206,15 +239,27 @@ def summarize(prompt_id, dims: Dims, convs: list[Conversation], concurrent: int,
             rows += turns
             regimes[regime] = {"turns": turns, "total": _total(turns)}
         shared = Turn(0, conv.prefix, 1)
-        systems[conv.system] = {"prefix_tokens": conv.prefix, "contexts": conv.contexts, "generated": conv.generated,
-                                "lora_macs_per_token": conv.lora_macs, "shared_prefix_prefill_macs": prefill_macs(dims, shared, conv.lora_macs),
-                                "regimes": regimes}  # fmt: skip
-    ratios = {name: {r: _ratio(s["regimes"][r], systems[WITH_P]["regimes"][r]) for r in REGIMES} for name, s in systems.items() if name != WITH_P}
+        systems[conv.system] = {
+            "prefix_tokens": conv.prefix,
+            "contexts": conv.contexts,
+            "generated": conv.generated,
+            "lora_macs_per_token": conv.lora_macs,
+            "shared_prefix_prefill_macs": prefill_macs(dims, shared, conv.lora_macs),
+            "regimes": regimes,
+        }
+    ratios = {
+        name: {r: _ratio(s["regimes"][r], systems[WITH_P]["regimes"][r]) for r in REGIMES}
+        for name, s in systems.items()
+        if name != WITH_P
+    }
     check = None
     if counted:
-        check = {"compared": "torch FLOP counter vs the analytic count of the same forwards as eager attention computes them",
-                 "max_relative_difference": worst, "tolerance": CHECK_TOLERANCE,
-                 "agree": all(v <= CHECK_TOLERANCE for v in worst.values())}  # fmt: skip
+        check = {
+            "compared": "torch FLOP counter vs the analytic count of the same forwards as eager attention computes them",
+            "max_relative_difference": worst,
+            "tolerance": CHECK_TOLERANCE,
+            "agree": all(v <= CHECK_TOLERANCE for v in worst.values()),
+        }
     return {"prompt_id": prompt_id, "systems": systems, "ratios": ratios, "counter_check": check, "rows": rows}
 
 
@@ -233,9 +278,13 @@ def _total(turns: list[dict]) -> dict:
 
 def _ratio(system: dict, with_p: dict) -> dict:
     out = {k: ratio(v, with_p["total"][k]) for k, v in system["total"].items() if not k.endswith("_tokens")}
-    out["macs_per_turn"] = [ratio(s["prefill_macs"] + s["decode_macs"], w["prefill_macs"] + w["decode_macs"])
-                            for s, w in zip(system["turns"], with_p["turns"])]  # fmt: skip
+    out["macs_per_turn"] = [
+        ratio(s["prefill_macs"] + s["decode_macs"], w["prefill_macs"] + w["decode_macs"])
+        for s, w in zip(system["turns"], with_p["turns"])
+    ]
     if "prefill_s" in with_p["turns"][0]:
-        out["latency_per_turn"] = [ratio(s["prefill_s"] + s["decode_s"], w["prefill_s"] + w["decode_s"])
-                                   for s, w in zip(system["turns"], with_p["turns"])]  # fmt: skip
+        out["latency_per_turn"] = [
+            ratio(s["prefill_s"] + s["decode_s"], w["prefill_s"] + w["decode_s"])
+            for s, w in zip(system["turns"], with_p["turns"])
+        ]
     return out

@@ -41,8 +41,10 @@ def conversation_pairs(entry, data: str | None, n_turns: int) -> tuple[list[tupl
             if len(pairs) == n_turns:
                 break
     if len(pairs) < n_turns:
-        raise InputError(f"--turns {n_turns}: {source} hold only {len(pairs)} agent turns of {entry.id!r}; "
-                         "ask for fewer turns or pass --data RUN with held-out dialogues")  # fmt: skip
+        raise InputError(
+            f"--turns {n_turns}: {source} hold only {len(pairs)} agent turns of {entry.id!r}; "
+            "ask for fewer turns or pass --data RUN with held-out dialogues"
+        )
     return pairs, f"{source}: {n_turns} agent turns from {used} dialogue(s), in order"
 
 
@@ -62,14 +64,15 @@ def tokenize(tokenizer, system: str, prefix_messages: list[dict], pairs: list[tu
     for k in range(len(pairs)):
         context = encode(messages[: len(prefix_messages) + 2 * k + 1], True)
         if ids[: len(context)] != context:
-            raise InputError(f"{tokenizer.name_or_path}: the chat template does not render turn {k + 1} as a prefix of "
-                             "the later turns, so a KV cache cannot be carried across them")  # fmt: skip
+            raise InputError(
+                f"{tokenizer.name_or_path}: the chat template does not render turn {k + 1} as a prefix of "
+                "the later turns, so a KV cache cannot be carried across them"
+            )
         reply = ids[len(context) :]
         end = next((i for i, t in enumerate(reply) if t == tokenizer.eos_token_id), len(reply) - 1)
         contexts.append(len(context))
         generated.append(end + 1)
     return Conversation(system, ids, prefix, contexts, generated)
-
 
 
 class _Timer:
@@ -169,7 +172,10 @@ def counted_flops(config: dict, conv: Conversation) -> dict[str, list[tuple[int,
     import torch
 
     ids = torch.zeros(1, len(conv.ids), dtype=torch.long, device="meta")
-    return {r: [(int(p), int(d)) for p, d, _ in runs] for r, runs in replay_regimes(meta_model(config, conv.lora), ids, conv, _flop_counter).items()}
+    return {
+        r: [(int(p), int(d)) for p, d, _ in runs]
+        for r, runs in replay_regimes(meta_model(config, conv.lora), ids, conv, _flop_counter).items()
+    }
 
 
 def timed(engine, conv: Conversation, repeats: int) -> dict[str, list[tuple[float, float, int]]]:
@@ -180,8 +186,17 @@ def timed(engine, conv: Conversation, repeats: int) -> dict[str, list[tuple[floa
     ids = torch.tensor([conv.ids], device=engine.device)
     with engine.serving(conv.adapter):
         runs = [replay_regimes(engine.model, ids, conv, lambda: _Timer(engine.device)) for _ in range(repeats)]
-    return {regime: [(statistics.median(r[regime][k][0] for r in runs), statistics.median(r[regime][k][1] for r in runs), runs[0][regime][k][2])
-                     for k in range(len(conv.contexts))] for regime in REGIMES}  # fmt: skip
+    return {
+        regime: [
+            (
+                statistics.median(r[regime][k][0] for r in runs),
+                statistics.median(r[regime][k][1] for r in runs),
+                runs[0][regime][k][2],
+            )
+            for k in range(len(conv.contexts))
+        ]
+        for regime in REGIMES
+    }
 
 
 def add_fresh_lora(engine, lora: tuple[int, list[str]]) -> str:

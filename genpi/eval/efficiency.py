@@ -48,13 +48,24 @@ import pyarrow as pa
 
 from genpi import InputError
 from genpi.catalog import load_catalog
-from genpi.eval.cost import COMPRESSED, FORMULA, LINEAR_NAMES, LORA, MERGED, REGIMES, WITH_P, dims_of, read_config, summarize
+from genpi.data.store import results_path, write_table
+from genpi.eval.cost import (
+    COMPRESSED,
+    FORMULA,
+    LINEAR_NAMES,
+    LORA,
+    MERGED,
+    REGIMES,
+    WITH_P,
+    dims_of,
+    read_config,
+    summarize,
+)
 from genpi.eval.cost_measure import add_fresh_lora, conversation_pairs, counted_flops, timed, tokenize
 from genpi.eval.evaluate import keep_per_prompt, row_schema
 from genpi.eval.plots import efficiency_plot
 from genpi.eval.systems import adapter_dirs, load_engine, prompt_systems, served_as
 from genpi.models import resolve_model
-from genpi.data.store import results_path, write_table
 
 ROW_SCHEMA = row_schema(
     ("regime", pa.string()),
@@ -85,10 +96,19 @@ def lora_shape(adapters: str | None, entry, base_path: str):
         config = json.loads((systems[-1].folder / "adapter_config.json").read_text())
         targets = config["target_modules"]
         if isinstance(targets, str) and targets != "all-linear":
-            raise InputError(f"{systems[-1].folder}/adapter_config.json: target_modules {targets!r} is a pattern; name the modules")
+            raise InputError(
+                f"{systems[-1].folder}/adapter_config.json: target_modules {targets!r} is a pattern; name the modules"
+            )
         if config.get("rank_pattern"):
-            raise InputError(f"{systems[-1].folder}/adapter_config.json: a rank_pattern (per-module ranks) is not counted")
-        return config["r"], sorted(LINEAR_NAMES if targets == "all-linear" else targets), str(systems[-1].folder), systems[-1]
+            raise InputError(
+                f"{systems[-1].folder}/adapter_config.json: a rank_pattern (per-module ranks) is not counted"
+            )
+        return (
+            config["r"],
+            sorted(LINEAR_NAMES if targets == "all-linear" else targets),
+            str(systems[-1].folder),
+            systems[-1],
+        )
     from genpi.train.qlora import LoraSettings
 
     settings = LoraSettings()
@@ -96,12 +116,30 @@ def lora_shape(adapters: str | None, entry, base_path: str):
     return settings.r, sorted(targets), "genpi train's default LoRA settings (no --adapters)", None
 
 
-def evaluate(catalog, prompt_id: str, *, data=None, adapters=None, turns: int = 5, compressed_prompt=None, concurrent: int = 1,
-             model_config=None, prompt_tokens: int | None = None, base: str = "smollm2", repeats: int = 3,
-             out=None, command: list[str] | None = None) -> dict:  # fmt: skip
+def evaluate(
+    catalog,
+    prompt_id: str,
+    *,
+    data=None,
+    adapters=None,
+    turns: int = 5,
+    compressed_prompt=None,
+    concurrent: int = 1,
+    model_config=None,
+    prompt_tokens: int | None = None,
+    base: str = "smollm2",
+    repeats: int = 3,
+    out=None,
+    command: list[str] | None = None,
+) -> dict:
     from transformers import AutoTokenizer
 
-    for flag, value in (("turns", turns), ("concurrent", concurrent), ("repeats", repeats), ("prompt-tokens", prompt_tokens)):
+    for flag, value in (
+        ("turns", turns),
+        ("concurrent", concurrent),
+        ("repeats", repeats),
+        ("prompt-tokens", prompt_tokens),
+    ):
         if value is not None and value < 1:
             raise InputError(f"--{flag} must be at least 1, got {value}")
     if prompt_tokens is not None and not model_config:
@@ -129,7 +167,9 @@ def evaluate(catalog, prompt_id: str, *, data=None, adapters=None, turns: int = 
             raise InputError(f"--compressed-prompt {path}: {'empty' if text == '' else 'no such file'}")
         convs.append(tokenize(tokenizer, COMPRESSED, [{"role": "system", "content": text}], pairs))
         if convs[-1].prefix > convs[0].prefix:
-            raise InputError(f"--compressed-prompt {path}: {convs[-1].prefix} tokens, longer than P ({convs[0].prefix} tokens)")
+            raise InputError(
+                f"--compressed-prompt {path}: {convs[-1].prefix} tokens, longer than P ({convs[0].prefix} tokens)"
+            )
     if prompt_tokens is not None:  # P adds prompt_tokens to every context (the conversation keeps its own tokens)
         shift = prompt_tokens - (convs[0].prefix - convs[1].prefix)
         convs[0].prefix += shift
@@ -144,19 +184,38 @@ def evaluate(catalog, prompt_id: str, *, data=None, adapters=None, turns: int = 
         if not adapter_system:
             lora.adapter = add_fresh_lora(engine, lora.lora)
         form = served_as(engine, [adapter_system] if adapter_system else [])
-        print(f"genpi eval efficiency: {entry.id}: timing {len(convs)} systems × {len(REGIMES)} regimes × {repeats} repeats", file=sys.stderr)
+        print(
+            f"genpi eval efficiency: {entry.id}: timing {len(convs)} systems × {len(REGIMES)} regimes × {repeats} repeats",
+            file=sys.stderr,
+        )
         timings = {c.system: timed(engine, c, repeats) for c in convs}
 
     result = summarize(entry.id, dims, convs, concurrent, counted, timings)
-    result.update({
-        "command": command, "catalog": str(catalog), "model_config": config_source, "dims": asdict(dims),
-        "tokenizer": tokenizer.name_or_path, "formula": FORMULA, "conversation": conversation_source,
-        "prompt_tokens": f"P adds {prompt_tokens} tokens to every context (--prompt-tokens)" if prompt_tokens is not None else None,
-        "lora": {"rank": rank, "targets": targets, "from": lora_source},
-        "concurrent": concurrent, "kv_dtype": dims.dtype,
-        "latency": {"served_as": form, "repeats": repeats, "note": "wall time on this machine's engine; prefill one forward, decode one forward per token"} if timings else None,
-        "merged_latency": "the merged adapter has the base's shapes: its cost and latency are the base's without P",
-    })  # fmt: skip
+    result.update(
+        {
+            "command": command,
+            "catalog": str(catalog),
+            "model_config": config_source,
+            "dims": asdict(dims),
+            "tokenizer": tokenizer.name_or_path,
+            "formula": FORMULA,
+            "conversation": conversation_source,
+            "prompt_tokens": f"P adds {prompt_tokens} tokens to every context (--prompt-tokens)"
+            if prompt_tokens is not None
+            else None,
+            "lora": {"rank": rank, "targets": targets, "from": lora_source},
+            "concurrent": concurrent,
+            "kv_dtype": dims.dtype,
+            "latency": {
+                "served_as": form,
+                "repeats": repeats,
+                "note": "wall time on this machine's engine; prefill one forward, decode one forward per token",
+            }
+            if timings
+            else None,
+            "merged_latency": "the merged adapter has the base's shapes: its cost and latency are the base's without P",
+        }
+    )
     if out:
         write_outputs(Path(out), result)
     return result
@@ -174,18 +233,24 @@ def write_outputs(out: Path, result: dict) -> None:
 
 
 def format_summary(result: dict) -> str:
-    lines = [f"{result['prompt_id']}: {result['conversation']}; model config {result['model_config']}; tokens by {result['tokenizer']}",
-             f"LoRA r={result['lora']['rank']} on {', '.join(result['lora']['targets'])} ({result['lora']['from']})",
-             f"formula: {result['formula']}"]  # fmt: skip
+    lines = [
+        f"{result['prompt_id']}: {result['conversation']}; model config {result['model_config']}; tokens by {result['tokenizer']}",
+        f"LoRA r={result['lora']['rank']} on {', '.join(result['lora']['targets'])} ({result['lora']['from']})",
+        f"formula: {result['formula']}",
+    ]
     if result.get("prompt_tokens"):
         lines.append(result["prompt_tokens"])
     check = result["counter_check"]
     if check:
         worst = ", ".join(f"{r} {v:.2%}" for r, v in check["max_relative_difference"].items())
-        lines.append(f"counter check ({check['compared']}): max difference {worst}: {'agree' if check['agree'] else 'DISAGREE'} within {check['tolerance']:.0%}")
+        lines.append(
+            f"counter check ({check['compared']}): max difference {worst}: {'agree' if check['agree'] else 'DISAGREE'} within {check['tolerance']:.0%}"
+        )
     timed_ = result["latency"] is not None
     if timed_:
-        lines.append(f"latency: {result['latency']['served_as']}, median of {result['latency']['repeats']} ({result['latency']['note']})")
+        lines.append(
+            f"latency: {result['latency']['served_as']}, median of {result['latency']['repeats']} ({result['latency']['note']})"
+        )
     for regime in REGIMES:
         lines += ["", f"{regime}, over {len(result['systems'][WITH_P]['contexts'])} turns (ratio: system / with-P)"]
         header = f"{'system':<20} {'prefill tok':>11} {'GMACs pre':>10} {'GMACs dec':>10} {'GMACs':>9} {'ratio':>6} {'KV MiB':>8} {'KV×C MiB':>9} {'ratio':>6}"
@@ -193,21 +258,33 @@ def format_summary(result: dict) -> str:
         for name, s in result["systems"].items():
             t = s["regimes"][regime]["total"]
             q = result["ratios"].get(name, {}).get(regime, {})
-            line = (f"{name:<20} {t['prefill_tokens']:>11} {t['prefill_macs'] / 1e9:>10.2f} {t['decode_macs'] / 1e9:>10.2f} {t['macs'] / 1e9:>9.2f} "
-                    f"{_r(q.get('macs', 1.0)):>6} {t['kv_bytes_peak'] / 2**20:>8.2f} {t['kv_bytes_concurrent_peak'] / 2**20:>9.2f} {_r(q.get('kv_bytes_concurrent_peak', 1.0)):>6}")  # fmt: skip
+            line = (
+                f"{name:<20} {t['prefill_tokens']:>11} {t['prefill_macs'] / 1e9:>10.2f} {t['decode_macs'] / 1e9:>10.2f} {t['macs'] / 1e9:>9.2f} "
+                f"{_r(q.get('macs', 1.0)):>6} {t['kv_bytes_peak'] / 2**20:>8.2f} {t['kv_bytes_concurrent_peak'] / 2**20:>9.2f} {_r(q.get('kv_bytes_concurrent_peak', 1.0)):>6}"
+            )
             if timed_:
                 line += f" {t['prefill_s']:>7.3f} {t['decode_s']:>7.3f} {_r(q.get('latency_s', 1.0)):>6}"
             lines.append(line)
         for name, q in result["ratios"].items():
             per_turn = " ".join(_r(v) for v in q[regime]["macs_per_turn"])
-            lines.append(f"  {name}: MACs ratio per turn {per_turn}" + (f"; latency ratio per turn {' '.join(_r(v) for v in q[regime]['latency_per_turn'])}" if timed_ else ""))
+            lines.append(
+                f"  {name}: MACs ratio per turn {per_turn}"
+                + (
+                    f"; latency ratio per turn {' '.join(_r(v) for v in q[regime]['latency_per_turn'])}"
+                    if timed_
+                    else ""
+                )
+            )
     lines.append("")
-    lines.append("shared-prefix: the prefix's one-time prefill per server (GMACs): "
-                 + ", ".join(f"{n} {s['prefix_tokens']} tokens {s['shared_prefix_prefill_macs'] / 1e9:.2f}" for n, s in result["systems"].items()))  # fmt: skip
+    lines.append(
+        "shared-prefix: the prefix's one-time prefill per server (GMACs): "
+        + ", ".join(
+            f"{n} {s['prefix_tokens']} tokens {s['shared_prefix_prefill_macs'] / 1e9:.2f}"
+            for n, s in result["systems"].items()
+        )
+    )
     return "\n".join(lines)
 
 
 def _r(value) -> str:
     return "–" if value is None else f"{value:.3f}"
-
-

@@ -28,10 +28,10 @@ from typing import Any
 import pyarrow as pa
 
 from genpi.catalog import PromptEntry
-from genpi.eval.metrics import ratio
-from genpi.eval.systems import TEACHER, Batcher, Prompt, System, load_engine, mark_served, served_as, served_notes
 from genpi.data.adapters import record_eval
 from genpi.data.store import results_path, write_table
+from genpi.eval.metrics import ratio
+from genpi.eval.systems import TEACHER, Batcher, Prompt, System, load_engine, mark_served, served_as, served_notes
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,13 @@ class Evaluation:
     retention: Callable[[dict, dict], Any] | None = None  # (a system's metrics, the teacher's) -> its retention
     teacher_retention: bool = False  # the teacher's own retention (1.0 each) is kept too
     not_scored: tuple[str, ...] = ()  # metrics a served system cannot give (null, named in its `not_scored`)
-    finish: Callable[[Prompt, dict, dict], dict] | None = None  # (prompt, rows, metrics) -> result keys after retention;
+    finish: Callable[[Prompt, dict, dict], dict] | None = (
+        None  # (prompt, rows, metrics) -> result keys after retention;
+    )
     # it may add to the metrics what needs every system's rows (fidelity: the KL gap)
-    record: Callable[[System, dict, str | None], dict] | None = None  # (adapter, result, served_as) -> eval_metrics.NAME
+    record: Callable[[System, dict, str | None], dict] | None = (
+        None  # (adapter, result, served_as) -> eval_metrics.NAME
+    )
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,9 @@ def evaluate(evaluation: Evaluation, prompts: list[Prompt], run: RunSettings) ->
         for name, records in rows.items():
             path = results_path(run.out, evaluation.name, prompt.entry.id, name)
             write_table(path, records, evaluation.schema)
-        metrics = mark_served({name: evaluation.summarize(rs) for name, rs in rows.items()}, prompt.systems, evaluation.not_scored)
+        metrics = mark_served(
+            {name: evaluation.summarize(rs) for name, rs in rows.items()}, prompt.systems, evaluation.not_scored
+        )
         extra = evaluation.finish(prompt, rows, metrics) if evaluation.finish else {}
         result = {**evaluation.describe(prompt, form), "missing": prompt.missing, "systems": metrics}
         if evaluation.retention:
@@ -111,8 +117,9 @@ def per_metric(keys: tuple[str, ...]) -> Callable[[dict, dict], dict]:
     return lambda m, teacher: {k: ratio(m[k], teacher[k]) for k in keys}
 
 
-def play_every(items: list, agents: dict[str, tuple[System, Any]], entry: PromptEntry, one,
-               run_async=asyncio.run) -> dict[str, list[dict]]:  # fmt: skip
+def play_every(
+    items: list, agents: dict[str, tuple[System, Any]], entry: PromptEntry, one, run_async=asyncio.run
+) -> dict[str, list[dict]]:
     """{system: rows}: the coroutine `one(item, agent, prefix)` for every system's AsyncEngine and every item, all at
     once (prefix: P's messages for a system with P, else none); each row gets its prompt_id and system first.
     `agents` maps a system's name to (system, its AsyncEngine); `run_async` runs the whole (a Batcher's `run`
@@ -120,10 +127,15 @@ def play_every(items: list, agents: dict[str, tuple[System, Any]], entry: Prompt
 
     async def run() -> list[dict]:
         prefix = lambda system: entry.messages() if system.with_prompt else []  # noqa: E731
-        return await asyncio.gather(*(one(item, agent, prefix(system)) for system, agent in agents.values() for item in items))
+        return await asyncio.gather(
+            *(one(item, agent, prefix(system)) for system, agent in agents.values() for item in items)
+        )
 
     rows, n = run_async(run()), len(items)
-    return {name: [{"prompt_id": entry.id, "system": name, **r} for r in rows[i * n : (i + 1) * n]] for i, name in enumerate(agents)}
+    return {
+        name: [{"prompt_id": entry.id, "system": name, **r} for r in rows[i * n : (i + 1) * n]]
+        for i, name in enumerate(agents)
+    }
 
 
 def ask_every(name: str, items: list, what: str, one) -> Callable[[Prompt, Any], dict[str, list[dict]]]:
@@ -132,7 +144,9 @@ def ask_every(name: str, items: list, what: str, one) -> Callable[[Prompt, Any],
 
     def play(prompt: Prompt, engine) -> dict[str, list[dict]]:
         batcher = Batcher(engine)
-        print(f"genpi eval {name}: {prompt.entry.id}: {len(items)} {what}, {len(prompt.systems)} systems", file=sys.stderr)
+        print(
+            f"genpi eval {name}: {prompt.entry.id}: {len(items)} {what}, {len(prompt.systems)} systems", file=sys.stderr
+        )
         agents = {s.name: (s, batcher.view(s)) for s in prompt.systems}
         return play_every(items, agents, prompt.entry, one, batcher.run)
 
@@ -152,7 +166,10 @@ def pct(value) -> str:
 def task_text(summary: dict, title: str, header: str, rows: list[str], width: int) -> str:
     """A task evaluation's summary (mind2web, webshop) as text: how the adapters were served, the title, the table
     of systems, a retention row per system (each metric's system / teacher, `width` wide), the notes."""
-    kept = [f"{'  retention':<14}" + "".join(f"{pct(v):>{width}}" for v in m.values()) + f"   ({n})" for n, m in summary["retention"].items()]
+    kept = [
+        f"{'  retention':<14}" + "".join(f"{pct(v):>{width}}" for v in m.values()) + f"   ({n})"
+        for n, m in summary["retention"].items()
+    ]
     return "\n".join([f"served as: {summary['served_as']}", title, header, *rows, *kept, *notes(summary)])
 
 

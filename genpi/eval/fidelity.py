@@ -52,13 +52,23 @@ from tqdm import tqdm
 
 from genpi.catalog import PromptEntry, load_catalog
 from genpi.checks import catalog_languages
+from genpi.data.store import TURN
 from genpi.eval.check_rates import check_columns, check_rates, check_retention, format_checks
 from genpi.eval.evaluate import Evaluation, RunSettings, catalog_text, evaluate, notes, pct, row_schema, write_summary
-from genpi.eval.gap import (BOOTSTRAP, COLLATERAL_TOKENS, GAP_METRICS, GENERAL_REQUESTS, Collateral, collateral_metrics, gap_lines,
-                            gap_metrics, onpolicy_columns, onpolicy_kl)  # fmt: skip
+from genpi.eval.gap import (
+    BOOTSTRAP,
+    COLLATERAL_TOKENS,
+    GAP_METRICS,
+    GENERAL_REQUESTS,
+    Collateral,
+    collateral_metrics,
+    gap_lines,
+    gap_metrics,
+    onpolicy_columns,
+    onpolicy_kl,
+)
 from genpi.eval.metrics import action, present_mean, ratio, rouge_l
 from genpi.eval.systems import BASE, TEACHER, Batcher, Prompt, System, catalog_prompts
-from genpi.data.store import TURN
 
 CHECK_RESULT = pa.struct([("name", pa.string()), ("passed", pa.bool_())])  # passed: null without a reply
 EVAL_SCHEMA = row_schema(
@@ -100,8 +110,8 @@ def heldout_rows(data: str | Path, entry: PromptEntry, limit: int | None = None)
 
 def episode_settings(data: str | Path, max_new_tokens: int | None, max_turns: int | None):
     """Synthesis's settings as the run recorded them (turn limit, token limits), without the teacher's top-k."""
-    from genpi.synth.pipeline import SynthSettings
     from genpi.data.manifest import read_manifest
+    from genpi.synth.pipeline import SynthSettings
 
     known = {f.name for f in dataclasses.fields(SynthSettings)}
     recorded = (read_manifest(data) or {}).get("settings", {})
@@ -114,20 +124,30 @@ def episode_settings(data: str | Path, max_new_tokens: int | None, max_turns: in
     return dataclasses.replace(settings, **changes)
 
 
-def play_episodes(entry: PromptEntry, rows: list[dict], systems: list[System], engine, settings, progress: bool = False) -> dict[str, list[dict]]:
+def play_episodes(
+    entry: PromptEntry, rows: list[dict], systems: list[System], engine, settings, progress: bool = False
+) -> dict[str, list[dict]]:
     """Every system plays every row's input as the agent; the base model (with its persona) is the environment."""
     from genpi.synth.pipeline import blank_row, role_play
 
     batcher = Batcher(engine)
     environment = batcher.view(System(BASE))
 
-    bar = tqdm(total=len(systems) * len(rows), unit="episode", desc=f"{entry.id}: episodes", file=sys.stderr, disable=not progress)
+    bar = tqdm(
+        total=len(systems) * len(rows),
+        unit="episode",
+        desc=f"{entry.id}: episodes",
+        file=sys.stderr,
+        disable=not progress,
+    )
 
     async def play(system: System, row: dict) -> dict:
         sample = {k: row[k] for k in ("sample_id", "seed", "split", "input")}
         episode = blank_row(entry, sample, settings, BASE, system.name)
         try:
-            await role_play(entry, episode, environment, settings, agent=batcher.view(system), with_prompt=system.with_prompt)
+            await role_play(
+                entry, episode, environment, settings, agent=batcher.view(system), with_prompt=system.with_prompt
+            )
         except Exception as e:  # recorded on the episode, never dropped
             episode["error"] = f"{type(e).__name__}: {e}"
         bar.update(1)
@@ -141,7 +161,9 @@ def play_episodes(entry: PromptEntry, rows: list[dict], systems: list[System], e
     return {s.name: episodes[i * len(rows) : (i + 1) * len(rows)] for i, s in enumerate(systems)}
 
 
-def teacher_forced(entry: PromptEntry, rows: list[dict], systems: list[System], engine, max_length: int, progress: bool = False) -> dict[str, list]:
+def teacher_forced(
+    entry: PromptEntry, rows: list[dict], systems: list[System], engine, max_length: int, progress: bool = False
+) -> dict[str, list]:
     """Per system and row: (tokens, summed NLL, summed KL(teacher || system)) on the teacher's agent tokens;
     None for a row that cannot be scored or a served system. The teacher's logits are the base's with P (adapters
     disabled)."""
@@ -152,7 +174,9 @@ def teacher_forced(entry: PromptEntry, rows: list[dict], systems: list[System], 
     from genpi.train.recipe import TrainSettings, build_examples, collate
 
     tokenizer, model = engine.tokenizer, engine.model
-    settings = TrainSettings(method="kld", max_length=max_length, quantize=False)  # the student and teacher views, aligned
+    settings = TrainSettings(
+        method="kld", max_length=max_length, quantize=False
+    )  # the student and teacher views, aligned
     out: dict[str, list] = {s.name: [] for s in systems}
     for row in tqdm(rows, unit="row", desc=f"{entry.id}: teacher-forced", file=sys.stderr, disable=not progress):
         made, _ = build_examples([row], entry, tokenizer, settings)
@@ -180,8 +204,9 @@ def teacher_forced(entry: PromptEntry, rows: list[dict], systems: list[System], 
     return out
 
 
-def reply_rows(entry: PromptEntry, rows: list[dict], systems: list[System], episodes: dict, forced: dict,
-               languages=()) -> dict[str, list[dict]]:  # fmt: skip
+def reply_rows(
+    entry: PromptEntry, rows: list[dict], systems: list[System], episodes: dict, forced: dict, languages=()
+) -> dict[str, list[dict]]:
     """The per-reply Parquet rows (EVAL_SCHEMA) of each system (`languages`: the catalog's, for language checks)."""
     has_actions = entry.valid_action is not None
     out: dict[str, list[dict]] = {}
@@ -198,27 +223,32 @@ def reply_rows(entry: PromptEntry, rows: list[dict], systems: list[System], epis
             t_reply, t_in, t_kind, t_act = teacher_first[i]
             scored = has_actions and reply is not None and t_reply is not None and t_in
             forced_row = forced[system.name][i]
-            records.append({
-                "prompt_id": entry.id, "system": system.name, "sample_id": row["sample_id"], "input": row["input"],
-                "reply": reply,
-                "in_action_space": in_space if has_actions and reply is not None else None,
-                "kind": kind if has_actions and reply is not None else None,
-                "action": act if has_actions and in_space else None,
-                "same_kind": kind == t_kind if scored else None,
-                "same_action": act == t_act if scored else None,
-                "rouge_l": rouge_l(reply, t_reply)["f"] if reply is not None and t_reply is not None else None,
-                "turns": episode["turns"],
-                "turns_valid": [entry.in_action_space(t) for t in agent] if has_actions else None,
-                **check_columns(entry, agent, languages),
-                "n_turns": episode["n_turns"],
-                "ended_final": episode["terminated_by"] == "final_action" if entry.final_action else None,
-                "hit_limit": bool(episode["hit_max_turns"]),
-                "terminated_by": episode["terminated_by"],
-                "tf_tokens": forced_row[0] if forced_row else None,
-                "tf_nll": forced_row[1] if forced_row else None,
-                "tf_kl": forced_row[2] if forced_row else None,
-                "error": episode["error"],
-            })  # fmt: skip
+            records.append(
+                {
+                    "prompt_id": entry.id,
+                    "system": system.name,
+                    "sample_id": row["sample_id"],
+                    "input": row["input"],
+                    "reply": reply,
+                    "in_action_space": in_space if has_actions and reply is not None else None,
+                    "kind": kind if has_actions and reply is not None else None,
+                    "action": act if has_actions and in_space else None,
+                    "same_kind": kind == t_kind if scored else None,
+                    "same_action": act == t_act if scored else None,
+                    "rouge_l": rouge_l(reply, t_reply)["f"] if reply is not None and t_reply is not None else None,
+                    "turns": episode["turns"],
+                    "turns_valid": [entry.in_action_space(t) for t in agent] if has_actions else None,
+                    **check_columns(entry, agent, languages),
+                    "n_turns": episode["n_turns"],
+                    "ended_final": episode["terminated_by"] == "final_action" if entry.final_action else None,
+                    "hit_limit": bool(episode["hit_max_turns"]),
+                    "terminated_by": episode["terminated_by"],
+                    "tf_tokens": forced_row[0] if forced_row else None,
+                    "tf_nll": forced_row[1] if forced_row else None,
+                    "tf_kl": forced_row[2] if forced_row else None,
+                    "error": episode["error"],
+                }
+            )
         out[system.name] = records
     return out
 
@@ -264,10 +294,25 @@ def heldout_used_for_lambda(system: System) -> bool:
     return bool(lambdas and len(lambdas) > 1)
 
 
-def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", prompts: list[str] | None = None, *,
-                     limit: int | None = None, max_new_tokens: int | None = None, max_turns: int | None = None,
-                     out: str | Path | None = None, record: bool = True, max_batch: int = 32, command: list[str] | None = None,
-                     progress: bool = False, served: list[str] = (), onpolicy_samples: int = 1, collateral: bool = True) -> dict:  # fmt: skip
+def evaluate_catalog(
+    data,
+    catalog,
+    adapters: list[str],
+    base: str = "smollm2",
+    prompts: list[str] | None = None,
+    *,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    max_turns: int | None = None,
+    out: str | Path | None = None,
+    record: bool = True,
+    max_batch: int = 32,
+    command: list[str] | None = None,
+    progress: bool = False,
+    served: list[str] = (),
+    onpolicy_samples: int = 1,
+    collateral: bool = True,
+) -> dict:
     """Evaluate every prompt that has held-out rows; returns (and writes to OUT/fidelity.json) the summary.
     `onpolicy_samples`: sampled first-turn replies per input for the reverse KL (0: not measured); `collateral`:
     measure KL(base || system) on genpi.eval.gap.GENERAL_REQUESTS."""
@@ -278,7 +323,9 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
         rows = heldout_rows(data, entry, limit)
         return rows, None if rows else f"no held-out rows in {data} (synthesize with --heldout > 0)"
 
-    plans, skipped, base_path = catalog_prompts(catalog, adapters, served, base, prompts, inputs)  # every check before the model loads
+    plans, skipped, base_path = catalog_prompts(
+        catalog, adapters, served, base, prompts, inputs
+    )  # every check before the model loads
     settings = episode_settings(data, max_new_tokens, max_turns)
     unrelated: list[Collateral] = []  # the base's replies to the general requests, made once (on the first prompt)
 
@@ -289,7 +336,11 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
         print(f"genpi eval fidelity: {entry.id}: {len(rows)} held-out inputs, {len(systems)} systems", file=sys.stderr)
         episodes = play_episodes(entry, rows, systems, engine, settings, progress)
         forced = teacher_forced(entry, rows, systems, engine, min(engine.max_model_len, 8192), progress)
-        sampled = onpolicy_kl(entry, rows, systems, engine, settings.max_agent_tokens, onpolicy_samples, progress=progress) if onpolicy_samples else {}
+        sampled = (
+            onpolicy_kl(entry, rows, systems, engine, settings.max_agent_tokens, onpolicy_samples, progress=progress)
+            if onpolicy_samples
+            else {}
+        )
         records = reply_rows(entry, rows, systems, episodes, forced, languages)
         for name, rs in records.items():
             for r, scored in zip(rs, sampled.get(name) or [None] * len(rs)):
@@ -297,38 +348,72 @@ def evaluate_catalog(data, catalog, adapters: list[str], base: str = "smollm2", 
         return records
 
     def finish(prompt: Prompt, records: dict, metrics: dict) -> dict:
-        damage = collateral_metrics(unrelated[0].score(prompt.entry, prompt.systems, progress) if unrelated else dict.fromkeys(records))
+        damage = collateral_metrics(
+            unrelated[0].score(prompt.entry, prompt.systems, progress) if unrelated else dict.fromkeys(records)
+        )
         for name, figures in gap_metrics(records).items():
             metrics[name].update(figures, **damage[name])
         return {"heldout_used_for_lambda": {s.name: heldout_used_for_lambda(s) for s in prompt.systems if s.adapter}}
 
     def describe(prompt: Prompt, form) -> dict:
         entry = prompt.entry
-        return {"prompt_id": entry.id, "inputs": len(prompt.inputs),
-                "first_turn_actions": "scored" if entry.valid_action else "skipped: the prompt has no actions.valid regex",
-                "checks": [c.to_json() for c in entry.all_checks]}  # fmt: skip
+        return {
+            "prompt_id": entry.id,
+            "inputs": len(prompt.inputs),
+            "first_turn_actions": "scored" if entry.valid_action else "skipped: the prompt has no actions.valid regex",
+            "checks": [c.to_json() for c in entry.all_checks],
+        }
 
     def record_of(s: System, result: dict, form: str | None) -> dict:
         metrics = result["systems"]
-        return {"system": s.name, "served_as": form, "inputs": result["inputs"], "eval_out": str(out),
-                "heldout_used_for_lambda": result["heldout_used_for_lambda"][s.name], "metrics": metrics[s.name],
-                "retention": result["retention"][s.name], "teacher": metrics[TEACHER], "base": metrics[BASE]}  # fmt: skip
+        return {
+            "system": s.name,
+            "served_as": form,
+            "inputs": result["inputs"],
+            "eval_out": str(out),
+            "heldout_used_for_lambda": result["heldout_used_for_lambda"][s.name],
+            "metrics": metrics[s.name],
+            "retention": result["retention"][s.name],
+            "teacher": metrics[TEACHER],
+            "base": metrics[BASE],
+        }
 
-    fidelity = Evaluation("fidelity", EVAL_SCHEMA, play, summarize, describe, retention, teacher_retention=True,
-                          not_scored=LOGIT_METRICS + GAP_METRICS, finish=finish, record=record_of)  # fmt: skip
+    fidelity = Evaluation(
+        "fidelity",
+        EVAL_SCHEMA,
+        play,
+        summarize,
+        describe,
+        retention,
+        teacher_retention=True,
+        not_scored=LOGIT_METRICS + GAP_METRICS,
+        finish=finish,
+        record=record_of,
+    )
     form, results = evaluate(fidelity, plans, RunSettings(base_path, out, max_batch, record))
     summary = {
-        "command": command, "data": str(data), "catalog": str(catalog), "base": base_path, "served_as": form,
+        "command": command,
+        "data": str(data),
+        "catalog": str(catalog),
+        "base": base_path,
+        "served_as": form,
         "teacher_forced": "mean NLL of the teacher's agent tokens without P; mean KL(teacher with P || system), full vocabulary",
-        "gap": {"kl_gap_closed": "(KL_base - KL_system) / KL_base, KL the teacher-forced KL above",
-                "reverse_kl": "mean KL(system || teacher with P) per token of the system's own first-turn replies, sampled at temperature 1",
-                "collateral_kl": "mean KL(base || system) per token of the base's greedy replies to general requests, no P",
-                "onpolicy_samples": onpolicy_samples, "collateral_requests": len(GENERAL_REQUESTS) if collateral else 0,
-                "bootstrap": dict(BOOTSTRAP, over="held-out dialogues (collateral: requests), paired for the gap")},
-        "episode_settings": {"max_turns_cap": settings.max_turns, "max_agent_tokens": settings.max_agent_tokens,
-                             "max_environment_tokens": settings.max_environment_tokens, "greedy": True},
+        "gap": {
+            "kl_gap_closed": "(KL_base - KL_system) / KL_base, KL the teacher-forced KL above",
+            "reverse_kl": "mean KL(system || teacher with P) per token of the system's own first-turn replies, sampled at temperature 1",
+            "collateral_kl": "mean KL(base || system) per token of the base's greedy replies to general requests, no P",
+            "onpolicy_samples": onpolicy_samples,
+            "collateral_requests": len(GENERAL_REQUESTS) if collateral else 0,
+            "bootstrap": dict(BOOTSTRAP, over="held-out dialogues (collateral: requests), paired for the gap"),
+        },
+        "episode_settings": {
+            "max_turns_cap": settings.max_turns,
+            "max_agent_tokens": settings.max_agent_tokens,
+            "max_environment_tokens": settings.max_environment_tokens,
+            "greedy": True,
+        },
         "results": results + skipped,
-    }  # fmt: skip
+    }
     write_summary(out / "fidelity.json", summary)
     return summary
 
@@ -337,9 +422,18 @@ def _num(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-COLUMNS = (("format", "format_rate", pct), ("kind agr", "kind_agreement", pct), ("act agr", "action_agreement", pct),
-           ("rougeL", "rouge_l", _num), ("ep in-space", "action_space_rate", pct), ("ep final", "final_rate", pct),
-           ("turns", "mean_turns", _num), ("at limit", "hit_limit_rate", pct), ("NLL", "nll", _num), ("KL", "kl", _num))  # fmt: skip
+COLUMNS = (
+    ("format", "format_rate", pct),
+    ("kind agr", "kind_agreement", pct),
+    ("act agr", "action_agreement", pct),
+    ("rougeL", "rouge_l", _num),
+    ("ep in-space", "action_space_rate", pct),
+    ("ep final", "final_rate", pct),
+    ("turns", "mean_turns", _num),
+    ("at limit", "hit_limit_rate", pct),
+    ("NLL", "nll", _num),
+    ("KL", "kl", _num),
+)
 
 
 def format_summary(summary: dict) -> str:
@@ -356,7 +450,11 @@ def _table(r: dict) -> list[str]:
         lines.append(f"{name:<14}" + "".join(f"{f(m[key]):>12}" for _, key, f in COLUMNS) + f"   {kinds}")
     for name, kept in r["retention"].items():
         if name != TEACHER:
-            lines.append(f"{'  retention':<14}" + "".join(f"{pct(kept.get(key)) if key in kept else '':>12}" for _, key, _ in COLUMNS) + f"   ({name})")
+            lines.append(
+                f"{'  retention':<14}"
+                + "".join(f"{pct(kept.get(key)) if key in kept else '':>12}" for _, key, _ in COLUMNS)
+                + f"   ({name})"
+            )
     for name, used in r["heldout_used_for_lambda"].items():
         if used:
             lines.append(f"note: {name}: λ was chosen on these held-out rows (heldout_used_for_lambda: true)")

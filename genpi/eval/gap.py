@@ -35,7 +35,9 @@ from genpi.eval.systems import BASE, System
 GAP_METRICS = ("kl_gap_closed", "reverse_kl", "collateral_kl")  # they need a system's own logits
 BOOTSTRAP = {"resamples": 1000, "seed": 0, "level": 0.95}
 ONPOLICY_SEED = 0  # the sampled replies' seeds derive from it, the row's sample_id and the sample's index
-COLLATERAL_TOKENS = 64  # the base's replies to the general requests are cut here (their start shows any damage; it bounds the cost)
+COLLATERAL_TOKENS = (
+    64  # the base's replies to the general requests are cut here (their start shows any damage; it bounds the cost)
+)
 SCORE_BATCH = 8  # sequences per forward pass when scoring sampled replies ([tokens, vocabulary] logits each)
 
 # Requests unrelated to any agent prompt, for the collateral damage: varied skills a base model should keep.
@@ -58,8 +60,9 @@ GENERAL_REQUESTS = (
 # --- bootstrap ------------------------------------------------------------------------------------------------
 
 
-def bootstrap_ci(rows: Sequence, statistic: Callable[[list], float | None], n: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> list[float] | None:  # fmt: skip
+def bootstrap_ci(
+    rows: Sequence, statistic: Callable[[list], float | None], n: int = 1000, seed: int = 0, level: float = 0.95
+) -> list[float] | None:
     """[lo, hi], the percentile bootstrap interval of `statistic` over `rows` (one value per dialogue, of any
     kind: a number, a tuple of a dialogue's sums, a (base, system) pair for a paired statistic): `n` resamples of
     len(rows) rows drawn with replacement, `statistic` of each resampled list. Resamples whose statistic is None
@@ -70,7 +73,9 @@ def bootstrap_ci(rows: Sequence, statistic: Callable[[list], float | None], n: i
     if not rows:
         return None
     rng = random.Random(seed)
-    values = sorted(v for v in (statistic([rows[rng.randrange(len(rows))] for _ in rows]) for _ in range(n)) if v is not None)
+    values = sorted(
+        v for v in (statistic([rows[rng.randrange(len(rows))] for _ in rows]) for _ in range(n)) if v is not None
+    )
     if not values:
         return None
     tail = (1 - level) / 2
@@ -119,7 +124,9 @@ def gap_metrics(records: dict[str, list[dict]], bootstrap: dict = BOOTSTRAP) -> 
     base = records[BASE]
     out = {}
     for name, rows in records.items():
-        pairs = [(b["tf_kl"], r["tf_kl"]) for b, r in zip(base, rows) if b["tf_kl"] is not None and r["tf_kl"] is not None]
+        pairs = [
+            (b["tf_kl"], r["tf_kl"]) for b, r in zip(base, rows) if b["tf_kl"] is not None and r["tf_kl"] is not None
+        ]
         sampled = [(r["onpolicy_tokens"], r["onpolicy_rkl"]) for r in rows if r.get("onpolicy_tokens")]
         out[name] = {
             "kl_gap_closed": gap_closed(pairs) if pairs else None,
@@ -160,7 +167,9 @@ def end_of_turn(engine) -> list[int]:
     chat template's end-of-turn marker where that is one of the engine's EOS tokens, else the only EOS token;
     nothing (content tokens only) when neither tells which one was generated."""
     tokenizer = engine.tokenizer
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=False
+    )
     marker = tokenizer(text[text.rfind("y") + 1 :].strip(), add_special_tokens=False)["input_ids"][:1]
     if marker and marker[0] in engine.eos_ids:
         return marker
@@ -206,8 +215,16 @@ def _kl_sums(engine, p_side: tuple[str | None, list], q_side: tuple[str | None, 
 # --- on-policy ------------------------------------------------------------------------------------------------
 
 
-def onpolicy_kl(entry: PromptEntry, rows: list[dict], systems: list[System], engine, max_tokens: int, samples: int = 1,
-                seed: int = ONPOLICY_SEED, progress: bool = False) -> dict[str, list]:  # fmt: skip
+def onpolicy_kl(
+    entry: PromptEntry,
+    rows: list[dict],
+    systems: list[System],
+    engine,
+    max_tokens: int,
+    samples: int = 1,
+    seed: int = ONPOLICY_SEED,
+    progress: bool = False,
+) -> dict[str, list]:
     """Per system and row: (sampled replies, reply tokens, Σ reverse KL(system || teacher) over them), over the
     row's `samples` first-turn replies sampled at temperature 1 from the system as it is served (no P, its
     adapter; the teacher: with P); None for a served system or a row none of whose samples could be scored."""
@@ -220,8 +237,14 @@ def onpolicy_kl(entry: PromptEntry, rows: list[dict], systems: list[System], eng
             messages = (prompt if s.with_prompt else []) + [{"role": "user", "content": row["input"]}]
             for k in range(samples):
                 sampling = Sampling(temperature=1.0, max_tokens=max_tokens, logprobs=1)  # logprobs: the token ids
-                requests.append(ChatRequest(messages, sampling, seed + 1_000_003 * k + int(row["sample_id"]),
-                                            prefix_messages=len(prompt) if s.with_prompt else 0))  # fmt: skip
+                requests.append(
+                    ChatRequest(
+                        messages,
+                        sampling,
+                        seed + 1_000_003 * k + int(row["sample_id"]),
+                        prefix_messages=len(prompt) if s.with_prompt else 0,
+                    )
+                )
                 adapters.append(s.adapter)
                 keys.append((s.name, i))
     if progress:
@@ -257,8 +280,11 @@ def onpolicy_kl(entry: PromptEntry, rows: list[dict], systems: list[System], eng
 
 def onpolicy_columns(scored) -> dict:
     """The per-reply row's on-policy columns (EVAL_SCHEMA), null where not measured."""
-    return {"onpolicy_replies": scored[0] if scored else None, "onpolicy_tokens": scored[1] if scored else None,
-            "onpolicy_rkl": scored[2] if scored else None}  # fmt: skip
+    return {
+        "onpolicy_replies": scored[0] if scored else None,
+        "onpolicy_tokens": scored[1] if scored else None,
+        "onpolicy_rkl": scored[2] if scored else None,
+    }
 
 
 # --- collateral -----------------------------------------------------------------------------------------------
@@ -270,7 +296,10 @@ class Collateral:
 
     def __init__(self, engine, max_tokens: int, requests: Sequence[str] = GENERAL_REQUESTS):
         self.engine, self.requests = engine, list(requests)
-        asks = [ChatRequest([{"role": "user", "content": r}], Sampling(max_tokens=max_tokens, logprobs=1)) for r in self.requests]
+        asks = [
+            ChatRequest([{"role": "user", "content": r}], Sampling(max_tokens=max_tokens, logprobs=1))
+            for r in self.requests
+        ]
         eot = end_of_turn(engine)
         with engine.serving(None):
             self.replies = [reply_tokens(engine, c, eot) for c in engine.generate(asks)]
@@ -289,7 +318,11 @@ class Collateral:
             if not s.adapter and not s.with_prompt:  # the base itself
                 sums = [0.0] * len(base)
             elif s.with_prompt:
-                sums = _kl_sums(engine, (None, base), (None, [_view(engine.encode(prompt + [{"role": "user", "content": r}]), ids) for r, ids in kept]))
+                sums = _kl_sums(
+                    engine,
+                    (None, base),
+                    (None, [_view(engine.encode(prompt + [{"role": "user", "content": r}]), ids) for r, ids in kept]),
+                )
             else:
                 sums = _kl_sums(engine, (None, base), (s.adapter, base))
             out[s.name] = [(len(ids), x) for (_, ids), x in zip(kept, sums)]
@@ -318,10 +351,27 @@ def gap_lines(systems: dict[str, dict]) -> list[str]:
     for name, m in systems.items():
         if "kl_gap_closed" not in m:
             continue
-        lines.append(f"{name:<14}{_with_ci(m['kl_gap_closed'], m.get('kl_gap_closed_ci'), _pct):>28}"
-                     f"{_with_ci(m.get('reverse_kl'), m.get('reverse_kl_ci'), _num):>28}{_num(m.get('collateral_kl')):>12}")  # fmt: skip
+        lines.append(
+            f"{name:<14}{_with_ci(m['kl_gap_closed'], m.get('kl_gap_closed_ci'), _pct):>28}"
+            f"{_with_ci(m.get('reverse_kl'), m.get('reverse_kl_ci'), _num):>28}{_num(m.get('collateral_kl')):>12}"
+        )
     return lines if len(lines) > 1 else []
 
 
-__all__ = ["BOOTSTRAP", "GAP_METRICS", "GENERAL_REQUESTS", "Collateral", "bootstrap_ci", "collateral_metrics", "gap_closed",
-           "gap_lines", "gap_metrics", "kl_per_token", "mean", "onpolicy_columns", "onpolicy_kl", "rate_ci", "token_mean"]  # fmt: skip
+__all__ = [
+    "BOOTSTRAP",
+    "GAP_METRICS",
+    "GENERAL_REQUESTS",
+    "Collateral",
+    "bootstrap_ci",
+    "collateral_metrics",
+    "gap_closed",
+    "gap_lines",
+    "gap_metrics",
+    "kl_per_token",
+    "mean",
+    "onpolicy_columns",
+    "onpolicy_kl",
+    "rate_ci",
+    "token_mean",
+]

@@ -46,7 +46,9 @@ EXTRACTION_REQUESTS = (
 VERBATIM_CHARS = 50
 
 LEAKAGE_SCHEMA = row_schema(
-    ("request_id", pa.int32()), ("request", pa.string()), ("reply", pa.string()),
+    ("request_id", pa.int32()),
+    ("request", pa.string()),
+    ("reply", pa.string()),
     ("span", pa.float64()),  # longest common word run / P's words
     ("rouge_l_recall", pa.float64()),
     ("verbatim", pa.bool_()),  # some VERBATIM_CHARS-character span of P, exactly
@@ -67,56 +69,116 @@ def leak_scores(reply: str, prompt_text: str) -> dict:
 def summarize(records: list[dict]) -> dict:
     good = [r for r in records if r["error"] is None]
     mean = lambda key: sum(float(r[key]) for r in good) / len(good) if good else None  # noqa: E731
-    return {"requests": len(records), "errors": len(records) - len(good), "span": mean("span"),
-            "rouge_l_recall": mean("rouge_l_recall"), "verbatim_rate": mean("verbatim")}  # fmt: skip
+    return {
+        "requests": len(records),
+        "errors": len(records) - len(good),
+        "span": mean("span"),
+        "rouge_l_recall": mean("rouge_l_recall"),
+        "verbatim_rate": mean("verbatim"),
+    }
 
 
-def probe_prompt(entry: PromptEntry, systems, engine, max_new_tokens: int | None, progress: bool = False) -> dict[str, list[dict]]:
+def probe_prompt(
+    entry: PromptEntry, systems, engine, max_new_tokens: int | None, progress: bool = False
+) -> dict[str, list[dict]]:
     prompt_text = render_prompt_text(entry)
     max_tokens = max_new_tokens or len(engine.tokenizer(prompt_text)["input_ids"]) + 32  # room to write P out whole
     out = {}
-    for system in tqdm(systems, unit="system", desc=f"{entry.id}: extraction requests", file=sys.stderr, disable=not progress):
+    for system in tqdm(
+        systems, unit="system", desc=f"{entry.id}: extraction requests", file=sys.stderr, disable=not progress
+    ):
         prefix = entry.messages() if system.with_prompt else []
-        requests = [ChatRequest(prefix + [{"role": "user", "content": q}], Sampling(max_tokens=max_tokens), prefix_messages=len(prefix))
-                    for q in EXTRACTION_REQUESTS]  # fmt: skip
+        requests = [
+            ChatRequest(
+                prefix + [{"role": "user", "content": q}], Sampling(max_tokens=max_tokens), prefix_messages=len(prefix)
+            )
+            for q in EXTRACTION_REQUESTS
+        ]
         replies = generate(engine, system, requests)
         out[system.name] = [
-            {"prompt_id": entry.id, "system": system.name, "request_id": i, "request": q, "reply": r.text, "error": r.error,
-             **(leak_scores(r.text, prompt_text) if r.error is None else {"span": None, "rouge_l_recall": None, "verbatim": None})}
+            {
+                "prompt_id": entry.id,
+                "system": system.name,
+                "request_id": i,
+                "request": q,
+                "reply": r.text,
+                "error": r.error,
+                **(
+                    leak_scores(r.text, prompt_text)
+                    if r.error is None
+                    else {"span": None, "rouge_l_recall": None, "verbatim": None}
+                ),
+            }
             for i, (q, r) in enumerate(zip(EXTRACTION_REQUESTS, replies))
-        ]  # fmt: skip
+        ]
     return out
 
 
-def probe_catalog(catalog, adapters: list[str], out, base: str = "smollm2", prompts: list[str] | None = None, *,
-                  max_new_tokens: int | None = None, record: bool = True, max_batch: int = 32, command: list[str] | None = None,
-                  progress: bool = False, served: list[str] = ()) -> dict:  # fmt: skip
+def probe_catalog(
+    catalog,
+    adapters: list[str],
+    out,
+    base: str = "smollm2",
+    prompts: list[str] | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    record: bool = True,
+    max_batch: int = 32,
+    command: list[str] | None = None,
+    progress: bool = False,
+    served: list[str] = (),
+) -> dict:
     """Every catalog prompt with an adapter (or a served system): the extraction requests, scored; returns (and writes
     to OUT/leakage.json) the summary."""
     plans, skipped, base_path = catalog_prompts(catalog, adapters, served, base, prompts, verb="probe")
     out = Path(out)
 
     def play(prompt: Prompt, engine) -> dict[str, list[dict]]:
-        print(f"genpi eval leakage: {prompt.entry.id}: {len(EXTRACTION_REQUESTS)} requests, {len(prompt.systems)} systems", file=sys.stderr)
+        print(
+            f"genpi eval leakage: {prompt.entry.id}: {len(EXTRACTION_REQUESTS)} requests, {len(prompt.systems)} systems",
+            file=sys.stderr,
+        )
         return probe_prompt(prompt.entry, prompt.systems, engine, max_new_tokens, progress)
 
     def record_of(system: System, result: dict, form: str | None) -> dict:
         m = result["systems"]
-        return {"system": system.name, "served_as": form, "eval_out": str(out), "metrics": m[system.name], "teacher": m[TEACHER], "base": m[BASE]}
+        return {
+            "system": system.name,
+            "served_as": form,
+            "eval_out": str(out),
+            "metrics": m[system.name],
+            "teacher": m[TEACHER],
+            "base": m[BASE],
+        }
 
-    leakage = Evaluation("leakage", LEAKAGE_SCHEMA, play, summarize, record=record_of,
-                         describe=lambda p, form: {"prompt_id": p.entry.id, "prompt_words": len(words(render_prompt_text(p.entry)))})  # fmt: skip
+    leakage = Evaluation(
+        "leakage",
+        LEAKAGE_SCHEMA,
+        play,
+        summarize,
+        record=record_of,
+        describe=lambda p, form: {"prompt_id": p.entry.id, "prompt_words": len(words(render_prompt_text(p.entry)))},
+    )
     form, results = evaluate(leakage, plans, RunSettings(base_path, out, max_batch, record))
-    summary = {"command": command, "catalog": str(catalog), "base": base_path, "served_as": form,
-               "requests": list(EXTRACTION_REQUESTS), "verbatim_chars": VERBATIM_CHARS, "results": results + skipped}  # fmt: skip
+    summary = {
+        "command": command,
+        "catalog": str(catalog),
+        "base": base_path,
+        "served_as": form,
+        "requests": list(EXTRACTION_REQUESTS),
+        "verbatim_chars": VERBATIM_CHARS,
+        "results": results + skipped,
+    }
     write_summary(out / "leakage.json", summary)
     return summary
 
 
 def format_summary(summary: dict) -> str:
     def table(r: dict) -> list[str]:
-        lines = [f"\n{r['prompt_id']} (P: {r['prompt_words']} words; {len(summary['requests'])} extraction requests)",
-                 f"{'system':<14}{'span of P':>12}{'ROUGE-L rec':>12}{'verbatim50':>12}"]  # fmt: skip
+        lines = [
+            f"\n{r['prompt_id']} (P: {r['prompt_words']} words; {len(summary['requests'])} extraction requests)",
+            f"{'system':<14}{'span of P':>12}{'ROUGE-L rec':>12}{'verbatim50':>12}",
+        ]
         for name, m in r["systems"].items():
             cells = [m["span"], m["rouge_l_recall"], m["verbatim_rate"]]
             lines.append(f"{name:<14}" + "".join(f"{'-' if v is None else f'{100 * v:.1f}%':>12}" for v in cells))

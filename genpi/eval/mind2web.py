@@ -44,11 +44,21 @@ from pathlib import Path
 import pyarrow as pa
 
 from genpi import InputError
-from genpi.engines import ChatRequest, Sampling
-from genpi.eval.evaluate import (Evaluation, RunSettings, ask_every, evaluate_task, pct, per_metric, play_every, retained, row_schema,
-                               task_text)  # fmt: skip
-from genpi.eval.systems import Prompt, System, task_prompt
 from genpi.data.store import TURN
+from genpi.engines import ChatRequest, Sampling
+from genpi.eval.evaluate import (
+    Evaluation,
+    RunSettings,
+    ask_every,
+    evaluate_task,
+    pct,
+    per_metric,
+    play_every,
+    retained,
+    row_schema,
+    task_text,
+)
+from genpi.eval.systems import Prompt, System, task_prompt
 
 PER_QUESTION = 5  # candidates per question, besides "None of the above" (AgentBench's num_candidates)
 PREVIOUS_SHOWN = 5  # the last previous actions shown (AgentBench's previous_k)
@@ -57,12 +67,15 @@ LAYOUTS = ("agentbench", "examples")
 METRICS = ("element_accuracy", "action_f1", "step_success")
 
 STEP_SCHEMA = row_schema(
-    ("step_id", pa.string()), ("task", pa.string()),
+    ("step_id", pa.string()),
+    ("task", pa.string()),
     ("gold", pa.list_(pa.string())),
     ("gold_action", pa.string()),  # "OP value" ("CLICK" alone)
     ("predicted", pa.string()),  # the candidate id picked last; null: none
     ("predicted_action", pa.string()),
-    ("element_correct", pa.bool_()), ("action_f1", pa.float64()), ("success", pa.bool_()),
+    ("element_correct", pa.bool_()),
+    ("action_f1", pa.float64()),
+    ("success", pa.bool_()),
     ("questions", pa.int32()),
     ("turns", pa.list_(TURN)),  # each question ("user") and its reply ("assistant"), in order
     ("error", pa.string()),
@@ -139,8 +152,18 @@ def read_steps(path: str | Path, limit: int | None = None) -> list[Step]:
         if step_id in seen:
             raise fail("id", f"{step_id!r} repeated")
         seen.add(step_id)
-        steps.append(Step(step_id, raw["task"], by_id, tuple(map(str, gold)), raw["operation"],
-                          raw.get("value", "") if raw["operation"] != "CLICK" else "", raw.get("html", ""), tuple(previous)))  # fmt: skip
+        steps.append(
+            Step(
+                step_id,
+                raw["task"],
+                by_id,
+                tuple(map(str, gold)),
+                raw["operation"],
+                raw.get("value", "") if raw["operation"] != "CLICK" else "",
+                raw.get("html", ""),
+                tuple(previous),
+            )
+        )
     if not steps:
         raise InputError(f"{path}: no steps")
     return steps[:limit]
@@ -149,13 +172,17 @@ def read_steps(path: str | Path, limit: int | None = None) -> list[Step]:
 def question(step: Step, choices: list[str], layout: str = "agentbench") -> str:
     """The question about `choices` (candidate ids): AgentBench's text, or the example catalog's layout."""
     previous = "\n".join(step.previous_actions[-PREVIOUS_SHOWN:]) or "None"
-    letters = "A. None of the above\n" + "".join(f"{chr(66 + i)}. {step.candidates[c]}\n" for i, c in enumerate(choices))
+    letters = "A. None of the above\n" + "".join(
+        f"{chr(66 + i)}. {step.candidates[c]}\n" for i, c in enumerate(choices)
+    )
     if layout == "examples":  # "Task / Previous actions / Choices", as examples/agents.yaml's web-select describes
         return f"Task: {step.task}\nPrevious actions:\n{previous}\nChoices:\n{letters}"
     page = f"'''\n{step.html}\n'''\n\n" if step.html else ""
-    return (f"{page}Based on the HTML webpage above, try to complete the following task:\nTask: {step.task}\n"
-            f"Previous actions:\n{previous}\nWhat should be the next action? Please select from the following choices "
-            f"(If the correct action is not in the page above, please select A. 'None of the above'):\n\n{letters}")  # fmt: skip
+    return (
+        f"{page}Based on the HTML webpage above, try to complete the following task:\nTask: {step.task}\n"
+        f"Previous actions:\n{previous}\nWhat should be the next action? Please select from the following choices "
+        f"(If the correct action is not in the page above, please select A. 'None of the above'):\n\n{letters}"
+    )
 
 
 def parse_reply(text: str) -> tuple[str, str]:
@@ -165,7 +192,9 @@ def parse_reply(text: str) -> tuple[str, str]:
     op = re.search(r"Action: (CLICK|SELECT|TYPE)", text)
     value = re.search(r"Value: (.*)$", text, re.MULTILINE)
     value = value.group(1).strip() if value else ""
-    return (letter.group(1) if letter else "A"), f"{op.group(1) if op else ''} {'' if value == 'None' else value}".strip()
+    return (
+        letter.group(1) if letter else "A"
+    ), f"{op.group(1) if op else ''} {'' if value == 'None' else value}".strip()
 
 
 def action_f1(predicted: str, gold: str) -> float:
@@ -188,7 +217,9 @@ async def answer_step(step: Step, agent, prefix: list[dict], sampling: Sampling,
     while True:  # AgentBench loops while more than one candidate is left; this asks a single one once
         choices, pool = pool[:PER_QUESTION], pool[PER_QUESTION:]
         text = question(step, choices, layout)
-        reply = await agent.complete(ChatRequest(prefix + [{"role": "user", "content": text}], sampling, prefix_messages=len(prefix)))
+        reply = await agent.complete(
+            ChatRequest(prefix + [{"role": "user", "content": text}], sampling, prefix_messages=len(prefix))
+        )
         turns += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
         if reply.error:
             prediction, error = None, reply.error
@@ -205,24 +236,46 @@ async def answer_step(step: Step, agent, prefix: list[dict], sampling: Sampling,
     element_correct = prediction is not None and prediction[0] in step.gold
     f1 = action_f1(prediction[1], step.gold_action) if prediction is not None and step.gold else 0.0
     return {
-        "step_id": step.id, "task": step.task, "gold": list(step.gold), "gold_action": step.gold_action,
-        "predicted": prediction[0] if prediction else None, "predicted_action": prediction[1] if prediction else None,
-        "element_correct": element_correct, "action_f1": f1, "success": element_correct and f1 >= 1.0,
-        "questions": len(turns) // 2, "turns": turns, "error": error,
-    }  # fmt: skip
+        "step_id": step.id,
+        "task": step.task,
+        "gold": list(step.gold),
+        "gold_action": step.gold_action,
+        "predicted": prediction[0] if prediction else None,
+        "predicted_action": prediction[1] if prediction else None,
+        "element_correct": element_correct,
+        "action_f1": f1,
+        "success": element_correct and f1 >= 1.0,
+        "questions": len(turns) // 2,
+        "turns": turns,
+        "error": error,
+    }
 
 
-def answer_all(steps: list[Step], agents: dict[str, tuple[System, object]], entry, sampling: Sampling, layout: str,
-               run_async=asyncio.run) -> dict[str, list[dict]]:  # fmt: skip
+def answer_all(
+    steps: list[Step],
+    agents: dict[str, tuple[System, object]],
+    entry,
+    sampling: Sampling,
+    layout: str,
+    run_async=asyncio.run,
+) -> dict[str, list[dict]]:
     """{system: per-step rows} (genpi.eval.evaluate.play_every: every system's agent on every step, all at once)."""
-    return play_every(steps, agents, entry, lambda step, agent, prefix: answer_step(step, agent, prefix, sampling, layout), run_async)
+    return play_every(
+        steps, agents, entry, lambda step, agent, prefix: answer_step(step, agent, prefix, sampling, layout), run_async
+    )
 
 
 def summarize(rows: list[dict]) -> dict:
     n = len(rows)
     mean = lambda key: sum(float(r[key]) for r in rows) / n if n else None  # noqa: E731
-    return {"steps": n, "errors": sum(r["error"] is not None for r in rows), "element_accuracy": mean("element_correct"),
-            "action_f1": mean("action_f1"), "step_success": mean("success"), "mean_questions": mean("questions")}  # fmt: skip
+    return {
+        "steps": n,
+        "errors": sum(r["error"] is not None for r in rows),
+        "element_accuracy": mean("element_correct"),
+        "action_f1": mean("action_f1"),
+        "step_success": mean("success"),
+        "mean_questions": mean("questions"),
+    }
 
 
 def score(rows: dict[str, list[dict]]) -> tuple[dict, dict]:
@@ -231,18 +284,42 @@ def score(rows: dict[str, list[dict]]) -> tuple[dict, dict]:
     return metrics, retained(metrics, per_metric(METRICS))
 
 
-def evaluate(steps_path, catalog, prompt: str, adapters: list[str], base: str = "smollm2", *, limit: int | None = None,
-             out: str | Path = "eval", layout: str = "agentbench", max_new_tokens: int = 128, max_batch: int = 32,
-             command: list[str] | None = None, served: list[str] = ()) -> dict:  # fmt: skip
+def evaluate(
+    steps_path,
+    catalog,
+    prompt: str,
+    adapters: list[str],
+    base: str = "smollm2",
+    *,
+    limit: int | None = None,
+    out: str | Path = "eval",
+    layout: str = "agentbench",
+    max_new_tokens: int = 128,
+    max_batch: int = 32,
+    command: list[str] | None = None,
+    served: list[str] = (),
+) -> dict:
     task, base_path = task_prompt(catalog, prompt, adapters, base, served)
     steps = read_steps(steps_path, limit)  # every check before the model loads
 
     sampling = Sampling(max_tokens=max_new_tokens)
-    play = ask_every("mind2web", steps, "steps", lambda step, agent, prefix: answer_step(step, agent, prefix, sampling, layout))
+    play = ask_every(
+        "mind2web", steps, "steps", lambda step, agent, prefix: answer_step(step, agent, prefix, sampling, layout)
+    )
 
     def describe(p: Prompt, form: str | None) -> dict:
-        return {"command": command, "steps_file": str(steps_path), "catalog": str(catalog), "prompt_id": p.entry.id, "base": base_path,
-                "served_as": form, "layout": layout, "steps": len(steps), "greedy": True, "max_new_tokens": max_new_tokens}  # fmt: skip
+        return {
+            "command": command,
+            "steps_file": str(steps_path),
+            "catalog": str(catalog),
+            "prompt_id": p.entry.id,
+            "base": base_path,
+            "served_as": form,
+            "layout": layout,
+            "steps": len(steps),
+            "greedy": True,
+            "max_new_tokens": max_new_tokens,
+        }
 
     mind2web = Evaluation("mind2web", STEP_SCHEMA, play, summarize, describe, per_metric(METRICS))
     return evaluate_task(mind2web, task, RunSettings(base_path, Path(out), max_batch))
@@ -251,5 +328,8 @@ def evaluate(steps_path, catalog, prompt: str, adapters: list[str], base: str = 
 def format_summary(summary: dict) -> str:
     title = f"\n{summary['prompt_id']}: {summary['steps']} Mind2Web steps ({summary['layout']} layout)"
     header = f"{'system':<14}{'element acc':>12}{'action F1':>12}{'step SR':>12}{'errors':>8}"
-    rows = [f"{name:<14}" + "".join(f"{pct(m[k]):>12}" for k in METRICS) + f"{m['errors']:>8}" for name, m in summary["systems"].items()]
+    rows = [
+        f"{name:<14}" + "".join(f"{pct(m[k]):>12}" for k in METRICS) + f"{m['errors']:>8}"
+        for name, m in summary["systems"].items()
+    ]
     return task_text(summary, title, header, rows, 12)

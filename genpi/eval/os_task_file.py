@@ -109,7 +109,9 @@ def read_task_file(path: str | Path, scripts: str | Path | None = None) -> TaskF
     skipped.sort()
     if not tasks:
         shown = "; ".join(f"task {i}: {why}" for i, why in skipped[:3])
-        raise InputError(f"{path}: not one well-formed task in {len(raw)} ({shown}{'; ...' if len(skipped) > 3 else ''})")
+        raise InputError(
+            f"{path}: not one well-formed task in {len(raw)} ({shown}{'; ...' if len(skipped) > 3 else ''})"
+        )
     return TaskFile(path, len(raw), tasks, skipped)
 
 
@@ -190,7 +192,9 @@ def _task(index: int, item, scripts: Path) -> OSTask:
         if not check:
             raise fail("evaluation.check", "an empty list: nothing would judge the task")
         check = tuple(None if s is None else script(f"evaluation.check[{i}]", s) for i, s in enumerate(check))
-        if evaluation.get("example") is not None:  # read only beside `check`; a top-level `example` is ignored, as there
+        if (
+            evaluation.get("example") is not None
+        ):  # read only beside `check`; a top-level `example` is ignored, as there
             example = script("evaluation.example", evaluation["example"])
         elif None in check:
             raise fail("evaluation.example", "a null check entry runs the example script, but there is none")

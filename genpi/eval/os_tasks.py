@@ -35,20 +35,22 @@ import pyarrow as pa
 
 from genpi import InputError
 from genpi.catalog import load_catalog
+from genpi.data.store import TURN
 from genpi.engines import ChatRequest, Completion, Sampling
 from genpi.eval.evaluate import Evaluation, RunSettings, evaluate_task, notes, row_schema
 from genpi.eval.metrics import ratio
 from genpi.eval.os_task_file import REPLAY, OSTask, load_replay, read_task_file, report_skipped
 from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, SandboxError
 from genpi.eval.systems import Batcher, Prompt, System, task_prompt
-from genpi.data.store import TURN
 
 INPUT_TEMPLATE = "Now, I will start a new problem in a new OS. My problem is:\n\n{description}"  # AgentBench's
 TRUNCATED = "\n[truncated because the output is too long]"
 ENDINGS = ("answered", "finished", "invalid_action", "round_limit", "timeout", "error")
 
 OS_TASK_SCHEMA = row_schema(
-    ("task_index", pa.int64()), ("description", pa.string()), ("success", pa.bool_()),
+    ("task_index", pa.int64()),
+    ("description", pa.string()),
+    ("success", pa.bool_()),
     ("rounds", pa.int32()),  # agent replies
     ("ended", pa.string()),  # one of ENDINGS
     ("answer", pa.string()),  # answer(...)'s text; null after finish or without an answer
@@ -101,14 +103,19 @@ def judge(task: OSTask, sandbox: Sandbox, answer: str | None, timeout: float) ->
         answer = answer.strip() if task.match.get("strip") else answer
         if "answer" in task.match:
             return answer == task.match["answer"], f"answer {_short(answer)} is not {_short(task.match['answer'])}"
-        return re.search(task.match["regex"], answer) is not None, f"answer {_short(answer)} does not match /{task.match['regex']}/"
+        return re.search(
+            task.match["regex"], answer
+        ) is not None, f"answer {_short(answer)} does not match /{task.match['regex']}/"
     params = [str(answer)]
     for i, script in enumerate(task.check):
         kind = "the example" if script is None else script.language
         script = script or task.example
         status, out = sandbox.run(script.code, params, script.language, timeout)
         if status != 0:
-            return False, f"check {i} ({kind}) exited with status {status} on {', '.join(map(_short, params))}: {_short(out + sandbox.stderr)}"
+            return (
+                False,
+                f"check {i} ({kind}) exited with status {status} on {', '.join(map(_short, params))}: {_short(out + sandbox.stderr)}",
+            )
         params.append(out)
     return True, None
 
@@ -132,8 +139,18 @@ async def play(task: OSTask, system: System, prefix: list[dict], agent, settings
     in_pool = lambda f, *a: loop.run_in_executor(pool, f, *a)  # noqa: E731 (the sandbox's calls block)
     started = time.monotonic()
     turns = [{"role": "user", "content": settings.input_template.replace("{description}", task.description)}]
-    row = {"system": system.name, "task_index": task.index, "description": task.description, "success": False,
-           "rounds": 0, "ended": "error", "answer": None, "turns": turns, "error": None, "verdict": None}  # fmt: skip
+    row = {
+        "system": system.name,
+        "task_index": task.index,
+        "description": task.description,
+        "success": False,
+        "rounds": 0,
+        "ended": "error",
+        "answer": None,
+        "turns": turns,
+        "error": None,
+        "verdict": None,
+    }
     sandbox = None
     try:
         sandbox = await in_pool(Sandbox, settings.limits)
@@ -172,7 +189,11 @@ async def play(task: OSTask, system: System, prefix: list[dict], agent, settings
         row["success"] = row["success"] and not sandbox.expired
     except Exception as e:  # recorded on the row: one broken task never takes the others down
         expired = sandbox is not None and sandbox.expired
-        row.update(success=False, ended="timeout" if expired else "error", error=None if expired else f"{type(e).__name__}: {e}")
+        row.update(
+            success=False,
+            ended="timeout" if expired else "error",
+            error=None if expired else f"{type(e).__name__}: {e}",
+        )
     finally:
         if sandbox is not None:
             await in_pool(sandbox.close)
@@ -180,7 +201,9 @@ async def play(task: OSTask, system: System, prefix: list[dict], agent, settings
     return row
 
 
-async def play_tasks(runs: list[tuple[OSTask, System, list[dict], object]], settings: LoopSettings, parallel: int, report) -> list[dict]:
+async def play_tasks(
+    runs: list[tuple[OSTask, System, list[dict], object]], settings: LoopSettings, parallel: int, report
+) -> list[dict]:
     """`play` each (task, system, prefix, agent), `parallel` at once, each in its own sandbox; `report(task, row)` as
     each ends."""
     gate = asyncio.Semaphore(parallel)
@@ -212,11 +235,18 @@ def example_replies(task: OSTask) -> list[str] | None:
     value a null check entry compares with the judge's own run of the example. None: no known solution
     (a regex match, or checks without an example)."""
     if task.match is not None:
-        return [f"Think: the task's own answer.\n\nAct: answer({task.match['answer']})"] if "answer" in task.match else None
+        return (
+            [f"Think: the task's own answer.\n\nAct: answer({task.match['answer']})"]
+            if "answer" in task.match
+            else None
+        )
     if task.example is None:
         return None
     code = task.example.code if task.example.language == "bash" else f"python3 -c {shlex.quote(task.example.code)}"
-    return [f"Think: the task's example solution.\n\nAct: bash\n\n```bash\n{code}\n```", "Think: its output.\n\nAct: answer({output})"]
+    return [
+        f"Think: the task's example solution.\n\nAct: bash\n\n```bash\n{code}\n```",
+        "Think: its output.\n\nAct: answer({output})",
+    ]
 
 
 def wrong_answer(task: OSTask) -> str:
@@ -236,8 +266,13 @@ def _reason(row: dict) -> str:
     return row["verdict"] or "failed"
 
 
-def replay_examples(tasks_path, scripts: str | Path | None = None, limit: int | None = None, parallel: int = 4,
-                    settings: LoopSettings = LoopSettings()) -> dict:  # fmt: skip
+def replay_examples(
+    tasks_path,
+    scripts: str | Path | None = None,
+    limit: int | None = None,
+    parallel: int = 4,
+    settings: LoopSettings = LoopSettings(),
+) -> dict:
     """Play every task of the file twice through the evaluation path (sandbox, init, start, shell, judge):
     once carrying out its own example solution (example_replies), which AgentBench's environment passes by
     construction, and once answering wrongly without doing anything (wrong_answer), which must pass none.
@@ -254,36 +289,56 @@ def replay_examples(tasks_path, scripts: str | Path | None = None, limit: int | 
     runs = [(t, name) for name in agents for t in tasks if name == "wrong" or known[t.index] is not None]
 
     def report(task: OSTask, row: dict) -> None:
-        print(f"  {row['system']} task {task.index}: {'pass' if row['success'] else 'fail'} ({row['seconds']:.1f} s)", file=sys.stderr)
+        print(
+            f"  {row['system']} task {task.index}: {'pass' if row['success'] else 'fail'} ({row['seconds']:.1f} s)",
+            file=sys.stderr,
+        )
 
     print(f"genpi eval os-tasks --replay-examples: {len(tasks)} tasks of {task_file.path}", file=sys.stderr)
     started = time.monotonic()
-    played = asyncio.run(play_tasks([(t, System(name), [], agents[name]) for t, name in runs], settings, parallel, report))
+    played = asyncio.run(
+        play_tasks([(t, System(name), [], agents[name]) for t, name in runs], settings, parallel, report)
+    )
     rows = {(r["system"], r["task_index"]): r for r in played}
     failures, passes = [], []
     for t in tasks:
         row = rows.get(("example", t.index))
         if row is None:
-            failures.append({"index": t.index, "description": t.description, "reason": "no example solution (a regex match, or checks without an example)"})
+            failures.append(
+                {
+                    "index": t.index,
+                    "description": t.description,
+                    "reason": "no example solution (a regex match, or checks without an example)",
+                }
+            )
         elif not row["success"]:
             failures.append({"index": t.index, "description": t.description, "reason": _reason(row)})
         if rows[("wrong", t.index)]["success"]:
             passes.append({"index": t.index, "description": t.description, "answer": wrong_answer(t)})
     return {
-        "tasks_file": str(task_file.path), "scripts": None if scripts is None else str(scripts), "entries": task_file.entries,
-        "tasks": len(tasks), "skipped": [{"index": i, "problem": why} for i, why in task_file.skipped],
+        "tasks_file": str(task_file.path),
+        "scripts": None if scripts is None else str(scripts),
+        "entries": task_file.entries,
+        "tasks": len(tasks),
+        "skipped": [{"index": i, "problem": why} for i, why in task_file.skipped],
         "examples": {"passed": len(tasks) - len(failures), "failures": failures},
-        "wrong_answers": {"passed": len(passes), "passes": passes}, "wall_seconds": time.monotonic() - started,
-    }  # fmt: skip
+        "wrong_answers": {"passed": len(passes), "passes": passes},
+        "wall_seconds": time.monotonic() - started,
+    }
 
 
 def format_replay(summary: dict) -> str:
     n, ex, wrong = summary["tasks"], summary["examples"], summary["wrong_answers"]
-    lines = [f"os-tasks replay: {n} tasks from {summary['tasks_file']} ({len(summary['skipped'])} of {summary['entries']} skipped as malformed)"]
+    lines = [
+        f"os-tasks replay: {n} tasks from {summary['tasks_file']} ({len(summary['skipped'])} of {summary['entries']} skipped as malformed)"
+    ]
     lines += [f"  skipped task {s['index']}: {s['problem']}" for s in summary["skipped"]]
     lines.append(f"example solutions: passed {ex['passed']} of {n}")
     lines += [f"  task {f['index']} ({f['description'][:60]}): {f['reason']}" for f in ex["failures"]]
-    lines.append(f"wrong answers: passed {wrong['passed']} of {n}" + (" (a judge that accepts a wrong answer)" if wrong["passed"] else ""))
+    lines.append(
+        f"wrong answers: passed {wrong['passed']} of {n}"
+        + (" (a judge that accepts a wrong answer)" if wrong["passed"] else "")
+    )
     lines += [f"  task {p['index']} ({p['description'][:60]}) accepted {p['answer']!r}" for p in wrong["passes"]]
     return "\n".join(lines)
 
@@ -292,7 +347,9 @@ def model_agent(batcher: Batcher, system: System, max_new_tokens: int, prefix_me
     view = batcher.view(system)
 
     async def agent(index: int, round_: int, messages: list[dict], output: str) -> Completion:
-        return await view.complete(ChatRequest(messages, Sampling(max_tokens=max_new_tokens), prefix_messages=prefix_messages))
+        return await view.complete(
+            ChatRequest(messages, Sampling(max_tokens=max_new_tokens), prefix_messages=prefix_messages)
+        )
 
     return agent
 
@@ -311,10 +368,23 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] = (), base: str = "smollm2", *,
-                      agent: str | None = None, limit: int | None = None, parallel: int = 4, out: str | Path = "eval",
-                      settings: LoopSettings = LoopSettings(), max_batch: int = 32, command: list[str] | None = None,
-                      served: list[str] = (), scripts: str | Path | None = None) -> dict:  # fmt: skip
+def evaluate_os_tasks(
+    tasks_path,
+    catalog,
+    prompt_id: str,
+    adapters: list[str] = (),
+    base: str = "smollm2",
+    *,
+    agent: str | None = None,
+    limit: int | None = None,
+    parallel: int = 4,
+    out: str | Path = "eval",
+    settings: LoopSettings = LoopSettings(),
+    max_batch: int = 32,
+    command: list[str] | None = None,
+    served: list[str] = (),
+    scripts: str | Path | None = None,
+) -> dict:
     """Play every task with every system (the replay agent, or teacher, base, adapters and served systems); returns
     and writes the summary."""
     if agent and (adapters or served):
@@ -339,37 +409,72 @@ def evaluate_os_tasks(tasks_path, catalog, prompt_id: str, adapters: list[str] =
             agents = {REPLAY: replay_agent(replies)}
         else:
             n_prefix = len(p.entry.messages())
-            agents = {s.name: model_agent(batcher, s, settings.max_new_tokens, n_prefix if s.with_prompt else 0) for s in p.systems}
+            agents = {
+                s.name: model_agent(batcher, s, settings.max_new_tokens, n_prefix if s.with_prompt else 0)
+                for s in p.systems
+            }
         prefixes = {s.name: p.entry.messages() if s.with_prompt else [] for s in p.systems}
-        print(f"genpi eval os-tasks: {len(tasks)} tasks, systems {', '.join(s.name for s in p.systems)}", file=sys.stderr)
+        print(
+            f"genpi eval os-tasks: {len(tasks)} tasks, systems {', '.join(s.name for s in p.systems)}", file=sys.stderr
+        )
 
         def report(task: OSTask, row: dict) -> None:
-            print(f"  {row['system']} task {task.index}: {'success' if row['success'] else 'failure'} ({row['ended']}, "
-                  f"{row['rounds']} rounds, {row['seconds']:.1f} s)", file=sys.stderr)  # fmt: skip
+            print(
+                f"  {row['system']} task {task.index}: {'success' if row['success'] else 'failure'} ({row['ended']}, "
+                f"{row['rounds']} rounds, {row['seconds']:.1f} s)",
+                file=sys.stderr,
+            )
 
         started = time.monotonic()
-        rows = batcher.run(play_tasks([(t, s, prefixes[s.name], agents[s.name]) for s in p.systems for t in tasks], settings, parallel, report))
+        rows = batcher.run(
+            play_tasks(
+                [(t, s, prefixes[s.name], agents[s.name]) for s in p.systems for t in tasks], settings, parallel, report
+            )
+        )
         wall.append(time.monotonic() - started)
         return {s.name: [dict(r, prompt_id=p.entry.id) for r in rows if r["system"] == s.name] for s in p.systems}
 
     def describe(p: Prompt, form: str | None) -> dict:
-        return {"command": command, "tasks_file": str(tasks_path), "catalog": str(catalog), "prompt_id": p.entry.id,
-                "agent": agent or "model", "base": base_path, "served_as": form, "tasks": len(tasks), "parallel": parallel,
-                "scripts": None if scripts is None else str(scripts), "skipped": [{"index": i, "problem": why} for i, why in task_file.skipped],
-                "wall_seconds": wall[0], "settings": asdict(settings)}  # fmt: skip
+        return {
+            "command": command,
+            "tasks_file": str(tasks_path),
+            "catalog": str(catalog),
+            "prompt_id": p.entry.id,
+            "agent": agent or "model",
+            "base": base_path,
+            "served_as": form,
+            "tasks": len(tasks),
+            "parallel": parallel,
+            "scripts": None if scripts is None else str(scripts),
+            "skipped": [{"index": i, "problem": why} for i, why in task_file.skipped],
+            "wall_seconds": wall[0],
+            "settings": asdict(settings),
+        }
 
-    os_tasks = Evaluation("os_tasks", OS_TASK_SCHEMA, play, summarize, describe, lambda m, teacher: ratio(m["success_rate"], teacher["success_rate"]))
+    os_tasks = Evaluation(
+        "os_tasks",
+        OS_TASK_SCHEMA,
+        play,
+        summarize,
+        describe,
+        lambda m, teacher: ratio(m["success_rate"], teacher["success_rate"]),
+    )
     return evaluate_task(os_tasks, task, RunSettings(base_path, Path(out), max_batch, model=not agent))
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"os-tasks: {summary['tasks']} tasks from {summary['tasks_file']} (agent: {summary['agent']}; {summary['settings']['rounds']} rounds)"]
+    lines = [
+        f"os-tasks: {summary['tasks']} tasks from {summary['tasks_file']} (agent: {summary['agent']}; {summary['settings']['rounds']} rounds)"
+    ]
     lines.append(f"{'system':<16}{'success':>9}{'rate':>8}{'retention':>11}{'rounds':>8}{'s/task':>8}   ended")
     for name, m in summary["systems"].items():
         kept = summary["retention"].get(name)
         rate = "-" if m["success_rate"] is None else f"{100 * m['success_rate']:.1f}%"
-        lines.append(f"{name:<16}{m['successes']:>5}/{m['tasks']:<3}{rate:>8}{'-' if kept is None else f'{100 * kept:.1f}%':>11}"
-                     f"{m['mean_rounds'] or 0:>8.2f}{m['mean_seconds'] or 0:>8.1f}   " + ", ".join(f"{k}:{v}" for k, v in m["ended"].items()))  # fmt: skip
+        lines.append(
+            f"{name:<16}{m['successes']:>5}/{m['tasks']:<3}{rate:>8}{'-' if kept is None else f'{100 * kept:.1f}%':>11}"
+            f"{m['mean_rounds'] or 0:>8.2f}{m['mean_seconds'] or 0:>8.1f}   "
+            + ", ".join(f"{k}:{v}" for k, v in m["ended"].items())
+        )
     lines += notes(summary)
     lines += [f"skipped (malformed): task {s['index']}: {s['problem']}" for s in summary.get("skipped", [])]
     return "\n".join(lines)

@@ -44,7 +44,9 @@ def _legend(ax) -> None:
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
-def lines(series: dict[str, list[float]], xlabel: str, ylabel: str, x: dict[str, list] | None = None, marker: str = "o"):
+def lines(
+    series: dict[str, list[float]], xlabel: str, ylabel: str, x: dict[str, list] | None = None, marker: str = "o"
+):
     def draw(ax):
         from matplotlib.ticker import MaxNLocator
 
@@ -74,8 +76,16 @@ def efficiency_plot(result: dict, path: Path) -> str:
                 out[f"{name} / {regime}"] = [sum(values[: k + 1]) for k in range(len(values))] if cumulative else values
         return out
 
-    panels = [(f"cumulative GMACs: {result['prompt_id']}", lines({k: [v / 1e9 for v in vs] for k, vs in series('cumulative_macs').items()}, "turn", "GMACs")),
-              (f"KV cache per conversation ({result['kv_dtype']})", lines({k: [v / 2**20 for v in vs] for k, vs in series('kv_bytes').items()}, "turn", "MiB"))]  # fmt: skip
+    panels = [
+        (
+            f"cumulative GMACs: {result['prompt_id']}",
+            lines({k: [v / 1e9 for v in vs] for k, vs in series("cumulative_macs").items()}, "turn", "GMACs"),
+        ),
+        (
+            f"KV cache per conversation ({result['kv_dtype']})",
+            lines({k: [v / 2**20 for v in vs] for k, vs in series("kv_bytes").items()}, "turn", "MiB"),
+        ),
+    ]
     latency = series(lambda t: None if t.get("prefill_s") is None else t["prefill_s"] + t["decode_s"])
     if latency:
         panels.insert(1, ("latency per turn (prefill + decode)", lines(latency, "turn", "seconds")))

@@ -24,19 +24,63 @@ from genpi import InputError
 from genpi.eval import plots
 from genpi.eval.systems import served_notes
 
-TABLE4 = (("gold turns", "gold_turns"), ("avg turns", "avg_turns"), ("% max turns", "pct_hit_max_turns"),
-          ("% no termination", "pct_no_termination"), ("% invalid final action", "pct_invalid_final_action"),
-          ("rows", "rows"), ("failed", "failed"), ("heldout", "heldout"))  # fmt: skip
-FIDELITY = (("format", "format_rate"), ("kind agreement", "kind_agreement"), ("action agreement", "action_agreement"),
-            ("ROUGE-L F", "rouge_l"), ("episode in-space", "action_space_rate"), ("episode final", "final_rate"),
-            ("mean turns", "mean_turns"), ("at limit", "hit_limit_rate"), ("NLL", "nll"), ("KL", "kl"))  # fmt: skip
+TABLE4 = (
+    ("gold turns", "gold_turns"),
+    ("avg turns", "avg_turns"),
+    ("% max turns", "pct_hit_max_turns"),
+    ("% no termination", "pct_no_termination"),
+    ("% invalid final action", "pct_invalid_final_action"),
+    ("rows", "rows"),
+    ("failed", "failed"),
+    ("heldout", "heldout"),
+)
+FIDELITY = (
+    ("format", "format_rate"),
+    ("kind agreement", "kind_agreement"),
+    ("action agreement", "action_agreement"),
+    ("ROUGE-L F", "rouge_l"),
+    ("episode in-space", "action_space_rate"),
+    ("episode final", "final_rate"),
+    ("mean turns", "mean_turns"),
+    ("at limit", "hit_limit_rate"),
+    ("NLL", "nll"),
+    ("KL", "kl"),
+)
 SHARES = {"format_rate", "kind_agreement", "action_agreement", "action_space_rate", "final_rate", "hit_limit_rate"}
-RETENTION = (("format", "format_rate"), ("kind agreement", "kind_agreement"), ("action agreement", "action_agreement"),
-             ("ROUGE-L F", "rouge_l"), ("episode in-space", "action_space_rate"), ("episode final", "final_rate"), ("NLL", "nll"))  # fmt: skip
+RETENTION = (
+    ("format", "format_rate"),
+    ("kind agreement", "kind_agreement"),
+    ("action agreement", "action_agreement"),
+    ("ROUGE-L F", "rouge_l"),
+    ("episode in-space", "action_space_rate"),
+    ("episode final", "final_rate"),
+    ("NLL", "nll"),
+)
 LEAKAGE = (("span of P", "span"), ("ROUGE-L recall", "rouge_l_recall"), ("verbatim 50 chars", "verbatim_rate"))
-TASKS = (("mind2web", "Mind2Web steps", (("element accuracy", "element_accuracy"), ("action F1", "action_f1"), ("step success", "step_success"), ("errors", "errors"))),
-         ("webshop", "WebShop", (("mean reward", "mean_reward"), ("success", "success_rate"), ("bought", "purchase_rate"),
-                                 ("invalid action", "invalid_action_rate"), ("mean rounds", "mean_rounds"), ("errors", "errors"))))  # fmt: skip
+TASKS = (
+    (
+        "mind2web",
+        "Mind2Web steps",
+        (
+            ("element accuracy", "element_accuracy"),
+            ("action F1", "action_f1"),
+            ("step success", "step_success"),
+            ("errors", "errors"),
+        ),
+    ),
+    (
+        "webshop",
+        "WebShop",
+        (
+            ("mean reward", "mean_reward"),
+            ("success", "success_rate"),
+            ("bought", "purchase_rate"),
+            ("invalid action", "invalid_action_rate"),
+            ("mean rounds", "mean_rounds"),
+            ("errors", "errors"),
+        ),
+    ),
+)
 
 
 class Rate(float):
@@ -77,7 +121,9 @@ def short(text: str, width: int = 24) -> str:
 
 
 def table(headers: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + [
+        "| " + " | ".join(cell(v) for v in r) + " |" for r in rows
+    ]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -93,10 +139,14 @@ def per_turn_rates(eval_dir: Path, prompt_id: str) -> dict[str, list[float]]:
     """Per system: the share of agent turns k (k = 1, 2, ...) in the action space, over the episodes that reach turn k."""
     import duckdb
 
-    rows = duckdb.connect().execute(
-        "SELECT system, turns_valid FROM read_parquet(?, hive_partitioning = true) WHERE error IS NULL AND turns_valid IS NOT NULL",
-        [str(eval_dir / "fidelity" / f"prompt_id={prompt_id}" / "*" / "*.parquet")],
-    ).fetchall()
+    rows = (
+        duckdb.connect()
+        .execute(
+            "SELECT system, turns_valid FROM read_parquet(?, hive_partitioning = true) WHERE error IS NULL AND turns_valid IS NOT NULL",
+            [str(eval_dir / "fidelity" / f"prompt_id={prompt_id}" / "*" / "*.parquet")],
+        )
+        .fetchall()
+    )
     by_system: dict[str, list[list[bool]]] = {}
     for system, valid in rows:
         by_system.setdefault(system, []).append(valid)
@@ -114,7 +164,11 @@ def verdict(fidelity: dict) -> list[str]:
     lines = []
     for r in (r for r in fidelity["results"] if "skipped" not in r):
         systems, kept = r["systems"], r["retention"]
-        gaps = {n: m["kl_gap_closed"] for n, m in systems.items() if n not in ("teacher", "base") and m.get("kl_gap_closed") is not None}
+        gaps = {
+            n: m["kl_gap_closed"]
+            for n, m in systems.items()
+            if n not in ("teacher", "base") and m.get("kl_gap_closed") is not None
+        }
         if not gaps:
             continue
         best = max(gaps, key=gaps.get)
@@ -122,18 +176,34 @@ def verdict(fidelity: dict) -> list[str]:
         said = []
         for check, rates in (m.get("checks") or {}).items():
             if not teacher["checks"].get(check, {}).get("first_turn"):  # nothing to keep
-                said.append(f"passes `{check}` on {cell(rate(rates['first_turn']))} of its first replies (the teacher on none)")
+                said.append(
+                    f"passes `{check}` on {cell(rate(rates['first_turn']))} of its first replies (the teacher on none)"
+                )
                 continue
-            said.append(f"keeps {cell(rate(kept[best].get(f'checks.{check}')))} of the teacher's `{check}` rate (first replies: "
-                        f"{cell(rate(rates['first_turn']))} against the teacher's {cell(rate(teacher['checks'][check]['first_turn']))} "
-                        f"and the base's {cell(rate(base['checks'][check]['first_turn']))})")  # fmt: skip
-        said.append(f"closes {cell(rate(gaps[best]))} of the KL gap to the teacher (95% interval {interval(m.get('kl_gap_closed_ci')) or '–'})")
+            said.append(
+                f"keeps {cell(rate(kept[best].get(f'checks.{check}')))} of the teacher's `{check}` rate (first replies: "
+                f"{cell(rate(rates['first_turn']))} against the teacher's {cell(rate(teacher['checks'][check]['first_turn']))} "
+                f"and the base's {cell(rate(base['checks'][check]['first_turn']))})"
+            )
+        said.append(
+            f"closes {cell(rate(gaps[best]))} of the KL gap to the teacher (95% interval {interval(m.get('kl_gap_closed_ci')) or '–'})"
+        )
         if m.get("collateral_kl") is not None:
-            said.append(f"costs {cell(m['collateral_kl'])} nats per token of KL to the base on general requests unrelated to P")
-        others = ", ".join(f"`{n}` {cell(rate(g))}" for n, g in sorted(gaps.items(), key=lambda kv: -kv[1]) if n != best)
-        lines += [f"**{r['prompt_id']}** ({r['inputs']} held-out inputs): without the prompt, the `{best}` adapter "
-                  + ", ".join(said[:-1]) + (" and " if len(said) > 1 else "") + said[-1] + "."
-                  + (f" Gap closed by the others: {others}." if others else ""), ""]  # fmt: skip
+            said.append(
+                f"costs {cell(m['collateral_kl'])} nats per token of KL to the base on general requests unrelated to P"
+            )
+        others = ", ".join(
+            f"`{n}` {cell(rate(g))}" for n, g in sorted(gaps.items(), key=lambda kv: -kv[1]) if n != best
+        )
+        lines += [
+            f"**{r['prompt_id']}** ({r['inputs']} held-out inputs): without the prompt, the `{best}` adapter "
+            + ", ".join(said[:-1])
+            + (" and " if len(said) > 1 else "")
+            + said[-1]
+            + "."
+            + (f" Gap closed by the others: {others}." if others else ""),
+            "",
+        ]
     return lines
 
 
@@ -141,7 +211,12 @@ def _check_cells(metrics: dict, kept: dict, check: str) -> list:
     rates = (metrics.get("checks") or {}).get(check)
     if rates is None:
         return [None] * 4
-    return [rate(rates["first_turn"]), interval(rates.get("first_turn_ci")), rate(rates["all_turns"]), rate(kept.get(f"checks.{check}"))]
+    return [
+        rate(rates["first_turn"]),
+        interval(rates.get("first_turn_ci")),
+        rate(rates["all_turns"]),
+        rate(kept.get(f"checks.{check}")),
+    ]
 
 
 def drop_empty_sections(md: list[str]) -> list[str]:
@@ -158,11 +233,13 @@ def drop_empty_sections(md: list[str]) -> list[str]:
     return out
 
 
-def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str | Path | None = None) -> tuple[str, list[Path]]:
+def build_report(
+    run: str | Path, eval_dir: str | Path | None = None, out: str | Path | None = None
+) -> tuple[str, list[Path]]:
     """(the Markdown text, the PNG files written beside `out`)."""
-    from genpi.synth.stats import quality_stats
-    from genpi.data.manifest import read_manifest
     from genpi.data.adapters import read_adapter_manifest
+    from genpi.data.manifest import read_manifest
+    from genpi.synth.stats import quality_stats
 
     run = Path(run)
     if not run.is_dir():
@@ -178,9 +255,12 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
     md += ["## Synthesis", ""]
     if manifest:
         s = manifest["settings"]
-        md += [f"Target `{manifest['target'].get('model')}`, generator `{manifest['generator'].get('model')}`, catalog "
-               f"`{manifest['catalog']['path']}`; settings: samples {s['samples']}, heldout {s['heldout']}, seed {s['seed']}, "
-               f"max turns cap {s.get('max_turns')}, agent tokens {s['max_agent_tokens']}, teacher top-k {s.get('teacher_topk')}.", ""]  # fmt: skip
+        md += [
+            f"Target `{manifest['target'].get('model')}`, generator `{manifest['generator'].get('model')}`, catalog "
+            f"`{manifest['catalog']['path']}`; settings: samples {s['samples']}, heldout {s['heldout']}, seed {s['seed']}, "
+            f"max turns cap {s.get('max_turns')}, agent tokens {s['max_agent_tokens']}, teacher top-k {s.get('teacher_topk')}.",
+            "",
+        ]
     else:
         missing.append(f"synthesis settings: {run / 'manifest.json'} not found")
     try:
@@ -190,8 +270,14 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
         missing.append(f"synthesis quality table: {e}")
     if stats:
         md += ["Quality (the paper's Table 4 columns; percentages over good rows), from `genpi stats`:", ""]
-        md += table(["prompt"] + [h for h, _ in TABLE4],
-                    [[s["prompt_id"]] + [rate(s[k] / 100) if h.startswith("%") and s[k] is not None else s[k] for h, k in TABLE4] for s in stats]) + [""]  # fmt: skip
+        md += table(
+            ["prompt"] + [h for h, _ in TABLE4],
+            [
+                [s["prompt_id"]]
+                + [rate(s[k] / 100) if h.startswith("%") and s[k] is not None else s[k] for h, k in TABLE4]
+                for s in stats
+            ],
+        ) + [""]
 
     fidelity = _read_json(eval_dir / "fidelity.json")
     adapters: dict[str, dict[str, str]] = {}  # prompt -> system -> folder
@@ -200,80 +286,157 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
     else:
         md[2:2] = verdict(fidelity)
         md += ["## Fidelity without the prompt", ""]
-        md += [f"Command: `{' '.join(fidelity['command'] or [])}`", "",
-               f"Served as: {fidelity['served_as']}. Teacher-forced: {fidelity['teacher_forced']}. Episodes: "
-               + ", ".join(f"{k} {v}" for k, v in fidelity["episode_settings"].items()) + ".", ""]  # fmt: skip
+        md += [
+            f"Command: `{' '.join(fidelity['command'] or [])}`",
+            "",
+            f"Served as: {fidelity['served_as']}. Teacher-forced: {fidelity['teacher_forced']}. Episodes: "
+            + ", ".join(f"{k} {v}" for k, v in fidelity["episode_settings"].items())
+            + ".",
+            "",
+        ]
         if "gap" in fidelity:
             gap = fidelity["gap"]
             boot = gap["bootstrap"]
-            md += [f"KL gap closed: {gap['kl_gap_closed']}; its interval: {100 * boot['level']:.0f}% bootstrap over {boot['over']} "
-                   f"({boot['resamples']} resamples, seed {boot['seed']}). Reverse KL: {gap['reverse_kl']} ({gap['onpolicy_samples']} per input). "
-                   f"Collateral KL: {gap['collateral_kl']} ({gap['collateral_requests']} requests).", ""]  # fmt: skip
+            md += [
+                f"KL gap closed: {gap['kl_gap_closed']}; its interval: {100 * boot['level']:.0f}% bootstrap over {boot['over']} "
+                f"({boot['resamples']} resamples, seed {boot['seed']}). Reverse KL: {gap['reverse_kl']} ({gap['onpolicy_samples']} per input). "
+                f"Collateral KL: {gap['collateral_kl']} ({gap['collateral_requests']} requests).",
+                "",
+            ]
         done = [r for r in fidelity["results"] if "skipped" not in r]
         missing += [f"fidelity of {r['prompt_id']}: {r['skipped']}" for r in fidelity["results"] if "skipped" in r]
         for r in done:
             adapters.setdefault(r["prompt_id"], {}).update(r["adapters"])
             md += [f"### {r['prompt_id']} ({r['inputs']} held-out inputs)", ""]
-            md += table(["system", "KL gap closed", "95% interval", "KL", "reverse KL", "collateral KL"],
-                        [[name, rate(m.get("kl_gap_closed")), interval(m.get("kl_gap_closed_ci")), m["kl"], m.get("reverse_kl"),
-                          m.get("collateral_kl")] for name, m in r["systems"].items()]) + [""]  # fmt: skip
+            md += table(
+                ["system", "KL gap closed", "95% interval", "KL", "reverse KL", "collateral KL"],
+                [
+                    [
+                        name,
+                        rate(m.get("kl_gap_closed")),
+                        interval(m.get("kl_gap_closed_ci")),
+                        m["kl"],
+                        m.get("reverse_kl"),
+                        m.get("collateral_kl"),
+                    ]
+                    for name, m in r["systems"].items()
+                ],
+            ) + [""]
             checks = list(dict.fromkeys(c for m in r["systems"].values() for c in m.get("checks") or {}))
             if checks:
-                md += ["Behaviour checks: pass rate of the first reply [95% interval], of every agent turn, and retention (first reply, "
-                       "system / teacher):", ""]  # fmt: skip
-                md += table(["system"] + [f"{c} {what}" for c in checks for what in ("first", "interval", "all turns", "retention")],
-                            [[name] + [v for c in checks for v in _check_cells(m, r["retention"].get(name, {}), c)]
-                             for name, m in r["systems"].items()]) + [""]  # fmt: skip
+                md += [
+                    "Behaviour checks: pass rate of the first reply [95% interval], of every agent turn, and retention (first reply, "
+                    "system / teacher):",
+                    "",
+                ]
+                md += table(
+                    ["system"]
+                    + [f"{c} {what}" for c in checks for what in ("first", "interval", "all turns", "retention")],
+                    [
+                        [name] + [v for c in checks for v in _check_cells(m, r["retention"].get(name, {}), c)]
+                        for name, m in r["systems"].items()
+                    ],
+                ) + [""]
             md += _served(r["systems"])
             if r["first_turn_actions"] != "scored":
                 md += [f"First-turn actions: {r['first_turn_actions']}.", ""]
                 continue
-            md += table(["system"] + [h for h, _ in FIDELITY],
-                        [[name] + [rate(m[k]) if k in SHARES else m[k] for _, k in FIDELITY] for name, m in r["systems"].items()]) + [""]  # fmt: skip
+            md += table(
+                ["system"] + [h for h, _ in FIDELITY],
+                [
+                    [name] + [rate(m[k]) if k in SHARES else m[k] for _, k in FIDELITY]
+                    for name, m in r["systems"].items()
+                ],
+            ) + [""]
             md += ["Retention (system / teacher; NLL: teacher / system):", ""]
-            md += table(["system"] + [h for h, _ in RETENTION],
-                        [[name] + [rate(kept.get(k)) for _, k in RETENTION] for name, kept in r["retention"].items() if name != "teacher"]) + [""]  # fmt: skip
+            md += table(
+                ["system"] + [h for h, _ in RETENTION],
+                [
+                    [name] + [rate(kept.get(k)) for _, k in RETENTION]
+                    for name, kept in r["retention"].items()
+                    if name != "teacher"
+                ],
+            ) + [""]
             md += ["Action kinds of the first turn (count of replies):", ""]
             kinds = sorted({k for m in r["systems"].values() for k in m["kinds"]})
-            md += table(["system"] + [short(k) for k in kinds], [[name] + [m["kinds"].get(k, 0) for k in kinds] for name, m in r["systems"].items()]) + [""]
+            md += table(
+                ["system"] + [short(k) for k in kinds],
+                [[name] + [m["kinds"].get(k, 0) for k in kinds] for name, m in r["systems"].items()],
+            ) + [""]
             used = [name for name, flag in r["heldout_used_for_lambda"].items() if flag]
             if used:
-                md += [f"Note: λ of {', '.join(used)} was chosen by the teacher KL on these held-out rows (`heldout_used_for_lambda`).", ""]
+                md += [
+                    f"Note: λ of {', '.join(used)} was chosen by the teacher KL on these held-out rows (`heldout_used_for_lambda`).",
+                    "",
+                ]
             rates = per_turn_rates(eval_dir, r["prompt_id"])
             rates = {name: rates[name] for name in r["systems"] if name in rates}
             if rates:
                 longest = max(map(len, rates.values()))
                 md += ["Share of agent turn k in the action space (episodes that reach turn k):", ""]
-                md += table(["system"] + [f"turn {k + 1}" for k in range(longest)],
-                            [[name] + [rate(x) for x in v] + [None] * (longest - len(v)) for name, v in rates.items()]) + [""]  # fmt: skip
+                md += table(
+                    ["system"] + [f"turn {k + 1}" for k in range(longest)],
+                    [[name] + [rate(x) for x in v] + [None] * (longest - len(v)) for name, v in rates.items()],
+                ) + [""]
         if done:
             others = sorted({n for r in done for n in r["retention"] if n != "teacher"})
-            panels = [(f"retention: {r['prompt_id']}", plots.bars([h for h, _ in RETENTION],
-                       {n: [r["retention"][n].get(k) for _, k in RETENTION] for n in others if n in r["retention"]}, "system / teacher"))
-                      for r in done]  # fmt: skip
+            panels = [
+                (
+                    f"retention: {r['prompt_id']}",
+                    plots.bars(
+                        [h for h, _ in RETENTION],
+                        {n: [r["retention"][n].get(k) for _, k in RETENTION] for n in others if n in r["retention"]},
+                        "system / teacher",
+                    ),
+                )
+                for r in done
+            ]
             figures.append(out.parent / plots.figure(figure("retention"), panels))
-            panels = [(f"per-turn action-space rate: {r['prompt_id']}", plots.lines(per_turn_rates(eval_dir, r["prompt_id"]), "agent turn", "share in the action space"))
-                      for r in done if r["first_turn_actions"] == "scored"]  # fmt: skip
+            panels = [
+                (
+                    f"per-turn action-space rate: {r['prompt_id']}",
+                    plots.lines(per_turn_rates(eval_dir, r["prompt_id"]), "agent turn", "share in the action space"),
+                )
+                for r in done
+                if r["first_turn_actions"] == "scored"
+            ]
             if panels:
                 figures.append(out.parent / plots.figure(figure("per-turn"), panels))
-            md += [f"![retention]({figure('retention').name})", ""] + ([f"![per-turn action-space rate]({figure('per-turn').name})", ""] if panels else [])
+            md += [f"![retention]({figure('retention').name})", ""] + (
+                [f"![per-turn action-space rate]({figure('per-turn').name})", ""] if panels else []
+            )
 
     leakage = _read_json(eval_dir / "leakage.json")
     if leakage is None:
         missing.append(f"leakage: {eval_dir / 'leakage.json'} not found (run genpi eval leakage)")
     else:
         md += ["## Prompt leakage", ""]
-        md += [f"Command: `{' '.join(leakage['command'] or [])}`; {len(leakage['requests'])} extraction requests; served as: {leakage['served_as']}.", ""]
+        md += [
+            f"Command: `{' '.join(leakage['command'] or [])}`; {len(leakage['requests'])} extraction requests; served as: {leakage['served_as']}.",
+            "",
+        ]
         done = [r for r in leakage["results"] if "skipped" not in r]
         missing += [f"leakage of {r['prompt_id']}: {r['skipped']}" for r in leakage["results"] if "skipped" in r]
         for r in done:
             adapters.setdefault(r["prompt_id"], {}).update(r["adapters"])
             md += [f"### {r['prompt_id']} (P: {r['prompt_words']} words)", ""]
-            md += table(["system"] + [h for h, _ in LEAKAGE], [[name] + [m[k] for _, k in LEAKAGE] for name, m in r["systems"].items()]) + [""]
+            md += table(
+                ["system"] + [h for h, _ in LEAKAGE],
+                [[name] + [m[k] for _, k in LEAKAGE] for name, m in r["systems"].items()],
+            ) + [""]
             md += _served(r["systems"])
         if done:
-            panels = [(f"leakage: {r['prompt_id']}", plots.bars([h for h, _ in LEAKAGE], {n: [m[k] for _, k in LEAKAGE] for n, m in r["systems"].items()}, "share"))
-                      for r in done]  # fmt: skip
+            panels = [
+                (
+                    f"leakage: {r['prompt_id']}",
+                    plots.bars(
+                        [h for h, _ in LEAKAGE],
+                        {n: [m[k] for _, k in LEAKAGE] for n, m in r["systems"].items()},
+                        "share",
+                    ),
+                )
+                for r in done
+            ]
             figures.append(out.parent / plots.figure(figure("leakage"), panels))
             md += [f"![leakage]({figure('leakage').name})", ""]
 
@@ -284,25 +447,59 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
             missing.append(f"{name}: {eval_dir / f'{name}.json'} not found (run genpi eval {name})")
         for result in results.get("results", [results]) if results else []:  # one summary alone: an older genpi's
             adapters.setdefault(result["prompt_id"], {}).update(result["adapters"])
-            md += [f"### {title}: {result['prompt_id']}", "", f"Command: `{' '.join(result['command'] or [])}`; served as: {result['served_as']}; "
-                   f"{result['layout']} layout; greedy.", ""]  # fmt: skip
-            md += table(["system"] + [h for h, _ in columns], [[n] + [m[k] for _, k in columns] for n, m in result["systems"].items()]) + [""]
+            md += [
+                f"### {title}: {result['prompt_id']}",
+                "",
+                f"Command: `{' '.join(result['command'] or [])}`; served as: {result['served_as']}; "
+                f"{result['layout']} layout; greedy.",
+                "",
+            ]
+            md += table(
+                ["system"] + [h for h, _ in columns],
+                [[n] + [m[k] for _, k in columns] for n, m in result["systems"].items()],
+            ) + [""]
             md += _served(result["systems"])
             if result["retention"]:
                 keys = list(next(iter(result["retention"].values())))
-                md += ["Retention (system / teacher):", ""] + table(["system"] + keys, [[n] + [kept[k] for k in keys] for n, kept in result["retention"].items()]) + [""]
+                md += (
+                    ["Retention (system / teacher):", ""]
+                    + table(
+                        ["system"] + keys, [[n] + [kept[k] for k in keys] for n, kept in result["retention"].items()]
+                    )
+                    + [""]
+                )
             missing += [f"{name} of {result['prompt_id']}: {m}" for m in result["missing"]]
     os_tasks = _read_json(eval_dir / "os_tasks.json")
     md += ["## OS task success", ""]
     if os_tasks is None:
         missing.append(f"OS task success: {eval_dir / 'os_tasks.json'} not found (run genpi eval os-tasks)")
-    for tasks in os_tasks.get("results", [os_tasks]) if os_tasks else []:  # one summary alone: written by an older genpi
+    for tasks in (
+        os_tasks.get("results", [os_tasks]) if os_tasks else []
+    ):  # one summary alone: written by an older genpi
         adapters.setdefault(tasks["prompt_id"], {}).update(tasks["adapters"])
-        md += [f"### {tasks['prompt_id']}", "", f"Command: `{' '.join(tasks['command'] or [])}`; {tasks['tasks']} tasks from "
-               f"`{tasks['tasks_file']}`, prompt {tasks['prompt_id']}, agent {tasks['agent']}, {tasks['settings']['rounds']} rounds.", ""]  # fmt: skip
-        md += table(["system", "tasks", "successes", "success rate", "retention", "mean rounds", "seconds per task", "ended"],
-                    [[name, m["tasks"], m["successes"], rate(m["success_rate"]), rate(tasks["retention"].get(name)), m["mean_rounds"], m["mean_seconds"],
-                      ", ".join(f"{k} {v}" for k, v in m["ended"].items())] for name, m in tasks["systems"].items()]) + [""]  # fmt: skip
+        md += [
+            f"### {tasks['prompt_id']}",
+            "",
+            f"Command: `{' '.join(tasks['command'] or [])}`; {tasks['tasks']} tasks from "
+            f"`{tasks['tasks_file']}`, prompt {tasks['prompt_id']}, agent {tasks['agent']}, {tasks['settings']['rounds']} rounds.",
+            "",
+        ]
+        md += table(
+            ["system", "tasks", "successes", "success rate", "retention", "mean rounds", "seconds per task", "ended"],
+            [
+                [
+                    name,
+                    m["tasks"],
+                    m["successes"],
+                    rate(m["success_rate"]),
+                    rate(tasks["retention"].get(name)),
+                    m["mean_rounds"],
+                    m["mean_seconds"],
+                    ", ".join(f"{k} {v}" for k, v in m["ended"].items()),
+                ]
+                for name, m in tasks["systems"].items()
+            ],
+        ) + [""]
         md += _served(tasks["systems"])
         missing += [f"OS task success of {tasks['prompt_id']}: {m}" for m in tasks["missing"]]
     efficiency = _read_json(eval_dir / "efficiency.json")
@@ -311,22 +508,62 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
         missing.append(f"efficiency: {eval_dir / 'efficiency.json'} not found (run genpi eval efficiency)")
     for r in efficiency["results"] if efficiency else []:
         check, latency = r["counter_check"], r["latency"]
-        md += [f"### {r['prompt_id']}", "", f"Command: `{' '.join(r['command'] or [])}`", "",
-               f"Conversation: {r['conversation']}; model config `{r['model_config']}`; LoRA r={r['lora']['rank']} ({r['lora']['from']}); "
-               f"KV bytes in {r['kv_dtype']}, {r['concurrent']} concurrent conversation(s). Formula: {r['formula']}", "",
-               "Counter check: " + (f"{check['compared']}; largest difference per regime: "
-                                    + ", ".join(f"{k} {cell(v)}" for k, v in check["max_relative_difference"].items())
-                                    if check else "not run (--model-config: analytic only)") + ".",
-               "", f"Latency: {latency['served_as']}, median of {latency['repeats']} ({latency['note']})." if latency else "Latency: not measured (analytic only).", ""]  # fmt: skip
+        md += [
+            f"### {r['prompt_id']}",
+            "",
+            f"Command: `{' '.join(r['command'] or [])}`",
+            "",
+            f"Conversation: {r['conversation']}; model config `{r['model_config']}`; LoRA r={r['lora']['rank']} ({r['lora']['from']}); "
+            f"KV bytes in {r['kv_dtype']}, {r['concurrent']} concurrent conversation(s). Formula: {r['formula']}",
+            "",
+            "Counter check: "
+            + (
+                f"{check['compared']}; largest difference per regime: "
+                + ", ".join(f"{k} {cell(v)}" for k, v in check["max_relative_difference"].items())
+                if check
+                else "not run (--model-config: analytic only)"
+            )
+            + ".",
+            "",
+            f"Latency: {latency['served_as']}, median of {latency['repeats']} ({latency['note']})."
+            if latency
+            else "Latency: not measured (analytic only).",
+            "",
+        ]
         for regime in next(iter(r["systems"].values()))["regimes"]:
             rows = []
             for name, s in r["systems"].items():
                 t, q = s["regimes"][regime]["total"], r["ratios"].get(name, {}).get(regime, {})
-                rows.append([name, t["prefill_tokens"], t["prefill_macs"], t["decode_macs"], t["macs"], q.get("macs"),
-                             t["kv_bytes_concurrent_peak"], q.get("kv_bytes_concurrent_peak"), t.get("latency_s"), q.get("latency_s")])  # fmt: skip
+                rows.append(
+                    [
+                        name,
+                        t["prefill_tokens"],
+                        t["prefill_macs"],
+                        t["decode_macs"],
+                        t["macs"],
+                        q.get("macs"),
+                        t["kv_bytes_concurrent_peak"],
+                        q.get("kv_bytes_concurrent_peak"),
+                        t.get("latency_s"),
+                        q.get("latency_s"),
+                    ]
+                )
             md += [f"{regime}, whole conversation (ratios: system / with-P):", ""]
-            md += table(["system", "prefill tokens", "prefill MACs", "decode MACs", "MACs", "MACs ratio", "KV bytes", "KV ratio",
-                         "latency s", "latency ratio"], rows) + [""]  # fmt: skip
+            md += table(
+                [
+                    "system",
+                    "prefill tokens",
+                    "prefill MACs",
+                    "decode MACs",
+                    "MACs",
+                    "MACs ratio",
+                    "KV bytes",
+                    "KV ratio",
+                    "latency s",
+                    "latency ratio",
+                ],
+                rows,
+            ) + [""]
         name = figure(f"efficiency-{r['prompt_id']}")
         figures.append(out.parent / plots.efficiency_plot(r, name))
         md += [f"![efficiency {r['prompt_id']}]({name.name})", ""]
@@ -341,30 +578,74 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, out: str |
                 missing.append(f"training of {name}/{prompt_id}: {folder} has no genpi.json")
                 continue
             t, settings = manifest.train_metrics, manifest.settings
-            rows.append([prompt_id, name, manifest.method, manifest.lam, settings.get("epochs"), settings.get("lr"), t.get("steps"),
-                         t.get("train_loss_first"), t.get("train_loss_last"), manifest.eval_metrics.get("heldout_loss"),
-                         manifest.eval_metrics.get("heldout_kl")])  # fmt: skip
+            rows.append(
+                [
+                    prompt_id,
+                    name,
+                    manifest.method,
+                    manifest.lam,
+                    settings.get("epochs"),
+                    settings.get("lr"),
+                    t.get("steps"),
+                    t.get("train_loss_first"),
+                    t.get("train_loss_last"),
+                    manifest.eval_metrics.get("heldout_loss"),
+                    manifest.eval_metrics.get("heldout_kl"),
+                ]
+            )
             if t.get("train_losses"):
                 curves[f"{name}/{prompt_id}"] = t["train_losses"]
             else:
-                missing.append(f"loss per step of {name}/{prompt_id}: not recorded in {folder}/genpi.json (trained before genpi recorded it)")
-            trials = {k: v for k, v in manifest.eval_metrics.get("trials_heldout_kl", {}).items() if isinstance(v, (int, float))}
+                missing.append(
+                    f"loss per step of {name}/{prompt_id}: not recorded in {folder}/genpi.json (trained before genpi recorded it)"
+                )
+            trials = {
+                k: v
+                for k, v in manifest.eval_metrics.get("trials_heldout_kl", {}).items()
+                if isinstance(v, (int, float))
+            }
             if len(trials) > 1:
                 lambdas[f"{name}/{prompt_id}"] = (trials, manifest.eval_metrics.get("trials", {}))
     if rows:
         md += ["Adapters evaluated above (`genpi.json`):", ""]
-        md += table(["prompt", "system", "method", "λ", "epochs", "lr", "steps", "loss first", "loss last", "held-out loss", "held-out KL"], rows) + [""]
+        md += table(
+            [
+                "prompt",
+                "system",
+                "method",
+                "λ",
+                "epochs",
+                "lr",
+                "steps",
+                "loss first",
+                "loss last",
+                "held-out loss",
+                "held-out KL",
+            ],
+            rows,
+        ) + [""]
     else:
         missing.append("training: no evaluated adapters to read")
     for key, (kls, losses) in lambdas.items():
         md += [f"Held-out teacher KL (which chose λ) and loss per λ, {key}:", ""]
-        md += table(["λ", "held-out KL", "held-out loss"], [[float(k), v, losses.get(k)] for k, v in sorted(kls.items())]) + [""]
+        md += table(
+            ["λ", "held-out KL", "held-out loss"], [[float(k), v, losses.get(k)] for k, v in sorted(kls.items())]
+        ) + [""]
     panels = []
     if curves:
         panels.append(("training loss per step", plots.lines(curves, "optimizer step", "loss", marker="")))
     if lambdas:
-        panels.append(("held-out teacher KL per λ", plots.lines({k: [v[x] for x in sorted(v)] for k, (v, _) in lambdas.items()}, "λ", "held-out KL",
-                                                           {k: [float(x) for x in sorted(v)] for k, (v, _) in lambdas.items()})))  # fmt: skip
+        panels.append(
+            (
+                "held-out teacher KL per λ",
+                plots.lines(
+                    {k: [v[x] for x in sorted(v)] for k, (v, _) in lambdas.items()},
+                    "λ",
+                    "held-out KL",
+                    {k: [float(x) for x in sorted(v)] for k, (v, _) in lambdas.items()},
+                ),
+            )
+        )
     if panels:
         figures.append(out.parent / plots.figure(figure("training"), panels))
         md += [f"![training]({figure('training').name})", ""]

@@ -26,16 +26,23 @@ from collections.abc import Callable
 
 from genpi import InputError, exits_2_on_input_error
 
-
 SERVED_HELP = "a served system, NAME=openai:BASE_URL/MODEL (MODEL may hold {prompt_id}); repeatable"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", required=True)
-    p.add_argument("--adapters", nargs="+", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR")
+    p.add_argument(
+        "--adapters", nargs="+", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR"
+    )
     p.add_argument("--served", action="append", default=[], metavar="NAME=SPEC", help=SERVED_HELP)
-    p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)")
-    p.add_argument("--prompts", default=None, help="comma-separated prompt ids (default: all with an adapter, or all with --served)")
+    p.add_argument(
+        "--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)"
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="comma-separated prompt ids (default: all with an adapter, or all with --served)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--no-record", action="store_true", help="leave the adapters' genpi.json unchanged")
@@ -51,46 +58,114 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", default=None, help="evaluation folder (default: DATA/eval)")
     p.add_argument("--limit", type=int, default=None, help="at most this many held-out inputs per prompt")
-    p.add_argument("--max-turns", type=int, default=None, help="cap the episodes' turn limit (default: the synthesis run's)")
-    p.add_argument("--onpolicy-samples", type=int, default=1, metavar="N",
-                   help="first-turn replies sampled per input (temperature 1) for the reverse KL(system || teacher); 0: skip it")
-    p.add_argument("--no-collateral", action="store_true", help="skip the collateral damage KL(base || system) on general requests")
+    p.add_argument(
+        "--max-turns", type=int, default=None, help="cap the episodes' turn limit (default: the synthesis run's)"
+    )
+    p.add_argument(
+        "--onpolicy-samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="first-turn replies sampled per input (temperature 1) for the reverse KL(system || teacher); 0: skip it",
+    )
+    p.add_argument(
+        "--no-collateral", action="store_true", help="skip the collateral damage KL(base || system) on general requests"
+    )
     p = sub.add_parser("leakage", help="how much of P each system gives away to extraction requests")
     _common(p)
     p.add_argument("--out", required=True, help="evaluation folder")
     p = sub.add_parser("os-tasks", help="task success on AgentBench-format OS tasks, each in a fresh rootless sandbox")
     p.add_argument("tasks", help="tasks file (AgentBench OS format, .json or .jsonl)")
-    p.add_argument("--scripts", default=None, metavar="DIR",
-                   help="folder that script 'file's resolve in (AgentBench's script_dir, e.g. its data/os_interaction/scripts/dev); default: the tasks file's")
+    p.add_argument(
+        "--scripts",
+        default=None,
+        metavar="DIR",
+        help="folder that script 'file's resolve in (AgentBench's script_dir, e.g. its data/os_interaction/scripts/dev); default: the tasks file's",
+    )
     p.add_argument("--catalog", default=None, help="prompt catalog (required unless --replay-examples)")
-    p.add_argument("--prompt", default=None, help="the catalog prompt whose P the teacher gets (and the adapters internalize; required unless --replay-examples)")
-    p.add_argument("--replay-examples", action="store_true",
-                   help="no model: play each task's own example solution (a match task's answer) and a wrong answer, print how many pass and why the rest fail")
-    p.add_argument("--adapters", nargs="+", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="the catalog prompt whose P the teacher gets (and the adapters internalize; required unless --replay-examples)",
+    )
+    p.add_argument(
+        "--replay-examples",
+        action="store_true",
+        help="no model: play each task's own example solution (a match task's answer) and a wrong answer, print how many pass and why the rest fail",
+    )
+    p.add_argument(
+        "--adapters", nargs="+", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR"
+    )
     p.add_argument("--served", action="append", default=[], metavar="NAME=SPEC", help=SERVED_HELP)
-    p.add_argument("--agent", default=None, help="replay:FILE plays known replies (task index -> list of replies) instead of the model")
-    p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)")
+    p.add_argument(
+        "--agent",
+        default=None,
+        help="replay:FILE plays known replies (task index -> list of replies) instead of the model",
+    )
+    p.add_argument(
+        "--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)"
+    )
     p.add_argument("--limit", type=int, default=None, help="the first N tasks only")
     p.add_argument("--parallel", type=int, default=4, help="tasks played at once (each in its own sandbox)")
     p.add_argument("--rounds", type=int, default=8, help="agent replies per task at most")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--input-template", default=None, help="the task's user turn, with {description} (default: AgentBench's)")
-    p.add_argument("--task-timeout", type=int, default=3600, help="seconds a task's sandbox lives, model time included (default 3600)")
+    p.add_argument(
+        "--input-template", default=None, help="the task's user turn, with {description} (default: AgentBench's)"
+    )
+    p.add_argument(
+        "--task-timeout",
+        type=int,
+        default=3600,
+        help="seconds a task's sandbox lives, model time included (default 3600)",
+    )
     p.add_argument("--out", default="eval", help="evaluation folder (default: ./eval)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     _task_parsers(sub)
-    p = sub.add_parser("efficiency", help="FLOPs, latency and KV-cache bytes per turn with P and internalized, in three serving regimes")
+    p = sub.add_parser(
+        "efficiency",
+        help="FLOPs, latency and KV-cache bytes per turn with P and internalized, in three serving regimes",
+    )
     p.add_argument("--catalog", required=True)
     p.add_argument("--prompt", required=True, metavar="ID")
-    p.add_argument("--data", default=None, metavar="RUN", help="synthesis run: the conversation is its held-out dialogues (default: the shots)")
-    p.add_argument("--adapters", default=None, metavar="DIR", help="adapters folder (DIR/ID): the LoRA served unmerged (default: a fresh LoRA of genpi train's default shape)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="RUN",
+        help="synthesis run: the conversation is its held-out dialogues (default: the shots)",
+    )
+    p.add_argument(
+        "--adapters",
+        default=None,
+        metavar="DIR",
+        help="adapters folder (DIR/ID): the LoRA served unmerged (default: a fresh LoRA of genpi train's default shape)",
+    )
     p.add_argument("--turns", type=int, default=5)
-    p.add_argument("--compressed-prompt", default=None, metavar="FILE", help="a shortened P (text, used as the system turn) to compare with")
-    p.add_argument("--concurrent", type=int, default=1, metavar="C", help="KV bytes also for C concurrent conversations")
-    p.add_argument("--model-config", default=None, metavar="NAME_OR_PATH", help="analytic counts alone for this config (config.json, a folder, or a shipped name: llama-3-8b)")
-    p.add_argument("--prompt-tokens", type=int, default=None, metavar="N", help="with --model-config: P adds N tokens to every context (over the system without P)")
-    p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2' (its tokenizer counts the tokens)")
+    p.add_argument(
+        "--compressed-prompt",
+        default=None,
+        metavar="FILE",
+        help="a shortened P (text, used as the system turn) to compare with",
+    )
+    p.add_argument(
+        "--concurrent", type=int, default=1, metavar="C", help="KV bytes also for C concurrent conversations"
+    )
+    p.add_argument(
+        "--model-config",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="analytic counts alone for this config (config.json, a folder, or a shipped name: llama-3-8b)",
+    )
+    p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --model-config: P adds N tokens to every context (over the system without P)",
+    )
+    p.add_argument(
+        "--base", default="smollm2", help="base model: local folder or 'smollm2' (its tokenizer counts the tokens)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="latency: median of this many runs")
     p.add_argument("--out", default=None, help="evaluation folder (rows, efficiency.json, plot)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
@@ -110,11 +185,19 @@ def _task_parsers(sub) -> None:
     for p in (p, q):
         p.add_argument("--catalog", required=True)
         p.add_argument("--prompt", required=True, help="the catalog prompt's id")
-        p.add_argument("--adapters", nargs="*", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR")
+        p.add_argument(
+            "--adapters", nargs="*", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR"
+        )
         p.add_argument("--served", action="append", default=[], metavar="NAME=SPEC", help=SERVED_HELP)
-        p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)")
-        p.add_argument("--layout", choices=("agentbench", "examples"), default="agentbench",
-                       help="the user turns: AgentBench's text, or the layout examples/agents.yaml's prompts show")
+        p.add_argument(
+            "--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)"
+        )
+        p.add_argument(
+            "--layout",
+            choices=("agentbench", "examples"),
+            default="agentbench",
+            help="the user turns: AgentBench's text, or the layout examples/agents.yaml's prompts show",
+        )
         p.add_argument("--out", default="eval", help="evaluation folder (default: ./eval)")
         p.add_argument("--max-batch", type=int, default=32)
         p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
@@ -123,63 +206,148 @@ def _task_parsers(sub) -> None:
 def _fidelity(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
     from genpi.eval.fidelity import evaluate_catalog, format_summary
 
-    summary = evaluate_catalog(args.data, args.catalog, args.adapters, args.base, _prompts(args), limit=args.limit,
-                               max_new_tokens=args.max_new_tokens, max_turns=args.max_turns, out=args.out, record=not args.no_record,
-                               max_batch=args.max_batch, command=command, progress=not args.no_progress, served=args.served,
-                               onpolicy_samples=args.onpolicy_samples, collateral=not args.no_collateral)  # fmt: skip
+    summary = evaluate_catalog(
+        args.data,
+        args.catalog,
+        args.adapters,
+        args.base,
+        _prompts(args),
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        max_turns=args.max_turns,
+        out=args.out,
+        record=not args.no_record,
+        max_batch=args.max_batch,
+        command=command,
+        progress=not args.no_progress,
+        served=args.served,
+        onpolicy_samples=args.onpolicy_samples,
+        collateral=not args.no_collateral,
+    )
     return summary, format_summary
 
 
 def _leakage(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
     from genpi.eval.leakage import format_summary, probe_catalog
 
-    summary = probe_catalog(args.catalog, args.adapters, args.out, args.base, _prompts(args), max_new_tokens=args.max_new_tokens,
-                            record=not args.no_record, max_batch=args.max_batch, command=command, progress=not args.no_progress,
-                            served=args.served)  # fmt: skip
+    summary = probe_catalog(
+        args.catalog,
+        args.adapters,
+        args.out,
+        args.base,
+        _prompts(args),
+        max_new_tokens=args.max_new_tokens,
+        record=not args.no_record,
+        max_batch=args.max_batch,
+        command=command,
+        progress=not args.no_progress,
+        served=args.served,
+    )
     return summary, format_summary
 
 
 def _os_tasks(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
-    from genpi.eval.os_tasks import (INPUT_TEMPLATE, LoopSettings, evaluate_os_tasks, format_replay, format_summary,
-                                     replay_examples)  # fmt: skip
+    from genpi.eval.os_tasks import (
+        INPUT_TEMPLATE,
+        LoopSettings,
+        evaluate_os_tasks,
+        format_replay,
+        format_summary,
+        replay_examples,
+    )
     from genpi.eval.sandbox import Limits
 
-    settings = LoopSettings(args.rounds, max_new_tokens=args.max_new_tokens, input_template=args.input_template or INPUT_TEMPLATE,
-                            limits=Limits(wall_s=args.task_timeout))  # fmt: skip
+    settings = LoopSettings(
+        args.rounds,
+        max_new_tokens=args.max_new_tokens,
+        input_template=args.input_template or INPUT_TEMPLATE,
+        limits=Limits(wall_s=args.task_timeout),
+    )
     if args.replay_examples:
         if args.agent or args.adapters or args.served:
-            raise InputError("--replay-examples plays the tasks' own solutions: leave out --agent, --adapters and --served")
+            raise InputError(
+                "--replay-examples plays the tasks' own solutions: leave out --agent, --adapters and --served"
+            )
         return replay_examples(args.tasks, args.scripts, args.limit, args.parallel, settings), format_replay
     if not (args.catalog and args.prompt):
         raise InputError("genpi eval os-tasks needs --catalog and --prompt (or --replay-examples)")
-    summary = evaluate_os_tasks(args.tasks, args.catalog, args.prompt, args.adapters, args.base, agent=args.agent, limit=args.limit,
-                                parallel=args.parallel, out=args.out, settings=settings, max_batch=args.max_batch, command=command,
-                                served=args.served, scripts=args.scripts)  # fmt: skip
+    summary = evaluate_os_tasks(
+        args.tasks,
+        args.catalog,
+        args.prompt,
+        args.adapters,
+        args.base,
+        agent=args.agent,
+        limit=args.limit,
+        parallel=args.parallel,
+        out=args.out,
+        settings=settings,
+        max_batch=args.max_batch,
+        command=command,
+        served=args.served,
+        scripts=args.scripts,
+    )
     return summary, format_summary
 
 
 def _mind2web(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
     from genpi.eval.mind2web import evaluate, format_summary
 
-    summary = evaluate(args.steps, args.catalog, args.prompt, args.adapters, args.base, limit=args.limit, out=args.out, layout=args.layout,
-                       max_new_tokens=args.max_new_tokens, max_batch=args.max_batch, command=command, served=args.served)  # fmt: skip
+    summary = evaluate(
+        args.steps,
+        args.catalog,
+        args.prompt,
+        args.adapters,
+        args.base,
+        limit=args.limit,
+        out=args.out,
+        layout=args.layout,
+        max_new_tokens=args.max_new_tokens,
+        max_batch=args.max_batch,
+        command=command,
+        served=args.served,
+    )
     return summary, format_summary
 
 
 def _webshop(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
     from genpi.eval.webshop import evaluate, format_summary
 
-    summary = evaluate(args.url, args.catalog, args.prompt, args.adapters, args.base, goals=args.goals, out=args.out, layout=args.layout,
-                       max_new_tokens=args.max_new_tokens, max_batch=args.max_batch, command=command, served=args.served)  # fmt: skip
+    summary = evaluate(
+        args.url,
+        args.catalog,
+        args.prompt,
+        args.adapters,
+        args.base,
+        goals=args.goals,
+        out=args.out,
+        layout=args.layout,
+        max_new_tokens=args.max_new_tokens,
+        max_batch=args.max_batch,
+        command=command,
+        served=args.served,
+    )
     return summary, format_summary
 
 
 def _efficiency(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
     from genpi.eval.efficiency import evaluate, format_summary
 
-    summary = evaluate(args.catalog, args.prompt, data=args.data, adapters=args.adapters, turns=args.turns,
-                       compressed_prompt=args.compressed_prompt, concurrent=args.concurrent, model_config=args.model_config,
-                       prompt_tokens=args.prompt_tokens, base=args.base, repeats=args.repeats, out=args.out, command=command)  # fmt: skip
+    summary = evaluate(
+        args.catalog,
+        args.prompt,
+        data=args.data,
+        adapters=args.adapters,
+        turns=args.turns,
+        compressed_prompt=args.compressed_prompt,
+        concurrent=args.concurrent,
+        model_config=args.model_config,
+        prompt_tokens=args.prompt_tokens,
+        base=args.base,
+        repeats=args.repeats,
+        out=args.out,
+        command=command,
+    )
     summary.pop("rows")
     return summary, format_summary
 
@@ -208,7 +376,9 @@ def _check(args) -> None:
     if getattr(args, "onpolicy_samples", 0) < 0:
         raise InputError(f"--onpolicy-samples must be at least 0, got {args.onpolicy_samples}")
     if args.what in ("fidelity", "leakage") and not args.adapters and not args.served:
-        raise InputError(f"genpi eval {args.what} compares adapters with the teacher: give --adapters DIR or --served NAME=SPEC")
+        raise InputError(
+            f"genpi eval {args.what} compares adapters with the teacher: give --adapters DIR or --served NAME=SPEC"
+        )
 
 
 @exits_2_on_input_error

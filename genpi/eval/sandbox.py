@@ -120,8 +120,13 @@ exec setpriv --bounding-set "$caps" --inh-caps -all bash -c 'while read -r _; do
 """
 ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash", "TERM": "dumb", "LANG": "C.UTF-8",
-}  # fmt: skip
+    "HOME": "/root",
+    "USER": "root",
+    "LOGNAME": "root",
+    "SHELL": "/bin/bash",
+    "TERM": "dumb",
+    "LANG": "C.UTF-8",
+}
 NAMESPACES = ("user", "mnt", "pid", "net", "uts", "ipc")
 HOME = "/root"  # where the shell and every script start: AgentBench's containers run as root in WorkingDir /root
 NOFILE = 1 << 20  # open files per process, as Docker's (1048576); no more than the host's fs.nr_open
@@ -139,7 +144,9 @@ class Limits:
     memory_mb: int = 2048  # address space per process (RLIMIT_AS)
     processes: int = 256  # processes in the sandbox (RLIMIT_NPROC; and pids.max with a cgroup)
     wall_s: float = 3600.0  # the sandbox is killed this long after it started (the agent's thinking included)
-    output_kb: int = 1024  # output kept per command (its beginning, what the agent is shown); the rest is drained and dropped
+    output_kb: int = (
+        1024  # output kept per command (its beginning, what the agent is shown); the rest is drained and dropped
+    )
     total_memory_mb: int = 4096  # memory of the whole sandbox, tmpfs included (memory.max; with a cgroup only)
     cpus: float = 1.0  # CPU quota of the whole sandbox (cpu.max; with a cgroup only)
 
@@ -157,7 +164,11 @@ class CommandTimeout(Exception):
 def ansi_c_quote(text: str) -> str:
     """`text` as one bash $'...' word (every byte outside [A-Za-z0-9 ] as \\xHH), so no quote or newline
     in an agent's command can end the line that carries it."""
-    return "$'" + "".join(chr(b) if chr(b).isalnum() and b < 128 or b == 32 else f"\\x{b:02x}" for b in text.encode()) + "'"
+    return (
+        "$'"
+        + "".join(chr(b) if chr(b).isalnum() and b < 128 or b == 32 else f"\\x{b:02x}" for b in text.encode())
+        + "'"
+    )
 
 
 def subordinate_ids(path: str, name: str, uid: int) -> tuple[int, int] | None:
@@ -168,7 +179,13 @@ def subordinate_ids(path: str, name: str, uid: int) -> tuple[int, int] | None:
         return None
     for line in lines:
         fields = line.strip().split(":")
-        if len(fields) == 3 and fields[0] in (name, str(uid)) and fields[1].isdigit() and fields[2].isdigit() and int(fields[2]) > 0:
+        if (
+            len(fields) == 3
+            and fields[0] in (name, str(uid))
+            and fields[1].isdigit()
+            and fields[2].isdigit()
+            and int(fields[2]) > 0
+        ):
             return int(fields[1]), min(int(fields[2]), IDS)
     return None
 
@@ -195,8 +212,9 @@ def unreadable_dirs() -> tuple[str, ...]:
     looked up once: every host file belongs to an id the sandbox does not map, so only the permission bits
     for others count. The sandbox shows each as an empty directory of its own."""
     tops = [f"/{d}" for d in OVERLAID if os.path.isdir(f"/{d}") and not os.path.islink(f"/{d}")]
-    found = subprocess.run(["find", *tops, "-xdev", "-type", "d", "!", "-perm", "-005", "-prune", "-print0"],
-                           capture_output=True).stdout  # fmt: skip
+    found = subprocess.run(
+        ["find", *tops, "-xdev", "-type", "d", "!", "-perm", "-005", "-prune", "-print0"], capture_output=True
+    ).stdout
     return tuple(sorted(d.decode(errors="surrogateescape").lstrip("/") for d in found.split(b"\0") if d))
 
 
@@ -214,8 +232,11 @@ def sandbox_cgroup(limits: Limits, name: str) -> Path | None:
     (one warning: the sandbox then has its rlimits and tmpfs size only)."""
     parent = os.environ.get(CGROUP_ENV)
     if not parent:
-        warn_once("cgroup", f"no delegated cgroup v2 ({CGROUP_ENV} unset): each sandbox is bounded by rlimits and its "
-                            "tmpfs size only, not in total memory, processes across users or CPU")  # fmt: skip
+        warn_once(
+            "cgroup",
+            f"no delegated cgroup v2 ({CGROUP_ENV} unset): each sandbox is bounded by rlimits and its "
+            "tmpfs size only, not in total memory, processes across users or CPU",
+        )
         return None
     parent = Path(parent)
     try:
@@ -223,7 +244,9 @@ def sandbox_cgroup(limits: Limits, name: str) -> Path | None:
     except OSError as e:
         raise SandboxError(f"{CGROUP_ENV}={parent}: not a cgroup v2 directory: {e}") from None
     if missing:
-        raise SandboxError(f"{CGROUP_ENV}={parent}: controllers {', '.join(sorted(missing))} are not enabled in its cgroup.subtree_control")
+        raise SandboxError(
+            f"{CGROUP_ENV}={parent}: controllers {', '.join(sorted(missing))} are not enabled in its cgroup.subtree_control"
+        )
     group = parent / name
     group.mkdir()
     (group / "memory.max").write_text(str(limits.total_memory_mb << 20))
@@ -255,17 +278,35 @@ class Sandbox:
         maps = id_maps()
         self._groups = maps is not None  # setgroups is allowed in the namespace: the entered processes drop theirs
         if maps is None:
-            warn_once("ids", f"no subordinate ids for uid {os.geteuid()} (needs newuidmap, newgidmap and /etc/subuid, "
-                             "/etc/subgid): the sandbox's root is this user outside, so it reads every file this user "
-                             "and its groups can read under /usr, /opt, /srv, /etc and /var, and chown to other users fails")  # fmt: skip
+            warn_once(
+                "ids",
+                f"no subordinate ids for uid {os.geteuid()} (needs newuidmap, newgidmap and /etc/subuid, "
+                "/etc/subgid): the sandbox's root is this user outside, so it reads every file this user "
+                "and its groups can read under /usr, /opt, /srv, /etc and /var, and chown to other users fails",
+            )
         self.cgroup = sandbox_cgroup(limits, f"sandbox-{os.getpid()}-{secrets.token_hex(4)}")
         spec = {"create": maps[0] if maps else "self"}
         caps = ",".join(["-all", *(f"+{name}" for name in KEEP)])
-        argv = [sys.executable, "-I", "-S", str(ENTER), json.dumps(spec), "--", "bash", "-c", SETUP, "genpi-sandbox", f"{limits.disk_mb}m", caps, *unreadable_dirs()]
+        argv = [
+            sys.executable,
+            "-I",
+            "-S",
+            str(ENTER),
+            json.dumps(spec),
+            "--",
+            "bash",
+            "-c",
+            SETUP,
+            "genpi-sandbox",
+            f"{limits.disk_mb}m",
+            caps,
+            *unreadable_dirs(),
+        ]
         life, self._life = os.pipe()  # PID 1 reads `life` until EOF; only genpi holds self._life
         try:
-            self._holder = _spawner.submit(subprocess.Popen, argv, stdin=life, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           cwd="/", env=ENV).result()  # fmt: skip
+            self._holder = _spawner.submit(
+                subprocess.Popen, argv, stdin=life, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=ENV
+            ).result()
         except OSError as e:
             os.close(self._life)
             raise SandboxError(f"the sandbox did not start: {e}") from None
@@ -282,7 +323,9 @@ class Sandbox:
         def failed(what: str) -> SandboxError:
             self._holder.kill()
             error = self._holder.stderr.read().decode(errors="replace").strip()
-            return SandboxError(f"the sandbox did not start ({what}; needs unprivileged user namespaces, overlayfs and util-linux): {error}")
+            return SandboxError(
+                f"the sandbox did not start ({what}; needs unprivileged user namespaces, overlayfs and util-linux): {error}"
+            )
 
         if self._holder.stdout.readline() != b"started\n":
             raise failed("no namespaces")
@@ -295,10 +338,16 @@ class Sandbox:
                     Path(f"/proc/{self._holder.pid}/uid_map").write_text(f"0 {uid} {uids}\n")
                     Path(f"/proc/{self._holder.pid}/gid_map").write_text(f"0 {gid} {gids}\n")
                 else:
-                    subprocess.run(["newuidmap", str(self._holder.pid), "0", str(uid), str(uids)], check=True, capture_output=True)
-                    subprocess.run(["newgidmap", str(self._holder.pid), "0", str(gid), str(gids)], check=True, capture_output=True)
+                    subprocess.run(
+                        ["newuidmap", str(self._holder.pid), "0", str(uid), str(uids)], check=True, capture_output=True
+                    )
+                    subprocess.run(
+                        ["newgidmap", str(self._holder.pid), "0", str(gid), str(gids)], check=True, capture_output=True
+                    )
             except (OSError, subprocess.CalledProcessError) as e:
-                raise failed(f"mapping ids failed: {getattr(e, 'stderr', b'').decode(errors='replace').strip() or e}") from None
+                raise failed(
+                    f"mapping ids failed: {getattr(e, 'stderr', b'').decode(errors='replace').strip() or e}"
+                ) from None
         os.write(self._life, b"go\n")
         if self._holder.stdout.readline() != b"ready\n":
             raise failed("its setup failed")
@@ -318,12 +367,24 @@ class Sandbox:
         if self._closed or self.expired:
             raise SandboxError("the sandbox is closed" if self._closed else "the sandbox ran out of time")
         mb = 1 << 20
-        rlimits = {"RLIMIT_NPROC": self.limits.processes, "RLIMIT_FSIZE": self.limits.file_mb * mb,
-                   "RLIMIT_AS": self.limits.memory_mb * mb, "RLIMIT_CORE": 0}  # fmt: skip
-        spec = {"ns": self._fds, "rlimits": rlimits, "nofile": NOFILE, "cwd": HOME, "cgroup": str(self.cgroup) if self.cgroup else None,
-                "groups": self._groups}  # fmt: skip
+        rlimits = {
+            "RLIMIT_NPROC": self.limits.processes,
+            "RLIMIT_FSIZE": self.limits.file_mb * mb,
+            "RLIMIT_AS": self.limits.memory_mb * mb,
+            "RLIMIT_CORE": 0,
+        }
+        spec = {
+            "ns": self._fds,
+            "rlimits": rlimits,
+            "nofile": NOFILE,
+            "cwd": HOME,
+            "cgroup": str(self.cgroup) if self.cgroup else None,
+            "groups": self._groups,
+        }
         command = [sys.executable, "-I", "-S", str(ENTER), json.dumps(spec), "--", *argv]
-        proc = subprocess.Popen(command, cwd="/", env=ENV, pass_fds=list(self._fds.values()), start_new_session=True, **kwargs)
+        proc = subprocess.Popen(
+            command, cwd="/", env=ENV, pass_fds=list(self._fds.values()), start_new_session=True, **kwargs
+        )
         self._processes.append(proc)
         return proc
 
@@ -335,7 +396,9 @@ class Sandbox:
             pass
         proc.wait()
 
-    def _read(self, proc: subprocess.Popen, deadline: float, end: bytes | None = None, until_exit: bool = False) -> tuple[bytes, bytes, str]:
+    def _read(
+        self, proc: subprocess.Popen, deadline: float, end: bytes | None = None, until_exit: bool = False
+    ) -> tuple[bytes, bytes, str]:
         """Read `proc`'s stdout (and its stderr, where that is a pipe too) until stdout ends with `end` ("end"),
         its EOF ("eof"), or with `until_exit` the process's exit ("exit": what is in the pipes then is read,
         but nothing waits for processes it left running that still hold them), or the deadline ("timeout"):
@@ -414,7 +477,9 @@ class Sandbox:
         whole process group. A shell that a command ended (`exit`) or that timed out is replaced by a fresh
         one at the next command."""
         if self._shell is None or self._shell.poll() is not None:
-            self._shell = self._popen(["bash", "--login"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            self._shell = self._popen(
+                ["bash", "--login"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
         marker = secrets.token_hex(8)
         line = f"eval {ansi_c_quote(command)} </dev/null 2>&1; printf '\\n%s\\n' {marker}\n"
         shell = self._shell
@@ -429,7 +494,9 @@ class Sandbox:
             self._kill_group(shell)  # nothing of it may run on into the next command
             self._shell = None
             raise CommandTimeout(out.decode(errors="replace"))
-        if ended == "eof":  # the shell is gone (exit, kill, or the sandbox was killed): the next command gets a fresh one
+        if (
+            ended == "eof"
+        ):  # the shell is gone (exit, kill, or the sandbox was killed): the next command gets a fresh one
             self._shell = None
         return out.decode(errors="replace")
 
@@ -456,7 +523,9 @@ class Sandbox:
         os.close(self._life)  # EOF for PID 1, which then exits
         self._kill()
         if self._pidfd is not None:
-            select.select([self._pidfd], [], [], 30)  # readable once PID 1 is gone, and with it every process of its namespace
+            select.select(
+                [self._pidfd], [], [], 30
+            )  # readable once PID 1 is gone, and with it every process of its namespace
         with self._lock:
             if self._pidfd is not None:
                 os.close(self._pidfd)
@@ -477,7 +546,7 @@ class Sandbox:
             except OSError:
                 pass
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -31,8 +31,22 @@ import warnings  # noqa: F401 (os.execvp imports it; by then this process may no
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 1, 38, 24, 47, 4
 CLONE = {"mnt": 0x20000, "uts": 0x4000000, "ipc": 0x8000000, "user": 0x10000000, "pid": 0x20000000, "net": 0x40000000}
 # Docker's default capabilities (what AgentBench's containers give their root); numbers from linux/capability.h
-KEEP = {"chown": 0, "dac_override": 1, "fowner": 3, "fsetid": 4, "kill": 5, "setgid": 6, "setuid": 7, "setpcap": 8,
-        "net_bind_service": 10, "net_raw": 13, "sys_chroot": 18, "mknod": 27, "audit_write": 29, "setfcap": 31}  # fmt: skip
+KEEP = {
+    "chown": 0,
+    "dac_override": 1,
+    "fowner": 3,
+    "fsetid": 4,
+    "kill": 5,
+    "setgid": 6,
+    "setuid": 7,
+    "setpcap": 8,
+    "net_bind_service": 10,
+    "net_raw": 13,
+    "sys_chroot": 18,
+    "mknod": 27,
+    "audit_write": 29,
+    "setfcap": 31,
+}
 # The user namespace first: it gives the capabilities the others need.
 ORDER = ("user", "mnt", "pid", "net", "uts", "ipc")
 
@@ -92,7 +106,9 @@ def nofile(n: int) -> None:
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (n, max(n, hard) if hard != resource.RLIM_INFINITY else hard))
     except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else max(soft, min(n, hard)), hard))
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else max(soft, min(n, hard)), hard)
+        )
 
 
 def create(spec: dict, argv: list[str], libc, check) -> None:

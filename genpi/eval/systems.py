@@ -73,7 +73,9 @@ def adapter_dirs(specs: list[str]) -> dict[str, Path]:
         if not path.is_dir():
             raise InputError(f"--adapters {spec}: no such folder")
         if name in (TEACHER, BASE) or name in dirs or not SYSTEM_NAME.fullmatch(name):
-            raise InputError(f"--adapters {spec}: system name {name!r} is reserved, repeated or not [A-Za-z0-9._+-]; name it NAME=DIR")
+            raise InputError(
+                f"--adapters {spec}: system name {name!r} is reserved, repeated or not [A-Za-z0-9._+-]; name it NAME=DIR"
+            )
         dirs[name] = path
     return dirs
 
@@ -84,9 +86,13 @@ def served_specs(specs: list[str], taken) -> dict[str, str]:
     for spec in specs:
         name, _, target = spec.partition("=")
         if not target.startswith(PREFIX):
-            raise InputError(f"--served {spec}: expected NAME=openai:BASE_URL/MODEL, e.g. genpi=openai:http://127.0.0.1:8000/v1/{PROMPT_ID}")
+            raise InputError(
+                f"--served {spec}: expected NAME=openai:BASE_URL/MODEL, e.g. genpi=openai:http://127.0.0.1:8000/v1/{PROMPT_ID}"
+            )
         if name in (TEACHER, BASE) or name in taken or name in served or not SYSTEM_NAME.fullmatch(name):
-            raise InputError(f"--served {spec}: system name {name!r} is reserved, repeated (an --adapters name too?) or not [A-Za-z0-9._+-]")
+            raise InputError(
+                f"--served {spec}: system name {name!r} is reserved, repeated (an --adapters name too?) or not [A-Za-z0-9._+-]"
+            )
         try:
             split_spec(target)
         except ValueError as e:
@@ -111,7 +117,9 @@ def check_served(systems: list[System]) -> None:
         if isinstance(listed[url], str):
             problems.append(f"{s.name}: the server does not answer ({listed[url]})")
         elif model not in listed[url]:
-            problems.append(f"{s.name}: {url} does not serve {model!r} (GET /v1/models lists {', '.join(listed[url]) or 'nothing'})")
+            problems.append(
+                f"{s.name}: {url} does not serve {model!r} (GET /v1/models lists {', '.join(listed[url]) or 'nothing'})"
+            )
     if problems:
         raise InputError("--served: " + "; ".join(problems))
 
@@ -126,11 +134,16 @@ def mark_served(metrics: dict[str, dict], systems: list[System], not_scored: tup
 
 def served_notes(metrics: dict[str, dict]) -> list[str]:
     """A line per served system, for the text under a summary's table."""
-    return [f"served: {name} at {m['served']}" + (f" (not scored: {', '.join(m['not_scored'])})" if m["not_scored"] else "")
-            for name, m in metrics.items() if m.get("served")]  # fmt: skip
+    return [
+        f"served: {name} at {m['served']}" + (f" (not scored: {', '.join(m['not_scored'])})" if m["not_scored"] else "")
+        for name, m in metrics.items()
+        if m.get("served")
+    ]
 
 
-def prompt_systems(entry: PromptEntry, dirs: dict[str, Path], base_path: str, served: dict[str, str] | None = None) -> tuple[list[System], list[str]]:
+def prompt_systems(
+    entry: PromptEntry, dirs: dict[str, Path], base_path: str, served: dict[str, str] | None = None
+) -> tuple[list[System], list[str]]:
     """The teacher, the base, each adapter of this prompt (checked) and each served system, and why adapters are missing."""
     systems, missing = [System(TEACHER, None, True), System(BASE)], []
     for name, root in dirs.items():
@@ -152,7 +165,9 @@ def load_engine(base_path: str, systems: list[System], max_batch: int = 32):
     from genpi.engines.hf import TransformersEngine
 
     # float32 on CPU: the teacher-forced NLL and KL are differences of log-probabilities that bf16 would round
-    engine = TransformersEngine(base_path, max_batch=max_batch, dtype="auto" if torch.cuda.is_available() else "float32")
+    engine = TransformersEngine(
+        base_path, max_batch=max_batch, dtype="auto" if torch.cuda.is_available() else "float32"
+    )
     engine.add_adapters({s.adapter: str(s.folder) for s in systems if s.adapter})
     engine.model.eval()
     return engine
@@ -187,7 +202,7 @@ class Batcher:
         self.engine = engine
         self.clients: dict[str, OpenAIEngine] = {}  # a served system's requests go to its server instead
 
-    def view(self, system: System) -> "_View":
+    def view(self, system: System) -> _View:
         return _View(self, system)
 
     def run(self, main):
@@ -222,9 +237,15 @@ class _View:
         return await asyncio.wrap_future(self.batcher.engine.submit(request, self.system.adapter))
 
 
-def catalog_prompts(catalog, adapters: list[str], served: list[str], base: str, prompt_ids: list[str] | None = None,
-                    inputs: Callable[[PromptEntry], tuple[Any, str | None]] | None = None,
-                    verb: str = "evaluate") -> tuple[list[Prompt], list[dict], str]:  # fmt: skip
+def catalog_prompts(
+    catalog,
+    adapters: list[str],
+    served: list[str],
+    base: str,
+    prompt_ids: list[str] | None = None,
+    inputs: Callable[[PromptEntry], tuple[Any, str | None]] | None = None,
+    verb: str = "evaluate",
+) -> tuple[list[Prompt], list[dict], str]:
     """Every catalog prompt with an adapter (or a served system) to compare, checked before a model loads: (the
     prompts, {prompt_id, skipped: why} of the others, the base model's path). `inputs(entry)`: what the evaluation
     plays on the prompt, and why it is skipped when there is nothing (None: it is not)."""
@@ -250,7 +271,9 @@ def catalog_prompts(catalog, adapters: list[str], served: list[str], base: str, 
     return prompts, skipped, base_path
 
 
-def task_prompt(catalog: str, prompt_id: str, adapters: list[str], base: str, served: list[str] = ()) -> tuple[Prompt, str]:
+def task_prompt(
+    catalog: str, prompt_id: str, adapters: list[str], base: str, served: list[str] = ()
+) -> tuple[Prompt, str]:
     """One catalog prompt's systems for a task evaluation (`--catalog C --prompt ID [--adapters DIR ...] [--served
     NAME=SPEC ...]`): (the prompt, the base model's path). Every check runs before a model loads."""
     from genpi.catalog import load_catalog

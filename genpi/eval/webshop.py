@@ -39,11 +39,21 @@ from pathlib import Path
 import pyarrow as pa
 
 from genpi import InputError
-from genpi.engines import ChatRequest, Sampling
-from genpi.eval.evaluate import (Evaluation, RunSettings, ask_every, evaluate_task, pct, per_metric, play_every, retained, row_schema,
-                               task_text)  # fmt: skip
-from genpi.eval.systems import Prompt, System, task_prompt
 from genpi.data.store import TURN
+from genpi.engines import ChatRequest, Sampling
+from genpi.eval.evaluate import (
+    Evaluation,
+    RunSettings,
+    ask_every,
+    evaluate_task,
+    pct,
+    per_metric,
+    play_every,
+    retained,
+    row_schema,
+    task_text,
+)
+from genpi.eval.systems import Prompt, System, task_prompt
 
 ROUNDS = 10  # AgentBench's limit
 ACTION = re.compile(r"[Aa]ction: *\n* *((search|click)\[.+?])")  # AgentBench's pattern
@@ -53,7 +63,9 @@ METRICS = ("mean_reward", "success_rate")
 HIDDEN = {"style", "script", "head", "title", "meta"}  # text under these is not shown (WebShop's tag_visible)
 
 EPISODE_SCHEMA = row_schema(
-    ("goal", pa.int32()), ("session", pa.string()), ("instruction", pa.string()),
+    ("goal", pa.int32()),
+    ("session", pa.string()),
+    ("instruction", pa.string()),
     ("reward", pa.float64()),  # the server's, at purchase; 0 otherwise
     ("ended", pa.string()),  # purchased | invalid_action | round_limit | error
     ("rounds", pa.int32()),  # agent replies
@@ -79,7 +91,10 @@ class Page:
     @property
     def targets(self) -> dict[str, tuple[str, str]]:
         """Every clickable -> (method, URL), in WebShop's order (buttons, product links, options)."""
-        return {**{k: ("POST", v) for k, v in self.buttons.items()}, **{k: ("GET", v) for k, v in {**self.links, **self.options}.items()}}
+        return {
+            **{k: ("POST", v) for k, v in self.buttons.items()},
+            **{k: ("GET", v) for k, v in {**self.links, **self.options}.items()},
+        }
 
 
 class _Reader(HTMLParser):
@@ -129,7 +144,9 @@ class _Reader(HTMLParser):
             self.in_reward = False
         if data.strip() and not (self.stack and self.stack[-1] in HIDDEN):
             self.page.texts.append(data.strip())
-            self.page.clickable.append(self.button is not None or self.link is not None or (self.stack[-1:] == ["label"]))
+            self.page.clickable.append(
+                self.button is not None or self.link is not None or (self.stack[-1:] == ["label"])
+            )
 
 
 def read_page(url: str, html: str) -> Page:
@@ -201,22 +218,46 @@ async def shop(url: str, goal: int, agent, prefix: list[dict], sampling: Samplin
                 break
     except (OSError, ValueError, urllib.error.URLError) as e:  # recorded on the episode, never dropped
         ended, error = "error", f"{type(e).__name__}: {e}"
-    return {"goal": goal, "session": session, "instruction": instruction, "reward": reward, "ended": ended,
-            "rounds": len(actions), "actions": actions, "turns": turns, "error": error}  # fmt: skip
+    return {
+        "goal": goal,
+        "session": session,
+        "instruction": instruction,
+        "reward": reward,
+        "ended": ended,
+        "rounds": len(actions),
+        "actions": actions,
+        "turns": turns,
+        "error": error,
+    }
 
 
-def shop_all(url: str, goals: list[int], agents: dict[str, tuple[System, object]], entry, sampling: Sampling, layout: str,
-             run_async=asyncio.run) -> dict[str, list[dict]]:  # fmt: skip
+def shop_all(
+    url: str,
+    goals: list[int],
+    agents: dict[str, tuple[System, object]],
+    entry,
+    sampling: Sampling,
+    layout: str,
+    run_async=asyncio.run,
+) -> dict[str, list[dict]]:
     """{system: per-goal rows} (genpi.eval.evaluate.play_every: every system's agent on every goal, all at once)."""
-    return play_every(goals, agents, entry, lambda goal, agent, prefix: shop(url, goal, agent, prefix, sampling, layout), run_async)
+    return play_every(
+        goals, agents, entry, lambda goal, agent, prefix: shop(url, goal, agent, prefix, sampling, layout), run_async
+    )
 
 
 def summarize(rows: list[dict]) -> dict:
     n = len(rows)
     share = lambda f: sum(map(f, rows)) / n if n else None  # noqa: E731
-    return {"goals": n, "errors": sum(r["error"] is not None for r in rows), "mean_reward": share(lambda r: r["reward"]),
-            "success_rate": share(lambda r: r["reward"] >= 1.0), "purchase_rate": share(lambda r: r["ended"] == "purchased"),
-            "invalid_action_rate": share(lambda r: r["ended"] == "invalid_action"), "mean_rounds": share(lambda r: r["rounds"])}  # fmt: skip
+    return {
+        "goals": n,
+        "errors": sum(r["error"] is not None for r in rows),
+        "mean_reward": share(lambda r: r["reward"]),
+        "success_rate": share(lambda r: r["reward"] >= 1.0),
+        "purchase_rate": share(lambda r: r["ended"] == "purchased"),
+        "invalid_action_rate": share(lambda r: r["ended"] == "invalid_action"),
+        "mean_rounds": share(lambda r: r["rounds"]),
+    }
 
 
 def score(rows: dict[str, list[dict]]) -> tuple[dict, dict]:
@@ -227,8 +268,10 @@ def score(rows: dict[str, list[dict]]) -> tuple[dict, dict]:
 
 def check_server(url: str | None) -> str:
     if not url:
-        raise InputError("genpi eval webshop needs --url URL: the address of a WebShop web app you run "
-                         "(princeton-nlp/WebShop: `python -m web_agent_site.app`, port 3000; it needs Java and about 15 GB of data)")  # fmt: skip
+        raise InputError(
+            "genpi eval webshop needs --url URL: the address of a WebShop web app you run "
+            "(princeton-nlp/WebShop: `python -m web_agent_site.app`, port 3000; it needs Java and about 15 GB of data)"
+        )
     if not re.match(r"https?://", url):
         raise InputError(f"--url {url}: expected an http:// or https:// address")
     try:
@@ -240,26 +283,59 @@ def check_server(url: str | None) -> str:
     return url
 
 
-def evaluate(url: str | None, catalog, prompt: str, adapters: list[str], base: str = "smollm2", *, goals: int = 10,
-             out: str | Path = "eval", layout: str = "agentbench", max_new_tokens: int = 256, max_batch: int = 32,
-             command: list[str] | None = None, served: list[str] = ()) -> dict:  # fmt: skip
+def evaluate(
+    url: str | None,
+    catalog,
+    prompt: str,
+    adapters: list[str],
+    base: str = "smollm2",
+    *,
+    goals: int = 10,
+    out: str | Path = "eval",
+    layout: str = "agentbench",
+    max_new_tokens: int = 256,
+    max_batch: int = 32,
+    command: list[str] | None = None,
+    served: list[str] = (),
+) -> dict:
     url = check_server(url)
     task, base_path = task_prompt(catalog, prompt, adapters, base, served)
 
     sampling = Sampling(max_tokens=max_new_tokens)
-    play = ask_every("webshop", list(range(goals)), "goals", lambda goal, agent, prefix: shop(url, goal, agent, prefix, sampling, layout))
+    play = ask_every(
+        "webshop",
+        list(range(goals)),
+        "goals",
+        lambda goal, agent, prefix: shop(url, goal, agent, prefix, sampling, layout),
+    )
 
     def describe(p: Prompt, form: str | None) -> dict:
-        return {"command": command, "url": url, "catalog": str(catalog), "prompt_id": p.entry.id, "base": base_path, "served_as": form,
-                "layout": layout, "goals": goals, "rounds": ROUNDS, "greedy": True, "max_new_tokens": max_new_tokens}  # fmt: skip
+        return {
+            "command": command,
+            "url": url,
+            "catalog": str(catalog),
+            "prompt_id": p.entry.id,
+            "base": base_path,
+            "served_as": form,
+            "layout": layout,
+            "goals": goals,
+            "rounds": ROUNDS,
+            "greedy": True,
+            "max_new_tokens": max_new_tokens,
+        }
 
     webshop = Evaluation("webshop", EPISODE_SCHEMA, play, summarize, describe, per_metric(METRICS))
     return evaluate_task(webshop, task, RunSettings(base_path, Path(out), max_batch))
 
 
 def format_summary(summary: dict) -> str:
-    title = f"\n{summary['prompt_id']}: {summary['goals']} WebShop goals at {summary['url']} ({summary['layout']} layout)"
+    title = (
+        f"\n{summary['prompt_id']}: {summary['goals']} WebShop goals at {summary['url']} ({summary['layout']} layout)"
+    )
     header = f"{'system':<14}{'reward':>10}{'success':>10}{'bought':>10}{'invalid':>10}{'rounds':>8}{'errors':>8}"
-    rows = [f"{name:<14}{m['mean_reward']:>10.3f}{pct(m['success_rate']):>10}{pct(m['purchase_rate']):>10}"
-            f"{pct(m['invalid_action_rate']):>10}{m['mean_rounds']:>8.1f}{m['errors']:>8}" for name, m in summary["systems"].items()]  # fmt: skip
+    rows = [
+        f"{name:<14}{m['mean_reward']:>10.3f}{pct(m['success_rate']):>10}{pct(m['purchase_rate']):>10}"
+        f"{pct(m['invalid_action_rate']):>10}{m['mean_rounds']:>8.1f}{m['errors']:>8}"
+        for name, m in summary["systems"].items()
+    ]
     return task_text(summary, title, header, rows, 10)

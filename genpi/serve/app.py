@@ -47,8 +47,16 @@ from genpi.serve.scheduler import Adapter, Job, Prefixes, Scheduler
 log = logging.getLogger("genpi.serve")  # the name the docs give for the whole server
 
 
-def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Adapter], api_key: str | None = None,
-              default_max_tokens: int = 512, merged: bool = False, limits: Limits = Limits()):  # fmt: skip
+def build_app(
+    scheduler: Scheduler,
+    tokenizer,
+    base_name: str,
+    adapters: list[Adapter],
+    api_key: str | None = None,
+    default_max_tokens: int = 512,
+    merged: bool = False,
+    limits: Limits = Limits(),
+):
     """The ASGI app over an embedded engine. `tokenizer` (its own copy: the engine thread uses the engine's)
     counts each request's prompt tokens, in a thread of its own, and decodes streamed tokens. `merged`: the
     engine's model is the one adapter merged into the base, served under its prompt id alone (the base without
@@ -83,7 +91,9 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
 
     async def models(request: Request):
         authorize(request)
-        data = [{"id": m, "object": "model", "created": created, "owned_by": "genpi", "root": base_name} for m in served]
+        data = [
+            {"id": m, "object": "model", "created": created, "owned_by": "genpi", "root": base_name} for m in served
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     def release(_=None) -> None:
@@ -94,8 +104,12 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
         nonlocal held
         authorize(request)
         if held >= capacity:
-            raise ApiError(503, f"the server is busy: {held} requests are running or waiting; retry later",
-                           code="server_overloaded", headers={"Retry-After": "1"})  # fmt: skip
+            raise ApiError(
+                503,
+                f"the server is busy: {held} requests are running or waiting; retry later",
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
+            )
         held += 1
         job = None
         try:
@@ -106,7 +120,9 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
             except TemplateError as e:  # the chat template refuses these messages (e.g. roles out of order)
                 raise ApiError(400, f"the model's chat template refuses these messages: {e}", "messages") from e
             if n + chat.request.sampling.max_tokens > max_model_len:
-                raise context_error(f"{n} prompt tokens + {chat.request.sampling.max_tokens} max tokens > {max_model_len}")
+                raise context_error(
+                    f"{n} prompt tokens + {chat.request.sampling.max_tokens} max tokens > {max_model_len}"
+                )
             chat.request.prefix_messages = prefixes.shared(chat.model, chat.request.messages)
             job = scheduler.submit(Job(chat.request, served[chat.model], chat.stream))
         finally:
@@ -165,8 +181,11 @@ def build_app(scheduler: Scheduler, tokenizer, base_name: str, adapters: list[Ad
         message = f"{request.method} {request.url.path}: {error.detail}"
         return _respond(ApiError(error.status_code, message, headers=error.headers))
 
-    routes = [Route("/health", health, methods=["GET"]), Route("/v1/models", _api(models), methods=["GET"]),
-              Route("/v1/chat/completions", _api(chat_completions), methods=["POST"])]  # fmt: skip
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", _api(models), methods=["GET"]),
+        Route("/v1/chat/completions", _api(chat_completions), methods=["POST"]),
+    ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
@@ -220,7 +239,9 @@ def _api(handler):
 async def _read_json(request, limit: int, timeout_s: float):
     """The request's JSON body, read up to `limit` bytes (a body that says or turns out to be larger is refused
     before more of it is held) within `timeout_s` seconds."""
-    too_large = ApiError(413, f"the request body is over this server's limit of {limit} bytes", code="request_too_large")
+    too_large = ApiError(
+        413, f"the request body is over this server's limit of {limit} bytes", code="request_too_large"
+    )
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_large
@@ -236,7 +257,7 @@ async def _read_json(request, limit: int, timeout_s: float):
         await asyncio.wait_for(read(), timeout_s)
     except ClientDisconnect as e:
         raise ApiError(400, "the client went away before sending its request body") from e
-    except asyncio.TimeoutError as e:
+    except TimeoutError as e:
         raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout") from e
     try:
         return json.loads(body)

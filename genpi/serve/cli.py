@@ -15,48 +15,89 @@ import sys
 
 from genpi import InputError, exits_2_on_input_error
 from genpi.serve.app import build_app
+from genpi.serve.launcher import run_vllm, vllm_command
 from genpi.serve.protocol import Limits
 from genpi.serve.scheduler import Scheduler, load_adapters
-from genpi.serve.launcher import run_vllm, vllm_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genpi serve", description=__doc__.splitlines()[0],
-                                epilog="With --engine vllm, arguments after -- go to `vllm serve` (e.g. -- --dtype float32)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="genpi serve",
+        description=__doc__.splitlines()[0],
+        epilog="With --engine vllm, arguments after -- go to `vllm serve` (e.g. -- --dtype float32)",
+    )
     p.add_argument("adapters", metavar="ADAPTERS", help="adapters folder (genpi train --out): ADAPTERS/ID/ per prompt")
     p.add_argument("--catalog", required=True, help="the prompt catalog the adapters were trained for")
     p.add_argument("--base", default=None, help="base model: local folder or 'smollm2' (default: the adapters' base)")
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("GENPI_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $GENPI_API_KEY, which, unlike a command line, "
-                        "other users cannot see in ps; none: no key)")  # fmt: skip
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("GENPI_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $GENPI_API_KEY, which, unlike a command line, "
+        "other users cannot see in ps; none: no key)",
+    )
     p.add_argument("--max-tokens", type=int, default=512, help="a request's max_tokens when it gives none")
     limits = Limits()
-    p.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes,
-                   help="transformers: the largest request body (default %(default)s; larger: 413)")
-    p.add_argument("--max-messages", type=int, default=limits.max_messages,
-                   help="transformers: the most messages in a request (default %(default)s)")
-    p.add_argument("--max-message-chars", type=int, default=limits.max_message_chars,
-                   help="transformers: the most characters in one message (default %(default)s)")
-    p.add_argument("--max-stop-chars", type=int, default=limits.max_stop_chars,
-                   help="transformers: the most characters in one stop string (default %(default)s)")
-    p.add_argument("--max-waiting", type=int, default=limits.max_waiting,
-                   help="transformers: requests held beyond the --max-batch running ones, being read, tokenized or "
-                        "waiting for a row (default %(default)s); more are answered 503 with Retry-After")  # fmt: skip
-    p.add_argument("--body-timeout", type=float, default=limits.body_timeout_s,
-                   help="transformers: seconds a client has to send its request body (default %(default)s; then 408)")
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=limits.max_body_bytes,
+        help="transformers: the largest request body (default %(default)s; larger: 413)",
+    )
+    p.add_argument(
+        "--max-messages",
+        type=int,
+        default=limits.max_messages,
+        help="transformers: the most messages in a request (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-message-chars",
+        type=int,
+        default=limits.max_message_chars,
+        help="transformers: the most characters in one message (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-stop-chars",
+        type=int,
+        default=limits.max_stop_chars,
+        help="transformers: the most characters in one stop string (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=limits.max_waiting,
+        help="transformers: requests held beyond the --max-batch running ones, being read, tokenized or "
+        "waiting for a row (default %(default)s); more are answered 503 with Retry-After",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=limits.body_timeout_s,
+        help="transformers: seconds a client has to send its request body (default %(default)s; then 408)",
+    )
     p.add_argument("--max-batch", type=int, default=32, help="transformers: rows per forward pass")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="transformers: torch threads (default: torch's)")
-    p.add_argument("--merge", metavar="ID", default=None,
-                   help="transformers: serve only prompt ID's adapter, merged into the base weights (the base's cost "
-                        "per token; unmerged LoRA adds two matmuls per layer); the base alone is not served")  # fmt: skip
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="transformers: auto is bfloat16 on CUDA and on CPUs with bf16 dot products, else float32")
-    p.add_argument("--vllm-python", default=os.environ.get("GENPI_VLLM_PYTHON", sys.executable),
-                   help="vllm: the Python that has vLLM (default: $GENPI_VLLM_PYTHON, else this one)")  # fmt: skip
+    p.add_argument(
+        "--merge",
+        metavar="ID",
+        default=None,
+        help="transformers: serve only prompt ID's adapter, merged into the base weights (the base's cost "
+        "per token; unmerged LoRA adds two matmuls per layer); the base alone is not served",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="transformers: auto is bfloat16 on CUDA and on CPUs with bf16 dot products, else float32",
+    )
+    p.add_argument(
+        "--vllm-python",
+        default=os.environ.get("GENPI_VLLM_PYTHON", sys.executable),
+        help="vllm: the Python that has vLLM (default: $GENPI_VLLM_PYTHON, else this one)",
+    )
     return p
 
 
@@ -67,11 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_args(argv[:cut]), argv[cut + 1 :]
     if args.max_tokens < 1 or args.max_batch < 1 or not 0 < args.port < 65536:
         raise InputError("--max-tokens and --max-batch must be at least 1, --port in 1..65535")
-    limits = Limits(args.max_body_bytes, args.max_messages, args.max_message_chars, args.max_stop_chars, args.max_waiting,
-                    args.body_timeout)  # fmt: skip
-    for flag, value, least in (("--max-body-bytes", args.max_body_bytes, 1), ("--max-messages", args.max_messages, 1),
-                               ("--max-message-chars", args.max_message_chars, 1),
-                               ("--max-stop-chars", args.max_stop_chars, 1), ("--max-waiting", args.max_waiting, 0)):  # fmt: skip
+    limits = Limits(
+        args.max_body_bytes,
+        args.max_messages,
+        args.max_message_chars,
+        args.max_stop_chars,
+        args.max_waiting,
+        args.body_timeout,
+    )
+    for flag, value, least in (
+        ("--max-body-bytes", args.max_body_bytes, 1),
+        ("--max-messages", args.max_messages, 1),
+        ("--max-message-chars", args.max_message_chars, 1),
+        ("--max-stop-chars", args.max_stop_chars, 1),
+        ("--max-waiting", args.max_waiting, 0),
+    ):
         if value < least:
             raise InputError(f"{flag} must be at least {least}, got {value}")
     if not limits.body_timeout_s > 0:  # also NaN
@@ -96,13 +147,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from genpi.engines.hf import TransformersEngine
 
-    engine = TransformersEngine(base_path, max_batch=args.max_batch, dtype=args.dtype, max_model_len=args.max_model_len,
-                                threads=args.threads)  # fmt: skip
+    engine = TransformersEngine(
+        base_path, max_batch=args.max_batch, dtype=args.dtype, max_model_len=args.max_model_len, threads=args.threads
+    )
     engine.add_adapters({a.name: str(a.folder) for a in adapters}, merge=args.merge is not None)
     scheduler = Scheduler(engine)
-    app = build_app(scheduler, AutoTokenizer.from_pretrained(base_path), engine.model_name, adapters, args.api_key,
-                    args.max_tokens, merged=args.merge is not None, limits=limits)  # fmt: skip
+    app = build_app(
+        scheduler,
+        AutoTokenizer.from_pretrained(base_path),
+        engine.model_name,
+        adapters,
+        args.api_key,
+        args.max_tokens,
+        merged=args.merge is not None,
+        limits=limits,
+    )
     names += " (merged into the base)" if args.merge is not None else ""
-    print(f"genpi serve: {engine.model_name} with {names} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    print(
+        f"genpi serve: {engine.model_name} with {names} on http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

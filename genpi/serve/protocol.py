@@ -35,8 +35,14 @@ class Limits:
 class ApiError(Exception):
     """An OpenAI-style error response."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
@@ -46,8 +52,12 @@ class ApiError(Exception):
 
 
 def context_error(message: str) -> ApiError:
-    return ApiError(400, f"this model's context is too short for the request: {message}; shorten the messages "
-                    "or lower max_tokens", "messages", "context_length_exceeded")  # fmt: skip
+    return ApiError(
+        400,
+        f"this model's context is too short for the request: {message}; shorten the messages or lower max_tokens",
+        "messages",
+        "context_length_exceeded",
+    )
 
 
 @dataclass
@@ -71,7 +81,9 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
         what = "an integer" if integer else "a number"
-        raise ApiError(400, f"'{name}' must be {what} in [{low:g}, {high:g}], got {repr(value)[:80]}", name)  # not an echo of a huge value
+        raise ApiError(
+            400, f"'{name}' must be {what} in [{low:g}, {high:g}], got {repr(value)[:80]}", name
+        )  # not an echo of a huge value
     return value
 
 
@@ -82,18 +94,28 @@ def parse_chat(body, models: set[str], default_max_tokens: int, limits: Limits =
     if not isinstance(model, str):
         raise ApiError(400, "'model' is required: a prompt id or the base model's name (GET /v1/models)", "model")
     if model not in models:
-        raise ApiError(404, f"the model {repr(model)[:100]} does not exist; served: {', '.join(sorted(models))}", "model", "model_not_found")
+        raise ApiError(
+            404,
+            f"the model {repr(model)[:100]} does not exist; served: {', '.join(sorted(models))}",
+            "model",
+            "model_not_found",
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
     if len(messages) > limits.max_messages:
-        raise ApiError(400, f"'messages' holds {len(messages)} messages; this server takes at most {limits.max_messages}",
-                       "messages")  # fmt: skip
+        raise ApiError(
+            400,
+            f"'messages' holds {len(messages)} messages; this server takes at most {limits.max_messages}",
+            "messages",
+        )
     chat = []
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
                 raise ApiError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
             content = "".join(p["text"] for p in content)
         role = m.get("role") if isinstance(m, dict) else None
@@ -101,8 +123,12 @@ def parse_chat(body, models: set[str], default_max_tokens: int, limits: Limits =
         if role not in ROLES or not isinstance(content, str):
             raise ApiError(400, f"messages[{i}] must be {{'role': one of {ROLES}, 'content': text}}", f"messages[{i}]")
         if len(content) > limits.max_message_chars:
-            raise ApiError(400, f"messages[{i}].content has {len(content)} characters; this server takes at most "
-                           f"{limits.max_message_chars} per message", f"messages[{i}].content")  # fmt: skip
+            raise ApiError(
+                400,
+                f"messages[{i}].content has {len(content)} characters; this server takes at most "
+                f"{limits.max_message_chars} per message",
+                f"messages[{i}].content",
+            )
         chat.append({"role": role, "content": content})
     if _number(body, "n", 1, 1, 1, integer=True) != 1:
         raise ApiError(400, "'n' must be 1", "n")
@@ -134,8 +160,14 @@ def parse_chat(body, models: set[str], default_max_tokens: int, limits: Limits =
         logprobs=logprobs,
     )
     request = ChatRequest(chat, sampling, seed=random.randrange(2**31) if seed is None else seed % 2**31)
-    return Chat(model, request, bool(body.get("stream")),
-                bool(options.get("include_usage")), logprobs, bool(body.get("return_tokens_as_token_ids")))  # fmt: skip
+    return Chat(
+        model,
+        request,
+        bool(body.get("stream")),
+        bool(options.get("include_usage")),
+        logprobs,
+        bool(body.get("return_tokens_as_token_ids")),
+    )
 
 
 def finish_reason(completion: Completion) -> str:
@@ -164,14 +196,30 @@ def _logprobs(tokenizer, chat: Chat, completion: Completion) -> dict | None:
 def chat_completion(tokenizer, chat: Chat, completion: Completion) -> dict:
     """The `chat.completion` object answering `chat` (`tokenizer` spells the logprobs' tokens)."""
     message = {"role": "assistant", "content": completion.text}
-    choice = {"index": 0, "message": message, "logprobs": _logprobs(tokenizer, chat, completion),
-              "finish_reason": finish_reason(completion)}  # fmt: skip
-    return {"id": chat.id, "object": "chat.completion", "created": chat.created, "model": chat.model,
-            "choices": [choice], "usage": usage_of(completion)}  # fmt: skip
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": _logprobs(tokenizer, chat, completion),
+        "finish_reason": finish_reason(completion),
+    }
+    return {
+        "id": chat.id,
+        "object": "chat.completion",
+        "created": chat.created,
+        "model": chat.model,
+        "choices": [choice],
+        "usage": usage_of(completion),
+    }
 
 
 def chunk(chat: Chat, delta: dict | None, finish: str | None = None, usage: dict | None = None) -> dict:
     """One `chat.completion.chunk` of `chat`'s stream: a delta (None: no choice, as the usage chunk has none)."""
     choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if delta is not None else []
-    return {"id": chat.id, "object": "chat.completion.chunk", "created": chat.created, "model": chat.model,
-            "choices": choices, **({"usage": usage} if usage else {})}  # fmt: skip
+    return {
+        "id": chat.id,
+        "object": "chat.completion.chunk",
+        "created": chat.created,
+        "model": chat.model,
+        "choices": choices,
+        **({"usage": usage} if usage else {}),
+    }

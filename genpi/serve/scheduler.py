@@ -18,8 +18,8 @@ from pathlib import Path
 
 from genpi import InputError
 from genpi.catalog import load_catalog
-from genpi.engines import ChatRequest, Completion
 from genpi.data.adapters import AdapterManifest, check_adapter, check_base, read_adapter_manifest
+from genpi.engines import ChatRequest, Completion
 
 HISTORY = 1000  # jobs the scheduler remembers
 

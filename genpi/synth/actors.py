@@ -30,9 +30,14 @@ from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, EngineC
 
 # Errors after which an engine never recovers in-process.
 FATAL_ENGINE_ERRORS = (
-    "EngineDeadError", "CUDA error", "illegal memory access", "device-side assert", "CUBLAS_STATUS", "CUDNN_STATUS",
+    "EngineDeadError",
+    "CUDA error",
+    "illegal memory access",
+    "device-side assert",
+    "CUBLAS_STATUS",
+    "CUDNN_STATUS",
     "NCCL error",
-)  # fmt: skip
+)
 DEAD_AFTER_IDENTICAL_FAILURES = 8  # the same engine error this many calls in a row: treat as dead
 SHUTDOWN_TIMEOUT_S = 60.0  # a dead engine's shutdown may hang (a wedged GPU): the process exits after this anyway
 
@@ -70,14 +75,20 @@ class EngineActor:
         for result in results:
             if result.error is None:
                 self.last_failure, self.repeated_failures = "", 0
-            elif not result.error.startswith(f"{CONTEXT_LENGTH_ERROR}:"):  # a too-long prompt says nothing of the engine
+            elif not result.error.startswith(
+                f"{CONTEXT_LENGTH_ERROR}:"
+            ):  # a too-long prompt says nothing of the engine
                 same = result.error == self.last_failure
                 self.last_failure, self.repeated_failures = result.error, self.repeated_failures + 1 if same else 1
                 fatal = any(marker in result.error for marker in FATAL_ENGINE_ERRORS)
                 if fatal or self.repeated_failures >= DEAD_AFTER_IDENTICAL_FAILURES:
                     why = "fatal error" if fatal else f"the same error {self.repeated_failures} times in a row"
-                    print(f"genpi: engine {self.config.model} (pid {os.getpid()}) is dead ({why}: {result.error[:500]}); "
-                          "shutting it down and exiting so that Ray restarts it", file=sys.stderr, flush=True)  # fmt: skip
+                    print(
+                        f"genpi: engine {self.config.model} (pid {os.getpid()}) is dead ({why}: {result.error[:500]}); "
+                        "shutting it down and exiting so that Ray restarts it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     shut_down_and_exit(self.engine)
 
 
@@ -111,7 +122,7 @@ class ActorEngine:
         ref = self.handle.generate.remote(request)
         try:
             result = await asyncio.wait_for(ref, self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             ray.cancel(ref)
             result = Completion.failure(f"engine: {self.model_name} gave no answer within {self.timeout_s:g} s")
         except ray.exceptions.RayError as e:  # the actor died for good (restarts used up), or the call raised
@@ -121,7 +132,9 @@ class ActorEngine:
         return result
 
 
-def start_engine(config: EngineConfig, name: str, restarts: int, timeout_s: float, record: bool = False) -> tuple[object, ActorEngine]:
+def start_engine(
+    config: EngineConfig, name: str, restarts: int, timeout_s: float, record: bool = False
+) -> tuple[object, ActorEngine]:
     """An engine actor, named (with a unique suffix) so that `ray list actors` tells which is which."""
     name = f"genpi-{name}-{uuid.uuid4().hex[:8]}"
     handle = EngineActor.options(

@@ -158,7 +158,9 @@ class InputLimit:
 async def _text_tokens(target: AsyncEngine, text: str, settings: SynthSettings) -> int:
     """`text`'s tokens as the target counts them: a one-token completion's prompt tokens, less those of an
     empty message (its chat template). Works for every engine kind (a server has no tokenizer here)."""
-    result = await _call(target, ChatRequest([{"role": "user", "content": text}], Sampling(max_tokens=1)), settings, "counting tokens")
+    result = await _call(
+        target, ChatRequest([{"role": "user", "content": text}], Sampling(max_tokens=1)), settings, "counting tokens"
+    )
     if result.error:  # longer than the target's context: its count is in the error
         numbers = CONTEXT_NUMBERS.search(result.error)
         if numbers is None:
@@ -180,7 +182,9 @@ async def input_token_limit(entry: PromptEntry, target: AsyncEngine, settings: S
     longest = max(0, max(counts) - empty)
     derived = INPUT_LIMIT_FACTOR * longest
     if derived < INPUT_LIMIT_FLOOR:
-        return InputLimit(INPUT_LIMIT_FLOOR, "floor", longest, f"{INPUT_LIMIT_FACTOR} x the longest example input is {derived}")
+        return InputLimit(
+            INPUT_LIMIT_FLOOR, "floor", longest, f"{INPUT_LIMIT_FACTOR} x the longest example input is {derived}"
+        )
     return InputLimit(derived, "examples", longest)
 
 
@@ -209,7 +213,9 @@ class GeneratedInputs:
         return ", ".join(f"{n} {what}" for n, what in parts if n) or "no replies"
 
 
-async def generate_inputs(entry: PromptEntry, generator: AsyncEngine, settings: SynthSettings, limit: int) -> GeneratedInputs:
+async def generate_inputs(
+    entry: PromptEntry, generator: AsyncEngine, settings: SynthSettings, limit: int
+) -> GeneratedInputs:
     """Up to `settings.samples` distinct pseudo inputs that fit `limit` tokens: each round (at most
     `settings.input_rounds`) asks INPUT_OVER_ASK times the inputs still missing and keeps the first distinct
     ones in ask order (deterministic). Inputs cut by the limit, duplicates and empty replies are counted and
@@ -305,7 +311,9 @@ def _record(row: dict, column: str, tokens_column: str, completion: Completion) 
     row[tokens_column] = completion.completion_tokens
 
 
-def reason_request(entry: PromptEntry, x: str, as_is: str, to_be: str, seed: int, settings: SynthSettings) -> ChatRequest:
+def reason_request(
+    entry: PromptEntry, x: str, as_is: str, to_be: str, seed: int, settings: SynthSettings
+) -> ChatRequest:
     return ChatRequest(
         messages=[
             {"role": "system", "content": f"{REASON_INSTRUCTION}\n\n# The prompt\n{render_prompt_text(entry)}"},
@@ -317,7 +325,9 @@ def reason_request(entry: PromptEntry, x: str, as_is: str, to_be: str, seed: int
     )
 
 
-def blank_row(entry: PromptEntry, sample: dict, settings: SynthSettings, generator_model: str, target_model: str) -> dict:
+def blank_row(
+    entry: PromptEntry, sample: dict, settings: SynthSettings, generator_model: str, target_model: str
+) -> dict:
     """A dialogue row before the role-play: the sample's fields, empty turns, zero counters."""
     row = dict.fromkeys(DIALOGUE_COLUMNS)
     row.update(
@@ -380,7 +390,12 @@ def is_final(entry: PromptEntry, action: str) -> bool:
 
 
 async def role_play(
-    entry: PromptEntry, row: dict, target: AsyncEngine, settings: SynthSettings, agent: AsyncEngine | None = None, with_prompt: bool = True
+    entry: PromptEntry,
+    row: dict,
+    target: AsyncEngine,
+    settings: SynthSettings,
+    agent: AsyncEngine | None = None,
+    with_prompt: bool = True,
 ) -> None:
     """The agent (with P) and the environment take turns until the environment ends the dialogue, the
     agent takes its final action, or the turn limit is reached. After a final action or the last allowed

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 MAX_N = 4  # word n-grams of 1..MAX_N words
 MIN_REPEATS = 4  # a unit must occur at least this often to count as a loop
@@ -62,7 +62,9 @@ def _tandem_share(tokens: list[str], min_repeats: int, max_period: int) -> float
     return best
 
 
-def repetition_share(text: str, max_n: int = MAX_N, min_repeats: int = MIN_REPEATS, max_period: int = MAX_PERIOD) -> float:
+def repetition_share(
+    text: str, max_n: int = MAX_N, min_repeats: int = MIN_REPEATS, max_period: int = MAX_PERIOD
+) -> float:
     """The share (0..1) of the text's words covered by its most repeated unit: one word n-gram
     (1..max_n words) occurring at least `min_repeats` times anywhere, or one block of up to
     `max_period` words repeated back to back at least `min_repeats` times. 0.0 when none repeats so."""

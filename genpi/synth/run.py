@@ -44,6 +44,7 @@ from genpi.synth.pipeline import (
     synthesize_dialogue,
 )
 
+
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """How the work is spread; may change between a run and its resumption."""
@@ -63,7 +64,9 @@ def retryable_count(rows: list[dict]) -> int:
 
 
 class Synthesis:
-    def __init__(self, out: Path, entries: list[PromptEntry], manifest: dict, settings: SynthSettings, options: RunOptions):
+    def __init__(
+        self, out: Path, entries: list[PromptEntry], manifest: dict, settings: SynthSettings, options: RunOptions
+    ):
         self.out = out
         self.entries = entries
         self.manifest = manifest
@@ -82,7 +85,9 @@ class Synthesis:
         total = sum(prompts[e.id]["inputs"] or self.settings.samples for e in self.entries)
         done = sum(s["rows"] - s.get("retryable", 0) for e in self.entries for s in prompts[e.id]["shards"].values())
         self.started = time.monotonic()
-        self.bar = tqdm(total=total, initial=done, unit="dlg", desc="dialogues", disable=not self.options.progress, file=sys.stderr)
+        self.bar = tqdm(
+            total=total, initial=done, unit="dlg", desc="dialogues", disable=not self.options.progress, file=sys.stderr
+        )
         limits = [asyncio.Semaphore(self.options.shards_in_flight) for _ in targets]
         # One prompt's inputs at a time, in catalog order: the first prompt's dialogues start on the targets
         # while the generator writes the next prompt's inputs, where generating every prompt's inputs at once
@@ -106,8 +111,10 @@ class Synthesis:
                 if not path.exists():
                     self.log(f"{entry.id}: shard {name} is listed in the manifest but missing; it will be redone")
                 elif store.file_sha256(path) != shards[name].get("sha256"):
-                    self.log(f"{entry.id}: shard {name} does not match the SHA-256 the manifest recorded for it "
-                             "(corrupted or changed since it was written); it will be redone")  # fmt: skip
+                    self.log(
+                        f"{entry.id}: shard {name} does not match the SHA-256 the manifest recorded for it "
+                        "(corrupted or changed since it was written); it will be redone"
+                    )
                     path.unlink()
                 else:
                     continue
@@ -135,8 +142,10 @@ class Synthesis:
         if record["inputs"] is not None and path.exists():
             if store.file_sha256(path) == record.get("inputs_sha256"):
                 return store.read_rows(path)
-            self.log(f"{entry.id}: {path} does not match the SHA-256 the manifest recorded for it; "
-                     "its inputs (and dialogues) will be made again")  # fmt: skip
+            self.log(
+                f"{entry.id}: {path} does not match the SHA-256 the manifest recorded for it; "
+                "its inputs (and dialogues) will be made again"
+            )
         # New inputs: any shard of this prompt was made from other inputs and must go.
         for shard in (self.out / "dialogues" / f"prompt_id={entry.id}").glob("*.parquet"):
             shard.unlink()
@@ -157,11 +166,17 @@ class Synthesis:
         record["inputs"] = len(samples)
         record["input_limit"] = dataclasses.asdict(limit)
         record["input_generation"] = {
-            "rounds": got.rounds, "asked": got.asked, "cut": got.cut, "duplicates": got.duplicates, "empty": got.empty,
+            "rounds": got.rounds,
+            "asked": got.asked,
+            "cut": got.cut,
+            "duplicates": got.duplicates,
+            "empty": got.empty,
             "errors": len(got.errors),
-        }  # fmt: skip
+        }
         record["input_errors"] = got.errors[:20]
-        record["shortfall"] = shortfall(entry.id, len(samples), self.settings, got) if len(samples) < self.settings.samples else None
+        record["shortfall"] = (
+            shortfall(entry.id, len(samples), self.settings, got) if len(samples) < self.settings.samples else None
+        )
         self.save_manifest()
         if record["shortfall"]:
             self.log(f"genpi: {record['shortfall']}")
@@ -176,12 +191,16 @@ class Synthesis:
             except OSError as e:  # disk full, I/O error: this prompt waits for a rerun, the others go on
                 self.write_failed(entry, store.inputs_path(self.out, entry.id), e)
                 return
-        self.manifest["prompts"][entry.id].setdefault("write_errors", {}).pop(self.name(store.inputs_path(self.out, entry.id)), None)
+        self.manifest["prompts"][entry.id].setdefault("write_errors", {}).pop(
+            self.name(store.inputs_path(self.out, entry.id)), None
+        )
         self.adopt_orphan_shards(entry)
         jobs = []
         for k, sample_ids in self.pending_shards(entry):
             replica = (k + offset) % len(targets)
-            jobs.append(self.run_shard(entry, k, [samples[i] for i in sample_ids], targets[replica], generator, limits[replica]))
+            jobs.append(
+                self.run_shard(entry, k, [samples[i] for i in sample_ids], targets[replica], generator, limits[replica])
+            )
         await asyncio.gather(*jobs)
 
     def adopt_orphan_shards(self, entry: PromptEntry) -> None:
@@ -286,12 +305,16 @@ def synthesize(
     if options.shard_size < 1:
         raise InputError(f"--shard-size must be at least 1, got {options.shard_size}")
     if options.engine_restarts < 0 or options.call_timeout_s <= 0:
-        raise InputError(f"--engine-restarts must be 0 or more and --call-timeout above 0, got {options.engine_restarts} "
-                         f"and {options.call_timeout_s:g}")  # fmt: skip
+        raise InputError(
+            f"--engine-restarts must be 0 or more and --call-timeout above 0, got {options.engine_restarts} "
+            f"and {options.call_timeout_s:g}"
+        )
     for role, config in (("generator", generator), ("target", target)):
         if config.kind == "vllm" and settings.teacher_topk > config.max_logprobs:
-            raise InputError(f"--teacher-topk {settings.teacher_topk} is above the {role} engine's max_logprobs "
-                             f"({config.max_logprobs})")  # fmt: skip
+            raise InputError(
+                f"--teacher-topk {settings.teacher_topk} is above the {role} engine's max_logprobs "
+                f"({config.max_logprobs})"
+            )
         if config.kind == "vllm" and config.num_gpus and not 0 < config.gpu_memory_utilization <= 1:
             raise InputError(f"--{role}-gpu-memory-utilization must be in (0, 1], got {config.gpu_memory_utilization}")
     out.mkdir(parents=True, exist_ok=True)
@@ -332,8 +355,10 @@ def _synthesize(catalog, out, entries, settings, generator, target, options) -> 
 def shortfall(prompt_id: str, n: int, settings: SynthSettings, got: GeneratedInputs) -> str:
     """e.g. "web-select: 3 of 4 dialogues (13 generated inputs over the 512-token input limit, 2 duplicates;
     16 inputs asked in 4 generator rounds, at most 4)"."""
-    line = (f"{prompt_id}: {n} of {settings.samples} dialogues ({got.why_short()}; {got.asked} inputs asked in "
-            f"{got.rounds} generator round{'s' * (got.rounds != 1)}, at most {settings.input_rounds})")  # fmt: skip
+    line = (
+        f"{prompt_id}: {n} of {settings.samples} dialogues ({got.why_short()}; {got.asked} inputs asked in "
+        f"{got.rounds} generator round{'s' * (got.rounds != 1)}, at most {settings.input_rounds})"
+    )
     if got.cut and got.cut >= got.duplicates + got.empty + len(got.errors):
         line += "; --max-input-tokens sets a larger input limit"
     return line
@@ -373,7 +398,11 @@ def engine_config(args, role: str) -> EngineConfig:
     # An actor given a share of a GPU (--target-gpus 0.5) must keep vLLM to that share of its memory.
     memory = get("gpu_memory_utilization")
     if memory is None:
-        memory = round(EngineConfig.gpu_memory_utilization * min(1.0, gpus / tp), 4) if gpus else EngineConfig.gpu_memory_utilization
+        memory = (
+            round(EngineConfig.gpu_memory_utilization * min(1.0, gpus / tp), 4)
+            if gpus
+            else EngineConfig.gpu_memory_utilization
+        )
     return EngineConfig(
         kind=kind,
         model=model,
@@ -404,21 +433,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: dialogues/, inputs/, manifest.json")
     p.add_argument("--prompts", default=None, help="comma-separated prompt ids to run (default: all)")
     add_settings(p, SynthSettings)
-    p.add_argument("--max-new-tokens", type=int, action=AllTurnTokens, metavar="N",
-                   help=f"sets {', '.join('--' + n.replace('_', '-') for n in TURN_TOKEN_FIELDS)} at once; "
-                        "a role's own flag after it wins")  # fmt: skip
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        action=AllTurnTokens,
+        metavar="N",
+        help=f"sets {', '.join('--' + n.replace('_', '-') for n in TURN_TOKEN_FIELDS)} at once; "
+        "a role's own flag after it wins",
+    )
     add_settings(p, RunOptions)
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
-    p.add_argument("--generator", default="smollm2",
-                   help="generator model: local folder, 'smollm2', or openai:BASE_URL/MODEL (an OpenAI-compatible server)")  # fmt: skip
+    p.add_argument(
+        "--generator",
+        default="smollm2",
+        help="generator model: local folder, 'smollm2', or openai:BASE_URL/MODEL (an OpenAI-compatible server)",
+    )
     p.add_argument("--target", default="smollm2", help="target model: as --generator")
     for role in ("generator", "target"):
         p.add_argument(f"--{role}-engine", choices=["transformers", "vllm"], default=None)
         p.add_argument(f"--{role}-tp", type=int, default=1, help="tensor-parallel size (vllm)")
         p.add_argument(f"--{role}-gpus", type=float, default=None, help="GPUs per actor (default: tp for vllm, else 0)")
         p.add_argument(f"--{role}-cpus", type=float, default=None, help="CPUs per actor")
-        p.add_argument(f"--{role}-gpu-memory-utilization", type=float, default=None,
-                       help=f"vllm: share of each GPU's memory (default: {EngineConfig.gpu_memory_utilization} x the actor's GPU share)")  # fmt: skip
+        p.add_argument(
+            f"--{role}-gpu-memory-utilization",
+            type=float,
+            default=None,
+            help=f"vllm: share of each GPU's memory (default: {EngineConfig.gpu_memory_utilization} x the actor's GPU share)",
+        )
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default="auto")

@@ -73,7 +73,9 @@ per_prompt AS (
     GROUP BY prompt_id
 )
 SELECT * FROM per_prompt ORDER BY prompt_id
-""".format(by_columns=",\n        ".join(f"count(*) FILTER (WHERE terminated_by = '{t}') AS by_{t}" for t in TERMINATED_BY))
+""".format(
+    by_columns=",\n        ".join(f"count(*) FILTER (WHERE terminated_by = '{t}') AS by_{t}" for t in TERMINATED_BY)
+)
 
 _ERRORS_SQL = f"""
 SELECT prompt_id, error, count(*) AS n
@@ -263,8 +265,15 @@ class QueryResult:
             raise InputError(f"query stopped after the time limit of {self.timeout:g} s (--timeout)")
 
 
-def run_sql(out: str | Path, query: str, memory_limit: str = MEMORY_LIMIT, threads: int = THREADS, timeout: float = TIMEOUT_S,
-            max_rows: int = MAX_ROWS, max_temp: str = MAX_TEMP) -> QueryResult:  # fmt: skip
+def run_sql(
+    out: str | Path,
+    query: str,
+    memory_limit: str = MEMORY_LIMIT,
+    threads: int = THREADS,
+    timeout: float = TIMEOUT_S,
+    max_rows: int = MAX_ROWS,
+    max_temp: str = MAX_TEMP,
+) -> QueryResult:
     """Run one read-only SELECT over the view `dialogues`; its first `max_rows` rows. InputError for anything
     else, a bad query, or one whose running and converting take longer than `timeout` seconds."""
     if max_rows < 1 or not timeout > 0:
@@ -337,7 +346,8 @@ def format_rows(columns: list[str], rows: list[tuple], check_time=lambda: None) 
     """A query result as a fixed-width table (cells cut to ~60 characters) with a row count; `check_time()` is
     called before each row is rendered (QueryResult.check_time: InputError past the time limit)."""
     numeric = [
-        bool(rows) and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) for r in rows if r[i] is not None)
+        bool(rows)
+        and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) for r in rows if r[i] is not None)
         for i in range(len(columns))
     ]
     body = []

@@ -36,10 +36,17 @@ _PG = {
     "p_to_r": (("prompt",), ("reason",)),
 }
 PG_VARIANTS = tuple(_PG)
-_HEADERS = {"input": "### Input", "as_is": "### AS-IS output (without the prompt)",
-            "to_be": "### TO-BE output (with the prompt)", "prompt": "### Prompt", "reason": "### Reason"}
-_TASKS = {"prompt": "the prompt P that makes a model give the TO-BE output instead of the AS-IS output",
-          "reason": "the reason why the AS-IS output should become the TO-BE output"}
+_HEADERS = {
+    "input": "### Input",
+    "as_is": "### AS-IS output (without the prompt)",
+    "to_be": "### TO-BE output (with the prompt)",
+    "prompt": "### Prompt",
+    "reason": "### Reason",
+}
+_TASKS = {
+    "prompt": "the prompt P that makes a model give the TO-BE output instead of the AS-IS output",
+    "reason": "the reason why the AS-IS output should become the TO-BE output",
+}
 
 
 @dataclass
@@ -48,7 +55,9 @@ class Example:
     labels: list[int]  # input_ids where the token carries loss, IGNORE elsewhere
     truncated_tokens: int = 0  # tokens cut: to fit max_length, and from turns longer than max_turn_tokens
     kind: str = "sft"  # "sft" | "pg"
-    agent_tokens: list[list[int]] = field(default_factory=list)  # sft: per agent turn kept, its labelled content positions
+    agent_tokens: list[list[int]] = field(
+        default_factory=list
+    )  # sft: per agent turn kept, its labelled content positions
     # topk-kl: the labelled tokens that have the teacher's top-k (ascending positions), and per token the
     # teacher's top-k ids and log-probabilities ([len(topk_positions), k]; padded with id 0, log-prob -inf)
     topk_positions: list[int] = field(default_factory=list)
@@ -60,7 +69,9 @@ class Example:
         return sum(label != IGNORE for label in self.labels)
 
 
-def build_sft(row: dict, tokenizer, max_length: int, prompt: list[dict] = (), max_turn_tokens: int | None = None) -> Example:
+def build_sft(
+    row: dict, tokenizer, max_length: int, prompt: list[dict] = (), max_turn_tokens: int | None = None
+) -> Example:
     """The teacher's dialogue without the prompt P; loss on agent turns only.
 
     `prompt` (the messages of P) puts P first, carrying no loss: the teacher's view, for
@@ -107,7 +118,9 @@ def build_sft(row: dict, tokenizer, max_length: int, prompt: list[dict] = (), ma
     return Example(ids, labels, full - len(ids) + capped, "sft", turn_tokens)
 
 
-def build_pg(row: dict, entry: PromptEntry, tokenizer, max_length: int, variant: str = "full", max_turn_tokens: int | None = None) -> Example:
+def build_pg(
+    row: dict, entry: PromptEntry, tokenizer, max_length: int, variant: str = "full", max_turn_tokens: int | None = None
+) -> Example:
     """Prompt generation: from x, y_s and y_t, generate P and/or the reason r.
 
     Two messages; only P, r and the assistant end-of-turn carry loss (not headers):
@@ -129,8 +142,13 @@ def build_pg(row: dict, entry: PromptEntry, tokenizer, max_length: int, variant:
     if variant not in _PG:
         raise ValueError(f"unknown PG variant {variant!r} (known: {', '.join(PG_VARIANTS)})")
     given, targets = _PG[variant]
-    fields = {"input": row["input"], "as_is": row["student_output"], "to_be": row["turns"][0]["content"],
-              "prompt": render_prompt_text(entry), "reason": row["reason"]}
+    fields = {
+        "input": row["input"],
+        "as_is": row["student_output"],
+        "to_be": row["turns"][0]["content"],
+        "prompt": render_prompt_text(entry),
+        "reason": row["reason"],
+    }
     missing = [n for n in ("input", "as_is", "to_be") + given + targets if fields[n] is None]
     if missing:
         columns = {"input": "input", "as_is": "student_output", "to_be": "turns[0]", "reason": "reason"}
@@ -170,8 +188,10 @@ def build_pg(row: dict, entry: PromptEntry, tokenizer, max_length: int, variant:
             ids, labels = encode()
     if len(ids) > max_length:
         what = "the prompt P" if "prompt" in given + targets else "the example"
-        raise ValueError(f"PG example ({variant}): {what} does not fit in max_length={max_length} "
-                         f"even with the reason, outputs and input cut ({len(ids)} tokens left)")
+        raise ValueError(
+            f"PG example ({variant}): {what} does not fit in max_length={max_length} "
+            f"even with the reason, outputs and input cut ({len(ids)} tokens left)"
+        )
     return Example(ids, labels, full - len(ids) + capped, "pg")
 
 
@@ -182,8 +202,13 @@ def cut_to_labels(example: Example, n: int) -> Example:
         return example
     end = positions[n - 1] + 1 if n else 0
     turns = [[p for p in turn if p < end] for turn in example.agent_tokens]
-    return Example(example.input_ids[:end], example.labels[:end], example.truncated_tokens + len(example.input_ids) - end,
-                   example.kind, [t for t in turns if t])  # fmt: skip
+    return Example(
+        example.input_ids[:end],
+        example.labels[:end],
+        example.truncated_tokens + len(example.input_ids) - end,
+        example.kind,
+        [t for t in turns if t],
+    )
 
 
 def align_topk(example: Example, teacher_topk: list[dict], k: int) -> int:
@@ -210,8 +235,12 @@ def align_topk(example: Example, teacher_topk: list[dict], k: int) -> int:
         logprobs += [list(row[:k]) for row in teacher["topk_logprobs"][b : b + n]]
     width = max(map(len, ids), default=0)
     example.topk_positions = found
-    example.topk_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids], dtype=torch.int32).reshape(len(ids), width)
-    example.topk_logprobs = torch.tensor([row + [-math.inf] * (width - len(row)) for row in logprobs]).reshape(len(ids), width)
+    example.topk_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids], dtype=torch.int32).reshape(
+        len(ids), width
+    )
+    example.topk_logprobs = torch.tensor([row + [-math.inf] * (width - len(row)) for row in logprobs]).reshape(
+        len(ids), width
+    )
     return unaligned
 
 
@@ -244,7 +273,9 @@ def _cap(text: str, tokenizer, max_tokens: int | None) -> tuple[str, int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) <= max_tokens:
         return text, 0
-    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=False, clean_up_tokenization_spaces=False), len(ids) - max_tokens
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=False, clean_up_tokenization_spaces=False), len(
+        ids
+    ) - max_tokens
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:

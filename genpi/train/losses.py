@@ -152,7 +152,9 @@ def kld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     yourself if you want the Hinton convention). Teacher logits are treated as constants.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
+        )
     if student_logits.size(0) == 0:
         return student_logits.sum() * 0.0
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -190,7 +192,9 @@ def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     k + 1 outcomes per token; the forward still needs each side's log-normalizer over the vocabulary.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
+        )
     if topk < 0:
         raise ValueError(f"topk must be 0 (the whole vocabulary) or positive, got {topk}")
     if student_logits.size(0) == 0:
@@ -200,7 +204,9 @@ def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         log_p_s = F.log_softmax(student_logits.float(), dim=-1)
         log_p_t = F.log_softmax(teacher_logits.float(), dim=-1)
         return (log_p_s.exp() * (log_p_s - log_p_t)).sum(dim=-1).mean()
-    ids = student_logits.detach().topk(topk, dim=-1).indices  # [N, k]: which tokens; the gradient flows through the gather
+    ids = (
+        student_logits.detach().topk(topk, dim=-1).indices
+    )  # [N, k]: which tokens; the gradient flows through the gather
     log_p_s = student_logits.gather(-1, ids).float() - torch.logsumexp(student_logits.float(), dim=-1, keepdim=True)
     log_p_t = teacher_logits.gather(-1, ids).float() - torch.logsumexp(teacher_logits.float(), dim=-1, keepdim=True)
     tail_s, tail_t = _log_rest(log_p_s), _log_rest(log_p_t)

@@ -34,8 +34,8 @@ import hashlib
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -62,7 +62,9 @@ class OnPolicySampler:
 
     def __init__(self, engine, max_tokens: int, temperature: float = 1.0):
         if not hasattr(engine, "add_adapters"):
-            raise ValueError(f"on-policy sampling needs an engine that loads LoRA adapters (add_adapters); {type(engine).__name__} has none")
+            raise ValueError(
+                f"on-policy sampling needs an engine that loads LoRA adapters (add_adapters); {type(engine).__name__} has none"
+            )
         self.engine, self.sampling = engine, Sampling(temperature=temperature, max_tokens=max_tokens)
         self.adapter: str | None = None
         self._folders = tempfile.TemporaryDirectory(prefix="genpi-onpolicy-")
@@ -91,7 +93,10 @@ class OnPolicySampler:
         if self.adapter is None:
             raise RuntimeError("OnPolicySampler.sample before the first refresh: no adapter loaded")
         started = time.perf_counter()
-        requests = [ChatRequest([{"role": "user", "content": x}], self.sampling, seed=s) for x, s in zip(inputs, seeds, strict=True)]
+        requests = [
+            ChatRequest([{"role": "user", "content": x}], self.sampling, seed=s)
+            for x, s in zip(inputs, seeds, strict=True)
+        ]
         completions = self.engine.generate(requests, adapters=[self.adapter] * len(requests))
         self.sample_seconds += time.perf_counter() - started
         self.requests += len(requests)
@@ -101,8 +106,15 @@ class OnPolicySampler:
         return completions
 
     def stats(self) -> dict:
-        return {"refreshes": self.refreshes, "requests": self.requests, "reply_tokens": self.reply_tokens, "replies_cut": self.cut,
-                "failed": self.failed, "refresh_seconds": self.refresh_seconds, "sample_seconds": self.sample_seconds}  # fmt: skip
+        return {
+            "refreshes": self.refreshes,
+            "requests": self.requests,
+            "reply_tokens": self.reply_tokens,
+            "replies_cut": self.cut,
+            "failed": self.failed,
+            "refresh_seconds": self.refresh_seconds,
+            "sample_seconds": self.sample_seconds,
+        }
 
     def close(self) -> None:
         self._folders.cleanup()
@@ -124,7 +136,9 @@ def write_files(files: dict[str, bytes]) -> Callable[[Path], None]:
     return save
 
 
-def reply_views(entry: PromptEntry, x: str, reply: str, tokenizer, max_length: int, max_turn_tokens: int | None) -> tuple[Example, Example]:
+def reply_views(
+    entry: PromptEntry, x: str, reply: str, tokenizer, max_length: int, max_turn_tokens: int | None
+) -> tuple[Example, Example]:
     """(student's view, teacher's view) of one sampled reply to input `x`: [user: x, assistant: reply] without P
     and with P in front, labelled on the reply's tokens and its end-of-turn marker, the same tokens in both (P makes
     the teacher's view longer; if it must cut the reply, the student's is cut alike). ValueError if it cannot be
@@ -132,7 +146,9 @@ def reply_views(entry: PromptEntry, x: str, reply: str, tokenizer, max_length: i
     the reverse KL at a position is over the distributions there, whichever token was sampled next."""
     row = {"input": x, "turns": [{"role": "assistant", "content": reply}]}
     teacher = build_sft(row, tokenizer, max_length, entry.messages(), max_turn_tokens)
-    student = cut_to_labels(build_sft(row, tokenizer, max_length, max_turn_tokens=max_turn_tokens), teacher.loss_token_count)
+    student = cut_to_labels(
+        build_sft(row, tokenizer, max_length, max_turn_tokens=max_turn_tokens), teacher.loss_token_count
+    )
     if [t for t in student.labels if t != IGNORE] != [t for t in teacher.labels if t != IGNORE]:
         raise ValueError("on-policy example: the views with and without P label different tokens")
     return student, teacher
@@ -152,7 +168,9 @@ def reverse_kl_sums(model, pairs: list[tuple[Example, Example]], collate: Callab
 
 
 @torch.no_grad()
-def mean_reverse_kl(model, pairs: list[tuple[Example, Example]], collate: Callable, micro_batch: int, topk: int = 0) -> float | None:
+def mean_reverse_kl(
+    model, pairs: list[tuple[Example, Example]], collate: Callable, micro_batch: int, topk: int = 0
+) -> float | None:
     """Mean reverse KL(student ‖ teacher) per reply token over fixed replies (eval mode, no dropout), e.g. to watch
     it fall over training; None without tokens."""
     training = model.training
@@ -164,4 +182,12 @@ def mean_reverse_kl(model, pairs: list[tuple[Example, Example]], collate: Callab
     return total / n if n else None
 
 
-__all__ = ["OnPolicySampler", "adapter_files", "mean_reverse_kl", "reply_views", "reverse_kl_sums", "sample_seed", "write_files"]
+__all__ = [
+    "OnPolicySampler",
+    "adapter_files",
+    "mean_reverse_kl",
+    "reply_views",
+    "reverse_kl_sums",
+    "sample_seed",
+    "write_files",
+]

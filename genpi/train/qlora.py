@@ -255,25 +255,36 @@ def load_lora_weights(model, folder: str | Path) -> None:
     folder = Path(folder)
     config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
-        raise ValueError(f"init adapter {folder}: not a PEFT adapter folder (adapter_config.json and adapter_model.safetensors)")
+        raise ValueError(
+            f"init adapter {folder}: not a PEFT adapter folder (adapter_config.json and adapter_model.safetensors)"
+        )
     saved, name = json.loads(config_path.read_text()), model.active_adapter
     ours = model.peft_config[name]
     theirs_targets = saved.get("target_modules")
     theirs_targets = sorted(theirs_targets) if isinstance(theirs_targets, list) else theirs_targets
-    for what, theirs, mine in (("rank r", saved.get("r"), ours.r), ("lora_alpha", saved.get("lora_alpha"), ours.lora_alpha),
-                               ("target modules", theirs_targets, sorted(ours.target_modules))):  # fmt: skip
+    for what, theirs, mine in (
+        ("rank r", saved.get("r"), ours.r),
+        ("lora_alpha", saved.get("lora_alpha"), ours.lora_alpha),
+        ("target modules", theirs_targets, sorted(ours.target_modules)),
+    ):
         if theirs != mine:
-            raise ValueError(f"init adapter {folder}: its {what} is {theirs}, this run's LoRA has {mine}: the LoRA shapes must match")
+            raise ValueError(
+                f"init adapter {folder}: its {what} is {theirs}, this run's LoRA has {mine}: the LoRA shapes must match"
+            )
     weights = load_file(str(weights_path))
     # PEFT saves `...q_proj.lora_A.weight` for the parameter `...q_proj.lora_A.<adapter name>.weight`
     params = {n.replace(f".{name}.", "."): p for n, p in model.named_parameters() if "lora_" in n and f".{name}." in n}
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unexpected:
-        raise ValueError(f"init adapter {folder}: its LoRA weights do not match this model's ({len(missing)} missing, e.g. "
-                         f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}): another base model?")  # fmt: skip
+        raise ValueError(
+            f"init adapter {folder}: its LoRA weights do not match this model's ({len(missing)} missing, e.g. "
+            f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}): another base model?"
+        )
     for key, param in params.items():
         if weights[key].shape != param.shape:
-            raise ValueError(f"init adapter {folder}: {key} has shape {list(weights[key].shape)}, this model's is {list(param.shape)}: another base model?")
+            raise ValueError(
+                f"init adapter {folder}: {key} has shape {list(weights[key].shape)}, this model's is {list(param.shape)}: another base model?"
+            )
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(weights[key].to(param.dtype))

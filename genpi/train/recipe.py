@@ -57,18 +57,48 @@ from genpi.catalog import PromptEntry
 from genpi.flags import setting
 from genpi.synth.quality import first_degenerate_agent_turn
 from genpi.train.examples import IGNORE, PG_VARIANTS, Example, align_topk, build_pg, build_sft, cut_to_labels
-from genpi.train.losses import LOSS_FORMS, joint_loss, kld_loss, response_logits, response_targets, teacher_logits, token_loss, topk_loss
+from genpi.train.losses import (
+    LOSS_FORMS,
+    joint_loss,
+    kld_loss,
+    response_logits,
+    response_targets,
+    teacher_logits,
+    token_loss,
+    topk_loss,
+)
 from genpi.train.onpolicy import OnPolicySampler, adapter_files, reply_views, reverse_kl_sums, sample_seed, write_files
 from genpi.train.qlora import LoraSettings, add_lora, default_dtype, load_base, load_lora_weights, save_adapter
 
-METHODS = ("genpi", "sft", "pg", "prepend", "kld", "seqkd", "seqkd+kld", "topk-kl", "genpi+topk-kl", "onpolicy", "genpi+onpolicy")
+METHODS = (
+    "genpi",
+    "sft",
+    "pg",
+    "prepend",
+    "kld",
+    "seqkd",
+    "seqkd+kld",
+    "topk-kl",
+    "genpi+topk-kl",
+    "onpolicy",
+    "genpi+onpolicy",
+)
 JOINT_METHODS = ("genpi", "genpi+topk-kl", "genpi+onpolicy")  # L_SFT-like term + λ·L_PG: the methods that choose λ
 _PG_METHODS = JOINT_METHODS + ("pg",)
 _KLD_METHODS = ("kld", "seqkd+kld")
 _TOPK_METHODS = ("topk-kl", "genpi+topk-kl")
 ONPOLICY_METHODS = ("onpolicy", "genpi+onpolicy")
 # what the on-policy methods count (metrics onpolicy_*): the sampler's, plus replies no example could be built from
-ONPOLICY_COUNTS = ("refreshes", "requests", "reply_tokens", "replies_cut", "failed", "unusable", "refresh_seconds", "sample_seconds")
+ONPOLICY_COUNTS = (
+    "refreshes",
+    "requests",
+    "reply_tokens",
+    "replies_cut",
+    "failed",
+    "unusable",
+    "refresh_seconds",
+    "sample_seconds",
+)
 SCHEDULES = ("cosine", "constant")  # after a linear warmup
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -134,22 +164,32 @@ class TrainSettings:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: expected one of {', '.join(METHODS)}")
-        for name, value, allowed in (("loss form", self.loss_form, LOSS_FORMS), ("schedule", self.schedule, SCHEDULES), ("dtype", self.dtype, DTYPES)):
+        for name, value, allowed in (
+            ("loss form", self.loss_form, LOSS_FORMS),
+            ("schedule", self.schedule, SCHEDULES),
+            ("dtype", self.dtype, DTYPES),
+        ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(allowed)}")
         if not 0.0 <= self.warmup_ratio <= 1.0 or self.max_grad_norm < 0 or self.weight_decay < 0:
-            raise ValueError(f"warmup_ratio must lie in [0, 1], max_grad_norm and weight_decay must be >= 0; got {self.warmup_ratio}, {self.max_grad_norm}, {self.weight_decay}")
+            raise ValueError(
+                f"warmup_ratio must lie in [0, 1], max_grad_norm and weight_decay must be >= 0; got {self.warmup_ratio}, {self.max_grad_norm}, {self.weight_decay}"
+            )
         if self.pg_variant not in PG_VARIANTS:
             raise ValueError(f"unknown PG variant {self.pg_variant!r}: expected one of {', '.join(PG_VARIANTS)}")
         if not 0.0 <= self.prepend_ratio <= 1.0:
             raise ValueError(f"prepend_ratio must lie in [0, 1], got {self.prepend_ratio}")
         if self.topk_k < 1 or self.max_turn_tokens < 1:
-            raise ValueError(f"topk_k and max_turn_tokens must be positive, got {self.topk_k} and {self.max_turn_tokens}")
+            raise ValueError(
+                f"topk_k and max_turn_tokens must be positive, got {self.topk_k} and {self.max_turn_tokens}"
+            )
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be 0 (the epochs decide) or positive, got {self.max_steps}")
         if self.refresh_steps < 1 or self.onpolicy_max_tokens < 1 or self.onpolicy_topk < 0:
-            raise ValueError(f"refresh_steps and onpolicy_max_tokens must be positive and onpolicy_topk 0 or more, "
-                             f"got {self.refresh_steps}, {self.onpolicy_max_tokens} and {self.onpolicy_topk}")  # fmt: skip
+            raise ValueError(
+                f"refresh_steps and onpolicy_max_tokens must be positive and onpolicy_topk 0 or more, "
+                f"got {self.refresh_steps}, {self.onpolicy_max_tokens} and {self.onpolicy_topk}"
+            )
 
 
 @dataclasses.dataclass
@@ -184,7 +224,9 @@ def without_degenerate_turns(row: dict) -> dict | None:
     return {**row, **cut}
 
 
-def build_examples(rows: list[dict], entry: PromptEntry, tokenizer, settings: TrainSettings) -> tuple[list[RowExamples], dict]:
+def build_examples(
+    rows: list[dict], entry: PromptEntry, tokenizer, settings: TrainSettings
+) -> tuple[list[RowExamples], dict]:
     """Examples for every usable row, and counts of what was cut or skipped (never silently).
 
     With `skip_degenerate`, `degenerate_rows_skipped` counts the rows whose first agent turn loops (not
@@ -206,7 +248,9 @@ def build_examples(rows: list[dict], entry: PromptEntry, tokenizer, settings: Tr
     if method in _TOPK_METHODS:
         report["topk_unaligned_turns"] = 0
         if not any(row.get("teacher_topk") for row in rows):
-            raise ValueError(f"method {method}: no row has the teacher's top-k log-probabilities; synthesize with --teacher-topk K")
+            raise ValueError(
+                f"method {method}: no row has the teacher's top-k log-probabilities; synthesize with --teacher-topk K"
+            )
     for row in rows:
         try:
             made = RowExamples(input=row.get("input") or "")
@@ -288,11 +332,19 @@ def topk_targets(examples: list[Example], device) -> tuple[torch.Tensor, torch.T
             logprobs.append(e.topk_logprobs)
     k = max((t.size(1) for t in ids), default=1)
     ids = torch.cat([F.pad(t, (0, k - t.size(1))) for t in ids]) if ids else torch.zeros(0, k, dtype=torch.int32)
-    logprobs = torch.cat([F.pad(t, (0, k - t.size(1)), value=-math.inf) for t in logprobs]) if logprobs else torch.zeros(0, k)
+    logprobs = (
+        torch.cat([F.pad(t, (0, k - t.size(1)), value=-math.inf) for t in logprobs]) if logprobs else torch.zeros(0, k)
+    )
     return torch.tensor(index, dtype=torch.long, device=device), ids.to(device), logprobs.to(device)
 
 
-def step_loss(model, step: list[RowExamples], settings: TrainSettings, pad_id: int, onpolicy: list[tuple[Example, Example]] | None = None) -> float:
+def step_loss(
+    model,
+    step: list[RowExamples],
+    settings: TrainSettings,
+    pad_id: int,
+    onpolicy: list[tuple[Example, Example]] | None = None,
+) -> float:
     """Forward and backward over one optimizer step's rows; returns the step's loss.
 
     `onpolicy` (the on-policy methods): the (student, teacher) views of the replies the student sampled
@@ -394,7 +446,10 @@ def make_optimizer(model, settings: TrainSettings, steps: int):
     if params[0].is_cuda:  # paged: optimizer state spills to host memory under memory pressure
         import bitsandbytes as bnb
 
-        optimizer, name = bnb.optim.PagedAdamW32bit(params, lr=settings.lr, weight_decay=settings.weight_decay), "paged_adamw_32bit"
+        optimizer, name = (
+            bnb.optim.PagedAdamW32bit(params, lr=settings.lr, weight_decay=settings.weight_decay),
+            "paged_adamw_32bit",
+        )
     else:
         optimizer, name = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay), "adamw_torch"
     warmup = math.ceil(steps * settings.warmup_ratio)
@@ -450,35 +505,61 @@ def train_adapter(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows, report_data = build_examples(train_rows, entry, tokenizer, settings)
     if not rows:
-        degenerate = f", {report_data['degenerate_rows_skipped']} looping" if report_data.get("degenerate_rows_skipped") else ""
-        raise ValueError(f"prompt {entry.id!r}: no usable train rows ({report_data['rows']} rows, {report_data['skipped']} skipped{degenerate})")
+        degenerate = (
+            f", {report_data['degenerate_rows_skipped']} looping" if report_data.get("degenerate_rows_skipped") else ""
+        )
+        raise ValueError(
+            f"prompt {entry.id!r}: no usable train rows ({report_data['rows']} rows, {report_data['skipped']} skipped{degenerate})"
+        )
     # held-out rows are cut and counted as train rows are (SFT view, no P); one too long never fails the trial
     held, heldout_report = build_examples(heldout_rows, entry, tokenizer, dataclasses.replace(settings, method="sft"))
     heldout = [r.student for r in held]
     # and as kld's pairs (teacher with P, student without) for the held-out teacher KL
     pairs, _ = build_examples(heldout_rows, entry, tokenizer, dataclasses.replace(settings, method="kld"))
     dtype = default_dtype() if settings.dtype == "auto" else getattr(torch, settings.dtype)
-    checkpointing = torch.cuda.is_available() if settings.gradient_checkpointing is None else settings.gradient_checkpointing
-    model = add_lora(load_base(base, quantize=settings.quantize, dtype=dtype), settings.lora, gradient_checkpointing=checkpointing)
+    checkpointing = (
+        torch.cuda.is_available() if settings.gradient_checkpointing is None else settings.gradient_checkpointing
+    )
+    model = add_lora(
+        load_base(base, quantize=settings.quantize, dtype=dtype), settings.lora, gradient_checkpointing=checkpointing
+    )
     if settings.init_adapter and resume is None:  # a resumed run's weights come from its state
         load_lora_weights(model, settings.init_adapter)
     steps_per_epoch = math.ceil(len(rows) / settings.batch_size)
-    steps = settings.max_steps or steps_per_epoch * settings.epochs  # a step budget may end within an epoch, or span several
+    steps = (
+        settings.max_steps or steps_per_epoch * settings.epochs
+    )  # a step budget may end within an epoch, or span several
     optimizer, scheduler, optimizer_name = make_optimizer(model, settings, steps)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     # Also on resume: a 4-bit model's first inference pass changes how bitsandbytes computes later ones (measured on
     # CPU), so a resumed run matches an uninterrupted one bit for bit only if it makes that pass too.
     before = heldout_loss(model, heldout, pad_id, settings.micro_batch)
-    kl_before = heldout_kl(model, pairs, pad_id, settings.micro_batch)  # the adapter starts as the identity: the base's KL
+    kl_before = heldout_kl(
+        model, pairs, pad_id, settings.micro_batch
+    )  # the adapter starts as the identity: the base's KL
     if resume is None:
-        run = {"epoch": 0, "step_in_epoch": 0, "order": None, "losses": [], "norms": [], "heldout_losses": [], "seconds": 0.0,
-               "heldout_loss_before": before, "heldout_kls": [], "heldout_kl_before": kl_before}  # fmt: skip
+        run = {
+            "epoch": 0,
+            "step_in_epoch": 0,
+            "order": None,
+            "losses": [],
+            "norms": [],
+            "heldout_losses": [],
+            "seconds": 0.0,
+            "heldout_loss_before": before,
+            "heldout_kls": [],
+            "heldout_kl_before": kl_before,
+        }
         if settings.method in ONPOLICY_METHODS:  # counts, and the files of the adapter the sampler has (for a resume)
             run["onpolicy"] = dict.fromkeys(ONPOLICY_COUNTS, 0)
             run["onpolicy_adapter"] = None
             run["onpolicy_pending"] = {}  # step -> [(input, sampled reply or None when it failed)], sampled ahead
     else:
-        run = {k: v for k, v in resume.items() if k not in ("lora", "optimizer", "scheduler", "rng", "torch_rng", "cuda_rng")}
+        run = {
+            k: v
+            for k, v in resume.items()
+            if k not in ("lora", "optimizer", "scheduler", "rng", "torch_rng", "cuda_rng")
+        }
         run.setdefault("heldout_kls", [None] * len(run["heldout_losses"]))  # a checkpoint from before the held-out KL
         run.setdefault("heldout_kl_before", kl_before)
         with torch.no_grad():
@@ -508,8 +589,13 @@ def train_adapter(
             from genpi.engines.hf import TransformersEngine
 
             engine_dtype = "float32" if model.device.type == "cpu" else str(dtype).removeprefix("torch.")
-            engine = TransformersEngine(base, max_batch=settings.batch_size * settings.refresh_steps, dtype=engine_dtype, device=str(model.device),
-                                        threads=torch.get_num_threads())  # fmt: skip
+            engine = TransformersEngine(
+                base,
+                max_batch=settings.batch_size * settings.refresh_steps,
+                dtype=engine_dtype,
+                device=str(model.device),
+                threads=torch.get_num_threads(),
+            )
         sampler = OnPolicySampler(engine, settings.onpolicy_max_tokens)
 
     def sample_replies(epoch_rows: list[RowExamples], k: int) -> list[tuple[Example, Example]]:
@@ -528,8 +614,14 @@ def train_adapter(
                 sampler.refresh(write_files(run["onpolicy_adapter"]))
                 counts["refreshes"] -= 1  # the same adapter again: not a refresh of the run
             ahead = min(settings.refresh_steps - step % settings.refresh_steps, steps_per_epoch - k, steps - step)
-            asked = [(step + j, i, r.input) for j in range(ahead) for i, r in enumerate(epoch_rows[(k + j) * size : (k + j + 1) * size])]
-            completions = sampler.sample([x for _, _, x in asked], [sample_seed(settings.seed, s, i) for s, i, _ in asked])
+            asked = [
+                (step + j, i, r.input)
+                for j in range(ahead)
+                for i, r in enumerate(epoch_rows[(k + j) * size : (k + j + 1) * size])
+            ]
+            completions = sampler.sample(
+                [x for _, _, x in asked], [sample_seed(settings.seed, s, i) for s, i, _ in asked]
+            )
             for (s, _, x), completion in zip(asked, completions):
                 pending.setdefault(s, []).append((x, completion.text if completion.error is None else None))
             for name, value in sampler.stats().items():
@@ -559,12 +651,21 @@ def train_adapter(
                 run["losses"].append(loss)
                 run["step_in_epoch"] += 1
                 step = len(run["losses"])
-                metrics = {"step": step, "steps": steps, "loss": loss, "epoch": run["epoch"] + run["step_in_epoch"] / steps_per_epoch}
-                if run["step_in_epoch"] == steps_per_epoch or step == steps:  # the epoch (or the run) is done: held-out figures, a checkpoint
+                metrics = {
+                    "step": step,
+                    "steps": steps,
+                    "loss": loss,
+                    "epoch": run["epoch"] + run["step_in_epoch"] / steps_per_epoch,
+                }
+                if (
+                    run["step_in_epoch"] == steps_per_epoch or step == steps
+                ):  # the epoch (or the run) is done: held-out figures, a checkpoint
                     run["epoch"], run["step_in_epoch"], run["order"] = run["epoch"] + 1, 0, None
                     run["heldout_losses"].append(heldout_loss(model, heldout, pad_id, settings.micro_batch))
                     run["heldout_kls"].append(heldout_kl(model, pairs, pad_id, settings.micro_batch))
-                    metrics.update(epoch=run["epoch"], heldout_loss=run["heldout_losses"][-1], heldout_kl=run["heldout_kls"][-1])
+                    metrics.update(
+                        epoch=run["epoch"], heldout_loss=run["heldout_losses"][-1], heldout_kl=run["heldout_kls"][-1]
+                    )
                 run["seconds"] = time.perf_counter() - started
                 checkpoint = run["step_in_epoch"] == 0 or (checkpoint_steps and step % checkpoint_steps == 0)
                 if report:

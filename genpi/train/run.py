@@ -75,8 +75,9 @@ def recorded_settings(settings: TrainSettings, lambdas: list[float]) -> dict:
     return {**dataclasses.asdict(settings), "lambdas": None if settings.method in NO_LAMBDA else list(lambdas)}
 
 
-def prompt_settings(entry: PromptEntry, settings: TrainSettings, lambdas: list[float],
-                    overrides=frozenset()) -> tuple[TrainSettings, list[float], dict]:  # fmt: skip
+def prompt_settings(
+    entry: PromptEntry, settings: TrainSettings, lambdas: list[float], overrides=frozenset()
+) -> tuple[TrainSettings, list[float], dict]:
     """The prompt's settings and λ values: the run's, with the catalog's `train` values in place of those whose
     flag was not given (`overrides`: the CATALOG_TRAIN keys set for the whole run); and {key: value} of those
     the catalog gave. `lam` makes the λ values [lam] (methods with a λ only)."""
@@ -95,9 +96,23 @@ def prompt_settings(entry: PromptEntry, settings: TrainSettings, lambdas: list[f
     return settings, lambdas, used
 
 
-def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambdas: list[float], num_cpus: float = 1,
-                  num_gpus: float | None = None, progress: bool = True, valid_only: bool = False, storage: str | None = None,
-                  checkpoint_steps: int = 0, max_failures: int = 2, early_stop: bool = False, overrides=frozenset()) -> dict:  # fmt: skip
+def train_catalog(
+    data,
+    catalog,
+    out,
+    base: str,
+    settings: TrainSettings,
+    lambdas: list[float],
+    num_cpus: float = 1,
+    num_gpus: float | None = None,
+    progress: bool = True,
+    valid_only: bool = False,
+    storage: str | None = None,
+    checkpoint_steps: int = 0,
+    max_failures: int = 2,
+    early_stop: bool = False,
+    overrides=frozenset(),
+) -> dict:
     """Train (or skip) every prompt of the catalog; returns {prompt_id: outcome}.
 
     `settings` and `lambdas` are the run's; a prompt's catalog `train` values replace them but for the keys
@@ -115,7 +130,9 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
     from genpi.models import resolve_model
 
     if checkpoint_steps < 0 or max_failures < 0:
-        raise InputError(f"--checkpoint-steps and --max-failures must be 0 or more, got {checkpoint_steps} and {max_failures}")
+        raise InputError(
+            f"--checkpoint-steps and --max-failures must be 0 or more, got {checkpoint_steps} and {max_failures}"
+        )
     check_init_adapter(settings)
     entries = load_catalog(catalog)
     out = check_out(out).absolute()
@@ -129,17 +146,25 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
             if valid_only:
                 if not entry.valid_action:
                     raise InputError(f"--valid-only: prompt {entry.id!r} has no actions.valid regex to filter by")
-                kept = [r for r in train if all(entry.in_action_space(t["content"]) for t in r["turns"] if t["role"] == "assistant")]
+                kept = [
+                    r
+                    for r in train
+                    if all(entry.in_action_space(t["content"]) for t in r["turns"] if t["role"] == "assistant")
+                ]
                 train, dropped = kept, len(train) - len(kept)
             if not train:
                 reason = "no train rows" + (f" in the action space ({dropped} dropped)" if dropped else "")
                 outcomes[entry.id] = {"status": "skipped", "reason": reason}
                 continue
             if prompt.method not in NO_LAMBDA and len(prompt_lambdas) > 1 and not heldout:
-                raise InputError(f"prompt {entry.id!r} has no held-out dialogues to choose λ among {prompt_lambdas} by the held-out "
-                                 "teacher KL: synthesize with --heldout > 0, or pass one λ (--lambdas 0.3)")  # fmt: skip
+                raise InputError(
+                    f"prompt {entry.id!r} has no held-out dialogues to choose λ among {prompt_lambdas} by the held-out "
+                    "teacher KL: synthesize with --heldout > 0, or pass one λ (--lambdas 0.3)"
+                )
             if early_stop and not heldout:
-                raise InputError(f"--early-stop: prompt {entry.id!r} has no held-out dialogues to compare its trials by")
+                raise InputError(
+                    f"--early-stop: prompt {entry.id!r} has no held-out dialogues to compare its trials by"
+                )
             data_print = fingerprint(train, heldout, recorded_settings(prompt, prompt_lambdas), base)
             done = read_adapter_manifest(out / entry.id)
             if done and done.data_fingerprint == data_print and done.prompt_sha256 == entry.sha256:
@@ -153,37 +178,58 @@ def train_catalog(data, catalog, out, base: str, settings: TrainSettings, lambda
         if num_gpus is None:
             num_gpus = 1 if cluster_gpus else 0
         elif num_gpus == 0 and cluster_gpus:
-            raise InputError(f"--gpus-per-trial 0 on a Ray cluster with {cluster_gpus:g} GPUs: Ray hides the GPUs from tasks that "
-                             "ask for none, so every trial would train on the CPU; leave --gpus-per-trial out (1 per trial) or set it > 0")  # fmt: skip
-        results, experiment = run_experiment(plans, base_path, out, storage, num_cpus, num_gpus, progress, checkpoint_steps,
-                                             max_failures, early_stop)  # fmt: skip
+            raise InputError(
+                f"--gpus-per-trial 0 on a Ray cluster with {cluster_gpus:g} GPUs: Ray hides the GPUs from tasks that "
+                "ask for none, so every trial would train on the CPU; leave --gpus-per-trial out (1 per trial) or set it > 0"
+            )
+        results, experiment = run_experiment(
+            plans, base_path, out, storage, num_cpus, num_gpus, progress, checkpoint_steps, max_failures, early_stop
+        )
         for plan in plans:
             outcomes[plan.entry.id] = write_best(plan, results.get(plan.entry.id, []), out, base)
         if all(outcomes[plan.entry.id]["status"] == "trained" for plan in plans):
-            shutil.rmtree(experiment)  # every adapter is written; a failed trial's checkpoints and error files stay for a look
+            shutil.rmtree(
+                experiment
+            )  # every adapter is written; a failed trial's checkpoints and error files stay for a look
         return outcomes
 
 
-def run_experiment(plans: list[Plan], base_path, out, storage, num_cpus, num_gpus, progress, checkpoint_steps, max_failures,
-                   early_stop) -> tuple[dict[str, list], Path]:  # fmt: skip
+def run_experiment(
+    plans: list[Plan], base_path, out, storage, num_cpus, num_gpus, progress, checkpoint_steps, max_failures, early_stop
+) -> tuple[dict[str, list], Path]:
     """Run (or resume) the Tune experiment over the plans' trials; returns ({prompt_id: [ray.tune.Result]}, its folder)."""
     import ray
     from ray import tune
 
     storage = Path(storage).absolute() if storage else out / ".tune"
     # The same command (same data, settings, λ values, trials) finds and resumes its own experiment.
-    name = "train-" + hashlib.sha256(json.dumps([[p.entry.id, p.fingerprint] for p in plans] + [checkpoint_steps, early_stop]).encode()).hexdigest()[:16]
+    name = (
+        "train-"
+        + hashlib.sha256(
+            json.dumps([[p.entry.id, p.fingerprint] for p in plans] + [checkpoint_steps, early_stop]).encode()
+        ).hexdigest()[:16]
+    )
     storage.mkdir(parents=True, exist_ok=True)
     log = storage / f"{name}.log"
     for logger_name in ("ray.tune", "ray.train", "ray.air"):  # Tune's own output goes to a file, not the terminal
         logger = logging.getLogger(logger_name)
         logger.handlers = [logging.FileHandler(log)]
         logger.propagate = False
-    trials = [{"prompt_id": p.entry.id, "lam": lam} for p in plans for lam in ([None] if p.settings.method in NO_LAMBDA else p.lambdas)]
+    trials = [
+        {"prompt_id": p.entry.id, "lam": lam}
+        for p in plans
+        for lam in ([None] if p.settings.method in NO_LAMBDA else p.lambdas)
+    ]
     rows = {p.entry.id: ray.put((p.train, p.heldout)) for p in plans}  # once per prompt, shared by its λ trials
     trainable = tune.with_resources(
-        tune.with_parameters(fit_trial, base=base_path, entries={p.entry.id: p.entry.to_json() for p in plans}, rows=rows,
-                             settings={p.entry.id: p.settings for p in plans}, checkpoint_steps=checkpoint_steps),  # fmt: skip
+        tune.with_parameters(
+            fit_trial,
+            base=base_path,
+            entries={p.entry.id: p.entry.to_json() for p in plans},
+            rows=rows,
+            settings={p.entry.id: p.settings for p in plans},
+            checkpoint_steps=checkpoint_steps,
+        ),
         {"cpu": num_cpus, "gpu": num_gpus},
     )
     bars = Progress(len(trials), progress)
@@ -192,7 +238,9 @@ def run_experiment(plans: list[Plan], base_path, out, storage, num_cpus, num_gpu
     if tune.Tuner.can_restore(path):
         print(f"genpi: resuming the training experiment in {path}", file=sys.stderr)
         # Tune does not save the param space: a run killed before its trials were created makes them again from this one
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True, param_space=param_space)
+        tuner = tune.Tuner.restore(
+            str(path), trainable, resume_unfinished=True, restart_errored=True, param_space=param_space
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -234,17 +282,40 @@ def write_best(plan: Plan, tried: list, out: Path, base: str) -> dict:
     """Write the prompt's best finished trial (lowest held-out teacher KL) as ADAPTERS/ID/; returns the prompt's outcome."""
     entry, settings = plan.entry, plan.settings
     finished = [r for r in tried if r.error is None and r.metrics.get("finished")]
-    errors = [f"λ={r.config['trial']['lam']}: {type(r.error).__name__}: {str(r.error).strip().splitlines()[-1]}" for r in tried if r.error is not None]
+    errors = [
+        f"λ={r.config['trial']['lam']}: {type(r.error).__name__}: {str(r.error).strip().splitlines()[-1]}"
+        for r in tried
+        if r.error is not None
+    ]
     stopped = [r.config["trial"]["lam"] for r in tried if r.error is None and not r.metrics.get("finished")]
     if not finished:
         return {"status": "failed", "errors": errors or ["no trial finished"]}
-    if len(finished) > 1 and any(r.metrics.get("heldout_kl") is None for r in finished):  # every held-out row was unusable
-        return {"status": "failed", "errors": ["no held-out teacher KL to choose λ by (every held-out row was skipped)"]}
+    if len(finished) > 1 and any(
+        r.metrics.get("heldout_kl") is None for r in finished
+    ):  # every held-out row was unusable
+        return {
+            "status": "failed",
+            "errors": ["no held-out teacher KL to choose λ by (every held-out row was skipped)"],
+        }
     best = min(finished, key=lambda r: r.metrics.get("heldout_kl") or 0.0)
     lam, metrics = best.config["trial"]["lam"], best.metrics
-    kept = ("train_loss_first", "train_loss_last", "train_losses", "grad_norm_first", "grad_norm_last", "steps", "train_examples", "heldout_examples",
-            "heldout_loss_before", "heldout_loss_per_epoch", "heldout_kl_examples", "heldout_kl_before", "heldout_kl_per_epoch", "seconds",
-            "resumed_from_step")  # fmt: skip
+    kept = (
+        "train_loss_first",
+        "train_loss_last",
+        "train_losses",
+        "grad_norm_first",
+        "grad_norm_last",
+        "steps",
+        "train_examples",
+        "heldout_examples",
+        "heldout_loss_before",
+        "heldout_loss_per_epoch",
+        "heldout_kl_examples",
+        "heldout_kl_before",
+        "heldout_kl_per_epoch",
+        "seconds",
+        "resumed_from_step",
+    )
     rule = lambda_rule(plan, tried)
     manifest = AdapterManifest(
         prompt_id=entry.id,
@@ -254,29 +325,50 @@ def write_best(plan: Plan, tried: list, out: Path, base: str) -> dict:
         lam=lam,
         lora={**settings.lora.to_dict(), "quantize_4bit": settings.quantize},
         data_fingerprint=plan.fingerprint,
-        settings={**recorded_settings(settings, plan.lambdas), "lam": lam, "effective": metrics["effective"],
-                  "settings_from_catalog": plan.from_catalog},  # fmt: skip
-        train_metrics={**{k: metrics[k] for k in kept if k in metrics}, **{k: v for k, v in metrics.items() if k.startswith(("data_", "heldout_data_"))},
-                       **{k: v for k, v in metrics.items() if k.startswith("onpolicy_")},
-                       "rows_outside_action_space_dropped": plan.dropped},  # fmt: skip
-        eval_metrics={"heldout_loss": metrics["heldout_loss"], "heldout_kl": metrics.get("heldout_kl"),
-                      "lambda_rule": rule, "heldout_used_for_lambda": rule == LAMBDA_RULE,
-                      # every trial's figures where it ended (an early-stopped one: its last epoch)
-                      "trials": {str(r.config["trial"]["lam"]): r.metrics.get("heldout_loss") for r in tried},
-                      "trials_heldout_kl": {str(r.config["trial"]["lam"]): r.metrics.get("heldout_kl") for r in tried}},  # fmt: skip
+        settings={
+            **recorded_settings(settings, plan.lambdas),
+            "lam": lam,
+            "effective": metrics["effective"],
+            "settings_from_catalog": plan.from_catalog,
+        },
+        train_metrics={
+            **{k: metrics[k] for k in kept if k in metrics},
+            **{k: v for k, v in metrics.items() if k.startswith(("data_", "heldout_data_"))},
+            **{k: v for k, v in metrics.items() if k.startswith("onpolicy_")},
+            "rows_outside_action_space_dropped": plan.dropped,
+        },
+        eval_metrics={
+            "heldout_loss": metrics["heldout_loss"],
+            "heldout_kl": metrics.get("heldout_kl"),
+            "lambda_rule": rule,
+            "heldout_used_for_lambda": rule == LAMBDA_RULE,
+            # every trial's figures where it ended (an early-stopped one: its last epoch)
+            "trials": {str(r.config["trial"]["lam"]): r.metrics.get("heldout_loss") for r in tried},
+            "trials_heldout_kl": {str(r.config["trial"]["lam"]): r.metrics.get("heldout_kl") for r in tried},
+        },
         genpi_version=__version__,
     )
     with best.checkpoint.as_directory() as folder:
-        write_adapter(out / entry.id, manifest, lambda tmp: shutil.copytree(Path(folder) / "adapter", tmp, dirs_exist_ok=True))
-    outcome = {"status": "trained", "lam": lam, "heldout_loss": metrics["heldout_loss"], "heldout_kl": metrics.get("heldout_kl")}
+        write_adapter(
+            out / entry.id, manifest, lambda tmp: shutil.copytree(Path(folder) / "adapter", tmp, dirs_exist_ok=True)
+        )
+    outcome = {
+        "status": "trained",
+        "lam": lam,
+        "heldout_loss": metrics["heldout_loss"],
+        "heldout_kl": metrics.get("heldout_kl"),
+    }
     if plan.dropped is not None:
         outcome["rows_outside_action_space_dropped"] = plan.dropped
     if errors:
         outcome["errors"] = errors
     if stopped:  # stopped early by ASHA: the steps they did not run are what early stopping saved
         ran = [r.metrics["steps"] if r.metrics.get("finished") else r.metrics.get("step", 0) for r in tried]
-        outcome["early_stopped"] = {"lams": stopped, "steps_run": sum(ran),
-                                    "steps_of_full_sweep": metrics["steps"] * len(tried)}  # fmt: skip
+        outcome["early_stopped"] = {
+            "lams": stopped,
+            "steps_run": sum(ran),
+            "steps_of_full_sweep": metrics["steps"] * len(tried),
+        }
     return outcome
 
 
@@ -288,11 +380,15 @@ def check_init_adapter(settings: TrainSettings) -> None:
     folder = Path(settings.init_adapter)
     config = folder / "adapter_config.json"
     if not config.is_file() or not (folder / "adapter_model.safetensors").is_file():
-        raise InputError(f"--init-adapter {folder}: not a PEFT adapter folder (adapter_config.json and adapter_model.safetensors)")
+        raise InputError(
+            f"--init-adapter {folder}: not a PEFT adapter folder (adapter_config.json and adapter_model.safetensors)"
+        )
     saved, lora = json.loads(config.read_text()), settings.lora
     if saved.get("r") != lora.r or saved.get("lora_alpha") != lora.alpha:
-        raise InputError(f"--init-adapter {folder}: rank {saved.get('r')}, alpha {saved.get('lora_alpha')}; this run's LoRA is rank "
-                         f"{lora.r}, alpha {lora.alpha} (--rank, --alpha): the LoRA shapes must match")  # fmt: skip
+        raise InputError(
+            f"--init-adapter {folder}: rank {saved.get('r')}, alpha {saved.get('lora_alpha')}; this run's LoRA is rank "
+            f"{lora.r}, alpha {lora.alpha} (--rank, --alpha): the LoRA shapes must match"
+        )
 
 
 def load_state(path: str | Path) -> dict:
@@ -342,7 +438,9 @@ def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: dict
 
     prompt = settings[prompt_id]
     trial_settings = dataclasses.replace(prompt, lam=lam if lam is not None else prompt.lam)
-    model, metrics = train_adapter(base, entry_from_json(entries[prompt_id]), train, heldout, trial_settings, report, checkpoint_steps, resume)
+    model, metrics = train_adapter(
+        base, entry_from_json(entries[prompt_id]), train, heldout, trial_settings, report, checkpoint_steps, resume
+    )
     report({**metrics, "finished": True}, lambda: last_state[0], adapter=lambda folder: save_adapter(model, folder))
 
 
@@ -362,7 +460,12 @@ class PerPromptASHA(FIFOScheduler):
         prompt_id = trial.config["trial"]["prompt_id"]
         if prompt_id not in self.by_prompt:
             self.by_prompt[prompt_id] = AsyncHyperBandScheduler(
-                time_attr="epoch", metric="heldout_kl", mode="min", max_t=self.epochs[prompt_id], grace_period=1, reduction_factor=3,
+                time_attr="epoch",
+                metric="heldout_kl",
+                mode="min",
+                max_t=self.epochs[prompt_id],
+                grace_period=1,
+                reduction_factor=3,
                 stop_last_trials=False,  # a trial at its last epoch still reports its adapter
             )
         return self.by_prompt[prompt_id]
@@ -402,16 +505,21 @@ class Progress(Callback):
 
     def _bars(self):
         if self.bars is None:
-            self.bars = (tqdm(total=self.trials, unit="trial", desc="adapters", disable=not self.enabled, file=sys.stderr),
-                         tqdm(total=0, unit="step", desc="steps", disable=not self.enabled, file=sys.stderr))  # fmt: skip
+            self.bars = (
+                tqdm(total=self.trials, unit="trial", desc="adapters", disable=not self.enabled, file=sys.stderr),
+                tqdm(total=0, unit="step", desc="steps", disable=not self.enabled, file=sys.stderr),
+            )
         return self.bars
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         trials_bar, steps_bar = self._bars()
         if result.get("resumed_from_step") and trial.trial_id not in self.announced:
             self.announced.add(trial.trial_id)
-            steps_bar.write(f"genpi: {result['prompt_id']} λ={result['lam']}: resumed from the checkpoint at step "
-                            f"{result['resumed_from_step']} of {result['steps']}", file=sys.stderr)  # fmt: skip
+            steps_bar.write(
+                f"genpi: {result['prompt_id']} λ={result['lam']}: resumed from the checkpoint at step "
+                f"{result['resumed_from_step']} of {result['steps']}",
+                file=sys.stderr,
+            )
         if "step" in result:
             self.steps[trial.trial_id], self.totals[trial.trial_id] = result["step"], result["steps"]
             steps_bar.total, steps_bar.n = sum(self.totals.values()), sum(self.steps.values())
@@ -436,8 +544,14 @@ class Progress(Callback):
 # TrainSettings fields whose flags are written by hand below: a prompt's catalog `train` value or the trial decides
 # them when the flag is not given (--lambdas, --epochs, --lr, --max-grad-norm), the method is checked with its own
 # message, the LoRA shape is nested; the rest come from the fields (genpi.flags)
-HAND_FLAGS = {"method": "--method", "lam": "--lambdas", "epochs": "--epochs", "lr": "--lr",
-              "max_grad_norm": "--max-grad-norm", "lora": "--rank, --alpha"}  # fmt: skip
+HAND_FLAGS = {
+    "method": "--method",
+    "lam": "--lambdas",
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "max_grad_norm": "--max-grad-norm",
+    "lora": "--rank, --alpha",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,25 +562,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="adapters folder: ADAPTERS/ID/")
     p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2'")
     p.add_argument("--method", default=d.method, help=f"{help['method']} (default %(default)s)")
-    p.add_argument("--lambdas", default=None, help=f"λ values to try per prompt ({', '.join(JOINT_METHODS)}; default {DEFAULT_LAMBDAS}, "
-                   "or a prompt's catalog train.lam); the lowest held-out teacher KL wins")  # fmt: skip
-    p.add_argument("--epochs", type=int, default=None,
-                   help=f"{help['epochs']} (default {d.epochs}, or a prompt's catalog train.epochs)")  # fmt: skip
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"{help['lr']} (default {d.lr:g}, or a prompt's catalog train.lr)")  # fmt: skip
-    p.add_argument("--max-grad-norm", type=float, default=None,
-                   help=f"{help['max_grad_norm']}; default {d.max_grad_norm}, or a prompt's catalog "
-                        "train.grad_clip")  # fmt: skip
+    p.add_argument(
+        "--lambdas",
+        default=None,
+        help=f"λ values to try per prompt ({', '.join(JOINT_METHODS)}; default {DEFAULT_LAMBDAS}, "
+        "or a prompt's catalog train.lam); the lowest held-out teacher KL wins",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"{help['epochs']} (default {d.epochs}, or a prompt's catalog train.epochs)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help=f"{help['lr']} (default {d.lr:g}, or a prompt's catalog train.lr)"
+    )
+    p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help=f"{help['max_grad_norm']}; default {d.max_grad_norm}, or a prompt's catalog train.grad_clip",
+    )
     p.add_argument("--rank", type=int, default=LoraSettings.r, help="LoRA rank (default %(default)s)")
     p.add_argument("--alpha", type=int, default=LoraSettings.alpha, help="LoRA alpha (default %(default)s)")
     add_settings(p, TrainSettings, [f.name for f in dataclasses.fields(TrainSettings) if f.name not in HAND_FLAGS])
-    p.add_argument("--valid-only", action="store_true", help="train only on dialogues whose agent turns all match actions.valid")
+    p.add_argument(
+        "--valid-only", action="store_true", help="train only on dialogues whose agent turns all match actions.valid"
+    )
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 if the Ray cluster has GPUs, else 0")
-    p.add_argument("--storage", default=None, help="where the trials checkpoint (default: ADAPTERS/.tune; a shared folder on a cluster)")
-    p.add_argument("--checkpoint-steps", type=int, default=0, help="also checkpoint every N steps (always: at every epoch's end)")
-    p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, each from its last checkpoint")
-    p.add_argument("--early-stop", action="store_true", help="stop a λ whose held-out teacher KL falls behind the prompt's others (ASHA)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="where the trials checkpoint (default: ADAPTERS/.tune; a shared folder on a cluster)",
+    )
+    p.add_argument(
+        "--checkpoint-steps", type=int, default=0, help="also checkpoint every N steps (always: at every epoch's end)"
+    )
+    p.add_argument(
+        "--max-failures", type=int, default=2, help="retries of a failed trial, each from its last checkpoint"
+    )
+    p.add_argument(
+        "--early-stop",
+        action="store_true",
+        help="stop a λ whose held-out teacher KL falls behind the prompt's others (ASHA)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -498,8 +638,22 @@ def settings_from_args(args: argparse.Namespace) -> tuple[TrainSettings, list[fl
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings, lambdas, overrides = settings_from_args(args)
-    outcomes = train_catalog(args.data, args.catalog, args.out, args.base, settings, lambdas,
-                             args.cpus_per_trial, args.gpus_per_trial, not args.no_progress, args.valid_only,
-                             args.storage, args.checkpoint_steps, args.max_failures, args.early_stop, overrides)  # fmt: skip
+    outcomes = train_catalog(
+        args.data,
+        args.catalog,
+        args.out,
+        args.base,
+        settings,
+        lambdas,
+        args.cpus_per_trial,
+        args.gpus_per_trial,
+        not args.no_progress,
+        args.valid_only,
+        args.storage,
+        args.checkpoint_steps,
+        args.max_failures,
+        args.early_stop,
+        overrides,
+    )
     print(json.dumps(outcomes, indent=2))
     return 1 if any(o["status"] == "failed" for o in outcomes.values()) else 0
