@@ -346,12 +346,13 @@ def main() -> None:
         )
     if d:
         print(
-            f"(d) {d['dialogues']} dialogues of {d['prompt']} in flight: {d['tok_s']:.1f} tok/s, {d['dialogues_per_min']:.1f} "
-            f"dialogues/min ({d['failed']} failed, {d['seconds']:.0f} s)"
+            f"(d) {d['dialogues']} dialogues of {d['prompt']} in flight: {d['tok_s']:.1f} tok/s, "
+            f"{d['dialogues_per_min']:.1f} dialogues/min ({d['failed']} failed, {d['seconds']:.0f} s)"
         )
     if d_ref:
         print(
-            f"(d) the same at {d_ref['ref']}: {d_ref['tok_s']:.1f} tok/s, {d_ref['dialogues_per_min']:.1f} dialogues/min; "
+            f"(d) the same at {d_ref['ref']}: {d_ref['tok_s']:.1f} tok/s, "
+            f"{d_ref['dialogues_per_min']:.1f} dialogues/min; "
             f"ratio {d['tok_s'] / d_ref['tok_s']:.2f} tok/s, {d['dialogues_per_min'] / d_ref['dialogues_per_min']:.2f} "
             "dialogues/min (target >= 2)"
         )

@@ -157,13 +157,15 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     print(f"(a) QLoRA tok/s / LoRA tok/s: {qlora / lora:.2f}  ({qlora:.0f} vs {lora:.0f} tok/s)")
     print(
-        f"(b) two prompts in parallel on Ray Tune / one after the other: {parallel / sequential:.2f}  ({parallel:.0f} s vs {sequential:.0f} s)"
+        f"(b) two prompts in parallel on Ray Tune / one after the other: {parallel / sequential:.2f}  "
+        f"({parallel:.0f} s vs {sequential:.0f} s)"
     )
     print(
         f"(c) one checkpoint / one step: {per_checkpoint / per_step:.3f}  ({per_checkpoint:.2f} s vs {per_step:.1f} s)"
     )
     print(
-        f"(d) the Tune experiment / plain Ray tasks, same trials: {parallel / plain:.2f}  ({parallel:.0f} s vs {plain:.0f} s)"
+        f"(d) the Tune experiment / plain Ray tasks, same trials: {parallel / plain:.2f}  "
+        f"({parallel:.0f} s vs {plain:.0f} s)"
     )
 
 

@@ -82,7 +82,8 @@ class PromptEntry:
 
     @property
     def all_checks(self) -> tuple[Check, ...]:
-        """The catalog's checks, led by `format` (the `actions.valid` regex) unless the catalog names a check `format`."""
+        """The catalog's checks, led by `format` (the `actions.valid` regex) unless the catalog names a check
+        `format`."""
         if self.valid_action is None or any(c.name == FORMAT_CHECK for c in self.checks):
             return self.checks
         return (Check(FORMAT_CHECK, "regex", self.valid_action),) + self.checks
@@ -324,7 +325,8 @@ def _parse_entry(path: Path, index: int, item: object) -> PromptEntry:
 
 
 def _parse_checks(raw: object, fail) -> tuple[Check, ...]:
-    """`checks`: a list of {name, ONE of regex | language | json_schema}, each checked as far as it can be before a reply exists."""
+    """`checks`: a list of {name, ONE of regex | language | json_schema}, each checked as far as it can be before a
+    reply exists."""
     if raw is None:
         return ()
     if not isinstance(raw, list):

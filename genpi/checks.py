@@ -23,8 +23,9 @@ reply to check (an episode without an agent turn). The rules:
      target and English alone: a Spanish reply then passes a French check ("Claro que sí, puedo ayudarte con
      eso." comes out French among {fr, en}, and 3 of 5 short Spanish sentences did), and a French one a
      Spanish check (2 of 5); among CONTRAST, 18 of 19 test sentences in these languages and Italian and
-     Portuguese came out right (the one miss: the garbled "La cena de lasagna es el cine de la casa", Italian). A reply in a language outside the candidates is judged as its nearest
-     candidate: name the languages to tell apart in the catalog. One detector is built per candidate set
+     Portuguese came out right (the one miss: the garbled "La cena de lasagna es el cine de la casa", Italian).
+     A reply in a language outside the candidates is judged as its nearest candidate: name the languages to
+     tell apart in the catalog. One detector is built per candidate set
      and kept; its models load on first use (about a second).
 - json_schema: the stripped reply, or the body of a reply that is exactly one fenced block (```json ... ```
   or ``` ... ```), parses as JSON and validates against the schema (jsonschema, the schema's own draft;
@@ -114,7 +115,8 @@ def _validator(schema_json: str):
 
 
 def run_check(check: Check, reply: str | None, languages=()) -> bool | None:
-    """One check on one reply (None: no reply); `languages` are candidates for a language check beyond its own and CONTRAST."""
+    """One check on one reply (None: no reply); `languages` are candidates for a language check beyond its own and
+    CONTRAST."""
     if reply is None:
         return None
     if check.kind == "regex":

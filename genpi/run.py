@@ -451,14 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="ID=FILE",
-        help="OS tasks (AgentBench format) for prompt ID: genpi eval os-tasks of every method; repeatable or comma-separated",
+        help="OS tasks (AgentBench format) for prompt ID: genpi eval os-tasks of every method; "
+        "repeatable or comma-separated",
     )
     p.add_argument(
         "--mind2web",
         action="append",
         default=[],
         metavar="ID=FILE",
-        help="Mind2Web steps (JSON lines) for prompt ID: genpi eval mind2web of every method; repeatable or comma-separated",
+        help="Mind2Web steps (JSON lines) for prompt ID: genpi eval mind2web of every method; "
+        "repeatable or comma-separated",
     )
     for dest, (section, command, example) in DEPRECATED_ARGS.items():
         p.add_argument(

@@ -125,7 +125,8 @@ def read_config(path: str | Path) -> Preset:
         raise InputError(f"--config {path}: cannot read it as YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise InputError(
-            f"--config {path}: expected a mapping of keys (prompts, methods, synth, train, ...), got {type(data).__name__}"
+            f"--config {path}: expected a mapping of keys (prompts, methods, synth, train, ...), "
+            f"got {type(data).__name__}"
         )
     hints = typing.get_type_hints(Preset)
     fields: dict = {}

@@ -193,8 +193,9 @@ def study_markdown(study: dict) -> str:
     lines += [
         "",
         "KL gap closed = (KL_base − KL_system) / KL_base, KL(teacher with P ‖ system without P) on the teacher's "
-        "held-out agent tokens; reverse KL(system ‖ teacher) on the system's own samples; collateral = KL(base ‖ system) "
-        "on general requests unrelated to P. Each row's command and settings are in study.json.",
+        "held-out agent tokens; reverse KL(system ‖ teacher) on the system's own samples; "
+        "collateral = KL(base ‖ system) on general requests unrelated to P. "
+        "Each row's command and settings are in study.json.",
         "",
         "![gap closed against training time](study.png)",
     ]
@@ -303,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--methods: unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
     if args.steps < 1 or args.samples < 2 or not 0 < args.heldout < 1:
         raise InputError(
-            f"--steps must be >= 1, --samples >= 2 and --heldout in (0, 1); got {args.steps}, {args.samples}, {args.heldout}"
+            f"--steps must be >= 1, --samples >= 2 and --heldout in (0, 1); "
+            f"got {args.steps}, {args.samples}, {args.heldout}"
         )
     stages, preset = study_stages(args), study_preset(args)
     status = run_stages(Path(args.out), stages, preset, "study", not args.no_progress, study_stage)

@@ -345,7 +345,8 @@ def test_example_catalog_is_valid_and_long():
     for entry in (entries["bakery-fr"], entries["hotel-fr"]):  # the personas: their own shots pass their checks
         for dialogue in entry.shots:
             assert all(run_checks(entry, dialogue[-1]["content"]).values()), (entry.id, dialogue[-1])
-        # the base's kind of English reply fails them (a very short one may not: "Hi! Do you have croissants today?" reads as French)
+        # the base's kind of English reply fails them (a very short one may not: "Hi! Do you have croissants today?"
+        # reads as French)
         assert not any(
             run_checks(entry, "Yes, we have that in stock this morning. How many would you like?").values()
         ), entry.id

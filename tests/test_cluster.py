@@ -76,7 +76,8 @@ def test_the_run_job_fits_its_cluster_and_every_stage_parses():
 
 
 def test_the_readmes_submit_what_the_run_job_runs():
-    """The `ray job submit` commands of docs/pipeline.md and cluster/README.md run the RayJob's entrypoint, word for word."""
+    """The `ray job submit` commands of docs/pipeline.md and cluster/README.md run the RayJob's entrypoint, word for
+    word."""
     entry = shlex.split(yaml.safe_load((CLUSTER / "rayjob-run.yaml").read_text())["spec"]["entrypoint"])
     for readme in (REPO / "docs" / "pipeline.md", CLUSTER / "README.md"):
         text = readme.read_text().replace("\\\n", " ")

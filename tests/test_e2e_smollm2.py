@@ -52,7 +52,10 @@ def test_synth_then_stats_and_sql_with_the_bundled_model(tmp_path):
         row["gold_turns"] == 1 and 1 <= row["avg_turns"] <= row["max_turns"] == 2
     )  # single-step web: the paper allows 2 turns
 
-    query = "SELECT sample_id, prompt_sha256, input, turns, student_output, reason, target_model FROM dialogues ORDER BY sample_id"
+    query = (
+        "SELECT sample_id, prompt_sha256, input, turns, student_output, reason, target_model "
+        "FROM dialogues ORDER BY sample_id"
+    )
     sql = genpi("sql", str(out), query, "--json")
     assert sql.returncode == 0, sql.stderr
     rows = json.loads(sql.stdout)
@@ -66,8 +69,9 @@ def test_synth_then_stats_and_sql_with_the_bundled_model(tmp_path):
 
 
 def test_genpi_run_demo_from_catalog_to_report(tmp_path):
-    """The README's first command: the demo preset, every stage with the bundled model, within the 20 minutes it promises
-    on 2 cores (the timeout leaves room for a busy CI machine), ending in adapters that act like the teacher without P."""
+    """The README's first command: the demo preset, every stage with the bundled model, within the 20 minutes it
+    promises on 2 cores (the timeout leaves room for a busy CI machine), ending in adapters that act like the teacher
+    without P."""
     run = tmp_path / "run"
     done = genpi("run", str(EXAMPLES), "--out", str(run), "--preset", "demo", "--no-progress", timeout=2400)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -95,8 +99,9 @@ def test_genpi_run_demo_from_catalog_to_report(tmp_path):
     fidelity = json.loads((run / "eval" / "fidelity.json").read_text())
     systems = fidelity["results"][0]["systems"]
     assert set(systems) == {"teacher", "base", "topk-kl", "genpi"}
-    # internalization, not a copy of the base: the teacher answers in French, the base does not, the demo's adapter without P
-    # does most of the time and closes a good part of the KL gap (measured: 100% of the teacher's French, 53% of the gap)
+    # internalization, not a copy of the base: the teacher answers in French, the base does not, the demo's adapter
+    # without P does most of the time and closes a good part of the KL gap (measured: 100% of the teacher's French,
+    # 53% of the gap)
     french = {name: m["checks"]["french"]["first_turn"] for name, m in systems.items()}
     assert french["teacher"] >= 0.5 and french["base"] <= 0.25 and french["topk-kl"] >= 0.5 * french["teacher"], french
     assert systems["topk-kl"]["kl_gap_closed"] >= 0.25 and systems["topk-kl"]["kl_gap_closed_ci"][0] > 0, systems[

@@ -1,5 +1,6 @@
 """`genpi eval efficiency`: the analytic count against torch's FLOP counter, the shared-prefix saving, the command
-end to end on the tiny Llama (rows, summary, plot, report section) and its bad-input refusals. Timings are not asserted."""
+end to end on the tiny Llama (rows, summary, plot, report section) and its bad-input refusals. Timings are not
+asserted."""
 
 import json
 import re
@@ -202,7 +203,8 @@ def test_efficiency_end_to_end(tiny_model, adapters, tmp_path):
     rows = (
         duckdb.connect()
         .execute(
-            "SELECT system, regime, turn, prefill_s, decode_s, kv_bytes_measured, cached_tokens + prefill_tokens + generated_tokens - 1 "
+            "SELECT system, regime, turn, prefill_s, decode_s, kv_bytes_measured, "
+            "cached_tokens + prefill_tokens + generated_tokens - 1 "
             "FROM read_parquet(?, hive_partitioning = true)",
             [str(out / "efficiency" / "*" / "*" / "*.parquet")],
         )

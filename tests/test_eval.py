@@ -233,7 +233,8 @@ def test_a_prompt_without_actions_skips_the_action_metrics_only(data, adapters, 
     [entry] = load_catalog(catalog, ["calc"])
     con = duckdb.connect()
     rows = con.execute(
-        f"SELECT system, reply, checks FROM read_parquet('{tmp_path}/eval/fidelity/**/*.parquet', hive_partitioning=true)"
+        f"SELECT system, reply, checks "
+        f"FROM read_parquet('{tmp_path}/eval/fidelity/**/*.parquet', hive_partitioning=true)"
     ).fetchall()
     assert len(rows) == 6
     for system, reply, checks in rows:  # the checks the catalog names, no `format` without actions.valid

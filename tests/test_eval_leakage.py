@@ -46,7 +46,8 @@ def test_leakage_probe_end_to_end(adapters, tiny_trainable_model, tmp_path):  # 
     rows = (
         duckdb.connect()
         .execute(
-            f"SELECT system, reply, span, rouge_l_recall, verbatim FROM read_parquet('{out}/leakage/**/*.parquet', hive_partitioning=true)"
+            f"SELECT system, reply, span, rouge_l_recall, verbatim "
+            f"FROM read_parquet('{out}/leakage/**/*.parquet', hive_partitioning=true)"
         )
         .fetchall()
     )

@@ -1,4 +1,5 @@
-"""Fidelity and leakage metrics on hand-made outputs with known answers, teacher-forced KL and episodes on the tiny Llama."""
+"""Fidelity and leakage metrics on hand-made outputs with known answers, teacher-forced KL and episodes on the tiny
+Llama."""
 
 import dataclasses
 

@@ -129,7 +129,8 @@ def test_report_from_a_small_real_run(calc_dialogues, calc_genpi_trained, tiny_t
     per_turn = (
         duckdb.connect()
         .execute(
-            f"SELECT system, k, avg(turns_valid[k]::DOUBLE) FROM read_parquet('{eval_dir}/fidelity/**/*.parquet', hive_partitioning=true), "
+            f"SELECT system, k, avg(turns_valid[k]::DOUBLE) "
+            f"FROM read_parquet('{eval_dir}/fidelity/**/*.parquet', hive_partitioning=true), "
             "range(1, 3) t(k) WHERE len(turns_valid) >= k GROUP BY ALL"
         )
         .fetchall()

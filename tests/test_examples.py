@@ -60,7 +60,7 @@ def check_consistent(example):
 
 
 def unlabelled_text(example, tokenizer):
-    return tokenizer.decode([t for t, l in zip(example.input_ids, example.labels) if l == IGNORE])
+    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label == IGNORE])
 
 
 def test_sft_labels_exactly_agent_turns_and_end_marker(tokenizer):

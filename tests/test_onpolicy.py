@@ -1,4 +1,5 @@
-"""On-policy internalization: the reverse KL by hand, the sampler as an engine user, and training that closes the gap."""
+"""On-policy internalization: the reverse KL by hand, the sampler as an engine user, and training that closes the
+gap."""
 
 from __future__ import annotations
 
@@ -152,8 +153,8 @@ def test_onpolicy_training_lowers_the_reverse_kl_and_refreshes_the_sampler_every
         before = mean_reverse_kl(model, pairs, batch, 4)
     assert before > 0.2 and after < 0.5 * before, (before, after)
 
-    # the sampler: a fresh adapter every 2 steps (steps 0, 2, ..., 10), the previous one dropped; the replies of the steps up
-    # to the next refresh sampled in one batch, which an epoch's end (every 3 steps) also ends
+    # the sampler: a fresh adapter every 2 steps (steps 0, 2, ..., 10), the previous one dropped; the replies of the
+    # steps up to the next refresh sampled in one batch, which an epoch's end (every 3 steps) also ends
     assert spy.added == [f"onpolicy-{k}" for k in range(6)] and spy.removed == spy.added[:-1]
     windows = [
         (2, 0),
@@ -215,7 +216,8 @@ def test_genpi_onpolicy_trains_with_the_pg_term_and_chooses_lambda(shifted_model
     _, alone = train_adapter(shifted_model, CALC, TRAIN[:4], [], dataclasses.replace(settings, method="onpolicy"))
     _, pg = train_adapter(shifted_model, CALC, TRAIN[:4], [], dataclasses.replace(settings, method="pg"))
     assert metrics["steps"] == 1 and metrics["onpolicy_requests"] == 4 and math.isfinite(metrics["heldout_loss"])
-    # (1 − λ)·L_onpolicy + λ·L_PG: the first step samples the same replies (same seeds, the adapter still 0) on the same rows
+    # (1 − λ)·L_onpolicy + λ·L_PG: the first step samples the same replies (same seeds, the adapter still 0) on the
+    # same rows
     assert metrics["train_loss_first"] == pytest.approx(
         0.7 * alone["train_loss_first"] + 0.3 * pg["train_loss_first"], rel=1e-4
     )
@@ -343,9 +345,11 @@ def test_a_run_resumed_between_two_refreshes_ends_with_the_same_adapter(shifted_
     )
     rows = ROWS[:6]  # 3 steps an epoch
     states = []
-    keep = lambda metrics, state: (
-        states.append((metrics["step"], copy.deepcopy(state()))) if state is not None else None
-    )  # noqa: E731
+
+    def keep(metrics, state):
+        if state is not None:
+            states.append((metrics["step"], copy.deepcopy(state())))
+
     whole, metrics = train_adapter(shifted_model, CALC, rows, [], settings, report=keep, checkpoint_steps=1)
     step, state = states[2]
     assert step == 3 and state["onpolicy"]["refreshes"] == 2 and state["onpolicy_adapter"]

@@ -66,7 +66,8 @@ def test_completions_equal_the_engine_and_bad_rows_fail_alone(served, direct):
     assert "context_length_exceeded" in got[2].error
     topk, e = got[3], expected[3]  # top-k log-probabilities by token id (what synthesis stores for the teacher)
     assert topk.text == e.text and topk.token_ids == e.token_ids and topk.topk_ids == e.topk_ids
-    # float32, but batched on the server beside the other rows: the sums run in another order (measured up to 4e-5 apart; the same on the commit before this change)
+    # float32, but batched on the server beside the other rows: the sums run in another order (measured up to 4e-5
+    # apart; the same on the commit before this change)
     assert torch.allclose(torch.tensor(topk.topk_logprobs), torch.tensor(e.topk_logprobs), atol=1e-4)
     assert engine.count_tokens(chat("What is 7 times 6?")) == direct.count_tokens(chat("What is 7 times 6?"))
 

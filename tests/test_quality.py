@@ -28,7 +28,8 @@ NORMAL = {
     "assignments": "x = 1\nx = 2\nx = 3\nx = 4\nx = 5\nx = 6",
     "calls": "print(a)\nprint(b)\nprint(c)\nprint(d)\nprint(e)",
     "python": "def f(x):\n    if x > 0:\n        return x\n    return -x\n\n\nfor i in range(10):\n    print(f(i))\n",
-    "json": '[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]',
+    "json": '[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, '
+    '{"role": "user", "content": "bye"}]',
     "an action": "Act: answer(42)",
 }
 

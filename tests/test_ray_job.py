@@ -248,7 +248,8 @@ def test_ray_job_submit_runs_the_synthesis_on_the_cluster(ray_head, tiny_finishi
             head.ray("job", "stop", "--address", head.url, "--no-wait", submission)
             logs = head.ray("job", "logs", "--address", head.url, submission)
             pytest.fail(
-                f"job not done in {JOB_TIMEOUT} s\n{(e.stdout or b'')[-3000:]!r}\n--- job logs ---\n{logs.stdout[-6000:]}\n{head.diagnostics()}"
+                f"job not done in {JOB_TIMEOUT} s\n{(e.stdout or b'')[-3000:]!r}\n"
+                f"--- job logs ---\n{logs.stdout[-6000:]}\n{head.diagnostics()}"
             )
         elapsed = time.monotonic() - started
         status = json.loads(head.api(f"/api/jobs/{submission}")[1])

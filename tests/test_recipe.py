@@ -101,11 +101,10 @@ def test_every_baseline_trains(tiny_trainable_model, method):
     if "topk" in method:  # a teacher top-k that puts 0.6 on the token itself: the student's own tokens
         tok = AutoTokenizer.from_pretrained(tiny_trainable_model)
         turns = lambda r: [[e.input_ids[p] for p in t] for e in [build_sft(r, tok, 512)] for t in e.agent_tokens]  # noqa: E731
-        topk = lambda ids: {
-            "token_ids": ids,
-            "topk_ids": [[t, 0] for t in ids],
-            "topk_logprobs": [[-0.5, -3.0]] * len(ids),
-        }  # noqa: E731
+
+        def topk(ids):
+            return {"token_ids": ids, "topk_ids": [[t, 0] for t in ids], "topk_logprobs": [[-0.5, -3.0]] * len(ids)}
+
         train = [dict(r, teacher_topk=[topk(ids) for ids in turns(r)]) for r in TRAIN]
     model, metrics = train_adapter(tiny_trainable_model, CALC, train, HELDOUT, settings)
     assert metrics["steps"] == 2 and metrics["train_loss_first"] > 0
@@ -286,7 +285,8 @@ def test_warmup_cosine_schedule_and_gradient_clipping_are_applied(tiny_trainable
     assert seen == pytest.approx(before, rel=1e-5)  # 0: no clipping
 
 
-# prepend draws from torch's generator at every step; 4-bit: bitsandbytes computes differently after a first inference pass
+# prepend draws from torch's generator at every step; 4-bit: bitsandbytes computes differently after a first
+# inference pass
 @pytest.mark.parametrize("method, quantize", [("genpi", True), ("prepend", False)])
 def test_a_run_resumed_from_any_checkpoint_ends_with_the_same_adapter(tiny_trainable_model, method, quantize):
     import copy
@@ -295,9 +295,11 @@ def test_a_run_resumed_from_any_checkpoint_ends_with_the_same_adapter(tiny_train
         FAST, method=method, epochs=2, batch_size=2, quantize=quantize, lora=LoraSettings(r=4, alpha=8, dropout=0.1)
     )
     states = []
-    keep = lambda metrics, state: (
-        states.append((metrics["step"], copy.deepcopy(state()))) if state is not None else None
-    )  # noqa: E731
+
+    def keep(metrics, state):
+        if state is not None:
+            states.append((metrics["step"], copy.deepcopy(state())))
+
     whole, whole_metrics = train_adapter(
         tiny_trainable_model, CALC, TRAIN, HELDOUT, settings, report=keep, checkpoint_steps=3
     )

@@ -64,7 +64,9 @@ def test_a_field_without_help_text_cannot_become_a_flag():
 
 
 def test_each_token_limit_has_its_own_flag_and_max_new_tokens_sets_them_all():
-    parse = lambda *argv: from_args(SynthSettings, synth_parser().parse_args(["C", "--out", "O", *argv]))
+    def parse(*argv):
+        return from_args(SynthSettings, synth_parser().parse_args(["C", "--out", "O", *argv]))
+
     assert {getattr(parse("--max-new-tokens", "64"), name) for name in TURN_TOKEN_FIELDS} == {64}
     roles = parse("--max-new-tokens", "64", "--max-reason-tokens", "9", "--max-student-tokens", "7")
     assert (

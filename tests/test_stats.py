@@ -487,7 +487,10 @@ def test_sql_spills_inside_the_run_folder_and_within_its_bound(run, capsys, tmp_
         assert con.execute("SELECT current_setting('max_temp_directory_size')").fetchone()[0] == "976.5 KiB"  # 1 MB
     finally:
         con.close()
-    big_sort = "SELECT count(*) FROM (SELECT md5(i::VARCHAR) || md5((i + 1)::VARCHAR) AS m FROM range(3000000) t(i) ORDER BY m)"
+    big_sort = (
+        "SELECT count(*) FROM (SELECT md5(i::VARCHAR) || md5((i + 1)::VARCHAR) AS m "
+        "FROM range(3000000) t(i) ORDER BY m)"
+    )
     assert main(["sql", str(run), big_sort, "--memory-limit", "40MB", "--max-temp", "2MB", "--threads", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("genpi: error: query failed") and err.count("\n") == 1 and "Out of Memory" in err

@@ -23,8 +23,9 @@ from genpi.synth.run import RunOptions, synthesize
 pytestmark = pytest.mark.slow  # end to end (conftest)
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
-# teacher_topk=0: the top-k path is covered in test_pipeline with an engine that returns top-k. 24 input tokens: sampled
-# inputs depend on how calls fall into batches (one seed per batch), and at 12 tokens a busy machine could leave too few uncut
+# teacher_topk=0: the top-k path is covered in test_pipeline with an engine that returns top-k. 24 input tokens:
+# sampled inputs depend on how calls fall into batches (one seed per batch), and at 12 tokens a busy machine could
+# leave too few uncut
 SETTINGS = SynthSettings(
     samples=6,
     max_input_tokens=24,

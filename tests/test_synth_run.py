@@ -36,7 +36,8 @@ def dead_pid() -> int:
 
 
 def write_lock(out, pid, host=None, **fields):
-    """A lock as a process of this host, boot and PID namespace writes it (`fields` change or drop, with None, what it records)."""
+    """A lock as a process of this host, boot and PID namespace writes it (`fields` change or drop, with None, what it
+    records)."""
     out.mkdir(parents=True, exist_ok=True)
     holder = {
         **runfolder._me(),

@@ -64,8 +64,8 @@ def train(data, adapters, *extra, catalog=CATALOG, progress=False):
 def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(
     data, calc_genpi_trained, tiny_trainable_model, tmp_path
 ):
-    # the session's `train(data, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7", progress=True)` (conftest),
-    # copied: the reruns below write into the folder
+    # the session's `train(data, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7", progress=True)`
+    # (conftest), copied: the reruns below write into the folder
     trained, result = calc_genpi_trained
     assert result.returncode == 0, result.stderr[-3000:]
     adapters = copy_into(trained, tmp_path)

@@ -1,5 +1,6 @@
 """`genpi train` as a Ray Tune experiment: a killed run resumes exactly, a killed trial is retried from its checkpoint,
-a failing prompt fails alone, ASHA stops a λ that falls behind (on the held-out teacher KL), and each prompt's rows are put in the object store once."""
+a failing prompt fails alone, ASHA stops a λ that falls behind (on the held-out teacher KL), and each prompt's rows
+are put in the object store once."""
 
 import json
 import os

@@ -43,8 +43,10 @@ GOALS = [  # instruction, the right product, its options
 
 def page(instruction: str, body: str, top: str = "") -> str:
     return (
-        f'<!DOCTYPE html><html><head><title>WebShop</title><style>.x {{}}</style><script>var a = "hidden";</script></head>'
-        f'<body><div class="container">{top}<div id="instruction-text" class="text-center"><h4>Instruction: <br>{instruction}</h4></div>'
+        "<!DOCTYPE html><html><head><title>WebShop</title><style>.x {}</style>"
+        '<script>var a = "hidden";</script></head>'
+        f'<body><div class="container">{top}<div id="instruction-text" class="text-center">'
+        f"<h4>Instruction: <br>{instruction}</h4></div>"
         f"{body}</div></body></html>"
     )
 
@@ -89,7 +91,8 @@ class WebShopLike(BaseHTTPRequestHandler):
         if len(parts) == 1:
             search = (
                 f'<form role="form" method="post" action="{home}">'
-                f'<input id="search_input" class="form-control" type="text" name="search_query" placeholder="Search..." required/>'
+                '<input id="search_input" class="form-control" type="text" name="search_query" '
+                'placeholder="Search..." required/>'
                 f'<button class="btn btn-success" type="submit"><i class="glyphicon"></i>Search</button></form>'
             )
             return self.send(page(instruction, search, top='<div id="logo"><h2>WebShop</h2></div>'))
@@ -99,7 +102,8 @@ class WebShopLike(BaseHTTPRequestHandler):
             words = set(eval(keywords))  # the server's own list repr
             found = [a for a, (title, _, _) in PRODUCTS.items() if words & set(title.lower().replace(",", "").split())]
             items = "".join(
-                f'<div class="list-group-item"><h4 class="product-asin"><a class="product-link" href="/item_page/{quote(session)}/{a}/{quote(keywords)}/{number}/{quote("{}")}">{a}</a></h4>'
+                '<div class="list-group-item"><h4 class="product-asin"><a class="product-link" '
+                f'href="/item_page/{quote(session)}/{a}/{quote(keywords)}/{number}/{quote("{}")}">{a}</a></h4>'
                 f'<h4 class="product-title">{PRODUCTS[a][0]}</h4><h5 class="product-price">{PRODUCTS[a][1]}</h5></div>'
                 for a in found
             )
@@ -117,8 +121,14 @@ class WebShopLike(BaseHTTPRequestHandler):
             for group, values in groups.items():
                 radios += f"<h4>{group}</h4>"
                 for i, v in enumerate(values):
-                    url = f"/item_page/{quote(session)}/{asin}/{quote(keywords)}/{number}/{quote(json.dumps(options | {group: v}))}"
-                    radios += f'<input type="radio" id="radio_{group}{i}" name="{group}" value="{v}" data-url="{url}"><label for="radio_{group}{i}">{v}</label>'
+                    url = (
+                        f"/item_page/{quote(session)}/{asin}/{quote(keywords)}/{number}/"
+                        f"{quote(json.dumps(options | {group: v}))}"
+                    )
+                    radios += (
+                        f'<input type="radio" id="radio_{group}{i}" name="{group}" value="{v}" data-url="{url}">'
+                        f'<label for="radio_{group}{i}">{v}</label>'
+                    )
             here = f"{quote(session)}/{asin}/{quote(keywords)}/{number}"
             body = form(home, "Back to Search", "btn btn-success") + form(
                 f"/search_results/{quote(session)}/{quote(keywords)}/{number}", "&lt; Prev"
@@ -133,7 +143,8 @@ class WebShopLike(BaseHTTPRequestHandler):
             asin, options = parts[2], json.loads(parts[3])
             reward = 1.0 if asin == want and options == want_options else 0.5 if asin == want else 0.0
             return self.send(
-                f'<html><body><h1>Thank you for shopping with us!</h1><div style="display:none"><h4 id="asin">asin<pre>{asin}</pre></h4></div>'
+                "<html><body><h1>Thank you for shopping with us!</h1>"
+                f'<div style="display:none"><h4 id="asin">asin<pre>{asin}</pre></h4></div>'
                 f'<h3 id="reward">Your score (min 0.0, max 1.0)<pre>{reward}</pre></h3></body></html>'
             )
         return self.send("not found", 404)

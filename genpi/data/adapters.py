@@ -73,7 +73,8 @@ def _manifest_json(manifest: AdapterManifest) -> str:
 
 
 def read_adapter_manifest(folder: str | Path) -> AdapterManifest | None:
-    """The manifest of a complete adapter folder, or None if there is none; InputError naming the file if it is corrupt."""
+    """The manifest of a complete adapter folder, or None if there is none; InputError naming the file if it is
+    corrupt."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         return None
@@ -124,7 +125,8 @@ def check_adapter(folder: str | Path, entry: PromptEntry) -> AdapterManifest:
     manifest = _finished_manifest(folder)
     if manifest.prompt_id != entry.id or manifest.prompt_sha256 != entry.sha256:
         raise StaleAdapterError(
-            f"{folder}: stale adapter: trained for prompt {manifest.prompt_id!r} sha256 {manifest.prompt_sha256[:12]}…, "
+            f"{folder}: stale adapter: trained for prompt {manifest.prompt_id!r} "
+            f"sha256 {manifest.prompt_sha256[:12]}…, "
             f"but the catalog's {entry.id!r} is now sha256 {entry.sha256[:12]}…; retrain it"
         )
     return manifest

@@ -214,7 +214,8 @@ def acquire_lock(path: str | Path, what: str) -> Path:
                 else ", in another PID namespace"
             )
             raise InputError(
-                f"{path.parent} is in use by another {what} (host {holder.get('host')}, pid {holder.get('pid')}{where}, "
+                f"{path.parent} is in use by another {what} "
+                f"(host {holder.get('host')}, pid {holder.get('pid')}{where}, "
                 f"started {holder.get('started')}); wait for it to finish, or remove {path} if that run is gone"
             )
         with _guard(path.parent):

@@ -463,7 +463,8 @@ class TransformersEngine:
         row.ids = self.encode(request.messages)
         if len(row.ids) + row.sampling.max_tokens > self.max_model_len:
             raise ValueError(
-                f"{CONTEXT_LENGTH_ERROR}: {len(row.ids)} prompt tokens + {row.sampling.max_tokens} max tokens > {self.max_model_len}"
+                f"{CONTEXT_LENGTH_ERROR}: {len(row.ids)} prompt tokens + {row.sampling.max_tokens} max tokens "
+                f"> {self.max_model_len}"
             )
         row.prefix = self._prefix_ids(request, row.ids)
         row.prefix_layers = self._prefix_cache(row.prefix, row.adapter).layers if row.prefix else None

@@ -93,7 +93,8 @@ class VLLMEngine:
             return Completion.failure(f"engine: {type(e).__name__}: {e}")
         if len(ids) + params.max_tokens > self.max_model_len:  # vLLM would only check the prompt, then cut the reply
             return Completion.failure(
-                f"{CONTEXT_LENGTH_ERROR}: {len(ids)} prompt tokens + {params.max_tokens} max tokens > {self.max_model_len}"
+                f"{CONTEXT_LENGTH_ERROR}: {len(ids)} prompt tokens + {params.max_tokens} max tokens "
+                f"> {self.max_model_len}"
             )
         final = None
         try:

@@ -99,7 +99,8 @@ class Dims:
         unknown = sorted(set(targets) - set(shapes))
         if unknown:
             raise InputError(
-                f"LoRA target modules {', '.join(unknown)}: not among {', '.join(shapes)} (a Llama-style model's linear layers)"
+                f"LoRA target modules {', '.join(unknown)}: not among {', '.join(shapes)} "
+                "(a Llama-style model's linear layers)"
             )
         return self.layers * sum(rank * sum(shapes[t]) for t in targets)
 
@@ -198,7 +199,8 @@ def decode_macs(dims: Dims, turn: Turn, lora_macs: int = 0) -> int:
 
 
 def kv_bytes(dims: Dims, conv: Conversation, turn: Turn, regime: str, concurrent: int) -> tuple[int, int]:
-    """(per conversation, for `concurrent` conversations) at the turn's end; shared-prefix holds P's KV once per server."""
+    """(per conversation, for `concurrent` conversations) at the turn's end; shared-prefix holds P's KV once per
+    server."""
     shared = conv.prefix if regime == "shared-prefix" else 0
     own = (turn.held - shared) * dims.kv_token_bytes
     return own, concurrent * own + shared * dims.kv_token_bytes
@@ -255,7 +257,8 @@ def summarize(prompt_id, dims: Dims, convs: list[Conversation], concurrent: int,
     check = None
     if counted:
         check = {
-            "compared": "torch FLOP counter vs the analytic count of the same forwards as eager attention computes them",
+            "compared": "torch FLOP counter vs the analytic count of the same forwards "
+            "as eager attention computes them",
             "max_relative_difference": worst,
             "tolerance": CHECK_TOLERANCE,
             "agree": all(v <= CHECK_TOLERANCE for v in worst.values()),

@@ -185,7 +185,8 @@ def evaluate(
             lora.adapter = add_fresh_lora(engine, lora.lora)
         form = served_as(engine, [adapter_system] if adapter_system else [])
         print(
-            f"genpi eval efficiency: {entry.id}: timing {len(convs)} systems × {len(REGIMES)} regimes × {repeats} repeats",
+            f"genpi eval efficiency: {entry.id}: timing {len(convs)} systems × {len(REGIMES)} regimes "
+            f"× {repeats} repeats",
             file=sys.stderr,
         )
         timings = {c.system: timed(engine, c, repeats) for c in convs}
@@ -234,7 +235,8 @@ def write_outputs(out: Path, result: dict) -> None:
 
 def format_summary(result: dict) -> str:
     lines = [
-        f"{result['prompt_id']}: {result['conversation']}; model config {result['model_config']}; tokens by {result['tokenizer']}",
+        f"{result['prompt_id']}: {result['conversation']}; model config {result['model_config']}; "
+        f"tokens by {result['tokenizer']}",
         f"LoRA r={result['lora']['rank']} on {', '.join(result['lora']['targets'])} ({result['lora']['from']})",
         f"formula: {result['formula']}",
     ]
@@ -244,23 +246,30 @@ def format_summary(result: dict) -> str:
     if check:
         worst = ", ".join(f"{r} {v:.2%}" for r, v in check["max_relative_difference"].items())
         lines.append(
-            f"counter check ({check['compared']}): max difference {worst}: {'agree' if check['agree'] else 'DISAGREE'} within {check['tolerance']:.0%}"
+            f"counter check ({check['compared']}): max difference {worst}: "
+            f"{'agree' if check['agree'] else 'DISAGREE'} within {check['tolerance']:.0%}"
         )
     timed_ = result["latency"] is not None
     if timed_:
         lines.append(
-            f"latency: {result['latency']['served_as']}, median of {result['latency']['repeats']} ({result['latency']['note']})"
+            f"latency: {result['latency']['served_as']}, median of {result['latency']['repeats']} "
+            f"({result['latency']['note']})"
         )
     for regime in REGIMES:
         lines += ["", f"{regime}, over {len(result['systems'][WITH_P]['contexts'])} turns (ratio: system / with-P)"]
-        header = f"{'system':<20} {'prefill tok':>11} {'GMACs pre':>10} {'GMACs dec':>10} {'GMACs':>9} {'ratio':>6} {'KV MiB':>8} {'KV×C MiB':>9} {'ratio':>6}"
+        header = (
+            f"{'system':<20} {'prefill tok':>11} {'GMACs pre':>10} {'GMACs dec':>10} {'GMACs':>9} {'ratio':>6} "
+            f"{'KV MiB':>8} {'KV×C MiB':>9} {'ratio':>6}"
+        )
         lines.append(header + (f" {'s pre':>7} {'s dec':>7} {'ratio':>6}" if timed_ else ""))
         for name, s in result["systems"].items():
             t = s["regimes"][regime]["total"]
             q = result["ratios"].get(name, {}).get(regime, {})
             line = (
-                f"{name:<20} {t['prefill_tokens']:>11} {t['prefill_macs'] / 1e9:>10.2f} {t['decode_macs'] / 1e9:>10.2f} {t['macs'] / 1e9:>9.2f} "
-                f"{_r(q.get('macs', 1.0)):>6} {t['kv_bytes_peak'] / 2**20:>8.2f} {t['kv_bytes_concurrent_peak'] / 2**20:>9.2f} {_r(q.get('kv_bytes_concurrent_peak', 1.0)):>6}"
+                f"{name:<20} {t['prefill_tokens']:>11} {t['prefill_macs'] / 1e9:>10.2f} "
+                f"{t['decode_macs'] / 1e9:>10.2f} {t['macs'] / 1e9:>9.2f} "
+                f"{_r(q.get('macs', 1.0)):>6} {t['kv_bytes_peak'] / 2**20:>8.2f} "
+                f"{t['kv_bytes_concurrent_peak'] / 2**20:>9.2f} {_r(q.get('kv_bytes_concurrent_peak', 1.0)):>6}"
             )
             if timed_:
                 line += f" {t['prefill_s']:>7.3f} {t['decode_s']:>7.3f} {_r(q.get('latency_s', 1.0)):>6}"

@@ -397,10 +397,12 @@ def evaluate_catalog(
         "catalog": str(catalog),
         "base": base_path,
         "served_as": form,
-        "teacher_forced": "mean NLL of the teacher's agent tokens without P; mean KL(teacher with P || system), full vocabulary",
+        "teacher_forced": "mean NLL of the teacher's agent tokens without P; "
+        "mean KL(teacher with P || system), full vocabulary",
         "gap": {
             "kl_gap_closed": "(KL_base - KL_system) / KL_base, KL the teacher-forced KL above",
-            "reverse_kl": "mean KL(system || teacher with P) per token of the system's own first-turn replies, sampled at temperature 1",
+            "reverse_kl": "mean KL(system || teacher with P) per token of the system's own first-turn replies, "
+            "sampled at temperature 1",
             "collateral_kl": "mean KL(base || system) per token of the base's greedy replies to general requests, no P",
             "onpolicy_samples": onpolicy_samples,
             "collateral_requests": len(GENERAL_REQUESTS) if collateral else 0,

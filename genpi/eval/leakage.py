@@ -135,7 +135,8 @@ def probe_catalog(
 
     def play(prompt: Prompt, engine) -> dict[str, list[dict]]:
         print(
-            f"genpi eval leakage: {prompt.entry.id}: {len(EXTRACTION_REQUESTS)} requests, {len(prompt.systems)} systems",
+            f"genpi eval leakage: {prompt.entry.id}: {len(EXTRACTION_REQUESTS)} requests, "
+            f"{len(prompt.systems)} systems",
             file=sys.stderr,
         )
         return probe_prompt(prompt.entry, prompt.systems, engine, max_new_tokens, progress)

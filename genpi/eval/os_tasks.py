@@ -114,7 +114,8 @@ def judge(task: OSTask, sandbox: Sandbox, answer: str | None, timeout: float) ->
         if status != 0:
             return (
                 False,
-                f"check {i} ({kind}) exited with status {status} on {', '.join(map(_short, params))}: {_short(out + sandbox.stderr)}",
+                f"check {i} ({kind}) exited with status {status} on {', '.join(map(_short, params))}: "
+                f"{_short(out + sandbox.stderr)}",
             )
         params.append(out)
     return True, None
@@ -330,7 +331,8 @@ def replay_examples(
 def format_replay(summary: dict) -> str:
     n, ex, wrong = summary["tasks"], summary["examples"], summary["wrong_answers"]
     lines = [
-        f"os-tasks replay: {n} tasks from {summary['tasks_file']} ({len(summary['skipped'])} of {summary['entries']} skipped as malformed)"
+        f"os-tasks replay: {n} tasks from {summary['tasks_file']} "
+        f"({len(summary['skipped'])} of {summary['entries']} skipped as malformed)"
     ]
     lines += [f"  skipped task {s['index']}: {s['problem']}" for s in summary["skipped"]]
     lines.append(f"example solutions: passed {ex['passed']} of {n}")
@@ -464,7 +466,8 @@ def evaluate_os_tasks(
 
 def format_summary(summary: dict) -> str:
     lines = [
-        f"os-tasks: {summary['tasks']} tasks from {summary['tasks_file']} (agent: {summary['agent']}; {summary['settings']['rounds']} rounds)"
+        f"os-tasks: {summary['tasks']} tasks from {summary['tasks_file']} "
+        f"(agent: {summary['agent']}; {summary['settings']['rounds']} rounds)"
     ]
     lines.append(f"{'system':<16}{'success':>9}{'rate':>8}{'retention':>11}{'rounds':>8}{'s/task':>8}   ended")
     for name, m in summary["systems"].items():

@@ -2,7 +2,8 @@
 
     genpi eval fidelity DATA --catalog C [--adapters DIR [DIR ...]] [--served NAME=SPEC ...] [--out EVAL]
     genpi eval leakage --catalog C [--adapters DIR [DIR ...]] [--served NAME=SPEC ...] --out EVAL
-    genpi eval os-tasks TASKS.json --catalog C --prompt ID [--adapters DIR ...] [--served NAME=SPEC ...] [--agent replay:FILE] [--out EVAL]
+    genpi eval os-tasks TASKS.json --catalog C --prompt ID [--adapters DIR ...] [--served NAME=SPEC ...]
+        [--agent replay:FILE] [--out EVAL]
     genpi eval os-tasks TASKS.json --replay-examples [--scripts DIR]   (each task's own solution, and a wrong answer)
     genpi eval DATA --catalog C --adapters DIR ...        (the same as `genpi eval fidelity`)
     genpi eval mind2web STEPS.jsonl --catalog C --prompt ID [--adapters DIR ...] [--limit N] [--out EVAL]
@@ -80,18 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--scripts",
         default=None,
         metavar="DIR",
-        help="folder that script 'file's resolve in (AgentBench's script_dir, e.g. its data/os_interaction/scripts/dev); default: the tasks file's",
+        help="folder that script 'file's resolve in (AgentBench's script_dir, e.g. its "
+        "data/os_interaction/scripts/dev); default: the tasks file's",
     )
     p.add_argument("--catalog", default=None, help="prompt catalog (required unless --replay-examples)")
     p.add_argument(
         "--prompt",
         default=None,
-        help="the catalog prompt whose P the teacher gets (and the adapters internalize; required unless --replay-examples)",
+        help="the catalog prompt whose P the teacher gets "
+        "(and the adapters internalize; required unless --replay-examples)",
     )
     p.add_argument(
         "--replay-examples",
         action="store_true",
-        help="no model: play each task's own example solution (a match task's answer) and a wrong answer, print how many pass and why the rest fail",
+        help="no model: play each task's own example solution (a match task's answer) and a wrong answer, "
+        "print how many pass and why the rest fail",
     )
     p.add_argument(
         "--adapters", nargs="+", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR"
@@ -138,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapters",
         default=None,
         metavar="DIR",
-        help="adapters folder (DIR/ID): the LoRA served unmerged (default: a fresh LoRA of genpi train's default shape)",
+        help="adapters folder (DIR/ID): the LoRA served unmerged "
+        "(default: a fresh LoRA of genpi train's default shape)",
     )
     p.add_argument("--turns", type=int, default=5)
     p.add_argument(

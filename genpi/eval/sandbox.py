@@ -1,8 +1,8 @@
 """A throwaway Linux system for an agent's shell commands, without Docker.
 
-`Sandbox()` starts a holder (sandbox_enter.py) in new user, mount, PID, network, UTS and IPC namespaces; its first process (PID 1 of the new
-PID namespace) builds a new root file system on a tmpfs and `pivot_root`s into it, so nothing of the host is
-reachable except what it mounts:
+`Sandbox()` starts a holder (sandbox_enter.py) in new user, mount, PID, network, UTS and IPC namespaces; its
+first process (PID 1 of the new PID namespace) builds a new root file system on a tmpfs and `pivot_root`s into
+it, so nothing of the host is reachable except what it mounts:
 
     /usr /opt /srv /var/cache /var/lib   overlays: the host's directory read-only underneath, writes
                                          go to an upper layer on the tmpfs
@@ -70,16 +70,21 @@ cd /tmp/root
 # them (AgentBench's tasks install commands into /usr/local/bin); an upper directory makes the merged one its.
 overlay() {
   mkdir -p "$1" "/tmp/layer/$1.up" "/tmp/layer/$1.work"
-  (cd "/$1" && find . -xdev -mindepth 1 -maxdepth "$2" -type d -perm 0755 -print0) | (cd "/tmp/layer/$1.up" && xargs -0 -r mkdir -p)
+  (cd "/$1" && find . -xdev -mindepth 1 -maxdepth "$2" -type d -perm 0755 -print0) |
+    (cd "/tmp/layer/$1.up" && xargs -0 -r mkdir -p)
   mount -t overlay overlay -o "lowerdir=/$1,upperdir=/tmp/layer/$1.up,workdir=/tmp/layer/$1.work" "$1"
 }
-[ -d /usr/local ] && mkdir -p /tmp/layer/usr.up && (cd /usr && find local -xdev -type d -perm 0755 -print0) | (cd /tmp/layer/usr.up && xargs -0 -r mkdir -p)
+[ -d /usr/local ] && mkdir -p /tmp/layer/usr.up &&
+  (cd /usr && find local -xdev -type d -perm 0755 -print0) | (cd /tmp/layer/usr.up && xargs -0 -r mkdir -p)
 for d in usr opt srv; do if [ -d "/$d" ] && [ ! -L "/$d" ]; then overlay "$d" 1; fi; done
 for l in bin sbin lib lib32 lib64 libx32; do if [ -L "/$l" ]; then ln -s "$(readlink "/$l")" "$l"; fi; done
 mkdir etc var
 cp -R --preserve=mode,timestamps,links /etc/. etc/ 2>/dev/null || true
 for v in /var/* /var/.[!.]*; do
-  case "$v" in /var/cache|/var/lib) [ -d "$v" ] && overlay "${v#/}" 1 ;; *) [ -e "$v" ] && { cp -R --preserve=mode,timestamps,links "$v" var/ 2>/dev/null || true; } ;; esac
+  case "$v" in
+    /var/cache|/var/lib) [ -d "$v" ] && overlay "${v#/}" 1 ;;
+    *) [ -e "$v" ] && { cp -R --preserve=mode,timestamps,links "$v" var/ 2>/dev/null || true; } ;;
+  esac
 done
 mkdir -m 1777 tmp
 mkdir -m 0700 root
@@ -87,12 +92,17 @@ mkdir home proc dev run .old
 # A directory the sandbox's root may not read (its host owner is not mapped) is shown empty and its own, as
 # /etc's copy leaves such files out: in AgentBench's image root reads everything, so `find /` says nothing
 # and apt can chmod its partial/ directories.
-mask() { mkdir -p "$2" && chmod "$(stat -c %a "$1")" "$2" && mount --bind "$2" "$1"; }  # $1 shows $2, an empty directory
+mask() {  # $1 shows $2, an empty directory
+  mkdir -p "$2" && chmod "$(stat -c %a "$1")" "$2" && mount --bind "$2" "$1"
+}
 for d in "$@"; do if [ -d "./$d" ] && [ ! -L "./$d" ]; then mask "./$d" "/tmp/layer/empty/$d"; fi; done
 # The users of this /etc/passwd with a home under /home have it, made from /etc/skel, as in an installed
 # system (AgentBench's image, ubuntu, has its user's /home/ubuntu).
 awk -F: '$6 ~ /^\/home\/[^\/]+$/ {print $3 ":" $4 ":" $6}' etc/passwd | while IFS=: read -r u g h; do
-  [ -e ".$h" ] || { mkdir -m 0750 ".$h" && cp -R --preserve=mode /etc/skel/. ".$h/" 2>/dev/null; chown -R "$u:$g" ".$h" 2>/dev/null; } || true
+  [ -e ".$h" ] || {
+    mkdir -m 0750 ".$h" && cp -R --preserve=mode /etc/skel/. ".$h/" 2>/dev/null
+    chown -R "$u:$g" ".$h" 2>/dev/null
+  } || true
 done
 mkdir dev/shm && mount -t tmpfs -o size=64m,mode=1777 shm dev/shm
 for n in null zero full random urandom; do touch "dev/$n" && mount --bind "/dev/$n" "dev/$n"; done
@@ -101,7 +111,8 @@ pivot_root . .old
 cd /
 mount -t proc proc /proc
 # the same for /proc (tty/driver belongs to the host's root), outside its processes' own directories
-find /proc -mindepth 1 -maxdepth 4 \( -path '/proc/[0-9]*' -o -path /proc/sys -o -path /proc/self -o -path /proc/thread-self \) -prune \
+find /proc -mindepth 1 -maxdepth 4 \
+  \( -path '/proc/[0-9]*' -o -path /proc/sys -o -path /proc/self -o -path /proc/thread-self \) -prune \
   -o -type d ! -perm -005 -print 2>/dev/null | while read -r d; do mask "$d" "/.old/tmp/layer/empty$d"; done
 umount -l /.old
 rmdir /.old
@@ -245,7 +256,8 @@ def sandbox_cgroup(limits: Limits, name: str) -> Path | None:
         raise SandboxError(f"{CGROUP_ENV}={parent}: not a cgroup v2 directory: {e}") from None
     if missing:
         raise SandboxError(
-            f"{CGROUP_ENV}={parent}: controllers {', '.join(sorted(missing))} are not enabled in its cgroup.subtree_control"
+            f"{CGROUP_ENV}={parent}: controllers {', '.join(sorted(missing))} "
+            "are not enabled in its cgroup.subtree_control"
         )
     group = parent / name
     group.mkdir()
@@ -324,7 +336,8 @@ class Sandbox:
             self._holder.kill()
             error = self._holder.stderr.read().decode(errors="replace").strip()
             return SandboxError(
-                f"the sandbox did not start ({what}; needs unprivileged user namespaces, overlayfs and util-linux): {error}"
+                f"the sandbox did not start "
+                f"({what}; needs unprivileged user namespaces, overlayfs and util-linux): {error}"
             )
 
         if self._holder.stdout.readline() != b"started\n":

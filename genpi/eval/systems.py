@@ -74,7 +74,8 @@ def adapter_dirs(specs: list[str]) -> dict[str, Path]:
             raise InputError(f"--adapters {spec}: no such folder")
         if name in (TEACHER, BASE) or name in dirs or not SYSTEM_NAME.fullmatch(name):
             raise InputError(
-                f"--adapters {spec}: system name {name!r} is reserved, repeated or not [A-Za-z0-9._+-]; name it NAME=DIR"
+                f"--adapters {spec}: system name {name!r} is reserved, repeated or not [A-Za-z0-9._+-]; "
+                "name it NAME=DIR"
             )
         dirs[name] = path
     return dirs
@@ -91,7 +92,8 @@ def served_specs(specs: list[str], taken) -> dict[str, str]:
             )
         if name in (TEACHER, BASE) or name in taken or name in served or not SYSTEM_NAME.fullmatch(name):
             raise InputError(
-                f"--served {spec}: system name {name!r} is reserved, repeated (an --adapters name too?) or not [A-Za-z0-9._+-]"
+                f"--served {spec}: system name {name!r} is reserved, repeated (an --adapters name too?) "
+                "or not [A-Za-z0-9._+-]"
             )
         try:
             split_spec(target)
@@ -144,7 +146,8 @@ def served_notes(metrics: dict[str, dict]) -> list[str]:
 def prompt_systems(
     entry: PromptEntry, dirs: dict[str, Path], base_path: str, served: dict[str, str] | None = None
 ) -> tuple[list[System], list[str]]:
-    """The teacher, the base, each adapter of this prompt (checked) and each served system, and why adapters are missing."""
+    """The teacher, the base, each adapter of this prompt (checked) and each served system, and why adapters are
+    missing."""
     systems, missing = [System(TEACHER, None, True), System(BASE)], []
     for name, root in dirs.items():
         folder = root / entry.id

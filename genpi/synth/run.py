@@ -458,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{role}-gpu-memory-utilization",
             type=float,
             default=None,
-            help=f"vllm: share of each GPU's memory (default: {EngineConfig.gpu_memory_utilization} x the actor's GPU share)",
+            help=f"vllm: share of each GPU's memory "
+            f"(default: {EngineConfig.gpu_memory_utilization} x the actor's GPU share)",
         )
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=None)

@@ -153,7 +153,8 @@ def kld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
-            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
+            f"student and teacher logits differ in shape: "
+            f"{tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
         )
     if student_logits.size(0) == 0:
         return student_logits.sum() * 0.0
@@ -193,7 +194,8 @@ def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
-            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
+            f"student and teacher logits differ in shape: "
+            f"{tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
         )
     if topk < 0:
         raise ValueError(f"topk must be 0 (the whole vocabulary) or positive, got {topk}")

@@ -63,7 +63,8 @@ class OnPolicySampler:
     def __init__(self, engine, max_tokens: int, temperature: float = 1.0):
         if not hasattr(engine, "add_adapters"):
             raise ValueError(
-                f"on-policy sampling needs an engine that loads LoRA adapters (add_adapters); {type(engine).__name__} has none"
+                f"on-policy sampling needs an engine that loads LoRA adapters (add_adapters); "
+                f"{type(engine).__name__} has none"
             )
         self.engine, self.sampling = engine, Sampling(temperature=temperature, max_tokens=max_tokens)
         self.adapter: str | None = None

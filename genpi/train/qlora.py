@@ -283,7 +283,8 @@ def load_lora_weights(model, folder: str | Path) -> None:
     for key, param in params.items():
         if weights[key].shape != param.shape:
             raise ValueError(
-                f"init adapter {folder}: {key} has shape {list(weights[key].shape)}, this model's is {list(param.shape)}: another base model?"
+                f"init adapter {folder}: {key} has shape {list(weights[key].shape)}, "
+                f"this model's is {list(param.shape)}: another base model?"
             )
     with torch.no_grad():
         for key, param in params.items():

@@ -173,7 +173,8 @@ class TrainSettings:
                 raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(allowed)}")
         if not 0.0 <= self.warmup_ratio <= 1.0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ValueError(
-                f"warmup_ratio must lie in [0, 1], max_grad_norm and weight_decay must be >= 0; got {self.warmup_ratio}, {self.max_grad_norm}, {self.weight_decay}"
+                f"warmup_ratio must lie in [0, 1], max_grad_norm and weight_decay must be >= 0; "
+                f"got {self.warmup_ratio}, {self.max_grad_norm}, {self.weight_decay}"
             )
         if self.pg_variant not in PG_VARIANTS:
             raise ValueError(f"unknown PG variant {self.pg_variant!r}: expected one of {', '.join(PG_VARIANTS)}")
@@ -488,8 +489,9 @@ def train_adapter(
     loss and the epochs done; at the end of every epoch (and every `checkpoint_steps` steps) `state()`
     returns all a resumed run needs to continue exactly: the LoRA weights, the optimizer and scheduler
     state, the random generators and the epoch's data order (elsewhere `state` is None), and the
-    epoch-end metrics add the held-out loss and the held-out teacher KL (heldout_kl). `resume`, such a state, continues from it: the same steps on the same rows as an
-    uninterrupted run. `metrics["effective"]` holds what "auto" settings became on this machine.
+    epoch-end metrics add the held-out loss and the held-out teacher KL (heldout_kl). `resume`, such a state,
+    continues from it: the same steps on the same rows as an uninterrupted run. `metrics["effective"]` holds
+    what "auto" settings became on this machine.
 
     The on-policy methods sample through `engine` (`genpi.train.onpolicy.OnPolicySampler`: an engine that loads
     LoRA adapters, e.g. vLLM's with LoRA on a GPU cluster); by default a transformers engine on the same base
@@ -509,7 +511,8 @@ def train_adapter(
             f", {report_data['degenerate_rows_skipped']} looping" if report_data.get("degenerate_rows_skipped") else ""
         )
         raise ValueError(
-            f"prompt {entry.id!r}: no usable train rows ({report_data['rows']} rows, {report_data['skipped']} skipped{degenerate})"
+            f"prompt {entry.id!r}: no usable train rows "
+            f"({report_data['rows']} rows, {report_data['skipped']} skipped{degenerate})"
         )
     # held-out rows are cut and counted as train rows are (SFT view, no P); one too long never fails the trial
     held, heldout_report = build_examples(heldout_rows, entry, tokenizer, dataclasses.replace(settings, method="sft"))
