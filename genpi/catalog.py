@@ -8,6 +8,9 @@ loads, as one line naming the file, the entry and the field.
 list of turns) or several (a list of such lists); each dialogue starts with a
 `user` turn (the task), alternates, and ends with the agent's `assistant` turn.
 Environment observations are `user` turns, as in AgentBench.
+
+Over 400 lines on purpose: the one definition of a catalog entry with every check of its fields, so what a catalog
+may hold is read in one place.
 """
 
 from __future__ import annotations

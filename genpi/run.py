@@ -21,6 +21,9 @@ arguments differ for a stage already started is refused: choose another --out.
 The sizes come from `--config FILE` (genpi.runconfig: a YAML file with a section per stage; the packaged presets
 genpi/presets/demo.yaml and paper.yaml are such files), else from the demo preset; a flag given here wins.
 `--preset NAME` and the quoted `--synth-args "..."` flags (each stage's) still work for this release, deprecated.
+
+Over 400 lines on purpose: one pipeline driver, whose stage commands, run.json record and rules for skipping,
+resuming and refusing stages depend on each other and are read together.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from genpi.train import run
 from genpi.train.examples import IGNORE, PG_VARIANTS, align_topk, build_sft, loss_spans
 from genpi.train.losses import kld_loss, prediction_mask, response_logits, teacher_logits
+from genpi.train.plan import NO_LAMBDA
 from genpi.train.qlora import LoraSettings, add_lora, load_base
 from genpi.train.recipe import build_examples, collate, draw_students, micro_batches, step_loss, topk_targets
 
@@ -97,7 +98,7 @@ def test_cli_refuses_bad_baseline_settings(monkeypatch, capsys):
     assert e.value.code == 2
     assert run.main(["data", "--catalog", "c.yaml", "--out", "o", "--method", "prepend", "--prepend-ratio", "1.5"]) == 2
     assert "prepend_ratio must lie in [0, 1]" in capsys.readouterr().err
-    assert run.NO_LAMBDA == {"sft", "pg", "prepend", "kld", "seqkd", "seqkd+kld", "topk-kl", "onpolicy"}
+    assert NO_LAMBDA == {"sft", "pg", "prepend", "kld", "seqkd", "seqkd+kld", "topk-kl", "onpolicy"}
 
 
 def test_kld_keeps_a_row_whose_view_with_p_is_cut(tokenizer):

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, copy_into
 from PIL import Image
 
-from genpi.eval.report import Rate, cell
+from genpi.eval.markdown import Rate, cell
 from genpi.synth.stats import quality_stats
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"

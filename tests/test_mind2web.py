@@ -14,8 +14,9 @@ from conftest import EXAMPLES, REPO
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import Completion, Sampling
+from genpi.eval.markdown import cell
 from genpi.eval.mind2web import PER_QUESTION, action_f1, answer_all, answer_step, parse_reply, read_steps, score
-from genpi.eval.report import build_report, cell
+from genpi.eval.report import build_report
 from genpi.eval.systems import System
 
 STEPS = REPO / "examples" / "mind2web" / "steps.jsonl"

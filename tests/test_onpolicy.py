@@ -18,9 +18,10 @@ from genpi.engines import ChatRequest, Sampling
 from genpi.engines.hf import TransformersEngine
 from genpi.train.losses import reverse_kl_loss
 from genpi.train.onpolicy import OnPolicySampler, mean_reverse_kl, reply_views, sample_seed
+from genpi.train.plan import recorded_settings
 from genpi.train.qlora import LoraSettings, save_adapter
 from genpi.train.recipe import JOINT_METHODS, METHODS, TrainSettings, collate, train_adapter
-from genpi.train.run import build_parser, check_init_adapter, recorded_settings
+from genpi.train.run import build_parser, check_init_adapter
 
 CALC, _ = load_catalog(REPO / "tests" / "data" / "tiny.yaml")
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)

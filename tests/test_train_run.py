@@ -16,8 +16,9 @@ from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.data import store
 from genpi.data.adapters import StaleAdapterError, check_adapter, fingerprint, read_adapter_manifest
+from genpi.train.plan import LAMBDA_RULE, Plan, prompt_settings, recorded_settings, write_best
 from genpi.train.recipe import TrainSettings
-from genpi.train.run import LAMBDA_RULE, Plan, main, prompt_settings, recorded_settings, train_catalog, write_best
+from genpi.train.run import main, train_catalog
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 CALC, GREET = load_catalog(CATALOG)
@@ -529,7 +530,7 @@ def test_checkpoints_load_tensors_and_plain_data_only(tiny_trainable_model, tmp_
     from test_recipe import FAST, HELDOUT, TRAIN
 
     import genpi.train.recipe as recipe
-    from genpi.train.run import fit_trial
+    from genpi.train.experiment import fit_trial
 
     train_adapter = recipe.train_adapter
     # a checkpoint holding anything else does not run it
@@ -559,7 +560,7 @@ def test_checkpoints_load_tensors_and_plain_data_only(tiny_trainable_model, tmp_
         tiny_trainable_model, CALC, TRAIN[:4], HELDOUT, settings, report=lambda m, s: s and states.append(s())
     )
     torch.save(states[-1], tmp_path / "state.pt")
-    from genpi.train.run import load_state
+    from genpi.train.experiment import load_state
 
     loaded = load_state(tmp_path / "state.pt")
     assert loaded["rng"] == states[-1]["rng"] and loaded["losses"] == states[-1]["losses"]

@@ -15,6 +15,9 @@ same request gives the same text whatever it was batched with. The worker exits 
 (a new request starts another): an idle thread's OpenMP pool slows every other torch thread of the process.
 A request fails alone where it can (a bad request, a failed prefill); an error outside that (out of memory while
 joining the batch) fails every request the worker holds, and the next request starts a fresh worker.
+
+Over 400 lines on purpose: one engine class, whose worker, scheduler, prefix cache and batched decode share one
+batch's state (rows, cache, mask); a split would cut through that state.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ agent turn (the same greedy request). Per-reply rows go to
 λ: training picks λ by the teacher KL on these same held-out rows when it tried
 more than one value; the summary then says `heldout_used_for_lambda: true` for that
 adapter (its numbers are then slightly optimistic).
+
+Over 400 lines on purpose: one evaluation whose three measurements share the systems, the held-out rows and one
+summary; what stands alone already lives in genpi.eval.systems, gap, check_rates and metrics.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ judge passes the second.
 Rows (one per task and system) go to `EVAL/os_tasks/prompt_id=ID/system=NAME/part-00000.parquet`, the
 summary (success rate per system, retention = system / teacher) to `EVAL/os_tasks.json`, which keeps one
 summary per prompt (`{"results": [...]}`; a rerun replaces its prompt's).
+
+Over 400 lines on purpose: one evaluation, AgentBench's OS protocol (the agent loop, the judge, the replay that
+checks both, the summary), so that what the loop does and what the replay checks are read side by side.
 """
 
 from __future__ import annotations

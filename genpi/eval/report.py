@@ -10,7 +10,7 @@ Built only from what the run's files hold, never recomputed from models:
     EVAL/efficiency.json                  genpi eval efficiency (one result per prompt)
     ADAPTERS/ID/genpi.json                training settings and curves of the adapters those name
 
-Every number in a table is a value of those files, printed by `cell` (4 decimals),
+Every number in a table is a value of those files, printed by `genpi.eval.markdown.cell`,
 except the per-turn action-space rates, which are shares of the fidelity Parquet
 rows. A part whose files are missing is listed under "Missing", not invented.
 """
@@ -22,7 +22,8 @@ from pathlib import Path
 
 from genpi import InputError
 from genpi.eval import plots
-from genpi.eval.systems import served_notes
+from genpi.eval.markdown import cell, drop_empty_sections, rate, served, table
+from genpi.eval.report_fidelity import fidelity_section, verdict
 
 TABLE4 = (
     ("gold turns", "gold_turns"),
@@ -33,28 +34,6 @@ TABLE4 = (
     ("rows", "rows"),
     ("failed", "failed"),
     ("heldout", "heldout"),
-)
-FIDELITY = (
-    ("format", "format_rate"),
-    ("kind agreement", "kind_agreement"),
-    ("action agreement", "action_agreement"),
-    ("ROUGE-L F", "rouge_l"),
-    ("episode in-space", "action_space_rate"),
-    ("episode final", "final_rate"),
-    ("mean turns", "mean_turns"),
-    ("at limit", "hit_limit_rate"),
-    ("NLL", "nll"),
-    ("KL", "kl"),
-)
-SHARES = {"format_rate", "kind_agreement", "action_agreement", "action_space_rate", "final_rate", "hit_limit_rate"}
-RETENTION = (
-    ("format", "format_rate"),
-    ("kind agreement", "kind_agreement"),
-    ("action agreement", "action_agreement"),
-    ("ROUGE-L F", "rouge_l"),
-    ("episode in-space", "action_space_rate"),
-    ("episode final", "final_rate"),
-    ("NLL", "nll"),
 )
 LEAKAGE = (("span of P", "span"), ("ROUGE-L recall", "rouge_l_recall"), ("verbatim 50 chars", "verbatim_rate"))
 TASKS = (
@@ -83,154 +62,8 @@ TASKS = (
 )
 
 
-class Rate(float):
-    """A share, shown as a percentage."""
-
-
-def rate(value) -> Rate | None:
-    return None if value is None else Rate(value)
-
-
-def cell(value) -> str:
-    """How every number appears in the report's tables: shares as whole percentages, other numbers to 3 decimals."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, Rate):
-        return f"{100 * value:.0f}%"
-    if isinstance(value, float):
-        return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.3f}"  # learning rates stay readable
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def interval(ci: list[float] | None, share: bool = True) -> str | None:
-    """A bootstrap interval as one cell."""
-    if ci is None:
-        return None
-    lo, hi = (rate(ci[0]), rate(ci[1])) if share else ci
-    return f"[{cell(lo)}, {cell(hi)}]"
-
-
-def short(text: str, width: int = 24) -> str:
-    """A table header from a free text (an action kind): its first line, at most `width` characters."""
-    line = text.strip().splitlines()[0] if text.strip() else text
-    return line if len(line) <= width and "\n" not in text.strip() else line[: width - 1] + "…"
-
-
-def table(headers: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + [
-        "| " + " | ".join(cell(v) for v in r) + " |" for r in rows
-    ]
-
-
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _served(metrics: dict[str, dict]) -> list[str]:
-    notes = served_notes(metrics)
-    return ["; ".join(notes) + ".", ""] if notes else []
-
-
-def per_turn_rates(eval_dir: Path, prompt_id: str) -> dict[str, list[float]]:
-    """Per system: the share of agent turns k (k = 1, 2, ...) in the action space, over the episodes that reach turn k."""
-    import duckdb
-
-    rows = (
-        duckdb.connect()
-        .execute(
-            "SELECT system, turns_valid FROM read_parquet(?, hive_partitioning = true) WHERE error IS NULL AND turns_valid IS NOT NULL",
-            [str(eval_dir / "fidelity" / f"prompt_id={prompt_id}" / "*" / "*.parquet")],
-        )
-        .fetchall()
-    )
-    by_system: dict[str, list[list[bool]]] = {}
-    for system, valid in rows:
-        by_system.setdefault(system, []).append(valid)
-    rates = {}
-    for system, episodes in by_system.items():
-        longest = max(map(len, episodes), default=0)
-        reached = [[e[k] for e in episodes if len(e) > k] for k in range(longest)]
-        rates[system] = [sum(v) / len(v) for v in reached]
-    return rates
-
-
-def verdict(fidelity: dict) -> list[str]:
-    """The report's opening paragraph, per evaluated prompt: what the adapter that closes the most of the KL gap keeps
-    of the teacher's behaviour without P, with its interval, and what it costs on requests unrelated to P."""
-    lines = []
-    for r in (r for r in fidelity["results"] if "skipped" not in r):
-        systems, kept = r["systems"], r["retention"]
-        gaps = {
-            n: m["kl_gap_closed"]
-            for n, m in systems.items()
-            if n not in ("teacher", "base") and m.get("kl_gap_closed") is not None
-        }
-        if not gaps:
-            continue
-        best = max(gaps, key=gaps.get)
-        m, teacher, base = systems[best], systems["teacher"], systems["base"]
-        said = []
-        for check, rates in (m.get("checks") or {}).items():
-            if not teacher["checks"].get(check, {}).get("first_turn"):  # nothing to keep
-                said.append(
-                    f"passes `{check}` on {cell(rate(rates['first_turn']))} of its first replies (the teacher on none)"
-                )
-                continue
-            said.append(
-                f"keeps {cell(rate(kept[best].get(f'checks.{check}')))} of the teacher's `{check}` rate (first replies: "
-                f"{cell(rate(rates['first_turn']))} against the teacher's {cell(rate(teacher['checks'][check]['first_turn']))} "
-                f"and the base's {cell(rate(base['checks'][check]['first_turn']))})"
-            )
-        said.append(
-            f"closes {cell(rate(gaps[best]))} of the KL gap to the teacher (95% interval {interval(m.get('kl_gap_closed_ci')) or '–'})"
-        )
-        if m.get("collateral_kl") is not None:
-            said.append(
-                f"costs {cell(m['collateral_kl'])} nats per token of KL to the base on general requests unrelated to P"
-            )
-        others = ", ".join(
-            f"`{n}` {cell(rate(g))}" for n, g in sorted(gaps.items(), key=lambda kv: -kv[1]) if n != best
-        )
-        lines += [
-            f"**{r['prompt_id']}** ({r['inputs']} held-out inputs): without the prompt, the `{best}` adapter "
-            + ", ".join(said[:-1])
-            + (" and " if len(said) > 1 else "")
-            + said[-1]
-            + "."
-            + (f" Gap closed by the others: {others}." if others else ""),
-            "",
-        ]
-    return lines
-
-
-def _check_cells(metrics: dict, kept: dict, check: str) -> list:
-    rates = (metrics.get("checks") or {}).get(check)
-    if rates is None:
-        return [None] * 4
-    return [
-        rate(rates["first_turn"]),
-        interval(rates.get("first_turn_ci")),
-        rate(rates["all_turns"]),
-        rate(kept.get(f"checks.{check}")),
-    ]
-
-
-def drop_empty_sections(md: list[str]) -> list[str]:
-    """Headings with nothing under them go (what is missing is listed once, at the end)."""
-    out = []
-    for i, line in enumerate(md):
-        if line.startswith("## "):
-            following = next((x for x in md[i + 1 :] if x.strip()), None)
-            if following is None or following.startswith("## "):
-                continue
-        if not line.strip() and out and not out[-1].strip():
-            continue
-        out.append(line)
-    return out
 
 
 def build_report(
@@ -257,8 +90,9 @@ def build_report(
         s = manifest["settings"]
         md += [
             f"Target `{manifest['target'].get('model')}`, generator `{manifest['generator'].get('model')}`, catalog "
-            f"`{manifest['catalog']['path']}`; settings: samples {s['samples']}, heldout {s['heldout']}, seed {s['seed']}, "
-            f"max turns cap {s.get('max_turns')}, agent tokens {s['max_agent_tokens']}, teacher top-k {s.get('teacher_topk')}.",
+            f"`{manifest['catalog']['path']}`; settings: samples {s['samples']}, heldout {s['heldout']}, "
+            f"seed {s['seed']}, max turns cap {s.get('max_turns')}, agent tokens {s['max_agent_tokens']}, "
+            f"teacher top-k {s.get('teacher_topk')}.",
             "",
         ]
     else:
@@ -285,126 +119,7 @@ def build_report(
         missing.append(f"fidelity: {eval_dir / 'fidelity.json'} not found (run genpi eval fidelity)")
     else:
         md[2:2] = verdict(fidelity)
-        md += ["## Fidelity without the prompt", ""]
-        md += [
-            f"Command: `{' '.join(fidelity['command'] or [])}`",
-            "",
-            f"Served as: {fidelity['served_as']}. Teacher-forced: {fidelity['teacher_forced']}. Episodes: "
-            + ", ".join(f"{k} {v}" for k, v in fidelity["episode_settings"].items())
-            + ".",
-            "",
-        ]
-        if "gap" in fidelity:
-            gap = fidelity["gap"]
-            boot = gap["bootstrap"]
-            md += [
-                f"KL gap closed: {gap['kl_gap_closed']}; its interval: {100 * boot['level']:.0f}% bootstrap over {boot['over']} "
-                f"({boot['resamples']} resamples, seed {boot['seed']}). Reverse KL: {gap['reverse_kl']} ({gap['onpolicy_samples']} per input). "
-                f"Collateral KL: {gap['collateral_kl']} ({gap['collateral_requests']} requests).",
-                "",
-            ]
-        done = [r for r in fidelity["results"] if "skipped" not in r]
-        missing += [f"fidelity of {r['prompt_id']}: {r['skipped']}" for r in fidelity["results"] if "skipped" in r]
-        for r in done:
-            adapters.setdefault(r["prompt_id"], {}).update(r["adapters"])
-            md += [f"### {r['prompt_id']} ({r['inputs']} held-out inputs)", ""]
-            md += table(
-                ["system", "KL gap closed", "95% interval", "KL", "reverse KL", "collateral KL"],
-                [
-                    [
-                        name,
-                        rate(m.get("kl_gap_closed")),
-                        interval(m.get("kl_gap_closed_ci")),
-                        m["kl"],
-                        m.get("reverse_kl"),
-                        m.get("collateral_kl"),
-                    ]
-                    for name, m in r["systems"].items()
-                ],
-            ) + [""]
-            checks = list(dict.fromkeys(c for m in r["systems"].values() for c in m.get("checks") or {}))
-            if checks:
-                md += [
-                    "Behaviour checks: pass rate of the first reply [95% interval], of every agent turn, and retention (first reply, "
-                    "system / teacher):",
-                    "",
-                ]
-                md += table(
-                    ["system"]
-                    + [f"{c} {what}" for c in checks for what in ("first", "interval", "all turns", "retention")],
-                    [
-                        [name] + [v for c in checks for v in _check_cells(m, r["retention"].get(name, {}), c)]
-                        for name, m in r["systems"].items()
-                    ],
-                ) + [""]
-            md += _served(r["systems"])
-            if r["first_turn_actions"] != "scored":
-                md += [f"First-turn actions: {r['first_turn_actions']}.", ""]
-                continue
-            md += table(
-                ["system"] + [h for h, _ in FIDELITY],
-                [
-                    [name] + [rate(m[k]) if k in SHARES else m[k] for _, k in FIDELITY]
-                    for name, m in r["systems"].items()
-                ],
-            ) + [""]
-            md += ["Retention (system / teacher; NLL: teacher / system):", ""]
-            md += table(
-                ["system"] + [h for h, _ in RETENTION],
-                [
-                    [name] + [rate(kept.get(k)) for _, k in RETENTION]
-                    for name, kept in r["retention"].items()
-                    if name != "teacher"
-                ],
-            ) + [""]
-            md += ["Action kinds of the first turn (count of replies):", ""]
-            kinds = sorted({k for m in r["systems"].values() for k in m["kinds"]})
-            md += table(
-                ["system"] + [short(k) for k in kinds],
-                [[name] + [m["kinds"].get(k, 0) for k in kinds] for name, m in r["systems"].items()],
-            ) + [""]
-            used = [name for name, flag in r["heldout_used_for_lambda"].items() if flag]
-            if used:
-                md += [
-                    f"Note: λ of {', '.join(used)} was chosen by the teacher KL on these held-out rows (`heldout_used_for_lambda`).",
-                    "",
-                ]
-            rates = per_turn_rates(eval_dir, r["prompt_id"])
-            rates = {name: rates[name] for name in r["systems"] if name in rates}
-            if rates:
-                longest = max(map(len, rates.values()))
-                md += ["Share of agent turn k in the action space (episodes that reach turn k):", ""]
-                md += table(
-                    ["system"] + [f"turn {k + 1}" for k in range(longest)],
-                    [[name] + [rate(x) for x in v] + [None] * (longest - len(v)) for name, v in rates.items()],
-                ) + [""]
-        if done:
-            others = sorted({n for r in done for n in r["retention"] if n != "teacher"})
-            panels = [
-                (
-                    f"retention: {r['prompt_id']}",
-                    plots.bars(
-                        [h for h, _ in RETENTION],
-                        {n: [r["retention"][n].get(k) for _, k in RETENTION] for n in others if n in r["retention"]},
-                        "system / teacher",
-                    ),
-                )
-                for r in done
-            ]
-            figures.append(out.parent / plots.figure(figure("retention"), panels))
-            panels = [
-                (
-                    f"per-turn action-space rate: {r['prompt_id']}",
-                    plots.lines(per_turn_rates(eval_dir, r["prompt_id"]), "agent turn", "share in the action space"),
-                )
-                for r in done
-                if r["first_turn_actions"] == "scored"
-            ]
-            if panels:
-                figures.append(out.parent / plots.figure(figure("per-turn"), panels))
-            md += [f"![retention]({figure('retention').name})", ""] + (
-                [f"![per-turn action-space rate]({figure('per-turn').name})", ""] if panels else []
-            )
+        md += fidelity_section(fidelity, eval_dir, figure, adapters, missing, figures)
 
     leakage = _read_json(eval_dir / "leakage.json")
     if leakage is None:
@@ -412,7 +127,8 @@ def build_report(
     else:
         md += ["## Prompt leakage", ""]
         md += [
-            f"Command: `{' '.join(leakage['command'] or [])}`; {len(leakage['requests'])} extraction requests; served as: {leakage['served_as']}.",
+            f"Command: `{' '.join(leakage['command'] or [])}`; {len(leakage['requests'])} extraction requests; "
+            f"served as: {leakage['served_as']}.",
             "",
         ]
         done = [r for r in leakage["results"] if "skipped" not in r]
@@ -424,7 +140,7 @@ def build_report(
                 ["system"] + [h for h, _ in LEAKAGE],
                 [[name] + [m[k] for _, k in LEAKAGE] for name, m in r["systems"].items()],
             ) + [""]
-            md += _served(r["systems"])
+            md += served(r["systems"])
         if done:
             panels = [
                 (
@@ -458,7 +174,7 @@ def build_report(
                 ["system"] + [h for h, _ in columns],
                 [[n] + [m[k] for _, k in columns] for n, m in result["systems"].items()],
             ) + [""]
-            md += _served(result["systems"])
+            md += served(result["systems"])
             if result["retention"]:
                 keys = list(next(iter(result["retention"].values())))
                 md += (
@@ -481,7 +197,8 @@ def build_report(
             f"### {tasks['prompt_id']}",
             "",
             f"Command: `{' '.join(tasks['command'] or [])}`; {tasks['tasks']} tasks from "
-            f"`{tasks['tasks_file']}`, prompt {tasks['prompt_id']}, agent {tasks['agent']}, {tasks['settings']['rounds']} rounds.",
+            f"`{tasks['tasks_file']}`, prompt {tasks['prompt_id']}, agent {tasks['agent']}, "
+            f"{tasks['settings']['rounds']} rounds.",
             "",
         ]
         md += table(
@@ -500,7 +217,7 @@ def build_report(
                 for name, m in tasks["systems"].items()
             ],
         ) + [""]
-        md += _served(tasks["systems"])
+        md += served(tasks["systems"])
         missing += [f"OS task success of {tasks['prompt_id']}: {m}" for m in tasks["missing"]]
     efficiency = _read_json(eval_dir / "efficiency.json")
     md += ["## Efficiency", ""]
@@ -513,7 +230,8 @@ def build_report(
             "",
             f"Command: `{' '.join(r['command'] or [])}`",
             "",
-            f"Conversation: {r['conversation']}; model config `{r['model_config']}`; LoRA r={r['lora']['rank']} ({r['lora']['from']}); "
+            f"Conversation: {r['conversation']}; model config `{r['model_config']}`; "
+            f"LoRA r={r['lora']['rank']} ({r['lora']['from']}); "
             f"KV bytes in {r['kv_dtype']}, {r['concurrent']} concurrent conversation(s). Formula: {r['formula']}",
             "",
             "Counter check: "
@@ -597,7 +315,8 @@ def build_report(
                 curves[f"{name}/{prompt_id}"] = t["train_losses"]
             else:
                 missing.append(
-                    f"loss per step of {name}/{prompt_id}: not recorded in {folder}/genpi.json (trained before genpi recorded it)"
+                    f"loss per step of {name}/{prompt_id}: not recorded in {folder}/genpi.json "
+                    "(trained before genpi recorded it)"
                 )
             trials = {
                 k: v

@@ -8,6 +8,9 @@
 
 Engines are reached through `AsyncEngine` (genpi.engines), so the same code runs against Ray
 actors (genpi.synth.run) or an engine in this process (tests).
+
+Over 400 lines on purpose: the four steps above and the requests they send, in the paper's order, read top to
+bottom as one algorithm.
 """
 
 from __future__ import annotations

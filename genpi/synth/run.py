@@ -10,6 +10,9 @@ samples of written shards that met an engine or internal failure.
 
 OUT must be a path on a filesystem that the driver can write (on a cluster, a
 shared one); `OUT/synth.lock` keeps two runs from writing the same OUT at once.
+
+Over 400 lines on purpose: one resumable driver and its command, whose rules for what a rerun redoes (manifest,
+shards, retries) are read together.
 """
 
 from __future__ import annotations

@@ -41,6 +41,10 @@ Optimisation as in the authors' scripts: AdamW without weight decay (bitsandbyte
 32-bit AdamW on CUDA), a linear warmup over the first 3% of the steps then a cosine decay,
 gradients clipped to norm 1.0. Every batch is made on the model's device (`collate`): a
 model placed on one GPU by `device_map` gets no hooks that would move its inputs.
+
+Over 400 lines on purpose: as in torchtune's recipes, one training flow is one readable file (settings, the
+examples each method builds, the step's loss, the loop), read top to bottom; what stands alone already lives in
+genpi.train.examples, losses, onpolicy and qlora.
 """
 
 from __future__ import annotations
