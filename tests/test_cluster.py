@@ -1,5 +1,5 @@
-"""The cluster definitions: the RayJob that runs `genpi run --preset paper` asks only for what its cluster has, and
-every stage command it makes parses with that stage's own parser."""
+"""The cluster definitions: the RayJob that runs `genpi run --config cluster/paper-run.yaml` asks only for what its
+cluster has, and every stage command it makes parses with that stage's own parser."""
 
 import shlex
 
@@ -9,7 +9,7 @@ from conftest import REPO
 from genpi.catalog import load_catalog
 from genpi.eval.run import build_parser as eval_parser
 from genpi.run import build_parser, stage_commands
-from genpi.runconfig import PRESETS
+from genpi.runconfig import PRESETS, read_config
 from genpi.synth.run import engine_config, parse_args
 from genpi.train.run import build_parser as train_parser
 
@@ -32,8 +32,13 @@ def test_the_run_job_fits_its_cluster_and_every_stage_parses():
     entry = shlex.split(job["spec"]["entrypoint"])
     assert entry[:4] == ["python", "-m", "genpi.cli", "run"]
     args = build_parser().parse_args(entry[4:])
-    assert args.preset == "paper" and (REPO / args.catalog).is_file()
-    stages = dict(stage_commands(args, PRESETS[args.preset], [e.id for e in load_catalog(REPO / args.catalog)]))
+    assert args.config == "cluster/paper-run.yaml" and (REPO / args.catalog).is_file()
+    config = read_config(REPO / args.config)
+    paper = PRESETS["paper"]  # the cluster's file is the paper preset with the engines and trials placed
+    assert [getattr(config, k) for k in ("samples", "heldout", "max_new_tokens", "methods", "lambdas", "epochs")] == [
+        getattr(paper, k) for k in ("samples", "heldout", "max_new_tokens", "methods", "lambdas", "epochs")
+    ]
+    stages = dict(stage_commands(args, config, [e.id for e in load_catalog(REPO / args.catalog)]))
     efficiency = [
         f"eval efficiency {e.id}" for e in load_catalog(REPO / args.catalog)
     ]  # the paper preset: every prompt

@@ -73,7 +73,16 @@ def test_genpi_run_demo_from_catalog_to_report(tmp_path):
     promises on 2 cores (the timeout leaves room for a busy CI machine), ending in adapters that act like the teacher
     without P."""
     run = tmp_path / "run"
-    done = genpi("run", str(EXAMPLES), "--out", str(run), "--preset", "demo", "--no-progress", timeout=2400)
+    done = genpi(
+        "run",
+        str(EXAMPLES),
+        "--out",
+        str(run),
+        "--config",
+        str(REPO / "genpi" / "presets" / "demo.yaml"),
+        "--no-progress",
+        timeout=2400,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     stages = json.loads((run / "run.json").read_text())["stages"]
     assert list(stages) == [
