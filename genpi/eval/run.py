@@ -295,36 +295,23 @@ def _os_tasks(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
     return summary, format_summary
 
 
-def _mind2web(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
-    from genpi.eval.mind2web import evaluate, format_summary
+def _web(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
+    """Mind2Web (a steps file, --limit) and WebShop (a server, --goals): the same call otherwise."""
+    if args.what == "mind2web":
+        from genpi.eval.mind2web import evaluate, format_summary
 
+        source, count = args.steps, {"limit": args.limit}
+    else:
+        from genpi.eval.webshop import evaluate, format_summary
+
+        source, count = args.url, {"goals": args.goals}
     summary = evaluate(
-        args.steps,
+        source,
         args.catalog,
         args.prompt,
         args.adapters,
         args.base,
-        limit=args.limit,
-        out=args.out,
-        layout=args.layout,
-        max_new_tokens=args.max_new_tokens,
-        max_batch=args.max_batch,
-        command=command,
-        served=args.served,
-    )
-    return summary, format_summary
-
-
-def _webshop(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
-    from genpi.eval.webshop import evaluate, format_summary
-
-    summary = evaluate(
-        args.url,
-        args.catalog,
-        args.prompt,
-        args.adapters,
-        args.base,
-        goals=args.goals,
+        **count,
         out=args.out,
         layout=args.layout,
         max_new_tokens=args.max_new_tokens,
@@ -362,8 +349,8 @@ COMMANDS = {
     "fidelity": _fidelity,
     "leakage": _leakage,
     "os-tasks": _os_tasks,
-    "mind2web": _mind2web,
-    "webshop": _webshop,
+    "mind2web": _web,
+    "webshop": _web,
     "efficiency": _efficiency,
 }
 
