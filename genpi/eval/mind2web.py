@@ -298,9 +298,10 @@ def evaluate(
     max_batch: int = 32,
     command: list[str] | None = None,
     served: list[str] = (),
+    compressed: list[str] = (),  # --compressed NAME=llmlingua2:RATE (genpi.eval.compressed)
 ) -> dict:
-    task, base_path = task_prompt(catalog, prompt, adapters, base, served)
     steps = read_steps(steps_path, limit)  # every check before the model loads
+    task, base_path = task_prompt(catalog, prompt, adapters, base, served, compressed)
 
     sampling = Sampling(max_tokens=max_new_tokens)
     play = ask_every(
