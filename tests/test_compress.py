@@ -93,6 +93,7 @@ def offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
     return cache
 
 
@@ -101,8 +102,10 @@ def test_the_bundled_compressor_runs_offline(offline):
 
     with pytest.raises(Exception):  # what llmlingua's constructor does: a download, refused here
         tiktoken.encoding_for_model("gpt-3.5-turbo")
-    entry = replace(CALC, shots=[])
-    [c] = Compressions(compressed_specs(["c=llmlingua2:0.5"]), "smollm2")(replace(entry, system=LONG_CALC.system))
+    from genpi.models import resolve_model
+
+    entry = replace(CALC, shots=[], system=LONG_CALC.system)
+    [c] = Compressions(compressed_specs(["c=llmlingua2:0.5"]), resolve_model("smollm2"))(entry)
     assert c.compressor in ("llmlingua causal LM", "llmlingua-2 token classifier")  # the latter if cached locally
     assert c.compressed_tokens < c.original_tokens and c.messages()[0]["content"].count("\n") == 4
     assert not any(offline.iterdir())  # nothing fetched into tiktoken's cache
