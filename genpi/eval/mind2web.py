@@ -300,8 +300,8 @@ def evaluate(
     served: list[str] = (),
     compressed: list[str] = (),  # --compressed NAME=llmlingua2:RATE (genpi.eval.compressed)
 ) -> dict:
-    steps = read_steps(steps_path, limit)  # every check before the model loads
     task, base_path = task_prompt(catalog, prompt, adapters, base, served, compressed)
+    steps = read_steps(steps_path, limit)  # every check before the model loads
 
     sampling = Sampling(max_tokens=max_new_tokens)
     play = ask_every(

@@ -381,8 +381,8 @@ def _check(args) -> None:
         raise InputError(f"--onpolicy-samples must be at least 0, got {args.onpolicy_samples}")
     if args.what in ("fidelity", "leakage") and not args.adapters and not args.served and not args.compressed:
         raise InputError(
-            f"genpi eval {args.what} compares adapters with the teacher: give --adapters DIR, --served NAME=SPEC "
-            "or --compressed NAME=llmlingua2:RATE"
+            f"genpi eval {args.what} compares adapters with the teacher: give --adapters DIR or --served NAME=SPEC "
+            "(or --compressed NAME=llmlingua2:RATE)"
         )
 
 
