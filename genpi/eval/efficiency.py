@@ -7,6 +7,8 @@ tokenized once per system, costs per turn:
     internalized-merged  the adapter merged into the base, no P (the base's cost without P)
     internalized-lora    the adapter served unmerged, no P (+ r·(in + out) MACs per adapted layer and token)
     compressed-P         the base with a shortened P (--compressed-prompt)
+    NAME                 the base with P compressed by LLMLingua (--compressed NAME=llmlingua2:RATE; its prompt
+                         tokens are the compressed P's: fewer than P's, not zero)
 
 in three regimes:
 
@@ -49,6 +51,7 @@ import pyarrow as pa
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.data.store import results_path, write_table
+from genpi.eval.compressed import Compressions, compressed_note, compressed_specs, write_compressed
 from genpi.eval.cost import (
     COMPRESSED,
     FORMULA,
@@ -131,6 +134,7 @@ def evaluate(
     repeats: int = 3,
     out=None,
     command: list[str] | None = None,
+    compressed: list[str] = (),
 ) -> dict:
     from transformers import AutoTokenizer
 
@@ -170,6 +174,9 @@ def evaluate(
             raise InputError(
                 f"--compressed-prompt {path}: {convs[-1].prefix} tokens, longer than P ({convs[0].prefix} tokens)"
             )
+    specs = compressed_specs(list(compressed), [WITH_P, MERGED, LORA, COMPRESSED])
+    shortened = Compressions(specs, base_path)(entry) if specs else []
+    convs += [tokenize(tokenizer, c.name, c.messages(), pairs) for c in shortened]
     if prompt_tokens is not None:  # P adds prompt_tokens to every context (the conversation keeps its own tokens)
         shift = prompt_tokens - (convs[0].prefix - convs[1].prefix)
         convs[0].prefix += shift
@@ -215,10 +222,13 @@ def evaluate(
             if timings
             else None,
             "merged_latency": "the merged adapter has the base's shapes: its cost and latency are the base's without P",
+            "compressed": {c.name: c.summary() for c in shortened},
         }
     )
     if out:
         write_outputs(Path(out), result)
+        for c in shortened:  # the compressed P beside the results, to inspect its row
+            write_compressed(Path(out), c)
     return result
 
 
@@ -242,6 +252,7 @@ def format_summary(result: dict) -> str:
     ]
     if result.get("prompt_tokens"):
         lines.append(result["prompt_tokens"])
+    lines += [compressed_note(name, c) for name, c in (result.get("compressed") or {}).items()]
     check = result["counter_check"]
     if check:
         worst = ", ".join(f"{r} {v:.2%}" for r, v in check["max_relative_difference"].items())

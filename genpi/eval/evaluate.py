@@ -30,8 +30,19 @@ import pyarrow as pa
 from genpi.catalog import PromptEntry
 from genpi.data.adapters import record_eval
 from genpi.data.store import results_path, write_table
+from genpi.eval.compressed import write_compressed
 from genpi.eval.metrics import ratio
-from genpi.eval.systems import TEACHER, Batcher, Prompt, System, load_engine, mark_served, served_as, served_notes
+from genpi.eval.systems import (
+    TEACHER,
+    Batcher,
+    Prompt,
+    System,
+    load_engine,
+    mark_served,
+    prompt_of,
+    served_as,
+    served_notes,
+)
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,9 @@ def evaluate(evaluation: Evaluation, prompts: list[Prompt], run: RunSettings) ->
     results = []
     for prompt in prompts:
         rows = evaluation.play(prompt, engine)
+        for s in prompt.systems:
+            if s.compressed:  # the compressed P beside the results, to inspect its row
+                write_compressed(run.out, s.compressed)
         for name, records in rows.items():
             path = results_path(run.out, evaluation.name, prompt.entry.id, name)
             write_table(path, records, evaluation.schema)
@@ -126,9 +140,8 @@ def play_every(
     closes its served systems' sessions after it)."""
 
     async def run() -> list[dict]:
-        prefix = lambda system: entry.messages() if system.with_prompt else []  # noqa: E731
         return await asyncio.gather(
-            *(one(item, agent, prefix(system)) for system, agent in agents.values() for item in items)
+            *(one(item, agent, prompt_of(entry, system)) for system, agent in agents.values() for item in items)
         )
 
     rows, n = run_async(run()), len(items)

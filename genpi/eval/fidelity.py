@@ -71,7 +71,7 @@ from genpi.eval.gap import (
     onpolicy_kl,
 )
 from genpi.eval.metrics import action, present_mean, ratio, rouge_l
-from genpi.eval.systems import BASE, TEACHER, Batcher, Prompt, System, catalog_prompts
+from genpi.eval.systems import BASE, TEACHER, Batcher, Prompt, System, catalog_prompts, prompt_of
 
 CHECK_RESULT = pa.struct([("name", pa.string()), ("passed", pa.bool_())])  # passed: null without a reply
 EVAL_SCHEMA = row_schema(
@@ -149,7 +149,13 @@ def play_episodes(
         episode = blank_row(entry, sample, settings, BASE, system.name)
         try:
             await role_play(
-                entry, episode, environment, settings, agent=batcher.view(system), with_prompt=system.with_prompt
+                entry,
+                episode,
+                environment,
+                settings,
+                agent=batcher.view(system),
+                with_prompt=system.with_prompt,
+                agent_prompt=prompt_of(entry, system),
             )
         except Exception as e:  # recorded on the episode, never dropped
             episode["error"] = f"{type(e).__name__}: {e}"
@@ -198,6 +204,11 @@ def teacher_forced(
                     continue
                 if s.with_prompt:
                     logits = teacher
+                elif s.compressed:  # the base given the compressed P: its own view of the same agent tokens
+                    own, _ = build_examples([row], s.compressed.entry, tokenizer, settings)
+                    with engine.serving(None):
+                        logits = response_logits(model, collate([own[0].teacher], engine.pad_id, engine.device))
+                    logits = logits.float()
                 else:
                     with engine.serving(s.adapter):
                         logits = response_logits(model, student).float()
@@ -315,6 +326,7 @@ def evaluate_catalog(
     served: list[str] = (),
     onpolicy_samples: int = 1,
     collateral: bool = True,
+    compressed: list[str] = (),  # --compressed NAME=llmlingua2:RATE (genpi.eval.compressed)
 ) -> dict:
     """Evaluate every prompt that has held-out rows; returns (and writes to OUT/fidelity.json) the summary.
     `onpolicy_samples`: sampled first-turn replies per input for the reverse KL (0: not measured); `collateral`:
@@ -327,7 +339,7 @@ def evaluate_catalog(
         return rows, None if rows else f"no held-out rows in {data} (synthesize with --heldout > 0)"
 
     plans, skipped, base_path = catalog_prompts(
-        catalog, adapters, served, base, prompts, inputs
+        catalog, adapters, served, base, prompts, inputs, compressed=compressed
     )  # every check before the model loads
     settings = episode_settings(data, max_new_tokens, max_turns)
     unrelated: list[Collateral] = []  # the base's replies to the general requests, made once (on the first prompt)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from genpi.catalog import PromptEntry
 from genpi.engines import ChatRequest, Sampling
-from genpi.eval.systems import BASE, System
+from genpi.eval.systems import BASE, System, prompt_of
 
 GAP_METRICS = ("kl_gap_closed", "reverse_kl", "collateral_kl")  # they need a system's own logits
 BOOTSTRAP = {"resamples": 1000, "seed": 0, "level": 0.95}
@@ -234,7 +234,7 @@ def onpolicy_kl(
     requests, adapters, keys = [], [], []
     for s in local:
         for i, row in enumerate(rows):
-            messages = (prompt if s.with_prompt else []) + [{"role": "user", "content": row["input"]}]
+            messages = prompt_of(entry, s) + [{"role": "user", "content": row["input"]}]
             for k in range(samples):
                 sampling = Sampling(temperature=1.0, max_tokens=max_tokens, logprobs=1)  # logprobs: the token ids
                 requests.append(
@@ -242,7 +242,7 @@ def onpolicy_kl(
                         messages,
                         sampling,
                         seed + 1_000_003 * k + int(row["sample_id"]),
-                        prefix_messages=len(prompt) if s.with_prompt else 0,
+                        prefix_messages=len(prompt_of(entry, s)),
                     )
                 )
                 adapters.append(s.adapter)
@@ -267,7 +267,7 @@ def onpolicy_kl(
                 texts[i].append(completion.text)
                 teacher = _view(engine.encode(prompt + user), reply)
                 teacher_views.append(teacher)
-                own_views.append(teacher if s.with_prompt else _view(engine.encode(user), reply))
+                own_views.append(teacher if s.with_prompt else _view(engine.encode(prompt_of(entry, s) + user), reply))
                 owners.append((i, len(reply)))
         # the system's own distribution first: KL(system || teacher); the teacher's view is its own (0)
         sums = _kl_sums(engine, (s.adapter, own_views), None if s.with_prompt else (None, teacher_views))
@@ -307,7 +307,7 @@ class Collateral:
     def score(self, entry: PromptEntry, systems: list[System], progress: bool = False) -> dict[str, list | None]:
         """Per system: (tokens, Σ KL(base || system)) per general request; None for a served system. The base:
         0; the teacher: the base with P in front of each request (what P itself changes)."""
-        engine, prompt = self.engine, entry.messages()
+        engine = self.engine
         kept = [(r, ids) for r, ids in zip(self.requests, self.replies) if ids]
         base = [_view(engine.encode([{"role": "user", "content": r}]), ids) for r, ids in kept]
         out: dict[str, list | None] = {}
@@ -315,13 +315,14 @@ class Collateral:
             if s.served:
                 out[s.name] = None
                 continue
-            if not s.adapter and not s.with_prompt:  # the base itself
+            if not s.adapter and not prompt_of(entry, s):  # the base itself
                 sums = [0.0] * len(base)
-            elif s.with_prompt:
+            elif prompt_of(entry, s):  # the teacher, or a compressed P: what its P changes
+                own = prompt_of(entry, s)
                 sums = _kl_sums(
                     engine,
                     (None, base),
-                    (None, [_view(engine.encode(prompt + [{"role": "user", "content": r}]), ids) for r, ids in kept]),
+                    (None, [_view(engine.encode(own + [{"role": "user", "content": r}]), ids) for r, ids in kept]),
                 )
             else:
                 sums = _kl_sums(engine, (None, base), (s.adapter, base))

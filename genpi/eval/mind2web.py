@@ -298,8 +298,9 @@ def evaluate(
     max_batch: int = 32,
     command: list[str] | None = None,
     served: list[str] = (),
+    compressed: list[str] = (),  # --compressed NAME=llmlingua2:RATE (genpi.eval.compressed)
 ) -> dict:
-    task, base_path = task_prompt(catalog, prompt, adapters, base, served)
+    task, base_path = task_prompt(catalog, prompt, adapters, base, served, compressed)
     steps = read_steps(steps_path, limit)  # every check before the model loads
 
     sampling = Sampling(max_tokens=max_new_tokens)

@@ -44,7 +44,7 @@ from genpi.eval.evaluate import Evaluation, RunSettings, evaluate_task, notes, r
 from genpi.eval.metrics import ratio
 from genpi.eval.os_task_file import REPLAY, OSTask, load_replay, read_task_file, report_skipped
 from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, SandboxError
-from genpi.eval.systems import Batcher, Prompt, System, task_prompt
+from genpi.eval.systems import Batcher, Prompt, System, prompt_of, task_prompt
 
 INPUT_TEMPLATE = "Now, I will start a new problem in a new OS. My problem is:\n\n{description}"  # AgentBench's
 TRUNCATED = "\n[truncated because the output is too long]"
@@ -389,11 +389,12 @@ def evaluate_os_tasks(
     command: list[str] | None = None,
     served: list[str] = (),
     scripts: str | Path | None = None,
+    compressed: list[str] = (),  # --compressed NAME=llmlingua2:RATE (genpi.eval.compressed)
 ) -> dict:
     """Play every task with every system (the replay agent, or teacher, base, adapters and served systems); returns
     and writes the summary."""
-    if agent and (adapters or served):
-        raise InputError("--adapters/--served: the replay agent (--agent) plays no model; leave them out")
+    if agent and (adapters or served or compressed):
+        raise InputError("--adapters/--served/--compressed: the replay agent (--agent) plays no model; leave them out")
     if "{description}" not in settings.input_template:
         raise InputError("--input-template must contain {description}")
     task_file = read_task_file(tasks_path, scripts)
@@ -405,7 +406,7 @@ def evaluate_os_tasks(
         replies = load_replay(agent, task_file.entries)
         task, base_path = Prompt(entry, [System(REPLAY)]), None
     else:
-        task, base_path = task_prompt(catalog, prompt_id, list(adapters), base, served)
+        task, base_path = task_prompt(catalog, prompt_id, list(adapters), base, served, compressed)
     wall: list[float] = []
 
     def play(p: Prompt, engine) -> dict[str, list[dict]]:
@@ -413,12 +414,10 @@ def evaluate_os_tasks(
         if agent:
             agents = {REPLAY: replay_agent(replies)}
         else:
-            n_prefix = len(p.entry.messages())
             agents = {
-                s.name: model_agent(batcher, s, settings.max_new_tokens, n_prefix if s.with_prompt else 0)
-                for s in p.systems
+                s.name: model_agent(batcher, s, settings.max_new_tokens, len(prompt_of(p.entry, s))) for s in p.systems
             }
-        prefixes = {s.name: p.entry.messages() if s.with_prompt else [] for s in p.systems}
+        prefixes = {s.name: prompt_of(p.entry, s) for s in p.systems}
         print(
             f"genpi eval os-tasks: {len(tasks)} tasks, systems {', '.join(s.name for s in p.systems)}", file=sys.stderr
         )

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from genpi import InputError, exits_2_on_input_error
 
 SERVED_HELP = "a served system, NAME=openai:BASE_URL/MODEL (MODEL may hold {prompt_id}); repeatable"
+COMPRESSED_HELP = "the base given P compressed by LLMLingua, NAME=llmlingua2:RATE[:MODEL] (RATE in (0, 1]); repeatable"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -36,6 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--adapters", nargs="+", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR"
     )
     p.add_argument("--served", action="append", default=[], metavar="NAME=SPEC", help=SERVED_HELP)
+    p.add_argument("--compressed", action="append", default=[], metavar="NAME=llmlingua2:RATE", help=COMPRESSED_HELP)
     p.add_argument(
         "--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)"
     )
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapters", nargs="+", default=[], metavar="DIR", help="adapters folders (genpi train --out), or NAME=DIR"
     )
     p.add_argument("--served", action="append", default=[], metavar="NAME=SPEC", help=SERVED_HELP)
+    p.add_argument("--compressed", action="append", default=[], metavar="NAME=llmlingua2:RATE", help=COMPRESSED_HELP)
     p.add_argument(
         "--agent",
         default=None,
@@ -152,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a shortened P (text, used as the system turn) to compare with",
     )
+    p.add_argument("--compressed", action="append", default=[], metavar="NAME=llmlingua2:RATE", help=COMPRESSED_HELP)
     p.add_argument(
         "--concurrent", type=int, default=1, metavar="C", help="KV bytes also for C concurrent conversations"
     )
@@ -195,6 +199,9 @@ def _task_parsers(sub) -> None:
         )
         p.add_argument("--served", action="append", default=[], metavar="NAME=SPEC", help=SERVED_HELP)
         p.add_argument(
+            "--compressed", action="append", default=[], metavar="NAME=llmlingua2:RATE", help=COMPRESSED_HELP
+        )
+        p.add_argument(
             "--base", default="smollm2", help="base model: local folder or 'smollm2' (must be the adapters' base)"
         )
         p.add_argument(
@@ -228,6 +235,7 @@ def _fidelity(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
         served=args.served,
         onpolicy_samples=args.onpolicy_samples,
         collateral=not args.no_collateral,
+        compressed=args.compressed,
     )
     return summary, format_summary
 
@@ -247,6 +255,7 @@ def _leakage(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
         command=command,
         progress=not args.no_progress,
         served=args.served,
+        compressed=args.compressed,
     )
     return summary, format_summary
 
@@ -291,6 +300,7 @@ def _os_tasks(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
         command=command,
         served=args.served,
         scripts=args.scripts,
+        compressed=args.compressed,
     )
     return summary, format_summary
 
@@ -318,6 +328,7 @@ def _web(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
         max_batch=args.max_batch,
         command=command,
         served=args.served,
+        compressed=args.compressed,
     )
     return summary, format_summary
 
@@ -332,6 +343,7 @@ def _efficiency(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
         adapters=args.adapters,
         turns=args.turns,
         compressed_prompt=args.compressed_prompt,
+        compressed=args.compressed,
         concurrent=args.concurrent,
         model_config=args.model_config,
         prompt_tokens=args.prompt_tokens,
@@ -367,9 +379,10 @@ def _check(args) -> None:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if getattr(args, "onpolicy_samples", 0) < 0:
         raise InputError(f"--onpolicy-samples must be at least 0, got {args.onpolicy_samples}")
-    if args.what in ("fidelity", "leakage") and not args.adapters and not args.served:
+    if args.what in ("fidelity", "leakage") and not args.adapters and not args.served and not args.compressed:
         raise InputError(
-            f"genpi eval {args.what} compares adapters with the teacher: give --adapters DIR or --served NAME=SPEC"
+            f"genpi eval {args.what} compares adapters with the teacher: give --adapters DIR or --served NAME=SPEC "
+            "(or --compressed NAME=llmlingua2:RATE)"
         )
 
 

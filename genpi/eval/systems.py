@@ -4,6 +4,7 @@
     base      the base model without P         (what serving without the prompt gives)
     NAME      the base + NAME's adapter, no P  (one per --adapters folder)
     NAME      a served system, no P            (one per --served NAME=openai:BASE_URL/MODEL)
+    NAME      the base with a compressed P     (one per --compressed NAME=llmlingua2:RATE; genpi.eval.compressed)
 
 The base loads once per run; every adapter is loaded on it unmerged (PEFT
 `load_adapter`) and switched with `set_adapter`, the base rows with the adapters
@@ -26,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from genpi.catalog import PromptEntry
 from genpi.data.adapters import AdapterManifest, check_adapter, check_base
 from genpi.engines import ChatRequest, Completion
 from genpi.engines.openai import PREFIX, OpenAIEngine, split_spec
+from genpi.eval.compressed import Compressed, Compressions, compressed_note, compressed_specs
 
 TEACHER, BASE = "teacher", "base"
 SYSTEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a Parquet partition value and a table row
@@ -51,6 +53,14 @@ class System:
     folder: Path | None = None  # ADAPTERS/ID of an adapter system
     manifest: AdapterManifest | None = None
     served: str | None = None  # openai:BASE_URL/MODEL of a served system (its prompt's MODEL)
+    compressed: Compressed | None = None  # a compressed system's P (the base given it instead of P)
+
+
+def prompt_of(entry: PromptEntry, system: System) -> list:
+    """The P a system is given: the catalog's (the teacher), its compressed P (a compressed system), or none."""
+    if system.compressed:
+        return system.compressed.messages()
+    return entry.messages() if system.with_prompt else []
 
 
 @dataclass(frozen=True)
@@ -131,16 +141,18 @@ def mark_served(metrics: dict[str, dict], systems: list[System], not_scored: tup
     for s in systems:
         if s.served:
             metrics[s.name].update(served=s.served, not_scored=list(not_scored))
+        if s.compressed:  # its requested and achieved rate, and which compressor ran
+            metrics[s.name].update(compressed=s.compressed.summary())
     return metrics
 
 
 def served_notes(metrics: dict[str, dict]) -> list[str]:
-    """A line per served system, for the text under a summary's table."""
+    """A line per served system (and per compressed system), for the text under a summary's table."""
     return [
         f"served: {name} at {m['served']}" + (f" (not scored: {', '.join(m['not_scored'])})" if m["not_scored"] else "")
         for name, m in metrics.items()
         if m.get("served")
-    ]
+    ] + [compressed_note(name, m["compressed"]) for name, m in metrics.items() if m.get("compressed")]
 
 
 def prompt_systems(
@@ -248,6 +260,7 @@ def catalog_prompts(
     prompt_ids: list[str] | None = None,
     inputs: Callable[[PromptEntry], tuple[Any, str | None]] | None = None,
     verb: str = "evaluate",
+    compressed: list[str] = (),
 ) -> tuple[list[Prompt], list[dict], str]:
     """Every catalog prompt with an adapter (or a served system) to compare, checked before a model loads: (the
     prompts, {prompt_id, skipped: why} of the others, the base model's path). `inputs(entry)`: what the evaluation
@@ -257,25 +270,31 @@ def catalog_prompts(
 
     dirs = adapter_dirs(adapters)
     served_by = served_specs(list(served), dirs)
+    specs = compressed_specs(list(compressed), [*dirs, *served_by])
     base_path = resolve_model(base)
+    compress = Compressions(specs, base_path)
     prompts, skipped = [], []
     for entry in load_catalog(catalog, prompt_ids):
         systems, missing = prompt_systems(entry, dirs, base_path, served_by)
         given, empty = inputs(entry) if inputs else (None, None)
         if empty:
             skipped.append({"prompt_id": entry.id, "skipped": empty})
-        elif len(systems) == 2:
+        elif len(systems) == 2 and not specs:
             skipped.append({"prompt_id": entry.id, "skipped": "no adapter: " + "; ".join(missing)})
         else:
             prompts.append(Prompt(entry, systems, missing, given))
     if not prompts:
         raise InputError(f"nothing to {verb}: " + "; ".join(f"{r['prompt_id']}: {r['skipped']}" for r in skipped))
     check_served([s for p in prompts for s in p.systems])
+    # every check done: the compressed P of each prompt, once per rate (the compressing model loads once)
+    prompts = [
+        replace(p, systems=p.systems + [System(c.name, compressed=c) for c in compress(p.entry)]) for p in prompts
+    ]
     return prompts, skipped, base_path
 
 
 def task_prompt(
-    catalog: str, prompt_id: str, adapters: list[str], base: str, served: list[str] = ()
+    catalog: str, prompt_id: str, adapters: list[str], base: str, served: list[str] = (), compressed: list[str] = ()
 ) -> tuple[Prompt, str]:
     """One catalog prompt's systems for a task evaluation (`--catalog C --prompt ID [--adapters DIR ...] [--served
     NAME=SPEC ...]`): (the prompt, the base model's path). Every check runs before a model loads."""
@@ -287,8 +306,11 @@ def task_prompt(
         raise InputError(f"--prompt {prompt_id}: not in {catalog} (it has {', '.join(entries)})")
     base_path = resolve_model(base)
     dirs = adapter_dirs(adapters)
-    systems, missing = prompt_systems(entries[prompt_id], dirs, base_path, served_specs(list(served), dirs))
+    served_by = served_specs(list(served), dirs)
+    systems, missing = prompt_systems(entries[prompt_id], dirs, base_path, served_by)
     if adapters and not any(s.adapter for s in systems):
         raise InputError(f"--adapters: no adapter for prompt {prompt_id}: " + "; ".join(missing))
     check_served(systems)
+    compress = Compressions(compressed_specs(list(compressed), [*dirs, *served_by]), base_path)
+    systems += [System(c.name, compressed=c) for c in compress(entries[prompt_id])]
     return Prompt(entries[prompt_id], systems, missing), base_path

@@ -297,9 +297,10 @@ def evaluate(
     max_batch: int = 32,
     command: list[str] | None = None,
     served: list[str] = (),
+    compressed: list[str] = (),  # --compressed NAME=llmlingua2:RATE (genpi.eval.compressed)
 ) -> dict:
     url = check_server(url)
-    task, base_path = task_prompt(catalog, prompt, adapters, base, served)
+    task, base_path = task_prompt(catalog, prompt, adapters, base, served, compressed)
 
     sampling = Sampling(max_tokens=max_new_tokens)
     play = ask_every(

@@ -399,15 +399,17 @@ async def role_play(
     settings: SynthSettings,
     agent: AsyncEngine | None = None,
     with_prompt: bool = True,
+    agent_prompt: list[Message] | None = None,
 ) -> None:
     """The agent (with P) and the environment take turns until the environment ends the dialogue, the
     agent takes its final action, or the turn limit is reached. After a final action or the last allowed
     turn the environment is asked once more, so that `terminated` (it emitted END) is measured.
 
     `target` plays the environment, and the agent unless `agent` is given; `with_prompt=False` serves the
-    agent without P (genpi.eval plays whole episodes with each system this way)."""
+    agent without P (genpi.eval plays whole episodes with each system this way); `agent_prompt`, when given, is the
+    agent's P instead (a compressed P)."""
     agent_engine = agent or target
-    prompt = entry.messages() if with_prompt else []
+    prompt = agent_prompt if agent_prompt is not None else entry.messages() if with_prompt else []
     agent = prompt + [{"role": "user", "content": row["input"]}]
     env_prefix = environment_messages(entry)
     env = env_prefix + [{"role": "user", "content": ENVIRONMENT_OPEN}, {"role": "assistant", "content": row["input"]}]
