@@ -21,6 +21,7 @@ from genpi.eval.os_tasks import OS_TASK_SCHEMA, LoopSettings, evaluate_os_tasks,
 from genpi.eval.report import build_report
 from genpi.eval.run import main
 from genpi.eval.sandbox import Limits
+from genpi.eval.settings import SystemsSettings
 from genpi.run import main as run_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,9 @@ def bash(command: str) -> str:
 def evaluate(tmp_path, replies: dict, tasks=TASKS, **kwargs) -> dict:
     path = tmp_path / "replies.json"
     path.write_text(json.dumps(replies))
-    return evaluate_os_tasks(tasks, CATALOG, "os-shell", agent=f"replay:{path}", out=tmp_path / "eval", **kwargs)
+    return evaluate_os_tasks(
+        tasks, SystemsSettings(str(CATALOG)), "os-shell", agent=f"replay:{path}", out=tmp_path / "eval", **kwargs
+    )
 
 
 def test_parse_reply_follows_agentbench():

@@ -44,6 +44,7 @@ from genpi.eval.evaluate import Evaluation, RunSettings, evaluate_task, notes, r
 from genpi.eval.metrics import ratio
 from genpi.eval.os_task_file import REPLAY, OSTask, load_replay, read_task_file, report_skipped
 from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, SandboxError
+from genpi.eval.settings import SystemsSettings
 from genpi.eval.systems import Batcher, Prompt, System, task_prompt
 
 INPUT_TEMPLATE = "Now, I will start a new problem in a new OS. My problem is:\n\n{description}"  # AgentBench's
@@ -375,24 +376,21 @@ def summarize(rows: list[dict]) -> dict:
 
 def evaluate_os_tasks(
     tasks_path,
-    catalog,
+    systems: SystemsSettings,
     prompt_id: str,
-    adapters: list[str] = (),
-    base: str = "smollm2",
     *,
     agent: str | None = None,
     limit: int | None = None,
     parallel: int = 4,
     out: str | Path = "eval",
     settings: LoopSettings = LoopSettings(),
-    max_batch: int = 32,
     command: list[str] | None = None,
-    served: list[str] = (),
     scripts: str | Path | None = None,
 ) -> dict:
     """Play every task with every system (the replay agent, or teacher, base, adapters and served systems); returns
     and writes the summary."""
-    if agent and (adapters or served):
+    catalog = systems.catalog
+    if agent and (systems.adapters or systems.served):
         raise InputError("--adapters/--served: the replay agent (--agent) plays no model; leave them out")
     if "{description}" not in settings.input_template:
         raise InputError("--input-template must contain {description}")
@@ -405,7 +403,7 @@ def evaluate_os_tasks(
         replies = load_replay(agent, task_file.entries)
         task, base_path = Prompt(entry, [System(REPLAY)]), None
     else:
-        task, base_path = task_prompt(catalog, prompt_id, list(adapters), base, served)
+        task, base_path = task_prompt(catalog, prompt_id, list(systems.adapters), systems.base, systems.served)
     wall: list[float] = []
 
     def play(p: Prompt, engine) -> dict[str, list[dict]]:
@@ -464,7 +462,7 @@ def evaluate_os_tasks(
         describe,
         lambda m, teacher: ratio(m["success_rate"], teacher["success_rate"]),
     )
-    return evaluate_task(os_tasks, task, RunSettings(base_path, Path(out), max_batch, model=not agent))
+    return evaluate_task(os_tasks, task, RunSettings(base_path, Path(out), systems.max_batch, model=not agent))
 
 
 def format_summary(summary: dict) -> str:
