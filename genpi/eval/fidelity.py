@@ -304,12 +304,8 @@ def evaluate_catalog(
     """Evaluate every prompt that has held-out rows; returns (and writes to OUT/fidelity.json) the summary.
     `settings.onpolicy_samples`: sampled first-turn replies per input for the reverse KL (0: not measured);
     `settings.collateral`: measure KL(base || system) on genpi.eval.gap.GENERAL_REQUESTS."""
-    catalog, limit, progress, onpolicy_samples = (
-        systems.catalog,
-        settings.limit,
-        settings.progress,
-        settings.onpolicy_samples,
-    )
+    catalog, limit, progress = systems.catalog, settings.limit, settings.progress
+    onpolicy_samples = settings.onpolicy_samples
     out = Path(settings.out) if settings.out else Path(data) / "eval"
     languages = catalog_languages(load_catalog(catalog))  # every prompt's language checks tell these apart
 

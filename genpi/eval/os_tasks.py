@@ -44,7 +44,7 @@ from genpi.eval.evaluate import Evaluation, RunSettings, evaluate_task, notes, r
 from genpi.eval.metrics import ratio
 from genpi.eval.os_task_file import REPLAY, OSTask, load_replay, read_task_file, report_skipped
 from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, SandboxError
-from genpi.eval.settings import SystemsSettings
+from genpi.eval.settings import OSTaskSettings, SystemsSettings
 from genpi.eval.systems import Batcher, Prompt, System, task_prompt
 
 INPUT_TEMPLATE = "Now, I will start a new problem in a new OS. My problem is:\n\n{description}"  # AgentBench's
@@ -374,22 +374,28 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
+def loop_settings(settings: OSTaskSettings) -> LoopSettings:
+    """The agent loop of `genpi eval os-tasks`' flags."""
+    return LoopSettings(
+        settings.rounds,
+        max_new_tokens=settings.max_new_tokens,
+        input_template=settings.input_template or INPUT_TEMPLATE,
+        limits=Limits(wall_s=settings.task_timeout),
+    )
+
+
 def evaluate_os_tasks(
     tasks_path,
     systems: SystemsSettings,
-    prompt_id: str,
-    *,
-    agent: str | None = None,
-    limit: int | None = None,
-    parallel: int = 4,
-    out: str | Path = "eval",
-    settings: LoopSettings = LoopSettings(),
+    settings: OSTaskSettings,
     command: list[str] | None = None,
-    scripts: str | Path | None = None,
+    loop: LoopSettings | None = None,
 ) -> dict:
     """Play every task with every system (the replay agent, or teacher, base, adapters and served systems); returns
-    and writes the summary."""
-    catalog = systems.catalog
+    and writes the summary. `loop`: the agent loop (default: `loop_settings(settings)`)."""
+    catalog, prompt_id, agent, limit = systems.catalog, settings.prompt, settings.agent, settings.limit
+    parallel, scripts, out = settings.parallel, settings.scripts, settings.out
+    settings = loop or loop_settings(settings)  # from here on the agent loop's
     if agent and (systems.adapters or systems.served):
         raise InputError("--adapters/--served: the replay agent (--agent) plays no model; leave them out")
     if "{description}" not in settings.input_template:

@@ -87,44 +87,18 @@ def _leakage(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
 
 
 def _os_tasks(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
-    from genpi.eval.os_tasks import (
-        INPUT_TEMPLATE,
-        LoopSettings,
-        evaluate_os_tasks,
-        format_replay,
-        format_summary,
-        replay_examples,
-    )
-    from genpi.eval.sandbox import Limits
+    from genpi.eval.os_tasks import evaluate_os_tasks, format_replay, format_summary, loop_settings, replay_examples
 
     systems, s = from_args(SystemsSettings, args), from_args(OSTaskSettings, args)
-    loop = LoopSettings(
-        s.rounds,
-        max_new_tokens=s.max_new_tokens,
-        input_template=s.input_template or INPUT_TEMPLATE,
-        limits=Limits(wall_s=s.task_timeout),
-    )
     if s.replay_examples:
         if s.agent or systems.adapters or systems.served:
             raise InputError(
                 "--replay-examples plays the tasks' own solutions: leave out --agent, --adapters and --served"
             )
-        return replay_examples(args.tasks, s.scripts, s.limit, s.parallel, loop), format_replay
+        return replay_examples(args.tasks, s.scripts, s.limit, s.parallel, loop_settings(s)), format_replay
     if not (systems.catalog and s.prompt):
         raise InputError("genpi eval os-tasks needs --catalog and --prompt (or --replay-examples)")
-    summary = evaluate_os_tasks(
-        args.tasks,
-        systems,
-        s.prompt,
-        agent=s.agent,
-        limit=s.limit,
-        parallel=s.parallel,
-        out=s.out,
-        settings=loop,
-        command=command,
-        scripts=s.scripts,
-    )
-    return summary, format_summary
+    return evaluate_os_tasks(args.tasks, systems, s, command), format_summary
 
 
 def _mind2web(args, command: list[str]) -> tuple[dict, Callable[[dict], str]]:
