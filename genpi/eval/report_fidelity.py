@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from genpi.eval import plots
-from genpi.eval.markdown import cell, interval, rate, served, short, table
+from genpi.eval.markdown import cell, interval, rate, scored_results, served, short, table
 
 FIDELITY = (
     ("format", "format_rate"),
@@ -136,10 +136,8 @@ def fidelity_section(fidelity: dict, eval_dir: Path, figure, adapters: dict, mis
             f"Collateral KL: {gap['collateral_kl']} ({gap['collateral_requests']} requests).",
             "",
         ]
-    done = [r for r in fidelity["results"] if "skipped" not in r]
-    missing += [f"fidelity of {r['prompt_id']}: {r['skipped']}" for r in fidelity["results"] if "skipped" in r]
+    done = scored_results(fidelity, "fidelity", missing, adapters)
     for r in done:
-        adapters.setdefault(r["prompt_id"], {}).update(r["adapters"])
         md += [f"### {r['prompt_id']} ({r['inputs']} held-out inputs)", ""]
         md += table(
             ["system", "KL gap closed", "95% interval", "KL", "reverse KL", "collateral KL"],
