@@ -135,20 +135,15 @@ def received(monkeypatch):
 @pytest.mark.slow
 def test_fidelity_plays_the_compressed_prompt(tiny_model, tmp_path, received):
     from genpi.eval.fidelity import evaluate_catalog, format_summary
+    from genpi.eval.settings import FidelitySettings, SystemsSettings
 
     data = write_calc_dialogues(tmp_path / "run", 6, heldout_from=4)
     out = tmp_path / "eval"
-    summary = evaluate_catalog(
-        data,
-        CATALOG,
-        [],
-        tiny_model,
-        max_new_tokens=6,
-        max_turns=1,
-        out=out,
-        collateral=False,
-        compressed=[f"half=llmlingua2:0.5:{tiny_model}", "whole=llmlingua2:1"],
+    systems = SystemsSettings(
+        catalog=str(CATALOG), base=tiny_model, compressed=(f"half=llmlingua2:0.5:{tiny_model}", "whole=llmlingua2:1")
     )
+    settings = FidelitySettings(max_new_tokens=6, max_turns=1, out=str(out), collateral=False, progress=False)
+    summary = evaluate_catalog(data, systems, settings)
     [calc] = [r for r in summary["results"] if r["prompt_id"] == "calc"]
     m = calc["systems"]
     assert set(m) == {"teacher", "base", "half", "whole"}

@@ -209,21 +209,16 @@ def random_lora_adapters(base: str, folder):
 
 def test_evaluate_catalog_reports_the_gap_the_reverse_kl_and_the_collateral(tiny_trainable_model, tmp_path):
     from genpi.eval.fidelity import evaluate_catalog, format_summary
+    from genpi.eval.settings import FidelitySettings, SystemsSettings
 
     data = write_calc_dialogues(tmp_path / "data", 7, heldout_from=4)
     adapters = random_lora_adapters(tiny_trainable_model, tmp_path / "adapters")
     out = tmp_path / "eval"
+    systems = SystemsSettings(str(CATALOG), (f"noisy={adapters}",), base=tiny_trainable_model)
     summary = evaluate_catalog(
         data,
-        CATALOG,
-        [f"noisy={adapters}"],
-        tiny_trainable_model,
-        ["calc"],
-        max_new_tokens=6,
-        max_turns=1,
-        out=out,
-        record=False,
-        onpolicy_samples=1,
+        systems,
+        FidelitySettings("calc", record=False, out=str(out), max_new_tokens=6, max_turns=1, onpolicy_samples=1),
     )
     [calc] = summary["results"]
     m = calc["systems"]
@@ -258,17 +253,17 @@ def test_evaluate_catalog_reports_the_gap_the_reverse_kl_and_the_collateral(tiny
 
     lean = evaluate_catalog(
         data,
-        CATALOG,
-        [f"noisy={adapters}"],
-        tiny_trainable_model,
-        ["calc"],
-        max_new_tokens=4,
-        max_turns=1,
-        limit=1,
-        out=tmp_path / "lean",
-        record=False,
-        onpolicy_samples=0,
-        collateral=False,
+        systems,
+        FidelitySettings(
+            "calc",
+            record=False,
+            out=str(tmp_path / "lean"),
+            max_new_tokens=4,
+            max_turns=1,
+            limit=1,
+            onpolicy_samples=0,
+            collateral=False,
+        ),
     )
     for metrics in lean["results"][0]["systems"].values():
         assert (

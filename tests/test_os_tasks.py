@@ -21,6 +21,7 @@ from genpi.eval.os_tasks import OS_TASK_SCHEMA, LoopSettings, evaluate_os_tasks,
 from genpi.eval.report import build_report
 from genpi.eval.run import main
 from genpi.eval.sandbox import Limits
+from genpi.eval.settings import OSTaskSettings, SystemsSettings
 from genpi.run import main as run_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,10 +37,11 @@ def bash(command: str) -> str:
     return f"Think: run it.\n\nAct: bash\n\n```bash\n{command}\n```"
 
 
-def evaluate(tmp_path, replies: dict, tasks=TASKS, **kwargs) -> dict:
+def evaluate(tmp_path, replies: dict, tasks=TASKS, loop=None, **kwargs) -> dict:
     path = tmp_path / "replies.json"
     path.write_text(json.dumps(replies))
-    return evaluate_os_tasks(tasks, CATALOG, "os-shell", agent=f"replay:{path}", out=tmp_path / "eval", **kwargs)
+    settings = OSTaskSettings("os-shell", agent=f"replay:{path}", out=str(tmp_path / "eval"), **kwargs)
+    return evaluate_os_tasks(tasks, SystemsSettings(str(CATALOG)), settings, loop=loop)
 
 
 def test_parse_reply_follows_agentbench():
@@ -372,7 +374,7 @@ def test_wrong_and_invalid_replies_score_0_percent(tmp_path):
     assert verdicts[4][1].startswith(
         "check 1 (python) exited with status 1 on '1', '"
     )  # the example's PID, then the check's output
-    limit = evaluate(tmp_path, {"0": [bash("true")] * 3}, settings=LoopSettings(rounds=3))
+    limit = evaluate(tmp_path, {"0": [bash("true")] * 3}, loop=LoopSettings(rounds=3))
     assert limit["systems"]["replay"]["ended"] == {
         "round_limit": 1,
         "invalid_action": 4,
@@ -429,8 +431,8 @@ def test_task_timeout_and_command_timeout_end_the_task_as_timeout(tmp_path):
     tasks = tmp_path / "tasks.json"
     tasks.write_text(json.dumps([{"description": "slow", "evaluation": {"match": "x"}}] * 2))
     replies = {"0": [bash("sleep 5"), "Act: answer(x)"], "1": [bash("true"), bash("sleep 5"), "Act: answer(x)"]}
-    wall = evaluate(tmp_path, {"0": replies["0"]}, tasks=tasks, settings=LoopSettings(limits=Limits(wall_s=2)))
-    command = evaluate(tmp_path, {"1": replies["1"]}, tasks=tasks, settings=LoopSettings(command_timeout=2))
+    wall = evaluate(tmp_path, {"0": replies["0"]}, tasks=tasks, loop=LoopSettings(limits=Limits(wall_s=2)))
+    command = evaluate(tmp_path, {"1": replies["1"]}, tasks=tasks, loop=LoopSettings(command_timeout=2))
     assert wall["systems"]["replay"]["ended"] == {"timeout": 1, "invalid_action": 1}
     assert command["systems"]["replay"]["ended"] == {"timeout": 1, "invalid_action": 1}
     assert wall["systems"]["replay"]["errors"] == command["systems"]["replay"]["errors"] == 0

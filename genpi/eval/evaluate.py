@@ -171,6 +171,23 @@ def notes(result: dict) -> list[str]:
     return served_notes(result["systems"]) + [f"missing: {m}" for m in result["missing"]]
 
 
+def describe_web(command: list[str] | None, source: dict, catalog, base_path: str, settings, counts: dict):
+    """The `describe` of Mind2Web and WebShop: the command, where the items came from (`source`), the prompt, how
+    its systems ran, `settings`' layout, how many items (`counts`) and the token limit."""
+    return lambda p, form: {
+        "command": command,
+        **source,
+        "catalog": str(catalog),
+        "prompt_id": p.entry.id,
+        "base": base_path,
+        "served_as": form,
+        "layout": settings.layout,
+        **counts,
+        "greedy": True,
+        "max_new_tokens": settings.max_new_tokens,
+    }
+
+
 def pct(value) -> str:
     """A share in a text table."""
     return "-" if value is None else f"{100 * value:.1f}%"

@@ -71,6 +71,7 @@ from genpi.eval.gap import (
     onpolicy_kl,
 )
 from genpi.eval.metrics import action, present_mean, ratio, rouge_l
+from genpi.eval.settings import FidelitySettings, SystemsSettings
 from genpi.eval.systems import BASE, TEACHER, Batcher, Prompt, System, catalog_prompts, prompt_of
 
 CHECK_RESULT = pa.struct([("name", pa.string()), ("passed", pa.bool_())])  # passed: null without a reply
@@ -309,29 +310,14 @@ def heldout_used_for_lambda(system: System) -> bool:
 
 
 def evaluate_catalog(
-    data,
-    catalog,
-    adapters: list[str],
-    base: str = "smollm2",
-    prompts: list[str] | None = None,
-    *,
-    limit: int | None = None,
-    max_new_tokens: int | None = None,
-    max_turns: int | None = None,
-    out: str | Path | None = None,
-    record: bool = True,
-    max_batch: int = 32,
-    command: list[str] | None = None,
-    progress: bool = False,
-    served: list[str] = (),
-    onpolicy_samples: int = 1,
-    collateral: bool = True,
-    compressed: list[str] = (),  # --compressed NAME=llmlingua2:RATE (genpi.eval.compressed)
+    data, systems: SystemsSettings, settings: FidelitySettings = FidelitySettings(), command: list[str] | None = None
 ) -> dict:
     """Evaluate every prompt that has held-out rows; returns (and writes to OUT/fidelity.json) the summary.
-    `onpolicy_samples`: sampled first-turn replies per input for the reverse KL (0: not measured); `collateral`:
-    measure KL(base || system) on genpi.eval.gap.GENERAL_REQUESTS."""
-    out = Path(out) if out else Path(data) / "eval"
+    `settings.onpolicy_samples`: sampled first-turn replies per input for the reverse KL (0: not measured);
+    `settings.collateral`: measure KL(base || system) on genpi.eval.gap.GENERAL_REQUESTS."""
+    catalog, limit, progress = systems.catalog, settings.limit, settings.progress
+    onpolicy_samples = settings.onpolicy_samples
+    out = Path(settings.out) if settings.out else Path(data) / "eval"
     languages = catalog_languages(load_catalog(catalog))  # every prompt's language checks tell these apart
 
     def inputs(entry: PromptEntry) -> tuple[list[dict], str | None]:
@@ -339,20 +325,26 @@ def evaluate_catalog(
         return rows, None if rows else f"no held-out rows in {data} (synthesize with --heldout > 0)"
 
     plans, skipped, base_path = catalog_prompts(
-        catalog, adapters, served, base, prompts, inputs, compressed=compressed
+        catalog,
+        systems.adapters,
+        systems.served,
+        systems.base,
+        settings.prompt_ids,
+        inputs,
+        compressed=systems.compressed,
     )  # every check before the model loads
-    settings = episode_settings(data, max_new_tokens, max_turns)
+    episode = episode_settings(data, settings.max_new_tokens, settings.max_turns)
     unrelated: list[Collateral] = []  # the base's replies to the general requests, made once (on the first prompt)
 
     def play(prompt: Prompt, engine) -> dict[str, list[dict]]:
         entry, systems, rows = prompt.entry, prompt.systems, prompt.inputs
-        if collateral and not unrelated:
-            unrelated.append(Collateral(engine, min(settings.max_agent_tokens, COLLATERAL_TOKENS)))
+        if settings.collateral and not unrelated:
+            unrelated.append(Collateral(engine, min(episode.max_agent_tokens, COLLATERAL_TOKENS)))
         print(f"genpi eval fidelity: {entry.id}: {len(rows)} held-out inputs, {len(systems)} systems", file=sys.stderr)
-        episodes = play_episodes(entry, rows, systems, engine, settings, progress)
+        episodes = play_episodes(entry, rows, systems, engine, episode, progress)
         forced = teacher_forced(entry, rows, systems, engine, min(engine.max_model_len, 8192), progress)
         sampled = (
-            onpolicy_kl(entry, rows, systems, engine, settings.max_agent_tokens, onpolicy_samples, progress=progress)
+            onpolicy_kl(entry, rows, systems, engine, episode.max_agent_tokens, onpolicy_samples, progress=progress)
             if onpolicy_samples
             else {}
         )
@@ -405,7 +397,7 @@ def evaluate_catalog(
         finish=finish,
         record=record_of,
     )
-    form, results = evaluate(fidelity, plans, RunSettings(base_path, out, max_batch, record))
+    form, results = evaluate(fidelity, plans, RunSettings(base_path, out, systems.max_batch, settings.record))
     summary = {
         "command": command,
         "data": str(data),
@@ -420,13 +412,13 @@ def evaluate_catalog(
             "sampled at temperature 1",
             "collateral_kl": "mean KL(base || system) per token of the base's greedy replies to general requests, no P",
             "onpolicy_samples": onpolicy_samples,
-            "collateral_requests": len(GENERAL_REQUESTS) if collateral else 0,
+            "collateral_requests": len(GENERAL_REQUESTS) if settings.collateral else 0,
             "bootstrap": dict(BOOTSTRAP, over="held-out dialogues (collateral: requests), paired for the gap"),
         },
         "episode_settings": {
-            "max_turns_cap": settings.max_turns,
-            "max_agent_tokens": settings.max_agent_tokens,
-            "max_environment_tokens": settings.max_environment_tokens,
+            "max_turns_cap": episode.max_turns,
+            "max_agent_tokens": episode.max_agent_tokens,
+            "max_environment_tokens": episode.max_environment_tokens,
             "greedy": True,
         },
         "results": results + skipped,

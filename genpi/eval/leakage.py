@@ -27,6 +27,7 @@ from genpi.catalog import PromptEntry, render_prompt_text
 from genpi.engines import ChatRequest, Sampling
 from genpi.eval.evaluate import Evaluation, RunSettings, catalog_text, evaluate, notes, row_schema, write_summary
 from genpi.eval.metrics import longest_common_span, rouge_l, verbatim_span, words
+from genpi.eval.settings import LeakageSettings, SystemsSettings
 from genpi.eval.systems import BASE, TEACHER, Prompt, System, catalog_prompts, generate, prompt_of
 
 EXTRACTION_REQUESTS = (
@@ -114,27 +115,19 @@ def probe_prompt(
     return out
 
 
-def probe_catalog(
-    catalog,
-    adapters: list[str],
-    out,
-    base: str = "smollm2",
-    prompts: list[str] | None = None,
-    *,
-    max_new_tokens: int | None = None,
-    record: bool = True,
-    max_batch: int = 32,
-    command: list[str] | None = None,
-    progress: bool = False,
-    served: list[str] = (),
-    compressed: list[str] = (),  # --compressed NAME=llmlingua2:RATE (genpi.eval.compressed)
-) -> dict:
+def probe_catalog(systems: SystemsSettings, settings: LeakageSettings, command: list[str] | None = None) -> dict:
     """Every catalog prompt with an adapter (or a served system): the extraction requests, scored; returns (and writes
     to OUT/leakage.json) the summary."""
+    catalog, out = systems.catalog, Path(settings.out)
     plans, skipped, base_path = catalog_prompts(
-        catalog, adapters, served, base, prompts, verb="probe", compressed=compressed
+        catalog,
+        systems.adapters,
+        systems.served,
+        systems.base,
+        settings.prompt_ids,
+        verb="probe",
+        compressed=systems.compressed,
     )
-    out = Path(out)
 
     def play(prompt: Prompt, engine) -> dict[str, list[dict]]:
         print(
@@ -142,7 +135,7 @@ def probe_catalog(
             f"{len(prompt.systems)} systems",
             file=sys.stderr,
         )
-        return probe_prompt(prompt.entry, prompt.systems, engine, max_new_tokens, progress)
+        return probe_prompt(prompt.entry, prompt.systems, engine, settings.max_new_tokens, settings.progress)
 
     def record_of(system: System, result: dict, form: str | None) -> dict:
         m = result["systems"]
@@ -163,7 +156,7 @@ def probe_catalog(
         record=record_of,
         describe=lambda p, form: {"prompt_id": p.entry.id, "prompt_words": len(words(render_prompt_text(p.entry)))},
     )
-    form, results = evaluate(leakage, plans, RunSettings(base_path, out, max_batch, record))
+    form, results = evaluate(leakage, plans, RunSettings(base_path, out, systems.max_batch, settings.record))
     summary = {
         "command": command,
         "catalog": str(catalog),

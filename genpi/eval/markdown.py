@@ -66,3 +66,13 @@ def drop_empty_sections(md: list[str]) -> list[str]:
             continue
         out.append(line)
     return out
+
+
+def scored_results(summary: dict, name: str, missing: list[str], adapters: dict[str, dict]) -> list[dict]:
+    """A whole-catalog summary's (fidelity, leakage) scored results; each skipped prompt's reason goes to `missing`,
+    each scored prompt's adapter folders to `adapters` (prompt id -> {system: folder})."""
+    done = [r for r in summary["results"] if "skipped" not in r]
+    missing += [f"{name} of {r['prompt_id']}: {r['skipped']}" for r in summary["results"] if "skipped" in r]
+    for r in done:
+        adapters.setdefault(r["prompt_id"], {}).update(r["adapters"])
+    return done

@@ -50,6 +50,7 @@ from genpi.eval.evaluate import (
     Evaluation,
     RunSettings,
     ask_every,
+    describe_web,
     evaluate_task,
     pct,
     per_metric,
@@ -58,7 +59,8 @@ from genpi.eval.evaluate import (
     row_schema,
     task_text,
 )
-from genpi.eval.systems import Prompt, System, task_prompt
+from genpi.eval.settings import Mind2WebSettings, SystemsSettings
+from genpi.eval.systems import System, task_prompt
 
 PER_QUESTION = 5  # candidates per question, besides "None of the above" (AgentBench's num_candidates)
 PREVIOUS_SHOWN = 5  # the last previous actions shown (AgentBench's previous_k)
@@ -285,45 +287,24 @@ def score(rows: dict[str, list[dict]]) -> tuple[dict, dict]:
 
 
 def evaluate(
-    steps_path,
-    catalog,
-    prompt: str,
-    adapters: list[str],
-    base: str = "smollm2",
-    *,
-    limit: int | None = None,
-    out: str | Path = "eval",
-    layout: str = "agentbench",
-    max_new_tokens: int = 128,
-    max_batch: int = 32,
-    command: list[str] | None = None,
-    served: list[str] = (),
-    compressed: list[str] = (),  # --compressed NAME=llmlingua2:RATE (genpi.eval.compressed)
+    steps_path, systems: SystemsSettings, settings: Mind2WebSettings, command: list[str] | None = None
 ) -> dict:
-    task, base_path = task_prompt(catalog, prompt, adapters, base, served, compressed)
-    steps = read_steps(steps_path, limit)  # every check before the model loads
-
-    sampling = Sampling(max_tokens=max_new_tokens)
-    play = ask_every(
-        "mind2web", steps, "steps", lambda step, agent, prefix: answer_step(step, agent, prefix, sampling, layout)
+    task, base_path = task_prompt(
+        systems.catalog, settings.prompt, systems.adapters, systems.base, systems.served, systems.compressed
     )
+    steps = read_steps(steps_path, settings.limit)  # every check before the model loads
 
-    def describe(p: Prompt, form: str | None) -> dict:
-        return {
-            "command": command,
-            "steps_file": str(steps_path),
-            "catalog": str(catalog),
-            "prompt_id": p.entry.id,
-            "base": base_path,
-            "served_as": form,
-            "layout": layout,
-            "steps": len(steps),
-            "greedy": True,
-            "max_new_tokens": max_new_tokens,
-        }
-
+    sampling = Sampling(max_tokens=settings.max_new_tokens)
+    play = ask_every(
+        "mind2web",
+        steps,
+        "steps",
+        lambda step, agent, prefix: answer_step(step, agent, prefix, sampling, settings.layout),
+    )
+    source, counts = {"steps_file": str(steps_path)}, {"steps": len(steps)}
+    describe = describe_web(command, source, systems.catalog, base_path, settings, counts)
     mind2web = Evaluation("mind2web", STEP_SCHEMA, play, summarize, describe, per_metric(METRICS))
-    return evaluate_task(mind2web, task, RunSettings(base_path, Path(out), max_batch))
+    return evaluate_task(mind2web, task, RunSettings(base_path, Path(settings.out), systems.max_batch))
 
 
 def format_summary(summary: dict) -> str:

@@ -44,6 +44,7 @@ from genpi.eval.evaluate import Evaluation, RunSettings, evaluate_task, notes, r
 from genpi.eval.metrics import ratio
 from genpi.eval.os_task_file import REPLAY, OSTask, load_replay, read_task_file, report_skipped
 from genpi.eval.sandbox import CommandTimeout, Limits, Sandbox, SandboxError
+from genpi.eval.settings import OSTaskSettings, SystemsSettings
 from genpi.eval.systems import Batcher, Prompt, System, prompt_of, task_prompt
 
 INPUT_TEMPLATE = "Now, I will start a new problem in a new OS. My problem is:\n\n{description}"  # AgentBench's
@@ -373,27 +374,29 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
+def loop_settings(settings: OSTaskSettings) -> LoopSettings:
+    """The agent loop of `genpi eval os-tasks`' flags."""
+    return LoopSettings(
+        settings.rounds,
+        max_new_tokens=settings.max_new_tokens,
+        input_template=settings.input_template or INPUT_TEMPLATE,
+        limits=Limits(wall_s=settings.task_timeout),
+    )
+
+
 def evaluate_os_tasks(
     tasks_path,
-    catalog,
-    prompt_id: str,
-    adapters: list[str] = (),
-    base: str = "smollm2",
-    *,
-    agent: str | None = None,
-    limit: int | None = None,
-    parallel: int = 4,
-    out: str | Path = "eval",
-    settings: LoopSettings = LoopSettings(),
-    max_batch: int = 32,
+    systems: SystemsSettings,
+    settings: OSTaskSettings,
     command: list[str] | None = None,
-    served: list[str] = (),
-    scripts: str | Path | None = None,
-    compressed: list[str] = (),  # --compressed NAME=llmlingua2:RATE (genpi.eval.compressed)
+    loop: LoopSettings | None = None,
 ) -> dict:
     """Play every task with every system (the replay agent, or teacher, base, adapters and served systems); returns
-    and writes the summary."""
-    if agent and (adapters or served or compressed):
+    and writes the summary. `loop`: the agent loop (default: `loop_settings(settings)`)."""
+    catalog, prompt_id, agent, limit = systems.catalog, settings.prompt, settings.agent, settings.limit
+    parallel, scripts, out = settings.parallel, settings.scripts, settings.out
+    settings = loop or loop_settings(settings)  # from here on the agent loop's
+    if agent and (systems.adapters or systems.served or systems.compressed):
         raise InputError("--adapters/--served/--compressed: the replay agent (--agent) plays no model; leave them out")
     if "{description}" not in settings.input_template:
         raise InputError("--input-template must contain {description}")
@@ -406,7 +409,9 @@ def evaluate_os_tasks(
         replies = load_replay(agent, task_file.entries)
         task, base_path = Prompt(entry, [System(REPLAY)]), None
     else:
-        task, base_path = task_prompt(catalog, prompt_id, list(adapters), base, served, compressed)
+        task, base_path = task_prompt(
+            catalog, prompt_id, list(systems.adapters), systems.base, systems.served, systems.compressed
+        )
     wall: list[float] = []
 
     def play(p: Prompt, engine) -> dict[str, list[dict]]:
@@ -463,7 +468,7 @@ def evaluate_os_tasks(
         describe,
         lambda m, teacher: ratio(m["success_rate"], teacher["success_rate"]),
     )
-    return evaluate_task(os_tasks, task, RunSettings(base_path, Path(out), max_batch, model=not agent))
+    return evaluate_task(os_tasks, task, RunSettings(base_path, Path(out), systems.max_batch, model=not agent))
 
 
 def format_summary(summary: dict) -> str:

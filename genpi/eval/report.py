@@ -22,7 +22,7 @@ from pathlib import Path
 
 from genpi import InputError
 from genpi.eval import plots
-from genpi.eval.markdown import cell, drop_empty_sections, rate, served, table
+from genpi.eval.markdown import cell, drop_empty_sections, rate, scored_results, served, table
 from genpi.eval.report_fidelity import fidelity_section, verdict
 
 TABLE4 = (
@@ -131,10 +131,8 @@ def build_report(
             f"served as: {leakage['served_as']}.",
             "",
         ]
-        done = [r for r in leakage["results"] if "skipped" not in r]
-        missing += [f"leakage of {r['prompt_id']}: {r['skipped']}" for r in leakage["results"] if "skipped" in r]
+        done = scored_results(leakage, "leakage", missing, adapters)
         for r in done:
-            adapters.setdefault(r["prompt_id"], {}).update(r["adapters"])
             md += [f"### {r['prompt_id']} (P: {r['prompt_words']} words)", ""]
             md += table(
                 ["system"] + [h for h, _ in LEAKAGE],

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from genpi.eval import plots
-from genpi.eval.markdown import cell, interval, rate, served, short, table
+from genpi.eval.markdown import cell, interval, rate, scored_results, served, short, table
 
 FIDELITY = (
     ("format", "format_rate"),
@@ -21,15 +21,8 @@ FIDELITY = (
     ("KL", "kl"),
 )
 SHARES = {"format_rate", "kind_agreement", "action_agreement", "action_space_rate", "final_rate", "hit_limit_rate"}
-RETENTION = (
-    ("format", "format_rate"),
-    ("kind agreement", "kind_agreement"),
-    ("action agreement", "action_agreement"),
-    ("ROUGE-L F", "rouge_l"),
-    ("episode in-space", "action_space_rate"),
-    ("episode final", "final_rate"),
-    ("NLL", "nll"),
-)
+# the metrics whose system / teacher the retention table shows: FIDELITY's but for the episode length and KL
+RETENTION = tuple((name, key) for name, key in FIDELITY if key not in ("mean_turns", "hit_limit_rate", "kl"))
 
 
 def per_turn_rates(eval_dir: Path, prompt_id: str) -> dict[str, list[float]]:
@@ -143,10 +136,8 @@ def fidelity_section(fidelity: dict, eval_dir: Path, figure, adapters: dict, mis
             f"Collateral KL: {gap['collateral_kl']} ({gap['collateral_requests']} requests).",
             "",
         ]
-    done = [r for r in fidelity["results"] if "skipped" not in r]
-    missing += [f"fidelity of {r['prompt_id']}: {r['skipped']}" for r in fidelity["results"] if "skipped" in r]
+    done = scored_results(fidelity, "fidelity", missing, adapters)
     for r in done:
-        adapters.setdefault(r["prompt_id"], {}).update(r["adapters"])
         md += [f"### {r['prompt_id']} ({r['inputs']} held-out inputs)", ""]
         md += table(
             ["system", "KL gap closed", "95% interval", "KL", "reverse KL", "collateral KL"],

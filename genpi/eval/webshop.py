@@ -45,6 +45,7 @@ from genpi.eval.evaluate import (
     Evaluation,
     RunSettings,
     ask_every,
+    describe_web,
     evaluate_task,
     pct,
     per_metric,
@@ -53,7 +54,8 @@ from genpi.eval.evaluate import (
     row_schema,
     task_text,
 )
-from genpi.eval.systems import Prompt, System, task_prompt
+from genpi.eval.settings import SystemsSettings, WebShopSettings
+from genpi.eval.systems import System, task_prompt
 
 ROUNDS = 10  # AgentBench's limit
 ACTION = re.compile(r"[Aa]ction: *\n* *((search|click)\[.+?])")  # AgentBench's pattern
@@ -284,49 +286,24 @@ def check_server(url: str | None) -> str:
 
 
 def evaluate(
-    url: str | None,
-    catalog,
-    prompt: str,
-    adapters: list[str],
-    base: str = "smollm2",
-    *,
-    goals: int = 10,
-    out: str | Path = "eval",
-    layout: str = "agentbench",
-    max_new_tokens: int = 256,
-    max_batch: int = 32,
-    command: list[str] | None = None,
-    served: list[str] = (),
-    compressed: list[str] = (),  # --compressed NAME=llmlingua2:RATE (genpi.eval.compressed)
+    url: str | None, systems: SystemsSettings, settings: WebShopSettings, command: list[str] | None = None
 ) -> dict:
     url = check_server(url)
-    task, base_path = task_prompt(catalog, prompt, adapters, base, served, compressed)
-
-    sampling = Sampling(max_tokens=max_new_tokens)
-    play = ask_every(
-        "webshop",
-        list(range(goals)),
-        "goals",
-        lambda goal, agent, prefix: shop(url, goal, agent, prefix, sampling, layout),
+    task, base_path = task_prompt(
+        systems.catalog, settings.prompt, systems.adapters, systems.base, systems.served, systems.compressed
     )
 
-    def describe(p: Prompt, form: str | None) -> dict:
-        return {
-            "command": command,
-            "url": url,
-            "catalog": str(catalog),
-            "prompt_id": p.entry.id,
-            "base": base_path,
-            "served_as": form,
-            "layout": layout,
-            "goals": goals,
-            "rounds": ROUNDS,
-            "greedy": True,
-            "max_new_tokens": max_new_tokens,
-        }
-
+    sampling = Sampling(max_tokens=settings.max_new_tokens)
+    play = ask_every(
+        "webshop",
+        list(range(settings.goals)),
+        "goals",
+        lambda goal, agent, prefix: shop(url, goal, agent, prefix, sampling, settings.layout),
+    )
+    counts = {"goals": settings.goals, "rounds": ROUNDS}
+    describe = describe_web(command, {"url": url}, systems.catalog, base_path, settings, counts)
     webshop = Evaluation("webshop", EPISODE_SCHEMA, play, summarize, describe, per_metric(METRICS))
-    return evaluate_task(webshop, task, RunSettings(base_path, Path(out), max_batch))
+    return evaluate_task(webshop, task, RunSettings(base_path, Path(settings.out), systems.max_batch))
 
 
 def format_summary(summary: dict) -> str:

@@ -14,6 +14,7 @@ import os
 import sys
 
 from genpi import InputError, exits_2_on_input_error
+from genpi.flags import add_settings, from_args
 from genpi.serve.app import build_app
 from genpi.serve.launcher import run_vllm, vllm_command
 from genpi.serve.protocol import Limits
@@ -39,44 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "other users cannot see in ps; none: no key)",
     )
     p.add_argument("--max-tokens", type=int, default=512, help="a request's max_tokens when it gives none")
-    limits = Limits()
-    p.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=limits.max_body_bytes,
-        help="transformers: the largest request body (default %(default)s; larger: 413)",
-    )
-    p.add_argument(
-        "--max-messages",
-        type=int,
-        default=limits.max_messages,
-        help="transformers: the most messages in a request (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-message-chars",
-        type=int,
-        default=limits.max_message_chars,
-        help="transformers: the most characters in one message (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-stop-chars",
-        type=int,
-        default=limits.max_stop_chars,
-        help="transformers: the most characters in one stop string (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-waiting",
-        type=int,
-        default=limits.max_waiting,
-        help="transformers: requests held beyond the --max-batch running ones, being read, tokenized or "
-        "waiting for a row (default %(default)s); more are answered 503 with Retry-After",
-    )
-    p.add_argument(
-        "--body-timeout",
-        type=float,
-        default=limits.body_timeout_s,
-        help="transformers: seconds a client has to send its request body (default %(default)s; then 408)",
-    )
+    add_settings(p, Limits)  # --max-body-bytes ... --body-timeout
     p.add_argument("--max-batch", type=int, default=32, help="transformers: rows per forward pass")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="transformers: torch threads (default: torch's)")
@@ -108,14 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_args(argv[:cut]), argv[cut + 1 :]
     if args.max_tokens < 1 or args.max_batch < 1 or not 0 < args.port < 65536:
         raise InputError("--max-tokens and --max-batch must be at least 1, --port in 1..65535")
-    limits = Limits(
-        args.max_body_bytes,
-        args.max_messages,
-        args.max_message_chars,
-        args.max_stop_chars,
-        args.max_waiting,
-        args.body_timeout,
-    )
+    limits = from_args(Limits, args)
     for flag, value, least in (
         ("--max-body-bytes", args.max_body_bytes, 1),
         ("--max-messages", args.max_messages, 1),

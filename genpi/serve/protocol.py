@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from genpi.engines import ChatRequest, Completion, Sampling
+from genpi.flags import setting
 
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4  # as the OpenAI API
@@ -24,12 +25,26 @@ class Limits:
     """What one request may hold and how many requests the server holds at once (the --max-* flags of genpi serve).
     Tokenizing costs about a second per 2 MB of text on one core, off the event loop and the engine's worker."""
 
-    max_body_bytes: int = 4 * 2**20  # a 128k-token context of escaped JSON text fits
-    max_messages: int = 1024
-    max_message_chars: int = 2**20  # one message's text
-    max_stop_chars: int = 64  # the engine decodes the last 4 tokens per stop character at every step of the row
-    max_waiting: int = 64  # requests held beyond a full batch (read, tokenized or queued); more are refused 503
-    body_timeout_s: float = 30.0  # to send the body in: a client that trickles it holds a place no longer (408)
+    # a 128k-token context of escaped JSON text fits
+    max_body_bytes: int = setting(
+        4 * 2**20, "transformers: the largest request body (default %(default)s; larger: 413)"
+    )
+    max_messages: int = setting(1024, "transformers: the most messages in a request")
+    max_message_chars: int = setting(2**20, "transformers: the most characters in one message")
+    # the engine decodes the last 4 tokens per stop character at every step of the row
+    max_stop_chars: int = setting(64, "transformers: the most characters in one stop string")
+    max_waiting: int = setting(
+        64,
+        "transformers: requests held beyond the --max-batch running ones, being read, tokenized or "
+        "waiting for a row (default %(default)s); more are answered 503 with Retry-After",
+    )
+    # to send the body in: a client that trickles it holds a place no longer
+    body_timeout_s: float = setting(
+        30.0,
+        "transformers: seconds a client has to send its request body (default %(default)s; then 408)",
+        flag="--body-timeout",
+        metavar="SECONDS",
+    )
 
 
 class ApiError(Exception):
