@@ -6,7 +6,10 @@ LM head to float32, and PEFT makes the LoRA weights float32: without autocast th
 GPU, twice the memory and far slower than the bfloat16 the paper trained in. The reference re-casts the LoRA layers,
 embeddings and head to bfloat16 and trains under the transformers Trainer's bf16 autocast; genpi keeps the LoRA
 weights float32 (the optimizer's master copy) and runs the forward passes under torch's bfloat16 autocast, which
-keeps what needs float32 (softmax, log-softmax, cross-entropy, norms) in float32.
+keeps what needs float32 (softmax, log-softmax, cross-entropy, norms) in float32. The step's backward passes run in
+the same context (genpi.train.recipe.step_loss does forward and backward per micro-batch); backward ops run in the
+dtype autocast chose for their forward ops either way, and gradient checkpointing recomputes under the forward's
+autocast state.
 
 On CPU nothing changes: float32 throughout (bfloat16 compute is slower on CPUs without bf16 dot products, and less
 exact). float16 gets no autocast: it would need loss scaling, which genpi does not do.
