@@ -124,7 +124,7 @@ def test_teacher_forced_kl_is_zero_for_the_teacher_and_a_copy(engine):
         assert b[2] > 0 and b[1] != t[1]
 
 
-def test_episodes_end_on_a_final_action_or_the_limit_and_repeat(engine):
+def test_episodes_end_on_the_end_marker_or_the_limit_and_repeat(engine):
     from genpi.synth.pipeline import SynthSettings
 
     rows = [dict(row(i), sample_id=i, seed=i, split="heldout") for i in range(3)]
@@ -137,11 +137,16 @@ def test_episodes_end_on_a_final_action_or_the_limit_and_repeat(engine):
     for episodes in played.values():
         for e in episodes:
             assert e["error"] is None and 1 <= e["n_turns"] <= CALC.max_turns
-            assert e["terminated_by"] in ("max_turns", "environment", "final_action")
-            assert (e["terminated_by"] == "max_turns") == (e["n_turns"] == CALC.max_turns and e["hit_max_turns"])
-    everything_final = dataclasses.replace(CALC, final_action=r"\S")  # any reply is a final action
+            assert e["terminated_by"] in ("max_turns", "environment")
+            assert (e["terminated_by"] == "max_turns") == e["hit_max_turns"] == (not e["terminated"])
+            assert e["n_turns"] == CALC.max_turns or e["terminated"]  # only the end marker stops it early
+    everything_final = dataclasses.replace(CALC, final_action=r"^")  # any reply (even empty) is a final action
     played = play_episodes(everything_final, rows, [BASE], engine, settings)
-    assert all(e["terminated_by"] == "final_action" and e["n_turns"] == 1 for e in played["base"])
+    # a final action does not end the episode: the same turns as without one, each last turn a final action
+    assert [e["turns"] for e in played["base"]] == [
+        e["turns"] for e in play_episodes(CALC, rows, [BASE], engine, settings)["base"]
+    ]
+    assert all(e["final_action_valid"] for e in played["base"])
 
 
 def test_one_engine_serves_the_base_and_each_adapter_as_separate_engines_would(tiny_finishing_model, tmp_path):

@@ -73,7 +73,7 @@ def outcome(row):
     return row["terminated_by"], row["terminated"], row["hit_max_turns"], row["truncated"]
 
 
-def test_role_play_until_final_action():
+def test_role_play_until_the_environment_ends_it():
     engine = Scripted(
         agent=["Act: compute(4+4)", "Act: answer(8)"],
         environment=["Result: 8", END],
@@ -89,7 +89,7 @@ def test_role_play_until_final_action():
     ]
     assert row["turn_cut"] == [False, False, False]
     assert row["student_output_cut"] is False and row["reason_cut"] is False
-    assert outcome(row) == ("final_action", True, False, False) and row["n_turns"] == 2
+    assert outcome(row) == ("environment", True, False, False) and row["n_turns"] == 2
     assert row["final_action"] == "Act: answer(8)" and row["final_action_valid"] is True
     assert row["student_output"] == "It is eight." and row["reason"].startswith("Because")
     assert row["prompt_tokens"] == 60 and row["agent_tokens"] == 4 and row["environment_tokens"] == 3
@@ -105,7 +105,7 @@ def test_role_play_until_final_action():
         {"role": "assistant", "content": SAMPLE["input"]},
         {"role": "user", "content": "Act: compute(4+4)"},
     ]
-    # after the final action the environment is asked once more: its END is measured, not assumed
+    # the environment answers the final action: its END is measured, not assumed
     assert engine.requests["environment"][1].messages[-1] == {"role": "user", "content": "Act: answer(8)"}
     # the student gets the input alone; the reason compares AS-IS with the first teacher turn
     assert engine.requests["student"][0].messages == [{"role": "user", "content": SAMPLE["input"]}]
@@ -115,10 +115,10 @@ def test_role_play_until_final_action():
     assert "Act: compute" in reason.messages[0]["content"]  # P is shown to the generator
 
 
-def test_final_action_without_the_environment_ending_it_is_no_termination():
+def test_final_action_without_the_environment_ending_it_goes_on_to_the_limit():
     engine = Scripted(agent=["Act: answer(8)"], environment=["Result: ok"], student=["x"], reason=["y"])
-    row = run(CALC, engine)
-    assert outcome(row) == ("final_action", False, False, False)
+    row = run(CALC, engine, SynthSettings(max_turns=1))
+    assert outcome(row) == ("max_turns", False, True, False) and row["final_action_valid"] is True
     assert [t["role"] for t in row["turns"]] == ["assistant"]  # the last ask's reply is not a turn
 
 
@@ -140,12 +140,12 @@ def test_environment_termination_marker_and_max_turns():
     assert row["final_action"] == "I give up" and row["final_action_valid"] is False
     assert len(engine.requests["environment"]) == 3  # asked once more after the last allowed turn
 
-    # the limit reached, but the environment ends it on the last ask: max turns *and* terminated
+    # the environment ends it on the last ask: the end marker, not the limit, ended it
     engine = Scripted(
         agent=["Act: compute(1)", "Act: compute(2)"], environment=["Result: 1", END], student=["x"], reason=["y"]
     )
     row = run(CALC, engine, SynthSettings(max_turns=2))  # the run's cap is below the catalog's 3
-    assert outcome(row) == ("max_turns", True, True, False) and row["n_turns"] == 2 and not engine.replies["agent"]
+    assert outcome(row) == ("environment", True, False, False) and row["n_turns"] == 2 and not engine.replies["agent"]
     # a valid action that is not a final one is not a valid final action
     assert row["final_action"] == "Act: compute(2)" and row["final_action_valid"] is False
 
@@ -153,7 +153,7 @@ def test_environment_termination_marker_and_max_turns():
 def test_single_turn_prompt():
     engine = Scripted(agent=["Answer: hello"], environment=[END], student=["Hi! How can I help?"], reason=["z"])
     row = run(GREET, engine)
-    assert row["n_turns"] == 1 and outcome(row) == ("final_action", True, False, False)
+    assert row["n_turns"] == 1 and outcome(row) == ("environment", True, False, False)
 
 
 def overflow(prompt_tokens, max_tokens=384, limit=1024):
@@ -166,10 +166,14 @@ def test_overflow_truncates_later_turns_and_fails_the_first():
     row = run(CALC, engine)
     assert row["error"] is None and row["n_turns"] == 1 and outcome(row) == ("truncated", False, False, True)
 
-    # the environment's last ask overflows after a final action: the dialogue ended, termination unmeasured
+    # the environment's last ask overflows after the last allowed turn: the limit ended it, termination unmeasured
+    engine = Scripted(agent=["Act: answer(8)"], environment=[overflow(1020)], student=["x"], reason=["y"])
+    row = run(CALC, engine, SynthSettings(max_turns=1))
+    assert row["error"] is None and outcome(row) == ("max_turns", False, True, False)
+    # before the limit, after a final action too, it is a truncation (the dialogue would have gone on)
     engine = Scripted(agent=["Act: answer(8)"], environment=[overflow(1020)], student=["x"], reason=["y"])
     row = run(CALC, engine)
-    assert row["error"] is None and outcome(row) == ("final_action", False, False, False)
+    assert row["error"] is None and outcome(row) == ("truncated", False, False, True)
 
     engine = Scripted(agent=[overflow(1020)])
     row = run(CALC, engine)

@@ -66,8 +66,8 @@ def row(prompt_id, sample_id, split, input, turns=None, error=None, tokens=(0, 0
     return base
 
 
-# `terminated` is measured (the environment is asked once more after the last turn), so "% no termination"
-# is not "% max turns + % truncated": alpha 2 hit the limit yet the environment ended it on the last ask.
+# `terminated` is measured (the environment is asked once more after the last turn); a dialogue ends on the end
+# marker ("environment") or at the limit ("max_turns", not terminated), as the reference role-plays.
 ALPHA = [
     row(
         "alpha",
@@ -89,7 +89,7 @@ ALPHA = [
         "list files",
         ["ls -l"],
         terminated=True,
-        terminated_by="final_action",
+        terminated_by="environment",
         final_action_valid=False,
         student_output="s2",
         reason="r2",
@@ -101,7 +101,7 @@ ALPHA = [
         "heldout",
         "count lines",
         ["wc", "x", "wc -l", "y", "cat"],
-        terminated=True,
+        terminated=False,
         hit_max_turns=True,
         terminated_by="max_turns",
         final_action_valid=True,
@@ -183,10 +183,10 @@ EXPECTED = {
         "heldout": 1,
         "avg_turns": 2.0,
         "pct_hit_max_turns": 33.3,
-        "pct_no_termination": 0.0,
+        "pct_no_termination": 33.3,
         "pct_invalid_final_action": 33.3,
         "pct_truncated": 0.0,
-        "terminated_by": {"environment": 1, "final_action": 1, "max_turns": 1, "truncated": 0, "error": 2},
+        "terminated_by": {"environment": 2, "max_turns": 1, "truncated": 0, "error": 2},
         "mean_input_chars": 10.3,  # (10 + 10 + 11) / 3
         "mean_agent_turn_chars": 3.5,  # (2 + 4 + 5 + 2 + 5 + 3) / 6
         "mean_student_chars": 5.3,
@@ -212,7 +212,7 @@ EXPECTED = {
         "pct_no_termination": 66.7,
         "pct_invalid_final_action": None,  # the catalog gives no action space
         "pct_truncated": 33.3,
-        "terminated_by": {"environment": 1, "final_action": 0, "max_turns": 1, "truncated": 1, "error": 3},
+        "terminated_by": {"environment": 1, "max_turns": 1, "truncated": 1, "error": 3},
         "mean_input_chars": 2.0,
         "mean_agent_turn_chars": 4.0,  # (7 + 2 + 3 + 4) / 4
         "mean_student_chars": 2.0,
@@ -238,7 +238,7 @@ EXPECTED = {
         "pct_no_termination": None,
         "pct_invalid_final_action": None,
         "pct_truncated": None,
-        "terminated_by": {"environment": 0, "final_action": 0, "max_turns": 0, "truncated": 0, "error": 0},
+        "terminated_by": {"environment": 0, "max_turns": 0, "truncated": 0, "error": 0},
         "mean_input_chars": None,
         "mean_agent_turn_chars": None,
         "mean_student_chars": None,
@@ -330,7 +330,7 @@ def test_format_stats(run):
         assert figure in alpha
     beta = next(line for line in lines if line.startswith("beta.v2 "))
     assert "66.7" in beta and "1.33" in beta
-    assert "ended env/final/max/trunc/err" in header and "1/1/1/0/2" in alpha and "1/0/1/1/3" in beta
+    assert "ended env/max/trunc/err" in header and "2/1/0/2" in alpha and "1/1/1/3" in beta
     assert any(line.startswith("gamma ") for line in lines)
     assert len({len(line) for line in lines[:5]}) <= 2  # fixed width (trailing blanks stripped)
     errors = text[text.index("most common errors") :]

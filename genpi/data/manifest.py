@@ -20,7 +20,8 @@ from genpi.data import runfolder
 from genpi.data.store import write_atomic
 from genpi.engines import EngineConfig
 
-MANIFEST_VERSION = 3  # 3: per-shard SHA-256, the input limit and the account of each prompt's inputs
+MANIFEST_VERSION = 4  # 3: per-shard SHA-256, the input limit and the account of each prompt's inputs; 4: the role-play
+# ends on the end marker or the turn limit only (a version-3 run also stopped at a final action: not resumed with it)
 LOCK = "synth.lock"
 
 

@@ -30,7 +30,9 @@ TOPK_TURN = pa.struct(
         ("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
     ]
 )
-TERMINATED_BY = ("environment", "final_action", "max_turns", "truncated", "error")
+# A role-play ends on the environment's end marker or at the turn limit, not at the agent's final action (as the
+# reference; runs made before issue 25 also hold "final_action", which no count includes)
+TERMINATED_BY = ("environment", "max_turns", "truncated", "error")
 
 DIALOGUE_SCHEMA = pa.schema(
     [
@@ -49,7 +51,7 @@ DIALOGUE_SCHEMA = pa.schema(
         ("n_turns", pa.int32()),  # agent turns
         ("terminated", pa.bool_()),  # the environment emitted its end marker (asked once more after the last turn)
         ("terminated_by", pa.string()),  # how the dialogue ended: one of TERMINATED_BY
-        ("hit_max_turns", pa.bool_()),  # reached the turn limit without a final action
+        ("hit_max_turns", pa.bool_()),  # the turn limit, not the environment's end marker, ended it
         ("truncated", pa.bool_()),  # stopped early because the dialogue outgrew the model's context
         ("final_action", pa.string()),  # the last agent turn
         ("final_action_valid", pa.bool_()),  # it matches actions.final (actions.valid without one); null without either

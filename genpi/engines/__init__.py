@@ -102,7 +102,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # vllm only: the share of each GPU's memory this engine may take
     max_logprobs: int = 20  # vllm only: the largest Sampling.logprobs a request may ask for
     num_cpus: float = 1
-    num_gpus: float = 0
+    num_gpus: float | None = 0  # None: not chosen (genpi.synth.run.engine_gpus decides once Ray is up)
 
 
 def make_engine(config: EngineConfig) -> Engine:

@@ -18,7 +18,8 @@ without P, each adapter without P), all greedy, are measured three ways:
   exactly as synthesis does (genpi.synth.pipeline.role_play: same instruction,
   swapped shots, end marker, turn limit; the environment is the base model for
   every system), from the same inputs: share of agent turns in the action space,
-  share of episodes ended by a final action, mean agent turns, share at the limit;
+  share of episodes whose last agent turn is a final action (episodes go on until the environment's end marker
+  or the limit), mean agent turns, share at the limit;
 - teacher-forced: on the teacher's dialogues stored at synthesis, each system's
   mean negative log-likelihood of the teacher's agent tokens without P, and the
   mean KL(teacher with P || system) over those tokens, full vocabulary. A served
@@ -90,7 +91,7 @@ EVAL_SCHEMA = row_schema(
     ("checks", pa.list_(CHECK_RESULT)),  # the first agent turn's behaviour checks (PromptEntry.all_checks)
     ("turn_checks", pa.list_(pa.list_(CHECK_RESULT))),  # per agent turn: its checks
     ("n_turns", pa.int32()),
-    ("ended_final", pa.bool_()),  # ended by an agent turn matching actions.final
+    ("ended_final", pa.bool_()),  # the last agent turn matches actions.final
     ("hit_limit", pa.bool_()),
     ("terminated_by", pa.string()),
     ("tf_tokens", pa.int64()),  # teacher-forced: the teacher's agent tokens scored
@@ -223,6 +224,8 @@ def reply_rows(
     entry: PromptEntry, rows: list[dict], systems: list[System], episodes: dict, forced: dict, languages=()
 ) -> dict[str, list[dict]]:
     """The per-reply Parquet rows (EVAL_SCHEMA) of each system (`languages`: the catalog's, for language checks)."""
+    from genpi.synth.pipeline import is_final
+
     has_actions = entry.valid_action is not None
     out: dict[str, list[dict]] = {}
     teacher_first = []
@@ -255,7 +258,7 @@ def reply_rows(
                     "turns_valid": [entry.in_action_space(t) for t in agent] if has_actions else None,
                     **check_columns(entry, agent, languages),
                     "n_turns": episode["n_turns"],
-                    "ended_final": episode["terminated_by"] == "final_action" if entry.final_action else None,
+                    "ended_final": bool(agent) and is_final(entry, agent[-1]) if entry.final_action else None,
                     "hit_limit": bool(episode["hit_max_turns"]),
                     "terminated_by": episode["terminated_by"],
                     "tf_tokens": forced_row[0] if forced_row else None,

@@ -401,9 +401,11 @@ async def role_play(
     with_prompt: bool = True,
     agent_prompt: list[Message] | None = None,
 ) -> None:
-    """The agent (with P) and the environment take turns until the environment ends the dialogue, the
-    agent takes its final action, or the turn limit is reached. After a final action or the last allowed
-    turn the environment is asked once more, so that `terminated` (it emitted END) is measured.
+    """The agent (with P) and the environment take turns until the environment emits its end marker or the
+    turn limit is reached, as the reference role-plays: a final action does not end the dialogue (the environment
+    is told to answer it with END), so `terminated` (it emitted END) is measured on every dialogue, after the last
+    allowed turn too, and `hit_max_turns` says that the limit, not the marker, ended it. Whether the last agent
+    turn is a final action (`actions.final`) is `final_action_valid`: Table 4's "% invalid final action".
 
     `target` plays the environment, and the agent unless `agent` is given; `with_prompt=False` serves the
     agent without P (genpi.eval plays whole episodes with each system this way); `agent_prompt`, when given, is the
@@ -438,20 +440,20 @@ async def role_play(
                 {"token_ids": reply.token_ids, "topk_ids": reply.topk_ids, "topk_logprobs": reply.topk_logprobs}
             )
         agent = agent + [turns[-1]]
-        ended_by = "final_action" if is_final(entry, action) else "max_turns" if turn == limit - 1 else None
+        last = turn == limit - 1
         env = env + [{"role": "user", "content": action}]
         request = ChatRequest(env, env_sampling, row["seed"], prefix_messages=len(env_prefix))
         observation = await _call(target, request, settings, f"environment turn {turn + 1}")
-        if observation.error:  # context overflow: after a final action or the last turn, only unmeasured
-            row["truncated"] = ended_by is None
-            row["terminated_by"] = ended_by or "truncated"
+        if observation.error:  # context overflow: after the last allowed turn the limit ended it, unmeasured
+            row["truncated"] = not last
+            row["terminated_by"] = "max_turns" if last else "truncated"
             break
         row["prompt_tokens"] += observation.prompt_tokens
         row["environment_tokens"] += observation.completion_tokens
         text = observation.text.strip()
         row["terminated"] = END in text
-        if ended_by or row["terminated"]:  # the last ask only measures termination: its reply is not a turn
-            row["terminated_by"] = ended_by or "environment"
+        if row["terminated"] or last:  # the last ask only measures termination: its reply is not a turn
+            row["terminated_by"] = "environment" if row["terminated"] else "max_turns"
             break
         turns.append({"role": "user", "content": text})
         row["turn_cut"].append(observation.cut)

@@ -342,6 +342,8 @@ def _synthesize(catalog, out, entries, settings, generator, target, options) -> 
 
     # log_to_driver: errors logged inside engine actors reach this driver's stderr.
     init_ray(log_to_driver=True, include_dashboard=options.dashboard)
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    generator, target = engine_gpus(generator, "generator", cluster_gpus), engine_gpus(target, "target", cluster_gpus)
     shared = generator == target and options.target_replicas == 1
     actor_options = {"restarts": options.engine_restarts, "timeout_s": options.call_timeout_s}
     target_actors = [start_engine(target, f"target-{i}", **actor_options) for i in range(options.target_replicas)]
@@ -379,6 +381,24 @@ def closing_lines(manifest: dict) -> list[str]:
     return lines
 
 
+def engine_gpus(config: EngineConfig, role: str, cluster_gpus: float) -> EngineConfig:
+    """`config` with the GPUs its actor asks Ray for on a cluster with `cluster_gpus`. The transformers engine
+    runs on the GPU it is given, or on the CPU: Ray hides the GPUs from an actor that asks for none, so on a
+    cluster with GPUs it takes one unless told otherwise (num_gpus None: not chosen), and 0 there is refused, as
+    training refuses --gpus-per-trial 0, rather than generating on the CPU, silently and slowly."""
+    if config.kind != "transformers":
+        return config
+    if config.num_gpus is None:
+        return dataclasses.replace(config, num_gpus=1 if cluster_gpus else 0)
+    if config.num_gpus == 0 and cluster_gpus:
+        raise InputError(
+            f"--{role}-gpus 0 with the transformers engine on a Ray cluster with {cluster_gpus:g} GPUs: Ray hides the "
+            f"GPUs from an actor that asks for none, so it would generate on the CPU; leave --{role}-gpus out "
+            "(one GPU per engine actor) or give a GPU share"
+        )
+    return config
+
+
 def engine_config(args, role: str) -> EngineConfig:
     get = lambda name: getattr(args, f"{role}_{name}")  # noqa: E731
     model = getattr(args, role)
@@ -396,14 +416,14 @@ def engine_config(args, role: str) -> EngineConfig:
         local = {m for m in (args.generator, args.target) if not m.startswith(OPENAI_PREFIX)}
         cpus = 0.25 if remote else 1 if kind == "vllm" else max(1, (os.cpu_count() or 1) // len(local))
     gpus = get("gpus")
-    if gpus is None:
-        gpus = tp if kind == "vllm" else 0
+    if gpus is None:  # the transformers engine's: None until the Ray cluster is known (engine_gpus)
+        gpus = tp if kind == "vllm" else None if kind == "transformers" else 0
     # An actor given a share of a GPU (--target-gpus 0.5) must keep vLLM to that share of its memory.
     memory = get("gpu_memory_utilization")
     if memory is None:
         memory = (
             round(EngineConfig.gpu_memory_utilization * min(1.0, gpus / tp), 4)
-            if gpus
+            if gpus and kind == "vllm"
             else EngineConfig.gpu_memory_utilization
         )
     return EngineConfig(
@@ -455,7 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     for role in ("generator", "target"):
         p.add_argument(f"--{role}-engine", choices=["transformers", "vllm"], default=None)
         p.add_argument(f"--{role}-tp", type=int, default=1, help="tensor-parallel size (vllm)")
-        p.add_argument(f"--{role}-gpus", type=float, default=None, help="GPUs per actor (default: tp for vllm, else 0)")
+        p.add_argument(
+            f"--{role}-gpus",
+            type=float,
+            default=None,
+            help="GPUs per actor (default: tp for vllm; transformers: 1 on a Ray cluster with GPUs, else 0)",
+        )
         p.add_argument(f"--{role}-cpus", type=float, default=None, help="CPUs per actor")
         p.add_argument(
             f"--{role}-gpu-memory-utilization",

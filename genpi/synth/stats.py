@@ -8,11 +8,13 @@
 
 Both read the shards through genpi.data.dialogues.open_dialogues (a sandboxed DuckDB view `dialogues`).
 Table 4's figures, as the paper defines them, from the row columns of genpi.data.store.DIALOGUE_SCHEMA:
-    % max turns             hit_max_turns: the turn limit reached without a final action
+    % max turns             hit_max_turns: the turn limit, not the environment's end marker, ended the dialogue
     % no termination        not terminated: the environment never emitted its end marker, not even when
-                            asked once more after the final action or the last allowed turn
-    % invalid final action  not final_action_valid: the last agent turn does not match actions.final
-                            (actions.valid where the catalog gives no final); prompts with neither: null
+                            asked once more after the last allowed turn
+    % invalid final action  not final_action_valid: the last agent turn does not match actions.final, the
+                            prompt's own final actions (the paper per task: OS finish or answer; web browsing
+                            click, type, select or None; web shopping search or click); actions.valid where
+                            the catalog gives no final; prompts with neither: null
 and `terminated_by` counts how the dialogues ended (store.TERMINATED_BY; failed rows are "error").
 Two figures of teaching value (genpi.synth.quality), computed in Python over the rows DuckDB reads:
     % degenerate turns      agent turns that are loops (one repeated phrase covers most of the turn)
@@ -206,7 +208,7 @@ _STATS_COLUMNS = [
     ("% max turns", "pct_hit_max_turns", "{:.1f}"),
     ("% no term", "pct_no_termination", "{:.1f}"),
     ("% invalid final", "pct_invalid_final_action", "{:.1f}"),
-    ("ended env/final/max/trunc/err", "terminated_by", None),
+    ("ended env/max/trunc/err", "terminated_by", None),
     ("rows", "rows", "{}"),
     ("failed", "failed", "{}"),
     ("train", "train", "{}"),

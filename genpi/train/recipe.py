@@ -72,6 +72,7 @@ from genpi.train.losses import (
     topk_loss,
 )
 from genpi.train.onpolicy import OnPolicySampler, adapter_files, reply_views, reverse_kl_sums, sample_seed, write_files
+from genpi.train.precision import autocast_dtype, dtype_name, training_autocast
 from genpi.train.qlora import LoraSettings, add_lora, default_dtype, load_base, load_lora_weights, save_adapter
 
 METHODS = (
@@ -532,6 +533,7 @@ def train_adapter(
     )
     if settings.init_adapter and resume is None:  # a resumed run's weights come from its state
         load_lora_weights(model, settings.init_adapter)
+    autocast = autocast_dtype(model.device.type, dtype)  # bfloat16 on CUDA (genpi.train.precision), else None
     steps_per_epoch = math.ceil(len(rows) / settings.batch_size)
     steps = (
         settings.max_steps or steps_per_epoch * settings.epochs
@@ -653,7 +655,8 @@ def train_adapter(
                 k = run["step_in_epoch"]
                 step_rows = epoch_rows[k * settings.batch_size : (k + 1) * settings.batch_size]
                 replies = sample_replies(epoch_rows, k) if sampler else None
-                loss = step_loss(model, step_rows, settings, pad_id, replies)
+                with training_autocast(model.device.type, autocast):
+                    loss = step_loss(model, step_rows, settings, pad_id, replies)
                 run["norms"].append(optimizer_step(model, optimizer, scheduler, settings))
                 run["losses"].append(loss)
                 run["step_in_epoch"] += 1
@@ -708,6 +711,7 @@ def train_adapter(
             "dtype": str(dtype).removeprefix("torch."),
             "compute_dtype_4bit": str(dtype).removeprefix("torch.") if settings.quantize else None,
             "gradient_checkpointing": model.get_base_model().is_activation_checkpointing,
+            "autocast": dtype_name(autocast),  # what the training steps' forward passes autocast to
             "optimizer": optimizer_name,
         },
     }
