@@ -173,6 +173,7 @@ def teacher_forced(
     import torch
     import torch.nn.functional as F
 
+    from genpi.train.icae import slot_response_logits
     from genpi.train.losses import kld_loss, response_logits, response_targets
     from genpi.train.recipe import TrainSettings, build_examples, collate
 
@@ -198,9 +199,13 @@ def teacher_forced(
                     continue
                 if s.with_prompt:
                     logits = teacher
-                else:
+                else:  # an ICAE system: the base (adapter None) with P's slots in front (genpi.train.icae)
                     with engine.serving(s.adapter):
-                        logits = response_logits(model, student).float()
+                        logits = (
+                            response_logits(model, student)
+                            if s.icae is None
+                            else slot_response_logits(model, student, s.icae)
+                        ).float()
                 n = targets.numel()
                 nll = float(F.cross_entropy(logits, targets, reduction="sum"))
                 out[s.name].append((n, nll, float(kld_loss(logits, teacher)) * n))

@@ -4,6 +4,7 @@
     base      the base model without P         (what serving without the prompt gives)
     NAME      the base + NAME's adapter, no P  (one per --adapters folder)
     NAME      a served system, no P            (one per --served NAME=openai:BASE_URL/MODEL)
+    NAME      the base with P's ICAE slots     (an --adapters folder trained with --method icae)
 
 The base loads once per run; every adapter is loaded on it unmerged (PEFT
 `load_adapter`) and switched with `set_adapter`, the base rows with the adapters
@@ -24,6 +25,7 @@ prompt with an adapter) or `task_prompt` (the task evaluations: one prompt); gen
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +53,8 @@ class System:
     folder: Path | None = None  # ADAPTERS/ID of an adapter system
     manifest: AdapterManifest | None = None
     served: str | None = None  # openai:BASE_URL/MODEL of a served system (its prompt's MODEL)
+    # an ICAE folder's system (genpi.train.icae): P's memory slots [k, hidden], given to the base in P's place
+    icae: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,11 @@ def prompt_systems(
             continue
         manifest = check_adapter(folder, entry)  # refuses a folder without genpi.json and a stale prompt
         check_base(folder, manifest, base_path)
+        if manifest.method == "icae":  # the base with P's slots in front: no adapter on the engine
+            from genpi.train.icae import prompt_slots
+
+            systems.append(System(name, None, False, folder, manifest, icae=prompt_slots(folder, entry, base_path)))
+            continue
         systems.append(System(name, f"{name}__{entry.id}".replace(".", "_").replace("-", "_"), False, folder, manifest))
     systems += [System(name, served=spec.replace(PROMPT_ID, entry.id)) for name, spec in (served or {}).items()]
     return systems, missing
@@ -193,7 +202,12 @@ def generate(engine, system: System, requests: list[ChatRequest]) -> list[Comple
         finally:
             client.shutdown()
     with engine.serving(system.adapter):
-        return engine.generate(requests)
+        return engine.generate([with_slots(system, r) for r in requests])
+
+
+def with_slots(system: System, request: ChatRequest) -> ChatRequest:
+    """The request as the system is asked it: an ICAE system's carries its slots as the prefix embeddings."""
+    return request if system.icae is None else dataclasses.replace(request, prefix_embeds=system.icae)
 
 
 class Batcher:
@@ -237,7 +251,9 @@ class _View:
             if served not in clients:
                 clients[served] = OpenAIEngine.from_spec(served, request_timeout_s=SERVED_REQUEST_TIMEOUT_S)
             return await clients[served].complete(request)
-        return await asyncio.wrap_future(self.batcher.engine.submit(request, self.system.adapter))
+        return await asyncio.wrap_future(
+            self.batcher.engine.submit(with_slots(self.system, request), self.system.adapter)
+        )
 
 
 def catalog_prompts(
@@ -288,7 +304,7 @@ def task_prompt(
     base_path = resolve_model(base)
     dirs = adapter_dirs(adapters)
     systems, missing = prompt_systems(entries[prompt_id], dirs, base_path, served_specs(list(served), dirs))
-    if adapters and not any(s.adapter for s in systems):
+    if adapters and not any(s.folder for s in systems):
         raise InputError(f"--adapters: no adapter for prompt {prompt_id}: " + "; ".join(missing))
     check_served(systems)
     return Prompt(entries[prompt_id], systems, missing), base_path
