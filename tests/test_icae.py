@@ -307,3 +307,22 @@ def test_genpi_train_method_icae_and_its_fidelity(tiny_trainable_model, calc_dia
     assert systems["icae"]["kl"] != systems["base"]["kl"]
     assert calc["adapters"] == {"icae": str(folder)}
     assert "fidelity" in json.loads((folder / "genpi.json").read_text())["eval_metrics"]
+
+
+def test_efficiency_counts_the_k_slots_as_the_prefix(trained, tiny_trainable_model, tmp_path):
+    """`genpi eval efficiency --adapters` of an ICAE folder adds the icae-slots system: the conversation without
+    P behind k prefix positions (fewer than P's tokens, not zero)."""
+    from genpi.eval.cost import ICAE as SLOTS
+    from genpi.eval.cost import MERGED, WITH_P
+    from genpi.eval.efficiency import evaluate
+
+    root = tmp_path / "adapters"
+    write_manifest(trained[3], root / "calc", tiny_trainable_model)
+    result = evaluate(
+        REPO / "tests/data/tiny.yaml", "calc", adapters=str(root), turns=2, model_config=tiny_trainable_model,
+        base=tiny_trainable_model,
+    )  # fmt: skip
+    systems = result["systems"]
+    slots, merged = systems[SLOTS], systems[MERGED]
+    assert slots["prefix_tokens"] == merged["prefix_tokens"] + K < systems[WITH_P]["prefix_tokens"]
+    assert slots["contexts"] == [c + K for c in merged["contexts"]] and slots["generated"] == merged["generated"]

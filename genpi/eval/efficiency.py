@@ -7,6 +7,8 @@ tokenized once per system, costs per turn:
     internalized-merged  the adapter merged into the base, no P (the base's cost without P)
     internalized-lora    the adapter served unmerged, no P (+ r·(in + out) MACs per adapted layer and token)
     compressed-P         the base with a shortened P (--compressed-prompt)
+    icae-slots           the base with P's k ICAE memory slots in P's place (--adapters of a genpi train --method
+                         icae folder; the slots are computed once per prompt, not counted)
 
 in three regimes:
 
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,6 +54,7 @@ from genpi.data.store import results_path, write_table
 from genpi.eval.cost import (
     COMPRESSED,
     FORMULA,
+    ICAE,
     LINEAR_NAMES,
     LORA,
     MERGED,
@@ -93,6 +96,8 @@ def lora_shape(adapters: str | None, entry, base_path: str):
         systems, missing = prompt_systems(entry, adapter_dirs([adapters]), base_path)
         if missing:
             raise InputError(f"--adapters {adapters}: {missing[0]}")
+        if systems[-1].icae is not None:  # an ICAE folder has no LoRA of the base: a fresh one of the default shape
+            return (*lora_shape(None, entry, base_path)[:3], systems[-1])
         config = json.loads((systems[-1].folder / "adapter_config.json").read_text())
         targets = config["target_modules"]
         if isinstance(targets, str) and targets != "all-linear":
@@ -170,6 +175,14 @@ def evaluate(
             raise InputError(
                 f"--compressed-prompt {path}: {convs[-1].prefix} tokens, longer than P ({convs[0].prefix} tokens)"
             )
+    if adapter_system is not None and adapter_system.icae is not None:  # P's k memory slots in P's place
+        k, merged = adapter_system.icae.shape[0], convs[1]  # any k ids cost what k slot embeddings cost
+        convs.append(
+            replace(
+                merged, system=ICAE, ids=[tokenizer.eos_token_id] * k + merged.ids, prefix=merged.prefix + k,
+                contexts=[c + k for c in merged.contexts],
+            )
+        )  # fmt: skip
     if prompt_tokens is not None:  # P adds prompt_tokens to every context (the conversation keeps its own tokens)
         shift = prompt_tokens - (convs[0].prefix - convs[1].prefix)
         convs[0].prefix += shift
@@ -181,7 +194,7 @@ def evaluate(
         print(f"genpi eval efficiency: {entry.id}: counting FLOPs (meta-device copy, eager attention)", file=sys.stderr)
         counted = {c.system: counted_flops(config, c) for c in convs}
         engine = load_engine(base_path, [adapter_system] if adapter_system else [])
-        if not adapter_system:
+        if not lora.adapter:
             lora.adapter = add_fresh_lora(engine, lora.lora)
         form = served_as(engine, [adapter_system] if adapter_system else [])
         print(

@@ -361,7 +361,7 @@ def evaluate_catalog(
         )
         for name, figures in gap_metrics(records).items():
             metrics[name].update(figures, **damage[name])
-        return {"heldout_used_for_lambda": {s.name: heldout_used_for_lambda(s) for s in prompt.systems if s.adapter}}
+        return {"heldout_used_for_lambda": {s.name: heldout_used_for_lambda(s) for s in prompt.systems if s.folder}}
 
     def describe(prompt: Prompt, form) -> dict:
         entry = prompt.entry
