@@ -326,3 +326,25 @@ def test_efficiency_counts_the_k_slots_as_the_prefix(trained, tiny_trainable_mod
     slots, merged = systems[SLOTS], systems[MERGED]
     assert slots["prefix_tokens"] == merged["prefix_tokens"] + K < systems[WITH_P]["prefix_tokens"]
     assert slots["contexts"] == [c + K for c in merged["contexts"]] and slots["generated"] == merged["generated"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_icae_trains_and_its_slots_serve_on_cuda(tiny_trainable_model):
+    """The CUDA defaults (bf16, 4-bit, gradient checkpointing): the memory tokens, slots and batches on the GPU;
+    the engine takes the (CPU, float32) cached slots onto its bf16 CUDA model."""
+    from genpi.engines.hf import TransformersEngine
+
+    settings = dataclasses.replace(ICAE, quantize=True, pretrain_steps=1)
+    icae, metrics = train_icae(tiny_trainable_model, CALC, TRAIN[:4], HELDOUT, settings)
+    assert metrics["effective"]["device"] == "cuda:0" and metrics["effective"]["dtype"] == "bfloat16"
+    assert metrics["effective"]["gradient_checkpointing"] and icae.memory.is_cuda
+    assert all(map(torch.isfinite, map(torch.tensor, metrics["train_losses"]))) and metrics["heldout_kl"] is not None
+    slots = icae.slots(icae.prompts[CALC.sha256]).cpu()
+    engine = TransformersEngine(tiny_trainable_model, dtype="bfloat16")
+    try:
+        [done] = engine.generate(
+            [ChatRequest([{"role": "user", "content": "Hi"}], Sampling(max_tokens=4), 0, 0, slots)]
+        )
+        assert done.error is None and done.prompt_tokens > K
+    finally:
+        engine.close()
