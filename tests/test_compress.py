@@ -15,8 +15,8 @@ from genpi.eval.compressed import (
     Compressions,
     CompressSpec,
     action_keywords,
-    compressed_specs,
 )
+from genpi.eval.systems import compressed_specs
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 CALC, GREET = load_catalog(CATALOG)

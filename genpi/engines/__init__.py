@@ -9,7 +9,7 @@ one bad dialogue never takes its batch down with it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
 
@@ -31,6 +31,10 @@ class ChatRequest:
     # How many leading messages form a fixed prefix shared by many requests
     # (the prompt P). Engines without automatic prefix caching reuse its KV cache.
     prefix_messages: int = 0
+    # Input embeddings [k, hidden] in front of the messages' tokens, at positions 0..k-1, in place of a prompt
+    # (an ICAE system's memory slots, genpi.train.icae); the transformers engine only. Any device and dtype: the
+    # engine puts them on its model's.
+    prefix_embeds: Any = None
 
 
 @dataclass

@@ -6,9 +6,10 @@ waits for the slowest and no request waits for a whole batch. Rows of different 
 adapters and sampling settings share every decode step.
 
 The fixed prefix of a request (the prompt P, marked by `ChatRequest.prefix_messages`) is prefilled once
-per engine and adapter and its KV cache kept (LRU), never copied: a row prefills only its own suffix, and
-`prefix_attention` attends to the prefix's keys once for all the rows behind it and to each row's own keys,
-merging the two by their log-sum-exp (cascade attention). The batch's cache holds the rows' own tokens,
+per engine and adapter and its KV cache kept (LRU), never copied (so are a request's `prefix_embeds`, input
+embeddings in front of its tokens in place of a prompt: an ICAE system's memory slots): a row prefills only its
+own suffix, and `prefix_attention` attends to the prefix's keys once for all the rows behind it and to each row's
+own keys, merging the two by their log-sum-exp (cascade attention). The batch's cache holds the rows' own tokens,
 left-padded: the attention mask hides the padding and each row keeps its own position ids, so a row
 computes what it would compute alone. Sampling draws from a generator seeded by the request's seed: the
 same request gives the same text whatever it was batched with. The worker exits after a second without work
@@ -23,6 +24,7 @@ batch's state (rows, cache, mask); a split would cut through that state.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import queue
 import sys
 import threading
@@ -115,6 +117,7 @@ class _Row:
         self.sampling: Sampling = request.sampling
         self.ids: list[int] = []
         self.prefix: tuple[int, ...] = ()
+        self.offset = 0  # positions taken by the request's prefix_embeds, before its tokens
         self.prefix_layers: list | None = None  # the prefix's cached keys and values, per layer
         self.generated: list[int] = []
         self.position = 0  # the position id of the next token fed
@@ -464,13 +467,24 @@ class TransformersEngine:
     def _prepare(self, row: _Row) -> None:
         request = row.request
         row.ids = self.encode(request.messages)
-        if len(row.ids) + row.sampling.max_tokens > self.max_model_len:
+        embeds = request.prefix_embeds
+        if embeds is not None:
+            hidden = self.model.get_input_embeddings().weight.shape[1]
+            if request.prefix_messages or embeds.dim() != 2 or embeds.shape[1] != hidden or not len(embeds):
+                raise ValueError(
+                    f"prefix_embeds: expected [k >= 1, {hidden}] embeddings and no prefix_messages, "
+                    f"got {list(embeds.shape)} and {request.prefix_messages}"
+                )
+            row.offset = embeds.shape[0]
+        if row.offset + len(row.ids) + row.sampling.max_tokens > self.max_model_len:
             raise ValueError(
-                f"{CONTEXT_LENGTH_ERROR}: {len(row.ids)} prompt tokens + {row.sampling.max_tokens} max tokens "
-                f"> {self.max_model_len}"
+                f"{CONTEXT_LENGTH_ERROR}: {row.offset + len(row.ids)} prompt tokens + {row.sampling.max_tokens} "
+                f"max tokens > {self.max_model_len}"
             )
         row.prefix = self._prefix_ids(request, row.ids)
         row.prefix_layers = self._prefix_cache(row.prefix, row.adapter).layers if row.prefix else None
+        if embeds is not None:
+            row.prefix_layers = self._prefix_cache((), row.adapter, embeds).layers
         if row.sampling.temperature > 0:
             row.generator = torch.Generator(self.device).manual_seed(request.seed)
 
@@ -484,8 +498,8 @@ class TransformersEngine:
             gap = width - len(suffix)
             input_ids.append([self.pad_id] * gap + suffix)
             mask.append([0] * gap + [1] * len(suffix))
-            positions.append([0] * gap + list(range(p, len(row.ids))))
-            row.position = len(row.ids)
+            positions.append([0] * gap + list(range(row.offset + p, row.offset + len(row.ids))))
+            row.position = row.offset + len(row.ids)
         mask = torch.tensor(mask, device=self.device)
         cache = _cache()
         out = self.model(
@@ -630,7 +644,7 @@ class TransformersEngine:
             or (sampling.stop and self._stopped(row.generated, sampling.stop))
         )
         if done:
-            completion = self._completion(row.generated, len(row.ids), sampling)
+            completion = self._completion(row.generated, row.offset + len(row.ids), sampling)
             if sampling.logprobs:
                 n = len(completion.token_ids)
                 completion.topk_ids, completion.topk_logprobs = row.topk_ids[:n], row.topk_logprobs[:n]
@@ -654,9 +668,17 @@ class TransformersEngine:
             n += 1
         return tuple(ids[: min(n, len(ids) - 1)])  # leave at least one token to prefill
 
-    def _prefix_cache(self, prefix: tuple[int, ...], adapter: str | None) -> Cache:
-        """The prefix's KV cache as computed with this adapter (None: the base)."""
-        key = (adapter, prefix)
+    def _prefix_cache(self, prefix: tuple[int, ...], adapter: str | None, embeds: torch.Tensor | None = None) -> Cache:
+        """The prefix's KV cache as computed with this adapter (None: the base). `embeds`: input embeddings instead
+        of the prefix's ids (a request's prefix_embeds), put on the model's device and dtype and kept by their
+        values' digest (the same slots from two requests share one cache)."""
+        if embeds is None:
+            key, inputs = (adapter, prefix), {"input_ids": torch.tensor([prefix], device=self.device)}
+        else:
+            weight = self.model.get_input_embeddings().weight
+            embeds = embeds.detach().to(device=weight.device, dtype=weight.dtype)
+            digest = hashlib.sha256(embeds.float().cpu().numpy().tobytes()).hexdigest()
+            key, inputs = (adapter, ("embeds", tuple(embeds.shape), digest)), {"inputs_embeds": embeds[None]}
         cache = self._prefixes.get(key)
         if cache is not None:
             self._prefixes.move_to_end(key)
@@ -665,13 +687,7 @@ class TransformersEngine:
         self.prefix_misses += 1
         cache = _cache()
         adapters = {"adapter_names": [adapter or "__base__"]} if hasattr(self.model, "peft_config") else {}
-        self.model(
-            input_ids=torch.tensor([prefix], device=self.device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **adapters,
-        )
+        self.model(**inputs, cache=cache, use_cache=True, logits_to_keep=1, **adapters)
         self._prefixes[key] = cache
         if len(self._prefixes) > self.prefix_cache_size:
             self._prefixes.popitem(last=False)

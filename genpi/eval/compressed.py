@@ -107,10 +107,9 @@ def compressed_note(name: str, summary: dict) -> str:
     )
 
 
-def compressed_specs(specs: list[str], taken=()) -> list[CompressSpec]:
-    """`--compressed NAME=llmlingua2:RATE[:MODEL]` values; `taken`: the other systems' names."""
-    from genpi.eval.systems import BASE, SYSTEM_NAME, TEACHER
-
+def parse_compressed(specs: list[str]) -> list[CompressSpec]:
+    """`--compressed NAME=llmlingua2:RATE[:MODEL]` values (their names are checked with the other systems':
+    genpi.eval.systems.compressed_specs)."""
     out: list[CompressSpec] = []
     for spec in specs:
         name, _, target = spec.partition("=")
@@ -124,11 +123,6 @@ def compressed_specs(specs: list[str], taken=()) -> list[CompressSpec]:
             raise InputError(
                 f"--compressed {spec}: expected {SPEC} with RATE in (0, 1], e.g. llm9={METHOD}:0.9 "
                 "(MODEL: a LLMLingua-2 or causal LM folder, or a Hugging Face id in the local cache)"
-            )
-        if name in (TEACHER, BASE) or name in taken or name in {s.name for s in out} or not SYSTEM_NAME.fullmatch(name):
-            raise InputError(
-                f"--compressed {spec}: system name {name!r} is reserved, repeated (an --adapters or --served name "
-                "too?) or not [A-Za-z0-9._+-]"
             )
         out.append(CompressSpec(name, rate, model or None))
     return out

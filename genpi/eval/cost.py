@@ -27,6 +27,7 @@ from genpi.eval.metrics import ratio
 
 REGIMES = ("no-cache", "conversation-cache", "shared-prefix")
 WITH_P, MERGED, LORA, COMPRESSED = "with-P", "internalized-merged", "internalized-lora", "compressed-P"
+ICAE = "icae-slots"  # the base with P's k memory slots in P's place (genpi.train.icae)
 CHECK_TOLERANCE = 0.05
 FORMULA = (
     "MACs per token = L·(d·(d_q + 2·d_kv) + d_q·d + 3·d·d_ff) [+ L·Σ_adapted r·(in + out), unmerged LoRA]; "

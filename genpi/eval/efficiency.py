@@ -9,6 +9,8 @@ tokenized once per system, costs per turn:
     compressed-P         the base with a shortened P (--compressed-prompt)
     NAME                 the base with P compressed by LLMLingua (--compressed NAME=llmlingua2:RATE; its prompt
                          tokens are the compressed P's: fewer than P's, not zero)
+    icae-slots           the base with P's k ICAE memory slots in P's place (--adapters of a genpi train --method
+                         icae folder; the slots are computed once per prompt, not counted)
 
 in three regimes:
 
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -51,10 +53,11 @@ import pyarrow as pa
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.data.store import results_path, write_table
-from genpi.eval.compressed import Compressions, compressed_note, compressed_specs, write_compressed
+from genpi.eval.compressed import Compressions, compressed_note, write_compressed
 from genpi.eval.cost import (
     COMPRESSED,
     FORMULA,
+    ICAE,
     LINEAR_NAMES,
     LORA,
     MERGED,
@@ -67,7 +70,7 @@ from genpi.eval.cost import (
 from genpi.eval.cost_measure import add_fresh_lora, conversation_pairs, counted_flops, timed, tokenize
 from genpi.eval.evaluate import keep_per_prompt, row_schema
 from genpi.eval.plots import efficiency_plot
-from genpi.eval.systems import adapter_dirs, load_engine, prompt_systems, served_as
+from genpi.eval.systems import adapter_dirs, compressed_specs, load_engine, prompt_systems, served_as
 from genpi.models import resolve_model
 
 ROW_SCHEMA = row_schema(
@@ -96,6 +99,8 @@ def lora_shape(adapters: str | None, entry, base_path: str):
         systems, missing = prompt_systems(entry, adapter_dirs([adapters]), base_path)
         if missing:
             raise InputError(f"--adapters {adapters}: {missing[0]}")
+        if systems[-1].icae is not None:  # an ICAE folder has no LoRA of the base: a fresh one of the default shape
+            return (*lora_shape(None, entry, base_path)[:3], systems[-1])
         config = json.loads((systems[-1].folder / "adapter_config.json").read_text())
         targets = config["target_modules"]
         if isinstance(targets, str) and targets != "all-linear":
@@ -177,6 +182,14 @@ def evaluate(
     specs = compressed_specs(list(compressed), [WITH_P, MERGED, LORA, COMPRESSED])
     shortened = Compressions(specs, base_path)(entry) if specs else []
     convs += [tokenize(tokenizer, c.name, c.messages(), pairs) for c in shortened]
+    if adapter_system is not None and adapter_system.icae is not None:  # P's k memory slots in P's place
+        k, merged = adapter_system.icae.shape[0], convs[1]  # any k ids cost what k slot embeddings cost
+        convs.append(
+            replace(
+                merged, system=ICAE, ids=[tokenizer.eos_token_id] * k + merged.ids, prefix=merged.prefix + k,
+                contexts=[c + k for c in merged.contexts],
+            )
+        )  # fmt: skip
     if prompt_tokens is not None:  # P adds prompt_tokens to every context (the conversation keeps its own tokens)
         shift = prompt_tokens - (convs[0].prefix - convs[1].prefix)
         convs[0].prefix += shift
@@ -188,7 +201,7 @@ def evaluate(
         print(f"genpi eval efficiency: {entry.id}: counting FLOPs (meta-device copy, eager attention)", file=sys.stderr)
         counted = {c.system: counted_flops(config, c) for c in convs}
         engine = load_engine(base_path, [adapter_system] if adapter_system else [])
-        if not adapter_system:
+        if not lora.adapter:
             lora.adapter = add_fresh_lora(engine, lora.lora)
         form = served_as(engine, [adapter_system] if adapter_system else [])
         print(

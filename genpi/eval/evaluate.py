@@ -98,11 +98,11 @@ def evaluate(evaluation: Evaluation, prompts: list[Prompt], run: RunSettings) ->
         result = {**evaluation.describe(prompt, form), "missing": prompt.missing, "systems": metrics}
         if evaluation.retention:
             result["retention"] = retained(metrics, evaluation.retention, evaluation.teacher_retention)
-        result.update(extra, adapters={s.name: str(s.folder) for s in prompt.systems if s.adapter})
+        result.update(extra, adapters={s.name: str(s.folder) for s in prompt.systems if s.folder})
         results.append(result)
         if run.record and evaluation.record:
             for s in prompt.systems:
-                if s.adapter:
+                if s.folder:  # an adapter's or an ICAE system's folder
                     record_eval(s.folder, {evaluation.name: evaluation.record(s, result, form)})
     return form, results
 

@@ -181,6 +181,7 @@ def teacher_forced(
     import torch
     import torch.nn.functional as F
 
+    from genpi.train.icae import slot_response_logits
     from genpi.train.losses import kld_loss, response_logits, response_targets
     from genpi.train.recipe import TrainSettings, build_examples, collate
 
@@ -211,9 +212,13 @@ def teacher_forced(
                     with engine.serving(None):
                         logits = response_logits(model, collate([own[0].teacher], engine.pad_id, engine.device))
                     logits = logits.float()
-                else:
+                else:  # an adapter, or an ICAE system: the base (adapter None) with P's slots in front
                     with engine.serving(s.adapter):
-                        logits = response_logits(model, student).float()
+                        logits = (
+                            response_logits(model, student)
+                            if s.icae is None
+                            else slot_response_logits(model, student, s.icae)
+                        ).float()
                 n = targets.numel()
                 nll = float(F.cross_entropy(logits, targets, reduction="sum"))
                 out[s.name].append((n, nll, float(kld_loss(logits, teacher)) * n))
@@ -363,7 +368,7 @@ def evaluate_catalog(
         )
         for name, figures in gap_metrics(records).items():
             metrics[name].update(figures, **damage[name])
-        return {"heldout_used_for_lambda": {s.name: heldout_used_for_lambda(s) for s in prompt.systems if s.adapter}}
+        return {"heldout_used_for_lambda": {s.name: heldout_used_for_lambda(s) for s in prompt.systems if s.folder}}
 
     def describe(prompt: Prompt, form) -> dict:
         entry = prompt.entry

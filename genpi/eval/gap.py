@@ -229,7 +229,7 @@ def onpolicy_kl(
     row's `samples` first-turn replies sampled at temperature 1 from the system as it is served (no P, its
     adapter; the teacher: with P); None for a served system or a row none of whose samples could be scored."""
     prompt = entry.messages()
-    local = [s for s in systems if not s.served]
+    local = [s for s in systems if not s.served and s.icae is None]  # an ICAE system's: not measured (null)
     eot = end_of_turn(engine)
     requests, adapters, keys = [], [], []
     for s in local:
@@ -312,7 +312,7 @@ class Collateral:
         base = [_view(engine.encode([{"role": "user", "content": r}]), ids) for r, ids in kept]
         out: dict[str, list | None] = {}
         for s in tqdm(systems, unit="system", desc=f"{entry.id}: collateral", file=sys.stderr, disable=not progress):
-            if s.served:
+            if s.served or s.icae is not None:  # no logits here / an ICAE system's: not measured (null)
                 out[s.name] = None
                 continue
             if not s.adapter and not prompt_of(entry, s):  # the base itself

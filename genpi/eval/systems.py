@@ -5,6 +5,7 @@
     NAME      the base + NAME's adapter, no P  (one per --adapters folder)
     NAME      a served system, no P            (one per --served NAME=openai:BASE_URL/MODEL)
     NAME      the base with a compressed P     (one per --compressed NAME=llmlingua2:RATE; genpi.eval.compressed)
+    NAME      the base with P's ICAE slots     (an --adapters folder trained with --method icae)
 
 The base loads once per run; every adapter is loaded on it unmerged (PEFT
 `load_adapter`) and switched with `set_adapter`, the base rows with the adapters
@@ -25,6 +26,7 @@ prompt with an adapter) or `task_prompt` (the task evaluations: one prompt); gen
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -36,7 +38,7 @@ from genpi.catalog import PromptEntry
 from genpi.data.adapters import AdapterManifest, check_adapter, check_base
 from genpi.engines import ChatRequest, Completion
 from genpi.engines.openai import PREFIX, OpenAIEngine, split_spec
-from genpi.eval.compressed import Compressed, Compressions, compressed_note, compressed_specs
+from genpi.eval.compressed import Compressed, Compressions, CompressSpec, compressed_note, parse_compressed
 
 TEACHER, BASE = "teacher", "base"
 SYSTEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a Parquet partition value and a table row
@@ -54,6 +56,8 @@ class System:
     manifest: AdapterManifest | None = None
     served: str | None = None  # openai:BASE_URL/MODEL of a served system (its prompt's MODEL)
     compressed: Compressed | None = None  # a compressed system's P (the base given it instead of P)
+    # an ICAE folder's system (genpi.train.icae): P's memory slots [k, hidden], given to the base in P's place
+    icae: Any = field(default=None, compare=False)
 
 
 def prompt_of(entry: PromptEntry, system: System) -> list:
@@ -89,6 +93,19 @@ def adapter_dirs(specs: list[str]) -> dict[str, Path]:
             )
         dirs[name] = path
     return dirs
+
+
+def compressed_specs(specs: list[str], taken=()) -> list[CompressSpec]:
+    """`--compressed NAME=llmlingua2:RATE[:MODEL]` values, their names checked; `taken`: the other systems' names."""
+    out = parse_compressed(specs)
+    for spec, c in zip(specs, out):
+        names = [o.name for o in out]
+        if c.name in (TEACHER, BASE) or c.name in taken or names.count(c.name) > 1 or not SYSTEM_NAME.fullmatch(c.name):
+            raise InputError(
+                f"--compressed {spec}: system name {c.name!r} is reserved, repeated (an --adapters or --served name "
+                "too?) or not [A-Za-z0-9._+-]"
+            )
+    return out
 
 
 def served_specs(specs: list[str], taken) -> dict[str, str]:
@@ -168,6 +185,11 @@ def prompt_systems(
             continue
         manifest = check_adapter(folder, entry)  # refuses a folder without genpi.json and a stale prompt
         check_base(folder, manifest, base_path)
+        if manifest.method == "icae":  # the base with P's slots in front: no adapter on the engine
+            from genpi.train.icae import prompt_slots
+
+            systems.append(System(name, None, False, folder, manifest, icae=prompt_slots(folder, entry, base_path)))
+            continue
         systems.append(System(name, f"{name}__{entry.id}".replace(".", "_").replace("-", "_"), False, folder, manifest))
     systems += [System(name, served=spec.replace(PROMPT_ID, entry.id)) for name, spec in (served or {}).items()]
     return systems, missing
@@ -205,7 +227,12 @@ def generate(engine, system: System, requests: list[ChatRequest]) -> list[Comple
         finally:
             client.shutdown()
     with engine.serving(system.adapter):
-        return engine.generate(requests)
+        return engine.generate([with_slots(system, r) for r in requests])
+
+
+def with_slots(system: System, request: ChatRequest) -> ChatRequest:
+    """The request as the system is asked it: an ICAE system's carries its slots as the prefix embeddings."""
+    return request if system.icae is None else dataclasses.replace(request, prefix_embeds=system.icae)
 
 
 class Batcher:
@@ -249,7 +276,9 @@ class _View:
             if served not in clients:
                 clients[served] = OpenAIEngine.from_spec(served, request_timeout_s=SERVED_REQUEST_TIMEOUT_S)
             return await clients[served].complete(request)
-        return await asyncio.wrap_future(self.batcher.engine.submit(request, self.system.adapter))
+        return await asyncio.wrap_future(
+            self.batcher.engine.submit(with_slots(self.system, request), self.system.adapter)
+        )
 
 
 def catalog_prompts(
@@ -308,7 +337,7 @@ def task_prompt(
     dirs = adapter_dirs(adapters)
     served_by = served_specs(list(served), dirs)
     systems, missing = prompt_systems(entries[prompt_id], dirs, base_path, served_by)
-    if adapters and not any(s.adapter for s in systems):
+    if adapters and not any(s.folder for s in systems):
         raise InputError(f"--adapters: no adapter for prompt {prompt_id}: " + "; ".join(missing))
     check_served(systems)
     compress = Compressions(compressed_specs(list(compressed), [*dirs, *served_by]), base_path)

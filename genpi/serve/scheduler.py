@@ -49,6 +49,11 @@ def load_adapters(adapters: str | Path, catalog: str | Path, base: str | None) -
         if folder.name not in entries:
             what = f"an adapter for prompt {manifest.prompt_id!r}" if manifest else "a folder"
             raise InputError(f"{folder}: {what} that the catalog {catalog} does not have; remove it or use its catalog")
+        if manifest and manifest.method == "icae":  # slots in P's place, not a LoRA of the served base
+            raise InputError(
+                f"{folder}: an ICAE system (genpi train --method icae), not a LoRA adapter: genpi serve cannot serve "
+                "it; evaluate it with genpi eval --adapters"
+            )
         found.append(Adapter(folder.name, folder, check_adapter(folder, entries[folder.name])))
     if not found:
         raise InputError(f"{root}: no adapters (expected one folder ADAPTERS/ID/ per prompt, from genpi train --out)")

@@ -148,7 +148,9 @@ def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: dict
     model, metrics = train_adapter(
         base, entry_from_json(entries[prompt_id]), train, heldout, trial_settings, report, checkpoint_steps, resume
     )
-    report({**metrics, "finished": True}, lambda: last_state[0], adapter=lambda folder: save_adapter(model, folder))
+    # an ICAE (genpi.train.icae) saves its encoder, memory tokens and P's slots, not a LoRA of the base
+    save = model.save if trial_settings.method == "icae" else lambda folder: save_adapter(model, folder)
+    report({**metrics, "finished": True}, lambda: last_state[0], adapter=save)
 
 
 def trial_folder_name(trial) -> str:

@@ -25,6 +25,9 @@ Methods (`TrainSettings.method`):
              those steps sampled in one batch); the loss is the per-token reverse KL(student || teacher) on those
              tokens, the teacher being the base with the adapter disabled and P in front
 - genpi+onpolicy: onpolicy's loss in place of L_SFT, plus λ·L_PG
+- icae:      the In-context Autoencoder baseline (genpi.train.icae): an encoder LoRA compresses P into
+             `memory_tokens` slots that the frozen base reads in P's place; pretrained (autoencoding and
+             language modelling) for `pretrain_steps` steps, then fine-tuned on the teacher's agent turns
 
 `init_adapter` starts any method from a saved adapter's LoRA weights (e.g. onpolicy warm-started
 from a genpi adapter); its rank, alpha and target modules must be the run's.
@@ -87,6 +90,7 @@ METHODS = (
     "genpi+topk-kl",
     "onpolicy",
     "genpi+onpolicy",
+    "icae",
 )
 JOINT_METHODS = ("genpi", "genpi+topk-kl", "genpi+onpolicy")  # L_SFT-like term + λ·L_PG: the methods that choose λ
 _PG_METHODS = JOINT_METHODS + ("pg",)
@@ -160,6 +164,10 @@ class TrainSettings:
         "later one)",
         flag="--keep-degenerate",
     )
+    memory_tokens: int = setting(128, "icae: memory slots k that P is compressed into (the paper: 128)")
+    pretrain_steps: int = setting(
+        100, "icae: autoencoding and language-modelling steps on P and the dialogues before fine-tuning"
+    )
     max_steps: int = setting(
         0,
         "stop after this many optimizer steps (0: the epochs decide); the learning-rate schedule spans them, so every "
@@ -188,6 +196,11 @@ class TrainSettings:
         if self.topk_k < 1 or self.max_turn_tokens < 1:
             raise ValueError(
                 f"topk_k and max_turn_tokens must be positive, got {self.topk_k} and {self.max_turn_tokens}"
+            )
+        if self.memory_tokens < 1 or self.pretrain_steps < 0:
+            raise ValueError(
+                f"memory_tokens must be at least 1 and pretrain_steps 0 or more (icae), "
+                f"got {self.memory_tokens} and {self.pretrain_steps}"
             )
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be 0 (the epochs decide) or positive, got {self.max_steps}")
@@ -506,6 +519,10 @@ def train_adapter(
     """
     from transformers import AutoTokenizer
 
+    if settings.method == "icae":  # its own model (encoder, memory tokens) and loop
+        from genpi.train.icae import train_icae
+
+        return train_icae(base, entry, train_rows, heldout_rows, settings, report, checkpoint_steps, resume)
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
