@@ -199,8 +199,8 @@ def teacher_forced(
                 if s.with_prompt:
                     logits = teacher
                 else:
-                    with engine.serving(s.adapter):
-                        logits = response_logits(model, student).float()
+                    with engine.serving(s.adapter):  # engine.model: a full fine-tune's own model (genpi.engines.routed)
+                        logits = response_logits(engine.model, student).float()
                 n = targets.numel()
                 nll = float(F.cross_entropy(logits, targets, reduction="sum"))
                 out[s.name].append((n, nll, float(kld_loss(logits, teacher)) * n))
