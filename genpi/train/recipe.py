@@ -725,7 +725,6 @@ def train_adapter(
             "compute_dtype_4bit": str(dtype).removeprefix("torch.")
             if settings.quantize and not settings.full_finetune
             else None,
-            "full_finetune": settings.full_finetune,
             "gradient_checkpointing": model.get_base_model().is_activation_checkpointing,
             "optimizer": optimizer_name,
         },
