@@ -93,7 +93,11 @@ def stage_commands(
     ]
     only = ["--prompts", prompts] if prompts else []
     stages = [("synth", synth + only + shlex.split(args.synth_args)), ("stats", [data])]
+    # the methods trained in full: genpi train's full-fine-tune sizes unless a flag is given, on their own GPUs
+    full = set((getattr(args, "full_finetune", None) or preset.full_finetune).split(","))
+    full_gpus = ["--gpus-per-trial", str(preset.full_finetune_gpus)] if preset.full_finetune_gpus else []
     for method in methods:
+        in_full = method in full
         train = [
             data,
             "--catalog",
@@ -104,8 +108,8 @@ def stage_commands(
             args.base,
             "--method",
             method,
-            "--batch-size",
-            str(pick("batch_size")),
+            *(["--full-finetune"] if in_full else []),
+            *([] if in_full and args.batch_size is None else ["--batch-size", str(pick("batch_size"))]),
             "--micro-batch",
             str(pick("micro_batch")),
         ]
@@ -114,6 +118,8 @@ def stage_commands(
             ("--epochs", "epochs", "epochs"),
             ("--lr", "lr", "lr"),
         ):
+            if getattr(args, name) is None and in_full and name != "lambdas":  # genpi train's full-fine-tune defaults
+                continue
             if (
                 getattr(args, name) is not None or key not in catalog_train
             ):  # a preset's value yields to the catalog's train settings
@@ -122,7 +128,8 @@ def stage_commands(
             train += ["--max-steps", str(pick("steps"))]
         if pick("cpus_per_trial") is not None:
             train += ["--cpus-per-trial", str(pick("cpus_per_trial"))]
-        stages.append((f"train {method}", train + [*preset.train_flags, *shlex.split(args.train_args)]))
+        extra = [*preset.train_flags, *(full_gpus if in_full else []), *shlex.split(args.train_args)]
+        stages.append((f"train {method}", train + extra))
     limit = pick("eval_limit")
     adapters = [f"{m}={run / 'adapters' / m}" for m in methods]
     fidelity = [
@@ -377,6 +384,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InputError(f"--methods: unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
+    full = [m for m in (args.full_finetune or preset.full_finetune).split(",") if m and m not in METHODS]
+    if full:
+        raise InputError(f"--full-finetune: unknown method(s) {', '.join(full)}: expected some of {', '.join(METHODS)}")
     run_prompts = args.prompts or preset.prompts
     in_run = [e for e in entries if not run_prompts or e.id in run_prompts.split(",")]
     stages = stage_commands(args, preset, [e.id for e in entries], {key for e in in_run for key in e.train})
@@ -435,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["transformers", "vllm"], default=None)
     p.add_argument("--prompts", default=None, help="comma-separated prompt ids")
     p.add_argument("--methods", default=None, help="comma-separated training methods, each evaluated beside the others")
+    p.add_argument(
+        "--full-finetune",
+        default=None,
+        metavar="METHODS",
+        help="comma-separated methods trained in full, not as LoRA (genpi train --full-finetune; the paper preset: "
+        "kld,seqkd,seqkd+kld)",
+    )
     p.add_argument("--samples", type=int, default=None, help="dialogues per prompt")
     p.add_argument("--heldout", type=float, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)

@@ -41,6 +41,10 @@ class Preset:
     eval_limit: int | None
     cpus_per_trial: float | None  # None: genpi train's default
     steps: int = 0  # optimizer steps of every method (genpi train --max-steps); 0: the epochs decide
+    full_finetune: str = ""  # the methods trained in full (genpi train --full-finetune, the paper's defaults)
+    full_finetune_gpus: int | None = (
+        None  # their --gpus-per-trial (FSDP over that many GPUs); None: the train section's
+    )
     # each stage's own flags from its section, before the deprecated --*-args strings, which win
     synth_flags: tuple[str, ...] = ()
     train_flags: tuple[str, ...] = ()
@@ -53,7 +57,14 @@ class Preset:
     expected_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-TOP_KEYS = {"prompts": "prompts", "methods": "methods", "max_new_tokens": "max_new_tokens", "max_turns": "max_turns"}
+TOP_KEYS = {
+    "prompts": "prompts",
+    "methods": "methods",
+    "max_new_tokens": "max_new_tokens",
+    "max_turns": "max_turns",
+    "full_finetune": "full_finetune",
+    "full_finetune_gpus": "full_finetune_gpus",
+}
 # section: ({key: Preset field}, the Preset field of its other flags, the command whose flags those are)
 SECTIONS = {
     "synth": ({"samples": "samples", "heldout": "heldout", "engine": "engine"}, "synth_flags", "synth"),

@@ -209,6 +209,7 @@ def test_cpu_defaults_are_recorded(tiny_trainable_model):
         "dtype": "float32",
         "compute_dtype_4bit": None,
         "gradient_checkpointing": False,
+        "autocast": None,  # CPU: no autocast (bfloat16 on CUDA: tests/test_cuda_path.py)
         "optimizer": "adamw_torch",
     }
     assert metrics["heldout_loss"] is None and metrics["heldout_examples"] == 0

@@ -1,5 +1,9 @@
 """The adapter contract: `ADAPTERS/ID/` is a PEFT adapter folder plus `genpi.json`.
 
+A full fine-tune (`genpi train --full-finetune`) writes a whole model folder there instead (safetensors, config,
+tokenizer), its genpi.json saying `kind: "model"` (`MODEL`): the evaluations and the server load it as a model of
+its own, not as an adapter on the base (`is_model`). Everything else about the folder is the same contract.
+
 An adapter folder is built under a temporary name and renamed into place with
 `genpi.json` already inside, so a folder named after a prompt is always
 complete; anything else under ADAPTERS is a leftover of a killed run. Whatever
@@ -25,6 +29,7 @@ from genpi.catalog import PromptEntry
 from genpi.models import resolve_model
 
 MANIFEST = "genpi.json"
+ADAPTER, MODEL = "adapter", "model"  # AdapterManifest.kind: a PEFT adapter on the base, or a whole model
 
 
 class StaleAdapterError(InputError):
@@ -46,6 +51,7 @@ class AdapterManifest:
     # every training setting (TrainSettings whole), the λ values tried, and under "effective" what
     # "auto" settings became where it trained (device, dtypes, gradient checkpointing, optimizer)
     settings: dict = dataclasses.field(default_factory=dict)
+    kind: str = ADAPTER  # MODEL: a fully fine-tuned model folder (absent from manifests written before it: adapter)
 
 
 def write_adapter(folder: str | Path, manifest: AdapterManifest, save: Callable[[Path], None]) -> Path:
@@ -90,6 +96,8 @@ def read_adapter_manifest(folder: str | Path) -> AdapterManifest | None:
         ]
         if wrong:
             raise ValueError(f"field {wrong[0]} is not a string")
+        if manifest.kind not in (ADAPTER, MODEL):
+            raise ValueError(f"field kind is {manifest.kind!r}, expected {ADAPTER!r} or {MODEL!r}")
         return manifest
     except (
         OSError,
@@ -100,6 +108,11 @@ def read_adapter_manifest(folder: str | Path) -> AdapterManifest | None:
         raise InputError(
             f"{path}: not a valid genpi adapter manifest ({reason}); retrain the adapter or restore the file"
         ) from None
+
+
+def is_model(manifest: AdapterManifest | None) -> bool:
+    """Whether a genpi.json describes a whole fine-tuned model (loaded as its own model), not a LoRA adapter."""
+    return manifest is not None and manifest.kind == MODEL
 
 
 def _finished_manifest(folder: str | Path) -> AdapterManifest:

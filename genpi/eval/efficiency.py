@@ -101,6 +101,8 @@ def lora_shape(adapters: str | None, entry, base_path: str):
             raise InputError(f"--adapters {adapters}: {missing[0]}")
         if systems[-1].icae is not None:  # an ICAE folder has no LoRA of the base: a fresh one of the default shape
             return (*lora_shape(None, entry, base_path)[:3], systems[-1])
+        if systems[-1].model:  # a full fine-tune: the base's architecture, no LoRA: its timed row is its own model
+            return 0, [], f"{systems[-1].folder} (a fully fine-tuned model: no LoRA, the merged cost)", systems[-1]
         config = json.loads((systems[-1].folder / "adapter_config.json").read_text())
         targets = config["target_modules"]
         if isinstance(targets, str) and targets != "all-linear":

@@ -212,12 +212,13 @@ def teacher_forced(
                     with engine.serving(None):
                         logits = response_logits(model, collate([own[0].teacher], engine.pad_id, engine.device))
                     logits = logits.float()
-                else:  # an adapter, or an ICAE system: the base (adapter None) with P's slots in front
+                else:  # an adapter, a full fine-tune (engine.model: its own model, genpi.engines.routed), or an
+                    # ICAE system: the base (adapter None) with P's slots in front
                     with engine.serving(s.adapter):
                         logits = (
-                            response_logits(model, student)
+                            response_logits(engine.model, student)
                             if s.icae is None
-                            else slot_response_logits(model, student, s.icae)
+                            else slot_response_logits(engine.model, student, s.icae)
                         ).float()
                 n = targets.numel()
                 nll = float(F.cross_entropy(logits, targets, reduction="sum"))

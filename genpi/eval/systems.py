@@ -3,6 +3,7 @@
     teacher   the base model with P            (today's deployment)
     base      the base model without P         (what serving without the prompt gives)
     NAME      the base + NAME's adapter, no P  (one per --adapters folder)
+    NAME      a fully fine-tuned model, no P    (an --adapters folder whose genpi.json says kind "model")
     NAME      a served system, no P            (one per --served NAME=openai:BASE_URL/MODEL)
     NAME      the base with a compressed P     (one per --compressed NAME=llmlingua2:RATE; genpi.eval.compressed)
     NAME      the base with P's ICAE slots     (an --adapters folder trained with --method icae)
@@ -11,6 +12,10 @@ The base loads once per run; every adapter is loaded on it unmerged (PEFT
 `load_adapter`) and switched with `set_adapter`, the base rows with the adapters
 disabled: an adapter is evaluated as a LoRA serving engine applies it, on the
 unquantized base in the serving dtype (bfloat16 with CUDA, float32 on CPU).
+
+A full fine-tune's model folder (genpi train --full-finetune) is such a system too, under its adapter name: it
+loads as a model of its own beside the base (genpi.engines.routed.WithModels), so the evaluations address it as
+they address an adapter.
 
 A served system is any OpenAI-compatible server (genpi serve names each adapter by its prompt id, so
 MODEL `{prompt_id}` reaches every prompt's adapter). Its replies come over HTTP and are scored like the
@@ -35,7 +40,7 @@ from typing import Any
 
 from genpi import InputError
 from genpi.catalog import PromptEntry
-from genpi.data.adapters import AdapterManifest, check_adapter, check_base
+from genpi.data.adapters import AdapterManifest, check_adapter, check_base, is_model
 from genpi.engines import ChatRequest, Completion
 from genpi.engines.openai import PREFIX, OpenAIEngine, split_spec
 from genpi.eval.compressed import Compressed, Compressions, CompressSpec, compressed_note, parse_compressed
@@ -58,6 +63,7 @@ class System:
     compressed: Compressed | None = None  # a compressed system's P (the base given it instead of P)
     # an ICAE folder's system (genpi.train.icae): P's memory slots [k, hidden], given to the base in P's place
     icae: Any = field(default=None, compare=False)
+    model: Path | None = None  # a full fine-tune's model folder: loaded as its own model, addressed as `adapter`
 
 
 def prompt_of(entry: PromptEntry, system: System) -> list:
@@ -190,7 +196,8 @@ def prompt_systems(
 
             systems.append(System(name, None, False, folder, manifest, icae=prompt_slots(folder, entry, base_path)))
             continue
-        systems.append(System(name, f"{name}__{entry.id}".replace(".", "_").replace("-", "_"), False, folder, manifest))
+        adapter = f"{name}__{entry.id}".replace(".", "_").replace("-", "_")
+        systems.append(System(name, adapter, False, folder, manifest, model=folder if is_model(manifest) else None))
     systems += [System(name, served=spec.replace(PROMPT_ID, entry.id)) for name, spec in (served or {}).items()]
     return systems, missing
 
@@ -205,8 +212,14 @@ def load_engine(base_path: str, systems: list[System], max_batch: int = 32):
     engine = TransformersEngine(
         base_path, max_batch=max_batch, dtype="auto" if torch.cuda.is_available() else "float32"
     )
-    engine.add_adapters({s.adapter: str(s.folder) for s in systems if s.adapter})
+    engine.add_adapters({s.adapter: str(s.folder) for s in systems if s.adapter and not s.model})
     engine.model.eval()
+    dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")  # the base's: the same arithmetic
+    models = {s.adapter: TransformersEngine(str(s.model), max_batch=max_batch, dtype=dtype) for s in systems if s.model}
+    if models:  # each full fine-tune as a model of its own beside the base
+        from genpi.engines.routed import WithModels
+
+        return WithModels(engine, models)
     return engine
 
 
@@ -215,6 +228,8 @@ def served_as(engine, systems: list[System]) -> str:
     dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
     trained_4bit = sorted({s.name for s in systems if s.manifest and s.manifest.lora.get("quantize_4bit")})
     text = f"unmerged LoRA on the unquantized base, {dtype} on {engine.device}"
+    full = sorted({s.name for s in systems if s.model})
+    text += f"; fully fine-tuned models of their own: {', '.join(full)}" if full else ""
     return text + (f"; trained on a 4-bit NF4 base: {', '.join(trained_4bit)}" if trained_4bit else "")
 
 

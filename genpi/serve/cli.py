@@ -14,6 +14,7 @@ import os
 import sys
 
 from genpi import InputError, exits_2_on_input_error
+from genpi.data.adapters import is_model
 from genpi.flags import add_settings, from_args
 from genpi.serve.app import build_app
 from genpi.serve.launcher import run_vllm, vllm_command
@@ -94,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         if not adapters:
             raise InputError(f"--merge {args.merge}: {args.adapters} has no adapter for that prompt")
     names = ", ".join(a.prompt_id for a in adapters)
+    full = [a for a in adapters if is_model(a.manifest)]  # full fine-tunes: models of their own (genpi.engines.routed)
+    if full and (args.engine == "vllm" or args.merge is not None):
+        raise InputError(
+            f"{full[0].folder} is a fully fine-tuned model, not an adapter: serve it with the transformers engine "
+            f"without --merge, or as its own model (vllm serve {full[0].folder})"
+        )
     if args.engine == "vllm":
         command = vllm_command(args.vllm_python, base_path, adapters, args.host, args.port, args.max_model_len, extra)
         print(f"genpi serve: vLLM on http://{args.host}:{args.port}/v1 with {names}", file=sys.stderr, flush=True)
@@ -107,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     engine = TransformersEngine(
         base_path, max_batch=args.max_batch, dtype=args.dtype, max_model_len=args.max_model_len, threads=args.threads
     )
-    engine.add_adapters({a.name: str(a.folder) for a in adapters}, merge=args.merge is not None)
+    engine.add_adapters({a.name: str(a.folder) for a in adapters if a not in full}, merge=args.merge is not None)
+    if full:
+        from genpi.engines.routed import WithModels
+
+        dtype = str(next(engine.model.parameters()).dtype).removeprefix("torch.")
+        same = dict(max_batch=args.max_batch, dtype=dtype, max_model_len=args.max_model_len, threads=args.threads)
+        engine = WithModels(engine, {a.name: TransformersEngine(str(a.folder), **same) for a in full})
     scheduler = Scheduler(engine)
     app = build_app(
         scheduler,

@@ -50,6 +50,8 @@ def run_experiment(
         for lam in ([None] if p.settings.method in NO_LAMBDA else p.lambdas)
     ]
     rows = {p.entry.id: ray.put((p.train, p.heldout)) for p in plans}  # once per prompt, shared by its λ trials
+    # a full fine-tune on GPUs: the trial drives a TorchTrainer whose workers hold the GPUs (genpi.train.full)
+    workers = int(num_gpus) if num_gpus and any(p.settings.full_finetune for p in plans) else 0
     trainable = tune.with_resources(
         tune.with_parameters(
             fit_trial,
@@ -58,8 +60,11 @@ def run_experiment(
             rows=rows,
             settings={p.entry.id: p.settings for p in plans},
             checkpoint_steps=checkpoint_steps,
+            workers=workers,
+            storage=str(storage / name),
+            max_failures=max_failures,
         ),
-        {"cpu": num_cpus, "gpu": num_gpus},
+        {"cpu": 1, "gpu": 0} if workers else {"cpu": num_cpus, "gpu": num_gpus},
     )
     bars = Progress(len(trials), progress)
     path = storage / name
@@ -106,13 +111,24 @@ def load_state(path: str | Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: dict, checkpoint_steps: int) -> None:
+def fit_trial(
+    config: dict,
+    base: str,
+    entries: dict,
+    rows: dict,
+    settings: dict,
+    checkpoint_steps: int,
+    workers: int = 0,
+    storage: str = "",
+    max_failures: int = 0,
+) -> None:
     """A Tune function trainable: one (prompt, λ) trial, resumed from its last checkpoint when there is one.
 
     `settings` maps prompt ids to their TrainSettings (catalog values applied); `rows` maps prompt ids to
     object refs of (train, heldout): each prompt's rows were put in the object store once, and a trial
     fetches only its own prompt's. The last report carries `finished` and a checkpoint holding the
-    adapter (`adapter/`) beside the training state.
+    adapter (`adapter/`) beside the training state; a full fine-tune's model folder there instead, and with
+    `workers` (GPUs per trial) the trial runs as a TorchTrainer of that many FSDP workers (genpi.train.full).
     """
     import ray
     import torch
@@ -123,6 +139,20 @@ def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: dict
     from genpi.train.recipe import train_adapter
 
     prompt_id, lam = config["trial"]["prompt_id"], config["trial"]["lam"]
+    prompt = settings[prompt_id]
+    trial_settings = dataclasses.replace(prompt, lam=lam if lam is not None else prompt.lam)
+    if workers:
+        from genpi.train.full import trainer_trial
+
+        given = {
+            "base": base,
+            "entry": entries[prompt_id],
+            "settings": trial_settings,
+            "rows": ray.get(rows[prompt_id]),
+        }
+        given.update(checkpoint_steps=checkpoint_steps, tags={"prompt_id": prompt_id, "lam": lam})
+        name = f"full-{prompt_id}-lam={lam}"  # the trial's own run folder: a rerun resumes it
+        return trainer_trial(given, workers, True, storage, name, max_failures)
     train, heldout = ray.get(rows[prompt_id])
     resume, checkpoint = None, tune.get_checkpoint()
     if checkpoint is not None:
@@ -143,13 +173,17 @@ def fit_trial(config: dict, base: str, entries: dict, rows: dict, settings: dict
                 save(Path(folder) / name)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    prompt = settings[prompt_id]
-    trial_settings = dataclasses.replace(prompt, lam=lam if lam is not None else prompt.lam)
     model, metrics = train_adapter(
         base, entry_from_json(entries[prompt_id]), train, heldout, trial_settings, report, checkpoint_steps, resume
     )
-    # an ICAE (genpi.train.icae) saves its encoder, memory tokens and P's slots, not a LoRA of the base
-    save = model.save if trial_settings.method == "icae" else lambda folder: save_adapter(model, folder)
+    if trial_settings.method == "icae":  # its encoder, memory tokens and P's slots, not a LoRA of the base
+        save = model.save
+    elif trial_settings.full_finetune:
+        from genpi.train.full import save_model
+
+        save = lambda folder: save_model(model, folder, base)  # noqa: E731
+    else:
+        save = lambda folder: save_adapter(model, folder)  # noqa: E731
     report({**metrics, "finished": True}, lambda: last_state[0], adapter=save)
 
 

@@ -130,6 +130,8 @@ def response_logits(model, batch: dict) -> torch.Tensor:
     B×T of them, so a 128k vocabulary does not hold the whole sequence's logits. For heads
     that compute logits = lm_head(last hidden state) (Llama, Mistral, Qwen, SmolLM, ...).
     """
+    if hasattr(model, "response_logits"):  # a full fine-tune's model (genpi.train.full.FullModel): its own forward
+        return model.response_logits(batch, prediction_mask(batch["labels"]))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if any(getattr(base.config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
         raise ValueError(f"{type(base).__name__} transforms its logits after the head: response_logits would be wrong")

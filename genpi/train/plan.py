@@ -13,7 +13,7 @@ from pathlib import Path
 
 from genpi import InputError, __version__
 from genpi.catalog import PromptEntry
-from genpi.data.adapters import AdapterManifest, write_adapter
+from genpi.data.adapters import ADAPTER, MODEL, AdapterManifest, write_adapter
 from genpi.train.recipe import JOINT_METHODS, METHODS, TrainSettings
 
 NO_LAMBDA = set(METHODS) - set(JOINT_METHODS)  # methods with one loss term: no λ to choose
@@ -118,7 +118,8 @@ def write_best(plan: Plan, tried: list, out: Path, base: str) -> dict:
         base_model=base,
         method=settings.method,
         lam=lam,
-        lora={**settings.lora.to_dict(), "quantize_4bit": settings.quantize},
+        lora={} if settings.full_finetune else {**settings.lora.to_dict(), "quantize_4bit": settings.quantize},
+        kind=MODEL if settings.full_finetune else ADAPTER,
         data_fingerprint=plan.fingerprint,
         settings={
             **recorded_settings(settings, plan.lambdas),

@@ -11,9 +11,9 @@ Methods (`TrainSettings.method`):
              anew at every step (so every epoch)
 - kld:       token KL(teacher || student) on the agent turns; the teacher is the same base with the
              adapter disabled and P present, the student has the adapter and no P
-- seqkd:     sequence-level distillation: SFT on the teacher's agent turns, all of them. The
-             dialogues are the teacher's own generations, so this is L_SFT under the paper's name;
-             LoRA, not full fine-tuning, so every method yields the same adapter format
+- seqkd:     sequence-level distillation (Kim & Rush): SFT on the teacher's generated agent turns, all of
+             them, as the paper ran it with `full_finetune` (every weight, batch 64, lr 1e-5:
+             genpi.train.full); `sft` is GenPI without L_PG, a LoRA adapter on the same dialogues
 - seqkd+kld: seqkd's loss plus kld's
 - topk-kl:   top-k context distillation: on every agent token, the student's (no P) cross-entropy
              against the teacher's (with P) top-k probabilities stored at synthesis
@@ -64,6 +64,7 @@ from genpi.catalog import PromptEntry
 from genpi.flags import setting
 from genpi.synth.quality import first_degenerate_agent_turn
 from genpi.train.examples import IGNORE, PG_VARIANTS, Example, align_topk, build_pg, build_sft, cut_to_labels
+from genpi.train.full import NOT_FULL, load_full, load_trainable_state, rank_rows, trainable_state
 from genpi.train.losses import (
     LOSS_FORMS,
     joint_loss,
@@ -168,6 +169,11 @@ class TrainSettings:
     pretrain_steps: int = setting(
         100, "icae: autoencoding and language-modelling steps on P and the dialogues before fine-tuning"
     )
+    full_finetune: bool = setting(
+        False,
+        "train every weight of the base (no LoRA, no quantization), as the paper's KLD/SeqKD baselines; the output "
+        "is a model folder; kld, seqkd, seqkd+kld then default to batch 64, lr 1e-5, 10 epochs",
+    )
     max_steps: int = setting(
         0,
         "stop after this many optimizer steps (0: the epochs decide); the learning-rate schedule spans them, so every "
@@ -201,6 +207,11 @@ class TrainSettings:
             raise ValueError(
                 f"memory_tokens must be at least 1 and pretrain_steps 0 or more (icae), "
                 f"got {self.memory_tokens} and {self.pretrain_steps}"
+            )
+        if self.full_finetune and (self.method in NOT_FULL or self.init_adapter):
+            raise ValueError(
+                f"full_finetune: not with {'--init-adapter' if self.init_adapter else 'method ' + self.method} "
+                "(the on-policy methods sample through an engine that reloads a LoRA adapter, not a whole model)"
             )
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be 0 (the epochs decide) or positive, got {self.max_steps}")
@@ -462,7 +473,9 @@ def make_optimizer(model, settings: TrainSettings, steps: int):
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if params[0].is_cuda:  # paged: optimizer state spills to host memory under memory pressure
+    if (
+        params[0].is_cuda and not settings.full_finetune
+    ):  # paged: optimizer state spills to host memory under memory pressure
         import bitsandbytes as bnb
 
         optimizer, name = (
@@ -484,6 +497,7 @@ def optimizer_step(model, optimizer, scheduler, settings: TrainSettings) -> floa
     returns the gradient norm before clipping."""
     params = [p for p in model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm or math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded (FSDP) parameters: a DTensor
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -545,9 +559,14 @@ def train_adapter(
     checkpointing = (
         torch.cuda.is_available() if settings.gradient_checkpointing is None else settings.gradient_checkpointing
     )
-    model = add_lora(
-        load_base(base, quantize=settings.quantize, dtype=dtype), settings.lora, gradient_checkpointing=checkpointing
-    )
+    if settings.full_finetune:  # every weight, beside a frozen copy as the teacher (genpi.train.full)
+        model = load_full(base, dtype, checkpointing)
+    else:
+        model = add_lora(
+            load_base(base, quantize=settings.quantize, dtype=dtype),
+            settings.lora,
+            gradient_checkpointing=checkpointing,
+        )
     if settings.init_adapter and resume is None:  # a resumed run's weights come from its state
         load_lora_weights(model, settings.init_adapter)
     autocast = autocast_dtype(model.device.type, dtype)  # bfloat16 on CUDA (genpi.train.precision), else None
@@ -588,10 +607,7 @@ def train_adapter(
         }
         run.setdefault("heldout_kls", [None] * len(run["heldout_losses"]))  # a checkpoint from before the held-out KL
         run.setdefault("heldout_kl_before", kl_before)
-        with torch.no_grad():
-            for name, value in resume["lora"].items():
-                trainable[name].copy_(value)
-        optimizer.load_state_dict(resume["optimizer"])
+        load_trainable_state(model, optimizer, trainable, resume)
         scheduler.load_state_dict(resume["scheduler"])
         rng.setstate(resume["rng"])
         torch.set_rng_state(resume["torch_rng"])
@@ -601,8 +617,7 @@ def train_adapter(
     def state() -> dict:
         return {
             **run,
-            "lora": {name: p.detach().cpu().clone() for name, p in trainable.items()},
-            "optimizer": optimizer.state_dict(),
+            **trainable_state(model, optimizer, trainable),  # "lora": the trained weights (all, full_finetune)
             "scheduler": scheduler.state_dict(),
             "rng": rng.getstate(),
             "torch_rng": torch.get_rng_state(),
@@ -671,6 +686,7 @@ def train_adapter(
             while run["epoch"] == epoch:
                 k = run["step_in_epoch"]
                 step_rows = epoch_rows[k * settings.batch_size : (k + 1) * settings.batch_size]
+                step_rows = rank_rows(step_rows, settings.micro_batch)  # FSDP: this rank's share
                 replies = sample_replies(epoch_rows, k) if sampler else None
                 with training_autocast(model.device.type, autocast):
                     loss = step_loss(model, step_rows, settings, pad_id, replies)
@@ -726,7 +742,9 @@ def train_adapter(
         "effective": {
             "device": str(model.device),
             "dtype": str(dtype).removeprefix("torch."),
-            "compute_dtype_4bit": str(dtype).removeprefix("torch.") if settings.quantize else None,
+            "compute_dtype_4bit": str(dtype).removeprefix("torch.")
+            if settings.quantize and not settings.full_finetune
+            else None,
             "gradient_checkpointing": model.get_base_model().is_activation_checkpointing,
             "autocast": dtype_name(autocast),  # what the training steps' forward passes autocast to
             "optimizer": optimizer_name,

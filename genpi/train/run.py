@@ -19,6 +19,11 @@ missing.
 A catalog prompt's `train` settings (lam, grad_clip, lr, epochs) are that prompt's, unless
 the flag (--lambdas, --max-grad-norm, --lr, --epochs) is given: a flag holds for the whole
 run. genpi.json records which settings came from the catalog.
+
+`--full-finetune` trains every weight (genpi.train.full): kld, seqkd and seqkd+kld then take the paper's batch 64,
+lr 1e-5 and 10 epochs unless --batch-size, --lr, --epochs say otherwise (for every prompt: a catalog's train.lr and
+train.epochs are GenPI's LoRA settings), and on a GPU cluster each trial runs as a TorchTrainer with FSDP over its
+--gpus-per-trial GPUs.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from genpi.data.dialogues import prompt_rows
 from genpi.data.runfolder import check_out, holding_lock
 from genpi.flags import add_settings, from_args
 from genpi.train.experiment import run_experiment
+from genpi.train.full import paper_defaults
 from genpi.train.plan import CATALOG_TRAIN, NO_LAMBDA, Plan, prompt_settings, recorded_settings, write_best
 from genpi.train.qlora import LoraSettings
 from genpi.train.recipe import JOINT_METHODS, METHODS, TrainSettings
@@ -132,6 +138,13 @@ def train_catalog(
                 "ask for none, so every trial would train on the CPU; leave --gpus-per-trial out (1 per trial) "
                 "or set it > 0"
             )
+        if settings.full_finetune:
+            from genpi.train.full import check_gpu_cluster
+
+            try:
+                check_gpu_cluster(cluster_gpus, num_gpus)
+            except ValueError as e:
+                raise InputError(str(e)) from None
         results, experiment = run_experiment(
             plans, base_path, out, storage, num_cpus, num_gpus, progress, checkpoint_steps, max_failures, early_stop
         )
@@ -173,6 +186,7 @@ HAND_FLAGS = {
     "lr": "--lr",
     "max_grad_norm": "--max-grad-norm",
     "lora": "--rank, --alpha",
+    "batch_size": "--batch-size",
 }
 
 
@@ -204,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help=f"{help['max_grad_norm']}; default {d.max_grad_norm}, or a prompt's catalog train.grad_clip",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"{help['batch_size']} (default {d.batch_size}; --full-finetune kld, seqkd, seqkd+kld: 64)",
     )
     p.add_argument("--rank", type=int, default=LoraSettings.r, help="LoRA rank (default %(default)s)")
     p.add_argument("--alpha", type=int, default=LoraSettings.alpha, help="LoRA alpha (default %(default)s)")
@@ -238,10 +258,14 @@ def settings_from_args(args: argparse.Namespace) -> tuple[TrainSettings, list[fl
     prompt; the others yield to a prompt's catalog `train` values)."""
     d = TrainSettings()
     overrides = frozenset(key for key, dest in CATALOG_TRAIN.items() if getattr(args, dest) is not None)
-    given = {dest: getattr(args, dest) for dest in ("epochs", "lr", "max_grad_norm")}
+    given = {dest: getattr(args, dest) for dest in ("epochs", "lr", "max_grad_norm", "batch_size")}
     catalog_decides = {dest: getattr(d, dest) if value is None else value for dest, value in given.items()}
     if args.method not in METHODS:
         raise InputError(f"--method: unknown method {args.method!r}: expected one of {', '.join(METHODS)}")
+    if args.full_finetune:  # the paper's settings of its full-fine-tune rows, for every prompt (not the catalog's)
+        paper = paper_defaults(args.method, {dest for dest, value in given.items() if value is not None})
+        catalog_decides.update(paper)
+        overrides |= {key for key, dest in CATALOG_TRAIN.items() if dest in paper}
     text = DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas
     try:
         lambdas = [float(x) for x in text.split(",")]
