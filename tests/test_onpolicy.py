@@ -394,3 +394,28 @@ def test_the_fingerprint_covers_the_init_adapters_weights(tmp_path):
     assert fingerprint(
         train, [], recorded_settings(dataclasses.replace(settings, refresh_steps=2), [0.5]), "smollm2"
     ) != fingerprint(train, [], recorded_settings(settings, [0.5]), "smollm2")
+
+
+def test_settings_added_later_keep_old_fingerprints_at_their_defaults():
+    """An adapter trained before icae's and --full-finetune's settings existed stays up to date: at their defaults
+    they leave the fingerprint as it was; set, they change it."""
+    from test_recipe import row
+
+    from genpi.data.adapters import fingerprint
+    from genpi.train.plan import ADDED_SINCE_FINGERPRINTS, fingerprint_settings
+
+    train = [dict(row(0), sample_id=0, split="train")]
+    before = {k: v for k, v in recorded_settings(ONPOLICY, [0.5]).items() if k not in ADDED_SINCE_FINGERPRINTS}
+    now = fingerprint(train, [], fingerprint_settings(ONPOLICY, [0.5]), "smollm2")
+    assert now == fingerprint(train, [], before, "smollm2")
+    kld = dataclasses.replace(ONPOLICY, method="kld")  # a method --full-finetune takes
+    for settings, change in (
+        (ONPOLICY, {"memory_tokens": 64}),
+        (ONPOLICY, {"pretrain_steps": 3}),
+        (kld, {"full_finetune": True}),
+    ):
+        unchanged = fingerprint(train, [], fingerprint_settings(settings, [0.5]), "smollm2")
+        changed = fingerprint(
+            train, [], fingerprint_settings(dataclasses.replace(settings, **change), [0.5]), "smollm2"
+        )
+        assert changed != unchanged, change

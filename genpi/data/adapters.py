@@ -147,7 +147,7 @@ def check_adapter(folder: str | Path, entry: PromptEntry) -> AdapterManifest:
 
 def fingerprint(train: list[dict], heldout: list[dict], settings: dict, base: str) -> str:
     """What an adapter depends on: its data, every training setting, the λ values tried and its base.
-    `settings`: genpi.train.plan.recorded_settings (TrainSettings whole, with the λ values); its `init_adapter`
+    `settings`: genpi.train.plan.fingerprint_settings (TrainSettings with the λ values); its `init_adapter`
     folder's weights count too, not only their folder's name."""
     digest = hashlib.sha256()
     for row in train + heldout:

@@ -42,6 +42,19 @@ def recorded_settings(settings: TrainSettings, lambdas: list[float]) -> dict:
     return {**dataclasses.asdict(settings), "lambdas": None if settings.method in NO_LAMBDA else list(lambdas)}
 
 
+# TrainSettings fields added after adapters were first fingerprinted (issue 25's baselines): at their defaults they
+# leave an adapter's fingerprint as it was, so one trained before they existed stays up to date
+ADDED_SINCE_FINGERPRINTS = ("memory_tokens", "pretrain_steps", "full_finetune")
+
+
+def fingerprint_settings(settings: TrainSettings, lambdas: list[float]) -> dict:
+    """What of the settings an adapter's fingerprint covers: recorded_settings, less the later fields at their
+    defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    recorded = recorded_settings(settings, lambdas)
+    return {k: v for k, v in recorded.items() if not (k in ADDED_SINCE_FINGERPRINTS and v == defaults[k])}
+
+
 def prompt_settings(
     entry: PromptEntry, settings: TrainSettings, lambdas: list[float], overrides=frozenset()
 ) -> tuple[TrainSettings, list[float], dict]:

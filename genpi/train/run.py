@@ -43,7 +43,7 @@ from genpi.data.runfolder import check_out, holding_lock
 from genpi.flags import add_settings, from_args
 from genpi.train.experiment import run_experiment
 from genpi.train.full import paper_defaults
-from genpi.train.plan import CATALOG_TRAIN, NO_LAMBDA, Plan, prompt_settings, recorded_settings, write_best
+from genpi.train.plan import CATALOG_TRAIN, NO_LAMBDA, Plan, fingerprint_settings, prompt_settings, write_best
 from genpi.train.qlora import LoraSettings
 from genpi.train.recipe import JOINT_METHODS, METHODS, TrainSettings
 
@@ -120,7 +120,7 @@ def train_catalog(
                 raise InputError(
                     f"--early-stop: prompt {entry.id!r} has no held-out dialogues to compare its trials by"
                 )
-            data_print = fingerprint(train, heldout, recorded_settings(prompt, prompt_lambdas), base)
+            data_print = fingerprint(train, heldout, fingerprint_settings(prompt, prompt_lambdas), base)
             done = read_adapter_manifest(out / entry.id)
             if done and done.data_fingerprint == data_print and done.prompt_sha256 == entry.sha256:
                 outcomes[entry.id] = {"status": "up to date", "lam": done.lam}
