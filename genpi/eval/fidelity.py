@@ -333,15 +333,8 @@ def evaluate_catalog(
         rows = heldout_rows(data, entry, limit)
         return rows, None if rows else f"no held-out rows in {data} (synthesize with --heldout > 0)"
 
-    plans, skipped, base_path = catalog_prompts(
-        catalog,
-        systems.adapters,
-        systems.served,
-        systems.base,
-        settings.prompt_ids,
-        inputs,
-        compressed=systems.compressed,
-    )  # every check before the model loads
+    # every check before the model loads
+    plans, skipped, base_path = catalog_prompts(systems, settings.prompt_ids, inputs)
     episode = episode_settings(data, settings.max_new_tokens, settings.max_turns)
     unrelated: list[Collateral] = []  # the base's replies to the general requests, made once (on the first prompt)
 

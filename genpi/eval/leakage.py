@@ -119,15 +119,7 @@ def probe_catalog(systems: SystemsSettings, settings: LeakageSettings, command: 
     """Every catalog prompt with an adapter (or a served system): the extraction requests, scored; returns (and writes
     to OUT/leakage.json) the summary."""
     catalog, out = systems.catalog, Path(settings.out)
-    plans, skipped, base_path = catalog_prompts(
-        catalog,
-        systems.adapters,
-        systems.served,
-        systems.base,
-        settings.prompt_ids,
-        verb="probe",
-        compressed=systems.compressed,
-    )
+    plans, skipped, base_path = catalog_prompts(systems, settings.prompt_ids, verb="probe")
 
     def play(prompt: Prompt, engine) -> dict[str, list[dict]]:
         print(

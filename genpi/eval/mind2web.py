@@ -289,9 +289,7 @@ def score(rows: dict[str, list[dict]]) -> tuple[dict, dict]:
 def evaluate(
     steps_path, systems: SystemsSettings, settings: Mind2WebSettings, command: list[str] | None = None
 ) -> dict:
-    task, base_path = task_prompt(
-        systems.catalog, settings.prompt, systems.adapters, systems.base, systems.served, systems.compressed
-    )
+    task, base_path = task_prompt(systems, settings.prompt)
     steps = read_steps(steps_path, settings.limit)  # every check before the model loads
 
     sampling = Sampling(max_tokens=settings.max_new_tokens)

@@ -409,9 +409,7 @@ def evaluate_os_tasks(
         replies = load_replay(agent, task_file.entries)
         task, base_path = Prompt(entry, [System(REPLAY)]), None
     else:
-        task, base_path = task_prompt(
-            catalog, prompt_id, list(systems.adapters), systems.base, systems.served, systems.compressed
-        )
+        task, base_path = task_prompt(systems, prompt_id)
     wall: list[float] = []
 
     def play(p: Prompt, engine) -> dict[str, list[dict]]:

@@ -44,6 +44,7 @@ from genpi.data.adapters import AdapterManifest, check_adapter, check_base, is_m
 from genpi.engines import ChatRequest, Completion
 from genpi.engines.openai import PREFIX, OpenAIEngine, split_spec
 from genpi.eval.compressed import Compressed, Compressions, CompressSpec, compressed_note, parse_compressed
+from genpi.eval.settings import SystemsSettings
 
 TEACHER, BASE = "teacher", "base"
 SYSTEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a Parquet partition value and a table row
@@ -296,65 +297,71 @@ class _View:
         )
 
 
+@dataclass(frozen=True)
+class Given:
+    """The systems flags, checked: --adapters folders, --served specs, --compressed specs, the base's path."""
+
+    dirs: dict[str, Path]
+    served: dict[str, str]
+    compressions: Compressions
+    base_path: str
+
+    @classmethod
+    def check(cls, systems: SystemsSettings) -> Given:
+        from genpi.models import resolve_model
+
+        dirs = adapter_dirs(systems.adapters)
+        served = served_specs(list(systems.served), dirs)
+        specs = compressed_specs(list(systems.compressed), [*dirs, *served])
+        base_path = resolve_model(systems.base)
+        return cls(dirs, served, Compressions(specs, base_path), base_path)
+
+    def compressed(self, entry: PromptEntry) -> list[System]:
+        """The compressed systems of a prompt, once every check is done (the compressing model loads once)."""
+        return [System(c.name, compressed=c) for c in self.compressions(entry)]
+
+
 def catalog_prompts(
-    catalog,
-    adapters: list[str],
-    served: list[str],
-    base: str,
+    systems: SystemsSettings,
     prompt_ids: list[str] | None = None,
     inputs: Callable[[PromptEntry], tuple[Any, str | None]] | None = None,
     verb: str = "evaluate",
-    compressed: list[str] = (),
 ) -> tuple[list[Prompt], list[dict], str]:
-    """Every catalog prompt with an adapter (or a served system) to compare, checked before a model loads: (the
-    prompts, {prompt_id, skipped: why} of the others, the base model's path). `inputs(entry)`: what the evaluation
-    plays on the prompt, and why it is skipped when there is nothing (None: it is not)."""
+    """Every catalog prompt with an adapter (or a served or compressed system) to compare, checked before a model
+    loads: (the prompts, {prompt_id, skipped: why} of the others, the base model's path). `inputs(entry)`: what the
+    evaluation plays on the prompt, and why it is skipped when there is nothing (None: it is not)."""
     from genpi.catalog import load_catalog
-    from genpi.models import resolve_model
 
-    dirs = adapter_dirs(adapters)
-    served_by = served_specs(list(served), dirs)
-    specs = compressed_specs(list(compressed), [*dirs, *served_by])
-    base_path = resolve_model(base)
-    compress = Compressions(specs, base_path)
+    given = Given.check(systems)
     prompts, skipped = [], []
-    for entry in load_catalog(catalog, prompt_ids):
-        systems, missing = prompt_systems(entry, dirs, base_path, served_by)
-        given, empty = inputs(entry) if inputs else (None, None)
+    for entry in load_catalog(systems.catalog, prompt_ids):
+        found, missing = prompt_systems(entry, given.dirs, given.base_path, given.served)
+        plays, empty = inputs(entry) if inputs else (None, None)
         if empty:
             skipped.append({"prompt_id": entry.id, "skipped": empty})
-        elif len(systems) == 2 and not specs:
+        elif len(found) == 2 and not systems.compressed:
             skipped.append({"prompt_id": entry.id, "skipped": "no adapter: " + "; ".join(missing)})
         else:
-            prompts.append(Prompt(entry, systems, missing, given))
+            prompts.append(Prompt(entry, found, missing, plays))
     if not prompts:
         raise InputError(f"nothing to {verb}: " + "; ".join(f"{r['prompt_id']}: {r['skipped']}" for r in skipped))
     check_served([s for p in prompts for s in p.systems])
-    # every check done: the compressed P of each prompt, once per rate (the compressing model loads once)
-    prompts = [
-        replace(p, systems=p.systems + [System(c.name, compressed=c) for c in compress(p.entry)]) for p in prompts
-    ]
-    return prompts, skipped, base_path
+    prompts = [replace(p, systems=p.systems + given.compressed(p.entry)) for p in prompts]
+    return prompts, skipped, given.base_path
 
 
-def task_prompt(
-    catalog: str, prompt_id: str, adapters: list[str], base: str, served: list[str] = (), compressed: list[str] = ()
-) -> tuple[Prompt, str]:
+def task_prompt(systems: SystemsSettings, prompt_id: str) -> tuple[Prompt, str]:
     """One catalog prompt's systems for a task evaluation (`--catalog C --prompt ID [--adapters DIR ...] [--served
-    NAME=SPEC ...]`): (the prompt, the base model's path). Every check runs before a model loads."""
+    NAME=SPEC ...] [--compressed NAME=SPEC ...]`): (the prompt, the base model's path). Every check runs before a
+    model loads."""
     from genpi.catalog import load_catalog
-    from genpi.models import resolve_model
 
-    entries = {e.id: e for e in load_catalog(catalog)}
+    entries = {e.id: e for e in load_catalog(systems.catalog)}
     if prompt_id not in entries:
-        raise InputError(f"--prompt {prompt_id}: not in {catalog} (it has {', '.join(entries)})")
-    base_path = resolve_model(base)
-    dirs = adapter_dirs(adapters)
-    served_by = served_specs(list(served), dirs)
-    systems, missing = prompt_systems(entries[prompt_id], dirs, base_path, served_by)
-    if adapters and not any(s.folder for s in systems):
+        raise InputError(f"--prompt {prompt_id}: not in {systems.catalog} (it has {', '.join(entries)})")
+    given = Given.check(systems)
+    found, missing = prompt_systems(entries[prompt_id], given.dirs, given.base_path, given.served)
+    if systems.adapters and not any(s.folder for s in found):
         raise InputError(f"--adapters: no adapter for prompt {prompt_id}: " + "; ".join(missing))
-    check_served(systems)
-    compress = Compressions(compressed_specs(list(compressed), [*dirs, *served_by]), base_path)
-    systems += [System(c.name, compressed=c) for c in compress(entries[prompt_id])]
-    return Prompt(entries[prompt_id], systems, missing), base_path
+    check_served(found)
+    return Prompt(entries[prompt_id], found + given.compressed(entries[prompt_id]), missing), given.base_path

@@ -289,9 +289,7 @@ def evaluate(
     url: str | None, systems: SystemsSettings, settings: WebShopSettings, command: list[str] | None = None
 ) -> dict:
     url = check_server(url)
-    task, base_path = task_prompt(
-        systems.catalog, settings.prompt, systems.adapters, systems.base, systems.served, systems.compressed
-    )
+    task, base_path = task_prompt(systems, settings.prompt)
 
     sampling = Sampling(max_tokens=settings.max_new_tokens)
     play = ask_every(

@@ -111,6 +111,15 @@ def load_state(path: str | Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
+def resumed(checkpoint) -> tuple[dict | None, int | None]:
+    """A trial's state from its Ray (Tune or Train) checkpoint and the step it resumes from; (None, None) without."""
+    if checkpoint is None:
+        return None, None
+    with checkpoint.as_directory() as folder:
+        state = load_state(Path(folder) / "state.pt")
+    return state, len(state["losses"])
+
+
 def fit_trial(
     config: dict,
     base: str,
@@ -154,11 +163,7 @@ def fit_trial(
         name = f"full-{prompt_id}-lam={lam}"  # the trial's own run folder: a rerun resumes it
         return trainer_trial(given, workers, True, storage, name, max_failures)
     train, heldout = ray.get(rows[prompt_id])
-    resume, checkpoint = None, tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = load_state(Path(folder) / "state.pt")
-    resumed_from = len(resume["losses"]) if resume else None
+    resume, resumed_from = resumed(tune.get_checkpoint())
     last_state = [resume]
 
     def report(metrics: dict, state, **files) -> None:

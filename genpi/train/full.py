@@ -257,18 +257,14 @@ def worker_loop(config: dict) -> None:
     import ray.train
 
     from genpi.catalog import entry_from_json
-    from genpi.train.experiment import load_state
+    from genpi.train.experiment import resumed
     from genpi.train.recipe import train_adapter
 
     rank = ray.train.get_context().get_world_rank()
     if torch.cuda.is_available():
         torch.cuda.set_device(ray.train.torch.get_device())
     train, heldout = config["rows"]
-    resume, checkpoint = None, ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = load_state(Path(folder) / "state.pt")
-    resumed_from = len(resume["losses"]) if resume else None
+    resume, resumed_from = resumed(ray.train.get_checkpoint())
     last_state = [resume]
 
     def report(metrics: dict, state, **files) -> None:
