@@ -15,6 +15,7 @@
     genpi report RUN [--out report.md]  Markdown report with plots from a run's files
     genpi stats OUT [--json]            quality statistics per prompt
     genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`
+    genpi export OUT --to DIR [--format messages|jsonl|parquet]  the dialogues as a chat dataset with a card
 
 Bad input (InputError) prints `genpi: error: MESSAGE` on one line and exits with status 2 (genpi.exits_2_on_input_error,
 the one handler of every entry point).
@@ -78,6 +79,16 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from genpi.synth.export import export
+
+    prompts = [p for p in args.prompts.split(",") if p] if args.prompts else None
+    front = export(args.out, args.to, args.format, args.with_prompt, prompts, args.license)
+    sizes = ", ".join(f"{n} {split}" for split, n in front["num_rows"].items())
+    print(f"{args.to}: {sizes} dialogues ({args.format}), card in README.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from genpi.data.dialogues import MAX_TEMP, MEMORY_LIMIT, THREADS
     from genpi.synth.stats import MAX_ROWS, TIMEOUT_S
@@ -127,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows printed at most; the rest are not fetched (default %(default)s)",
     )
     p.set_defaults(handler=cmd_sql)
+
+    p = sub.add_parser("export", help="a run's teacher dialogues as a chat dataset (TRL messages) with a dataset card")
+    p.add_argument("out", metavar="OUT", help="synthesis run folder (or a genpi run folder: its data/)")
+    p.add_argument("--to", required=True, metavar="DIR", help="export folder (must not exist, or be empty)")
+    p.add_argument(
+        "--format",
+        choices=["messages", "jsonl", "parquet"],
+        default="messages",
+        help="messages: Parquet with a chat `messages` column (default); jsonl: the same as JSON Lines; "
+        "parquet: the dialogue rows as genpi writes them",
+    )
+    p.add_argument("--with-prompt", action="store_true", help="lead each dialogue with P (its system turn and shots)")
+    p.add_argument("--prompts", default=None, help="comma-separated prompt ids to export (default: all)")
+    p.add_argument("--license", default="other", help="the card's licence field (default %(default)s)")
+    p.set_defaults(handler=cmd_export)
     return parser
 
 

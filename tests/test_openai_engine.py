@@ -187,7 +187,7 @@ def test_synthesis_with_generator_and_target_served_by_genpi_serve(served, tmp_p
         )
     finally:
         ray.shutdown()
-    rows = [r for path in sorted(out.glob("dialogues/prompt_id=*/*.parquet")) for r in pq.read_table(path).to_pylist()]
+    rows = [r for path in sorted(out.glob("dialogues/*/*.parquet")) for r in pq.read_table(path).to_pylist()]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"]["kind"] == "openai" and manifest["target"]["model"] == f"{url}/{base_name}"
     assert status == 0 and len(rows) == 6 and all(r["error"] is None for r in rows)

@@ -294,7 +294,7 @@ def test_ray_job_submit_runs_the_synthesis_on_the_cluster(ray_head, tiny_finishi
         # Every prompt of the catalog: shards covering sample ids 0..2 exactly once, all in the manifest.
         manifest = json.loads((out / "manifest.json").read_text())
         for entry in load_catalog(CATALOG):
-            shards = sorted((out / "dialogues" / f"prompt_id={entry.id}").glob("part-*.parquet"))
+            shards = sorted(store.shard_path(out, entry.id, 0).parent.glob("part-*.parquet"))
             assert [p.name for p in shards] == ["part-00000.parquet", "part-00001.parquet"], shards
             rows = [r for p in shards for r in store.read_rows(p)]
             assert sorted(r["sample_id"] for r in rows) == [0, 1, 2], (entry.id, rows)

@@ -280,7 +280,7 @@ def run(tmp_path):
     store.write_table(shard_path(out, "alpha", 0), ALPHA[:3], DIALOGUE_SCHEMA)
     store.write_table(shard_path(out, "alpha", 1), ALPHA[3:], DIALOGUE_SCHEMA)
     store.write_table(shard_path(out, "beta.v2", 0), BETA, DIALOGUE_SCHEMA)
-    (out / "dialogues" / "prompt_id=alpha" / ".part-00002.parquet.99.tmp").write_bytes(b"half a file")
+    (shard_path(out, "alpha", 0).parent / ".part-00002.parquet.99.tmp").write_bytes(b"half a file")
     write_manifest(out, manifest())
     return out
 
@@ -565,7 +565,7 @@ def test_stats_without_data(tmp_path, capsys, make):
         out.mkdir()
     if make == "no_shards":
         write_manifest(out, manifest())
-        (out / "dialogues" / "prompt_id=alpha").mkdir(parents=True)
+        shard_path(out, "alpha", 0).parent.mkdir(parents=True)
     assert main(["stats", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("genpi: error: ") and err.count("\n") == 1

@@ -46,7 +46,7 @@ def local_ray():
 
 def read_all(out):
     rows = []
-    for path in sorted((out / "dialogues").glob("prompt_id=*/part-*.parquet")):
+    for path in store.dialogue_files(out):
         table = pq.read_table(path)
         assert table.schema.equals(store.DIALOGUE_SCHEMA), path
         rows += table.to_pylist()
@@ -61,9 +61,7 @@ def assert_every_sample_once(out, samples_per_prompt):
         assert ids == list(range(samples_per_prompt)), (prompt_id, ids)
         listed = manifest["prompts"][prompt_id]["shards"]
         assert sum(s["rows"] for s in listed.values()) == samples_per_prompt
-        assert sorted(listed) == sorted(
-            p.name for p in (out / "dialogues" / f"prompt_id={prompt_id}").glob("*.parquet")
-        )
+        assert sorted(listed) == sorted(p.name for p in store.shard_path(out, prompt_id, 0).parent.glob("*.parquet"))
     return rows, manifest
 
 

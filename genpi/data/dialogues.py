@@ -3,10 +3,9 @@
     open_dialogues(OUT)       in-memory DuckDB connection with a view `dialogues` over every shard
     prompt_rows(OUT, ENTRY)   one prompt's good rows, (train, heldout), checked against the catalog's prompt
 
-The shards are hive partitioned (`prompt_id=ID/`) and also hold a `prompt_id`
-column. DuckDB (2.0) with `hive_partitioning = true` yields a single `prompt_id`
-column whose value comes from the path and whose type comes from the file
-(VARCHAR), so ids such as `007` stay strings; `hive_types` pins it anyway.
+Every shard holds its `prompt_id` as a (VARCHAR) column, so ids such as `007` stay strings. The view reads
+the files with `hive_partitioning = false`: the column comes from the file in both layouts
+(genpi.data.store: `dialogues/ID/` and a legacy run's `dialogues/prompt_id=ID/`), never from a path.
 
 A connection is sandboxed once its view exists: file access is limited to OUT
 and the configuration is locked, so a query can read the run but nothing else.
@@ -22,6 +21,7 @@ import duckdb
 
 from genpi import InputError
 from genpi.catalog import PromptEntry
+from genpi.data.store import dialogue_files
 
 # What one connection may take: a query over a large run must not take the machine's memory, disk or cores
 # (the defaults of `genpi sql` too).
@@ -53,7 +53,7 @@ def open_dialogues(
         raise InputError(f"{out}: no such run folder (run genpi synth first)")
     root = out.resolve()
     # The shards as a list of files, not a glob: OUT itself may hold glob characters ([, *, ?).
-    files = sorted(str(f) for f in (root / "dialogues").glob("prompt_id=*/*.parquet"))
+    files = [str(f) for f in dialogue_files(root)]
     if not files:
         raise InputError(f"{out}: no dialogue shards yet (run genpi synth first)")
     try:
@@ -74,10 +74,7 @@ def open_dialogues(
         ) from None
     try:
         listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        con.execute(
-            "CREATE VIEW dialogues AS SELECT * FROM read_parquet("
-            f"[{listed}], hive_partitioning = true, hive_types = {{'prompt_id': VARCHAR}})"
-        )
+        con.execute(f"CREATE VIEW dialogues AS SELECT * FROM read_parquet([{listed}], hive_partitioning = false)")
         con.execute("SET allowed_directories = ?", [[str(root) + "/"]])
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")

@@ -1,9 +1,18 @@
 """The dialogue-row contract and the Parquet files of a synthesis run (and of the evaluations' results).
 
-    OUT/inputs/ID.parquet                        pseudo user inputs of a prompt (sample_id, seed, split, input)
-    OUT/dialogues/prompt_id=ID/part-NNNNN.parquet  one row per dialogue (DIALOGUE_SCHEMA)
-    EVAL/NAME/prompt_id=ID/system=SYS/part-00000.parquet  evaluation NAME's rows of one system (results_path;
-                                                 each evaluation defines its schema)
+    OUT/inputs/ID.parquet                  pseudo user inputs of a prompt (INPUT_SCHEMA: prompt_id, sample_id, ...)
+    OUT/dialogues/ID/part-NNNNN.parquet    one row per dialogue (DIALOGUE_SCHEMA)
+    EVAL/NAME/ID/SYS/part-00000.parquet    evaluation NAME's rows of one system (results_path; each evaluation
+                                           defines its schema, led by prompt_id and system)
+
+Every file holds its prompt_id (and an evaluation's its system) as a column, and the folders are plain names, not
+hive partitions (`prompt_id=ID/`): a folder of them is one table to pandas, pyarrow.dataset, polars, DuckDB and
+Hugging Face `datasets` alike. Hive folders over files that also hold the column (genpi before issue 26: LEGACY)
+made pandas and polars refuse the folder (the path's dictionary-typed value against the file's string), and
+dropping the column instead would leave a file that does not say which prompt it holds, lose the id in readers
+that ignore hive paths (`datasets`), and let readers that infer a partition's type turn an id such as `007` into
+the number 7. genpi's own readers list files of both layouts (legacy files hold the columns too); a resumed
+synthesis moves a legacy run's folders to the plain names (upgrade_layout).
 
 OUT/manifest.json, which lists the finished shards with their SHA-256, is genpi.data.manifest's.
 Every file appears only when complete: it is written under a temporary name
@@ -19,6 +28,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from genpi import InputError
 
 TURN = pa.struct([("role", pa.string()), ("content", pa.string())])
 # The teacher's top-k log-probabilities over one agent turn, for logit-level distillation (topk-kl):
@@ -68,13 +79,46 @@ DIALOGUE_SCHEMA = pa.schema(
 )
 DIALOGUE_COLUMNS = tuple(DIALOGUE_SCHEMA.names)
 
+# prompt_id: the folder of every prompt's inputs reads as one table (runs before issue 26 lack it: the file name says)
 INPUT_SCHEMA = pa.schema(
-    [("sample_id", pa.int64()), ("seed", pa.int64()), ("split", pa.string()), ("input", pa.string())]
+    [
+        ("prompt_id", pa.string()),
+        ("sample_id", pa.int64()),
+        ("seed", pa.int64()),
+        ("split", pa.string()),
+        ("input", pa.string()),
+    ]
 )
+# The folder names of genpi before issue 26 (hive partitions); read still, never written.
+LEGACY_PROMPT = "prompt_id="
+LEGACY_SYSTEM = "system="
 
 
 def shard_path(out: str | Path, prompt_id: str, shard: int) -> Path:
-    return Path(out) / "dialogues" / f"prompt_id={prompt_id}" / f"part-{shard:05d}.parquet"
+    return Path(out) / "dialogues" / prompt_id / f"part-{shard:05d}.parquet"
+
+
+def dialogue_files(out: str | Path) -> list[Path]:
+    """Every dialogue shard of OUT, in either layout (a legacy run's `prompt_id=ID/` folders too), sorted."""
+    return sorted((Path(out) / "dialogues").glob("*/part-*.parquet"))
+
+
+def upgrade_layout(out: str | Path) -> list[str]:
+    """Move a legacy run's `dialogues/prompt_id=ID/` folders to `dialogues/ID/` (one rename each: atomic, the files
+    as they were, so the manifest's SHA-256 still hold); returns the moved prompt ids. Called by a synthesis run
+    that holds OUT's lock. InputError when a prompt has both folders (which one is the run's is not known)."""
+    moved = []
+    for old in sorted((Path(out) / "dialogues").glob(f"{LEGACY_PROMPT}*")):
+        prompt_id = old.name.removeprefix(LEGACY_PROMPT)
+        new = old.with_name(prompt_id)
+        if new.exists():
+            raise InputError(
+                f"{old.parent} holds the dialogues of {prompt_id!r} twice, in {old.name}/ (genpi before issue 26) "
+                f"and in {prompt_id}/; keep the run's one and remove the other"
+            )
+        os.replace(old, new)
+        moved.append(prompt_id)
+    return moved
 
 
 def inputs_path(out: str | Path, prompt_id: str) -> Path:
@@ -82,8 +126,37 @@ def inputs_path(out: str | Path, prompt_id: str) -> Path:
 
 
 def results_path(eval_dir: str | Path, evaluation: str, prompt_id: str, system: str) -> Path:
-    """Where evaluation NAME writes one system's rows for one prompt (hive partitioned, as the shards)."""
-    return Path(eval_dir) / evaluation / f"prompt_id={prompt_id}" / f"system={system}" / "part-00000.parquet"
+    """Where evaluation NAME writes one system's rows for one prompt (plain folders, as the shards)."""
+    return Path(eval_dir) / evaluation / prompt_id / system / "part-00000.parquet"
+
+
+def legacy_results_path(eval_dir: str | Path, evaluation: str, prompt_id: str, system: str) -> Path:
+    return (
+        Path(eval_dir) / evaluation / f"{LEGACY_PROMPT}{prompt_id}" / f"{LEGACY_SYSTEM}{system}" / "part-00000.parquet"
+    )
+
+
+def write_results(
+    eval_dir: str | Path, evaluation: str, prompt_id: str, system: str, rows: list[dict], schema: pa.Schema
+) -> Path:
+    """Write one system's rows of evaluation NAME for one prompt (atomically); the same rows written by a genpi
+    before issue 26 (legacy folders of the same EVAL) are removed, so that no reader counts them twice."""
+    path = results_path(eval_dir, evaluation, prompt_id, system)
+    write_table(path, rows, schema)
+    legacy = legacy_results_path(eval_dir, evaluation, prompt_id, system)
+    if legacy.exists():
+        legacy.unlink()
+        for folder in (legacy.parent, legacy.parent.parent):  # the emptied legacy folders
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    return path
+
+
+def results_files(eval_dir: str | Path, evaluation: str, prompt_id: str | None = None) -> list[Path]:
+    """The row files of evaluation NAME (of one prompt, or of all), in either layout, sorted."""
+    root = Path(eval_dir) / evaluation
+    prompts = ["*"] if prompt_id is None else [prompt_id, f"{LEGACY_PROMPT}{prompt_id}"]
+    return sorted({f for p in prompts for f in root.glob(f"{p}/*/part-*.parquet")})
 
 
 def file_sha256(path: Path) -> str:

@@ -52,7 +52,7 @@ import pyarrow as pa
 
 from genpi import InputError
 from genpi.catalog import load_catalog
-from genpi.data.store import results_path, write_table
+from genpi.data.store import write_results
 from genpi.eval.compressed import Compressions, compressed_note, write_compressed
 from genpi.eval.cost import (
     COMPRESSED,
@@ -248,11 +248,11 @@ def evaluate(
 
 
 def write_outputs(out: Path, result: dict) -> None:
-    """Rows as EVAL/efficiency/prompt_id=ID/system=NAME/part-00000.parquet; EVAL/efficiency.json keeps one
+    """Rows as EVAL/efficiency/ID/NAME/part-00000.parquet; EVAL/efficiency.json keeps one
     result per prompt (this run's replaces the prompt's earlier one); the plot as EVAL/efficiency-ID.png."""
     for system in result["systems"]:
         rows = [r for r in result["rows"] if r["system"] == system]
-        write_table(results_path(out, "efficiency", result["prompt_id"], system), rows, ROW_SCHEMA)
+        write_results(out, "efficiency", result["prompt_id"], system, rows, ROW_SCHEMA)
     summary = {k: v for k, v in result.items() if k != "rows"}
     keep_per_prompt(out / "efficiency.json", summary)
     efficiency_plot(summary, out / f"efficiency-{result['prompt_id']}.png")

@@ -4,7 +4,7 @@
                every check done before a model loads (`catalog_prompts`, `task_prompt` there)
     engine     one TransformersEngine on the base with every adapter loaded (none for a replay agent)
     play       the evaluation's own: rows per system (episodes, replies, steps, goals, tasks)
-    Parquet    EVAL/NAME/prompt_id=ID/system=S/part-00000.parquet per system, in the evaluation's schema
+    Parquet    EVAL/NAME/ID/S/part-00000.parquet per system, in the evaluation's schema (store.write_results)
     score      the evaluation's `summarize` of each system's rows; served systems marked (`mark_served`)
     retention  system / teacher, by the evaluation's rule
     result     per prompt: the evaluation's leading keys, then missing, systems, retention, its own keys, adapters
@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from genpi.catalog import PromptEntry
 from genpi.data.adapters import record_eval
-from genpi.data.store import results_path, write_table
+from genpi.data.store import write_results
 from genpi.eval.compressed import write_compressed
 from genpi.eval.metrics import ratio
 from genpi.eval.systems import (
@@ -89,8 +89,7 @@ def evaluate(evaluation: Evaluation, prompts: list[Prompt], run: RunSettings) ->
             if s.compressed:  # the compressed P beside the results, to inspect its row
                 write_compressed(run.out, s.compressed)
         for name, records in rows.items():
-            path = results_path(run.out, evaluation.name, prompt.entry.id, name)
-            write_table(path, records, evaluation.schema)
+            write_results(run.out, evaluation.name, prompt.entry.id, name, records, evaluation.schema)
         metrics = mark_served(
             {name: evaluation.summarize(rs) for name, rs in rows.items()}, prompt.systems, evaluation.not_scored
         )
@@ -108,7 +107,7 @@ def evaluate(evaluation: Evaluation, prompts: list[Prompt], run: RunSettings) ->
 
 
 def row_schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
-    """An evaluation's per-row Parquet schema: prompt_id and system (its partition keys), then its own fields."""
+    """An evaluation's per-row Parquet schema: prompt_id and system (its folders' names), then its own fields."""
     return pa.schema([("prompt_id", pa.string()), ("system", pa.string()), *fields])
 
 

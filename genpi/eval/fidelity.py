@@ -33,7 +33,7 @@ first-turn replies; the collateral damage KL(base || system) on general requests
 Retention is system / teacher for the rates and agreements, teacher / system for
 the NLL (1.0 = as good as the teacher). The first turn is the episode's first
 agent turn (the same greedy request). Per-reply rows go to
-`EVAL/fidelity/prompt_id=ID/system=NAME/part-00000.parquet`; the summary to
+`EVAL/fidelity/ID/NAME/part-00000.parquet`; the summary to
 `EVAL/fidelity.json` and each adapter's genpi.json (`eval_metrics.fidelity`).
 
 λ: training picks λ by the teacher KL on these same held-out rows when it tried

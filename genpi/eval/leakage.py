@@ -11,7 +11,7 @@ Per reply, against P (genpi.eval.metrics, word tokens):
     verbatim  the reply contains some 50-character span of P exactly
 
 Per system: the mean span and ROUGE-L recall, and the share of verbatim replies.
-Per-reply rows: `EVAL/leakage/prompt_id=ID/system=NAME/part-00000.parquet`;
+Per-reply rows: `EVAL/leakage/ID/NAME/part-00000.parquet`;
 the summary: `EVAL/leakage.json` and each adapter's genpi.json (`eval_metrics.leakage`).
 """
 

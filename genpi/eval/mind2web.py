@@ -27,7 +27,7 @@ step with a single candidate is asked once (AgentBench asks nothing and scores i
 list is empty, or whose question failed (an engine error, a prompt over the context), scores 0, as in
 AgentBench; the error is recorded.
 
-Per-step rows go to `EVAL/mind2web/prompt_id=ID/system=NAME/part-00000.parquet`, the summary
+Per-step rows go to `EVAL/mind2web/ID/NAME/part-00000.parquet`, the summary
 (element accuracy, action F1, step success per system, retention = system / teacher) to `EVAL/mind2web.json`,
 which keeps one summary per prompt (`{"results": [...]}`; a rerun replaces its prompt's).
 """

@@ -15,7 +15,7 @@ task's answer; a check task's `example` run in the shell, its output answered) a
 without doing anything: AgentBench's Docker environment passes the first by construction, and no sound
 judge passes the second.
 
-Rows (one per task and system) go to `EVAL/os_tasks/prompt_id=ID/system=NAME/part-00000.parquet`, the
+Rows (one per task and system) go to `EVAL/os_tasks/ID/NAME/part-00000.parquet`, the
 summary (success rate per system, retention = system / teacher) to `EVAL/os_tasks.json`, which keeps one
 summary per prompt (`{"results": [...]}`; a rerun replaces its prompt's).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from genpi.data.store import results_files
 from genpi.eval import plots
 from genpi.eval.markdown import cell, interval, rate, scored_results, served, short, table
 
@@ -30,12 +31,15 @@ def per_turn_rates(eval_dir: Path, prompt_id: str) -> dict[str, list[float]]:
     turn k."""
     import duckdb
 
+    files = [str(f) for f in results_files(eval_dir, "fidelity", prompt_id)]  # either layout (genpi.data.store)
+    if not files:
+        return {}
     rows = (
         duckdb.connect()
         .execute(
-            "SELECT system, turns_valid FROM read_parquet(?, hive_partitioning = true) "
+            "SELECT system, turns_valid FROM read_parquet(?, hive_partitioning = false) "
             "WHERE error IS NULL AND turns_valid IS NOT NULL",
-            [str(eval_dir / "fidelity" / f"prompt_id={prompt_id}" / "*" / "*.parquet")],
+            [files],
         )
         .fetchall()
     )

@@ -19,7 +19,7 @@ Layouts of the user turns: `agentbench` ("Observation:\\n...\\n\\nAvailable Acti
 'clickables': [...]}", AgentBench's) or `examples` (clickables in brackets and the instruction on the
 first page only, as examples/agents.yaml's web-shop prompt shows them).
 
-Per-episode rows: `EVAL/webshop/prompt_id=ID/system=NAME/part-00000.parquet`; summary (mean reward,
+Per-episode rows: `EVAL/webshop/ID/NAME/part-00000.parquet`; summary (mean reward,
 success = reward 1, per system; retention = system / teacher): `EVAL/webshop.json`, one summary per prompt
 (`{"results": [...]}`; a rerun replaces its prompt's).
 """

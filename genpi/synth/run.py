@@ -150,7 +150,7 @@ class Synthesis:
                 "its inputs (and dialogues) will be made again"
             )
         # New inputs: any shard of this prompt was made from other inputs and must go.
-        for shard in (self.out / "dialogues" / f"prompt_id={entry.id}").glob("*.parquet"):
+        for shard in store.shard_path(self.out, entry.id, 0).parent.glob("*.parquet"):
             shard.unlink()
         record["shards"], record["inputs"] = {}, None
         limit = await input_token_limit(entry, target, self.settings)
@@ -158,6 +158,7 @@ class Synthesis:
         heldout = heldout_ids(entry.id, len(got.inputs), self.settings)
         samples = [
             {
+                "prompt_id": entry.id,
                 "sample_id": i,
                 "seed": stable_seed(self.settings.seed, entry.id, i),
                 "split": "heldout" if i in heldout else "train",
@@ -334,6 +335,8 @@ def _synthesize(catalog, out, entries, settings, generator, target, options) -> 
     if old is not None:
         manifest = reconcile_manifest(old, manifest, out)
     store.remove_stale_temporaries(out)
+    store.upgrade_layout(out)  # a run begun by a genpi before issue 26 goes on in the plain folders
+    upgrade_write_errors(manifest)
     write_manifest(out, manifest)
 
     import ray
@@ -355,6 +358,15 @@ def _synthesize(catalog, out, entries, settings, generator, target, options) -> 
         for handle, _ in {id(a[0]): a for a in [*target_actors, generator_actor]}.values():
             ray.kill(handle)  # free the CPUs/GPUs now, for whatever this driver does next
     return run.manifest
+
+
+def upgrade_write_errors(manifest: dict) -> None:
+    """The write errors of a legacy run name its files in the `prompt_id=ID/` folders: named as the files they
+    are now (store.upgrade_layout), so that writing a file clears its error."""
+    legacy = f"dialogues/{store.LEGACY_PROMPT}"
+    for record in manifest["prompts"].values():
+        errors = record.get("write_errors") or {}
+        record["write_errors"] = {name.replace(legacy, "dialogues/", 1): why for name, why in errors.items()}
 
 
 def shortfall(prompt_id: str, n: int, settings: SynthSettings, got: GeneratedInputs) -> str:
