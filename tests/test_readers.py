@@ -329,7 +329,7 @@ def test_export_messages_is_a_chat_dataset_datasets_loads_with_a_card(run, catal
     entries = {e.id: e for e in load_catalog(catalog)}
     assert [(p["id"], p["sha256"]) for p in front["prompts"]] == [(i, entries[i].sha256) for i in sorted(IDS)]
     greet = next(p for p in front["prompts"] if p["id"] == "greet")
-    assert greet["failed"] == 2 and greet["train"] + greet.get("test", 0) == 3
+    assert greet["failed"] == 2 and greet["train"] + greet["test"] == 3
     assert front["generator_model"] == front["target_model"] == "fake"
     assert front["license"] == "other" and front["format"] == "messages" and front["with_prompt"] is False
     assert front["size_categories"] == ["n<1K"] and "text-generation" in front["task_categories"]

@@ -8,7 +8,7 @@
 Every file holds its prompt_id (and an evaluation's its system) as a column, and the folders are plain names, not
 hive partitions (`prompt_id=ID/`): a folder of them is one table to pandas, pyarrow.dataset, polars, DuckDB and
 Hugging Face `datasets` alike. Hive folders over files that also hold the column (genpi before issue 26: LEGACY)
-made pandas and polars refuse the folder (the path's dictionary-typed value against the file's string), and
+made pandas refuse the folder (the path's dictionary-typed value against the file's string), and
 dropping the column instead would leave a file that does not say which prompt it holds, lose the id in readers
 that ignore hive paths (`datasets`), and let readers that infer a partition's type turn an id such as `007` into
 the number 7. genpi's own readers list files of both layouts (legacy files hold the columns too); a resumed

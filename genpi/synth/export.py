@@ -192,9 +192,10 @@ def card_front_matter(
 
     by_prompt: dict[str, dict] = {}
     for r in rows:
-        p = by_prompt.setdefault(r["prompt_id"], {"id": r["prompt_id"], "sha256": r["prompt_sha256"]})
-        split = SPLITS[r["split"]]
-        p[split] = p.get(split, 0) + 1
+        p = by_prompt.setdefault(
+            r["prompt_id"], {"id": r["prompt_id"], "sha256": r["prompt_sha256"], "train": 0, "test": 0}
+        )
+        p[SPLITS[r["split"]]] += 1
     recorded = manifest.get("prompts") or {}
     for p in by_prompt.values():  # the manifest's count of the rows that failed, when there is one
         shards = (recorded.get(p["id"]) or {}).get("shards") or {}
@@ -250,12 +251,13 @@ def card(front: dict, out: Path, manifest: dict, ids: list[str]) -> str:
         "",
         f"# {front['pretty_name']}",
         "",
-        "Training dialogues for Generative Prompt Internalization (GenPI): for each prompt P below, a teacher (the "
-        f"generator model, `{front['generator_model']}`, with P in its context) role-plays with an environment "
-        "persona on pseudo user inputs made from P's examples; the target model "
-        f"(`{front['target_model']}`) answered the same inputs without P (`student_output`), and the generator "
-        "wrote why the teacher's first turn should replace it (`reason`). Fine-tuning the target on these "
-        "dialogues without P teaches it to behave as if P were in its context.",
+        "Training dialogues for Generative Prompt Internalization (GenPI): for each prompt P below, the generator "
+        f"model (`{front['generator_model']}`) wrote pseudo user inputs from P's examples; the target model "
+        f"(`{front['target_model']}`) with P in its context, the teacher, role-played the agent on each input "
+        "against an environment persona (the target too, with P's shots' roles swapped); the target without P "
+        "answered the same input (`student_output`), and the generator wrote why the teacher's first turn should "
+        "replace that answer (`reason`). Fine-tuning the target on these dialogues without P teaches it to behave "
+        "as if P were in its context.",
         "",
         f"Columns: {columns}. Splits: `train`, and `test` (genpi's held-out rows, `split` = `heldout`). "
         f"Only dialogues without an error are here. Licence: `{front['license']}`; set it (`genpi export --license`) "
@@ -275,7 +277,7 @@ def card(front: dict, out: Path, manifest: dict, ids: list[str]) -> str:
         "",
         "| prompt | sha256 | train | test |",
         "| --- | --- | --- | --- |",
-        *(f"| {p['id']} | `{p['sha256']}` | {p.get('train', 0)} | {p.get('test', 0)} |" for p in front["prompts"]),
+        *(f"| {p['id']} | `{p['sha256']}` | {p['train']} | {p['test']} |" for p in front["prompts"]),
         "",
     ]
     if made:
