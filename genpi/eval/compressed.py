@@ -9,7 +9,8 @@ Which compressor runs (recorded with the compressed prompt, `Compressed.compress
     LLMLingua-2   the token classifier (`PromptCompressor(use_llmlingua2=True)`) when its model folder is on
                   this machine: MODEL as a folder or a Hugging Face id in the local cache, by default either of
                   LLMLINGUA2_MODELS in the local cache. Newlines and the prompt's action keywords are its
-                  `force_tokens` (always kept).
+                  `force_tokens` (always kept). Its family (xlm-roberta or bert) is read from the config, so a
+                  folder of any name works; the kept words are put back with P's spacing (`spaced_as_in`).
     LLMLingua     the package's causal-LM compressor (LLMLingua v1, `PromptCompressor`) with the bundled SmolLM2
                   (or MODEL, a causal LM folder) otherwise: the CPU default. The same parts are kept through the
                   package's structured compression (`context_segs` with `compress=False` on each kept part).
@@ -45,6 +46,8 @@ LLMLINGUA2_MODELS = (
     "microsoft/llmlingua-2-xlm-roberta-large-meetingbank",
     "microsoft/llmlingua-2-bert-base-multilingual-cased-meetingbank",
 )
+# A classifier's family (its config's model_type) -> the name llmlingua's word-piece rules look for in model_name
+LLMLINGUA2_FAMILIES = {"xlm-roberta": "xlm-roberta-large", "bert": "bert-base-multilingual-cased"}
 FALLBACK_MODEL = "smollm2"  # the causal LM of LLMLingua v1 when no LLMLingua-2 classifier is on this machine
 LLMLINGUA2, LLMLINGUA = "llmlingua-2 token classifier", "llmlingua causal LM"
 FORCED = ("\n", ":")  # kept in every text: the line structure and the `Keyword:` layout of the action formats
@@ -161,8 +164,14 @@ def find_model(model: str | None) -> tuple[str, str]:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    token_classifier = any("ForTokenClassification" in a for a in config.architectures or ())
-    return folder, LLMLINGUA2 if token_classifier else LLMLINGUA
+    if not any("ForTokenClassification" in a for a in config.architectures or ()):
+        return folder, LLMLINGUA
+    if config.model_type not in LLMLINGUA2_FAMILIES:  # said before the model loads
+        raise InputError(
+            f"--compressed: {folder} is a {config.model_type} classifier; LLMLingua-2 is "
+            + " or ".join(LLMLINGUA2_FAMILIES)
+        )
+    return folder, LLMLINGUA2
 
 
 def _cached(repo: str) -> str | None:
@@ -175,6 +184,39 @@ def _cached(repo: str) -> str | None:
     except (LocalEntryNotFoundError, ValueError, OSError):
         return None
     return folder if (Path(folder) / "config.json").exists() else None
+
+
+WORD_SEP = "\t\t|\t\t"  # between llmlingua's labelled words (its default)
+
+
+def spaced_as_in(text: str, words: list[tuple[str, bool]]) -> str | None:
+    """The kept words of LLMLingua-2's labelled words (`text`'s words in order, True: kept), with `text`'s own spacing
+    between them: its gap where no word was dropped between two kept words; where some were, its newlines, else the
+    gap before the kept word (a space if two words P spaces apart would touch). None if a word is not in `text` (a
+    character its tokenizer normalized): the package's text then. The package's own text is its tokenizer's
+    detokenization, which spaces BERT's words apart ("Act : answer ( )") and loses the space before a force token of
+    several pieces ("Act:answer"): the action formats P teaches."""
+    out, pos, last_kept = [], 0, 0  # pos: the end of the last word found; last_kept: of the last word kept
+    for word, keep in words:
+        if not word.strip():
+            continue  # a forced newline (or XLM-RoBERTa's lone "▁"): the gaps carry P's newlines
+        at = text.find(word, pos)
+        if at < 0:
+            return None
+        if keep:
+            gap, span = text[pos:at], text[last_kept:at]
+            if pos != last_kept and "\n" in span:
+                gap = "\n" * span.count("\n")
+            elif pos != last_kept and not out:
+                gap = ""
+            elif pos != last_kept and not gap and re.search(r"\s", span) and (out[-1][-1] + word[0]).isalnum():
+                gap = " "  # two words that P spaces apart, not glued together by a dropped quote between them
+            out.extend((gap, word))
+            last_kept = at + len(word)
+        pos = at + len(word)
+    tail = text[last_kept:]
+    out.append(tail if pos == last_kept else "\n" * tail.count("\n"))
+    return "".join(out)
 
 
 class TokenCounter:
@@ -222,18 +264,10 @@ class Compressor:
             self.llmlingua = PromptCompressor(
                 self.folder, device_map=device, model_config=config, use_llmlingua2=self.kind == LLMLINGUA2
             )
-        if self.kind == LLMLINGUA2 and not any(
-            f in self.folder for f in ("xlm-roberta-large", "bert-base-multilingual")
-        ):
-            # llmlingua picks the word-piece rules by the model's name: give a folder of another name its family's
-            family = self.llmlingua.model.config.model_type
-            if family not in ("xlm-roberta", "bert"):
-                raise InputError(
-                    f"--compressed: {self.folder} is a {family} classifier; LLMLingua-2 is xlm-roberta or bert"
-                )
-            self.llmlingua.model_name = (
-                "xlm-roberta-large" if family == "xlm-roberta" else "bert-base-multilingual-cased"
-            )
+        if self.kind == LLMLINGUA2:
+            # llmlingua picks its word-piece rules by a substring of the model's name (its folder here): the name of
+            # the config's family instead, so that a folder of any name (a local copy, a fine-tuned classifier) works
+            self.llmlingua.model_name = LLMLINGUA2_FAMILIES[self.llmlingua.model.config.model_type]
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -244,9 +278,16 @@ class Compressor:
             return text
         if self.kind == LLMLINGUA2:
             result = self.llmlingua.compress_prompt(
-                [text], rate=rate, force_tokens=keep, use_context_level_filter=False, drop_consecutive=False
+                [text],
+                rate=rate,
+                force_tokens=keep,
+                use_context_level_filter=False,
+                drop_consecutive=False,
+                return_word_label=True,
+                word_sep=WORD_SEP,
             )
-            return result["compressed_prompt"]
+            words = [w.rpartition(" ") for w in result["fn_labeled_original_prompt"].split(WORD_SEP)]
+            return spaced_as_in(text, [(w, label == "1") for w, _, label in words]) or result["compressed_prompt"]
         forced = re.compile(r"\n+|" + "|".join(re.escape(k) if not k.isalnum() else rf"\b{k}\b" for k in keep))
         segments, last = [], 0
         for match in forced.finditer(text):
