@@ -15,6 +15,7 @@
     genpi report RUN [--out report.md]  Markdown report with plots from a run's files
     genpi stats OUT [--json]            quality statistics per prompt
     genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`
+    genpi push ADAPTERS --repo ORG/NAME [--dataset]  adapters (or an exported dataset) to the Hugging Face hub
 
 Bad input (InputError) prints `genpi: error: MESSAGE` on one line and exits with status 2 (genpi.exits_2_on_input_error,
 the one handler of every entry point).
@@ -78,6 +79,14 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from genpi.data.push import push
+
+    pushed = push(args.path, args.repo, dataset=args.dataset, private=args.private)
+    print(f"{pushed['url']}: {len(pushed['staged'])} files")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from genpi.data.dialogues import MAX_TEMP, MEMORY_LIMIT, THREADS
     from genpi.synth.stats import MAX_ROWS, TIMEOUT_S
@@ -127,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows printed at most; the rest are not fetched (default %(default)s)",
     )
     p.set_defaults(handler=cmd_sql)
+
+    p = sub.add_parser("push", help="adapters (ADAPTERS or ADAPTERS/ID) or an exported dataset to the Hugging Face hub")
+    p.add_argument("path", metavar="PATH", help="adapters folder, one adapter's folder, or (--dataset) genpi export's")
+    p.add_argument("--repo", required=True, help="the hub repository ORG/NAME (created if need be)")
+    p.add_argument("--dataset", action="store_true", help="PATH is a dataset (genpi export --to DIR)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.set_defaults(handler=cmd_push)
     return parser
 
 
