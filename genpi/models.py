@@ -97,13 +97,19 @@ def hub_snapshot(repo_id: str) -> Path:
     except IncompleteSnapshotError as e:
         raise InputError(
             f"hub model {repo_id!r}: its snapshot in the cache {cache} is incomplete ({e}); finish the download "
-            f"(huggingface-cli download {repo_id}, or rerun with {ALLOW_DOWNLOAD}=1)"
+            f"(hf download {repo_id}, or rerun with {ALLOW_DOWNLOAD}=1)"
         ) from None
-    except FileNotFoundError:  # LocalEntryNotFoundError: not in the cache, and no download allowed
-        why = "HF_HUB_OFFLINE is set" if offline else f"genpi downloads only with {ALLOW_DOWNLOAD}=1"
+    except FileNotFoundError as e:  # LocalEntryNotFoundError: not in the cache, and not downloaded
+        if offline:
+            why = "HF_HUB_OFFLINE is set"
+        elif download:
+            why = f"its download failed ({' '.join(str(e).split())})"
+        else:
+            why = f"genpi downloads only with {ALLOW_DOWNLOAD}=1"
         raise InputError(
-            f"hub model {repo_id!r} is not in the local Hugging Face cache {cache} (HF_HUB_CACHE, else HF_HOME/hub) "
-            f"and {why}: download it first (huggingface-cli download {repo_id}), point HF_HOME at the cache that "
+            f"model {repo_id!r} is no local folder, and as a hub id it is not in the local Hugging Face cache {cache} "
+            "(HF_HUB_CACHE, else HF_HOME/hub) "
+            f"and {why}: download it first (hf download {repo_id}), point HF_HOME at the cache that "
             "has it, or pass a local folder"
         ) from None
     except (HfHubHTTPError, HFValidationError, OSError) as e:  # no such repository, gated, no connection

@@ -330,7 +330,7 @@ def test_cards_of_a_full_model_and_of_the_bundled_base(tmp_path, tiny_model):
     assert meta["genpi"]["base_model"] == Path(tiny_model).name and meta["genpi"]["kind"] == MODEL
     bundled = AdapterManifest("greet", GREET.sha256, "smollm2", "sft", None, {"r": 8}, "x", kind=ADAPTER)
     assert card_metadata(bundled)["base_model"] == BUNDLED_HUB_ID
-    assert "dequantized" in card_text(bundled)
+    assert "dequantized" in card_text(bundled) and "--base smollm2`" in card_text(bundled)
 
 
 # ---------------------------------------------------------------- genpi push
@@ -446,3 +446,35 @@ def test_push_a_dataset(tmp_path, hub_calls, capsys):
     (_, _, kwargs, _), (_, _, upload_kwargs, sent) = hub_calls
     assert kwargs["repo_type"] == "dataset" == upload_kwargs["repo_type"]
     assert files(sent) == {"README.md", "data/train.parquet"}
+
+
+@pytest.mark.slow
+def test_genpi_train_on_a_hub_id_writes_a_hub_ready_adapter(
+    calc_dialogues, tiny_trainable_model, tiny_model, hf_home, tmp_path
+):
+    """`genpi train --base ORG/NAME` end to end (a subprocess, Ray): the base from the cache, the adapter hub-ready,
+    genpi.json holding the snapshot it trained on; then evaluating on the updated hub model is refused."""
+    import os
+    import subprocess
+    import sys
+
+    snapshot = cache_model(hf_home / "hub", REPO_ID, Path(tiny_trainable_model), "f" * 40)
+    adapters = tmp_path / "adapters"
+    command = [sys.executable, "-m", "genpi.cli", "train", str(calc_dialogues), "--catalog"]
+    command += [str(REPO / "tests" / "data" / "tiny.yaml"), "--out", str(adapters), "--base", REPO_ID, "--epochs", "1"]
+    command += ["--batch-size", "4", "--micro-batch", "2", "--max-length", "512", "--rank", "4", "--no-progress"]
+    env = dict(os.environ, RAY_ADDRESS="local", HF_HOME=str(hf_home), PYTHONPATH=str(REPO))
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = adapters / "calc"
+    manifest = read_adapter_manifest(folder)
+    assert manifest.base_model == REPO_ID and Path(manifest.base_path) == snapshot
+    assert manifest.base_digest == weights_digest(snapshot)
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == REPO_ID
+    meta = front_matter(folder / "README.md")
+    assert meta["base_model"] == REPO_ID and meta["genpi"]["prompt_sha256"] == CALC.sha256
+    assert meta["genpi"]["training"]["epochs"] == 1 and meta["genpi"]["lora"]["r"] == 4
+    check_base(folder, manifest, resolve_model(REPO_ID))
+    cache_model(hf_home / "hub", REPO_ID, Path(tiny_model), "9" * 40)  # the hub model updated since
+    with pytest.raises(InputError, match="other config and weights"):
+        check_base(folder, manifest, resolve_model(REPO_ID))

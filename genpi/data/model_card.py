@@ -156,7 +156,9 @@ def _usage(manifest: AdapterManifest, base: str, repo: str, subfolder: str | Non
         f"model = PeftModel.from_pretrained(base, {where})",
         "```",
         "",
-        f"genpi serves it too: `genpi serve ADAPTERS --catalog CATALOG --base {base}`.",
+        # genpi's bundled SmolLM2 is not the hub's weights (check_base would refuse them): its own name there
+        f"genpi serves it too: `genpi serve ADAPTERS --catalog CATALOG --base "
+        f"{BUNDLED if manifest.base_model == BUNDLED else base}`.",
     ]
 
 
@@ -185,7 +187,7 @@ def card_text(manifest: AdapterManifest, repo: str | None = None, subfolder: str
         lora = manifest.lora
         lines.append(
             f"- LoRA: rank {lora.get('r')}, alpha {lora.get('alpha')}, "
-            f"modules {lora.get('target_modules')}, 4-bit base {lora.get('quantize_4bit')}"
+            f"modules {lora.get('target_modules')}, " + ("4-bit base" if lora.get("quantize_4bit") else "16-bit base")
         )
     if manifest.base_model == BUNDLED:
         lines.append(
