@@ -16,6 +16,7 @@
     genpi stats OUT [--json]            quality statistics per prompt
     genpi sql OUT QUERY [--json]        one read-only SELECT over the view `dialogues`
     genpi export OUT --to DIR [--format messages|jsonl|parquet]  the dialogues as a chat dataset with a card
+    genpi push ADAPTERS --repo ORG/NAME [--dataset]  adapters (or an exported dataset) to the Hugging Face hub
 
 Bad input (InputError) prints `genpi: error: MESSAGE` on one line and exits with status 2 (genpi.exits_2_on_input_error,
 the one handler of every entry point).
@@ -89,6 +90,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from genpi.data.push import push
+
+    pushed = push(args.path, args.repo, dataset=args.dataset, private=args.private)
+    print(f"{pushed['url']}: {len(pushed['staged'])} files")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from genpi.data.dialogues import MAX_TEMP, MEMORY_LIMIT, THREADS
     from genpi.synth.stats import MAX_ROWS, TIMEOUT_S
@@ -153,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="comma-separated prompt ids to export (default: all)")
     p.add_argument("--license", default="other", help="the card's licence field (default %(default)s)")
     p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("push", help="adapters (ADAPTERS or ADAPTERS/ID) or an exported dataset to the Hugging Face hub")
+    p.add_argument("path", metavar="PATH", help="adapters folder, one adapter's folder, or (--dataset) genpi export's")
+    p.add_argument("--repo", required=True, help="the hub repository ORG/NAME (created if need be)")
+    p.add_argument("--dataset", action="store_true", help="PATH is a dataset (genpi export --to DIR)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.set_defaults(handler=cmd_push)
     return parser
 
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,11 @@ class AdapterManifest:
     # "auto" settings became where it trained (device, dtypes, gradient checkpointing, optimizer)
     settings: dict = dataclasses.field(default_factory=dict)
     kind: str = ADAPTER  # MODEL: a fully fine-tuned model folder (absent from manifests written before it: adapter)
+    # the base folder it trained on here (a hub id's cache snapshot) and weights_digest of it: what check_base compares
+    # (base_model is the name it was given, a hub id or a folder; the model card and adapter_config.json carry its
+    # portable form, genpi.models.portable_model); empty in manifests written before them
+    base_path: str = ""
+    base_digest: str = ""
 
 
 def write_adapter(folder: str | Path, manifest: AdapterManifest, save: Callable[[Path], None]) -> Path:
@@ -62,6 +68,7 @@ def write_adapter(folder: str | Path, manifest: AdapterManifest, save: Callable[
     try:
         save(tmp)
         (tmp / MANIFEST).write_text(_manifest_json(manifest))
+        _hub_ready(tmp, manifest, configs=True)
         if folder.exists():  # replaced by a newer training of the same prompt
             old = folder.with_name(f".{folder.name}-old-{os.getpid()}")
             os.rename(folder, old)
@@ -76,6 +83,18 @@ def write_adapter(folder: str | Path, manifest: AdapterManifest, save: Callable[
 
 def _manifest_json(manifest: AdapterManifest) -> str:
     return json.dumps(dataclasses.asdict(manifest), indent=2, sort_keys=True)
+
+
+def _hub_ready(folder: Path, manifest: AdapterManifest, configs: bool) -> None:
+    """The model card (README.md) from the manifest, and (`configs`) adapter_config.json naming the base portably."""
+    from genpi.data import model_card  # it reads this module's contract: imported here, not in a cycle at the top
+
+    try:
+        if configs:
+            model_card.portable_configs(folder, manifest)
+        model_card.write_card(folder, manifest)
+    except Exception as e:  # the card is for the hub: never lose a trained adapter or an evaluation's record over it
+        print(f"genpi: warning: {folder}: no model card written ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def read_adapter_manifest(folder: str | Path) -> AdapterManifest | None:
@@ -130,6 +149,7 @@ def record_eval(folder: str | Path, metrics: dict) -> AdapterManifest:
     tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
     tmp.write_text(_manifest_json(manifest))
     os.replace(tmp, path)
+    _hub_ready(Path(folder), manifest, configs=False)  # the card shows the new figures
     return manifest
 
 
@@ -180,7 +200,18 @@ def weights_digest(path: str | Path) -> str:
 
 
 def check_base(folder: Path, manifest: AdapterManifest, base_path: str) -> None:
-    """Refuse an adapter trained on another base model: same folder, or same config and weights."""
+    """Refuse an adapter trained on another base model: same folder, or same config and weights. A manifest that
+    recorded the folder and digest it trained on is held to them: a hub id whose cached snapshot moved to another
+    commit names other weights."""
+    if manifest.base_digest:
+        if manifest.base_path and Path(manifest.base_path).resolve() == Path(base_path).resolve():
+            return
+        if weights_digest(base_path) == manifest.base_digest:
+            return
+        raise InputError(
+            f"{folder}: trained on base model {manifest.base_model!r} ({manifest.base_path}), but the evaluated base "
+            f"{base_path!r} has other config and weights; pass the adapter's base with --base"
+        )
     try:
         trained_on = resolve_model(manifest.base_model)
     except Exception:

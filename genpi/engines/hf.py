@@ -34,7 +34,6 @@ import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +43,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Message, Sampling, text_token_ids
+from genpi.models import portable_model
 
 SERVING = object()  # a request's adapter: as `serving` says
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -239,7 +239,7 @@ class TransformersEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="genpi_prefix")
         self.model = self.model.to(self.device).eval()
-        self.model_name = Path(path).name
+        self.model_name = portable_model(path)  # a hub snapshot's folder is a commit hash: its id instead
         self.max_batch = max_batch
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.pad_id = (

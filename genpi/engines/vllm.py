@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 from genpi.engines import CONTEXT_LENGTH_ERROR, ChatRequest, Completion, Message, Sampling, text_token_ids
+from genpi.models import portable_model
 
 
 class VLLMEngine:
@@ -75,7 +76,7 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.model_config.max_model_len
         self.special_ids = set(self.tokenizer.all_special_ids)
-        self.model_name = Path(path).name
+        self.model_name = portable_model(path)  # a hub snapshot's folder is a commit hash: its id instead
         self._loop: asyncio.AbstractEventLoop | None = None  # for the synchronous `generate`
 
     def encode(self, messages: list[Message]) -> list[int]:

@@ -12,7 +12,7 @@ from genpi.flags import setting
 
 SERVED_HELP = "a served system, NAME=openai:BASE_URL/MODEL (MODEL may hold {prompt_id}); repeatable"
 COMPRESSED_HELP = "the base given P compressed by LLMLingua, NAME=llmlingua2:RATE[:MODEL] (RATE in (0, 1]); repeatable"
-BASE_HELP = "base model: local folder or 'smollm2' (must be the adapters' base)"
+BASE_HELP = "base model: local folder, hub id in the local cache, or 'smollm2' (must be the adapters' base)"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("adapters", metavar="ADAPTERS", help="adapters folder (genpi train --out): ADAPTERS/ID/ per prompt")
     p.add_argument("--catalog", required=True, help="the prompt catalog the adapters were trained for")
-    p.add_argument("--base", default=None, help="base model: local folder or 'smollm2' (default: the adapters' base)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model: local folder, hub id in the local cache, or 'smollm2' (default: the adapters' base)",
+    )
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000)

@@ -11,9 +11,9 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 from genpi import InputError
+from genpi.models import portable_model
 from genpi.serve.scheduler import Adapter
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
@@ -42,7 +42,7 @@ def vllm_command(
         "--model",
         base_path,
         "--served-model-name",
-        Path(base_path).name,
+        portable_model(base_path),
         "--host",
         host,
         "--port",

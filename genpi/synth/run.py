@@ -481,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--generator",
         default="smollm2",
-        help="generator model: local folder, 'smollm2', or openai:BASE_URL/MODEL (an OpenAI-compatible server)",
+        help="generator model: local folder, hub id in the local cache, 'smollm2', or openai:BASE_URL/MODEL "
+        "(an OpenAI-compatible server)",
     )
     p.add_argument("--target", default="smollm2", help="target model: as --generator")
     for role in ("generator", "target"):

@@ -85,9 +85,10 @@ def lambda_rule(plan: Plan, tried: list) -> str | None:
     return "catalog" if "lam" in plan.from_catalog else "given"
 
 
-def write_best(plan: Plan, tried: list, out: Path, base: str) -> dict:
+def write_best(plan: Plan, tried: list, out: Path, base: str, base_path: str = "", base_digest: str = "") -> dict:
     """Write the prompt's best finished trial (lowest held-out teacher KL) as ADAPTERS/ID/; returns the prompt's
-    outcome."""
+    outcome. `base_path` and `base_digest`: the folder `base` resolved to and its weights_digest (what check_base
+    holds the adapter to)."""
     entry, settings = plan.entry, plan.settings
     finished = [r for r in tried if r.error is None and r.metrics.get("finished")]
     errors = [
@@ -129,6 +130,8 @@ def write_best(plan: Plan, tried: list, out: Path, base: str) -> dict:
         prompt_id=entry.id,
         prompt_sha256=entry.sha256,
         base_model=base,
+        base_path=base_path,
+        base_digest=base_digest,
         method=settings.method,
         lam=lam,
         lora={} if settings.full_finetune else {**settings.lora.to_dict(), "quantize_4bit": settings.quantize},

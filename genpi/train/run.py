@@ -37,7 +37,7 @@ from pathlib import Path
 from genpi import InputError, exits_2_on_input_error
 from genpi.catalog import load_catalog
 from genpi.cluster import init_ray
-from genpi.data.adapters import fingerprint, read_adapter_manifest
+from genpi.data.adapters import fingerprint, read_adapter_manifest, weights_digest
 from genpi.data.dialogues import prompt_rows
 from genpi.data.runfolder import check_out, holding_lock
 from genpi.flags import add_settings, from_args
@@ -148,8 +148,11 @@ def train_catalog(
         results, experiment = run_experiment(
             plans, base_path, out, storage, num_cpus, num_gpus, progress, checkpoint_steps, max_failures, early_stop
         )
+        base_digest = weights_digest(base_path)  # genpi.json holds the adapters to these weights (check_base)
         for plan in plans:
-            outcomes[plan.entry.id] = write_best(plan, results.get(plan.entry.id, []), out, base)
+            outcomes[plan.entry.id] = write_best(
+                plan, results.get(plan.entry.id, []), out, base, str(Path(base_path).absolute()), base_digest
+            )
         if all(outcomes[plan.entry.id]["status"] == "trained" for plan in plans):
             shutil.rmtree(
                 experiment
@@ -196,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="synthesis run folder (genpi synth --out)")
     p.add_argument("--catalog", required=True)
     p.add_argument("--out", required=True, help="adapters folder: ADAPTERS/ID/")
-    p.add_argument("--base", default="smollm2", help="base model: local folder or 'smollm2'")
+    p.add_argument(
+        "--base", default="smollm2", help="base model: local folder, hub id ORG/NAME in the local cache, or 'smollm2'"
+    )
     p.add_argument("--method", default=d.method, help=f"{help['method']} (default %(default)s)")
     p.add_argument(
         "--lambdas",
