@@ -1,7 +1,6 @@
 """genpi: internalize a long, fixed LLM prompt into a small QLoRA adapter (GenPI)."""
 
 
-
 def _version() -> str:
     """The version `genpi --version` shows: in a source checkout (pyproject.toml beside the package: an editable
     install, or PYTHONPATH) the checkout's own, which an editable install's recorded metadata may lag behind; else

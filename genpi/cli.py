@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = EXTRAS.get((e.name or "").split(".")[0])
         if extra is None:
             raise
-        raise InputError(f"genpi {args.command} needs {e.name}, which is not installed: pip install 'genpi[{extra}]'") from None
+        raise InputError(
+            f"genpi {args.command} needs {e.name}, which is not installed: pip install 'genpi[{extra}]'"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def train_line(name: str, argv: list[str], entries, settings, target) -> str:
         per_row = statistics.mean(e.input + sum(e.agent) + sum(e.environment[:-1]) for e in expected)
         rows += lambdas * rows_seen
         tokens += lambdas * rows_seen * per_row
-    lambdas = "/".join(map(str, sorted(trials)))
+    lambdas = " or ".join(map(str, sorted(trials)))
     return (
         f"{name}: {lambdas} trial{'s' * (lambdas != '1')} per prompt, {rows:.0f} rows trained, about "
         f"{tokens:,.0f} tokens forward and backward (no model calls; not timed)"
@@ -125,6 +125,7 @@ def print_run_estimate(stages: list[tuple[str, list[str]]], args: argparse.Names
     others = [name for name in others if not name.startswith("train ")]
     if others:
         lines.append(f"not estimated (a few calls per task or turn): {', '.join(others)}")
-    print(f"genpi run --dry-run: {len(stages)} stages, {len(entries)} prompt{'s' * (len(entries) != 1)}, {settings.samples} dialogues each")
+    prompts = f"{len(entries)} prompt{'s' * (len(entries) != 1)}"
+    print(f"genpi run --dry-run: {len(stages)} stages, {prompts}, {settings.samples} dialogues each")
     print(format_costs(costs, rate, lines))
     return 0

@@ -23,6 +23,7 @@ from genpi.cli import main
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
+WHEEL_VERSION = f"{VERSION}.post7"  # the wheel's: an installed genpi reports its metadata's version, not a constant
 
 
 def test_version_is_the_projects(capsys):
@@ -74,8 +75,9 @@ def installed(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("packaging")
     src = tmp / "src"  # a copy: building writes build/ and genpi.egg-info/ beside the sources
     shutil.copytree(REPO / "genpi", src / "genpi", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, src / name)
+    shutil.copy(REPO / "README.md", src / "README.md")
+    pyproject = (REPO / "pyproject.toml").read_text()
+    (src / "pyproject.toml").write_text(pyproject.replace(f'version = "{VERSION}"', f'version = "{WHEEL_VERSION}"', 1))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
     run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp / "dist"), str(src)], tmp)
     (wheel,) = (tmp / "dist").glob("genpi-*.whl")
@@ -98,7 +100,7 @@ def test_the_wheel_ships_the_package_data(installed):
     assert data <= names  # every data file of the package
     (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
     text = zipfile.ZipFile(wheel).read(metadata).decode()
-    assert f"Version: {VERSION}" in text and "Provides-Extra: serve" in text and "Provides-Extra: gguf" in text
+    assert f"Version: {WHEEL_VERSION}" in text and "Provides-Extra: serve" in text and "Provides-Extra: gguf" in text
 
 
 @pytest.mark.slow
@@ -106,11 +108,12 @@ def test_the_installed_genpi_works_outside_the_repository(installed, tiny_model,
     _, bin = installed
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    assert run([str(bin / "genpi"), "--version"], elsewhere).stdout.strip() == f"genpi {VERSION}"
+    assert run([str(bin / "genpi"), "--version"], elsewhere).stdout.strip() == f"genpi {WHEEL_VERSION}"
     # the installed package, not the repository's, with its presets read from the package data
     script = (
         "import dataclasses, json, genpi, genpi.runconfig as r; "
-        "print(json.dumps([genpi.__file__, str(r.PRESET_DIR), {k: dataclasses.asdict(v) for k, v in r.PRESETS.items()}]))"
+        "presets = {k: dataclasses.asdict(v) for k, v in r.PRESETS.items()}; "
+        "print(json.dumps([genpi.__file__, str(r.PRESET_DIR), presets]))"
     )
     where, presets_dir, presets = json.loads(run([str(bin / "python"), "-c", script], elsewhere).stdout)
     venv = bin.parent.resolve()
@@ -121,7 +124,17 @@ def test_the_installed_genpi_works_outside_the_repository(installed, tiny_model,
     # the model config shipped as package data: the analytic efficiency of llama-3-8b (tokens by the tiny tokenizer)
     catalog = str(REPO / "examples" / "agents.yaml")
     efficiency = [str(bin / "genpi"), "eval", "efficiency", "--catalog", catalog, "--prompt", "bakery-fr"]
-    efficiency += ["--model-config", "llama-3-8b", "--base", tiny_model, "--out", str(tmp_path / "eval"), "--json"]
+    efficiency += [
+        "--turns",
+        "2",
+        "--model-config",
+        "llama-3-8b",
+        "--base",
+        tiny_model,
+        "--out",
+        str(tmp_path / "eval"),
+    ]
+    efficiency += ["--json"]
     result = json.loads(run(efficiency, elsewhere).stdout)
     assert result["model_config"].endswith("llama-3-8b.json") and Path(result["model_config"]).resolve().is_relative_to(
         venv

@@ -118,9 +118,7 @@ class Episode:
     environment: tuple[float, ...]
 
 
-def episode_load(
-    entry: PromptEntry, count: Counter, episode: Episode, with_prompt: bool = True
-) -> tuple[Load, Load]:
+def episode_load(entry: PromptEntry, count: Counter, episode: Episode, with_prompt: bool = True) -> tuple[Load, Load]:
     """(the agent's calls, the environment's calls) of one role-play as genpi.synth.pipeline.role_play makes them:
     agent call j sees P, the input and j earlier (reply, observation) pairs; environment call j sees its persona,
     the input, the same pairs and the agent's reply j."""
@@ -171,9 +169,7 @@ def mean_load(loads: list[Load]) -> Load:
     return sum(loads, Load()) * (1 / len(loads)) if loads else Load()
 
 
-def synth_costs(
-    entries: list[PromptEntry], settings: SynthSettings, generator: Counter, target: Counter
-) -> list[Cost]:
+def synth_costs(entries: list[PromptEntry], settings: SynthSettings, generator: Counter, target: Counter) -> list[Cost]:
     """What synthesizing `settings.samples` dialogues for each prompt costs, per stage and model (summed over the
     prompts), as genpi.synth.pipeline makes its calls."""
     stages: dict[str, list] = {}
@@ -193,7 +189,9 @@ def synth_costs(
             add("synth input limit", "target", target.model, counting, counting)
         examples = [generator.text(t) for t in entry.input_examples] or [limit]
         prompt = statistics.mean(
-            generator.chat(input_request(entry, stable_seed(settings.seed, entry.id, "input", k), settings, limit).messages)
+            generator.chat(
+                input_request(entry, stable_seed(settings.seed, entry.id, "input", k), settings, limit).messages
+            )
             for k in range(INPUT_SEEDS)
         )
         asked = INPUT_OVER_ASK * n
@@ -202,7 +200,11 @@ def synth_costs(
             "generator",
             generator.model,
             Load(asked, asked * prompt, asked * min(limit, statistics.mean(examples))),
-            Load(asked * settings.input_rounds, asked * settings.input_rounds * prompt, asked * settings.input_rounds * limit),
+            Load(
+                asked * settings.input_rounds,
+                asked * settings.input_rounds * prompt,
+                asked * settings.input_rounds * limit,
+            ),
         )
         x = statistics.mean([target.text(t) for t in entry.input_examples]) if entry.input_examples else limit
         expected = shot_episodes(entry, target, turns, settings.max_agent_tokens, settings.max_environment_tokens, x)
@@ -321,7 +323,7 @@ def throughput(args: argparse.Namespace, models: dict[str, str], entry: PromptEn
                 measured[model] = measure_throughput(model, entry)
             generated[role], prompt[role] = measured[model]
         shown = ", ".join(f"{r} {generated[r]:.0f} generated, {prompt[r]:.0f} prompt tok/s" for r in models)
-        return Throughput(generated, prompt, f"measured here with the transformers engine ({shown})")
+        return Throughput(generated, prompt, f"the throughput measured here, transformers engine ({shown})")
     generated = parse_throughput(args.throughput)
     prompt = parse_throughput(args.prompt_throughput, "--prompt-throughput") or {
         role: rate * PROMPT_SPEEDUP for role, rate in generated.items()
