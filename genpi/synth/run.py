@@ -35,6 +35,8 @@ from genpi.engines import AsyncEngine, EngineConfig
 from genpi.engines.openai import PREFIX as OPENAI_PREFIX
 from genpi.engines.openai import split_spec
 from genpi.flags import add_settings, from_args, setting
+from genpi.synth.estimate import add_flags as add_dry_run_flags
+from genpi.synth.estimate import dry_run
 from genpi.synth.pipeline import (
     GeneratedInputs,
     SynthSettings,
@@ -506,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--no-stats", action="store_true", help="skip the quality table at the end")
+    add_dry_run_flags(p)
     return p
 
 
@@ -516,6 +519,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @exits_2_on_input_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.dry_run:  # the calls and tokens this would cost; nothing generated or written
+        return dry_run(args)
     manifest = synthesize(
         args.catalog,
         args.out,
