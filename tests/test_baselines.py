@@ -98,7 +98,7 @@ def test_cli_refuses_bad_baseline_settings(monkeypatch, capsys):
     assert e.value.code == 2
     assert run.main(["data", "--catalog", "c.yaml", "--out", "o", "--method", "prepend", "--prepend-ratio", "1.5"]) == 2
     assert "prepend_ratio must lie in [0, 1]" in capsys.readouterr().err
-    assert NO_LAMBDA == {"sft", "pg", "prepend", "kld", "seqkd", "seqkd+kld", "topk-kl", "onpolicy"}
+    assert NO_LAMBDA == {"sft", "pg", "prepend", "kld", "seqkd", "seqkd+kld", "topk-kl", "onpolicy", "icae"}
 
 
 def test_kld_keeps_a_row_whose_view_with_p_is_cut(tokenizer):

@@ -105,6 +105,7 @@ def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(
         "dtype": "float32",
         "compute_dtype_4bit": "float32",
         "gradient_checkpointing": False,
+        "autocast": None,  # CPU: no autocast
         "optimizer": "adamw_torch",
     }
     assert [p.suffix for p in (adapters / ".tune").iterdir()] == [".log"]  # the experiment is gone, its log stays
