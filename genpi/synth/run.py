@@ -98,7 +98,7 @@ class Synthesis:
         prompts = self.manifest["prompts"]
         total = sum(prompts[e.id]["inputs"] or self.settings.samples for e in self.entries)
         done = sum(s["rows"] - s.get("retryable", 0) for e in self.entries for s in prompts[e.id]["shards"].values())
-        self.started, self.bar_initial = time.monotonic(), done
+        self.started, self.done, self.done_before = time.monotonic(), done, done  # a disabled bar counts nothing
         self.bar = tqdm(
             total=total, initial=done, unit="dlg", desc="dialogues", disable=not self.options.progress, file=sys.stderr
         )
@@ -116,10 +116,10 @@ class Synthesis:
         if self.tracker is None:
             return
         seconds = max(time.monotonic() - self.started, 1e-9)
-        done = self.bar.n - self.bar_initial  # this session's, as generated_tokens
-        figures = {"dialogues": self.bar.n, "failed": self.failed, "generated_tokens": self.generated_tokens}
+        done = self.done - self.done_before  # this session's, as generated_tokens
+        figures = {"dialogues": self.done, "failed": self.failed, "generated_tokens": self.generated_tokens}
         figures.update(seconds=seconds, dialogues_per_s=done / seconds, tokens_per_s=self.generated_tokens / seconds)
-        self.tracker.log({"throughput": figures}, step=self.bar.n)
+        self.tracker.log({"throughput": figures}, step=self.done)
 
     @property
     def generated_tokens(self) -> int:
@@ -267,6 +267,7 @@ class Synthesis:
     async def dialogue(self, entry, sample, target, generator) -> dict:
         row = await synthesize_dialogue(entry, sample, target, generator, self.settings)
         self.failed += row["error"] is not None
+        self.done += 1
         elapsed = max(time.monotonic() - self.started, 1e-9)
         self.bar.set_postfix(tok_s=f"{self.generated_tokens / elapsed:.1f}", failed=self.failed, refresh=False)
         self.bar.update(1)

@@ -156,7 +156,12 @@ def open_tracker(
 
 
 def mlflow_uri(folder: str | Path) -> str:
-    """The MLflow file store of a run's folder: FOLDER/.tracking/mlruns, as a file: URI."""
+    """Where MLflow runs go: $MLFLOW_TRACKING_URI when set (a server, a database), else the file store of the run's
+    folder, FOLDER/.tracking/mlruns: offline, no server. MLflow 3 keeps its file store in maintenance mode and
+    refuses it unless $MLFLOW_ALLOW_FILE_STORE says otherwise: set here for this process, as MLflow advises."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return (tracking_folder(folder) / "mlruns").as_uri()
 
 
