@@ -164,6 +164,14 @@ def test_an_evaluation_logs_what_it_records_in_each_adapter(tmp_path):
     assert not (tmp_path / "eval2").exists()
 
 
+def test_a_bad_tracking_flag_exits_2_before_a_training_starts(calc_dialogues, tmp_path, capsys):
+    from genpi.train.run import main
+
+    argv = [str(calc_dialogues), "--catalog", str(CATALOG), "--out", str(tmp_path / "adapters"), "--tracking", "x"]
+    assert main(argv) == 2
+    assert "--tracking: unknown tracker 'x'" in capsys.readouterr().err and not (tmp_path / "adapters").exists()
+
+
 @pytest.mark.slow
 def test_a_training_logs_every_step_to_tensorboard_and_mlflow(calc_dialogues, tiny_trainable_model, tmp_path):
     """A tiny genpi training (calc: 8 train rows, batch 2, 1 epoch: 4 steps) through Ray Tune's logger callbacks."""
