@@ -8,7 +8,8 @@
     score      the evaluation's `summarize` of each system's rows; served systems marked (`mark_served`)
     retention  system / teacher, by the evaluation's rule
     result     per prompt: the evaluation's leading keys, then missing, systems, retention, its own keys, adapters
-    record     each adapter's genpi.json, `eval_metrics.NAME` (fidelity, leakage)
+    record     each adapter's genpi.json, `eval_metrics.NAME` (fidelity, leakage), its numbers also logged to the
+               trackers of --tracking (genpi.tracking) under ADAPTERS/.tracking/, run NAME/ID
 
 An evaluation is an `Evaluation`: what it does its own way, as plain functions. The summary file is one of
 two shapes: `{header..., "results": [...]}` written whole (fidelity, leakage: every prompt of a catalog in one
@@ -43,6 +44,7 @@ from genpi.eval.systems import (
     served_as,
     served_notes,
 )
+from genpi.tracking import open_tracker, parse_tracking
 
 
 @dataclass(frozen=True)
@@ -74,11 +76,13 @@ class RunSettings:
     out: Path
     max_batch: int = 32
     record: bool = True  # write each adapter's eval_metrics into its genpi.json
+    tracking: str | None = None  # and log them (genpi.tracking: e.g. "tensorboard") under ADAPTERS/.tracking/
     model: bool = True  # False: no system needs the base model (a replay agent): no engine loads
 
 
 def evaluate(evaluation: Evaluation, prompts: list[Prompt], run: RunSettings) -> tuple[str | None, list[dict]]:
     """Every shared step over `prompts`: (how the adapters were served, in words; one result per prompt)."""
+    trackers = parse_tracking(run.tracking) if run.record and evaluation.record else ()  # refused before any work
     every = [s for p in prompts for s in p.systems]
     engine = load_engine(run.base_path, every, run.max_batch) if run.model else None
     form = served_as(engine, every) if engine is not None else None
@@ -102,7 +106,11 @@ def evaluate(evaluation: Evaluation, prompts: list[Prompt], run: RunSettings) ->
         if run.record and evaluation.record:
             for s in prompt.systems:
                 if s.folder:  # an adapter's or an ICAE system's folder
-                    record_eval(s.folder, {evaluation.name: evaluation.record(s, result, form)})
+                    record = evaluation.record(s, result, form)
+                    record_eval(s.folder, {evaluation.name: record})
+                    folder = Path(s.folder)
+                    with open_tracker(trackers, folder.parent, "eval", f"{evaluation.name}/{folder.name}") as tracker:
+                        tracker.log(record)
     return form, results
 
 

@@ -399,7 +399,9 @@ def evaluate_catalog(
         finish=finish,
         record=record_of,
     )
-    form, results = evaluate(fidelity, plans, RunSettings(base_path, out, systems.max_batch, settings.record))
+    form, results = evaluate(
+        fidelity, plans, RunSettings(base_path, out, systems.max_batch, settings.record, tracking=settings.tracking)
+    )
     summary = {
         "command": command,
         "data": str(data),

@@ -148,7 +148,9 @@ def probe_catalog(systems: SystemsSettings, settings: LeakageSettings, command: 
         record=record_of,
         describe=lambda p, form: {"prompt_id": p.entry.id, "prompt_words": len(words(render_prompt_text(p.entry)))},
     )
-    form, results = evaluate(leakage, plans, RunSettings(base_path, out, systems.max_batch, settings.record))
+    form, results = evaluate(
+        leakage, plans, RunSettings(base_path, out, systems.max_batch, settings.record, tracking=settings.tracking)
+    )
     summary = {
         "command": command,
         "catalog": str(catalog),

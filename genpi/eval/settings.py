@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from genpi.flags import setting
+from genpi.tracking import DEFAULT as TRACKING
+from genpi.tracking import HELP as TRACKING_HELP
 
 SERVED_HELP = "a served system, NAME=openai:BASE_URL/MODEL (MODEL may hold {prompt_id}); repeatable"
 COMPRESSED_HELP = "the base given P compressed by LLMLingua, NAME=llmlingua2:RATE[:MODEL] (RATE in (0, 1]); repeatable"
@@ -36,6 +38,7 @@ class CatalogSettings:
     )
     record: bool = setting(True, "leave the adapters' genpi.json unchanged", flag="--no-record")
     progress: bool = setting(True, "no progress bars on stderr", flag="--no-progress")
+    tracking: str = setting(TRACKING, f"{TRACKING_HELP}; what is recorded in genpi.json, under ADAPTERS/.tracking/")
 
     @property
     def prompt_ids(self) -> list[str] | None:

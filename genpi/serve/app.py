@@ -4,6 +4,8 @@
     POST /v1/chat/completions   `model` = a prompt id: the base plus that prompt's adapter, no prompt tokens;
                                 `model` = the base's name: the base alone (send the prompt yourself)
     GET  /health                200 while the server is up (no key needed: for orchestrators' probes)
+    GET  /metrics               Prometheus metrics per model (genpi.serve.metrics): requests, tokens in and out,
+                                queue depth, time to first token (the API key, when there is one)
 
 A request is read within the `Limits` (its body's size and time), checked by `protocol.parse_chat`, tokenized in
 a thread of its own (one that does not fit the context never reaches the engine, so no prompt stalls the running
@@ -26,10 +28,11 @@ from jinja2 import TemplateError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from genpi.engines import CONTEXT_LENGTH_ERROR, Completion
+from genpi.serve.metrics import CONTENT_TYPE, ServeMetrics
 from genpi.serve.protocol import (
     INTERNAL_ERROR,
     ApiError,
@@ -68,7 +71,7 @@ def build_app(
         served = {adapter.prompt_id: None}
     else:  # model: PEFT adapter name (None: the base alone)
         served = {a.prompt_id: a.name for a in adapters} | {base_name: None}
-    created, prefixes = int(time.time()), Prefixes()
+    created, prefixes, metrics = int(time.time()), Prefixes(), ServeMetrics(list(served))
     max_model_len, capacity = scheduler.engine.max_model_len, scheduler.engine.max_batch + limits.max_waiting
     held = 0  # requests being read, tokenized, or in the engine
     # one thread: a long prompt's tokenization (the tokenizer lets go of the GIL) waits neither the event loop
@@ -96,12 +99,33 @@ def build_app(
         ]
         return JSONResponse({"object": "list", "data": data})
 
+    async def prometheus(request: Request):
+        authorize(request)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     def release(_=None) -> None:
         nonlocal held
         held -= 1
 
+    def finished(model: str, job: Job, arrived: float):  # the job's figures, as it leaves the engine
+        def done(result) -> None:
+            completion = Completion() if result.cancelled() else result.result()  # cancelled: its waiter went away
+            first = job.first_token_at - arrived if job.first_token_at is not None else None
+            metrics.finished(model, completion, first, time.perf_counter() - arrived)
+
+        return done
+
+    def counted(route):  # every answer counted by model and status
+        async def answer(request: Request):
+            response = await route(request)
+            metrics.answered(getattr(request.state, "model", ""), response.status_code)
+            return response
+
+        return answer
+
     async def chat_completions(request: Request):
         nonlocal held
+        arrived = time.perf_counter()
         authorize(request)
         if held >= capacity:
             raise ApiError(
@@ -115,6 +139,7 @@ def build_app(
         try:
             body = await _read_json(request, limits.max_body_bytes, limits.body_timeout_s)
             chat = parse_chat(body, set(served), default_max_tokens, limits)
+            request.state.model = chat.model  # one of those served: the metrics' label
             try:
                 n = await asyncio.get_running_loop().run_in_executor(tokenizing, prompt_tokens, chat.request.messages)
             except TemplateError as e:  # the chat template refuses these messages (e.g. roles out of order)
@@ -125,11 +150,13 @@ def build_app(
                 )
             chat.request.prefix_messages = prefixes.shared(chat.model, chat.request.messages)
             job = scheduler.submit(Job(chat.request, served[chat.model], chat.stream))
+            metrics.submitted(chat.model)
         finally:
             if job is None:
                 release()
             else:  # held until the engine is done with it
                 job.result.add_done_callback(release)
+                job.result.add_done_callback(finished(chat.model, job, arrived))
         if not chat.stream:
             completion = await _wait(request, job)
             if completion.error:
@@ -184,9 +211,12 @@ def build_app(
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", _api(models), methods=["GET"]),
-        Route("/v1/chat/completions", _api(chat_completions), methods=["POST"]),
+        Route("/v1/chat/completions", counted(_api(chat_completions)), methods=["POST"]),
+        Route("/metrics", _api(prometheus), methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app.state.metrics = metrics  # genpi.serve.metrics.ServeMetrics: its registry, for tests and embedding
+    return app
 
 
 async def _next_token(job: Job) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,11 @@ class Job:
         self.result: asyncio.Future[Completion] = self.loop.create_future()
         self.tokens: asyncio.Queue[int] | None = asyncio.Queue() if stream else None
         self.cancelled = False
+        self.first_token_at: float | None = None  # time.perf_counter() at its first token (time to first token)
 
     def on_token(self, token: int) -> None:  # called from the engine thread
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         if self.tokens is not None:
             self.loop.call_soon_threadsafe(self.tokens.put_nowait, token)
 

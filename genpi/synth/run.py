@@ -48,6 +48,9 @@ from genpi.synth.pipeline import (
     stable_seed,
     synthesize_dialogue,
 )
+from genpi.tracking import DEFAULT as TRACKING
+from genpi.tracking import HELP as TRACKING_HELP
+from genpi.tracking import Tracker, open_tracker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,7 @@ class RunOptions:
     engine_restarts: int = setting(3, "times Ray may restart a dead engine actor over the run")
     # per engine call: it queues behind others and may wait through a restart (model load)
     call_timeout_s: float = setting(1800.0, "seconds an engine call may take, queueing included", flag="--call-timeout")
+    tracking: str = setting(TRACKING, f"{TRACKING_HELP}; under OUT/.tracking/")
 
 
 def retryable_count(rows: list[dict]) -> int:
@@ -70,9 +74,16 @@ def retryable_count(rows: list[dict]) -> int:
 
 class Synthesis:
     def __init__(
-        self, out: Path, entries: list[PromptEntry], manifest: dict, settings: SynthSettings, options: RunOptions
+        self,
+        out: Path,
+        entries: list[PromptEntry],
+        manifest: dict,
+        settings: SynthSettings,
+        options: RunOptions,
+        tracker: Tracker | None = None,
     ):
         self.out = out
+        self.tracker = tracker
         self.entries = entries
         self.manifest = manifest
         self.settings = settings
@@ -89,7 +100,7 @@ class Synthesis:
         prompts = self.manifest["prompts"]
         total = sum(prompts[e.id]["inputs"] or self.settings.samples for e in self.entries)
         done = sum(s["rows"] - s.get("retryable", 0) for e in self.entries for s in prompts[e.id]["shards"].values())
-        self.started = time.monotonic()
+        self.started, self.done, self.done_before = time.monotonic(), done, done  # a disabled bar counts nothing
         self.bar = tqdm(
             total=total, initial=done, unit="dlg", desc="dialogues", disable=not self.options.progress, file=sys.stderr
         )
@@ -99,7 +110,18 @@ class Synthesis:
         # would keep the targets idle until all of them were done.
         self.input_slot = asyncio.Semaphore(1)
         await asyncio.gather(*(self.run_prompt(e, generator, targets, limits, i) for i, e in enumerate(self.entries)))
+        self.track()
         self.bar.close()
+
+    def track(self) -> None:
+        """The run's throughput so far, logged at the count of dialogues done (genpi.tracking)."""
+        if self.tracker is None:
+            return
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        done = self.done - self.done_before  # this session's, as generated_tokens
+        figures = {"dialogues": self.done, "failed": self.failed, "generated_tokens": self.generated_tokens}
+        figures.update(seconds=seconds, dialogues_per_s=done / seconds, tokens_per_s=self.generated_tokens / seconds)
+        self.tracker.log({"throughput": figures}, step=self.done)
 
     @property
     def generated_tokens(self) -> int:
@@ -248,6 +270,7 @@ class Synthesis:
     async def dialogue(self, entry, sample, target, generator) -> dict:
         row = await synthesize_dialogue(entry, sample, target, generator, self.settings)
         self.failed += row["error"] is not None
+        self.done += 1
         elapsed = max(time.monotonic() - self.started, 1e-9)
         self.bar.set_postfix(tok_s=f"{self.generated_tokens / elapsed:.1f}", failed=self.failed, refresh=False)
         self.bar.update(1)
@@ -265,6 +288,7 @@ class Synthesis:
         }
         record.setdefault("write_errors", {}).pop(self.name(path), None)
         self.save_manifest()
+        self.track()
 
     def write_failed(self, entry: PromptEntry, path: Path, error: OSError) -> None:
         """A file that could not be written: said now, recorded for the run's closing lines, redone on rerun.
@@ -296,8 +320,10 @@ def synthesize(
     target: EngineConfig = EngineConfig(),
     options: RunOptions = RunOptions(),
     prompts: list[str] | None = None,
+    tracker: Tracker | None = None,
 ) -> dict:
-    """Run (or resume) a synthesis of the catalog's prompts (or of those named); returns the final manifest."""
+    """Run (or resume) a synthesis of the catalog's prompts (or of those named); returns the final manifest.
+    Its throughput is logged to `tracker`, by default one of `options.tracking` under OUT/.tracking/."""
     catalog, out = Path(catalog), check_out(out)
     entries = load_catalog(catalog, prompts)  # every catalog problem surfaces before any model loads
     if settings.samples < 1:
@@ -323,15 +349,20 @@ def synthesize(
             )
         if config.kind == "vllm" and config.num_gpus and not 0 < config.gpu_memory_utilization <= 1:
             raise InputError(f"--{role}-gpu-memory-utilization must be in (0, 1], got {config.gpu_memory_utilization}")
+    own = tracker is None
+    if own:
+        tracker = open_tracker(options.tracking, out, "synth", time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(out)
     try:
-        return _synthesize(catalog, out, entries, settings, generator, target, options)
+        return _synthesize(catalog, out, entries, settings, generator, target, options, tracker)
     finally:
         release_lock(lock)
+        if own:
+            tracker.close()
 
 
-def _synthesize(catalog, out, entries, settings, generator, target, options) -> dict:
+def _synthesize(catalog, out, entries, settings, generator, target, options, tracker=None) -> dict:
     manifest = new_manifest(catalog, entries, generator, target, settings, options.shard_size, instruction_texts())
     old = read_manifest(out)
     if old is not None:
@@ -353,7 +384,7 @@ def _synthesize(catalog, out, entries, settings, generator, target, options) -> 
     actor_options = {"restarts": options.engine_restarts, "timeout_s": options.call_timeout_s}
     target_actors = [start_engine(target, f"target-{i}", **actor_options) for i in range(options.target_replicas)]
     generator_actor = target_actors[0] if shared else start_engine(generator, "generator", **actor_options)
-    run = Synthesis(out, entries, manifest, settings, options)
+    run = Synthesis(out, entries, manifest, settings, options, tracker)
     try:
         asyncio.run(run.run(generator_actor[1], [engine for _, engine in target_actors]))
     finally:
@@ -521,14 +552,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.dry_run:  # the calls and tokens this would cost; nothing generated or written
         return dry_run(args)
+    options = from_args(RunOptions, args)
+    # one tracked run for the throughput and the quality table
+    with open_tracker(options.tracking, args.out, "synth", time.strftime("%Y%m%d-%H%M%S")) as tracker:
+        return finish(args, options, tracker)
+
+
+def finish(args: argparse.Namespace, options: RunOptions, tracker: Tracker) -> int:
+    """The synthesis, its closing lines and its quality table (printed, and logged to `tracker`); the exit status."""
     manifest = synthesize(
         args.catalog,
         args.out,
         from_args(SynthSettings, args),
         engine_config(args, "generator"),
         engine_config(args, "target"),
-        from_args(RunOptions, args),
+        options,
         prompts=args.prompts.split(",") if args.prompts else None,
+        tracker=tracker,
     )
     shards = [s for p in manifest["prompts"].values() for s in p["shards"].values()]
     rows, failed = sum(s["rows"] for s in shards), sum(s["failed"] for s in shards)
@@ -544,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     if rows and not args.no_stats:
         from genpi.synth.stats import format_stats, quality_stats
 
-        print(format_stats(quality_stats(args.out)))
+        stats = quality_stats(args.out)
+        print(format_stats(stats))
+        tracker.log({"quality": {s["prompt_id"]: s for s in stats}}, step=rows)
     unwritten = any(p.get("write_errors") for p in manifest["prompts"].values())
     return 0 if rows and not retryable and not unwritten else 1

@@ -19,14 +19,25 @@ from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from tqdm import tqdm
 
+from genpi.tracking import tune_callbacks
 from genpi.train.plan import NO_LAMBDA, Plan
 
 
 def run_experiment(
-    plans: list[Plan], base_path, out, storage, num_cpus, num_gpus, progress, checkpoint_steps, max_failures, early_stop
+    plans: list[Plan],
+    base_path,
+    out,
+    storage,
+    num_cpus,
+    num_gpus,
+    progress,
+    checkpoint_steps,
+    max_failures,
+    early_stop,
+    tracking: tuple[str, ...] = (),
 ) -> tuple[dict[str, list], Path]:
     """Run (or resume) the Tune experiment over the plans' trials; returns ({prompt_id: [ray.tune.Result]}, its
-    folder)."""
+    folder). `tracking` (genpi.tracking): where every trial's reports are logged, under OUT/.tracking/."""
     import ray
     from ray import tune
 
@@ -82,13 +93,14 @@ def run_experiment(
             tune_config=tune.TuneConfig(
                 scheduler=PerPromptASHA({p.entry.id: p.settings.epochs for p in plans}) if early_stop else None,
                 trial_dirname_creator=trial_folder_name,
+                trial_name_creator=trial_name,  # a tracker's run name
             ),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(storage),
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=[bars],
+                callbacks=[bars, *tune_callbacks(tracking, out, name)],
                 verbose=0,
             ),
         )
@@ -192,8 +204,12 @@ def fit_trial(
     report({**metrics, "finished": True}, lambda: last_state[0], adapter=save)
 
 
+def trial_name(trial) -> str:
+    return f"{trial.config['trial']['prompt_id']}-lam={trial.config['trial']['lam']}"
+
+
 def trial_folder_name(trial) -> str:
-    return f"{trial.config['trial']['prompt_id']}-lam={trial.config['trial']['lam']}-{trial.trial_id}"
+    return f"{trial_name(trial)}-{trial.trial_id}"
 
 
 class PerPromptASHA(FIFOScheduler):

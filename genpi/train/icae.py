@@ -417,9 +417,17 @@ def train_icae(
             loss = finetune_step_loss(icae, p_ids, chosen, settings.micro_batch, pad_id)
             epoch = done_epochs + (in_epoch + 1) / steps_per_epoch
             epoch_end = in_epoch + 1 == steps_per_epoch or step + 1 == steps
+        lr = scheduler.get_last_lr()[0]  # the learning rate this step takes
         run["norms"].append(optimizer_step(icae, optimizer, scheduler, settings))
         run["losses"].append(loss)
-        metrics = {"step": step + 1, "steps": steps, "loss": loss, "epoch": epoch}
+        metrics = {
+            "step": step + 1,
+            "steps": steps,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": run["norms"][-1],
+            "epoch": epoch,
+        }
         if epoch_end and step >= settings.pretrain_steps:  # a fine-tuning epoch (or the run) is done
             loss_h, kl_h = heldout_figures(icae, p_ids, heldout, pairs, pad_id, settings.micro_batch)
             run["heldout_losses"].append(loss_h)

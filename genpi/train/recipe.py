@@ -374,11 +374,14 @@ def step_loss(
     settings: TrainSettings,
     pad_id: int,
     onpolicy: list[tuple[Example, Example]] | None = None,
+    terms: dict | None = None,
 ) -> float:
     """Forward and backward over one optimizer step's rows; returns the step's loss.
 
     `onpolicy` (the on-policy methods): the (student, teacher) views of the replies the student sampled
     for this step's inputs (`genpi.train.onpolicy.reply_views`); their reverse KL takes L_SFT's place.
+    `terms`, a dict, gets the step's loss terms unweighted (tracked): `loss_sft`, the L_SFT-like term (the
+    method's own loss: KL for kld, reverse KL for the on-policy methods ...), and `loss_pg`, L_PG, where there are.
     Every tensor is made on the device the collated batches are on; nothing is moved here.
     """
     method = settings.method
@@ -389,13 +392,16 @@ def step_loss(
     n_student, n_pg = predicted_tokens(students), predicted_tokens(pgs)
     # λ weighs L_PG only in the joint methods; alone, each term keeps weight 1 in either loss form
     lam = settings.lam if method in JOINT_METHODS else float(method == "pg")
-    total = 0.0
+    total, sums = 0.0, {}
 
     def backward(sft=None, pg=None):
         nonlocal total
         loss = joint_loss(sft, pg, lam, sft_tokens=n_student, pg_tokens=n_pg, form=settings.loss_form)
         loss.backward()
         total += loss.item()
+        for name, term in (("loss_sft", sft), ("loss_pg", pg)):
+            if term is not None:
+                sums[name] = sums.get(name, 0.0) + float(term[0])
 
     if method in _KLD_METHODS:
         pairs = sorted(step, key=lambda r: len(r.teacher.input_ids))
@@ -426,6 +432,8 @@ def step_loss(
             backward(sft=token_loss(model, batch(chunk)))
     for chunk in micro_batches(pgs, settings.micro_batch):
         backward(pg=token_loss(model, batch(chunk)))
+    if terms is not None:  # each term's mean per token of the whole step, as joint_loss weighs it
+        terms.update({name: value / max(n_student if name == "loss_sft" else n_pg, 1) for name, value in sums.items()})
     return total
 
 
@@ -518,7 +526,8 @@ def train_adapter(
     """Fit one adapter; returns (PeftModel, metrics).
 
     `report(metrics, state)` is called after every optimizer step with the step, the step count, the
-    loss and the epochs done; at the end of every epoch (and every `checkpoint_steps` steps) `state()`
+    loss (and its terms, `step_loss`), the learning rate the step took, the gradient norm before clipping and
+    the epochs done; at the end of every epoch (and every `checkpoint_steps` steps) `state()`
     returns all a resumed run needs to continue exactly: the LoRA weights, the optimizer and scheduler
     state, the random generators and the epoch's data order (elsewhere `state` is None), and the
     epoch-end metrics add the held-out loss and the held-out teacher KL (heldout_kl). `resume`, such a state,
@@ -688,8 +697,9 @@ def train_adapter(
                 step_rows = epoch_rows[k * settings.batch_size : (k + 1) * settings.batch_size]
                 step_rows = rank_rows(step_rows, settings.micro_batch)  # FSDP: this rank's share
                 replies = sample_replies(epoch_rows, k) if sampler else None
+                terms, lr = {}, scheduler.get_last_lr()[0]  # the learning rate this step takes
                 with training_autocast(model.device.type, autocast):
-                    loss = step_loss(model, step_rows, settings, pad_id, replies)
+                    loss = step_loss(model, step_rows, settings, pad_id, replies, terms)
                 run["norms"].append(optimizer_step(model, optimizer, scheduler, settings))
                 run["losses"].append(loss)
                 run["step_in_epoch"] += 1
@@ -698,6 +708,9 @@ def train_adapter(
                     "step": step,
                     "steps": steps,
                     "loss": loss,
+                    **terms,
+                    "lr": lr,
+                    "grad_norm": run["norms"][-1],  # before clipping
                     "epoch": run["epoch"] + run["step_in_epoch"] / steps_per_epoch,
                 }
                 if (

@@ -14,7 +14,9 @@ internalization is for (the held-out SFT loss always favours the smallest prompt
 weight, so it is recorded, not used). `--early-stop` stops a λ whose held-out teacher KL
 falls behind the prompt's other λ trials (ASHA, per prompt). A prompt whose adapter already
 exists for the same data, settings and λ values is skipped, so a rerun does only what is
-missing.
+missing. Every trial's reports (per step the loss and its terms, λ, the learning rate and the
+gradient norm; per epoch the held-out figures) go through Ray Tune's logger callbacks to
+TensorBoard (ADAPTERS/.tracking/tb/, the default), MLflow or W&B (--tracking; genpi.tracking).
 
 A catalog prompt's `train` settings (lam, grad_clip, lr, epochs) are that prompt's, unless
 the flag (--lambdas, --max-grad-norm, --lr, --epochs) is given: a flag holds for the whole
@@ -41,6 +43,9 @@ from genpi.data.adapters import fingerprint, read_adapter_manifest, weights_dige
 from genpi.data.dialogues import prompt_rows
 from genpi.data.runfolder import check_out, holding_lock
 from genpi.flags import add_settings, from_args
+from genpi.tracking import DEFAULT as DEFAULT_TRACKING
+from genpi.tracking import HELP as TRACKING_HELP
+from genpi.tracking import parse_tracking
 from genpi.train.experiment import run_experiment
 from genpi.train.full import paper_defaults
 from genpi.train.plan import CATALOG_TRAIN, NO_LAMBDA, Plan, fingerprint_settings, prompt_settings, write_best
@@ -67,6 +72,7 @@ def train_catalog(
     max_failures: int = 2,
     early_stop: bool = False,
     overrides=frozenset(),
+    tracking: str | None = DEFAULT_TRACKING,
 ) -> dict:
     """Train (or skip) every prompt of the catalog; returns {prompt_id: outcome}.
 
@@ -76,6 +82,9 @@ def train_catalog(
     `num_gpus` per trial defaults to 1 when the Ray cluster has GPUs, else 0; 0 on a cluster
     with GPUs is refused (InputError): Ray hides the GPUs from a task that asks for none, so
     every trial would train on the CPU.
+
+    `tracking` (genpi.tracking, e.g. "tensorboard,mlflow"; None: none) logs every trial's reports under
+    OUT/.tracking/.
 
     `valid_only` trains only on dialogues whose agent turns all lie in the prompt's action space: a
     small teacher breaks the format often, and its broken turns teach the adapter the same.
@@ -89,6 +98,7 @@ def train_catalog(
             f"--checkpoint-steps and --max-failures must be 0 or more, got {checkpoint_steps} and {max_failures}"
         )
     check_init_adapter(settings)
+    trackers = parse_tracking(tracking)
     entries = load_catalog(catalog)
     out = check_out(out).absolute()
     with holding_lock(out / LOCK, "training run"):  # two trainings of one folder would write the same adapters
@@ -146,7 +156,17 @@ def train_catalog(
             except ValueError as e:
                 raise InputError(str(e)) from None
         results, experiment = run_experiment(
-            plans, base_path, out, storage, num_cpus, num_gpus, progress, checkpoint_steps, max_failures, early_stop
+            plans,
+            base_path,
+            out,
+            storage,
+            num_cpus,
+            num_gpus,
+            progress,
+            checkpoint_steps,
+            max_failures,
+            early_stop,
+            trackers,
         )
         base_digest = weights_digest(base_path)  # genpi.json holds the adapters to these weights (check_base)
         for plan in plans:
@@ -254,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop a λ whose held-out teacher KL falls behind the prompt's others (ASHA)",
     )
+    p.add_argument("--tracking", default=DEFAULT_TRACKING, help=f"{TRACKING_HELP}; under ADAPTERS/.tracking/")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -305,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_failures,
         args.early_stop,
         overrides,
+        args.tracking,
     )
     print(json.dumps(outcomes, indent=2))
     return 1 if any(o["status"] == "failed" for o in outcomes.values()) else 0
