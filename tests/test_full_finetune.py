@@ -224,7 +224,7 @@ def test_the_torch_trainer_path_trains_with_fsdp_on_one_cpu_worker(tiny_trainabl
     import ray
     from transformers import AutoModelForCausalLM
 
-    from genpi.train.full import fit_with_trainer
+    from genpi.train.experiment import fit_with_trainer
 
     settings = dataclasses.replace(FULL, method="seqkd+kld", epochs=1)
     config = {

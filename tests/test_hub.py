@@ -27,7 +27,7 @@ from genpi.data.adapters import (
     weights_digest,
     write_adapter,
 )
-from genpi.data.model_card import card_metadata, card_text
+from genpi.data.model_card import card_metadata, card_text, hub_ready
 from genpi.models import BUNDLED_HUB_ID, hub_id, portable_model, resolve_model
 
 CALC, GREET = load_catalog(REPO / "tests" / "data" / "tiny.yaml")
@@ -306,11 +306,11 @@ def test_an_evaluation_refreshes_the_card_with_its_summary(trained):
         "base": {"action_agreement": 0.1, "rouge_l": 0.2},
     }
     leakage = {"system": "calc", "metrics": {"span": 0.05}, "teacher": {"span": 0.9}, "base": {"span": 0.0}}
-    record_eval(trained, {"fidelity": fidelity})
+    hub_ready(trained, record_eval(trained, {"fidelity": fidelity}), configs=False)  # as genpi.eval.evaluate does
     meta = front_matter(trained / "README.md")
     assert meta["genpi"]["fidelity"]["metrics"] == {"action_agreement": 0.8, "rouge_l": 0.5, "kl": None}
     assert meta["genpi"]["fidelity"]["teacher"]["rouge_l"] == 0.7 and "leakage" not in meta["genpi"]
-    record_eval(trained, {"leakage": leakage})
+    hub_ready(trained, record_eval(trained, {"leakage": leakage}), configs=False)
     after = (trained / "README.md").read_text()
     assert after != before and "## Fidelity" in after and "## Leakage" in after
     assert "| action_agreement | 0.8 | 0.9 | 0.1 |" in after and "| span | 0.05 | 0.9 | 0 |" in after
@@ -319,10 +319,12 @@ def test_an_evaluation_refreshes_the_card_with_its_summary(trained):
 
 
 def test_cards_of_a_full_model_and_of_the_bundled_base(tmp_path, tiny_model):
-    def save(tmp):
-        shutil.copytree(tiny_model, tmp, dirs_exist_ok=True)
-
     model = AdapterManifest("greet", GREET.sha256, tiny_model, "kld", None, {}, "x", kind=MODEL)
+
+    def save(tmp):  # as genpi.train.plan.write_best saves: the weights, then the card
+        shutil.copytree(tiny_model, tmp, dirs_exist_ok=True)
+        hub_ready(tmp, model, configs=True)
+
     folder = write_adapter(tmp_path / "greet", model, save)
     meta = front_matter(folder / "README.md")
     assert meta["library_name"] == "transformers" and "full-finetune" in meta["tags"] and "lora" not in meta["tags"]

@@ -278,7 +278,7 @@ def test_flags_given_hold_for_the_whole_run(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(run, "train_catalog", lambda *args: seen.update(args=args) or {})
     assert run.main(["data", "--catalog", "c.yaml", "--out", str(tmp_path)]) == 0
-    settings, lambdas, overrides = seen["args"][4], seen["args"][5], seen["args"][-1]
+    settings, lambdas, overrides = seen["args"][4], seen["args"][5], seen["args"][-2]  # then --tracking
     assert (
         overrides == frozenset()
         and lambdas == [0.3, 0.5, 0.7]
@@ -302,7 +302,7 @@ def test_flags_given_hold_for_the_whole_run(monkeypatch, tmp_path):
         )
         == 0
     )
-    settings, lambdas, overrides = seen["args"][4], seen["args"][5], seen["args"][-1]
+    settings, lambdas, overrides = seen["args"][4], seen["args"][5], seen["args"][-2]
     assert (
         overrides == {"lr", "grad_clip"}
         and settings.lr == 1e-3
@@ -310,7 +310,7 @@ def test_flags_given_hold_for_the_whole_run(monkeypatch, tmp_path):
         and not settings.skip_degenerate
     )
     assert run.main(["data", "--catalog", "c.yaml", "--out", str(tmp_path), "--lambdas", "0.5", "--epochs", "3"]) == 0
-    assert seen["args"][-1] == {"lam", "epochs"} and seen["args"][5] == [0.5] and seen["args"][4].epochs == 3
+    assert seen["args"][-2] == {"lam", "epochs"} and seen["args"][5] == [0.5] and seen["args"][4].epochs == 3
 
 
 @pytest.mark.slow

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -68,7 +67,6 @@ def write_adapter(folder: str | Path, manifest: AdapterManifest, save: Callable[
     try:
         save(tmp)
         (tmp / MANIFEST).write_text(_manifest_json(manifest))
-        _hub_ready(tmp, manifest, configs=True)
         if folder.exists():  # replaced by a newer training of the same prompt
             old = folder.with_name(f".{folder.name}-old-{os.getpid()}")
             os.rename(folder, old)
@@ -83,18 +81,6 @@ def write_adapter(folder: str | Path, manifest: AdapterManifest, save: Callable[
 
 def _manifest_json(manifest: AdapterManifest) -> str:
     return json.dumps(dataclasses.asdict(manifest), indent=2, sort_keys=True)
-
-
-def _hub_ready(folder: Path, manifest: AdapterManifest, configs: bool) -> None:
-    """The model card (README.md) from the manifest, and (`configs`) adapter_config.json naming the base portably."""
-    from genpi.data import model_card  # it reads this module's contract: imported here, not in a cycle at the top
-
-    try:
-        if configs:
-            model_card.portable_configs(folder, manifest)
-        model_card.write_card(folder, manifest)
-    except Exception as e:  # the card is for the hub: never lose a trained adapter or an evaluation's record over it
-        print(f"genpi: warning: {folder}: no model card written ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def read_adapter_manifest(folder: str | Path) -> AdapterManifest | None:
@@ -149,7 +135,6 @@ def record_eval(folder: str | Path, metrics: dict) -> AdapterManifest:
     tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
     tmp.write_text(_manifest_json(manifest))
     os.replace(tmp, path)
-    _hub_ready(Path(folder), manifest, configs=False)  # the card shows the new figures
     return manifest
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -228,3 +229,13 @@ def portable_configs(folder: str | Path, manifest: AdapterManifest) -> list[Path
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             changed.append(path)
     return changed
+
+
+def hub_ready(folder: Path, manifest: AdapterManifest, configs: bool) -> None:
+    """The model card (README.md) from the manifest, and (`configs`) adapter_config.json naming the base portably."""
+    try:
+        if configs:
+            portable_configs(folder, manifest)
+        write_card(folder, manifest)
+    except Exception as e:  # the card is for the hub: never lose a trained adapter or an evaluation's record over it
+        print(f"genpi: warning: {folder}: no model card written ({type(e).__name__}: {e})", file=sys.stderr)

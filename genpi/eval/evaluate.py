@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from genpi.catalog import PromptEntry
 from genpi.data.adapters import record_eval
+from genpi.data.model_card import hub_ready
 from genpi.data.store import write_results
 from genpi.eval.compressed import write_compressed
 from genpi.eval.metrics import ratio
@@ -107,7 +108,7 @@ def evaluate(evaluation: Evaluation, prompts: list[Prompt], run: RunSettings) ->
             for s in prompt.systems:
                 if s.folder:  # an adapter's or an ICAE system's folder
                     record = evaluation.record(s, result, form)
-                    record_eval(s.folder, {evaluation.name: record})
+                    hub_ready(s.folder, record_eval(s.folder, {evaluation.name: record}), configs=False)  # new figures
                     folder = Path(s.folder)
                     with open_tracker(trackers, folder.parent, "eval", f"{evaluation.name}/{folder.name}") as tracker:
                         tracker.log(record)

@@ -20,8 +20,6 @@ trial's loop is the recipe's (`genpi.train.recipe.train_adapter`); what differs 
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -249,83 +247,3 @@ def check_gpu_cluster(cluster_gpus: float, gpus_per_trial: float) -> None:
         raise ValueError(
             f"--full-finetune --gpus-per-trial {gpus_per_trial:g}: the Ray cluster has {cluster_gpus:g} GPUs"
         )
-
-
-def worker_loop(config: dict) -> None:
-    """One TorchTrainer worker (one FSDP rank): the recipe's loop on this rank's share of the rows; rank 0 writes
-    the checkpoints (training state and, at the end, the model folder `adapter/`), every rank reports."""
-    import ray.train
-
-    from genpi.catalog import entry_from_json
-    from genpi.train.experiment import resumed
-    from genpi.train.recipe import train_adapter
-
-    rank = ray.train.get_context().get_world_rank()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(ray.train.torch.get_device())
-    train, heldout = config["rows"]
-    resume, resumed_from = resumed(ray.train.get_checkpoint())
-    last_state = [resume]
-
-    def report(metrics: dict, state, **files) -> None:
-        metrics = {**metrics, **config["tags"], "resumed_from_step": resumed_from}
-        if state is None:
-            ray.train.report(metrics)
-            return
-        last_state[0] = state = state()  # every rank: gathering sharded weights is a collective
-        with tempfile.TemporaryDirectory() as folder:
-            if rank == 0:
-                torch.save(state, Path(folder) / "state.pt")
-            for name, save in files.items():
-                save(Path(folder) / name)
-            checkpoint = ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
-            ray.train.report(metrics, checkpoint=checkpoint)
-
-    base, settings = config["base"], config["settings"]
-    model, metrics = train_adapter(
-        base, entry_from_json(config["entry"]), train, heldout, settings, report, config["checkpoint_steps"], resume
-    )
-    report({**metrics, "finished": True}, lambda: last_state[0], adapter=lambda f: save_model(model, f, base))
-
-
-def fit_with_trainer(config: dict, workers: int, use_gpu: bool, storage: str, name: str, max_failures: int = 2):
-    """Run one trial's full fine-tune as a TorchTrainer (`config`: what `worker_loop` reads); returns its
-    ray.train.Result (metrics of the last report, the checkpoint with `adapter/`). The run folder STORAGE/NAME
-    is the trial's own: a rerun of the same trial restores it and its workers resume from its last checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    callbacks = []
-    try:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())  # the steps reach Tune's bars and ASHA as a LoRA trial's do
-    except RuntimeError:  # not inside a Tune trial (a test, a direct call)
-        pass
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=trainer_scaling(workers, use_gpu),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
-        ),
-    )
-    return trainer.fit()
-
-
-def trainer_trial(config: dict, workers: int, use_gpu: bool, storage: str, name: str, max_failures: int):
-    """A Tune trial that drives a TorchTrainer: its last report carries `finished` and a Tune checkpoint holding
-    the model folder `adapter/`, as an in-process trial's does (genpi.train.plan.write_best reads it)."""
-    from ray import tune
-
-    result = fit_with_trainer(config, workers, use_gpu, storage, name, max_failures)
-    if result.error is not None:
-        raise result.error
-    with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as out:
-        shutil.copytree(Path(folder) / "adapter", Path(out) / "adapter")
-        tune.report(dict(result.metrics), checkpoint=tune.Checkpoint.from_directory(out))

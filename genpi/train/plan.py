@@ -14,6 +14,7 @@ from pathlib import Path
 from genpi import InputError, __version__
 from genpi.catalog import PromptEntry
 from genpi.data.adapters import ADAPTER, MODEL, AdapterManifest, write_adapter
+from genpi.data.model_card import hub_ready
 from genpi.train.recipe import JOINT_METHODS, METHODS, TrainSettings
 
 NO_LAMBDA = set(METHODS) - set(JOINT_METHODS)  # methods with one loss term: no λ to choose
@@ -161,9 +162,12 @@ def write_best(plan: Plan, tried: list, out: Path, base: str, base_path: str = "
         genpi_version=__version__,
     )
     with best.checkpoint.as_directory() as folder:
-        write_adapter(
-            out / entry.id, manifest, lambda tmp: shutil.copytree(Path(folder) / "adapter", tmp, dirs_exist_ok=True)
-        )
+
+        def save(tmp: Path) -> None:  # the weights, and the model card and portable config the hub reads
+            shutil.copytree(Path(folder) / "adapter", tmp, dirs_exist_ok=True)
+            hub_ready(tmp, manifest, configs=True)
+
+        write_adapter(out / entry.id, manifest, save)
     outcome = {
         "status": "trained",
         "lam": lam,

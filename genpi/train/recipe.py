@@ -542,10 +542,6 @@ def train_adapter(
     """
     from transformers import AutoTokenizer
 
-    if settings.method == "icae":  # its own model (encoder, memory tokens) and loop
-        from genpi.train.icae import train_icae
-
-        return train_icae(base, entry, train_rows, heldout_rows, settings, report, checkpoint_steps, resume)
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
