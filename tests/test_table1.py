@@ -274,8 +274,9 @@ def table_rows(md: list[str]) -> list[list[str]]:
 def test_the_report_shows_table1_in_the_papers_order_with_missing_rows_said(tmp_path):
     names = ["teacher", "base", "genpi", "sft", "prepend-100", "kld", "kld-lora", "topk-kl", "lingua-0.3", "lingua-0.5"]
     fidelity, eval_dir = fake_run(tmp_path, names)
-    md = table1_section(fidelity, eval_dir)
-    assert md[0] == "## Table 1" and "base `smollm2`" in md[2] and "bakery-fr 12" in md[2]
+    md = table1_section(fidelity, eval_dir, {"settings": {"samples": 48, "heldout": 0.25}})
+    assert md[0] == "## Table 1" and "base `smollm2`, 48 synthesized dialogues per prompt (0.25 held out)" in md[2]
+    assert "bakery-fr 12" in md[2]  # the scale
     header, *rows = table_rows(md)
     assert header[:5] == ["Table 1 row", "system", "how it was made", "KL gap closed", "95% interval"]
     assert "format" not in header and header[5:] == [
@@ -327,3 +328,54 @@ def test_the_report_puts_table1_first(tmp_path):
     sections = [line for line in text.splitlines() if line.startswith("## ")]
     assert sections[0] == "## Table 1" and "## Fidelity without the prompt" in sections
     assert "| LLMLingua-2 ×0.9 | not run |" in text
+
+
+@pytest.mark.slow
+def test_a_tiny_table1_run_trains_each_name_in_its_folder_and_reports_table1(tiny_finishing_model, tmp_path):
+    """genpi run end to end on the tiny Llama: a variant of prepend at ratio 1.0, sft, and a compressed system; the
+    report opens with Table 1 (three rows besides the upper bound) and marks the rest not run."""
+    import os
+    import subprocess
+    import sys
+
+    from genpi.data.adapters import read_adapter_manifest
+
+    config = yaml.safe_load((PRESET_DIR / "demo.yaml").read_text())
+    config.pop("expected_s")
+    config.update(prompts="calc", methods="p100=prepend,sft", max_new_tokens=8)
+    config["compressed"] = [f"short=llmlingua2:0.3:{tiny_finishing_model}"]
+    config["synth"].update(samples=5, heldout=0.4, teacher_topk=0)
+    config["train"].update(max_steps=2, cpus_per_trial=1)
+    config["variants"] = {"p100": {"prepend_ratio": 1.0}}
+    path = tmp_path / "t1.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    model = ["--base", tiny_finishing_model, "--generator", tiny_finishing_model]
+    result = subprocess.run(
+        [sys.executable, "-m", "genpi.cli", "run", str(CATALOG), "--out", str(out), "--config", str(path), *model]
+        + ["--no-progress"],
+        cwd=REPO,
+        env=dict(os.environ, RAY_ADDRESS="local"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    p100, sft = (
+        read_adapter_manifest(out / "adapters" / "p100" / "calc"),
+        read_adapter_manifest(out / "adapters" / "sft" / "calc"),
+    )
+    assert (p100.method, p100.settings["prepend_ratio"]) == ("prepend", 1.0) and sft.method == "sft"
+    fidelity = json.loads((out / "eval" / "fidelity.json").read_text())
+    assert {"teacher", "base", "p100", "sft", "short"} <= set(fidelity["results"][0]["systems"])
+    [efficiency] = json.loads((out / "eval" / "efficiency.json").read_text())["results"]
+    assert "short" in efficiency["systems"]
+    text = (out / "report" / "report.md").read_text()
+    assert text.index("## Table 1") < text.index("## Synthesis")
+    for line in (
+        "| Prompt prepending 100% | p100 |",
+        "| SFT-only | sft |",
+        "| LLMLingua-2 ×0.3 | short |",
+        "| ICAE | not run |",
+    ):
+        assert line in text, line

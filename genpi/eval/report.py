@@ -120,7 +120,7 @@ def build_report(
     if fidelity is None:
         missing.append(f"fidelity: {eval_dir / 'fidelity.json'} not found (run genpi eval fidelity)")
     else:
-        md[2:2] = verdict(fidelity) + table1_section(fidelity, eval_dir)  # the paper's Table 1 when its rows ran
+        md[2:2] = verdict(fidelity) + table1_section(fidelity, eval_dir, manifest)  # Table 1 when its rows ran
         md += fidelity_section(fidelity, eval_dir, figure, adapters, missing, figures)
 
     leakage = _read_json(eval_dir / "leakage.json")

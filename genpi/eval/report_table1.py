@@ -94,9 +94,10 @@ def _read_manifest(folder):
     return read_adapter_manifest(folder) if folder else None
 
 
-def table1_section(fidelity: dict, eval_dir: Path) -> list[str]:
+def table1_section(fidelity: dict, eval_dir: Path, synthesis: dict | None = None) -> list[str]:
     """The "Table 1" section, per evaluated prompt that has at least MIN_ROWS of the table's rows besides the upper
-    bound; [] for the others (a run of one or two methods has its tables below)."""
+    bound; [] for the others (a run of one or two methods has its tables below). `synthesis`: the run's manifest.json
+    (its sizes state the scale), if there is one."""
     path = Path(eval_dir) / "efficiency.json"
     costs = {r["prompt_id"]: r for r in json.loads(path.read_text())["results"]} if path.exists() else {}
     md: list[str] = []
@@ -149,16 +150,20 @@ def table1_section(fidelity: dict, eval_dir: Path) -> list[str]:
     head = ["## Table 1", ""]
     head += [
         "The paper's Table 1 in its order, each row the system of this run that is that row (how it was made: its "
-        "files); scale: " + _scale(fidelity) + ".",
+        "files); scale: " + _scale(fidelity, synthesis) + ".",
         "",
     ]
     return head + md
 
 
-def _scale(fidelity: dict) -> str:
-    """The run's scale in words: the evaluated base and the held-out inputs per prompt (the training per row is in
-    each row's cell)."""
+def _scale(fidelity: dict, synthesis: dict | None) -> str:
+    """The run's scale in words: the evaluated base, the synthesized dialogues and the held-out inputs per prompt
+    (the training of each row is in its cell)."""
     command = fidelity.get("command") or []
     base = command[command.index("--base") + 1] if "--base" in command[:-1] else "genpi eval's default base"
     inputs = ", ".join(f"{r['prompt_id']} {r['inputs']}" for r in fidelity["results"] if "skipped" not in r)
-    return f"base `{base}`, held-out inputs per prompt: {inputs}"
+    made = ""
+    if synthesis:
+        s = synthesis["settings"]
+        made = f"{s['samples']} synthesized dialogues per prompt ({s['heldout']} held out), "
+    return f"base `{base}`, {made}held-out inputs evaluated per prompt: {inputs}"
