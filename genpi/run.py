@@ -151,17 +151,17 @@ def stage_commands(
             "--micro-batch",
             str(pick("micro_batch")),
         ]
-        for flag, key, name in (
+        for flag, key, size in (
             ("--lambdas", "lam", "lambdas"),
             ("--epochs", "epochs", "epochs"),
             ("--lr", "lr", "lr"),
         ):
-            if getattr(args, name) is None and in_full and name != "lambdas":  # genpi train's full-fine-tune defaults
+            if getattr(args, size) is None and in_full and size != "lambdas":  # genpi train's full-fine-tune defaults
                 continue
             if (
-                getattr(args, name) is not None or key not in catalog_train
+                getattr(args, size) is not None or key not in catalog_train
             ):  # a preset's value yields to the catalog's train settings
-                train += [flag, str(pick(name))]
+                train += [flag, str(pick(size))]
         if pick("steps"):
             train += ["--max-steps", str(pick("steps"))]
         if pick("cpus_per_trial") is not None:
