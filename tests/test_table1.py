@@ -280,7 +280,7 @@ def test_the_report_shows_table1_in_the_papers_order_with_missing_rows_said(tmp_
     assert "bakery-fr 12" in md[2]  # the scale
     header, *rows = table_rows(md)
     assert header[:5] == ["Table 1 row", "system", "how it was made", "KL gap closed", "95% interval"]
-    assert "format" not in header and header[5:] == [
+    assert header[5:] == [
         "french (first reply)",
         "95% interval",
         "prompt tokens per request",

@@ -105,7 +105,6 @@ def table1_section(fidelity: dict, eval_dir: Path, synthesis: dict | None = None
         found: dict[str, list[list]] = {row: [] for row, _ in ROWS}
         others = []
         checks = list(dict.fromkeys(c for m in r["systems"].values() for c in m.get("checks") or {}))
-        scored = r.get("first_turn_actions") == "scored"
         for name, m in r["systems"].items():
             manifest = _read_manifest(r["adapters"].get(name))
             row = table1_row(name, m, manifest)
@@ -114,7 +113,6 @@ def table1_section(fidelity: dict, eval_dir: Path, synthesis: dict | None = None
                     others.append(name)
                 continue
             cells = [name, _made(name, m, manifest), rate(m.get("kl_gap_closed")), interval(m.get("kl_gap_closed_ci"))]
-            cells += [rate(m.get("format_rate"))] if scored else []
             for check in checks:
                 rates = (m.get("checks") or {}).get(check) or {}
                 cells += [rate(rates.get("first_turn")), interval(rates.get("first_turn_ci"))]
@@ -123,7 +121,6 @@ def table1_section(fidelity: dict, eval_dir: Path, synthesis: dict | None = None
         if sum(bool(v) for row, v in found.items() if row != ROWS[0][0]) < MIN_ROWS:
             continue
         headers = ["Table 1 row", "system", "how it was made", "KL gap closed", "95% interval"]
-        headers += ["format"] if scored else []
         headers += [h for c in checks for h in (f"{c} (first reply)", "95% interval")]
         headers.append("prompt tokens per request")
         rows = [[row, *cells] for row, what in ROWS for cells in found[row] or [["not run", f"this run has no {what}"]]]
@@ -132,8 +129,12 @@ def table1_section(fidelity: dict, eval_dir: Path, synthesis: dict | None = None
         cost = costs.get(r["prompt_id"])
         md += [
             "KL gap closed: (KL_base − KL_system) / KL_base on the teacher's held-out agent tokens; "
-            + ("format: first replies in the prompt's action space; " if scored else "")
-            + ("the checks: pass rate of the first replies; " if checks else "")
+            + (
+                "the checks (format: in the prompt's action space, then the catalog's checks): pass rate of the "
+                "first replies; "
+                if checks
+                else ""
+            )
             + "prompt tokens per request: the tokens before the conversation (P, its compressed form, the ICAE slots, "
             "or the chat template's system turn without P), "
             + (
