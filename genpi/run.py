@@ -1,7 +1,8 @@
 """`genpi run CATALOG --out RUN`: catalog to evaluated adapters in one resumable command.
 
     RUN/data              synthesis (genpi synth), its quality table in RUN/data/stats.txt
-    RUN/adapters/METHOD   one adapters folder per method (genpi train)
+    RUN/adapters/NAME     one adapters folder per method (genpi train; NAME: the method, or a
+                          methods entry NAME=METHOD's name)
     RUN/eval              fidelity of every method against the teacher (genpi eval fidelity); with
                           --tasks ID=FILE, OS task success of every method on that prompt (genpi eval
                           os-tasks); with --mind2web ID=FILE, Mind2Web step success (genpi eval
@@ -11,7 +12,7 @@
     RUN/run.json          each stage's command, state and time
     RUN/run.lock          while a run goes on: a second run of the same folder is refused
 
-Stages, in order: synth, stats, train METHOD (each), eval fidelity, eval os-tasks ID (each --tasks),
+Stages, in order: synth, stats, train NAME (each method), eval fidelity, eval os-tasks ID (each --tasks),
 eval mind2web ID (each --mind2web), eval efficiency ID (each prompt), report. Each stage is the stage's
 own command, called with the arguments recorded in run.json. A rerun skips the stages recorded as done
 with the same arguments (the report is rewritten when another stage ran), and the stages that were cut
@@ -21,6 +22,11 @@ arguments differ for a stage already started is refused: choose another --out.
 The sizes come from `--config FILE` (genpi.runconfig: a YAML file with a section per stage; the packaged presets
 genpi/presets/demo.yaml and paper.yaml are such files), else from the demo preset; a flag given here wins.
 `--preset NAME` and the quoted `--synth-args "..."` flags (each stage's) still work for this release, deprecated.
+
+Every row of the paper's Table 1 is a method or a system here (docs/table1.md): a methods entry NAME=METHOD is a
+variant of METHOD with its own train flags (the config's `variants:` section) and its own folder, RUN/adapters/NAME
+(prepend at 100% and 50%: prepend-100=prepend, prepend-50=prepend); `--compressed NAME=llmlingua2:RATE` (or the
+config's `compressed:`) adds a system that is the base given a compressed P to every evaluation stage.
 
 Over 400 lines on purpose: one pipeline driver, whose stage commands, run.json record and rules for skipping,
 resuming and refusing stages depend on each other and are read together.
@@ -59,6 +65,35 @@ def task_files(specs: list[str], flag: str = "--tasks") -> dict[str, str]:
     return files
 
 
+def method_names(text: str) -> dict[str, str]:
+    """A methods list (`genpi,prepend-100=prepend,...`) as {name: method}: an entry NAME=METHOD trains METHOD into
+    RUN/adapters/NAME with NAME's variant flags; a bare METHOD is its own name. InputError for an unknown method or a
+    name that is repeated or cannot be a system name."""
+    from genpi.eval.systems import BASE, SYSTEM_NAME, TEACHER  # a name is an evaluated system's too
+    from genpi.train.recipe import METHODS
+
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    pairs = [entry.partition("=")[::2] if "=" in entry else (entry, entry) for entry in entries]
+    unknown = [method for _, method in pairs if method not in METHODS]
+    if unknown or not pairs:
+        raise InputError(f"--methods: unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
+    names: dict[str, str] = {}
+    for entry, (name, method) in zip(entries, pairs):
+        if not SYSTEM_NAME.fullmatch(name) or name in (TEACHER, BASE) or name in names:
+            raise InputError(
+                f"--methods {entry}: name {name!r} is repeated, reserved (teacher, base) or not [A-Za-z0-9._+-]: "
+                "two rows of one method need two names, NAME=METHOD"
+            )
+        names[name] = method
+    return names
+
+
+def compressed_values(args: argparse.Namespace, preset: Preset) -> list[str]:
+    """The run's compressed systems, NAME=llmlingua2:RATE each: the --compressed flags, else the config's."""
+    given = [part for value in getattr(args, "compressed", None) or [] for part in value.split(",") if part]
+    return given or [part for part in preset.compressed.split(",") if part]
+
+
 def stage_commands(
     args: argparse.Namespace, preset: Preset, catalog_ids: list[str], catalog_train: set[str] = frozenset()
 ) -> list[tuple[str, list[str]]]:
@@ -68,7 +103,9 @@ def stage_commands(
     run = Path(args.out)
     data, eval_dir = str(run / "data"), str(run / "eval")
     pick = lambda name: getattr(preset, name) if getattr(args, name) is None else getattr(args, name)  # noqa: E731
-    prompts, methods = pick("prompts"), [m for m in pick("methods").split(",") if m]
+    prompts, named = pick("prompts"), method_names(pick("methods"))
+    methods = list(named)  # the names: each one's folder, stage and system
+    compressed = [flag for spec in compressed_values(args, preset) for flag in ("--compressed", spec)]
     max_turns, max_new = pick("max_turns"), pick("max_new_tokens")
     turns = ["--max-turns", str(max_turns)] if max_turns else []
     synth = [
@@ -96,14 +133,15 @@ def stage_commands(
     # the methods trained in full: genpi train's full-fine-tune sizes unless a flag is given, on their own GPUs
     full = set((getattr(args, "full_finetune", None) or preset.full_finetune).split(","))
     full_gpus = ["--gpus-per-trial", str(preset.full_finetune_gpus)] if preset.full_finetune_gpus else []
-    for method in methods:
-        in_full = method in full
+    for name, method in named.items():
+        variant = preset.variant_flags.get(name, ())
+        in_full = name in full or "--full-finetune" in variant
         train = [
             data,
             "--catalog",
             args.catalog,
             "--out",
-            str(run / "adapters" / method),
+            str(run / "adapters" / name),
             "--base",
             args.base,
             "--method",
@@ -113,23 +151,23 @@ def stage_commands(
             "--micro-batch",
             str(pick("micro_batch")),
         ]
-        for flag, key, name in (
+        for flag, key, size in (
             ("--lambdas", "lam", "lambdas"),
             ("--epochs", "epochs", "epochs"),
             ("--lr", "lr", "lr"),
         ):
-            if getattr(args, name) is None and in_full and name != "lambdas":  # genpi train's full-fine-tune defaults
+            if getattr(args, size) is None and in_full and size != "lambdas":  # genpi train's full-fine-tune defaults
                 continue
             if (
-                getattr(args, name) is not None or key not in catalog_train
+                getattr(args, size) is not None or key not in catalog_train
             ):  # a preset's value yields to the catalog's train settings
-                train += [flag, str(pick(name))]
+                train += [flag, str(pick(size))]
         if pick("steps"):
             train += ["--max-steps", str(pick("steps"))]
         if pick("cpus_per_trial") is not None:
             train += ["--cpus-per-trial", str(pick("cpus_per_trial"))]
-        extra = [*preset.train_flags, *(full_gpus if in_full else []), *shlex.split(args.train_args)]
-        stages.append((f"train {method}", train + extra))
+        extra = [*preset.train_flags, *(full_gpus if in_full else []), *variant, *shlex.split(args.train_args)]
+        stages.append((f"train {name}", train + extra))
     limit = pick("eval_limit")
     adapters = [f"{m}={run / 'adapters' / m}" for m in methods]
     fidelity = [
@@ -148,6 +186,7 @@ def stage_commands(
         *turns,
         *only,
         *(["--limit", str(limit)] if limit else []),
+        *compressed,
     ]
     stages.append(("eval fidelity", fidelity + [*preset.eval_flags, *shlex.split(args.eval_args)]))
     run_ids = prompts.split(",") if prompts else catalog_ids
@@ -173,6 +212,7 @@ def stage_commands(
                 "--out",
                 eval_dir,
                 *(["--max-new-tokens", str(max_new)] if kind == "os-tasks" else []),
+                *compressed,
             ]
             stages.append((f"eval {kind} {prompt_id}", tasks + extra))
     for prompt_id in run_ids:  # the first method's adapter: its LoRA shape is what the unmerged cost counts
@@ -190,6 +230,7 @@ def stage_commands(
             str(run / "adapters" / methods[0]),
             "--out",
             eval_dir,
+            *compressed,
             *preset.efficiency_flags,
         ]
         stages.append((f"eval efficiency {prompt_id}", efficiency + shlex.split(args.efficiency_args)))
@@ -380,13 +421,17 @@ def run_pipeline(args: argparse.Namespace) -> int:
     if args.prompts is None and preset.prompts and not set(preset.prompts.split(",")) <= {e.id for e in entries}:
         args.prompts = entries[0].id  # the demo's example prompt is not in this catalog: its first prompt instead
         print(f"genpi run: the {preset_name} preset runs prompt {args.prompts!r}", file=sys.stderr)
-    methods = (args.methods or preset.methods).split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise InputError(f"--methods: unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
-    full = [m for m in (args.full_finetune or preset.full_finetune).split(",") if m and m not in METHODS]
+    methods = list(method_names(args.methods or preset.methods))
+    full = [m for m in (args.full_finetune or preset.full_finetune).split(",") if m and m not in (*METHODS, *methods)]
     if full:
-        raise InputError(f"--full-finetune: unknown method(s) {', '.join(full)}: expected some of {', '.join(METHODS)}")
+        raise InputError(
+            f"--full-finetune: unknown method(s) {', '.join(full)}: expected some of {', '.join(METHODS)} "
+            f"or a name of this run's methods"
+        )
+    if compressed_values(args, preset):  # a bad spec or a name taken by a method fails before any work
+        from genpi.eval.systems import compressed_specs
+
+        compressed_specs(compressed_values(args, preset), methods)
     run_prompts = args.prompts or preset.prompts
     in_run = [e for e in entries if not run_prompts or e.id in run_prompts.split(",")]
     stages = stage_commands(args, preset, [e.id for e in entries], {key for e in in_run for key in e.train})
@@ -448,13 +493,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator", default="smollm2", help="the model that writes the pseudo inputs")
     p.add_argument("--engine", choices=["transformers", "vllm"], default=None)
     p.add_argument("--prompts", default=None, help="comma-separated prompt ids")
-    p.add_argument("--methods", default=None, help="comma-separated training methods, each evaluated beside the others")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated training methods, each evaluated beside the others; NAME=METHOD: a variant of METHOD "
+        "with the config's variants.NAME train flags, in RUN/adapters/NAME",
+    )
     p.add_argument(
         "--full-finetune",
         default=None,
         metavar="METHODS",
-        help="comma-separated methods trained in full, not as LoRA (genpi train --full-finetune; the paper preset: "
-        "kld,seqkd,seqkd+kld)",
+        help="comma-separated methods (or method names) trained in full, not as LoRA (genpi train --full-finetune; the "
+        "paper preset: kld,seqkd,seqkd+kld)",
+    )
+    p.add_argument(
+        "--compressed",
+        action="append",
+        default=[],
+        metavar="NAME=llmlingua2:RATE",
+        help="also evaluate the base given P compressed by LLMLingua at RATE, as system NAME, in every evaluation "
+        "stage (genpi eval --compressed); repeatable or comma-separated; replaces the config's compressed:",
     )
     p.add_argument("--samples", type=int, default=None, help="dialogues per prompt")
     p.add_argument("--heldout", type=float, default=None)

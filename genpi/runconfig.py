@@ -6,6 +6,11 @@ mind2web, efficiency) holds the sizes genpi run chooses for that stage (SECTIONS
 command, by its name without the dashes (`teacher_topk: 20` under synth: `genpi synth --teacher-topk 20`; true: the
 flag alone; null: left out). A file that cannot be read, a key that is not known, or a value of the wrong kind is
 refused naming the file and the key (InputError: exit 2).
+
+Two rows of one method (the paper's Table 1 prepends P to 100% and to 50% of the rows) are two names: a methods entry
+NAME=METHOD trains METHOD into RUN/adapters/NAME, with the train flags of NAME's section under `variants:` after the
+train: section's (`variants: {prepend-100: {prepend_ratio: 1.0}}`). `compressed:` lists evaluation-only systems, the
+base given P compressed by LLMLingua (NAME=llmlingua2:RATE, genpi eval --compressed), in every evaluation stage.
 """
 
 from __future__ import annotations
@@ -41,10 +46,14 @@ class Preset:
     eval_limit: int | None
     cpus_per_trial: float | None  # None: genpi train's default
     steps: int = 0  # optimizer steps of every method (genpi train --max-steps); 0: the epochs decide
-    full_finetune: str = ""  # the methods trained in full (genpi train --full-finetune, the paper's defaults)
+    full_finetune: str = ""  # the method names trained in full (genpi train --full-finetune, the paper's defaults)
     full_finetune_gpus: int | None = (
         None  # their --gpus-per-trial (FSDP over that many GPUs); None: the train section's
     )
+    compressed: str = ""  # NAME=llmlingua2:RATE[:MODEL], comma-separated: evaluated beside the methods' adapters
+    # a methods entry's own train flags by its name (after the train section's; they win), e.g. prepend-100's
+    # --prepend-ratio 1.0: names not in the run's methods are left unused
+    variant_flags: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     # each stage's own flags from its section, before the deprecated --*-args strings, which win
     synth_flags: tuple[str, ...] = ()
     train_flags: tuple[str, ...] = ()
@@ -64,6 +73,7 @@ TOP_KEYS = {
     "max_turns": "max_turns",
     "full_finetune": "full_finetune",
     "full_finetune_gpus": "full_finetune_gpus",
+    "compressed": "compressed",
 }
 # section: ({key: Preset field}, the Preset field of its other flags, the command whose flags those are)
 SECTIONS = {
@@ -127,6 +137,20 @@ def _flags(where: str, section: dict) -> tuple[str, ...]:
     return tuple(flags)
 
 
+def _variants(where: str, value) -> dict[str, tuple[str, ...]]:
+    """`variants:` {NAME: {train flag: value}} as {NAME: train flags}; the method is the methods entry's NAME=METHOD."""
+    if not isinstance(value or {}, dict):
+        raise InputError(f"{where}: expected a section of method names, each with its train flags, got {value!r}")
+    variants = {}
+    for name, section in (value or {}).items():
+        if not isinstance(section or {}, dict):
+            raise InputError(f"{where}.{name}: expected a section of train flags (prepend_ratio: 1.0), got {section!r}")
+        if "method" in (section or {}):
+            raise InputError(f"{where}.{name}.method: name the method in methods, as {name}=METHOD")
+        variants[str(name)] = _flags(f"{where}.{name}", dict(section or {}))
+    return variants
+
+
 def read_config(path: str | Path) -> Preset:
     """The run's sizes from a config file (InputError naming the file and the key for a bad one)."""
     path = Path(path)
@@ -160,8 +184,10 @@ def read_config(path: str | Path) -> Preset:
             ):
                 raise InputError(f"{where}: expected a mapping of stage names to seconds, got {value!r}")
             fields["expected_s"] = dict(value)
+        elif key == "variants":
+            fields["variant_flags"] = _variants(where, value)
         else:
-            known = [*TOP_KEYS, *SECTIONS, "expected_s"]
+            known = [*TOP_KEYS, *SECTIONS, "variants", "expected_s"]
             raise InputError(f"{where}: unknown key; expected some of {', '.join(known)}")
     required = {
         f.name
@@ -206,4 +232,11 @@ def check_stage_flags(preset: Preset, source: str) -> None:
             if flag.startswith("--") and flag not in known:
                 raise InputError(
                     f"{source}: {section}.{flag[2:].replace('-', '_')}: genpi {command} has no flag {flag}"
+                )
+    known = {s for action in parsers["train"]._actions for s in action.option_strings}
+    for name, flags in preset.variant_flags.items():
+        for flag in flags:
+            if flag.startswith("--") and flag not in known:
+                raise InputError(
+                    f"{source}: variants.{name}.{flag[2:].replace('-', '_')}: genpi train has no flag {flag}"
                 )

@@ -12,7 +12,8 @@ Built only from what the run's files hold, never recomputed from models:
 
 Every number in a table is a value of those files, printed by `genpi.eval.markdown.cell`,
 except the per-turn action-space rates, which are shares of the fidelity Parquet
-rows. A part whose files are missing is listed under "Missing", not invented.
+rows. A part whose files are missing is listed under "Missing", not invented. A run that evaluated rows of the
+paper's Table 1 (docs/table1.md) gets that table first (genpi.eval.report_table1).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from genpi import InputError
 from genpi.eval import plots
 from genpi.eval.markdown import cell, drop_empty_sections, rate, scored_results, served, table
 from genpi.eval.report_fidelity import fidelity_section, verdict
+from genpi.eval.report_table1 import table1_section
 
 TABLE4 = (
     ("gold turns", "gold_turns"),
@@ -118,7 +120,7 @@ def build_report(
     if fidelity is None:
         missing.append(f"fidelity: {eval_dir / 'fidelity.json'} not found (run genpi eval fidelity)")
     else:
-        md[2:2] = verdict(fidelity)
+        md[2:2] = verdict(fidelity) + table1_section(fidelity, eval_dir, manifest)  # Table 1 when its rows ran
         md += fidelity_section(fidelity, eval_dir, figure, adapters, missing, figures)
 
     leakage = _read_json(eval_dir / "leakage.json")
