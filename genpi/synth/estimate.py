@@ -14,6 +14,9 @@ Time is tokens over a throughput: the user's (`--throughput`, generated tokens p
 prompt tokens per second, by default PROMPT_SPEEDUP x the generated one), one per model role if wished
 (`generator=300,target=1200`), or one measured here (`--throughput measure`: a short timed generation of each local
 model with the transformers engine). A throughput of one GPU makes the time GPU-hours.
+
+Over 400 lines on purpose: one estimate, whose per-role token counts follow the synthesis loop step by step
+(genpi.synth.pipeline), so the two are read side by side.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ The adapter folder (`Icae.save`), beside genpi.json (method "icae"):
 
 The held-out figures are those of every method: the decoder's NLL of the held-out agent tokens given the slots, and
 KL(teacher with P || decoder with the slots) on them (what write_best and the evaluations compare).
+
+Over 400 lines on purpose: one method whose encoder, two training phases, checkpoints and slot cache share
+its model and state, read as one flow like genpi.train.recipe.
 """
 
 from __future__ import annotations
