@@ -163,6 +163,11 @@ def _usage(manifest: AdapterManifest, base: str, repo: str, subfolder: str | Non
     ]
 
 
+def front_matter(meta: dict) -> list[str]:
+    """A card's YAML front matter (the hub reads it: model and dataset cards alike), as its first lines."""
+    return ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
+
+
 def card_text(manifest: AdapterManifest, repo: str | None = None, subfolder: str | None = None) -> str:
     """README.md for the folder of `manifest`; `repo` (and `subfolder`) where it will live on the hub, for the
     usage example (default: a placeholder)."""
@@ -170,10 +175,7 @@ def card_text(manifest: AdapterManifest, repo: str | None = None, subfolder: str
     base = portable_model(manifest.base_model)
     what = "A fully fine-tuned model" if manifest.kind == MODEL else "A LoRA adapter"
     lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
-        "---",
-        "",
+        *front_matter(meta),
         f"# {manifest.prompt_id}: an internalized prompt",
         "",
         f"{what} trained with genpi (Generative Prompt Internalization) so that "

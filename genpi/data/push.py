@@ -20,11 +20,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from genpi import InputError
 from genpi.data.adapters import MANIFEST, MODEL, AdapterManifest, read_adapter_manifest
-from genpi.data.model_card import CARD, TAGS, card_text, portable_configs
+from genpi.data.model_card import CARD, TAGS, card_text, front_matter, portable_configs
 from genpi.models import HUB_ID, hub_id, portable_model
 
 REWRITTEN = {CARD, "adapter_config.json"}  # written new into the stage, never through a link to the local file
@@ -99,10 +97,7 @@ def index_card(adapters: list[tuple[Path, AdapterManifest]], repo: str) -> str:
         ]
     }
     lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
-        "---",
-        "",
+        *front_matter(meta),
         f"# {repo}: internalized prompts",
         "",
         "One folder per prompt, each trained with genpi (Generative Prompt Internalization) to behave as its base "

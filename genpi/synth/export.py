@@ -39,6 +39,7 @@ from genpi import InputError, __version__
 from genpi.catalog import CatalogError, entry_from_json
 from genpi.data.dialogues import first_line, open_dialogues
 from genpi.data.manifest import read_manifest
+from genpi.data.model_card import front_matter
 from genpi.data.store import DIALOGUE_SCHEMA, TURN
 
 FORMATS = ("messages", "jsonl", "parquet")
@@ -245,10 +246,7 @@ def card(front: dict, out: Path, manifest: dict, ids: list[str]) -> str:
     )
     loader = "json" if fmt == "jsonl" else "parquet"
     lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
-        "---",
-        "",
+        *front_matter(front),
         f"# {front['pretty_name']}",
         "",
         "Training dialogues for Generative Prompt Internalization (GenPI): for each prompt P below, the generator "
