@@ -83,7 +83,7 @@ def refused_in_process(capsys, monkeypatch, data, adapters, *extra, catalog=CATA
 
 @pytest.mark.slow
 def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(
-    data, calc_genpi_trained, tiny_trainable_model, tmp_path
+    data, calc_genpi_trained, tiny_trainable_model, tmp_path, capsys, monkeypatch
 ):
     # the session's `train(data, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7", progress=True)`
     # (conftest), copied: the reruns below write into the folder
@@ -147,12 +147,12 @@ def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(
     [new_calc, _] = load_catalog(changed)
     with pytest.raises(StaleAdapterError, match="stale adapter"):
         check_adapter(adapters / "calc", new_calc)
-    stale_data = train(data, adapters, "--base", tiny_trainable_model, catalog=changed)
-    assert stale_data.returncode == 2 and "another version of the prompt" in stale_data.stderr
+    code, err = refused_in_process(capsys, monkeypatch, data, adapters, "--base", tiny_trainable_model, catalog=changed)
+    assert code == 2 and "another version of the prompt" in err
 
 
 @pytest.mark.slow
-def test_valid_only_trains_on_dialogues_in_the_action_space(tiny_trainable_model, tmp_path):
+def test_valid_only_trains_on_dialogues_in_the_action_space(tiny_trainable_model, tmp_path, capsys, monkeypatch):
     data = write_calc_dialogues(tmp_path / "data", 10, heldout_from=8, off_format=frozenset({1, 4, 6}))
     result = train(data, tmp_path / "adapters", "--base", tiny_trainable_model, "--lambdas", "0.5", "--valid-only")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -164,8 +164,10 @@ def test_valid_only_trains_on_dialogues_in_the_action_space(tiny_trainable_model
     del entries[0]["actions"]
     no_regex = tmp_path / "no-regex.yaml"
     no_regex.write_text(yaml.safe_dump(entries))
-    refused = train(data, tmp_path / "other", "--base", tiny_trainable_model, "--valid-only", catalog=no_regex)
-    assert refused.returncode == 2 and "'calc' has no actions.valid regex" in refused.stderr
+    code, err = refused_in_process(
+        capsys, monkeypatch, data, tmp_path / "other", "--base", tiny_trainable_model, "--valid-only", catalog=no_regex
+    )
+    assert code == 2 and "'calc' has no actions.valid regex" in err
 
 
 def test_bad_input_exits_2(data, tmp_path, capsys, monkeypatch):
