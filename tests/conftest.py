@@ -113,12 +113,23 @@ def calc_dialogues(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def calc_genpi_trained(calc_dialogues, tiny_trainable_model, tmp_path_factory):
-    """`genpi train` (genpi, λ 0.3 and 0.7, 1 epoch, with progress bars) of calc_dialogues on the tiny Llama:
-    (the adapters folder, the finished process). test_train_run checks the training, test_eval_report reports on it."""
+    """`genpi train` (genpi, λ 0.3 and 0.7, 1 epoch, with progress bars, TensorBoard and MLflow tracking) of
+    calc_dialogues on the tiny Llama: (the adapters folder, the finished process). test_train_run checks the
+    training, test_tracking its logged figures, test_eval_report reports on it."""
     from test_train_run import train
 
     adapters = tmp_path_factory.mktemp("calc-genpi") / "adapters"
-    result = train(calc_dialogues, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7", progress=True)
+    result = train(
+        calc_dialogues,
+        adapters,
+        "--base",
+        tiny_trainable_model,
+        "--lambdas",
+        "0.3,0.7",
+        "--tracking",
+        "tensorboard,mlflow",
+        progress=True,
+    )
     return adapters, result
 
 
