@@ -10,7 +10,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
+from conftest import REPO, cli_in_process
 
 from genpi import InputError
 from genpi.data.adapters import read_adapter_manifest
@@ -141,17 +141,6 @@ def test_killed_run_resumes_and_finishes_each_stage_once(tiny_finishing_model, t
     )
 
 
-def cli_in_process(argv, capsys) -> tuple[int, str]:
-    """`genpi ARGV` run in this process: (exit status, stderr). argparse's refusals exit by SystemExit."""
-    from genpi.cli import main as cli_main
-
-    try:
-        code = cli_main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 def test_bad_input_exits_2_before_any_work(tmp_path, capsys):
     cases = [
         (["--prompts", "calc", "--methods", "sft,bogus"], "unknown method(s) bogus"),
@@ -168,7 +157,7 @@ def test_bad_input_exits_2_before_any_work(tmp_path, capsys):
     ]
     for extra, message in cases:  # in process: one subprocess each cost ~4 s of imports (the CLI's status: below)
         out = tmp_path / "run"
-        code, err = cli_in_process(["run", str(CATALOG), "--out", str(out), *extra], capsys)
+        code, err = cli_in_process(capsys, "run", CATALOG, "--out", out, *extra)
         assert code == 2 and message in err, (extra, err)
         assert not out.exists()  # nothing written
 

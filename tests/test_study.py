@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, cli_in_process
 
 pytestmark = pytest.mark.slow  # end to end (conftest)
 
@@ -53,17 +53,6 @@ def study(out, model, *extra):
     )
 
 
-def study_in_process(capsys, out, model, *extra) -> tuple[int, str]:
-    """`genpi study` in this process, for its refusals (a subprocess costs seconds of imports): (status, stderr)."""
-    from genpi.cli import main
-
-    try:
-        code = main(study_argv(out, model, *extra))
-    except SystemExit as e:  # argparse's refusals
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 def test_study_trains_every_method_on_the_same_budget_and_writes_its_table(tiny_finishing_model, tmp_path, capsys):
     out = tmp_path / "study"
     result = study(out, tiny_finishing_model, "--methods", "sft,onpolicy,topk-kl", "--seed", "7")
@@ -94,7 +83,9 @@ def test_study_trains_every_method_on_the_same_budget_and_writes_its_table(tiny_
         out, tiny_finishing_model, "--methods", "sft,onpolicy,topk-kl", "--seed", "7"
     )  # resumed: nothing to do
     assert again.returncode == 0 and again.stderr.count("done before, skipped") == 7, again.stderr[-2000:]
-    code, err = study_in_process(capsys, out, tiny_finishing_model, "--methods", "sft,onpolicy,topk-kl", "--seed", "8")
+    code, err = cli_in_process(
+        capsys, *study_argv(out, tiny_finishing_model, "--methods", "sft,onpolicy,topk-kl", "--seed", "8")
+    )
     assert code == 2 and "was started with other settings" in err
 
 
@@ -104,7 +95,7 @@ def test_study_refuses_bad_input_before_any_work(tmp_path, capsys):
         (["--steps", "0"], "--steps must be >= 1"),
     ):  # in process; the command's exit status: below
         out = tmp_path / "bad"
-        code, err = study_in_process(capsys, out, "smollm2", *extra)
+        code, err = cli_in_process(capsys, *study_argv(out, "smollm2", *extra))
         assert code == 2 and message in err and not out.exists(), err
     result = subprocess.run(
         [sys.executable, "-m", "genpi.cli", "study", str(CATALOG), "--prompt", "nope", "--out", str(tmp_path / "x")],

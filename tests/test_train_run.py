@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, copy_into
+from conftest import REPO, cli_in_process, copy_into
 from test_recipe import row, write_calc_dialogues
 
 from genpi import InputError
@@ -71,14 +71,8 @@ def train(data, adapters, *extra, catalog=CATALOG, progress=False):
 def refused_in_process(capsys, monkeypatch, data, adapters, *extra, catalog=CATALOG) -> tuple[int, str]:
     """`genpi train` with bad input, in this process (a subprocess each costs seconds of imports): (exit status,
     stderr). ray.init stops the command (stop_at_ray_init), so a refusal that came only after Ray started fails."""
-    from genpi.cli import main as cli_main
-
     stop_at_ray_init(monkeypatch)
-    try:
-        code = cli_main(train_argv(data, adapters, *extra, catalog=catalog))
-    except SystemExit as e:  # argparse's refusals
-        code = e.code
-    return code, capsys.readouterr().err
+    return cli_in_process(capsys, *train_argv(data, adapters, *extra, catalog=catalog))
 
 
 @pytest.mark.slow
