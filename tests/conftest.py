@@ -96,6 +96,20 @@ def served(tiny_model, adapters_dir):
     scheduler.close()
 
 
+def cli_in_process(capsys, *argv) -> tuple[int, str]:
+    """`genpi ARGV` run in this process: (exit status, stderr). For bad-input refusals: a subprocess each costs
+    seconds of imports, so a test keeps one refusal as a real subprocess (the command's exit status) and runs the rest
+    here. argparse's refusals exit by SystemExit; InputError returns 2 (genpi.exits_2_on_input_error)."""
+    from genpi.cli import main
+
+    capsys.readouterr()  # what came before is not this command's
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
 # Runs that several modules read, made once per session: read-only for the tests that share them. A test that writes
 # into one (an evaluation recording its metrics in genpi.json, a report writing into the run) works on a copy.
 def copy_into(folder: Path, tmp_path: Path, name: str | None = None) -> Path:
@@ -113,12 +127,23 @@ def calc_dialogues(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def calc_genpi_trained(calc_dialogues, tiny_trainable_model, tmp_path_factory):
-    """`genpi train` (genpi, λ 0.3 and 0.7, 1 epoch, with progress bars) of calc_dialogues on the tiny Llama:
-    (the adapters folder, the finished process). test_train_run checks the training, test_eval_report reports on it."""
+    """`genpi train` (genpi, λ 0.3 and 0.7, 1 epoch, with progress bars, TensorBoard and MLflow tracking) of
+    calc_dialogues on the tiny Llama: (the adapters folder, the finished process). test_train_run checks the
+    training, test_tracking its logged figures, test_eval_report reports on it."""
     from test_train_run import train
 
     adapters = tmp_path_factory.mktemp("calc-genpi") / "adapters"
-    result = train(calc_dialogues, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7", progress=True)
+    result = train(
+        calc_dialogues,
+        adapters,
+        "--base",
+        tiny_trainable_model,
+        "--lambdas",
+        "0.3,0.7",
+        "--tracking",
+        "tensorboard,mlflow",
+        progress=True,
+    )
     return adapters, result
 
 

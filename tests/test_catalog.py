@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import EXAMPLES, REPO
+from conftest import EXAMPLES, REPO, cli_in_process
 
 from genpi.catalog import CatalogError, entry_from_json, load_catalog, prompt_sha256
 
@@ -297,7 +297,7 @@ def test_a_key_given_twice_is_refused(tmp_path):
     assert [(e.id, e.max_turns) for e in load_catalog(merged)] == [("one", 3), ("two", 3)]
 
 
-def test_cli_rejects_bad_catalog_with_status_2_and_writes_nothing(tmp_path):
+def test_cli_rejects_bad_catalog_with_status_2_and_writes_nothing(tmp_path, capsys):
     path = write(tmp_path, [dict(GOOD, actions={"valid": "(("})])
     out = tmp_path / "out"
     result = subprocess.run(
@@ -312,14 +312,8 @@ def test_cli_rejects_bad_catalog_with_status_2_and_writes_nothing(tmp_path):
     assert len(lines) == 1 and "field 'actions.valid'" in lines[0] and "entry 1" in lines[0]
     assert not out.exists()
 
-    result = subprocess.run(
-        [sys.executable, "-m", "genpi.synth", str(write(tmp_path, [GOOD])), "--out", str(out), "--max-turns", "0"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert result.returncode == 2 and "--max-turns must be at least 1" in result.stderr and not out.exists()
+    code, err = cli_in_process(capsys, "synth", write(tmp_path, [GOOD]), "--out", out, "--max-turns", "0")
+    assert code == 2 and "--max-turns must be at least 1" in err and not out.exists()  # in process: status above
 
 
 def test_example_catalog_is_valid_and_long():

@@ -10,7 +10,7 @@ import sys
 import duckdb
 import pytest
 import torch
-from conftest import EXAMPLES, REPO
+from conftest import EXAMPLES, REPO, cli_in_process
 from test_eval_report import numbers
 from test_recipe import write_calc_dialogues
 
@@ -233,7 +233,7 @@ def test_efficiency_end_to_end(tiny_model, adapters, tmp_path):
 
 
 @pytest.mark.slow
-def test_model_config_alone_and_bad_input(tmp_path):
+def test_model_config_alone_and_bad_input(tmp_path, capsys):
     """--model-config: analytic only, no model loaded; Llama-3-8B's shipped config; refusals exit 2."""
     ok = run_cli(
         "--catalog",
@@ -264,9 +264,11 @@ def test_model_config_alone_and_bad_input(tmp_path):
         ),
         (("--prompt", "calc", "--model-config", tmp_path / "missing.json"), "no such config file"),
         (("--prompt", "calc", "--model-config", broken), "lacks num_hidden_layers"),
-    ]:
-        result = run_cli("--catalog", CATALOG, *args)
-        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-2000:])
+    ]:  # in process; the command's exit status: below
+        code, err = cli_in_process(capsys, "eval", "efficiency", "--catalog", CATALOG, *args)
+        assert code == 2 and message in err, (args, err[-2000:])
+    result = run_cli("--catalog", CATALOG, "--prompt", "nope")
+    assert result.returncode == 2 and "--prompt nope: not in" in result.stderr, result.stderr[-2000:]
 
 
 def test_shipped_model_configs_are_package_data():

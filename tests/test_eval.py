@@ -8,7 +8,7 @@ import sys
 import duckdb
 import pytest
 import yaml
-from conftest import REPO, copy_into
+from conftest import REPO, cli_in_process, copy_into
 from test_recipe import row, write_calc_dialogues
 
 from genpi.catalog import load_catalog
@@ -158,36 +158,39 @@ def test_fidelity_against_the_teacher(data, adapters, tiny_trainable_model, tmp_
 
 
 @pytest.mark.slow
-def test_bad_input_exits_2(data, adapters, tiny_trainable_model, tiny_model, tmp_path):
+def test_bad_input_exits_2(data, adapters, tiny_trainable_model, tiny_model, tmp_path, capsys):
+    def refused(*args):  # in process; the command's exit status: `missing` below
+        return cli_in_process(capsys, "eval", *args)
+
     base = ("--base", tiny_trainable_model)
     changed = tmp_path / "changed.yaml"
     entries = yaml.safe_load(CATALOG.read_text())
     entries[0]["system"] += " Be brief."
     changed.write_text(yaml.safe_dump(entries))
-    stale = run_eval("fidelity", data, "--catalog", changed, "--adapters", adapters, *base)
-    assert stale.returncode == 2 and "stale adapter" in stale.stderr
+    code, err = refused("fidelity", data, "--catalog", changed, "--adapters", adapters, *base)
+    assert code == 2 and "stale adapter" in err
 
-    other = run_eval("fidelity", data, "--catalog", CATALOG, "--adapters", adapters, "--base", tiny_model)
-    assert other.returncode == 2 and "trained on base model" in other.stderr
+    code, err = refused("fidelity", data, "--catalog", CATALOG, "--adapters", adapters, "--base", tiny_model)
+    assert code == 2 and "trained on base model" in err
 
     empty = tmp_path / "empty"
     (empty / "calc").mkdir(parents=True)
-    unfinished = run_eval("fidelity", data, "--catalog", CATALOG, "--adapters", empty, *base)
-    assert unfinished.returncode == 2 and "no genpi.json" in unfinished.stderr
+    code, err = refused("fidelity", data, "--catalog", CATALOG, "--adapters", empty, *base)
+    assert code == 2 and "no genpi.json" in err
 
-    nothing = run_eval("fidelity", data, "--catalog", CATALOG, "--adapters", tmp_path, *base)
-    assert nothing.returncode == 2 and "nothing to evaluate" in nothing.stderr and "calc: no adapter" in nothing.stderr
+    code, err = refused("fidelity", data, "--catalog", CATALOG, "--adapters", tmp_path, *base)
+    assert code == 2 and "nothing to evaluate" in err and "calc: no adapter" in err
 
     no_heldout = write_calc_dialogues(tmp_path / "all-train", 4, heldout_from=4)
-    held = run_eval("fidelity", no_heldout, "--catalog", CATALOG, "--adapters", adapters, *base)
-    assert held.returncode == 2 and "no held-out rows" in held.stderr
+    code, err = refused("fidelity", no_heldout, "--catalog", CATALOG, "--adapters", adapters, *base)
+    assert code == 2 and "no held-out rows" in err
 
     missing = run_eval("fidelity", data, "--catalog", CATALOG, "--adapters", tmp_path / "none", *base)
     assert missing.returncode == 2 and "no such folder" in missing.stderr
-    unknown = run_eval(data, "--catalog", CATALOG, "--adapters", adapters, "--prompts", "calc,chat")
-    assert unknown.returncode == 2 and "chat not in" in unknown.stderr
-    limit = run_eval(data, "--catalog", CATALOG, "--adapters", adapters, "--limit", "0")
-    assert limit.returncode == 2 and "--limit must be at least 1" in limit.stderr
+    code, err = refused(data, "--catalog", CATALOG, "--adapters", adapters, "--prompts", "calc,chat")
+    assert code == 2 and "chat not in" in err
+    code, err = refused(data, "--catalog", CATALOG, "--adapters", adapters, "--limit", "0")
+    assert code == 2 and "--limit must be at least 1" in err
 
 
 @pytest.mark.slow

@@ -464,6 +464,7 @@ def test_genpi_train_on_a_hub_id_writes_a_hub_ready_adapter(
     adapters = tmp_path / "adapters"
     command = [sys.executable, "-m", "genpi.cli", "train", str(calc_dialogues), "--catalog"]
     command += [str(REPO / "tests" / "data" / "tiny.yaml"), "--out", str(adapters), "--base", REPO_ID, "--epochs", "1"]
+    command += ["--lambdas", "0.5"]  # one trial: the λ choice is test_train_run's
     command += ["--batch-size", "4", "--micro-batch", "2", "--max-length", "512", "--rank", "4", "--no-progress"]
     env = dict(os.environ, RAY_ADDRESS="local", HF_HOME=str(hf_home), PYTHONPATH=str(REPO))
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

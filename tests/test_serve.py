@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, cli_in_process
 
 from genpi.catalog import load_catalog
 from genpi.engines import ChatRequest, Sampling
@@ -342,7 +342,10 @@ def run_serve(*args, timeout=120):
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_stale_foreign_and_missing_adapters_are_refused(tiny_model, tmp_path):
+def test_stale_foreign_and_missing_adapters_are_refused(tiny_model, tmp_path, capsys):
+    def refused(*args):  # in process; the command's exit status: `stale` below
+        return cli_in_process(capsys, "serve", *args)
+
     import shutil
 
     adapters = make_adapters(tiny_model, tmp_path / "adapters")
@@ -357,22 +360,22 @@ def test_stale_foreign_and_missing_adapters_are_refused(tiny_model, tmp_path):
     shutil.copytree(tiny_model, other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": config["rms_norm_eps"] * 10}))
-    foreign_base = run_serve(adapters, "--catalog", CATALOG, "--base", other)
-    assert foreign_base.returncode == 2 and "trained on base model" in foreign_base.stderr
+    code, err = refused(adapters, "--catalog", CATALOG, "--base", other)
+    assert code == 2 and "trained on base model" in err
 
     only_calc = tmp_path / "only-calc.yaml"
     only_calc.write_text(yaml.safe_dump(yaml.safe_load(CATALOG.read_text())[:1]))
-    foreign = run_serve(adapters, "--catalog", only_calc)
-    assert foreign.returncode == 2 and "greet" in foreign.stderr and "does not have" in foreign.stderr
+    code, err = refused(adapters, "--catalog", only_calc)
+    assert code == 2 and "greet" in err and "does not have" in err
 
-    unknown = run_serve(adapters, "--catalog", CATALOG, "--merge", "nope")
-    assert unknown.returncode == 2 and "--merge nope" in unknown.stderr and "no adapter" in unknown.stderr
-    vllm = run_serve(adapters, "--catalog", CATALOG, "--merge", "calc", "--engine", "vllm")
-    assert vllm.returncode == 2 and "--merge is for the transformers engine" in vllm.stderr
+    code, err = refused(adapters, "--catalog", CATALOG, "--merge", "nope")
+    assert code == 2 and "--merge nope" in err and "no adapter" in err
+    code, err = refused(adapters, "--catalog", CATALOG, "--merge", "calc", "--engine", "vllm")
+    assert code == 2 and "--merge is for the transformers engine" in err
 
     (tmp_path / "empty").mkdir()
-    empty = run_serve(tmp_path / "empty", "--catalog", CATALOG)
-    assert empty.returncode == 2 and "no adapters" in empty.stderr
+    code, err = refused(tmp_path / "empty", "--catalog", CATALOG)
+    assert code == 2 and "no adapters" in err
 
 
 def test_the_vllm_command_serves_every_adapter_as_a_lora_module(tiny_model, tmp_path):

@@ -17,8 +17,8 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_serve import AUTH, CATALOG, KEY, Server, chat, get, post, run_serve
+from conftest import REPO, cli_in_process
+from test_serve import AUTH, CATALOG, KEY, Server, chat, get, post
 
 SHAPE = {"message", "type", "param", "code"}
 
@@ -342,15 +342,30 @@ def test_vllm_dies_with_a_killed_genpi(adapters_dir, tmp_path):
             os.kill(child, signal.SIGKILL)
 
 
+def serve_refused(capsys, monkeypatch, *args) -> tuple[int, str]:
+    """`genpi serve ARGS` in this process, for its refusals (a subprocess each costs seconds of imports): (exit
+    status, stderr). Neither server may start: one that did would serve on, so starting fails the test."""
+    import uvicorn
+
+    from genpi.serve import cli
+
+    def started(*_, **__):
+        raise AssertionError("a server was started")
+
+    monkeypatch.setattr(uvicorn, "run", started)
+    monkeypatch.setattr(cli, "run_vllm", started)
+    return cli_in_process(capsys, "serve", *args)
+
+
 @pytest.mark.parametrize("engine", ["transformers", "vllm"])
-def test_an_empty_api_key_is_refused_by_both_engines(adapters_dir, tmp_path, engine):
+def test_an_empty_api_key_is_refused_by_both_engines(adapters_dir, tmp_path, engine, capsys, monkeypatch):
     fake = fake_vllm(tmp_path)
     try:
-        for how in (["--api-key", ""], ["--api-key", "  "]):
-            result = run_serve(
-                adapters_dir, "--catalog", CATALOG, "--engine", engine, "--vllm-python", fake, *how, timeout=60
+        for how in (["--api-key", ""], ["--api-key", "  "]):  # in process; the command's exit status: below
+            code, err = serve_refused(
+                capsys, monkeypatch, adapters_dir, "--catalog", CATALOG, "--engine", engine, "--vllm-python", fake, *how
             )
-            assert result.returncode == 2 and "API key" in result.stderr and "empty" in result.stderr, result.stderr
+            assert code == 2 and "API key" in err and "empty" in err, err
         env = {**os.environ, "PYTHONPATH": str(REPO), "GENPI_API_KEY": ""}
         command = [
             sys.executable,
@@ -373,11 +388,11 @@ def test_an_empty_api_key_is_refused_by_both_engines(adapters_dir, tmp_path, eng
             os.kill(child, signal.SIGKILL)
 
 
-def test_limit_flags_are_checked(adapters_dir):
+def test_limit_flags_are_checked(adapters_dir, capsys, monkeypatch):
     for flags, says in (
         (["--max-body-bytes", "0"], "--max-body-bytes"),
         (["--max-waiting", "-1"], "--max-waiting"),
         (["--body-timeout", "nan"], "--body-timeout"),
-    ):
-        result = run_serve(adapters_dir, "--catalog", CATALOG, *flags, timeout=60)
-        assert result.returncode == 2 and f"{says} must be" in result.stderr, result.stderr
+    ):  # in process: the command's exit status on bad input is test_serve's and the API key test's
+        code, err = serve_refused(capsys, monkeypatch, adapters_dir, "--catalog", CATALOG, *flags)
+        assert code == 2 and f"{says} must be" in err, err

@@ -6,18 +6,15 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, cli_in_process
 
 pytestmark = pytest.mark.slow  # end to end (conftest)
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 
 
-def study(out, model, *extra):
-    command = [
-        sys.executable,
-        "-m",
-        "genpi.cli",
+def study_argv(out, model, *extra) -> list[str]:
+    return [
         "study",
         str(CATALOG),
         "--prompt",
@@ -43,12 +40,20 @@ def study(out, model, *extra):
         "--no-progress",
         *extra,
     ]
+
+
+def study(out, model, *extra):
     return subprocess.run(
-        command, cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"), capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "genpi.cli", *study_argv(out, model, *extra)],
+        cwd=REPO,
+        env=dict(os.environ, RAY_ADDRESS="local"),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
-def test_study_trains_every_method_on_the_same_budget_and_writes_its_table(tiny_finishing_model, tmp_path):
+def test_study_trains_every_method_on_the_same_budget_and_writes_its_table(tiny_finishing_model, tmp_path, capsys):
     out = tmp_path / "study"
     result = study(out, tiny_finishing_model, "--methods", "sft,onpolicy,topk-kl", "--seed", "7")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -78,18 +83,20 @@ def test_study_trains_every_method_on_the_same_budget_and_writes_its_table(tiny_
         out, tiny_finishing_model, "--methods", "sft,onpolicy,topk-kl", "--seed", "7"
     )  # resumed: nothing to do
     assert again.returncode == 0 and again.stderr.count("done before, skipped") == 7, again.stderr[-2000:]
-    changed = study(out, tiny_finishing_model, "--methods", "sft,onpolicy,topk-kl", "--seed", "8")
-    assert changed.returncode == 2 and "was started with other settings" in changed.stderr
+    code, err = cli_in_process(
+        capsys, *study_argv(out, tiny_finishing_model, "--methods", "sft,onpolicy,topk-kl", "--seed", "8")
+    )
+    assert code == 2 and "was started with other settings" in err
 
 
-def test_study_refuses_bad_input_before_any_work(tmp_path):
+def test_study_refuses_bad_input_before_any_work(tmp_path, capsys):
     for extra, message in (
         (["--methods", "sft,nope"], "unknown method(s) nope"),
         (["--steps", "0"], "--steps must be >= 1"),
-    ):
+    ):  # in process; the command's exit status: below
         out = tmp_path / "bad"
-        result = study(out, "smollm2", *extra)
-        assert result.returncode == 2 and message in result.stderr and not out.exists(), result.stderr
+        code, err = cli_in_process(capsys, *study_argv(out, "smollm2", *extra))
+        assert code == 2 and message in err and not out.exists(), err
     result = subprocess.run(
         [sys.executable, "-m", "genpi.cli", "study", str(CATALOG), "--prompt", "nope", "--out", str(tmp_path / "x")],
         cwd=REPO,

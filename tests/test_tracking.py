@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, copy_into
 
 from genpi import InputError
 from genpi.catalog import load_catalog
@@ -173,46 +173,35 @@ def test_a_bad_tracking_flag_exits_2_before_a_training_starts(calc_dialogues, tm
 
 
 @pytest.mark.slow
-def test_a_training_logs_every_step_to_tensorboard_and_mlflow(calc_dialogues, tiny_trainable_model, tmp_path):
-    """A tiny genpi training (calc: 8 train rows, batch 2, 1 epoch: 4 steps) through Ray Tune's logger callbacks."""
-    import ray
-
-    from genpi.train.recipe import TrainSettings
-    from genpi.train.run import train_catalog
-
-    settings = TrainSettings(epochs=1, batch_size=2, micro_batch=2, max_length=512, lr=1e-2)
-    adapters = tmp_path / "adapters"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        outcomes = train_catalog(
-            calc_dialogues,
-            CATALOG,
-            adapters,
-            tiny_trainable_model,
-            settings,
-            [0.5],
-            progress=False,
-            tracking="tensorboard,mlflow",
-        )
-    finally:
-        ray.shutdown()
-    assert outcomes["calc"]["status"] == "trained"
+def test_a_training_logs_every_step_to_tensorboard_and_mlflow(calc_genpi_trained, tmp_path):
+    """The session's `genpi train --tracking tensorboard,mlflow` (conftest's calc_genpi_trained: calc, 8 train rows,
+    batch 4, 1 epoch: 2 steps per trial, λ 0.3 and 0.7) through Ray Tune's logger callbacks."""
+    trained, result = calc_genpi_trained
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapters = copy_into(trained, tmp_path)  # reading MLflow's file store may write into it
+    chosen = json.loads(result.stdout)["calc"]["lam"]
     losses = check_adapter(adapters / "calc", CALC).train_metrics["train_losses"]
-    assert len(losses) == 4
+    assert len(losses) == 2
     [experiment] = (adapters / ".tracking" / "tb").iterdir()
     assert experiment.name.startswith("train-") and not (adapters / ".tune" / experiment.name).exists()
-    logged = tb_scalars(experiment / "calc-lam=0.5")  # the trial's events outlive Tune's trial folder
-    tune = {tag.removeprefix("ray/tune/"): values for tag, values in logged.items()}
-    assert tune["loss"] == pytest.approx(dict(enumerate(losses, 1)), rel=1e-5)  # every step, at its step
-    assert set(tune["lr"]) == set(tune["grad_norm"]) == set(tune["loss_sft"]) == set(tune["loss_pg"]) >= {1, 2, 3, 4}
-    assert tune["lam"][1] == 0.5 and tune["lr"][1] != tune["lr"][4]  # the warmup and cosine schedule move it
-    for step in range(1, 5):  # convex form: loss = (1 - λ)·L_SFT + λ·L_PG
-        assert tune["loss"][step] == pytest.approx(0.5 * tune["loss_sft"][step] + 0.5 * tune["loss_pg"][step], rel=1e-4)
-    assert 4 in tune["heldout_kl"] and 4 in tune["heldout_loss"]  # the epoch's held-out figures
     runs = mlflow_runs(adapters, "genpi-train")
-    assert set(runs) == {"calc-lam=0.5"}
-    assert runs["calc-lam=0.5"]["loss"] == pytest.approx(dict(enumerate(losses, 1)), rel=1e-5)
-    assert set(runs["calc-lam=0.5"]["grad_norm"]) >= {1, 2, 3, 4}
+    assert set(runs) == {"calc-lam=0.3", "calc-lam=0.7"}
+    for lam in (0.3, 0.7):
+        logged = tb_scalars(experiment / f"calc-lam={lam}")  # the trial's events outlive Tune's trial folder
+        tune = {tag.removeprefix("ray/tune/"): values for tag, values in logged.items()}
+        assert set(tune["lr"]) == set(tune["grad_norm"]) == set(tune["loss_sft"]) == set(tune["loss_pg"]) >= {1, 2}
+        assert (
+            tune["lam"][1] == pytest.approx(lam) and tune["lr"][1] != tune["lr"][2]
+        )  # the warmup and cosine schedule move it
+        for step in (1, 2):  # convex form: loss = (1 - λ)·L_SFT + λ·L_PG
+            assert tune["loss"][step] == pytest.approx(
+                (1 - lam) * tune["loss_sft"][step] + lam * tune["loss_pg"][step], rel=1e-4
+            )
+        assert 2 in tune["heldout_kl"] and 2 in tune["heldout_loss"]  # the epoch's held-out figures
+        assert set(runs[f"calc-lam={lam}"]["grad_norm"]) >= {1, 2}
+        assert runs[f"calc-lam={lam}"]["loss"] == pytest.approx(tune["loss"], rel=1e-5)
+        if lam == chosen:  # the adapter's recorded losses: every step, at its step
+            assert tune["loss"] == pytest.approx(dict(enumerate(losses, 1)), rel=1e-5)
 
 
 # `genpi serve`'s /metrics: the embedded server on the tiny model with two adapters (conftest's `served`)

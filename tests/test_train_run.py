@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, copy_into
+from conftest import REPO, cli_in_process, copy_into
 from test_recipe import row, write_calc_dialogues
 
 from genpi import InputError
@@ -30,11 +30,9 @@ def data(calc_dialogues):
     return calc_dialogues
 
 
-def train(data, adapters, *extra, catalog=CATALOG, progress=False):
-    command = [
-        sys.executable,
-        "-m",
-        "genpi.cli",
+def train_argv(data, adapters, *extra, catalog=CATALOG, progress=False) -> list[str]:
+    """`genpi train`'s arguments for the small trainings of these tests."""
+    return [
         "train",
         str(data),
         "--catalog",
@@ -56,14 +54,30 @@ def train(data, adapters, *extra, catalog=CATALOG, progress=False):
         *([] if progress else ["--no-progress"]),
         *extra,
     ]
+
+
+def train(data, adapters, *extra, catalog=CATALOG, progress=False):
+    command = [
+        sys.executable,
+        "-m",
+        "genpi.cli",
+        *train_argv(data, adapters, *extra, catalog=catalog, progress=progress),
+    ]
     return subprocess.run(
         command, cwd=REPO, env=dict(os.environ, RAY_ADDRESS="local"), capture_output=True, text=True, timeout=600
     )
 
 
+def refused_in_process(capsys, monkeypatch, data, adapters, *extra, catalog=CATALOG) -> tuple[int, str]:
+    """`genpi train` with bad input, in this process (a subprocess each costs seconds of imports): (exit status,
+    stderr). ray.init stops the command (stop_at_ray_init), so a refusal that came only after Ray started fails."""
+    stop_at_ray_init(monkeypatch)
+    return cli_in_process(capsys, *train_argv(data, adapters, *extra, catalog=catalog))
+
+
 @pytest.mark.slow
 def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(
-    data, calc_genpi_trained, tiny_trainable_model, tmp_path
+    data, calc_genpi_trained, tiny_trainable_model, tmp_path, capsys, monkeypatch
 ):
     # the session's `train(data, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7", progress=True)`
     # (conftest), copied: the reruns below write into the folder
@@ -127,12 +141,12 @@ def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(
     [new_calc, _] = load_catalog(changed)
     with pytest.raises(StaleAdapterError, match="stale adapter"):
         check_adapter(adapters / "calc", new_calc)
-    stale_data = train(data, adapters, "--base", tiny_trainable_model, catalog=changed)
-    assert stale_data.returncode == 2 and "another version of the prompt" in stale_data.stderr
+    code, err = refused_in_process(capsys, monkeypatch, data, adapters, "--base", tiny_trainable_model, catalog=changed)
+    assert code == 2 and "another version of the prompt" in err
 
 
 @pytest.mark.slow
-def test_valid_only_trains_on_dialogues_in_the_action_space(tiny_trainable_model, tmp_path):
+def test_valid_only_trains_on_dialogues_in_the_action_space(tiny_trainable_model, tmp_path, capsys, monkeypatch):
     data = write_calc_dialogues(tmp_path / "data", 10, heldout_from=8, off_format=frozenset({1, 4, 6}))
     result = train(data, tmp_path / "adapters", "--base", tiny_trainable_model, "--lambdas", "0.5", "--valid-only")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -144,26 +158,35 @@ def test_valid_only_trains_on_dialogues_in_the_action_space(tiny_trainable_model
     del entries[0]["actions"]
     no_regex = tmp_path / "no-regex.yaml"
     no_regex.write_text(yaml.safe_dump(entries))
-    refused = train(data, tmp_path / "other", "--base", tiny_trainable_model, "--valid-only", catalog=no_regex)
-    assert refused.returncode == 2 and "'calc' has no actions.valid regex" in refused.stderr
+    code, err = refused_in_process(
+        capsys, monkeypatch, data, tmp_path / "other", "--base", tiny_trainable_model, "--valid-only", catalog=no_regex
+    )
+    assert code == 2 and "'calc' has no actions.valid regex" in err
 
 
-@pytest.mark.slow
-def test_bad_input_exits_2(data, tmp_path):
-    unknown = train(data, tmp_path / "a", "--method", "distill")
-    assert unknown.returncode == 2 and "unknown method 'distill'" in unknown.stderr
-    empty = train(tmp_path, tmp_path / "a")
-    assert empty.returncode == 2 and "no dialogue shards" in empty.stderr
+def test_bad_input_exits_2(data, tmp_path, capsys, monkeypatch):
+    code, err = refused_in_process(capsys, monkeypatch, data, tmp_path / "a", "--method", "distill")
+    assert code == 2 and "unknown method 'distill'" in err
+    code, err = refused_in_process(capsys, monkeypatch, tmp_path, tmp_path / "a")
+    assert code == 2 and "no dialogue shards" in err
     bad = tmp_path / "bad"
     store.write_table(
         store.shard_path(bad, "calc", 0),
         [{"prompt_id": "calc", "input": "x"}],
         store.pa.schema([("prompt_id", store.pa.string()), ("input", store.pa.string())]),
     )
-    missing = train(bad, tmp_path / "a")
-    assert missing.returncode == 2 and "lack the columns" in missing.stderr
-    negative = train(data, tmp_path / "a", "--checkpoint-steps", "-1")
-    assert negative.returncode == 2 and "--checkpoint-steps and --max-failures must be 0 or more" in negative.stderr
+    code, err = refused_in_process(capsys, monkeypatch, bad, tmp_path / "a")
+    assert code == 2 and "lack the columns" in err
+    code, err = refused_in_process(capsys, monkeypatch, data, tmp_path / "a", "--checkpoint-steps", "-1")
+    assert code == 2 and "--checkpoint-steps and --max-failures must be 0 or more" in err
+    assert read_adapter_manifest(tmp_path / "a" / "calc") is None
+
+
+@pytest.mark.slow
+def test_bad_input_exits_2_from_the_command_line(tmp_path):
+    """The one refusal run as the command itself: its exit status and message (the others run in process)."""
+    empty = train(tmp_path, tmp_path / "a")
+    assert empty.returncode == 2 and "no dialogue shards" in empty.stderr
     assert read_adapter_manifest(tmp_path / "a" / "calc") is None
 
 
@@ -197,20 +220,12 @@ def test_fingerprint_covers_every_setting_and_the_lambdas():
     )
 
 
-@pytest.mark.slow
-def test_lambda_choice_without_heldout_rows_is_refused(tmp_path):
+def test_lambda_choice_without_heldout_rows_is_refused(tmp_path, capsys, monkeypatch):
     data = write_calc_dialogues(tmp_path / "data", 8, heldout_from=8)
-    refused = train(data, tmp_path / "adapters", "--lambdas", "0.3,0.7")
-    assert (
-        refused.returncode == 2
-        and "no held-out dialogues to choose λ" in refused.stderr
-        and "--heldout" in refused.stderr
-    )
-    no_early_stop = train(data, tmp_path / "adapters", "--lambdas", "0.3", "--early-stop")
-    assert (
-        no_early_stop.returncode == 2
-        and "--early-stop: prompt 'calc' has no held-out dialogues" in no_early_stop.stderr
-    )
+    code, err = refused_in_process(capsys, monkeypatch, data, tmp_path / "adapters", "--lambdas", "0.3,0.7")
+    assert code == 2 and "no held-out dialogues to choose λ" in err and "--heldout" in err
+    code, err = refused_in_process(capsys, monkeypatch, data, tmp_path / "adapters", "--lambdas", "0.3", "--early-stop")
+    assert code == 2 and "--early-stop: prompt 'calc' has no held-out dialogues" in err
     assert not (tmp_path / "adapters").exists()
 
 
