@@ -60,9 +60,15 @@ def train_one_step(base, monkeypatch, **changes):
 
     monkeypatch.setattr(recipe, "step_loss", spy)
     settings = recipe.TrainSettings(
-        method="sft", epochs=1, batch_size=4, micro_batch=2, max_length=256, quantize=False, lr=1e-3,
+        method="sft",
+        epochs=1,
+        batch_size=4,
+        micro_batch=2,
+        max_length=256,
+        quantize=False,
+        lr=1e-3,
         lora=LoraSettings(r=4, alpha=8, dropout=0.0),
-    )  # fmt: skip
+    )
     settings = dataclasses.replace(settings, **changes)
     _, metrics = recipe.train_adapter(base, CALC, [row(i) for i in range(4)], [], settings)
     return seen, state, metrics

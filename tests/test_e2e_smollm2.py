@@ -32,10 +32,8 @@ def genpi(*args, timeout=900):
 def demo_run(tmp_path_factory):
     """The README's command with the demo preset, `--methods topk-kl`: (run folder, the finished process)."""
     run = tmp_path_factory.mktemp("e2e") / "run"
-    done = genpi(
-        "run", str(EXAMPLES), "--out", str(run), "--config", str(DEMO), "--methods", "topk-kl", "--no-progress",
-        timeout=2400,
-    )  # fmt: skip
+    command = ["run", str(EXAMPLES), "--out", str(run), "--config", str(DEMO), "--methods", "topk-kl", "--no-progress"]
+    done = genpi(*command, timeout=2400)
     assert done.returncode == 0, done.stderr[-3000:]
     return run, done
 

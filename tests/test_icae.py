@@ -285,9 +285,18 @@ def test_genpi_train_method_icae_and_its_fidelity(tiny_trainable_model, calc_dia
 
     adapters = tmp_path / "adapters"
     result = train(
-        calc_dialogues, adapters, "--base", tiny_trainable_model, "--method", "icae", "--no-4bit",
-        "--memory-tokens", str(K), "--pretrain-steps", "2",
-    )  # fmt: skip
+        calc_dialogues,
+        adapters,
+        "--base",
+        tiny_trainable_model,
+        "--method",
+        "icae",
+        "--no-4bit",
+        "--memory-tokens",
+        str(K),
+        "--pretrain-steps",
+        "2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["calc"]["status"] == "trained"
     folder = adapters / "calc"
@@ -296,9 +305,22 @@ def test_genpi_train_method_icae_and_its_fidelity(tiny_trainable_model, calc_dia
     assert read_slots(folder, CALC.sha256).shape[0] == K
     out = tmp_path / "eval"
     result = run_eval(
-        "fidelity", calc_dialogues, "--catalog", REPO / "tests/data/tiny.yaml", "--adapters", f"icae={adapters}",
-        "--base", tiny_trainable_model, "--max-new-tokens", "8", "--max-turns", "1", "--out", out, "--json",
-    )  # fmt: skip
+        "fidelity",
+        calc_dialogues,
+        "--catalog",
+        REPO / "tests/data/tiny.yaml",
+        "--adapters",
+        f"icae={adapters}",
+        "--base",
+        tiny_trainable_model,
+        "--max-new-tokens",
+        "8",
+        "--max-turns",
+        "1",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     [calc] = [r for r in json.loads(result.stdout)["results"] if r["prompt_id"] == "calc"]
     systems = calc["systems"]
@@ -319,9 +341,13 @@ def test_efficiency_counts_the_k_slots_as_the_prefix(trained, tiny_trainable_mod
     root = tmp_path / "adapters"
     write_manifest(trained[3], root / "calc", tiny_trainable_model)
     result = evaluate(
-        REPO / "tests/data/tiny.yaml", "calc", adapters=str(root), turns=2, model_config=tiny_trainable_model,
+        REPO / "tests/data/tiny.yaml",
+        "calc",
+        adapters=str(root),
+        turns=2,
+        model_config=tiny_trainable_model,
         base=tiny_trainable_model,
-    )  # fmt: skip
+    )
     systems = result["systems"]
     slots, merged = systems[SLOTS], systems[MERGED]
     assert slots["prefix_tokens"] == merged["prefix_tokens"] + K < systems[WITH_P]["prefix_tokens"]

@@ -188,10 +188,13 @@ def evaluate(
         k, merged = adapter_system.icae.shape[0], convs[1]  # any k ids cost what k slot embeddings cost
         convs.append(
             replace(
-                merged, system=ICAE, ids=[tokenizer.eos_token_id] * k + merged.ids, prefix=merged.prefix + k,
+                merged,
+                system=ICAE,
+                ids=[tokenizer.eos_token_id] * k + merged.ids,
+                prefix=merged.prefix + k,
                 contexts=[c + k for c in merged.contexts],
             )
-        )  # fmt: skip
+        )
     if prompt_tokens is not None:  # P adds prompt_tokens to every context (the conversation keeps its own tokens)
         shift = prompt_tokens - (convs[0].prefix - convs[1].prefix)
         convs[0].prefix += shift
