@@ -47,7 +47,9 @@ def test_requirements_state_ranges_and_extras():
 
 
 def test_a_missing_optional_part_names_its_extra(monkeypatch, capsys, tmp_path):
-    monkeypatch.setitem(sys.modules, "starlette", None)  # `import starlette` now fails as if not installed
+    # `import starlette` (and its submodules, which an earlier test may have imported) now fail as if not installed
+    for name in ["starlette", *[m for m in sys.modules if m.startswith("starlette.")]]:
+        monkeypatch.setitem(sys.modules, name, None)
     for name in [m for m in sys.modules if m.startswith("genpi.serve")]:
         monkeypatch.delitem(sys.modules, name)
     assert main(["serve", str(tmp_path), "--catalog", str(tmp_path / "c.yaml")]) == 2
