@@ -14,8 +14,9 @@ from conftest import EXAMPLES, REPO, cli_in_process
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import Completion, Sampling
+from genpi.eval.evaluate import play_every
 from genpi.eval.markdown import cell
-from genpi.eval.mind2web import PER_QUESTION, action_f1, answer_all, answer_step, parse_reply, read_steps, score
+from genpi.eval.mind2web import PER_QUESTION, action_f1, answer_step, parse_reply, read_steps, score
 from genpi.eval.report import build_report
 from genpi.eval.systems import System
 
@@ -65,7 +66,14 @@ def oracle(steps, wrong=False):
 
 def run(steps, agent, layout="agentbench", with_prompt=False):
     system = System("teacher" if with_prompt else "base", None, with_prompt)
-    return answer_all(steps, {system.name: (system, agent)}, WEB_SELECT, Sampling(max_tokens=32), layout)[system.name]
+    sampling = Sampling(max_tokens=32)
+    rows = play_every(
+        steps,
+        {system.name: (system, agent)},
+        WEB_SELECT,
+        lambda step, agent, prefix: answer_step(step, agent, prefix, sampling, layout),
+    )
+    return rows[system.name]
 
 
 def test_parse_reply_and_f1_follow_agentbench():

@@ -7,7 +7,6 @@ and the evaluation rows by genpi.data.store.write_results."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 
@@ -19,20 +18,18 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 from conftest import REPO
+from test_synth_run import OPTIONS, SETTINGS, Fake
+from test_synth_run import synth as synth_run_with
 
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.cli import main as genpi
 from genpi.data import store
 from genpi.data.dialogues import open_dialogues, prompt_rows
-from genpi.data.manifest import new_manifest, read_manifest, reconcile_manifest, write_manifest
-from genpi.engines import ChatRequest, Completion, EngineConfig
+from genpi.data.manifest import read_manifest, write_manifest
 from genpi.eval.evaluate import row_schema
-from genpi.synth import pipeline
 from genpi.synth import run as synth_run
 from genpi.synth.export import dialogue_messages, export
-from genpi.synth.pipeline import END, SynthSettings
-from genpi.synth.run import RunOptions, Synthesis
 from genpi.synth.stats import quality_stats, run_sql
 
 # `007`: an id that a reader inferring a partition's type would turn into the number 7
@@ -45,41 +42,7 @@ CATALOG_TEXT = (REPO / "tests" / "data" / "tiny.yaml").read_text() + (
     "  actions: {valid: '^Answer: ', final: '^Answer: '}\n"
     "  max_turns: 1\n"
 )
-SETTINGS = SynthSettings(samples=5, teacher_topk=0)
-OPTIONS = RunOptions(shard_size=2, progress=False)
 IDS = {"007", "calc", "greet"}
-
-
-class Fake:
-    """Every persona, deterministic: calc computes, sees a result and answers (three turns); the others answer in one
-    turn, and the environment's reply after it is left at the turn limit (a trailing environment turn)."""
-
-    model_name = "fake"
-
-    def __init__(self, broken=()):
-        self.broken = set(broken)
-        self.generated_tokens = 0
-        self.agent_inputs: list[str] = []
-
-    async def complete(self, request: ChatRequest) -> Completion:
-        system = request.messages[0]["content"] if request.messages[0]["role"] == "system" else ""
-        last = request.messages[-1]["content"]
-        if system.startswith(pipeline.INPUT_INSTRUCTION):
-            return Completion(text=f"task {request.seed}", finish_reason="stop")
-        if system.startswith(pipeline.ENVIRONMENT_INSTRUCTION):
-            return Completion(text=END if "answer(" in last else "Result: 2", finish_reason="stop")
-        if system.startswith(pipeline.REASON_INSTRUCTION):
-            return Completion(text="because", finish_reason="stop")
-        if not system:  # the student
-            return Completion(text="hi", finish_reason="stop")
-        self.agent_inputs.append(last)
-        if last in self.broken:
-            return Completion.failure("engine: RuntimeError: device lost")
-        if "calculator" in system:
-            return Completion(
-                text="Act: answer(2)" if last.startswith("Result") else "Act: compute(1+1)", finish_reason="stop"
-            )
-        return Completion(text="Answer: hello", finish_reason="stop")
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +53,7 @@ def catalog(tmp_path_factory):
 
 
 def synth(out, catalog, engine):
-    """What genpi.synth.run.synthesize does around its engines, with `engine` in place of the actors."""
-    entries = load_catalog(catalog)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = new_manifest(
-        catalog, entries, EngineConfig(), EngineConfig(), SETTINGS, OPTIONS.shard_size, pipeline.instruction_texts()
-    )
-    old = read_manifest(out)
-    if old is not None:
-        manifest = reconcile_manifest(old, manifest, out)
-    run = Synthesis(out, entries, manifest, SETTINGS, OPTIONS)
-    asyncio.run(run.run(engine, [engine]))
-    return run.manifest
+    return synth_run_with(out, engine, load_catalog(catalog), catalog=catalog)
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +61,10 @@ def run(tmp_path_factory, catalog):
     """A run with failed rows (greet's second shard met an engine failure), and an evaluation's rows."""
     root = tmp_path_factory.mktemp("readers")
     out = root / "out"
-    synth(out, catalog, Fake())
+    synth(out, catalog, Fake(multi_turn=True))
     inputs = {r["sample_id"]: r["input"] for r in store.read_rows(store.inputs_path(out, "greet"))}
     shutil.rmtree(out)
-    synth(out, catalog, Fake(broken={inputs[2], inputs[3]}))
+    synth(out, catalog, Fake(multi_turn=True, broken={inputs[2], inputs[3]}))
     schema = row_schema(("sample_id", pa.int64()), ("score", pa.float64()))
     for prompt_id in ("007", "calc"):
         for system in ("teacher", "base"):
@@ -233,7 +185,7 @@ def test_a_resumed_legacy_run_moves_to_plain_folders_and_redoes_nothing(run, cat
     assert sorted(p.name for p in (old / "dialogues").iterdir()) == sorted(IDS)
     calc = read_manifest(old)["prompts"]["calc"]
     assert calc["write_errors"] == {"dialogues/calc/part-00009.parquet": "OSError: full"}
-    engine = Fake()
+    engine = Fake(multi_turn=True)
     synth(old, catalog, engine)  # the resume goes on: only greet's failed samples are redone
     assert len(engine.agent_inputs) == 2
     assert len(pd.read_parquet(old / "dialogues")) == 15

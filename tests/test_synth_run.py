@@ -170,8 +170,8 @@ def test_a_relative_out_in_a_submitted_ray_job_is_warned_about(tmp_path, capsys,
     assert capsys.readouterr().err == ""
 
 
-def manifest_for(settings=SETTINGS, engine=EngineConfig(), entries=ENTRIES):
-    return new_manifest(CATALOG, entries, engine, engine, settings, OPTIONS.shard_size, pipeline.instruction_texts())
+def manifest_for(settings=SETTINGS, engine=EngineConfig(), entries=ENTRIES, catalog=CATALOG):
+    return new_manifest(catalog, entries, engine, engine, settings, OPTIONS.shard_size, pipeline.instruction_texts())
 
 
 @pytest.mark.parametrize(
@@ -193,36 +193,46 @@ def test_the_resume_fingerprint_refuses_a_changed_run(tmp_path, monkeypatch, cha
 
 
 class Fake:
-    """A deterministic engine for every persona; `broken` inputs fail as an engine error would."""
+    """A deterministic engine for every persona; `broken` inputs fail as an engine error would. One turn each, or with
+    `multi_turn` calc computes, sees a result and answers (three turns) while the others' environment replies after
+    the answer, which leaves a trailing environment turn at the turn limit."""
 
     model_name = "fake"
 
-    def __init__(self, broken=()):
+    def __init__(self, broken=(), multi_turn=False):
         self.broken = set(broken)
+        self.multi_turn = multi_turn
         self.generated_tokens = 0
         self.agent_inputs: list[str] = []
 
     async def complete(self, request: ChatRequest) -> Completion:
         system = request.messages[0]["content"] if request.messages[0]["role"] == "system" else ""
+        last = request.messages[-1]["content"]
         if system.startswith(pipeline.INPUT_INSTRUCTION):
             return Completion(text=f"task {request.seed}", finish_reason="stop")
         if system.startswith(pipeline.ENVIRONMENT_INSTRUCTION):
-            return Completion(text=END, finish_reason="stop")
+            ends = not self.multi_turn or "answer(" in last
+            return Completion(text=END if ends else "Result: 2", finish_reason="stop")
         if system.startswith(pipeline.REASON_INSTRUCTION):
             return Completion(text="because", finish_reason="stop")
-        task = request.messages[-1]["content"]
         if not system:  # the student
             return Completion(text="hi", finish_reason="stop")
-        self.agent_inputs.append(task)
-        if task in self.broken:
+        self.agent_inputs.append(last)
+        if last in self.broken:
             return Completion.failure("engine: RuntimeError: device lost")
-        return Completion(text="Act: answer(1)" if "calc" in system else "Answer: hello", finish_reason="stop")
+        if "calc" not in system:
+            return Completion(text="Answer: hello", finish_reason="stop")
+        if not self.multi_turn:
+            return Completion(text="Act: answer(1)", finish_reason="stop")
+        return Completion(
+            text="Act: answer(2)" if last.startswith("Result") else "Act: compute(1+1)", finish_reason="stop"
+        )
 
 
-def synth(out, engine, entries=ENTRIES, settings=SETTINGS):
+def synth(out, engine, entries=ENTRIES, settings=SETTINGS, catalog=CATALOG):
     """What genpi.synth.run.synthesize does around its engines, with `engine` in place of the actors."""
     out.mkdir(parents=True, exist_ok=True)
-    manifest = manifest_for(settings, entries=entries)
+    manifest = manifest_for(settings, entries=entries, catalog=catalog)
     old = read_manifest(out)
     if old is not None:
         manifest = reconcile_manifest(old, manifest, out)

@@ -22,8 +22,9 @@ from conftest import EXAMPLES, REPO
 from genpi import InputError
 from genpi.catalog import load_catalog
 from genpi.engines import Completion, Sampling
+from genpi.eval.evaluate import play_every
 from genpi.eval.systems import System
-from genpi.eval.webshop import ROUNDS, check_server, parse_action, score, shop_all
+from genpi.eval.webshop import ROUNDS, check_server, parse_action, score, shop
 
 WEB_SHOP = next(e for e in load_catalog(EXAMPLES) if e.id == "web-shop")
 PRODUCTS = {
@@ -200,9 +201,14 @@ def shopper(wrong=False):
 
 def run(url, agent, goals=(0, 1), layout="agentbench", with_prompt=False):
     system = System("teacher" if with_prompt else "base", None, with_prompt)
-    return shop_all(url, list(goals), {system.name: (system, agent)}, WEB_SHOP, Sampling(max_tokens=32), layout)[
-        system.name
-    ]
+    sampling = Sampling(max_tokens=32)
+    rows = play_every(
+        list(goals),
+        {system.name: (system, agent)},
+        WEB_SHOP,
+        lambda goal, agent, prefix: shop(url, goal, agent, prefix, sampling, layout),
+    )
+    return rows[system.name]
 
 
 def test_parse_action_follows_agentbench():

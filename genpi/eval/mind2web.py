@@ -34,7 +34,6 @@ which keeps one summary per prompt (`{"results": [...]}`; a rerun replaces its p
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import re
@@ -46,21 +45,10 @@ import pyarrow as pa
 from genpi import InputError
 from genpi.data.store import TURN
 from genpi.engines import ChatRequest, Sampling
-from genpi.eval.evaluate import (
-    Evaluation,
-    RunSettings,
-    ask_every,
-    describe_web,
-    evaluate_task,
-    pct,
-    per_metric,
-    play_every,
-    retained,
-    row_schema,
-    task_text,
-)
+from genpi.eval import evaluate as skeleton
+from genpi.eval.evaluate import pct, task_text
 from genpi.eval.settings import Mind2WebSettings, SystemsSettings
-from genpi.eval.systems import System, task_prompt
+from genpi.eval.systems import task_prompt
 
 PER_QUESTION = 5  # candidates per question, besides "None of the above" (AgentBench's num_candidates)
 PREVIOUS_SHOWN = 5  # the last previous actions shown (AgentBench's previous_k)
@@ -68,7 +56,7 @@ OPERATIONS = ("CLICK", "TYPE", "SELECT")
 LAYOUTS = ("agentbench", "examples")
 METRICS = ("element_accuracy", "action_f1", "step_success")
 
-STEP_SCHEMA = row_schema(
+STEP_SCHEMA = skeleton.row_schema(
     ("step_id", pa.string()),
     ("task", pa.string()),
     ("gold", pa.list_(pa.string())),
@@ -253,20 +241,6 @@ async def answer_step(step: Step, agent, prefix: list[dict], sampling: Sampling,
     }
 
 
-def answer_all(
-    steps: list[Step],
-    agents: dict[str, tuple[System, object]],
-    entry,
-    sampling: Sampling,
-    layout: str,
-    run_async=asyncio.run,
-) -> dict[str, list[dict]]:
-    """{system: per-step rows} (genpi.eval.evaluate.play_every: every system's agent on every step, all at once)."""
-    return play_every(
-        steps, agents, entry, lambda step, agent, prefix: answer_step(step, agent, prefix, sampling, layout), run_async
-    )
-
-
 def summarize(rows: list[dict]) -> dict:
     n = len(rows)
     mean = lambda key: sum(float(r[key]) for r in rows) / n if n else None  # noqa: E731
@@ -283,7 +257,7 @@ def summarize(rows: list[dict]) -> dict:
 def score(rows: dict[str, list[dict]]) -> tuple[dict, dict]:
     """(metrics per system, retention per system: system / teacher per metric)."""
     metrics = {name: summarize(rs) for name, rs in rows.items()}
-    return metrics, retained(metrics, per_metric(METRICS))
+    return metrics, skeleton.retained(metrics, skeleton.per_metric(METRICS))
 
 
 def evaluate(
@@ -293,16 +267,17 @@ def evaluate(
     steps = read_steps(steps_path, settings.limit)  # every check before the model loads
 
     sampling = Sampling(max_tokens=settings.max_new_tokens)
-    play = ask_every(
+    play = skeleton.ask_every(
         "mind2web",
         steps,
         "steps",
         lambda step, agent, prefix: answer_step(step, agent, prefix, sampling, settings.layout),
     )
     source, counts = {"steps_file": str(steps_path)}, {"steps": len(steps)}
-    describe = describe_web(command, source, systems.catalog, base_path, settings, counts)
-    mind2web = Evaluation("mind2web", STEP_SCHEMA, play, summarize, describe, per_metric(METRICS))
-    return evaluate_task(mind2web, task, RunSettings(base_path, Path(settings.out), systems.max_batch))
+    describe = skeleton.describe_web(command, source, systems.catalog, base_path, settings, counts)
+    mind2web = skeleton.Evaluation("mind2web", STEP_SCHEMA, play, summarize, describe, skeleton.per_metric(METRICS))
+    run = skeleton.RunSettings(base_path, Path(settings.out), systems.max_batch)
+    return skeleton.evaluate_task(mind2web, task, run)
 
 
 def format_summary(summary: dict) -> str:

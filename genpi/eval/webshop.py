@@ -41,21 +41,10 @@ import pyarrow as pa
 from genpi import InputError
 from genpi.data.store import TURN
 from genpi.engines import ChatRequest, Sampling
-from genpi.eval.evaluate import (
-    Evaluation,
-    RunSettings,
-    ask_every,
-    describe_web,
-    evaluate_task,
-    pct,
-    per_metric,
-    play_every,
-    retained,
-    row_schema,
-    task_text,
-)
+from genpi.eval import evaluate as skeleton
+from genpi.eval.evaluate import pct, task_text
 from genpi.eval.settings import SystemsSettings, WebShopSettings
-from genpi.eval.systems import System, task_prompt
+from genpi.eval.systems import task_prompt
 
 ROUNDS = 10  # AgentBench's limit
 ACTION = re.compile(r"[Aa]ction: *\n* *((search|click)\[.+?])")  # AgentBench's pattern
@@ -64,7 +53,7 @@ LAYOUTS = ("agentbench", "examples")
 METRICS = ("mean_reward", "success_rate")
 HIDDEN = {"style", "script", "head", "title", "meta"}  # text under these is not shown (WebShop's tag_visible)
 
-EPISODE_SCHEMA = row_schema(
+EPISODE_SCHEMA = skeleton.row_schema(
     ("goal", pa.int32()),
     ("session", pa.string()),
     ("instruction", pa.string()),
@@ -233,21 +222,6 @@ async def shop(url: str, goal: int, agent, prefix: list[dict], sampling: Samplin
     }
 
 
-def shop_all(
-    url: str,
-    goals: list[int],
-    agents: dict[str, tuple[System, object]],
-    entry,
-    sampling: Sampling,
-    layout: str,
-    run_async=asyncio.run,
-) -> dict[str, list[dict]]:
-    """{system: per-goal rows} (genpi.eval.evaluate.play_every: every system's agent on every goal, all at once)."""
-    return play_every(
-        goals, agents, entry, lambda goal, agent, prefix: shop(url, goal, agent, prefix, sampling, layout), run_async
-    )
-
-
 def summarize(rows: list[dict]) -> dict:
     n = len(rows)
     share = lambda f: sum(map(f, rows)) / n if n else None  # noqa: E731
@@ -265,7 +239,7 @@ def summarize(rows: list[dict]) -> dict:
 def score(rows: dict[str, list[dict]]) -> tuple[dict, dict]:
     """(metrics per system, retention per system: system / teacher per metric)."""
     metrics = {name: summarize(rs) for name, rs in rows.items()}
-    return metrics, retained(metrics, per_metric(METRICS))
+    return metrics, skeleton.retained(metrics, skeleton.per_metric(METRICS))
 
 
 def check_server(url: str | None) -> str:
@@ -292,16 +266,17 @@ def evaluate(
     task, base_path = task_prompt(systems, settings.prompt)
 
     sampling = Sampling(max_tokens=settings.max_new_tokens)
-    play = ask_every(
+    play = skeleton.ask_every(
         "webshop",
         list(range(settings.goals)),
         "goals",
         lambda goal, agent, prefix: shop(url, goal, agent, prefix, sampling, settings.layout),
     )
     counts = {"goals": settings.goals, "rounds": ROUNDS}
-    describe = describe_web(command, {"url": url}, systems.catalog, base_path, settings, counts)
-    webshop = Evaluation("webshop", EPISODE_SCHEMA, play, summarize, describe, per_metric(METRICS))
-    return evaluate_task(webshop, task, RunSettings(base_path, Path(settings.out), systems.max_batch))
+    describe = skeleton.describe_web(command, {"url": url}, systems.catalog, base_path, settings, counts)
+    webshop = skeleton.Evaluation("webshop", EPISODE_SCHEMA, play, summarize, describe, skeleton.per_metric(METRICS))
+    run = skeleton.RunSettings(base_path, Path(settings.out), systems.max_batch)
+    return skeleton.evaluate_task(webshop, task, run)
 
 
 def format_summary(summary: dict) -> str:

@@ -156,17 +156,17 @@ def train_catalog(
             except ValueError as e:
                 raise InputError(str(e)) from None
         results, experiment = run_experiment(
-            plans,
-            base_path,
-            out,
-            storage,
-            num_cpus,
-            num_gpus,
-            progress,
-            checkpoint_steps,
-            max_failures,
-            early_stop,
-            trackers,
+            plans=plans,
+            base_path=base_path,
+            out=out,
+            storage=storage,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            progress=progress,
+            checkpoint_steps=checkpoint_steps,
+            max_failures=max_failures,
+            early_stop=early_stop,
+            tracking=trackers,
         )
         base_digest = weights_digest(base_path)  # genpi.json holds the adapters to these weights (check_base)
         for plan in plans:
