@@ -6,4 +6,5 @@ bash scripts/install.sh
 bash scripts/setup_vllm_venv.sh
 .venv/bin/ruff format --check .
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q "$@"
+# On 2 workers, a module's tests on one worker and the longest modules first (tests/conftest.py).
+exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder "$@"
