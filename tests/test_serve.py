@@ -443,6 +443,15 @@ def test_vllm_serves_each_adapter_as_transformers_does(tmp_path):
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
     try:
+        requests = [ChatRequest(chat(t), Sampling(max_tokens=12)) for t in ("What is 2 plus 2?", "Good morning!")]
+        # the transformers answers are computed while vLLM starts (most of a minute on CPU)
+        local = TransformersEngine(base, dtype="float32")  # as vLLM runs it
+        local.add_adapters({name: str(adapters / name) for name in ("calc", "greet")})
+        served_models = (("calc", "calc"), ("greet", "greet"), (Path(base).name, None))
+        expected = {}
+        for model, adapter in served_models:
+            with local.serving(adapter):
+                expected[model] = local.generate(requests)
         deadline = time.time() + 480
         while True:
             assert process.poll() is None and time.time() < deadline, (tmp_path / "vllm.log").read_text()[-3000:]
@@ -450,20 +459,14 @@ def test_vllm_serves_each_adapter_as_transformers_does(tmp_path):
                 status, models = get(url, "/models")
                 break
             except (urllib.error.URLError, ConnectionError):
-                time.sleep(2)
+                time.sleep(0.25)
         assert status == 200 and sorted(m["id"] for m in models["data"]) == sorted(["calc", "greet", Path(base).name])
         assert get(url, "/models", {})[0] == 401
-        requests = [ChatRequest(chat(t), Sampling(max_tokens=12)) for t in ("What is 2 plus 2?", "Good morning!")]
-        local = TransformersEngine(base, dtype="float32")  # as vLLM runs it above
-        local.add_adapters({name: str(adapters / name) for name in ("calc", "greet")})
         texts = set()
-        for model, adapter in (("calc", "calc"), ("greet", "greet"), (Path(base).name, None)):
+        for model, _ in served_models:
             served = OpenAIEngine(url, model, api_key=KEY).generate(requests)
-            with local.serving(adapter):
-                expected = local.generate(requests)
-            assert [c.text for c in served] == [c.text for c in expected] and all(c.error is None for c in served), (
-                model
-            )
+            assert [c.text for c in served] == [c.text for c in expected[model]], model
+            assert all(c.error is None for c in served), model
             texts.add(served[0].text)
         assert len(texts) == 3
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,8 @@ def model_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def run(model_path, tmp_path_factory):
+def vllm_started(model_path, tmp_path_factory):
+    """The CLI run, started: the transformers reference (`hf`) loads while vLLM starts (most of a minute on CPU)."""
     if not VLLM_PYTHON.exists():
         pytest.fail(f"no vLLM python at {VLLM_PYTHON}: run scripts/setup_vllm_venv.sh (or set GENPI_VLLM_PYTHON)")
     folder = tmp_path_factory.mktemp("vllm")
@@ -84,12 +86,33 @@ def run(model_path, tmp_path_factory):
         "--enforce-eager",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    # files, not pipes: nothing reads a pipe while `hf` loads, and vLLM would block on a full one
+    with open(folder / "stdout", "w") as stdout, open(folder / "stderr", "w") as stderr:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    yield process, folder
+    if process.poll() is None:  # `run` never waited for it (a fixture before it failed)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def hf(vllm_started, model_path):
+    """SmolLM2 in transformers, float32 as vLLM runs it: the reference the vLLM outputs are checked against."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def run(vllm_started, hf):
+    process, folder = vllm_started
+    assert process.wait(timeout=600) == 0, (folder / "stderr").read_text()[-4000:]
     lines = (folder / "out.jsonl").read_text().splitlines()
     assert len(lines) == len(REQUESTS)
     completions = dict(zip(REQUESTS, map(json.loads, lines)))
-    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    stats = json.loads((folder / "stdout").read_text().strip().splitlines()[-1])
     return completions, stats
 
 
@@ -120,13 +143,11 @@ def test_greedy_and_seeded_outputs_repeat(run):
     assert completions["sampled"]["text"] == completions["sampled_again"]["text"]
 
 
-def test_greedy_matches_transformers(run, model_path):
+def test_greedy_matches_transformers(run, hf):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     completions, _ = run
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    tokenizer, model = hf
 
     def encode(messages):
         encoded = tokenizer.apply_chat_template(
@@ -150,13 +171,11 @@ def test_greedy_matches_transformers(run, model_path):
     assert completions["too_long"]["error"].startswith(f"{CONTEXT_LENGTH_ERROR}: {n} prompt tokens ")
 
 
-def test_top_k_logprobs_are_the_raw_distribution_of_the_kept_tokens(run, model_path):
+def test_top_k_logprobs_are_the_raw_distribution_of_the_kept_tokens(run, hf):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     completions, _ = run
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    tokenizer, model = hf
     c = completions["topk"]
     assert c["text"] == completions["capital"]["text"]  # asking for logprobs changes nothing else
     assert tokenizer.decode(c["token_ids"], skip_special_tokens=True) == c["text"]
