@@ -276,12 +276,13 @@ def write_manifest(folder, out, base):
 
 
 @pytest.mark.slow
-def test_genpi_train_method_icae_and_its_fidelity(tiny_trainable_model, calc_dialogues, tmp_path):
+def test_genpi_train_method_icae_and_its_fidelity(tiny_trainable_model, calc_dialogues, tmp_path, capsys):
     """`genpi train --method icae` writes an ICAE folder; `genpi eval fidelity --adapters icae=DIR` scores it as a
     system: its replies and teacher-forced figures come from the base given the slots (they differ from the
     base's), the on-policy and collateral figures are left null."""
-    from test_eval import run_eval
     from test_train_run import train
+
+    from genpi.cli import main
 
     adapters = tmp_path / "adapters"
     result = train(
@@ -304,25 +305,12 @@ def test_genpi_train_method_icae_and_its_fidelity(tiny_trainable_model, calc_dia
     assert manifest["method"] == "icae" and manifest["settings"]["memory_tokens"] == K
     assert read_slots(folder, CALC.sha256).shape[0] == K
     out = tmp_path / "eval"
-    result = run_eval(
-        "fidelity",
-        calc_dialogues,
-        "--catalog",
-        REPO / "tests/data/tiny.yaml",
-        "--adapters",
-        f"icae={adapters}",
-        "--base",
-        tiny_trainable_model,
-        "--max-new-tokens",
-        "8",
-        "--max-turns",
-        "1",
-        "--out",
-        out,
-        "--json",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    [calc] = [r for r in json.loads(result.stdout)["results"] if r["prompt_id"] == "calc"]
+    argv = ["eval", "fidelity", calc_dialogues, "--catalog", REPO / "tests/data/tiny.yaml", "--adapters"]
+    argv += [f"icae={adapters}", "--base", tiny_trainable_model, "--max-new-tokens", "8", "--max-turns", "1"]
+    capsys.readouterr()
+    # in process: a subprocess costs seconds of imports (the command's exit status: test_eval.py)
+    assert main([str(a) for a in [*argv, "--out", out, "--json"]]) == 0
+    [calc] = [r for r in json.loads(capsys.readouterr().out)["results"] if r["prompt_id"] == "calc"]
     systems = calc["systems"]
     assert set(systems) == {"teacher", "base", "icae"}
     assert systems["icae"]["nll"] is not None and systems["icae"]["nll"] != systems["base"]["nll"]

@@ -146,11 +146,50 @@ def test_train_chooses_lambda_writes_the_adapter_and_skips_on_rerun(
 
 
 @pytest.mark.slow
-def test_valid_only_trains_on_dialogues_in_the_action_space(tiny_trainable_model, tmp_path, capsys, monkeypatch):
+def test_no_gpus_per_trial_on_a_cluster_with_gpus_is_refused(data, tiny_trainable_model, tmp_path):
+    import ray
+
+    ray.init(
+        num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )  # a GPU only in name
+    try:
+        with pytest.raises(InputError, match="--gpus-per-trial 0 on a Ray cluster with 1 GPUs"):
+            train_catalog(
+                data,
+                CATALOG,
+                tmp_path / "adapters",
+                tiny_trainable_model,
+                TrainSettings(),
+                [0.5],
+                num_gpus=0,
+                progress=False,
+            )
+    finally:
+        ray.shutdown()
+    assert not (tmp_path / "adapters").exists()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray cluster for this module's in-process trainings: a start costs seconds. The test that needs a
+    cluster of its own (with a GPU in name) comes before the first user."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_valid_only_trains_on_dialogues_in_the_action_space(
+    local_ray, tiny_trainable_model, tmp_path, capsys, monkeypatch
+):
     data = write_calc_dialogues(tmp_path / "data", 10, heldout_from=8, off_format=frozenset({1, 4, 6}))
-    result = train(data, tmp_path / "adapters", "--base", tiny_trainable_model, "--lambdas", "0.5", "--valid-only")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout)["calc"]["rows_outside_action_space_dropped"] == 3
+    # in process, on the module's Ray: `genpi train` as a subprocess is calc_genpi_trained's (conftest)
+    argv = train_argv(data, tmp_path / "adapters", "--base", tiny_trainable_model, "--lambdas", "0.5", "--valid-only")
+    capsys.readouterr()
+    assert main(argv[1:]) == 0
+    assert json.loads(capsys.readouterr().out)["calc"]["rows_outside_action_space_dropped"] == 3
     metrics = check_adapter(tmp_path / "adapters" / "calc", CALC).train_metrics
     assert metrics["train_examples"] == 5 and metrics["rows_outside_action_space_dropped"] == 3
 
@@ -226,30 +265,6 @@ def test_lambda_choice_without_heldout_rows_is_refused(tmp_path, capsys, monkeyp
     assert code == 2 and "no held-out dialogues to choose λ" in err and "--heldout" in err
     code, err = refused_in_process(capsys, monkeypatch, data, tmp_path / "adapters", "--lambdas", "0.3", "--early-stop")
     assert code == 2 and "--early-stop: prompt 'calc' has no held-out dialogues" in err
-    assert not (tmp_path / "adapters").exists()
-
-
-@pytest.mark.slow
-def test_no_gpus_per_trial_on_a_cluster_with_gpus_is_refused(data, tiny_trainable_model, tmp_path):
-    import ray
-
-    ray.init(
-        num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False
-    )  # a GPU only in name
-    try:
-        with pytest.raises(InputError, match="--gpus-per-trial 0 on a Ray cluster with 1 GPUs"):
-            train_catalog(
-                data,
-                CATALOG,
-                tmp_path / "adapters",
-                tiny_trainable_model,
-                TrainSettings(),
-                [0.5],
-                num_gpus=0,
-                progress=False,
-            )
-    finally:
-        ray.shutdown()
     assert not (tmp_path / "adapters").exists()
 
 
@@ -329,9 +344,7 @@ def test_flags_given_hold_for_the_whole_run(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_catalog_train_settings_are_applied_and_recorded(data, tiny_trainable_model, tmp_path, monkeypatch):
-    import ray
-
+def test_catalog_train_settings_are_applied_and_recorded(local_ray, data, tiny_trainable_model, tmp_path, monkeypatch):
     from genpi.train import run
 
     # the catalog says λ 0.7, clip 0.5, 1 epoch: the run's λ values and 10 epochs yield; --lr (given) holds
@@ -339,20 +352,16 @@ def test_catalog_train_settings_are_applied_and_recorded(data, tiny_trainable_mo
         run, "load_catalog", lambda path: [with_train(CALC, lam=0.7, grad_clip=0.5, epochs=1, lr=5.0), GREET]
     )
     settings = TrainSettings(epochs=10, batch_size=4, micro_batch=2, max_length=512, lr=1e-2)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        outcomes = train_catalog(
-            data,
-            CATALOG,
-            tmp_path / "adapters",
-            tiny_trainable_model,
-            settings,
-            [0.3, 0.5],
-            progress=False,
-            overrides=frozenset({"lr"}),
-        )
-    finally:
-        ray.shutdown()
+    outcomes = train_catalog(
+        data,
+        CATALOG,
+        tmp_path / "adapters",
+        tiny_trainable_model,
+        settings,
+        [0.3, 0.5],
+        progress=False,
+        overrides=frozenset({"lr"}),
+    )
     assert outcomes["calc"]["status"] == "trained" and outcomes["calc"]["lam"] == 0.7
     manifest = check_adapter(tmp_path / "adapters" / "calc", CALC)
     assert manifest.settings["settings_from_catalog"] == {"lam": 0.7, "grad_clip": 0.5, "epochs": 1}
