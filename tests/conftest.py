@@ -15,24 +15,16 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "agents.yaml"
 
 
-# The suite runs on 2 workers (pytest-xdist, `-n 2 --dist loadgroup --no-loadscope-reorder` in scripts/test.sh):
-# a module's tests stay on one worker, so its module fixtures run once, and the modules that read the session's
-# calc adapters share a worker, so they are trained once. The longest modules are handed out first, the
-# end-to-end demo (a third of the suite) before all, so the other worker runs the rest meanwhile.
-SAME_WORKER = {name: "calc_genpi_trained" for name in ("test_eval_report", "test_tracking", "test_train_run")}
-SAME_WORKER |= {name: "calc_sft_adapters" for name in ("test_eval", "test_eval_leakage")}
+# The suite runs on 2 workers (pytest-xdist, `-n 2 --dist loadfile --no-loadscope-reorder` in scripts/test.sh): a
+# module's tests stay on one worker, so its module fixtures run once (a session fixture runs once per worker that
+# needs it). The longest modules are handed out first, the end-to-end demo (a third of the suite) before all, so the
+# other worker runs the rest meanwhile.
 LONGEST_FIRST = ("test_e2e_smollm2", "test_train_tune", "test_synth_ray", "test_vllm_engine", "test_run", "test_serve")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: the rest keep their order
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        name = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(SAME_WORKER.get(name, name)))
 
 
 def build_tiny_llama(folder: Path, max_positions: int = 1024, seed: int = 0, initializer_range: float = 0.5) -> Path:
