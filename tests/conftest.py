@@ -6,7 +6,6 @@ Tests marked `slow` (end to end: the commands as subprocesses, Ray, training, Sm
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -21,15 +20,6 @@ EXAMPLES = REPO / "examples" / "agents.yaml"
 # needs it). The longest modules are handed out first, the end-to-end demo (a third of the suite) before all, so the
 # other worker runs the rest meanwhile.
 LONGEST_FIRST = ("test_e2e_smollm2", "test_train_tune", "test_synth_ray", "test_vllm_engine", "test_run", "test_serve")
-
-
-# Each worker's torch (and the commands and Ray workers it starts, through the environment) gets the cores divided
-# by the workers: more OpenMP threads than cores spin-wait on each other (a first parallel run, with every process on
-# 2 threads, spent its CPU so: the demo's synthesis took 5.6 times its serial time).
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    os.environ.setdefault(
-        "OMP_NUM_THREADS", str(max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-    )
 
 
 def pytest_collection_modifyitems(config, items):
