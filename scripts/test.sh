@@ -6,5 +6,4 @@ bash scripts/install.sh
 bash scripts/setup_vllm_venv.sh
 .venv/bin/ruff format --check .
 .venv/bin/ruff check .
-# On 2 workers, a module's tests on one worker and the longest modules first (tests/conftest.py).
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "$@"
+exec .venv/bin/python -m pytest -q "$@"

@@ -15,18 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "agents.yaml"
 
 
-# The suite runs on 2 workers (pytest-xdist, `-n 2 --dist loadfile --no-loadscope-reorder` in scripts/test.sh): a
-# module's tests stay on one worker, so its module fixtures run once (a session fixture runs once per worker that
-# needs it). The longest modules are handed out first, the end-to-end demo (a third of the suite) before all, so the
-# other worker runs the rest meanwhile.
-LONGEST_FIRST = ("test_e2e_smollm2", "test_train_tune", "test_synth_ray", "test_vllm_engine", "test_run", "test_serve")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: the rest keep their order
-
-
 def build_tiny_llama(folder: Path, max_positions: int = 1024, seed: int = 0, initializer_range: float = 0.5) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
