@@ -96,6 +96,16 @@ def served(tiny_model, adapters_dir):
     scheduler.close()
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray (2 CPUs) for a module's in-process runs: starting one costs seconds of CPU each time."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
 def cli_in_process(capsys, *argv) -> tuple[int, str]:
     """`genpi ARGV` run in this process: (exit status, stderr). For bad-input refusals: a subprocess each costs
     seconds of imports, so a test keeps one refusal as a real subprocess (the command's exit status) and runs the rest

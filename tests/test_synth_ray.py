@@ -37,13 +37,6 @@ SETTINGS = SynthSettings(
 )
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def read_all(out):
     rows = []
     for path in store.dialogue_files(out):

@@ -169,17 +169,6 @@ def test_no_gpus_per_trial_on_a_cluster_with_gpus_is_refused(data, tiny_trainabl
     assert not (tmp_path / "adapters").exists()
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray cluster for this module's in-process trainings: a start costs seconds. The test that needs a
-    cluster of its own (with a GPU in name) comes before the first user."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_valid_only_trains_on_dialogues_in_the_action_space(
     local_ray, tiny_trainable_model, tmp_path, capsys, monkeypatch

@@ -62,16 +62,6 @@ def command(data, adapters, model, *extra):
     ]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for this module's in-process runs: starting one costs seconds of CPU each time."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def run_here(capsys, data, adapters, model, *extra) -> tuple[int, str, str]:
     """The same `genpi train` command in this process, on `local_ray` (genpi.cluster.init_ray keeps a running Ray):
     (exit status, stdout, stderr). The kills below need a real process; a run that is only resumed or compared
