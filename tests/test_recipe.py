@@ -458,6 +458,29 @@ def test_kld_training_lowers_the_heldout_kl(tiny_trainable_model):
     )
 
 
+def test_the_heldout_teacher_runs_once_per_run_and_gives_the_kl_it_would_recompute(tiny_trainable_model, monkeypatch):
+    """The teacher (base with P, adapter off) does not train: its held-out logits are made once, at the KL before
+    training, and every epoch's KL equals a run that computes them again (4-bit, as training runs); beyond the size
+    budget they are computed again at every epoch end."""
+    from genpi.train import recipe
+
+    calls = []
+    real_teacher = recipe.teacher_logits
+    monkeypatch.setattr(recipe, "teacher_logits", lambda *a: calls.append(1) or real_teacher(*a))
+    settings = dataclasses.replace(FAST, method="sft", epochs=3)
+    _, kept = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings)
+    assert len(calls) == 1  # 2 held-out pairs, micro-batch 2: one teacher pass, for the KL before training
+    monkeypatch.setattr(recipe, "HELDOUT_TEACHER_BYTES", 0)
+    calls.clear()
+    _, again = train_adapter(tiny_trainable_model, CALC, TRAIN, HELDOUT, settings)
+    assert len(calls) == 4  # before training and after each of the 3 epochs
+    assert (
+        kept["heldout_kl_before"] == again["heldout_kl_before"]
+        and kept["heldout_kl_per_epoch"] == again["heldout_kl_per_epoch"]
+    )
+    assert len(set(kept["heldout_kl_per_epoch"])) == 3  # the student moved: not one value read back
+
+
 def test_the_heldout_kl_pass_keeps_the_4bit_gradients(tiny_trainable_model):
     """The teacher pass runs the 4-bit training model in eval mode, adapter off: bitsandbytes must not repack its
     weights for inference (after which no gradient flows through them, issue 22); the LoRA gradients stay the same."""

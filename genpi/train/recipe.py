@@ -452,23 +452,44 @@ def heldout_loss(model, examples: list[Example], pad_id: int, micro_batch: int) 
     return loss_sum / max(n, 1)
 
 
+HELDOUT_TEACHER_BYTES = 1 << 30  # held-out teacher logits kept in host memory up to this size (heldout_kl)
+
+
+def heldout_teacher_cache(model, pairs: list[RowExamples]) -> list | None:
+    """An empty list for heldout_kl to keep the teacher's held-out logits in, or None when they would take more
+    than HELDOUT_TEACHER_BYTES (float32 over the vocabulary at every held-out agent token): the teacher (the base
+    with P, adapter off) does not train, so one pass serves every epoch's held-out KL."""
+    vocab = model.get_base_model().config.vocab_size
+    return [] if sum(r.teacher.loss_token_count for r in pairs) * vocab * 4 <= HELDOUT_TEACHER_BYTES else None
+
+
 @torch.no_grad()
-def heldout_kl(model, pairs: list[RowExamples], pad_id: int, micro_batch: int) -> float | None:
+def heldout_kl(
+    model, pairs: list[RowExamples], pad_id: int, micro_batch: int, teacher: list | None = None
+) -> float | None:
     """Mean KL(teacher with P ‖ adapter without P) per agent token on held-out dialogues: what internalization
     is for, and how a λ sweep picks its λ. The teacher is the same base with the adapter disabled and P in
     front (`kld`'s views: `pairs` from build_examples with method "kld"). Eval mode without gradients, as
-    heldout_loss: a 4-bit model built by add_lora keeps its differentiable layout through it."""
+    heldout_loss: a 4-bit model built by add_lora keeps its differentiable layout through it.
+
+    `teacher` (heldout_teacher_cache): empty, it gets the teacher's logits of each micro-batch (on the CPU); filled,
+    they are read from it instead of computed again."""
     if not pairs:
         return None
     training, kl_sum, n = model.training, 0.0, 0
     model.eval()
     try:
         ordered = sorted(pairs, key=lambda r: len(r.teacher.input_ids))
-        for i in range(0, len(ordered), micro_batch):
+        for j, i in enumerate(range(0, len(ordered), micro_batch)):
             chunk = ordered[i : i + micro_batch]
             student = response_logits(model, collate([r.student for r in chunk], pad_id, model.device))
-            teacher = teacher_logits(model, collate([r.teacher for r in chunk], pad_id, model.device))
-            kl_sum, n = kl_sum + float(kld_loss(student, teacher)) * student.size(0), n + student.size(0)
+            if teacher is None or j == len(teacher):
+                logits = teacher_logits(model, collate([r.teacher for r in chunk], pad_id, model.device))
+                if teacher is not None:
+                    teacher.append(logits.cpu())
+            else:
+                logits = teacher[j].to(student.device)
+            kl_sum, n = kl_sum + float(kld_loss(student, logits)) * student.size(0), n + student.size(0)
     finally:
         model.train(training)
     return kl_sum / max(n, 1)
@@ -584,9 +605,9 @@ def train_adapter(
     # Also on resume: a 4-bit model's first inference pass changes how bitsandbytes computes later ones (measured on
     # CPU), so a resumed run matches an uninterrupted one bit for bit only if it makes that pass too.
     before = heldout_loss(model, heldout, pad_id, settings.micro_batch)
-    kl_before = heldout_kl(
-        model, pairs, pad_id, settings.micro_batch
-    )  # the adapter starts as the identity: the base's KL
+    held_teacher = heldout_teacher_cache(model, pairs)
+    # the adapter starts as the identity: the base's KL
+    kl_before = heldout_kl(model, pairs, pad_id, settings.micro_batch, held_teacher)
     if resume is None:
         run = {
             "epoch": 0,
@@ -714,7 +735,7 @@ def train_adapter(
                 ):  # the epoch (or the run) is done: held-out figures, a checkpoint
                     run["epoch"], run["step_in_epoch"], run["order"] = run["epoch"] + 1, 0, None
                     run["heldout_losses"].append(heldout_loss(model, heldout, pad_id, settings.micro_batch))
-                    run["heldout_kls"].append(heldout_kl(model, pairs, pad_id, settings.micro_batch))
+                    run["heldout_kls"].append(heldout_kl(model, pairs, pad_id, settings.micro_batch, held_teacher))
                     metrics.update(
                         epoch=run["epoch"], heldout_loss=run["heldout_losses"][-1], heldout_kl=run["heldout_kls"][-1]
                     )
