@@ -207,6 +207,40 @@ def random_lora_adapters(base: str, folder):
     return folder
 
 
+def test_collateral_computes_the_bases_logits_once_for_every_system(tiny_trainable_model, tmp_path, monkeypatch):
+    """Per batch of general requests: the base's logits once, then each system's; the sums are each system's KL
+    against the base as scored alone."""
+    from genpi.engines.hf import TransformersEngine
+    from genpi.eval import gap
+    from genpi.eval.systems import System
+
+    engine = TransformersEngine(tiny_trainable_model, dtype="float32", device="cpu")
+    try:
+        engine.add_adapters({"noisy": str(random_lora_adapters(tiny_trainable_model, tmp_path / "adapters") / "calc")})
+        systems = [System("teacher", with_prompt=True), System("base"), System("noisy", adapter="noisy")]
+        collateral = gap.Collateral(engine, max_tokens=6)
+        calls, real = [], gap._logits
+        monkeypatch.setattr(
+            gap, "_logits", lambda e, adapter, examples: calls.append(adapter) or real(e, adapter, examples)
+        )
+        scored = collateral.score(CALC, systems)
+        kept = [(r, ids) for r, ids in zip(collateral.requests, collateral.replies) if ids]
+        assert len(kept) > gap.SCORE_BATCH  # two batches
+        assert calls == [None, None, "noisy"] * 2  # per batch: the base, the teacher (the base with P), noisy
+        user = lambda r: [{"role": "user", "content": r}]  # noqa: E731
+        base = [gap._view(engine.encode(user(r)), ids) for r, ids in kept]
+        teacher = [gap._view(engine.encode(CALC.messages() + user(r)), ids) for r, ids in kept]
+        alone = {  # each scored alone against the base (the base's logits again each time)
+            "teacher": gap._kl_sums(engine, (None, base), (None, teacher)),
+            "noisy": gap._kl_sums(engine, (None, base), ("noisy", base)),
+        }
+        assert scored["base"] == [(len(ids), 0.0) for _, ids in kept]
+        for name in ("teacher", "noisy"):
+            assert scored[name] == [(len(ids), x) for (_, ids), x in zip(kept, alone[name])] and alone[name][0] > 0
+    finally:
+        engine.close()
+
+
 def test_evaluate_catalog_reports_the_gap_the_reverse_kl_and_the_collateral(tiny_trainable_model, tmp_path):
     from genpi.eval.fidelity import evaluate_catalog, format_summary
     from genpi.eval.settings import FidelitySettings, SystemsSettings

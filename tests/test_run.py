@@ -10,13 +10,14 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import REPO, cli_in_process
 
 from genpi import InputError
 from genpi.data.adapters import read_adapter_manifest
 from genpi.eval.run import build_parser as eval_parser
 from genpi.run import build_parser, main, stage_commands
-from genpi.runconfig import PRESETS
+from genpi.runconfig import PRESET_DIR, PRESETS
 
 CATALOG = REPO / "tests" / "data" / "tiny.yaml"
 TASKS = REPO / "examples" / "os-tasks" / "tasks.json"
@@ -78,12 +79,23 @@ def stages(out) -> dict:
     return json.loads((out / "run.json").read_text())["stages"]
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_and_finishes_each_stage_once(tiny_finishing_model, tmp_path, capsys):
-    out = tmp_path / "run"
-    # kill the whole process group (driver, Ray, Tune trials) once the second training stage has started
+def resumed_command(out, model) -> list[str]:
+    """`command` with a prompt-prepending variant `p100` of ratio 1.0 (its config's `variants`) as a third method, and
+    the compressed system `short` in every evaluation stage: the run tests/test_table1.py reads for Table 1."""
+    config = yaml.safe_load((PRESET_DIR / "demo.yaml").read_text())
+    config["variants"] = {"p100": {"prepend_ratio": 1.0}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (out.parent / "config.yaml").write_text(yaml.safe_dump(config))
+    methods = ["--methods", "sft,genpi,p100=prepend", "--compressed", f"short=llmlingua2:0.3:{model}"]
+    return command(out, model, "--config", str(out.parent / "config.yaml"), *methods)
+
+
+def killed_then_resumed(model, out) -> tuple[dict, int, subprocess.CompletedProcess]:
+    """`resumed_command`'s run, killed (the whole process group: driver, Ray, Tune trials) once its second training
+    stage has started, then run again: (the stages at the kill, the sft adapter's mtime then, the second run).
+    conftest's `tiny_run_resumed` makes it once for test_run and test_table1."""
     proc = subprocess.Popen(
-        command(out, tiny_finishing_model),
+        resumed_command(out, model),
         cwd=REPO,
         env=dict(os.environ, RAY_ADDRESS="local"),
         stdout=subprocess.DEVNULL,
@@ -98,30 +110,42 @@ def test_killed_run_resumes_and_finishes_each_stage_once(tiny_finishing_model, t
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = stages(out)
+    sft_adapter = out / "adapters" / "sft" / "calc" / "adapter_model.safetensors"  # genpi.json gets the eval's metrics
+    before, sft_written = stages(out), sft_adapter.stat().st_mtime_ns
+    rerun = subprocess.run(
+        resumed_command(out, model),
+        cwd=REPO,
+        env=dict(os.environ, RAY_ADDRESS="local"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return before, sft_written, rerun
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_finishes_each_stage_once(tiny_run_resumed, tiny_finishing_model, capsys):
+    out, (before, sft_written, result) = tiny_run_resumed
     assert before["synth"]["status"] == "done" and before["train sft"]["status"] == "done"
     assert before["train genpi"]["status"] == "running" and "eval fidelity" not in before
-    sft_adapter = out / "adapters" / "sft" / "calc" / "adapter_model.safetensors"  # genpi.json gets the eval's metrics
-    sft_written = sft_adapter.stat().st_mtime_ns
-
-    result = run(out, tiny_finishing_model)
+    sft_adapter = out / "adapters" / "sft" / "calc" / "adapter_model.safetensors"
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
-        "[1/8] synth: done before, skipped" in result.stderr
-        and "[3/8] train sft: done before, skipped" in result.stderr
+        "[1/9] synth: done before, skipped" in result.stderr
+        and "[3/9] train sft: done before, skipped" in result.stderr
     )
-    assert all(s["status"] == "done" for s in stages(out).values()) and len(stages(out)) == 8
+    assert all(s["status"] == "done" for s in stages(out).values()) and len(stages(out)) == 9
     rows = [r for p in sorted((out / "data" / "dialogues").rglob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert sorted(r["sample_id"] for r in rows) == list(range(5))  # every dialogue exactly once
     assert sft_adapter.stat().st_mtime_ns == sft_written  # the finished adapter was not trained again
     assert read_adapter_manifest(out / "adapters" / "genpi" / "calc").method == "genpi"
     fidelity = json.loads((out / "eval" / "fidelity.json").read_text())
-    assert set(fidelity["results"][0]["systems"]) == {"teacher", "base", "sft", "genpi"}
+    assert set(fidelity["results"][0]["systems"]) == {"teacher", "base", "sft", "genpi", "p100", "short"}
     [steps] = json.loads((out / "eval" / "mind2web.json").read_text())["results"]
     assert (
         steps["prompt_id"] == "calc"
         and steps["steps"] == 2
-        and set(steps["systems"]) == {"teacher", "base", "sft", "genpi"}
+        and set(steps["systems"]) == {"teacher", "base", "sft", "genpi", "p100", "short"}
     )
     [efficiency] = json.loads((out / "eval" / "efficiency.json").read_text())["results"]
     assert efficiency["prompt_id"] == "calc" and efficiency["lora"]["from"] == str(out / "adapters" / "sft" / "calc")
@@ -136,10 +160,10 @@ def test_killed_run_resumes_and_finishes_each_stage_once(tiny_finishing_model, t
     assert f"genpi serve {out / 'adapters' / 'sft'} --catalog {CATALOG}" in result.stderr  # the first method's
 
     # the reruns run no stage: in this process (a subprocess each cost seconds of imports; the run above is the CLI's)
-    code, err = cli_in_process(capsys, *command(out, tiny_finishing_model)[3:])
-    assert code == 0 and err.count("done before, skipped") == 8, err[-2000:]
+    code, err = cli_in_process(capsys, *resumed_command(out, tiny_finishing_model)[3:])
+    assert code == 0 and err.count("done before, skipped") == 9, err[-2000:]
 
-    code, err = cli_in_process(capsys, *command(out, tiny_finishing_model, "--samples", "6")[3:])
+    code, err = cli_in_process(capsys, *resumed_command(out, tiny_finishing_model)[3:], "--samples", "6")
     assert code == 2
     assert "stage 'synth' was started with other settings" in err and "choose another --out" in err
 

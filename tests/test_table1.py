@@ -333,35 +333,12 @@ def test_the_report_puts_table1_first(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_tiny_table1_run_trains_each_name_in_its_folder_and_reports_table1(tiny_finishing_model, tmp_path):
-    """genpi run end to end on the tiny Llama: a variant of prepend at ratio 1.0, sft, and a compressed system; the
-    report opens with Table 1 (three rows besides the upper bound) and marks the rest not run."""
-    import os
-    import subprocess
-    import sys
-
+def test_a_tiny_table1_run_trains_each_name_in_its_folder_and_reports_table1(tiny_run_resumed):
+    """genpi run end to end on the tiny Llama (conftest's run, killed once and resumed): a variant of prepend at ratio
+    1.0, sft, genpi and a compressed system; the report opens with Table 1 and marks the rest not run."""
     from genpi.data.adapters import read_adapter_manifest
 
-    config = yaml.safe_load((PRESET_DIR / "demo.yaml").read_text())
-    config.pop("expected_s")
-    config.update(prompts="calc", methods="p100=prepend,sft", max_new_tokens=8)
-    config["compressed"] = [f"short=llmlingua2:0.3:{tiny_finishing_model}"]
-    config["synth"].update(samples=5, heldout=0.4, teacher_topk=0)
-    config["train"].update(max_steps=2, cpus_per_trial=1)
-    config["variants"] = {"p100": {"prepend_ratio": 1.0}}
-    path = tmp_path / "t1.yaml"
-    path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "run"
-    model = ["--base", tiny_finishing_model, "--generator", tiny_finishing_model]
-    result = subprocess.run(
-        [sys.executable, "-m", "genpi.cli", "run", str(CATALOG), "--out", str(out), "--config", str(path), *model]
-        + ["--no-progress"],
-        cwd=REPO,
-        env=dict(os.environ, RAY_ADDRESS="local"),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    out, (_, _, result) = tiny_run_resumed
     assert result.returncode == 0, result.stderr[-3000:]
     p100, sft = (
         read_adapter_manifest(out / "adapters" / "p100" / "calc"),
@@ -377,6 +354,7 @@ def test_a_tiny_table1_run_trains_each_name_in_its_folder_and_reports_table1(tin
     for line in (
         "| Prompt prepending 100% | p100 |",
         "| SFT-only | sft |",
+        "| GenPI | genpi |",
         "| LLMLingua-2 ×0.3 | short |",
         "| ICAE | not run |",
     ):

@@ -306,28 +306,36 @@ class Collateral:
 
     def score(self, entry: PromptEntry, systems: list[System], progress: bool = False) -> dict[str, list | None]:
         """Per system: (tokens, Σ KL(base || system)) per general request; None for a served system. The base:
-        0; the teacher: the base with P in front of each request (what P itself changes)."""
+        0; the teacher: the base with P in front of each request (what P itself changes). The base's logits of a
+        batch of replies are computed once for every system."""
         engine = self.engine
         kept = [(r, ids) for r, ids in zip(self.requests, self.replies) if ids]
         base = [_view(engine.encode([{"role": "user", "content": r}]), ids) for r, ids in kept]
-        out: dict[str, list | None] = {}
-        for s in tqdm(systems, unit="system", desc=f"{entry.id}: collateral", file=sys.stderr, disable=not progress):
+        views = {}  # per system that can differ from the base: (its adapter, its views of the base's replies)
+        for s in systems:
             if s.served or s.icae is not None:  # no logits here / an ICAE system's: not measured (null)
-                out[s.name] = None
                 continue
-            if not s.adapter and not prompt_of(entry, s):  # the base itself
-                sums = [0.0] * len(base)
-            elif prompt_of(entry, s):  # the teacher, or a compressed P: what its P changes
-                own = prompt_of(entry, s)
-                sums = _kl_sums(
-                    engine,
-                    (None, base),
-                    (None, [_view(engine.encode(own + [{"role": "user", "content": r}]), ids) for r, ids in kept]),
+            own = prompt_of(entry, s)
+            if own:  # the teacher, or a compressed P: what its P changes
+                views[s.name] = (
+                    None,
+                    [_view(engine.encode(own + [{"role": "user", "content": r}]), ids) for r, ids in kept],
                 )
-            else:
-                sums = _kl_sums(engine, (None, base), (s.adapter, base))
-            out[s.name] = [(len(ids), x) for (_, ids), x in zip(kept, sums)]
-        return out
+            elif s.adapter:
+                views[s.name] = (s.adapter, base)
+        sums = {name: [] for name in views}
+        batches = range(0, len(base), SCORE_BATCH) if views else ()
+        for start in tqdm(batches, unit="batch", desc=f"{entry.id}: collateral", file=sys.stderr, disable=not progress):
+            p = _logits(engine, None, base[start : start + SCORE_BATCH])
+            for name, (adapter, examples) in views.items():
+                q = _logits(engine, adapter, examples[start : start + SCORE_BATCH])
+                sums[name] += [float(kl_per_token(a, b).sum()) for a, b in zip(p, q)]
+        return {
+            s.name: None
+            if s.served or s.icae is not None
+            else [(len(ids), x) for (_, ids), x in zip(kept, sums.get(s.name, [0.0] * len(kept)))]  # the base: 0
+            for s in systems
+        }
 
 
 # --- text -----------------------------------------------------------------------------------------------------
