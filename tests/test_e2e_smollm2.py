@@ -97,8 +97,8 @@ def test_the_demo_from_catalog_to_report(demo_run):
     # internalization, not a copy of the base: the teacher answers in French, the base does not, the demo's adapter
     # without P does most of the time and closes part of the KL gap (the base: 0, the teacher: 1). Measured over
     # runs of this test (each synthesizes its own data): 11 or 12 of 12 French first replies; 43%, 45%, 49%, 54%,
-    # 42% and 24% of the gap. The gap rests on the held-out dialogues whose teacher turns do not loop (4 and 5 of 12 in two
-    # runs), so its interval is wide and once reached below 0 ([-14%, 52%]): the test asks for the estimate only.
+    # 42% and 24% of the gap. The gap rests on the held-out dialogues whose teacher turns do not loop (4 or 5 of 12),
+    # so its interval is wide and once reached below 0 ([-14%, 52%]): the test asks for the estimate only.
     french = {name: m["checks"]["french"]["first_turn"] for name, m in systems.items()}
     assert french["teacher"] >= 0.5 and french["base"] <= 0.25 and french["topk-kl"] >= 0.5 * french["teacher"], french
     topk = systems["topk-kl"]
