@@ -160,9 +160,9 @@ def calc_genpi_trained(calc_dialogues, tiny_trainable_model, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run_resumed(tiny_finishing_model, tmp_path_factory):
     """`genpi run` on the tiny Llama (methods sft, genpi and a prompt-prepending variant, a compressed P, Mind2Web
-    steps), killed in its second training stage and run again (test_run.killed_then_resumed): (the run folder, (the
-    stages at the kill, the sft adapter's mtime then, the second run)). test_run checks the resume, test_table1 the
-    report's Table 1 (read-only)."""
+    steps), killed in its second training stage and run again (test_run.killed_then_resumed): (the run folder, (its
+    command, the stages at the kill, the sft adapter's mtime then, the second run)). test_run checks the resume,
+    test_table1 the report's Table 1 (read-only)."""
     from test_run import killed_then_resumed
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"

@@ -64,9 +64,9 @@ def command(out, model, *extra):
     ]
 
 
-def run(out, model, *extra):
+def run(argv: list[str]):
     return subprocess.run(
-        command(out, model, *extra),
+        argv,
         cwd=REPO,
         env=dict(os.environ, RAY_ADDRESS="local"),
         capture_output=True,
@@ -80,8 +80,9 @@ def stages(out) -> dict:
 
 
 def resumed_command(out, model) -> list[str]:
-    """`command` with a prompt-prepending variant `p100` of ratio 1.0 (its config's `variants`) as a third method, and
-    the compressed system `short` in every evaluation stage: the run tests/test_table1.py reads for Table 1."""
+    """`command` with a prompt-prepending variant `p100` of ratio 1.0 (in a config beside `out`: the demo's with its
+    `variants`) as a third method, and the compressed system `short` in every evaluation stage: the run
+    tests/test_table1.py reads for Table 1."""
     config = yaml.safe_load((PRESET_DIR / "demo.yaml").read_text())
     config["variants"] = {"p100": {"prepend_ratio": 1.0}}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,12 +91,13 @@ def resumed_command(out, model) -> list[str]:
     return command(out, model, "--config", str(out.parent / "config.yaml"), *methods)
 
 
-def killed_then_resumed(model, out) -> tuple[dict, int, subprocess.CompletedProcess]:
+def killed_then_resumed(model, out) -> tuple[list[str], dict, int, subprocess.CompletedProcess]:
     """`resumed_command`'s run, killed (the whole process group: driver, Ray, Tune trials) once its second training
-    stage has started, then run again: (the stages at the kill, the sft adapter's mtime then, the second run).
-    conftest's `tiny_run_resumed` makes it once for test_run and test_table1."""
+    stage has started, then run again: (its command, the stages at the kill, the sft adapter's mtime then, the second
+    run). conftest's `tiny_run_resumed` makes it once for test_run and test_table1."""
+    argv = resumed_command(out, model)
     proc = subprocess.Popen(
-        resumed_command(out, model),
+        argv,
         cwd=REPO,
         env=dict(os.environ, RAY_ADDRESS="local"),
         stdout=subprocess.DEVNULL,
@@ -110,25 +112,19 @@ def killed_then_resumed(model, out) -> tuple[dict, int, subprocess.CompletedProc
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    sft_adapter = out / "adapters" / "sft" / "calc" / "adapter_model.safetensors"  # genpi.json gets the eval's metrics
-    before, sft_written = stages(out), sft_adapter.stat().st_mtime_ns
-    rerun = subprocess.run(
-        resumed_command(out, model),
-        cwd=REPO,
-        env=dict(os.environ, RAY_ADDRESS="local"),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    return before, sft_written, rerun
+    before, sft_written = stages(out), sft_weights(out).stat().st_mtime_ns
+    return argv, before, sft_written, run(argv)
+
+
+def sft_weights(out):
+    return out / "adapters" / "sft" / "calc" / "adapter_model.safetensors"  # genpi.json gets the eval's metrics
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_and_finishes_each_stage_once(tiny_run_resumed, tiny_finishing_model, capsys):
-    out, (before, sft_written, result) = tiny_run_resumed
+def test_killed_run_resumes_and_finishes_each_stage_once(tiny_run_resumed, capsys):
+    out, (argv, before, sft_written, result) = tiny_run_resumed
     assert before["synth"]["status"] == "done" and before["train sft"]["status"] == "done"
     assert before["train genpi"]["status"] == "running" and "eval fidelity" not in before
-    sft_adapter = out / "adapters" / "sft" / "calc" / "adapter_model.safetensors"
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
         "[1/9] synth: done before, skipped" in result.stderr
@@ -137,7 +133,7 @@ def test_killed_run_resumes_and_finishes_each_stage_once(tiny_run_resumed, tiny_
     assert all(s["status"] == "done" for s in stages(out).values()) and len(stages(out)) == 9
     rows = [r for p in sorted((out / "data" / "dialogues").rglob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert sorted(r["sample_id"] for r in rows) == list(range(5))  # every dialogue exactly once
-    assert sft_adapter.stat().st_mtime_ns == sft_written  # the finished adapter was not trained again
+    assert sft_weights(out).stat().st_mtime_ns == sft_written  # the finished adapter was not trained again
     assert read_adapter_manifest(out / "adapters" / "genpi" / "calc").method == "genpi"
     fidelity = json.loads((out / "eval" / "fidelity.json").read_text())
     assert set(fidelity["results"][0]["systems"]) == {"teacher", "base", "sft", "genpi", "p100", "short"}
@@ -160,10 +156,10 @@ def test_killed_run_resumes_and_finishes_each_stage_once(tiny_run_resumed, tiny_
     assert f"genpi serve {out / 'adapters' / 'sft'} --catalog {CATALOG}" in result.stderr  # the first method's
 
     # the reruns run no stage: in this process (a subprocess each cost seconds of imports; the run above is the CLI's)
-    code, err = cli_in_process(capsys, *resumed_command(out, tiny_finishing_model)[3:])
+    code, err = cli_in_process(capsys, *argv[3:])
     assert code == 0 and err.count("done before, skipped") == 9, err[-2000:]
 
-    code, err = cli_in_process(capsys, *resumed_command(out, tiny_finishing_model)[3:], "--samples", "6")
+    code, err = cli_in_process(capsys, *argv[3:], "--samples", "6")
     assert code == 2
     assert "stage 'synth' was started with other settings" in err and "choose another --out" in err
 

@@ -338,7 +338,7 @@ def test_a_tiny_table1_run_trains_each_name_in_its_folder_and_reports_table1(tin
     1.0, sft, genpi and a compressed system; the report opens with Table 1 and marks the rest not run."""
     from genpi.data.adapters import read_adapter_manifest
 
-    out, (_, _, result) = tiny_run_resumed
+    out, (*_, result) = tiny_run_resumed
     assert result.returncode == 0, result.stderr[-3000:]
     p100, sft = (
         read_adapter_manifest(out / "adapters" / "p100" / "calc"),
