@@ -1,11 +1,15 @@
 """Shared fixtures: a tiny random Llama that uses the bundled SmolLM2 tokenizer and chat template, and the small runs
-that several test modules read (made once per session).
+that several test modules read (made once per run, `once_per_run`, also when pytest-xdist's workers share it).
 
 Tests marked `slow` (end to end: the commands as subprocesses, Ray, training, SmolLM2) are left out by
-`pytest -m "not slow"`, the inner loop; CI runs everything."""
+`pytest -m "not slow"`, the inner loop; CI runs everything. Tests marked `alone` use both cores by themselves and
+run before the rest, which scripts/test.sh runs on two pytest-xdist workers."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -13,6 +17,27 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "agents.yaml"
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: set before torch and Ray are imported
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a thread that waits sleeps instead of spinning
+    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's workers (nice 15 by default) would yield to the other
+
+
+def once_per_run(tmp_path_factory, name: str, make):
+    """make(folder)'s result (picklable), made once per pytest run in the folder NAME: under pytest-xdist by the
+    first worker that asks, in the temp folder the workers share, while the others wait for it and read it back."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder, result = root / name, root / f"{name}.pickle"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # left by a worker that failed to make it
+            folder.mkdir()
+            result.write_bytes(pickle.dumps(make(folder)))
+    return pickle.loads(result.read_bytes())
 
 
 def build_tiny_llama(folder: Path, max_positions: int = 1024, seed: int = 0, initializer_range: float = 0.5) -> Path:
@@ -44,19 +69,23 @@ def build_tiny_llama(folder: Path, max_positions: int = 1024, seed: int = 0, ini
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+    return once_per_run(tmp_path_factory, "tiny-llama", lambda folder: str(build_tiny_llama(folder)))
 
 
 @pytest.fixture(scope="session")
 def tiny_long_model(tmp_path_factory) -> str:
     """Room for the example catalog's longest prompts (about 1,100 tokens) and a conversation after them."""
-    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4k"), max_positions=4096))
+    return once_per_run(
+        tmp_path_factory, "tiny-llama-4k", lambda folder: str(build_tiny_llama(folder, max_positions=4096))
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_trainable_model(tmp_path_factory) -> str:
     """The usual small init: losses start near log(vocab) and fall fast."""
-    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-trainable"), initializer_range=0.02))
+    return once_per_run(
+        tmp_path_factory, "tiny-llama-trainable", lambda folder: str(build_tiny_llama(folder, initializer_range=0.02))
+    )
 
 
 @pytest.fixture(scope="session")
@@ -64,10 +93,14 @@ def tiny_finishing_model(tmp_path_factory) -> str:
     """A tiny random Llama that ends about half of its replies within a dozen tokens. A random model almost
     never emits EOS (SmolLM2's EOS is its pad token, whose embedding starts at zero), and synthesis drops
     pseudo inputs cut by the token limit, so a synthesis run needs a model that stops."""
+    return once_per_run(tmp_path_factory, "tiny-llama-finishing", make_finishing_model)
+
+
+def make_finishing_model(folder: Path) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-finishing"))
+    build_tiny_llama(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     eos = AutoTokenizer.from_pretrained(folder).eos_token_id
     generator = torch.Generator().manual_seed(0)
@@ -132,7 +165,9 @@ def calc_dialogues(tmp_path_factory) -> Path:
     """A synthesis folder written by hand: calc has 8 train and 2 held-out dialogues, greet has none."""
     from test_recipe import write_calc_dialogues
 
-    return write_calc_dialogues(tmp_path_factory.mktemp("calc-dialogues"), 10, heldout_from=8)
+    return once_per_run(
+        tmp_path_factory, "calc-dialogues", lambda folder: write_calc_dialogues(folder, 10, heldout_from=8)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -142,19 +177,14 @@ def calc_genpi_trained(calc_dialogues, tiny_trainable_model, tmp_path_factory):
     training, test_tracking its logged figures, test_eval_report reports on it."""
     from test_train_run import train
 
-    adapters = tmp_path_factory.mktemp("calc-genpi") / "adapters"
-    result = train(
-        calc_dialogues,
-        adapters,
-        "--base",
-        tiny_trainable_model,
-        "--lambdas",
-        "0.3,0.7",
-        "--tracking",
-        "tensorboard,mlflow",
-        progress=True,
-    )
-    return adapters, result
+    def make(folder):
+        adapters = folder / "adapters"
+        tracking = ("--tracking", "tensorboard,mlflow")
+        return adapters, train(
+            calc_dialogues, adapters, "--base", tiny_trainable_model, "--lambdas", "0.3,0.7", *tracking, progress=True
+        )
+
+    return once_per_run(tmp_path_factory, "calc-genpi", make)
 
 
 @pytest.fixture(scope="session")
@@ -165,8 +195,11 @@ def tiny_run_resumed(tiny_finishing_model, tmp_path_factory):
     test_table1 the report's Table 1 (read-only)."""
     from test_run import killed_then_resumed
 
-    out = tmp_path_factory.mktemp("tiny-run") / "run"
-    return out, killed_then_resumed(tiny_finishing_model, out)
+    return once_per_run(
+        tmp_path_factory,
+        "tiny-run",
+        lambda folder: (folder / "run", killed_then_resumed(tiny_finishing_model, folder / "run")),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -175,4 +208,6 @@ def calc_sft_adapters(tiny_trainable_model, tmp_path_factory) -> Path:
     learns to open with an `Act: ...(...)` action. test_eval and test_eval_leakage evaluate it."""
     from test_eval import train_sft
 
-    return train_sft(tiny_trainable_model, tmp_path_factory, lambdas=[0.3, 0.7])
+    return once_per_run(
+        tmp_path_factory, "calc-sft", lambda folder: train_sft(tiny_trainable_model, folder, lambdas=[0.3, 0.7])
+    )

@@ -16,7 +16,7 @@ from conftest import EXAMPLES, REPO
 
 from genpi.catalog import load_catalog
 
-pytestmark = pytest.mark.slow  # end to end (conftest)
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # end to end, on both cores (conftest)
 
 DEMO = REPO / "genpi" / "presets" / "demo.yaml"
 PROMPT = "bakery-fr"  # the demo's prompt

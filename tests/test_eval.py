@@ -26,7 +26,7 @@ def data(tmp_path_factory):
     return write_calc_dialogues(tmp_path_factory.mktemp("data"), 16, heldout_from=12)
 
 
-def train_sft(base, tmp_path_factory, lambdas=None):
+def train_sft(base, folder, lambdas=None):
     settings = TrainSettings(
         method="sft",
         epochs=6,
@@ -38,7 +38,6 @@ def train_sft(base, tmp_path_factory, lambdas=None):
         lora=LoraSettings(r=8, alpha=16, dropout=0.0),
     )
     model, metrics = train_adapter(base, CALC, [row(i) for i in range(12)], [], settings)
-    folder = tmp_path_factory.mktemp("adapters")
     manifest = AdapterManifest(
         "calc", CALC.sha256, base, "sft", None, settings.lora.to_dict(), "test", metrics, settings={"lambdas": lambdas}
     )
