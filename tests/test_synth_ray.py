@@ -17,6 +17,7 @@ from genpi import InputError
 from genpi.data import store
 from genpi.data.manifest import read_manifest
 from genpi.engines import EngineConfig
+from genpi.synth import actors
 from genpi.synth.pipeline import SynthSettings
 from genpi.synth.run import RunOptions, main, synthesize
 
@@ -58,7 +59,9 @@ def assert_every_sample_once(out, samples_per_prompt):
     return rows, manifest
 
 
-def test_synthesis_writes_each_sample_once_and_resumes_without_redoing(local_ray, tiny_finishing_model, tmp_path):
+def test_synthesis_writes_each_sample_once_and_resumes_without_redoing(
+    local_ray, tiny_finishing_model, tmp_path, monkeypatch
+):
     out = tmp_path / "out"
     engine = EngineConfig(model=tiny_finishing_model, num_cpus=1)
     manifest = synthesize(CATALOG, out, SETTINGS, engine, engine, RunOptions(shard_size=4, progress=False))
@@ -78,7 +81,9 @@ def test_synthesis_writes_each_sample_once_and_resumes_without_redoing(local_ray
     assert manifest["settings"]["samples"] == 6 and manifest["target"]["model"] == tiny_finishing_model
 
     before = {p: p.stat().st_mtime_ns for p in (out / "dialogues").rglob("*.parquet")}
-    synthesize(CATALOG, out, SETTINGS, engine, engine, RunOptions(shard_size=4, progress=False))
+    with monkeypatch.context() as patched:  # nothing left to do: no engine is started (its model not loaded)
+        patched.setattr(actors, "start_engine", lambda *a, **k: pytest.fail("an engine was started"))
+        assert synthesize(CATALOG, out, SETTINGS, engine, engine, RunOptions(shard_size=4, progress=False)) == on_disk
     after = {p: p.stat().st_mtime_ns for p in (out / "dialogues").rglob("*.parquet")}
     assert before == after  # nothing redone
 

@@ -5,10 +5,12 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -303,6 +305,33 @@ def test_a_listed_shard_whose_file_is_missing_is_redone(tmp_path):
     assert len(engine.agent_inputs) == 2  # the two samples of the lost shard
     assert [r["sample_id"] for r in rows_of(out, "calc")] == list(range(5))
     assert "part-00001.parquet" in manifest["prompts"]["calc"]["shards"]
+
+
+def test_only_a_synthesis_with_nothing_left_to_do_counts_as_finished(tmp_path):
+    """A rerun of a finished synthesis starts no engine (genpi.synth.run._synthesize asks Synthesis.finished, and
+    tests/test_synth_ray.py checks the rerun): anything left to do, or a file that no longer matches, is not."""
+    done = tmp_path / "done"
+    synth(done, Fake())
+    entry = ENTRIES[0].id
+
+    def damaged(name, damage) -> bool:
+        out = Path(shutil.copytree(done, tmp_path / name))
+        damage(out)
+        return Synthesis(out, ENTRIES, read_manifest(out), SETTINGS, OPTIONS).finished()
+
+    def edit_manifest(out, edit):
+        manifest = read_manifest(out)
+        edit(manifest["prompts"][entry])
+        write_manifest(out, manifest)
+
+    assert damaged("untouched", lambda out: None)
+    assert not damaged("shard gone", lambda out: store.shard_path(out, entry, 1).unlink())
+    assert not damaged("inputs changed", lambda out: store.inputs_path(out, entry).write_bytes(b"other"))
+    assert not damaged(
+        "retryable", lambda out: edit_manifest(out, lambda p: p["shards"]["part-00000.parquet"].update(retryable=1))
+    )
+    assert not damaged("write error", lambda out: edit_manifest(out, lambda p: p.update(write_errors={"x": "OSError"})))
+    assert not damaged("no inputs yet", lambda out: edit_manifest(out, lambda p: p.update(inputs=None)))
 
 
 def test_one_prompts_inputs_at_a_time_and_its_dialogues_start_before_the_next_prompts_inputs(tmp_path):

@@ -148,6 +148,22 @@ class Synthesis:
                 del shards[name]
         self.save_manifest()
 
+    def finished(self) -> bool:
+        """Nothing left to generate: every prompt's inputs intact, every shard written, intact and without
+        retryable failures, no write error recorded. A rerun of a finished synthesis then starts no engine (on a
+        cluster, loading the generator and the target takes minutes)."""
+        self.verify_finished_shards()
+        prompts = self.manifest["prompts"]
+        return all(
+            self.inputs_intact(e) and not self.pending_shards(e) and not prompts[e.id].get("write_errors")
+            for e in self.entries
+        )
+
+    def inputs_intact(self, entry: PromptEntry) -> bool:
+        """The prompt's inputs were made and their file is the one the manifest recorded."""
+        record, path = self.manifest["prompts"][entry.id], store.inputs_path(self.out, entry.id)
+        return record["inputs"] is not None and path.exists() and store.file_sha256(path) == record.get("inputs_sha256")
+
     def pending_shards(self, entry: PromptEntry) -> list[tuple[int, list[int]]]:
         """(shard, sample ids) still to do, including shards with retryable failures; empty until the
         prompt's inputs exist."""
@@ -166,9 +182,9 @@ class Synthesis:
     async def ensure_inputs(self, entry: PromptEntry, generator: AsyncEngine, target: AsyncEngine) -> list[dict]:
         path = store.inputs_path(self.out, entry.id)
         record = self.manifest["prompts"][entry.id]
+        if self.inputs_intact(entry):
+            return store.read_rows(path)
         if record["inputs"] is not None and path.exists():
-            if store.file_sha256(path) == record.get("inputs_sha256"):
-                return store.read_rows(path)
             self.log(
                 f"{entry.id}: {path} does not match the SHA-256 the manifest recorded for it; "
                 "its inputs (and dialogues) will be made again"
@@ -371,6 +387,10 @@ def _synthesize(catalog, out, entries, settings, generator, target, options, tra
     store.upgrade_layout(out)  # a run begun by a genpi before issue 26 goes on in the plain folders
     upgrade_write_errors(manifest)
     write_manifest(out, manifest)
+    run = Synthesis(out, entries, manifest, settings, options, tracker)
+    if run.finished():
+        print(f"genpi: every dialogue in {out} is written already; no engine started", file=sys.stderr)
+        return run.manifest
 
     import ray
 
@@ -384,7 +404,6 @@ def _synthesize(catalog, out, entries, settings, generator, target, options, tra
     actor_options = {"restarts": options.engine_restarts, "timeout_s": options.call_timeout_s}
     target_actors = [start_engine(target, f"target-{i}", **actor_options) for i in range(options.target_replicas)]
     generator_actor = target_actors[0] if shared else start_engine(generator, "generator", **actor_options)
-    run = Synthesis(out, entries, manifest, settings, options, tracker)
     try:
         asyncio.run(run.run(generator_actor[1], [engine for _, engine in target_actors]))
     finally:
