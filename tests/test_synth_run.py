@@ -5,15 +5,13 @@ import asyncio
 import dataclasses
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, copy_into
 
 from genpi import InputError
 from genpi.catalog import load_catalog
@@ -315,7 +313,7 @@ def test_only_a_synthesis_with_nothing_left_to_do_counts_as_finished(tmp_path):
     entry = ENTRIES[0].id
 
     def damaged(name, damage) -> bool:
-        out = Path(shutil.copytree(done, tmp_path / name))
+        out = copy_into(done, tmp_path, name)
         damage(out)
         return Synthesis(out, ENTRIES, read_manifest(out), SETTINGS, OPTIONS).finished()
 
