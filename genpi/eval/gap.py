@@ -311,9 +311,10 @@ class Collateral:
         engine = self.engine
         kept = [(r, ids) for r, ids in zip(self.requests, self.replies) if ids]
         base = [_view(engine.encode([{"role": "user", "content": r}]), ids) for r, ids in kept]
+        unmeasured = {s.name for s in systems if s.served or s.icae is not None}  # no logits here / an ICAE's: null
         views = {}  # per system that can differ from the base: (its adapter, its views of the base's replies)
         for s in systems:
-            if s.served or s.icae is not None:  # no logits here / an ICAE system's: not measured (null)
+            if s.name in unmeasured:
                 continue
             own = prompt_of(entry, s)
             if own:  # the teacher, or a compressed P: what its P changes
@@ -332,7 +333,7 @@ class Collateral:
                 sums[name] += [float(kl_per_token(a, b).sum()) for a, b in zip(p, q)]
         return {
             s.name: None
-            if s.served or s.icae is not None
+            if s.name in unmeasured
             else [(len(ids), x) for (_, ids), x in zip(kept, sums.get(s.name, [0.0] * len(kept)))]  # the base: 0
             for s in systems
         }

@@ -91,6 +91,7 @@ class Synthesis:
         self.engines: list = []
         self.failed = 0
         self.bar = None
+        self.shards_verified = False  # finished() verifies before Ray starts; run() then need not hash them again
 
     async def run(self, generator: AsyncEngine, targets: list[AsyncEngine]) -> None:
         from tqdm import tqdm
@@ -130,6 +131,8 @@ class Synthesis:
     def verify_finished_shards(self) -> None:
         """Shards the manifest lists but whose files are gone (deleted, or lost with a disk) or differ from the
         SHA-256 recorded when they were written (corrupted, truncated, changed) are redone, never trusted."""
+        if self.shards_verified:
+            return
         for entry in self.entries:
             shards = self.manifest["prompts"][entry.id]["shards"]
             folder = store.shard_path(self.out, entry.id, 0).parent
@@ -147,6 +150,7 @@ class Synthesis:
                     continue
                 del shards[name]
         self.save_manifest()
+        self.shards_verified = True
 
     def finished(self) -> bool:
         """Nothing left to generate: every prompt's inputs intact, every shard written, intact and without
@@ -389,7 +393,7 @@ def _synthesize(catalog, out, entries, settings, generator, target, options, tra
     write_manifest(out, manifest)
     run = Synthesis(out, entries, manifest, settings, options, tracker)
     if run.finished():
-        print(f"genpi: every dialogue in {out} is written already; no engine started", file=sys.stderr)
+        run.log(f"genpi: every dialogue in {out} is written already; no engine started")
         return run.manifest
 
     import ray
